@@ -1,0 +1,40 @@
+"""tinyqwen: the Qwen3 model family (dense and MoE) built from scratch in NumPy.
+
+The public API, one name per job:
+
+    model  = tinyqwen.load_model("path/to/Qwen3-0.6B")            # Hugging Face layout
+    logits = model(ids)                                          # [T] -> [T, vocab]; [B, T] -> [B, T, vocab]
+    tok    = tinyqwen.Tokenizer.from_pretrained("path/to/Qwen3-0.6B")
+    text   = tinyqwen.apply_chat_template(messages, add_generation_prompt=True)
+    new    = tinyqwen.generate(model, tok.encode(text), max_new_tokens=64)
+    loss   = tinyqwen.load_balancing_loss(router_logits, num_experts, top_k)
+
+Names are imported on first use, so `import tinyqwen` stays cheap and each chapter's module stands on its own.
+"""
+
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (one obvious place for each thing)
+_API = {
+    "load_model": "tinyqwen.model",
+    "Qwen3": "tinyqwen.model",
+    "Qwen3Config": "tinyqwen.config",
+    "load_config": "tinyqwen.config",
+    "load_balancing_loss": "tinyqwen.moe",
+    "Tokenizer": "tinyqwen.tokenizer",
+    "apply_chat_template": "tinyqwen.chat_template",
+    "generate": "tinyqwen.generate",
+    "TinyQwenError": "tinyqwen.errors",
+}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name in _API:
+        value = getattr(import_module(_API[name]), name)
+        globals()[name] = value  # cache: the next lookup is a plain attribute
+        return value
+    raise AttributeError(f"module 'tinyqwen' has no attribute {name!r}")
