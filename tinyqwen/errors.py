@@ -34,3 +34,7 @@ class ToolCallParseError(TinyQwenError):
 
 class GenerationError(TinyQwenError):
     """Bad generation arguments: prompt longer than the context, unknown backend, bad sampling values."""
+
+
+class BackendError(TinyQwenError):
+    """An unknown backend name, or a backend whose libraries (numba, cupy, a GPU) are not available here."""

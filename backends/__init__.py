@@ -1,0 +1,69 @@
+"""Backends: the few hot kernels of the model, swappable without touching the model code.
+
+The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it calls the kernels of a `Backend`:
+
+    linear(x, w)                          # [..., d_in], [d_out, d_in] -> [..., d_out]
+    rms_norm(x, weight, eps)              # [..., d], [d] -> [..., d]
+    apply_rope(x, cos, sin)               # [B, H, T, d], [B, T, d], [B, T, d] -> [B, H, T, d]
+    attention(q, k, v, mask)              # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] -> [B, Hq, T, d]
+    swiglu(x, w_gate, w_up, w_down)       # [..., d] -> [..., d]
+    moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob)  # [N, d] -> [N, d], [N, E]
+
+plus `prepare(w)` (turn a float32 NumPy weight into the backend's own array type, e.g. on the GPU) and `to_numpy`.
+
+The "numpy" backend *is* the readable reference in `tinyqwen/` — it points at those functions, no copy. The Numba
+(CPU) and CuPy (GPU) backends of later chapters replace individual kernels and are checked against it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinyqwen.errors import BackendError
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    linear: Callable
+    rms_norm: Callable
+    apply_rope: Callable
+    attention: Callable
+    swiglu: Callable
+    moe_block: Callable
+    prepare: Callable[[np.ndarray], object]
+    to_numpy: Callable[[object], np.ndarray]
+
+
+def _numpy_backend() -> Backend:
+    from tinyqwen import attention, mlp, moe, norm, rope
+
+    return Backend(
+        name="numpy",
+        linear=mlp.linear,
+        rms_norm=norm.rms_norm,
+        apply_rope=rope.apply_rope,
+        attention=attention.attention,
+        swiglu=mlp.swiglu,
+        moe_block=moe.moe_block,
+        prepare=lambda w: w,
+        to_numpy=np.asarray,
+    )
+
+
+AVAILABLE = {"numpy": _numpy_backend}
+PLANNED = ("numba", "cupy")  # later chapters
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`; a clear BackendError for a name that does not exist (yet)."""
+    if name in AVAILABLE:
+        return AVAILABLE[name]()
+    if name in PLANNED:
+        raise BackendError(
+            f"backend {name!r} is not implemented yet (available: {', '.join(AVAILABLE)}); use --backend numpy"
+        )
+    raise BackendError(f"unknown backend {name!r} (available: {', '.join(AVAILABLE)})")

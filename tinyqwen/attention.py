@@ -1,0 +1,53 @@
+"""Chapter 5 — grouped-query attention (GQA) with QK-Norm and a causal mask.
+
+For one head: attention(q, k, v) = softmax(q kᵀ / sqrt(head_dim) + mask) v.
+
+Qwen3's twists on the textbook version:
+- **GQA**: fewer key/value heads than query heads (Qwen3-0.6B: 16 query heads share 8 kv heads, so each kv head
+  serves a *group* of 2 query heads). The KV cache shrinks by that ratio. We never copy k/v per query head:
+  queries are reshaped into [kv_heads, group, ...] and broadcast against their kv head.
+- **QK-Norm**: an RMSNorm over head_dim on every query and key head, *before* RoPE — it keeps attention logits
+  bounded and training stable.
+- `head_dim` is not hidden_size / heads (0.6B: 16 × 128 = 2048 ≠ 1024), so q_proj maps 1024 → 2048 and o_proj
+  maps 2048 → 1024.
+
+Masks are boolean, True where a query may look at a key: causal (no peeking ahead) and, for batches with left
+padding, False on the padding keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# a large negative number rather than -inf: a query row with every key masked (a padding row) then gets a harmless
+# uniform average instead of NaN, exactly as transformers does with finfo.min
+MASKED = np.finfo(np.float32).min
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:  # [...] -> [...]
+    x = x - np.max(x, axis=axis, keepdims=True)  # subtract the max: exp never overflows
+    e = np.exp(x)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def causal_mask(n_q: int, n_k: int) -> np.ndarray:  # -> [n_q, n_k] bool
+    """Queries are the *last* n_q of n_k positions (with a KV cache, earlier keys come from the cache).
+
+    >>> causal_mask(2, 3).astype(int)
+    array([[1, 1, 0],
+           [1, 1, 1]])
+    """
+    return np.arange(n_k)[None, :] <= np.arange(n_k - n_q, n_k)[:, None]
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] bool -> [B, Hq, T, d]
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    # query head h uses kv head h // group: view the queries as [B, Hkv, group, T, d] and broadcast k, v
+    qg = q.reshape(B, Hkv, group, T, d)
+    scores = (qg @ k[:, :, None].swapaxes(-1, -2)) * np.float32(d**-0.5)  # [B, Hkv, group, T, S]
+    scores = np.where(mask[:, None, None], scores, MASKED)
+    out = softmax(scores) @ v[:, :, None]  # [B, Hkv, group, T, d]
+    return out.reshape(B, Hq, T, d)

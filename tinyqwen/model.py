@@ -1,0 +1,372 @@
+"""Chapter 9 — the whole Qwen3 network, and loading an official Hugging Face checkpoint into it.
+
+    ids ─ embed ─┬─ for each layer: ───────────────────────────────────────────┬─ RMSNorm ─ lm_head ─ logits
+                 │  x = x + o_proj(attention(RoPE(QKNorm(q)), RoPE(QKNorm(k)), v))   (pre-norm: RMSNorm first)
+                 │  x = x + mlp(RMSNorm(x))       mlp = SwiGLU, or a mixture of SwiGLU experts (Qwen3-MoE)
+                 └──────────────────────────────────────────────────────────────┘
+
+The model is plain data (the weights, in small dataclasses named like the checkpoint's tensors) plus one
+`forward` function. Every heavy operation goes through `self.backend` (see `backends/`), so a Numba or CuPy
+backend can replace the kernels without this file changing; with the default "numpy" backend they are the
+reference functions of the earlier chapters.
+
+Checkpoint tensor names (the official Hub layout, e.g. Qwen/Qwen3-0.6B and Qwen/Qwen3-30B-A3B):
+
+    model.embed_tokens.weight                                  [vocab, hidden]
+    model.layers.{i}.input_layernorm.weight                    [hidden]
+    model.layers.{i}.self_attn.{q,k,v,o}_proj.weight           q: [heads·head_dim, hidden], k/v: [kv_heads·head_dim,
+                                                               hidden], o: [hidden, heads·head_dim]
+    model.layers.{i}.self_attn.{q,k}_norm.weight               [head_dim]
+    model.layers.{i}.post_attention_layernorm.weight           [hidden]
+    model.layers.{i}.mlp.{gate,up,down}_proj.weight            dense layers
+    model.layers.{i}.mlp.gate.weight                           MoE router [experts, hidden]
+    model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight  MoE experts
+    model.norm.weight                                          [hidden]
+    lm_head.weight                                             [vocab, hidden] — absent when tie_word_embeddings
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from backends import Backend, get_backend
+from tinyqwen.attention import causal_mask
+from tinyqwen.config import Qwen3Config, load_config, load_generation_config
+from tinyqwen.errors import CheckpointError, GenerationError
+from tinyqwen.kv_cache import KVCache
+from tinyqwen.rope import rope_cos_sin, rope_parameters
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+@dataclass
+class AttentionWeights:
+    q_proj: np.ndarray  # [Hq·d, hidden]
+    k_proj: np.ndarray  # [Hkv·d, hidden]
+    v_proj: np.ndarray  # [Hkv·d, hidden]
+    o_proj: np.ndarray  # [hidden, Hq·d]
+    q_norm: np.ndarray  # [d]
+    k_norm: np.ndarray  # [d]
+
+
+@dataclass
+class MLPWeights:
+    gate_proj: np.ndarray  # [ffn, hidden]
+    up_proj: np.ndarray  # [ffn, hidden]
+    down_proj: np.ndarray  # [hidden, ffn]
+
+
+@dataclass
+class MoEWeights:
+    router: np.ndarray  # [E, hidden]        ("mlp.gate.weight" in the checkpoint)
+    gate_proj: np.ndarray  # [E, ffn, hidden] (one checkpoint tensor per expert, stacked here)
+    up_proj: np.ndarray  # [E, ffn, hidden]
+    down_proj: np.ndarray  # [E, hidden, ffn]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: np.ndarray  # [hidden]
+    attn: AttentionWeights
+    post_attention_norm: np.ndarray  # [hidden]
+    mlp: MLPWeights | MoEWeights
+
+
+@dataclass
+class Weights:
+    embed: np.ndarray  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: np.ndarray  # [hidden]
+    lm_head: np.ndarray  # [vocab, hidden]; the same array as `embed` when tied
+
+
+def expected_tensors(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor name an official checkpoint of this config holds, with its shape."""
+    c = config
+    h, d = c.hidden_size, c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (c.q_size, h)
+        shapes[p + "self_attn.k_proj.weight"] = (c.kv_size, h)
+        shapes[p + "self_attn.v_proj.weight"] = (c.kv_size, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
+        shapes[p + "self_attn.q_norm.weight"] = (d,)
+        shapes[p + "self_attn.k_norm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if c.is_moe_layer(i):
+            f = c.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (c.num_experts, h)
+            for e in range(c.num_experts):
+                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (f, h)
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (f, h)
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, f)
+        else:
+            f = c.intermediate_size
+            shapes[p + "mlp.gate_proj.weight"] = (f, h)
+            shapes[p + "mlp.up_proj.weight"] = (f, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, f)
+    shapes["model.norm.weight"] = (h,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    return shapes
+
+
+def count_parameters(config: Qwen3Config) -> int:
+    """Number of parameters (a tied embedding counted once), e.g. ≈ 0.6B for Qwen3-0.6B."""
+    return sum(int(np.prod(s)) for s in expected_tensors(config).values())
+
+
+def load_weights(
+    checkpoint, config: Qwen3Config, prepare=lambda w: w, progress: bool | None = None
+) -> Weights:
+    """Read and shape-check every tensor of `expected_tensors(config)` from an open `Checkpoint`.
+
+    Tensors arrive as float32 (BF16 and F16 are widened exactly); `prepare` hands each to the backend.
+    """
+    where = getattr(checkpoint, "path", "checkpoint")
+    expected = expected_tensors(config)
+    present = set(checkpoint.keys())
+    missing = [k for k in expected if k not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: tensor {missing[0]!r} is missing from the checkpoint{more}")
+    unexpected = sorted(
+        present - set(expected) - {"lm_head.weight"}
+    )  # tied checkpoints may still carry a copy
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(
+            f"{where}: unexpected tensor {unexpected[0]!r}{more} — not part of a "
+            f"{config.model_type} model with this config.json"
+        )
+
+    def get(name: str) -> np.ndarray:
+        shape = tuple(checkpoint.shape(name))
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{where}: tensor {name!r} has shape {list(shape)}, expected {list(expected[name])} "
+                f"from config.json"
+            )
+        value = checkpoint.get(name)
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected a float")
+        # a private float32 copy: the model never writes into (or depends on) the memory-mapped file
+        return np.array(value, dtype=np.float32)
+
+    layers_iter = range(config.num_hidden_layers)
+    if progress is None:
+        progress = len(getattr(checkpoint, "files", ())) > 1
+    if progress:
+        from tqdm import tqdm
+
+        layers_iter = tqdm(layers_iter, desc="loading layers", unit="layer")
+
+    embed = prepare(get("model.embed_tokens.weight"))
+    layers = []
+    for i in layers_iter:
+        p = f"model.layers.{i}."
+        attn = AttentionWeights(
+            *(prepare(get(p + f"self_attn.{n}.weight")) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+            q_norm=prepare(get(p + "self_attn.q_norm.weight")),
+            k_norm=prepare(get(p + "self_attn.k_norm.weight")),
+        )
+        if config.is_moe_layer(i):
+            experts = range(config.num_experts)
+            mlp = MoEWeights(
+                router=prepare(get(p + "mlp.gate.weight")),
+                **{
+                    n: prepare(np.stack([get(p + f"mlp.experts.{e}.{n}.weight") for e in experts]))
+                    for n in ("gate_proj", "up_proj", "down_proj")
+                },
+            )
+        else:
+            mlp = MLPWeights(
+                *(prepare(get(p + f"mlp.{n}.weight")) for n in ("gate_proj", "up_proj", "down_proj"))
+            )
+        layers.append(
+            LayerWeights(
+                input_norm=prepare(get(p + "input_layernorm.weight")),
+                attn=attn,
+                post_attention_norm=prepare(get(p + "post_attention_layernorm.weight")),
+                mlp=mlp,
+            )
+        )
+    norm = prepare(get("model.norm.weight"))
+    # tied: the output projection *is* the embedding matrix (saves vocab·hidden parameters: 155M for 0.6B)
+    lm_head = embed if config.tie_word_embeddings else prepare(get("lm_head.weight"))
+    return Weights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+# --------------------------------------------------------------------------------------------- forward
+
+
+@dataclass
+class ForwardOutput:
+    logits: np.ndarray  # [B, T, vocab] float32 ([B, 1, vocab] with last_only)
+    router_logits: list[np.ndarray] = field(default_factory=list)  # per MoE layer [B·T, E]
+    hidden_states: list[np.ndarray] = field(
+        default_factory=list
+    )  # embeddings, then each layer's output [B, T, H]
+
+
+@dataclass
+class Qwen3:
+    config: Qwen3Config
+    weights: Weights
+    backend: Backend
+    generation_config: dict = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.inv_freq, self.attention_factor = rope_parameters(self.config)
+
+    def __call__(self, ids, return_router_logits: bool = False):
+        """Logits for a sequence `[T]` → `[T, vocab]`, or a batch `[B, T]` → `[B, T, vocab]` (float32).
+
+        With `return_router_logits=True`: `(logits, router_logits)`, one `[tokens, num_experts]` array per MoE
+        layer in layer order (an empty list for dense models).
+        """
+        ids = np.asarray(ids)
+        single = ids.ndim == 1
+        out = self.forward(ids[None] if single else ids, return_router_logits=return_router_logits)
+        logits = out.logits[0] if single else out.logits
+        return (logits, out.router_logits) if return_router_logits else logits
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache.allocate(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
+
+    def forward(
+        self,
+        ids: np.ndarray,  # [B, T] token ids
+        *,
+        cache: KVCache | None = None,
+        attention_mask: np.ndarray | None = None,  # [B, past + T]: 1 real token, 0 padding
+        positions: np.ndarray | None = None,  # [B, T]
+        last_only: bool = False,
+        return_router_logits: bool = False,
+        return_hidden_states: bool = False,
+    ) -> ForwardOutput:
+        c, w, k = self.config, self.weights, self.backend
+        ids = self._check_ids(ids)
+        B, T = ids.shape
+        past = 0
+        if cache is not None:
+            if cache.batch_size != B:
+                raise GenerationError(
+                    f"KV cache was allocated for batch {cache.batch_size}, ids have batch {B}"
+                )
+            past = cache.length
+            if past + T > cache.max_len:
+                raise GenerationError(
+                    f"KV cache is full: {past} + {T} positions needed, {cache.max_len} allocated"
+                )
+        total = past + T
+
+        if attention_mask is None:
+            key_mask = np.ones((B, total), dtype=bool)
+        else:
+            key_mask = np.asarray(attention_mask).astype(bool)
+            if key_mask.shape != (B, total):
+                raise GenerationError(
+                    f"attention_mask must have shape [batch, past + new] = {[B, total]}, got {list(key_mask.shape)}"
+                )
+        if positions is None:
+            # left padding: a row's first real token is position 0, whatever its column
+            positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0)[:, past:]
+        positions = np.broadcast_to(np.asarray(positions), (B, T))
+        if positions.size and positions.max() >= c.max_position_embeddings:
+            raise GenerationError(
+                f"position {int(positions.max())} is beyond the model's context of "
+                f"{c.max_position_embeddings} tokens (max_position_embeddings)"
+            )
+        mask = causal_mask(T, total)[None] & key_mask[:, None, :]  # [B, T, total]
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor)  # [B, T, d] x2
+
+        x = w.embed[ids]  # [B, T, H]
+        hidden = [x] if return_hidden_states else []
+        router_logits: list[np.ndarray] = []
+        for i, layer in enumerate(w.layers):
+            x = x + self._attention(layer, x, cos, sin, mask, cache, i)
+            h = k.rms_norm(x, layer.post_attention_norm, c.rms_norm_eps)
+            if isinstance(layer.mlp, MoEWeights):
+                m = layer.mlp
+                y, logits_i = k.moe_block(
+                    h.reshape(B * T, -1), m.router, m.gate_proj, m.up_proj, m.down_proj,
+                    c.num_experts_per_tok, c.norm_topk_prob,
+                )  # fmt: skip
+                x = x + y.reshape(B, T, -1)
+                router_logits.append(logits_i)
+            else:
+                x = x + k.swiglu(h, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+            if return_hidden_states:
+                hidden.append(x)
+        if cache is not None:
+            cache.length = total
+
+        if last_only:
+            x = x[:, -1:]
+        logits = k.to_numpy(k.linear(k.rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head))
+        return ForwardOutput(
+            logits=logits, router_logits=router_logits if return_router_logits else [], hidden_states=hidden
+        )
+
+    def _attention(self, layer: LayerWeights, x, cos, sin, mask, cache: KVCache | None, i: int):
+        # [B, T, H] -> [B, T, H]
+        c, a, k = self.config, layer.attn, self.backend
+        B, T, _ = x.shape
+        h = k.rms_norm(x, layer.input_norm, c.rms_norm_eps)
+        # QK-Norm: RMSNorm over head_dim only, per head, before the rotation
+        q = k.rms_norm(k.linear(h, a.q_proj).reshape(B, T, -1, c.head_dim), a.q_norm, c.rms_norm_eps)
+        kk = k.rms_norm(k.linear(h, a.k_proj).reshape(B, T, -1, c.head_dim), a.k_norm, c.rms_norm_eps)
+        v = k.linear(h, a.v_proj).reshape(B, T, -1, c.head_dim)
+        q = k.apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # [B, Hq, T, d]
+        kk = k.apply_rope(kk.transpose(0, 2, 1, 3), cos, sin)  # [B, Hkv, T, d]
+        v = v.transpose(0, 2, 1, 3)
+        if cache is not None:
+            kk, v = cache.update(i, kk, v)  # now every position so far: [B, Hkv, past + T, d]
+        out = k.attention(q, kk, v, mask)  # [B, Hq, T, d]
+        return k.linear(out.transpose(0, 2, 1, 3).reshape(B, T, -1), a.o_proj)
+
+    def _check_ids(self, ids) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.ndim != 2:
+            raise GenerationError(f"token ids must have shape [T] or [batch, T], got shape {list(ids.shape)}")
+        if ids.size and ids.dtype.kind not in "iu":
+            raise GenerationError(f"token ids must be integers, got dtype {ids.dtype}")
+        if ids.shape[1] == 0:
+            raise GenerationError("token ids are empty: nothing to run the model on")
+        bad = (ids < 0) | (ids >= self.config.vocab_size)
+        if bad.any():
+            raise GenerationError(
+                f"token id {int(ids[bad][0])} is outside the model's vocabulary [0, {self.config.vocab_size})"
+            )
+        return ids.astype(np.int64, copy=False)
+
+
+def load_model(path: str | Path, backend: str = "numpy", progress: bool | None = None) -> Qwen3:
+    """Load a checkpoint directory in the Hugging Face layout (config.json + *.safetensors [+ index]).
+
+    `progress` shows a tqdm bar per layer (default: only for multi-shard checkpoints).
+    """
+    from tinyqwen.safetensors import Checkpoint
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {path}")
+    config = load_config(path)
+    kernels = get_backend(backend)
+    with Checkpoint(path) as checkpoint:
+        weights = load_weights(checkpoint, config, kernels.prepare, progress)
+    return Qwen3(
+        config=config,
+        weights=weights,
+        backend=kernels,
+        generation_config=load_generation_config(path),
+        path=path,
+    )
