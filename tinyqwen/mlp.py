@@ -15,7 +15,7 @@ import numpy as np
 
 def silu(z: np.ndarray) -> np.ndarray:  # [...] -> [...]
     # written as z / (1 + exp(-z)) so large negative z gives 0 instead of overflow warnings in z * sigmoid(z)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
         return z / (np.float32(1.0) + np.exp(-z))
 
 

@@ -29,8 +29,8 @@ def route(
 
     >>> import numpy as np
     >>> w, idx = route(np.log(np.array([[0.1, 0.6, 0.3]], dtype=np.float32)), top_k=2, norm_topk_prob=True)
-    >>> idx.tolist(), np.round(w, 3).tolist()
-    ([[1, 2]], [[0.667, 0.333]])
+    >>> idx.tolist(), [round(float(v), 3) for v in w[0]]
+    ([[1, 2]], [0.667, 0.333])
     """
     probs = softmax(router_logits.astype(np.float32))
     # stable sort of the negated probabilities: the k largest, ties resolved towards the lower expert index

@@ -6,8 +6,8 @@ Unlike LayerNorm there is no mean subtraction and no bias. Qwen3 uses it in four
 the MLP, at the very end, and (new in Qwen3) on every query and key head — "QK-Norm" — over head_dim only.
 
 >>> import numpy as np
->>> rms_norm(np.array([3.0, 4.0], dtype=np.float32), np.ones(2, dtype=np.float32), eps=0.0)
-array([0.8485281, 1.1313709], dtype=float32)
+>>> rms_norm(np.array([3.0, 4.0], dtype=np.float32), np.ones(2, dtype=np.float32), eps=0.0).round(4)
+array([0.8485, 1.1314], dtype=float32)
 
 (the RMS of [3, 4] is sqrt(12.5) = 3.5355, and 3 / 3.5355 = 0.8485.)
 """
