@@ -70,16 +70,24 @@ def test_yarn_by_hand():
 
 def _yarn_fixture():
     for ref in sorted(FIXTURES.glob("*/reference.npz")):
-        data = np.load(ref)
-        if "inv_freq" in data:
-            return ref.parent, data
-    pytest.fail(f"no YaRN fixture with inv_freq in {FIXTURES}")
+        if load_config(ref.parent).rope_scaling is not None:
+            return ref.parent, np.load(ref)
+    pytest.fail(f"no YaRN fixture in {FIXTURES}")
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p.parent for p in FIXTURES.glob("*/reference.npz")), ids=lambda p: p.name
+)
+def test_inv_freq_matches_transformers(path):
+    ref = np.load(path / "reference.npz")
+    inv_freq, factor = rope_parameters(load_config(path))
+    np.testing.assert_allclose(inv_freq, ref["inv_freq"], rtol=1e-6, atol=0)
+    assert factor == pytest.approx(float(ref["attention_factor"]), rel=1e-7)
 
 
 def test_yarn_matches_transformers():
     path, ref = _yarn_fixture()
     config = load_config(path)
-    assert config.rope_scaling is not None
     inv_freq, factor = rope_parameters(config)
     np.testing.assert_allclose(inv_freq, ref["inv_freq"], rtol=1e-6, atol=0)
     assert factor == pytest.approx(float(ref["attention_factor"]), rel=1e-7)

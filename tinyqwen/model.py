@@ -155,8 +155,9 @@ def load_weights(
         value = checkpoint.get(name)
         if value.dtype.kind != "f":
             raise CheckpointError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected a float")
-        # a private float32 copy: the model never writes into (or depends on) the memory-mapped file
-        return np.array(value, dtype=np.float32)
+        # F32 tensors stay read-only views of the memory-mapped file (no copy, pages load on first use);
+        # BF16/F16 arrive already widened to fresh float32 arrays
+        return np.asarray(value, dtype=np.float32)
 
     layers_iter = range(config.num_hidden_layers)
     if progress is None:
