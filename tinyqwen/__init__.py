@@ -25,7 +25,7 @@ _API = {
     "load_balancing_loss": "tinyqwen.moe",
     "Tokenizer": "tinyqwen.tokenizer",
     "apply_chat_template": "tinyqwen.chat_template",
-    "generate": "tinyqwen.generate",
+    "generate": "tinyqwen.generation",
     "TinyQwenError": "tinyqwen.errors",
 }
 

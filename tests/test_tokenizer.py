@@ -1,0 +1,495 @@
+"""The tokenizer chapter: ids identical to the reference, round trips, streaming, loading and bad input.
+
+Independent expectations: the llama.cpp vectors (tests/data/ggml-vocab-qwen2.gguf*), made upstream with HF
+`AutoTokenizer`. Live expectations: the official `tokenizers` library on the official tokenizer.json, found at
+$TINYQWEN_SHARED/qwen3-tokenizer or <repo>/../shared/qwen3-tokenizer (those tests skip, saying why, without it).
+"""
+
+from __future__ import annotations
+
+import codecs
+import doctest
+import hashlib
+import json
+import os
+import re
+import shutil
+import unicodedata
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from tokenizer_corpus import ADDED, mixed_documents
+
+import tinyqwen
+from tinyqwen import tokenizer as T
+from tinyqwen.errors import TokenizerError
+from tinyqwen.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+PACKAGE_DATA = REPO / "tinyqwen" / "data"
+N_TOKENS = 151669
+
+
+def _shared_tokenizer_dir() -> Path | None:
+    roots = [Path(os.environ["TINYQWEN_SHARED"])] if os.environ.get("TINYQWEN_SHARED") else []
+    roots.append(REPO.parent / "shared")
+    for root in roots:
+        if (root / "qwen3-tokenizer" / "tokenizer.json").is_file():
+            return root / "qwen3-tokenizer"
+    return None
+
+
+SHARED = _shared_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tok() -> Tokenizer:
+    return Tokenizer.qwen3()
+
+
+@pytest.fixture(scope="session")
+def ref():
+    """The official HF `tokenizers` on the official tokenizer.json."""
+    tokenizers = pytest.importorskip("tokenizers", reason="the dev dependency `tokenizers` is not installed")
+    if SHARED is None:
+        pytest.skip(
+            "official tokenizer.json not found: set TINYQWEN_SHARED or provide ../shared/qwen3-tokenizer"
+        )
+    return tokenizers.Tokenizer.from_file(str(SHARED / "tokenizer.json"))
+
+
+def ref_ids(ref, text: str) -> list[int]:
+    return ref.encode(text, add_special_tokens=False).ids
+
+
+def nfc_between_added(text: str) -> str:
+    """What decode(encode(text)) must give: NFC of the text between added tokens (those are matched in the raw
+    text first, so NFC never joins them to a neighbour: "<think>" + U+0338 does not become "<think≯")."""
+    added = sorted(Tokenizer.qwen3().special_tokens, key=len, reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, added)) + ")", text)
+    return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(parts))
+
+
+# ------------------------------------------------------------------------------------------ data & facts
+
+
+def test_packaged_files_are_the_official_bytes():
+    want = {  # sha256 of the official Hub files (see the shared README / SHA256SUMS)
+        "vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
+        "merges.txt": "8831e4f1a044471340f7c0a83d7bd71306a5b867e95fd870f74d0c5308a904d5",
+        "tokenizer_config.json": "d5d09f07b48c3086c508b30d1c9114bd1189145b74e982a265350c923acd8101",
+    }
+    for name, digest in want.items():
+        assert hashlib.sha256((PACKAGE_DATA / name).read_bytes()).hexdigest() == digest, name
+
+
+def test_vocabulary_facts(tok):
+    assert len(tok) == tok.vocab_size == N_TOKENS
+    assert len(tok.special_tokens) == 26
+    assert tok.special_tokens["<|endoftext|>"] == 151643 and tok.special_tokens["</think>"] == 151668
+    assert (tok.token_to_id("<think>"), tok.token_to_id("</think>")) == (151667, 151668)
+    assert tok.eos_token_id == 151645 and tok.pad_token_id == 151643
+    assert tok.id_to_token(151645) == "<|im_end|>" and tok.id_to_token(9707) == "Hello"
+    assert tok.token_to_id("no such token") is None
+    specials = {t.content for t in tok.added_tokens.values() if t.special}
+    assert "<|im_start|>" in specials and "<think>" not in specials and "<tool_call>" not in specials
+    assert len(specials) == 14
+
+
+def test_public_api_name(tok):
+    assert tinyqwen.Tokenizer is Tokenizer
+    assert Tokenizer.from_pretrained(PACKAGE_DATA).encode("Hello world") == [9707, 1879]
+
+
+def test_doctests_hold():
+    """The worked examples in the chapter's docstrings are true."""
+    result = doctest.testmod(T, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 15 and result.failed == 0
+
+
+def test_bytes_to_unicode_is_a_bijection_onto_printables():
+    table = T.bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert all(ch.isprintable() and not ch.isspace() for ch in table.values())
+    assert T.symbols_to_bytes(T.text_to_symbols("a é 😀\n")) == "a é 😀\n".encode()
+
+
+# ------------------------------------------------------------------------------------------ independent vectors
+
+
+def llama_cases(stem: str) -> list[tuple[str, list[int]]]:
+    inp = (DATA / f"{stem}.inp").read_text(encoding="utf-8")
+    out = (DATA / f"{stem}.out").read_text(encoding="utf-8")
+    texts = inp.split("\n__ggml_vocab_test__\n")[:-1]
+    ids = [[int(x) for x in line.split()] for line in out.split("\n")[:-1]]
+    assert len(texts) == len(ids) == 46
+    return list(zip(texts, ids, strict=True))
+
+
+@pytest.mark.parametrize("stem", ["ggml-vocab-qwen2.gguf", "ggml-vocab-qwen2.gguf.v2024"])
+def test_llama_cpp_vectors(tok, stem):
+    for text, want in llama_cases(stem):
+        assert tok.encode(text) == want, repr(text)
+        assert tok.decode(want) == unicodedata.normalize("NFC", text), repr(text)
+
+
+def test_hf_transformers_vectors(tok):
+    path = DATA / "hf_transformers_vectors.json"
+    if not path.is_file() and SHARED is not None:
+        path = SHARED / "reference-vectors" / "hf_transformers_vectors.json"
+    if not path.is_file():
+        pytest.skip("hf_transformers_vectors.json not found")
+    cases = json.loads(path.read_text(encoding="utf-8"))["encode"]
+    assert len(cases) >= 10
+    for case in cases:
+        assert tok.encode(case["text"]) == case["ids"], case["text"]
+        assert [tok.id_to_token(i) for i in case["ids"]] == case["tokens"]
+        assert tok.decode(case["ids"]) == case["decoded"]
+
+
+# ------------------------------------------------------------------------------------------ against `tokenizers`
+
+EDGE_CASES = [
+    "",
+    "<|im_start|><|im_start|>",
+    "<think></think>",
+    "<think>\n\n</think>\n\n",
+    " <|im_end|> x",
+    "a<|im_end|>b",
+    "<|im_end|>\n<|im_start|>assistant\n",
+    "<<|im_end|>>",
+    "<|im_end",
+    "<|im_end|",
+    "<think>\u0338",  # NFC would turn ">" + U+0338 into "≯" if it ran before added tokens are found
+    "<|im_end|>\u0301é",
+    "x\u0301<think>",
+    "<tool_call>\n{}\n</tool_call>",
+    "<|fim_prefix|>def f():<|fim_suffix|>\n<|fim_middle|>",
+    " " * 5000 + "x",
+    "\t\t\n\n  \r\n\r\n   \n",
+    "1234567890" * 50,
+    "a" * 3000,
+    "漢" * 2000,
+    "'s 'S 'll 'LL 're ' ve ſ 'ſ",
+    "👨‍👩‍👧‍👦🏳️‍🌈👍🏽🇫🇷1️⃣",
+    "e\u0301 \u1100\u1161\u11a8 \U00011935\U00011930 \U000105d2\u0307 \U00016d67\U00016d67",
+    "\U000323b0\U00010940 new Unicode 17 letters",
+    "\x00\x01\x1c\x1f\x7f\x85\u2028\u2029\ufeff",
+]
+
+
+@pytest.mark.parametrize("text", EDGE_CASES)
+def test_edge_cases_match_reference(tok, ref, text):
+    ids = tok.encode(text)
+    assert ids == ref_ids(ref, text)
+    assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=False) == nfc_between_added(text)
+
+
+def test_one_megabyte_of_mixed_text_matches_reference(tok, ref):
+    docs = mixed_documents(1_100_000, seed=0)
+    assert sum(len(d.encode()) for d in docs) >= 1_000_000
+    for k, doc in enumerate(docs):
+        ids = tok.encode(doc)
+        want = ref_ids(ref, doc)
+        if ids != want:  # point at the first different token, not at a 10 KB diff
+            i = next(i for i, (a, b) in enumerate(zip(ids + [-1], want + [-1], strict=False)) if a != b)
+            context = tok.decode(want[max(0, i - 5) : i + 5])
+            pytest.fail(f"document {k}: first difference at token {i}, near {context!r}")
+        assert tok.decode(ids) == nfc_between_added(doc), f"document {k}"
+
+
+def test_every_code_point_splits_and_normalises_like_reference(tok, ref):
+    """Every code point in a few contexts: catches Unicode-version differences in \\p{L}, \\p{N}, \\s and NFC."""
+    normalizers = pytest.importorskip("tokenizers.normalizers")
+    pre_tokenizers = pytest.importorskip("tokenizers.pre_tokenizers")
+    from tokenizers import Regex
+
+    chars = [chr(c) for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000]
+    contexts = ["a{}b", " {}1", "'{}{}x", "x\u0345{}\u0316\u0334", "1{}\n", "{}  x"]
+    split = pre_tokenizers.Split(Regex(T.QWEN2_SPLIT_PATTERN), behavior="isolated")
+    for context in contexts:
+        text = "\x00".join(context.format(c, c) for c in chars)
+        normal = normalizers.NFC().normalize_str(text)
+        assert T.nfc(text) == normal, context
+        assert T.pre_tokenize(normal) == [piece for piece, _ in split.pre_tokenize_str(normal)], context
+
+
+def test_pinned_unicode_classes_are_the_reference_engines(ref):
+    """data/unicode_classes.json holds \\p{L}, \\p{N}, \\s as the installed `tokenizers` (Oniguruma) sees them."""
+    pre_tokenizers = pytest.importorskip("tokenizers.pre_tokenizers")
+    from tokenizers import Regex
+
+    chars = [c for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000]
+    text = "\x00".join(map(chr, chars))
+    data = T._unicode_data()
+    for name, pattern in (("L", r"\p{L}"), ("N", r"\p{N}"), ("s", r"\s")):
+        kept = pre_tokenizers.Split(Regex(pattern), behavior="removed").pre_tokenize_str(text)
+        outside = set("".join(piece for piece, _ in kept))
+        members = [c for c in chars if chr(c) not in outside]
+        pinned = [c for a, b in data[name] for c in range(a, b + 1)]
+        assert members == pinned, name
+
+
+PLANE_TEXT = st.text(st.characters(codec="utf-8"), max_size=60)  # any code point but surrogates
+SPECIAL_MIX = st.lists(
+    st.one_of(
+        st.sampled_from(
+            ADDED + ["<|im_end", "<think", "|>", "<", ">", "\u0338", "\u0301", " ", "\n", "\r\n", "'s"]
+        ),
+        PLANE_TEXT,
+        st.text(st.sampled_from("aé ёя漢😀\u200d🏽1٣\t\n'"), max_size=20),
+    ),
+    max_size=12,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(PLANE_TEXT, SPECIAL_MIX))
+@example(text="<|im_start|><|im_start|>\u0301")
+def test_random_unicode_matches_reference(tok, ref, text):
+    ids = tok.encode(text)
+    assert ids == ref_ids(ref, text)
+    assert tok.decode(ids) == nfc_between_added(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, N_TOKENS - 1), max_size=30), skip=st.booleans())
+def test_decode_matches_reference(tok, ref, ids, skip):
+    assert tok.decode(ids, skip_special_tokens=skip) == ref.decode(ids, skip_special_tokens=skip)
+
+
+@settings(max_examples=300, deadline=None)
+@given(raw=st.binary(max_size=40))
+def test_decoding_invalid_utf8_matches_reference(tok, ref, raw):
+    """Single-byte tokens spell arbitrary bytes: invalid UTF-8 must give the same "�"s as the reference."""
+    ids = [tok.token_to_id(T.bytes_to_unicode()[b]) for b in raw]
+    assert tok.decode(ids) == ref.decode(ids)
+
+
+def test_vocab_merges_config_loads_like_tokenizer_json(tok, tmp_path):
+    if SHARED is None:
+        pytest.skip(
+            "official tokenizer.json not found: set TINYQWEN_SHARED or provide ../shared/qwen3-tokenizer"
+        )
+    shutil.copy(SHARED / "tokenizer.json", tmp_path / "tokenizer.json")
+    from_json = Tokenizer.from_pretrained(tmp_path)
+    assert from_json.vocab == tok.vocab and from_json.ranks == tok.ranks
+    assert from_json.added_tokens == tok.added_tokens and len(from_json) == N_TOKENS
+    assert from_json.eos_token_id is None  # no tokenizer_config.json next to it: nothing names an eos
+    shutil.copy(PACKAGE_DATA / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
+    from_json = Tokenizer.from_pretrained(tmp_path)
+    assert (from_json.eos_token_id, from_json.pad_token_id) == (151645, 151643)
+    for doc in mixed_documents(60_000, seed=1) + EDGE_CASES:
+        assert from_json.encode(doc) == tok.encode(doc)
+
+
+# ------------------------------------------------------------------------------------------ BPE
+
+
+def test_bpe_steps_end_in_the_encoded_tokens(tok):
+    for word in [" hello", "tokenization", " Привет", "漢字", " 😀"]:
+        steps = tok.bpe_steps(word)
+        assert steps, word
+        ranks = [s.rank for s in steps]
+        assert all(tok.ranks[s.pair] == s.rank for s in steps)
+        final = steps[-1].symbols
+        assert [tok.token_to_id(s) for s in final] == tok.encode(word)
+        assert ranks == sorted(ranks) or len(set(ranks)) == len(ranks)  # each merge is a distinct rule
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(st.sampled_from(" \t\nabcé漢😀1"), min_size=T._LONG_WORD, max_size=400))
+def test_heap_merge_equals_list_merge(tok, text):
+    symbols = list(T.text_to_symbols(text))
+    assert T._merge_symbols_heap(symbols, tok.ranks) == [
+        step for step in (tok.bpe_steps(text)[-1].symbols if tok.bpe_steps(text) else symbols)
+    ]
+
+
+def test_long_pieces_are_fast_and_right(tok, ref):
+    """A 200,000-letter word or space run: the heap merge keeps it well under a second each (no quadratic)."""
+    for text in ["x" * 200_000, " " * 200_000 + "a", "ab" * 100_000]:
+        assert tok.encode(text) == ref_ids(ref, text)
+
+
+# ------------------------------------------------------------------------------------------ streaming
+
+
+def test_stream_decoder_holds_back_a_split_emoji(tok):
+    ids = tok.encode("I ❤️ 🦙 tokens 😀!")
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the test needs an emoji split over tokens"
+    stream = tok.stream_decoder()
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == tok.decode(ids) == "I ❤️ 🦙 tokens 😀!"
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # something was held back while incomplete
+
+
+@settings(max_examples=300, deadline=None)
+@given(ids=st.lists(st.integers(0, N_TOKENS - 1), max_size=40), skip=st.booleans())
+def test_stream_decoder_concatenation_equals_decode(tok, ids, skip):
+    stream = tok.stream_decoder(skip_special_tokens=skip)
+    assert "".join([stream.push(i) for i in ids] + [stream.flush()]) == tok.decode(
+        ids, skip_special_tokens=skip
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(chunks=st.lists(st.binary(max_size=5), max_size=20))
+def test_incomplete_utf8_tail_agrees_with_python_incremental_decoder(chunks):
+    reference = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        keep = T.incomplete_utf8_tail(buf)
+        ours = buf[: len(buf) - keep].decode("utf-8", errors="replace")
+        del buf[: len(buf) - keep]
+        assert ours == reference.decode(chunk)
+    assert buf.decode("utf-8", errors="replace") == reference.decode(b"", final=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=PLANE_TEXT)
+def test_stream_of_valid_text_never_shows_a_replacement_character(tok, text):
+    ids = tok.encode(text)
+    stream = tok.stream_decoder()
+    pieces = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(pieces) == nfc_between_added(text)
+    assert sum(p.count("\ufffd") for p in pieces) == text.count("\ufffd")
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("bad", [-1, N_TOKENS, 151935, 10**12])
+def test_decode_rejects_ids_outside_the_vocabulary(tok, bad):
+    with pytest.raises(TokenizerError, match=rf"token id {bad} is outside the vocabulary \[0, {N_TOKENS}\)"):
+        tok.decode([9707, bad])
+    with pytest.raises(TokenizerError, match=str(bad)):
+        tok.stream_decoder().push(bad)
+    with pytest.raises(TokenizerError, match=str(bad)):
+        tok.id_to_token(bad)
+
+
+def test_decode_and_encode_reject_wrong_types(tok):
+    with pytest.raises(TokenizerError, match="not an integer"):
+        tok.decode([1.5])
+    with pytest.raises(TokenizerError, match="sequence of token ids"):
+        tok.decode("hello")
+    with pytest.raises(TokenizerError, match="expects a str"):
+        tok.encode(b"hello")
+    with pytest.raises(TokenizerError, match="lone surrogate"):
+        tok.encode("ok \ud800 no")
+
+
+def test_decode_accepts_numpy_ids(tok):
+    np = pytest.importorskip("numpy")
+    assert tok.decode(np.array([9707, 1879])) == "Hello world"
+
+
+def _tokenizer_dir(tmp_path: Path) -> Path:
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        shutil.copy(PACKAGE_DATA / name, tmp_path / name)
+    return tmp_path
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert old in text
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(TokenizerError, match="not a directory"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+    (tmp_path / "config.json").write_text("{}")  # a checkpoint folder without tokenizer files
+    with pytest.raises(
+        TokenizerError, match=r"looked for tokenizer\.json.*missing: vocab\.json, merges\.txt"
+    ):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "message"),
+    [
+        ("vocab.json", '{"!":0,', '{"!":0,,', r"vocab\.json: not valid JSON"),
+        ("vocab.json", '"!":0,', '"!":"zero",', r"vocab\.json.*'!' has id 'zero'"),
+        ("vocab.json", '"!":0,', '"!":1,', r"vocab\.json.*id 1 is used by both"),
+        ("vocab.json", '"Ġt":259,', "", r"merges\.txt line \d+: token 'Ġt' of merge"),
+        (
+            "merges.txt",
+            "\nĠ Ġ\n",
+            "\nĠ Ġ x\n",
+            r"merges\.txt line 2: expected two tokens separated by one space",
+        ),
+        ("merges.txt", "\nĠ Ġ\n", "\nĠ\n", r"merges\.txt line 2: expected two tokens"),
+        ("merges.txt", "\nĠ Ġ\n", "\nĠ Ġ\nĠ Ġ\n", r"merges\.txt line 3: merge 'Ġ' 'Ġ' appears twice"),
+        (
+            "merges.txt",
+            "\nĠ Ġ\n",
+            "\nĠ Ġ\nqq zz\n",
+            r"merges\.txt line 3: token 'qq' of merge 'qq' 'zz' is not",
+        ),
+        (
+            "tokenizer_config.json",
+            '"eos_token": "<|im_end|>"',
+            '"eos_token": "<|nope|>"',
+            r"eos_token '<\|nope\|>'",
+        ),
+        ("tokenizer_config.json", '"151643": {', '"x": {', r"tokenizer_config\.json: added_tokens_decoder"),
+        (
+            "tokenizer_config.json",
+            '"add_bos_token"',
+            '"add_bos_token',
+            r"tokenizer_config\.json: not valid JSON",
+        ),
+        (
+            "tokenizer_config.json",
+            '"rstrip": false',
+            '"rstrip": true',
+            r"tokenizer_config\.json.*rstrip=true",
+        ),
+    ],
+)
+def test_malformed_files_are_named(tmp_path, file, old, new, message):
+    folder = _tokenizer_dir(tmp_path)
+    _edit(folder / file, old, new)
+    with pytest.raises(TokenizerError, match=message):
+        Tokenizer.from_pretrained(folder)
+
+
+def test_empty_merges_file(tmp_path):
+    folder = _tokenizer_dir(tmp_path)
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(TokenizerError, match=r"merges\.txt: no merges found"):
+        Tokenizer.from_pretrained(folder)
+
+
+def test_malformed_tokenizer_json_is_named(tmp_path):
+    if SHARED is None:
+        pytest.skip(
+            "official tokenizer.json not found: set TINYQWEN_SHARED or provide ../shared/qwen3-tokenizer"
+        )
+    official = json.loads((SHARED / "tokenizer.json").read_text(encoding="utf-8"))
+    (tmp_path / "tokenizer.json").write_text('{"model": ')
+    with pytest.raises(TokenizerError, match=r"tokenizer\.json: not valid JSON"):
+        Tokenizer.from_pretrained(tmp_path)
+    changes = [
+        (
+            lambda tj: tj["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+"),
+            "pre_tokenizer Split",
+        ),
+        (lambda tj: tj.update(normalizer=None), "normalizer is null"),
+        (lambda tj: tj["model"].update(type="WordPiece"), "model.type"),
+        (lambda tj: tj["model"]["merges"].__setitem__(5, ["a"]), r"model\.merges\[5\]"),
+        (lambda tj: tj["model"]["vocab"].pop("in"), r"model\.merges\[2\]: token 'in' of merge 'i' 'n'"),
+    ]
+    for change, message in changes:
+        tj = json.loads(json.dumps(official))
+        change(tj)
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+        with pytest.raises(TokenizerError, match=message):
+            Tokenizer.from_pretrained(tmp_path)

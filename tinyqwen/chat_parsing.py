@@ -1,0 +1,165 @@
+"""Reading a Qwen3 reply: thinking vs answer, and structured tool calls.
+
+The chat template turns messages into text; this module goes the other way for what the model writes back:
+
+    <think>\\nThe user wants the weather.\\n</think>\\n\\nLet me check.\\n<tool_call>\\n{"name": "get_weather",
+    "arguments": {"city": "Paris"}}\\n</tool_call><|im_end|>
+
+1. `split_thinking` cuts the generated ids at the LAST `</think>` (id 151668), the way Qwen's model card does:
+   what comes before is the thinking, what comes after is the answer. `split_thinking_text` does the same on text.
+2. `parse_tool_calls` takes the answer text, pulls out every `<tool_call>{json}</tool_call>` block and returns the
+   calls as `ToolCall(name, arguments)`, plus the text that remains. A malformed block raises `ToolCallParseError`
+   naming the block; we never guess.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tinyqwen.errors import ToolCallParseError
+
+THINK_START_ID = 151667  # <think>
+THINK_END_ID = 151668  # </think>
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+
+
+def split_thinking(ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """Split generated ids at the last `</think>`: ([thinking ids], [content ids]).  # [T] -> [T1], [T2]
+
+    As in Qwen's example, `index = len(ids) - ids[::-1].index(151668)` is the position just after the last
+    `</think>`; everything from there on is content. The `</think>` itself belongs to neither part, and neither
+    does a `<think>` (151667) that opens the thinking. Without `</think>`, all ids are content (thinking was off,
+    or the model never closed its think block -- then the caller sees the raw text as content).
+
+    >>> split_thinking([151667, 198, 11, 12, 151668, 271, 21])
+    ([198, 11, 12], [271, 21])
+    >>> split_thinking([21, 22])
+    ([], [21, 22])
+    """
+    ids = [int(i) for i in ids]
+    if THINK_END_ID not in ids:
+        return [], ids
+    index = len(ids) - ids[::-1].index(THINK_END_ID)
+    thinking = ids[: index - 1]
+    if thinking[:1] == [THINK_START_ID]:
+        thinking = thinking[1:]
+    return thinking, ids[index:]
+
+
+def split_thinking_text(text: str) -> tuple[str, str]:
+    """Split decoded text at the last `</think>`: (thinking, content), tags and surrounding newlines removed.
+
+    Qwen's example decodes both halves and calls `.strip("\\n")` on each; we also drop the opening `<think>`.
+
+    >>> split_thinking_text("<think>\\nLet me add.\\n</think>\\n\\n4")
+    ('Let me add.', '4')
+    >>> split_thinking_text("\\n4\\n")
+    ('', '4')
+    """
+    thinking, found, content = text.rpartition("</think>")
+    if not found:
+        return "", text.strip("\n")
+    thinking = thinking.strip("\n").removeprefix("<think>").strip("\n")
+    return thinking, content.strip("\n")
+
+
+@dataclass
+class ToolCall:
+    """One function call the model asked for. `dataclasses.asdict(call)` is a valid template `tool_calls` item."""
+
+    name: str
+    arguments: dict
+
+
+def parse_tool_call(body: str, number: int) -> ToolCall:
+    """Parse the JSON between `<tool_call>` and `</tool_call>`. `number` (1-based) names the block in errors.
+
+    `arguments` must be an object; a JSON *string* holding an object (the OpenAI wire format) is decoded too.
+
+    >>> parse_tool_call('{"name": "f", "arguments": {"x": 1}}', 1)
+    ToolCall(name='f', arguments={'x': 1})
+    >>> parse_tool_call('{"name": "f", "arguments": "{\\\\"x\\\\": 1}"}', 1)
+    ToolCall(name='f', arguments={'x': 1})
+    """
+    where = f"tool call block {number}"
+    try:
+        call = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise ToolCallParseError(f"{where}: malformed JSON ({e}): {_preview(body)}") from None
+    if not isinstance(call, dict):
+        raise ToolCallParseError(f"{where}: expected a JSON object, got {_json_type(call)}: {_preview(body)}")
+    name = call.get("name")
+    if "name" not in call:
+        raise ToolCallParseError(f"{where}: the object has no 'name': {_preview(body)}")
+    if not isinstance(name, str) or not name:
+        raise ToolCallParseError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    if "arguments" not in call:
+        # The template's format line reads {"name": <function-name>, "arguments": <args-json-object>}: both are
+        # required, so a call without arguments is malformed rather than "no arguments".
+        raise ToolCallParseError(f"{where} ({name}): the object has no 'arguments'")
+    arguments = call["arguments"]
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as e:
+            raise ToolCallParseError(
+                f"{where} ({name}): 'arguments' is a string that is not JSON ({e})"
+            ) from None
+    if not isinstance(arguments, dict):
+        raise ToolCallParseError(
+            f"{where} ({name}): 'arguments' must be a JSON object, got {_json_type(arguments)}"
+        )
+    return ToolCall(name=name, arguments=arguments)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+    """Pull every `<tool_call>...</tool_call>` block out of `text`: (remaining content, [calls in order]).
+
+    The remaining content is the text outside the blocks, joined and stripped of newlines at both ends (the
+    template puts a newline before each block). An unclosed `<tool_call>` or a `</tool_call>` with no opening
+    tag is an error: a reply cut off mid-call must not look like a reply without calls.
+
+    >>> parse_tool_calls('Let me check.\\n<tool_call>\\n{"name": "f", "arguments": {}}\\n</tool_call>')
+    ('Let me check.', [ToolCall(name='f', arguments={})])
+    >>> parse_tool_calls("No calls here.")
+    ('No calls here.', [])
+    """
+    outside: list[str] = []
+    calls: list[ToolCall] = []
+    pos = 0
+    while True:
+        start = text.find(TOOL_CALL_OPEN, pos)
+        stray = text.find(TOOL_CALL_CLOSE, pos, None if start < 0 else start)
+        if stray >= 0:
+            raise ToolCallParseError(
+                f"a {TOOL_CALL_CLOSE} at character {stray} has no opening {TOOL_CALL_OPEN} "
+                f"(after {len(calls)} complete block(s))"
+            )
+        if start < 0:
+            outside.append(text[pos:])
+            break
+        number = len(calls) + 1
+        body_start = start + len(TOOL_CALL_OPEN)
+        end = text.find(TOOL_CALL_CLOSE, body_start)
+        if end < 0:
+            raise ToolCallParseError(
+                f"tool call block {number}: the {TOOL_CALL_OPEN} at character {start} is never closed "
+                f"(no {TOOL_CALL_CLOSE}); was the reply cut off? {_preview(text[body_start:])}"
+            )
+        outside.append(text[pos:start])
+        calls.append(parse_tool_call(text[body_start:end].strip(), number))
+        pos = end + len(TOOL_CALL_CLOSE)
+    return "".join(outside).strip("\n"), calls
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _preview(text: str, limit: int = 80) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")

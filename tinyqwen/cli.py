@@ -1,0 +1,476 @@
+"""The `tinyqwen` command line: chat, generate, verify, info, bench.
+
+    tinyqwen chat --model Qwen/Qwen3-0.6B                 # multi-turn REPL; Ctrl-D quits
+    tinyqwen chat --model ./ckpt --no-think --temperature 0
+    tinyqwen generate --model ./ckpt "Write a haiku about NumPy"
+    tinyqwen generate --model ./ckpt --file prompts.txt    # one prompt per line, generated as one batch
+    tinyqwen verify --model ./ckpt                         # our logits vs transformers' (if installed)
+    tinyqwen info --model ./ckpt                           # config, parameters, memory
+    tinyqwen bench --model ./ckpt                          # prefill / decode tokens per second
+
+Every error caused by the input (a missing model, a bad flag value, a prompt longer than the context) is a
+`TinyQwenError`, printed as one line on stderr with exit code 1; a traceback means a bug in tinyqwen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyqwen.errors import TinyQwenError, TokenizerError
+from tinyqwen.hub import resolve_model
+from tinyqwen.sampling import NON_THINKING, THINKING, SamplingParams
+from tinyqwen.thinking import THINK_END_ID, THINK_START_ID, thinking_mode
+
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_tokenizer(model_dir: Path, tokenizer_dir: str | None = None):
+    """The checkpoint's own tokenizer (or --tokenizer DIR); a clear TokenizerError when its files are missing."""
+    folder = Path(tokenizer_dir).expanduser() if tokenizer_dir else model_dir
+    if not any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES):
+        raise TokenizerError(
+            f"{folder} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
+            "pass --tokenizer DIR pointing at a Qwen3 tokenizer"
+        )
+    from tinyqwen.tokenizer import Tokenizer
+
+    return Tokenizer.from_pretrained(folder)
+
+
+def load(args, need_tokenizer: bool = True):
+    """(model, tokenizer or None) for --model/--backend/--tokenizer. The tokenizer is checked before the
+    weights are read, so a bad checkpoint fails in a moment, not after loading gigabytes."""
+    import tinyqwen
+
+    path = resolve_model(args.model)
+    tokenizer = load_tokenizer(path, getattr(args, "tokenizer", None)) if need_tokenizer else None
+    model = tinyqwen.load_model(path, backend=args.backend)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------------------------------ sampling flags
+
+
+def sampling_params(args, generation_config: dict, thinking: bool) -> SamplingParams:
+    """Qwen's preset for the mode, flags on top.
+
+    Thinking mode starts from the checkpoint's generation_config.json (Qwen3 ships the thinking preset there);
+    non-thinking mode from Qwen's non-thinking preset (T 0.7, top-p 0.8, top-k 20), since generation_config
+    has only one set of values.
+    """
+    base = (
+        SamplingParams.from_generation_config(generation_config, base=THINKING) if thinking else NON_THINKING
+    )
+    return base.override(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        presence_penalty=args.presence_penalty,
+        repetition_penalty=args.repetition_penalty,
+    )
+
+
+def generation_kwargs(args, params: SamplingParams) -> dict:
+    kwargs = {"params": params, "temperature": params.temperature}
+    if not params.greedy:
+        kwargs["seed"] = args.seed
+    if args.thinking_budget is not None:
+        kwargs["thinking_budget"] = args.thinking_budget
+        if args.early_stop_text is not None:
+            kwargs["early_stop"] = args.early_stop_text
+    return kwargs
+
+
+# ------------------------------------------------------------------------------------------ display
+
+
+@dataclass
+class Style:
+    """How thinking is shown apart from the answer: dim text between labels (labels alone without colour)."""
+
+    color: bool
+
+    def dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color and text else text
+
+    @classmethod
+    def for_stream(cls, stream, disabled: bool) -> Style:
+        return cls(color=not disabled and "NO_COLOR" not in os.environ and stream.isatty())
+
+
+class ReplyPrinter:
+    """Streams a reply's ids to the terminal as text: thinking dimmed between [thinking] labels, then the answer.
+
+    The tokenizer's stream decoder holds back bytes of a character that is not complete yet, so multi-byte
+    characters split over several tokens print correctly.
+    """
+
+    def __init__(self, tokenizer, style: Style, out=sys.stdout, eos_ids=()):
+        self.tokenizer, self.style, self.out, self.eos_ids = tokenizer, style, out, set(eos_ids)
+        self.decoder = tokenizer.stream_decoder()
+        self.thinking = False
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.out.write(self.style.dim(text) if self.thinking else text)
+            self.out.flush()
+
+    def push(self, token: int) -> None:
+        if token == THINK_START_ID:
+            self._write(self.decoder.flush())
+            self.thinking = True
+            self._write("[thinking]")
+        elif token == THINK_END_ID:
+            self._write(self.decoder.flush())
+            self._write("[/thinking]")
+            self.thinking = False
+        elif token not in self.eos_ids:
+            self._write(self.decoder.push(token))
+
+    def close(self) -> None:
+        self._write(self.decoder.flush())
+        if self.thinking:  # cut off while thinking (max tokens, Ctrl-C)
+            self._write("[/thinking]")
+            self.thinking = False
+        self.out.write("\n")
+        self.out.flush()
+
+
+def eos_ids(model) -> tuple[int, ...]:
+    eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
+    if eos is None:
+        return ()
+    return (eos,) if isinstance(eos, int) else tuple(eos)
+
+
+def answer_text(tokenizer, ids: list[int], eos: tuple[int, ...]) -> tuple[str, str]:
+    """(thinking, answer) as text, eos dropped."""
+    from tinyqwen.chat_parsing import split_thinking
+
+    ids = [t for t in ids if t not in eos]
+    thinking, content = split_thinking(ids)
+    return tokenizer.decode(thinking).strip(), tokenizer.decode(content).strip()
+
+
+# ------------------------------------------------------------------------------------------ commands
+
+
+def cmd_chat(args) -> int:
+    from tinyqwen.chat_template import apply_chat_template
+    from tinyqwen.generation import stream_generate
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input(), where available)
+    except ImportError:
+        pass
+    model, tokenizer = load(args)
+    style = Style.for_stream(sys.stdout, args.no_color)
+    eos = eos_ids(model)
+    enable_thinking = not args.no_think
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    name = Path(str(args.model)).name or str(args.model)
+    print(
+        style.dim(
+            f"tinyqwen chat · {name} · {args.backend} · Ctrl-D to quit · /think, /no_think switch modes"
+        )
+    )
+    while True:
+        try:
+            text = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not text.strip():
+            continue
+        messages.append({"role": "user", "content": text})
+        thinking = thinking_mode(messages, enable_thinking)
+        prompt = apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+        ids = tokenizer.encode(prompt)
+        params = sampling_params(args, model.generation_config, thinking)
+        if args.show_prompt:
+            mode = "thinking" if thinking else "non-thinking"
+            print(style.dim(f"[prompt: {len(ids)} tokens, {mode} mode]\n{prompt}[/prompt]"))
+        printer = ReplyPrinter(tokenizer, style, sys.stdout, eos)
+        reply: list[int] = []
+        try:
+            kwargs = generation_kwargs(args, params)
+            for token in stream_generate(model, ids, args.max_new_tokens, eos_token_ids=eos, **kwargs):
+                reply.append(token)
+                printer.push(token)
+        except KeyboardInterrupt:
+            printer.close()
+            print(style.dim("[interrupted]"))
+        except TinyQwenError as error:  # e.g. the conversation outgrew the context: say so, keep the REPL
+            messages.pop()
+            print(f"tinyqwen: error: {one_line(error)}", file=sys.stderr)
+            continue
+        else:
+            printer.close()
+        # history keeps the answer only: the template drops earlier turns' thinking anyway
+        _, answer = answer_text(tokenizer, reply, eos)
+        messages.append({"role": "assistant", "content": answer})
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt)
+    if args.file:
+        file = Path(args.file)
+        if not file.is_file():
+            raise TinyQwenError(f"--file {file}: no such file")
+        prompts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise TinyQwenError("no prompt: give one as an argument or --file with one prompt per line")
+    return prompts
+
+
+def cmd_generate(args) -> int:
+    from tinyqwen.chat_template import apply_chat_template
+    from tinyqwen.generation import generate_batch, stream_generate
+
+    prompts = read_prompts(args)
+    model, tokenizer = load(args)
+    eos = eos_ids(model)
+    enable_thinking = not args.no_think
+    texts, modes = [], []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}]
+        modes.append(thinking_mode(messages, enable_thinking) and not args.raw)
+        texts.append(
+            p
+            if args.raw
+            else apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+        )
+    # one batch shares one set of sampling values: the first prompt's mode picks the preset
+    params = sampling_params(args, model.generation_config, modes[0])
+    ids = [tokenizer.encode(t) for t in texts]
+    kwargs = generation_kwargs(args, params)
+    style = Style.for_stream(sys.stdout, args.no_color)
+    if len(ids) == 1 and not args.json:
+        printer = ReplyPrinter(tokenizer, style, sys.stdout, eos)
+        for token in stream_generate(model, ids[0], args.max_new_tokens, eos_token_ids=eos, **kwargs):
+            printer.push(token)
+        printer.close()
+        return 0
+    outputs = generate_batch(model, ids, args.max_new_tokens, eos_token_ids=eos, **kwargs)
+    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
+        thinking, answer = answer_text(tokenizer, out, eos)
+        if args.json:
+            record = {"prompt": prompt, "thinking": thinking, "answer": answer, "ids": out}
+            print(json.dumps(record, ensure_ascii=False))
+            continue
+        print(style.dim(f"--- [{i + 1}/{len(prompts)}] {prompt}"))
+        if thinking:
+            print(style.dim(f"[thinking]{thinking}[/thinking]"))
+        print(answer)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from tinyqwen.config import load_config, load_generation_config
+    from tinyqwen.model import count_parameters
+
+    path = resolve_model(args.model)
+    c = load_config(path)
+    total = count_parameters(c)
+    embed = c.vocab_size * c.hidden_size
+    lines = [
+        f"model        {path}",
+        f"type         {c.model_type}{' (MoE)' if c.is_moe else ''}",
+        f"layers       {c.num_hidden_layers}, hidden {c.hidden_size}, vocab {c.vocab_size:,}",
+        f"attention    {c.num_attention_heads} query heads, {c.num_key_value_heads} kv heads, head_dim {c.head_dim}",
+    ]
+    if c.is_moe:
+        lines.append(
+            f"experts      {c.num_experts} ({c.num_experts_per_tok} per token), expert ffn {c.moe_intermediate_size}"
+        )
+    else:
+        lines.append(f"ffn          {c.intermediate_size}")
+    rope = f"theta {c.rope_theta:g}"
+    if c.rope_scaling is not None:
+        rope += f", YaRN x{c.rope_scaling.factor:g} from {c.rope_scaling.original_max_position_embeddings}"
+    lines += [
+        f"rope         {rope}; context {c.max_position_embeddings:,} tokens",
+        f"parameters   {total:,} ({human(total, 1000, '')}), {total - embed:,} without the embedding"
+        + ("" if c.tie_word_embeddings else " (lm_head untied)"),
+    ]
+    if c.is_moe:
+        lines.append(f"active       {active_parameters(c):,} per token")
+    kv_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # float32 K and V
+    lines += [
+        f"memory       {human(total * 4)} of float32 weights (tinyqwen computes in float32; bf16 on disk: "
+        f"{human(total * 2)})",
+        f"kv cache     {human(kv_token)} per token (float32); {human(kv_token * 4096)} for 4,096 tokens",
+    ]
+    gen = load_generation_config(path)
+    if gen:
+        keys = ("temperature", "top_k", "top_p", "eos_token_id")
+        lines.append("generation   " + ", ".join(f"{k} {gen[k]}" for k in keys if k in gen))
+    print("\n".join(lines))
+    return 0
+
+
+def active_parameters(c) -> int:
+    """Parameters one token touches in a MoE model: the shared parts plus top-k of the experts."""
+    from tinyqwen.model import count_parameters
+
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    return count_parameters(c) - moe_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
+
+
+def human(n: float, base: int = 1024, unit: str = "B") -> str:
+    """1536 -> '1.5 KiB'; human(6e8, 1000, '') -> '600.0M'.
+
+    >>> human(1536), human(6e8, 1000, '')
+    ('1.5 KiB', '600.0M')
+    """
+    names = ["", "K", "M", "G", "T"]
+    i = 0
+    while n >= base and i < len(names) - 1:
+        n, i = n / base, i + 1
+    suffix = names[i] + ("i" if base == 1024 and i and unit else "") + unit
+    return f"{n:.1f} {suffix}" if unit else f"{n:.1f}{suffix}"
+
+
+def cmd_verify(args) -> int:
+    from tinyqwen.verify import transformers_available, verify, verify_stored
+
+    model, _ = load(args, need_tokenizer=False)
+    results = []
+    stored = Path(model.path) / "reference.npz"
+    if stored.is_file():  # a committed fixture: transformers' outputs recorded when it was made
+        results.append(verify_stored(model, stored))
+    if transformers_available() or not results:  # live comparison (says what to install when it cannot run)
+        rng = np.random.default_rng(args.seed if args.seed is not None else 0)
+        ids = rng.integers(0, min(model.config.vocab_size, 151643), (2, args.tokens))
+        results.append(verify(model, ids))
+    ok = all(r.ok(args.atol) for r in results)
+    for r in results:
+        print(
+            f"{'OK' if r.ok(args.atol) else 'MISMATCH'}: max |logit difference| {r.max_abs_diff:.3g} "
+            f"(tolerance {args.atol:g}) over {r.tokens} tokens; arg-max agrees on {r.argmax_agree}/{r.tokens}; "
+            f"transformers {r.transformers_version}"
+        )
+    return 0 if ok else 1
+
+
+def cmd_bench(args) -> int:
+    model, _ = load(args, need_tokenizer=False)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, min(model.config.vocab_size, 151643), (1, args.prompt_tokens))
+    cache = model.new_cache(1, args.prompt_tokens + args.new_tokens)
+    start = time.perf_counter()
+    out = model.forward(ids, cache=cache, last_only=True)
+    prefill = time.perf_counter() - start
+    token = out.logits[:, -1].argmax(-1)[:, None]
+    start = time.perf_counter()
+    for _ in range(args.new_tokens):
+        token = model.forward(token, cache=cache, last_only=True).logits[:, -1].argmax(-1)[:, None]
+    decode = time.perf_counter() - start
+    print(
+        f"backend {args.backend}: prefill {args.prompt_tokens} tokens in {prefill:.3f} s "
+        f"({args.prompt_tokens / prefill:,.1f} tok/s); decode {args.new_tokens} tokens in {decode:.3f} s "
+        f"({args.new_tokens / decode:,.1f} tok/s)"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tinyqwen", description="Qwen3 (dense and MoE) in NumPy.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,generate,verify,info,bench}")
+
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument(
+        "--model",
+        "-m",
+        required=True,
+        help="checkpoint directory, or a Hugging Face id (cached, or downloaded with tinyqwen[hub])",
+    )
+    model.add_argument("--backend", default="numpy", help="compute backend (default: numpy)")  # fmt: skip
+
+    gen = argparse.ArgumentParser(add_help=False)
+    gen.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    gen.add_argument("--no-think", action="store_true", help="disable thinking (enable_thinking=False)")
+    gen.add_argument("--thinking-budget", type=int, metavar="N",
+                     help="stop thinking after N tokens and make the model answer")  # fmt: skip
+    gen.add_argument("--early-stop-text", help="text fed in when the thinking budget runs out")
+    gen.add_argument("--max-new-tokens", type=int, default=2048)
+    gen.add_argument("--temperature", type=float, help="0 = greedy (default: Qwen's preset for the mode)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--presence-penalty", type=float)
+    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--seed", type=int, help="make sampling reproducible")
+    gen.add_argument("--no-color", action="store_true", help="plain text (also with NO_COLOR set)")
+
+    chat = sub.add_parser("chat", parents=[model, gen], help="multi-turn chat in the terminal")
+    chat.add_argument("--system", help="a system message")
+    chat.add_argument(
+        "--show-prompt", action="store_true", help="print the rendered prompt before each reply"
+    )
+    chat.set_defaults(func=cmd_chat)
+
+    generate = sub.add_parser(
+        "generate", parents=[model, gen], help="reply to one prompt, or a file of prompts"
+    )
+    generate.add_argument("prompt", nargs="*", help="prompt text(s)")
+    generate.add_argument("--file", "-f", help="a text file with one prompt per line (run as one batch)")
+    generate.add_argument(
+        "--raw", action="store_true", help="feed the prompt as is, without the chat template"
+    )
+    generate.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    generate.set_defaults(func=cmd_generate)
+
+    verify = sub.add_parser("verify", parents=[model], help="compare logits with Hugging Face transformers")
+    verify.add_argument("--tokens", type=int, default=16, help="sequence length (2 random sequences)")
+    verify.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference|")
+    verify.add_argument("--seed", type=int)
+    verify.set_defaults(func=cmd_verify)
+
+    info = sub.add_parser("info", help="config summary, parameter count, memory needed")
+    info.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face id")
+    info.set_defaults(func=cmd_info)
+
+    bench = sub.add_parser("bench", parents=[model], help="prefill and decode speed")
+    bench.add_argument("--prompt-tokens", type=int, default=128)
+    bench.add_argument("--new-tokens", type=int, default=32)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except TinyQwenError as error:
+        print(f"tinyqwen: error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `tinyqwen generate ... | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

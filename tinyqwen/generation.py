@@ -1,0 +1,309 @@
+"""Chapter 9 — generation: prefill the prompt into the KV cache, then decode one token at a time.
+
+    prompt ids ──► prefill (whole prompt, or chunks of it) ──► logits of the last position
+                                                                   │ sample (tinyqwen.sampling)
+              ┌──────────── feed the new token (one position) ◄────┘
+              └─► logits ─► sample ─► ... until an eos id or max_new_tokens
+
+Every forward pass after the prefill sees one new token and reads all earlier keys and values from the cache, so
+decoding costs one position per step instead of the whole sequence.
+
+A *batch* of prompts of different lengths is left-padded to a rectangle. An attention mask marks the padding
+(0) so no real token attends to it, and each row's positions count only its real tokens (`cumsum(mask) - 1`):
+every row then computes exactly what it would compute alone. Left, not right, padding: all rows' next tokens
+then land in the same, last, column.
+
+    generate(model, ids, max_new_tokens)                  -> list[int]          (the public API)
+    generate_batch(model, [ids, ids, ...], max_new_tokens) -> list[list[int]]
+    stream_generate(model, ids, max_new_tokens)           -> iterator of ids, as they are made (for a chat UI)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tinyqwen.errors import GenerationError
+from tinyqwen.sampling import SamplingParams, sample
+from tinyqwen.thinking import EARLY_STOP_TEXT, ThinkingBudget, early_stop_ids
+
+# keyword arguments `generate(**sampling)` accepts, besides the sampling knobs of SamplingParams
+_OPTIONS = ("seed", "rng", "params", "thinking_budget", "early_stop", "prefill_chunk_size", "pad_token_id")
+_KNOBS = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def generate(
+    model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_ids: Sequence[int] | int | None = None,
+    **sampling: Any,
+) -> list[int]:
+    """Generate up to `max_new_tokens` ids after `prompt_ids`; returns only the new ids.
+
+    - `temperature=0` is greedy (arg-max). With `temperature > 0` the other knobs (`top_k`, `top_p`, `min_p`,
+      `repetition_penalty`, `presence_penalty`, `frequency_penalty`) default to the checkpoint's
+      generation_config.json, as in transformers; pass them to override (`top_k=0`, `top_p=1`, `min_p=0` turn the
+      filters off). `seed=` (or `rng=`, a `np.random.Generator`) makes a sampled run reproducible.
+    - Generation stops after an eos id (which is returned, as transformers does) or after `max_new_tokens`.
+      `eos_token_ids=None` reads them from generation_config.json (Qwen3: 151645 `<|im_end|>`, 151643
+      `<|endoftext|>`); `()` never stops early.
+    - `thinking_budget=N` closes an open `<think>` block after N thinking tokens by feeding the early-stop text
+      (`early_stop=`, a string or ids; default `tinyqwen.thinking.EARLY_STOP_TEXT`); those ids are part of the
+      output and count towards `max_new_tokens`.
+    - `prefill_chunk_size=C` runs the prompt through the model C tokens at a time (less memory, same result).
+    - `max_new_tokens` is cut to what fits in the model's context (`max_position_embeddings`).
+    """
+    return list(stream_generate(model, prompt_ids, max_new_tokens, temperature, eos_token_ids, **sampling))
+
+
+def stream_generate(
+    model,
+    prompt_ids: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_ids: Sequence[int] | int | None = None,
+    **sampling: Any,
+) -> Iterator[int]:
+    """Like `generate`, but yields each new id as soon as it is chosen (the chat REPL prints as it goes)."""
+    _check_single(prompt_ids)
+    for step in _generate_rows(model, [prompt_ids], max_new_tokens, temperature, eos_token_ids, sampling):
+        if step[0] is not None:
+            yield step[0]
+
+
+def generate_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    eos_token_ids: Sequence[int] | int | None = None,
+    **sampling: Any,
+) -> list[list[int]]:
+    """`generate` for several prompts at once (left padding + attention mask + per-row positions).
+
+    Row i's result equals `generate(model, prompts[i], ...)`. With an integer `seed`, every row draws from its
+    own generator seeded with it, so a sampled row also equals its single run with that seed; pass a list of
+    seeds to give rows different streams.
+    """
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = prompts.tolist()
+    if len(prompts) == 0:
+        return []
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, sampling):
+        for row, token in enumerate(step):
+            if token is not None:
+                outputs[row].append(token)
+    return outputs
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Row:
+    """One sequence's bookkeeping in the decode loop."""
+
+    prompt: list[int]
+    rng: np.random.Generator | None
+    budget: ThinkingBudget | None
+    output: list[int]
+    forced: list[int]  # ids to feed before the model may choose again (the early-stop text)
+    done: bool = False
+
+
+def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, sampling) -> Iterator[list]:
+    """Yield, per decode step, a list with each row's new id (None for rows already finished)."""
+    params, options = _resolve_sampling(model, temperature, sampling)
+    vocab, context = model.config.vocab_size, model.config.max_position_embeddings
+    prompts = [_check_prompt(p, vocab, i, len(prompts)) for i, p in enumerate(prompts)]
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, (int, np.integer))
+        or max_new_tokens < 0
+    ):
+        raise GenerationError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
+    longest = max(len(p) for p in prompts)
+    if longest >= context:
+        raise GenerationError(
+            f"prompt has {longest} tokens but the model's context is {context} tokens "
+            f"(max_position_embeddings): shorten the prompt"
+        )
+    max_new_tokens = min(int(max_new_tokens), context - longest)
+    if max_new_tokens == 0:
+        return
+    eos = _resolve_eos(model, eos_token_ids, vocab)
+    rows = _make_rows(prompts, params, options)
+    batched = len(rows) > 1
+
+    # prefill: left-pad to a rectangle; the running mask covers every column the cache will ever hold
+    B, P = len(rows), longest
+    pad = options["pad_token_id"]
+    ids = np.full((B, P), pad, dtype=np.int64)
+    mask = np.ones((B, P + max_new_tokens), dtype=np.int64)
+    for b, row in enumerate(rows):
+        ids[b, P - len(row.prompt) :] = row.prompt
+        mask[b, : P - len(row.prompt)] = 0
+    cache = model.new_cache(B, P + max_new_tokens)
+    chunk = options["prefill_chunk_size"] or P
+    for start in range(0, P, chunk):
+        end = min(start + chunk, P)
+        out = model.forward(ids[:, start:end], cache=cache, attention_mask=mask[:, :end] if batched else None,
+                            last_only=True)  # fmt: skip
+    for row in rows:
+        if row.budget is not None:
+            row.forced.extend(row.budget.pending())
+
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]  # [B, vocab]
+        new: list[int | None] = []
+        for b, row in enumerate(rows):
+            if row.done:
+                new.append(None)
+                continue
+            token = (
+                row.forced.pop(0)
+                if row.forced
+                else sample(logits[b], row.rng, params, row.prompt, row.output)
+            )
+            row.output.append(token)
+            if row.budget is not None:
+                row.forced.extend(row.budget.step(token))
+            row.done = token in eos
+            new.append(token)
+        yield new
+        if all(row.done for row in rows) or step == max_new_tokens - 1:
+            return
+        # finished rows keep the batch rectangular with a pad token; nothing reads their results
+        feed = np.array([[pad if t is None else t] for t in new], dtype=np.int64)  # [B, 1]
+        end = cache.length + 1
+        out = model.forward(
+            feed, cache=cache, attention_mask=mask[:, :end] if batched else None, last_only=True
+        )
+
+
+def _resolve_sampling(model, temperature, sampling: dict) -> tuple[SamplingParams, dict]:
+    """Split `**sampling` into SamplingParams (generation_config defaults + overrides) and loop options."""
+    unknown = sorted(set(sampling) - set(_OPTIONS) - set(_KNOBS))
+    if unknown:
+        raise GenerationError(
+            f"unknown generation option(s) {', '.join(unknown)}; known: {', '.join(_KNOBS + _OPTIONS)}"
+        )
+    options = {name: sampling.get(name) for name in _OPTIONS}
+    gen_config = getattr(model, "generation_config", None) or {}
+    if options["params"] is not None:
+        base = options["params"]
+        if not isinstance(base, SamplingParams):
+            raise GenerationError(f"params must be a SamplingParams, got {type(base).__name__}")
+    else:
+        # the checkpoint's top_k/top_p/... are the defaults; temperature is always the argument's
+        knobs = {k: v for k, v in gen_config.items() if k in _KNOBS}
+        base = SamplingParams.from_generation_config(knobs)
+    params = base.override(temperature=temperature, **{k: sampling.get(k) for k in _KNOBS})
+    if options["pad_token_id"] is None:
+        options["pad_token_id"] = _first_int(gen_config.get("pad_token_id"), default=0)
+    chunk = options["prefill_chunk_size"]
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
+        raise GenerationError(f"prefill_chunk_size must be a whole number > 0, got {chunk!r}")
+    budget = options["thinking_budget"]
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
+        raise GenerationError(f"thinking_budget must be a whole number >= 0, got {budget!r}")
+    return params, options
+
+
+def _make_rows(prompts: list[list[int]], params: SamplingParams, options: dict) -> list[_Row]:
+    seed, rng = options["seed"], options["rng"]
+    if seed is not None and rng is not None:
+        raise GenerationError("pass either seed= or rng=, not both")
+    seeds = seed if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    if len(seeds) != len(prompts):
+        raise GenerationError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
+    if rng is not None and not isinstance(rng, np.random.Generator):
+        raise GenerationError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+
+    stop_ids: list[int] | None = None
+    if options["thinking_budget"] is not None:
+        stop = options["early_stop"] if options["early_stop"] is not None else EARLY_STOP_TEXT
+        stop_ids = early_stop_ids(stop) if isinstance(stop, str) else [int(t) for t in stop]
+
+    rows = []
+    for prompt, s in zip(prompts, seeds, strict=True):
+        if params.greedy:
+            row_rng = None
+        elif rng is not None:
+            row_rng = rng  # one shared stream, drawn row by row
+        else:
+            row_rng = np.random.default_rng(s)  # s = None: fresh entropy, not reproducible
+        budget = None
+        if stop_ids is not None:
+            budget = ThinkingBudget.for_prompt(prompt, options["thinking_budget"], stop_ids)
+        rows.append(_Row(prompt=prompt, rng=row_rng, budget=budget, output=[], forced=[]))
+    return rows
+
+
+def _resolve_eos(model, eos_token_ids, vocab: int) -> frozenset[int]:
+    if eos_token_ids is None:
+        gen_config = getattr(model, "generation_config", None) or {}
+        eos_token_ids = gen_config.get("eos_token_id")
+        if eos_token_ids is None:
+            eos_token_ids = getattr(model.config, "eos_token_id", None)
+        if eos_token_ids is None:
+            eos_token_ids = ()
+    if isinstance(eos_token_ids, (int, np.integer)) and not isinstance(eos_token_ids, bool):
+        eos_token_ids = (eos_token_ids,)
+    try:
+        eos = frozenset(int(t) for t in eos_token_ids)
+    except (TypeError, ValueError):
+        raise GenerationError(f"eos_token_ids must be ids (ints), got {eos_token_ids!r}") from None
+    bad = [t for t in eos if not 0 <= t < vocab]
+    if bad:
+        raise GenerationError(f"eos id {bad[0]} is outside the vocabulary [0, {vocab})")
+    return eos
+
+
+def _check_single(prompt_ids) -> None:
+    if isinstance(prompt_ids, np.ndarray) and prompt_ids.ndim != 1:
+        raise GenerationError(
+            f"prompt_ids must be one sequence of ids (shape [T]), got shape {list(prompt_ids.shape)}; "
+            "use generate_batch for several prompts"
+        )
+    if (
+        not isinstance(prompt_ids, np.ndarray)
+        and len(prompt_ids)
+        and isinstance(prompt_ids[0], (list, tuple))
+    ):
+        raise GenerationError(
+            "prompt_ids must be one sequence of ids; use generate_batch for several prompts"
+        )
+
+
+def _check_prompt(prompt, vocab: int, index: int, count: int) -> list[int]:
+    where = "prompt" if count == 1 else f"prompt {index}"
+    try:
+        ids = np.asarray(prompt)
+    except ValueError:
+        raise GenerationError(f"{where} is not a flat sequence of ids") from None
+    if ids.ndim != 1:
+        raise GenerationError(f"{where} must be a flat sequence of ids, got shape {list(ids.shape)}")
+    if ids.size == 0:
+        raise GenerationError(f"{where} is empty: generation needs at least one token to start from")
+    if ids.dtype.kind not in "iu":
+        raise GenerationError(f"{where} must hold integer ids, got dtype {ids.dtype}")
+    bad = (ids < 0) | (ids >= vocab)
+    if bad.any():
+        position = int(np.argmax(bad))
+        raise GenerationError(
+            f"{where}: id {int(ids[position])} at position {position} is outside [0, {vocab})"
+        )
+    return [int(t) for t in ids]
+
+
+def _first_int(value, default: int) -> int:
+    if isinstance(value, (list, tuple)):
+        value = value[0] if value else None
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
