@@ -67,10 +67,11 @@ def ref_ids(ref, text: str) -> list[int]:
 
 def nfc_between_added(text: str) -> str:
     """What decode(encode(text)) must give: NFC of the text between added tokens (those are matched in the raw
-    text first, so NFC never joins them to a neighbour: "<think>" + U+0338 does not become "<think≯")."""
+    text first, so NFC never joins them to a neighbour: "<think>" + U+0338 does not become "<think≯").
+    `T.nfc` is `unicodedata`'s NFC made to match the reference's older tables (checked against it below)."""
     added = sorted(Tokenizer.qwen3().special_tokens, key=len, reverse=True)
     parts = re.split("(" + "|".join(map(re.escape, added)) + ")", text)
-    return "".join(p if i % 2 else unicodedata.normalize("NFC", p) for i, p in enumerate(parts))
+    return "".join(p if i % 2 else T.nfc(p) for i, p in enumerate(parts))
 
 
 # ------------------------------------------------------------------------------------------ data & facts
@@ -201,20 +202,29 @@ def test_one_megabyte_of_mixed_text_matches_reference(tok, ref):
         assert tok.decode(ids) == nfc_between_added(doc), f"document {k}"
 
 
-def test_every_code_point_splits_and_normalises_like_reference(tok, ref):
-    """Every code point in a few contexts: catches Unicode-version differences in \\p{L}, \\p{N}, \\s and NFC."""
+@pytest.mark.slow
+def test_every_code_point_normalises_like_reference(ref):
+    """NFC of every code point, after a letter and among combining marks of several classes: catches the
+    reference's older normalisation tables (marks it does not reorder, compositions it does not make)."""
     normalizers = pytest.importorskip("tokenizers.normalizers")
+    chars = [chr(c) for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000]
+    text = "\x00".join(f"a{c}b x\u0345{c}\u0316\u0334{c}{c}" for c in chars)
+    assert T.nfc(text) == normalizers.NFC().normalize_str(text)
+
+
+def test_code_points_split_like_reference(ref):
+    """Every code point where `regex`'s Unicode tables disagree with the reference's, plus a sample of the rest,
+    in contexts that exercise each alternative of the split regex. (All code points: 70 s in the reference.)"""
     pre_tokenizers = pytest.importorskip("tokenizers.pre_tokenizers")
     from tokenizers import Regex
 
-    chars = [chr(c) for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000]
-    contexts = ["a{}b", " {}1", "'{}{}x", "x\u0345{}\u0316\u0334", "1{}\n", "{}  x"]
+    disputed = sorted(T._disputed()[1])
+    assert len(disputed) < 50_000
+    sample = [c for c in range(1, 0x110000, 37) if not 0xD800 <= c < 0xE000]
+    chars = [chr(c) for c in sorted(set(disputed + sample + list(range(1, 0x3000))))]
+    text = "\x00".join(f"a{c}b {c}1'{c}{c}x  {c}\n{c} " for c in chars)
     split = pre_tokenizers.Split(Regex(T.QWEN2_SPLIT_PATTERN), behavior="isolated")
-    for context in contexts:
-        text = "\x00".join(context.format(c, c) for c in chars)
-        normal = normalizers.NFC().normalize_str(text)
-        assert T.nfc(text) == normal, context
-        assert T.pre_tokenize(normal) == [piece for piece, _ in split.pre_tokenize_str(normal)], context
+    assert T.pre_tokenize(text) == [piece for piece, _ in split.pre_tokenize_str(text)]
 
 
 def test_pinned_unicode_classes_are_the_reference_engines(ref):
@@ -292,21 +302,22 @@ def test_vocab_merges_config_loads_like_tokenizer_json(tok, tmp_path):
 def test_bpe_steps_end_in_the_encoded_tokens(tok):
     for word in [" hello", "tokenization", " Привет", "漢字", " 😀"]:
         steps = tok.bpe_steps(word)
-        assert steps, word
-        ranks = [s.rank for s in steps]
-        assert all(tok.ranks[s.pair] == s.rank for s in steps)
-        final = steps[-1].symbols
-        assert [tok.token_to_id(s) for s in final] == tok.encode(word)
-        assert ranks == sorted(ranks) or len(set(ranks)) == len(ranks)  # each merge is a distinct rule
+        symbols = tuple(T.text_to_symbols(word))
+        for step in steps:  # each step joins one adjacent pair, by its rank in merges.txt
+            assert tok.ranks[step.pair] == step.rank
+            assert len(step.symbols) == len(symbols) - 1 and "".join(step.symbols) == "".join(symbols)
+            assert step.pair[0] + step.pair[1] in step.symbols
+            symbols = step.symbols
+        assert [tok.token_to_id(s) for s in symbols] == tok.encode(word), word
 
 
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(st.sampled_from(" \t\nabcé漢😀1"), min_size=T._LONG_WORD, max_size=400))
 def test_heap_merge_equals_list_merge(tok, text):
+    """Long pieces take the heap path; `bpe_steps` runs the plain rescan-every-pair loop on the same symbols."""
     symbols = list(T.text_to_symbols(text))
-    assert T._merge_symbols_heap(symbols, tok.ranks) == [
-        step for step in (tok.bpe_steps(text)[-1].symbols if tok.bpe_steps(text) else symbols)
-    ]
+    steps = tok.bpe_steps(text)
+    assert T._merge_symbols_heap(symbols, tok.ranks) == list(steps[-1].symbols if steps else symbols)
 
 
 def test_long_pieces_are_fast_and_right(tok, ref):
@@ -339,16 +350,20 @@ def test_stream_decoder_concatenation_equals_decode(tok, ids, skip):
 
 @settings(max_examples=500, deadline=None)
 @given(chunks=st.lists(st.binary(max_size=5), max_size=20))
-def test_incomplete_utf8_tail_agrees_with_python_incremental_decoder(chunks):
-    reference = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    buf = bytearray()
+def test_incomplete_utf8_tail_holds_back_only_unfinished_characters(chunks):
+    """Emitting all but the tail, chunk by chunk, adds up to the one-shot decode, and what is held back is a
+    character that valid bytes could still finish (Python's strict incremental decoder waits for it too)."""
+    full = b"".join(chunks).decode("utf-8", errors="replace")
+    buf, shown = bytearray(), ""
     for chunk in chunks:
         buf += chunk
         keep = T.incomplete_utf8_tail(buf)
-        ours = buf[: len(buf) - keep].decode("utf-8", errors="replace")
+        shown += buf[: len(buf) - keep].decode("utf-8", errors="replace")
         del buf[: len(buf) - keep]
-        assert ours == reference.decode(chunk)
-    assert buf.decode("utf-8", errors="replace") == reference.decode(b"", final=True)
+        assert full.startswith(shown)
+        assert len(buf) <= 3
+        assert codecs.getincrementaldecoder("utf-8")("strict").decode(bytes(buf), final=False) == ""
+    assert shown + buf.decode("utf-8", errors="replace") == full
 
 
 @settings(max_examples=200, deadline=None)
@@ -426,12 +441,17 @@ def test_missing_files_are_named(tmp_path):
             r"merges\.txt line 2: expected two tokens separated by one space",
         ),
         ("merges.txt", "\nĠ Ġ\n", "\nĠ\n", r"merges\.txt line 2: expected two tokens"),
-        ("merges.txt", "\nĠ Ġ\n", "\nĠ Ġ\nĠ Ġ\n", r"merges\.txt line 3: merge 'Ġ' 'Ġ' appears twice"),
         (
             "merges.txt",
             "\nĠ Ġ\n",
-            "\nĠ Ġ\nqq zz\n",
-            r"merges\.txt line 3: token 'qq' of merge 'qq' 'zz' is not",
+            "\nĠ Ġ\nĠ Ġ\n",
+            r"merges\.txt line 2: merge 'Ġ' 'Ġ' appears again at .*merges\.txt line 3",
+        ),
+        (
+            "merges.txt",
+            "\nĠ Ġ\n",
+            "\nĠ Ġ\nĠ ☃\n",
+            r"merges\.txt line 3: token '☃' of merge 'Ġ' '☃' is not in the vocabulary",
         ),
         (
             "tokenizer_config.json",

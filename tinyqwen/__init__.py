@@ -26,6 +26,11 @@ _API = {
     "Tokenizer": "tinyqwen.tokenizer",
     "apply_chat_template": "tinyqwen.chat_template",
     "generate": "tinyqwen.generation",
+    "generate_batch": "tinyqwen.generation",
+    "stream_generate": "tinyqwen.generation",
+    "split_thinking": "tinyqwen.chat_parsing",
+    "parse_tool_calls": "tinyqwen.chat_parsing",
+    "ToolCall": "tinyqwen.chat_parsing",
     "TinyQwenError": "tinyqwen.errors",
 }
 

@@ -28,7 +28,7 @@ import json
 import operator
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
@@ -86,6 +86,7 @@ def _byte_translation() -> dict[int, str]:  # for str.translate on a latin-1 vie
 
 _TO_SYMBOLS = _byte_translation()
 _FROM_SYMBOLS = {ord(ch): b for b, ch in bytes_to_unicode().items()}
+_NOT_A_SYMBOL = re.compile("[^" + re.escape("".join(bytes_to_unicode().values())) + "]")
 
 
 def text_to_symbols(text: str) -> str:
@@ -104,10 +105,9 @@ def symbols_to_bytes(symbols: str) -> bytes | None:
     >>> symbols_to_bytes("ĠÃ§a")
     b' \\xc3\\xa7a'
     """
-    try:
-        return bytes(_FROM_SYMBOLS[ord(ch)] for ch in symbols)
-    except KeyError:
+    if _NOT_A_SYMBOL.search(symbols):
         return None
+    return symbols.translate(_FROM_SYMBOLS).encode("latin-1")
 
 
 # ------------------------------------------------------------------------------------------ Unicode facts
@@ -403,7 +403,10 @@ def _parse_vocab(obj, where: str) -> dict[str, int]:
     return dict(obj)
 
 
-def _read_merges_txt(path: Path) -> list[tuple[tuple[str, str], str]]:
+Merges = tuple[list[tuple[str, str]], Callable[[int], str]]  # pairs in rank order; rank -> "file line N"
+
+
+def _read_merges_txt(path: Path) -> Merges:
     """merges.txt: an optional "#version" line, then one "left right" pair per line, best (rank 0) first."""
     try:
         lines = path.read_text(encoding="utf-8").split("\n")
@@ -411,33 +414,35 @@ def _read_merges_txt(path: Path) -> list[tuple[tuple[str, str], str]]:
         raise TokenizerError(f"{path}: cannot read the file ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise TokenizerError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    merges = []
+    pairs, numbers = [], []
     for number, line in enumerate(lines, start=1):
-        line = line.removesuffix("\r")
+        if line.endswith("\r"):
+            line = line[:-1]
         if not line or (number == 1 and line.startswith("#version")):
             continue
         parts = line.split(" ")
-        if len(parts) != 2 or not all(parts):
+        if len(parts) != 2 or not parts[0] or not parts[1]:
             raise TokenizerError(
                 f"{path} line {number}: expected two tokens separated by one space, got {line!r}"
             )
-        merges.append(((parts[0], parts[1]), f"{path} line {number}"))
-    if not merges:
+        pairs.append((parts[0], parts[1]))
+        numbers.append(number)
+    if not pairs:
         raise TokenizerError(f"{path}: no merges found")
-    return merges
+    return pairs, lambda rank: f"{path} line {numbers[rank]}"
 
 
-def _json_merges(obj, where: str) -> list[tuple[tuple[str, str], str]]:
+def _json_merges(obj, where: str) -> Merges:
     if not isinstance(obj, list):
         raise TokenizerError(f"{where}: model.merges must be a list")
-    merges = []
+    pairs = []
     for k, m in enumerate(obj):
         if isinstance(m, str):  # older files write "left right"
             m = m.split(" ")
         if not (isinstance(m, list) and len(m) == 2 and all(isinstance(s, str) and s for s in m)):
             raise TokenizerError(f"{where}: model.merges[{k}] is {m!r}; expected two non-empty tokens")
-        merges.append(((m[0], m[1]), f"{where} model.merges[{k}]"))
-    return merges
+        pairs.append((m[0], m[1]))
+    return pairs, lambda rank: f"{where} model.merges[{rank}]"
 
 
 @dataclass(frozen=True)
@@ -531,29 +536,36 @@ class Tokenizer:
     def __init__(
         self,
         vocab: dict[str, int],
-        merges: list[tuple[tuple[str, str], str]],
+        merges: Merges,
         added: list[AddedToken],
         eos_token: str | None = None,
         pad_token: str | None = None,
         source: str = "<memory>",
     ):
-        """`merges`: ((left, right), where-it-came-from) in rank order; the origin names a bad line in errors."""
+        """`merges`: the (left, right) pairs in rank order, and rank -> where it came from (for error messages)."""
         byte_symbols = set(bytes_to_unicode().values())
         missing = sorted(byte_symbols - vocab.keys())
         if missing:
             raise TokenizerError(
                 f"{source}: the vocabulary lacks byte symbol(s) {missing[:5]}; all 256 are needed"
             )
-        self.ranks: dict[tuple[str, str], int] = {}
-        for rank, ((left, right), origin) in enumerate(merges):
-            for part in (left, right, left + right):
-                if part not in vocab:
+        pairs, origin = merges
+        self.ranks: dict[tuple[str, str], int] = {pair: rank for rank, pair in enumerate(pairs)}
+        for rank, (left, right) in enumerate(pairs):
+            if (
+                left not in vocab
+                or right not in vocab
+                or left + right not in vocab
+                or self.ranks[left, right] != rank
+            ):
+                part = next((p for p in (left, right, left + right) if p not in vocab), None)
+                if part is None:
                     raise TokenizerError(
-                        f"{origin}: token {part!r} of merge {left!r} {right!r} is not in the vocabulary"
+                        f"{origin(rank)}: merge {left!r} {right!r} appears again at {origin(self.ranks[left, right])}"
                     )
-            if (left, right) in self.ranks:
-                raise TokenizerError(f"{origin}: merge {left!r} {right!r} appears twice")
-            self.ranks[(left, right)] = rank
+                raise TokenizerError(
+                    f"{origin(rank)}: token {part!r} of merge {left!r} {right!r} is not in the vocabulary"
+                )
         self.vocab = vocab
         self.added_tokens: dict[str, AddedToken] = {}
         for token in added:
