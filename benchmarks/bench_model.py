@@ -30,7 +30,9 @@ def time_tinyqwen(model, prompt: np.ndarray, new_tokens: int) -> tuple[float, fl
     return prefill, time.perf_counter() - start
 
 
-def time_transformers(path: str, prompt: np.ndarray, new_tokens: int, threads: int) -> tuple[float, float, str]:
+def time_transformers(
+    path: str, prompt: np.ndarray, new_tokens: int, threads: int
+) -> tuple[float, float, str]:
     import torch
     import transformers
 
@@ -51,7 +53,9 @@ def time_transformers(path: str, prompt: np.ndarray, new_tokens: int, threads: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -68,7 +72,9 @@ def main() -> None:
         p, d, version = time_transformers(args.model, prompt, args.new_tokens, args.threads)
         rows.append((f"transformers {version} (fp32)", p, d))
     except ImportError:
-        print("transformers/torch not installed: timing tinyqwen only (pip install torch==2.13.0 transformers)")
+        print(
+            "transformers/torch not installed: timing tinyqwen only (pip install torch==2.13.0 transformers)"
+        )
 
     print(f"{'engine':34s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
     for name, prefill, decode in rows:
