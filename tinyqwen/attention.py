@@ -1,4 +1,4 @@
-"""Chapter 5 — grouped-query attention (GQA) with QK-Norm and a causal mask.
+"""Grouped-query attention (GQA) with QK-Norm and a causal mask.
 
 For one head: attention(q, k, v) = softmax(q kᵀ / sqrt(head_dim) + mask) v.
 

@@ -1,4 +1,4 @@
-"""Chapter 1 — the model config: every number that shapes a Qwen3 network, read from an official `config.json`.
+"""The model config: every number that shapes a Qwen3 network, read from an official `config.json`.
 
 A Hugging Face checkpoint directory carries a `config.json` such as Qwen3-0.6B's:
 

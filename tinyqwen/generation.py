@@ -1,4 +1,4 @@
-"""Chapter 9 — generation: prefill the prompt into the KV cache, then decode one token at a time.
+"""Generation: prefill the prompt into the KV cache, then decode one token at a time.
 
     prompt ids ──► prefill (whole prompt, or chunks of it) ──► logits of the last position
                                                                    │ sample (tinyqwen.sampling)

@@ -1,4 +1,4 @@
-"""Chapter 8 — the KV cache: remember every layer's keys and values so each new token costs one position, not T.
+"""The KV cache: remember every layer's keys and values so each new token costs one position, not T.
 
 Without a cache, generating token t re-runs attention over all t previous tokens in every layer. With it, the
 prompt is processed once ("prefill") and each new token only computes its own q, k, v, appends k and v, and attends

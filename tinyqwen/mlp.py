@@ -1,4 +1,4 @@
-"""Chapter 6 — the SwiGLU feed-forward block.
+"""The SwiGLU feed-forward block.
 
     mlp(x) = down( silu(gate(x)) * up(x) )        silu(z) = z * sigmoid(z)
 

@@ -1,4 +1,4 @@
-"""Chapter 9 — the whole Qwen3 network, and loading an official Hugging Face checkpoint into it.
+"""The whole Qwen3 network, and loading an official Hugging Face checkpoint into it.
 
     ids ─ embed ─┬─ for each layer: ───────────────────────────────────────────┬─ RMSNorm ─ lm_head ─ logits
                  │  x = x + o_proj(attention(RoPE(QKNorm(q)), RoPE(QKNorm(k)), v))   (pre-norm: RMSNorm first)

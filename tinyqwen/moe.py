@@ -1,4 +1,4 @@
-"""Chapter 7 — mixture of experts: a router sends each token to k of E small SwiGLU "experts".
+"""Mixture of experts: a router sends each token to k of E small SwiGLU "experts".
 
 Qwen3-30B-A3B has 128 experts per MoE layer and uses 8 per token, so only ~3B of its 30B parameters run per token.
 For each token x:

@@ -1,4 +1,4 @@
-"""Chapter 3 — RMSNorm: scale each vector to unit root-mean-square, then by a learned per-channel weight.
+"""RMSNorm: scale each vector to unit root-mean-square, then by a learned per-channel weight.
 
     rms_norm(x) = x / sqrt(mean(x**2) + eps) * weight
 

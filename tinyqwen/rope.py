@@ -1,4 +1,4 @@
-"""Chapter 4 — rotary position embeddings (RoPE) and their YaRN extension to longer contexts.
+"""Rotary position embeddings (RoPE) and their YaRN extension to longer contexts.
 
 RoPE encodes a token's position by rotating pairs of channels of each query and key by an angle proportional to
 the position: pair i turns at frequency inv_freq[i] = theta ** (-2i / head_dim). A dot product q·k then depends only

@@ -1,4 +1,4 @@
-"""Chapter 2 — Safetensors: reading (and writing) the weights of a Hugging Face checkpoint, byte by byte.
+"""Safetensors: reading (and writing) the weights of a Hugging Face checkpoint, byte by byte.
 
 A `.safetensors` file is the simplest possible container for named arrays. It has exactly three parts:
 

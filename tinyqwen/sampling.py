@@ -1,4 +1,4 @@
-"""Chapter 8 — sampling: turning one row of logits into the next token.
+"""Sampling: turning one row of logits into the next token.
 
 The model gives a score (logit) for every token in the vocabulary. Generation picks one, appends it, and asks again.
 How to pick is a small pipeline of pure functions over a logits vector, applied in this fixed order:

@@ -1,4 +1,4 @@
-"""Chapter 9 — thinking mode: the `<think>` block, the soft switches, and a budget for how long the model thinks.
+"""Thinking mode: the `<think>` block, the soft switches, and a budget for how long the model thinks.
 
 A Qwen3 reply in thinking mode looks like
 

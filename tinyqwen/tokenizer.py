@@ -1,4 +1,4 @@
-"""Chapter: the tokenizer. Text in, token ids out (and back), exactly as Qwen3 was trained.
+"""The tokenizer. Text in, token ids out (and back), exactly as Qwen3 was trained.
 
 Qwen3 uses the Qwen2 byte-level BPE: 151,643 regular tokens learned by byte-pair encoding, plus 26 added tokens
 (`<|im_start|>`, `<think>`, ...) with ids 151643..151668. Encoding a string is a pipeline of small steps:
