@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -367,23 +366,18 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from tinyqwen.bench import format_report, time_tinyqwen, time_transformers
+    from tinyqwen.verify import transformers_available
+
     model, _ = load(args, need_tokenizer=False)
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, min(model.config.vocab_size, 151643), (1, args.prompt_tokens))
-    cache = model.new_cache(1, args.prompt_tokens + args.new_tokens)
-    start = time.perf_counter()
-    out = model.forward(ids, cache=cache, last_only=True)
-    prefill = time.perf_counter() - start
-    token = out.logits[:, -1].argmax(-1)[:, None]
-    start = time.perf_counter()
-    for _ in range(args.new_tokens):
-        token = model.forward(token, cache=cache, last_only=True).logits[:, -1].argmax(-1)[:, None]
-    decode = time.perf_counter() - start
-    print(
-        f"backend {args.backend}: prefill {args.prompt_tokens} tokens in {prefill:.3f} s "
-        f"({args.prompt_tokens / prefill:,.1f} tok/s); decode {args.new_tokens} tokens in {decode:.3f} s "
-        f"({args.new_tokens / decode:,.1f} tok/s)"
-    )
+    prompt = np.random.default_rng(0).integers(0, min(model.config.vocab_size, 151643), args.prompt_tokens)
+    time_tinyqwen(model, prompt[:8], 2)  # warm-up: first touch of memory-mapped weights, BLAS start-up
+    timings = [time_tinyqwen(model, prompt, args.new_tokens)]
+    if args.peer and transformers_available():
+        timings.append(time_transformers(model.path, prompt, args.new_tokens))
+    elif args.peer:
+        print('no peer: transformers is not installed (pip install "tinyqwen[crosscheck]"); tinyqwen alone:')
+    print(format_report(timings))
     return 0
 
 
@@ -450,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", parents=[model], help="prefill and decode speed")
     bench.add_argument("--prompt-tokens", type=int, default=128)
     bench.add_argument("--new-tokens", type=int, default=32)
+    bench.add_argument(
+        "--no-peer",
+        dest="peer",
+        action="store_false",
+        help="skip the transformers peer measured in the same run",
+    )
     bench.set_defaults(func=cmd_bench)
     return parser
 
