@@ -124,3 +124,10 @@ def test_expected_tensors_and_parameter_count_by_hand():
         2 * h + (cfg.q_size + 2 * cfg.kv_size) * h + h * cfg.q_size + 2 * d + 3 * h * cfg.intermediate_size
     )
     assert count_parameters(cfg) == cfg.vocab_size * h + L * per_layer + h
+
+
+def test_multi_shard_checkpoint_shows_loading_progress(capsys):
+    tinyqwen.load_model(FIXTURES / "dense-untied-bf16-sharded")
+    assert "loading layers" in capsys.readouterr().err  # tqdm, on stderr
+    tinyqwen.load_model(DENSE)  # one file: quiet by default
+    assert "loading layers" not in capsys.readouterr().err
