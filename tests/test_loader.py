@@ -29,6 +29,9 @@ def ckpt(tmp_path):
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         tinyqwen.load_model(tmp_path / "nope")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        tinyqwen.load_model(tmp_path / "file")
 
 
 def test_missing_config(ckpt):

@@ -359,7 +359,8 @@ def load_model(path: str | Path, backend: str = "numpy", progress: bool | None =
 
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {path}")
+        what = "is a file, not a checkpoint directory" if path.exists() else "not found"
+        raise CheckpointError(f"checkpoint directory {what}: {path}")
     config = load_config(path)
     kernels = get_backend(backend)
     with Checkpoint(path) as checkpoint:
