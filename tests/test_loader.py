@@ -111,6 +111,10 @@ def test_bad_ids_are_clear_errors():
         model(np.array([1.5, 2.0]))
     with pytest.raises(GenerationError, match="shape"):
         model(np.zeros((1, 1, 2), np.int64))
+    with pytest.raises(GenerationError, match="positions must be"):
+        model.forward(np.array([[1, 2]]), positions=np.array([[0, 1, 2]]))
+    with pytest.raises(GenerationError, match="attention_mask must have shape"):
+        model.forward(np.array([[1, 2]]), attention_mask=np.ones((1, 3)))
     with pytest.raises(GenerationError, match="context"):
         model(np.zeros(model.config.max_position_embeddings + 1, np.int64))
     assert all(issubclass(e, TinyQwenError) for e in (GenerationError, CheckpointError, ConfigError))

@@ -280,7 +280,13 @@ class Qwen3:
         if positions is None:
             # left padding: a row's first real token is position 0, whatever its column
             positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0)[:, past:]
-        positions = np.broadcast_to(np.asarray(positions), (B, T))
+        positions = np.asarray(positions)
+        if positions.shape not in ((T,), (B, T)) or positions.dtype.kind not in "iu":
+            raise GenerationError(
+                f"positions must be integers of shape [T] or [batch, T] = {[B, T]}, got {positions.dtype} "
+                f"{list(positions.shape)}"
+            )
+        positions = np.broadcast_to(positions, (B, T))
         if positions.size and positions.max() >= c.max_position_embeddings:
             raise GenerationError(
                 f"position {int(positions.max())} is beyond the model's context of "
