@@ -117,6 +117,9 @@ def check_keys(out: Path, config: dict) -> None:
         f"top-level + per-layer names {'EQUAL' if same else 'DIFFERENT'}"
     )
     assert same
+    # Not settled offline: public GGUF conversions of Qwen3-0.6B hold 311 tensors, which suggests the Hub file
+    # also stores a redundant lm_head.weight beside the tied embedding. tinyqwen loads either form (tested).
+    print("note: the official 0.6B file may add a redundant lm_head.weight (tied); both forms load")
 
 
 def main() -> int:
