@@ -12,17 +12,13 @@ new tokens, greedy decoding and a KV cache on both sides.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tinyqwen.errors import TinyQwenError
-from tinyqwen.verify import transformers_available
+from tinyqwen.verify import run_transformers
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ import importlib, sys, time
 import numpy as np
 torch = importlib.import_module("torch")
 transformers = importlib.import_module("transformers")
-path, ids_file, new_tokens, threads, out_file = sys.argv[1:6]
+path, ids_file, out_file, new_tokens, threads = sys.argv[1:6]
 torch.set_num_threads(int(threads))
 prompt = np.load(ids_file)["prompt"]
 model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -87,20 +83,10 @@ np.savez(out_file, prefill=prefill, decode=decode, version=np.array(transformers
 
 def time_transformers(path: Path, prompt: np.ndarray, new_tokens: int, threads: int | None = None) -> Timing:
     """The same measurement with transformers in a child process; TinyQwenError if it is not installed."""
-    if not transformers_available():
-        raise TinyQwenError('the transformers peer needs: pip install "tinyqwen[crosscheck]"')
     threads = threads or os.cpu_count() or 1
-    with tempfile.TemporaryDirectory(prefix="tinyqwen-bench-") as tmp:
-        ids_file, out_file = Path(tmp) / "ids.npz", Path(tmp) / "timing.npz"
-        np.savez(ids_file, prompt=prompt)
-        args = [str(path), str(ids_file), str(new_tokens), str(threads), str(out_file)]
-        run = subprocess.run([sys.executable, "-c", _PEER_SCRIPT, *args], capture_output=True, text=True)
-        if run.returncode != 0:
-            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TinyQwenError(f"transformers could not run the checkpoint {path}: {last}")
-        with np.load(out_file) as t:
-            engine = f"transformers {t['version']} (fp32)"
-            return Timing(engine, prompt.size, new_tokens, float(t["prefill"]), float(t["decode"]))
+    t = run_transformers(_PEER_SCRIPT, path, {"prompt": prompt}, new_tokens, threads, needed_for="the peer")
+    engine = f"transformers {t['version']} (fp32)"
+    return Timing(engine, prompt.size, new_tokens, float(t["prefill"]), float(t["decode"]))
 
 
 def format_report(timings: list[Timing]) -> str:

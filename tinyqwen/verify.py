@@ -55,25 +55,29 @@ def transformers_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
-def reference_logits(path: Path, ids: np.ndarray, python: str = sys.executable) -> tuple[np.ndarray, str]:
-    """transformers' float32 logits for `ids` [B, T] -> ([B, T, vocab], transformers version)."""
+def run_transformers(script: str, path: Path, inputs: dict[str, np.ndarray], *args, needed_for: str) -> dict:
+    """Run `script` in a child Python that has torch + transformers; return the arrays it saved.
+
+    The child sees `sys.argv[1:]` = checkpoint path, an .npz with `inputs`, the .npz to write, then `args`.
+    """
     if not transformers_available():
-        raise TinyQwenError(
-            'verify needs torch and transformers to compare against: pip install "tinyqwen[crosscheck]"'
-        )
-    with tempfile.TemporaryDirectory(prefix="tinyqwen-verify-") as tmp:
-        ids_file, out_file = Path(tmp) / "ids.npz", Path(tmp) / "logits.npz"
-        np.savez(ids_file, input_ids=ids)
-        run = subprocess.run(
-            [python, "-c", _REFERENCE_SCRIPT, str(path), str(ids_file), str(out_file)],
-            capture_output=True,
-            text=True,
-        )
+        raise TinyQwenError(f'{needed_for} needs torch and transformers: pip install "tinyqwen[crosscheck]"')
+    with tempfile.TemporaryDirectory(prefix="tinyqwen-transformers-") as tmp:
+        in_file, out_file = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
+        np.savez(in_file, **inputs)
+        argv = [sys.executable, "-c", script, str(path), str(in_file), str(out_file), *map(str, args)]
+        run = subprocess.run(argv, capture_output=True, text=True)
         if run.returncode != 0:
             last = (run.stderr.strip().splitlines() or ["no output"])[-1]
             raise TinyQwenError(f"transformers could not run the checkpoint {path}: {last}")
         with np.load(out_file) as data:
-            return data["logits"], str(data["version"])
+            return {name: data[name] for name in data.files}
+
+
+def reference_logits(path: Path, ids: np.ndarray) -> tuple[np.ndarray, str]:
+    """transformers' float32 logits for `ids` [B, T] -> ([B, T, vocab], transformers version)."""
+    out = run_transformers(_REFERENCE_SCRIPT, path, {"input_ids": ids}, needed_for="verify")
+    return out["logits"], str(out["version"])
 
 
 def verify_stored(model, reference: Path) -> VerifyResult:
