@@ -34,6 +34,31 @@ def test_missing_directory(tmp_path):
         tinyqwen.load_model(tmp_path / "file")
 
 
+def test_home_is_expanded(ckpt, monkeypatch):
+    monkeypatch.setenv("HOME", str(ckpt.parent))
+    model = tinyqwen.load_model("~/ckpt")
+    assert model.path == ckpt and model.config.vocab_size == 512
+    assert tinyqwen.load_config("~/ckpt").vocab_size == 512
+
+
+def test_a_hub_id_is_found_in_the_hugging_face_cache_as_the_cli_finds_it(ckpt, tmp_path, monkeypatch):
+    repo = tmp_path / "cache" / "models--Tiny--Qwen3"
+    (repo / "snapshots").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    shutil.copytree(ckpt, repo / "snapshots" / "0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = tinyqwen.load_model("Tiny/Qwen3")
+    assert model.path == repo / "snapshots" / "0123abcd"
+    np.testing.assert_array_equal(model(np.array([1, 2, 3])), tinyqwen.load_model(ckpt)(np.array([1, 2, 3])))
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        tinyqwen.load_model("Tiny/Other")
+    monkeypatch.chdir(tmp_path)  # a local folder of that name wins over the cache
+    shutil.copytree(ckpt, tmp_path / "Tiny" / "Other")
+    assert tinyqwen.load_model("Tiny/Other").path == Path("Tiny/Other")
+
+
 def test_missing_config(ckpt):
     (ckpt / "config.json").unlink()
     with pytest.raises(ConfigError, match="config.json"):

@@ -513,3 +513,124 @@ def test_malformed_tokenizer_json_is_named(tmp_path):
         (tmp_path / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
         with pytest.raises(TokenizerError, match=message):
             Tokenizer.from_pretrained(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ transformers habits
+# Expected values: what transformers returns with the official Qwen3 tokenizer, recorded in
+# tests/data/injection_vectors.json ("habits") by tests/data/make_injection_vectors.py.
+
+HABITS = json.loads((DATA / "injection_vectors.json").read_text(encoding="utf-8"))["habits"]
+
+
+@pytest.mark.parametrize("case", HABITS["call"], ids=lambda c: json.dumps(c["kwargs"]))
+def test_calling_the_tokenizer_returns_what_transformers_returns(tok, case):
+    assert case["padding_side"] == tok.padding_side == "right"
+    assert tok(case["text"], **case["kwargs"]) == case["output"]
+
+
+def test_calling_with_return_tensors_np(tok):
+    np = pytest.importorskip("numpy")
+    single = tok("Hi there", return_tensors="np")
+    assert single["input_ids"].shape == (1, 2) and single["input_ids"].dtype == np.int64
+    batch = tok(["Hi there", "a"], padding=True, return_tensors="np")
+    assert batch["input_ids"].tolist() == HABITS["call"][-1]["output"]["input_ids"]
+    assert batch["attention_mask"].tolist() == HABITS["call"][-1]["output"]["attention_mask"]
+    with pytest.raises(TokenizerError, match="pass padding=True"):
+        tok(["Hi there", "a"], return_tensors="np")
+
+
+def test_calling_with_bad_arguments_says_what_is_wrong(tok):
+    with pytest.raises(TokenizerError, match="a str or a list of str"):
+        tok([1, 2])
+    with pytest.raises(TokenizerError, match="padding must be"):
+        tok("x", padding="max_length")
+    with pytest.raises(TokenizerError, match="padding_side must be"):
+        tok("x", padding_side="up")
+    with pytest.raises(TokenizerError, match="no torch"):
+        tok("x", return_tensors="pt")
+
+
+def test_batch_decode_matches_transformers(tok):
+    case = HABITS["batch_decode"]
+    assert tok.batch_decode(case["ids"]) == case["text"]
+    assert tok.batch_decode(case["ids"], skip_special_tokens=True) == case["skipped"]
+    np = pytest.importorskip("numpy")
+    assert tok.batch_decode(np.array([[9707, 1879]])) == ["Hello world"]
+    with pytest.raises(TokenizerError, match="sequences of token ids"):
+        tok.batch_decode("Hello")
+
+
+def test_add_special_tokens_is_accepted_and_changes_nothing_for_qwen(tok):
+    # Qwen adds no BOS/EOS: transformers gives the same ids either way (recorded), and so do we
+    for text, (with_special, without) in HABITS["encode_add_special_tokens"].items():
+        assert with_special == without
+        assert (
+            tok.encode(text, add_special_tokens=True) == tok.encode(text, add_special_tokens=False) == without
+        )
+    with pytest.raises(TokenizerError, match="add_special_tokens must be True or False"):
+        tok.encode("x", add_special_tokens="no")
+
+
+def test_apply_chat_template_as_a_tokenizer_method_like_transformers(tok):
+    case = HABITS["apply_chat_template_tokenized"]
+    assert tok.apply_chat_template(case["messages"], add_generation_prompt=True) == case["output"]
+    assert (
+        tok.apply_chat_template(case["messages"], add_generation_prompt=True, return_dict=False)
+        == case["ids"]
+    )
+    text = tok.apply_chat_template(case["messages"], add_generation_prompt=True, tokenize=False)
+    assert text == tinyqwen.apply_chat_template(case["messages"], add_generation_prompt=True)
+    pytest.importorskip("numpy")
+    arrays = tok.apply_chat_template(case["messages"], add_generation_prompt=True, return_tensors="np")
+    assert arrays["input_ids"].tolist() == [case["ids"]] and arrays["attention_mask"].shape == (
+        1,
+        len(case["ids"]),
+    )
+    with pytest.raises(TokenizerError, match="tokenize must be True or False"):
+        tok.apply_chat_template(case["messages"], tokenize="yes")
+
+
+def test_padding_side_comes_from_tokenizer_config(tmp_path):
+    folder = _tokenizer_dir(tmp_path)
+    _edit(
+        folder / "tokenizer_config.json",
+        '"model_max_length"',
+        '"padding_side": "left",\n  "model_max_length"',
+    )
+    left = Tokenizer.from_pretrained(folder)
+    assert left.padding_side == "left"
+    assert left(["Hi there", "a"], padding=True)["input_ids"] == [[13048, 1052], [151643, 64]]
+    assert left(["Hi there", "a"], padding=True, padding_side="right")["input_ids"] == [
+        [13048, 1052],
+        [64, 151643],
+    ]
+
+
+def test_from_pretrained_expands_home(tmp_path, monkeypatch):
+    (tmp_path / "tok").mkdir()
+    _tokenizer_dir(tmp_path / "tok")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert Tokenizer.from_pretrained("~/tok").encode("Hello world") == [9707, 1879]
+
+
+def test_from_pretrained_resolves_a_hub_id_from_the_hugging_face_cache(tmp_path, monkeypatch):
+    repo = tmp_path / "models--Qwen--Qwen3-0.6B"
+    snapshot = repo / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    (snapshot / "config.json").write_text("{}")
+    _tokenizer_dir(snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert Tokenizer.from_pretrained("Qwen/Qwen3-0.6B").encode("Hello world") == [9707, 1879]
+    from tinyqwen.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        Tokenizer.from_pretrained("Qwen/Qwen3-8B")
+
+
+def test_a_folder_without_tokenizer_files_points_at_the_bundled_one(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(TokenizerError, match=r"Tokenizer\.qwen3\(\)"):
+        Tokenizer.from_pretrained(tmp_path)

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tinyqwen.errors import ChatTemplateError
@@ -254,8 +255,16 @@ def _check_flag(name: str, value: Any) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def render_system(messages: list[dict], tools: list[dict]) -> str:
+def _as_is(text: str) -> str:
+    return text
+
+
+def render_system(messages: list[dict], tools: list[dict], data: Callable[[str], str] = _as_is) -> str:
     """The opening system turn: the first system message, plus the `# Tools` block when there are tools.
+
+    `data`, here and in the other `render_*` functions, is applied to every piece of text that came from the input
+    (a message's text, a tool call's name and arguments, a tool schema), never to the template's own text. It
+    changes nothing by default; `render_segments` passes a function that marks those pieces.
 
     >>> render_system([{"role": "system", "content": "Be brief."}], [])
     '<|im_start|>system\\nBe brief.<|im_end|>\\n'
@@ -265,13 +274,13 @@ def render_system(messages: list[dict], tools: list[dict]) -> str:
     first = messages[0]
     system = first["content"] if first["role"] == "system" else None
     if not tools:
-        return "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
+        return "" if system is None else f"<|im_start|>system\n{data(system)}<|im_end|>\n"
     text = "<|im_start|>system\n"
     if system is not None:
-        text += system + "\n\n"
+        text += data(system) + "\n\n"
     text += TOOLS_HEADER
     for tool in tools:
-        text += "\n" + tojson(tool)
+        text += "\n" + data(tojson(tool))
     return text + TOOLS_FOOTER
 
 
@@ -331,7 +340,7 @@ def split_reasoning(message: dict) -> tuple[str, str]:
     return reasoning, content.split("</think>")[-1].lstrip("\n")
 
 
-def render_tool_call(call: dict, first: bool, content: str) -> str:
+def render_tool_call(call: dict, first: bool, content: str, data: Callable[[str], str] = _as_is) -> str:
     """One `<tool_call>` block. It starts on a new line unless it is the first call of a turn with no text.
 
     >>> render_tool_call({"name": "f", "arguments": {"x": 1}}, first=True, content="")
@@ -344,10 +353,13 @@ def render_tool_call(call: dict, first: bool, content: str) -> str:
     # A string is printed raw (its own spacing kept); a dict goes through tojson.
     arguments = arguments if isinstance(arguments, str) else tojson(arguments, "arguments")
     newline = "\n" if (not first or content) else ""
-    return f'{newline}<tool_call>\n{{"name": "{call["name"]}", "arguments": {arguments}}}\n</tool_call>'
+    name, arguments = data(call["name"]), data(arguments)
+    return f'{newline}<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
 
 
-def render_assistant(message: dict, after_query: bool, is_last: bool) -> str:
+def render_assistant(
+    message: dict, after_query: bool, is_last: bool, data: Callable[[str], str] = _as_is
+) -> str:
     """An assistant turn: reasoning (only after the last user query), content, tool calls.
 
     After the last query the turn gets a think block when it is the final message (even an empty one) or when it
@@ -361,16 +373,16 @@ def render_assistant(message: dict, after_query: bool, is_last: bool) -> str:
     reasoning, content = split_reasoning(message)
     if after_query and (is_last or reasoning):
         thought, answer = reasoning.strip("\n"), content.lstrip("\n")
-        text = f"<|im_start|>assistant\n<think>\n{thought}\n</think>\n\n{answer}"
+        text = f"<|im_start|>assistant\n<think>\n{data(thought)}\n</think>\n\n{data(answer)}"
     else:
-        text = f"<|im_start|>assistant\n{content}"
+        text = f"<|im_start|>assistant\n{data(content)}"
     # Note: the newline rule below tests `content` before the lstrip above, exactly as the template does.
     for j, call in enumerate(message.get("tool_calls") or []):
-        text += render_tool_call(call, first=j == 0, content=content)
+        text += render_tool_call(call, first=j == 0, content=content, data=data)
     return text + "<|im_end|>\n"
 
 
-def render_tool_response(messages: list[dict], i: int) -> str:
+def render_tool_response(messages: list[dict], i: int, data: Callable[[str], str] = _as_is) -> str:
     """A tool result. A run of consecutive tool messages becomes ONE user turn holding several responses.
 
     >>> msgs = [{"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}]
@@ -380,7 +392,7 @@ def render_tool_response(messages: list[dict], i: int) -> str:
     opens_run = i == 0 or messages[i - 1]["role"] != "tool"
     closes_run = i == len(messages) - 1 or messages[i + 1]["role"] != "tool"
     text = "<|im_start|>user" if opens_run else ""
-    text += f"\n<tool_response>\n{_text(messages[i])}\n</tool_response>"
+    text += f"\n<tool_response>\n{data(_text(messages[i]))}\n</tool_response>"
     return text + ("<|im_end|>\n" if closes_run else "")
 
 
@@ -403,24 +415,90 @@ def apply_chat_template(
     >>> apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True, enable_thinking=False)
     '<|im_start|>user\\n2+2?<|im_end|>\\n<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n'
     """
+    return _render(messages, tools, add_generation_prompt, enable_thinking, _as_is)
+
+
+def _render(messages, tools, add_generation_prompt, enable_thinking, data: Callable[[str], str]) -> str:
     messages = _check_messages(messages)
     tools = _check_tools(tools)
     _check_flag("add_generation_prompt", add_generation_prompt)
     _check_flag("enable_thinking", enable_thinking)
 
-    parts = [render_system(messages, tools)]
+    parts = [render_system(messages, tools, data)]
     query = last_query_index(messages)
     last = len(messages) - 1
     for i, message in enumerate(messages):
         role = message["role"]
         if role == "user" or (role == "system" and i > 0):  # the first system message is already written
-            parts.append(f"<|im_start|>{role}\n{_text(message)}<|im_end|>\n")
+            parts.append(f"<|im_start|>{role}\n{data(_text(message))}<|im_end|>\n")
         elif role == "assistant":
-            parts.append(render_assistant(message, after_query=i > query, is_last=i == last))
+            parts.append(render_assistant(message, after_query=i > query, is_last=i == last, data=data))
         elif role == "tool":
-            parts.append(render_tool_response(messages, i))
+            parts.append(render_tool_response(messages, i, data))
     if add_generation_prompt:
         parts.append("<|im_start|>assistant\n")
         if not enable_thinking:
             parts.append(EMPTY_THINK)
     return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whose text is it? (for prompt-injection-safe tokenization)
+# ---------------------------------------------------------------------------------------------------------------
+
+# Unicode "noncharacters": reserved for a program's internal use, never assigned. Two of them that do not occur in
+# the prompt mark where each piece of input text starts and ends.
+_NONCHARACTERS = [chr(c) for c in range(0xFDD0, 0xFDF0)]
+
+
+def render_segments(
+    messages: Sequence[dict],
+    tools: Sequence[dict] | None = None,
+    add_generation_prompt: bool = False,
+    enable_thinking: bool = True,
+) -> list[tuple[str, bool]]:
+    """`apply_chat_template`'s prompt cut into `(text, from_template)` pieces, in order.
+
+    `from_template` is True for the template's own text and False for text that came from the input: message
+    text, reasoning, tool-call names and arguments, tool schemas. Joined, the pieces are exactly the prompt. The
+    tokenizer needs the difference: only the template's `<|im_start|>`, `<think>`, `<tool_call>`, ... may become
+    control tokens; the same characters typed by a user are just text (see `Tokenizer.apply_chat_template`).
+
+    >>> render_segments([{"role": "user", "content": "Hi <|im_end|>"}])
+    [('<|im_start|>user\\n', True), ('Hi <|im_end|>', False), ('<|im_end|>\\n', True)]
+
+    The template still reads its input as the official one does (a user message wrapped in `<tool_response>`
+    counts as a tool result, `</think>` in an assistant message separates its reasoning); the marking happens
+    only where the input's text is written into the prompt.
+    """
+    prompt = _render(messages, tools, add_generation_prompt, enable_thinking, _as_is)
+    free = [c for c in _NONCHARACTERS if c not in prompt]
+    if len(free) < 2:
+        raise ChatTemplateError(
+            "the messages use every Unicode noncharacter U+FDD0..U+FDEF; cannot mark them"
+        )
+    start, end = free[:2]
+
+    def mark(text: str) -> str:
+        _check_unicode(text)
+        return f"{start}{text}{end}" if text else text
+
+    marked = _render(messages, tools, add_generation_prompt, enable_thinking, mark)
+    # split() with a group: [template, input, template, input, ..., template]
+    pieces = re.split(f"{start}(.*?){end}", marked, flags=re.DOTALL)
+    segments = [(text, k % 2 == 0) for k, text in enumerate(pieces) if text]
+    assert "".join(text for text, _ in segments) == prompt, "marking changed the prompt"
+    return segments
+
+
+def _check_unicode(text: str) -> None:
+    """Refuse a lone surrogate (what undecodable bytes become under Python's surrogateescape), pointing into the
+    text it was found in rather than into the whole prompt."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        before = text[max(0, e.start - 20) : e.start]
+        raise ChatTemplateError(
+            f"message text has a lone surrogate {text[e.start]!r} at index {e.start} (after {before!r}): "
+            "not valid Unicode, often bytes that were not UTF-8"
+        ) from None

@@ -1,6 +1,6 @@
 """The `tinyqwen` command line: chat, generate, verify, info, bench.
 
-    tinyqwen chat --model Qwen/Qwen3-0.6B                 # multi-turn REPL; Ctrl-D quits
+    tinyqwen chat --model Qwen/Qwen3-0.6B                 # multi-turn REPL; Ctrl-D or /exit quits, /clear starts over
     tinyqwen chat --model ./ckpt --no-think --temperature 0
     tinyqwen generate --model ./ckpt "Write a haiku about NumPy"
     tinyqwen generate --model ./ckpt --file prompts.txt    # one prompt per line, generated as one batch
@@ -29,31 +29,81 @@ from tinyqwen.sampling import NON_THINKING, THINKING, SamplingParams
 from tinyqwen.thinking import THINK_END_ID, THINK_START_ID, thinking_mode
 
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+QWEN3_TOKENS = 151669  # ids 0..151668 of the Qwen3 tokenizer (151,643 BPE tokens + 26 added ones)
+QWEN_EOS_IDS = (151643, 151645)  # <|endoftext|> (base models), <|im_end|> (chat models)
 
 
 # ------------------------------------------------------------------------------------------ loading
 
 
-def load_tokenizer(model_dir: Path, tokenizer_dir: str | None = None):
-    """The checkpoint's own tokenizer (or --tokenizer DIR); a clear TokenizerError when its files are missing."""
-    folder = Path(tokenizer_dir).expanduser() if tokenizer_dir else model_dir
-    if not any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES):
-        raise TokenizerError(
-            f"{folder} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
-            "pass --tokenizer DIR pointing at a Qwen3 tokenizer"
-        )
+def load_tokenizer(model_dir: Path, tokenizer_dir: str | None = None, config=None):
+    """The tokenizer for a model: --tokenizer DIR, else the checkpoint's own files, else (see below) the Qwen3
+    tokenizer shipped with tinyqwen. With the model's `config`, its vocabulary is checked to fit the model's.
+
+    Decision: a checkpoint without tokenizer files whose config.json is a Qwen3 one (model_type qwen3 or
+    qwen3_moe, at least the 151,669 rows that the Qwen3 tokenizer's ids need, Qwen's eos ids) gets the bundled
+    Qwen3 tokenizer, with a one-line note on stderr saying so: every official Qwen3 model, dense or MoE, uses that
+    one tokenizer. Any other checkpoint gets an error asking for --tokenizer DIR, since a tokenizer guessed for
+    an unknown vocabulary would give wrong ids without a word.
+    """
     from tinyqwen.tokenizer import Tokenizer
 
-    return Tokenizer.from_pretrained(folder)
+    if tokenizer_dir:
+        folder = Path(tokenizer_dir).expanduser()
+        where = f"--tokenizer {tokenizer_dir}"
+        if not has_tokenizer_files(folder):
+            raise TokenizerError(
+                f"{where}: no tokenizer files there (tokenizer.json, or vocab.json + merges.txt)"
+            )
+        tokenizer = Tokenizer.from_pretrained(folder)
+    elif has_tokenizer_files(model_dir):
+        where = f"the tokenizer in {model_dir}"
+        tokenizer = Tokenizer.from_pretrained(model_dir)
+    elif config is not None and looks_like_qwen3(config):
+        print(
+            f"tinyqwen: note: {model_dir} has no tokenizer files; using the Qwen3 tokenizer shipped with tinyqwen "
+            "(--tokenizer DIR picks another)",
+            file=sys.stderr,
+        )
+        return Tokenizer.qwen3()
+    else:
+        raise TokenizerError(
+            f"{model_dir} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
+            "pass --tokenizer DIR pointing at this model's tokenizer"
+        )
+    if config is not None and tokenizer.vocab_size > config.vocab_size:
+        raise TokenizerError(
+            f"{where} has {tokenizer.vocab_size:,} tokens but the model has only {config.vocab_size:,} "
+            "(vocab_size in its config.json), so most ids would be out of range: use the model's own tokenizer"
+        )
+    return tokenizer
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES)
+
+
+def looks_like_qwen3(config) -> bool:
+    """Whether a config.json is one of the Qwen3 family's, so that the Qwen3 tokenizer fits it."""
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return (
+        config.model_type in ("qwen3", "qwen3_moe")
+        and config.vocab_size >= QWEN3_TOKENS
+        and all(e in QWEN_EOS_IDS for e in eos)
+    )
 
 
 def load(args, need_tokenizer: bool = True):
-    """(model, tokenizer or None) for --model/--backend/--tokenizer. The tokenizer is checked before the
-    weights are read, so a bad checkpoint fails in a moment, not after loading gigabytes."""
+    """(model, tokenizer or None) for --model/--backend/--tokenizer. The tokenizer is loaded and checked against
+    config.json before the weights are read, so a mismatch fails in a moment, not after loading gigabytes."""
     import tinyqwen
+    from tinyqwen.config import load_config
 
     path = resolve_model(args.model)
-    tokenizer = load_tokenizer(path, getattr(args, "tokenizer", None)) if need_tokenizer else None
+    tokenizer = None
+    if need_tokenizer:
+        tokenizer = load_tokenizer(path, getattr(args, "tokenizer", None), load_config(path))
     model = tinyqwen.load_model(path, backend=args.backend)
     return model, tokenizer
 
@@ -155,18 +205,59 @@ def eos_ids(model) -> tuple[int, ...]:
 
 
 def answer_text(tokenizer, ids: list[int], eos: tuple[int, ...]) -> tuple[str, str]:
-    """(thinking, answer) as text, eos dropped."""
+    """(thinking, answer) as text, eos dropped.
+
+    A reply cut off inside `<think>` (Ctrl-C, max tokens) has no answer yet: its open think block is thinking,
+    never part of the answer, so an unclosed `<think>` never reaches a chat's history.
+    """
     from tinyqwen.chat_parsing import split_thinking
 
     ids = [t for t in ids if t not in eos]
+    opened = max((i for i, t in enumerate(ids) if t == THINK_START_ID), default=None)
+    unfinished: list[int] = []
+    if opened is not None and THINK_END_ID not in ids[opened:]:
+        ids, unfinished = ids[:opened], ids[opened + 1 :]
     thinking, content = split_thinking(ids)
-    return tokenizer.decode(thinking).strip(), tokenizer.decode(content).strip()
+    return tokenizer.decode(thinking + unfinished).strip(), tokenizer.decode(content).strip()
+
+
+def undecodable(text: str) -> str | None:
+    """A one-line complaint when `text` holds a lone surrogate, else None.
+
+    Python reads bytes that are not UTF-8 (a terminal in another encoding, a broken paste) as lone surrogates
+    U+DC80..U+DCFF ("surrogateescape"), which are not Unicode text and cannot be tokenized.
+
+    >>> undecodable("caf\\udcff!")
+    "byte 0xff at character 4 (after 'caf') is not UTF-8 text; is the terminal set to UTF-8?"
+    >>> undecodable("café") is None
+    True
+    """
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        char, before = text[e.start], text[max(0, e.start - 20) : e.start]
+        what = f"byte 0x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF else f"{char!r}"
+        return (
+            f"{what} at character {e.start + 1} (after {before!r}) is not UTF-8 text; "
+            "is the terminal set to UTF-8?"
+        )
 
 
 # ------------------------------------------------------------------------------------------ commands
 
+CHAT_QUIT = ("/exit", "/quit", "/bye")
+CHAT_CLEAR = ("/clear", "/reset")
+
 
 def cmd_chat(args) -> int:
+    """The REPL. Each turn renders the whole conversation with the chat template and generates a reply.
+
+    The user's text is tokenized as plain text (`Tokenizer.apply_chat_template`, sanitize_control_tokens): typing
+    "<|im_end|>" or "<think>" cannot fake a turn or a thought; only the template writes control tokens. A line that
+    cannot be sent (not UTF-8, conversation longer than the context) is refused with one line and the chat goes
+    on; nothing is added to the history until a reply has been generated.
+    """
     from tinyqwen.chat_template import apply_chat_template
     from tinyqwen.generation import stream_generate
 
@@ -174,32 +265,60 @@ def cmd_chat(args) -> int:
         import readline  # noqa: F401  (line editing and history for input(), where available)
     except ImportError:
         pass
+    if args.system is not None and undecodable(args.system):
+        raise TinyQwenError(f"--system: {undecodable(args.system)}")
     model, tokenizer = load(args)
     style = Style.for_stream(sys.stdout, args.no_color)
     eos = eos_ids(model)
+    context = model.config.max_position_embeddings
     enable_thinking = not args.no_think
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    fresh: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(fresh)
     name = Path(str(args.model)).name or str(args.model)
-    print(
-        style.dim(
-            f"tinyqwen chat · {name} · {args.backend} · Ctrl-D to quit · /think, /no_think switch modes"
-        )
-    )
+    print(style.dim(f"tinyqwen chat · {name} · {args.backend} · Ctrl-D or /exit quits · /clear starts over · "
+                    "/think, /no_think in a message switch modes"))  # fmt: skip
     while True:
         try:
             text = input(">>> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D
             print()
             return 0
-        if not text.strip():
+        except KeyboardInterrupt:  # Ctrl-C drops the half-typed line, as a shell does; the chat goes on
+            print(style.dim("^C (Ctrl-D or /exit quits)"))
             continue
-        messages.append({"role": "user", "content": text})
-        thinking = thinking_mode(messages, enable_thinking)
-        prompt = apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
-        ids = tokenizer.encode(prompt)
+        command = text.strip()
+        if not command:
+            continue
+        if command in CHAT_QUIT:
+            return 0
+        if command in CHAT_CLEAR:
+            messages = list(fresh)
+            print(style.dim("[new conversation]"))
+            continue
+        problem = undecodable(text)
+        if problem:
+            print(f"tinyqwen: error: your message was not sent: {problem}", file=sys.stderr)
+            continue
+        turn = [*messages, {"role": "user", "content": text}]
+        thinking = thinking_mode(turn, enable_thinking)
+        try:
+            ids = tokenizer.apply_chat_template(
+                turn, add_generation_prompt=True, enable_thinking=enable_thinking, return_dict=False
+            )
+        except TinyQwenError as error:
+            print(f"tinyqwen: error: your message was not sent: {one_line(error)}", file=sys.stderr)
+            continue
+        if len(ids) >= context:
+            print(
+                f"tinyqwen: error: your message was not sent: with it the conversation is {len(ids):,} tokens, "
+                f"and the model's context is {context:,}; /clear starts a new conversation",
+                file=sys.stderr,
+            )
+            continue
         params = sampling_params(args, model.generation_config, thinking)
         if args.show_prompt:
             mode = "thinking" if thinking else "non-thinking"
+            prompt = apply_chat_template(turn, add_generation_prompt=True, enable_thinking=enable_thinking)
             print(style.dim(f"[prompt: {len(ids)} tokens, {mode} mode]\n{prompt}[/prompt]"))
         printer = ReplyPrinter(tokenizer, style, sys.stdout, eos)
         reply: list[int] = []
@@ -211,15 +330,15 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:
             printer.close()
             print(style.dim("[interrupted]"))
-        except TinyQwenError as error:  # e.g. the conversation outgrew the context: say so, keep the REPL
-            messages.pop()
+        except TinyQwenError as error:  # say so, keep the REPL and the conversation as it was
+            printer.close()
             print(f"tinyqwen: error: {one_line(error)}", file=sys.stderr)
             continue
         else:
             printer.close()
         # history keeps the answer only: the template drops earlier turns' thinking anyway
         _, answer = answer_text(tokenizer, reply, eos)
-        messages.append({"role": "assistant", "content": answer})
+        messages = [*turn, {"role": "assistant", "content": answer}]
 
 
 def read_prompts(args) -> list[str]:

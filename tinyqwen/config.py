@@ -277,8 +277,8 @@ def config_from_dict(d: dict, source: str = "config.json") -> Qwen3Config:
 
 
 def load_config(path: str | Path) -> Qwen3Config:
-    """Read `config.json` from a checkpoint directory (or the file itself)."""
-    path = Path(path)
+    """Read `config.json` from a checkpoint directory (or the file itself); `~` is expanded."""
+    path = Path(path).expanduser()
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"no config.json found at {file}")

@@ -117,3 +117,12 @@ def _download(model_id: str, revision: str, how: str) -> Path:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"could not download {model_id!r} ({reason}); try: {how}") from None
     return Path(folder)
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` reads as a Hugging Face model id ("owner/name"), not as a path.
+
+    >>> is_hub_id("Qwen/Qwen3-0.6B"), is_hub_id("./ckpt"), is_hub_id("~/models/x"), is_hub_id("ckpt")
+    (True, False, False, False)
+    """
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "/", "~"))

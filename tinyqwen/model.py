@@ -359,11 +359,17 @@ class Qwen3:
 def load_model(path: str | Path, backend: str = "numpy", progress: bool | None = None) -> Qwen3:
     """Load a checkpoint directory in the Hugging Face layout (config.json + *.safetensors [+ index]).
 
+    `path` may start with `~`, or be a Hugging Face id such as "Qwen/Qwen3-0.6B": then it is looked up in the
+    Hugging Face cache (or downloaded, with the optional huggingface_hub) exactly as `tinyqwen chat --model` does.
     `progress` shows a tqdm bar per layer (default: only for multi-shard checkpoints).
     """
+    from tinyqwen.hub import is_hub_id, resolve_model
     from tinyqwen.safetensors import Checkpoint
 
-    path = Path(path)
+    original = str(path)
+    path = Path(path).expanduser()
+    if not path.exists() and is_hub_id(original):  # a local folder of that name wins, as in transformers
+        path = resolve_model(original)
     if not path.is_dir():
         what = "is a file, not a checkpoint directory" if path.exists() else "not found"
         raise CheckpointError(f"checkpoint directory {what}: {path}")

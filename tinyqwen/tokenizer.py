@@ -19,6 +19,17 @@ checks that on the llama.cpp vectors, a megabyte of mixed text and random Unicod
     tok.encode("Hello world")                    # [9707, 1879]
     tok.decode([9707, 1879])                     # 'Hello world'
     for step in tok.bpe_steps(" hello"): print(step)   # watch BPE at work
+
+Added tokens written in text become control tokens by default (step 1), as in transformers. Text you did not
+write yourself should not get that power, or typing "<|im_end|>" ends a turn (prompt injection):
+
+    tok.encode("<|im_end|>")                             # [151645]: the control token
+    tok.encode("<|im_end|>", allowed_special="none")     # [27, 91, 318, 6213, 91, 29]: plain text "<", "|", ...
+    tok.encode_parts([(template_text, True), (user_text, False)])   # control tokens only from the trusted parts
+    tok.apply_chat_template(messages)            # {"input_ids": ..., "attention_mask": ...}, messages' text plain
+
+The transformers habits work too: `tok(text)` / `tok([texts], padding=True)`, `tok.batch_decode(rows)`,
+`Tokenizer.from_pretrained("Qwen/Qwen3-0.6B")` (the Hugging Face cache) and `~` in paths.
 """
 
 from __future__ import annotations
@@ -28,11 +39,12 @@ import json
 import operator
 import re
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import pairwise
 from pathlib import Path
+from typing import Any, Literal
 
 import regex
 
@@ -516,6 +528,28 @@ def _token_content(
     return value if isinstance(value, str) else None
 
 
+def _check_add_special_tokens(value) -> None:
+    if not isinstance(value, bool):
+        raise TokenizerError(f"add_special_tokens must be True or False, got {value!r}")
+
+
+def _describe(value) -> str:  # "bytes", "a list holding int, str"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return type(value).__name__
+    return "a list holding " + ", ".join(sorted({type(v).__name__ for v in value}))
+
+
+def _as_array(rows: list[list[int]], name: str):
+    import numpy as np  # only for return_tensors="np"
+
+    if len({len(row) for row in rows}) > 1:
+        raise TokenizerError(
+            f"return_tensors='np' needs rows of one length, but the {name} have lengths "
+            f"{sorted({len(row) for row in rows})}: pass padding=True"
+        )
+    return np.array(rows, dtype=np.int64).reshape(len(rows), -1)  # [batch, T]
+
+
 # ------------------------------------------------------------------------------------------ the tokenizer
 
 
@@ -541,8 +575,14 @@ class Tokenizer:
         eos_token: str | None = None,
         pad_token: str | None = None,
         source: str = "<memory>",
+        padding_side: str = "right",
     ):
         """`merges`: the (left, right) pairs in rank order, and rank -> where it came from (for error messages)."""
+        if padding_side not in ("right", "left"):
+            raise TokenizerError(f"{source}: padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.padding_side = (
+            padding_side  # where `__call__(..., padding=True)` pads; "right" as in transformers
+        )
         byte_symbols = set(bytes_to_unicode().values())
         missing = sorted(byte_symbols - vocab.keys())
         if missing:
@@ -593,6 +633,7 @@ class Tokenizer:
         # position where any matches, the longest wins. Sorting longest first makes a regex alternation do that.
         contents = sorted(self.added_tokens, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, contents))) if contents else None
+        self._allowed_re: dict[frozenset[str], re.Pattern | None] = {}
         self._cache: dict[str, tuple[int, ...]] = {}
 
     def _config_token_id(self, content: str | None, key: str, source: str) -> int | None:
@@ -616,9 +657,15 @@ class Tokenizer:
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
         """Load from a folder holding tokenizer.json, or vocab.json + merges.txt + tokenizer_config.json.
 
-        tokenizer.json wins when both are present; tokenizer_config.json, when present, names eos and pad.
+        tokenizer.json wins when both are present; tokenizer_config.json, when present, names eos and pad (and
+        padding_side). `path` may start with `~`, or be a Hugging Face id such as "Qwen/Qwen3-0.6B", found in the
+        Hugging Face cache (or downloaded) exactly as `tinyqwen.load_model` and the command line find it.
         """
-        folder = Path(path)
+        from tinyqwen.hub import is_hub_id, resolve_model
+
+        folder = Path(path).expanduser()
+        if not folder.exists() and is_hub_id(str(path)):
+            folder = resolve_model(str(path))
         if not folder.is_dir():
             raise TokenizerError(f"{folder}: not a directory (expected a folder with the tokenizer files)")
         config_path = folder / "tokenizer_config.json"
@@ -632,7 +679,8 @@ class Tokenizer:
             missing = [name for name in needed if not (folder / name).is_file()]
             raise TokenizerError(
                 f"{folder}: no tokenizer found: looked for tokenizer.json, or vocab.json + merges.txt + "
-                f"tokenizer_config.json (missing: {', '.join(missing)})"
+                f"tokenizer_config.json (missing: {', '.join(missing)}); every official Qwen3 model uses the "
+                "tokenizer that Tokenizer.qwen3() returns"
             )
         return cls._from_vocab_merges(folder, config)
 
@@ -657,7 +705,8 @@ class Tokenizer:
         added = _parse_added([(e["id"], e) for e in entries], f"{path} added_tokens")
         config = config or {}
         eos, pad = _token_content(config.get("eos_token")), _token_content(config.get("pad_token"))
-        return cls(vocab, merges, added, eos, pad, source=str(path))
+        side = config.get("padding_side", "right")
+        return cls(vocab, merges, added, eos, pad, source=str(path), padding_side=side)
 
     @classmethod
     def _from_vocab_merges(cls, folder: Path, config: dict) -> Tokenizer:
@@ -672,7 +721,8 @@ class Tokenizer:
         entries = sorted((int(k), v) for k, v in decoder.items())
         added = _parse_added(entries, f"{config_path} added_tokens_decoder")
         eos, pad = _token_content(config.get("eos_token")), _token_content(config.get("pad_token"))
-        return cls(vocab, merges, added, eos, pad, source=str(folder))
+        side = config.get("padding_side", "right")
+        return cls(vocab, merges, added, eos, pad, source=str(folder), padding_side=side)
 
     # ---------------------------------------------------------------- vocabulary
 
@@ -712,23 +762,107 @@ class Tokenizer:
 
     # ---------------------------------------------------------------- encode
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`. No BOS is added (Qwen has none); added tokens written in the text are recognised.
+    def encode(
+        self,
+        text: str,
+        allowed_special: Literal["all", "none"] | Collection[str] = "all",
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        """Token ids of `text`. No BOS is added (Qwen has none).
+
+        `allowed_special` says which added tokens written in the text become their control token:
+        "all" (the default, as transformers and the official `tokenizers` do), "none" (or an empty set): none,
+        every character is plain text, or a set of token strings: only those. Use "none" for text you did not
+        write yourself: otherwise a user who types "<|im_end|>" ends the turn (prompt injection).
+        `add_special_tokens` is accepted for transformers' habit and changes nothing: Qwen's tokenizer adds no BOS
+        or EOS either way.
 
         >>> tok = Tokenizer.qwen3()
         >>> tok.encode("Hello world"), tok.encode("<think>\\n\\n</think>")
         ([9707, 1879], [151667, 271, 151668])
+        >>> tok.encode("<|im_end|>"), tok.encode("<|im_end|>", allowed_special="none")
+        ([151645], [27, 91, 318, 6213, 91, 29])
         """
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}")
+        _check_add_special_tokens(add_special_tokens)
+        pattern = self._special_pattern(allowed_special)
+        found = [] if pattern is None else list(pattern.finditer(text))
+        return self._encode_around(
+            text, [(m.start(), m.end(), self.added_tokens[m.group()].id) for m in found]
+        )
+
+    def encode_parts(self, parts: Iterable[tuple[str, bool]]) -> list[int]:
+        """Token ids of the parts' joined text, where added tokens count only inside parts marked True.
+
+        This is how to tokenize a prompt built from trusted text (a chat template) and untrusted text (what users,
+        web pages or tools wrote): a part marked False is plain text even where it spells "<|im_start|>". The
+        joined text is tokenized as one string, so when no False part spells an added token the ids equal
+        `encode("".join(texts))`; and a False part's ids are those of the official tokenizer with added tokens
+        switched off.
+
+        >>> tok = Tokenizer.qwen3()
+        >>> tok.encode_parts([("<|im_start|>user\\n", True), ("<|im_end|>", False), ("<|im_end|>", True)])
+        [151644, 872, 198, 27, 91, 318, 6213, 91, 29, 151645]
+        """
+        if isinstance(parts, (str, bytes)):
+            raise TokenizerError("encode_parts expects (text, special) pairs, got a single string")
+        texts, found, offset = [], [], 0
+        for k, part in enumerate(parts):
+            if not (isinstance(part, (tuple, list)) and len(part) == 2):
+                raise TokenizerError(
+                    f"encode_parts: part {k} must be a (text, special) pair, got {part!r:.80}"
+                )
+            text, special = part
+            if not isinstance(text, str) or not isinstance(special, bool):
+                raise TokenizerError(
+                    f"encode_parts: part {k} must be (str, bool), got ({type(text).__name__}, "
+                    f"{type(special).__name__})"
+                )
+            if special and self._added_re is not None:
+                found += [
+                    (offset + m.start(), offset + m.end(), self.added_tokens[m.group()].id)
+                    for m in self._added_re.finditer(text)
+                ]
+            texts.append(text)
+            offset += len(text)
+        return self._encode_around("".join(texts), found)
+
+    def _special_pattern(self, allowed) -> re.Pattern | None:
+        """The regex finding the allowed added tokens (leftmost, then longest), or None when none are allowed."""
+        if isinstance(allowed, str):
+            if allowed == "all":
+                return self._added_re
+            if allowed == "none":
+                return None
+            raise TokenizerError(
+                f"allowed_special must be 'all', 'none' or a set of added tokens, got {allowed!r}"
+            )
+        try:
+            allowed = frozenset(allowed)
+        except TypeError:
+            raise TokenizerError(
+                f"allowed_special must be 'all', 'none' or a set of added tokens, got {type(allowed).__name__}"
+            ) from None
+        if allowed not in self._allowed_re:
+            unknown = sorted(t for t in allowed if not isinstance(t, str) or t not in self.added_tokens)
+            if unknown:
+                raise TokenizerError(
+                    f"allowed_special: {unknown[0]!r} is not an added token of this tokenizer"
+                )
+            contents = sorted(allowed, key=len, reverse=True)
+            self._allowed_re[allowed] = re.compile("|".join(map(re.escape, contents))) if contents else None
+        return self._allowed_re[allowed]
+
+    def _encode_around(self, text: str, specials: list[tuple[int, int, int]]) -> list[int]:
+        """Ids of `text` with the given (start, end, id) added tokens; the text between them is ordinary text."""
         ids: list[int] = []
         start = 0
-        if self._added_re is not None:
-            for m in self._added_re.finditer(text):
-                if m.start() > start:
-                    self._encode_ordinary(text[start : m.start()], ids, start)
-                ids.append(self.added_tokens[m.group()].id)
-                start = m.end()
+        for begin, end, token_id in specials:
+            if begin > start:
+                self._encode_ordinary(text[start:begin], ids, start)
+            ids.append(token_id)
+            start = end
         if start < len(text):
             self._encode_ordinary(text[start:], ids, start)
         return ids
@@ -815,6 +949,139 @@ class Tokenizer:
     def stream_decoder(self, skip_special_tokens: bool = False) -> StreamDecoder:
         """A `StreamDecoder` for showing generated text token by token."""
         return StreamDecoder(self, skip_special_tokens)
+
+    def batch_decode(
+        self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False
+    ) -> list[str]:
+        """`decode` of each sequence, as transformers' `batch_decode` (a 2-D NumPy array works too).
+
+        >>> Tokenizer.qwen3().batch_decode([[9707, 1879], [13048]])
+        ['Hello world', 'Hi']
+        """
+        if isinstance(sequences, (str, bytes)):
+            raise TokenizerError(
+                f"batch_decode expects sequences of token ids, got {type(sequences).__name__}"
+            )
+        return [self.decode(ids, skip_special_tokens=skip_special_tokens) for ids in sequences]
+
+    # ---------------------------------------------------------------- the transformers habits
+
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        padding: bool | str = False,
+        padding_side: str | None = None,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = True,
+        allowed_special: Literal["all", "none"] | Collection[str] = "all",
+    ) -> dict[str, Any]:
+        """`tok(text)` as in transformers: a dict with "input_ids" and "attention_mask" (1 = a real token).
+
+        One string gives flat lists; a list of strings gives a list per text, of different lengths unless
+        `padding=True` (or "longest"), which pads to the longest with `pad_token_id` (151643, `<|endoftext|>`)
+        and mask 0. Padding goes on the right, as transformers does for Qwen3 (its tokenizer_config sets no
+        `padding_side`); pass `padding_side="left"` for a batch that transformers' `generate` will extend.
+        (tinyqwen's own `generate_batch` takes the unpadded lists and pads them itself.) `return_tensors="np"`
+        gives int64 arrays of shape [batch, T] ([1, T] for one string).
+
+        >>> tok = Tokenizer.qwen3()
+        >>> tok("Hi there")
+        {'input_ids': [13048, 1052], 'attention_mask': [1, 1]}
+        >>> tok(["Hi there", "a"], padding=True)
+        {'input_ids': [[13048, 1052], [64, 151643]], 'attention_mask': [[1, 1], [1, 0]]}
+        """
+        single = isinstance(text, str)
+        if not single and (
+            isinstance(text, bytes)
+            or not isinstance(text, Sequence)
+            or not all(isinstance(t, str) for t in text)
+        ):
+            raise TokenizerError(f"expected a str or a list of str, got {_describe(text)}")
+        if padding not in (False, True, "longest", "do_not_pad"):
+            raise TokenizerError(f"padding must be True, False, 'longest' or 'do_not_pad', got {padding!r}")
+        side = self.padding_side if padding_side is None else padding_side
+        if side not in ("right", "left"):
+            raise TokenizerError(f"padding_side must be 'right' or 'left', got {side!r}")
+        if return_tensors not in (None, "np"):
+            raise TokenizerError(
+                f"return_tensors must be None or 'np' (tinyqwen has no torch), got {return_tensors!r}"
+            )
+        texts = [text] if single else list(text)
+        ids = [
+            self.encode(t, allowed_special=allowed_special, add_special_tokens=add_special_tokens)
+            for t in texts
+        ]
+        masks = [[1] * len(row) for row in ids]
+        if padding in (True, "longest") and ids:
+            if self.pad_token_id is None:
+                raise TokenizerError("padding needs a pad token, and this tokenizer's config names none")
+            width = max(len(row) for row in ids)
+            for row, mask in zip(ids, masks, strict=True):
+                fill = width - len(row)
+                row[:] = (
+                    row + [self.pad_token_id] * fill if side == "right" else [self.pad_token_id] * fill + row
+                )
+                mask[:] = mask + [0] * fill if side == "right" else [0] * fill + mask
+        if return_tensors == "np":
+            return {
+                "input_ids": _as_array(ids, "input_ids"),
+                "attention_mask": _as_array(masks, "attention_mask"),
+            }
+        if single:
+            return {"input_ids": ids[0], "attention_mask": masks[0]}
+        return {"input_ids": ids, "attention_mask": masks}
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict],
+        tools: Sequence[dict] | None = None,
+        add_generation_prompt: bool = False,
+        enable_thinking: bool = True,
+        tokenize: bool = True,
+        return_dict: bool = True,
+        return_tensors: str | None = None,
+        sanitize_control_tokens: bool = True,
+    ):
+        """The chat template as a tokenizer method, as in transformers 5: the prompt's ids (or text).
+
+        - `tokenize=False`: the prompt string, the same as `tinyqwen.apply_chat_template(...)`.
+        - `tokenize=True` (default): {"input_ids": [...], "attention_mask": [...]} as transformers 5 returns;
+          `return_dict=False` gives the list of ids; `return_tensors="np"` arrays of shape [1, T].
+        - `sanitize_control_tokens=True` (default): only the template's own text makes control tokens. Text from
+          the messages and tools is plain text even where it spells `<|im_end|>`, `<think>` or `<tool_call>`,
+          so a user (or a web page a tool fetched) cannot close its turn and write one for the system or the
+          assistant. For messages that spell no added token the ids are identical to `encode(prompt)`, which is
+          what `sanitize_control_tokens=False` gives always (transformers' default; transformers' own
+          `sanitize_control_tokens=True` only covers its list of control tokens and cuts the text around each).
+
+        >>> tok = Tokenizer.qwen3()
+        >>> messages = [{"role": "user", "content": "Hi<|im_end|>"}]
+        >>> tok.apply_chat_template(messages, return_dict=False)
+        [151644, 872, 198, 13048, 27, 91, 318, 6213, 91, 29, 151645, 198]
+        >>> tok.apply_chat_template(messages, return_dict=False, sanitize_control_tokens=False)
+        [151644, 872, 198, 13048, 151645, 151645, 198]
+        """
+        from tinyqwen.chat_template import render_segments
+
+        for name, flag in (("tokenize", tokenize), ("return_dict", return_dict),
+                           ("sanitize_control_tokens", sanitize_control_tokens)):  # fmt: skip
+            if not isinstance(flag, bool):
+                raise TokenizerError(f"{name} must be True or False, got {flag!r}")
+        if return_tensors not in (None, "np"):
+            raise TokenizerError(
+                f"return_tensors must be None or 'np' (tinyqwen has no torch), got {return_tensors!r}"
+            )
+        segments = render_segments(messages, tools, add_generation_prompt, enable_thinking)
+        if not tokenize:
+            return "".join(text for text, _ in segments)
+        if sanitize_control_tokens:
+            ids = self.encode_parts(segments)
+        else:
+            ids = self.encode("".join(text for text, _ in segments))
+        mask = [1] * len(ids)
+        if return_tensors == "np":
+            ids, mask = _as_array([ids], "input_ids"), _as_array([mask], "attention_mask")
+        return {"input_ids": ids, "attention_mask": mask} if return_dict else ids
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.ranks)}, added={len(self.added_tokens)})"
