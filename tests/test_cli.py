@@ -322,8 +322,8 @@ def stub(stub_model_factory, reply, **kwargs):
     state = {"turn": 0, "prompt": 0}
 
     def next_id(history):
-        if len(history) <= state["prompt"]:
-            return IM_END  # logits of prompt positions are not used
+        if len(history) < state["prompt"]:
+            return IM_END  # logits of earlier prompt positions are not used
         return reply(state["turn"], history[state["prompt"] :])
 
     model = stub_model_factory(

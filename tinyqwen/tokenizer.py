@@ -542,6 +542,8 @@ def _describe(value) -> str:  # "bytes", "a list holding int, str"
 def _as_array(rows: list[list[int]], name: str):
     import numpy as np  # only for return_tensors="np"
 
+    if not rows:
+        return np.zeros((0, 0), dtype=np.int64)
     if len({len(row) for row in rows}) > 1:
         raise TokenizerError(
             f"return_tensors='np' needs rows of one length, but the {name} have lengths "
@@ -845,7 +847,9 @@ class Tokenizer:
                 f"allowed_special must be 'all', 'none' or a set of added tokens, got {type(allowed).__name__}"
             ) from None
         if allowed not in self._allowed_re:
-            unknown = sorted(t for t in allowed if not isinstance(t, str) or t not in self.added_tokens)
+            unknown = sorted(
+                (t for t in allowed if not isinstance(t, str) or t not in self.added_tokens), key=repr
+            )
             if unknown:
                 raise TokenizerError(
                     f"allowed_special: {unknown[0]!r} is not an added token of this tokenizer"
