@@ -119,6 +119,30 @@ def _download(model_id: str, revision: str, how: str) -> Path:
     return Path(folder)
 
 
+OFFICIAL_DEFAULT = "Qwen/Qwen3-0.6B"
+
+
+def official_checkpoint(model_id: str = OFFICIAL_DEFAULT) -> Path | None:
+    """A real official checkpoint already on this machine, for the course's notebooks; None when there is none.
+
+    Looks at `$TINYQWEN_MODEL` (a checkpoint directory, or a Hub id found in the cache), then the Hugging Face
+    cache for `model_id`. Never downloads: a notebook must run offline, so it falls back to the repo's fixtures.
+
+    >>> import os; os.environ.pop("TINYQWEN_MODEL", None) and None
+    >>> official_checkpoint("nobody/not-a-model") is None
+    True
+    """
+    wanted = os.environ.get("TINYQWEN_MODEL", "").strip()
+    if wanted:
+        path = Path(wanted).expanduser()
+        if (path / "config.json").is_file():
+            return path
+        if _HUB_ID.match(wanted):
+            return cached_snapshot(wanted)
+        return None
+    return cached_snapshot(model_id)
+
+
 def is_hub_id(text: str) -> bool:
     """Whether `text` reads as a Hugging Face model id ("owner/name"), not as a path.
 
