@@ -130,3 +130,27 @@ def _download(model_id: str, revision: str, how: str) -> Path:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"could not download {model_id!r} ({reason}); try: {how}") from None
     return Path(folder)
+
+
+OFFICIAL_DEFAULT = "Qwen/Qwen3-0.6B"
+
+
+def official_checkpoint(model_id: str = OFFICIAL_DEFAULT) -> Path | None:
+    """A real official checkpoint already on this machine, for the course's notebooks; None when there is none.
+
+    Looks at `$TINYQWEN_MODEL` (a checkpoint directory, or a Hub id found in the cache), then the Hugging Face
+    cache for `model_id`. Never downloads: a notebook must run offline, so it falls back to the repo's fixtures.
+
+    >>> import os; os.environ.pop("TINYQWEN_MODEL", None) and None
+    >>> official_checkpoint("nobody/not-a-model") is None
+    True
+    """
+    wanted = os.environ.get("TINYQWEN_MODEL", "").strip()
+    if wanted:
+        path = Path(wanted).expanduser()
+        if (path / "config.json").is_file():
+            return path
+        if _HUB_ID.match(wanted):
+            return cached_snapshot(wanted)
+        return None
+    return cached_snapshot(model_id)

@@ -1,0 +1,129 @@
+"""pytest plugin for the graded exercises: the `course` fixture, short teacher-style failures, the score table.
+
+pytest exercises/                      grade your exercises/chNN_*.py
+pytest exercises/test_ch04_rope_yarn.py   one chapter
+pytest exercises/ --solutions          grade tinyqwen's own implementation instead (also TINYQWEN_SOLUTIONS=1)
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `import exercises...` from any working directory
+    sys.path.insert(0, str(REPO))
+
+from exercises.grading import CHAPTERS, Course, GradeError, notebook, solutions_mode  # noqa: E402
+
+_CHAPTER_FILE = re.compile(r"test_ch(\d\d)_\w+\.py$")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--solutions",
+        action="store_true",
+        default=False,
+        help="grade tinyqwen's own implementation (exercises/solutions/) instead of your exercises",
+    )
+
+
+@pytest.fixture(scope="session")
+def course(request) -> Course:
+    return Course(solutions=solutions_mode(request.config.getoption("--solutions")))
+
+
+def _chapter_of(nodeid: str) -> int | None:
+    match = _CHAPTER_FILE.search(nodeid.split("::")[0])
+    return int(match.group(1)) if match else None
+
+
+def _not_written(excinfo) -> str:
+    """Which stub raised NotImplementedError, from the traceback: 'exercises/ch03_x.py: rms_norm'."""
+    for entry in reversed(excinfo.traceback):
+        path = Path(str(entry.path))
+        if path.parent.name in ("exercises", "solutions") and path.name.startswith("ch"):
+            return f"{path.parent.name}/{path.name}: {entry.name}()"
+    return "a function of the exercises"
+
+
+class _Grades:
+    """Collects, per chapter, each checkpoint's outcome in collection order."""
+
+    def __init__(self):
+        self.order: list[str] = []
+        self.titles: dict[str, str] = {}
+        self.outcome: dict[str, str] = {}
+
+    def title(self, item) -> str:
+        doc = (getattr(item, "function", None).__doc__ or "").strip().splitlines()
+        return doc[0].rstrip(".") if doc else item.name
+
+
+_grades = _Grades()
+
+
+def pytest_collection_modifyitems(session, config, items):
+    for item in items:
+        if _chapter_of(item.nodeid) is not None:
+            _grades.order.append(item.nodeid)
+            _grades.titles[item.nodeid] = _grades.title(item)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    chapter = _chapter_of(item.nodeid)
+    if chapter is None or call.excinfo is None or report.when != "call":
+        return
+    title = _grades.titles.get(item.nodeid, item.name)
+    head = f"Chapter {chapter} · {CHAPTERS[chapter][0]} · checkpoint {title!r}"
+    error = call.excinfo.value
+    if isinstance(error, NotImplementedError):
+        report.longrepr = (
+            f"{head}\n  not written yet: {_not_written(call.excinfo)} raises NotImplementedError.\n"
+            f"  Work through {notebook(chapter)}, then fill in the function (its docstring has a worked example)."
+        )
+    elif isinstance(error, GradeError):
+        report.longrepr = f"{head}\n  {error}"
+
+
+def pytest_runtest_logreport(report):
+    if report.nodeid not in _grades.titles:
+        return
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        _grades.outcome[report.nodeid] = report.outcome
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _grades.order:
+        return
+    per_chapter: dict[int, list[str]] = defaultdict(list)
+    for nodeid in _grades.order:
+        per_chapter[_chapter_of(nodeid)].append(nodeid)
+    write = terminalreporter.write_line
+    mode = (
+        "solutions (tinyqwen's own code)"
+        if solutions_mode(config.getoption("--solutions"))
+        else "your exercises"
+    )
+    terminalreporter.section(f"score: {mode}", sep="=")
+    next_up = None
+    for chapter in sorted(per_chapter):
+        ids = per_chapter[chapter]
+        passed = sum(_grades.outcome.get(i) == "passed" for i in ids)
+        bar = "█" * passed + "░" * (len(ids) - passed)
+        write(f"Chapter {chapter} {CHAPTERS[chapter][0]:<26} {passed:>2}/{len(ids):<2} {bar}")
+        if next_up is None:
+            next_up = next((i for i in ids if _grades.outcome.get(i) != "passed"), None)
+    if next_up is None:
+        write("Every checkpoint passes." + (" Your own code runs Qwen3." if 9 in per_chapter else ""))
+    else:
+        chapter = _chapter_of(next_up)
+        write(f"Next: chapter {chapter}, {_grades.titles[next_up]!r} — pytest {next_up}")
+        write(f"      (read {notebook(chapter)} first)")

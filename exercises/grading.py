@@ -1,0 +1,407 @@
+"""How the exercises are graded: compare with the official reference, then explain a failure like a teacher.
+
+Each test in `exercises/test_chNN_*.py` takes one argument, `course` (see `exercises/conftest.py`): the
+implementation under test. `course.ch04` is your `exercises/ch04_rope_yarn.py`, or — in solutions mode
+(`pytest exercises/ --solutions`, or TINYQWEN_SOLUTIONS=1) — `exercises/solutions/ch04_rope_yarn.py`, which calls
+tinyqwen's own code. The expected values are never tinyqwen's output: they are stored reference files made by the
+official implementation (transformers, the official tokenizer; see `exercises/references/make_*.py`) or derived by
+hand in the test.
+
+The helpers a test uses:
+
+    expect_close(got, want, what=..., atol=..., rtol=..., mistakes=[Mistake(...)], reread=...)   # float arrays
+    expect_equal(got, want, what=..., mistakes=[...], reread=...)                                 # ids, text, ints
+    Mistake(cause, wrong, hint)   # a classic bug and the output it would produce on the same input
+    learner_model(course, upto=N, fixture=...)   # a real fixture model running YOUR kernels of chapters <= N
+    expect_logits(model, fixture, what=...)      # its logits vs transformers' stored logits for that fixture
+
+A failure names the checkpoint and the input, the expected and the received shape, the largest difference and
+where it is, how many values are off, and — when your output equals what a known classic mistake produces — that
+mistake and how to fix it, plus the notebook section to re-read.
+
+Kernels taken from each chapter by `learner_model` (the names and signatures of `backends.Backend`):
+
+    ch03  rms_norm(x, weight, eps)                  [..., d], [d] -> [..., d]
+    ch04  apply_rope(x, cos, sin)                   [B, H, T, d], [B, T, d], [B, T, d] -> [B, H, T, d]
+    ch05  attention(q, k, v, mask)                  [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] bool -> [B, Hq, T, d]
+    ch06  swiglu(x, w_gate, w_up, w_down)           [..., d] -> [..., d];   linear(x, w)  [..., i], [o, i] -> [..., o]
+    ch07  moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob) -> ([N, d], router logits [N, E])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+EXERCISES = Path(__file__).resolve().parent
+REPO = EXERCISES.parent
+REFERENCES = EXERCISES / "references"
+FIXTURES = REPO / "tests" / "fixtures"
+
+# chapter number -> (title in the score table, notebook slug)
+CHAPTERS: dict[int, tuple[str, str]] = {
+    1: ("Tokenization", "01-tokenization"),
+    2: ("Loading weights", "02-loading-weights"),
+    3: ("Embeddings & RMSNorm", "03-embeddings-rmsnorm"),
+    4: ("RoPE & YaRN", "04-rope-yarn"),
+    5: ("Attention", "05-attention"),
+    6: ("The dense model", "06-dense-model"),
+    7: ("Mixture of experts", "07-mixture-of-experts"),
+    8: ("KV cache & generation", "08-kv-cache-generation"),
+    9: ("Chat template & thinking", "09-chat-template-thinking"),
+}
+
+# chapter -> the Backend kernels that chapter's exercises provide (see learner_model)
+KERNELS: dict[int, tuple[str, ...]] = {
+    3: ("rms_norm",),
+    4: ("apply_rope",),
+    5: ("attention",),
+    6: ("swiglu", "linear"),
+    7: ("moe_block",),
+}
+
+# logits of the whole model: the project's bound for "equal to transformers" (float32 on both sides; the
+# differences are summation order in matrix products, ~1e-6 relative per layer, while a real bug moves logits of
+# magnitude ~1-20 by 0.1 or more)
+LOGITS_ATOL = 1e-4
+
+
+class GradeError(AssertionError):
+    """A checkpoint failed; the message is written for the learner."""
+
+
+def notebook(chapter: int, section: str | None = None) -> str:
+    """'notebooks/04-rope-yarn.ipynb, section "YaRN"' — where to re-read."""
+    slug = CHAPTERS[chapter][1]
+    return f"notebooks/{slug}.ipynb" + (f', section "{section}"' if section else "")
+
+
+# ------------------------------------------------------------------------------------------ mistakes
+
+
+@dataclasses.dataclass(frozen=True)
+class Mistake:
+    """A classic bug: what it is, the output it would give on this very input, and what to change.
+
+    `wrong` is that output (an array, a list, a string) or a zero-argument function computing it (called only when
+    the check fails). When your output matches it, the failure message says so.
+    """
+
+    cause: str
+    wrong: Any
+    hint: str = ""
+
+    def output(self) -> Any:
+        return self.wrong() if callable(self.wrong) else self.wrong
+
+    def describe(self) -> str:
+        return f"likely cause: {self.cause}." + (f" {self.hint}" if self.hint else "")
+
+
+def _matches(got: np.ndarray, wrong: Any, atol: float, rtol: float) -> bool:
+    try:
+        wrong = np.asarray(wrong)
+        if wrong.shape != got.shape or wrong.dtype.kind not in "fiub" or got.dtype.kind not in "fiub":
+            return False
+        # a mistake is recognised with a looser tolerance than the grade: a bug seldom reproduces bit for bit
+        return bool(np.allclose(got, wrong, atol=10 * atol + 1e-6, rtol=10 * rtol + 1e-6, equal_nan=True))
+    except Exception:
+        return False
+
+
+def _diagnose(got, mistakes: Sequence[Mistake], same: Callable[[Any], bool]) -> list[str]:
+    found = []
+    for m in mistakes:
+        try:
+            if same(m.output()):
+                found.append(m.describe())
+        except Exception:  # a mistake that cannot be evaluated on this input simply does not match
+            continue
+    return found
+
+
+def _fail(what: str, lines: list[str], inputs: str | None, reread: str | None) -> None:
+    head = [what] + ([f"input: {inputs}"] if inputs else [])
+    tail = [f"re-read: {reread}"] if reread else []
+    raise GradeError("\n  ".join(head + lines + tail))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (float, np.floating)):
+        return f"{float(v):.6g}"
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
+def _shape(a: np.ndarray) -> str:
+    return f"{list(a.shape)} {a.dtype}"
+
+
+# ------------------------------------------------------------------------------------------ expectations
+
+
+def expect_close(
+    got: Any,
+    want: Any,
+    *,
+    what: str,
+    atol: float,
+    rtol: float = 0.0,
+    mistakes: Sequence[Mistake] = (),
+    reread: str | None = None,
+    inputs: str | None = None,
+) -> None:
+    """Pass when |got - want| <= atol + rtol·|want| everywhere (numpy.allclose), shapes equal, no stray NaN."""
+    if got is None:
+        _fail(what, ["your function returned None — is a `return` missing?"], inputs, reread)
+    want = np.asarray(want)
+    try:
+        got_a = np.asarray(got)
+    except Exception:
+        _fail(what, [f"expected an array {_shape(want)}, got {type(got).__name__}"], inputs, reread)
+    if got_a.dtype.kind not in "fiub":
+        _fail(what, [f"expected numbers {_shape(want)}, got an array of {got_a.dtype}"], inputs, reread)
+    if got_a.shape != want.shape:
+        lines = [f"expected shape {list(want.shape)}, got {list(got_a.shape)}"]
+        if got_a.size == want.size and sorted(got_a.shape) == sorted(want.shape):
+            lines.append("same number of values in another order: axes transposed or reshaped the wrong way?")
+        elif got_a.ndim != want.ndim:
+            lines.append(
+                "a different number of axes: a missing keepdims=True, or a reduction over the wrong axis?"
+            )
+        lines += _diagnose(got_a, mistakes, lambda w: _matches(got_a, w, atol, rtol))
+        _fail(what, lines, inputs, reread)
+    got_f = got_a.astype(np.float64)
+    want_f = want.astype(np.float64)
+    bad_nan = ~np.isfinite(got_f) & np.isfinite(want_f)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(got_f - want_f)
+        off = ~(diff <= atol + rtol * np.abs(want_f)) & ~(np.isnan(got_f) & np.isnan(want_f))
+    if not off.any():
+        return
+    lines = [f"shape {list(want.shape)} is right; {int(off.sum()):,} of {want.size:,} values are off"]
+    if bad_nan.any():
+        where = tuple(int(i) for i in np.argwhere(bad_nan)[0])
+        lines.append(
+            f"{int(bad_nan.sum()):,} values are NaN or inf (first at {list(where)}) where the reference is finite: "
+            "an overflow (exp of a large number?) or a division by zero"
+        )
+    finite = np.where(np.isfinite(diff), diff, -1.0)
+    where = np.unravel_index(int(np.argmax(finite)), want.shape)
+    if finite[where] >= 0:
+        lines.append(
+            f"largest difference {finite[where]:.3g} at {[int(i) for i in where]}: expected {_fmt(want[where])}, "
+            f"got {_fmt(got_a[where])} (allowed |Δ| <= {atol:g}"
+            + (f" + {rtol:g}·|expected|)" if rtol else ")")
+        )
+    scale = _constant_factor(got_f, want_f)
+    if scale is not None:
+        lines.append(
+            f"your output is the expected one times {scale:.4g} everywhere: a missing or extra scale factor?"
+        )
+    lines += _diagnose(got_a, mistakes, lambda w: _matches(got_a, w, atol, rtol))
+    _fail(what, lines, inputs, reread)
+
+
+def _constant_factor(got: np.ndarray, want: np.ndarray) -> float | None:
+    ok = np.isfinite(got) & np.isfinite(want) & (np.abs(want) > 1e-6)
+    if ok.sum() < 4:
+        return None
+    ratio = got[ok] / want[ok]
+    r = float(np.median(ratio))
+    if abs(r - 1) > 1e-3 and np.allclose(ratio, r, rtol=1e-3, atol=1e-6):
+        return r
+    return None
+
+
+def expect_equal(
+    got: Any,
+    want: Any,
+    *,
+    what: str,
+    mistakes: Sequence[Mistake] = (),
+    reread: str | None = None,
+    inputs: str | None = None,
+) -> None:
+    """Exact equality for ids, strings, ints, booleans and nested lists of them; shows the first difference."""
+    if got is None and want is not None:
+        _fail(what, ["your function returned None — is a `return` missing?"], inputs, reread)
+    if isinstance(got, np.ndarray):
+        got = got.tolist()
+    if isinstance(want, np.ndarray):
+        want = want.tolist()
+    if isinstance(got, tuple) and isinstance(want, list):
+        got = list(got)
+    if got == want:
+        return
+    lines = _first_difference(got, want)
+    lines += _diagnose(got, mistakes, lambda w: (w.tolist() if isinstance(w, np.ndarray) else w) == got)
+    _fail(what, lines, inputs, reread)
+
+
+def _first_difference(got: Any, want: Any) -> list[str]:
+    if isinstance(want, str) and isinstance(got, str):
+        i = next(
+            (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
+        )
+        lo = max(0, i - 20)
+        return [
+            f"texts differ from character {i} on (expected {len(want)} characters, got {len(got)})",
+            f"expected …{want[lo : i + 20]!r}…",
+            f"got      …{got[lo : i + 20]!r}…",
+        ]
+    if isinstance(want, list) and isinstance(got, list):
+        i = next(
+            (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
+        )
+        lines = [f"expected {len(want)} items, got {len(got)}; the first difference is at index {i}"]
+        if i < len(want) and i < len(got):
+            lines.append(f"expected [{i}] = {want[i]!r}, got {got[i]!r}")
+        lo = max(0, i - 3)
+        lines.append(f"expected [{lo}:{i + 4}] = {want[lo : i + 4]!r}")
+        lines.append(f"got      [{lo}:{i + 4}] = {got[lo : i + 4]!r}")
+        return lines
+    return [f"expected {want!r}", f"got      {got!r}"]
+
+
+def expect(
+    condition: bool, *, what: str, problem: str, reread: str | None = None, inputs: str | None = None
+) -> None:
+    """A check with its own message, for properties that are not one array (e.g. "the cache was used")."""
+    if not condition:
+        _fail(what, [problem], inputs, reread)
+
+
+# ------------------------------------------------------------------------------------------ the course
+
+
+class Course:
+    """The implementation being graded: the learner's `exercises/chNN_*.py`, or the solutions.
+
+    `course.ch04` is the chapter's module; `course.with_overrides("ch04", apply_rope=f)` is a copy of the course in
+    which that chapter's `apply_rope` is `f` (the planted-mistake tests inject bugs this way).
+    """
+
+    def __init__(self, solutions: bool = False, overrides: dict[str, dict[str, Any]] | None = None):
+        self.solutions = solutions
+        self._overrides = overrides or {}
+
+    def __repr__(self) -> str:
+        return f"Course(solutions={self.solutions})"
+
+    def module_name(self, chapter: str) -> str:
+        number = int(chapter.removeprefix("ch"))
+        folder = EXERCISES / "solutions" if self.solutions else EXERCISES
+        found = sorted(folder.glob(f"ch{number:02d}_*.py"))
+        if not found:
+            raise GradeError(f"no exercise file for chapter {number} in {folder}")
+        package = "exercises.solutions" if self.solutions else "exercises"
+        return f"{package}.{found[0].stem}"
+
+    def __getattr__(self, name: str):
+        if not (name.startswith("ch") and name[2:].isdigit()):
+            raise AttributeError(name)
+        module = importlib.import_module(self.module_name(name))
+        extra = self._overrides.get(name)
+        if not extra:
+            return module
+        view = SimpleNamespace(**{k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
+        for key, value in extra.items():
+            setattr(view, key, value)
+        view.__name__ = module.__name__
+        return view
+
+    def with_overrides(self, chapter: str, **functions: Any) -> Course:
+        merged = {k: dict(v) for k, v in self._overrides.items()}
+        merged.setdefault(chapter, {}).update(functions)
+        return Course(self.solutions, merged)
+
+
+def solutions_mode(flag: bool = False) -> bool:
+    return flag or os.environ.get("TINYQWEN_SOLUTIONS", "").lower() in ("1", "true", "yes", "on")
+
+
+def solutions_course() -> Course:
+    """The course graded in solutions mode (tinyqwen's own code): the base the planted mistakes are injected into."""
+    return Course(solutions=True)
+
+
+# ------------------------------------------------------------------------------------------ the real model
+
+
+def learner_kernels(course: Course, upto: int) -> dict[str, Callable]:
+    """{kernel name: the learner's function} for every kernel of chapters 3..upto."""
+    kernels: dict[str, Callable] = {}
+    for chapter, names in KERNELS.items():
+        if chapter > upto:
+            continue
+        module = getattr(course, f"ch{chapter:02d}")
+        for name in names:
+            fn = getattr(module, name, None)
+            if fn is None:
+                raise GradeError(
+                    f"chapter {chapter}: exercises file has no function {name!r} (it was renamed?)"
+                )
+            kernels[name] = fn
+    return kernels
+
+
+def learner_model(course: Course, upto: int, fixture: str = "dense-tied", **replace: Callable):
+    """A real fixture checkpoint (tests/fixtures/<fixture>) whose backend kernels are the learner's, chapters <= upto.
+
+    Extra keyword arguments replace further kernels by name. Everything else is tinyqwen's NumPy reference.
+    """
+    from tinyqwen.model import load_model
+
+    model = load_model(FIXTURES / fixture)
+    kernels = learner_kernels(course, upto) | replace
+    model.backend = dataclasses.replace(model.backend, name=f"learner (chapters <= {upto})", **kernels)
+    return model
+
+
+def reference(fixture: str) -> dict[str, np.ndarray]:
+    """transformers' stored outputs for a fixture: input_ids [2, T], logits [2, T, vocab], single_* ..."""
+    with np.load(FIXTURES / fixture / "reference.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def expect_logits(
+    model_or_logits: Any,
+    fixture: str,
+    *,
+    what: str,
+    reread: str | None = None,
+    mistakes: Sequence[Mistake] = (),
+) -> None:
+    """The model's logits on the fixture's stored input equal transformers' (max |Δ| <= LOGITS_ATOL).
+
+    Diagnoses the classic pattern: position 0 right but later positions wrong points at what mixes positions
+    (RoPE, the causal mask, attention); everything wrong points at per-token pieces (norms, MLP, embedding, head).
+    """
+    ref = reference(fixture)
+    if callable(model_or_logits):
+        logits = model_or_logits(ref["input_ids"])
+    else:
+        logits = model_or_logits
+    want = ref["logits"]
+    try:
+        expect_close(logits, want, what=what, atol=LOGITS_ATOL, mistakes=mistakes, reread=reread,
+                     inputs=f"fixture {fixture}, input_ids {list(ref['input_ids'].shape)}")  # fmt: skip
+    except GradeError as error:
+        got = np.asarray(logits, dtype=np.float64)
+        if got.shape == want.shape and np.isfinite(got).all():
+            per_position = np.abs(got - want).max(axis=(0, 2))  # [T]
+            if per_position[0] <= LOGITS_ATOL < per_position[1:].max():
+                note = ("position 0 is right but later positions are not: look at what mixes positions — RoPE "
+                        "(pairing, angles), the causal mask, the attention softmax")  # fmt: skip
+            else:
+                note = ("position 0 is already wrong: look at the per-token pieces — RMSNorm, the MLP, the "
+                        "embedding or the output head")  # fmt: skip
+            raise GradeError(f"{error}\n  {note}") from None
+        raise

@@ -1,0 +1,1 @@
+"""Solutions mode: each chapter's functions implemented by calling tinyqwen's own code (`pytest exercises/ --solutions`)."""
