@@ -186,7 +186,8 @@ def expect_close(
     bad_nan = ~np.isfinite(got_f) & np.isfinite(want_f)
     with np.errstate(invalid="ignore"):
         diff = np.abs(got_f - want_f)
-        off = ~(diff <= atol + rtol * np.abs(want_f)) & ~(np.isnan(got_f) & np.isnan(want_f))
+        same_special = (np.isnan(got_f) & np.isnan(want_f)) | (np.isinf(want_f) & (got_f == want_f))
+        off = ~(diff <= atol + rtol * np.abs(want_f)) & ~same_special
     if not off.any():
         return
     lines = [f"shape {list(want.shape)} is right; {int(off.sum()):,} of {want.size:,} values are off"]
@@ -219,7 +220,7 @@ def _constant_factor(got: np.ndarray, want: np.ndarray) -> float | None:
         return None
     ratio = got[ok] / want[ok]
     r = float(np.median(ratio))
-    if abs(r - 1) > 1e-3 and np.allclose(ratio, r, rtol=1e-3, atol=1e-6):
+    if abs(r) > 1e-3 and abs(r - 1) > 1e-3 and np.allclose(ratio, r, rtol=1e-3, atol=1e-6):
         return r
     return None
 
