@@ -6,8 +6,9 @@ transformers. tinyqwen is never imported: these files say what the official code
 Needs torch, transformers and safetensors (the `crosscheck` extra). Deterministic (fixed seeds). Writes:
 
 ch02_loading_weights.safetensors
-    A small file in five dtypes (F32, BF16, F16, I64, and a 0-d F32 scalar), written by
-    `safetensors.torch.save_file(..., metadata={"format": "pt", "note": ...})`, as transformers writes checkpoints.
+    A small file in four dtypes (F32, BF16, F16, I64; one F32 tensor is a 0-d scalar), written by
+    `safetensors.torch.save_file(..., metadata={"format": "pt"})`, as transformers writes checkpoints. (One
+    metadata key only: the official writer orders two or more keys arbitrarily, and the file must not change.)
 
 ch02_loading_weights.npz
     tensor.<name>   what torch reads back from that file (`safetensors.torch.load_file`), floats as float32
@@ -79,7 +80,7 @@ def small_file(path: Path) -> dict[str, torch.Tensor]:
         "token.ids": torch.tensor([151643, 151645, 0, 42, 9], dtype=torch.int64),  # I64
         "scale": torch.tensor(0.125),  # a 0-d F32 scalar: shape [], one value
     }
-    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt", "note": "chapter 2"})
+    safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
     return tensors
 
 
