@@ -47,6 +47,11 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
+# %% [markdown]
+# The notebook finds the repository it lives in by walking up from the working directory to `pyproject.toml`.
+# It uses the `tinyqwen` in that repository, and the two fixture checkpoints in `tests/fixtures/`:
+
+# %%
 REPO = next(p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file())
 sys.path.insert(0, str(REPO))  # use the tinyqwen next to this notebook
 FIXTURES = REPO / "tests" / "fixtures"
@@ -191,7 +196,8 @@ assert spans[0][0] == 0 and spans[-1][1] == len(raw) - data_start
 assert all(a_end == b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
 
 # %% [markdown]
-# Here is the whole file drawn to scale, one coloured span per tensor:
+# To draw the whole file to scale, we colour each tensor by the part of the network it belongs to, which we read
+# from its name:
 
 # %%
 COLOURS = {"embed": "tab:blue", "lm_head": "tab:purple", "norm": "tab:red", "self_attn": "tab:orange", "mlp": "tab:green"}
@@ -201,6 +207,13 @@ def kind(name: str) -> str:
     return next(k for k in COLOURS if k in name)  # "norm" before "self_attn": q_norm/k_norm count as norms
 
 
+[kind(n) for n in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight", "model.layers.0.mlp.up_proj.weight")]
+
+# %% [markdown]
+# Now the picture: the length prefix and header in gray, then one coloured span per tensor, at its real position
+# and length.
+
+# %%
 fig, ax = plt.subplots(figsize=(11, 1.8))
 ax.broken_barh([(0, data_start)], (0, 1), color="lightgray")
 for name, t in tensors.items():
@@ -241,7 +254,7 @@ print(f"{bits:032b}  s={s} e={e} m={m}")
 (-1) ** s * 2.0 ** (e - 127) * (1 + m / 2**23)
 
 # %% [markdown]
-# Here is a picture of the same anatomy for $\pi$, with its bfloat16 version underneath. The next section explains it.
+# To see the three fields, we draw a bit pattern as a row of boxes, coloured by field, with the 1 bits darker:
 
 # %%
 def draw_bits(ax, value_bits: int, n: int, y: float, label: str) -> None:
@@ -254,6 +267,11 @@ def draw_bits(ax, value_bits: int, n: int, y: float, label: str) -> None:
     ax.text(-0.5, y + 0.45, label, ha="right", va="center")
 
 
+# %% [markdown]
+# We draw $\pi$ twice: as a float32, and as its top 16 bits. `.view(np.uint32)` gives the raw bit pattern of a
+# float32 without changing any bit, the same trick the next section uses in reverse.
+
+# %%
 pi32 = int(np.array(np.pi, dtype=np.float32).view(np.uint32))
 pi16 = pi32 >> 16  # bfloat16 by truncation, for the picture (section 7 rounds properly)
 fig, ax = plt.subplots(figsize=(11, 2.2))
@@ -269,7 +287,7 @@ plt.show()
 #
 # Most official Qwen3 checkpoints store **bfloat16** ("brain float", `BF16`). It keeps float32's sign and its 8
 # exponent bits and only the first 7 of the 23 mantissa bits. So a bf16 number *is* the top 16 bits of a float32.
-# It has float32's enormous range, about $10^{-38}$ to $3 \times 10^{38}$, with about 3 significant decimal digits.
+# It has float32's enormous range, about $10^{-38}$ to $3 \times 10^{38}$, with only 2 to 3 significant decimal digits.
 # The weights take half the bytes.
 #
 # NumPy has no bfloat16 type. We read the bytes as `uint16` **bit patterns** and widen them ourselves. Here are the
@@ -372,10 +390,15 @@ plt.show()
 # the type the rest of this course computes in.
 
 # %%
+# safetensors dtype name -> NumPy dtype, little-endian ("<") whatever this machine's byte order; BF16 as raw bits
 NUMPY_DTYPE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
                "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
+# %% [markdown]
+# The function has three steps: find the bytes, read exactly those bytes, and give them a type and a shape.
+
+# %%
 def read_tensor(path, name: str) -> np.ndarray:
     header, data_start = read_header(path)
     t = header[name]
@@ -486,6 +509,11 @@ def resident_mib() -> float | None:
         return None
 
 
+# %% [markdown]
+# Now we touch the matrix 256 rows (16 MiB) at a time, up to 128 MiB, and record how much the resident memory has
+# grown after each step:
+
+# %%
 if resident_mib() is None:
     print("resident memory is not measurable on this system (no /proc); the figure is skipped")
 else:
@@ -510,6 +538,7 @@ else:
 del A, row
 shutil.rmtree(tmp)  # the 2 GiB hole, gone
 
+# %%
 tmp = Path(tempfile.mkdtemp())
 copy = shutil.copy(path, tmp / "model.safetensors")
 norm = map_tensor(copy, "model.norm.weight")
@@ -570,6 +599,11 @@ def group(name: str) -> str:
     return "embed" if "embed" in name else f"layer {name.split('.')[2]}" if ".layers." in name else "norm + head"
 
 
+# %% [markdown]
+# We add up the bytes of each group of tensors (the embedding, each layer, the final norm and head), shard by
+# shard:
+
+# %%
 fig, ax = plt.subplots(figsize=(7, 3))
 bottom = np.zeros(len(groups))
 for s, colour in zip(shards, ["tab:blue", "tab:orange"]):
@@ -675,6 +709,11 @@ def expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+# %% [markdown]
+# Each layer contributes its 11 tensors (a dense layer) or its router plus three tensors per expert (a sparse
+# one). Both fixtures must match exactly what our loader found in their files, name for name and shape for shape:
+
+# %%
 for folder, loaded in ((TIED, weights_tied), (SHARDED, weights_sharded)):
     want = expected_shapes(json.loads((folder / "config.json").read_text()))
     assert want == {n: a.shape for n, a in loaded.items()}, folder.name
@@ -720,6 +759,11 @@ parts = ["embedding + head", "attention", "MLP", "norms"]
 counts = {m: {p: sum(np.prod(s) for n, s in expected_shapes(c).items() if part(n) == p) for p in parts}
           for m, c in models.items()}
 
+# %% [markdown]
+# Counting is then a sum of products of shapes, one per part. `counts` holds, for each model, the number of
+# parameters in each part:
+
+# %%
 fig, (ax, share) = plt.subplots(1, 2, figsize=(11, 2.8), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
 total = np.array([sum(counts[m].values()) for m in models])
 left = np.zeros(len(models))
@@ -801,6 +845,11 @@ class Loaded:
         return self.tensors[name]
 
 
+# %% [markdown]
+# The rest is tinyqwen's own code: `load_weights` checks every name and shape against `config.json` and arranges
+# the arrays for the forward pass. `Qwen3` is the network with the plain NumPy kernels of the later chapters:
+
+# %%
 def model_from(folder: Path, tensors: dict) -> Qwen3:
     cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
     return Qwen3(config=cfg, weights=load_weights(Loaded(tensors), cfg), backend=get_backend("numpy"))
