@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,13 @@ from tinyqwen import mlp
 from tinyqwen.attention import attention
 from tinyqwen.norm import rms_norm
 from tinyqwen.rope import apply_rope
+
+# the real-model checkpoint runs the solutions of chapters 3-5 too: they arrive with those chapters' branches
+REPO = Path(__file__).resolve().parents[2]
+NEEDS_CHAPTERS_3_TO_5 = pytest.mark.skipif(
+    not all(any((REPO / "exercises" / "solutions").glob(f"ch{n:02d}_*.py")) for n in (3, 4, 5)),
+    reason="exercises/solutions/ch03-ch05 are not in this checkout yet",
+)
 
 
 def sigmoid_not_silu(z):
@@ -154,6 +162,7 @@ def test_no_final_norm(solutions, assert_caught):
     assert_caught(grading.test_forward_untied, course, hint="final RMSNorm")
 
 
+@NEEDS_CHAPTERS_3_TO_5
 def test_buggy_swiglu_breaks_the_real_model(solutions, assert_caught):
     """The last checkpoint sees a kernel bug too, and points at the per-token pieces."""
     course = solutions.with_overrides("ch06", swiglu=swiglu_silu_on_up)
