@@ -37,6 +37,7 @@ BLOCK = notebook(6, "2. The decoder block")
 TIED = notebook(6, "3.1 Tied embeddings: one array, not two")
 MODEL = notebook(6, "3. The whole model")
 PARAMS = notebook(6, "4. How big is it? Parameters and memory")
+FINAL = notebook(6, "6. Checkpoint: our dense model against transformers")
 LAYER_KEYS = [k.removeprefix("decoder.w.") for k in R.files if k.startswith("decoder.w.")]
 
 
@@ -275,4 +276,4 @@ def test_real_model(course):
     for fixture in ("dense-tied", "dense-untied-bf16-sharded"):
         model = learner_model(course, upto=6, fixture=fixture)
         expect_logits(model, fixture, what=f"the fixture {fixture} running your rms_norm, apply_rope, attention, "
-                      "swiglu and linear", reread=notebook(6, "6. Checkpoint: our dense model against transformers"))  # fmt: skip
+                      "swiglu and linear", reread=FINAL)  # fmt: skip

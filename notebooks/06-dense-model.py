@@ -83,15 +83,15 @@ print(f"attention {attn_params / 1e6:.1f}M, MLP {mlp_params / 1e6:.1f}M per laye
 
 # %%
 def silu(z):  # [...] -> [...]
-    # z / (1 + e^-z) rather than z * sigmoid(z): one exp, and for z = -1000 it gives -0.0, not 0 * inf
-    with np.errstate(over="ignore"):  # e^1000 overflows to inf, and z / inf = 0 is the right answer
+    # z / (1 + e^-z): one exp, one division; for z = -1000, e^1000 overflows to inf and z / inf = -0.0 is right
+    with np.errstate(over="ignore"):
         return z / (1 + np.exp(-z))
 
 
 # %% [markdown]
 # Why not ReLU? ReLU's gradient is exactly 0 for every negative input, so a unit that drifts negative for all
 # inputs stops learning for good (a "dead" unit). SiLU's gradient is small there but not zero, and its curve has no
-# corner. Both behaviours are easy to see side by side:
+# corner. Side by side:
 
 # %%
 z = np.linspace(-6, 6, 241, dtype=np.float32)
@@ -125,10 +125,11 @@ print(f"max |Δ| vs torch: {np.abs(silu(z) - want).max():.1e}")
 # $$\operatorname{SwiGLU}(x) = W_\text{down}\,\big(\operatorname{silu}(W_\text{gate}\,x) \odot W_\text{up}\,x\big),
 # \qquad W_\text{gate}, W_\text{up} \in \mathbb{R}^{f\times d},\; W_\text{down} \in \mathbb{R}^{d\times f}$$
 #
-# ($\odot$ is the element-wise product; Qwen3's projections have no bias.) Compared with a plain MLP, the
-# multiplication makes the block *quadratic* in its input, and in practice it trains to better quality for the
-# same number of parameters — which is why the width is 3 × 1024 rather than the classic 4 × 1024: three matrices
-# of that width cost the same as two of the wider one.
+# ($\odot$ is the element-wise product; Qwen3's projections have no bias.) The product of two projections of the
+# same $x$ lets the block compute (roughly) quadratic functions of its input, and in Shazeer's experiments it trains
+# to better quality for the same number of parameters. It has three matrices instead of two, so the paper shrinks
+# the width from the classic $4d$ to $\tfrac{8}{3}d$ to keep the count equal; Qwen3 picks $3d$ to $3.8d$
+# (3072 for $d = 1024$ in the 0.6B model).
 #
 # First as a loop over one token — every multiply spelled out:
 
@@ -564,7 +565,8 @@ else:
     tok = tinyqwen.Tokenizer.from_pretrained(path)
     ids = np.array(tok.encode("The capital of France is"))
     top = np.argsort(-real(ids)[-1])[:5]
-    print(f"{path.name}: tied = {real.weights.lm_head is real.weights.embed}, {tinyqwen.model.count_parameters(real.config):,} parameters")
+    print(f"{path.name}: tied = {real.weights.lm_head is real.weights.embed}, "
+          f"{sum(count_parameters(real.config).values()):,} parameters by our formula")  # fmt: skip
     print("most likely next tokens:", [tok.decode([int(t)]) for t in top])
 
 # %% [markdown]
