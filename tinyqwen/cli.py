@@ -374,7 +374,6 @@ finishes, so a long file shows progress and a failure late in it loses nothing a
 
 
 def cmd_generate(args) -> int:
-    from tinyqwen.chat_template import apply_chat_template
     from tinyqwen.generation import generate_batch, stream_generate
 
     batch_size = require_positive("--batch-size", args.batch_size)
@@ -386,12 +385,15 @@ def cmd_generate(args) -> int:
     rows = []  # (where, prompt, ids, thinking mode)
     for where, p in prompts:
         messages = [{"role": "user", "content": p}]
-        text = (
-            p
+        # templated: the prompt is user content, so control tokens it spells stay plain text (as in chat);
+        # --raw feeds the text as written, added tokens included (a base model's prompt may use them on purpose)
+        ids = (
+            tokenizer.encode(p)
             if args.raw
-            else apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+            else tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, enable_thinking=enable_thinking, return_dict=False
+            )
         )
-        ids = tokenizer.encode(text)
         if len(ids) >= context:  # checked for all prompts before any is generated
             raise TinyQwenError(
                 f"{where}: prompt has {len(ids)} tokens but the model's context is {context} tokens "
