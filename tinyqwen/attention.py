@@ -40,6 +40,18 @@ def causal_mask(n_q: int, n_k: int) -> np.ndarray:  # -> [n_q, n_k] bool
     return np.arange(n_k)[None, :] <= np.arange(n_k - n_q, n_k)[:, None]
 
 
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:  # [B, S] 0/1 -> [B, S] int64
+    """Each token's position counts only the real tokens before it: `cumsum(mask) - 1` (padding gets 0).
+
+    With left padding, a row's first real token is position 0 whatever its column, so a padded row computes
+    exactly what it would compute alone.
+
+    >>> positions_from_mask(np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist()
+    [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    """
+    return np.maximum(np.cumsum(np.asarray(mask, dtype=np.int64), axis=1) - 1, 0)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] bool -> [B, Hq, T, d]
     B, Hq, T, d = q.shape
