@@ -99,7 +99,9 @@ def main() -> None:
         arrays[f"{name}_out"] = np.stack([run(make(v), logits, seen) for v in values])
 
     # transformers' own pipeline (and its order), as generate(do_sample=True, ...) builds it
-    model = AutoModelForCausalLM.from_pretrained(REPO / "tests" / "fixtures" / "dense-tied", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        REPO / "tests" / "fixtures" / "dense-tied", dtype=torch.float32
+    )
     config = GenerationConfig(do_sample=True, **PIPELINE)
     processors = model._get_logits_processor(config, input_ids_seq_length=SEEN, device="cpu", model_kwargs={})
     order = [type(p).__name__ for p in processors]
