@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinyqwen.errors import GenerationError
+
 # a large negative number rather than -inf: a query row with every key masked (a padding row) then gets a harmless
 # uniform average instead of NaN, exactly as transformers does with finfo.min
 MASKED = np.finfo(np.float32).min
@@ -49,7 +51,10 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:  # [B, S] 0/1 -> [B, S]
     >>> positions_from_mask(np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist()
     [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
     """
-    return np.maximum(np.cumsum(np.asarray(mask, dtype=np.int64), axis=1) - 1, 0)
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise GenerationError(f"an attention mask has shape [batch, length], got shape {list(mask.shape)}")
+    return np.maximum(np.cumsum(mask.astype(np.int64), axis=1) - 1, 0)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:

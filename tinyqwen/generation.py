@@ -115,6 +115,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
     >>> ids.tolist(), mask.tolist()
     ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
     """  # B prompts -> [B, P] int64 ids, [B, P] int64 mask (1 real token, 0 padding)
+    if len(prompts) == 0:
+        raise GenerationError("left_pad needs at least one prompt, got none")
     width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(prompts), width), dtype=np.int64)
