@@ -529,6 +529,8 @@ else:
 # same with its own pipeline.
 
 # %%
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 from exercises.references.make_ch09_chat_template_thinking import GENERATION_CONFIG, tiny_chat_checkpoint  # noqa: E402
@@ -536,7 +538,8 @@ from tinyqwen.safetensors import save_file  # noqa: E402
 
 e = ref["end_to_end"]
 config, tensors = tiny_chat_checkpoint(e["seed"])
-folder = Path(tempfile.mkdtemp(prefix="tiny-chat-"))
+folder = Path(tempfile.mkdtemp(prefix="tiny-chat-"))  # ~20 MB, removed when the kernel exits
+atexit.register(shutil.rmtree, folder, ignore_errors=True)
 (folder / "config.json").write_text(json.dumps(config))
 (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
 save_file(tensors, folder / "model.safetensors")
