@@ -279,8 +279,8 @@ print("base model gets   ", tok.encode(base_prompt))
 print("instruct model gets", tok.encode(chat_prompt))
 
 # %% [markdown]
-# tinyqwen's command line follows this rule: `tinyqwen generate` sends raw text, `tinyqwen chat` applies the
-# template.
+# tinyqwen's command line follows this rule: `tinyqwen chat` and `tinyqwen generate` apply the template;
+# `tinyqwen generate --raw` sends the prompt as it is — the way to talk to a base model.
 #
 # ## Parsing the thinking out
 #
