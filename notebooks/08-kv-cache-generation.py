@@ -315,9 +315,9 @@ from tinyqwen.config import load_config  # noqa: E402
 from tinyqwen.model import count_parameters  # noqa: E402
 
 c = load_config(FIXTURES / "configs" / "Qwen3-0.6B.json")
-per_position = 2 * (
-    count_parameters(c) - c.vocab_size * c.hidden_size
-)  # matmul FLOPs; the embedding is a lookup
+# multiply-adds of the matrix products; the embedding is a lookup (and the output head, which in 0.6B is the
+# same matrix, runs only on the last position with last_only=True)
+per_position = 2 * (count_parameters(c) - c.vocab_size * c.hidden_size)
 P0, N0 = 1000, 500
 for name, positions in [("naive", N0 * P0 + N0 * (N0 - 1) // 2), ("cached", P0 + N0 - 1)]:
     print(f"{name:7} {positions:>9,} positions ≈ {positions * per_position / 1e12:6.1f} TFLOPs")
