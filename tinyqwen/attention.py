@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from tinyqwen.errors import GenerationError
+
 # a large negative number rather than -inf: a query row with every key masked (a padding row) then gets a harmless
 # uniform average instead of NaN, exactly as transformers does with finfo.min
 MASKED = np.finfo(np.float32).min
@@ -38,6 +40,21 @@ def causal_mask(n_q: int, n_k: int) -> np.ndarray:  # -> [n_q, n_k] bool
            [1, 1, 1]])
     """
     return np.arange(n_k)[None, :] <= np.arange(n_k - n_q, n_k)[:, None]
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:  # [B, S] 0/1 -> [B, S] int64
+    """Each token's position counts only the real tokens before it: `cumsum(mask) - 1` (padding gets 0).
+
+    With left padding, a row's first real token is position 0 whatever its column, so a padded row computes
+    exactly what it would compute alone.
+
+    >>> positions_from_mask(np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])).tolist()
+    [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise GenerationError(f"an attention mask has shape [batch, length], got shape {list(mask.shape)}")
+    return np.maximum(np.cumsum(mask.astype(np.int64), axis=1) - 1, 0)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -111,6 +111,28 @@ def generate_batch(
 # --------------------------------------------------------------------------------------------- the loop
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts of different lengths as one rectangle, padded on the left, and its attention mask.
+
+    Left, so that every row's last real token sits in the last column: the next tokens of all rows are then
+    read from, and appended to, the same column.
+
+    >>> ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    >>> ids.tolist(), mask.tolist()
+    ([[5, 6, 7], [0, 0, 8]], [[1, 1, 1], [0, 0, 1]])
+    """  # B prompts -> [B, P] int64 ids, [B, P] int64 mask (1 real token, 0 padding)
+    if len(prompts) == 0:
+        raise GenerationError("left_pad needs at least one prompt, got none")
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for b, prompt in enumerate(prompts):
+        if len(prompt):
+            ids[b, width - len(prompt) :] = prompt
+            mask[b, width - len(prompt) :] = 1
+    return ids, mask
+
+
 @dataclass
 class _Row:
     """One sequence's bookkeeping in the decode loop."""
@@ -154,11 +176,8 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
     # prefill: left-pad to a rectangle; the running mask covers every column the cache will ever hold
     B, P = len(rows), longest
     pad = options["pad_token_id"]
-    ids = np.full((B, P), pad, dtype=np.int64)
-    mask = np.ones((B, P + max_new_tokens), dtype=np.int64)
-    for b, row in enumerate(rows):
-        ids[b, P - len(row.prompt) :] = row.prompt
-        mask[b, : P - len(row.prompt)] = 0
+    ids, prompt_mask = left_pad([row.prompt for row in rows], pad)  # [B, P] x2
+    mask = np.concatenate([prompt_mask, np.ones((B, max_new_tokens), dtype=np.int64)], axis=1)
     cache = model.new_cache(B, P + max_new_tokens)
     chunk = options["prefill_chunk_size"] or P
     for start in range(0, P, chunk):

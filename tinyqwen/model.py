@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import Backend, get_backend
-from tinyqwen.attention import causal_mask
+from tinyqwen.attention import causal_mask, positions_from_mask
 from tinyqwen.config import Qwen3Config, load_config, load_generation_config
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
@@ -279,7 +279,7 @@ class Qwen3:
                 )
         if positions is None:
             # left padding: a row's first real token is position 0, whatever its column
-            positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0)[:, past:]
+            positions = positions_from_mask(key_mask)[:, past:]
         positions = np.asarray(positions)
         if positions.shape not in ((T,), (B, T)) or positions.dtype.kind not in "iu":
             raise GenerationError(

@@ -202,9 +202,15 @@ def min_p_filter(logits: np.ndarray, min_p: float) -> np.ndarray:
     """  # [V] -> [V]
     if min_p <= 0.0:
         return logits
-    # p_i >= min_p * p_max  <=>  logit_i >= logit_max + log(min_p): no softmax needed
-    threshold = np.max(logits) + np.log(min_p)
-    return np.where(logits >= threshold, logits, -np.inf)
+    # compare probabilities, as transformers does: the equivalent test on logits (logit_i >= logit_max +
+    # log(min_p)) rounds differently when probabilities tie, e.g. min_p = 1 with logits 1e-135 and 0 (equal
+    # probabilities: both kept). Only the candidates still alive are softmaxed (after top-k: 20, not 151,936).
+    alive = np.flatnonzero(logits > -np.inf)
+    probs = softmax(logits[alive])
+    kept = alive[probs >= min_p * probs.max() * (1 - 1e-9)]  # the same rounding slack as top_p_filter
+    out = np.full(logits.shape, -np.inf, dtype=logits.dtype if logits.dtype.kind == "f" else np.float64)
+    out[kept] = logits[kept]
+    return out
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
