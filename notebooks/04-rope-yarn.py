@@ -59,20 +59,13 @@ def maxdiff(a, b) -> float:
 
 # %% [markdown]
 # `REF` holds what transformers' `Qwen3RotaryEmbedding` and `apply_rotary_pos_emb` compute on the real Qwen3-0.6B
-# configuration (the generator is `exercises/references/make_ch04_rope_yarn.py`). We read the configuration too —
-# from an official checkpoint if this machine has one, else from the repo's copy of its `config.json`:
+# configuration (the generator is `exercises/references/make_ch04_rope_yarn.py`). The configuration itself is the
+# official `config.json` of Qwen3-0.6B, of which the repo keeps a copy — RoPE needs nothing else from a checkpoint:
 
 # %%
-import tinyqwen.hub
 from tinyqwen.config import load_config
 
-official = tinyqwen.hub.official_checkpoint()
-if official is None:
-    print("no official Qwen3 checkpoint on this machine: using the repo's copy of Qwen3-0.6B's config.json")
-    config = load_config(FIXTURES / "configs" / "Qwen3-0.6B.json")
-else:
-    print(f"using the config of the official checkpoint in {official}")
-    config = load_config(official)
+config = load_config(FIXTURES / "configs" / "Qwen3-0.6B.json")
 HEAD_DIM, THETA = config.head_dim, config.rope_theta
 print(f"head_dim = {HEAD_DIM}, rope_theta = {THETA:g}, context = {config.max_position_embeddings}")
 
@@ -526,10 +519,13 @@ plt.xlabel("stretch factor s"), plt.ylabel("logit scale t²"), plt.title("YaRN's
 plt.show()
 
 # %% [markdown]
-# The whole YaRN table at the long positions transformers was asked for (1K, 8K, 32K, 100K, 131K):
+# The whole YaRN table of Qwen3-0.6B-yarn at the long positions transformers was asked for (1K, 8K, 32K, 100K,
+# 131K), from our own `yarn_inv_freq` and `yarn_attention_factor`:
 
 # %%
-yc, ys = rope_cos_sin(REF["cos_sin.yarn_long.positions"], yarn_inv, t)
+yarn_06 = yarn_inv_freq(*(REF[f"yarn.qwen3_0_6b.{k}"].item()
+                          for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")))
+yc, ys = rope_cos_sin(REF["cos_sin.yarn_long.positions"], yarn_06, yarn_attention_factor(4.0))
 print("positions", REF["cos_sin.yarn_long.positions"].tolist())
 print("max |Δ| vs transformers:", max(maxdiff(yc, REF["cos_sin.yarn_long.cos"]), maxdiff(ys, REF["cos_sin.yarn_long.sin"])))
 
@@ -579,7 +575,7 @@ print("input", fixture["input_ids"].shape, "| logits max |Δ| vs transformers:",
 q_long = apply_rope(REF["rope.yarn_long.q"], REF["rope.yarn_long.cos"], REF["rope.yarn_long.sin"])
 checks = {  # name: (max |Δ| against transformers, bound)
     "inv_freq (Qwen3-0.6B), relative": (maxdiff(inv_freq / REF["freq.qwen3_0_6b.inv_freq"], 1), 1e-6),
-    "YaRN inv_freq (0.6B-yarn), relative": (maxdiff(yarn_inv / REF["yarn.qwen3_0_6b.inv_freq"], 1), 1e-6),
+    "YaRN inv_freq (0.6B-yarn), relative": (maxdiff(yarn_06 / REF["yarn.qwen3_0_6b.inv_freq"], 1), 1e-6),
     "YaRN cos at 0..131071": (maxdiff(yc, REF["cos_sin.yarn_long.cos"]), 1e-5),
     "YaRN sin at 0..131071": (maxdiff(ys, REF["cos_sin.yarn_long.sin"]), 1e-5),
     "RoPE on q at 100K positions": (maxdiff(q_long, REF["rope.yarn_long.q_embed"]), 1e-5),
