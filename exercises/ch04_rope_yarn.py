@@ -17,7 +17,8 @@ import numpy as np
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:  # -> [head_dim // 2] float32
     """The rotation speed of each channel pair: inv_freq[i] = 1 / theta ** (2i / head_dim), i = 0 .. head_dim/2 - 1.
 
-    Pair 0 turns 1 radian per position; the last pair turns almost theta times slower. Compute in float32.
+    Pair 0 turns 1 radian per position; the last pair turns almost theta times slower. Return float32 (the
+    notebook's section "Float32 angles" shows why its last bit matters at long positions).
 
     >>> rope_inv_freq(4, 10000.0)
     array([1.  , 0.01], dtype=float32)
