@@ -136,6 +136,28 @@ def test_nan_logits_name_the_step_and_the_first_layer(tmp_path, sampling):
         tq.generate_batch(model, [[9707], [1879, 11]], 4, **sampling)
 
 
+def test_nan_made_by_padding_is_not_blamed_on_the_weights():
+    """An attention kernel that masks with -inf makes NaN only in a left-padded batch (a padding query sees no key):
+    the message must say so, not point at the weights, the final norm or lm_head."""
+    import dataclasses
+
+    from tinyqwen.attention import softmax
+
+    def attention_minus_inf(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S]
+        group = q.shape[1] // k.shape[1]
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+        scores = np.where(mask[:, None], q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1]), -np.inf)
+        with np.errstate(invalid="ignore"):
+            return (softmax(scores) @ v).astype(np.float32)
+
+    model = tq.load_model(FIXTURES / "dense-tied")
+    model.backend = dataclasses.replace(model.backend, attention=attention_minus_inf)
+    assert len(tq.generate(model, [5, 6, 7], 2, eos_token_ids=())) == 2  # alone: no padding, no NaN
+    with pytest.raises(GenerationError, match="run alone .* all finite.*padded batch") as error:
+        tq.generate_batch(model, [[5, 6, 7], [5]], 2, eos_token_ids=())
+    assert "lm_head" not in str(error.value) and "weights" not in str(error.value)
+
+
 def test_non_finite_logits_later_in_a_reply_name_that_step():
     def rule(history):  # fine for three new tokens, then +inf everywhere
         logits = np.zeros(64, np.float32)

@@ -94,3 +94,18 @@ def test_yarn_matches_transformers():
     # YaRN must actually change something here, or the test proves nothing
     assert not np.allclose(inv_freq, default_inv_freq(config.head_dim, config.rope_theta))
     assert factor != 1.0
+
+
+def test_long_position_tables_match_transformers():
+    """From config.json to the cos/sin tables at positions up to 40,959 (plain) and 131,071 (YaRN), end to end.
+
+    The reference is transformers' Qwen3RotaryEmbedding on the real Qwen3-0.6B configs (exercises/references/,
+    made by make_ch04_rope_yarn.py). One float32 ulp of a fast pair's inv_freq moves its angle by ~2e-3 rad at
+    position 40,959, so this fails unless inv_freq is rounded the way torch rounds it.
+    """
+    ref = np.load(Path(__file__).parents[1] / "exercises" / "references" / "ch04_rope_yarn.npz")
+    for case, config in (("long", "Qwen3-0.6B.json"), ("yarn_long", "Qwen3-0.6B-yarn.json")):
+        inv_freq, factor = rope_parameters(load_config(FIXTURES / "configs" / config))
+        cos, sin = rope_cos_sin(ref[f"cos_sin.{case}.positions"], inv_freq, factor)
+        np.testing.assert_allclose(cos, ref[f"cos_sin.{case}.cos"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(sin, ref[f"cos_sin.{case}.sin"], atol=1e-5, rtol=0)

@@ -230,19 +230,31 @@ def _check_finite(model, rows: list[_Row], logits: np.ndarray, step: int) -> Non
     where = f" in batch row {b}" if len(rows) > 1 else ""
     message = f"the model's logits are {kind} when choosing new token {step + 1}{where}"
     first = _first_non_finite(model, rows[b].prompt + rows[b].output)
+    if first == "":
+        # the same sequence run alone is finite everywhere: the batch's padding or the cache made the NaN
+        raise GenerationError(
+            message
+            + "; run alone (no padding, no cache) this row's values are all finite, so the padded batch "
+            "or the KV cache makes them: e.g. a padding position that may attend to no key, its scores masked "
+            "with -inf (softmax 0/0 = NaN, which then spreads through the keys and values of the next layer)"
+        )
     if first is not None:
         message += f"; the first non-finite values are in {first}"
     raise GenerationError(message + ": check the checkpoint's weights (a NaN or a huge value) and its config")
 
 
 def _first_non_finite(model, ids: list[int]) -> str | None:
+    """Where the sequence `ids`, run alone, first goes non-finite; "" when it stays finite; None: cannot tell."""
     forward = getattr(model, "forward", None)
     if forward is None or "return_hidden_states" not in inspect.signature(forward).parameters:
         return None  # a model-like object without hidden states: the step alone must do
-    hidden = forward(np.asarray([ids]), return_hidden_states=True).hidden_states  # [embeddings, layer 0, ...]
+    out = forward(np.asarray([ids]), return_hidden_states=True)
+    hidden = out.hidden_states  # [embeddings, layer 0, ...]
     for i, h in enumerate(hidden):
         if not np.isfinite(h).all():
             return "the token embeddings" if i == 0 else f"the output of layer {i - 1} (of {len(hidden) - 1})"
+    if np.isfinite(out.logits).all():
+        return ""
     return "the final norm or lm_head (every layer's output is finite)"
 
 
