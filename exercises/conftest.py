@@ -42,13 +42,13 @@ def _chapter_of(nodeid: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _not_written(excinfo) -> str:
-    """Which stub raised NotImplementedError, from the traceback: 'exercises/ch03_x.py: rms_norm'."""
+def _not_written(excinfo, chapter: int) -> tuple[str, int]:
+    """Which stub raised NotImplementedError, and its chapter: ('exercises/ch03_x.py: rms_norm()', 3)."""
     for entry in reversed(excinfo.traceback):
         path = Path(str(entry.path))
-        if path.parent.name in ("exercises", "solutions") and path.name.startswith("ch"):
-            return f"{path.parent.name}/{path.name}: {entry.name}()"
-    return "a function of the exercises"
+        if path.parent.name in ("exercises", "solutions") and re.match(r"ch\d\d_", path.name):
+            return f"{path.parent.name}/{path.name}: {entry.name}()", int(path.name[2:4])
+    return "a function of the exercises", chapter
 
 
 class _Grades:
@@ -85,9 +85,10 @@ def pytest_runtest_makereport(item, call):
     head = f"Chapter {chapter} · {CHAPTERS[chapter][0]} · checkpoint {title!r}"
     error = call.excinfo.value
     if isinstance(error, NotImplementedError):
+        stub, stub_chapter = _not_written(call.excinfo, chapter)
         report.longrepr = (
-            f"{head}\n  not written yet: {_not_written(call.excinfo)} raises NotImplementedError.\n"
-            f"  Work through {notebook(chapter)}, then fill in the function (its docstring has a worked example)."
+            f"{head}\n  not written yet: {stub} raises NotImplementedError.\n"
+            f"  Work through {notebook(stub_chapter)}, then fill in the function (its docstring has a worked example)."
         )
     elif isinstance(error, GradeError):
         report.longrepr = f"{head}\n  {error}"

@@ -408,6 +408,6 @@ def expect_logits(
                         "(pairing, angles), the causal mask, the attention softmax")  # fmt: skip
             else:
                 note = ("position 0 is already wrong: look at the per-token pieces — RMSNorm, the MLP, the "
-                        "embedding or the output head")  # fmt: skip
+                        "embedding or the output head — or at which kv head each query head uses (GQA grouping)")  # fmt: skip
             raise GradeError(f"{error}\n  {note}") from None
         raise
