@@ -68,6 +68,7 @@ def arrow(ax, xy_from, xy_to):
     ax.annotate("", xy_to, xy_from, arrowprops=dict(arrowstyle="->", color="dimgray"))
 
 
+# %%
 fig, ax = plt.subplots(figsize=(8, 9.5))
 steps = [  # (y, text, colour): text side orange, the network blue, output side green
     (0.97, "messages  →  chat template (ch. 9)", "#fde0c5"),
@@ -247,27 +248,26 @@ def active_parameters(c) -> int:
 # spans almost three orders of magnitude.
 
 # %%
-total = np.array([count_parameters(configs[n]) for n in ORDER]) / 1e9
+total = np.array([count_parameters(configs[n]) for n in ORDER]) / 1e9  # billions
 active = np.array([active_parameters(configs[n]) for n in ORDER]) / 1e9
-names = [n.removeprefix("Qwen3-") for n in ORDER]
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-x = np.arange(len(ORDER))
-ax1.bar(x - 0.2, total, 0.4, label="total")
-ax1.bar(x + 0.2, active, 0.4, label="active per token")
-ax1.set_yscale("log")
-ax1.set_ylabel("parameters (billions)")
-ax1.set_title("Parameters: total vs active")
-ax2.bar(x - 0.2, total * 2, 0.4, label="bfloat16 (the checkpoint)", color="C2")
-ax2.bar(x + 0.2, total * 4, 0.4, label="float32 (this book's NumPy model)", color="C3")
-ax2.axhline(16, ls="--", color="gray")
-ax2.text(-0.4, 18, "16 GB: a typical laptop", color="gray", fontsize=9)
-ax2.set_yscale("log")
-ax2.set_ylabel("weights in memory (GB)")
-ax2.set_title("Memory for the weights alone")
-for ax in (ax1, ax2):
-    ax.set_xticks(x, names, rotation=30)
-    ax.legend(fontsize=8, loc="upper left")
-plt.tight_layout()
+names, x = [n.removeprefix("Qwen3-") for n in ORDER], np.arange(len(ORDER))
+fig, ax = plt.subplots(figsize=(8, 3.5))
+ax.bar(x - 0.2, total, 0.4, label="total")
+ax.bar(x + 0.2, active, 0.4, label="active per token")
+ax.set(yscale="log", ylabel="parameters (billions)", title="Parameters: total vs active")
+ax.set_xticks(x, names)
+ax.legend()
+plt.show()
+
+# %%
+fig, ax = plt.subplots(figsize=(8, 3.5))
+ax.bar(x - 0.2, total * 2, 0.4, label="bfloat16 (the checkpoint)", color="C2")
+ax.bar(x + 0.2, total * 4, 0.4, label="float32 (this book's NumPy model)", color="C3")
+ax.axhline(16, ls="--", color="gray")
+ax.text(-0.4, 18, "16 GB: a typical laptop", color="gray", fontsize=9)
+ax.set(yscale="log", ylabel="weights in memory (GB)", title="Memory for the weights alone")
+ax.set_xticks(x, names)
+ax.legend(loc="upper left")
 plt.show()
 
 # %% [markdown]
