@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:  # `import exercises...` from any working director
 
 from exercises.grading import CHAPTERS, Course, GradeError, notebook, solutions_mode  # noqa: E402
 
-_CHAPTER_FILE = re.compile(r"test_ch(\d\d)_\w+\.py$")
+_CHAPTER_FILE = re.compile(r"(?:^|/)exercises/test_ch(\d\d)_\w+\.py$")
 
 
 def pytest_addoption(parser):

@@ -28,6 +28,7 @@ safetensors_torch = pytest.importorskip("safetensors.torch")
 import tinyqwen  # noqa: E402
 from tinyqwen.config import load_config  # noqa: E402
 from tinyqwen.rope import rope_parameters  # noqa: E402
+from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 
 pytestmark = pytest.mark.crosscheck
 
@@ -42,8 +43,14 @@ _spec.loader.exec_module(mf)
 
 NAMES = [f.name for f in mf.FIXTURES]
 BY_NAME = {f.name: f for f in mf.FIXTURES}
-DRIFT_TOL = 1e-5  # stored vs live transformers: float32 ulp at |logit| ~ 20 is 2e-6; 10x below TINYQWEN_TOL
-TINYQWEN_TOL = 1e-4  # tinyqwen vs transformers, max abs difference (the issue's acceptance bound)
+# One bound for both questions: `tolerance(theirs)` = RTOL · max(1, max |theirs|), RTOL = 1e-5 (tinyqwen/verify.py
+# says why, with the measurements). It is relative to the values' size because torch's CPU kernels block their
+# sums differently per instruction set (Intel AVX-512/AMX vs AMD AVX2/AVX-512): an AMD EPYC host found the stored
+# logits of dense-tied and moe-sparse-step 1.03e-5 and 1.07e-5 away from its own transformers run, which the old
+# absolute 1e-5 called drift although it is 7e-7 of the logits' size. Re-running transformers here with torch's
+# DEFAULT / AVX2 / AVX-512 kernels and MKL on SSE4.2 / AVX2 / COMPATIBLE moves every stored array by at most
+# 1.9e-6 of its size; tinyqwen differs from the stored arrays by at most 1.7e-6. Real drift (a changed formula in
+# transformers, a different RMSNorm eps, RoPE or routing) moves them by 2e-5 or far more, and fails.
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -71,6 +78,12 @@ def max_abs(a, b) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     assert a.shape == b.shape, f"shapes differ: {a.shape} vs {b.shape}"
     return float(np.abs(a - b).max())
+
+
+def assert_equal(ours, theirs, what: str) -> None:
+    """max |ours - theirs| <= tolerance(theirs), with both numbers in the message when it fails."""
+    diff, bound = max_abs(ours, theirs), tolerance(theirs)
+    assert diff <= bound, f"{what}: max |difference| {diff:.3g} > {bound:.3g} = {RTOL:g} x max(1, max |ref|)"
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -112,7 +125,7 @@ def test_reference_npz_equals_live_transformers(case, live):
         if value.dtype.kind in "iu":
             np.testing.assert_array_equal(stored[key], value, err_msg=key)
         else:
-            assert max_abs(stored[key], value) <= DRIFT_TOL, f"{name}: {key} drifted from transformers"
+            assert_equal(stored[key], value, f"{name}: {key} drifted from transformers")
 
 
 def test_generate_json_equals_live_transformers(case, live):
@@ -130,8 +143,8 @@ def test_generate_json_equals_live_transformers(case, live):
 def test_logits_batch_and_single(case, live):
     name, _, model = case
     arrays, _ = live
-    assert max_abs(model(arrays["input_ids"]), arrays["logits"]) <= TINYQWEN_TOL
-    assert max_abs(model(arrays["single_input_ids"]), arrays["single_logits"]) <= TINYQWEN_TOL
+    assert_equal(model(arrays["input_ids"]), arrays["logits"], f"{name}: logits")
+    assert_equal(model(arrays["single_input_ids"]), arrays["single_logits"], f"{name}: single logits")
 
 
 def test_hidden_states_per_layer(case, live):
@@ -141,7 +154,7 @@ def test_hidden_states_per_layer(case, live):
     hidden = np.stack(out.hidden_states)  # [L + 1, B, T, H]: embeddings, then each layer's output (pre-norm)
     assert hidden.shape == arrays["hidden_states"].shape
     for i, (ours, theirs) in enumerate(zip(hidden, arrays["hidden_states"], strict=True)):
-        assert max_abs(ours, theirs) <= TINYQWEN_TOL, f"{name}: hidden state {i} differs"
+        assert_equal(ours, theirs, f"{name}: hidden state {i}")
 
 
 def test_router_logits_and_aux_loss(case, live):
@@ -149,14 +162,14 @@ def test_router_logits_and_aux_loss(case, live):
     arrays, _ = live
     config = BY_NAME[name].config
     logits, router = model(arrays["input_ids"], return_router_logits=True)
-    assert max_abs(logits, arrays["logits"]) <= TINYQWEN_TOL
+    assert_equal(logits, arrays["logits"], f"{name}: logits")
     if "router_logits" not in arrays:
         assert router == []
         return
     assert len(router) == len(arrays["moe_layer_indices"])
-    assert max_abs(np.stack(router), arrays["router_logits"]) <= TINYQWEN_TOL
+    assert_equal(np.stack(router), arrays["router_logits"], f"{name}: router logits")
     aux = tinyqwen.load_balancing_loss(router, config["num_experts"], config["num_experts_per_tok"])
-    assert abs(float(aux) - float(arrays["aux_loss"])) <= 1e-5 * float(arrays["aux_loss"])
+    assert_equal(aux, arrays["aux_loss"], f"{name}: aux loss")
 
 
 def test_rope_inv_freq_and_attention_factor(case):
@@ -192,7 +205,7 @@ def test_fresh_inputs(case):
     ids = rng.integers(0, config["vocab_size"], size=(3, T))
     with torch.no_grad():
         theirs = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
-    assert max_abs(model(ids), theirs) <= TINYQWEN_TOL
+    assert_equal(model(ids), theirs, f"{name}: logits on fresh inputs")
 
 
 def test_greedy_generation_single_and_batched(case, live):
@@ -226,7 +239,7 @@ def test_transformers5_resaved_config_gives_the_same_model(case, tmp_path):
     with torch.no_grad():
         theirs = hf5(input_ids=torch.from_numpy(ids)).logits.numpy()
     ours = tinyqwen.load_model(folder)(ids)
-    assert max_abs(ours, theirs) <= TINYQWEN_TOL
+    assert_equal(ours, theirs, f"{name}: logits with a re-saved config")
     assert max_abs(ours, model(ids)) == 0.0  # same weights, same config values -> bit-identical
 
 
@@ -254,4 +267,4 @@ def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):
     ids = np.load(folder / "reference.npz")["input_ids"]
     with torch.no_grad():
         theirs = hf(input_ids=torch.from_numpy(ids)).logits.numpy()
-    assert max_abs(tinyqwen.load_model(folder)(ids), theirs) <= TINYQWEN_TOL
+    assert_equal(tinyqwen.load_model(folder)(ids), theirs, "tied checkpoint with a stored lm_head")

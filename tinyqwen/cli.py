@@ -3,7 +3,7 @@
     tinyqwen chat --model Qwen/Qwen3-0.6B                 # multi-turn REPL; Ctrl-D quits
     tinyqwen chat --model ./ckpt --no-think --temperature 0
     tinyqwen generate --model ./ckpt "Write a haiku about NumPy"
-    tinyqwen generate --model ./ckpt --file prompts.txt    # one prompt per line, generated as one batch
+    tinyqwen generate --model ./ckpt --file prompts.txt    # one prompt per line, in batches of 8
     tinyqwen verify --model ./ckpt                         # our logits vs transformers' (if installed)
     tinyqwen info --model ./ckpt                           # config, parameters, memory
     tinyqwen bench --model ./ckpt                          # prefill / decode tokens per second
@@ -222,58 +222,108 @@ def cmd_chat(args) -> int:
         messages.append({"role": "assistant", "content": answer})
 
 
-def read_prompts(args) -> list[str]:
-    prompts = list(args.prompt)
+def read_prompts(args) -> list[tuple[str, str]]:
+    """(where, prompt) for each prompt: the arguments, then the --file's non-blank lines (`where` names them in
+    errors). The whole file is read and checked first, so a bad byte fails before any generation starts."""
+    prompts = [(f"prompt {i + 1}", p) for i, p in enumerate(args.prompt)]
     if args.file:
-        file = Path(args.file)
+        file = Path(args.file).expanduser()
         if not file.is_file():
             raise TinyQwenError(f"--file {file}: no such file")
-        prompts += [line for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:  # utf-8-sig: a byte-order mark (as some Windows editors write) is not part of the first prompt
+            text = file.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = file.read_bytes()[: e.start].count(b"\n") + 1
+            raise TinyQwenError(
+                f"--file {file}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}, line {line}); "
+                "save it as UTF-8"
+            ) from None
+        prompts += [
+            (f"{file.name} line {n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()
+        ]
     if not prompts:
         raise TinyQwenError("no prompt: give one as an argument or --file with one prompt per line")
     return prompts
+
+
+DEFAULT_BATCH_SIZE = 8
+"""Prompts of a `--file` generated together. Batching makes each decode step a matrix product over the rows, so
+8 rows cost far less than 8 single runs; past that the gain flattens on a CPU while memory keeps growing: the KV
+cache holds batch x (prompt + max_new_tokens) positions, 224 KiB each for Qwen3-0.6B in float32, so 8 rows of a
+2,048-token reply take about 3.5 GiB beside 2.4 GiB of weights. Each batch's replies are written as soon as it
+finishes, so a long file shows progress and a failure late in it loses nothing already written."""
 
 
 def cmd_generate(args) -> int:
     from tinyqwen.chat_template import apply_chat_template
     from tinyqwen.generation import generate_batch, stream_generate
 
+    batch_size = require_positive("--batch-size", args.batch_size)
     prompts = read_prompts(args)
     model, tokenizer = load(args)
     eos = eos_ids(model)
     enable_thinking = not args.no_think
-    texts, modes = [], []
-    for p in prompts:
+    context = model.config.max_position_embeddings
+    rows = []  # (where, prompt, ids, thinking mode)
+    for where, p in prompts:
         messages = [{"role": "user", "content": p}]
-        modes.append(thinking_mode(messages, enable_thinking) and not args.raw)
-        texts.append(
+        text = (
             p
             if args.raw
             else apply_chat_template(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
         )
-    # one batch shares one set of sampling values: the first prompt's mode picks the preset
-    params = sampling_params(args, model.generation_config, modes[0])
-    ids = [tokenizer.encode(t) for t in texts]
-    kwargs = generation_kwargs(args, params)
+        ids = tokenizer.encode(text)
+        if len(ids) >= context:  # checked for all prompts before any is generated
+            raise TinyQwenError(
+                f"{where}: prompt has {len(ids)} tokens but the model's context is {context} tokens "
+                "(max_position_embeddings): shorten the prompt"
+            )
+        rows.append((where, p, ids, thinking_mode(messages, enable_thinking) and not args.raw))
     style = Style.for_stream(sys.stdout, args.no_color)
-    if len(ids) == 1 and not args.json:
+    if len(rows) == 1 and not args.json:
+        params = sampling_params(args, model.generation_config, rows[0][3])
         printer = ReplyPrinter(tokenizer, style, sys.stdout, eos)
-        for token in stream_generate(model, ids[0], args.max_new_tokens, eos_token_ids=eos, **kwargs):
+        kwargs = generation_kwargs(args, params)
+        for token in stream_generate(model, rows[0][2], args.max_new_tokens, eos_token_ids=eos, **kwargs):
             printer.push(token)
         printer.close()
         return 0
-    outputs = generate_batch(model, ids, args.max_new_tokens, eos_token_ids=eos, **kwargs)
-    for i, (prompt, out) in enumerate(zip(prompts, outputs, strict=True)):
-        thinking, answer = answer_text(tokenizer, out, eos)
-        if args.json:
-            record = {"prompt": prompt, "thinking": thinking, "answer": answer, "ids": out}
-            print(json.dumps(record, ensure_ascii=False))
-            continue
-        print(style.dim(f"--- [{i + 1}/{len(prompts)}] {prompt}"))
-        if thinking:
-            print(style.dim(f"[thinking]{thinking}[/thinking]"))
-        print(answer)
+    done = 0
+    for batch in batches(rows, batch_size):
+        # one batch shares one set of sampling values, so a batch holds prompts of one mode only
+        params = sampling_params(args, model.generation_config, batch[0][3])
+        kwargs = generation_kwargs(args, params)
+        outputs = generate_batch(
+            model, [r[2] for r in batch], args.max_new_tokens, eos_token_ids=eos, **kwargs
+        )
+        for (_, prompt, _, _), out in zip(batch, outputs, strict=True):
+            done += 1
+            thinking, answer = answer_text(tokenizer, out, eos)
+            if args.json:
+                record = {"prompt": prompt, "thinking": thinking, "answer": answer, "ids": out}
+                print(json.dumps(record, ensure_ascii=False))
+                continue
+            print(style.dim(f"--- [{done}/{len(rows)}] {prompt}"))
+            if thinking:
+                print(style.dim(f"[thinking]{thinking}[/thinking]"))
+            print(answer)
+        sys.stdout.flush()  # this batch is on disk (or the pipe) before the next one starts
     return 0
+
+
+def batches(rows: list[tuple], size: int) -> list[list[tuple]]:
+    """Consecutive runs of at most `size` rows with the same thinking mode (the last field), in order.
+
+    >>> [len(b) for b in batches([("a", True)] * 5 + [("b", False)] * 2, 2)]
+    [2, 2, 1, 2]
+    """
+    out: list[list[tuple]] = []
+    for row in rows:
+        if out and len(out[-1]) < size and out[-1][-1][-1] == row[-1]:
+            out[-1].append(row)
+        else:
+            out.append([row])
+    return out
 
 
 def cmd_info(args) -> int:
@@ -344,31 +394,45 @@ def human(n: float, base: int = 1024, unit: str = "B") -> str:
 
 
 def cmd_verify(args) -> int:
-    from tinyqwen.verify import transformers_available, verify, verify_stored
+    from tinyqwen.verify import report, transformers_available, verify, verify_stored
 
+    live = transformers_available()
+    if not live and (args.tokens is not None or args.seed is not None):
+        raise TinyQwenError(
+            "--tokens and --seed choose the random ids of a live comparison with transformers, which is not "
+            'installed here (pip install "tinyqwen[crosscheck]"); without them verify uses the stored reference'
+        )
+    tokens = 16 if args.tokens is None else require_positive("--tokens", args.tokens)
     model, _ = load(args, need_tokenizer=False)
     results = []
     stored = Path(model.path) / "reference.npz"
     if stored.is_file():  # a committed fixture: transformers' outputs recorded when it was made
         results.append(verify_stored(model, stored))
-    if transformers_available() or not results:  # live comparison (says what to install when it cannot run)
+    if live or not results:  # live comparison (says what to install when it cannot run)
+        if tokens > model.config.max_position_embeddings:
+            raise TinyQwenError(
+                f"--tokens {tokens} is longer than the model's context ({model.config.max_position_embeddings})"
+            )
         rng = np.random.default_rng(args.seed if args.seed is not None else 0)
-        ids = rng.integers(0, min(model.config.vocab_size, 151643), (2, args.tokens))
+        ids = rng.integers(0, min(model.config.vocab_size, 151643), (2, tokens))
         results.append(verify(model, ids))
-    ok = all(r.ok(args.atol) for r in results)
-    for r in results:
-        print(
-            f"{'OK' if r.ok(args.atol) else 'MISMATCH'}: max |logit difference| {r.max_abs_diff:.3g} "
-            f"(tolerance {args.atol:g}) over {r.tokens} tokens; arg-max agrees on {r.argmax_agree}/{r.tokens}; "
-            f"transformers {r.transformers_version}"
-        )
-    return 0 if ok else 1
+    print(report(model, str(args.model), results, rtol=args.rtol, atol=args.atol))
+    return 0 if all(r.ok(args.rtol, args.atol) for r in results) else 1
+
+
+def require_positive(flag: str, value: int) -> int:
+    """`value`, or a one-line error naming the flag when it is not a whole number > 0."""
+    if value <= 0:
+        raise TinyQwenError(f"{flag} must be a whole number > 0, got {value}")
+    return value
 
 
 def cmd_bench(args) -> int:
     from tinyqwen.bench import format_report, time_tinyqwen, time_transformers
     from tinyqwen.verify import transformers_available
 
+    require_positive("--prompt-tokens", args.prompt_tokens)
+    require_positive("--new-tokens", args.new_tokens)
     model, _ = load(args, need_tokenizer=False)
     prompt = np.random.default_rng(0).integers(0, min(model.config.vocab_size, 151643), args.prompt_tokens)
     time_tinyqwen(model, prompt[:8], 2)  # warm-up: first touch of memory-mapped weights, BLAS start-up
@@ -384,9 +448,27 @@ def cmd_bench(args) -> int:
 # ------------------------------------------------------------------------------------------ parser
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, except where there is none to show (no value, or an on/off switch)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tinyqwen", description="Qwen3 (dense and MoE) in NumPy.")
+    from tinyqwen import __version__
+    from tinyqwen.verify import RTOL
+
+    parser = argparse.ArgumentParser(
+        prog="tinyqwen", description="Qwen3 (dense and MoE) in NumPy.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"tinyqwen {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,generate,verify,info,bench}")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
     model = argparse.ArgumentParser(add_help=False)
     model.add_argument(
@@ -395,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="checkpoint directory, or a Hugging Face id (cached, or downloaded with tinyqwen[hub])",
     )
-    model.add_argument("--backend", default="numpy", help="compute backend (default: numpy)")  # fmt: skip
+    model.add_argument("--backend", default="numpy", help="compute backend")
 
     gen = argparse.ArgumentParser(add_help=False)
     gen.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
@@ -403,47 +485,67 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--thinking-budget", type=int, metavar="N",
                      help="stop thinking after N tokens and make the model answer")  # fmt: skip
     gen.add_argument("--early-stop-text", help="text fed in when the thinking budget runs out")
-    gen.add_argument("--max-new-tokens", type=int, default=2048)
-    gen.add_argument("--temperature", type=float, help="0 = greedy (default: Qwen's preset for the mode)")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--min-p", type=float)
-    gen.add_argument("--presence-penalty", type=float)
-    gen.add_argument("--repetition-penalty", type=float)
+    gen.add_argument("--max-new-tokens", type=int, default=2048, help="most tokens to generate per reply")
+    preset = "(default: Qwen's preset for the mode)"
+    gen.add_argument("--temperature", type=float, help=f"0 = greedy {preset}")
+    gen.add_argument("--top-k", type=int, help=f"sample from the k most likely tokens {preset}")
+    gen.add_argument(
+        "--top-p", type=float, help=f"sample from the smallest set with this probability {preset}"
+    )
+    gen.add_argument("--min-p", type=float, help=f"drop tokens below min-p x the top probability {preset}")
+    gen.add_argument("--presence-penalty", type=float, help=f"penalise tokens already generated {preset}")
+    gen.add_argument("--repetition-penalty", type=float, help=f"divide repeated tokens' logits {preset}")
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
     gen.add_argument("--no-color", action="store_true", help="plain text (also with NO_COLOR set)")
 
-    chat = sub.add_parser("chat", parents=[model, gen], help="multi-turn chat in the terminal")
+    chat = command("chat", parents=[model, gen], help="multi-turn chat in the terminal")
     chat.add_argument("--system", help="a system message")
     chat.add_argument(
         "--show-prompt", action="store_true", help="print the rendered prompt before each reply"
     )
     chat.set_defaults(func=cmd_chat)
 
-    generate = sub.add_parser(
-        "generate", parents=[model, gen], help="reply to one prompt, or a file of prompts"
-    )
+    generate = command("generate", parents=[model, gen], help="reply to one prompt, or a file of prompts")
     generate.add_argument("prompt", nargs="*", help="prompt text(s)")
-    generate.add_argument("--file", "-f", help="a text file with one prompt per line (run as one batch)")
+    generate.add_argument("--file", "-f", help="a UTF-8 text file with one prompt per line")
+    generate.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help="prompts generated together; each batch's replies are written as soon as it finishes. Memory "
+        "grows with it: the KV cache holds batch x (prompt + max-new-tokens) positions",
+    )
     generate.add_argument(
         "--raw", action="store_true", help="feed the prompt as is, without the chat template"
     )
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt")
     generate.set_defaults(func=cmd_generate)
 
-    verify = sub.add_parser("verify", parents=[model], help="compare logits with Hugging Face transformers")
-    verify.add_argument("--tokens", type=int, default=16, help="sequence length (2 random sequences)")
-    verify.add_argument("--atol", type=float, default=1e-3, help="largest allowed |logit difference|")
-    verify.add_argument("--seed", type=int)
+    verify = command("verify", parents=[model], help="compare logits with Hugging Face transformers")
+    verify.add_argument(
+        "--tokens",
+        type=int,
+        help="length of the 2 random sequences of a live comparison (default: 16; needs transformers)",
+    )
+    verify.add_argument("--seed", type=int, help="seed of those random ids (default: 0; needs transformers)")
+    verify.add_argument(
+        "--rtol",
+        type=float,
+        default=RTOL,
+        help="equal means |logit difference| <= rtol x max(1, largest |logit|) (see tinyqwen/verify.py)",
+    )
+    verify.add_argument(
+        "--atol", type=float, help="an absolute bound on |logit difference| instead of --rtol"
+    )
     verify.set_defaults(func=cmd_verify)
 
-    info = sub.add_parser("info", help="config summary, parameter count, memory needed")
+    info = command("info", help="config summary, parameter count, memory needed")
     info.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face id")
     info.set_defaults(func=cmd_info)
 
-    bench = sub.add_parser("bench", parents=[model], help="prefill and decode speed")
-    bench.add_argument("--prompt-tokens", type=int, default=128)
-    bench.add_argument("--new-tokens", type=int, default=32)
+    bench = command("bench", parents=[model], help="prefill and decode speed")
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="length of the random prompt")
+    bench.add_argument("--new-tokens", type=int, default=32, help="tokens decoded after it")
     bench.add_argument(
         "--no-peer",
         dest="peer",

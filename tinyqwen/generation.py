@@ -20,6 +20,7 @@ then land in the same, last, column.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,8 @@ _KNOBS = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "
 
 def generate(
     model,
-    prompt_ids: Sequence[int],
-    max_new_tokens: int,
+    prompt_ids: Sequence[int] | None = None,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     eos_token_ids: Sequence[int] | int | None = None,
     **sampling: Any,
@@ -57,19 +58,23 @@ def generate(
       output and count towards `max_new_tokens`.
     - `prefill_chunk_size=C` runs the prompt through the model C tokens at a time (less memory, same result).
     - `max_new_tokens` is cut to what fits in the model's context (`max_position_embeddings`).
+    - `input_ids=` (transformers' name) is accepted for `prompt_ids`.
+    - A model whose logits turn NaN or inf stops with a GenerationError naming the step and the first layer
+      whose output went non-finite, instead of "choosing" token 0.
     """
     return list(stream_generate(model, prompt_ids, max_new_tokens, temperature, eos_token_ids, **sampling))
 
 
 def stream_generate(
     model,
-    prompt_ids: Sequence[int],
-    max_new_tokens: int,
+    prompt_ids: Sequence[int] | None = None,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     eos_token_ids: Sequence[int] | int | None = None,
     **sampling: Any,
 ) -> Iterator[int]:
     """Like `generate`, but yields each new id as soon as it is chosen (the chat REPL prints as it goes)."""
+    prompt_ids = _prompt_argument(prompt_ids, sampling, "prompt_ids")
     _check_single(prompt_ids)
     for step in _generate_rows(model, [prompt_ids], max_new_tokens, temperature, eos_token_ids, sampling):
         if step[0] is not None:
@@ -78,8 +83,8 @@ def stream_generate(
 
 def generate_batch(
     model,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
+    prompts: Sequence[Sequence[int]] | None = None,
+    max_new_tokens: int | None = None,
     temperature: float = 0.0,
     eos_token_ids: Sequence[int] | int | None = None,
     **sampling: Any,
@@ -90,6 +95,7 @@ def generate_batch(
     own generator seeded with it, so a sampled row also equals its single run with that seed; pass a list of
     seeds to give rows different streams.
     """
+    prompts = _prompt_argument(prompts, sampling, "prompts")
     if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
         prompts = prompts.tolist()
     if len(prompts) == 0:
@@ -122,6 +128,10 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
     params, options = _resolve_sampling(model, temperature, sampling)
     vocab, context = model.config.vocab_size, model.config.max_position_embeddings
     prompts = [_check_prompt(p, vocab, i, len(prompts)) for i, p in enumerate(prompts)]
+    if max_new_tokens is None:
+        raise GenerationError(
+            "max_new_tokens is required: the most new ids to generate, e.g. max_new_tokens=64"
+        )
     if (
         isinstance(max_new_tokens, bool)
         or not isinstance(max_new_tokens, (int, np.integer))
@@ -161,6 +171,8 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
 
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]  # [B, vocab]
+        if not np.isfinite(logits).all():  # one cheap pass over B x vocab; the diagnosis runs only on failure
+            _check_finite(model, rows, logits, step)
         new: list[int | None] = []
         for b, row in enumerate(rows):
             if row.done:
@@ -185,6 +197,45 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
         out = model.forward(
             feed, cache=cache, attention_mask=mask[:, :end] if batched else None, last_only=True
         )
+
+
+def _check_finite(model, rows: list[_Row], logits: np.ndarray, step: int) -> None:
+    """Raise when a live row's logits hold NaN/inf (finished rows' logits are never read), saying where it came
+    from: the step, and the first hidden state (embeddings, then each layer's output) that is non-finite, found
+    by running that row's whole sequence again with every hidden state kept."""
+    bad = [b for b, row in enumerate(rows) if not row.done and not np.isfinite(logits[b]).all()]
+    if not bad:
+        return
+    b = bad[0]
+    kind = "NaN" if np.isnan(logits[b]).any() else "infinite"
+    where = f" in batch row {b}" if len(rows) > 1 else ""
+    message = f"the model's logits are {kind} when choosing new token {step + 1}{where}"
+    first = _first_non_finite(model, rows[b].prompt + rows[b].output)
+    if first is not None:
+        message += f"; the first non-finite values are in {first}"
+    raise GenerationError(message + ": check the checkpoint's weights (a NaN or a huge value) and its config")
+
+
+def _first_non_finite(model, ids: list[int]) -> str | None:
+    forward = getattr(model, "forward", None)
+    if forward is None or "return_hidden_states" not in inspect.signature(forward).parameters:
+        return None  # a model-like object without hidden states: the step alone must do
+    hidden = forward(np.asarray([ids]), return_hidden_states=True).hidden_states  # [embeddings, layer 0, ...]
+    for i, h in enumerate(hidden):
+        if not np.isfinite(h).all():
+            return "the token embeddings" if i == 0 else f"the output of layer {i - 1} (of {len(hidden) - 1})"
+    return "the final norm or lm_head (every layer's output is finite)"
+
+
+def _prompt_argument(prompt, sampling: dict, name: str):
+    """The prompt argument, or transformers' name for it, `input_ids=`, taken out of `sampling`."""
+    if "input_ids" in sampling:
+        if prompt is not None:
+            raise GenerationError(f"pass the prompt once: {name} or input_ids, not both")
+        prompt = sampling.pop("input_ids")
+    if prompt is None:
+        raise GenerationError(f"no prompt: pass the ids as {name} (or input_ids=)")
+    return prompt
 
 
 def _resolve_sampling(model, temperature, sampling: dict) -> tuple[SamplingParams, dict]:
@@ -270,7 +321,7 @@ def _check_single(prompt_ids) -> None:
     if isinstance(prompt_ids, np.ndarray) and prompt_ids.ndim != 1:
         raise GenerationError(
             f"prompt_ids must be one sequence of ids (shape [T]), got shape {list(prompt_ids.shape)}; "
-            "use generate_batch for several prompts"
+            "pass ids[0] for a [1, T] array, or use generate_batch for several prompts"
         )
     if (
         not isinstance(prompt_ids, np.ndarray)

@@ -14,6 +14,7 @@ no extra package installed.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -91,10 +92,7 @@ def resolve_model(name: str | os.PathLike, revision: str = "main", download: boo
     snapshot = cached_snapshot(text, revision)
     if snapshot is not None:
         return snapshot
-    how = (
-        f'pip install "tinyqwen[hub]" && huggingface-cli download {text}  '
-        f"(or pass a local checkpoint directory to --model)"
-    )
+    how = f"{download_command(text)}  (or pass a local checkpoint directory to --model)"
     where = f"not a local directory and not in the Hugging Face cache ({hf_cache_dir()})"
     if not download or is_offline():
         raise CheckpointError(
@@ -103,6 +101,21 @@ def resolve_model(name: str | os.PathLike, revision: str = "main", download: boo
     if importlib.util.find_spec("huggingface_hub") is None:
         raise CheckpointError(f"model {text!r} is {where}; to download it run: {how}")
     return _download(text, revision, how)
+
+
+def download_command(model_id: str) -> str:
+    """The shell command that downloads `model_id` with the huggingface_hub installed here.
+
+    huggingface_hub 0.34 added the `hf` command and 1.0 removed `huggingface-cli`, so the hint is read from the
+    commands the installed version really declares; without huggingface_hub, a fresh install gets `hf`.
+    """
+    try:
+        commands = {e.name for e in importlib.metadata.distribution("huggingface_hub").entry_points}
+    except importlib.metadata.PackageNotFoundError:
+        return f'pip install "tinyqwen[hub]" && hf download {model_id}'
+    if "hf" not in commands and "huggingface-cli" in commands:
+        return f"huggingface-cli download {model_id}"
+    return f"hf download {model_id}"
 
 
 def _download(model_id: str, revision: str, how: str) -> Path:

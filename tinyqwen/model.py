@@ -232,7 +232,7 @@ class Qwen3:
         With `return_router_logits=True`: `(logits, router_logits)`, one `[tokens, num_experts]` array per MoE
         layer in layer order (an empty list for dense models).
         """
-        ids = np.asarray(ids)
+        ids = as_id_array(ids)
         single = ids.ndim == 1
         out = self.forward(ids[None] if single else ids, return_router_logits=return_router_logits)
         logits = out.logits[0] if single else out.logits
@@ -341,7 +341,7 @@ class Qwen3:
         return k.linear(out.transpose(0, 2, 1, 3).reshape(B, T, -1), a.o_proj)
 
     def _check_ids(self, ids) -> np.ndarray:
-        ids = np.asarray(ids)
+        ids = as_id_array(ids)
         if ids.ndim != 2:
             raise GenerationError(f"token ids must have shape [T] or [batch, T], got shape {list(ids.shape)}")
         if ids.size and ids.dtype.kind not in "iu":
@@ -354,6 +354,22 @@ class Qwen3:
                 f"token id {int(ids[bad][0])} is outside the model's vocabulary [0, {self.config.vocab_size})"
             )
         return ids.astype(np.int64, copy=False)
+
+
+def as_id_array(ids) -> np.ndarray:
+    """`np.asarray(ids)`, with a clear error for nested lists of unequal lengths (NumPy cannot make them an array).
+
+    A batch must be rectangular: pad the shorter rows and pass an attention_mask, or let `generate_batch` do it.
+    """
+    try:
+        return np.asarray(ids)
+    except ValueError:
+        lengths = sorted({len(row) if hasattr(row, "__len__") else 1 for row in ids})  # a bare id: length 1
+        rows = f" (rows of lengths {lengths})" if len(lengths) > 1 else ""
+        raise GenerationError(
+            f"token ids must be a rectangle, [T] or [batch, T], not nested lists of different lengths{rows}: "
+            "pad the rows to one length (with an attention_mask), or use tinyqwen.generate_batch"
+        ) from None
 
 
 def load_model(path: str | Path, backend: str = "numpy", progress: bool | None = None) -> Qwen3:

@@ -788,18 +788,29 @@ class Tokenizer:
     # ---------------------------------------------------------------- decode
 
     def _token_bytes(self, token_id, skip_special: bool) -> bytes:
+        # An id past the last token decodes to nothing, as in transformers. Qwen3's embedding has 151,936 rows for
+        # 151,669 tokens, and a random or fine-tuned model can choose one of the spare rows: that must not make a
+        # whole reply (or a batch of them) undecodable. Negative or non-integer ids are still errors.
+        try:
+            if operator.index(token_id) >= len(self._id_bytes):
+                return b""
+        except TypeError:
+            pass  # not an integer: _check_id says so
         i = self._check_id(token_id)
         return b"" if skip_special and i in self._special_ids else self._id_bytes[i]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of token ids. Bytes that are not valid UTF-8 become "�" (U+FFFD), one per maximal invalid run,
-        as the reference does. `skip_special_tokens` drops the special added tokens (not `<think>` & co).
+        as the reference does. `skip_special_tokens` drops the special added tokens (not `<think>` & co). Ids past
+        the vocabulary (a model's spare embedding rows, 151669 and up for Qwen3) decode to "", as in transformers.
 
         >>> tok = Tokenizer.qwen3()
         >>> tok.decode([9707, 1879, 151645]), tok.decode([9707, 151645], skip_special_tokens=True)
         ('Hello world<|im_end|>', 'Hello')
         >>> tok.decode([26525])  # the first 3 bytes of an emoji, alone
         ' �'
+        >>> tok.decode([9707, 151700, 1879])
+        'Hello world'
         """
         if isinstance(ids, (str, bytes)):
             raise TokenizerError(f"decode expects a sequence of token ids, got {type(ids).__name__}")
