@@ -170,12 +170,13 @@ display(Markdown("\n".join([header] + [row(n) for n in ORDER])))
 # %% [markdown]
 # A few things stand out:
 #
-# - All eight share the vocabulary (151,936 rows), `head_dim` 128, RoPE base $\theta = 10^6$, and RMSNorm
-#   $\epsilon = 10^{-6}$. They differ in width, depth and head count.
+# - The four files share the vocabulary (151,936 rows), `head_dim` 128, RoPE base $\theta = 10^6$, and RMSNorm
+#   $\epsilon = 10^{-6}$; the four unverified members inherit these values from their siblings. The models differ
+#   in width, depth and head count.
 # - Grouped-query attention everywhere: 8 key/value heads (4 for the MoE models), whatever the number of query heads.
 # - The three smallest models **tie** their input embedding and output head (one shared matrix). The larger ones
 #   learn two separate matrices.
-# - The context of every config is 40,960 positions. The model cards give 32,768 as the native context, and up
+# - The context (`max_position_embeddings`) of the four files is 40,960 positions. The model cards give 32,768 as the native context, and up
 #   to 131,072 with YaRN scaling, for 4B and larger ([chapter 4](04-rope-yarn.ipynb)).
 #
 # ## Counting parameters by hand

@@ -3,11 +3,15 @@ fail the grading with the hint written for that bug."""
 
 from __future__ import annotations
 
+import doctest
 import re
 import unicodedata
+from pathlib import Path
 
+import pytest
 import regex
 
+import exercises.ch01_tokenization as stubs
 import exercises.test_ch01_tokenization as grading
 from exercises.solutions import ch01_tokenization as good
 
@@ -130,3 +134,39 @@ def test_per_token_stream_decode_is_caught(solutions, assert_caught):
 def test_nfc_cases_really_change(solutions):
     """The NFC checkpoint's inputs are not already NFC (else it could not catch a missing NFC)."""
     assert all(unicodedata.normalize("NFC", c["text"]) != c["text"] for c in grading.ref()["nfc"])
+
+
+NAMES = [
+    "bytes_to_unicode",
+    "to_symbols",
+    "pretokenize",
+    "bpe",
+    "encode_ordinary",
+    "encode",
+    "decode",
+    "stream_decode",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stub_examples_hold(name):
+    """The worked examples in the stubs' docstrings are right (run against the solutions, with the real files)."""
+    vocab, ranks, added, id_to_token = grading.files()
+    names = {n: getattr(good, n) for n in NAMES}
+    data = {"vocab": vocab, "ranks": ranks, "added": added, "id_to_token": id_to_token}
+    test = doctest.DocTestParser().get_doctest(getattr(stubs, name).__doc__, names | data, name, None, 0)
+    assert test.examples, f"{name} has no worked example"
+    runner = doctest.DocTestRunner()
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def test_reread_sections_exist():
+    """Every notebook section a checkpoint sends the learner to is a real heading of notebooks/01-tokenization.py."""
+    root = Path(__file__).resolve().parents[2]
+    notebook = (root / "notebooks" / "01-tokenization.py").read_text(encoding="utf-8")
+    headings = {line.lstrip("# ").strip() for line in notebook.splitlines() if line.startswith("# #")}
+    source = Path(grading.__file__).read_text(encoding="utf-8")
+    sections = set(re.findall(r'(?:reread\(|section=|section = )"([^"]+)"', source))
+    assert len(sections) >= 8, sections
+    assert sections <= headings, sections - headings
