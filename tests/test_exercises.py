@@ -49,4 +49,4 @@ def test_untouched_stubs_pass_no_checkpoint():
     assert sorted(table) == CHAPTERS, out[-3000:]
     assert all(p == 0 < t for p, t in table.values()), table
     assert " passed" not in out.splitlines()[-1], out.splitlines()[-1]
-    assert "not written yet" in out and f"Next: chapter {CHAPTERS[0]}" in out
+    assert "not written yet" in out and "Next: chapter 1" in out
