@@ -31,9 +31,10 @@ def ids(paths: list[Path]) -> list[str]:
     return [p.stem for p in paths]
 
 
-def cells(notebook) -> list[tuple[str, str, dict]]:
-    """What must agree between the two files: each cell's kind, text and metadata (ids and outputs aside)."""
-    return [(c.cell_type, c.source, dict(c.metadata)) for c in notebook.cells]
+def cells(notebook) -> list[tuple[str, str, list]]:
+    """What must agree between the two files: each cell's kind, text and tags (which the book reads, e.g.
+    remove-input). Ids, outputs and Jupyter's view metadata (scrolled, collapsed) may differ."""
+    return [(c.cell_type, c.source, list(c.metadata.get("tags", []))) for c in notebook.cells]
 
 
 def committed_text(path: Path) -> str:
