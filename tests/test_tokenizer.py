@@ -1,8 +1,9 @@
 """The tokenizer chapter: ids identical to the reference, round trips, streaming, loading and bad input.
 
 Independent expectations: the llama.cpp vectors (tests/data/ggml-vocab-qwen2.gguf*), made upstream with HF
-`AutoTokenizer`. Live expectations: the official `tokenizers` library on the official tokenizer.json, found at
-$TINYQWEN_SHARED/qwen3-tokenizer or <repo>/../shared/qwen3-tokenizer (those tests skip, saying why, without it).
+`AutoTokenizer`. Live expectations: the official `tokenizers` library on the official tokenizer.json, which
+tests/official_tokenizer.py rebuilds byte for byte (sha256 checked) from the files in tinyqwen/data, so every test
+runs on a fresh clone with nothing beside it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from official_tokenizer import OFFICIAL_SHA256, write_official_tokenizer_json
 from tokenizer_corpus import ADDED, mixed_documents
 
 import tinyqwen
@@ -33,32 +35,36 @@ PACKAGE_DATA = REPO / "tinyqwen" / "data"
 N_TOKENS = 151669
 
 
-def _shared_tokenizer_dir() -> Path | None:
-    roots = [Path(os.environ["TINYQWEN_SHARED"])] if os.environ.get("TINYQWEN_SHARED") else []
-    roots.append(REPO.parent / "shared")
-    for root in roots:
-        if (root / "qwen3-tokenizer" / "tokenizer.json").is_file():
-            return root / "qwen3-tokenizer"
-    return None
-
-
-SHARED = _shared_tokenizer_dir()
-
-
 @pytest.fixture(scope="session")
 def tok() -> Tokenizer:
     return Tokenizer.qwen3()
 
 
 @pytest.fixture(scope="session")
-def ref():
+def official_json(tmp_path_factory) -> Path:
+    """The official tokenizer.json (rebuilt from tinyqwen/data by `tokenizers`; its sha256 is the Hub file's)."""
+    pytest.importorskip("tokenizers", reason="the dev dependency `tokenizers` is not installed")
+    return write_official_tokenizer_json(tmp_path_factory.mktemp("official") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def ref(official_json):
     """The official HF `tokenizers` on the official tokenizer.json."""
-    tokenizers = pytest.importorskip("tokenizers", reason="the dev dependency `tokenizers` is not installed")
-    if SHARED is None:
-        pytest.skip(
-            "official tokenizer.json not found: set TINYQWEN_SHARED or provide ../shared/qwen3-tokenizer"
-        )
-    return tokenizers.Tokenizer.from_file(str(SHARED / "tokenizer.json"))
+    import tokenizers
+
+    return tokenizers.Tokenizer.from_file(str(official_json))
+
+
+def test_rebuilt_tokenizer_json_is_the_official_file(official_json):
+    assert hashlib.sha256(official_json.read_bytes()).hexdigest() == OFFICIAL_SHA256
+    shared = [Path(os.environ["TINYQWEN_SHARED"])] if os.environ.get("TINYQWEN_SHARED") else []
+    for root in [
+        *shared,
+        REPO.parent / "shared",
+    ]:  # where a copy of the official file is at hand, compare too
+        copy = root / "qwen3-tokenizer" / "tokenizer.json"
+        if copy.is_file():
+            assert copy.read_bytes() == official_json.read_bytes(), copy
 
 
 def ref_ids(ref, text: str) -> list[int]:
@@ -139,10 +145,6 @@ def test_llama_cpp_vectors(tok, stem):
 
 def test_hf_transformers_vectors(tok):
     path = DATA / "hf_transformers_vectors.json"
-    if not path.is_file() and SHARED is not None:
-        path = SHARED / "reference-vectors" / "hf_transformers_vectors.json"
-    if not path.is_file():
-        pytest.skip("hf_transformers_vectors.json not found")
     cases = json.loads(path.read_text(encoding="utf-8"))["encode"]
     assert len(cases) >= 10
     for case in cases:
@@ -279,12 +281,8 @@ def test_decoding_invalid_utf8_matches_reference(tok, ref, raw):
     assert tok.decode(ids) == ref.decode(ids)
 
 
-def test_vocab_merges_config_loads_like_tokenizer_json(tok, tmp_path):
-    if SHARED is None:
-        pytest.skip(
-            "official tokenizer.json not found: set TINYQWEN_SHARED or provide ../shared/qwen3-tokenizer"
-        )
-    shutil.copy(SHARED / "tokenizer.json", tmp_path / "tokenizer.json")
+def test_vocab_merges_config_loads_like_tokenizer_json(tok, official_json, tmp_path):
+    shutil.copy(official_json, tmp_path / "tokenizer.json")
     from_json = Tokenizer.from_pretrained(tmp_path)
     assert from_json.vocab == tok.vocab and from_json.ranks == tok.ranks
     assert from_json.added_tokens == tok.added_tokens and len(from_json) == N_TOKENS
@@ -495,12 +493,8 @@ def test_empty_merges_file(tmp_path):
         Tokenizer.from_pretrained(folder)
 
 
-def test_malformed_tokenizer_json_is_named(tmp_path):
-    if SHARED is None:
-        pytest.skip(
-            "official tokenizer.json not found: set TINYQWEN_SHARED or provide ../shared/qwen3-tokenizer"
-        )
-    official = json.loads((SHARED / "tokenizer.json").read_text(encoding="utf-8"))
+def test_malformed_tokenizer_json_is_named(official_json, tmp_path):
+    official = json.loads(official_json.read_text(encoding="utf-8"))
     (tmp_path / "tokenizer.json").write_text('{"model": ')
     with pytest.raises(TokenizerError, match=r"tokenizer\.json: not valid JSON"):
         Tokenizer.from_pretrained(tmp_path)
