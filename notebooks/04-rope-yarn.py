@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 4 — RoPE and YaRN: telling the model where each token is
+# # Chapter 4 · RoPE and YaRN
 #
 # Attention ([chapter 5](05-attention.ipynb)) compares every query with every key by a dot product. A dot product
 # knows nothing about *where* the two vectors came from: shuffle the tokens of "the dog bit the man" and every

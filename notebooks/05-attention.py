@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 5 — Attention: how tokens read each other
+# # Chapter 5 · Attention
 #
 # Every layer of Qwen3 starts with **attention**, the one place where tokens exchange information. Each token asks
 # a question (its *query*), every earlier token offers a label (its *key*) and some content (its *value*); the

@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 6 — SwiGLU, the decoder block and the whole dense model
+# # Chapter 6 · SwiGLU, the decoder block and the dense model
 #
 # Five chapters in, we hold almost every part of Qwen3: the token embedding and RMSNorm
 # ([chapter 3](03-embeddings-rmsnorm.ipynb)), rotary position embeddings ([chapter 4](04-rope-yarn.ipynb)) and

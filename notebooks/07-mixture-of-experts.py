@@ -15,7 +15,7 @@
 # ---
 
 # %% [markdown]
-# # Chapter 7 — Mixture of experts
+# # Chapter 7 · Mixture of experts
 #
 # [Chapter 6](06-dense-model.ipynb) built the dense Qwen3: every token runs through every weight. Qwen3's largest
 # models do something else. **Qwen3-30B-A3B** holds 30.5 billion parameters but uses only about 3.3 billion of

@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 8 · The KV cache and generation
+# # Chapter 8 · The KV cache and generation
 #
 # The model of [chapter 6](06-dense-model.ipynb) and [chapter 7](07-mixture-of-experts.ipynb) answers one question:
 # given these tokens, how likely is each possible next token? A chatbot asks that question over and over, appending

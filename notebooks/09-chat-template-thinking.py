@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # 9 · The chat template and thinking
+# # Chapter 9 · The chat template and thinking
 #
 # [Chapter 8](08-kv-cache-generation.ipynb) turned the model into a generator of token ids. A chat model, though, is
 # not asked "continue these ids": it is asked a *question*, in a *conversation*, sometimes with *tools*, and it may
