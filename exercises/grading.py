@@ -11,6 +11,8 @@ The helpers a test uses:
 
     expect_close(got, want, what=..., atol=..., rtol=..., mistakes=[Mistake(...)], reread=...)   # float arrays
     expect_equal(got, want, what=..., mistakes=[...], reread=...)                                 # ids, text, ints
+    expect(condition, what=..., problem=..., reread=...)                  # a property with its own message
+    call(fn, *args, what=..., reread=..., hint=..., hints={KeyError: ...}, kwargs={...})   # run YOUR function
     Mistake(cause, wrong, hint)   # a classic bug and the output it would produce on the same input
     learner_model(course, upto=N, fixture=...)   # a real fixture model running YOUR kernels of chapters <= N
     expect_logits(model, fixture, what=...)      # its logits vs transformers' stored logits for that fixture
@@ -33,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -281,6 +283,38 @@ def expect(
     """A check with its own message, for properties that are not one array (e.g. "the cache was used")."""
     if not condition:
         _fail(what, [problem], inputs, reread)
+
+
+def call(
+    fn: Callable,
+    *args: Any,
+    what: str,
+    reread: str | None = None,
+    hint: str = "",
+    hints: Mapping[type[BaseException] | str, str] | None = None,
+    inputs: str | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """fn(*args, **kwargs), the learner's function; a crash in it becomes a failure written for the learner.
+
+    NotImplementedError ("not written yet") and GradeError pass through. Any other exception is a wrong answer: the
+    message names the call (`what`, `inputs`), the exception's type and the first line of its message, a hint, and
+    the section to re-read. The hint is `hints[key]` for the first key that is the exception's type (isinstance) or
+    a text in its message, else `hint`. `kwargs` is a dict so that fn's own keywords never clash with these.
+    """
+    try:
+        return fn(*args, **(kwargs or {}))
+    except (NotImplementedError, GradeError):
+        raise
+    except Exception as error:  # e.g. a NumPy shape error deep inside: one line, plus what usually causes it
+        crash = error
+    text = str(crash).strip()
+    lines = [f"your code raised {type(crash).__name__}" + (f": {text.splitlines()[0]}" if text else "")]
+    for key, key_hint in (hints or {}).items():
+        if isinstance(crash, key) if isinstance(key, type) else key in text:
+            hint = key_hint
+            break
+    _fail(what, lines + ([hint] if hint else []), inputs, reread)  # outside `except`: no chained traceback
 
 
 # ------------------------------------------------------------------------------------------ the course

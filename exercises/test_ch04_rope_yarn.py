@@ -23,8 +23,8 @@ import numpy as np
 
 from exercises.grading import (
     REFERENCES,
-    GradeError,
     Mistake,
+    call,
     expect,
     expect_close,
     expect_logits,
@@ -43,22 +43,8 @@ def ref() -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def reread(section: str) -> str:
-    return notebook(4, section)
-
-
-def call(fn, *args, what: str, section: str, hint: str = ""):
-    """Call a learner function; an exception other than NotImplementedError becomes a readable grade failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # a crash is a wrong answer: say which call and what it raised
-        raise GradeError(
-            f"{what}\n  your function raised {type(error).__name__}: {error}"
-            + (f"\n  {hint}" if hint else "")
-            + f"\n  re-read: {reread(section)}"
-        ) from None
+# reread("...") -> 'notebooks/04-rope-yarn.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 4)
 
 
 def pair(got):
@@ -151,7 +137,7 @@ def test_inv_freq(course):
     ch = course.ch04
     for case in ("fixture", "qwen3_0_6b"):
         d, theta = int(ref()[f"freq.{case}.head_dim"]), float(ref()[f"freq.{case}.theta"])
-        got = call(ch.rope_inv_freq, d, theta, what="rope_inv_freq", section="The frequency spectrum")
+        got = call(ch.rope_inv_freq, d, theta, what="rope_inv_freq", reread=reread("The frequency spectrum"))
         expect_close(
             got,
             ref()[f"freq.{case}.inv_freq"],
@@ -188,7 +174,7 @@ def test_cos_sin_short(course):
             inv.copy(),
             1.0,
             what="rope_cos_sin",
-            section="The cos and sin tables",
+            reread=reread("The cos and sin tables"),
         )
         got = pair(got)
         for name, got_table, index in (("cos", got[0], 0), ("sin", got[1], 1)):
@@ -229,7 +215,12 @@ def test_cos_sin_long(course):
         factor = float(ref()[f"cos_sin.{case}.attention_factor"])
         got = pair(
             call(
-                ch.rope_cos_sin, pos.copy(), inv.copy(), factor, what="rope_cos_sin", section="Float32 angles"
+                ch.rope_cos_sin,
+                pos.copy(),
+                inv.copy(),
+                factor,
+                what="rope_cos_sin",
+                reread=reread("Float32 angles"),
             )
         )
         for name, got_table, index in (("cos", got[0], 0), ("sin", got[1], 1)):
@@ -272,7 +263,7 @@ def test_rotate_half(course):
     y = np.random.default_rng(404).standard_normal((2, 3, 5, 16)).astype(np.float32)
     cases.append((y, np.concatenate([-y[..., 8:], y[..., :8]], axis=-1), "x of shape [2, 3, 5, 16]"))
     for x_in, want, inputs in cases:
-        got = call(ch.rotate_half, x_in.copy(), what="rotate_half", section="Split-half pairing")
+        got = call(ch.rotate_half, x_in.copy(), what="rotate_half", reread=reread("Split-half pairing"))
         expect_close(
             got,
             want,
@@ -307,7 +298,7 @@ def test_apply_rope(course):
     r = {k: ref()[f"rope.heads.{k}"] for k in ("q", "k", "cos", "sin", "q_embed", "k_embed")}
     for name in ("q", "k"):
         x, cos, sin = r[name], r["cos"], r["sin"]
-        got = call(ch.apply_rope, x.copy(), cos.copy(), sin.copy(), what="apply_rope", section="Applying RoPE",
+        got = call(ch.apply_rope, x.copy(), cos.copy(), sin.copy(), what="apply_rope", reread=reread("Applying RoPE"),
                    hint="cos and sin are [B, T, d] while x is [B, heads, T, d]: give them a heads axis "
                         "(cos[:, None]) so one angle table serves every head.")  # fmt: skip
         expect_close(
@@ -344,12 +335,13 @@ def test_relative_position(course):
     # derived by hand: rotations compose, so R(m)q · R(n)k = q · R(n - m)k — only the distance matters
     inv = ref()["freq.fixture.inv_freq"]
     q, k = np.random.default_rng(406).standard_normal((2, 1, 1, 1, 32)).astype(np.float32)
+    section = reread("Only the distance matters")
 
     def score(m: int, n: int) -> float:
-        cq, sq = call(ch.rope_cos_sin, np.array([[m]]), inv.copy(), 1.0, what="rope_cos_sin", section="Only the distance matters")  # fmt: skip
-        ck, sk = call(ch.rope_cos_sin, np.array([[n]]), inv.copy(), 1.0, what="rope_cos_sin", section="Only the distance matters")  # fmt: skip
-        rq = call(ch.apply_rope, q, cq, sq, what="apply_rope", section="Only the distance matters")
-        rk = call(ch.apply_rope, k, ck, sk, what="apply_rope", section="Only the distance matters")
+        cq, sq = call(ch.rope_cos_sin, np.array([[m]]), inv.copy(), 1.0, what="rope_cos_sin", reread=section)
+        ck, sk = call(ch.rope_cos_sin, np.array([[n]]), inv.copy(), 1.0, what="rope_cos_sin", reread=section)
+        rq = call(ch.apply_rope, q, cq, sq, what="apply_rope", reread=section)
+        rk = call(ch.apply_rope, k, ck, sk, what="apply_rope", reread=section)
         return float(np.sum(np.asarray(rq, dtype=np.float64) * np.asarray(rk, dtype=np.float64)))
 
     pairs = [(7, 3), (57, 53), (507, 503)]
@@ -358,14 +350,14 @@ def test_relative_position(course):
     expect_close(
         np.array(scores), np.full(3, scores[0]), what="q·k at the same distance 4",
         inputs=f"(query, key) positions {pairs}", atol=1e-3,
-        reread=reread("Only the distance matters"),
+        reread=section,
     )  # fmt: skip
     expect(
         abs(score(7, 4) - scores[0]) > 1e-2,
         what="q·k at distances 4 and 3",
         problem="the score at distance 3 equals the one at distance 4: the positions have no effect — "
         "are the angles all zero, or is x returned unchanged?",
-        reread=reread("Only the distance matters"),
+        reread=section,
     )
 
 
@@ -376,7 +368,9 @@ def test_yarn_inv_freq(course):
         g = {k: ref()[f"yarn.{case}.{k}"] for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")}  # fmt: skip
         args = (int(g["head_dim"]), float(g["theta"]), float(g["factor"]), int(g["original"]),
                 float(g["beta_fast"]), float(g["beta_slow"]))  # fmt: skip
-        got = call(ch.yarn_inv_freq, *args, what="yarn_inv_freq", section="YaRN: stretch only the slow pairs")
+        got = call(
+            ch.yarn_inv_freq, *args, what="yarn_inv_freq", reread=reread("YaRN: stretch only the slow pairs")
+        )
         expect_close(
             got,
             ref()[f"yarn.{case}.inv_freq"],
@@ -415,7 +409,10 @@ def test_yarn_attention_factor(course):
     cases.append((0.5, 1.0))  # derived by hand: transformers' get_mscale returns 1.0 whenever factor <= 1
     for factor, want in cases:
         got = call(
-            ch.yarn_attention_factor, factor, what="yarn_attention_factor", section="YaRN's attention factor"
+            ch.yarn_attention_factor,
+            factor,
+            what="yarn_attention_factor",
+            reread=reread("YaRN's attention factor"),
         )
         expect_close(
             np.asarray(got, dtype=np.float64) if got is not None else None,
@@ -449,7 +446,7 @@ def test_real_model(course):
     # the model's angle tables now come from YOUR yarn_inv_freq and yarn_attention_factor, rotated by YOUR apply_rope
     model.inv_freq = np.asarray(
         call(ch.yarn_inv_freq, c.head_dim, c.rope_theta, s.factor, s.original_max_position_embeddings,
-             s.beta_fast, s.beta_slow, what="yarn_inv_freq", section="YaRN: stretch only the slow pairs"),
+             s.beta_fast, s.beta_slow, what="yarn_inv_freq", reread=reread("YaRN: stretch only the slow pairs")),
         dtype=np.float32,
     )  # fmt: skip
     model.attention_factor = float(
@@ -457,7 +454,7 @@ def test_real_model(course):
             ch.yarn_attention_factor,
             s.factor,
             what="yarn_attention_factor",
-            section="YaRN's attention factor",
+            reread=reread("YaRN's attention factor"),
         )
     )
     expect_logits(

@@ -25,6 +25,7 @@ from exercises.grading import (
     REFERENCES,
     GradeError,
     Mistake,
+    call,
     expect_close,
     expect_equal,
     expect_logits,
@@ -44,22 +45,8 @@ def ref() -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def reread(section: str) -> str:
-    return notebook(5, section)
-
-
-def call(fn, *args, what: str, section: str, hint: str = ""):
-    """Call a learner function; an exception other than NotImplementedError becomes a readable grade failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # a crash is a wrong answer: say which call and what it raised
-        raise GradeError(
-            f"{what}\n  your function raised {type(error).__name__}: {error}"
-            + (f"\n  {hint}" if hint else "")
-            + f"\n  re-read: {reread(section)}"
-        ) from None
+# reread("...") -> 'notebooks/05-attention.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 5)
 
 
 # ------------------------------------------------------------------ the classic wrong answers, computed honestly
@@ -122,7 +109,7 @@ def test_softmax(course):
     ch = course.ch05
     for case in ("rows", "middle"):
         x, axis = ref()[f"softmax.{case}.x"], int(ref()[f"softmax.{case}.axis"])
-        got = call(ch.softmax, x.copy(), axis, what="softmax", section="Softmax, and why we subtract the max",
+        got = call(ch.softmax, x.copy(), axis, what="softmax", reread=reread("Softmax, and why we subtract the max"),
                    hint="Reduce with keepdims=True so the max and the sum broadcast back against x.")  # fmt: skip
         other = (axis + 1) % x.ndim
         expect_close(
@@ -170,7 +157,11 @@ def test_softmax_stable(course):
             all="ignore"
         ):  # the learner's overflow, if any, shows as NaN in the grade, not as a warning
             got = call(
-                ch.softmax, x.copy(), -1, what="softmax", section="Softmax, and why we subtract the max"
+                ch.softmax,
+                x.copy(),
+                -1,
+                what="softmax",
+                reread=reread("Softmax, and why we subtract the max"),
             )
         expect_close(
             got,
@@ -205,7 +196,7 @@ def mask_mistakes(n_q: int, n_k: int) -> list[Mistake]:
 def test_causal_mask(course):
     """Causal mask"""
     ch = course.ch05
-    got = call(ch.causal_mask, 4, 4, what="causal_mask", section="The causal mask")
+    got = call(ch.causal_mask, 4, 4, what="causal_mask", reread=reread("The causal mask"))
     expect_equal(
         np.asarray(got).astype(bool) if got is not None else None,
         ref()["causal.4x4"],
@@ -220,7 +211,7 @@ def test_causal_mask_cache(course):
     """Causal mask with a KV cache (queries are the last n_q of n_k)"""
     ch = course.ch05
     for n_q, n_k in ((1, 6), (3, 8)):
-        got = call(ch.causal_mask, n_q, n_k, what="causal_mask", section="The causal mask")
+        got = call(ch.causal_mask, n_q, n_k, what="causal_mask", reread=reread("The causal mask"))
         expect_equal(
             np.asarray(got).astype(bool) if got is not None else None,
             ref()[f"causal.{n_q}x{n_k}"],
@@ -274,7 +265,7 @@ def grade_attention(ch, case: str, inputs: str, section: str, extra: list[Mistak
     r = {n: ref()[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask", "out")}
     q, k, v, mask = r["q"], r["k"], r["v"], r["mask"]
     with np.errstate(all="ignore"):
-        got = call(ch.attention, q.copy(), k.copy(), v.copy(), mask.copy(), what="attention", section=section,
+        got = call(ch.attention, q.copy(), k.copy(), v.copy(), mask.copy(), what="attention", reread=reread(section),
                    hint=shape_hint(q, k, mask))  # fmt: skip
     expect_close(
         got, r["out"], what="attention", inputs=inputs, atol=OUT_ATOL,

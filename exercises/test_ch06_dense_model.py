@@ -15,8 +15,8 @@ import numpy as np
 
 from exercises.grading import (
     REFERENCES,
-    GradeError,
     Mistake,
+    call,
     expect,
     expect_close,
     expect_equal,
@@ -41,20 +41,6 @@ FINAL = notebook(6, "6. Checkpoint: our dense model against transformers")
 LAYER_KEYS = [k.removeprefix("decoder.w.") for k in R.files if k.startswith("decoder.w.")]
 
 
-def _call(what: str, fn, *args, hint: str = "", reread: str | None = None):
-    """Run one of your functions; an exception (other than NotImplementedError) becomes a readable failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # e.g. a NumPy shape error deep inside: one line, plus what usually causes it
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        lines = [what, f"your function raised {type(error).__name__}: {text}"]
-        lines += [hint] if hint else []
-        lines += [f"re-read: {reread}"] if reread else []
-        raise GradeError("\n  ".join(lines)) from None
-
-
 def _fixture_weights(fixture: str) -> dict[str, np.ndarray]:
     """Every tensor of a fixture checkpoint as a fresh float32 array (BF16 widened exactly)."""
     with Checkpoint(FIXTURES / fixture) as ckpt:
@@ -77,7 +63,7 @@ def _decoder_inputs() -> tuple:
 def test_silu(course):
     """SiLU, also at ±1000"""
     z = R["silu.z"]
-    got = _call("silu", course.ch06.silu, z.copy(), reread=SILU)
+    got = call(course.ch06.silu, z.copy(), reread=SILU, what="silu")
     expect_close(
         got, R["silu.out"], what="silu(z) against torch.nn.functional.silu", atol=1e-6, rtol=1e-6, reread=SILU,
         inputs="z: 49 values from -12 to 12, then -1000, -100, 100, 1000",
@@ -94,12 +80,22 @@ def test_silu(course):
 def test_linear(course):
     """linear: x · wᵀ, the weight in the [out, in] layout"""
     hint = "the weight is stored [out, in] = [5, 6] and x is [..., 6]: compute x @ w.T, not x @ w"
-    got = _call("linear(x [2, 3, 6], w [5, 6])", course.ch06.linear, R["linear.x"], R["linear.w"], hint=hint,
-                reread=LINEAR)  # fmt: skip
+    got = call(
+        course.ch06.linear,
+        R["linear.x"],
+        R["linear.w"],
+        hint=hint,
+        reread=LINEAR,
+        what="linear(x [2, 3, 6], w [5, 6])",
+    )
     expect_close(got, R["linear.out"], what="linear against torch.nn.functional.linear", atol=1e-5, reread=LINEAR,
                  inputs="x [2, 3, 6], w [5, 6] (out 5, in 6)")  # fmt: skip
-    got = _call(
-        "linear(x [4, 6], w [6, 6])", course.ch06.linear, R["linear_sq.x"], R["linear_sq.w"], reread=LINEAR
+    got = call(
+        course.ch06.linear,
+        R["linear_sq.x"],
+        R["linear_sq.w"],
+        reread=LINEAR,
+        what="linear(x [4, 6], w [6, 6])",
     )
     expect_close(
         got, R["linear_sq.out"], what="linear with a square weight", atol=1e-5, reread=LINEAR,
@@ -122,7 +118,7 @@ def test_swiglu_one_token(course):
     """SwiGLU on one token"""
     x = R["swiglu.x"][0, 0]
     ws = (R["swiglu.w_gate"], R["swiglu.w_up"], R["swiglu.w_down"])
-    got = _call("swiglu on one token", course.ch06.swiglu, x.copy(), *ws, reread=SWIGLU)
+    got = call(course.ch06.swiglu, x.copy(), *ws, reread=SWIGLU, what="swiglu on one token")
     expect_close(got, R["swiglu.out"][0, 0], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
                  inputs="x [16], w_gate [40, 16], w_up [40, 16], w_down [16, 40]",
                  mistakes=_swiglu_mistakes((0, 0)), reread=SWIGLU)  # fmt: skip
@@ -131,8 +127,14 @@ def test_swiglu_one_token(course):
 def test_swiglu_batch(course):
     """SwiGLU on a batch [2, 4, 16]"""
     ws = (R["swiglu.w_gate"], R["swiglu.w_up"], R["swiglu.w_down"])
-    got = _call("swiglu on x [2, 4, 16]", course.ch06.swiglu, R["swiglu.x"].copy(), *ws, reread=SWIGLU,
-                hint="every leading axis is a batch axis: `x @ w.T` works for [..., d] as it is")  # fmt: skip
+    got = call(
+        course.ch06.swiglu,
+        R["swiglu.x"].copy(),
+        *ws,
+        reread=SWIGLU,
+        hint="every leading axis is a batch axis: `x @ w.T` works for [..., d] as it is",
+        what="swiglu on x [2, 4, 16]",
+    )
     expect_close(got, R["swiglu.out"], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
                  inputs="x [2, 4, 16] (batch, time, hidden), MLP width 40", mistakes=_swiglu_mistakes(...),
                  reread=SWIGLU)  # fmt: skip
@@ -145,7 +147,7 @@ def test_decoder_layer(course):
     """One decoder layer against transformers' Qwen3DecoderLayer"""
     x, w, cos, sin, mask = _decoder_inputs()
     x_before = x.copy()
-    got = _call("decoder_layer", course.ch06.decoder_layer, x, w, cos, sin, mask, 16, 1e-6, reread=BLOCK)
+    got = call(course.ch06.decoder_layer, x, w, cos, sin, mask, 16, 1e-6, reread=BLOCK, what="decoder_layer")
     expect(np.array_equal(x, x_before), what="decoder_layer", reread=BLOCK,
            problem="your decoder_layer changed its input x in place (x += … or x[...] = …): the caller's "
                    "residual stream is not yours to modify; write h = x + … instead")  # fmt: skip
@@ -179,8 +181,18 @@ def test_fixture_layer(course):
     angles = np.arange(T, dtype=np.float32)[:, None] * ref["inv_freq"][None, :]
     angles = np.broadcast_to(np.concatenate([angles, angles], axis=-1), (B, T, 2 * ref["inv_freq"].size))
     mask = np.broadcast_to(np.tril(np.ones((T, T), dtype=bool)), (B, T, T))
-    got = _call("decoder_layer on the fixture's layer 0", course.ch06.decoder_layer, x.copy(), _layer(weights, 0),
-                np.cos(angles), np.sin(angles), mask, 32, 1e-6, reread=BLOCK)  # fmt: skip
+    got = call(
+        course.ch06.decoder_layer,
+        x.copy(),
+        _layer(weights, 0),
+        np.cos(angles),
+        np.sin(angles),
+        mask,
+        32,
+        1e-6,
+        reread=BLOCK,
+        what="decoder_layer on the fixture's layer 0",
+    )
     expect_close(got, ref["hidden_states"][1], what="layer 0 output against transformers (fixture dense-tied)",
                  atol=1e-4, reread=BLOCK,
                  inputs="x [2, 12, 64] = the embedding output, hidden 64, 4 query / 2 kv heads, head_dim 32 (≠ 64/4)")  # fmt: skip
@@ -193,8 +205,13 @@ def test_tied_head(course):
     """Tied embeddings: the head is the embedding array itself"""
     weights = _fixture_weights("dense-tied")
     embed = weights["model.embed_tokens.weight"]
-    head = _call("lm_head_weight(weights, tie_word_embeddings=True)", course.ch06.lm_head_weight, weights, True,
-                 reread=TIED)  # fmt: skip
+    head = call(
+        course.ch06.lm_head_weight,
+        weights,
+        True,
+        reread=TIED,
+        what="lm_head_weight(weights, tie_word_embeddings=True)",
+    )
     expect_close(head, embed, what="the tied head's values", atol=0.0, reread=TIED,
                  inputs="fixture dense-tied (no lm_head.weight in the file)")  # fmt: skip
     expect(
@@ -205,8 +222,13 @@ def test_tied_head(course):
                 "the embedding as soon as the weights change (fine-tuning).",
     )  # fmt: skip
     untied = _fixture_weights("dense-untied-bf16-sharded")
-    head = _call("lm_head_weight(weights, tie_word_embeddings=False)", course.ch06.lm_head_weight, untied, False,
-                 reread=TIED)  # fmt: skip
+    head = call(
+        course.ch06.lm_head_weight,
+        untied,
+        False,
+        reread=TIED,
+        what="lm_head_weight(weights, tie_word_embeddings=False)",
+    )
     expect_close(
         head, untied["lm_head.weight"], what="the untied head", atol=0.0, reread=TIED,
         inputs="fixture dense-untied-bf16-sharded (its file has an lm_head.weight)",
@@ -220,7 +242,7 @@ def test_count_parameters(course):
     for name in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B"):
         c = load_config(FIXTURES / "configs" / f"{name}.json")
         want = int(R[f"params.{name}"])
-        got = _call(f"count_parameters({name})", course.ch06.count_parameters, c, reread=PARAMS)
+        got = call(course.ch06.count_parameters, c, reread=PARAMS, what=f"count_parameters({name})")
         VH, L, H = c.vocab_size * c.hidden_size, c.num_hidden_layers, c.hidden_size
         norms = 2 * c.head_dim * L + 2 * H * L + H
         mistakes = [
@@ -245,8 +267,14 @@ def _forward(course, fixture: str):
     weights = _fixture_weights(fixture)
     ref = reference(fixture)
     config = load_config(FIXTURES / fixture)
-    return _call(f"forward on fixture {fixture}", course.ch06.forward, ref["input_ids"].copy(), weights, config,
-                 reread=MODEL)  # fmt: skip
+    return call(
+        course.ch06.forward,
+        ref["input_ids"].copy(),
+        weights,
+        config,
+        reread=MODEL,
+        what=f"forward on fixture {fixture}",
+    )
 
 
 def test_forward_tied(course):

@@ -20,6 +20,7 @@ from exercises.grading import (
     REFERENCES,
     GradeError,
     Mistake,
+    call,
     expect_close,
     expect_equal,
     expect_logits,
@@ -34,20 +35,6 @@ BLOCK = notebook(7, "3. The sparse block")
 LAYERS = notebook(7, "4. Which layers have experts?")
 LOSS = notebook(7, "5. The load-balancing loss")
 FINAL = notebook(7, "7. Checkpoint: our mixture of experts against transformers")
-
-
-def _call(what: str, fn, *args, hint: str = "", reread: str | None = None):
-    """Run one of your functions; an exception (other than NotImplementedError) becomes a readable failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # e.g. a NumPy shape error deep inside: one line, plus what usually causes it
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        lines = [what, f"your function raised {type(error).__name__}: {text}"]
-        lines += [hint] if hint else []
-        lines += [f"re-read: {reread}"] if reread else []
-        raise GradeError("\n  ".join(lines)) from None
 
 
 def _fail(what: str, problem: str, reread: str) -> None:
@@ -91,7 +78,7 @@ def _grade_route(course, case: str, mistakes: list[Mistake]) -> None:
     what = (
         f"route(logits [{N}, {E}], top_k={k}, norm_topk_prob={norm}) against transformers' Qwen3MoeTopKRouter"
     )
-    got = _call(what, course.ch07.route, logits.copy(), k, norm, reread=ROUTER)
+    got = call(course.ch07.route, logits.copy(), k, norm, reread=ROUTER, what=what)
     expect_close(_dense_routing(got, N, E, k, what), R[p + "dense"], what=what + " (as an [N, E] weight matrix)",
                  atol=1e-6, mistakes=mistakes, reread=ROUTER,
                  inputs=f"router logits [{N}, {E}] of {N} tokens, {E} experts")  # fmt: skip
@@ -145,7 +132,7 @@ def _grade_block(course, case: str, mistakes: list[Mistake]) -> None:
     k, norm = int(R[p + "top_k"]), bool(R[p + "norm"])
     what = f"moe_block(top_k={k}, norm_topk_prob={norm}) against transformers' Qwen3MoeSparseMoeBlock"
     inputs = "x [10, 24], 6 experts of width 20, w_gate/w_up [6, 20, 24], w_down [6, 24, 20]"
-    out, logits = _pair(_call(what, course.ch07.moe_block, *args, k, norm, reread=BLOCK), what, 2, BLOCK)
+    out, logits = _pair(call(course.ch07.moe_block, *args, k, norm, reread=BLOCK, what=what), what, 2, BLOCK)
     want_logits = R[p + "router_logits"]
     expect_close(logits, want_logits, what=what + ": the router logits (second output)", atol=1e-5, reread=BLOCK,
                  inputs=inputs, mistakes=[Mistake("you returned the router probabilities instead of its logits",
@@ -187,7 +174,9 @@ def test_is_moe_layer(course):
         L, E, step = (int(R[p + key]) for key in ("num_layers", "num_experts", "decoder_sparse_step"))
         only = [int(i) for i in R[p + "mlp_only_layers"]]
         what = "is_moe_layer for every layer of a config against transformers' Qwen3MoeDecoderLayer"
-        got = [_call(what, course.ch07.is_moe_layer, i, E, step, list(only), reread=LAYERS) for i in range(L)]
+        got = [
+            call(course.ch07.is_moe_layer, i, E, step, list(only), reread=LAYERS, what=what) for i in range(L)
+        ]
         got = [bool(g) if isinstance(g, (bool, np.bool_)) else g for g in got]
         want = R[p + "is_moe"].tolist()
         expect_equal(
@@ -212,7 +201,9 @@ def _grade_loss(course, case: str) -> None:
     p = f"lbl.{case}."
     logits, E, k = R[p + "logits"], int(R[p + "num_experts"]), int(R[p + "top_k"])
     what = f"load_balancing_loss ({case} router) against transformers' load_balancing_loss_func"
-    got = _call(what, course.ch07.load_balancing_loss, [layer.copy() for layer in logits], E, k, reread=LOSS)
+    got = call(
+        course.ch07.load_balancing_loss, [layer.copy() for layer in logits], E, k, reread=LOSS, what=what
+    )
     expect_close(
         got, R[p + "loss"], what=what, atol=1e-5, rtol=1e-6, reread=LOSS,
         inputs=f"{len(logits)} layer(s) of router logits [{logits.shape[1]}, {E}], top_k={k}",
@@ -242,8 +233,14 @@ def test_load_balancing_loss_layers(course):
         ref = reference(fixture)
         E, k = ref["router_logits"].shape[-1], 2
         what = f"load_balancing_loss on the router logits of fixture {fixture} against transformers' aux_loss"
-        got = _call(what, course.ch07.load_balancing_loss, [r.copy() for r in ref["router_logits"]], E, k,
-                    reread=LOSS)  # fmt: skip
+        got = call(
+            course.ch07.load_balancing_loss,
+            [r.copy() for r in ref["router_logits"]],
+            E,
+            k,
+            reread=LOSS,
+            what=what,
+        )
         expect_close(got, ref["aux_loss"], what=what, atol=1e-5, rtol=1e-6, reread=LOSS,
                      inputs=f"{len(ref['router_logits'])} MoE layers × {ref['router_logits'].shape[1]} tokens, E={E}, top_k={k}")  # fmt: skip
 
@@ -259,5 +256,10 @@ def test_real_model(course):
         expect_logits(model, fixture, what=what, reread=FINAL)
         ref = reference(fixture)
         _, router = model(ref["input_ids"], return_router_logits=True)
-        expect_close(np.stack([np.asarray(r) for r in router]), ref["router_logits"], atol=LOGITS_ATOL, reread=FINAL,
-                     what=f"{what}: the router logits of its MoE layers {ref['moe_layer_indices'].tolist()}")  # fmt: skip
+        expect_close(
+            np.stack([np.asarray(r) for r in router]),
+            ref["router_logits"],
+            atol=LOGITS_ATOL,
+            reread=FINAL,
+            what=f"{what}: the router logits of its MoE layers {ref['moe_layer_indices'].tolist()}",
+        )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exercises import grading
 from exercises.grading import (
     FIXTURES,
     LOGITS_ATOL,
@@ -37,8 +38,14 @@ from tinyqwen.model import load_model
 REMOVED = -1e9  # a filtered logit is -inf; anything at or below this also counts as removed
 
 
-def reread(section: str) -> str:
-    return notebook(8, section)
+# reread("...") -> 'notebooks/08-kv-cache-generation.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 8)
+
+# every call of your code: a crash becomes a failure message; an overflowing cache gets its usual cause
+call = functools.partial(grading.call, hints={"cache is full": (
+    "the cache overflowed: once the prompt is in the cache, feed only the NEW token each step (not the whole text "
+    "again)"
+)})  # fmt: skip
 
 
 @functools.cache
@@ -50,23 +57,6 @@ def sampling_reference() -> dict[str, np.ndarray]:
 @functools.cache
 def generations(fixture: str) -> dict:
     return json.loads((FIXTURES / fixture / "generate.json").read_text())
-
-
-def run(fn, *args, what: str, section: str, **kwargs):
-    """Call learner code; an unexpected exception becomes a grade with its message (NotImplementedError passes)."""
-    try:
-        return fn(*args, **kwargs)
-    except (NotImplementedError, GradeError):
-        raise
-    except Exception as error:  # noqa: BLE001 - any crash in learner code is reported, not hidden
-        message = f"{type(error).__name__}: {error}".strip()
-        hint = ""
-        if "cache is full" in message:
-            hint = (" — the cache overflowed: once the prompt is in the cache, feed only the NEW token each step "
-                    "(not the whole text again)")  # fmt: skip
-        raise GradeError(
-            f"{what}\n  your code raised {message}{hint}\n  re-read: {reread(section)}"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------------ the learner's cache
@@ -212,8 +202,8 @@ def test_kv_cache_update(course):
     section = "The KV cache"
     inputs = "cache [1, 2, 6, 3] (max_len 6), first 4 positions at length 0"
 
-    keys, values = run(
-        ch.kv_cache_update, cache_k, cache_v, k1, v1, 0, what="kv_cache_update", section=section
+    keys, values = call(
+        ch.kv_cache_update, cache_k, cache_v, k1, v1, 0, what="kv_cache_update", reread=reread(section)
     )
     whole = np.concatenate([k1, np.zeros((1, 2, 2, 3), np.float32)], axis=2)
     expect_close(keys, k1, what="kv_cache_update: keys returned after the prefill", atol=0, inputs=inputs,
@@ -224,8 +214,8 @@ def test_kv_cache_update(course):
                  reread=reread(section))  # fmt: skip
 
     inputs = "then 1 new position at length 4"
-    keys, values = run(
-        ch.kv_cache_update, cache_k, cache_v, k2, v2, 4, what="kv_cache_update", section=section
+    keys, values = call(
+        ch.kv_cache_update, cache_k, cache_v, k2, v2, 4, what="kv_cache_update", reread=reread(section)
     )
     want_k, want_v = np.concatenate([k1, k2], axis=2), np.concatenate([v1, v2], axis=2)
     lost = np.concatenate([np.zeros_like(k1), k2], axis=2)
@@ -261,8 +251,8 @@ def test_cached_decoding_equals_full_forward(course):
     ref = reference("dense-tied")
     ids = ref["single_input_ids"]
     cache = allocate(learner_cache_class(ch.kv_cache_update), model.config, 1, len(ids))
-    got = run(stepwise_logits, model, ids, cache, what="decoding token by token with your cache",
-              section="Checking the cache against transformers")  # fmt: skip
+    got = call(stepwise_logits, model, ids, cache, what="decoding token by token with your cache",
+              reread=reread("Checking the cache against transformers"))  # fmt: skip
     # (a cache that returns only the new keys is caught inside the model, by the shape it returns)
     expect_close(got, ref["single_logits"], atol=LOGITS_ATOL,
                  what="logits of the dense-tied fixture, fed one token at a time through your KV cache",
@@ -280,7 +270,7 @@ def test_kv_cache_bytes(course):
     # derived by hand: 2 (K and V) x layers x kv heads x head_dim x tokens x bytes
     #   0.6B: 2·28·8·128 = 57,344 numbers per token;  4B and 8B: 2·36·8·128 = 73,728;  30B-A3B: 2·48·4·128 = 49,152
     want = [57344 * 2, 57344 * 40960 * 2, 73728 * 4096 * 4, 73728 * 1000 * 2, 49152 * 32768 * 2]
-    got = [run(ch.kv_cache_bytes, dict(configs[n]), t, b, what="kv_cache_bytes", section="How much memory the cache takes")
+    got = [call(ch.kv_cache_bytes, dict(configs[n]), t, b, what="kv_cache_bytes", reread=reread("How much memory the cache takes"))
            for n, t, b in cases]  # fmt: skip
     got = [int(g) if isinstance(g, (int, float, np.integer, np.floating)) else g for g in got]
 
@@ -323,7 +313,7 @@ def test_temperature(course):
     """Temperature, against transformers"""
     ch, ref = course.ch08, sampling_reference()
     logits = ref["logits"].astype(np.float64)
-    got = [[run(ch.apply_temperature, row.copy(), float(t), what="apply_temperature", section="Temperature")
+    got = [[call(ch.apply_temperature, row.copy(), float(t), what="apply_temperature", reread=reread("Temperature"))
             for row in logits] for t in ref["temperature_values"]]  # fmt: skip
     wrong = np.stack([logits * t for t in ref["temperature_values"]])
     expect_close(got, ref["temperature_out"], atol=1e-5, rtol=1e-6,
@@ -341,7 +331,7 @@ def check_filter(course, name: str, fn_name: str, variants: dict[str, tuple], se
     logits = ref["logits"].astype(np.float64)
     for value, want in zip(ref[f"{name}_values"], ref[f"{name}_out"], strict=True):
         value = int(value) if name == "top_k" else float(value)
-        got = [run(fn, row.copy(), value, what=fn_name, section=section) for row in logits]
+        got = [call(fn, row.copy(), value, what=fn_name, reread=reread(section)) for row in logits]
         for i, g in enumerate(got):
             expect(g is not None, what=f"{fn_name}({value})", reread=reread(section),
                    problem="your function returned None — is a `return` missing?")  # fmt: skip
@@ -414,8 +404,8 @@ def test_repetition_penalty(course):
     ch, ref = course.ch08, sampling_reference()
     logits, seen = ref["logits"].astype(np.float64), ref["seen_ids"]
     values = ref["repetition_values"]
-    got = [[run(ch.repetition_penalty, z.copy(), s.tolist(), float(r), what="repetition_penalty",
-                section="Repetition penalty") for z, s in zip(logits, seen, strict=True)] for r in values]  # fmt: skip
+    got = [[call(ch.repetition_penalty, z.copy(), s.tolist(), float(r), what="repetition_penalty",
+                reread=reread("Repetition penalty")) for z, s in zip(logits, seen, strict=True)] for r in values]  # fmt: skip
 
     def variant(rule):
         out = np.stack([logits] * len(values))
@@ -461,8 +451,8 @@ def test_sampling_distribution(course):
     t, k, p = float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"])
     m, r = float(settings["min_p"]), float(settings["repetition_penalty"])
     logits, seen = ref["logits"].astype(np.float64), ref["seen_ids"]
-    got = [run(ch.sampling_distribution, z.copy(), s.tolist(), t, k, p, m, r, what="sampling_distribution",
-               section="The sampling pipeline") for z, s in zip(logits, seen, strict=True)]  # fmt: skip
+    got = [call(ch.sampling_distribution, z.copy(), s.tolist(), t, k, p, m, r, what="sampling_distribution",
+               reread=reread("The sampling pipeline")) for z, s in zip(logits, seen, strict=True)]  # fmt: skip
 
     def variant(**how):
         return np.stack([_pipeline(z, s, t, k, p, m, r, **how) for z, s in zip(logits, seen, strict=True)])
@@ -490,12 +480,12 @@ def test_left_pad(course):
     ch = course.ch08
     for fixture in ("dense-tied", "dense-yarn", "moe-norm-topk"):
         gen = generations(fixture)
-        got = run(
+        got = call(
             ch.left_pad,
             gen["prompts"],
             gen["pad_token_id"],
             what="left_pad",
-            section="Batching with left padding",
+            reread=reread("Batching with left padding"),
         )
         expect(isinstance(got, tuple) and len(got) == 2, what="left_pad", reread=reread("Batching with left padding"),
                problem=f"left_pad must return (ids, mask), got {type(got).__name__}")  # fmt: skip
@@ -524,11 +514,11 @@ def test_positions_from_mask(course):
     for mask in masks:
         pads = (mask == 0).sum(axis=1)
         want = np.stack([np.r_[np.zeros(z, np.int64), np.arange(mask.shape[1] - z)] for z in pads])
-        got = run(
+        got = call(
             ch.positions_from_mask,
             mask.copy(),
             what="positions_from_mask",
-            section="Batching with left padding",
+            reread=reread("Batching with left padding"),
         )
         got = np.asarray(got)
         if got.shape == want.shape:
@@ -550,8 +540,8 @@ def test_positions_from_mask(course):
 
 def generate_watched(course, model, prompts, max_new_tokens, eos_id, what, section):
     watched = Watched(model, course.ch08.kv_cache_update)
-    got = run(course.ch08.greedy_generate, watched, [list(p) for p in prompts], max_new_tokens, pad_id=0,
-              eos_id=eos_id, what=what, section=section)  # fmt: skip
+    got = call(course.ch08.greedy_generate, watched, [list(p) for p in prompts], max_new_tokens,
+               kwargs={"pad_id": 0, "eos_id": eos_id}, what=what, reread=reread(section))  # fmt: skip
     return watched, got
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from exercises.grading import (
     REFERENCES,
     REPO,
-    GradeError,
     Mistake,
+    call,
     expect,
     expect_equal,
     learner_model,
@@ -33,25 +33,13 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 NOTHING = object()  # a Mistake whose symptom is absent: never equal to anything
 
 
-def reread(section: str) -> str:
-    return notebook(9, section)
+# reread("...") -> 'notebooks/09-chat-template-thinking.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 9)
 
 
 @functools.cache
 def ref() -> dict:
     return json.loads((REFERENCES / "ch09_chat_template_thinking.json").read_text(encoding="utf-8"))
-
-
-def run(fn, *args, what: str, section: str, **kwargs):
-    """Call learner code; an unexpected exception becomes a grade with its message (NotImplementedError passes)."""
-    try:
-        return fn(*args, **kwargs)
-    except (NotImplementedError, GradeError):
-        raise
-    except Exception as error:  # noqa: BLE001 - any crash in learner code is reported, not hidden
-        raise GradeError(
-            f"{what}\n  your code raised {type(error).__name__}: {error}\n  re-read: {reread(section)}"
-        ) from None
 
 
 def symptom(cause: str, present: bool, got, hint: str = "") -> Mistake:
@@ -104,8 +92,8 @@ def check_renders(course, names: tuple[str, ...], what: str, section: str) -> No
     assert cases, names
     for case in cases:
         flags = f"add_generation_prompt={case['add_generation_prompt']}, enable_thinking={case['enable_thinking']}"
-        got = run(course.ch09.render_chat, json.loads(json.dumps(case["messages"])), case["add_generation_prompt"],
-                  case["enable_thinking"], what="render_chat", section=section)  # fmt: skip
+        got = call(course.ch09.render_chat, json.loads(json.dumps(case["messages"])), case["add_generation_prompt"],
+                  case["enable_thinking"], what="render_chat", reread=reread(section))  # fmt: skip
         expect(isinstance(got, str), what=what, reread=reread(section),
                problem=f"render_chat must return a string, got {type(got).__name__}")  # fmt: skip
         expect_equal(got, case["text"], what=f"{what} ({case['name']}) vs the official Jinja template",
@@ -147,7 +135,7 @@ def test_split_thinking(course):
     section = "Parsing the thinking out"
     for case in ref()["split"]:
         ids = case["ids"]
-        got = run(course.ch09.split_thinking, list(ids), what="split_thinking", section=section)
+        got = call(course.ch09.split_thinking, list(ids), what="split_thinking", reread=reread(section))
         expect(isinstance(got, tuple) and len(got) == 2, what="split_thinking", reread=reread(section),
                problem=f"split_thinking must return (thinking ids, content ids), got {type(got).__name__}")  # fmt: skip
         got = [list(map(int, part)) for part in got]
@@ -173,7 +161,9 @@ def test_parse_tool_calls(course):
     """Tool calls parsed out of a reply"""
     section = "Tool calls"
     for case in ref()["tools"]:
-        got = run(course.ch09.parse_tool_calls, case["text"], what="parse_tool_calls", section=section)
+        got = call(
+            course.ch09.parse_tool_calls, case["text"], what="parse_tool_calls", reread=reread(section)
+        )
         expect(isinstance(got, tuple) and len(got) == 2, what="parse_tool_calls", reread=reread(section),
                problem=f"parse_tool_calls must return (content, calls), got {type(got).__name__}")  # fmt: skip
         content, calls = got
@@ -238,8 +228,8 @@ def test_your_qwen3_end_to_end(course):
     section = "Your Qwen3 end to end"
     where = f"{len(e['messages'])} messages, add_generation_prompt=True, enable_thinking=False"
 
-    text = run(course.ch09.render_chat, json.loads(json.dumps(e["messages"])), True, False, what="render_chat",
-               section=section)  # fmt: skip
+    text = call(course.ch09.render_chat, json.loads(json.dumps(e["messages"])), True, False, what="render_chat",
+               reread=reread(section))  # fmt: skip
     case = {
         "text": e["prompt_text"],
         "messages": e["messages"],
@@ -249,7 +239,9 @@ def test_your_qwen3_end_to_end(course):
     expect_equal(text, e["prompt_text"], what="1/5 your chat template (chapter 9) on the conversation",
                  inputs=where, reread=reread("The template as code"), mistakes=render_mistakes(case, text))  # fmt: skip
 
-    ids = run(course.ch01.encode, text, vocab, ranks, added, what="chapter 1's encode", section=section)
+    ids = call(
+        course.ch01.encode, text, vocab, ranks, added, what="chapter 1's encode", reread=reread(section)
+    )
     expect_equal(ids, e["prompt_ids"], what="2/5 your tokenizer (chapter 1) on the prompt vs the official tokenizer",
                  inputs=repr(text), reread=notebook(1))  # fmt: skip
 
@@ -257,19 +249,24 @@ def test_your_qwen3_end_to_end(course):
     watched = Watched(model, course.ch08.kv_cache_update)
     n = e["max_new_tokens"]
     what = "3/5 your kernels (chapters 3-7), cache and greedy loop (chapter 8) vs transformers' generate"
-    new = run(course.ch08.greedy_generate, watched, [list(ids)], n, pad_id=151643, eos_id=e["eos_id"], what=what,
-              section=section)  # fmt: skip
+    new = call(course.ch08.greedy_generate, watched, [list(ids)], n, kwargs={"pad_id": 151643, "eos_id": e["eos_id"]},
+               what=what,
+              reread=reread(section))  # fmt: skip
     inputs = f"a tiny Qwen3 with the real 151,936-token vocabulary, {len(ids)} prompt tokens, {n} new tokens"
     check_loop(watched, [ids], n, what, inputs)
     expect(isinstance(new, list) and len(new) == 1, what=what, inputs=inputs, reread=notebook(8),
            problem=f"greedy_generate must return one list of ids per prompt, got {new!r}")  # fmt: skip
     expect_equal(list(map(int, new[0])), e["new_ids"], what=what, inputs=inputs, reread=notebook(8))
 
-    parts = run(course.ch09.split_thinking, list(e["new_ids"]), what="split_thinking", section=section)
+    parts = call(
+        course.ch09.split_thinking, list(e["new_ids"]), what="split_thinking", reread=reread(section)
+    )
     expect_equal([list(map(int, p)) for p in parts], [[], e["new_ids"]],
                  what="4/5 split_thinking on the reply (thinking was off: no </think>, all content)",
                  inputs=str(e["new_ids"]), reread=reread("Parsing the thinking out"))  # fmt: skip
 
-    reply = run(course.ch01.decode, list(parts[1]), id_to_token, what="chapter 1's decode", section=section)
+    reply = call(
+        course.ch01.decode, list(parts[1]), id_to_token, what="chapter 1's decode", reread=reread(section)
+    )
     expect_equal(reply, e["text"], what="5/5 your decode (chapter 1) of the reply vs the official tokenizer",
                  inputs=str(e["new_ids"]), reread=notebook(1))  # fmt: skip
