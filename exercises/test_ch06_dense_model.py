@@ -11,6 +11,8 @@ four norms) and for logits (grading.LOGITS_ATOL). Every classic mistake below mo
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from exercises.grading import (
@@ -30,14 +32,16 @@ from tinyqwen.safetensors import Checkpoint
 
 R = np.load(REFERENCES / "ch06_dense_model.npz")
 FIXTURES = REFERENCES.parent.parent / "tests" / "fixtures"
-SILU = notebook(6, "1.1 SiLU, a smooth switch")
-LINEAR = notebook(6, "1.3 `linear`, and the `[out, in]` layout")
-SWIGLU = notebook(6, "1.2 Gate × up: the GLU")
-BLOCK = notebook(6, "2. The decoder block")
-TIED = notebook(6, "3.1 Tied embeddings: one array, not two")
-MODEL = notebook(6, "3. The whole model")
-PARAMS = notebook(6, "4. How big is it? Parameters and memory")
-FINAL = notebook(6, "6. Checkpoint: our dense model against transformers")
+# reread("...") -> 'notebooks/06-dense-model.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 6)
+SILU = reread("1.1 SiLU, a smooth switch")
+LINEAR = reread("1.3 `linear`, and the `[out, in]` layout")
+SWIGLU = reread("1.2 Gate × up: the GLU")
+BLOCK = reread("2. The decoder block")
+TIED = reread("3.1 Tied embeddings: one array, not two")
+MODEL = reread("3. The whole model")
+PARAMS = reread("4. How big is it? Parameters and memory")
+FINAL = reread("6. Checkpoint: our dense model against transformers")
 LAYER_KEYS = [k.removeprefix("decoder.w.") for k in R.files if k.startswith("decoder.w.")]
 
 

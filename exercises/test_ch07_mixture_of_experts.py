@@ -13,6 +13,8 @@ Tolerances: 1e-6 on routing weights (≤ 1), 1e-5 on block outputs and router lo
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from exercises.grading import (
@@ -30,11 +32,13 @@ from exercises.grading import (
 )
 
 R = np.load(REFERENCES / "ch07_mixture_of_experts.npz")
-ROUTER = notebook(7, "2.1 Softmax first, then top-k")
-BLOCK = notebook(7, "3. The sparse block")
-LAYERS = notebook(7, "4. Which layers have experts?")
-LOSS = notebook(7, "5. The load-balancing loss")
-FINAL = notebook(7, "7. Checkpoint: our mixture of experts against transformers")
+# reread("...") -> 'notebooks/07-mixture-of-experts.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 7)
+ROUTER = reread("2.1 Softmax first, then top-k")
+BLOCK = reread("3. The sparse block")
+LAYERS = reread("4. Which layers have experts?")
+LOSS = reread("5. The load-balancing loss")
+FINAL = reread("7. Checkpoint: our mixture of experts against transformers")
 
 
 def _fail(what: str, problem: str, reread: str) -> None:
