@@ -15,6 +15,8 @@ The helpers a test uses:
     call(fn, *args, what=..., reread=..., hint=..., hints={KeyError: ...}, kwargs={...})   # run YOUR function
     Mistake(cause, wrong, hint)   # a classic bug and the output it would produce on the same input
     learner_model(course, upto=N, fixture=...)   # a real fixture model running YOUR kernels of chapters <= N
+    reference_file("ch04_rope_yarn.npz")         # a chapter's stored expected values, exercises/references/
+    reference(fixture)                           # transformers' stored outputs for a test fixture
     expect_logits(model, fixture, what=...)      # its logits vs transformers' stored logits for that fixture
 
 A failure names the checkpoint and the input, the expected and the received shape, the largest difference and
@@ -33,7 +35,9 @@ Kernels taken from each chapter by `learner_model` (the names and signatures of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -402,6 +406,39 @@ def learner_model(course: Course, upto: int, fixture: str = "dense-tied", **repl
     kernels = learner_kernels(course, upto) | replace
     model.backend = dataclasses.replace(model.backend, name=f"learner (chapters <= {upto})", **kernels)
     return model
+
+
+class StoredArrays(Mapping[str, np.ndarray]):
+    """The arrays of a reference .npz, read once; every lookup hands out a fresh copy (as numpy's NpzFile does), so
+    a function under test that writes into its input cannot change what a later check compares against."""
+
+    def __init__(self, path: Path):
+        with np.load(path) as data:
+            self._arrays = {k: data[k] for k in data.files}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._arrays[key].copy()
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+
+@functools.cache
+def reference_file(name: str) -> Any:
+    """A chapter's stored expected values, exercises/references/<name>, read once per session.
+
+    name.npz -> {key: array} (a StoredArrays: each lookup is a fresh copy); name.json -> the parsed object (shared:
+    do not modify it). Not to be confused with `reference(fixture)`: transformers' outputs stored with a fixture.
+    """
+    path = REFERENCES / name
+    if path.suffix == ".npz":
+        return StoredArrays(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    raise ValueError(f"reference_file reads .npz and .json files, not {name!r}")
 
 
 def reference(fixture: str) -> dict[str, np.ndarray]:

@@ -33,19 +33,16 @@ from exercises.grading import (
     expect_close,
     expect_equal,
     notebook,
+    reference_file,
 )
 from tinyqwen.verify import tolerance  # the project's one bound for logits: 1e-5 · max(1, max |logit|)
 
 DATA = REPO / "tinyqwen" / "data"
+REF = reference_file("ch01_tokenization.json")
 
 
 # reread("Decoding") -> 'notebooks/01-tokenization.ipynb, section "Decoding"': where a failure sends the learner
 reread = functools.partial(notebook, 1)
-
-
-@functools.cache
-def ref() -> dict:
-    return json.loads((REFERENCES / "ch01_tokenization.json").read_text(encoding="utf-8"))
 
 
 @functools.cache
@@ -203,21 +200,21 @@ def test_bytes_to_unicode(course):
     expect_equal(sorted(table), list(range(256)), what=what + ": its keys must be the byte values 0..255",
                  reread=section)  # fmt: skip
     got = [table[b] for b in range(256)]  # index = byte value
-    official = {int(b): ch for b, ch in ref()["byte_table"].items()}
+    official = {int(b): ch for b, ch in REF["byte_table"].items()}
     # 243 bytes against the official ByteLevel (the 13 that UTF-8 never produces are checked by hand just below)
     expect_equal(got, [official.get(b, got[b]) for b in range(256)], mistakes=mistakes, reread=section,
                  what=what + " vs the official ByteLevel table (list index = byte value)")  # fmt: skip
     expect_equal(got, [by_hand_table()[b] for b in range(256)], mistakes=mistakes, reread=section,
                  what=what + " vs GPT-2's rule, derived by hand (list index = byte value)")  # fmt: skip
     expect_equal(
-        sorted(got), ref()["alphabet"], what=what + ": its values vs the official alphabet", reread=section
+        sorted(got), REF["alphabet"], what=what + ": its values vs the official alphabet", reread=section
     )
 
 
 def test_to_symbols(course):
     """Text as byte symbols"""
     section = reread("Bytes as printable characters")
-    for case in ref()["symbols"]:
+    for case in REF["symbols"]:
         text = case["text"]
         got = call(course.ch01.to_symbols, text, what="to_symbols", inputs=repr(text), reread=section)
         expect_equal(got, case["symbols"], what="to_symbols(text)", inputs=repr(text), reread=section,
@@ -233,8 +230,8 @@ def test_to_symbols(course):
 def test_pretokenize(course):
     """The pre-tokenizer regex"""
     section = reread("The pre-tokenizer regex")
-    assert SPLIT_PATTERN == ref()["split_regex"] and SPLIT_PATTERN not in (GPT4_DIGITS, CASE_SENSITIVE)
-    for case in ref()["pretokenize"]:
+    assert SPLIT_PATTERN == REF["split_regex"] and SPLIT_PATTERN not in (GPT4_DIGITS, CASE_SENSITIVE)
+    for case in REF["pretokenize"]:
         text = case["text"]
         got = call(course.ch01.pretokenize, text, what="pretokenize", inputs=repr(text), reread=section)
         expect_equal(got, case["pieces"], what="pretokenize(text)", inputs=repr(text), reread=section,
@@ -277,7 +274,7 @@ def test_bpe_real_merges(course):
     """BPE with the real merges.txt"""
     section = reread("BPE: merges in rank order")
     _, ranks, _, _ = files()
-    for case in ref()["bpe"]:
+    for case in REF["bpe"]:
         inputs = f"bpe({case['symbols']!r}, ranks)   (the piece {case['word']!r})"
         got = call(course.ch01.bpe, case["symbols"], ranks, what="bpe", inputs=inputs, reread=section)
         expect_equal(got, case["tokens"], what="bpe with Qwen3's 151,387 merges", inputs=inputs,
@@ -288,12 +285,12 @@ def test_encode_ordinary(course):
     """Ordinary text to ids (NFC, split, bytes, BPE, lookup)"""
     vocab, ranks, _, _ = files()
     section = reread("From text to ids")
-    for case in ref()["encode"]:
+    for case in REF["encode"]:
         got = call(course.ch01.encode_ordinary, case["text"], vocab, ranks, what="encode_ordinary",
                    inputs=repr(case["text"]), reread=section)  # fmt: skip
         expect_equal(got, case["ids"], what="encode_ordinary(text) vs the official tokenizer",
                      inputs=repr(case["text"]), reread=section)  # fmt: skip
-    for case in ref()["nfc"]:
+    for case in REF["nfc"]:
         got = call(course.ch01.encode_ordinary, case["text"], vocab, ranks, what="encode_ordinary",
                    inputs=ascii(case["text"]), reread=reread("NFC"))  # fmt: skip
         expect_equal(got, case["ids"], what="encode_ordinary on text that NFC changes", inputs=ascii(case["text"]),
@@ -308,9 +305,9 @@ def test_encode_added_tokens(course):
     """Added and special tokens"""
     vocab, ranks, added, _ = files()
     section = reread("Added and special tokens")
-    expect_equal(added, {content: int(i) for i, content in ref()["added_tokens"].items()},
+    expect_equal(added, {content: int(i) for i, content in REF["added_tokens"].items()},
                  what="the added tokens of tokenizer_config.json vs the official tokenizer.json")  # fmt: skip
-    for case in ref()["added"]:
+    for case in REF["added"]:
         got = call(course.ch01.encode, case["text"], vocab, ranks, added, what="encode", inputs=repr(case["text"]),
                    reread=section)  # fmt: skip
         expect_equal(got, case["ids"], what="encode(text) with added tokens vs the official tokenizer",
@@ -319,7 +316,7 @@ def test_encode_added_tokens(course):
                                  "Find the added tokens in the RAW text first (before NFC and the regex), emit "
                                  "their ids, and encode only the stretches between them."),
                      ])  # fmt: skip
-    for case in ref()["encode"][:6]:  # no added token in the text: encode must equal encode_ordinary
+    for case in REF["encode"][:6]:  # no added token in the text: encode must equal encode_ordinary
         got = call(course.ch01.encode, case["text"], vocab, ranks, added, what="encode", inputs=repr(case["text"]),
                    reread=section)  # fmt: skip
         expect_equal(got, case["ids"], what="encode(text) on text without added tokens", inputs=repr(case["text"]),
@@ -332,7 +329,7 @@ def test_decode(course):
     section = reread("Decoding")
     table = by_hand_table()
     inverse = {ch: b for b, ch in table.items()}
-    for case in ref()["decode"]:
+    for case in REF["decode"]:
         ids = case["ids"]
         got = call(course.ch01.decode, ids, id_to_token, what="decode", inputs=f"ids {ids}", reread=section)
         raw = [bytes(inverse[c] for c in id_to_token[i]) for i in ids]
@@ -355,7 +352,7 @@ def test_stream_decode(course):
     _, _, _, id_to_token = files()
     section = reread("Streaming decode")
     inverse = {ch: b for b, ch in by_hand_table().items()}
-    for case in ref()["stream"]:
+    for case in REF["stream"]:
         ids = case["ids"]
         got = call(course.ch01.stream_decode, ids, id_to_token, what="stream_decode", inputs=f"ids {ids}",
                    reread=section)  # fmt: skip
@@ -388,7 +385,7 @@ def real_vocab_model():
     from tinyqwen.model import load_model
     from tinyqwen.safetensors import save_file
 
-    info = ref()["real_pipeline"]
+    info = REF["real_pipeline"]
     recipe = _generator_module()
     tensors = recipe.real_vocab_tensors(info["config"], info["seed"])
     if recipe.tensors_sha256(tensors) != info["weights_sha256"]:
@@ -406,7 +403,7 @@ def real_vocab_model():
 def test_real_pipeline(course):
     """Your tokenizer in the real pipeline"""
     vocab, ranks, added, id_to_token = files()
-    info = ref()["real_pipeline"]
+    info = REF["real_pipeline"]
     section = reread("Checkpoint: the official ids")
     text = info["text"]
     # 1. your encode on a real chat prompt (rendered by the official chat template) gives the official ids
@@ -427,8 +424,8 @@ def test_real_pipeline(course):
                  ])  # fmt: skip
     # 2. those ids run through a real-vocabulary Qwen3; its logits equal transformers' on the official ids
     model = real_vocab_model()
-    with np.load(REFERENCES / "ch01_tokenization.npz") as arrays:
-        columns, want = arrays["logits_columns"], arrays["logits"]
+    arrays = reference_file("ch01_tokenization.npz")
+    columns, want = arrays["logits_columns"], arrays["logits"]
     logits = model(np.asarray(ids, dtype=np.int64))[:, columns]  # [T, K]
     expect_close(logits, want, what="a real-vocabulary Qwen3 on your ids vs transformers' logits", atol=tolerance(want),
                  inputs=f"{len(ids)} ids, logits at {len(columns)} vocabulary columns")  # fmt: skip

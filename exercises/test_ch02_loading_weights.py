@@ -27,12 +27,12 @@ from exercises.grading import (
     expect_equal,
     expect_logits,
     notebook,
+    reference_file,
 )
 
 FILE = REFERENCES / "ch02_loading_weights.safetensors"
-FACTS = json.loads((REFERENCES / "ch02_loading_weights.json").read_text())
-with np.load(REFERENCES / "ch02_loading_weights.npz") as _data:
-    ARRAYS = {k: _data[k] for k in _data.files}
+FACTS = reference_file("ch02_loading_weights.json")
+ARRAYS = reference_file("ch02_loading_weights.npz")
 TIED = FIXTURES / "dense-tied"
 SHARDED = FIXTURES / "dense-untied-bf16-sharded"
 NUMPY_DTYPE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8"}

@@ -18,7 +18,6 @@ import numpy as np
 
 from exercises.grading import (
     FIXTURES,
-    REFERENCES,
     GradeError,
     Mistake,
     expect,
@@ -27,10 +26,10 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 
-with np.load(REFERENCES / "ch03_embeddings_rmsnorm.npz") as _data:
-    REF = {k: _data[k] for k in _data.files}
+REF = reference_file("ch03_embeddings_rmsnorm.npz")
 ATOL = RTOL = 1e-5
 
 

@@ -22,7 +22,6 @@ import math
 import numpy as np
 
 from exercises.grading import (
-    REFERENCES,
     Mistake,
     call,
     expect,
@@ -30,17 +29,13 @@ from exercises.grading import (
     expect_logits,
     learner_model,
     notebook,
+    reference_file,
 )
 
 FREQ_RTOL = 1e-6
 TABLE_ATOL = 1e-5
 ROPE_ATOL = 1e-5
-
-
-@functools.cache
-def ref() -> dict[str, np.ndarray]:
-    with np.load(REFERENCES / "ch04_rope_yarn.npz") as data:
-        return {k: data[k] for k in data.files}
+REF = reference_file("ch04_rope_yarn.npz")
 
 
 # reread("...") -> 'notebooks/04-rope-yarn.ipynb, section "..."': where a failure sends the learner
@@ -136,11 +131,11 @@ def test_inv_freq(course):
     """Frequencies of plain RoPE"""
     ch = course.ch04
     for case in ("fixture", "qwen3_0_6b"):
-        d, theta = int(ref()[f"freq.{case}.head_dim"]), float(ref()[f"freq.{case}.theta"])
+        d, theta = int(REF[f"freq.{case}.head_dim"]), float(REF[f"freq.{case}.theta"])
         got = call(ch.rope_inv_freq, d, theta, what="rope_inv_freq", reread=reread("The frequency spectrum"))
         expect_close(
             got,
-            ref()[f"freq.{case}.inv_freq"],
+            REF[f"freq.{case}.inv_freq"],
             what="rope_inv_freq",
             inputs=f"head_dim={d}, theta={theta:g} ({case})",
             atol=0.0,
@@ -166,7 +161,7 @@ def test_cos_sin_short(course):
     """cos and sin tables"""
     ch = course.ch04
     for case in ("short", "batch"):
-        r = {k: ref()[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
+        r = {k: REF[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
         pos, inv = r["positions"], r["inv_freq"]
         got = call(
             ch.rope_cos_sin,
@@ -210,9 +205,9 @@ def test_cos_sin_long(course):
     """cos and sin at long positions (40K plain, 131K with YaRN)"""
     ch = course.ch04
     for case in ("long", "yarn_long"):
-        r = {k: ref()[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
+        r = {k: REF[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
         pos, inv = r["positions"], r["inv_freq"]
-        factor = float(ref()[f"cos_sin.{case}.attention_factor"])
+        factor = float(REF[f"cos_sin.{case}.attention_factor"])
         got = pair(
             call(
                 ch.rope_cos_sin,
@@ -295,7 +290,7 @@ def test_rotate_half(course):
 def test_apply_rope(course):
     """RoPE on queries (4 heads) and keys (2 heads)"""
     ch = course.ch04
-    r = {k: ref()[f"rope.heads.{k}"] for k in ("q", "k", "cos", "sin", "q_embed", "k_embed")}
+    r = {k: REF[f"rope.heads.{k}"] for k in ("q", "k", "cos", "sin", "q_embed", "k_embed")}
     for name in ("q", "k"):
         x, cos, sin = r[name], r["cos"], r["sin"]
         got = call(ch.apply_rope, x.copy(), cos.copy(), sin.copy(), what="apply_rope", reread=reread("Applying RoPE"),
@@ -333,7 +328,7 @@ def test_relative_position(course):
     """Scores depend only on the distance m − n"""
     ch = course.ch04
     # derived by hand: rotations compose, so R(m)q · R(n)k = q · R(n - m)k — only the distance matters
-    inv = ref()["freq.fixture.inv_freq"]
+    inv = REF["freq.fixture.inv_freq"]
     q, k = np.random.default_rng(406).standard_normal((2, 1, 1, 1, 32)).astype(np.float32)
     section = reread("Only the distance matters")
 
@@ -365,7 +360,7 @@ def test_yarn_inv_freq(course):
     """YaRN frequencies (Qwen3-0.6B with factor 4, and two more settings)"""
     ch = course.ch04
     for case in ("fixture", "qwen3_0_6b", "custom"):
-        g = {k: ref()[f"yarn.{case}.{k}"] for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")}  # fmt: skip
+        g = {k: REF[f"yarn.{case}.{k}"] for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")}  # fmt: skip
         args = (int(g["head_dim"]), float(g["theta"]), float(g["factor"]), int(g["original"]),
                 float(g["beta_fast"]), float(g["beta_slow"]))  # fmt: skip
         got = call(
@@ -373,7 +368,7 @@ def test_yarn_inv_freq(course):
         )
         expect_close(
             got,
-            ref()[f"yarn.{case}.inv_freq"],
+            REF[f"yarn.{case}.inv_freq"],
             what="yarn_inv_freq",
             inputs=f"head_dim={args[0]}, theta={args[1]:g}, factor={args[2]:g}, original={args[3]}, "
             f"beta_fast={args[4]:g}, beta_slow={args[5]:g} ({case})",
@@ -404,8 +399,8 @@ def test_yarn_inv_freq(course):
 def test_yarn_attention_factor(course):
     """YaRN's attention factor"""
     ch = course.ch04
-    cases = [(float(ref()[f"yarn.{c}.factor"]), float(ref()[f"yarn.{c}.attention_factor"])) for c in ("qwen3_0_6b", "custom")]  # fmt: skip
-    cases.append((1.0, float(ref()["yarn_factor_one.attention_factor"])))
+    cases = [(float(REF[f"yarn.{c}.factor"]), float(REF[f"yarn.{c}.attention_factor"])) for c in ("qwen3_0_6b", "custom")]  # fmt: skip
+    cases.append((1.0, float(REF["yarn_factor_one.attention_factor"])))
     cases.append((0.5, 1.0))  # derived by hand: transformers' get_mscale returns 1.0 whenever factor <= 1
     for factor, want in cases:
         got = call(

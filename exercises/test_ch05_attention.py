@@ -22,7 +22,6 @@ import numpy as np
 
 from exercises.grading import (
     FIXTURES,
-    REFERENCES,
     GradeError,
     Mistake,
     call,
@@ -32,17 +31,13 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 
 PROB_ATOL = 1e-6
 OUT_ATOL = 1e-5
 MIN = np.finfo(np.float32).min
-
-
-@functools.cache
-def ref() -> dict[str, np.ndarray]:
-    with np.load(REFERENCES / "ch05_attention.npz") as data:
-        return {k: data[k] for k in data.files}
+REF = reference_file("ch05_attention.npz")
 
 
 # reread("...") -> 'notebooks/05-attention.ipynb, section "..."': where a failure sends the learner
@@ -108,13 +103,13 @@ def test_softmax(course):
     """Softmax along an axis"""
     ch = course.ch05
     for case in ("rows", "middle"):
-        x, axis = ref()[f"softmax.{case}.x"], int(ref()[f"softmax.{case}.axis"])
+        x, axis = REF[f"softmax.{case}.x"], int(REF[f"softmax.{case}.axis"])
         got = call(ch.softmax, x.copy(), axis, what="softmax", reread=reread("Softmax, and why we subtract the max"),
                    hint="Reduce with keepdims=True so the max and the sum broadcast back against x.")  # fmt: skip
         other = (axis + 1) % x.ndim
         expect_close(
             got,
-            ref()[f"softmax.{case}.out"],
+            REF[f"softmax.{case}.out"],
             what="softmax",
             inputs=f"x {list(x.shape)}, axis={axis}",
             atol=PROB_ATOL,
@@ -152,7 +147,7 @@ def test_softmax_stable(course):
         ("large", "x = N(0, 2²) + 1000, shape [3, 7]"),
         ("masked", "x [3, 6] with entries set to float32 min; row 1 entirely"),
     ):
-        x = ref()[f"softmax.{case}.x"]
+        x = REF[f"softmax.{case}.x"]
         with np.errstate(
             all="ignore"
         ):  # the learner's overflow, if any, shows as NaN in the grade, not as a warning
@@ -165,7 +160,7 @@ def test_softmax_stable(course):
             )
         expect_close(
             got,
-            ref()[f"softmax.{case}.out"],
+            REF[f"softmax.{case}.out"],
             what="softmax",
             inputs=inputs,
             atol=PROB_ATOL,
@@ -199,7 +194,7 @@ def test_causal_mask(course):
     got = call(ch.causal_mask, 4, 4, what="causal_mask", reread=reread("The causal mask"))
     expect_equal(
         np.asarray(got).astype(bool) if got is not None else None,
-        ref()["causal.4x4"],
+        REF["causal.4x4"],
         what="causal_mask",
         inputs="n_q=4, n_k=4",
         mistakes=mask_mistakes(4, 4),
@@ -214,7 +209,7 @@ def test_causal_mask_cache(course):
         got = call(ch.causal_mask, n_q, n_k, what="causal_mask", reread=reread("The causal mask"))
         expect_equal(
             np.asarray(got).astype(bool) if got is not None else None,
-            ref()[f"causal.{n_q}x{n_k}"],
+            REF[f"causal.{n_q}x{n_k}"],
             what="causal_mask",
             inputs=f"n_q={n_q}, n_k={n_k} ({n_k - n_q} keys come from the cache)",
             mistakes=[
@@ -262,7 +257,7 @@ def shape_hint(q, k, mask) -> str:
 
 
 def grade_attention(ch, case: str, inputs: str, section: str, extra: list[Mistake] = ()) -> None:
-    r = {n: ref()[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask", "out")}
+    r = {n: REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask", "out")}
     q, k, v, mask = r["q"], r["k"], r["v"], r["mask"]
     with np.errstate(all="ignore"):
         got = call(ch.attention, q.copy(), k.copy(), v.copy(), mask.copy(), what="attention", reread=reread(section),
@@ -281,7 +276,7 @@ def test_attention_one_head(course):
 
 
 def gqa_mistake(case: str) -> Mistake:
-    r = {n: ref()[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask")}
+    r = {n: REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask")}
     hq, hkv = r["q"].shape[1], r["k"].shape[1]
     return Mistake(
         f"query heads grouped the wrong way (head h used kv head h % {hkv}, as np.tile makes it)",
@@ -302,7 +297,7 @@ def test_grouped_query_attention(course):
 
 def test_attention_cache(course):
     """Attention with a KV cache (3 new queries, 8 keys)"""
-    r = {n: ref()[f"attn.cache.{n}"] for n in ("q", "k", "v", "mask")}
+    r = {n: REF[f"attn.cache.{n}"] for n in ("q", "k", "v", "mask")}
     top_left = np.broadcast_to(mask_variant(3, 8, offset=False), (1, 3, 8))
     ignored = Mistake(
         "the `mask` argument was ignored and a causal mask built from the top-left corner",
@@ -315,7 +310,7 @@ def test_attention_cache(course):
 
 def test_attention_padding(course):
     """Left padding: queries that may see no key stay finite"""
-    r = {n: ref()[f"attn.padding.{n}"] for n in ("q", "k", "v", "mask")}
+    r = {n: REF[f"attn.padding.{n}"] for n in ("q", "k", "v", "mask")}
     neg_inf = Mistake(
         "masked with -inf: a padding query that may see no key gets 0/0 = NaN",
         attention_variant(r["q"], r["k"], r["v"], r["mask"], fill=-np.inf),

@@ -26,11 +26,12 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 from tinyqwen.config import load_config
 from tinyqwen.safetensors import Checkpoint
 
-R = np.load(REFERENCES / "ch06_dense_model.npz")
+REF = reference_file("ch06_dense_model.npz")
 FIXTURES = REFERENCES.parent.parent / "tests" / "fixtures"
 # reread("...") -> 'notebooks/06-dense-model.ipynb, section "..."': where a failure sends the learner
 reread = functools.partial(notebook, 6)
@@ -42,7 +43,7 @@ TIED = reread("3.1 Tied embeddings: one array, not two")
 MODEL = reread("3. The whole model")
 PARAMS = reread("4. How big is it? Parameters and memory")
 FINAL = reread("6. Checkpoint: our dense model against transformers")
-LAYER_KEYS = [k.removeprefix("decoder.w.") for k in R.files if k.startswith("decoder.w.")]
+LAYER_KEYS = [k.removeprefix("decoder.w.") for k in REF if k.startswith("decoder.w.")]
 
 
 def _fixture_weights(fixture: str) -> dict[str, np.ndarray]:
@@ -57,8 +58,8 @@ def _layer(weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
 
 
 def _decoder_inputs() -> tuple:
-    w = {k: R["decoder.w." + k].copy() for k in LAYER_KEYS}
-    return R["decoder.x"].copy(), w, R["decoder.cos"], R["decoder.sin"], R["decoder.mask"]
+    w = {k: REF["decoder.w." + k].copy() for k in LAYER_KEYS}
+    return REF["decoder.x"].copy(), w, REF["decoder.cos"], REF["decoder.sin"], REF["decoder.mask"]
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU
@@ -66,15 +67,15 @@ def _decoder_inputs() -> tuple:
 
 def test_silu(course):
     """SiLU, also at ±1000"""
-    z = R["silu.z"]
+    z = REF["silu.z"]
     got = call(course.ch06.silu, z.copy(), reread=SILU, what="silu")
     expect_close(
-        got, R["silu.out"], what="silu(z) against torch.nn.functional.silu", atol=1e-6, rtol=1e-6, reread=SILU,
+        got, REF["silu.out"], what="silu(z) against torch.nn.functional.silu", atol=1e-6, rtol=1e-6, reread=SILU,
         inputs="z: 49 values from -12 to 12, then -1000, -100, 100, 1000",
         mistakes=[
-            Mistake("you computed sigmoid(z), the switch alone", R["silu.sigmoid"],
+            Mistake("you computed sigmoid(z), the switch alone", REF["silu.sigmoid"],
                     "SiLU multiplies z by its own sigmoid: z * sigmoid(z) = z / (1 + exp(-z))."),
-            Mistake("you computed GELU (GPT-2's activation)", R["silu.gelu"],
+            Mistake("you computed GELU (GPT-2's activation)", REF["silu.gelu"],
                     "Qwen3's config says hidden_act = 'silu': z / (1 + exp(-z))."),
             Mistake("you computed relu(z)", np.maximum(z, 0), "SiLU is smooth: z / (1 + exp(-z))."),
         ],
@@ -86,60 +87,60 @@ def test_linear(course):
     hint = "the weight is stored [out, in] = [5, 6] and x is [..., 6]: compute x @ w.T, not x @ w"
     got = call(
         course.ch06.linear,
-        R["linear.x"],
-        R["linear.w"],
+        REF["linear.x"],
+        REF["linear.w"],
         hint=hint,
         reread=LINEAR,
         what="linear(x [2, 3, 6], w [5, 6])",
     )
-    expect_close(got, R["linear.out"], what="linear against torch.nn.functional.linear", atol=1e-5, reread=LINEAR,
+    expect_close(got, REF["linear.out"], what="linear against torch.nn.functional.linear", atol=1e-5, reread=LINEAR,
                  inputs="x [2, 3, 6], w [5, 6] (out 5, in 6)")  # fmt: skip
     got = call(
         course.ch06.linear,
-        R["linear_sq.x"],
-        R["linear_sq.w"],
+        REF["linear_sq.x"],
+        REF["linear_sq.w"],
         reread=LINEAR,
         what="linear(x [4, 6], w [6, 6])",
     )
     expect_close(
-        got, R["linear_sq.out"], what="linear with a square weight", atol=1e-5, reread=LINEAR,
+        got, REF["linear_sq.out"], what="linear with a square weight", atol=1e-5, reread=LINEAR,
         inputs="x [4, 6], w [6, 6] (square, so a missing transpose does not fail on shapes)",
-        mistakes=[Mistake("x @ w: the weight was used without transposing it", R["linear_sq.no_transpose"],
+        mistakes=[Mistake("x @ w: the weight was used without transposing it", REF["linear_sq.no_transpose"],
                           "Checkpoints store each weight as [out, in] (row j = output channel j): y = x @ w.T.")],
     )  # fmt: skip
 
 
 def _swiglu_mistakes(index) -> list[Mistake]:
     return [
-        Mistake("SiLU applied to the up projection instead of the gate", R["swiglu.silu_on_up"][index],
+        Mistake("SiLU applied to the up projection instead of the gate", REF["swiglu.silu_on_up"][index],
                 "It is silu(x @ w_gate.T) * (x @ w_up.T): the gate goes through SiLU, up does not."),
-        Mistake("sigmoid instead of SiLU on the gate", R["swiglu.sigmoid_gate"][index],
+        Mistake("sigmoid instead of SiLU on the gate", REF["swiglu.sigmoid_gate"][index],
                 "The gate's activation is silu(g) = g * sigmoid(g), not sigmoid(g) alone."),
     ]  # fmt: skip
 
 
 def test_swiglu_one_token(course):
     """SwiGLU on one token"""
-    x = R["swiglu.x"][0, 0]
-    ws = (R["swiglu.w_gate"], R["swiglu.w_up"], R["swiglu.w_down"])
+    x = REF["swiglu.x"][0, 0]
+    ws = (REF["swiglu.w_gate"], REF["swiglu.w_up"], REF["swiglu.w_down"])
     got = call(course.ch06.swiglu, x.copy(), *ws, reread=SWIGLU, what="swiglu on one token")
-    expect_close(got, R["swiglu.out"][0, 0], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
+    expect_close(got, REF["swiglu.out"][0, 0], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
                  inputs="x [16], w_gate [40, 16], w_up [40, 16], w_down [16, 40]",
                  mistakes=_swiglu_mistakes((0, 0)), reread=SWIGLU)  # fmt: skip
 
 
 def test_swiglu_batch(course):
     """SwiGLU on a batch [2, 4, 16]"""
-    ws = (R["swiglu.w_gate"], R["swiglu.w_up"], R["swiglu.w_down"])
+    ws = (REF["swiglu.w_gate"], REF["swiglu.w_up"], REF["swiglu.w_down"])
     got = call(
         course.ch06.swiglu,
-        R["swiglu.x"].copy(),
+        REF["swiglu.x"].copy(),
         *ws,
         reread=SWIGLU,
         hint="every leading axis is a batch axis: `x @ w.T` works for [..., d] as it is",
         what="swiglu on x [2, 4, 16]",
     )
-    expect_close(got, R["swiglu.out"], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
+    expect_close(got, REF["swiglu.out"], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
                  inputs="x [2, 4, 16] (batch, time, hidden), MLP width 40", mistakes=_swiglu_mistakes(...),
                  reread=SWIGLU)  # fmt: skip
 
@@ -156,20 +157,20 @@ def test_decoder_layer(course):
            problem="your decoder_layer changed its input x in place (x += … or x[...] = …): the caller's "
                    "residual stream is not yours to modify; write h = x + … instead")  # fmt: skip
     expect_close(
-        got, R["decoder.out"], what="decoder_layer against transformers' Qwen3DecoderLayer", atol=1e-4, reread=BLOCK,
+        got, REF["decoder.out"], what="decoder_layer against transformers' Qwen3DecoderLayer", atol=1e-4, reread=BLOCK,
         inputs="x [2, 6, 48], 4 query / 2 kv heads of head_dim 16, MLP width 96, causal mask; row 1 at positions 4..9",
         mistakes=[
-            Mistake("post-norm wiring: out = norm(x + sublayer(x))", R["decoder.post_norm"],
+            Mistake("post-norm wiring: out = norm(x + sublayer(x))", REF["decoder.post_norm"],
                     "Qwen3 is pre-norm: normalise a copy going INTO each sublayer, and add its output to the "
                     "un-normalised x: h = x + attn(norm1(x)); out = h + mlp(norm2(h))."),
             Mistake("the attention residual is missing (h = attn(norm1(x)) instead of x + attn(norm1(x)))",
-                    R["decoder.no_attn_residual"], "Add the attention output to x."),
+                    REF["decoder.no_attn_residual"], "Add the attention output to x."),
             Mistake("the MLP residual is missing (out = mlp(norm2(h)) instead of h + mlp(norm2(h)))",
-                    R["decoder.no_mlp_residual"], "Add the MLP output to h."),
+                    REF["decoder.no_mlp_residual"], "Add the MLP output to h."),
             Mistake("x itself was normalised before the residual (x = norm(x); x = x + attn(x))",
-                    R["decoder.norm_in_residual"],
+                    REF["decoder.norm_in_residual"],
                     "Keep the residual stream un-normalised: h = x + attn(norm1(x)) — norm1(x) is a new array."),
-            Mistake("the two norms are swapped", R["decoder.swapped_norms"],
+            Mistake("the two norms are swapped", REF["decoder.swapped_norms"],
                     "input_layernorm goes before attention, post_attention_layernorm before the MLP."),
         ],
     )  # fmt: skip
@@ -245,7 +246,7 @@ def test_count_parameters(course):
     """Parameter counts of Qwen3-0.6B, 4B and 8B"""
     for name in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B"):
         c = load_config(FIXTURES / "configs" / f"{name}.json")
-        want = int(R[f"params.{name}"])
+        want = int(REF[f"params.{name}"])
         got = call(course.ch06.count_parameters, c, reread=PARAMS, what=f"count_parameters({name})")
         VH, L, H = c.vocab_size * c.hidden_size, c.num_hidden_layers, c.hidden_size
         norms = 2 * c.head_dim * L + 2 * H * L + H
@@ -285,7 +286,7 @@ def test_forward_tied(course):
     """The whole model: logits of the tied fixture"""
     expect_logits(
         _forward(course, "dense-tied"), "dense-tied", what="forward: logits against transformers", reread=MODEL,
-        mistakes=[Mistake("the final RMSNorm (model.norm) is missing", R["forward.dense-tied.no_final_norm"],
+        mistakes=[Mistake("the final RMSNorm (model.norm) is missing", REF["forward.dense-tied.no_final_norm"],
                           "After the last layer: logits = rms_norm(x, model.norm.weight) @ head.T.")],
     )  # fmt: skip
 
@@ -296,8 +297,8 @@ def test_forward_untied(course):
     expect_logits(
         _forward(course, fixture), fixture, what="forward: logits against transformers", reread=MODEL,
         mistakes=[
-            Mistake("the final RMSNorm (model.norm) is missing", R[f"forward.{fixture}.no_final_norm"]),
-            Mistake("the embedding was used as the head", R[f"forward.{fixture}.embed_as_head"],
+            Mistake("the final RMSNorm (model.norm) is missing", REF[f"forward.{fixture}.no_final_norm"]),
+            Mistake("the embedding was used as the head", REF[f"forward.{fixture}.embed_as_head"],
                     "This model is untied (tie_word_embeddings false): its head is 'lm_head.weight'."),
         ],
     )  # fmt: skip

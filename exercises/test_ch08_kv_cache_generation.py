@@ -22,7 +22,6 @@ from exercises import grading
 from exercises.grading import (
     FIXTURES,
     LOGITS_ATOL,
-    REFERENCES,
     GradeError,
     Mistake,
     expect,
@@ -31,6 +30,7 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.model import load_model
@@ -46,12 +46,7 @@ call = functools.partial(grading.call, hints={"cache is full": (
     "the cache overflowed: once the prompt is in the cache, feed only the NEW token each step (not the whole text "
     "again)"
 )})  # fmt: skip
-
-
-@functools.cache
-def sampling_reference() -> dict[str, np.ndarray]:
-    with np.load(REFERENCES / "ch08_kv_cache_generation.npz") as data:
-        return {k: data[k] for k in data.files}
+REF = reference_file("ch08_kv_cache_generation.npz")
 
 
 @functools.cache
@@ -311,7 +306,7 @@ def kept(z) -> list[int]:
 
 def test_temperature(course):
     """Temperature, against transformers"""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     logits = ref["logits"].astype(np.float64)
     got = [[call(ch.apply_temperature, row.copy(), float(t), what="apply_temperature", reread=reread("Temperature"))
             for row in logits] for t in ref["temperature_values"]]  # fmt: skip
@@ -326,7 +321,7 @@ def test_temperature(course):
 
 def check_filter(course, name: str, fn_name: str, variants: dict[str, tuple], section: str) -> None:
     """Same survivors as transformers for every setting and row, and the survivors keep their logits."""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     fn = getattr(ch, fn_name)
     logits = ref["logits"].astype(np.float64)
     for value, want in zip(ref[f"{name}_values"], ref[f"{name}_out"], strict=True):
@@ -401,7 +396,7 @@ def test_min_p(course):
 
 def test_repetition_penalty(course):
     """Repetition penalty, against transformers"""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     logits, seen = ref["logits"].astype(np.float64), ref["seen_ids"]
     values = ref["repetition_values"]
     got = [[call(ch.repetition_penalty, z.copy(), s.tolist(), float(r), what="repetition_penalty",
@@ -446,7 +441,7 @@ def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True):
 
 def test_sampling_distribution(course):
     """The whole sampling pipeline, in transformers' order"""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     settings = dict(item.split("=") for item in ref["pipeline_settings"].tolist())
     t, k, p = float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"])
     m, r = float(settings["min_p"]), float(settings["repetition_penalty"])

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 
 from exercises.grading import (
-    REFERENCES,
     REPO,
     Mistake,
     call,
@@ -24,6 +23,7 @@ from exercises.grading import (
     expect_equal,
     learner_model,
     notebook,
+    reference_file,
 )
 from exercises.references.make_ch09_chat_template_thinking import GENERATION_CONFIG, tiny_chat_checkpoint
 from exercises.test_ch08_kv_cache_generation import Watched, check_loop
@@ -35,11 +35,7 @@ NOTHING = object()  # a Mistake whose symptom is absent: never equal to anything
 
 # reread("...") -> 'notebooks/09-chat-template-thinking.ipynb, section "..."': where a failure sends the learner
 reread = functools.partial(notebook, 9)
-
-
-@functools.cache
-def ref() -> dict:
-    return json.loads((REFERENCES / "ch09_chat_template_thinking.json").read_text(encoding="utf-8"))
+REF = reference_file("ch09_chat_template_thinking.json")
 
 
 def symptom(cause: str, present: bool, got, hint: str = "") -> Mistake:
@@ -74,7 +70,7 @@ def render_mistakes(case: dict, got) -> list[Mistake]:
     else:
         mistakes.append(Mistake("a generation prompt was added although add_generation_prompt is False",
                                 want + "<|im_start|>assistant\n"))  # fmt: skip
-    markers = ref()["markers"]
+    markers = REF["markers"]
     if markers["old_reasoning"] in json.dumps(case["messages"]):
         mistakes.append(symptom("an earlier assistant turn kept its reasoning", markers["old_reasoning"] in text, got,
                                 "Only assistant turns after the last user message keep their <think> block."))  # fmt: skip
@@ -88,7 +84,7 @@ def render_mistakes(case: dict, got) -> list[Mistake]:
 
 
 def check_renders(course, names: tuple[str, ...], what: str, section: str) -> None:
-    cases = [c for c in ref()["render"] if c["name"] in names]
+    cases = [c for c in REF["render"] if c["name"] in names]
     assert cases, names
     for case in cases:
         flags = f"add_generation_prompt={case['add_generation_prompt']}, enable_thinking={case['enable_thinking']}"
@@ -133,7 +129,7 @@ def test_reasoning_history(course):
 def test_split_thinking(course):
     """Splitting the thinking from the answer"""
     section = "Parsing the thinking out"
-    for case in ref()["split"]:
+    for case in REF["split"]:
         ids = case["ids"]
         got = call(course.ch09.split_thinking, list(ids), what="split_thinking", reread=reread(section))
         expect(isinstance(got, tuple) and len(got) == 2, what="split_thinking", reread=reread(section),
@@ -160,7 +156,7 @@ def test_split_thinking(course):
 def test_parse_tool_calls(course):
     """Tool calls parsed out of a reply"""
     section = "Tool calls"
-    for case in ref()["tools"]:
+    for case in REF["tools"]:
         got = call(
             course.ch09.parse_tool_calls, case["text"], what="parse_tool_calls", reread=reread(section)
         )
@@ -223,7 +219,7 @@ def tiny_chat_dir(seed: int) -> Path:
 
 def test_your_qwen3_end_to_end(course):
     """Your Qwen3 end to end"""
-    e = ref()["end_to_end"]
+    e = REF["end_to_end"]
     vocab, ranks, added, id_to_token = tokenizer_files()
     section = "Your Qwen3 end to end"
     where = f"{len(e['messages'])} messages, add_generation_prompt=True, enable_thinking=False"
