@@ -88,9 +88,22 @@ class GradeError(AssertionError):
 
 
 def notebook(chapter: int, section: str | None = None) -> str:
-    """'notebooks/04-rope-yarn.ipynb, section "YaRN"' — where to re-read."""
+    """'notebooks/04-rope-yarn.ipynb, section "9. YaRN"' — where to re-read; `section` is one of its headings."""
     slug = CHAPTERS[chapter][1]
+    if section is not None and section not in headings(chapter):
+        raise ValueError(
+            f"the exercises send the learner to section {section!r} of notebooks/{slug}.py, which has no such "
+            "heading: fix the pointer (or the heading)"
+        )
     return f"notebooks/{slug}.ipynb" + (f', section "{section}"' if section else "")
+
+
+@functools.cache
+def headings(chapter: int) -> frozenset[str]:
+    """The section titles of a chapter's notebook: its markdown lines '# ## 1.1 SiLU' (read once)."""
+    source = REPO / "notebooks" / f"{CHAPTERS[chapter][1]}.py"
+    lines = source.read_text(encoding="utf-8").splitlines()
+    return frozenset(line.lstrip("# ").strip() for line in lines if line.startswith("# #"))
 
 
 # ------------------------------------------------------------------------------------------ mistakes

@@ -45,7 +45,7 @@ reread = functools.partial(notebook, 4)
 def pair(got):
     """rope_cos_sin must return (cos, sin)."""
     expect(isinstance(got, (tuple, list)) and len(got) == 2, what="rope_cos_sin",
-           problem=f"expected a pair (cos, sin), got {type(got).__name__}", reread=reread("The cos and sin tables"))  # fmt: skip
+           problem=f"expected a pair (cos, sin), got {type(got).__name__}", reread=reread("3. The cos and sin tables"))  # fmt: skip
     return got
 
 
@@ -132,7 +132,9 @@ def test_inv_freq(course):
     ch = course.ch04
     for case in ("fixture", "qwen3_0_6b"):
         d, theta = int(REF[f"freq.{case}.head_dim"]), float(REF[f"freq.{case}.theta"])
-        got = call(ch.rope_inv_freq, d, theta, what="rope_inv_freq", reread=reread("The frequency spectrum"))
+        got = call(
+            ch.rope_inv_freq, d, theta, what="rope_inv_freq", reread=reread("2. The frequency spectrum")
+        )
         expect_close(
             got,
             REF[f"freq.{case}.inv_freq"],
@@ -153,7 +155,7 @@ def test_inv_freq(course):
                     "These are wavelength-like numbers that grow; the *inverse* frequency is 1 / theta ** (2i/d).",
                 ),
             ],  # fmt: skip
-            reread=reread("The frequency spectrum"),
+            reread=reread("2. The frequency spectrum"),
         )
 
 
@@ -169,7 +171,7 @@ def test_cos_sin_short(course):
             inv.copy(),
             1.0,
             what="rope_cos_sin",
-            reread=reread("The cos and sin tables"),
+            reread=reread("3. The cos and sin tables"),
         )
         got = pair(got)
         for name, got_table, index in (("cos", got[0], 0), ("sin", got[1], 1)):
@@ -197,7 +199,7 @@ def test_cos_sin_short(course):
                         "Return (cos, sin) in that order.",
                     ),
                 ],  # fmt: skip
-                reread=reread("The cos and sin tables"),
+                reread=reread("3. The cos and sin tables"),
             )
 
 
@@ -215,7 +217,7 @@ def test_cos_sin_long(course):
                 inv.copy(),
                 factor,
                 what="rope_cos_sin",
-                reread=reread("Float32 angles"),
+                reread=reread("7. Float32 angles"),
             )
         )
         for name, got_table, index in (("cos", got[0], 0), ("sin", got[1], 1)):
@@ -245,7 +247,7 @@ def test_cos_sin_long(course):
                         "The first token is position 0: use the positions as given.",
                     ),
                 ],  # fmt: skip
-                reread=reread("Float32 angles"),
+                reread=reread("7. Float32 angles"),
             )
 
 
@@ -258,7 +260,7 @@ def test_rotate_half(course):
     y = np.random.default_rng(404).standard_normal((2, 3, 5, 16)).astype(np.float32)
     cases.append((y, np.concatenate([-y[..., 8:], y[..., :8]], axis=-1), "x of shape [2, 3, 5, 16]"))
     for x_in, want, inputs in cases:
-        got = call(ch.rotate_half, x_in.copy(), what="rotate_half", reread=reread("Split-half pairing"))
+        got = call(ch.rotate_half, x_in.copy(), what="rotate_half", reread=reread("4. Split-half pairing"))
         expect_close(
             got,
             want,
@@ -283,7 +285,7 @@ def test_rotate_half(course):
                     "A 90° turn of (a, b) is (-b, a): one of the halves changes sign.",
                 ),
             ],  # fmt: skip
-            reread=reread("Split-half pairing"),
+            reread=reread("4. Split-half pairing"),
         )
 
 
@@ -293,7 +295,7 @@ def test_apply_rope(course):
     r = {k: REF[f"rope.heads.{k}"] for k in ("q", "k", "cos", "sin", "q_embed", "k_embed")}
     for name in ("q", "k"):
         x, cos, sin = r[name], r["cos"], r["sin"]
-        got = call(ch.apply_rope, x.copy(), cos.copy(), sin.copy(), what="apply_rope", reread=reread("Applying RoPE"),
+        got = call(ch.apply_rope, x.copy(), cos.copy(), sin.copy(), what="apply_rope", reread=reread("5. Applying RoPE"),
                    hint="cos and sin are [B, T, d] while x is [B, heads, T, d]: give them a heads axis "
                         "(cos[:, None]) so one angle table serves every head.")  # fmt: skip
         expect_close(
@@ -320,7 +322,7 @@ def test_apply_rope(course):
                     "x·cos + rotate_half(x)·sin: the unrotated part goes with cos.",
                 ),
             ],  # fmt: skip
-            reread=reread("Applying RoPE"),
+            reread=reread("5. Applying RoPE"),
         )
 
 
@@ -330,7 +332,7 @@ def test_relative_position(course):
     # derived by hand: rotations compose, so R(m)q · R(n)k = q · R(n - m)k — only the distance matters
     inv = REF["freq.fixture.inv_freq"]
     q, k = np.random.default_rng(406).standard_normal((2, 1, 1, 1, 32)).astype(np.float32)
-    section = reread("Only the distance matters")
+    section = reread("6. Only the distance matters")
 
     def score(m: int, n: int) -> float:
         cq, sq = call(ch.rope_cos_sin, np.array([[m]]), inv.copy(), 1.0, what="rope_cos_sin", reread=section)
@@ -364,7 +366,10 @@ def test_yarn_inv_freq(course):
         args = (int(g["head_dim"]), float(g["theta"]), float(g["factor"]), int(g["original"]),
                 float(g["beta_fast"]), float(g["beta_slow"]))  # fmt: skip
         got = call(
-            ch.yarn_inv_freq, *args, what="yarn_inv_freq", reread=reread("YaRN: stretch only the slow pairs")
+            ch.yarn_inv_freq,
+            *args,
+            what="yarn_inv_freq",
+            reread=reread("9. YaRN: stretch only the slow pairs"),
         )
         expect_close(
             got,
@@ -392,7 +397,7 @@ def test_yarn_inv_freq(course):
                     "YaRN keeps the fast pairs unchanged: only pairs past the ramp are divided by factor.",
                 ),
             ],  # fmt: skip
-            reread=reread("YaRN: stretch only the slow pairs"),
+            reread=reread("9. YaRN: stretch only the slow pairs"),
         )
 
 
@@ -407,7 +412,7 @@ def test_yarn_attention_factor(course):
             ch.yarn_attention_factor,
             factor,
             what="yarn_attention_factor",
-            reread=reread("YaRN's attention factor"),
+            reread=reread("10. YaRN's attention factor"),
         )
         expect_close(
             np.asarray(got, dtype=np.float64) if got is not None else None,
@@ -428,7 +433,7 @@ def test_yarn_attention_factor(course):
                     "No stretching means no change: return 1.0 when factor <= 1.",
                 ),
             ],  # fmt: skip
-            reread=reread("YaRN's attention factor"),
+            reread=reread("10. YaRN's attention factor"),
         )
 
 
@@ -441,7 +446,7 @@ def test_real_model(course):
     # the model's angle tables now come from YOUR yarn_inv_freq and yarn_attention_factor, rotated by YOUR apply_rope
     model.inv_freq = np.asarray(
         call(ch.yarn_inv_freq, c.head_dim, c.rope_theta, s.factor, s.original_max_position_embeddings,
-             s.beta_fast, s.beta_slow, what="yarn_inv_freq", reread=reread("YaRN: stretch only the slow pairs")),
+             s.beta_fast, s.beta_slow, what="yarn_inv_freq", reread=reread("9. YaRN: stretch only the slow pairs")),
         dtype=np.float32,
     )  # fmt: skip
     model.attention_factor = float(
@@ -449,12 +454,12 @@ def test_real_model(course):
             ch.yarn_attention_factor,
             s.factor,
             what="yarn_attention_factor",
-            reread=reread("YaRN's attention factor"),
+            reread=reread("10. YaRN's attention factor"),
         )
     )
     expect_logits(
         model,
         "dense-yarn",
         what="logits of the dense-yarn fixture with your RoPE/YaRN (and your chapter-3 RMSNorm)",
-        reread=reread("Checkpoint: RoPE in the real model"),
+        reread=reread("11. Checkpoint: RoPE in the real model"),
     )

@@ -104,7 +104,7 @@ def test_softmax(course):
     ch = course.ch05
     for case in ("rows", "middle"):
         x, axis = REF[f"softmax.{case}.x"], int(REF[f"softmax.{case}.axis"])
-        got = call(ch.softmax, x.copy(), axis, what="softmax", reread=reread("Softmax, and why we subtract the max"),
+        got = call(ch.softmax, x.copy(), axis, what="softmax", reread=reread("2. Softmax, and why we subtract the max"),
                    hint="Reduce with keepdims=True so the max and the sum broadcast back against x.")  # fmt: skip
         other = (axis + 1) % x.ndim
         expect_close(
@@ -136,7 +136,7 @@ def test_softmax(course):
                     "Divide by the sum along the axis, so each slice sums to 1.",
                 ),
             ],  # fmt: skip
-            reread=reread("Softmax, and why we subtract the max"),
+            reread=reread("2. Softmax, and why we subtract the max"),
         )
 
 
@@ -156,7 +156,7 @@ def test_softmax_stable(course):
                 x.copy(),
                 -1,
                 what="softmax",
-                reread=reread("Softmax, and why we subtract the max"),
+                reread=reread("2. Softmax, and why we subtract the max"),
             )
         expect_close(
             got,
@@ -173,7 +173,7 @@ def test_softmax_stable(course):
                     "in exact arithmetic.",
                 ),
             ],  # fmt: skip
-            reread=reread("Softmax, and why we subtract the max"),
+            reread=reread("2. Softmax, and why we subtract the max"),
         )
 
 
@@ -191,14 +191,14 @@ def mask_mistakes(n_q: int, n_k: int) -> list[Mistake]:
 def test_causal_mask(course):
     """Causal mask"""
     ch = course.ch05
-    got = call(ch.causal_mask, 4, 4, what="causal_mask", reread=reread("The causal mask"))
+    got = call(ch.causal_mask, 4, 4, what="causal_mask", reread=reread("4. The causal mask"))
     expect_equal(
         np.asarray(got).astype(bool) if got is not None else None,
         REF["causal.4x4"],
         what="causal_mask",
         inputs="n_q=4, n_k=4",
         mistakes=mask_mistakes(4, 4),
-        reread=reread("The causal mask"),
+        reread=reread("4. The causal mask"),
     )
 
 
@@ -206,7 +206,7 @@ def test_causal_mask_cache(course):
     """Causal mask with a KV cache (queries are the last n_q of n_k)"""
     ch = course.ch05
     for n_q, n_k in ((1, 6), (3, 8)):
-        got = call(ch.causal_mask, n_q, n_k, what="causal_mask", reread=reread("The causal mask"))
+        got = call(ch.causal_mask, n_q, n_k, what="causal_mask", reread=reread("4. The causal mask"))
         expect_equal(
             np.asarray(got).astype(bool) if got is not None else None,
             REF[f"causal.{n_q}x{n_k}"],
@@ -221,7 +221,7 @@ def test_causal_mask_cache(course):
                 ),
                 *mask_mistakes(n_q, n_k),
             ],  # fmt: skip
-            reread=reread("The causal mask"),
+            reread=reread("4. The causal mask"),
         )
 
 
@@ -271,7 +271,7 @@ def grade_attention(ch, case: str, inputs: str, section: str, extra: list[Mistak
 def test_attention_one_head(course):
     """Scaled dot-product attention, one head"""
     grade_attention(
-        course.ch05, "one_head", "q, k, v [1, 1, 5, 16], causal mask 5x5", "Scaled dot products: why 1/√d"
+        course.ch05, "one_head", "q, k, v [1, 1, 5, 16], causal mask 5x5", "3. Scaled dot products: why 1/√d"
     )
 
 
@@ -289,10 +289,10 @@ def gqa_mistake(case: str) -> Mistake:
 def test_grouped_query_attention(course):
     """Grouped-query attention (4 query heads share 2 kv heads; Qwen3-0.6B's 16/8)"""
     ch = course.ch05
-    grade_attention(ch, "gqa", "q [2, 4, 6, 16], k and v [2, 2, 6, 16], causal mask", "Grouped-query attention",
+    grade_attention(ch, "gqa", "q [2, 4, 6, 16], k and v [2, 2, 6, 16], causal mask", "5. Grouped-query attention",
                     [gqa_mistake("gqa")])  # fmt: skip
     grade_attention(ch, "qwen3_0_6b", "q [1, 16, 4, 128], k and v [1, 8, 4, 128] (Qwen3-0.6B's heads), causal mask",
-                    "Grouped-query attention", [gqa_mistake("qwen3_0_6b")])  # fmt: skip
+                    "5. Grouped-query attention", [gqa_mistake("qwen3_0_6b")])  # fmt: skip
 
 
 def test_attention_cache(course):
@@ -305,7 +305,7 @@ def test_attention_cache(course):
         "Use the mask you are given: with a cache, the 3 queries are the *last* 3 of 8 positions.",
     )
     grade_attention(course.ch05, "cache", "q [1, 4, 3, 16], k and v [1, 2, 8, 16], mask = causal_mask(3, 8)",
-                    "The causal mask", [ignored])  # fmt: skip
+                    "4. The causal mask", [ignored])  # fmt: skip
 
 
 def test_attention_padding(course):
@@ -320,7 +320,7 @@ def test_attention_padding(course):
     )
     grade_attention(course.ch05, "padding",
                     "q [2, 4, 6, 16], k and v [2, 2, 6, 16]; row 0 is left-padded by 2 (attention_mask [0,0,1,1,1,1])",
-                    "Padding masks", [neg_inf])  # fmt: skip
+                    "6. Padding masks", [neg_inf])  # fmt: skip
 
 
 def test_real_model(course):
@@ -336,7 +336,7 @@ def test_real_model(course):
         model,
         "dense-tied",
         what="logits of the dense-tied fixture with your attention (and your chapters 3-4 kernels)",
-        reread=reread("Checkpoint: your attention in the real model"),
+        reread=reread("9. Checkpoint: your attention in the real model"),
         mistakes=[
             Mistake(
                 "query heads grouped the wrong way (head h used kv head h % Hkv)",
@@ -375,12 +375,12 @@ def test_real_model_batch(course):
     except TinyQwenError as error:  # tinyqwen refuses to pick a token from NaN logits
         cause = f"\n  likely cause: {NAN_SPREAD}" if "nan" in str(error).lower() else ""
         raise GradeError(
-            f"{what}\n  generation stopped: {error}{cause}\n  re-read: {reread('Padding masks')}"
+            f"{what}\n  generation stopped: {error}{cause}\n  re-read: {reread('6. Padding masks')}"
         ) from None
     expect_equal(
         got,
         expected["batch"]["new_tokens"],
         what=what,
         inputs="transformers' model.generate(..., do_sample=False) on the same left-padded batch",
-        reread=reread("Padding masks"),
+        reread=reread("6. Padding masks"),
     )
