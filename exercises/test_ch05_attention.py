@@ -260,18 +260,21 @@ def grade_attention(ch, case: str, inputs: str, section: str, extra: list[Mistak
     r = {n: REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask", "out")}
     q, k, v, mask = r["q"], r["k"], r["v"], r["mask"]
     with np.errstate(all="ignore"):
-        got = call(ch.attention, q.copy(), k.copy(), v.copy(), mask.copy(), what="attention", reread=reread(section),
+        got = call(ch.attention, q.copy(), k.copy(), v.copy(), mask.copy(), what="attention", reread=section,
                    hint=shape_hint(q, k, mask))  # fmt: skip
     expect_close(
         got, r["out"], what="attention", inputs=inputs, atol=OUT_ATOL,
-        mistakes=[*extra, *attention_mistakes(q, k, v, mask)], reread=reread(section),
+        mistakes=[*extra, *attention_mistakes(q, k, v, mask)], reread=section,
     )  # fmt: skip
 
 
 def test_attention_one_head(course):
     """Scaled dot-product attention, one head"""
     grade_attention(
-        course.ch05, "one_head", "q, k, v [1, 1, 5, 16], causal mask 5x5", "3. Scaled dot products: why 1/√d"
+        course.ch05,
+        "one_head",
+        "q, k, v [1, 1, 5, 16], causal mask 5x5",
+        reread("3. Scaled dot products: why 1/√d"),
     )
 
 
@@ -289,10 +292,10 @@ def gqa_mistake(case: str) -> Mistake:
 def test_grouped_query_attention(course):
     """Grouped-query attention (4 query heads share 2 kv heads; Qwen3-0.6B's 16/8)"""
     ch = course.ch05
-    grade_attention(ch, "gqa", "q [2, 4, 6, 16], k and v [2, 2, 6, 16], causal mask", "5. Grouped-query attention",
+    grade_attention(ch, "gqa", "q [2, 4, 6, 16], k and v [2, 2, 6, 16], causal mask", reread("5. Grouped-query attention"),
                     [gqa_mistake("gqa")])  # fmt: skip
     grade_attention(ch, "qwen3_0_6b", "q [1, 16, 4, 128], k and v [1, 8, 4, 128] (Qwen3-0.6B's heads), causal mask",
-                    "5. Grouped-query attention", [gqa_mistake("qwen3_0_6b")])  # fmt: skip
+                    reread("5. Grouped-query attention"), [gqa_mistake("qwen3_0_6b")])  # fmt: skip
 
 
 def test_attention_cache(course):
@@ -305,7 +308,7 @@ def test_attention_cache(course):
         "Use the mask you are given: with a cache, the 3 queries are the *last* 3 of 8 positions.",
     )
     grade_attention(course.ch05, "cache", "q [1, 4, 3, 16], k and v [1, 2, 8, 16], mask = causal_mask(3, 8)",
-                    "4. The causal mask", [ignored])  # fmt: skip
+                    reread("4. The causal mask"), [ignored])  # fmt: skip
 
 
 def test_attention_padding(course):
@@ -320,7 +323,7 @@ def test_attention_padding(course):
     )
     grade_attention(course.ch05, "padding",
                     "q [2, 4, 6, 16], k and v [2, 2, 6, 16]; row 0 is left-padded by 2 (attention_mask [0,0,1,1,1,1])",
-                    "6. Padding masks", [neg_inf])  # fmt: skip
+                    reread("6. Padding masks"), [neg_inf])  # fmt: skip
 
 
 def test_real_model(course):

@@ -132,16 +132,16 @@ class Watched:
 
 def check_loop(watched: Watched, prompts, max_new_tokens: int, what: str, inputs: str) -> None:
     """How the loop used the model: cache passed, work done, padding side, mask, positions."""
-    section = "Measuring that the cache helps"
+    section = reread("Measuring that the cache helps")
     calls = watched.calls
     expect(bool(calls), what=what, inputs=inputs, reread=reread("Greedy decoding"),
            problem="greedy_generate never called model.forward")  # fmt: skip
-    expect(all(c.past is not None for c in calls), what=what, inputs=inputs, reread=reread(section),
+    expect(all(c.past is not None for c in calls), what=what, inputs=inputs, reread=section,
            problem="likely cause: the KV cache is not used — a call went to the model without cache=. "
                    "Make one cache with model.new_cache(batch, prompt + new tokens) and pass it to every call.")  # fmt: skip
     P = max(len(p) for p in prompts)
     fed = sum(c.columns for c in calls)
-    expect(fed <= P + max_new_tokens, what=what, inputs=inputs, reread=reread(section),
+    expect(fed <= P + max_new_tokens, what=what, inputs=inputs, reread=section,
            problem=f"likely cause: the KV cache is not used — your loop fed {fed} positions per row to make "
                    f"{max_new_tokens} tokens after a {P}-token prompt; with a cache that is the prompt once and then "
                    f"one token per step, at most {P} + {max_new_tokens}. Feed only the new token each step.")  # fmt: skip
@@ -194,23 +194,23 @@ def test_kv_cache_update(course):
     cache_k, cache_v = np.zeros((1, 2, 6, 3), np.float32), np.zeros((1, 2, 6, 3), np.float32)
     k1, v1 = rng.standard_normal((2, 1, 2, 4, 3)).astype(np.float32)
     k2, v2 = rng.standard_normal((2, 1, 2, 1, 3)).astype(np.float32)
-    section = "The KV cache"
+    section = reread("The KV cache")
     inputs = "cache [1, 2, 6, 3] (max_len 6), first 4 positions at length 0"
 
     keys, values = call(
-        ch.kv_cache_update, cache_k, cache_v, k1, v1, 0, what="kv_cache_update", reread=reread(section)
+        ch.kv_cache_update, cache_k, cache_v, k1, v1, 0, what="kv_cache_update", reread=section
     )
     whole = np.concatenate([k1, np.zeros((1, 2, 2, 3), np.float32)], axis=2)
     expect_close(keys, k1, what="kv_cache_update: keys returned after the prefill", atol=0, inputs=inputs,
-                 reread=reread(section), mistakes=[Mistake(
+                 reread=section, mistakes=[Mistake(
                      "you returned the whole preallocated buffer, empty slots included", whole,
                      "Return only the filled part: cache_k[:, :, :length + T].")])  # fmt: skip
     expect_close(values, v1, what="kv_cache_update: values returned after the prefill", atol=0, inputs=inputs,
-                 reread=reread(section))  # fmt: skip
+                 reread=section)  # fmt: skip
 
     inputs = "then 1 new position at length 4"
     keys, values = call(
-        ch.kv_cache_update, cache_k, cache_v, k2, v2, 4, what="kv_cache_update", reread=reread(section)
+        ch.kv_cache_update, cache_k, cache_v, k2, v2, 4, what="kv_cache_update", reread=section
     )
     want_k, want_v = np.concatenate([k1, k2], axis=2), np.concatenate([v1, v2], axis=2)
     lost = np.concatenate([np.zeros_like(k1), k2], axis=2)
@@ -221,11 +221,11 @@ def test_kv_cache_update(course):
                 "Assign into the given array (cache_k[:, :, length:length + T] = k) instead of building a new one."),
     ]  # fmt: skip
     expect_close(keys, want_k, what="kv_cache_update: keys after a decode step", atol=0, inputs=inputs,
-                 reread=reread(section), mistakes=mistakes)  # fmt: skip
+                 reread=section, mistakes=mistakes)  # fmt: skip
     expect_close(values, want_v, what="kv_cache_update: values after a decode step", atol=0, inputs=inputs,
-                 reread=reread(section))  # fmt: skip
+                 reread=section)  # fmt: skip
     expect_close(cache_k[:, :, :5], want_k, what="kv_cache_update: the cache array itself after both calls",
-                 atol=0, inputs=inputs, reread=reread(section),
+                 atol=0, inputs=inputs, reread=section,
                  mistakes=[Mistake("the cache array was not written in place", np.zeros_like(want_k),
                                    "Write the new keys into cache_k (in place); do not only return them.")])  # fmt: skip
 
@@ -326,19 +326,19 @@ def check_filter(course, name: str, fn_name: str, variants: dict[str, tuple], se
     logits = ref["logits"].astype(np.float64)
     for value, want in zip(ref[f"{name}_values"], ref[f"{name}_out"], strict=True):
         value = int(value) if name == "top_k" else float(value)
-        got = [call(fn, row.copy(), value, what=fn_name, reread=reread(section)) for row in logits]
+        got = [call(fn, row.copy(), value, what=fn_name, reread=section) for row in logits]
         for i, g in enumerate(got):
-            expect(g is not None, what=f"{fn_name}({value})", reread=reread(section),
+            expect(g is not None, what=f"{fn_name}({value})", reread=section,
                    problem="your function returned None — is a `return` missing?")  # fmt: skip
-            expect(np.shape(g) == logits[i].shape, what=f"{fn_name}({value})", reread=reread(section),
+            expect(np.shape(g) == logits[i].shape, what=f"{fn_name}({value})", reread=section,
                    problem=f"expected logits of shape {list(logits[i].shape)}, got {list(np.shape(g))}")  # fmt: skip
         mistakes = [Mistake(cause, [kept(wrong(z, value)) for z in logits], hint)
                     for cause, (wrong, hint) in variants.items()]  # fmt: skip
-        expect_equal([kept(g) for g in got], [kept(w) for w in want], mistakes=mistakes, reread=reread(section),
+        expect_equal([kept(g) for g in got], [kept(w) for w in want], mistakes=mistakes, reread=section,
                      what=f"{fn_name}({value}): which token ids survive (per row), vs transformers",
                      inputs="4 fixed-seed logits rows [64] (exercises/references/ch08_kv_cache_generation.npz)")  # fmt: skip
         alive = np.isfinite(want)
-        expect_close(np.stack(got)[alive], want[alive], atol=1e-5, reread=reread(section),
+        expect_close(np.stack(got)[alive], want[alive], atol=1e-5, reread=section,
                      what=f"{fn_name}({value}): the survivors' logits must be unchanged")  # fmt: skip
 
 
@@ -368,7 +368,7 @@ def test_top_k(course):
         "one token too few (k - 1 kept)": (lambda z, k: _ranked(z, k - 1), "Keep exactly the k largest."),
         "the k SMALLEST logits were kept": (lambda z, k: _mask_of(z, np.isin(np.arange(len(z)), np.argsort(z)[:k])),
                                             "Sort descending (or use np.sort(z)[-k] as the threshold)."),
-    }, "Top-k, top-p and min-p")  # fmt: skip
+    }, reread("Top-k, top-p and min-p"))  # fmt: skip
 
 
 def test_top_p(course):
@@ -381,7 +381,7 @@ def test_top_p(course):
     check_filter(course, "top_p", "top_p_filter", {
         "the token that crosses p was dropped (kept while the sum INCLUDING the token is below p)": crossing,
         "one token too many after the one that crosses p": extra,
-    }, "Top-k, top-p and min-p")  # fmt: skip
+    }, reread("Top-k, top-p and min-p"))  # fmt: skip
 
 
 def test_min_p(course):
@@ -391,7 +391,7 @@ def test_min_p(course):
             lambda z, m: _mask_of(z, softmax(z) >= m), "Compare with min_p * max(p), not min_p alone."),
         "the threshold was applied to logits instead of probabilities": (
             lambda z, m: _mask_of(z, z >= m * z.max()), "Take the softmax first: p_i >= min_p * p_max."),
-    }, "Top-k, top-p and min-p")  # fmt: skip
+    }, reread("Top-k, top-p and min-p"))  # fmt: skip
 
 
 def test_repetition_penalty(course):
@@ -536,7 +536,7 @@ def test_positions_from_mask(course):
 def generate_watched(course, model, prompts, max_new_tokens, eos_id, what, section):
     watched = Watched(model, course.ch08.kv_cache_update)
     got = call(course.ch08.greedy_generate, watched, [list(p) for p in prompts], max_new_tokens,
-               kwargs={"pad_id": 0, "eos_id": eos_id}, what=what, reread=reread(section))  # fmt: skip
+               kwargs={"pad_id": 0, "eos_id": eos_id}, what=what, reread=section)  # fmt: skip
     return watched, got
 
 
@@ -553,7 +553,7 @@ def test_greedy_generate_one_prompt(course):
         what = "greedy_generate on one prompt vs transformers' generate"
         inputs = f"fixture dense-tied, prompt {prompt}, {gen['max_new_tokens']} new tokens"
         watched, got = generate_watched(
-            course, model, [prompt], gen["max_new_tokens"], None, what, "Greedy decoding"
+            course, model, [prompt], gen["max_new_tokens"], None, what, reread("Greedy decoding")
         )
         check_loop(watched, [prompt], gen["max_new_tokens"], what, inputs)
         expect_equal(got, [want], what=what, inputs=inputs, reread=reread("Greedy decoding"))
@@ -561,7 +561,7 @@ def test_greedy_generate_one_prompt(course):
     prompt, full = gen["prompts"][0], gen["single"][0]
     eos = full[3]
     watched, got = generate_watched(course, model, [prompt], gen["max_new_tokens"], eos, "greedy_generate with eos_id",
-                                    "Greedy decoding")  # fmt: skip
+                                    reread("Greedy decoding"))  # fmt: skip
     expect_equal(got, [until_eos(full, eos)], what=f"greedy_generate with eos_id={eos}: stop after producing it",
                  inputs=f"fixture dense-tied, prompt {prompt}", reread=reread("Greedy decoding"))  # fmt: skip
 
@@ -580,7 +580,7 @@ def test_greedy_generate_batch(course):
             f"fixture dense-tied, {len(gen['prompts'])} prompts of lengths {[len(p) for p in gen['prompts']]}"
         )
         watched, got = generate_watched(course, model, gen["prompts"], gen["max_new_tokens"], eos_id, what,
-                                        "Batching with left padding")  # fmt: skip
+                                        reread("Batching with left padding"))  # fmt: skip
         check_loop(watched, gen["prompts"], gen["max_new_tokens"], what, inputs)
         expect_equal(got, [until_eos(row, eos_id) for row in want], what=what, inputs=inputs,
                      reread=reread("Batching with left padding"))  # fmt: skip
@@ -600,7 +600,7 @@ def test_generation_in_the_real_model(course):
             )
             inputs = f"fixture {fixture}, prompt lengths {[len(p) for p in prompts]}, {n} new tokens"
             watched, got = generate_watched(
-                course, model, prompts, n, None, what, "Batching with left padding"
+                course, model, prompts, n, None, what, reread("Batching with left padding")
             )
             check_loop(watched, prompts, n, what, inputs)
             expect_equal(

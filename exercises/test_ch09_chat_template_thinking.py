@@ -89,38 +89,38 @@ def check_renders(course, names: tuple[str, ...], what: str, section: str) -> No
     for case in cases:
         flags = f"add_generation_prompt={case['add_generation_prompt']}, enable_thinking={case['enable_thinking']}"
         got = call(course.ch09.render_chat, json.loads(json.dumps(case["messages"])), case["add_generation_prompt"],
-                  case["enable_thinking"], what="render_chat", reread=reread(section))  # fmt: skip
-        expect(isinstance(got, str), what=what, reread=reread(section),
+                  case["enable_thinking"], what="render_chat", reread=section)  # fmt: skip
+        expect(isinstance(got, str), what=what, reread=section,
                problem=f"render_chat must return a string, got {type(got).__name__}")  # fmt: skip
         expect_equal(got, case["text"], what=f"{what} ({case['name']}) vs the official Jinja template",
                      inputs=f"messages {json.dumps(case['messages'], ensure_ascii=False)}, {flags}",
-                     reread=reread(section), mistakes=render_mistakes(case, got))  # fmt: skip
+                     reread=section, mistakes=render_mistakes(case, got))  # fmt: skip
 
 
 def test_one_turn(course):
     """One user turn in ChatML"""
     check_renders(course, ("one user message", "unicode and a soft switch"), "render_chat: one user message",
-                  "The template as code")  # fmt: skip
+                  reread("The template as code"))  # fmt: skip
 
 
 def test_enable_thinking(course):
     """enable_thinking=False pre-fills an empty think block"""
     check_renders(
-        course, ("a system prompt",), "render_chat with and without thinking", "The empty think block"
+        course, ("a system prompt",), "render_chat with and without thinking", reread("The empty think block")
     )
 
 
 def test_history(course):
     """System prompts and a multi-turn history"""
     check_renders(course, ("a finished exchange", "a system message later in the chat"),
-                  "render_chat on a conversation", "The template as code")  # fmt: skip
+                  "render_chat on a conversation", reread("The template as code"))  # fmt: skip
 
 
 def test_reasoning_history(course):
     """Earlier turns lose their reasoning"""
     check_renders(course, ("history with reasoning in the content",
                            "history with reasoning_content, then a reasoned last turn"),
-                  "render_chat with reasoning in the history", "Earlier turns lose their reasoning")  # fmt: skip
+                  "render_chat with reasoning in the history", reread("Earlier turns lose their reasoning"))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ reading the reply
@@ -128,11 +128,11 @@ def test_reasoning_history(course):
 
 def test_split_thinking(course):
     """Splitting the thinking from the answer"""
-    section = "Parsing the thinking out"
+    section = reread("Parsing the thinking out")
     for case in REF["split"]:
         ids = case["ids"]
-        got = call(course.ch09.split_thinking, list(ids), what="split_thinking", reread=reread(section))
-        expect(isinstance(got, tuple) and len(got) == 2, what="split_thinking", reread=reread(section),
+        got = call(course.ch09.split_thinking, list(ids), what="split_thinking", reread=section)
+        expect(isinstance(got, tuple) and len(got) == 2, what="split_thinking", reread=section,
                problem=f"split_thinking must return (thinking ids, content ids), got {type(got).__name__}")  # fmt: skip
         got = [list(map(int, part)) for part in got]
         want = [case["thinking_ids"], case["content_ids"]]
@@ -150,17 +150,15 @@ def test_split_thinking(course):
             mistakes.append(Mistake("without </think> everything was taken as thinking", [ids, []],
                                     "No </think> means no finished thinking: index 0, all ids are content."))  # fmt: skip
         expect_equal(got, want, what=f"split_thinking ({case['name']}) vs the Qwen3 model card's recipe",
-                     inputs=f"ids of {case['text']!r}", reread=reread(section), mistakes=mistakes)  # fmt: skip
+                     inputs=f"ids of {case['text']!r}", reread=section, mistakes=mistakes)  # fmt: skip
 
 
 def test_parse_tool_calls(course):
     """Tool calls parsed out of a reply"""
-    section = "Tool calls"
+    section = reread("Tool calls")
     for case in REF["tools"]:
-        got = call(
-            course.ch09.parse_tool_calls, case["text"], what="parse_tool_calls", reread=reread(section)
-        )
-        expect(isinstance(got, tuple) and len(got) == 2, what="parse_tool_calls", reread=reread(section),
+        got = call(course.ch09.parse_tool_calls, case["text"], what="parse_tool_calls", reread=section)
+        expect(isinstance(got, tuple) and len(got) == 2, what="parse_tool_calls", reread=section,
                problem=f"parse_tool_calls must return (content, calls), got {type(got).__name__}")  # fmt: skip
         content, calls = got
         calls = [dict(c) if isinstance(c, dict) else c for c in calls] if isinstance(calls, list) else calls
@@ -180,7 +178,7 @@ def test_parse_tool_calls(course):
         ]  # fmt: skip
         expect_equal(got_list, want, what=f"parse_tool_calls ({case['name']}): [content, calls]",
                      inputs=f"a reply rendered by the official template: {case['text']!r}",
-                     reread=reread(section), mistakes=mistakes)  # fmt: skip
+                     reread=section, mistakes=mistakes)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -221,11 +219,11 @@ def test_your_qwen3_end_to_end(course):
     """Your Qwen3 end to end"""
     e = REF["end_to_end"]
     vocab, ranks, added, id_to_token = tokenizer_files()
-    section = "Your Qwen3 end to end"
+    section = reread("Your Qwen3 end to end")
     where = f"{len(e['messages'])} messages, add_generation_prompt=True, enable_thinking=False"
 
     text = call(course.ch09.render_chat, json.loads(json.dumps(e["messages"])), True, False, what="render_chat",
-               reread=reread(section))  # fmt: skip
+               reread=section)  # fmt: skip
     case = {
         "text": e["prompt_text"],
         "messages": e["messages"],
@@ -235,9 +233,7 @@ def test_your_qwen3_end_to_end(course):
     expect_equal(text, e["prompt_text"], what="1/5 your chat template (chapter 9) on the conversation",
                  inputs=where, reread=reread("The template as code"), mistakes=render_mistakes(case, text))  # fmt: skip
 
-    ids = call(
-        course.ch01.encode, text, vocab, ranks, added, what="chapter 1's encode", reread=reread(section)
-    )
+    ids = call(course.ch01.encode, text, vocab, ranks, added, what="chapter 1's encode", reread=section)
     expect_equal(ids, e["prompt_ids"], what="2/5 your tokenizer (chapter 1) on the prompt vs the official tokenizer",
                  inputs=repr(text), reread=notebook(1))  # fmt: skip
 
@@ -247,22 +243,18 @@ def test_your_qwen3_end_to_end(course):
     what = "3/5 your kernels (chapters 3-7), cache and greedy loop (chapter 8) vs transformers' generate"
     new = call(course.ch08.greedy_generate, watched, [list(ids)], n, kwargs={"pad_id": 151643, "eos_id": e["eos_id"]},
                what=what,
-              reread=reread(section))  # fmt: skip
+              reread=section)  # fmt: skip
     inputs = f"a tiny Qwen3 with the real 151,936-token vocabulary, {len(ids)} prompt tokens, {n} new tokens"
     check_loop(watched, [ids], n, what, inputs)
     expect(isinstance(new, list) and len(new) == 1, what=what, inputs=inputs, reread=notebook(8),
            problem=f"greedy_generate must return one list of ids per prompt, got {new!r}")  # fmt: skip
     expect_equal(list(map(int, new[0])), e["new_ids"], what=what, inputs=inputs, reread=notebook(8))
 
-    parts = call(
-        course.ch09.split_thinking, list(e["new_ids"]), what="split_thinking", reread=reread(section)
-    )
+    parts = call(course.ch09.split_thinking, list(e["new_ids"]), what="split_thinking", reread=section)
     expect_equal([list(map(int, p)) for p in parts], [[], e["new_ids"]],
                  what="4/5 split_thinking on the reply (thinking was off: no </think>, all content)",
                  inputs=str(e["new_ids"]), reread=reread("Parsing the thinking out"))  # fmt: skip
 
-    reply = call(
-        course.ch01.decode, list(parts[1]), id_to_token, what="chapter 1's decode", reread=reread(section)
-    )
+    reply = call(course.ch01.decode, list(parts[1]), id_to_token, what="chapter 1's decode", reread=section)
     expect_equal(reply, e["text"], what="5/5 your decode (chapter 1) of the reply vs the official tokenizer",
                  inputs=str(e["new_ids"]), reread=notebook(1))  # fmt: skip
