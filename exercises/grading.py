@@ -11,8 +11,12 @@ The helpers a test uses:
 
     expect_close(got, want, what=..., atol=..., rtol=..., mistakes=[Mistake(...)], reread=...)   # float arrays
     expect_equal(got, want, what=..., mistakes=[...], reread=...)                                 # ids, text, ints
+    expect(condition, what=..., problem=..., reread=...)                  # a property with its own message
+    call(fn, *args, what=..., reread=..., hint=..., hints={KeyError: ...}, kwargs={...})   # run YOUR function
     Mistake(cause, wrong, hint)   # a classic bug and the output it would produce on the same input
     learner_model(course, upto=N, fixture=...)   # a real fixture model running YOUR kernels of chapters <= N
+    reference_file("ch04_rope_yarn.npz")         # a chapter's stored expected values, exercises/references/
+    reference(fixture)                           # transformers' stored outputs for a test fixture
     expect_logits(model, fixture, what=...)      # its logits vs transformers' stored logits for that fixture
 
 A failure names the checkpoint and the input, the expected and the received shape, the largest difference and
@@ -31,9 +35,11 @@ Kernels taken from each chapter by `learner_model` (the names and signatures of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -82,9 +88,22 @@ class GradeError(AssertionError):
 
 
 def notebook(chapter: int, section: str | None = None) -> str:
-    """'notebooks/04-rope-yarn.ipynb, section "YaRN"' — where to re-read."""
+    """'notebooks/04-rope-yarn.ipynb, section "9. YaRN"' — where to re-read; `section` is one of its headings."""
     slug = CHAPTERS[chapter][1]
+    if section is not None and section not in headings(chapter):
+        raise ValueError(
+            f"the exercises send the learner to section {section!r} of notebooks/{slug}.py, which has no such "
+            "heading: fix the pointer (or the heading)"
+        )
     return f"notebooks/{slug}.ipynb" + (f', section "{section}"' if section else "")
+
+
+@functools.cache
+def headings(chapter: int) -> frozenset[str]:
+    """The section titles of a chapter's notebook: its markdown lines '# ## 1.1 SiLU' (read once)."""
+    source = REPO / "notebooks" / f"{CHAPTERS[chapter][1]}.py"
+    lines = source.read_text(encoding="utf-8").splitlines()
+    return frozenset(line.lstrip("# ").strip() for line in lines if line.startswith("# #"))
 
 
 # ------------------------------------------------------------------------------------------ mistakes
@@ -283,6 +302,38 @@ def expect(
         _fail(what, [problem], inputs, reread)
 
 
+def call(
+    fn: Callable,
+    *args: Any,
+    what: str,
+    reread: str | None = None,
+    hint: str = "",
+    hints: Mapping[type[BaseException] | str, str] | None = None,
+    inputs: str | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+) -> Any:
+    """fn(*args, **kwargs), the learner's function; a crash in it becomes a failure written for the learner.
+
+    NotImplementedError ("not written yet") and GradeError pass through. Any other exception is a wrong answer: the
+    message names the call (`what`, `inputs`), the exception's type and the first line of its message, a hint, and
+    the section to re-read. The hint is `hints[key]` for the first key that is the exception's type (isinstance) or
+    a text in its message, else `hint`. `kwargs` is a dict so that fn's own keywords never clash with these.
+    """
+    try:
+        return fn(*args, **(kwargs or {}))
+    except (NotImplementedError, GradeError):
+        raise
+    except Exception as error:  # e.g. a NumPy shape error deep inside: one line, plus what usually causes it
+        crash = error
+    text = str(crash).strip()
+    lines = [f"your code raised {type(crash).__name__}" + (f": {text.splitlines()[0]}" if text else "")]
+    for key, key_hint in (hints or {}).items():
+        if isinstance(crash, key) if isinstance(key, type) else key in text:
+            hint = key_hint
+            break
+    _fail(what, lines + ([hint] if hint else []), inputs, reread)  # outside `except`: no chained traceback
+
+
 # ------------------------------------------------------------------------------------------ the course
 
 
@@ -368,6 +419,39 @@ def learner_model(course: Course, upto: int, fixture: str = "dense-tied", **repl
     kernels = learner_kernels(course, upto) | replace
     model.backend = dataclasses.replace(model.backend, name=f"learner (chapters <= {upto})", **kernels)
     return model
+
+
+class StoredArrays(Mapping[str, np.ndarray]):
+    """The arrays of a reference .npz, read once; every lookup hands out a fresh copy (as numpy's NpzFile does), so
+    a function under test that writes into its input cannot change what a later check compares against."""
+
+    def __init__(self, path: Path):
+        with np.load(path) as data:
+            self._arrays = {k: data[k] for k in data.files}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._arrays[key].copy()
+
+    def __iter__(self):
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+
+@functools.cache
+def reference_file(name: str) -> Any:
+    """A chapter's stored expected values, exercises/references/<name>, read once per session.
+
+    name.npz -> {key: array} (a StoredArrays: each lookup is a fresh copy); name.json -> the parsed object (shared:
+    do not modify it). Not to be confused with `reference(fixture)`: transformers' outputs stored with a fixture.
+    """
+    path = REFERENCES / name
+    if path.suffix == ".npz":
+        return StoredArrays(path)
+    if path.suffix == ".json":
+        return json.loads(path.read_text(encoding="utf-8"))
+    raise ValueError(f"reference_file reads .npz and .json files, not {name!r}")
 
 
 def reference(fixture: str) -> dict[str, np.ndarray]:

@@ -12,17 +12,18 @@ Run: pytest exercises/test_ch01_tokenization.py        (add --solutions to grade
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.util
 import json
 import shutil
 import tempfile
 from collections import Counter
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import regex
 
+from exercises import grading
 from exercises.grading import (
     REFERENCES,
     REPO,
@@ -32,22 +33,19 @@ from exercises.grading import (
     expect_close,
     expect_equal,
     notebook,
+    reference_file,
 )
 from tinyqwen.verify import tolerance  # the project's one bound for logits: 1e-5 · max(1, max |logit|)
 
 DATA = REPO / "tinyqwen" / "data"
+REF = reference_file("ch01_tokenization.json")
 
 
-def reread(section: str) -> str:
-    return notebook(1, section)
+# reread("Decoding") -> 'notebooks/01-tokenization.ipynb, section "Decoding"': where a failure sends the learner
+reread = functools.partial(notebook, 1)
 
 
-@lru_cache(maxsize=1)
-def ref() -> dict:
-    return json.loads((REFERENCES / "ch01_tokenization.json").read_text(encoding="utf-8"))
-
-
-@lru_cache(maxsize=1)
+@functools.cache
 def files() -> tuple[dict[str, int], dict[tuple[str, str], int], dict[str, int], dict[int, str]]:
     """(vocab, ranks, added, id_to_token) read from the official files, once per session."""
     vocab = json.loads((DATA / "vocab.json").read_text(encoding="utf-8"))
@@ -64,23 +62,12 @@ def files() -> tuple[dict[str, int], dict[tuple[str, str], int], dict[str, int],
     return vocab, ranks, added, id_to_token
 
 
-def call(fn, *args, what: str, inputs: str, section: str):
-    """Call a learner function; an exception (other than 'not written yet') becomes a message for the learner."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except KeyError as error:
-        raise GradeError(
-            f"{what}\n  input: {inputs}\n  your code raised KeyError: {error} — a symbol that is not in the "
-            "vocabulary. Look tokens up by their byte stand-ins (to_symbols: a space is 'Ġ'), after BPE, and "
-            "match added tokens like '<|im_end|>' before anything else.\n  re-read: " + reread(section)
-        ) from None
-    except Exception as error:
-        raise GradeError(
-            f"{what}\n  input: {inputs}\n  your code raised {type(error).__name__}: {error}\n  re-read: "
-            + reread(section)
-        ) from None
+# every call of your functions: a crash becomes a failure message; a KeyError gets this chapter's usual cause
+call = functools.partial(grading.call, hints={KeyError: (
+    "a key missing from a table is usually a symbol that is not in the vocabulary: look tokens up by their byte "
+    "stand-ins (to_symbols: a space is 'Ġ'), after BPE, and match added tokens like '<|im_end|>' before anything "
+    "else."
+)})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ known-wrong variants
@@ -192,7 +179,7 @@ def test_bytes_to_unicode(course):
     """The byte <-> unicode table"""
     what = "bytes_to_unicode()"
     table = call(
-        course.ch01.bytes_to_unicode, what=what, inputs="()", section="Bytes as printable characters"
+        course.ch01.bytes_to_unicode, what=what, inputs="()", reread=reread("Bytes as printable characters")
     )
     section = reread("Bytes as printable characters")
     identity = {b: chr(b) for b in range(256)}
@@ -213,24 +200,24 @@ def test_bytes_to_unicode(course):
     expect_equal(sorted(table), list(range(256)), what=what + ": its keys must be the byte values 0..255",
                  reread=section)  # fmt: skip
     got = [table[b] for b in range(256)]  # index = byte value
-    official = {int(b): ch for b, ch in ref()["byte_table"].items()}
+    official = {int(b): ch for b, ch in REF["byte_table"].items()}
     # 243 bytes against the official ByteLevel (the 13 that UTF-8 never produces are checked by hand just below)
     expect_equal(got, [official.get(b, got[b]) for b in range(256)], mistakes=mistakes, reread=section,
                  what=what + " vs the official ByteLevel table (list index = byte value)")  # fmt: skip
     expect_equal(got, [by_hand_table()[b] for b in range(256)], mistakes=mistakes, reread=section,
                  what=what + " vs GPT-2's rule, derived by hand (list index = byte value)")  # fmt: skip
     expect_equal(
-        sorted(got), ref()["alphabet"], what=what + ": its values vs the official alphabet", reread=section
+        sorted(got), REF["alphabet"], what=what + ": its values vs the official alphabet", reread=section
     )
 
 
 def test_to_symbols(course):
     """Text as byte symbols"""
-    section = "Bytes as printable characters"
-    for case in ref()["symbols"]:
+    section = reread("Bytes as printable characters")
+    for case in REF["symbols"]:
         text = case["text"]
-        got = call(course.ch01.to_symbols, text, what="to_symbols", inputs=repr(text), section=section)
-        expect_equal(got, case["symbols"], what="to_symbols(text)", inputs=repr(text), reread=reread(section),
+        got = call(course.ch01.to_symbols, text, what="to_symbols", inputs=repr(text), reread=section)
+        expect_equal(got, case["symbols"], what="to_symbols(text)", inputs=repr(text), reread=section,
                      mistakes=[
                          Mistake("the text was returned unchanged", text,
                                  "Encode it to UTF-8 bytes first, then map every byte through bytes_to_unicode()."),
@@ -242,12 +229,12 @@ def test_to_symbols(course):
 
 def test_pretokenize(course):
     """The pre-tokenizer regex"""
-    section = "The pre-tokenizer regex"
-    assert SPLIT_PATTERN == ref()["split_regex"] and SPLIT_PATTERN not in (GPT4_DIGITS, CASE_SENSITIVE)
-    for case in ref()["pretokenize"]:
+    section = reread("The pre-tokenizer regex")
+    assert SPLIT_PATTERN == REF["split_regex"] and SPLIT_PATTERN not in (GPT4_DIGITS, CASE_SENSITIVE)
+    for case in REF["pretokenize"]:
         text = case["text"]
-        got = call(course.ch01.pretokenize, text, what="pretokenize", inputs=repr(text), section=section)
-        expect_equal(got, case["pieces"], what="pretokenize(text)", inputs=repr(text), reread=reread(section),
+        got = call(course.ch01.pretokenize, text, what="pretokenize", inputs=repr(text), reread=section)
+        expect_equal(got, case["pieces"], what="pretokenize(text)", inputs=repr(text), reread=section,
                      mistakes=[
                          Mistake("digits split in groups of up to 3 (the GPT-4 / cl100k regex)",
                                  split_with(GPT4_DIGITS, text),
@@ -265,7 +252,7 @@ def test_pretokenize(course):
 
 def test_bpe_by_hand(course):
     """BPE on a toy merge table (derived by hand)"""
-    section = "BPE: merges in rank order"
+    section = reread("BPE: merges in rank order")
     toy = {("l", "l"): 0, ("h", "e"): 1, ("he", "ll"): 2, ("hell", "o"): 3}
     # "abcd": b+c has the lowest rank, so it goes first; then neither a+bc nor bc+d is a merge -> a | bc | d.
     order = {("b", "c"): 0, ("a", "b"): 1, ("c", "d"): 2, ("ab", "cd"): 3}
@@ -278,34 +265,34 @@ def test_bpe_by_hand(course):
     for symbols, ranks, want in cases:
         assert lowest_rank_first(symbols, ranks) == want  # the hand derivation above, checked
         inputs = f"bpe({symbols!r}, {ranks})"
-        got = call(course.ch01.bpe, symbols, dict(ranks), what="bpe", inputs=inputs, section=section)
-        expect_equal(got, want, what="bpe on a toy merge table", inputs=inputs, reread=reread(section),
+        got = call(course.ch01.bpe, symbols, dict(ranks), what="bpe", inputs=inputs, reread=section)
+        expect_equal(got, want, what="bpe on a toy merge table", inputs=inputs, reread=section,
                      mistakes=bpe_mistakes(symbols, ranks))  # fmt: skip
 
 
 def test_bpe_real_merges(course):
     """BPE with the real merges.txt"""
-    section = "BPE: merges in rank order"
+    section = reread("BPE: merges in rank order")
     _, ranks, _, _ = files()
-    for case in ref()["bpe"]:
+    for case in REF["bpe"]:
         inputs = f"bpe({case['symbols']!r}, ranks)   (the piece {case['word']!r})"
-        got = call(course.ch01.bpe, case["symbols"], ranks, what="bpe", inputs=inputs, section=section)
+        got = call(course.ch01.bpe, case["symbols"], ranks, what="bpe", inputs=inputs, reread=section)
         expect_equal(got, case["tokens"], what="bpe with Qwen3's 151,387 merges", inputs=inputs,
-                     reread=reread(section), mistakes=bpe_mistakes(case["symbols"], ranks))  # fmt: skip
+                     reread=section, mistakes=bpe_mistakes(case["symbols"], ranks))  # fmt: skip
 
 
 def test_encode_ordinary(course):
     """Ordinary text to ids (NFC, split, bytes, BPE, lookup)"""
     vocab, ranks, _, _ = files()
-    section = "From text to ids"
-    for case in ref()["encode"]:
+    section = reread("From text to ids")
+    for case in REF["encode"]:
         got = call(course.ch01.encode_ordinary, case["text"], vocab, ranks, what="encode_ordinary",
-                   inputs=repr(case["text"]), section=section)  # fmt: skip
+                   inputs=repr(case["text"]), reread=section)  # fmt: skip
         expect_equal(got, case["ids"], what="encode_ordinary(text) vs the official tokenizer",
-                     inputs=repr(case["text"]), reread=reread(section))  # fmt: skip
-    for case in ref()["nfc"]:
+                     inputs=repr(case["text"]), reread=section)  # fmt: skip
+    for case in REF["nfc"]:
         got = call(course.ch01.encode_ordinary, case["text"], vocab, ranks, what="encode_ordinary",
-                   inputs=ascii(case["text"]), section="NFC")  # fmt: skip
+                   inputs=ascii(case["text"]), reread=reread("NFC"))  # fmt: skip
         expect_equal(got, case["ids"], what="encode_ordinary on text that NFC changes", inputs=ascii(case["text"]),
                      reread=reread("NFC"), mistakes=[
                          Mistake("NFC normalisation not applied", case["ids_without_nfc"],
@@ -317,37 +304,37 @@ def test_encode_ordinary(course):
 def test_encode_added_tokens(course):
     """Added and special tokens"""
     vocab, ranks, added, _ = files()
-    section = "Added and special tokens"
-    expect_equal(added, {content: int(i) for i, content in ref()["added_tokens"].items()},
+    section = reread("Added and special tokens")
+    expect_equal(added, {content: int(i) for i, content in REF["added_tokens"].items()},
                  what="the added tokens of tokenizer_config.json vs the official tokenizer.json")  # fmt: skip
-    for case in ref()["added"]:
+    for case in REF["added"]:
         got = call(course.ch01.encode, case["text"], vocab, ranks, added, what="encode", inputs=repr(case["text"]),
-                   section=section)  # fmt: skip
+                   reread=section)  # fmt: skip
         expect_equal(got, case["ids"], what="encode(text) with added tokens vs the official tokenizer",
-                     inputs=repr(case["text"]), reread=reread(section), mistakes=[
+                     inputs=repr(case["text"]), reread=section, mistakes=[
                          Mistake("added tokens went through the regex like ordinary text", case["ids_as_plain_text"],
                                  "Find the added tokens in the RAW text first (before NFC and the regex), emit "
                                  "their ids, and encode only the stretches between them."),
                      ])  # fmt: skip
-    for case in ref()["encode"][:6]:  # no added token in the text: encode must equal encode_ordinary
+    for case in REF["encode"][:6]:  # no added token in the text: encode must equal encode_ordinary
         got = call(course.ch01.encode, case["text"], vocab, ranks, added, what="encode", inputs=repr(case["text"]),
-                   section=section)  # fmt: skip
+                   reread=section)  # fmt: skip
         expect_equal(got, case["ids"], what="encode(text) on text without added tokens", inputs=repr(case["text"]),
-                     reread=reread(section))  # fmt: skip
+                     reread=section)  # fmt: skip
 
 
 def test_decode(course):
     """Ids back to text"""
     _, _, _, id_to_token = files()
-    section = "Decoding"
+    section = reread("Decoding")
     table = by_hand_table()
     inverse = {ch: b for b, ch in table.items()}
-    for case in ref()["decode"]:
+    for case in REF["decode"]:
         ids = case["ids"]
-        got = call(course.ch01.decode, ids, id_to_token, what="decode", inputs=f"ids {ids}", section=section)
+        got = call(course.ch01.decode, ids, id_to_token, what="decode", inputs=f"ids {ids}", reread=section)
         raw = [bytes(inverse[c] for c in id_to_token[i]) for i in ids]
         expect_equal(got, case["text"], what="decode(ids) vs the official tokenizer", inputs=f"ids {ids}",
-                     reread=reread(section), mistakes=[
+                     reread=section, mistakes=[
                          Mistake("the token strings were joined as text", "".join(id_to_token[i] for i in ids),
                                  "Token strings are byte stand-ins ('Ġ' is a space): map every character back to "
                                  "its byte with the inverse of bytes_to_unicode()."),
@@ -363,16 +350,16 @@ def test_decode(course):
 def test_stream_decode(course):
     """Streaming decode of a split emoji"""
     _, _, _, id_to_token = files()
-    section = "Streaming decode"
+    section = reread("Streaming decode")
     inverse = {ch: b for b, ch in by_hand_table().items()}
-    for case in ref()["stream"]:
+    for case in REF["stream"]:
         ids = case["ids"]
         got = call(course.ch01.stream_decode, ids, id_to_token, what="stream_decode", inputs=f"ids {ids}",
-                   section=section)  # fmt: skip
+                   reread=section)  # fmt: skip
         raw = [bytes(inverse[c] for c in id_to_token[i]) for i in ids]
         whole = b"".join(raw).decode("utf-8", errors="replace")
         expect_equal(got, case["chunks"], what="stream_decode(ids): the text complete after each id, then flush",
-                     inputs=f"ids {ids}", reread=reread(section), mistakes=[
+                     inputs=f"ids {ids}", reread=section, mistakes=[
                          Mistake("each token decoded on its own", [r.decode("utf-8", errors="replace") for r in raw]
                                  + [""], "Keep the bytes of an unfinished character back until the token that "
                                  "completes it arrives; show '�' only for bytes that can never become valid."),
@@ -392,13 +379,13 @@ def _generator_module():
     return module
 
 
-@lru_cache(maxsize=1)
+@functools.cache
 def real_vocab_model():
     """The tiny Qwen3 with the real 151,936-row vocabulary, written as an official checkpoint and loaded."""
     from tinyqwen.model import load_model
     from tinyqwen.safetensors import save_file
 
-    info = ref()["real_pipeline"]
+    info = REF["real_pipeline"]
     recipe = _generator_module()
     tensors = recipe.real_vocab_tensors(info["config"], info["seed"])
     if recipe.tensors_sha256(tensors) != info["weights_sha256"]:
@@ -416,8 +403,8 @@ def real_vocab_model():
 def test_real_pipeline(course):
     """Your tokenizer in the real pipeline"""
     vocab, ranks, added, id_to_token = files()
-    info = ref()["real_pipeline"]
-    section = "Checkpoint: the official ids"
+    info = REF["real_pipeline"]
+    section = reread("Checkpoint: the official ids")
     text = info["text"]
     # 1. your encode on a real chat prompt (rendered by the official chat template) gives the official ids
     ids = call(
@@ -428,17 +415,17 @@ def test_real_pipeline(course):
         added,
         what="encode",
         inputs="the chat prompt",
-        section=section,
+        reread=section,
     )
     expect_equal(ids, info["ids"], what="encode(chat prompt) vs the official tokenizer", inputs=repr(text),
-                 reread=reread(section), mistakes=[
+                 reread=section, mistakes=[
                      Mistake("added tokens went through the regex like ordinary text", info["ids_as_plain_text"],
                              "'<|im_start|>' must become the single id 151644 before the regex sees the text."),
                  ])  # fmt: skip
     # 2. those ids run through a real-vocabulary Qwen3; its logits equal transformers' on the official ids
     model = real_vocab_model()
-    with np.load(REFERENCES / "ch01_tokenization.npz") as arrays:
-        columns, want = arrays["logits_columns"], arrays["logits"]
+    arrays = reference_file("ch01_tokenization.npz")
+    columns, want = arrays["logits_columns"], arrays["logits"]
     logits = model(np.asarray(ids, dtype=np.int64))[:, columns]  # [T, K]
     expect_close(logits, want, what="a real-vocabulary Qwen3 on your ids vs transformers' logits", atol=tolerance(want),
                  inputs=f"{len(ids)} ids, logits at {len(columns)} vocabulary columns")  # fmt: skip
@@ -447,10 +434,12 @@ def test_real_pipeline(course):
 
     new = generate(model, ids, max_new_tokens=info["max_new_tokens"], eos_token_ids=())
     expect_equal(new, info["new_ids"], what="greedy continuation of your ids vs transformers' generate")
-    got = call(course.ch01.decode, new, id_to_token, what="decode", inputs=f"ids {new}", section="Decoding")
+    got = call(
+        course.ch01.decode, new, id_to_token, what="decode", inputs=f"ids {new}", reread=reread("Decoding")
+    )
     expect_equal(got, info["new_text"], what="decode(the generated ids) vs the official decode", inputs=f"ids {new}",
                  reread=reread("Decoding"))  # fmt: skip
     chunks = call(course.ch01.stream_decode, new, id_to_token, what="stream_decode", inputs=f"ids {new}",
-                  section="Streaming decode")  # fmt: skip
+                  reread=reread("Streaming decode"))  # fmt: skip
     expect_equal("".join(chunks), info["new_text"], what="stream_decode(the generated ids), joined",
                  inputs=f"ids {new}", reread=reread("Streaming decode"))  # fmt: skip

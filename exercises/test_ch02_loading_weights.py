@@ -8,6 +8,7 @@ transformers' logits stored with the fixtures (tests/fixtures/*/reference.npz). 
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import struct
@@ -26,19 +27,19 @@ from exercises.grading import (
     expect_equal,
     expect_logits,
     notebook,
+    reference_file,
 )
 
 FILE = REFERENCES / "ch02_loading_weights.safetensors"
-FACTS = json.loads((REFERENCES / "ch02_loading_weights.json").read_text())
-with np.load(REFERENCES / "ch02_loading_weights.npz") as _data:
-    ARRAYS = {k: _data[k] for k in _data.files}
+FACTS = reference_file("ch02_loading_weights.json")
+ARRAYS = reference_file("ch02_loading_weights.npz")
 TIED = FIXTURES / "dense-tied"
 SHARDED = FIXTURES / "dense-untied-bf16-sharded"
 NUMPY_DTYPE = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8"}
 
 
-def section(title: str) -> str:
-    return notebook(2, title)
+# reread("...") -> 'notebooks/02-loading-weights.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 2)
 
 
 # ------------------------------------------------------------------------------------------ hand-derived helpers
@@ -239,13 +240,13 @@ class _Loaded:
 def test_read_header(course):
     """The header of a safetensors file"""
     ch = course.ch02
-    reread = section("3. The first 8 bytes: the header length")
+    section = reread("3. The first 8 bytes: the header length")
     got = ch.read_header(FILE)
     expect(
         isinstance(got, tuple) and len(got) == 2,
         what="read_header(file)",
         problem=f"expected a pair (header dict, data_start), got {type(got).__name__}",
-        reread=reread,
+        reread=section,
     )
     header, data_start = got
     facts = FACTS["file"]
@@ -267,7 +268,7 @@ def test_read_header(course):
                 'safetensors stores N little-endian: struct.unpack("<Q", first_8_bytes).',
             ),
         ],
-        reread=reread,
+        reread=section,
     )
     want = facts["header"]
     expect_equal(
@@ -281,11 +282,11 @@ def test_read_header(course):
                 "Return the JSON object exactly as parsed, its __metadata__ entry included.",
             )
         ],
-        reread=section("4. The header: a JSON object"),
+        reread=reread("4. The header: a JSON object"),
     )
     for name, entry in want.items():
         expect_equal(
-            header[name], entry, what=f"header entry {name!r}", reread=section("4. The header: a JSON object")
+            header[name], entry, what=f"header entry {name!r}", reread=reread("4. The header: a JSON object")
         )
     # a real checkpoint file: every entry's dtype and shape as the official reader reports them
     header, _ = ch.read_header(TIED / "model.safetensors")
@@ -303,9 +304,9 @@ def test_bf16_to_float32(course):
     bits, want = ARRAYS["bf16_bits"], ARRAYS["bf16_as_f32"]
     given = bits.reshape(256, 256).copy()
     got = ch.bf16_to_float32(given)
-    reread = section("7. bfloat16: the top half of a float32")
+    section = reread("7. bfloat16: the top half of a float32")
     if got is None or np.asarray(got).dtype.kind not in "fiub":
-        expect_close(got, want, atol=0.0, what="bf16_to_float32", reread=reread)  # explains what came back
+        expect_close(got, want, atol=0.0, what="bf16_to_float32", reread=section)  # explains what came back
     expect_close(
         _inf_as_number(got),
         _inf_as_number(want.reshape(256, 256)),
@@ -336,26 +337,26 @@ def test_bf16_to_float32(course):
                 "The uint16 already holds the pattern; no byte swapping is needed.",
             ),
         ],
-        reread=reread,
+        reread=section,
     )
     expect(
         np.asarray(got).dtype == np.float32,
         what="bf16_to_float32",
         problem=f"expected float32, got {np.asarray(got).dtype}",
-        reread=reread,
+        reread=section,
     )
     expect(
         np.array_equal(given, bits.reshape(256, 256)),
         what="bf16_to_float32",
         problem="your function changed its input array in place",
-        reread=reread,
+        reread=section,
     )
 
 
 def test_read_tensor(course):
     """One tensor of each dtype"""
     ch = course.ch02
-    reread = section("8. Reading one tensor")
+    section = reread("8. Reading one tensor")
     for name, t in FACTS["file"]["safe_open"].items():
         want = ARRAYS[f"tensor.{name}"]
         got = ch.read_tensor(FILE, name)
@@ -375,12 +376,12 @@ def test_read_tensor(course):
                 )  # fmt: skip
             )
         if got is None or np.asarray(got).dtype.kind not in "fiub":
-            expect_close(got, want, atol=0.0, what=f"read_tensor(..., {name!r})", reread=reread)
+            expect_close(got, want, atol=0.0, what=f"read_tensor(..., {name!r})", reread=section)
         expect_close(
             _inf_as_number(got), _inf_as_number(want), atol=0.0,
             what=f"read_tensor({FILE.name!r}, {name!r}), a {t['dtype']} {t['shape']} tensor (±inf shown as ±1e300)",
             mistakes=[Mistake(m.cause, lambda m=m: _inf_as_number(m.output()), m.hint) for m in mistakes],
-            reread=reread,
+            reread=section,
         )  # fmt: skip
         kind = "i" if t["dtype"].startswith("I") else "f"
         expect(
@@ -388,14 +389,14 @@ def test_read_tensor(course):
             what=f"read_tensor(..., {name!r})",
             problem=f"a {t['dtype']} tensor should come back as {'int64' if kind == 'i' else 'float32'}, "
             f"got {np.asarray(got).dtype}",
-            reread=reread,
+            reread=section,
         )
 
 
 def test_read_tensor_in_checkpoint_files(course):
     """Tensors of real checkpoint files, F32 and BF16"""
     ch = course.ch02
-    reread = section("8. Reading one tensor")
+    section = reread("8. Reading one tensor")
     for folder, name in (
         (TIED, "model.embed_tokens.weight"),
         (TIED, "model.layers.1.self_attn.k_norm.weight"),
@@ -415,14 +416,14 @@ def test_read_tensor_in_checkpoint_files(course):
                     "Add data_start = 8 + N.",
                 ),  # fmt: skip
             ],
-            reread=reread,
+            reread=section,
         )
 
 
 def test_map_tensor(course):
     """Memory-mapped, not copied"""
     ch = course.ch02
-    reread = section("9. Memory mapping: loading lazily")
+    section = reread("9. Memory mapping: loading lazily")
     name = "embed.weight"
     old = ARRAYS[f"tensor.{name}"]
     t, data_start, _ = _raw_entry(FILE, name)
@@ -430,7 +431,7 @@ def test_map_tensor(course):
         copy = Path(tmp) / FILE.name
         shutil.copyfile(FILE, copy)
         mapped = ch.map_tensor(copy, name)
-        expect_close(mapped, old, atol=0.0, what=f"map_tensor(file, {name!r}) (F32)", reread=reread)
+        expect_close(mapped, old, atol=0.0, what=f"map_tensor(file, {name!r}) (F32)", reread=section)
         bits = ch.map_tensor(copy, "proj.weight")
         expect_close(
             bits,
@@ -444,7 +445,7 @@ def test_map_tensor(course):
                     "map_tensor returns the bytes as stored; widening would copy them out of the file.",
                 ),  # fmt: skip
             ],
-            reread=reread,
+            reread=section,
         )
         writeable = np.asarray(mapped).flags.writeable
         new = (np.arange(old.size, dtype=np.float32).reshape(old.shape) / 4 - 3).astype("<f4")
@@ -466,14 +467,14 @@ def test_map_tensor(course):
                 "shape=...) maps it, so nothing is read until it is used.",
             ),  # fmt: skip
         ],
-        reread=reread,
+        reread=section,
     )
     expect(
         not writeable,
         what="map_tensor",
         problem="the array is writeable: map the file read-only (np.memmap(..., mode='r')) so that a model can "
         "never change its own checkpoint",
-        reread=reread,
+        reread=section,
     )
 
 
@@ -488,11 +489,11 @@ def test_load_sharded(course):
 
 
 def _check_checkpoint(ch, folder: Path) -> None:
-    reread = section("10. Shards and the index")
+    section = reread("10. Shards and the index")
     facts = FACTS["checkpoints"][folder.name]
     got = ch.load_checkpoint(folder)
     expect(isinstance(got, dict), what=f"load_checkpoint({folder.name})",
-           problem=f"expected a dict {{name: array}}, got {type(got).__name__}", reread=reread)  # fmt: skip
+           problem=f"expected a dict {{name: array}}, got {type(got).__name__}", reread=section)  # fmt: skip
     files = sorted({t["file"] for t in facts.values()})
     expect_equal(
         sorted(got),
@@ -514,16 +515,16 @@ def _check_checkpoint(ch, folder: Path) -> None:
                 "Skip the header's __metadata__ entry: it is not a tensor.",
             ),
         ],
-        reread=reread,
+        reread=section,
     )
     for name, t in facts.items():
-        _expect_tensor(got[name], t, what=f"load_checkpoint({folder.name})[{name!r}]", reread=reread)
+        _expect_tensor(got[name], t, what=f"load_checkpoint({folder.name})[{name!r}]", reread=section)
 
 
 def test_expected_shapes_dense(course):
     """Tensor shapes from config.json (dense)"""
     ch = course.ch02
-    reread = section("11. config.json, field by field")
+    section = reread("11. config.json, field by field")
     for name in ("fixture-dense-tied", "fixture-dense-untied-bf16-sharded", "Qwen3-0.6B", "Qwen3-8B"):
         config = _config(name)
         want = {n: tuple(s) for n, s in FACTS["shapes"][name].items()}
@@ -532,14 +533,14 @@ def test_expected_shapes_dense(course):
             _shape_items(want),
             what=f"expected_shapes({name}.json), as sorted [name, shape] pairs",
             mistakes=_shape_mistakes(want, config),
-            reread=reread,
+            reread=section,
         )
 
 
 def test_expected_shapes_moe(course):
     """Tensor shapes from config.json (mixture of experts)"""
     ch = course.ch02
-    reread = section("11. config.json, field by field")
+    section = reread("11. config.json, field by field")
     for name in ("fixture-moe-norm-topk", "fixture-moe-sparse-step"):
         config = _config(name)
         want = {n: tuple(s) for n, s in FACTS["shapes"][name].items()}
@@ -566,7 +567,7 @@ def test_expected_shapes_moe(course):
                     "The rule (transformers') is (i + 1) % decoder_sparse_step == 0: with step 2, layers 1, 3, 5, ...",
                 ),
             ],
-            reread=reread,
+            reread=section,
         )
     facts = FACTS["moe"]["Qwen3-30B-A3B"]
     got = ch.expected_shapes(_config("Qwen3-30B-A3B"))
@@ -574,11 +575,11 @@ def test_expected_shapes_moe(course):
         [len(got), int(sum(int(np.prod(s)) for s in got.values()))],
         [facts["num_tensors"], facts["num_parameters"]],
         what="expected_shapes(Qwen3-30B-A3B.json): [number of tensors, number of parameters]",
-        reread=reread,
+        reread=section,
     )
     for n, s in facts["samples"].items():
         expect_equal(
-            list(got.get(n, ())), s, what=f"expected_shapes(Qwen3-30B-A3B.json)[{n!r}]", reread=reread
+            list(got.get(n, ())), s, what=f"expected_shapes(Qwen3-30B-A3B.json)[{n!r}]", reread=section
         )
 
 
@@ -590,7 +591,7 @@ def test_loader_in_real_model(course):
     from tinyqwen.model import Qwen3, load_weights
 
     ch = course.ch02
-    reread = section("13. Checkpoint: your loader runs the real model")
+    section = reread("13. Checkpoint: your loader runs the real model")
     for folder in (TIED, SHARDED):
         config = config_from_dict(json.loads((folder / "config.json").read_text()))
         tensors = ch.load_checkpoint(folder)
@@ -598,9 +599,9 @@ def test_loader_in_real_model(course):
             weights = load_weights(_Loaded(tensors), config)
         except TinyQwenError as error:
             raise GradeError(
-                f"the model could not be built from load_checkpoint({folder.name}): {error}\n  re-read: {reread}"
+                f"the model could not be built from load_checkpoint({folder.name}): {error}\n  re-read: {section}"
             ) from None
         model = Qwen3(config=config, weights=weights, backend=get_backend("numpy"))
         expect_logits(
-            model, folder.name, what=f"logits of {folder.name} loaded by your load_checkpoint", reread=reread
+            model, folder.name, what=f"logits of {folder.name} loaded by your load_checkpoint", reread=section
         )

@@ -12,12 +12,12 @@ we may divide by sqrt): a few float32 ulps, so atol = rtol = 1e-5. A lookup does
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
 from exercises.grading import (
     FIXTURES,
-    REFERENCES,
     GradeError,
     Mistake,
     expect,
@@ -26,15 +26,15 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 
-with np.load(REFERENCES / "ch03_embeddings_rmsnorm.npz") as _data:
-    REF = {k: _data[k] for k in _data.files}
+REF = reference_file("ch03_embeddings_rmsnorm.npz")
 ATOL = RTOL = 1e-5
 
 
-def section(title: str) -> str:
-    return notebook(3, title)
+# reread("...") -> 'notebooks/03-embeddings-rmsnorm.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 3)
 
 
 def _fixture_table(fixture: str) -> np.ndarray:
@@ -158,7 +158,7 @@ def test_embed_sequence(course):
                 "The table is [vocab, hidden]: token t is row t, table[t].",
             ),  # fmt: skip
         ],
-        reread=section("1. From ids to vectors: the embedding table"),
+        reread=reread("1. From ids to vectors: the embedding table"),
     )
 
 
@@ -172,7 +172,7 @@ def test_embed_batch(course):
         atol=0.0,
         what="embed(ids [2, 5], table [20, 8]) → [2, 5, 8], vs torch.nn.Embedding",
         inputs=f"ids {ids.tolist()}",
-        reread=section("1. From ids to vectors: the embedding table"),
+        reread=reread("1. From ids to vectors: the embedding table"),
     )
 
 
@@ -186,7 +186,7 @@ def test_embed_real_table(course):
         atol=0.0,
         what="embed(input_ids, model.embed_tokens.weight) vs transformers' embed_tokens output",
         inputs="fixture dense-tied, input_ids [2, 12], table [512, 64]",
-        reread=section("2. A lookup is a one-hot matrix product"),
+        reread=reread("2. A lookup is a one-hot matrix product"),
     )
 
 
@@ -194,7 +194,7 @@ def test_embed_refuses_bad_ids(course):
     """Ids outside the vocabulary are refused"""
     ch = course.ch03
     table = REF["embed.one.table"]  # 20 rows
-    reread = section("2. A lookup is a one-hot matrix product")
+    section = reread("2. A lookup is a one-hot matrix product")
     for ids, why in (
         (
             [3, -1],
@@ -211,48 +211,48 @@ def test_embed_refuses_bad_ids(course):
         except Exception as error:  # an error, but not the one promised by the docstring
             raise GradeError(
                 f"embed(ids={ids}) raised {type(error).__name__}: {error}; raise IndexError or ValueError instead"
-                f"\n  re-read: {reread}"
+                f"\n  re-read: {section}"
             ) from None
         expect(
             False,
             what=f"embed(ids={ids}, table [20, 8])",
             problem=f"it returned an array of shape {list(np.shape(out))} instead of raising an error: {why}. "
             "Check that every id is in [0, vocab) and raise IndexError otherwise",
-            reread=reread,
+            reread=section,
         )
 
 
 def test_rms_norm_vector(course):
     """RMSNorm of one vector"""
     _check_rms(course.ch03, "vector", "rms_norm(x [8]) vs transformers' Qwen3RMSNorm",
-               section("6. From a loop to NumPy"))  # fmt: skip
+               reread("6. From a loop to NumPy"))  # fmt: skip
 
 
 def test_rms_norm_batch(course):
     """RMSNorm of each vector in a batch"""
     _check_rms(course.ch03, "batch", "rms_norm(x [2, 5, 64] with mean 1.5) vs transformers' Qwen3RMSNorm",
-               section("5. RMSNorm: the math"))  # fmt: skip
+               reread("5. RMSNorm: the math"))  # fmt: skip
 
 
 def test_rms_norm_heads(course):
     """QK-Norm: RMSNorm on every head"""
     _check_rms(course.ch03, "heads", "rms_norm(q [B, T, heads, head_dim] = [2, 5, 4, 32], weight [32]) vs Qwen3RMSNorm",
-               section("9. QK-Norm: the same function on every head"))  # fmt: skip
+               reread("9. QK-Norm: the same function on every head"))  # fmt: skip
 
 
 def test_rms_norm_tiny(course):
     """Tiny activations: ε inside the square root"""
     _check_rms(course.ch03, "tiny", "rms_norm(x [3, 16] of size ~1e-3, last row all zeros) vs Qwen3RMSNorm",
-               section("7. ε goes inside the square root"))  # fmt: skip
+               reread("7. ε goes inside the square root"))  # fmt: skip
 
 
 def test_rms_norm_float16_input(course):
     """float16 input is computed in float32"""
     ch = course.ch03
-    reread = section("8. Compute in float32")
+    section = reread("8. Compute in float32")
     want, w = REF["rms.large.out"], REF["rms.large.weight"]
     got = _check_rms(
-        ch, "large", "rms_norm(x [4, 64] float16 of size 300-3000) vs Qwen3RMSNorm in float32", reread,
+        ch, "large", "rms_norm(x [4, 64] float16 of size 300-3000) vs Qwen3RMSNorm in float32", section,
         extra=[
             Mistake("the result was cast to float16", lambda: want.astype(np.float16).astype(np.float32),
                     "Return the float32 result; do not cast back to the input's dtype."),
@@ -261,7 +261,7 @@ def test_rms_norm_float16_input(course):
                     "Keep everything in float32, the weight product included."),
         ],
     )  # fmt: skip
-    expect(got.dtype == np.float32, what="rms_norm(float16 x)", reread=reread,
+    expect(got.dtype == np.float32, what="rms_norm(float16 x)", reread=section,
            problem=f"expected a float32 result, got {got.dtype}: compute in float32 and return that")  # fmt: skip
 
 
@@ -279,7 +279,7 @@ class _LearnerEmbedding:
 def test_real_model(course):
     """Your embedding and RMSNorm in the real model"""
     ch = course.ch03
-    reread = section("10. Checkpoint: against transformers")
+    section = reread("10. Checkpoint: against transformers")
     for fixture in ("dense-tied", "dense-untied-bf16-sharded"):
         model = learner_model(course, upto=3, fixture=fixture)  # every norm is your rms_norm
         # the tied head keeps the real matrix (weights.lm_head is the same array); the lookup runs your embed
@@ -290,5 +290,5 @@ def test_real_model(course):
             model,
             fixture,
             what=f"logits of {fixture} with your embed and rms_norm (input, post-attention, QK and final norms)",
-            reread=reread,
+            reread=section,
         )

@@ -22,49 +22,30 @@ import math
 import numpy as np
 
 from exercises.grading import (
-    REFERENCES,
-    GradeError,
     Mistake,
+    call,
     expect,
     expect_close,
     expect_logits,
     learner_model,
     notebook,
+    reference_file,
 )
 
 FREQ_RTOL = 1e-6
 TABLE_ATOL = 1e-5
 ROPE_ATOL = 1e-5
+REF = reference_file("ch04_rope_yarn.npz")
 
 
-@functools.cache
-def ref() -> dict[str, np.ndarray]:
-    with np.load(REFERENCES / "ch04_rope_yarn.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-def reread(section: str) -> str:
-    return notebook(4, section)
-
-
-def call(fn, *args, what: str, section: str, hint: str = ""):
-    """Call a learner function; an exception other than NotImplementedError becomes a readable grade failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # a crash is a wrong answer: say which call and what it raised
-        raise GradeError(
-            f"{what}\n  your function raised {type(error).__name__}: {error}"
-            + (f"\n  {hint}" if hint else "")
-            + f"\n  re-read: {reread(section)}"
-        ) from None
+# reread("...") -> 'notebooks/04-rope-yarn.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 4)
 
 
 def pair(got):
     """rope_cos_sin must return (cos, sin)."""
     expect(isinstance(got, (tuple, list)) and len(got) == 2, what="rope_cos_sin",
-           problem=f"expected a pair (cos, sin), got {type(got).__name__}", reread=reread("The cos and sin tables"))  # fmt: skip
+           problem=f"expected a pair (cos, sin), got {type(got).__name__}", reread=reread("3. The cos and sin tables"))  # fmt: skip
     return got
 
 
@@ -150,11 +131,13 @@ def test_inv_freq(course):
     """Frequencies of plain RoPE"""
     ch = course.ch04
     for case in ("fixture", "qwen3_0_6b"):
-        d, theta = int(ref()[f"freq.{case}.head_dim"]), float(ref()[f"freq.{case}.theta"])
-        got = call(ch.rope_inv_freq, d, theta, what="rope_inv_freq", section="The frequency spectrum")
+        d, theta = int(REF[f"freq.{case}.head_dim"]), float(REF[f"freq.{case}.theta"])
+        got = call(
+            ch.rope_inv_freq, d, theta, what="rope_inv_freq", reread=reread("2. The frequency spectrum")
+        )
         expect_close(
             got,
-            ref()[f"freq.{case}.inv_freq"],
+            REF[f"freq.{case}.inv_freq"],
             what="rope_inv_freq",
             inputs=f"head_dim={d}, theta={theta:g} ({case})",
             atol=0.0,
@@ -172,7 +155,7 @@ def test_inv_freq(course):
                     "These are wavelength-like numbers that grow; the *inverse* frequency is 1 / theta ** (2i/d).",
                 ),
             ],  # fmt: skip
-            reread=reread("The frequency spectrum"),
+            reread=reread("2. The frequency spectrum"),
         )
 
 
@@ -180,7 +163,7 @@ def test_cos_sin_short(course):
     """cos and sin tables"""
     ch = course.ch04
     for case in ("short", "batch"):
-        r = {k: ref()[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
+        r = {k: REF[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
         pos, inv = r["positions"], r["inv_freq"]
         got = call(
             ch.rope_cos_sin,
@@ -188,7 +171,7 @@ def test_cos_sin_short(course):
             inv.copy(),
             1.0,
             what="rope_cos_sin",
-            section="The cos and sin tables",
+            reread=reread("3. The cos and sin tables"),
         )
         got = pair(got)
         for name, got_table, index in (("cos", got[0], 0), ("sin", got[1], 1)):
@@ -216,7 +199,7 @@ def test_cos_sin_short(course):
                         "Return (cos, sin) in that order.",
                     ),
                 ],  # fmt: skip
-                reread=reread("The cos and sin tables"),
+                reread=reread("3. The cos and sin tables"),
             )
 
 
@@ -224,12 +207,17 @@ def test_cos_sin_long(course):
     """cos and sin at long positions (40K plain, 131K with YaRN)"""
     ch = course.ch04
     for case in ("long", "yarn_long"):
-        r = {k: ref()[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
+        r = {k: REF[f"cos_sin.{case}.{k}"] for k in ("positions", "inv_freq", "cos", "sin")}
         pos, inv = r["positions"], r["inv_freq"]
-        factor = float(ref()[f"cos_sin.{case}.attention_factor"])
+        factor = float(REF[f"cos_sin.{case}.attention_factor"])
         got = pair(
             call(
-                ch.rope_cos_sin, pos.copy(), inv.copy(), factor, what="rope_cos_sin", section="Float32 angles"
+                ch.rope_cos_sin,
+                pos.copy(),
+                inv.copy(),
+                factor,
+                what="rope_cos_sin",
+                reread=reread("7. Float32 angles"),
             )
         )
         for name, got_table, index in (("cos", got[0], 0), ("sin", got[1], 1)):
@@ -259,7 +247,7 @@ def test_cos_sin_long(course):
                         "The first token is position 0: use the positions as given.",
                     ),
                 ],  # fmt: skip
-                reread=reread("Float32 angles"),
+                reread=reread("7. Float32 angles"),
             )
 
 
@@ -272,7 +260,7 @@ def test_rotate_half(course):
     y = np.random.default_rng(404).standard_normal((2, 3, 5, 16)).astype(np.float32)
     cases.append((y, np.concatenate([-y[..., 8:], y[..., :8]], axis=-1), "x of shape [2, 3, 5, 16]"))
     for x_in, want, inputs in cases:
-        got = call(ch.rotate_half, x_in.copy(), what="rotate_half", section="Split-half pairing")
+        got = call(ch.rotate_half, x_in.copy(), what="rotate_half", reread=reread("4. Split-half pairing"))
         expect_close(
             got,
             want,
@@ -297,17 +285,17 @@ def test_rotate_half(course):
                     "A 90° turn of (a, b) is (-b, a): one of the halves changes sign.",
                 ),
             ],  # fmt: skip
-            reread=reread("Split-half pairing"),
+            reread=reread("4. Split-half pairing"),
         )
 
 
 def test_apply_rope(course):
     """RoPE on queries (4 heads) and keys (2 heads)"""
     ch = course.ch04
-    r = {k: ref()[f"rope.heads.{k}"] for k in ("q", "k", "cos", "sin", "q_embed", "k_embed")}
+    r = {k: REF[f"rope.heads.{k}"] for k in ("q", "k", "cos", "sin", "q_embed", "k_embed")}
     for name in ("q", "k"):
         x, cos, sin = r[name], r["cos"], r["sin"]
-        got = call(ch.apply_rope, x.copy(), cos.copy(), sin.copy(), what="apply_rope", section="Applying RoPE",
+        got = call(ch.apply_rope, x.copy(), cos.copy(), sin.copy(), what="apply_rope", reread=reread("5. Applying RoPE"),
                    hint="cos and sin are [B, T, d] while x is [B, heads, T, d]: give them a heads axis "
                         "(cos[:, None]) so one angle table serves every head.")  # fmt: skip
         expect_close(
@@ -334,7 +322,7 @@ def test_apply_rope(course):
                     "x·cos + rotate_half(x)·sin: the unrotated part goes with cos.",
                 ),
             ],  # fmt: skip
-            reread=reread("Applying RoPE"),
+            reread=reread("5. Applying RoPE"),
         )
 
 
@@ -342,14 +330,15 @@ def test_relative_position(course):
     """Scores depend only on the distance m − n"""
     ch = course.ch04
     # derived by hand: rotations compose, so R(m)q · R(n)k = q · R(n - m)k — only the distance matters
-    inv = ref()["freq.fixture.inv_freq"]
+    inv = REF["freq.fixture.inv_freq"]
     q, k = np.random.default_rng(406).standard_normal((2, 1, 1, 1, 32)).astype(np.float32)
+    section = reread("6. Only the distance matters")
 
     def score(m: int, n: int) -> float:
-        cq, sq = call(ch.rope_cos_sin, np.array([[m]]), inv.copy(), 1.0, what="rope_cos_sin", section="Only the distance matters")  # fmt: skip
-        ck, sk = call(ch.rope_cos_sin, np.array([[n]]), inv.copy(), 1.0, what="rope_cos_sin", section="Only the distance matters")  # fmt: skip
-        rq = call(ch.apply_rope, q, cq, sq, what="apply_rope", section="Only the distance matters")
-        rk = call(ch.apply_rope, k, ck, sk, what="apply_rope", section="Only the distance matters")
+        cq, sq = call(ch.rope_cos_sin, np.array([[m]]), inv.copy(), 1.0, what="rope_cos_sin", reread=section)
+        ck, sk = call(ch.rope_cos_sin, np.array([[n]]), inv.copy(), 1.0, what="rope_cos_sin", reread=section)
+        rq = call(ch.apply_rope, q, cq, sq, what="apply_rope", reread=section)
+        rk = call(ch.apply_rope, k, ck, sk, what="apply_rope", reread=section)
         return float(np.sum(np.asarray(rq, dtype=np.float64) * np.asarray(rk, dtype=np.float64)))
 
     pairs = [(7, 3), (57, 53), (507, 503)]
@@ -358,14 +347,14 @@ def test_relative_position(course):
     expect_close(
         np.array(scores), np.full(3, scores[0]), what="q·k at the same distance 4",
         inputs=f"(query, key) positions {pairs}", atol=1e-3,
-        reread=reread("Only the distance matters"),
+        reread=section,
     )  # fmt: skip
     expect(
         abs(score(7, 4) - scores[0]) > 1e-2,
         what="q·k at distances 4 and 3",
         problem="the score at distance 3 equals the one at distance 4: the positions have no effect — "
         "are the angles all zero, or is x returned unchanged?",
-        reread=reread("Only the distance matters"),
+        reread=section,
     )
 
 
@@ -373,13 +362,18 @@ def test_yarn_inv_freq(course):
     """YaRN frequencies (Qwen3-0.6B with factor 4, and two more settings)"""
     ch = course.ch04
     for case in ("fixture", "qwen3_0_6b", "custom"):
-        g = {k: ref()[f"yarn.{case}.{k}"] for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")}  # fmt: skip
+        g = {k: REF[f"yarn.{case}.{k}"] for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")}  # fmt: skip
         args = (int(g["head_dim"]), float(g["theta"]), float(g["factor"]), int(g["original"]),
                 float(g["beta_fast"]), float(g["beta_slow"]))  # fmt: skip
-        got = call(ch.yarn_inv_freq, *args, what="yarn_inv_freq", section="YaRN: stretch only the slow pairs")
+        got = call(
+            ch.yarn_inv_freq,
+            *args,
+            what="yarn_inv_freq",
+            reread=reread("9. YaRN: stretch only the slow pairs"),
+        )
         expect_close(
             got,
-            ref()[f"yarn.{case}.inv_freq"],
+            REF[f"yarn.{case}.inv_freq"],
             what="yarn_inv_freq",
             inputs=f"head_dim={args[0]}, theta={args[1]:g}, factor={args[2]:g}, original={args[3]}, "
             f"beta_fast={args[4]:g}, beta_slow={args[5]:g} ({case})",
@@ -403,19 +397,22 @@ def test_yarn_inv_freq(course):
                     "YaRN keeps the fast pairs unchanged: only pairs past the ramp are divided by factor.",
                 ),
             ],  # fmt: skip
-            reread=reread("YaRN: stretch only the slow pairs"),
+            reread=reread("9. YaRN: stretch only the slow pairs"),
         )
 
 
 def test_yarn_attention_factor(course):
     """YaRN's attention factor"""
     ch = course.ch04
-    cases = [(float(ref()[f"yarn.{c}.factor"]), float(ref()[f"yarn.{c}.attention_factor"])) for c in ("qwen3_0_6b", "custom")]  # fmt: skip
-    cases.append((1.0, float(ref()["yarn_factor_one.attention_factor"])))
+    cases = [(float(REF[f"yarn.{c}.factor"]), float(REF[f"yarn.{c}.attention_factor"])) for c in ("qwen3_0_6b", "custom")]  # fmt: skip
+    cases.append((1.0, float(REF["yarn_factor_one.attention_factor"])))
     cases.append((0.5, 1.0))  # derived by hand: transformers' get_mscale returns 1.0 whenever factor <= 1
     for factor, want in cases:
         got = call(
-            ch.yarn_attention_factor, factor, what="yarn_attention_factor", section="YaRN's attention factor"
+            ch.yarn_attention_factor,
+            factor,
+            what="yarn_attention_factor",
+            reread=reread("10. YaRN's attention factor"),
         )
         expect_close(
             np.asarray(got, dtype=np.float64) if got is not None else None,
@@ -436,7 +433,7 @@ def test_yarn_attention_factor(course):
                     "No stretching means no change: return 1.0 when factor <= 1.",
                 ),
             ],  # fmt: skip
-            reread=reread("YaRN's attention factor"),
+            reread=reread("10. YaRN's attention factor"),
         )
 
 
@@ -449,7 +446,7 @@ def test_real_model(course):
     # the model's angle tables now come from YOUR yarn_inv_freq and yarn_attention_factor, rotated by YOUR apply_rope
     model.inv_freq = np.asarray(
         call(ch.yarn_inv_freq, c.head_dim, c.rope_theta, s.factor, s.original_max_position_embeddings,
-             s.beta_fast, s.beta_slow, what="yarn_inv_freq", section="YaRN: stretch only the slow pairs"),
+             s.beta_fast, s.beta_slow, what="yarn_inv_freq", reread=reread("9. YaRN: stretch only the slow pairs")),
         dtype=np.float32,
     )  # fmt: skip
     model.attention_factor = float(
@@ -457,12 +454,12 @@ def test_real_model(course):
             ch.yarn_attention_factor,
             s.factor,
             what="yarn_attention_factor",
-            section="YaRN's attention factor",
+            reread=reread("10. YaRN's attention factor"),
         )
     )
     expect_logits(
         model,
         "dense-yarn",
         what="logits of the dense-yarn fixture with your RoPE/YaRN (and your chapter-3 RMSNorm)",
-        reread=reread("Checkpoint: RoPE in the real model"),
+        reread=reread("11. Checkpoint: RoPE in the real model"),
     )

@@ -22,44 +22,26 @@ import numpy as np
 
 from exercises.grading import (
     FIXTURES,
-    REFERENCES,
     GradeError,
     Mistake,
+    call,
     expect_close,
     expect_equal,
     expect_logits,
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 
 PROB_ATOL = 1e-6
 OUT_ATOL = 1e-5
 MIN = np.finfo(np.float32).min
+REF = reference_file("ch05_attention.npz")
 
 
-@functools.cache
-def ref() -> dict[str, np.ndarray]:
-    with np.load(REFERENCES / "ch05_attention.npz") as data:
-        return {k: data[k] for k in data.files}
-
-
-def reread(section: str) -> str:
-    return notebook(5, section)
-
-
-def call(fn, *args, what: str, section: str, hint: str = ""):
-    """Call a learner function; an exception other than NotImplementedError becomes a readable grade failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # a crash is a wrong answer: say which call and what it raised
-        raise GradeError(
-            f"{what}\n  your function raised {type(error).__name__}: {error}"
-            + (f"\n  {hint}" if hint else "")
-            + f"\n  re-read: {reread(section)}"
-        ) from None
+# reread("...") -> 'notebooks/05-attention.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 5)
 
 
 # ------------------------------------------------------------------ the classic wrong answers, computed honestly
@@ -121,13 +103,13 @@ def test_softmax(course):
     """Softmax along an axis"""
     ch = course.ch05
     for case in ("rows", "middle"):
-        x, axis = ref()[f"softmax.{case}.x"], int(ref()[f"softmax.{case}.axis"])
-        got = call(ch.softmax, x.copy(), axis, what="softmax", section="Softmax, and why we subtract the max",
+        x, axis = REF[f"softmax.{case}.x"], int(REF[f"softmax.{case}.axis"])
+        got = call(ch.softmax, x.copy(), axis, what="softmax", reread=reread("2. Softmax, and why we subtract the max"),
                    hint="Reduce with keepdims=True so the max and the sum broadcast back against x.")  # fmt: skip
         other = (axis + 1) % x.ndim
         expect_close(
             got,
-            ref()[f"softmax.{case}.out"],
+            REF[f"softmax.{case}.out"],
             what="softmax",
             inputs=f"x {list(x.shape)}, axis={axis}",
             atol=PROB_ATOL,
@@ -154,7 +136,7 @@ def test_softmax(course):
                     "Divide by the sum along the axis, so each slice sums to 1.",
                 ),
             ],  # fmt: skip
-            reread=reread("Softmax, and why we subtract the max"),
+            reread=reread("2. Softmax, and why we subtract the max"),
         )
 
 
@@ -165,16 +147,20 @@ def test_softmax_stable(course):
         ("large", "x = N(0, 2²) + 1000, shape [3, 7]"),
         ("masked", "x [3, 6] with entries set to float32 min; row 1 entirely"),
     ):
-        x = ref()[f"softmax.{case}.x"]
+        x = REF[f"softmax.{case}.x"]
         with np.errstate(
             all="ignore"
         ):  # the learner's overflow, if any, shows as NaN in the grade, not as a warning
             got = call(
-                ch.softmax, x.copy(), -1, what="softmax", section="Softmax, and why we subtract the max"
+                ch.softmax,
+                x.copy(),
+                -1,
+                what="softmax",
+                reread=reread("2. Softmax, and why we subtract the max"),
             )
         expect_close(
             got,
-            ref()[f"softmax.{case}.out"],
+            REF[f"softmax.{case}.out"],
             what="softmax",
             inputs=inputs,
             atol=PROB_ATOL,
@@ -187,7 +173,7 @@ def test_softmax_stable(course):
                     "in exact arithmetic.",
                 ),
             ],  # fmt: skip
-            reread=reread("Softmax, and why we subtract the max"),
+            reread=reread("2. Softmax, and why we subtract the max"),
         )
 
 
@@ -205,14 +191,14 @@ def mask_mistakes(n_q: int, n_k: int) -> list[Mistake]:
 def test_causal_mask(course):
     """Causal mask"""
     ch = course.ch05
-    got = call(ch.causal_mask, 4, 4, what="causal_mask", section="The causal mask")
+    got = call(ch.causal_mask, 4, 4, what="causal_mask", reread=reread("4. The causal mask"))
     expect_equal(
         np.asarray(got).astype(bool) if got is not None else None,
-        ref()["causal.4x4"],
+        REF["causal.4x4"],
         what="causal_mask",
         inputs="n_q=4, n_k=4",
         mistakes=mask_mistakes(4, 4),
-        reread=reread("The causal mask"),
+        reread=reread("4. The causal mask"),
     )
 
 
@@ -220,10 +206,10 @@ def test_causal_mask_cache(course):
     """Causal mask with a KV cache (queries are the last n_q of n_k)"""
     ch = course.ch05
     for n_q, n_k in ((1, 6), (3, 8)):
-        got = call(ch.causal_mask, n_q, n_k, what="causal_mask", section="The causal mask")
+        got = call(ch.causal_mask, n_q, n_k, what="causal_mask", reread=reread("4. The causal mask"))
         expect_equal(
             np.asarray(got).astype(bool) if got is not None else None,
-            ref()[f"causal.{n_q}x{n_k}"],
+            REF[f"causal.{n_q}x{n_k}"],
             what="causal_mask",
             inputs=f"n_q={n_q}, n_k={n_k} ({n_k - n_q} keys come from the cache)",
             mistakes=[
@@ -235,7 +221,7 @@ def test_causal_mask_cache(course):
                 ),
                 *mask_mistakes(n_q, n_k),
             ],  # fmt: skip
-            reread=reread("The causal mask"),
+            reread=reread("4. The causal mask"),
         )
 
 
@@ -271,26 +257,29 @@ def shape_hint(q, k, mask) -> str:
 
 
 def grade_attention(ch, case: str, inputs: str, section: str, extra: list[Mistake] = ()) -> None:
-    r = {n: ref()[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask", "out")}
+    r = {n: REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask", "out")}
     q, k, v, mask = r["q"], r["k"], r["v"], r["mask"]
     with np.errstate(all="ignore"):
-        got = call(ch.attention, q.copy(), k.copy(), v.copy(), mask.copy(), what="attention", section=section,
+        got = call(ch.attention, q.copy(), k.copy(), v.copy(), mask.copy(), what="attention", reread=section,
                    hint=shape_hint(q, k, mask))  # fmt: skip
     expect_close(
         got, r["out"], what="attention", inputs=inputs, atol=OUT_ATOL,
-        mistakes=[*extra, *attention_mistakes(q, k, v, mask)], reread=reread(section),
+        mistakes=[*extra, *attention_mistakes(q, k, v, mask)], reread=section,
     )  # fmt: skip
 
 
 def test_attention_one_head(course):
     """Scaled dot-product attention, one head"""
     grade_attention(
-        course.ch05, "one_head", "q, k, v [1, 1, 5, 16], causal mask 5x5", "Scaled dot products: why 1/√d"
+        course.ch05,
+        "one_head",
+        "q, k, v [1, 1, 5, 16], causal mask 5x5",
+        reread("3. Scaled dot products: why 1/√d"),
     )
 
 
 def gqa_mistake(case: str) -> Mistake:
-    r = {n: ref()[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask")}
+    r = {n: REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask")}
     hq, hkv = r["q"].shape[1], r["k"].shape[1]
     return Mistake(
         f"query heads grouped the wrong way (head h used kv head h % {hkv}, as np.tile makes it)",
@@ -303,15 +292,15 @@ def gqa_mistake(case: str) -> Mistake:
 def test_grouped_query_attention(course):
     """Grouped-query attention (4 query heads share 2 kv heads; Qwen3-0.6B's 16/8)"""
     ch = course.ch05
-    grade_attention(ch, "gqa", "q [2, 4, 6, 16], k and v [2, 2, 6, 16], causal mask", "Grouped-query attention",
+    grade_attention(ch, "gqa", "q [2, 4, 6, 16], k and v [2, 2, 6, 16], causal mask", reread("5. Grouped-query attention"),
                     [gqa_mistake("gqa")])  # fmt: skip
     grade_attention(ch, "qwen3_0_6b", "q [1, 16, 4, 128], k and v [1, 8, 4, 128] (Qwen3-0.6B's heads), causal mask",
-                    "Grouped-query attention", [gqa_mistake("qwen3_0_6b")])  # fmt: skip
+                    reread("5. Grouped-query attention"), [gqa_mistake("qwen3_0_6b")])  # fmt: skip
 
 
 def test_attention_cache(course):
     """Attention with a KV cache (3 new queries, 8 keys)"""
-    r = {n: ref()[f"attn.cache.{n}"] for n in ("q", "k", "v", "mask")}
+    r = {n: REF[f"attn.cache.{n}"] for n in ("q", "k", "v", "mask")}
     top_left = np.broadcast_to(mask_variant(3, 8, offset=False), (1, 3, 8))
     ignored = Mistake(
         "the `mask` argument was ignored and a causal mask built from the top-left corner",
@@ -319,12 +308,12 @@ def test_attention_cache(course):
         "Use the mask you are given: with a cache, the 3 queries are the *last* 3 of 8 positions.",
     )
     grade_attention(course.ch05, "cache", "q [1, 4, 3, 16], k and v [1, 2, 8, 16], mask = causal_mask(3, 8)",
-                    "The causal mask", [ignored])  # fmt: skip
+                    reread("4. The causal mask"), [ignored])  # fmt: skip
 
 
 def test_attention_padding(course):
     """Left padding: queries that may see no key stay finite"""
-    r = {n: ref()[f"attn.padding.{n}"] for n in ("q", "k", "v", "mask")}
+    r = {n: REF[f"attn.padding.{n}"] for n in ("q", "k", "v", "mask")}
     neg_inf = Mistake(
         "masked with -inf: a padding query that may see no key gets 0/0 = NaN",
         attention_variant(r["q"], r["k"], r["v"], r["mask"], fill=-np.inf),
@@ -334,7 +323,7 @@ def test_attention_padding(course):
     )
     grade_attention(course.ch05, "padding",
                     "q [2, 4, 6, 16], k and v [2, 2, 6, 16]; row 0 is left-padded by 2 (attention_mask [0,0,1,1,1,1])",
-                    "Padding masks", [neg_inf])  # fmt: skip
+                    reread("6. Padding masks"), [neg_inf])  # fmt: skip
 
 
 def test_real_model(course):
@@ -350,7 +339,7 @@ def test_real_model(course):
         model,
         "dense-tied",
         what="logits of the dense-tied fixture with your attention (and your chapters 3-4 kernels)",
-        reread=reread("Checkpoint: your attention in the real model"),
+        reread=reread("9. Checkpoint: your attention in the real model"),
         mistakes=[
             Mistake(
                 "query heads grouped the wrong way (head h used kv head h % Hkv)",
@@ -389,12 +378,12 @@ def test_real_model_batch(course):
     except TinyQwenError as error:  # tinyqwen refuses to pick a token from NaN logits
         cause = f"\n  likely cause: {NAN_SPREAD}" if "nan" in str(error).lower() else ""
         raise GradeError(
-            f"{what}\n  generation stopped: {error}{cause}\n  re-read: {reread('Padding masks')}"
+            f"{what}\n  generation stopped: {error}{cause}\n  re-read: {reread('6. Padding masks')}"
         ) from None
     expect_equal(
         got,
         expected["batch"]["new_tokens"],
         what=what,
         inputs="transformers' model.generate(..., do_sample=False) on the same left-padded batch",
-        reread=reread("Padding masks"),
+        reread=reread("6. Padding masks"),
     )

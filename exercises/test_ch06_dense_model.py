@@ -11,12 +11,14 @@ four norms) and for logits (grading.LOGITS_ATOL). Every classic mistake below mo
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from exercises.grading import (
     REFERENCES,
-    GradeError,
     Mistake,
+    call,
     expect,
     expect_close,
     expect_equal,
@@ -24,35 +26,24 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 from tinyqwen.config import load_config
 from tinyqwen.safetensors import Checkpoint
 
-R = np.load(REFERENCES / "ch06_dense_model.npz")
+REF = reference_file("ch06_dense_model.npz")
 FIXTURES = REFERENCES.parent.parent / "tests" / "fixtures"
-SILU = notebook(6, "1.1 SiLU, a smooth switch")
-LINEAR = notebook(6, "1.3 `linear`, and the `[out, in]` layout")
-SWIGLU = notebook(6, "1.2 Gate × up: the GLU")
-BLOCK = notebook(6, "2. The decoder block")
-TIED = notebook(6, "3.1 Tied embeddings: one array, not two")
-MODEL = notebook(6, "3. The whole model")
-PARAMS = notebook(6, "4. How big is it? Parameters and memory")
-FINAL = notebook(6, "6. Checkpoint: our dense model against transformers")
-LAYER_KEYS = [k.removeprefix("decoder.w.") for k in R.files if k.startswith("decoder.w.")]
-
-
-def _call(what: str, fn, *args, hint: str = "", reread: str | None = None):
-    """Run one of your functions; an exception (other than NotImplementedError) becomes a readable failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # e.g. a NumPy shape error deep inside: one line, plus what usually causes it
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        lines = [what, f"your function raised {type(error).__name__}: {text}"]
-        lines += [hint] if hint else []
-        lines += [f"re-read: {reread}"] if reread else []
-        raise GradeError("\n  ".join(lines)) from None
+# reread("...") -> 'notebooks/06-dense-model.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 6)
+SILU = reread("1.1 SiLU, a smooth switch")
+LINEAR = reread("1.3 `linear`, and the `[out, in]` layout")
+SWIGLU = reread("1.2 Gate × up: the GLU")
+BLOCK = reread("2. The decoder block")
+TIED = reread("3.1 Tied embeddings: one array, not two")
+MODEL = reread("3. The whole model")
+PARAMS = reread("4. How big is it? Parameters and memory")
+FINAL = reread("6. Checkpoint: our dense model against transformers")
+LAYER_KEYS = [k.removeprefix("decoder.w.") for k in REF if k.startswith("decoder.w.")]
 
 
 def _fixture_weights(fixture: str) -> dict[str, np.ndarray]:
@@ -67,8 +58,8 @@ def _layer(weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
 
 
 def _decoder_inputs() -> tuple:
-    w = {k: R["decoder.w." + k].copy() for k in LAYER_KEYS}
-    return R["decoder.x"].copy(), w, R["decoder.cos"], R["decoder.sin"], R["decoder.mask"]
+    w = {k: REF["decoder.w." + k].copy() for k in LAYER_KEYS}
+    return REF["decoder.x"].copy(), w, REF["decoder.cos"], REF["decoder.sin"], REF["decoder.mask"]
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU
@@ -76,15 +67,15 @@ def _decoder_inputs() -> tuple:
 
 def test_silu(course):
     """SiLU, also at ±1000"""
-    z = R["silu.z"]
-    got = _call("silu", course.ch06.silu, z.copy(), reread=SILU)
+    z = REF["silu.z"]
+    got = call(course.ch06.silu, z.copy(), reread=SILU, what="silu")
     expect_close(
-        got, R["silu.out"], what="silu(z) against torch.nn.functional.silu", atol=1e-6, rtol=1e-6, reread=SILU,
+        got, REF["silu.out"], what="silu(z) against torch.nn.functional.silu", atol=1e-6, rtol=1e-6, reread=SILU,
         inputs="z: 49 values from -12 to 12, then -1000, -100, 100, 1000",
         mistakes=[
-            Mistake("you computed sigmoid(z), the switch alone", R["silu.sigmoid"],
+            Mistake("you computed sigmoid(z), the switch alone", REF["silu.sigmoid"],
                     "SiLU multiplies z by its own sigmoid: z * sigmoid(z) = z / (1 + exp(-z))."),
-            Mistake("you computed GELU (GPT-2's activation)", R["silu.gelu"],
+            Mistake("you computed GELU (GPT-2's activation)", REF["silu.gelu"],
                     "Qwen3's config says hidden_act = 'silu': z / (1 + exp(-z))."),
             Mistake("you computed relu(z)", np.maximum(z, 0), "SiLU is smooth: z / (1 + exp(-z))."),
         ],
@@ -94,46 +85,62 @@ def test_silu(course):
 def test_linear(course):
     """linear: x · wᵀ, the weight in the [out, in] layout"""
     hint = "the weight is stored [out, in] = [5, 6] and x is [..., 6]: compute x @ w.T, not x @ w"
-    got = _call("linear(x [2, 3, 6], w [5, 6])", course.ch06.linear, R["linear.x"], R["linear.w"], hint=hint,
-                reread=LINEAR)  # fmt: skip
-    expect_close(got, R["linear.out"], what="linear against torch.nn.functional.linear", atol=1e-5, reread=LINEAR,
+    got = call(
+        course.ch06.linear,
+        REF["linear.x"],
+        REF["linear.w"],
+        hint=hint,
+        reread=LINEAR,
+        what="linear(x [2, 3, 6], w [5, 6])",
+    )
+    expect_close(got, REF["linear.out"], what="linear against torch.nn.functional.linear", atol=1e-5, reread=LINEAR,
                  inputs="x [2, 3, 6], w [5, 6] (out 5, in 6)")  # fmt: skip
-    got = _call(
-        "linear(x [4, 6], w [6, 6])", course.ch06.linear, R["linear_sq.x"], R["linear_sq.w"], reread=LINEAR
+    got = call(
+        course.ch06.linear,
+        REF["linear_sq.x"],
+        REF["linear_sq.w"],
+        reread=LINEAR,
+        what="linear(x [4, 6], w [6, 6])",
     )
     expect_close(
-        got, R["linear_sq.out"], what="linear with a square weight", atol=1e-5, reread=LINEAR,
+        got, REF["linear_sq.out"], what="linear with a square weight", atol=1e-5, reread=LINEAR,
         inputs="x [4, 6], w [6, 6] (square, so a missing transpose does not fail on shapes)",
-        mistakes=[Mistake("x @ w: the weight was used without transposing it", R["linear_sq.no_transpose"],
+        mistakes=[Mistake("x @ w: the weight was used without transposing it", REF["linear_sq.no_transpose"],
                           "Checkpoints store each weight as [out, in] (row j = output channel j): y = x @ w.T.")],
     )  # fmt: skip
 
 
 def _swiglu_mistakes(index) -> list[Mistake]:
     return [
-        Mistake("SiLU applied to the up projection instead of the gate", R["swiglu.silu_on_up"][index],
+        Mistake("SiLU applied to the up projection instead of the gate", REF["swiglu.silu_on_up"][index],
                 "It is silu(x @ w_gate.T) * (x @ w_up.T): the gate goes through SiLU, up does not."),
-        Mistake("sigmoid instead of SiLU on the gate", R["swiglu.sigmoid_gate"][index],
+        Mistake("sigmoid instead of SiLU on the gate", REF["swiglu.sigmoid_gate"][index],
                 "The gate's activation is silu(g) = g * sigmoid(g), not sigmoid(g) alone."),
     ]  # fmt: skip
 
 
 def test_swiglu_one_token(course):
     """SwiGLU on one token"""
-    x = R["swiglu.x"][0, 0]
-    ws = (R["swiglu.w_gate"], R["swiglu.w_up"], R["swiglu.w_down"])
-    got = _call("swiglu on one token", course.ch06.swiglu, x.copy(), *ws, reread=SWIGLU)
-    expect_close(got, R["swiglu.out"][0, 0], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
+    x = REF["swiglu.x"][0, 0]
+    ws = (REF["swiglu.w_gate"], REF["swiglu.w_up"], REF["swiglu.w_down"])
+    got = call(course.ch06.swiglu, x.copy(), *ws, reread=SWIGLU, what="swiglu on one token")
+    expect_close(got, REF["swiglu.out"][0, 0], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
                  inputs="x [16], w_gate [40, 16], w_up [40, 16], w_down [16, 40]",
                  mistakes=_swiglu_mistakes((0, 0)), reread=SWIGLU)  # fmt: skip
 
 
 def test_swiglu_batch(course):
     """SwiGLU on a batch [2, 4, 16]"""
-    ws = (R["swiglu.w_gate"], R["swiglu.w_up"], R["swiglu.w_down"])
-    got = _call("swiglu on x [2, 4, 16]", course.ch06.swiglu, R["swiglu.x"].copy(), *ws, reread=SWIGLU,
-                hint="every leading axis is a batch axis: `x @ w.T` works for [..., d] as it is")  # fmt: skip
-    expect_close(got, R["swiglu.out"], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
+    ws = (REF["swiglu.w_gate"], REF["swiglu.w_up"], REF["swiglu.w_down"])
+    got = call(
+        course.ch06.swiglu,
+        REF["swiglu.x"].copy(),
+        *ws,
+        reread=SWIGLU,
+        hint="every leading axis is a batch axis: `x @ w.T` works for [..., d] as it is",
+        what="swiglu on x [2, 4, 16]",
+    )
+    expect_close(got, REF["swiglu.out"], what="swiglu(x) against transformers' Qwen3MLP", atol=1e-5,
                  inputs="x [2, 4, 16] (batch, time, hidden), MLP width 40", mistakes=_swiglu_mistakes(...),
                  reread=SWIGLU)  # fmt: skip
 
@@ -145,25 +152,25 @@ def test_decoder_layer(course):
     """One decoder layer against transformers' Qwen3DecoderLayer"""
     x, w, cos, sin, mask = _decoder_inputs()
     x_before = x.copy()
-    got = _call("decoder_layer", course.ch06.decoder_layer, x, w, cos, sin, mask, 16, 1e-6, reread=BLOCK)
+    got = call(course.ch06.decoder_layer, x, w, cos, sin, mask, 16, 1e-6, reread=BLOCK, what="decoder_layer")
     expect(np.array_equal(x, x_before), what="decoder_layer", reread=BLOCK,
            problem="your decoder_layer changed its input x in place (x += … or x[...] = …): the caller's "
                    "residual stream is not yours to modify; write h = x + … instead")  # fmt: skip
     expect_close(
-        got, R["decoder.out"], what="decoder_layer against transformers' Qwen3DecoderLayer", atol=1e-4, reread=BLOCK,
+        got, REF["decoder.out"], what="decoder_layer against transformers' Qwen3DecoderLayer", atol=1e-4, reread=BLOCK,
         inputs="x [2, 6, 48], 4 query / 2 kv heads of head_dim 16, MLP width 96, causal mask; row 1 at positions 4..9",
         mistakes=[
-            Mistake("post-norm wiring: out = norm(x + sublayer(x))", R["decoder.post_norm"],
+            Mistake("post-norm wiring: out = norm(x + sublayer(x))", REF["decoder.post_norm"],
                     "Qwen3 is pre-norm: normalise a copy going INTO each sublayer, and add its output to the "
                     "un-normalised x: h = x + attn(norm1(x)); out = h + mlp(norm2(h))."),
             Mistake("the attention residual is missing (h = attn(norm1(x)) instead of x + attn(norm1(x)))",
-                    R["decoder.no_attn_residual"], "Add the attention output to x."),
+                    REF["decoder.no_attn_residual"], "Add the attention output to x."),
             Mistake("the MLP residual is missing (out = mlp(norm2(h)) instead of h + mlp(norm2(h)))",
-                    R["decoder.no_mlp_residual"], "Add the MLP output to h."),
+                    REF["decoder.no_mlp_residual"], "Add the MLP output to h."),
             Mistake("x itself was normalised before the residual (x = norm(x); x = x + attn(x))",
-                    R["decoder.norm_in_residual"],
+                    REF["decoder.norm_in_residual"],
                     "Keep the residual stream un-normalised: h = x + attn(norm1(x)) — norm1(x) is a new array."),
-            Mistake("the two norms are swapped", R["decoder.swapped_norms"],
+            Mistake("the two norms are swapped", REF["decoder.swapped_norms"],
                     "input_layernorm goes before attention, post_attention_layernorm before the MLP."),
         ],
     )  # fmt: skip
@@ -179,8 +186,18 @@ def test_fixture_layer(course):
     angles = np.arange(T, dtype=np.float32)[:, None] * ref["inv_freq"][None, :]
     angles = np.broadcast_to(np.concatenate([angles, angles], axis=-1), (B, T, 2 * ref["inv_freq"].size))
     mask = np.broadcast_to(np.tril(np.ones((T, T), dtype=bool)), (B, T, T))
-    got = _call("decoder_layer on the fixture's layer 0", course.ch06.decoder_layer, x.copy(), _layer(weights, 0),
-                np.cos(angles), np.sin(angles), mask, 32, 1e-6, reread=BLOCK)  # fmt: skip
+    got = call(
+        course.ch06.decoder_layer,
+        x.copy(),
+        _layer(weights, 0),
+        np.cos(angles),
+        np.sin(angles),
+        mask,
+        32,
+        1e-6,
+        reread=BLOCK,
+        what="decoder_layer on the fixture's layer 0",
+    )
     expect_close(got, ref["hidden_states"][1], what="layer 0 output against transformers (fixture dense-tied)",
                  atol=1e-4, reread=BLOCK,
                  inputs="x [2, 12, 64] = the embedding output, hidden 64, 4 query / 2 kv heads, head_dim 32 (≠ 64/4)")  # fmt: skip
@@ -193,8 +210,13 @@ def test_tied_head(course):
     """Tied embeddings: the head is the embedding array itself"""
     weights = _fixture_weights("dense-tied")
     embed = weights["model.embed_tokens.weight"]
-    head = _call("lm_head_weight(weights, tie_word_embeddings=True)", course.ch06.lm_head_weight, weights, True,
-                 reread=TIED)  # fmt: skip
+    head = call(
+        course.ch06.lm_head_weight,
+        weights,
+        True,
+        reread=TIED,
+        what="lm_head_weight(weights, tie_word_embeddings=True)",
+    )
     expect_close(head, embed, what="the tied head's values", atol=0.0, reread=TIED,
                  inputs="fixture dense-tied (no lm_head.weight in the file)")  # fmt: skip
     expect(
@@ -205,8 +227,13 @@ def test_tied_head(course):
                 "the embedding as soon as the weights change (fine-tuning).",
     )  # fmt: skip
     untied = _fixture_weights("dense-untied-bf16-sharded")
-    head = _call("lm_head_weight(weights, tie_word_embeddings=False)", course.ch06.lm_head_weight, untied, False,
-                 reread=TIED)  # fmt: skip
+    head = call(
+        course.ch06.lm_head_weight,
+        untied,
+        False,
+        reread=TIED,
+        what="lm_head_weight(weights, tie_word_embeddings=False)",
+    )
     expect_close(
         head, untied["lm_head.weight"], what="the untied head", atol=0.0, reread=TIED,
         inputs="fixture dense-untied-bf16-sharded (its file has an lm_head.weight)",
@@ -219,8 +246,8 @@ def test_count_parameters(course):
     """Parameter counts of Qwen3-0.6B, 4B and 8B"""
     for name in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B"):
         c = load_config(FIXTURES / "configs" / f"{name}.json")
-        want = int(R[f"params.{name}"])
-        got = _call(f"count_parameters({name})", course.ch06.count_parameters, c, reread=PARAMS)
+        want = int(REF[f"params.{name}"])
+        got = call(course.ch06.count_parameters, c, reread=PARAMS, what=f"count_parameters({name})")
         VH, L, H = c.vocab_size * c.hidden_size, c.num_hidden_layers, c.hidden_size
         norms = 2 * c.head_dim * L + 2 * H * L + H
         mistakes = [
@@ -245,15 +272,21 @@ def _forward(course, fixture: str):
     weights = _fixture_weights(fixture)
     ref = reference(fixture)
     config = load_config(FIXTURES / fixture)
-    return _call(f"forward on fixture {fixture}", course.ch06.forward, ref["input_ids"].copy(), weights, config,
-                 reread=MODEL)  # fmt: skip
+    return call(
+        course.ch06.forward,
+        ref["input_ids"].copy(),
+        weights,
+        config,
+        reread=MODEL,
+        what=f"forward on fixture {fixture}",
+    )
 
 
 def test_forward_tied(course):
     """The whole model: logits of the tied fixture"""
     expect_logits(
         _forward(course, "dense-tied"), "dense-tied", what="forward: logits against transformers", reread=MODEL,
-        mistakes=[Mistake("the final RMSNorm (model.norm) is missing", R["forward.dense-tied.no_final_norm"],
+        mistakes=[Mistake("the final RMSNorm (model.norm) is missing", REF["forward.dense-tied.no_final_norm"],
                           "After the last layer: logits = rms_norm(x, model.norm.weight) @ head.T.")],
     )  # fmt: skip
 
@@ -264,8 +297,8 @@ def test_forward_untied(course):
     expect_logits(
         _forward(course, fixture), fixture, what="forward: logits against transformers", reread=MODEL,
         mistakes=[
-            Mistake("the final RMSNorm (model.norm) is missing", R[f"forward.{fixture}.no_final_norm"]),
-            Mistake("the embedding was used as the head", R[f"forward.{fixture}.embed_as_head"],
+            Mistake("the final RMSNorm (model.norm) is missing", REF[f"forward.{fixture}.no_final_norm"]),
+            Mistake("the embedding was used as the head", REF[f"forward.{fixture}.embed_as_head"],
                     "This model is untied (tie_word_embeddings false): its head is 'lm_head.weight'."),
         ],
     )  # fmt: skip

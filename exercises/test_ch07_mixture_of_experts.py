@@ -13,41 +13,32 @@ Tolerances: 1e-6 on routing weights (≤ 1), 1e-5 on block outputs and router lo
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from exercises.grading import (
     LOGITS_ATOL,
-    REFERENCES,
     GradeError,
     Mistake,
+    call,
     expect_close,
     expect_equal,
     expect_logits,
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 
-R = np.load(REFERENCES / "ch07_mixture_of_experts.npz")
-ROUTER = notebook(7, "2.1 Softmax first, then top-k")
-BLOCK = notebook(7, "3. The sparse block")
-LAYERS = notebook(7, "4. Which layers have experts?")
-LOSS = notebook(7, "5. The load-balancing loss")
-FINAL = notebook(7, "7. Checkpoint: our mixture of experts against transformers")
-
-
-def _call(what: str, fn, *args, hint: str = "", reread: str | None = None):
-    """Run one of your functions; an exception (other than NotImplementedError) becomes a readable failure."""
-    try:
-        return fn(*args)
-    except NotImplementedError:
-        raise
-    except Exception as error:  # e.g. a NumPy shape error deep inside: one line, plus what usually causes it
-        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        lines = [what, f"your function raised {type(error).__name__}: {text}"]
-        lines += [hint] if hint else []
-        lines += [f"re-read: {reread}"] if reread else []
-        raise GradeError("\n  ".join(lines)) from None
+REF = reference_file("ch07_mixture_of_experts.npz")
+# reread("...") -> 'notebooks/07-mixture-of-experts.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 7)
+ROUTER = reread("2.1 Softmax first, then top-k")
+BLOCK = reread("3. The sparse block")
+LAYERS = reread("4. Which layers have experts?")
+LOSS = reread("5. The load-balancing loss")
+FINAL = reread("7. Checkpoint: our mixture of experts against transformers")
 
 
 def _fail(what: str, problem: str, reread: str) -> None:
@@ -86,19 +77,19 @@ def _dense_routing(got, N: int, E: int, k: int, what: str) -> np.ndarray:
 
 def _grade_route(course, case: str, mistakes: list[Mistake]) -> None:
     p = f"route.{case}."
-    logits, k, norm = R[p + "logits"], int(R[p + "top_k"]), bool(R[p + "norm"])
+    logits, k, norm = REF[p + "logits"], int(REF[p + "top_k"]), bool(REF[p + "norm"])
     N, E = logits.shape
     what = (
         f"route(logits [{N}, {E}], top_k={k}, norm_topk_prob={norm}) against transformers' Qwen3MoeTopKRouter"
     )
-    got = _call(what, course.ch07.route, logits.copy(), k, norm, reread=ROUTER)
-    expect_close(_dense_routing(got, N, E, k, what), R[p + "dense"], what=what + " (as an [N, E] weight matrix)",
+    got = call(course.ch07.route, logits.copy(), k, norm, reread=ROUTER, what=what)
+    expect_close(_dense_routing(got, N, E, k, what), REF[p + "dense"], what=what + " (as an [N, E] weight matrix)",
                  atol=1e-6, mistakes=mistakes, reread=ROUTER,
                  inputs=f"router logits [{N}, {E}] of {N} tokens, {E} experts")  # fmt: skip
 
 
 def _raw(case: str) -> Mistake:
-    return Mistake("the weights are raw router logits, not probabilities", R[f"route.{case}.raw_logits"],
+    return Mistake("the weights are raw router logits, not probabilities", REF[f"route.{case}.raw_logits"],
                    "Take the softmax over all E experts first, then pick the top k.")  # fmt: skip
 
 
@@ -109,7 +100,7 @@ def test_route(course):
     """Routing: softmax over all experts, then top-k"""
     _grade_route(course, "k2", [
         Mistake("the weights sum to 1 although norm_topk_prob is False: they were renormalised, or the softmax was "
-                "taken over the k chosen logits only (the same thing)", R["route.k2.renormalised"],
+                "taken over the k chosen logits only (the same thing)", REF["route.k2.renormalised"],
                 "Without norm_topk_prob the weights are the plain probabilities of a softmax over ALL experts."),
         _raw("k2"),
     ])  # fmt: skip
@@ -118,7 +109,7 @@ def test_route(course):
 def test_route_renormalised(course):
     """Routing with norm_topk_prob: the k weights sum to 1"""
     _grade_route(course, "k2_norm", [
-        Mistake("the top-k weights were not renormalised", R["route.k2_norm.not_renormalised"],
+        Mistake("the top-k weights were not renormalised", REF["route.k2_norm.not_renormalised"],
                 "With norm_topk_prob, divide each token's k weights by their sum."),
         _raw("k2_norm"),
     ])  # fmt: skip
@@ -128,11 +119,11 @@ def test_route_other_k(course):
     """Routing with top_k = 1 and top_k = 3"""
     _grade_route(course, "k1", [
         Mistake("the weight was renormalised although norm_topk_prob is False (top-1: every weight became 1)",
-                R["route.k1.renormalised"], "Keep the plain probability when norm_topk_prob is False."),
+                REF["route.k1.renormalised"], "Keep the plain probability when norm_topk_prob is False."),
         _raw("k1"),
     ])  # fmt: skip
     _grade_route(course, "k3_norm", [
-        Mistake("the top-k weights were not renormalised", R["route.k3_norm.not_renormalised"]), _raw("k3_norm"),
+        Mistake("the top-k weights were not renormalised", REF["route.k3_norm.not_renormalised"]), _raw("k3_norm"),
     ])  # fmt: skip
 
 
@@ -141,16 +132,16 @@ def test_route_other_k(course):
 
 def _grade_block(course, case: str, mistakes: list[Mistake]) -> None:
     p = f"moe.{case}."
-    args = [R[p + key].copy() for key in ("x", "w_router", "w_gate", "w_up", "w_down")]
-    k, norm = int(R[p + "top_k"]), bool(R[p + "norm"])
+    args = [REF[p + key].copy() for key in ("x", "w_router", "w_gate", "w_up", "w_down")]
+    k, norm = int(REF[p + "top_k"]), bool(REF[p + "norm"])
     what = f"moe_block(top_k={k}, norm_topk_prob={norm}) against transformers' Qwen3MoeSparseMoeBlock"
     inputs = "x [10, 24], 6 experts of width 20, w_gate/w_up [6, 20, 24], w_down [6, 24, 20]"
-    out, logits = _pair(_call(what, course.ch07.moe_block, *args, k, norm, reread=BLOCK), what, 2, BLOCK)
-    want_logits = R[p + "router_logits"]
+    out, logits = _pair(call(course.ch07.moe_block, *args, k, norm, reread=BLOCK, what=what), what, 2, BLOCK)
+    want_logits = REF[p + "router_logits"]
     expect_close(logits, want_logits, what=what + ": the router logits (second output)", atol=1e-5, reread=BLOCK,
                  inputs=inputs, mistakes=[Mistake("you returned the router probabilities instead of its logits",
                                                   lambda: _softmax(want_logits), "Return x @ w_router.T itself.")])  # fmt: skip
-    expect_close(out, R[p + "out"], what=what + ": the output", atol=1e-5, reread=BLOCK, inputs=inputs,
+    expect_close(out, REF[p + "out"], what=what + ": the output", atol=1e-5, reread=BLOCK, inputs=inputs,
                  mistakes=mistakes)  # fmt: skip
 
 
@@ -162,7 +153,7 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 def test_moe_block(course):
     """The sparse block against transformers (norm_topk_prob = True)"""
     _grade_block(course, "norm", [
-        Mistake("the top-k weights were not renormalised", R["moe.norm.not_renormalised"],
+        Mistake("the top-k weights were not renormalised", REF["moe.norm.not_renormalised"],
                 "norm_topk_prob is True: divide each token's k weights by their sum."),
     ])  # fmt: skip
 
@@ -171,7 +162,7 @@ def test_moe_block_plain(course):
     """The sparse block with norm_topk_prob = False"""
     _grade_block(course, "plain", [
         Mistake("the top-k weights were renormalised although norm_topk_prob is False (or the softmax was taken over "
-                "the k chosen logits only)", R["moe.plain.renormalised"],
+                "the k chosen logits only)", REF["moe.plain.renormalised"],
                 "Keep the plain softmax probabilities over all experts."),
     ])  # fmt: skip
 
@@ -181,15 +172,17 @@ def test_moe_block_plain(course):
 
 def test_is_moe_layer(course):
     """Which layers have experts: decoder_sparse_step and mlp_only_layers"""
-    names = ["fixture"] + sorted({k.split(".")[1] for k in R.files if k.startswith("layers.")} - {"fixture"})
+    names = ["fixture"] + sorted({k.split(".")[1] for k in REF if k.startswith("layers.")} - {"fixture"})
     for name in names:
         p = f"layers.{name}."
-        L, E, step = (int(R[p + key]) for key in ("num_layers", "num_experts", "decoder_sparse_step"))
-        only = [int(i) for i in R[p + "mlp_only_layers"]]
+        L, E, step = (int(REF[p + key]) for key in ("num_layers", "num_experts", "decoder_sparse_step"))
+        only = [int(i) for i in REF[p + "mlp_only_layers"]]
         what = "is_moe_layer for every layer of a config against transformers' Qwen3MoeDecoderLayer"
-        got = [_call(what, course.ch07.is_moe_layer, i, E, step, list(only), reread=LAYERS) for i in range(L)]
+        got = [
+            call(course.ch07.is_moe_layer, i, E, step, list(only), reread=LAYERS, what=what) for i in range(L)
+        ]
         got = [bool(g) if isinstance(g, (bool, np.bool_)) else g for g in got]
-        want = R[p + "is_moe"].tolist()
+        want = REF[p + "is_moe"].tolist()
         expect_equal(
             got, want, what=what, reread=LAYERS,
             inputs=f"{L} layers, num_experts={E}, decoder_sparse_step={step}, mlp_only_layers={only}",
@@ -210,19 +203,21 @@ def test_is_moe_layer(course):
 
 def _grade_loss(course, case: str) -> None:
     p = f"lbl.{case}."
-    logits, E, k = R[p + "logits"], int(R[p + "num_experts"]), int(R[p + "top_k"])
+    logits, E, k = REF[p + "logits"], int(REF[p + "num_experts"]), int(REF[p + "top_k"])
     what = f"load_balancing_loss ({case} router) against transformers' load_balancing_loss_func"
-    got = _call(what, course.ch07.load_balancing_loss, [layer.copy() for layer in logits], E, k, reread=LOSS)
+    got = call(
+        course.ch07.load_balancing_loss, [layer.copy() for layer in logits], E, k, reread=LOSS, what=what
+    )
     expect_close(
-        got, R[p + "loss"], what=what, atol=1e-5, rtol=1e-6, reread=LOSS,
+        got, REF[p + "loss"], what=what, atol=1e-5, rtol=1e-6, reread=LOSS,
         inputs=f"{len(logits)} layer(s) of router logits [{logits.shape[1]}, {E}], top_k={k}",
         mistakes=[
-            Mistake(f"f_e was normalised to sum to 1 (divided by top_k = {k})", R[p + "loss_over_k"],
+            Mistake(f"f_e was normalised to sum to 1 (divided by top_k = {k})", REF[p + "loss_over_k"],
                     "f_e is the share of rows whose top-k include e: it sums to top_k, and even routing scores top_k."),
-            Mistake("the factor num_experts is missing", R[p + "no_num_experts"], "The loss is E · Σ_e f_e · P_e."),
-            Mistake("P_e was averaged over the chosen (top-k) probabilities only", R[p + "p_of_topk_only"],
+            Mistake("the factor num_experts is missing", REF[p + "no_num_experts"], "The loss is E · Σ_e f_e · P_e."),
+            Mistake("P_e was averaged over the chosen (top-k) probabilities only", REF[p + "p_of_topk_only"],
                     "P_e is the mean of the full softmax probability of e over all rows, chosen or not."),
-            Mistake("each layer's loss was computed separately and averaged", R[p + "per_layer_mean"],
+            Mistake("each layer's loss was computed separately and averaged", REF[p + "per_layer_mean"],
                     "Pool all layers' rows first (as transformers does), then compute f and P once."),
         ],
     )  # fmt: skip
@@ -242,8 +237,14 @@ def test_load_balancing_loss_layers(course):
         ref = reference(fixture)
         E, k = ref["router_logits"].shape[-1], 2
         what = f"load_balancing_loss on the router logits of fixture {fixture} against transformers' aux_loss"
-        got = _call(what, course.ch07.load_balancing_loss, [r.copy() for r in ref["router_logits"]], E, k,
-                    reread=LOSS)  # fmt: skip
+        got = call(
+            course.ch07.load_balancing_loss,
+            [r.copy() for r in ref["router_logits"]],
+            E,
+            k,
+            reread=LOSS,
+            what=what,
+        )
         expect_close(got, ref["aux_loss"], what=what, atol=1e-5, rtol=1e-6, reread=LOSS,
                      inputs=f"{len(ref['router_logits'])} MoE layers × {ref['router_logits'].shape[1]} tokens, E={E}, top_k={k}")  # fmt: skip
 
@@ -259,5 +260,10 @@ def test_real_model(course):
         expect_logits(model, fixture, what=what, reread=FINAL)
         ref = reference(fixture)
         _, router = model(ref["input_ids"], return_router_logits=True)
-        expect_close(np.stack([np.asarray(r) for r in router]), ref["router_logits"], atol=LOGITS_ATOL, reread=FINAL,
-                     what=f"{what}: the router logits of its MoE layers {ref['moe_layer_indices'].tolist()}")  # fmt: skip
+        expect_close(
+            np.stack([np.asarray(r) for r in router]),
+            ref["router_logits"],
+            atol=LOGITS_ATOL,
+            reread=FINAL,
+            what=f"{what}: the router logits of its MoE layers {ref['moe_layer_indices'].tolist()}",
+        )

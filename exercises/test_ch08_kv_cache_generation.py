@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exercises import grading
 from exercises.grading import (
     FIXTURES,
     LOGITS_ATOL,
-    REFERENCES,
     GradeError,
     Mistake,
     expect,
@@ -30,6 +30,7 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference,
+    reference_file,
 )
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.model import load_model
@@ -37,36 +38,20 @@ from tinyqwen.model import load_model
 REMOVED = -1e9  # a filtered logit is -inf; anything at or below this also counts as removed
 
 
-def reread(section: str) -> str:
-    return notebook(8, section)
+# reread("...") -> 'notebooks/08-kv-cache-generation.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 8)
 
-
-@functools.cache
-def sampling_reference() -> dict[str, np.ndarray]:
-    with np.load(REFERENCES / "ch08_kv_cache_generation.npz") as data:
-        return {k: data[k] for k in data.files}
+# every call of your code: a crash becomes a failure message; an overflowing cache gets its usual cause
+call = functools.partial(grading.call, hints={"cache is full": (
+    "the cache overflowed: once the prompt is in the cache, feed only the NEW token each step (not the whole text "
+    "again)"
+)})  # fmt: skip
+REF = reference_file("ch08_kv_cache_generation.npz")
 
 
 @functools.cache
 def generations(fixture: str) -> dict:
     return json.loads((FIXTURES / fixture / "generate.json").read_text())
-
-
-def run(fn, *args, what: str, section: str, **kwargs):
-    """Call learner code; an unexpected exception becomes a grade with its message (NotImplementedError passes)."""
-    try:
-        return fn(*args, **kwargs)
-    except (NotImplementedError, GradeError):
-        raise
-    except Exception as error:  # noqa: BLE001 - any crash in learner code is reported, not hidden
-        message = f"{type(error).__name__}: {error}".strip()
-        hint = ""
-        if "cache is full" in message:
-            hint = (" — the cache overflowed: once the prompt is in the cache, feed only the NEW token each step "
-                    "(not the whole text again)")  # fmt: skip
-        raise GradeError(
-            f"{what}\n  your code raised {message}{hint}\n  re-read: {reread(section)}"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------------ the learner's cache
@@ -147,16 +132,16 @@ class Watched:
 
 def check_loop(watched: Watched, prompts, max_new_tokens: int, what: str, inputs: str) -> None:
     """How the loop used the model: cache passed, work done, padding side, mask, positions."""
-    section = "Measuring that the cache helps"
+    section = reread("Measuring that the cache helps")
     calls = watched.calls
     expect(bool(calls), what=what, inputs=inputs, reread=reread("Greedy decoding"),
            problem="greedy_generate never called model.forward")  # fmt: skip
-    expect(all(c.past is not None for c in calls), what=what, inputs=inputs, reread=reread(section),
+    expect(all(c.past is not None for c in calls), what=what, inputs=inputs, reread=section,
            problem="likely cause: the KV cache is not used — a call went to the model without cache=. "
                    "Make one cache with model.new_cache(batch, prompt + new tokens) and pass it to every call.")  # fmt: skip
     P = max(len(p) for p in prompts)
     fed = sum(c.columns for c in calls)
-    expect(fed <= P + max_new_tokens, what=what, inputs=inputs, reread=reread(section),
+    expect(fed <= P + max_new_tokens, what=what, inputs=inputs, reread=section,
            problem=f"likely cause: the KV cache is not used — your loop fed {fed} positions per row to make "
                    f"{max_new_tokens} tokens after a {P}-token prompt; with a cache that is the prompt once and then "
                    f"one token per step, at most {P} + {max_new_tokens}. Feed only the new token each step.")  # fmt: skip
@@ -209,23 +194,23 @@ def test_kv_cache_update(course):
     cache_k, cache_v = np.zeros((1, 2, 6, 3), np.float32), np.zeros((1, 2, 6, 3), np.float32)
     k1, v1 = rng.standard_normal((2, 1, 2, 4, 3)).astype(np.float32)
     k2, v2 = rng.standard_normal((2, 1, 2, 1, 3)).astype(np.float32)
-    section = "The KV cache"
+    section = reread("The KV cache")
     inputs = "cache [1, 2, 6, 3] (max_len 6), first 4 positions at length 0"
 
-    keys, values = run(
-        ch.kv_cache_update, cache_k, cache_v, k1, v1, 0, what="kv_cache_update", section=section
+    keys, values = call(
+        ch.kv_cache_update, cache_k, cache_v, k1, v1, 0, what="kv_cache_update", reread=section
     )
     whole = np.concatenate([k1, np.zeros((1, 2, 2, 3), np.float32)], axis=2)
     expect_close(keys, k1, what="kv_cache_update: keys returned after the prefill", atol=0, inputs=inputs,
-                 reread=reread(section), mistakes=[Mistake(
+                 reread=section, mistakes=[Mistake(
                      "you returned the whole preallocated buffer, empty slots included", whole,
                      "Return only the filled part: cache_k[:, :, :length + T].")])  # fmt: skip
     expect_close(values, v1, what="kv_cache_update: values returned after the prefill", atol=0, inputs=inputs,
-                 reread=reread(section))  # fmt: skip
+                 reread=section)  # fmt: skip
 
     inputs = "then 1 new position at length 4"
-    keys, values = run(
-        ch.kv_cache_update, cache_k, cache_v, k2, v2, 4, what="kv_cache_update", section=section
+    keys, values = call(
+        ch.kv_cache_update, cache_k, cache_v, k2, v2, 4, what="kv_cache_update", reread=section
     )
     want_k, want_v = np.concatenate([k1, k2], axis=2), np.concatenate([v1, v2], axis=2)
     lost = np.concatenate([np.zeros_like(k1), k2], axis=2)
@@ -236,11 +221,11 @@ def test_kv_cache_update(course):
                 "Assign into the given array (cache_k[:, :, length:length + T] = k) instead of building a new one."),
     ]  # fmt: skip
     expect_close(keys, want_k, what="kv_cache_update: keys after a decode step", atol=0, inputs=inputs,
-                 reread=reread(section), mistakes=mistakes)  # fmt: skip
+                 reread=section, mistakes=mistakes)  # fmt: skip
     expect_close(values, want_v, what="kv_cache_update: values after a decode step", atol=0, inputs=inputs,
-                 reread=reread(section))  # fmt: skip
+                 reread=section)  # fmt: skip
     expect_close(cache_k[:, :, :5], want_k, what="kv_cache_update: the cache array itself after both calls",
-                 atol=0, inputs=inputs, reread=reread(section),
+                 atol=0, inputs=inputs, reread=section,
                  mistakes=[Mistake("the cache array was not written in place", np.zeros_like(want_k),
                                    "Write the new keys into cache_k (in place); do not only return them.")])  # fmt: skip
 
@@ -261,8 +246,8 @@ def test_cached_decoding_equals_full_forward(course):
     ref = reference("dense-tied")
     ids = ref["single_input_ids"]
     cache = allocate(learner_cache_class(ch.kv_cache_update), model.config, 1, len(ids))
-    got = run(stepwise_logits, model, ids, cache, what="decoding token by token with your cache",
-              section="Checking the cache against transformers")  # fmt: skip
+    got = call(stepwise_logits, model, ids, cache, what="decoding token by token with your cache",
+              reread=reread("Checking the cache against transformers"))  # fmt: skip
     # (a cache that returns only the new keys is caught inside the model, by the shape it returns)
     expect_close(got, ref["single_logits"], atol=LOGITS_ATOL,
                  what="logits of the dense-tied fixture, fed one token at a time through your KV cache",
@@ -280,7 +265,7 @@ def test_kv_cache_bytes(course):
     # derived by hand: 2 (K and V) x layers x kv heads x head_dim x tokens x bytes
     #   0.6B: 2·28·8·128 = 57,344 numbers per token;  4B and 8B: 2·36·8·128 = 73,728;  30B-A3B: 2·48·4·128 = 49,152
     want = [57344 * 2, 57344 * 40960 * 2, 73728 * 4096 * 4, 73728 * 1000 * 2, 49152 * 32768 * 2]
-    got = [run(ch.kv_cache_bytes, dict(configs[n]), t, b, what="kv_cache_bytes", section="How much memory the cache takes")
+    got = [call(ch.kv_cache_bytes, dict(configs[n]), t, b, what="kv_cache_bytes", reread=reread("How much memory the cache takes"))
            for n, t, b in cases]  # fmt: skip
     got = [int(g) if isinstance(g, (int, float, np.integer, np.floating)) else g for g in got]
 
@@ -321,9 +306,9 @@ def kept(z) -> list[int]:
 
 def test_temperature(course):
     """Temperature, against transformers"""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     logits = ref["logits"].astype(np.float64)
-    got = [[run(ch.apply_temperature, row.copy(), float(t), what="apply_temperature", section="Temperature")
+    got = [[call(ch.apply_temperature, row.copy(), float(t), what="apply_temperature", reread=reread("Temperature"))
             for row in logits] for t in ref["temperature_values"]]  # fmt: skip
     wrong = np.stack([logits * t for t in ref["temperature_values"]])
     expect_close(got, ref["temperature_out"], atol=1e-5, rtol=1e-6,
@@ -336,24 +321,24 @@ def test_temperature(course):
 
 def check_filter(course, name: str, fn_name: str, variants: dict[str, tuple], section: str) -> None:
     """Same survivors as transformers for every setting and row, and the survivors keep their logits."""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     fn = getattr(ch, fn_name)
     logits = ref["logits"].astype(np.float64)
     for value, want in zip(ref[f"{name}_values"], ref[f"{name}_out"], strict=True):
         value = int(value) if name == "top_k" else float(value)
-        got = [run(fn, row.copy(), value, what=fn_name, section=section) for row in logits]
+        got = [call(fn, row.copy(), value, what=fn_name, reread=section) for row in logits]
         for i, g in enumerate(got):
-            expect(g is not None, what=f"{fn_name}({value})", reread=reread(section),
+            expect(g is not None, what=f"{fn_name}({value})", reread=section,
                    problem="your function returned None — is a `return` missing?")  # fmt: skip
-            expect(np.shape(g) == logits[i].shape, what=f"{fn_name}({value})", reread=reread(section),
+            expect(np.shape(g) == logits[i].shape, what=f"{fn_name}({value})", reread=section,
                    problem=f"expected logits of shape {list(logits[i].shape)}, got {list(np.shape(g))}")  # fmt: skip
         mistakes = [Mistake(cause, [kept(wrong(z, value)) for z in logits], hint)
                     for cause, (wrong, hint) in variants.items()]  # fmt: skip
-        expect_equal([kept(g) for g in got], [kept(w) for w in want], mistakes=mistakes, reread=reread(section),
+        expect_equal([kept(g) for g in got], [kept(w) for w in want], mistakes=mistakes, reread=section,
                      what=f"{fn_name}({value}): which token ids survive (per row), vs transformers",
                      inputs="4 fixed-seed logits rows [64] (exercises/references/ch08_kv_cache_generation.npz)")  # fmt: skip
         alive = np.isfinite(want)
-        expect_close(np.stack(got)[alive], want[alive], atol=1e-5, reread=reread(section),
+        expect_close(np.stack(got)[alive], want[alive], atol=1e-5, reread=section,
                      what=f"{fn_name}({value}): the survivors' logits must be unchanged")  # fmt: skip
 
 
@@ -383,7 +368,7 @@ def test_top_k(course):
         "one token too few (k - 1 kept)": (lambda z, k: _ranked(z, k - 1), "Keep exactly the k largest."),
         "the k SMALLEST logits were kept": (lambda z, k: _mask_of(z, np.isin(np.arange(len(z)), np.argsort(z)[:k])),
                                             "Sort descending (or use np.sort(z)[-k] as the threshold)."),
-    }, "Top-k, top-p and min-p")  # fmt: skip
+    }, reread("Top-k, top-p and min-p"))  # fmt: skip
 
 
 def test_top_p(course):
@@ -396,7 +381,7 @@ def test_top_p(course):
     check_filter(course, "top_p", "top_p_filter", {
         "the token that crosses p was dropped (kept while the sum INCLUDING the token is below p)": crossing,
         "one token too many after the one that crosses p": extra,
-    }, "Top-k, top-p and min-p")  # fmt: skip
+    }, reread("Top-k, top-p and min-p"))  # fmt: skip
 
 
 def test_min_p(course):
@@ -406,16 +391,16 @@ def test_min_p(course):
             lambda z, m: _mask_of(z, softmax(z) >= m), "Compare with min_p * max(p), not min_p alone."),
         "the threshold was applied to logits instead of probabilities": (
             lambda z, m: _mask_of(z, z >= m * z.max()), "Take the softmax first: p_i >= min_p * p_max."),
-    }, "Top-k, top-p and min-p")  # fmt: skip
+    }, reread("Top-k, top-p and min-p"))  # fmt: skip
 
 
 def test_repetition_penalty(course):
     """Repetition penalty, against transformers"""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     logits, seen = ref["logits"].astype(np.float64), ref["seen_ids"]
     values = ref["repetition_values"]
-    got = [[run(ch.repetition_penalty, z.copy(), s.tolist(), float(r), what="repetition_penalty",
-                section="Repetition penalty") for z, s in zip(logits, seen, strict=True)] for r in values]  # fmt: skip
+    got = [[call(ch.repetition_penalty, z.copy(), s.tolist(), float(r), what="repetition_penalty",
+                reread=reread("Repetition penalty")) for z, s in zip(logits, seen, strict=True)] for r in values]  # fmt: skip
 
     def variant(rule):
         out = np.stack([logits] * len(values))
@@ -456,13 +441,13 @@ def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True):
 
 def test_sampling_distribution(course):
     """The whole sampling pipeline, in transformers' order"""
-    ch, ref = course.ch08, sampling_reference()
+    ch, ref = course.ch08, REF
     settings = dict(item.split("=") for item in ref["pipeline_settings"].tolist())
     t, k, p = float(settings["temperature"]), int(settings["top_k"]), float(settings["top_p"])
     m, r = float(settings["min_p"]), float(settings["repetition_penalty"])
     logits, seen = ref["logits"].astype(np.float64), ref["seen_ids"]
-    got = [run(ch.sampling_distribution, z.copy(), s.tolist(), t, k, p, m, r, what="sampling_distribution",
-               section="The sampling pipeline") for z, s in zip(logits, seen, strict=True)]  # fmt: skip
+    got = [call(ch.sampling_distribution, z.copy(), s.tolist(), t, k, p, m, r, what="sampling_distribution",
+               reread=reread("The sampling pipeline")) for z, s in zip(logits, seen, strict=True)]  # fmt: skip
 
     def variant(**how):
         return np.stack([_pipeline(z, s, t, k, p, m, r, **how) for z, s in zip(logits, seen, strict=True)])
@@ -490,12 +475,12 @@ def test_left_pad(course):
     ch = course.ch08
     for fixture in ("dense-tied", "dense-yarn", "moe-norm-topk"):
         gen = generations(fixture)
-        got = run(
+        got = call(
             ch.left_pad,
             gen["prompts"],
             gen["pad_token_id"],
             what="left_pad",
-            section="Batching with left padding",
+            reread=reread("Batching with left padding"),
         )
         expect(isinstance(got, tuple) and len(got) == 2, what="left_pad", reread=reread("Batching with left padding"),
                problem=f"left_pad must return (ids, mask), got {type(got).__name__}")  # fmt: skip
@@ -524,11 +509,11 @@ def test_positions_from_mask(course):
     for mask in masks:
         pads = (mask == 0).sum(axis=1)
         want = np.stack([np.r_[np.zeros(z, np.int64), np.arange(mask.shape[1] - z)] for z in pads])
-        got = run(
+        got = call(
             ch.positions_from_mask,
             mask.copy(),
             what="positions_from_mask",
-            section="Batching with left padding",
+            reread=reread("Batching with left padding"),
         )
         got = np.asarray(got)
         if got.shape == want.shape:
@@ -550,8 +535,8 @@ def test_positions_from_mask(course):
 
 def generate_watched(course, model, prompts, max_new_tokens, eos_id, what, section):
     watched = Watched(model, course.ch08.kv_cache_update)
-    got = run(course.ch08.greedy_generate, watched, [list(p) for p in prompts], max_new_tokens, pad_id=0,
-              eos_id=eos_id, what=what, section=section)  # fmt: skip
+    got = call(course.ch08.greedy_generate, watched, [list(p) for p in prompts], max_new_tokens,
+               kwargs={"pad_id": 0, "eos_id": eos_id}, what=what, reread=section)  # fmt: skip
     return watched, got
 
 
@@ -568,7 +553,7 @@ def test_greedy_generate_one_prompt(course):
         what = "greedy_generate on one prompt vs transformers' generate"
         inputs = f"fixture dense-tied, prompt {prompt}, {gen['max_new_tokens']} new tokens"
         watched, got = generate_watched(
-            course, model, [prompt], gen["max_new_tokens"], None, what, "Greedy decoding"
+            course, model, [prompt], gen["max_new_tokens"], None, what, reread("Greedy decoding")
         )
         check_loop(watched, [prompt], gen["max_new_tokens"], what, inputs)
         expect_equal(got, [want], what=what, inputs=inputs, reread=reread("Greedy decoding"))
@@ -576,7 +561,7 @@ def test_greedy_generate_one_prompt(course):
     prompt, full = gen["prompts"][0], gen["single"][0]
     eos = full[3]
     watched, got = generate_watched(course, model, [prompt], gen["max_new_tokens"], eos, "greedy_generate with eos_id",
-                                    "Greedy decoding")  # fmt: skip
+                                    reread("Greedy decoding"))  # fmt: skip
     expect_equal(got, [until_eos(full, eos)], what=f"greedy_generate with eos_id={eos}: stop after producing it",
                  inputs=f"fixture dense-tied, prompt {prompt}", reread=reread("Greedy decoding"))  # fmt: skip
 
@@ -595,7 +580,7 @@ def test_greedy_generate_batch(course):
             f"fixture dense-tied, {len(gen['prompts'])} prompts of lengths {[len(p) for p in gen['prompts']]}"
         )
         watched, got = generate_watched(course, model, gen["prompts"], gen["max_new_tokens"], eos_id, what,
-                                        "Batching with left padding")  # fmt: skip
+                                        reread("Batching with left padding"))  # fmt: skip
         check_loop(watched, gen["prompts"], gen["max_new_tokens"], what, inputs)
         expect_equal(got, [until_eos(row, eos_id) for row in want], what=what, inputs=inputs,
                      reread=reread("Batching with left padding"))  # fmt: skip
@@ -615,7 +600,7 @@ def test_generation_in_the_real_model(course):
             )
             inputs = f"fixture {fixture}, prompt lengths {[len(p) for p in prompts]}, {n} new tokens"
             watched, got = generate_watched(
-                course, model, prompts, n, None, what, "Batching with left padding"
+                course, model, prompts, n, None, what, reread("Batching with left padding")
             )
             check_loop(watched, prompts, n, what, inputs)
             expect_equal(

@@ -16,14 +16,14 @@ import tempfile
 from pathlib import Path
 
 from exercises.grading import (
-    REFERENCES,
     REPO,
-    GradeError,
     Mistake,
+    call,
     expect,
     expect_equal,
     learner_model,
     notebook,
+    reference_file,
 )
 from exercises.references.make_ch09_chat_template_thinking import GENERATION_CONFIG, tiny_chat_checkpoint
 from exercises.test_ch08_kv_cache_generation import Watched, check_loop
@@ -33,25 +33,9 @@ EMPTY_THINK = "<think>\n\n</think>\n\n"
 NOTHING = object()  # a Mistake whose symptom is absent: never equal to anything
 
 
-def reread(section: str) -> str:
-    return notebook(9, section)
-
-
-@functools.cache
-def ref() -> dict:
-    return json.loads((REFERENCES / "ch09_chat_template_thinking.json").read_text(encoding="utf-8"))
-
-
-def run(fn, *args, what: str, section: str, **kwargs):
-    """Call learner code; an unexpected exception becomes a grade with its message (NotImplementedError passes)."""
-    try:
-        return fn(*args, **kwargs)
-    except (NotImplementedError, GradeError):
-        raise
-    except Exception as error:  # noqa: BLE001 - any crash in learner code is reported, not hidden
-        raise GradeError(
-            f"{what}\n  your code raised {type(error).__name__}: {error}\n  re-read: {reread(section)}"
-        ) from None
+# reread("...") -> 'notebooks/09-chat-template-thinking.ipynb, section "..."': where a failure sends the learner
+reread = functools.partial(notebook, 9)
+REF = reference_file("ch09_chat_template_thinking.json")
 
 
 def symptom(cause: str, present: bool, got, hint: str = "") -> Mistake:
@@ -86,7 +70,7 @@ def render_mistakes(case: dict, got) -> list[Mistake]:
     else:
         mistakes.append(Mistake("a generation prompt was added although add_generation_prompt is False",
                                 want + "<|im_start|>assistant\n"))  # fmt: skip
-    markers = ref()["markers"]
+    markers = REF["markers"]
     if markers["old_reasoning"] in json.dumps(case["messages"]):
         mistakes.append(symptom("an earlier assistant turn kept its reasoning", markers["old_reasoning"] in text, got,
                                 "Only assistant turns after the last user message keep their <think> block."))  # fmt: skip
@@ -100,43 +84,43 @@ def render_mistakes(case: dict, got) -> list[Mistake]:
 
 
 def check_renders(course, names: tuple[str, ...], what: str, section: str) -> None:
-    cases = [c for c in ref()["render"] if c["name"] in names]
+    cases = [c for c in REF["render"] if c["name"] in names]
     assert cases, names
     for case in cases:
         flags = f"add_generation_prompt={case['add_generation_prompt']}, enable_thinking={case['enable_thinking']}"
-        got = run(course.ch09.render_chat, json.loads(json.dumps(case["messages"])), case["add_generation_prompt"],
-                  case["enable_thinking"], what="render_chat", section=section)  # fmt: skip
-        expect(isinstance(got, str), what=what, reread=reread(section),
+        got = call(course.ch09.render_chat, json.loads(json.dumps(case["messages"])), case["add_generation_prompt"],
+                  case["enable_thinking"], what="render_chat", reread=section)  # fmt: skip
+        expect(isinstance(got, str), what=what, reread=section,
                problem=f"render_chat must return a string, got {type(got).__name__}")  # fmt: skip
         expect_equal(got, case["text"], what=f"{what} ({case['name']}) vs the official Jinja template",
                      inputs=f"messages {json.dumps(case['messages'], ensure_ascii=False)}, {flags}",
-                     reread=reread(section), mistakes=render_mistakes(case, got))  # fmt: skip
+                     reread=section, mistakes=render_mistakes(case, got))  # fmt: skip
 
 
 def test_one_turn(course):
     """One user turn in ChatML"""
     check_renders(course, ("one user message", "unicode and a soft switch"), "render_chat: one user message",
-                  "The template as code")  # fmt: skip
+                  reread("The template as code"))  # fmt: skip
 
 
 def test_enable_thinking(course):
     """enable_thinking=False pre-fills an empty think block"""
     check_renders(
-        course, ("a system prompt",), "render_chat with and without thinking", "The empty think block"
+        course, ("a system prompt",), "render_chat with and without thinking", reread("The empty think block")
     )
 
 
 def test_history(course):
     """System prompts and a multi-turn history"""
     check_renders(course, ("a finished exchange", "a system message later in the chat"),
-                  "render_chat on a conversation", "The template as code")  # fmt: skip
+                  "render_chat on a conversation", reread("The template as code"))  # fmt: skip
 
 
 def test_reasoning_history(course):
     """Earlier turns lose their reasoning"""
     check_renders(course, ("history with reasoning in the content",
                            "history with reasoning_content, then a reasoned last turn"),
-                  "render_chat with reasoning in the history", "Earlier turns lose their reasoning")  # fmt: skip
+                  "render_chat with reasoning in the history", reread("Earlier turns lose their reasoning"))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ reading the reply
@@ -144,11 +128,11 @@ def test_reasoning_history(course):
 
 def test_split_thinking(course):
     """Splitting the thinking from the answer"""
-    section = "Parsing the thinking out"
-    for case in ref()["split"]:
+    section = reread("Parsing the thinking out")
+    for case in REF["split"]:
         ids = case["ids"]
-        got = run(course.ch09.split_thinking, list(ids), what="split_thinking", section=section)
-        expect(isinstance(got, tuple) and len(got) == 2, what="split_thinking", reread=reread(section),
+        got = call(course.ch09.split_thinking, list(ids), what="split_thinking", reread=section)
+        expect(isinstance(got, tuple) and len(got) == 2, what="split_thinking", reread=section,
                problem=f"split_thinking must return (thinking ids, content ids), got {type(got).__name__}")  # fmt: skip
         got = [list(map(int, part)) for part in got]
         want = [case["thinking_ids"], case["content_ids"]]
@@ -166,15 +150,15 @@ def test_split_thinking(course):
             mistakes.append(Mistake("without </think> everything was taken as thinking", [ids, []],
                                     "No </think> means no finished thinking: index 0, all ids are content."))  # fmt: skip
         expect_equal(got, want, what=f"split_thinking ({case['name']}) vs the Qwen3 model card's recipe",
-                     inputs=f"ids of {case['text']!r}", reread=reread(section), mistakes=mistakes)  # fmt: skip
+                     inputs=f"ids of {case['text']!r}", reread=section, mistakes=mistakes)  # fmt: skip
 
 
 def test_parse_tool_calls(course):
     """Tool calls parsed out of a reply"""
-    section = "Tool calls"
-    for case in ref()["tools"]:
-        got = run(course.ch09.parse_tool_calls, case["text"], what="parse_tool_calls", section=section)
-        expect(isinstance(got, tuple) and len(got) == 2, what="parse_tool_calls", reread=reread(section),
+    section = reread("Tool calls")
+    for case in REF["tools"]:
+        got = call(course.ch09.parse_tool_calls, case["text"], what="parse_tool_calls", reread=section)
+        expect(isinstance(got, tuple) and len(got) == 2, what="parse_tool_calls", reread=section,
                problem=f"parse_tool_calls must return (content, calls), got {type(got).__name__}")  # fmt: skip
         content, calls = got
         calls = [dict(c) if isinstance(c, dict) else c for c in calls] if isinstance(calls, list) else calls
@@ -194,7 +178,7 @@ def test_parse_tool_calls(course):
         ]  # fmt: skip
         expect_equal(got_list, want, what=f"parse_tool_calls ({case['name']}): [content, calls]",
                      inputs=f"a reply rendered by the official template: {case['text']!r}",
-                     reread=reread(section), mistakes=mistakes)  # fmt: skip
+                     reread=section, mistakes=mistakes)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -233,13 +217,13 @@ def tiny_chat_dir(seed: int) -> Path:
 
 def test_your_qwen3_end_to_end(course):
     """Your Qwen3 end to end"""
-    e = ref()["end_to_end"]
+    e = REF["end_to_end"]
     vocab, ranks, added, id_to_token = tokenizer_files()
-    section = "Your Qwen3 end to end"
+    section = reread("Your Qwen3 end to end")
     where = f"{len(e['messages'])} messages, add_generation_prompt=True, enable_thinking=False"
 
-    text = run(course.ch09.render_chat, json.loads(json.dumps(e["messages"])), True, False, what="render_chat",
-               section=section)  # fmt: skip
+    text = call(course.ch09.render_chat, json.loads(json.dumps(e["messages"])), True, False, what="render_chat",
+               reread=section)  # fmt: skip
     case = {
         "text": e["prompt_text"],
         "messages": e["messages"],
@@ -249,7 +233,7 @@ def test_your_qwen3_end_to_end(course):
     expect_equal(text, e["prompt_text"], what="1/5 your chat template (chapter 9) on the conversation",
                  inputs=where, reread=reread("The template as code"), mistakes=render_mistakes(case, text))  # fmt: skip
 
-    ids = run(course.ch01.encode, text, vocab, ranks, added, what="chapter 1's encode", section=section)
+    ids = call(course.ch01.encode, text, vocab, ranks, added, what="chapter 1's encode", reread=section)
     expect_equal(ids, e["prompt_ids"], what="2/5 your tokenizer (chapter 1) on the prompt vs the official tokenizer",
                  inputs=repr(text), reread=notebook(1))  # fmt: skip
 
@@ -257,19 +241,20 @@ def test_your_qwen3_end_to_end(course):
     watched = Watched(model, course.ch08.kv_cache_update)
     n = e["max_new_tokens"]
     what = "3/5 your kernels (chapters 3-7), cache and greedy loop (chapter 8) vs transformers' generate"
-    new = run(course.ch08.greedy_generate, watched, [list(ids)], n, pad_id=151643, eos_id=e["eos_id"], what=what,
-              section=section)  # fmt: skip
+    new = call(course.ch08.greedy_generate, watched, [list(ids)], n, kwargs={"pad_id": 151643, "eos_id": e["eos_id"]},
+               what=what,
+              reread=section)  # fmt: skip
     inputs = f"a tiny Qwen3 with the real 151,936-token vocabulary, {len(ids)} prompt tokens, {n} new tokens"
     check_loop(watched, [ids], n, what, inputs)
     expect(isinstance(new, list) and len(new) == 1, what=what, inputs=inputs, reread=notebook(8),
            problem=f"greedy_generate must return one list of ids per prompt, got {new!r}")  # fmt: skip
     expect_equal(list(map(int, new[0])), e["new_ids"], what=what, inputs=inputs, reread=notebook(8))
 
-    parts = run(course.ch09.split_thinking, list(e["new_ids"]), what="split_thinking", section=section)
+    parts = call(course.ch09.split_thinking, list(e["new_ids"]), what="split_thinking", reread=section)
     expect_equal([list(map(int, p)) for p in parts], [[], e["new_ids"]],
                  what="4/5 split_thinking on the reply (thinking was off: no </think>, all content)",
                  inputs=str(e["new_ids"]), reread=reread("Parsing the thinking out"))  # fmt: skip
 
-    reply = run(course.ch01.decode, list(parts[1]), id_to_token, what="chapter 1's decode", section=section)
+    reply = call(course.ch01.decode, list(parts[1]), id_to_token, what="chapter 1's decode", reread=section)
     expect_equal(reply, e["text"], what="5/5 your decode (chapter 1) of the reply vs the official tokenizer",
                  inputs=str(e["new_ids"]), reread=notebook(1))  # fmt: skip

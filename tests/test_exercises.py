@@ -6,6 +6,7 @@ stubs as committed. Both runs must print the per-chapter score table.
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -31,6 +32,39 @@ def test_every_chapter_has_exercises():
     assert CHAPTERS, (
         "no exercises/test_chNN_*.py found"
     )  # the lead tightens this to 1..9 once all have landed
+
+
+def reread_pointers(path: Path) -> set[tuple[int, str]]:
+    """(chapter, section) for every `reread("...")` and `notebook(N, "...")` written in a checkpoint file."""
+    chapter = int(path.name[7:9])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            args = [a.value if isinstance(a, ast.Constant) else None for a in node.args]
+            if node.func.id == "reread" and len(args) == 1 and isinstance(args[0], str):
+                found.add((chapter, args[0]))
+            elif node.func.id == "notebook" and len(args) == 2 and isinstance(args[1], str):
+                found.add((args[0], args[1]))
+    return found
+
+
+def test_every_reread_pointer_is_a_notebook_heading():
+    """Every section a failure sends the learner to is a heading of that chapter's notebook.
+
+    grading.notebook refuses a missing heading whenever it runs; this reads the pointers from the source, so the
+    ones only a failure reaches are checked too."""
+    from exercises.grading import notebook
+
+    found = {p.name: reread_pointers(p) for p in sorted((REPO / "exercises").glob("test_ch[0-9][0-9]_*.py"))}
+    assert len(found) == len(CHAPTERS) and all(len(pointers) >= 3 for pointers in found.values()), found
+    broken = []
+    for name, pointers in found.items():
+        for chapter, section in sorted(pointers):
+            try:
+                notebook(chapter, section)
+            except ValueError as error:
+                broken.append(f"{name}: {error}")
+    assert not broken, "\n".join(broken)
 
 
 @pytest.mark.slow
