@@ -91,7 +91,7 @@ def test_toc_is_intro_then_chapters_in_order_then_placeholders():
 def test_placeholders_say_they_come_later_and_shadow_no_chapter():
     for name in PLACEHOLDERS:
         text = (BOOK / f"{name}.md").read_text(encoding="utf-8")
-        assert text.startswith(f"# {int(name[:2])} · ") and "comes with its own issue" in text
+        assert text.startswith(f"# Chapter {int(name[:2])} · ") and "comes with its own issue" in text
         assert not list(NOTEBOOKS.glob(f"{name[:2]}-*.py")), (
             f"notebooks/{name[:2]}-*.py exists: replace the placeholder book/{name}.md by it in book/_toc.yml"
         )
