@@ -9,7 +9,6 @@ checks against `tokenizers` run when the official tokenizer.json is at hand (../
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -72,21 +71,14 @@ def test_allowed_special_is_checked(tok):
 
 
 @pytest.fixture(scope="module")
-def plain_ref():
-    """The official tokenizer.json with its added tokens removed: every character is plain text."""
+def plain_ref(tmp_path_factory):
+    """The official tokenizer.json (rebuilt byte for byte, sha256-checked: tests/official_tokenizer.py) with its
+    added tokens removed: every character is plain text."""
     tokenizers = pytest.importorskip("tokenizers")
-    roots = [Path(os.environ["TINYQWEN_SHARED"])] if os.environ.get("TINYQWEN_SHARED") else []
-    roots.append(REPO.parent / "shared")
-    found = [
-        r / "qwen3-tokenizer" / "tokenizer.json"
-        for r in roots
-        if (r / "qwen3-tokenizer" / "tokenizer.json").is_file()
-    ]
-    if not found:
-        pytest.skip(
-            "official tokenizer.json not found: set TINYQWEN_SHARED or provide ../shared/qwen3-tokenizer"
-        )
-    tj = json.loads(found[0].read_text(encoding="utf-8"))
+    from official_tokenizer import write_official_tokenizer_json
+
+    path = write_official_tokenizer_json(tmp_path_factory.mktemp("official") / "tokenizer.json")
+    tj = json.loads(path.read_text(encoding="utf-8"))
     tj["added_tokens"] = []
     return tokenizers.Tokenizer.from_str(json.dumps(tj))
 
