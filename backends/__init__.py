@@ -9,7 +9,12 @@ The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it ca
     swiglu(x, w_gate, w_up, w_down)       # [..., d] -> [..., d]
     moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob)  # [N, d] -> [N, d], [N, E]
 
-plus `prepare(w)` (turn a float32 NumPy weight into the backend's own array type, e.g. on the GPU) and `to_numpy`.
+plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU) and `to_numpy`.
+
+`keep_bf16` says which checkpoint tensors `prepare` receives. False (the numpy backend): every tensor arrives as
+float32, BF16 widened exactly. True (the numba backend): a BF16 tensor arrives as its uint16 bit patterns, a
+read-only view of the memory-mapped file, and the backend's kernels read bf16 directly (half the bytes per token).
+F32 tensors always arrive as read-only views of the file.
 
 The "numpy" backend *is* the readable reference in `tinyqwen/` — it points at those functions, no copy. The Numba
 (CPU) and CuPy (GPU) backends of later chapters replace individual kernels and are checked against it.
@@ -36,6 +41,7 @@ class Backend:
     moe_block: Callable
     prepare: Callable[[np.ndarray], object]
     to_numpy: Callable[[object], np.ndarray]
+    keep_bf16: bool = False
 
 
 def _numpy_backend() -> Backend:
@@ -54,12 +60,25 @@ def _numpy_backend() -> Backend:
     )
 
 
-AVAILABLE = {"numpy": _numpy_backend}
-PLANNED = ("numba", "cupy")  # later chapters
+def _numba_backend() -> Backend:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        raise BackendError(
+            "backend 'numba' needs the numba package, which is not installed: pip install 'tinyqwen[fast]' "
+            "(or pip install numba), or use --backend numpy"
+        ) from None
+    from backends import numba_backend
+
+    return numba_backend.backend()
+
+
+AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend}
+PLANNED = ("cupy",)  # later chapters
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called `name`; a clear BackendError for a name that does not exist (yet)."""
+    """The backend called `name`; a clear BackendError for a name that does not exist (yet) or cannot run here."""
     if name in AVAILABLE:
         return AVAILABLE[name]()
     if name in PLANNED:

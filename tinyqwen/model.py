@@ -38,6 +38,7 @@ from tinyqwen.config import Qwen3Config, load_config, load_generation_config
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.rope import rope_cos_sin, rope_parameters
+from tinyqwen.safetensors import bf16_to_float32
 
 # --------------------------------------------------------------------------------------------- weights
 
@@ -122,11 +123,18 @@ def count_parameters(config: Qwen3Config) -> int:
 
 
 def load_weights(
-    checkpoint, config: Qwen3Config, prepare=lambda w: w, progress: bool | None = None
+    checkpoint,
+    config: Qwen3Config,
+    prepare=lambda w: w,
+    progress: bool | None = None,
+    keep_bf16: bool = False,
 ) -> Weights:
     """Read and shape-check every tensor of `expected_tensors(config)` from an open `Checkpoint`.
 
-    Tensors arrive as float32 (BF16 and F16 are widened exactly); `prepare` hands each to the backend.
+    Tensors arrive as float32 (BF16 and F16 are widened exactly); `prepare` hands each to the backend. With
+    `keep_bf16` (a backend whose kernels read bf16, e.g. "numba"), BF16 tensors arrive instead as their uint16 bit
+    patterns, read-only views of the memory-mapped file: nothing is widened or copied, so loading a bf16
+    checkpoint needs no more memory than its bf16 weights (MoE experts are stacked: one bf16 copy of them).
     """
     where = getattr(checkpoint, "path", "checkpoint")
     expected = expected_tensors(config)
@@ -152,12 +160,20 @@ def load_weights(
                 f"{where}: tensor {name!r} has shape {list(shape)}, expected {list(expected[name])} "
                 f"from config.json"
             )
+        if keep_bf16 and checkpoint.dtype(name) == "BF16":
+            return checkpoint.raw(name)  # uint16 bit patterns: the backend's `prepare` knows what they mean
         value = checkpoint.get(name)
         if value.dtype.kind != "f":
             raise CheckpointError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected a float")
         # F32 tensors stay read-only views of the memory-mapped file (no copy, pages load on first use);
         # BF16/F16 arrive already widened to fresh float32 arrays
         return np.asarray(value, dtype=np.float32)
+
+    def stack(parts: list[np.ndarray]) -> np.ndarray:
+        # experts of one layer in one array; bf16 bit patterns are only stacked with their own kind
+        if len({a.dtype for a in parts}) > 1:
+            parts = [bf16_to_float32(a) if a.dtype == np.uint16 else np.asarray(a, np.float32) for a in parts]
+        return np.stack(parts)
 
     layers_iter = range(config.num_hidden_layers)
     if progress is None:
@@ -181,7 +197,7 @@ def load_weights(
             mlp = MoEWeights(
                 router=prepare(get(p + "mlp.gate.weight")),
                 **{
-                    n: prepare(np.stack([get(p + f"mlp.experts.{e}.{n}.weight") for e in experts]))
+                    n: prepare(stack([get(p + f"mlp.experts.{e}.{n}.weight") for e in experts]))
                     for n in ("gate_proj", "up_proj", "down_proj")
                 },
             )
@@ -392,7 +408,7 @@ def load_model(path: str | Path, backend: str = "numpy", progress: bool | None =
     config = load_config(path)
     kernels = get_backend(backend)
     with Checkpoint(path) as checkpoint:
-        weights = load_weights(checkpoint, config, kernels.prepare, progress)
+        weights = load_weights(checkpoint, config, kernels.prepare, progress, keep_bf16=kernels.keep_bf16)
     return Qwen3(
         config=config,
         weights=weights,

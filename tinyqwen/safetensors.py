@@ -635,6 +635,10 @@ class Checkpoint:
     def get(self, name: str) -> np.ndarray:
         return self._shard(name).get(name)
 
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (BF16 as uint16 bit patterns): a read-only view of its file, nothing copied."""
+        return self._shard(name).raw(name)
+
     def close(self) -> None:
         for shard in self._shards.values():
             shard.close()

@@ -1,0 +1,299 @@
+"""The "numba" backend: the model's hot kernels compiled for the CPU, reading bf16 weights directly.
+
+Decoding one token is memory-bound: every weight is read once and used for one multiply-add. So the weights stay in
+the checkpoint's dtype — BF16 as its uint16 bit patterns (`BF16Weight`), F32 as the read-only memory map — and a
+GEMV widens each bf16 row *in registers* (`u32 << 16` reinterpreted as float32, exact) while it streams: 2 bytes
+read per weight instead of 4. The kernels, all behind the `Backend` interface of `backends/__init__.py` (same
+signatures as the NumPy reference in `tinyqwen/`, which the tests compare them with):
+
+    linear      M ≤ GEMV_MAX_ROWS tokens: parallel bf16 GEMV (each weight row widened once, used for all M rows);
+                more tokens (prefill): widen a block of weight rows into a float32 scratch buffer and call BLAS
+    rms_norm    one pass per row (also QK-Norm: the same kernel over head_dim)
+    apply_rope  one pass, no rotate_half temporaries
+    attention   one query position (decode): each kv head is read once for its whole group of query heads;
+                longer queries (prefill) use the NumPy reference, whose batched BLAS matmuls are faster there
+    swiglu      decode: gate and up GEMVs fused with SiLU·mul (x read once, no [ffn] temporaries), then down
+    moe_block   only the routed experts run, tokens grouped by expert (each expert's weights read once per call)
+
+`@njit(cache=True)`: the first call of a kernel compiles it (seconds) and stores the machine code next to this
+file, so later processes start fast. Float32 weights (F32 checkpoints) use NumPy's BLAS for the products.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from backends import Backend
+from tinyqwen import attention as np_attention
+from tinyqwen.moe import route
+from tinyqwen.safetensors import bf16_to_float32
+
+GEMV_MAX_ROWS = 4  # up to this many tokens a product streams the bf16 weights; beyond, widen blocks + BLAS
+WIDEN_BLOCK_BYTES = 4 << 20  # float32 scratch per block of weight rows in the BLAS path (fits in L2/L3)
+MASKED = np_attention.MASKED
+# reassociation lets LLVM vectorise the float32 dot products (8 or 16 partial sums, as BLAS does); no other
+# fast-math flags, so NaN and inf still propagate as in the NumPy reference
+FAST = {"reassoc"}
+
+
+class BF16Weight:
+    """A bf16 weight kept as its uint16 bit patterns; indexing widens the rows it picks (the embedding lookup).
+
+    >>> w = BF16Weight(np.array([[0x3F80, 0xC000], [0x3FC0, 0x0000]], dtype=np.uint16))
+    >>> w[np.array([1, 0])]
+    array([[ 1.5,  0. ],
+           [ 1. , -2. ]], dtype=float32)
+    """
+
+    def __init__(self, bits: np.ndarray):
+        if bits.dtype != np.uint16:
+            raise TypeError(f"BF16Weight holds uint16 bit patterns, got {bits.dtype}")
+        self.bits = bits
+
+    shape = property(lambda self: self.bits.shape)
+    ndim = property(lambda self: self.bits.ndim)
+    nbytes = property(lambda self: self.bits.nbytes)
+    dtype = np.dtype(np.float32)  # what it stands for
+
+    def __getitem__(self, index) -> np.ndarray:
+        return bf16_to_float32(self.bits[index])
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return bf16_to_float32(self.bits).astype(dtype or np.float32, copy=False)
+
+    def __repr__(self) -> str:
+        return f"BF16Weight(shape={self.shape})"
+
+
+def prepare(w: np.ndarray):
+    """Checkpoint tensor -> the backend's weight: bf16 matrices stay bf16, vectors (norm weights) become float32."""
+    if w.dtype == np.uint16:
+        return BF16Weight(w) if w.ndim >= 2 else bf16_to_float32(w)
+    return w  # float32: the read-only memory map, as loaded
+
+
+# --------------------------------------------------------------------------------------------- kernels
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def _gemv_bf16(x, w, out, chunks):  # [M, K] f32, [N, K] u16, [M, N] f32 (out written)
+    M, K = x.shape
+    N = w.shape[0]
+    chunks = min(N, chunks)  # a few chunks per thread, one scratch row each
+    size = (N + chunks - 1) // chunks
+    for c in prange(chunks):
+        scratch = np.empty(K, np.uint32)
+        row = scratch.view(np.float32)
+        for n in range(c * size, min(N, (c + 1) * size)):
+            for k in range(K):
+                scratch[k] = np.uint32(w[n, k]) << 16  # bf16 is the top half of a float32: exact
+            for m in range(M):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[m, k] * row[k]
+                out[m, n] = acc
+
+
+@njit(parallel=True, cache=True)
+def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
+    N, K = w.shape
+    bits = out.view(np.uint32)
+    for n in prange(N):
+        for k in range(K):
+            bits[n, k] = np.uint32(w[n, k]) << 16
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def _gate_up_bf16(
+    x, w_gate, w_up, out, chunks
+):  # [M, K] f32, [F, K] u16 x2 -> out [M, F]: silu(x Wgᵀ)·(x Wuᵀ)
+    M, K = x.shape
+    F = w_gate.shape[0]
+    chunks = min(F, chunks)
+    size = (F + chunks - 1) // chunks
+    for c in prange(chunks):
+        sg = np.empty(K, np.uint32)
+        su = np.empty(K, np.uint32)
+        g_row, u_row = sg.view(np.float32), su.view(np.float32)
+        for f in range(c * size, min(F, (c + 1) * size)):
+            for k in range(K):
+                sg[k] = np.uint32(w_gate[f, k]) << 16
+                su[k] = np.uint32(w_up[f, k]) << 16
+            for m in range(M):
+                g = np.float32(0.0)
+                u = np.float32(0.0)
+                for k in range(K):
+                    g += x[m, k] * g_row[k]
+                    u += x[m, k] * u_row[k]
+                out[m, f] = g / (np.float32(1.0) + np.exp(-g)) * u
+
+
+@njit(parallel=True, cache=True)
+def _silu_mul(g, u):  # [M, F] x2 -> [M, F]
+    out = np.empty_like(g)
+    M, F = g.shape
+    for m in prange(M):
+        for f in range(F):
+            z = g[m, f]
+            out[m, f] = z / (np.float32(1.0) + np.exp(-z)) * u[m, f]
+    return out
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def _rms_norm(x, weight, eps, out):  # [R, d], [d], scalar -> out [R, d]
+    R, d = x.shape
+    for r in prange(R):
+        ss = np.float32(0.0)
+        for j in range(d):
+            ss += x[r, j] * x[r, j]
+        scale = np.float32(1.0) / np.sqrt(ss / np.float32(d) + eps)
+        for j in range(d):
+            out[r, j] = x[r, j] * scale * weight[j]
+
+
+@njit(parallel=True, cache=True)
+def _rope(x, cos, sin, out):  # [B, H, T, d], [B, T, d] x2 -> out [B, H, T, d]
+    B, H, T, d = x.shape
+    half = d // 2
+    for bh in prange(B * H):
+        b, h = bh // H, bh % H
+        for t in range(T):
+            for j in range(half):
+                a, c = x[b, h, t, j], x[b, h, t, j + half]
+                # exactly the reference's x·cos + rotate_half(x)·sin, with rotate_half(x) = [-x2, x1]
+                out[b, h, t, j] = a * cos[b, t, j] - c * sin[b, t, j]
+                out[b, h, t, j + half] = c * cos[b, t, j + half] + a * sin[b, t, j + half]
+
+
+@njit(parallel=True, cache=True, fastmath=FAST)
+def _decode_attention(q, k, v, mask, out):  # [B, Hq, d], [B, Hkv, S, d] x2, [B, S] bool -> out [B, Hq, d]
+    B, Hq, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    scale = np.float32(d**-0.5)
+    for bh in prange(B * Hkv):
+        b, h = bh // Hkv, bh % Hkv
+        scores = np.empty((group, S), np.float32)
+        for s in range(S):  # each key row is read once and used by every query head of the group
+            for g in range(group):
+                acc = np.float32(0.0)
+                for j in range(d):
+                    acc += q[b, h * group + g, j] * k[b, h, s, j]
+                scores[g, s] = acc * scale if mask[b, s] else MASKED
+        for g in range(group):
+            top = scores[g, 0]
+            for s in range(1, S):
+                top = max(top, scores[g, s])
+            total = np.float32(0.0)
+            for s in range(S):
+                scores[g, s] = np.exp(scores[g, s] - top)
+                total += scores[g, s]
+            for s in range(S):
+                scores[g, s] /= total
+        acc = np.zeros((group, d), np.float32)
+        for s in range(S):  # each value row, likewise, once per group
+            for g in range(group):
+                p = scores[g, s]
+                for j in range(d):
+                    acc[g, j] += p * v[b, h, s, j]
+        for g in range(group):
+            for j in range(d):
+                out[b, h * group + g, j] = acc[g, j]
+
+
+# --------------------------------------------------------------------------------------------- the interface
+
+
+def _chunks() -> int:  # work items for a parallel GEMV: several per thread, so a slow thread holds no one up
+    return 8 * numba.get_num_threads()
+
+
+def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contiguous
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+
+
+def linear(x: np.ndarray, w) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..., d_out]
+    if not isinstance(w, BF16Weight):
+        return x @ w.T  # float32 weights: BLAS, as the reference
+    x2 = _rows(x)
+    bits = w.bits
+    N, K = bits.shape
+    out = np.empty((x2.shape[0], N), np.float32)
+    if x2.shape[0] <= GEMV_MAX_ROWS:
+        _gemv_bf16(x2, bits, out, _chunks())
+    else:  # prefill: compute-bound, so BLAS's sgemm on float32 blocks of the weight
+        block = max(1, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
+        scratch = np.empty((block, K), np.float32)
+        for start in range(0, N, block):
+            stop = min(N, start + block)
+            _widen(bits[start:stop], scratch[: stop - start])
+            out[:, start:stop] = x2 @ scratch[: stop - start].T
+    return out.reshape(*x.shape[:-1], N)
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [..., d], [d] -> [..., d]
+    x2 = _rows(x)
+    out = np.empty_like(x2)
+    _rms_norm(x2, np.asarray(weight, np.float32), np.float32(eps), out)
+    return out.reshape(x.shape)
+
+
+def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    # [B, H, T, d], [B, T, d], [B, T, d] -> [B, H, T, d]
+    out = np.empty(x.shape, np.float32)
+    _rope(x.astype(np.float32, copy=False), cos, sin, out)
+    return out
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] bool -> [B, Hq, T, d]
+    B, Hq, T, d = q.shape
+    if T != 1:
+        return np_attention.attention(q, k, v, mask)
+    out = np.empty((B, Hq, d), np.float32)
+    _decode_attention(np.ascontiguousarray(q[:, :, 0]), k, v, np.ascontiguousarray(mask[:, 0]), out)
+    return out.reshape(B, Hq, 1, d)
+
+
+def swiglu(x: np.ndarray, w_gate, w_up, w_down) -> np.ndarray:  # [..., d], [f, d], [f, d], [d, f] -> [..., d]
+    x2 = _rows(x)
+    if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
+        h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
+        _gate_up_bf16(x2, w_gate.bits, w_up.bits, h, _chunks())
+    else:
+        h = _silu_mul(linear(x2, w_gate), linear(x2, w_up))
+    return linear(h, w_down).reshape(x.shape)
+
+
+def _expert(w, e: int):  # one expert's [rows, cols] weight out of the stacked [E, rows, cols]
+    return BF16Weight(w.bits[e]) if isinstance(w, BF16Weight) else w[e]
+
+
+def moe_block(x, w_router, w_gate, w_up, w_down, top_k: int, norm_topk_prob: bool):
+    # [N, d], [E, d], [E, f, d], [E, f, d], [E, d, f] -> output [N, d], router logits [N, E]
+    router_logits = linear(x, w_router)
+    weights, experts = route(router_logits, top_k, norm_topk_prob)  # the reference's routing, ties included
+    out = np.zeros(x.shape, np.float32)
+    # only the routed experts run; each runs once, on all the tokens that chose it (its weights read once)
+    for e in np.unique(experts):
+        token, slot = np.nonzero(experts == e)
+        y = swiglu(x[token], _expert(w_gate, e), _expert(w_up, e), _expert(w_down, e))
+        out[token] += y * weights[token, slot, None]  # a token picks an expert at most once: no repeats
+    return out, router_logits
+
+
+def backend() -> Backend:
+    return Backend(
+        name="numba",
+        linear=linear,
+        rms_norm=rms_norm,
+        apply_rope=apply_rope,
+        attention=attention,
+        swiglu=swiglu,
+        moe_block=moe_block,
+        prepare=prepare,
+        to_numpy=np.asarray,
+        keep_bf16=True,
+    )
