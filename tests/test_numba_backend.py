@@ -1,0 +1,254 @@
+"""The "numba" backend: each kernel against the NumPy reference, then the whole model against transformers.
+
+Kernel tolerances, as `max |numba - numpy| / max(1, max |numpy|)` (the project's relative measure,
+`tinyqwen.verify.tolerance`), on random inputs of realistic size:
+- products (linear, swiglu, moe_block, decode attention): ≤ 1e-5 (`RTOL`). Both sides sum float32 products, in a
+  different order: Numba vectorises each dot product into 8/16 partial sums, BLAS blocks its own way. Measured
+  ≤ 1e-6 here. The bf16 weights are widened exactly, so the only difference is that summation order.
+- rms_norm: ≤ 1e-6 (one sum of squares per row; measured ≤ 3e-7).
+- apply_rope: exactly equal (the same two products and one sum per value, no reordering).
+Whole model: `tolerance(ref)` = 1e-5 of the logits' size against transformers' stored float32 outputs, the same bar as
+the NumPy model (tests/test_model.py), well inside the issue's 1e-4 (fp32) / 1e-3 (bf16 fixtures).
+Greedy generations must equal transformers' token for token. No test here measures time.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI installs)
+
+import tinyqwen  # noqa: E402
+from backends import get_backend  # noqa: E402
+from backends.numba_backend import BF16Weight  # noqa: E402
+from tinyqwen import attention as ref_attention  # noqa: E402
+from tinyqwen import mlp, moe, norm, rope  # noqa: E402
+from tinyqwen.errors import BackendError  # noqa: E402
+from tinyqwen.generation import generate, generate_batch  # noqa: E402
+from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16, save_file  # noqa: E402
+from tinyqwen.verify import RTOL, tolerance  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+NAMES = sorted(p.parent.name for p in FIXTURES.glob("*/reference.npz"))
+NB = get_backend("numba")
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    return float(np.abs(got - want).max() / max(1.0, np.abs(want).max()))
+
+
+def bf16_weight(rng, *shape, scale=0.05) -> tuple[BF16Weight, np.ndarray]:
+    """A random bf16 weight for the numba backend, and the same values widened for the NumPy reference."""
+    bits = float32_to_bf16((rng.standard_normal(shape) * scale).astype(np.float32))
+    return BF16Weight(bits), bf16_to_float32(bits)
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+
+
+def test_bf16_weight_widens_exactly_on_indexing():
+    bits = np.array([[0x3F80, 0xC000], [0x3FC0, 0x7F80]], dtype=np.uint16)  # 1, -2, 1.5, inf by hand
+    w = BF16Weight(bits)
+    assert w.shape == (2, 2) and w.nbytes == 8
+    np.testing.assert_array_equal(w[np.array([[1, 0]])], [[[1.5, np.inf], [1.0, -2.0]]])
+    np.testing.assert_array_equal(np.asarray(w), [[1.0, -2.0], [1.5, np.inf]])
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])  # GEMV (≤ 4 tokens) and the widen-a-block + BLAS path
+def test_linear_bf16_equals_numpy(rows):
+    rng = np.random.default_rng(rows)
+    w, w32 = bf16_weight(rng, 300, 256)
+    x = rng.standard_normal((1, rows, 256)).astype(np.float32)
+    got = NB.linear(x, w)
+    assert got.dtype == np.float32 and got.shape == (1, rows, 300)
+    assert rel_err(got, mlp.linear(x, w32)) <= RTOL
+
+
+def test_linear_bf16_blocks_cover_every_row():
+    # more rows than one scratch block holds (4 MiB / (4 B · 8192) = 128 rows): the block edges must not drop any
+    rng = np.random.default_rng(1)
+    w, w32 = bf16_weight(rng, 300, 8192, scale=0.01)
+    x = rng.standard_normal((6, 8192)).astype(np.float32)
+    assert rel_err(NB.linear(x, w), x @ w32.T) <= RTOL
+
+
+def test_linear_float32_weights_equal_numpy():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((40, 32)).astype(np.float32)
+    x = rng.standard_normal((2, 3, 32)).astype(np.float32)
+    np.testing.assert_array_equal(NB.linear(x, w), mlp.linear(x, w))
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 64), (1, 1, 4, 32)])  # RMSNorm and QK-Norm (per head)
+def test_rms_norm_equals_numpy(shape):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    weight = (1 + 0.3 * rng.standard_normal(shape[-1])).astype(np.float32)
+    assert rel_err(NB.rms_norm(x, weight, 1e-6), norm.rms_norm(x, weight, 1e-6)) <= 1e-6
+
+
+def test_rope_equals_numpy_on_a_transposed_view():
+    rng = np.random.default_rng(4)
+    B, T, H, d = 2, 5, 3, 32
+    x = rng.standard_normal((B, T, H, d)).astype(np.float32).transpose(0, 2, 1, 3)  # as the model passes it
+    positions = np.array([np.arange(T), np.arange(10, 10 + T)])
+    cos, sin = rope.rope_cos_sin(positions, rope.default_inv_freq(d, 10000.0))
+    before = x.copy()
+    np.testing.assert_array_equal(NB.apply_rope(x, cos, sin), rope.apply_rope(x, cos, sin))
+    np.testing.assert_array_equal(x, before)  # the input is left alone
+
+
+@pytest.mark.parametrize("T", [1, 4])  # decode kernel (one query), prefill (NumPy's batched matmuls)
+def test_attention_equals_numpy_with_gqa_and_padding(T):
+    rng = np.random.default_rng(5)
+    B, Hq, Hkv, S, d = 2, 4, 2, 9, 32
+    q = rng.standard_normal((B, Hq, T, d)).astype(np.float32)
+    cache = rng.standard_normal((2, B, Hkv, 16, d)).astype(np.float32)
+    k, v = cache[0][:, :, :S], cache[1][:, :, :S]  # views of a longer KV cache, as the model passes them
+    mask = ref_attention.causal_mask(T, S)[None] & np.ones((B, 1, S), bool)
+    mask[0, :, :3] = False  # row 0 is left-padded
+    got = NB.attention(q, k, v, mask)
+    assert got.shape == (B, Hq, T, d)
+    assert rel_err(got, ref_attention.attention(q, k, v, mask)) <= RTOL
+
+
+def test_decode_attention_fully_masked_row_averages_like_numpy():
+    # a padding row's query sees no key: the reference gives a uniform average (finfo.min, not -inf), not NaN
+    rng = np.random.default_rng(6)
+    q = rng.standard_normal((1, 4, 1, 8)).astype(np.float32)
+    k, v = rng.standard_normal((2, 1, 2, 5, 8)).astype(np.float32)
+    mask = np.zeros((1, 1, 5), bool)
+    got = NB.attention(q, k, v, mask)
+    assert np.isfinite(got).all()
+    assert rel_err(got, ref_attention.attention(q, k, v, mask)) <= RTOL
+
+
+@pytest.mark.parametrize("rows", [1, 7])  # fused gate·up GEMV with SiLU·mul, and the BLAS path
+def test_swiglu_bf16_equals_numpy(rows):
+    rng = np.random.default_rng(7 + rows)
+    (wg, g32), (wu, u32), (wd, d32) = (bf16_weight(rng, *s) for s in ((192, 128), (192, 128), (128, 192)))
+    x = rng.standard_normal((rows, 128)).astype(np.float32)
+    assert rel_err(NB.swiglu(x, wg, wu, wd), mlp.swiglu(x, g32, u32, d32)) <= RTOL
+
+
+@pytest.mark.parametrize("tokens", [1, 12])  # decode (few tokens per expert) and prefill (grouped by expert)
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_block_bf16_equals_numpy(tokens, norm_topk_prob):
+    rng = np.random.default_rng(tokens)
+    E, f, d = 8, 48, 64
+    router, r32 = bf16_weight(rng, E, d, scale=0.3)
+    (wg, g32), (wu, u32), (wd, d32) = (bf16_weight(rng, E, *s, scale=0.2) for s in ((f, d), (f, d), (d, f)))
+    x = rng.standard_normal((tokens, d)).astype(np.float32)
+    got, got_logits = NB.moe_block(x, router, wg, wu, wd, 2, norm_topk_prob)
+    want, want_logits = moe.moe_block(x, r32, g32, u32, d32, 2, norm_topk_prob)
+    assert rel_err(got_logits, want_logits) <= RTOL
+    assert rel_err(got, want) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def test_numba_backend_keeps_the_checkpoints_dtype():
+    bf16 = tinyqwen.load_model(FIXTURES / "dense-untied-bf16-sharded", backend="numba")
+    q = bf16.weights.layers[0].attn.q_proj
+    assert isinstance(q, BF16Weight) and q.bits.dtype == np.uint16 and not q.bits.flags.writeable  # the file
+    assert bf16.weights.layers[0].input_norm.dtype == np.float32  # vectors are widened (tiny)
+    f32 = tinyqwen.load_model(FIXTURES / "dense-tied", backend="numba")
+    q = f32.weights.layers[0].attn.q_proj
+    assert q.dtype == np.float32 and not q.flags.writeable  # the read-only memory map, not a copy
+    assert f32.weights.lm_head is f32.weights.embed
+    # the numpy backend still widens (unchanged numerics)
+    ref = tinyqwen.load_model(FIXTURES / "dense-untied-bf16-sharded")
+    assert ref.weights.layers[0].attn.q_proj.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(bf16.weights.lm_head), ref.weights.lm_head)
+
+
+def _write_bf16_checkpoint(path: Path) -> int:
+    """A random dense bf16 checkpoint big enough that copies of its weights stand out; returns its bf16 bytes."""
+    from tinyqwen.config import load_config
+    from tinyqwen.model import expected_tensors
+
+    config = json.loads((FIXTURES / "dense-tied" / "config.json").read_text())
+    config.update(hidden_size=256, intermediate_size=512, vocab_size=4096, head_dim=64, num_hidden_layers=2)
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    shapes = expected_tensors(load_config(path))
+    tensors = {n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in shapes.items()}
+    save_file(tensors, path / "model.safetensors", bf16=True)
+    return sum(2 * t.size for t in tensors.values())
+
+
+def test_loading_bf16_for_numba_allocates_no_weight_copies(tmp_path):
+    bf16_bytes = _write_bf16_checkpoint(tmp_path / "ckpt")  # ~6 MB
+    peaks = {}
+    for name in ("numba", "numpy"):
+        tracemalloc.start()  # NumPy reports its allocations to tracemalloc; the memory map is not allocated
+        model = tinyqwen.load_model(tmp_path / "ckpt", backend=name)
+        peaks[name] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        del model
+    assert peaks["numpy"] >= 2 * bf16_bytes  # the measure sees copies: numpy widens every weight to float32
+    assert peaks["numba"] <= 0.02 * bf16_bytes + 200_000, peaks  # bf16 kept as the file: a small constant
+
+
+def test_numba_missing_gives_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    with pytest.raises(BackendError, match="needs the numba package"):
+        get_backend("numba")
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def fixture(request):
+    path = FIXTURES / request.param
+    return tinyqwen.load_model(path, backend="numba"), dict(np.load(path / "reference.npz"))
+
+
+def test_logits_router_logits_and_aux_loss_match_transformers(fixture):
+    model, ref = fixture
+    logits, router_logits = model(ref["input_ids"], return_router_logits=True)
+    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
+    single = model(ref["single_input_ids"])
+    np.testing.assert_allclose(single, ref["single_logits"], rtol=0, atol=tolerance(ref["single_logits"]))
+    if "router_logits" not in ref:
+        assert router_logits == [] and not model.config.is_moe
+        return
+    for got, want in zip(router_logits, ref["router_logits"], strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want))
+    c = model.config
+    aux = tinyqwen.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok)
+    assert abs(aux - float(ref["aux_loss"])) <= tolerance(ref["aux_loss"])
+
+
+def test_decode_steps_match_transformers(fixture):
+    # one token at a time through the KV cache: the GEMV, fused SwiGLU and decode-attention kernels
+    model, ref = fixture
+    ids = ref["input_ids"]
+    cache = model.new_cache(batch_size=ids.shape[0], max_len=ids.shape[1])
+    steps = [model.forward(ids[:, :5], cache=cache).logits]
+    for t in range(5, ids.shape[1]):
+        steps.append(model.forward(ids[:, t : t + 1], cache=cache).logits)
+    np.testing.assert_allclose(
+        np.concatenate(steps, axis=1), ref["logits"], rtol=0, atol=tolerance(ref["logits"])
+    )
+
+
+def test_greedy_generations_equal_transformers(fixture):
+    model, _ = fixture
+    ref = json.loads((model.path / "generate.json").read_text())
+    n = ref["max_new_tokens"]
+    for prompt, expected in zip(ref["prompts"], ref["single"], strict=True):
+        assert generate(model, prompt, n, eos_token_ids=()) == expected, prompt
+    batch = generate_batch(model, ref["prompts"], n, eos_token_ids=(), pad_token_id=ref["pad_token_id"])
+    assert batch == ref["batch"]["new_tokens"]
