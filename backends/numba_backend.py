@@ -117,10 +117,11 @@ def _gemv_bf16(x, w, out, chunks):  # [M, K] f32, [N, K] u16, [M, N] f32 (out wr
                 out[m, n] = acc
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
+    # one thread: it alternates with BLAS, whose own threads are still spinning when it starts
     N, K = w.shape
-    for n in prange(N):
+    for n in range(N):
         for k in range(K):
             out[n, k] = _bf16(w[n, k])
 
@@ -185,40 +186,58 @@ def _rope(x, cos, sin, out):  # [B, H, T, d], [B, T, d] x2 -> out [B, H, T, d]
                 out[b, h, t, j + half] = c * cos[b, t, j + half] + a * sin[b, t, j + half]
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def _decode_attention(q, k, v, mask, out):  # [B, Hq, d], [B, Hkv, S, d] x2, [B, S] bool -> out [B, Hq, d]
-    B, Hq, d = q.shape
+@njit(cache=True, fastmath=FAST)
+def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its group of query heads
+    Hq, d = q.shape[1], q.shape[2]
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     scale = np.float32(d**-0.5)
-    for bh in prange(B * Hkv):
-        b, h = bh // Hkv, bh % Hkv
-        scores = np.empty((group, S), np.float32)
-        for s in range(S):  # each key row is read once and used by every query head of the group
-            for g in range(group):
-                acc = np.float32(0.0)
-                for j in range(d):
-                    acc += q[b, h * group + g, j] * k[b, h, s, j]
-                scores[g, s] = acc * scale if mask[b, s] else MASKED
+    scores = np.empty((group, S), np.float32)
+    for s in range(S):  # each key row is read once and used by every query head of the group
         for g in range(group):
-            top = scores[g, 0]
-            for s in range(1, S):
-                top = max(top, scores[g, s])
-            total = np.float32(0.0)
-            for s in range(S):
-                scores[g, s] = np.exp(scores[g, s] - top)
-                total += scores[g, s]
-            for s in range(S):
-                scores[g, s] /= total
-        acc = np.zeros((group, d), np.float32)
-        for s in range(S):  # each value row, likewise, once per group
-            for g in range(group):
-                p = scores[g, s]
-                for j in range(d):
-                    acc[g, j] += p * v[b, h, s, j]
-        for g in range(group):
+            acc = np.float32(0.0)
             for j in range(d):
-                out[b, h * group + g, j] = acc[g, j]
+                acc += q[b, h * group + g, j] * k[b, h, s, j]
+            scores[g, s] = acc * scale if mask[b, s] else MASKED
+    for g in range(group):
+        top = scores[g, 0]
+        for s in range(1, S):
+            top = max(top, scores[g, s])
+        total = np.float32(0.0)
+        for s in range(S):
+            scores[g, s] = np.exp(scores[g, s] - top)
+            total += scores[g, s]
+        for s in range(S):
+            scores[g, s] /= total
+    acc = np.zeros((group, d), np.float32)
+    for s in range(S):  # each value row, likewise, once per group
+        for g in range(group):
+            p = scores[g, s]
+            for j in range(d):
+                acc[g, j] += p * v[b, h, s, j]
+    for g in range(group):
+        for j in range(d):
+            out[b, h * group + g, j] = acc[g, j]
+
+
+# short contexts on one thread (a parallel launch costs more than the work), long ones over the kv heads
+PARALLEL_ATTENTION_BYTES = 1 << 20  # of keys and values read per step
+
+
+@njit(cache=True)
+def _decode_attention_serial(
+    q, k, v, mask, out
+):  # [B, Hq, d], [B, Hkv, S, d] x2, [B, S] bool -> out [B, Hq, d]
+    B, Hkv = k.shape[0], k.shape[1]
+    for bh in range(B * Hkv):
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv)
+
+
+@njit(parallel=True, cache=True)
+def _decode_attention_parallel(q, k, v, mask, out):  # the same, the (row, kv head) pairs spread over threads
+    B, Hkv = k.shape[0], k.shape[1]
+    for bh in prange(B * Hkv):
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv)
 
 
 # --------------------------------------------------------------------------------------------- the interface
@@ -247,7 +266,7 @@ def linear(x: np.ndarray, w) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..
         for start in range(0, N, block):
             stop = min(N, start + block)
             _widen(bits[start:stop], scratch[: stop - start])
-            out[:, start:stop] = x2 @ scratch[: stop - start].T
+            out[:, start:stop] = x2 @ scratch[: stop - start].T  # BLAS sgemm on the widened block
     return out.reshape(*x.shape[:-1], N)
 
 
@@ -271,7 +290,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
     if T != 1:
         return np_attention.attention(q, k, v, mask)
     out = np.empty((B, Hq, d), np.float32)
-    _decode_attention(np.ascontiguousarray(q[:, :, 0]), k, v, np.ascontiguousarray(mask[:, 0]), out)
+    kernel = (
+        _decode_attention_parallel if 2 * k.nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
+    )
+    kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out)
     return out.reshape(B, Hq, 1, d)
 
 

@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI installs)
 
 import tinyqwen  # noqa: E402
-from backends import get_backend  # noqa: E402
+from backends import get_backend, numba_backend  # noqa: E402
 from backends.numba_backend import BF16Weight  # noqa: E402
 from tinyqwen import attention as ref_attention  # noqa: E402
 from tinyqwen import mlp, moe, norm, rope  # noqa: E402
@@ -118,6 +118,16 @@ def test_attention_equals_numpy_with_gqa_and_padding(T):
     got = NB.attention(q, k, v, mask)
     assert got.shape == (B, Hq, T, d)
     assert rel_err(got, ref_attention.attention(q, k, v, mask)) <= RTOL
+
+
+def test_decode_attention_parallel_path_equals_numpy(monkeypatch):
+    # long contexts spread the kv heads over threads: force that path on a small input
+    monkeypatch.setattr(numba_backend, "PARALLEL_ATTENTION_BYTES", 0)
+    rng = np.random.default_rng(8)
+    q = rng.standard_normal((1, 8, 1, 16)).astype(np.float32)
+    k, v = rng.standard_normal((2, 1, 4, 20, 16)).astype(np.float32)
+    mask = np.ones((1, 1, 20), bool)
+    assert rel_err(NB.attention(q, k, v, mask), ref_attention.attention(q, k, v, mask)) <= RTOL
 
 
 def test_decode_attention_fully_masked_row_averages_like_numpy():
