@@ -72,8 +72,9 @@ def test_linear_bf16_equals_numpy(rows):
     assert rel_err(got, mlp.linear(x, w32)) <= RTOL
 
 
-def test_linear_bf16_blocks_cover_every_row():
-    # more rows than one scratch block holds (4 MiB / (4 B · 8192) = 128 rows): the block edges must not drop any
+def test_linear_bf16_blocks_cover_every_row(monkeypatch):
+    # more rows than one scratch block holds (1 MiB / (4 B · 8192) = 32 rows): the block edges must not drop any
+    monkeypatch.setattr(numba_backend, "WIDEN_BLOCK_BYTES", 1 << 20)
     rng = np.random.default_rng(1)
     w, w32 = bf16_weight(rng, 300, 8192, scale=0.01)
     x = rng.standard_normal((6, 8192)).astype(np.float32)
