@@ -13,7 +13,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
     attention   one query position (decode): each kv head is read once for its whole group of query heads;
                 longer queries (prefill) use the NumPy reference, whose batched BLAS matmuls are faster there
     swiglu      decode: gate and up GEMVs fused with SiLU·mul (x read once, no [ffn] temporaries), then down
-    moe_block   only the routed experts run, tokens grouped by expert (each expert's weights read once per call)
+    moe_block   only the routed experts run: decode in one fused kernel over all (token, expert) pairs; prefill
+                groups the tokens by expert (each expert's weights read once per call)
 
 `@njit(cache=True)`: the first call of a kernel compiles it (seconds) and stores the machine code next to this
 file, so later processes start fast. Float32 weights (F32 checkpoints) use NumPy's BLAS for the products.
@@ -222,6 +223,42 @@ def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its g
             out[b, h * group + g, j] = acc[g, j]
 
 
+@njit(parallel=True, cache=True, fastmath=FAST)
+def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks):
+    # x [N, d] f32, experts/weights [N, k] (routing), w_gate/w_up [E, f, d] u16, w_down [E, d, f] u16 -> out [N, d]
+    # One call for all of a decode step's (token, expert) pairs: the routed experts' rows are spread over the
+    # threads together, instead of one small parallel launch per expert.
+    N, k = experts.shape
+    F, d = w_gate.shape[1], w_gate.shape[2]
+    P = N * k
+    h = np.empty((P, F), np.float32)
+    per = min(F, max(1, chunks // P + 1))  # row chunks per pair
+    size = (F + per - 1) // per
+    for job in prange(P * per):
+        p, c = job // per, job % per
+        e, t = experts[p // k, p % k], p // k
+        for f in range(c * size, min(F, (c + 1) * size)):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for j in range(d):
+                g += x[t, j] * _bf16(w_gate[e, f, j])
+                u += x[t, j] * _bf16(w_up[e, f, j])
+            h[p, f] = g / (np.float32(1.0) + np.exp(-g)) * u
+    rows = min(d, chunks)
+    size = (d + rows - 1) // rows
+    for c in prange(rows):
+        for i in range(c * size, min(d, (c + 1) * size)):
+            for t in range(N):
+                total = np.float32(0.0)
+                for s in range(k):  # the token's experts, summed in slot order
+                    e = experts[t, s]
+                    acc = np.float32(0.0)
+                    for f in range(F):
+                        acc += h[t * k + s, f] * _bf16(w_down[e, i, f])
+                    total += weights[t, s] * acc
+                out[t, i] = total
+
+
 # short contexts on one thread (a parallel launch costs more than the work), long ones over the kv heads
 PARALLEL_ATTENTION_BYTES = 1 << 20  # of keys and values read per step
 
@@ -322,6 +359,12 @@ def moe_block(x, w_router, w_gate, w_up, w_down, top_k: int, norm_topk_prob: boo
     # [N, d], [E, d], [E, f, d], [E, f, d], [E, d, f] -> output [N, d], router logits [N, E]
     router_logits = linear(x, w_router)
     weights, experts = route(router_logits, top_k, norm_topk_prob)  # the reference's routing, ties included
+    if isinstance(w_gate, BF16Weight) and x.shape[0] <= GEMV_MAX_ROWS:  # decode: one fused kernel
+        out = np.empty(x.shape, np.float32)
+        _moe_decode_bf16(
+            _rows(x), experts, weights.astype(np.float32), w_gate.bits, w_up.bits, w_down.bits, out, _chunks()
+        )
+        return out, router_logits
     out = np.zeros(x.shape, np.float32)
     # only the routed experts run; each runs once, on all the tokens that chose it (its weights read once)
     for e in np.unique(experts):
