@@ -54,6 +54,12 @@ def bf16_weight(rng, *shape, scale=0.05) -> tuple[BF16Weight, np.ndarray]:
 # ------------------------------------------------------------------------------------------------ kernels
 
 
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(numba_backend, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+
+
 def test_bf16_weight_widens_exactly_on_indexing():
     bits = np.array([[0x3F80, 0xC000], [0x3FC0, 0x7F80]], dtype=np.uint16)  # 1, -2, 1.5, inf by hand
     w = BF16Weight(bits)
