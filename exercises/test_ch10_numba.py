@@ -137,7 +137,9 @@ def test_widen_every_pattern(course):
     bits, want = REF["widen.bits"], REF["widen.f32"]
     what = "bf16_to_float32(every uint16 pattern) vs torch's .view(torch.bfloat16).float()"
     got = course.ch10.bf16_to_float32(bits.copy())
-    with np.errstate(invalid="ignore"):  # 254 of the patterns are NaNs, some signalling: comparing them is fine
+    with np.errstate(
+        invalid="ignore"
+    ):  # 254 of the patterns are NaNs, some signalling: comparing them is fine
         expect_close(got, want, atol=0.0, what=what, inputs="uint16 [65536]: 0x0000 … 0xFFFF",
                      mistakes=_widen_mistakes(bits), reread=reread(BF16))  # fmt: skip
     got = np.asarray(got)
@@ -270,7 +272,9 @@ def _bf16_linear(gemv):
     """linear(x, w) for the model: every row of x through `gemv` on w's bf16 bit patterns (exact for bf16 weights)."""
     from tinyqwen.safetensors import float32_to_bf16
 
-    patterns: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # id(w) -> (w, its bits): w kept alive, ids unique
+    patterns: dict[
+        int, tuple[np.ndarray, np.ndarray]
+    ] = {}  # id(w) -> (w, its bits): w kept alive, ids unique
 
     def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [..., n], [m, n] -> [..., m]
         bits = patterns.setdefault(id(w), (w, float32_to_bf16(w)))[1]

@@ -32,8 +32,12 @@ OUT = Path(__file__).resolve().parent / "ch10_numba.npz"
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:  # float32 -> uint16, torch's rounding
-    return torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(torch.bfloat16).view(torch.int16).numpy().view(
-        np.uint16
+    return (
+        torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        .to(torch.bfloat16)
+        .view(torch.int16)
+        .numpy()
+        .view(np.uint16)
     )
 
 
@@ -47,8 +51,12 @@ def narrow_inputs() -> np.ndarray:
     near = np.concatenate([ties - 1, ties + 1]).astype(np.uint32)
     specials = np.array([0.0, -0.0, np.inf, -np.inf, 1.0, -2.0, np.pi, 3.3895e38, 3.4e38,
                          np.finfo(np.float32).max, 1e-40, -1e-40, 1e-45], np.float32)  # fmt: skip
-    randoms = np.concatenate([rng.standard_normal(200) * s for s in (1e-3, 0.05, 1.0, 1e4)]).astype(np.float32)
-    return np.concatenate([ties.view(np.float32), near.view(np.float32), specials, randoms]).astype(np.float32)
+    randoms = np.concatenate([rng.standard_normal(200) * s for s in (1e-3, 0.05, 1.0, 1e4)]).astype(
+        np.float32
+    )
+    return np.concatenate([ties.view(np.float32), near.view(np.float32), specials, randoms]).astype(
+        np.float32
+    )
 
 
 def gemv_case(rng: np.random.Generator, m: int, n: int) -> dict[str, np.ndarray]:
