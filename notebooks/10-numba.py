@@ -50,29 +50,28 @@ from tinyqwen import attention, mlp, norm, rope  # noqa: E402
 # ## 1. Where decode time goes
 #
 # During decoding the model sees **one** new token. Every matrix of every layer is multiplied by one vector: a
-# matrix–vector product, a GEMV. To see where the time goes we build one layer with Qwen3-0.6B's exact shapes and
+# matrix–vector product, a GEMV. To see where the time goes we build layers with Qwen3-0.6B's exact shapes and
 # random weights, plus its output head (151,936 × 1,024), and time each operation of one decode step.
 # Random weights run exactly as fast as trained ones.
 
 # %%
 H, Q, KV, D, F, V, LAYERS = 1024, 16, 8, 128, 3072, 151936, 28  # Qwen3-0.6B's config.json
+SHAPES = {"q": (Q * D, H), "k": (KV * D, H), "v": (KV * D, H), "o": (H, Q * D),
+          "gate": (F, H), "up": (F, H), "down": (H, F)}  # fmt: skip
 rng = np.random.default_rng(0)
 
-
-def random_weight(rows: int, cols: int) -> np.ndarray:  # [rows, cols] float32, values of size ~0.02
-    return rng.standard_normal((rows, cols), dtype=np.float32) * 0.02
-
-
-layer = {"q": random_weight(Q * D, H), "k": random_weight(KV * D, H), "v": random_weight(KV * D, H),
-         "o": random_weight(H, Q * D), "gate": random_weight(F, H), "up": random_weight(F, H),
-         "down": random_weight(H, F)}  # fmt: skip
-
 # %% [markdown]
-# The output head is 156 million numbers. Drawing that many normal samples takes seconds, so we draw 1 M and repeat
-# them: the timing depends on the size of the matrix, not on its values.
+# Drawing hundreds of millions of normal samples takes seconds, so we draw 1 M and repeat them with `np.resize`: the
+# timing depends on the size of a matrix, not on its values. One more trap: a layer is 63 MB, and some server CPUs
+# have a last-level cache that large. A benchmark that multiplies the *same* layer again and again then measures the
+# cache, not the memory. A real model streams 28 different layers, so we build 8 copies (504 MB) and cycle
+# through them.
 
 # %%
 pool = rng.standard_normal(1 << 20, dtype=np.float32) * 0.02
+COPIES = 8
+layers = [{name: np.resize(pool, shape) for name, shape in SHAPES.items()} for _ in range(COPIES)]
+layer = layers[0]
 lm_head = np.resize(pool, (V, H))  # [151936, 1024] float32: 622 MB
 print(f"one layer: {sum(w.size for w in layer.values()) / 1e6:.1f} M weights; lm_head: {lm_head.size / 1e6:.1f} M")
 
@@ -100,15 +99,15 @@ v_cache = rng.standard_normal((1, KV, S, D), dtype=np.float32)
 cos, sin = np.ones((1, 1, D), np.float32), np.zeros((1, 1, D), np.float32)
 mask, ones = np.ones((1, 1, S), bool), np.ones(H, np.float32)
 q = mlp.linear(x, layer["q"]).reshape(1, 1, Q, D).transpose(0, 2, 1, 3)  # [1, 16, 1, 128]
-ops = {
-    "norms": lambda: norm.rms_norm(x, ones, 1e-6),
-    "q, k, v projections": lambda: [mlp.linear(x, layer[n]) for n in "qkv"],
-    "RoPE": lambda: rope.apply_rope(q, cos, sin),
-    "attention": lambda: attention.attention(q, k_cache, v_cache, mask),
-    "o projection": lambda: mlp.linear(x.repeat(2, -1), layer["o"]),
-    "SwiGLU MLP": lambda: mlp.swiglu(x, layer["gate"], layer["up"], layer["down"]),
+ops = {  # each takes one layer's weights L
+    "norms": lambda L: norm.rms_norm(x, ones, 1e-6),
+    "q, k, v projections": lambda L: [mlp.linear(x, L[n]) for n in "qkv"],
+    "RoPE": lambda L: rope.apply_rope(q, cos, sin),
+    "attention": lambda L: attention.attention(q, k_cache, v_cache, mask),
+    "o projection": lambda L: mlp.linear(x.repeat(2, -1), L["o"]),
+    "SwiGLU MLP": lambda L: mlp.swiglu(x, L["gate"], L["up"], L["down"]),
 }
-per_layer = {name: best_ms(fn) for name, fn in ops.items()}
+per_layer = {name: best_ms(lambda fn=fn: [fn(L) for L in layers]) / COPIES for name, fn in ops.items()}
 per_layer["norms"] *= 4  # input, post-attention, q_norm and k_norm (QK-Norm is as cheap as one)
 head_ms = best_ms(lambda: mlp.linear(x, lm_head), repeat=3)
 {name: round(ms, 3) for name, ms in per_layer.items()} | {"lm_head": round(head_ms, 2)}
@@ -130,8 +129,9 @@ plt.show()
 
 # %% [markdown]
 # The matrix products (blue and purple) take nearly all of the time; norms, RoPE and even attention over 256 cached
-# tokens are small change. The single biggest item is the **output head**: one matrix with a quarter of the model's
-# weights. (Your numbers differ from run to run and machine to machine; the shape of the chart does not.)
+# tokens are small change. The largest single matrix is the **output head**: one GEMV over a quarter of the weights
+# a token reads (section 2 counts them). (Your numbers differ from run to run and machine to machine, and a busy
+# machine makes them jump; the shape of the chart does not change much.)
 #
 # ## 2. The roofline: bytes per token
 #
@@ -186,8 +186,10 @@ ax.legend(loc="lower right")
 plt.show()
 
 # %% [markdown]
-# Two lessons. The NumPy model is already close to the float32 roofline: BLAS streams the weights near the memory's
-# speed, and the time between GEMVs is small. To go faster we must read **fewer bytes**. Storing the weights as
+# Two lessons. The NumPy model (dashed line) runs close to the float32 ceiling, because BLAS streams the weights at
+# about the speed the head's GEMV measured and the time between GEMVs is small. (On a busy machine the small GEMVs
+# of the layers suffer more than the big one, and the line falls further below.) To go faster we must read
+# **fewer bytes**. Storing the weights as
 # bfloat16, as the official checkpoints do, halves them and doubles the ceiling. That is where llama.cpp's bf16
 # speed comes from, and it also halves the memory the model needs.
 #
@@ -235,6 +237,7 @@ one_and_a_bit = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 0.9 * 2**-7], np.float32
 
 # %%
 w = layer["gate"]
+w = w[w != 0]  # relative errors of nonzero weights
 rounded, truncated = (bf16_to_float32(b) for b in (float32_to_bf16(w), (w.view(np.uint32) >> 16).astype(np.uint16)))
 rel = {name: (a - w) / np.abs(w) for name, a in (("round to nearest", rounded), ("truncate", truncated))}
 {name: f"max {np.abs(r).max():.2e}, mean {r.mean():+.1e}" for name, r in rel.items()}
