@@ -37,9 +37,9 @@ CONFIGS = FIXTURES / "configs"
 
 # reread("...") -> 'notebooks/10-numba.ipynb, section "..."': where a failure sends the learner
 reread = functools.partial(notebook, 10)
-BF16 = "3. bfloat16 is the top half of a float32"
-ROOFLINE = "2. The roofline: bytes per token"
-KERNEL = "4. A GEMV kernel that reads bf16"
+BF16 = reread("3. bfloat16 is the top half of a float32")
+ROOFLINE = reread("2. The roofline: bytes per token")
+KERNEL = reread("4. A GEMV kernel that reads bf16")
 
 
 def _widen(u16: np.ndarray) -> np.ndarray:  # the correct widening, for the wrong variants below
@@ -128,7 +128,7 @@ def test_widen_by_hand(course):
     expect_close(
         course.ch10.bf16_to_float32(u16.copy()), np.array([1.0, -2.0, 1.5, np.inf], np.float32), atol=0.0,
         what="bf16_to_float32([0x3F80, 0xC000, 0x3FC0, 0x7F80])", inputs="4 uint16 patterns",
-        mistakes=_widen_mistakes(u16), reread=reread(BF16),
+        mistakes=_widen_mistakes(u16), reread=BF16,
     )  # fmt: skip
 
 
@@ -141,11 +141,11 @@ def test_widen_every_pattern(course):
         invalid="ignore"
     ):  # 254 of the patterns are NaNs, some signalling: comparing them is fine
         expect_close(got, want, atol=0.0, what=what, inputs="uint16 [65536]: 0x0000 … 0xFFFF",
-                     mistakes=_widen_mistakes(bits), reread=reread(BF16))  # fmt: skip
+                     mistakes=_widen_mistakes(bits), reread=BF16)  # fmt: skip
     got = np.asarray(got)
     expect(got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32)), what=what,
            problem="the values agree but not every bit pattern does (signed zeros or NaN payloads): widen by "
-           "shifting the bits, never by arithmetic", reread=reread(BF16))  # fmt: skip
+           "shifting the bits, never by arithmetic", reread=BF16)  # fmt: skip
 
 
 def test_round_by_hand(course):
@@ -157,7 +157,7 @@ def test_round_by_hand(course):
     expect_equal(
         np.asarray(course.ch10.float32_to_bf16(x.copy())).astype(np.int64).tolist(), want,
         what="float32_to_bf16([1, 1 + 2**-8, 1 + 3·2**-8, 1 + 1.5·2**-8, -(1 + 1.5·2**-8)]) as integers",
-        inputs="5 float32 values near 1", mistakes=_narrow_mistakes(x), reread=reread(BF16),
+        inputs="5 float32 values near 1", mistakes=_narrow_mistakes(x), reread=BF16,
     )  # fmt: skip
 
 
@@ -169,9 +169,9 @@ def test_round_like_torch(course):
         np.asarray(got).astype(np.int64).tolist(), want.astype(np.int64).tolist(),
         what="float32_to_bf16(x) vs torch's x.to(torch.bfloat16), as bit patterns",
         inputs=f"x [{x.size}] float32: ties, neighbours of ties, ±0, ±inf, overflow, subnormals, random normals",
-        mistakes=_narrow_mistakes(x), reread=reread(BF16),
+        mistakes=_narrow_mistakes(x), reread=BF16,
     )  # fmt: skip
-    expect(np.asarray(got).dtype == np.uint16, what="float32_to_bf16(x)", reread=reread(BF16),
+    expect(np.asarray(got).dtype == np.uint16, what="float32_to_bf16(x)", reread=BF16,
            problem=f"expected uint16 bit patterns, got {np.asarray(got).dtype}")  # fmt: skip
 
 
@@ -182,10 +182,10 @@ def _config(name: str) -> dict:
 def _count(ch, name: str, want: int, mistakes: list[Mistake]) -> None:
     config = _config(name)
     got = call(ch.weights_per_token, json.loads(json.dumps(config)), what=f"weights_per_token({name})",
-               reread=reread(ROOFLINE))  # fmt: skip
+               reread=ROOFLINE)  # fmt: skip
     expect_equal(int(got) if isinstance(got, (int, np.integer)) else got, want,
                  what=f"weights_per_token(config of {name}), derived by hand", mistakes=mistakes,
-                 reread=reread(ROOFLINE))  # fmt: skip
+                 reread=ROOFLINE)  # fmt: skip
 
 
 def test_weights_per_token_dense(course):
@@ -245,13 +245,13 @@ def test_gemv_by_hand(course):
     """A GEMV on bf16 weights, small enough to check by hand"""
     # by hand: [1·1 + 2·0.5 + 0·2 - 1·4, 0.5·1, 1 + 0.5 + 2 + 4] = [-2, 0.5, 7.5]
     _check_gemv(course.ch10, "small", "gemv_bf16(w = bf16 of [[1, 2, 0, -1], [0.5, 0, 0, 0], [1, 1, 1, 1]], "
-                "x = [1, 0.5, 2, 4])", reread(KERNEL))  # fmt: skip
+                "x = [1, 0.5, 2, 4])", KERNEL)  # fmt: skip
 
 
 def test_gemv_square(course):
     """GEMV rows are outputs: y[o] = Σ_i W[o, i]·x[i]"""
     w, x = REF["gemv.square.w"], REF["gemv.square.x"]
-    _check_gemv(course.ch10, "square", "gemv_bf16(w [64, 64], x [64]) vs torch", reread(KERNEL), extra=[
+    _check_gemv(course.ch10, "square", "gemv_bf16(w [64, 64], x [64]) vs torch", KERNEL, extra=[
         Mistake("the product runs over the wrong axis (Wᵀx: transposed weights)",
                 lambda: (_widen(w).astype(np.float64).T @ x).astype(np.float32),
                 "Weights are [out, in] (nn.Linear): y[o] sums row o of W times x."),
@@ -260,12 +260,12 @@ def test_gemv_square(course):
 
 def test_gemv_odd_shape(course):
     """Any number of rows and columns, not only multiples of a block"""
-    _check_gemv(course.ch10, "odd", "gemv_bf16(w [300, 257], x [257]) vs torch", reread(KERNEL))
+    _check_gemv(course.ch10, "odd", "gemv_bf16(w [300, 257], x [257]) vs torch", KERNEL)
 
 
 def test_gemv_long_rows(course):
     """Rows as long as Qwen3-0.6B's, in float32"""
-    _check_gemv(course.ch10, "long", "gemv_bf16(w [128, 1024], x [1024]) vs torch", reread(KERNEL))
+    _check_gemv(course.ch10, "long", "gemv_bf16(w [128, 1024], x [1024]) vs torch", KERNEL)
 
 
 def _bf16_linear(gemv):
