@@ -27,9 +27,10 @@
 # 1. profile one decode step of a Qwen3-0.6B-shaped model: where does the time go?
 # 2. the roofline: decoding is limited by memory bandwidth, so bytes per token set a ceiling on tokens per second;
 # 3. bfloat16 halves the bytes, and widening it is a shift ([chapter 2](02-loading-weights.ipynb));
-# 4. a parallel GEMV kernel in Numba that reads bf16 and widens in registers;
-# 5. a stored benchmark run against the peers;
-# 6. the checkpoint: our kernel inside the real model still gives transformers' logits.
+# 4. a parallel GEMV kernel in Numba that reads bf16 and widens it on the fly;
+# 5. its bandwidth, measured on the output head's shape;
+# 6. a stored benchmark run against the peers (llama.cpp, transformers);
+# 7. the checkpoint: our kernel inside the real model still gives transformers' logits.
 #
 # The production kernels live in `backends/` (the `numba` backend); here we write the central one ourselves.
 
