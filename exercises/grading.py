@@ -64,6 +64,7 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     7: ("Mixture of experts", "07-mixture-of-experts"),
     8: ("KV cache & generation", "08-kv-cache-generation"),
     9: ("Chat template & thinking", "09-chat-template-thinking"),
+    10: ("Making it fast on the CPU", "10-numba"),
 }
 
 # chapter -> the Backend kernels that chapter's exercises provide (see learner_model)

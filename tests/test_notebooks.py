@@ -111,7 +111,7 @@ def test_committed_ipynb_carries_no_outputs(source):
 
 @pytest.mark.parametrize("source", SOURCES, ids=ids(SOURCES))
 def test_links_resolve_in_jupyter_and_in_the_book(source):
-    """`[chapter 4](04-rope-yarn.ipynb)` must name an existing chapter (or a book placeholder such as 10-numba);
+    """`[chapter 4](04-rope-yarn.ipynb)` must name an existing chapter (or a book placeholder such as 11-cupy);
     a relative link to any other file must name a file of the repository."""
     notebook = jupytext.read(source)
     for cell in notebook.cells:
