@@ -57,9 +57,9 @@ def decode_params(config) -> int:
     >>> from tinyqwen.config import config_from_dict
     >>> c = config_from_dict({"model_type": "qwen3", "vocab_size": 10, "hidden_size": 4, "intermediate_size": 8,
     ...     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2,
-    ...     "tie_word_embeddings": True})
-    >>> decode_params(c)  # q 4·4 + k,v 2·4 each + o 4·4 + mlp 3·8·4 + norms 4+2+2+4+4 + lm_head 10·4
-    208
+    ...     "max_position_embeddings": 64, "tie_word_embeddings": True})
+    >>> decode_params(c)  # q 4·4 + k,v 2·4 each + o 4·4 + mlp 3·8·4 + norms 4+4+2+2+4 + lm_head 10·4
+    200
     """
     from tinyqwen.model import count_parameters
 
@@ -510,7 +510,7 @@ def format_report(report: dict) -> str:
         if r["status"] != "ok":
             continue
         line = (
-            f"{r['engine']:20s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {r["ttft_s"]:7.3f} "
+            f"{r['engine']:20s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {r['ttft_s']:7.3f} "
             f"{r['peak_rss_mb']:11.0f} {r['decode_gb_s']:11.1f}"
         )
         if gemv:
