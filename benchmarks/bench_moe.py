@@ -4,14 +4,14 @@
 
 The checkpoint has Qwen3-30B-A3B's exact config.json (tests/fixtures/configs/Qwen3-30B-A3B.json: 128 experts,
 top-8, hidden 2048, expert ffn 768, 32 query / 4 kv heads, vocab 151,936, untied) except for the number of layers:
-2 by default, i.e. 1.5 B parameters, 3.1 GB in bf16 (the numpy backend widens them to 6.2 GB of fp32; each extra
-layer adds 1.25 GB of bf16). The weights are random (normal, std 0.02; norms 1), written as BF16 safetensors shards
+2 by default, i.e. 1.87 B parameters, 3.7 GB in bf16 (the numpy backend widens them to 7.5 GB of fp32; each extra
+layer adds 0.62 B parameters, 1.25 GB of bf16). The weights are random (normal, std 0.02; norms 1), written as BF16 safetensors shards
 to --out (under /tmp: never commit it) on the first run and reused after.
 
 It then times the two tinyqwen backends with `tinyqwen.bench.run_benchmark` (the same child processes and timing
 loop as `tinyqwen bench`), with the GEMV bandwidth probe, and prints the table (or the JSON). The decode bytes per
-token count only the 8 routed experts of each layer, plus attention, router and the lm_head (311 M weights: with
-2 layers, it is most of what a decode step reads, so `decode GB/s` says more than the tok/s ratio).
+token count only the 8 routed experts of each layer, plus attention, router and the lm_head: 425 M weights with
+2 layers, 311 M of them the lm_head, so `decode GB/s` says more than the tok/s ratio about the MoE kernels.
 """
 
 from __future__ import annotations
