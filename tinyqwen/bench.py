@@ -447,6 +447,7 @@ def run_benchmark(
     prompt = np.random.default_rng(0).integers(0, min(config.vocab_size, 151643), prompt_tokens)
     engines = plan_engines(path, kinds, peer_python, ggufs)
     say = progress or (lambda line: None)
+    load_before = os.getloadavg()[0]  # how busy the machine was: a shared host makes every timing slower
     gemv = None
     if gemv_shape:
         say(f"GEMV bandwidth probe, {threads} threads")
@@ -472,7 +473,13 @@ def run_benchmark(
         "new_tokens": new_tokens,
         "repeat": repeat,
         "threads": threads,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,  # 1-minute load averages: above `cores`, engines shared the CPU
+            "load_average_after": os.getloadavg()[0],
+        },
         "gemv": gemv,
         "method": (
             "each engine in its own process, greedy, same random prompt ids; prefill tok/s = prompt / time to first "
@@ -502,7 +509,9 @@ def format_report(report: dict) -> str:
     gemv = report.get("gemv")
     lines = [
         f"{report['config']}, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
-        f"{report['threads']} threads, best of {report['repeat']} ({report['machine']['cpu']})",
+        f"{report['threads']} threads, best of {report['repeat']} ({report['machine']['cpu']}, "
+        f"load average {report['machine'].get('load_average_before', 0):.1f} before, "
+        f"{report['machine'].get('load_average_after', 0):.1f} after)",
         f"{'engine':20s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'TTFT s':>7s} {'peak RSS MB':>11s} "
         f"{'decode GB/s':>11s}" + (f" {'of GEMV':>7s}" if gemv else ""),
     ]
