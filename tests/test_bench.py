@@ -74,7 +74,8 @@ def test_run_benchmark_json_shape(tmp_path):
     assert len(numpy["first_ids"]) == 3  # the first new token, then 2 decode steps
     for name in ("transformers-fp32", "transformers-bf16", "llama.cpp-bf16"):
         assert by_name[name]["status"] == "skipped" and "lacks" in by_name[name]["reason"]
-    assert by_name["tinyqwen-numba"]["status"] in ("ok", "skipped")
+    numba = by_name["tinyqwen-numba"]  # skipped while the backend does not exist; else its compile time apart
+    assert numba["status"] == "skipped" or (numba["status"] == "ok" and numba["compile_s"] > 0), numba
     ok = {r["engine"] for r in report["results"] if r["status"] == "ok"}
     assert all(q["engine"] in ok and q["peer"] in ok for q in report["ratios"])
     assert report["gemv"]["gb_s"] > 0 and report["threads"] == 2 and report["prompt_tokens"] == 8
