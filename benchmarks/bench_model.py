@@ -1,49 +1,55 @@
-"""Prefill and decode speed of tinyqwen against Hugging Face transformers (the peer), measured in the same run.
+"""The full same-run comparison (issue 10, item 3) on a random checkpoint with the exact Qwen3-0.6B config.
 
-    python benchmarks/full_size_check.py /tmp/qwen3-0.6b-random --keep     # a random Qwen3-0.6B, exact config
-    python benchmarks/bench_model.py --model /tmp/qwen3-0.6b-random [--prompt-tokens 128] [--new-tokens 32]
+    ../shared/peers/setup        # once per machine (~15 min): /tmp/peer-venv (torch, transformers, llama-cpp-python),
+                                 # /tmp/peer/qwen3-0.6b-random (bf16) and its GGUFs (bf16, q8_0)
+    python benchmarks/bench_model.py [--model /tmp/peer/qwen3-0.6b-random] [--save run.json]
 
-Both engines run float32 on the CPU with the same thread count, greedy, a KV cache, the same random prompt; each
-is timed `--repeat` times, alternating, and the best run is kept. Host timings swing 30-50% between runs, so read
-the *ratios*, not the absolute numbers. The peer needs `pip install "tinyqwen[crosscheck]"`.
+The same as `tinyqwen bench --model M --peer-python /tmp/peer-venv/bin/python`, with the defaults of this setup:
+tinyqwen numpy and numba, transformers fp32 and bf16, llama.cpp on every GGUF beside the checkpoint, 2 threads,
+512-token prompt, 128 new tokens, best of 2, plus the GEMV bandwidth probe; each engine in its own process
+(tinyqwen/bench.py has the one timing loop). Host timings swing 30-50% between runs: read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
+from pathlib import Path
 
-import numpy as np
+from tinyqwen.bench import ENGINE_KINDS, format_report, run_benchmark
 
-import tinyqwen
-from tinyqwen.bench import Timing, format_report, time_tinyqwen, time_transformers
-
-
-def best(timings: list[Timing]) -> Timing:
-    return min(timings, key=lambda t: t.prefill_s + t.decode_s)
+PEER_PYTHON = "/tmp/peer-venv/bin/python"  # what ../shared/peers/setup builds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--backend", default="numpy")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--model", default="/tmp/peer/qwen3-0.6b-random")
+    parser.add_argument("--engines", default=",".join(ENGINE_KINDS))
+    parser.add_argument("--peer-python", default=os.environ.get("TINYQWEN_PEER_PYTHON", PEER_PYTHON))
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save", type=Path, help="also write the run's JSON here")
     args = parser.parse_args()
 
-    model = tinyqwen.load_model(args.model, backend=args.backend)
-    prompt = np.random.default_rng(0).integers(0, min(model.config.vocab_size, 151643), args.prompt_tokens)
-    time_tinyqwen(model, prompt[:8], 2)  # warm-up: first touch of memory-mapped weights, BLAS start-up
-    ours, peer = [], []
-    for _ in range(args.repeat):
-        ours.append(time_tinyqwen(model, prompt, args.new_tokens))
-        peer.append(time_transformers(model.path, prompt, args.new_tokens, args.threads))
-    print(f"{os.cpu_count()} cores, {args.threads} threads, best of {args.repeat}")
-    print(format_report([best(ours), best(peer)]))
+    report = run_benchmark(
+        args.model,
+        args.engines.split(","),
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeat=args.repeat,
+        threads=args.threads,
+        peer_python=args.peer_python if Path(args.peer_python).exists() else None,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    if args.save:
+        args.save.write_text(json.dumps(report, indent=1) + "\n")
+    print(format_report(report))
 
 
 if __name__ == "__main__":

@@ -378,7 +378,7 @@ def test_version():
         ("generate", ["(default: 2048)", "(default: 8)", "(default: numpy)"]),
         ("chat", ["(default: 2048)", "(default: numpy)"]),
         ("verify", ["(default: 1e-05)", "(default: 16;"]),
-        ("bench", ["(default: 128)", "(default: 32)"]),
+        ("bench", ["(default: 512)", "(default: 128)", "(default: 2)"]),
     ],
 )
 def test_help_shows_the_defaults(command, shown):

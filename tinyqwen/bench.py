@@ -1,102 +1,566 @@
-"""Benchmarks: prefill and decode speed, always beside a peer measured in the same run.
+"""Benchmarks: every engine in its own process, timed the same way, compared as ratios from one run.
 
 Host timings swing 30-50% between runs on a shared machine, so a lone tokens-per-second figure says little; the
-ratio to a peer timed moments apart on the same machine says much more. The peer is Hugging Face transformers
-(float32, CPU), run in a child process — tinyqwen never imports torch — with the same prompt, the same number of
-new tokens, greedy decoding and a KV cache on both sides.
+ratio to a peer timed minutes apart on the same machine says much more. One run measures:
 
-    timings = [time_tinyqwen(model, prompt, 32), time_transformers(model.path, prompt, 32)]
-    print(format_report(timings))
+- tinyqwen with each backend that exists here ("numpy", "numba");
+- Hugging Face transformers, fp32 and bf16, and llama.cpp (llama-cpp-python) on GGUF files (bf16, q8_0, ...),
+  in a Python that has them (`peer_python`, e.g. the venv that ../shared/peers/setup builds in /tmp/peer-venv);
+  tinyqwen never imports torch or llama_cpp: the peers only ever run as child processes;
+- the machine's GEMV bandwidth: NumPy's fp32 BLAS matrix-vector product on the lm_head's shape.
+
+Every engine runs in its own child process (so its peak RSS is its own, and thread pools never fight), with the
+same thread count (OMP/OpenBLAS/MKL/Numba env vars, torch.set_num_threads, llama.cpp n_threads), greedy, on the
+same random prompt ids, through the one timing loop `_DRIVER` below:
+
+    load                         -> load_s, peak RSS after load
+    8-token prompt + 2 steps     -> first_call_s, run twice (numba: compile_s = time in its compiler, fresh cache)
+    P-token prompt, then N steps -> TTFT = time to the first new token = prefill time; decode time of N tokens
+                                    (best of `repeat`, prefill and decode each)
+
+prefill tok/s = P / TTFT, decode tok/s = N / decode time. Decode bandwidth = bytes of weights one decode step reads
+(`decode_params(config)` x the engine's resident bytes per weight) / time per token.
+
+    report = run_benchmark("/tmp/peer/qwen3-0.6b-random", peer_python="/tmp/peer-venv/bin/python")
+    print(format_report(report))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import platform
+import sys
+import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tinyqwen.verify import run_transformers
+from tinyqwen.errors import TinyQwenError
+from tinyqwen.verify import missing_modules, run_child
+
+THREADS = 2
+TINYQWEN_BACKENDS = ("numpy", "numba")
+TRANSFORMERS_DTYPES = ("fp32", "bf16")
+ENGINE_KINDS = ("numpy", "numba", "transformers", "llama.cpp")
+GEMV_SHAPE = (151_936, 1_024)  # Qwen3-0.6B's lm_head: 622 MB in fp32, far beyond any cache
 
 
-@dataclass(frozen=True)
-class Timing:
-    engine: str
-    prompt_tokens: int
-    new_tokens: int
-    prefill_s: float
-    decode_s: float
-
-    @property
-    def prefill_tok_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s
-
-    @property
-    def decode_tok_s(self) -> float:
-        return self.new_tokens / self.decode_s
+# ------------------------------------------------------------------------------------------ what decode reads
 
 
-def time_tinyqwen(model, prompt: np.ndarray, new_tokens: int) -> Timing:  # prompt [T] ids
-    """Greedy: prefill the prompt in one forward pass, then `new_tokens` single-token steps through the cache."""
-    cache = model.new_cache(1, prompt.size + new_tokens + 1)
-    start = time.perf_counter()
-    token = model.forward(prompt[None], cache=cache, last_only=True).logits[:, -1].argmax(-1)[:, None]
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(new_tokens):
-        token = model.forward(token, cache=cache, last_only=True).logits[:, -1].argmax(-1)[:, None]
-    decode = time.perf_counter() - start
-    return Timing(f"tinyqwen ({model.backend.name}, fp32)", prompt.size, new_tokens, prefill, decode)
+def decode_params(config) -> int:
+    """Weights one decode step reads: every layer's, the lm_head, and only the k routed experts of a MoE layer.
+
+    The input embedding contributes one row (ignored); tied, it is read in full as the lm_head.
+
+    >>> from tinyqwen.config import config_from_dict
+    >>> c = config_from_dict({"model_type": "qwen3", "vocab_size": 10, "hidden_size": 4, "intermediate_size": 8,
+    ...     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 2,
+    ...     "max_position_embeddings": 64, "tie_word_embeddings": True})
+    >>> decode_params(c)  # q 4·4 + k,v 2·4 each + o 4·4 + mlp 3·8·4 + norms 4+4+2+2+4 + lm_head 10·4
+    200
+    """
+    from tinyqwen.model import count_parameters
+
+    c = config
+    params = count_parameters(c)
+    if not c.tie_word_embeddings:
+        params -= c.vocab_size * c.hidden_size  # the embedding: one row per token
+    if c.is_moe:
+        per_expert = 3 * c.moe_intermediate_size * c.hidden_size
+        moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        params -= moe_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
+    return params
 
 
-# The peer, as text: it only ever runs in a child process (imports go through importlib for the same reason).
-_PEER_SCRIPT = """
-import importlib, sys, time
+def resident_bytes(obj, seen: set | None = None) -> int:
+    """Bytes held by the arrays in `obj` (dataclasses, lists, tuples, dicts of arrays), each array counted once.
+
+    >>> import numpy as np
+    >>> w = np.zeros((4, 4), np.float32)
+    >>> resident_bytes({"embed": w, "lm_head": w, "norm": np.zeros(4, np.uint16)})  # tied: counted once
+    72
+    """
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if hasattr(obj, "nbytes") and not isinstance(obj, type):
+        return int(obj.nbytes)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return sum(resident_bytes(getattr(obj, f.name), seen) for f in dataclasses.fields(obj))
+    if isinstance(obj, dict):
+        return sum(resident_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(resident_bytes(v, seen) for v in obj)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the child processes
+
+# The one timing loop. Each engine's snippet (below) defines `load(path, threads, option, max_len)` returning an
+# object with prefill(ids) -> first new token, step(token) -> next token, `version`, and `weight_bytes` (resident
+# bytes of its weights; read after the peak RSS). Kept as text: it runs in a child, possibly another venv's Python.
+_DRIVER = """
+import resource, sys, time
 import numpy as np
-torch = importlib.import_module("torch")
-transformers = importlib.import_module("transformers")
-path, ids_file, out_file, new_tokens, threads = sys.argv[1:6]
-torch.set_num_threads(int(threads))
-prompt = np.load(ids_file)["prompt"]
-model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+path, ids_file, out_file, new_tokens, repeat, threads, option = sys.argv[1:8]
+new_tokens, repeat, threads = int(new_tokens), int(repeat), int(threads)
+prompt = [int(t) for t in np.load(ids_file)["prompt"]]
 
-def run(ids, n):
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model(ids, use_cache=True)
-        prefill = time.perf_counter() - start
-        past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for _ in range(n):
-            out = model(token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-        return prefill, time.perf_counter() - start
+def peak_rss():  # bytes; Linux gives ru_maxrss in KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-ids = torch.from_numpy(prompt[None]).long()
-run(ids[:, :8], 2)  # warm-up, as on our side
-prefill, decode = run(ids, int(new_tokens))
-np.savez(out_file, prefill=prefill, decode=decode, version=np.array(transformers.__version__))
+def run(ids, n):  # -> (time to first new token, time of n more tokens, the tokens)
+    start = time.perf_counter()
+    token = engine.prefill(ids)
+    ttft = time.perf_counter() - start
+    out = [token]
+    start = time.perf_counter()
+    for _ in range(n):
+        token = engine.step(token)
+        out.append(token)
+    return ttft, time.perf_counter() - start, out
+
+start = time.perf_counter()
+engine = load(path, threads, option, len(prompt) + new_tokens + 8)
+load_s = time.perf_counter() - start
+rss_load = peak_rss()
+calls = []
+for _ in range(2):  # the first call pays JIT compilation (numba), allocator and thread-pool start-up
+    start = time.perf_counter()
+    run(prompt[:8], 2)
+    calls.append(time.perf_counter() - start)
+ttft = decode = float("inf")
+for _ in range(repeat):
+    t, d, ids = run(prompt, new_tokens)
+    ttft, decode = min(ttft, t), min(decode, d)
+peak = peak_rss()
+np.savez(out_file, load_s=load_s, first_call_s=calls[0], second_call_s=calls[1], ttft_s=ttft, decode_s=decode,
+         peak_rss_load=rss_load, peak_rss=peak, weight_bytes=engine.weight_bytes, version=np.array(engine.version),
+         first_ids=np.array(ids[:8]), compile_s=getattr(engine, "compile_s", float("nan")))
+"""
+
+_TINYQWEN = """
+def load(path, threads, option, max_len):
+    import tinyqwen
+    from tinyqwen.bench import compile_clock, resident_bytes
+    clock = compile_clock() if option == "numba" else None
+    model = tinyqwen.load_model(path, backend=option)
+
+    class Engine:
+        version = f"tinyqwen {tinyqwen.__version__} ({option} backend)"
+        weight_bytes = resident_bytes(model.weights)
+        compile_s = property(lambda self: clock.total if clock else float("nan"))
+
+        def prefill(self, ids):
+            self.cache = model.new_cache(1, max_len)
+            return self.step_ids(np.asarray([ids]))
+
+        def step(self, token):
+            return self.step_ids(np.asarray([[token]]))
+
+        def step_ids(self, ids):
+            return int(model.forward(ids, cache=self.cache, last_only=True).logits[0, -1].argmax())
+
+    return Engine()
+"""
+
+_TRANSFORMERS = """
+def load(path, threads, option, max_len):
+    import importlib
+    torch = importlib.import_module("torch")
+    transformers = importlib.import_module("transformers")
+    torch.set_num_threads(threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[option]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+    class Engine:
+        version = f"transformers {transformers.__version__}, torch {torch.__version__}"
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
+
+        def prefill(self, ids):
+            self.past = None
+            return self.forward(torch.tensor([ids]), logits_to_keep=1)  # last position only, as tinyqwen's
+
+        def step(self, token):
+            return self.forward(torch.tensor([[token]]))
+
+        def forward(self, ids, **kwargs):
+            with torch.inference_mode():
+                out = model(ids, past_key_values=self.past, use_cache=True, **kwargs)
+            self.past = out.past_key_values
+            return int(out.logits[0, -1].argmax())
+
+    return Engine()
+"""
+
+_LLAMA_CPP = """
+def load(path, threads, option, max_len):
+    import importlib, os
+    llama_cpp = importlib.import_module("llama_cpp")
+    llm = llama_cpp.Llama(model_path=option, n_ctx=max_len, n_threads=threads, n_threads_batch=threads,
+                          n_batch=512, verbose=False)
+    vocab = llm.n_vocab()
+
+    def first_new_token():  # the logits of the last token evaluated
+        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax())
+
+    class Engine:
+        version = f"llama-cpp-python {llama_cpp.__version__}"
+
+        @property
+        def weight_bytes(self):  # the GGUF's tensor data; the file size if the gguf package is missing
+            try:
+                return sum(int(t.n_bytes) for t in importlib.import_module("gguf").GGUFReader(option).tensors)
+            except Exception:
+                return os.path.getsize(option)
+
+        def prefill(self, ids):
+            llm.reset()
+            llm.eval(ids)
+            return first_new_token()
+
+        def step(self, token):
+            llm.eval([token])
+            return first_new_token()
+
+    return Engine()
+"""
+
+_GEMV = """
+import sys, time
+import numpy as np
+rows, cols, out_file = int(sys.argv[4]), int(sys.argv[5]), sys.argv[3]
+w = np.full((rows, cols), 0.5, dtype=np.float32)  # written once, so every page is real memory
+x = np.ones(cols, dtype=np.float32)
+w @ x
+best = float("inf")
+for _ in range(5):
+    start = time.perf_counter()
+    w @ x
+    best = min(best, time.perf_counter() - start)
+np.savez(out_file, seconds=best, bytes=w.nbytes)
 """
 
 
-def time_transformers(path: Path, prompt: np.ndarray, new_tokens: int, threads: int | None = None) -> Timing:
-    """The same measurement with transformers in a child process; TinyQwenError if it is not installed."""
-    threads = threads or os.cpu_count() or 1
-    t = run_transformers(_PEER_SCRIPT, path, {"prompt": prompt}, new_tokens, threads, needed_for="the peer")
-    engine = f"transformers {t['version']} (fp32)"
-    return Timing(engine, prompt.size, new_tokens, float(t["prefill"]), float(t["decode"]))
+class compile_clock:  # noqa: N801 (used like a function)
+    """Seconds Numba spends compiling from now on (its "numba:compile" events; nested compiles counted once)."""
+
+    def __init__(self):
+        from numba.core import event
+
+        self.total, self._depth, self._start = 0.0, 0, 0.0
+        clock = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                if clock._depth == 0:
+                    clock._start = time.perf_counter()
+                clock._depth += 1
+
+            def on_end(self, ev):
+                clock._depth -= 1
+                if clock._depth == 0:
+                    clock.total += time.perf_counter() - clock._start
+
+        event.register("numba:compile", Listener())
 
 
-def format_report(timings: list[Timing]) -> str:
-    """A table of tokens per second, and each engine's speed relative to the first (tinyqwen)."""
-    lines = [f"{'engine':36s} {'prefill tok/s':>14s} {'decode tok/s':>13s}"]
-    lines += [f"{t.engine:36s} {t.prefill_tok_s:14.1f} {t.decode_tok_s:13.2f}" for t in timings]
-    ours = timings[0]
-    for peer in timings[1:]:
-        lines.append(
-            f"ratio tinyqwen / {peer.engine.split(' (')[0]}: prefill {ours.prefill_tok_s / peer.prefill_tok_s:.2f}x, "
-            f"decode {ours.decode_tok_s / peer.decode_tok_s:.2f}x (same run, same prompt; >1 means tinyqwen is faster)"
+def thread_env(threads: int) -> dict[str, str]:
+    n = str(threads)
+    return {k: n for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
+
+
+def measure_gemv(threads: int = THREADS, shape: tuple[int, int] = GEMV_SHAPE) -> dict:
+    """The machine's streaming bandwidth as decode sees it: NumPy fp32 BLAS GEMV over `shape`, best of 5."""
+    out = run_child(_GEMV, "-", {}, *shape, env=thread_env(threads), what="the GEMV probe")
+    seconds, nbytes = float(out["seconds"]), int(out["bytes"])
+    return {
+        "what": f"NumPy fp32 BLAS GEMV (w @ x) on a [{shape[0]} x {shape[1]}] matrix, best of 5",
+        "bytes": nbytes,
+        "seconds": seconds,
+        "gb_s": nbytes / seconds / 1e9,
+    }
+
+
+# ------------------------------------------------------------------------------------------ which engines
+
+
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    name: str  # "tinyqwen-numpy", "transformers-bf16", "llama.cpp-q8_0", ...
+    kind: str  # one of ENGINE_KINDS
+    option: str  # backend name, torch dtype, or GGUF path
+    skip: str = ""  # why it cannot run here ("" if it can)
+
+
+def find_ggufs(model: Path) -> dict[str, Path]:
+    """GGUF files for a checkpoint: <dir>/*.gguf, and <dir>-<type>.gguf beside it (../shared/peers/setup's names).
+
+    The label is the file name after the checkpoint's name, e.g. qwen3-0.6b-random-q8_0.gguf -> "q8_0".
+    """
+    found = sorted(model.glob("*.gguf")) + sorted(model.parent.glob(f"{model.name}-*.gguf"))
+    return {gguf_label(p, model): p for p in found}
+
+
+def gguf_label(path: Path, model: Path | None = None) -> str:
+    stem = path.stem
+    if model is not None and stem.startswith(model.name + "-"):
+        return stem[len(model.name) + 1 :]
+    return stem.rsplit("-", 1)[-1] if "-" in stem else stem
+
+
+def plan_engines(
+    model: Path, kinds=ENGINE_KINDS, peer_python: str | None = None, ggufs: list[Path] | None = None
+) -> list[Engine]:
+    """Every engine asked for, each with the reason it cannot run here (if any)."""
+    from backends import get_backend
+
+    unknown = [k for k in kinds if k not in ENGINE_KINDS]
+    if unknown:
+        raise TinyQwenError(f"unknown engine {unknown[0]!r} (choose from {', '.join(ENGINE_KINDS)})")
+    peer = peer_python or sys.executable
+    # the modules the peer Python lacks: probed once, and only if a peer is asked for
+    lacking: list[str] | None = None
+    engines = []
+    for kind in kinds:
+        if kind in TINYQWEN_BACKENDS:
+            try:
+                get_backend(kind)
+                skip = ""
+            except TinyQwenError as e:
+                skip = str(e)
+            engines.append(Engine(f"tinyqwen-{kind}", kind, kind, skip))
+            continue
+        if lacking is None:
+            lacking = missing_modules(peer, ("torch", "transformers", "llama_cpp"))
+        needs = ("torch", "transformers") if kind == "transformers" else ("llama_cpp",)
+        lacks = [m for m in needs if m in lacking]
+        skip = (
+            f"{peer} lacks {', '.join(lacks)} (give --peer-python: e.g. ../shared/peers/setup's venv)"
+            if lacks
+            else ""
         )
+        if kind == "transformers":
+            engines += [Engine(f"transformers-{d}", kind, d, skip) for d in TRANSFORMERS_DTYPES]
+        else:
+            files = {gguf_label(Path(p), model): Path(p) for p in ggufs} if ggufs else find_ggufs(model)
+            absent = [str(p) for p in files.values() if not p.is_file()]
+            if absent:
+                raise TinyQwenError(f"GGUF file not found: {absent[0]}")
+            if not files:
+                reason = f"no GGUF file (give --gguf, or put {model.name}-bf16.gguf beside the checkpoint)"
+                engines.append(Engine("llama.cpp", kind, "", skip or reason))
+            engines += [Engine(f"llama.cpp-{label}", kind, str(p), skip) for label, p in files.items()]
+    return engines
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+
+def run_engine(
+    engine: Engine,
+    model: Path,
+    prompt: np.ndarray,
+    new_tokens: int,
+    repeat: int,
+    threads: int,
+    peer_python=None,
+) -> dict:
+    """Time one engine in its own process; the raw measurements as plain numbers."""
+    script = {"numpy": _TINYQWEN, "numba": _TINYQWEN, "transformers": _TRANSFORMERS, "llama.cpp": _LLAMA_CPP}
+    env = thread_env(threads)
+    python = None if engine.kind in TINYQWEN_BACKENDS else peer_python
+    with tempfile.TemporaryDirectory(prefix="tinyqwen-numba-cache-") as cache:
+        if engine.kind == "numba":  # a fresh JIT cache, so first_call_s includes the real compile
+            env["NUMBA_CACHE_DIR"] = cache
+        out = run_child(
+            script[engine.kind] + _DRIVER,
+            model,
+            {"prompt": prompt},
+            new_tokens,
+            repeat,
+            threads,
+            engine.option,
+            python=python,
+            env=env,
+            what=engine.name,
+        )
+    raw = {k: (str(v) if v.dtype.kind == "U" else v.tolist()) for k, v in out.items()}
+    return raw
+
+
+def summarise(
+    engine: Engine, raw: dict, config, prompt_tokens: int, new_tokens: int, gemv: dict | None
+) -> dict:
+    """The reported numbers of one engine: speeds, TTFT, memory, decode bandwidth against the GEMV's."""
+    from tinyqwen.model import count_parameters
+
+    per_weight = raw["weight_bytes"] / count_parameters(config)
+    decode_bytes = decode_params(config) * per_weight
+    step_s = raw["decode_s"] / new_tokens
+    result = {
+        "engine": engine.name,
+        "status": "ok",
+        "version": raw["version"],
+        "prefill_tok_s": prompt_tokens / raw["ttft_s"],
+        "decode_tok_s": new_tokens / raw["decode_s"],
+        "ttft_s": raw["ttft_s"],
+        "load_s": raw["load_s"],
+        "first_call_s": raw["first_call_s"],
+        "peak_rss_mb": raw["peak_rss"] / 1e6,
+        "peak_rss_after_load_mb": raw["peak_rss_load"] / 1e6,
+        "weight_mb": raw["weight_bytes"] / 1e6,
+        "bytes_per_weight": per_weight,
+        "decode_mb_per_token": decode_bytes / 1e6,
+        "decode_gb_s": decode_bytes / step_s / 1e9,
+        "first_ids": raw["first_ids"],
+    }
+    if engine.kind == "numba":  # time spent in Numba's compiler (a fresh cache: nothing is loaded from disk)
+        result["compile_s"] = raw["compile_s"]
+    if gemv:
+        result["decode_vs_gemv"] = result["decode_gb_s"] / gemv["gb_s"]
+    return result
+
+
+def ratios(results: list[dict]) -> list[dict]:
+    """tinyqwen's speed over every other engine's from the same run (>1: tinyqwen is faster)."""
+    ok = [r for r in results if r["status"] == "ok"]
+    out = []
+    for i, ours in enumerate(ok):
+        if not ours["engine"].startswith("tinyqwen-"):
+            continue
+        for j, peer in enumerate(ok):
+            if j == i or (peer["engine"].startswith("tinyqwen-") and j > i):
+                continue
+            out.append(
+                {
+                    "engine": ours["engine"],
+                    "peer": peer["engine"],
+                    "prefill": ours["prefill_tok_s"] / peer["prefill_tok_s"],
+                    "decode": ours["decode_tok_s"] / peer["decode_tok_s"],
+                }
+            )
+    return out
+
+
+def run_benchmark(
+    model: str | Path,
+    kinds=ENGINE_KINDS,
+    prompt_tokens: int = 512,
+    new_tokens: int = 128,
+    repeat: int = 2,
+    threads: int = THREADS,
+    peer_python: str | None = None,
+    ggufs: list[Path] | None = None,
+    gemv_shape: tuple[int, int] | None = GEMV_SHAPE,
+    progress=None,
+) -> dict:
+    """Measure every engine of `kinds` on the checkpoint `model`; the whole run as one JSON-ready dict."""
+    from tinyqwen.config import load_config
+    from tinyqwen.hub import resolve_model
+    from tinyqwen.model import count_parameters
+    from tinyqwen.verify import describe
+
+    for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("repeat", repeat)):
+        if value < 1:
+            raise TinyQwenError(f"{name} must be at least 1, got {value}")
+    path = resolve_model(str(model))
+    config = load_config(path)
+    prompt = np.random.default_rng(0).integers(0, min(config.vocab_size, 151643), prompt_tokens)
+    engines = plan_engines(path, kinds, peer_python, ggufs)
+    say = progress or (lambda line: None)
+    load_before = os.getloadavg()[0]  # how busy the machine was: a shared host makes every timing slower
+    gemv = None
+    if gemv_shape:
+        say(f"GEMV bandwidth probe, {threads} threads")
+        gemv = measure_gemv(threads, gemv_shape)
+    results = []
+    for engine in engines:
+        if engine.skip:
+            results.append({"engine": engine.name, "status": "skipped", "reason": engine.skip})
+            continue
+        say(f"{engine.name}: {prompt_tokens}-token prompt, {new_tokens} new tokens, best of {repeat}")
+        try:
+            raw = run_engine(engine, path, prompt, new_tokens, repeat, threads, peer_python)
+        except TinyQwenError as e:
+            results.append({"engine": engine.name, "status": "error", "reason": str(e)})
+            continue
+        results.append(summarise(engine, raw, config, prompt_tokens, new_tokens, gemv))
+    return {
+        "model": str(path),
+        "config": describe(config),
+        "parameters": count_parameters(config),
+        "decode_params_per_token": decode_params(config),
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "repeat": repeat,
+        "threads": threads,
+        "machine": {
+            "cpu": cpu_name(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "load_average_before": load_before,  # 1-minute load averages: above `cores`, engines shared the CPU
+            "load_average_after": os.getloadavg()[0],
+        },
+        "gemv": gemv,
+        "method": (
+            "each engine in its own process, greedy, same random prompt ids; prefill tok/s = prompt / time to first "
+            "new token; decode tok/s = new tokens / their time; best of `repeat` each; decode GB/s = weights read "
+            "per token (decode_params_per_token x the engine's resident bytes per weight) / time per token"
+        ),
+        "results": results,
+        "ratios": ratios(results),
+    }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+
+def format_report(report: dict) -> str:
+    """The run as a table: speeds, TTFT, peak RSS, decode bandwidth; then the ratios and what was skipped."""
+    gemv = report.get("gemv")
+    lines = [
+        f"{report['config']}, {report['prompt_tokens']}-token prompt, {report['new_tokens']} new tokens, "
+        f"{report['threads']} threads, best of {report['repeat']} ({report['machine']['cpu']}, "
+        f"load average {report['machine'].get('load_average_before', 0):.1f} before, "
+        f"{report['machine'].get('load_average_after', 0):.1f} after)",
+        f"{'engine':20s} {'prefill tok/s':>13s} {'decode tok/s':>12s} {'TTFT s':>7s} {'peak RSS MB':>11s} "
+        f"{'decode GB/s':>11s}" + (f" {'of GEMV':>7s}" if gemv else ""),
+    ]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            continue
+        line = (
+            f"{r['engine']:20s} {r['prefill_tok_s']:13.1f} {r['decode_tok_s']:12.2f} {r['ttft_s']:7.3f} "
+            f"{r['peak_rss_mb']:11.0f} {r['decode_gb_s']:11.1f}"
+        )
+        if gemv:
+            line += f" {r['decode_vs_gemv']:7.0%}"
+        if "compile_s" in r:
+            line += f"  (first-call compile {r['compile_s']:.1f} s)"
+        lines.append(line)
+    if gemv:
+        lines.append(f"GEMV bandwidth: {gemv['gb_s']:.1f} GB/s ({gemv['what']})")
+    for q in report["ratios"]:
+        lines.append(
+            f"ratio {q['engine']} / {q['peer']}: prefill {q['prefill']:.2f}x, decode {q['decode']:.2f}x "
+            "(same run; >1 means tinyqwen is faster)"
+        )
+    for r in report["results"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['status']}: {r['engine']}: {r['reason']}")
     return "\n".join(lines)

@@ -6,7 +6,7 @@
     tinyqwen generate --model ./ckpt --file prompts.txt    # one prompt per line, in batches of 8
     tinyqwen verify --model ./ckpt                         # our logits vs transformers' (if installed)
     tinyqwen info --model ./ckpt                           # config, parameters, memory
-    tinyqwen bench --model ./ckpt                          # prefill / decode tokens per second
+    tinyqwen bench --model ./ckpt --json                   # speed vs transformers / llama.cpp, one run
 
 Every error caused by the input (a missing model, a bad flag value, a prompt longer than the context) is a
 `TinyQwenError`, printed as one line on stderr with exit code 1; a traceback means a bug in tinyqwen.
@@ -549,20 +549,26 @@ def require_positive(flag: str, value: int) -> int:
 
 
 def cmd_bench(args) -> int:
-    from tinyqwen.bench import format_report, time_tinyqwen, time_transformers
-    from tinyqwen.verify import transformers_available
+    from tinyqwen.bench import ENGINE_KINDS, format_report, run_benchmark
 
-    require_positive("--prompt-tokens", args.prompt_tokens)
-    require_positive("--new-tokens", args.new_tokens)
-    model, _ = load(args, need_tokenizer=False)
-    prompt = np.random.default_rng(0).integers(0, min(model.config.vocab_size, 151643), args.prompt_tokens)
-    time_tinyqwen(model, prompt[:8], 2)  # warm-up: first touch of memory-mapped weights, BLAS start-up
-    timings = [time_tinyqwen(model, prompt, args.new_tokens)]
-    if args.peer and transformers_available():
-        timings.append(time_transformers(model.path, prompt, args.new_tokens))
-    elif args.peer:
-        print('no peer: transformers is not installed (pip install "tinyqwen[crosscheck]"); tinyqwen alone:')
-    print(format_report(timings))
+    for flag in ("--prompt-tokens", "--new-tokens", "--repeat", "--threads"):
+        require_positive(flag, getattr(args, flag[2:].replace("-", "_")))
+    kinds = [k.strip() for k in args.engines.split(",") if k.strip()] if args.engines else list(ENGINE_KINDS)
+    if not args.peer:
+        kinds = [k for k in kinds if k in ("numpy", "numba")]
+    report = run_benchmark(
+        args.model,
+        kinds,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        repeat=args.repeat,
+        threads=args.threads,
+        peer_python=args.peer_python,
+        ggufs=[Path(g).expanduser() for g in args.gguf] or None,
+        gemv_shape=None if args.no_gemv else (151_936, 1_024),
+        progress=None if args.json else lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
 
@@ -664,14 +670,38 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face id")
     info.set_defaults(func=cmd_info)
 
-    bench = command("bench", parents=[model], help="prefill and decode speed")
-    bench.add_argument("--prompt-tokens", type=int, default=128, help="length of the random prompt")
-    bench.add_argument("--new-tokens", type=int, default=32, help="tokens decoded after it")
+    bench = command(
+        "bench",
+        help="prefill / decode speed, TTFT, peak memory: tinyqwen's backends and the peers, each in its own process",
+    )
+    bench.add_argument("--model", "-m", required=True, help="checkpoint directory, or a Hugging Face id")
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="length of the random prompt")
+    bench.add_argument("--new-tokens", type=int, default=128, help="tokens decoded after it")
+    bench.add_argument("--repeat", type=int, default=2, help="timed runs per engine (the best is kept)")
+    bench.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    bench.add_argument(
+        "--engines",
+        help="comma-separated subset of numpy,numba,transformers,llama.cpp (default: all; missing ones are skipped)",
+    )
+    bench.add_argument(
+        "--peer-python",
+        default=os.environ.get("TINYQWEN_PEER_PYTHON"),
+        help="Python with torch/transformers/llama_cpp for the peers (default: $TINYQWEN_PEER_PYTHON, else this one)",
+    )
+    bench.add_argument(
+        "--gguf",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="GGUF file for llama.cpp, repeatable (default: <model>/*.gguf and <model>-*.gguf beside it)",
+    )
+    bench.add_argument("--json", action="store_true", help="print the whole run as one JSON object")
+    bench.add_argument("--no-gemv", action="store_true", help="skip the GEMV bandwidth probe")
     bench.add_argument(
         "--no-peer",
         dest="peer",
         action="store_false",
-        help="skip the transformers peer measured in the same run",
+        help="only tinyqwen's backends (no transformers, no llama.cpp)",
     )
     bench.set_defaults(func=cmd_bench)
     return parser

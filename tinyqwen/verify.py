@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -124,23 +125,67 @@ def transformers_available() -> bool:
     return all(importlib.util.find_spec(name) is not None for name in ("torch", "transformers"))
 
 
-def run_transformers(script: str, path: Path, inputs: dict[str, np.ndarray], *args, needed_for: str) -> dict:
-    """Run `script` in a child Python that has torch + transformers; return the arrays it saved.
+def missing_modules(python: str, modules: tuple[str, ...]) -> list[str]:
+    """The `modules` that the interpreter `python` cannot import (all of them if it does not run at all)."""
+    probe = "import importlib.util, sys; print(' '.join(m for m in sys.argv[1:] if importlib.util.find_spec(m) is None))"
+    try:
+        run = subprocess.run([python, "-c", probe, *modules], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return list(modules)
+    return run.stdout.split() if run.returncode == 0 else list(modules)
 
-    The child sees `sys.argv[1:]` = checkpoint path, an .npz with `inputs`, the .npz to write, then `args`.
+
+def run_child(
+    script: str,
+    path: Path | str,
+    inputs: dict[str, np.ndarray],
+    *args,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+    what: str = "the child process",
+) -> dict:
+    """Run `script` in a child Python (`python`, default this one); return the arrays it saved.
+
+    The child sees `sys.argv[1:]` = checkpoint path, an .npz with `inputs`, the .npz to write, then `args`;
+    `env` is added to this process's environment. A failing child is a TinyQwenError carrying its last stderr line.
     """
-    if not transformers_available():
-        raise TinyQwenError(f'{needed_for} needs torch and transformers: pip install "tinyqwen[crosscheck]"')
-    with tempfile.TemporaryDirectory(prefix="tinyqwen-transformers-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="tinyqwen-child-") as tmp:
         in_file, out_file = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
         np.savez(in_file, **inputs)
-        argv = [sys.executable, "-c", script, str(path), str(in_file), str(out_file), *map(str, args)]
-        run = subprocess.run(argv, capture_output=True, text=True)
-        if run.returncode != 0:
-            last = (run.stderr.strip().splitlines() or ["no output"])[-1]
-            raise TinyQwenError(f"transformers could not run the checkpoint {path}: {last}")
+        argv = [
+            python or sys.executable,
+            "-c",
+            script,
+            str(path),
+            str(in_file),
+            str(out_file),
+            *map(str, args),
+        ]
+        run = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        if run.returncode != 0 or not out_file.exists():
+            last = (run.stderr.strip().splitlines() or [f"exit code {run.returncode}, no output"])[-1]
+            raise TinyQwenError(f"{what} could not run the checkpoint {path}: {last}")
         with np.load(out_file) as data:
             return {name: data[name] for name in data.files}
+
+
+def run_transformers(
+    script: str,
+    path: Path,
+    inputs: dict[str, np.ndarray],
+    *args,
+    needed_for: str,
+    python: str | None = None,
+    env=None,
+) -> dict:
+    """`run_child` in a Python that has torch + transformers (this one, or `python`); says what to install if not."""
+    if python is None and not transformers_available():
+        raise TinyQwenError(f'{needed_for} needs torch and transformers: pip install "tinyqwen[crosscheck]"')
+    if python is not None and (missing := missing_modules(python, ("torch", "transformers"))):
+        raise TinyQwenError(
+            f"{needed_for} needs torch and transformers, and {python} lacks {', '.join(missing)}"
+        )
+    return run_child(script, path, inputs, *args, python=python, env=env, what="transformers")
 
 
 def reference_logits(path: Path, ids: np.ndarray) -> tuple[np.ndarray, str]:
