@@ -6,8 +6,8 @@ numba backend).
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
+from backends import numba_backend
 from tinyqwen.config import config_from_dict
 from tinyqwen.safetensors import bf16_to_float32 as _widen
 from tinyqwen.safetensors import float32_to_bf16 as _narrow
@@ -35,22 +35,8 @@ def weights_per_token(config: dict) -> int:
     return total
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def _gemv(w: np.ndarray, x: np.ndarray) -> np.ndarray:  # [m, n] uint16, [n] float32 -> [m] float32
-    m, n = w.shape
-    y = np.empty(m, np.float32)
-    for block in prange((m + 63) // 64):
-        wide = np.empty(n, np.uint32)
-        row = wide.view(np.float32)
-        for o in range(block * 64, min(m, block * 64 + 64)):
-            for i in range(n):
-                wide[i] = np.uint32(w[o, i]) << 16
-            acc = np.float32(0.0)
-            for i in range(n):
-                acc += row[i] * x[i]
-            y[o] = acc
-    return y
-
-
 def gemv_bf16(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return _gemv(np.ascontiguousarray(w, np.uint16), np.ascontiguousarray(x, np.float32))
+    # the production kernel: backends/numba_backend.py's bf16 GEMV (one token takes its GEMV path)
+    return numba_backend.linear(
+        np.ascontiguousarray(x, np.float32), numba_backend.BF16Weight(np.ascontiguousarray(w, np.uint16))
+    )
