@@ -1,6 +1,5 @@
 """Chapter 10 solutions: tinyqwen's bf16 conversions (tinyqwen/safetensors.py), its config (tinyqwen/config.py)
-for which layers are sparse, and the GEMV kernel the notebook writes (the production one is in `backends/`, the
-numba backend).
+for which layers are sparse, and the numba backend's bf16 GEMV (`backends/numba_backend.py`).
 """
 
 from __future__ import annotations
