@@ -6,6 +6,7 @@ The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it ca
     rms_norm(x, weight, eps)              # [..., d], [d] -> [..., d]
     apply_rope(x, cos, sin)               # [B, H, T, d], [B, T, d], [B, T, d] -> [B, H, T, d]
     attention(q, k, v, mask)              # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] -> [B, Hq, T, d]
+    blockwise_attention(q, k, v, mask)    # the same for long prompts, mask a CausalMask (default: the reference's)
     swiglu(x, w_gate, w_up, w_down)       # [..., d] -> [..., d]
     moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob)  # [N, d] -> [N, d], [N, E]
 
@@ -30,6 +31,12 @@ import numpy as np
 from tinyqwen.errors import BackendError
 
 
+def _reference_blockwise_attention(q, k, v, mask):
+    from tinyqwen.attention import blockwise_attention
+
+    return blockwise_attention(q, k, v, mask)
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str
@@ -42,6 +49,8 @@ class Backend:
     prepare: Callable[[np.ndarray], object]
     to_numpy: Callable[[object], np.ndarray]
     keep_bf16: bool = False
+    # long prompts (issue 11): tile-by-tile attention; a backend without its own uses the NumPy reference's
+    blockwise_attention: Callable = _reference_blockwise_attention
 
 
 def _numpy_backend() -> Backend:
@@ -53,6 +62,7 @@ def _numpy_backend() -> Backend:
         rms_norm=norm.rms_norm,
         apply_rope=rope.apply_rope,
         attention=attention.attention,
+        blockwise_attention=attention.blockwise_attention,
         swiglu=mlp.swiglu,
         moe_block=moe.moe_block,
         prepare=lambda w: w,

@@ -28,11 +28,17 @@ from typing import Any
 import numpy as np
 
 from tinyqwen.errors import GenerationError
+from tinyqwen.kv_cache import kv_dtype_name
 from tinyqwen.sampling import SamplingParams, sample
 from tinyqwen.thinking import EARLY_STOP_TEXT, ThinkingBudget, early_stop_ids
 
 # keyword arguments `generate(**sampling)` accepts, besides the sampling knobs of SamplingParams
-_OPTIONS = ("seed", "rng", "params", "thinking_budget", "early_stop", "prefill_chunk_size", "pad_token_id")
+_OPTIONS = (
+    "seed", "rng", "params", "thinking_budget", "early_stop", "prefill_chunk_size", "pad_token_id", "kv_dtype",
+)  # fmt: skip
+# prompts longer than this are prefilled this many tokens at a time unless prefill_chunk_size says otherwise: the
+# activations of one chunk (e.g. [2048, ffn] float32 MLP temporaries) instead of the whole prompt's (issue 11)
+PREFILL_CHUNK = 2048
 _KNOBS = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -56,7 +62,10 @@ def generate(
     - `thinking_budget=N` closes an open `<think>` block after N thinking tokens by feeding the early-stop text
       (`early_stop=`, a string or ids; default `tinyqwen.thinking.EARLY_STOP_TEXT`); those ids are part of the
       output and count towards `max_new_tokens`.
-    - `prefill_chunk_size=C` runs the prompt through the model C tokens at a time (less memory, same result).
+    - `prefill_chunk_size=C` runs the prompt through the model C tokens at a time (less memory, same result up
+      to float32 rounding). Default: prompts longer than `PREFILL_CHUNK` (2048) go in chunks of 2048.
+    - `kv_dtype="bfloat16"` (or "float16") stores the KV cache in 2 bytes per value instead of 4 (default
+      "float32", exact); see tinyqwen/kv_cache.py.
     - `max_new_tokens` is cut to what fits in the model's context (`max_position_embeddings`).
     - `input_ids=` (transformers' name) is accepted for `prompt_ids`.
     - A model whose logits turn NaN or inf stops with a GenerationError naming the step and the first layer
@@ -178,8 +187,13 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
     pad = options["pad_token_id"]
     ids, prompt_mask = left_pad([row.prompt for row in rows], pad)  # [B, P] x2
     mask = np.concatenate([prompt_mask, np.ones((B, max_new_tokens), dtype=np.int64)], axis=1)
-    cache = model.new_cache(B, P + max_new_tokens)
-    chunk = options["prefill_chunk_size"] or P
+    kv_dtype = options["kv_dtype"]
+    cache = (
+        model.new_cache(B, P + max_new_tokens)
+        if kv_dtype == "float32"
+        else model.new_cache(B, P + max_new_tokens, dtype=kv_dtype)
+    )
+    chunk = options["prefill_chunk_size"] or (PREFILL_CHUNK if P > PREFILL_CHUNK else P)
     for start in range(0, P, chunk):
         end = min(start + chunk, P)
         out = model.forward(ids[:, start:end], cache=cache, attention_mask=mask[:, :end] if batched else None,
@@ -292,6 +306,7 @@ def _resolve_sampling(model, temperature, sampling: dict) -> tuple[SamplingParam
     chunk = options["prefill_chunk_size"]
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
         raise GenerationError(f"prefill_chunk_size must be a whole number > 0, got {chunk!r}")
+    options["kv_dtype"] = kv_dtype_name(options["kv_dtype"] or "float32")
     budget = options["thinking_budget"]
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise GenerationError(f"thinking_budget must be a whole number >= 0, got {budget!r}")

@@ -7,11 +7,16 @@ over the stored ones ("decode").
 The cache is preallocated — no reallocation as it grows — and GQA-shaped: it stores the `num_key_value_heads`
 heads, not one copy per query head (Qwen3-0.6B: 8 kv heads instead of 16, half the memory). Per layer:
 
-    keys[layer], values[layer]: [batch, kv_heads, max_len, head_dim]    (float32)
+    keys[layer], values[layer]: [batch, kv_heads, max_len, head_dim]    (float32, bfloat16 or float16)
 
-Memory is 2 · layers · batch · kv_heads · max_len · head_dim · 4 bytes: Qwen3-0.6B at 4,096 positions takes
-2 · 28 · 8 · 4096 · 128 · 4 B = 0.94 GB per sequence — so we size the cache for the job, never for the model's
-40,960-position maximum. Rows of a batch share one `length`; shorter (left-padded) rows mask their padding.
+Memory is 2 · layers · batch · kv_heads · max_len · head_dim · bytes per value: Qwen3-0.6B at 4,096 positions takes
+2 · 28 · 8 · 4096 · 128 · 4 B = 0.94 GB per sequence in float32 — so we size the cache for the job, never for the
+model's 40,960-position maximum. Rows of a batch share one `length`; shorter (left-padded) rows mask their padding.
+
+Storage dtype (issue 11): "float32" (the default: exact), "bfloat16" or "float16" halve it. NumPy has no bfloat16,
+so a bf16 cache holds uint16 bit patterns, rounded to nearest-even when written (`float32_to_bf16`, the rounding
+torch uses) and widened exactly when read (`tinyqwen.attention.as_float32`). bfloat16 keeps float32's range with
+8 bits of precision; float16 keeps 11 bits but overflows above 65,504 (such a value is refused, not stored as inf).
 """
 
 from __future__ import annotations
@@ -21,6 +26,40 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinyqwen.errors import GenerationError
+from tinyqwen.safetensors import float32_to_bf16
+
+# storage dtype name -> (NumPy dtype of the stored arrays, bytes per value)
+KV_DTYPES = {"float32": np.float32, "bfloat16": np.uint16, "float16": np.float16}
+KV_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+}
+
+
+def kv_dtype_name(dtype: str) -> str:
+    """The canonical name of a KV cache dtype ('bf16' -> 'bfloat16'); a GenerationError for an unknown one.
+
+    >>> kv_dtype_name("bf16"), kv_dtype_name("float32")
+    ('bfloat16', 'float32')
+    """
+    name = KV_DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in KV_DTYPES:
+        raise GenerationError(
+            f"unknown KV cache dtype {dtype!r}: choose float32, bfloat16 or float16 (or fp32, bf16, fp16)"
+        )
+    return name
+
+
+def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str = "float32") -> int:
+    """Bytes the cache holds per position of one sequence: K and V, every layer, every kv head.
+
+    >>> kv_bytes_per_token(28, 8, 128, "bfloat16")  # Qwen3-0.6B: 112 KiB per token in bf16
+    114688
+    """
+    return 2 * num_layers * kv_heads * head_dim * np.dtype(KV_DTYPES[kv_dtype_name(dtype)]).itemsize
 
 
 @dataclass
@@ -28,19 +67,30 @@ class KVCache:
     keys: list[np.ndarray]  # per layer [B, Hkv, max_len, d]
     values: list[np.ndarray]  # per layer [B, Hkv, max_len, d]
     length: int = 0  # positions filled so far (the same for every row)
+    dtype: str = "float32"  # storage: "float32", "bfloat16" (uint16 bit patterns) or "float16"
 
     @classmethod
     def allocate(
-        cls, num_layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int
+        cls,
+        num_layers: int,
+        batch_size: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: str = "float32",
     ) -> KVCache:
         if batch_size <= 0 or max_len <= 0:
             raise GenerationError(
                 f"KV cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}"
             )
+        dtype = kv_dtype_name(dtype)
         shape = (batch_size, kv_heads, max_len, head_dim)
+        # np.zeros asks the OS for zeroed pages: memory is only really taken as positions are written
+        store = KV_DTYPES[dtype]
         return cls(
-            keys=[np.zeros(shape, np.float32) for _ in range(num_layers)],
-            values=[np.zeros(shape, np.float32) for _ in range(num_layers)],
+            keys=[np.zeros(shape, store) for _ in range(num_layers)],
+            values=[np.zeros(shape, store) for _ in range(num_layers)],
+            dtype=dtype,
         )
 
     @property
@@ -56,11 +106,27 @@ class KVCache:
         return sum(k.nbytes + v.nbytes for k, v in zip(self.keys, self.values, strict=True))
 
     def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # [B, Hkv, T, d] x2 -> all keys and values so far [B, Hkv, length + T, d] x2 (views, no copies)
-        # writes after `length` but does not advance it: the model advances once, after the last layer
+        # [B, Hkv, T, d] x2 float32 -> all keys and values so far [B, Hkv, length + T, d] x2 in the storage dtype
+        # (views, no copies: attention widens them). Writes after `length` but does not advance it: the model
+        # advances once, after the last layer.
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise GenerationError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
+        self.keys[layer][:, :, self.length : end] = self.encode(k, "keys", layer)
+        self.values[layer][:, :, self.length : end] = self.encode(v, "values", layer)
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def encode(self, x: np.ndarray, what: str = "values", layer: int = 0) -> np.ndarray:
+        """float32 -> the storage dtype: bf16 rounds to nearest-even (torch's rounding), float16 likewise."""
+        if self.dtype == "bfloat16":
+            return float32_to_bf16(x)
+        if self.dtype == "float16":
+            with np.errstate(over="ignore"):
+                narrow = x.astype(np.float16)
+            if np.isinf(narrow).any() and not np.isinf(x).any():
+                raise GenerationError(
+                    f"layer {layer} {what} exceed float16's range (largest {float(np.abs(x).max()):.4g} > 65504): "
+                    "use a bfloat16 or float32 KV cache"
+                )
+            return narrow
+        return x

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import Backend, get_backend
-from tinyqwen.attention import causal_mask, positions_from_mask
+from tinyqwen.attention import BLOCKWISE_MIN_SCORES, CausalMask, causal_mask, positions_from_mask
 from tinyqwen.config import Qwen3Config, load_config, load_generation_config
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
@@ -254,9 +254,13 @@ class Qwen3:
         logits = out.logits[0] if single else out.logits
         return (logits, out.router_logits) if return_router_logits else logits
 
-    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, dtype: str = "float32") -> KVCache:
+        """An empty KV cache for `batch_size` sequences of up to `max_len` positions, stored as `dtype`
+        ("float32", "bfloat16" or "float16"; see tinyqwen/kv_cache.py)."""
         c = self.config
-        return KVCache.allocate(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        return KVCache.allocate(
+            c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, dtype
+        )
 
     def forward(
         self,
@@ -308,7 +312,10 @@ class Qwen3:
                 f"position {int(positions.max())} is beyond the model's context of "
                 f"{c.max_position_embeddings} tokens (max_position_embeddings)"
             )
-        mask = causal_mask(T, total)[None] & key_mask[:, None, :]  # [B, T, total]
+        if T * total >= BLOCKWISE_MIN_SCORES:  # long: attention tile by tile, the mask too (never [T, total])
+            mask = CausalMask(key_mask, past)
+        else:
+            mask = causal_mask(T, total)[None] & key_mask[:, None, :]  # [B, T, total]
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor)  # [B, T, d] x2
 
         x = w.embed[ids]  # [B, T, H]
@@ -353,7 +360,10 @@ class Qwen3:
         v = v.transpose(0, 2, 1, 3)
         if cache is not None:
             kk, v = cache.update(i, kk, v)  # now every position so far: [B, Hkv, past + T, d]
-        out = k.attention(q, kk, v, mask)  # [B, Hq, T, d]
+        if isinstance(mask, CausalMask):
+            out = k.blockwise_attention(q, kk, v, mask)  # [B, Hq, T, d], memory: one tile of scores
+        else:
+            out = k.attention(q, kk, v, mask)  # [B, Hq, T, d]
         return k.linear(out.transpose(0, 2, 1, 3).reshape(B, T, -1), a.o_proj)
 
     def _check_ids(self, ids) -> np.ndarray:
