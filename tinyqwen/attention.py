@@ -26,9 +26,9 @@ one key block at a time in the blockwise version.
 
 from __future__ import annotations
 
-import numpy as np
-
 from dataclasses import dataclass
+
+import numpy as np
 
 from tinyqwen.errors import GenerationError
 from tinyqwen.safetensors import bf16_to_float32
