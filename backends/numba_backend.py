@@ -189,8 +189,39 @@ def _rope(x, cos, sin, out):  # [B, H, T, d], [B, T, d] x2 -> out [B, H, T, d]
                 out[b, h, t, j + half] = c * cos[b, t, j + half] + a * sin[b, t, j + half]
 
 
+@intrinsic
+def _f16(typingctx, u):
+    """uint16 float16 bit pattern -> float32, in a register (x86's F16C `vcvtph2ps`): exact, like bf16's widening."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+KV_FLOAT32, KV_BF16, KV_F16 = (
+    0,
+    1,
+    2,
+)  # how a KV cache stores its values (float16 is passed as its uint16 view)
+
+
+def _kv(x, kind):  # one stored key/value element -> float32 (compiled by the overload below)
+    raise NotImplementedError
+
+
+@numba.extending.overload(_kv)
+def _kv_overload(x, kind):
+    # a float32 cache compiles to the plain load; a uint16 one widens in registers, never the whole cache
+    if isinstance(x, types.Float):
+        return lambda x, kind: x
+    if x == types.uint16:
+        return lambda x, kind: _bf16(x) if kind == KV_BF16 else _f16(x)
+    return None
+
+
 @njit(cache=True, fastmath=FAST)
-def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its group of query heads
+def _attend_group(q, k, v, mask, out, b, h, kind):  # one kv head h of row b and its group of query heads
     Hq, d = q.shape[1], q.shape[2]
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
@@ -200,7 +231,7 @@ def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its g
         for g in range(group):
             acc = np.float32(0.0)
             for j in range(d):
-                acc += q[b, h * group + g, j] * k[b, h, s, j]
+                acc += q[b, h * group + g, j] * _kv(k[b, h, s, j], kind)
             scores[g, s] = acc * scale if mask[b, s] else MASKED
     for g in range(group):
         top = scores[g, 0]
@@ -217,7 +248,7 @@ def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its g
         for g in range(group):
             p = scores[g, s]
             for j in range(d):
-                acc[g, j] += p * v[b, h, s, j]
+                acc[g, j] += p * _kv(v[b, h, s, j], kind)
     for g in range(group):
         for j in range(d):
             out[b, h * group + g, j] = acc[g, j]
@@ -265,18 +296,20 @@ PARALLEL_ATTENTION_BYTES = 1 << 20  # of keys and values read per step
 
 @njit(cache=True)
 def _decode_attention_serial(
-    q, k, v, mask, out
-):  # [B, Hq, d], [B, Hkv, S, d] x2, [B, S] bool -> out [B, Hq, d]
+    q, k, v, mask, out, kind
+):  # [B, Hq, d], [B, Hkv, S, d] x2 (float32, or uint16 bf16/f16 bits), [B, S] bool -> out [B, Hq, d]
     B, Hkv = k.shape[0], k.shape[1]
     for bh in range(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, kind)
 
 
 @njit(parallel=True, cache=True)
-def _decode_attention_parallel(q, k, v, mask, out):  # the same, the (row, kv head) pairs spread over threads
+def _decode_attention_parallel(
+    q, k, v, mask, out, kind
+):  # the same, (row, kv head) pairs spread over threads
     B, Hkv = k.shape[0], k.shape[1]
     for bh in prange(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, kind)
 
 
 # --------------------------------------------------------------------------------------------- the interface
@@ -329,15 +362,21 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] bool -> [B, Hq, T, d]
+    # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d] (float32, or a bf16 / float16 KV cache), [B, T, S] bool
+    # -> [B, Hq, T, d]
     B, Hq, T, d = q.shape
     if T != 1:
         return np_attention.attention(q, k, v, mask)
+    # a narrow cache is read as it is stored: each element widened in registers (bf16 as uint16 bit patterns;
+    # float16 passed as its uint16 view, since Numba has no float16 arrays)
+    kind = {np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}.get(k.dtype, KV_FLOAT32)
+    if kind == KV_F16:
+        k, v = k.view(np.uint16), v.view(np.uint16)
     out = np.empty((B, Hq, d), np.float32)
     kernel = (
         _decode_attention_parallel if 2 * k.nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
     )
-    kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out)
+    kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out, kind)
     return out.reshape(B, Hq, 1, d)
 
 
