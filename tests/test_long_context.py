@@ -246,3 +246,43 @@ def test_numba_widens_every_float16_bit_pattern_exactly():
     out = np.empty(bits.shape, np.float32)
     widen(bits, out)
     np.testing.assert_array_equal(out, bits.view(np.float16).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------- long YaRN prompt
+
+
+@pytest.fixture(scope="module")
+def long_yarn():
+    """tests/fixtures/long-yarn: YaRN x4 on an original context of 2048, a 6144-token prompt, and transformers'
+    float32 logits at 80 of its positions (made by tests/fixtures/make_long_context.py; the live version of these
+    checks, at every position, is tests/test_crosscheck_long.py)."""
+    ref = np.load(FIXTURES / "long-yarn" / "reference.npz")
+    return tinyqwen.load_model(FIXTURES / "long-yarn"), ref["input_ids"], ref["positions"], ref["logits"]
+
+
+def _cached(
+    model, ids, dtype, chunk=1500, decode=16
+):  # chunked prefill, then the last `decode` ids one by one
+    cache = model.new_cache(1, len(ids), dtype=dtype)
+    out, T = [], len(ids) - decode
+    for start in range(0, T, chunk):
+        out.append(model.forward(ids[None, start : min(T, start + chunk)], cache=cache).logits[0])
+    for t in range(T, len(ids)):
+        out.append(model.forward(ids[None, t : t + 1], cache=cache).logits[0])
+    return np.concatenate(out)
+
+
+def test_long_yarn_prompt_full_forward_equals_stored_transformers(long_yarn):
+    model, ids, positions, want = long_yarn
+    assert positions.max() >= 3 * model.config.rope_scaling.original_max_position_embeddings - 1
+    got = model(ids)[positions]  # 6144² scores per head: the blockwise path
+    assert np.abs(got - want).max() <= tolerance(want)  # measured 1.6e-5 (bound 2.2e-4)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_long_yarn_prompt_chunked_prefill_and_decode(long_yarn, dtype, rtol):
+    # float32 cache: the project's "equal" (1e-5 of the logits' size); bfloat16: the stated bound 1e-2 of their
+    # size (measured 2.7e-3: each key and value keeps 8 significant bits)
+    model, ids, positions, want = long_yarn
+    got = _cached(model, ids, dtype)[positions]
+    assert np.abs(got - want).max() <= tolerance(want, rtol)
