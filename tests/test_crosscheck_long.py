@@ -1,6 +1,6 @@
 """Long prompts with YaRN against live transformers (issue 11; marker `crosscheck`, needs torch + transformers).
 
-The checkpoint is tests/fixtures/long-yarn (made by tests/fixtures/make_long_context.py): YaRN factor 4 on an
+The checkpoint is tests/data/long-yarn (made by tests/fixtures/make_long_context.py): YaRN factor 4 on an
 original context of 2048, a 6144-token prompt, so positions 2048…6143 are beyond what plain RoPE was trained for.
 transformers runs the whole prompt once (float32, eager attention); tinyqwen must give the same logits at every
 position in three ways — one full forward (blockwise attention: 6144² scores is above the threshold), a chunked
@@ -32,7 +32,7 @@ from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 pytestmark = pytest.mark.crosscheck
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-FOLDER = FIXTURES / "long-yarn"
+FOLDER = FIXTURES.parent / "data" / "long-yarn"
 BF16_RTOL = 1e-2
 CHUNK = 1500  # prefill chunks: not a divisor of the prompt, and crossing the original context (2048)
 DECODE = 16  # the last positions, one at a time from the cache

@@ -27,6 +27,7 @@ from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16
 from tinyqwen.verify import tolerance
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
+DATA = FIXTURES.parent / "data"
 ATOL = 1e-5
 
 
@@ -253,11 +254,11 @@ def test_numba_widens_every_float16_bit_pattern_exactly():
 
 @pytest.fixture(scope="module")
 def long_yarn():
-    """tests/fixtures/long-yarn: YaRN x4 on an original context of 2048, a 6144-token prompt, and transformers'
+    """tests/data/long-yarn: YaRN x4 on an original context of 2048, a 6144-token prompt, and transformers'
     float32 logits at 80 of its positions (made by tests/fixtures/make_long_context.py; the live version of these
     checks, at every position, is tests/test_crosscheck_long.py)."""
-    ref = np.load(FIXTURES / "long-yarn" / "reference.npz")
-    return tinyqwen.load_model(FIXTURES / "long-yarn"), ref["input_ids"], ref["positions"], ref["logits"]
+    ref = np.load(DATA / "long-yarn" / "reference.npz")
+    return tinyqwen.load_model(DATA / "long-yarn"), ref["input_ids"], ref["positions"], ref["logits"]
 
 
 def _cached(
