@@ -487,8 +487,40 @@ def cmd_info(args) -> int:
     if gen:
         keys = ("temperature", "top_k", "top_p", "eos_token_id")
         lines.append("generation   " + ", ".join(f"{k} {gen[k]}" for k in keys if k in gen))
+    if args.context is not None:
+        lines += ["", *memory_table(c, require_positive("--context", args.context), args.batch, args.backend)]
     print("\n".join(lines))
     return 0
+
+
+def memory_table(c, context: int, batch: int, backend: str) -> list[str]:
+    """Memory to prefill `context` tokens, per KV cache dtype (tinyqwen.kv_cache.memory_estimate), as lines."""
+    from tinyqwen.kv_cache import KV_DTYPES, PREFILL_CHUNK, memory_estimate
+    from tinyqwen.model import count_parameters
+
+    require_positive("--batch", batch)
+    if backend not in ("numpy", "numba"):
+        raise TinyQwenError(f"--backend: info knows the memory of numpy and numba, not {backend!r}")
+    # numpy widens every weight to float32; numba keeps a bf16 checkpoint's matrices as bf16 (2 bytes)
+    weights = count_parameters(c) * (4 if backend == "numpy" else 2)
+    where = "float32 weights" if backend == "numpy" else "bf16 weights (a bf16 checkpoint)"
+    lines = [
+        f"memory for a {context:,}-token context, batch {batch}, prefill in chunks of "
+        f"{min(context, PREFILL_CHUNK):,} tokens ({backend} backend: {where})",
+        f"  {'kv cache':<10}{'weights':>12}{'kv cache':>12}{'activations':>13}{'runtime':>11}{'total':>12}",
+    ]
+    for dtype in KV_DTYPES:
+        m = memory_estimate(c, context, dtype, batch=batch, weight_bytes=weights)
+        parts = [m["weights"], m["kv_cache"], m["activations"], m["runtime"], sum(m.values())]
+        widths = (12, 12, 13, 11, 12)
+        lines.append(
+            f"  {dtype:<10}" + "".join(f"{human(v):>{w}}" for v, w in zip(parts, widths, strict=True))
+        )
+    if context > c.max_position_embeddings:
+        lines.append(
+            f"  (beyond this model's context of {c.max_position_embeddings:,} tokens: generation would refuse)"
+        )
+    return lines
 
 
 def active_parameters(c) -> int:
@@ -668,6 +700,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = command("info", help="config summary, parameter count, memory needed")
     info.add_argument("--model", "-m", required=True, help="checkpoint directory or Hugging Face id")
+    info.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="also print the memory to prefill N tokens: weights, KV cache (per cache dtype), activations",
+    )
+    info.add_argument("--batch", type=int, default=1, help="sequences in the batch (with --context)")
+    info.add_argument("--backend", default="numpy", help="whose weight storage to count (with --context)")
     info.set_defaults(func=cmd_info)
 
     bench = command(

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from tinyqwen.errors import GenerationError
-from tinyqwen.kv_cache import kv_dtype_name
+from tinyqwen.kv_cache import PREFILL_CHUNK, kv_dtype_name
 from tinyqwen.sampling import SamplingParams, sample
 from tinyqwen.thinking import EARLY_STOP_TEXT, ThinkingBudget, early_stop_ids
 
@@ -36,9 +36,7 @@ from tinyqwen.thinking import EARLY_STOP_TEXT, ThinkingBudget, early_stop_ids
 _OPTIONS = (
     "seed", "rng", "params", "thinking_budget", "early_stop", "prefill_chunk_size", "pad_token_id", "kv_dtype",
 )  # fmt: skip
-# prompts longer than this are prefilled this many tokens at a time unless prefill_chunk_size says otherwise: the
-# activations of one chunk (e.g. [2048, ffn] float32 MLP temporaries) instead of the whole prompt's (issue 11)
-PREFILL_CHUNK = 2048
+
 _KNOBS = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
