@@ -133,6 +133,8 @@ def sampling_params(args, generation_config: dict, thinking: bool) -> SamplingPa
 
 def generation_kwargs(args, params: SamplingParams) -> dict:
     kwargs = {"params": params, "temperature": params.temperature}
+    if getattr(args, "kv_dtype", "float32") != "float32":
+        kwargs["kv_dtype"] = args.kv_dtype
     if not params.greedy:
         kwargs["seed"] = args.seed
     if args.thinking_budget is not None:
@@ -255,8 +257,15 @@ def cmd_chat(args) -> int:
 
     The user's text is tokenized as plain text (`Tokenizer.apply_chat_template`, sanitize_control_tokens): typing
     "<|im_end|>" or "<think>" cannot fake a turn or a thought; only the template writes control tokens. A line that
-    cannot be sent (not UTF-8, conversation longer than the context) is refused with one line and the chat goes
-    on; nothing is added to the history until a reply has been generated.
+    cannot be sent (not UTF-8) is refused with one line and the chat goes on; nothing is added to the history until
+    a reply has been generated.
+
+    The context (`--context`, default the model's max_position_embeddings) is a budget: after each reply the chat
+    says how many tokens the conversation uses and how many are left. When a new message would not leave room for
+    a reply (`reply_room`: --max-new-tokens, at most a quarter of the context), the *oldest exchanges* (a user
+    message and the replies to it; the system message is always kept) are dropped from the history, with a
+    notice saying how many — the model then no longer sees them. A single message too long for the context even
+    with no history is refused.
     """
     from tinyqwen.chat_template import apply_chat_template
     from tinyqwen.generation import stream_generate
@@ -271,6 +280,9 @@ def cmd_chat(args) -> int:
     style = Style.for_stream(sys.stdout, args.no_color)
     eos = eos_ids(model)
     context = model.config.max_position_embeddings
+    if args.context is not None:
+        context = min(context, require_positive("--context", args.context))
+    room = reply_room(args.max_new_tokens, context)
     enable_thinking = not args.no_think
     fresh: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(fresh)
@@ -299,15 +311,31 @@ def cmd_chat(args) -> int:
         if problem:
             print(f"tinyqwen: error: your message was not sent: {problem}", file=sys.stderr)
             continue
-        turn = [*messages, {"role": "user", "content": text}]
-        thinking = thinking_mode(turn, enable_thinking)
+        user = {"role": "user", "content": text}
         try:
             ids = tokenizer.apply_chat_template(
-                turn, add_generation_prompt=True, enable_thinking=enable_thinking, return_dict=False
+                [*messages, user],
+                add_generation_prompt=True,
+                enable_thinking=enable_thinking,
+                return_dict=False,
             )
+            dropped = 0
+            while len(ids) + room > context and (shorter := drop_oldest_exchange(messages)) is not None:
+                messages, dropped = shorter, dropped + 1
+                ids = tokenizer.apply_chat_template(
+                    [*messages, user],
+                    add_generation_prompt=True,
+                    enable_thinking=enable_thinking,
+                    return_dict=False,
+                )
         except TinyQwenError as error:
             print(f"tinyqwen: error: your message was not sent: {one_line(error)}", file=sys.stderr)
             continue
+        if dropped:
+            print(style.dim(f"[context: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to make room: "
+                            f"the prompt is now {len(ids):,} of {context:,} tokens]"))  # fmt: skip
+        turn = [*messages, user]
+        thinking = thinking_mode(turn, enable_thinking)
         if len(ids) >= context:
             print(
                 f"tinyqwen: error: your message was not sent: with it the conversation is {len(ids):,} tokens, "
@@ -324,7 +352,8 @@ def cmd_chat(args) -> int:
         reply: list[int] = []
         try:
             kwargs = generation_kwargs(args, params)
-            for token in stream_generate(model, ids, args.max_new_tokens, eos_token_ids=eos, **kwargs):
+            budget = min(args.max_new_tokens, context - len(ids))  # --context caps the reply too
+            for token in stream_generate(model, ids, budget, eos_token_ids=eos, **kwargs):
                 reply.append(token)
                 printer.push(token)
         except KeyboardInterrupt:
@@ -339,6 +368,33 @@ def cmd_chat(args) -> int:
         # history keeps the answer only: the template drops earlier turns' thinking anyway
         _, answer = answer_text(tokenizer, reply, eos)
         messages = [*turn, {"role": "assistant", "content": answer}]
+        used = len(ids) + len(reply)
+        print(style.dim(f"[context: {used:,} of {context:,} tokens used, {max(0, context - used):,} left]"))
+
+
+def reply_room(max_new_tokens: int, context: int) -> int:
+    """Tokens a new prompt must leave free for the reply: --max-new-tokens, but at most a quarter of the context
+    (a 2,048-token reply budget must not empty a 4,096-token conversation).
+
+    >>> reply_room(2048, 40960), reply_room(2048, 4096)
+    (2048, 1024)
+    """
+    return max(0, min(max_new_tokens, context // 4))
+
+
+def drop_oldest_exchange(messages: list[dict]) -> list[dict] | None:
+    """The history without its oldest exchange (the first user message and everything up to the next user
+    message); system messages stay. None when there is no exchange left to drop.
+
+    >>> m = [{"role": "system"}, {"role": "user"}, {"role": "assistant"}, {"role": "user"}, {"role": "assistant"}]
+    >>> [x["role"] for x in drop_oldest_exchange(m)]
+    ['system', 'user', 'assistant']
+    """
+    first = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if first is None:
+        return None
+    end = next((i for i in range(first + 1, len(messages)) if messages[i]["role"] == "user"), len(messages))
+    return messages[:first] + messages[end:]
 
 
 def read_prompts(args) -> list[tuple[str, str]]:
@@ -656,9 +712,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repetition-penalty", type=float, help=f"divide repeated tokens' logits {preset}")
     gen.add_argument("--seed", type=int, help="make sampling reproducible")
     gen.add_argument("--no-color", action="store_true", help="plain text (also with NO_COLOR set)")
+    gen.add_argument(
+        "--kv-dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="KV cache storage: bfloat16/float16 halve its memory (float32: exact)",
+    )
 
     chat = command("chat", parents=[model, gen], help="multi-turn chat in the terminal")
     chat.add_argument("--system", help="a system message")
+    chat.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="token budget of the conversation (default: the model's context); the oldest exchanges are "
+        "dropped, with a notice, when a new message would not leave room for a reply",
+    )
     chat.add_argument(
         "--show-prompt", action="store_true", help="print the rendered prompt before each reply"
     )

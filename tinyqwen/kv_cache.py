@@ -139,11 +139,12 @@ class KVCache:
 # --------------------------------------------------------------------------------------------- memory estimate
 
 # float32 activations alive at the peak of a prefill chunk of C tokens (numpy reference, measured with tracemalloc
-# on Qwen3-0.6B's shapes: 182.6 MiB for C = 2048 whatever the past, of which 140.6 MiB inside blockwise attention;
-# the MLP alone 72 MiB). The peak is in attention: the residual x and its norm h ([C, hidden] each), q, its scaled
-# copy and the output ([C, q_size] each, about 4 of them with RoPE's temporaries), k and v, and a tile of scores
-# with its exp and mask-select copies (about 2.5 tiles). The MLP phase (gate, up and the SiLU temporaries, 3 × [C,
-# ffn]) is the peak only for wide MLPs.
+# on Qwen3-0.6B's shapes: 182.6 MiB for C = 2048 whatever the past, 141.6 MiB for C = 1024; the MLP alone 72 MiB
+# at C = 2048). The peak is in attention: the residual x and its norm h ([C, hidden] each), q, its scaled copy and
+# the output ([C, q_size] each), k and v, and a tile of scores with its mask-select copy and the matmul's output
+# (3 tiles of [heads, QUERY_BLOCK, KEY_BLOCK]). The two measurements give C · (2·hidden + 3·q_size + 2·kv_size) +
+# 3 tiles to within 4%. The MLP phase (gate, up and the SiLU temporaries, 3 × [C, ffn]) is the peak only for wide
+# MLPs.
 RUNTIME_BYTES = (
     40 << 20
 )  # the Python interpreter, NumPy, OpenBLAS and tinyqwen (RSS after loading - weights: 34 MiB)
@@ -178,7 +179,7 @@ def memory_estimate(
     C = min(context, chunk)
     ffn = c.moe_intermediate_size * c.num_experts_per_tok if c.is_moe else c.intermediate_size
     tile = c.num_attention_heads * min(C, QUERY_BLOCK) * min(context, KEY_BLOCK)  # scores of one tile
-    attention_phase = C * (2 * c.hidden_size + 4 * c.q_size + 2 * c.kv_size) + 5 * tile // 2
+    attention_phase = C * (2 * c.hidden_size + 3 * c.q_size + 2 * c.kv_size) + 3 * tile
     mlp_phase = C * (2 * c.hidden_size + 3 * ffn)
     activations = 4 * batch * (max(attention_phase, mlp_phase) + c.vocab_size)  # + the last position's logits
     return {
