@@ -461,5 +461,5 @@ def test_real_model(course):
         model,
         "dense-yarn",
         what="logits of the dense-yarn fixture with your RoPE/YaRN (and your chapter-3 RMSNorm)",
-        reread=reread("11. Checkpoint: RoPE in the real model"),
+        reread=reread("12. Checkpoint: RoPE in the real model"),
     )

@@ -530,7 +530,62 @@ print("positions", REF["cos_sin.yarn_long.positions"].tolist())
 print("max |Δ| vs transformers:", max(maxdiff(yc, REF["cos_sin.yarn_long.cos"]), maxdiff(ys, REF["cos_sin.yarn_long.sin"])))
 
 # %% [markdown]
-# ## 11. Checkpoint: RoPE in the real model
+# ## 11. YaRN at long range
+#
+# So far we compared frequency *tables*. Does a whole model with YaRN really agree with transformers thousands of
+# positions past its original window? `tests/data/long-yarn` is a tiny random Qwen3 whose config asks for YaRN
+# with factor 4 on an original window of $L = 2048$ (so its context is $4L = 8192$, the same ratio as Qwen3's
+# 32,768 → 131,072), with rope_theta 10,000 so that both ends of the ramp are in play. With it comes a 6,144-token
+# prompt and transformers' float32 logits at 80 of its positions (made by `tests/fixtures/make_long_context.py`).
+#
+# Two things to notice before running it:
+#
+# - A YaRN model uses its stretched frequencies at **every** position, also below $L$: the slow pairs were
+#   fine-tuned that way. Forgetting YaRN is therefore wrong everywhere, not only past $L$ (only position 0, which
+#   attends to itself alone, cannot tell).
+# - Thousands of positions mean $T^2$ attention scores: tinyqwen switches to tile-by-tile attention there
+#   ([chapter 8](08-kv-cache-generation.ipynb) explains how), so this also checks that.
+#
+# We run the first 4,100 tokens (twice the original window) with YaRN, and again with the mistake — plain RoPE
+# frequencies and no attention factor:
+
+# %%
+from tinyqwen.model import load_model
+
+long_model = load_model(ROOT / "tests" / "data" / "long-yarn")
+long_ref = np.load(ROOT / "tests" / "data" / "long-yarn" / "reference.npz")
+N = 4100
+at = long_ref["positions"] < N
+pos, want = long_ref["positions"][at], long_ref["logits"][at]
+yarn_logits = long_model(long_ref["input_ids"][:N])[pos]
+
+forgot = dataclasses.replace(long_model)  # the same weights, plain RoPE
+forgot.inv_freq = rope_inv_freq(long_model.config.head_dim, long_model.config.rope_theta)
+forgot.attention_factor = 1.0
+plain_logits = forgot(long_ref["input_ids"][:N])[pos]
+
+# %%
+tol = 1e-5 * max(1.0, np.abs(want).max())  # tinyqwen/verify.py's "equal"
+plt.figure(figsize=(7, 3.5))
+plt.semilogy(pos, np.abs(yarn_logits - want).max(-1), ".", label="YaRN (as the config says)")
+plt.semilogy(pos, np.abs(plain_logits - want).max(-1), ".", label="plain RoPE (YaRN forgotten)")
+plt.axhline(tol, color="gray", lw=0.8, ls="--")
+plt.text(50, tol * 1.5, "tolerance: 1e-5 of the largest logit", color="gray", fontsize=8)
+plt.axvline(long_model.config.rope_scaling.original_max_position_embeddings, color="C3", lw=0.8)
+plt.xlabel("position"), plt.ylabel("max |Δ logit| vs transformers")
+plt.title("A YaRN model at long range (original window 2048)")
+plt.legend(fontsize=8)
+plt.show()
+print(f"YaRN: max |Δ| = {np.abs(yarn_logits - want).max():.1e} over {len(pos)} positions up to {pos.max()}")
+
+# %% [markdown]
+# The YaRN model sits at float32 noise at every position, past the original window included; the plain-RoPE one
+# is off by whole logits. `tests/test_long_context.py` runs the full 6,144 tokens, also through a KV cache in
+# chunks and token by token, and `tests/test_crosscheck_long.py` compares every position against live
+# transformers.
+#
+# %% [markdown]
+# ## 12. Checkpoint: RoPE in the real model
 #
 # Our functions should equal tinyqwen's own module (`tinyqwen/rope.py`) — and the real test: put them inside a
 # model. `tests/fixtures/dense-yarn` is a tiny random Qwen3 with YaRN (factor 4 on an original window of 64
@@ -565,6 +620,8 @@ print("input", fixture["input_ids"].shape, "| logits max |Δ| vs transformers:",
 #   positions (watch out for int64 × float32 = float64).
 # - Past the trained length, slow pairs reach angles they never saw. YaRN divides only those by the factor, keeps
 #   the fast ones, ramps in between, and sharpens the softmax by $t^2$ with $t = 0.1\ln s + 1$.
+# - A YaRN model uses the stretched table at every position; with it, a whole model equals transformers thousands
+#   of positions past the original window (forgetting it costs whole logits, everywhere).
 #
 # **Exercises:** run `pytest exercises/test_ch04_rope_yarn.py` and fill in `exercises/ch04_rope_yarn.py` until every
 # checkpoint passes. The last one runs your functions inside the YaRN fixture model.

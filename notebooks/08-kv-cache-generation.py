@@ -22,7 +22,8 @@
 #
 # 1. the **KV cache**, which makes each new token cost one position instead of the whole text — and how to
 #    *measure* that it does (a cache that is never read looks exactly like one that is, until you count);
-# 2. what the cache costs in **memory**, per official Qwen3 model;
+# 2. what the cache costs in **memory**, per official Qwen3 model — and how 32K- and 131K-token prompts fit:
+#    attention tile by tile (the online softmax), a bf16 cache, chunked prefill;
 # 3. **greedy** decoding and the **sampling** knobs — temperature, top-k, top-p, min-p, repetition penalty — each
 #    shown on a distribution before and after;
 # 4. **streaming** tokens to the screen, and **batching** prompts of different lengths with left padding.
@@ -376,6 +377,210 @@ plt.ylabel("KV cache, one sequence (GiB)")
 plt.title("KV-cache memory vs context (solid bf16, dashed fp32)")
 plt.legend(fontsize=8)
 plt.show()
+
+# %% [markdown]
+# ## Long context: 32K and 131K tokens
+#
+# Qwen3 reads 32,768 tokens natively and 131,072 with YaRN ([chapter 4](04-rope-yarn.ipynb)). At that length three
+# things that did not matter so far decide whether a prompt fits in memory at all:
+#
+# 1. the **KV cache**, which grows with every token (above);
+# 2. the **attention scores**: the plain attention of [chapter 5](05-attention.ipynb) builds the whole
+#    $[T, S]$ matrix of scores per head — for a 32K prompt of Qwen3-0.6B, $16 \times 32768^2 \times 4$ bytes =
+#    64 GiB in *one* layer;
+# 3. the **activations** of the prompt's tokens inside a layer: MLP temporaries of $[T, \text{ffn}]$ floats.
+#
+# Each has its fix. The cache can be stored in **2 bytes** instead of 4; attention can be computed **one tile at a
+# time**; and the prompt can go through the model in **chunks** (a chunk of 2,048 tokens attends to the cache of
+# everything before it — exactly what decode does for one token). Let us take them in turn.
+#
+# ### Computing attention tile by tile: the online softmax
+#
+# One query row's attention is $\sum_s p_s v_s$ with $p_s = e^{x_s - m} / \sum_{s'} e^{x_{s'} - m}$ and $m$ the
+# row's largest score. The catch: $m$ and the sum need *all* scores before the first $p_s$ is known. The **online
+# softmax** walks the keys in blocks and keeps three running quantities — the largest score so far $m$, the sum of
+# exponentials $\ell$ and the weighted sum of values $a$. When a new block raises the maximum to $m'$, everything
+# summed so far was computed relative to the old $m$, so it is rescaled by $e^{m - m'}$:
+#
+# $$m' = \max(m, \max_{s \in \text{block}} x_s), \qquad
+#   \ell' = \ell\, e^{m - m'} + \sum_{s} e^{x_s - m'}, \qquad
+#   a' = a\, e^{m - m'} + \sum_{s} e^{x_s - m'} v_s,$$
+#
+# and at the end the output is $a / \ell$. Here it is for one query, a loop over blocks of 3 keys:
+
+# %%
+rng = np.random.default_rng(0)
+x, vals = rng.standard_normal(10), rng.standard_normal((10, 4))  # 10 scores, 10 value vectors
+m, l, a = -np.inf, 0.0, np.zeros(4)
+for s0 in range(0, 10, 3):
+    xb, vb = x[s0 : s0 + 3], vals[s0 : s0 + 3]
+    m_new = max(m, xb.max())
+    l = l * np.exp(m - m_new) + np.exp(xb - m_new).sum()
+    a = a * np.exp(m - m_new) + np.exp(xb - m_new) @ vb
+    m = m_new
+p = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+print("online:", (a / l).round(6), "\nplain: ", (p @ vals).round(6))
+
+# %% [markdown]
+# Same numbers, and the loop never held more than one block of scores. `tinyqwen.attention.blockwise_attention`
+# does this for every head and every query at once, in tiles of 512 queries × 1,024 keys, and skips the tiles that
+# lie wholly in the future of a causal prompt (their mask is all False). This picture shows which tiles a
+# 4,096-token prompt computes:
+
+# %%
+from tinyqwen.attention import KEY_BLOCK, QUERY_BLOCK  # noqa: E402
+
+T_demo = 4096
+tiles = np.array([[s0 <= t0 + QUERY_BLOCK - 1 for s0 in range(0, T_demo, KEY_BLOCK)]
+                  for t0 in range(0, T_demo, QUERY_BLOCK)])  # fmt: skip
+plt.figure(figsize=(3.6, 4.2))
+plt.pcolormesh(np.arange(0, T_demo + 1, KEY_BLOCK), np.arange(0, T_demo + 1, QUERY_BLOCK), tiles,
+               cmap="Blues", vmin=0, vmax=1.4, edgecolors="white", linewidth=1)  # fmt: skip
+plt.plot([0, T_demo], [0, T_demo], color="crimson", lw=1, label="causal boundary")
+plt.gca().invert_yaxis()
+plt.xlabel("key position")
+plt.ylabel("query position")
+plt.legend(loc="upper right", fontsize=7)
+plt.title(f"{tiles.sum()} of {tiles.size} tiles computed")
+plt.show()
+
+# %% [markdown]
+# The model switches to the blockwise version when a layer's scores exceed $1024 \times 1024$ per head — measured:
+# below that the plain version is as fast, above it the blockwise one is *faster* as well as bounded (it skips the
+# future half). Both give the same result up to float32 rounding — here on a left-padded GQA batch whose second row
+# starts with padding:
+
+# %%
+from tinyqwen.attention import CausalMask, attention, blockwise_attention, causal_mask  # noqa: E402
+
+B, Hq, Hkv, T, d = 2, 8, 2, 300, 16
+q = rng.standard_normal((B, Hq, T, d)).astype(np.float32)
+k, v = rng.standard_normal((2, B, Hkv, T, d)).astype(np.float32)
+key_mask = np.ones((B, T), bool)
+key_mask[1, :40] = False
+tiled = blockwise_attention(q, k, v, CausalMask(key_mask, past=0), query_block=64, key_block=96)
+plain = attention(q, k, v, causal_mask(T, T)[None] & key_mask[:, None, :])
+print(f"max |blockwise - plain| = {np.abs(tiled - plain).max():.1e}")
+
+# %% [markdown]
+# ### A narrower cache: bfloat16 and float16
+#
+# The cache is written once and read at every later step, so storing it in 2 bytes halves its memory (and the
+# bytes a decode step reads). NumPy has no bfloat16, so tinyqwen stores **bf16 as uint16 bit patterns** — the top
+# half of a float32 ([chapter 2](02-loading-weights.ipynb)), rounded to nearest-even when written as torch does,
+# and widened exactly when read. float16 keeps more precision (11 bits against 8) but overflows above 65,504.
+# `model.new_cache(batch, length, dtype="bfloat16")`, `generate(..., kv_dtype="bfloat16")` and the CLI's
+# `--kv-dtype bfloat16` choose it. The price is a small error in the logits:
+
+# %%
+yarn_model = tinyqwen.load_model(FIXTURES / "dense-yarn")
+ids = rng.integers(0, 512, (1, 200))
+for dtype in ["float32", "bfloat16", "float16"]:
+    cache = yarn_model.new_cache(1, 200, dtype=dtype)
+    logits = yarn_model.forward(ids, cache=cache).logits
+    if dtype == "float32":
+        exact = logits
+    err = np.abs(logits - exact).max() / np.abs(exact).max()
+    print(f"{dtype:9} cache {cache.nbytes / 1024:6.0f} KiB   max |Δ logits| = {err:.1e} of the largest logit")
+
+# %% [markdown]
+# ### The memory of a long prompt, for every Qwen3 model
+#
+# `tinyqwen.kv_cache.memory_estimate` adds it all up for a prefill in chunks of 2,048 tokens: the weights, the
+# cache (per dtype), one chunk's activations (the largest set of temporaries alive at once, counted from the code
+# and checked with `tracemalloc`), and the interpreter. `tinyqwen info --model PATH --context 32768` prints the same
+# numbers for one checkpoint. Here is every Qwen3 model at the native 32K and the YaRN 131K, weights in bf16 as
+# shipped (the first four configs are the repository's copies of the official files; the others are the published
+# values written as changes from a sibling, as in [chapter 0](00-tour.ipynb) — not byte-verified):
+
+# %%
+from tinyqwen.config import config_from_dict  # noqa: E402
+from tinyqwen.kv_cache import memory_estimate  # noqa: E402
+
+family = {n: config_from_dict(configs[n], source=n) for n in names}
+PUBLISHED = {  # name: (sibling, the fields that differ) — the published values, as in chapter 0
+    "Qwen3-1.7B": ("Qwen3-0.6B", dict(hidden_size=2048, intermediate_size=6144)),
+    "Qwen3-14B": ("Qwen3-8B", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                                   intermediate_size=17408)),
+    "Qwen3-32B": ("Qwen3-8B", dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=64,
+                                   intermediate_size=25600)),
+    "Qwen3-235B-A22B": ("Qwen3-30B-A3B", dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+                                              moe_intermediate_size=1536, intermediate_size=12288)),
+}  # fmt: skip
+for n, (sibling, changes) in PUBLISHED.items():
+    family[n] = config_from_dict(configs[sibling] | changes, source=n)
+family = {n: family[n] for n in ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B",
+                                 "Qwen3-30B-A3B", "Qwen3-235B-A22B"]}  # fmt: skip
+
+# %%
+GiB = 2**30
+print(f"{'model':16}{'weights':>9} │{'KV fp32':>9}{'KV bf16':>9}{'activ.':>8}{'total':>8} │"
+      f"{'KV fp32':>9}{'KV bf16':>9}{'total':>8}")  # fmt: skip
+print(f"{'':16}{'(bf16)':>9} │{'── 32,768 tokens ──':>34} │{'── 131,072 tokens ──':>26}")
+for n, cfg in family.items():
+    w = count_parameters(cfg) * 2
+    row = [w / GiB]
+    for ctx in (32768, 131072):
+        m32, m16 = (memory_estimate(cfg, ctx, dt, weight_bytes=w) for dt in ("float32", "bfloat16"))
+        row += [m32["kv_cache"] / GiB, m16["kv_cache"] / GiB]
+        row += [m16["activations"] / GiB] if ctx == 32768 else []
+        row += [sum(m16.values()) / GiB]
+    print(f"{n:16}{row[0]:>9.1f} │" + "".join(f"{v:>9.1f}" for v in row[1:3]) + f"{row[3]:>8.2f}{row[4]:>8.1f} │"
+          + "".join(f"{v:>9.1f}" for v in row[5:7]) + f"{row[7]:>8.1f}")  # fmt: skip
+
+# %% [markdown]
+# (GiB; totals use the bf16 cache.) At 131K tokens the bf16 cache outweighs the weights of every model up to 8B
+# (the 0.6B model's 14 GiB of cache against 1.1 GiB of weights), and the 30B mixture-of-experts model — only 4 kv
+# heads — has the smallest cache of the whole family. The activations of a 2,048-token chunk stay well under a GiB even for the largest models: chunked
+# prefill is what keeps them independent of the prompt's length. As a picture, total memory against context:
+
+# %%
+ctx = np.array([1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072])
+plt.figure(figsize=(7, 4))
+for n in ["Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-32B", "Qwen3-30B-A3B"]:
+    cfg = family[n]
+    w = count_parameters(cfg) * 2
+    total = [sum(memory_estimate(cfg, int(t), "bfloat16", weight_bytes=w).values()) / GiB for t in ctx]
+    line = plt.plot(ctx, total, "o-", ms=3, label=n)[0]
+    plt.axhline(w / GiB, color=line.get_color(), lw=0.6, ls=":")
+plt.xscale("log", base=2)
+plt.yscale("log")
+plt.axvline(32768, color="gray", lw=0.8)
+plt.text(33500, 150, "native 32K", color="gray", fontsize=8)
+plt.xlabel("context (tokens)")
+plt.ylabel("memory to prefill it (GiB)")
+plt.title("Weights (bf16, dotted) + bf16 KV cache + one chunk's activations")
+plt.legend(fontsize=8)
+plt.show()
+
+# %% [markdown]
+# Does the estimate hold? `benchmarks/bench_long_context.py` prefills random prompts into a bf16 cache on a random
+# checkpoint of Qwen3-0.6B's exact shape and reads the process's peak resident memory from the kernel. Its stored
+# runs (`benchmarks/results/`), measured against predicted:
+
+# %%
+runs = []
+for f in sorted((REPO / "benchmarks" / "results").glob("*long-context*.json")):
+    runs += json.loads(f.read_text())["runs"]
+print(f"{'tokens':>7}{'layers':>7}{'prefill':>10}{'peak RSS':>10}{'predicted':>11}{'ratio':>7}")
+for r in runs:
+    print(f"{r['prompt_tokens']:>7,}{r['layers']:>7}{r['prefill_s']:>9.0f}s{r['peak_rss_prefill'] / GiB:>9.2f}G"
+          f"{r['predicted_total'] / GiB:>10.2f}G{r['peak_rss_prefill'] / r['predicted_total']:>7.3f}")  # fmt: skip
+
+# %% [markdown]
+# Finally, a chat that outgrows its context. `tinyqwen chat` prints after each reply how many tokens the
+# conversation uses and how many are left; when a new message would not leave room for a reply, it **drops the
+# oldest exchanges** (the system message stays) and says so. The alternative — refusing — keeps the model's memory
+# of the conversation intact but ends it; dropping keeps it going at the price of forgetting its beginning.
+# The rule, as a function:
+
+# %%
+from tinyqwen.cli import drop_oldest_exchange  # noqa: E402
+
+history = [{"role": "system", "content": "Be brief."},
+           {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+           {"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "7"}]  # fmt: skip
+[m["content"] for m in drop_oldest_exchange(history)]
 
 # %% [markdown]
 # ## Greedy decoding
@@ -847,6 +1052,9 @@ else:
 # - A decode step's position is the number of tokens before it (`cache.length`), never 0.
 # - The cache costs $2 \cdot L \cdot H_{kv} \cdot d$ numbers per token: 112 KiB per token for Qwen3-0.6B in bf16,
 #   4.4 GiB at its full 40,960-token context — more than its weights. GQA's few kv heads are what keep it small.
+# - Long prompts: attention tile by tile with an **online softmax** (never the $[T, S]$ scores), a **bf16 or fp16
+#   cache** (half the bytes, a small logit error), and **chunked prefill** (a chunk's activations, not the
+#   prompt's). `tinyqwen info --context N` predicts the memory; the benchmark checks it.
 # - Sampling is a pipeline on the logits: penalties → temperature → top-k → top-p → min-p → softmax → one seeded
 #   draw. Temperature divides logits (before the softmax); top-p keeps the token that crosses $p$; the repetition
 #   penalty multiplies negative logits.
