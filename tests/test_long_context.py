@@ -321,3 +321,20 @@ def test_memory_estimate_matches_what_a_prefill_chunk_allocates(tmp_path):
     want = memory_estimate(config, 2048, "bfloat16", chunk=1024)
     assert 0.85 <= peak / want["activations"] <= 1.15, (peak, want["activations"])
     assert want["kv_cache"] == cache.nbytes
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_numba_prefill_attention_reads_a_narrow_cache(dtype):
+    # a prefill chunk (T > 1) after cached positions: the numba backend hands a narrow cache to the reference's
+    # tiles (its own prefill kernel multiplies float32 keys with BLAS)
+    pytest.importorskip("numba")
+    from backends import numba_backend
+
+    rng = np.random.default_rng(10)
+    q = rng.standard_normal((1, 8, 5, 32), np.float32)
+    k, v = rng.standard_normal((2, 1, 2, 40, 32), np.float32)
+    cache = KVCache.allocate(1, 1, 2, 48, 32, dtype)
+    keys, values = cache.update(0, k, v)
+    mask = A.causal_mask(5, 40)[None]
+    want = A.attention(q, keys, values, mask)
+    np.testing.assert_allclose(numba_backend.attention(q, keys, values, mask), want, rtol=0, atol=ATOL)
