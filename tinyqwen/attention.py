@@ -101,8 +101,8 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
 
 QUERY_BLOCK = 512  # queries per tile
 KEY_BLOCK = 1024  # keys per tile: a tile of Qwen3-0.6B's scores is 16 heads · 512 · 1024 · 4 B = 32 MiB
-# the model uses blockwise_attention when a layer's scores hold at least this many entries per (row, head), and
-# the plain version below. Measured on this 2-core machine, 16 query / 8 kv heads, head_dim 128 (best of 5):
+# the model uses blockwise_attention when a layer's scores hold at least this many entries per (row, head), else
+# the plain version above. Measured on this 2-core machine, 16 query / 8 kv heads, head_dim 128 (best of 5):
 #   T × S          128²     512²     1024²    2048²    4096²     1 × 32768
 #   plain          3.3 ms   38 ms    0.63 s   2.5 s    10.3 s    21 ms
 #   blockwise      8.7 ms   43 ms    0.12 s   0.33 s   2.0 s     26 ms
