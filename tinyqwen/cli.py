@@ -565,7 +565,7 @@ def memory_table(c, context: int, batch: int, backend: str) -> list[str]:
     lines = [
         f"memory for a {context:,}-token context, batch {batch}, prefill in chunks of "
         f"{min(context, PREFILL_CHUNK):,} tokens ({backend} backend: {where})",
-        f"  {'kv cache':<10}{'weights':>12}{'kv cache':>12}{'activations':>13}{'runtime':>11}{'total':>12}",
+        f"  {'kv dtype':<10}{'weights':>12}{'kv cache':>12}{'activations':>13}{'runtime':>11}{'total':>12}",
     ]
     for dtype in KV_DTYPES:
         m = memory_estimate(c, context, dtype, batch=batch, weight_bytes=weights)
