@@ -294,10 +294,39 @@ def _rope(x, cos, sin, out):  # [B, H, T, d], [B, T, d] x2 -> out [B, H, T, d]
                 out[b, h, t, j + half] = c * cos[b, t, j + half] + a * sin[b, t, j + half]
 
 
+@intrinsic
+def _f16(typingctx, u):
+    """uint16 float16 bit pattern -> float32, in a register (x86's F16C `vcvtph2ps`): exact, like bf16's widening."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+KV_FLOAT32, KV_BF16, KV_F16 = 0, 1, 2  # how a KV cache stores its values (float16 passed as its uint16 view)
+
+
+def _kv(x, kind):  # one stored key/value element -> float32 (compiled by the overload below)
+    raise NotImplementedError
+
+
+@numba.extending.overload(_kv)
+def _kv_overload(x, kind):
+    # a float32 cache compiles to the plain load; a uint16 one widens in registers, never the whole cache
+    if isinstance(x, types.Float):
+        return lambda x, kind: x
+    if x == types.uint16:
+        return lambda x, kind: _bf16(x) if kind == KV_BF16 else _f16(x)
+    return None
+
+
 @njit(cache=True, fastmath=FAST, error_model="numpy")
-def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its group of query heads
+def _attend_group(q, k, v, mask, out, b, h, S, kind):  # one kv head h of row b and its group of query heads
+    # k, v: the whole KV cache [B, Hkv, max_len, d], C-contiguous (so the loops over d vectorise: a sliced view
+    # has strides Numba cannot assume, and ran 4x slower); only its first S positions are read
     Hq, d = q.shape[1], q.shape[2]
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     group = Hq // Hkv
     scale = np.float32(d**-0.5)
     scores = np.empty((group, S), np.float32)
@@ -305,7 +334,7 @@ def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its g
         for g in range(group):
             acc = np.float32(0.0)
             for j in range(d):
-                acc += q[b, h * group + g, j] * k[b, h, s, j]
+                acc += q[b, h * group + g, j] * _kv(k[b, h, s, j], kind)
             scores[g, s] = acc * scale if mask[b, s] else MASKED
     for g in range(group):
         top = scores[g, 0]
@@ -313,7 +342,7 @@ def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its g
             top = max(top, scores[g, s])
         total = np.float32(0.0)
         for s in range(S):
-            scores[g, s] = np.exp(scores[g, s] - top)
+            scores[g, s] = _exp(scores[g, s] - top)
             total += scores[g, s]
         for s in range(S):
             scores[g, s] /= total
@@ -322,7 +351,7 @@ def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its g
         for g in range(group):
             p = scores[g, s]
             for j in range(d):
-                acc[g, j] += p * v[b, h, s, j]
+                acc[g, j] += p * _kv(v[b, h, s, j], kind)
     for g in range(group):
         for j in range(d):
             out[b, h * group + g, j] = acc[g, j]
@@ -372,18 +401,20 @@ PARALLEL_ATTENTION_BYTES = 1 << 20  # of keys and values read per step
 
 @njit(cache=True)
 def _decode_attention_serial(
-    q, k, v, mask, out
-):  # [B, Hq, d], [B, Hkv, S, d] x2, [B, S] bool -> out [B, Hq, d]
+    q, k, v, mask, out, kind
+):  # [B, Hq, d], [B, Hkv, S, d] x2 (float32, or uint16 bf16/f16 bits), [B, S] bool -> out [B, Hq, d]
     B, Hkv = k.shape[0], k.shape[1]
     for bh in range(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1], kind)
 
 
 @njit(parallel=True, cache=True)
-def _decode_attention_parallel(q, k, v, mask, out):  # the same, the (row, kv head) pairs spread over threads
+def _decode_attention_parallel(
+    q, k, v, mask, out, kind
+):  # the same, (row, kv head) pairs spread over threads
     B, Hkv = k.shape[0], k.shape[1]
     for bh in prange(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1], kind)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
@@ -415,9 +446,10 @@ def _attention_block(q, k, v, rows, out, b, h, t0):  # one (row, kv head, query 
     group, n, d = q.shape[1] // k.shape[1], rows.shape[0], q.shape[3]
     end = rows.shape[1]
     heads = slice(h * group, (h + 1) * group)
-    scores = q[b, heads, t0 : t0 + n].reshape(group * n, d) @ k[b, h, :end].T  # [group·block, end]
+    keys, values = _widen_kv(k[b, h, :end]), _widen_kv(v[b, h, :end])  # a bf16/f16 cache: this block only
+    scores = q[b, heads, t0 : t0 + n].reshape(group * n, d) @ keys.T  # [group·block, end]
     _masked_softmax(scores, rows, np.float32(d**-0.5))
-    out[b, heads, t0 : t0 + n] = (scores @ v[b, h, :end]).reshape(group, n, d)
+    out[b, heads, t0 : t0 + n] = (scores @ values).reshape(group, n, d)
 
 
 @cache
@@ -517,16 +549,53 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def _kv_kind(k: np.ndarray) -> int:
+    return {np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}.get(k.dtype, KV_FLOAT32)
+
+
+def _whole_cache(
+    a: np.ndarray,
+) -> np.ndarray:  # [B, H, S, d] -> [B, H, S' ≥ S, d] C-contiguous, a = its [:, :, :S]
+    # The model passes the cache's first S positions, a view of the whole preallocated cache: hand the kernel that
+    # whole (contiguous) array instead, without a copy. Anything else is copied once.
+    base = a.base
+    if (
+        isinstance(base, np.ndarray)
+        and base.flags.c_contiguous
+        and base.dtype == a.dtype
+        and base.ndim == 4
+        and base.shape[:2] == a.shape[:2]
+        and base.shape[3] == a.shape[3]
+        and base.strides == a.strides
+        and base.ctypes.data == a.ctypes.data
+    ):
+        return base
+    return np.ascontiguousarray(a)
+
+
+def _widen_kv(a: np.ndarray) -> np.ndarray:  # a block of a (possibly narrow) KV cache -> float32
+    kind = _kv_kind(a)
+    if kind == KV_BF16:
+        return bf16_to_float32(a)
+    return a.astype(np.float32, copy=False)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] bool -> [B, Hq, T, d]
+    # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d] (float32, or a bf16 / float16 KV cache), [B, T, S] bool
+    # -> [B, Hq, T, d]
     B, Hq, T, d = q.shape
     if T != 1:
         return _prefill_attention(q, k, v, mask)
+    # a narrow cache is read as it is stored: each element widened in registers (bf16 as uint16 bit patterns;
+    # float16 passed as its uint16 view, since Numba has no float16 arrays)
+    kind = _kv_kind(k)
+    nbytes = k.nbytes
+    k, v = _whole_cache(k), _whole_cache(v)
+    if kind == KV_F16:
+        k, v = k.view(np.uint16), v.view(np.uint16)
     out = np.empty((B, Hq, d), np.float32)
-    kernel = (
-        _decode_attention_parallel if 2 * k.nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
-    )
-    kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out)
+    kernel = _decode_attention_parallel if 2 * nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
+    kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out, kind)
     return out.reshape(B, Hq, 1, d)
 
 

@@ -369,3 +369,15 @@ def test_matmul_precision_errors_are_one_clear_line():
         get_backend("numpy", matmul_precision="medium")
     with pytest.raises(BackendError, match="matmul_precision must be one of highest, medium"):
         get_backend("numba", matmul_precision="low")
+
+
+def test_decode_attention_reads_the_whole_cache_without_copying_it():
+    # the model passes cache[:, :, :S] views; the kernel gets the whole contiguous cache (no copy), same result
+    rng = np.random.default_rng(14)
+    keys, values = rng.standard_normal((2, 2, 4, 40, 16)).astype(np.float32)
+    k, v = keys[:, :, :25], values[:, :, :25]
+    assert numba_backend._whole_cache(k) is keys
+    q = rng.standard_normal((2, 8, 1, 16)).astype(np.float32)
+    mask = np.ones((2, 1, 25), bool)
+    mask[1, :, :5] = False
+    assert rel_err(NB.attention(q, k, v, mask), ref_attention.attention(q, k, v, mask)) <= RTOL
