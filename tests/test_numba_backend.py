@@ -374,7 +374,7 @@ def test_matmul_precision_errors_are_one_clear_line():
 def test_decode_attention_reads_the_whole_cache_without_copying_it():
     # the model passes cache[:, :, :S] views; the kernel gets the whole contiguous cache (no copy), same result
     rng = np.random.default_rng(14)
-    keys, values = rng.standard_normal((2, 2, 4, 40, 16)).astype(np.float32)
+    keys, values = (rng.standard_normal((2, 4, 40, 16)).astype(np.float32) for _ in range(2))  # as KVCache has
     k, v = keys[:, :, :25], values[:, :, :25]
     assert numba_backend._whole_cache(k) is keys
     q = rng.standard_normal((2, 8, 1, 16)).astype(np.float32)
