@@ -505,6 +505,7 @@ def run_benchmark(
             continue
         results.append(summarise(engine, raw, config, prompt_tokens, new_tokens, gemv))
     return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": str(path),
         "config": describe(config),
         "parameters": count_parameters(config),
