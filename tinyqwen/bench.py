@@ -255,6 +255,10 @@ class compile_clock:  # noqa: N801 (used like a function)
     """Seconds Numba spends compiling from now on (its "numba:compile" events; nested compiles counted once)."""
 
     def __init__(self):
+        import importlib
+
+        # the backend first: it sets Numba's thread and CPU settings, which Numba reads once, at its own import
+        importlib.import_module("backends.numba_backend")
         from numba.core import event
 
         self.total, self._depth, self._start = 0.0, 0, 0.0
