@@ -31,6 +31,7 @@ float32 whatever the precision.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache, partial
 
@@ -43,10 +44,39 @@ from functools import cache, partial
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
+
+def _prefer_512_bit_vectors() -> None:
+    # LLVM's tuning for AVX-512 Intel CPUs prefers 256-bit vectors (older chips slowed their clock for 512-bit
+    # instructions). A GEMV streaming bf16 from memory wants the opposite: with 512-bit vectors each instruction
+    # window holds twice the loads in flight, and one core streamed 13.1 GB/s instead of 10.9; Qwen3-0.6B decoded
+    # in 74 ms per token instead of 88 (Sapphire Rapids, 2 cores). Numba reads NUMBA_CPU_FEATURES when it is
+    # first imported, so this runs before that; a value the user set wins, and an already imported Numba keeps
+    # its own (then the kernels are 256-bit: correct, a little slower).
+    if "NUMBA_CPU_FEATURES" in os.environ or "NUMBA_CPU_NAME" in os.environ or "numba" in sys.modules:
+        return
+    features = _host_features()
+    if "+avx512f" in features:
+        os.environ["NUMBA_CPU_FEATURES"] = ",".join(features) + ",-prefer-256-bit"
+
+
+def _host_features() -> list[str]:  # LLVM's names for this CPU's features: "+avx512f", "-amx-tile", ...
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    return llvm.get_host_cpu_features().flatten().split(",")
+
+
+_prefer_512_bit_vectors()
+# AVX512-BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD Zen 4): `vdpbf16ps`, 32 bf16 products per instruction
+HAS_AVX512_BF16 = "+avx512bf16" in os.environ.get("NUMBA_CPU_FEATURES", "").split(",") or (
+    "NUMBA_CPU_FEATURES" not in os.environ and "+avx512bf16" in _host_features()
+)
+
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
+from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 from backends import Backend, onednn  # noqa: E402
@@ -226,6 +256,122 @@ def _gemv_bf16(x, w, out, chunks):  # [M, K] f32, [N, K] u16, [M, N] f32 (out wr
                 out[m, n] = acc
 
 
+@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
+def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u16, n x [M, N_i] f32 (written)
+    # the rows of all n weights as one row space (starts: cumulative row counts), split into chunks over the
+    # threads: one parallel launch and one long stream instead of n short ones
+    M, K = x.shape
+    total = starts[-1]
+    chunks = min(total, chunks)
+    size = (total + chunks - 1) // chunks
+    for c in prange(chunks):
+        for r in range(c * size, min(total, (c + 1) * size)):
+            i = 0
+            while r >= starts[i + 1]:
+                i += 1
+            w, out, n = ws[i], outs[i], r - starts[i]
+            for m in range(M):
+                acc = np.float32(0.0)
+                for k in range(K):
+                    acc += x[m, k] * _bf16(w[n, k])
+                out[m, n] = acc
+
+
+class _BFloat(ir.types._BaseFloatType):  # LLVM's `bfloat` type, which llvmlite.ir does not name
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self):
+        return "bfloat"
+
+
+_BFloat._create_instance()
+
+
+@intrinsic
+def _dot_bf16(typingctx, x, w, n):
+    """Dot product of a bf16 row x [K] with row n of w [N, K] (uint16 bit patterns, C-contiguous, K % 32 == 0).
+
+    One AVX512-BF16 `vdpbf16ps` per 32 weights: it multiplies 32 bf16 pairs (exactly) and adds them into 16 float32
+    lanes, where the float32 path needs two widenings and two FMAs. Fewer instructions per cache line leave more
+    loads in flight: 31 GB/s instead of 25 on the lm_head (2 cores). Only for matmul_precision="medium", whose
+    inputs are bf16 already. Numba has no vector types, so this is written as LLVM IR: a loop over K in steps
+    of 32, then the 16 lanes summed.
+    """
+
+    def codegen(context, builder, signature, args):
+        xty, wty, _ = signature.args
+        xa = context.make_array(xty)(context, builder, args[0])
+        wa = context.make_array(wty)(context, builder, args[1])
+        K = builder.extract_value(xa.shape, 0)
+        row = builder.gep(wa.data, [builder.mul(args[2], builder.extract_value(wa.shape, 1))])
+        f32x16 = ir.VectorType(ir.FloatType(), 16)
+        i32x16 = ir.VectorType(ir.IntType(32), 16)  # 32 bf16 loaded as 16 x 32 bits, then reinterpreted
+        bf16x32 = ir.VectorType(_BFloat(), 32)
+        dp = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(f32x16, [f32x16, bf16x32, bf16x32]),
+            "llvm.x86.avx512bf16.dpbf16ps.512",
+        )
+        acc = cgutils.alloca_once_value(builder, ir.Constant(f32x16, [0.0] * 16))
+        step = ir.Constant(K.type, 32)
+        with cgutils.for_range_slice(builder, ir.Constant(K.type, 0), K, step, inc=True) as (i, _):
+            a = builder.load(builder.bitcast(builder.gep(xa.data, [i]), i32x16.as_pointer()), align=2)
+            b = builder.load(builder.bitcast(builder.gep(row, [i]), i32x16.as_pointer()), align=2)
+            bf = (builder.bitcast(a, bf16x32), builder.bitcast(b, bf16x32))
+            builder.store(builder.call(dp, [builder.load(acc), *bf]), acc)
+        lanes = builder.load(acc)
+        total = builder.extract_element(lanes, ir.Constant(ir.IntType(32), 0))
+        for j in range(1, 16):
+            total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(ir.IntType(32), j)))
+        return total
+
+    return types.float32(x, w, n), codegen
+
+
+@njit(parallel=True, cache=True)
+def _gemv_bf16_dot(xb, w, out, chunks):  # [M, K] u16 (bf16 inputs), [N, K] u16 -> out [M, N] f32 (written)
+    M = xb.shape[0]
+    N = w.shape[0]
+    chunks = min(N, chunks)
+    size = (N + chunks - 1) // chunks
+    for c in prange(chunks):
+        for n in range(c * size, min(N, (c + 1) * size)):
+            for m in range(M):
+                out[m, n] = _dot_bf16(xb[m], w, n)
+
+
+@njit(parallel=True, cache=True, error_model="numpy", fastmath=FAST)
+def _gate_up_bf16_dot(xb, w_gate, w_up, out, chunks):  # _gate_up_bf16 on bf16 inputs, with vdpbf16ps
+    M = xb.shape[0]
+    F = w_gate.shape[0]
+    chunks = min(F, chunks)
+    size = (F + chunks - 1) // chunks
+    for c in prange(chunks):
+        for f in range(c * size, min(F, (c + 1) * size)):
+            for m in range(M):
+                out[m, f] = _silu(_dot_bf16(xb[m], w_gate, f)) * _dot_bf16(xb[m], w_up, f)
+
+
+@njit(parallel=True, cache=True)
+def _gemv_many_bf16_dot(xb, ws, outs, starts, chunks):  # _gemv_many_bf16 on bf16 inputs, with vdpbf16ps
+    M = xb.shape[0]
+    total = starts[-1]
+    chunks = min(total, chunks)
+    size = (total + chunks - 1) // chunks
+    for c in prange(chunks):
+        for r in range(c * size, min(total, (c + 1) * size)):
+            i = 0
+            while r >= starts[i + 1]:
+                i += 1
+            for m in range(M):
+                outs[i][m, r - starts[i]] = _dot_bf16(xb[m], ws[i], r - starts[i])
+
+
+def _dot_ok(K: int) -> bool:  # vdpbf16ps usable: the CPU has it, rows are whole 32-element steps
+    return HAS_AVX512_BF16 and K % 32 == 0
+
+
 @njit(cache=True)
 def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
     # one thread: it alternates with BLAS, whose own threads are still spinning when it starts
@@ -304,8 +450,7 @@ def _f16(typingctx, u):
     return types.float32(types.uint16), codegen
 
 
-# how a KV cache stores its values (float16 is passed as its uint16 view)
-KV_FLOAT32, KV_BF16, KV_F16 = 0, 1, 2
+KV_FLOAT32, KV_BF16, KV_F16 = 0, 1, 2  # how a KV cache stores its values (float16 passed as its uint16 view)
 
 
 def _kv(x, kind):  # one stored key/value element -> float32 (compiled by the overload below)
@@ -323,9 +468,11 @@ def _kv_overload(x, kind):
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
-def _attend_group(q, k, v, mask, out, b, h, kind):  # one kv head h of row b and its group of query heads
+def _attend_group(q, k, v, mask, out, b, h, S, kind):  # one kv head h of row b and its group of query heads
+    # k, v: the whole KV cache [B, Hkv, max_len, d], C-contiguous (so the loops over d vectorise: a sliced view
+    # has strides Numba cannot assume, and ran 4x slower); only its first S positions are read
     Hq, d = q.shape[1], q.shape[2]
-    Hkv, S = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     group = Hq // Hkv
     scale = np.float32(d**-0.5)
     scores = np.empty((group, S), np.float32)
@@ -341,7 +488,7 @@ def _attend_group(q, k, v, mask, out, b, h, kind):  # one kv head h of row b and
             top = max(top, scores[g, s])
         total = np.float32(0.0)
         for s in range(S):
-            scores[g, s] = np.exp(scores[g, s] - top)
+            scores[g, s] = _exp(scores[g, s] - top)
             total += scores[g, s]
         for s in range(S):
             scores[g, s] /= total
@@ -404,7 +551,7 @@ def _decode_attention_serial(
 ):  # [B, Hq, d], [B, Hkv, S, d] x2 (float32, or uint16 bf16/f16 bits), [B, S] bool -> out [B, Hq, d]
     B, Hkv = k.shape[0], k.shape[1]
     for bh in range(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, kind)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1], kind)
 
 
 @njit(parallel=True, cache=True)
@@ -413,7 +560,7 @@ def _decode_attention_parallel(
 ):  # the same, (row, kv head) pairs spread over threads
     B, Hkv = k.shape[0], k.shape[1]
     for bh in prange(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, kind)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1], kind)
 
 
 @njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
@@ -445,9 +592,10 @@ def _attention_block(q, k, v, rows, out, b, h, t0):  # one (row, kv head, query 
     group, n, d = q.shape[1] // k.shape[1], rows.shape[0], q.shape[3]
     end = rows.shape[1]
     heads = slice(h * group, (h + 1) * group)
-    scores = q[b, heads, t0 : t0 + n].reshape(group * n, d) @ k[b, h, :end].T  # [group·block, end]
+    keys, values = _widen_kv(k[b, h, :end]), _widen_kv(v[b, h, :end])  # a bf16/f16 cache: this block only
+    scores = q[b, heads, t0 : t0 + n].reshape(group * n, d) @ keys.T  # [group·block, end]
     _masked_softmax(scores, rows, np.float32(d**-0.5))
-    out[b, heads, t0 : t0 + n] = (scores @ v[b, h, :end]).reshape(group, n, d)
+    out[b, heads, t0 : t0 + n] = (scores @ values).reshape(group, n, d)
 
 
 @cache
@@ -513,6 +661,10 @@ def linear(
     M = x2.shape[0]
     if bf16_inputs and M > GEMV_MAX_ROWS and onednn.available():  # prefill on the bf16 matrix units
         return onednn.gemm_bf16(round_bf16(x2)[0], bits).reshape(*x.shape[:-1], N)
+    if bf16_inputs and M <= GEMV_MAX_ROWS and _dot_ok(K) and bits.flags.c_contiguous:  # decode, vdpbf16ps
+        out = np.empty((M, N), np.float32)
+        _gemv_bf16_dot(round_bf16(x2)[0], bits, out, _chunks())
+        return out.reshape(*x.shape[:-1], N)
     if bf16_inputs:
         x2 = round_bf16(x2)[1]  # the same products as float32 numbers: bf16 x bf16 is exact in float32
     block = max(1, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
@@ -533,6 +685,24 @@ def linear(
     return out.reshape(*x.shape[:-1], N)
 
 
+def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False) -> tuple:
+    # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]: decode's q, k, v GEMVs in one kernel
+    x2 = _rows(x)
+    fused = all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in ws)
+    # one Numba type for all (a tuple indexed at run time): all read-only file maps, or all writable arrays
+    fused = fused and len({w.bits.flags.writeable for w in ws}) == 1
+    if x2.shape[0] > GEMV_MAX_ROWS or not fused:
+        return tuple(linear(x, w, bf16_inputs) for w in ws)
+    outs = tuple(np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws)
+    starts = np.cumsum([0] + [w.shape[0] for w in ws]).astype(np.int64)
+    bits, values = round_bf16(x2) if bf16_inputs else (None, x2)
+    if bf16_inputs and _dot_ok(x2.shape[1]):
+        _gemv_many_bf16_dot(bits, tuple(w.bits for w in ws), outs, starts, _chunks())
+    else:
+        _gemv_many_bf16(values, tuple(w.bits for w in ws), outs, starts, _chunks())
+    return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [..., d], [d] -> [..., d]
     x2 = _rows(x)
     out = np.empty_like(x2)
@@ -547,23 +717,52 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def _kv_kind(k: np.ndarray) -> int:
+    return {np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}.get(k.dtype, KV_FLOAT32)
+
+
+def _whole_cache(
+    a: np.ndarray,
+) -> np.ndarray:  # [B, H, S, d] -> [B, H, S' ≥ S, d] C-contiguous, a = its [:, :, :S]
+    # The model passes the cache's first S positions, a view of the whole preallocated cache: hand the kernel that
+    # whole (contiguous) array instead, without a copy. Anything else is copied once.
+    base = a.base
+    if (
+        isinstance(base, np.ndarray)
+        and base.flags.c_contiguous
+        and base.dtype == a.dtype
+        and base.ndim == 4
+        and base.shape[:2] == a.shape[:2]
+        and base.shape[3] == a.shape[3]
+        and base.strides == a.strides
+        and base.ctypes.data == a.ctypes.data
+    ):
+        return base
+    return np.ascontiguousarray(a)
+
+
+def _widen_kv(a: np.ndarray) -> np.ndarray:  # a block of a (possibly narrow) KV cache -> float32
+    kind = _kv_kind(a)
+    if kind == KV_BF16:
+        return bf16_to_float32(a)
+    return a.astype(np.float32, copy=False)
+
+
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d] (float32, or a bf16 / float16 KV cache), [B, T, S] bool
     # -> [B, Hq, T, d]
     B, Hq, T, d = q.shape
     if T != 1:
-        if k.dtype != np.float32:  # a narrow KV cache: the reference's tiles widen one key block at a time
-            return np_attention.blockwise_attention(q, k, v, mask)
         return _prefill_attention(q, k, v, mask)
     # a narrow cache is read as it is stored: each element widened in registers (bf16 as uint16 bit patterns;
     # float16 passed as its uint16 view, since Numba has no float16 arrays)
-    kind = {np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}.get(k.dtype, KV_FLOAT32)
+    kind = _kv_kind(k)
+    nbytes = k.nbytes
+    k, v = _whole_cache(k), _whole_cache(v)
     if kind == KV_F16:
         k, v = k.view(np.uint16), v.view(np.uint16)
     out = np.empty((B, Hq, d), np.float32)
-    kernel = (
-        _decode_attention_parallel if 2 * k.nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
-    )
+    kernel = _decode_attention_parallel if 2 * nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
     kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out, kind)
     return out.reshape(B, Hq, 1, d)
 
@@ -573,7 +772,15 @@ def swiglu(x: np.ndarray, w_gate, w_up, w_down, bf16_inputs: bool = False) -> np
     x2 = _rows(x)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
-        _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
+        if (
+            bf16_inputs
+            and _dot_ok(x2.shape[1])
+            and w_gate.bits.flags.c_contiguous
+            and w_up.bits.flags.c_contiguous
+        ):
+            _gate_up_bf16_dot(round_bf16(x2)[0], w_gate.bits, w_up.bits, h, _chunks())
+        else:
+            _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
     else:
         h = _silu_mul(linear(x2, w_gate, bf16_inputs), linear(x2, w_up, bf16_inputs))
     return linear(h, w_down, bf16_inputs).reshape(x.shape)
@@ -612,6 +819,7 @@ def backend(matmul_precision: str = "highest") -> Backend:
     return Backend(
         name="numba",
         linear=partial(linear, bf16_inputs=bf16_inputs),
+        linears=partial(linears, bf16_inputs=bf16_inputs),
         rms_norm=rms_norm,
         apply_rope=apply_rope,
         attention=attention,

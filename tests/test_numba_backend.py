@@ -369,3 +369,50 @@ def test_matmul_precision_errors_are_one_clear_line():
         get_backend("numpy", matmul_precision="medium")
     with pytest.raises(BackendError, match="matmul_precision must be one of highest, medium"):
         get_backend("numba", matmul_precision="low")
+
+
+def test_decode_attention_reads_the_whole_cache_without_copying_it():
+    # the model passes cache[:, :, :S] views; the kernel gets the whole contiguous cache (no copy), same result
+    rng = np.random.default_rng(14)
+    keys, values = (
+        rng.standard_normal((2, 4, 40, 16)).astype(np.float32) for _ in range(2)
+    )  # as KVCache has
+    k, v = keys[:, :, :25], values[:, :, :25]
+    assert numba_backend._whole_cache(k) is keys
+    q = rng.standard_normal((2, 8, 1, 16)).astype(np.float32)
+    mask = np.ones((2, 1, 25), bool)
+    mask[1, :, :5] = False
+    assert rel_err(NB.attention(q, k, v, mask), ref_attention.attention(q, k, v, mask)) <= RTOL
+
+
+@pytest.mark.parametrize("rows", [1, 6])  # one fused GEMV over q, k, v; more tokens: one product per weight
+def test_linear_many_equals_one_product_per_weight(rows):
+    rng = np.random.default_rng(15 + rows)
+    (wq, q32), (wk, k32), (wv, v32) = (bf16_weight(rng, n, 64) for n in (96, 32, 32))
+    x = rng.standard_normal((1, rows, 64)).astype(np.float32)
+    got = NB.linear_many(x, (wq, wk, wv))
+    for g, w32 in zip(got, (q32, k32, v32), strict=True):
+        assert g.shape == (1, rows, w32.shape[0]) and rel_err(g, mlp.linear(x, w32)) <= RTOL
+    numpy = get_backend("numpy")  # no fused kernel: linear_many falls back to its own linear, one at a time
+    assert numpy.linears is None
+    assert all(rel_err(a, b) == 0 for a, b in zip(numpy.linear_many(x, (q32, k32)), (x @ q32.T, x @ k32.T)))
+
+
+@pytest.mark.parametrize(
+    "K", [256, 200]
+)  # 200: not whole 32-element steps, so the float32 kernels run instead
+def test_medium_decode_kernels_equal_bf16_rounded_products(K):
+    # on CPUs with AVX512-BF16 the medium decode GEMVs use vdpbf16ps (exact bf16 products, float32 sums): the same
+    # numbers as NumPy on the rounded input, up to summation order
+    medium = get_backend("numba", matmul_precision="medium")
+    rng = np.random.default_rng(16 + K)
+    (wq, q32), (wk, k32), (wg, g32), (wu, u32), (wd, d32) = (
+        bf16_weight(rng, *s) for s in ((96, K), (32, K), (64, K), (64, K), (K, 64))
+    )
+    x = rng.standard_normal((1, 1, K)).astype(np.float32)
+    r = bf16_to_float32(float32_to_bf16(x))
+    q, k = medium.linear_many(x, (wq, wk))
+    assert rel_err(q, r @ q32.T) <= RTOL and rel_err(k, r @ k32.T) <= RTOL
+    h = mlp.silu(r @ g32.T) * (r @ u32.T)
+    want = bf16_to_float32(float32_to_bf16(h)) @ d32.T  # the hidden activations are rounded too
+    assert rel_err(medium.swiglu(x, wg, wu, wd), want) <= RTOL
