@@ -236,6 +236,7 @@ def loss_and_grads(
     grads: Weights | None = None,  # add into these (gradient accumulation); default: fresh zeros
     grad_scale: float = 1.0,  # multiply this batch's gradient by it before adding (1 / accumulation steps)
     keep_logits: bool = False,
+    forward_only: bool = False,  # only the losses (evaluation): no activations kept, no backward
 ) -> LossAndGrads:
     """Forward and backward of the training loss on one batch; every weight's gradient in `grads`.
 
@@ -287,6 +288,9 @@ def loss_and_grads(
         for rl in router_logits:
             _, experts = route(rl, c.num_experts_per_tok, c.norm_topk_prob)
             counts.append(np.bincount(experts.ravel(), minlength=c.num_experts))
+
+    if forward_only:
+        return LossAndGrads(ce + aux_coef * aux, ce, aux, grads, counts, logits if keep_logits else None)
 
     # backward
     g = zeros_like_weights(weights) if grads is None else grads
