@@ -122,7 +122,8 @@ class TrainConfig:
             else:
                 data = json.loads(text)
         except (ValueError, ImportError) as e:
-            raise TrainError(f"{path}: not a valid {path.suffix.lstrip('.') or 'JSON'} file: {e}") from None
+            kind = "TOML" if path.suffix == ".toml" else "JSON"
+            raise TrainError(f"{path}: not a valid {kind} file: {e}") from None
         return cls.from_dict(data, str(path))
 
     @classmethod
@@ -339,8 +340,12 @@ def peak_memory_mib() -> float:
 # --------------------------------------------------------------------------------------------- the loop
 
 
-def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
-    """Train as `cfg` says; returns the final summary (also written to out_dir/summary.json)."""
+def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | None = None) -> dict:
+    """Train as `cfg` says; returns the final summary (also written to out_dir/summary.json).
+
+    `stop_after`: end (and save a resumable checkpoint) after this step, as an interrupted run would; the
+    schedule still runs towards `cfg.steps`.
+    """
     if cfg.blas_threads:
         limit_blas_threads(cfg.blas_threads)
     out = Path(cfg.out_dir)
@@ -390,7 +395,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
     t_start, val_loss = time.perf_counter(), float("nan")
     window = {"ce": 0.0, "aux": 0.0, "n": 0, "t": 0.0, "counts": None}
-    for step in range(start + 1, cfg.steps + 1):
+    last = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
+    for step in range(start + 1, last + 1):
         t0 = time.perf_counter()
         grads = None
         for micro in range(cfg.grad_accum):
@@ -413,10 +419,10 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
         opt.update(params, g, lr)
         window["t"] += time.perf_counter() - t0
         window["n"] += 1
-        evaluate_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+        evaluate_now = (cfg.eval_every and step % cfg.eval_every == 0) or step == last
         if evaluate_now:
             val_loss = evaluate(c, w, data["val"], cfg)
-        if step % cfg.log_every == 0 or step == cfg.steps or evaluate_now:
+        if step % cfg.log_every == 0 or step == last or evaluate_now:
             n = window["n"]
             entry = {"kind": "step", "step": step, "tokens": step * tokens_per_step, "ce": window["ce"] / n,
                      "aux": window["aux"] / n, "lr": lr, "grad_norm": norm,
@@ -433,13 +439,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict:
             window = {"ce": 0.0, "aux": 0.0, "n": 0, "t": 0.0, "counts": None}
         if bar is not None:
             bar.update(1)
-        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+        if cfg.save_every and step % cfg.save_every == 0 and step != last:
             _save(out / "checkpoint", raw, w, tok_dir, step, cfg, opt, val_loss)
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - t_start
-    _save(out / "checkpoint", raw, w, tok_dir, cfg.steps, cfg, opt, val_loss)
-    summary = {"kind": "summary", "steps": cfg.steps, "tokens_seen": cfg.steps * tokens_per_step,
+    _save(out / "checkpoint", raw, w, tok_dir, last, cfg, opt, val_loss)
+    summary = {"kind": "summary", "steps": last, "tokens_seen": last * tokens_per_step,
                "wall_s": wall, "val_loss": val_loss, "unigram_val_loss": baseline, "parameters": int(n_params),
                "peak_rss_mib": peak_memory_mib(), "checkpoint": str(out / "checkpoint")}  # fmt: skip
     log.write(json.dumps(summary) + "\n")
