@@ -393,7 +393,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
 
         bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True)
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    t_start, val_loss = time.perf_counter(), float("nan")
+    t_start, cpu_start, val_loss = time.perf_counter(), time.process_time(), float("nan")
     window = {"ce": 0.0, "aux": 0.0, "n": 0, "t": 0.0, "counts": None}
     last = cfg.steps if stop_after is None else min(stop_after, cfg.steps)
     for step in range(start + 1, last + 1):
@@ -446,7 +446,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     wall = time.perf_counter() - t_start
     _save(out / "checkpoint", raw, w, tok_dir, last, cfg, opt, val_loss)
     summary = {"kind": "summary", "steps": last, "tokens_seen": last * tokens_per_step,
-               "wall_s": wall, "val_loss": val_loss, "unigram_val_loss": baseline, "parameters": int(n_params),
+               "wall_s": wall, "cpu_s": time.process_time() - cpu_start, "val_loss": val_loss, "unigram_val_loss": baseline, "parameters": int(n_params),
                "peak_rss_mib": peak_memory_mib(), "checkpoint": str(out / "checkpoint")}  # fmt: skip
     log.write(json.dumps(summary) + "\n")
     log.close()

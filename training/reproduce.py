@@ -62,6 +62,7 @@ def main() -> int:
         summary["runs"][coef] = {
             "wall_s": round(time.perf_counter() - t0, 1),
             "train_wall_s": round(final["wall_s"], 1),
+            "train_cpu_s": round(final["cpu_s"], 1) if "cpu_s" in final else None,
             "tokens_seen": final["tokens_seen"],
             "parameters": run["parameters"],
             "val_loss": final["val_loss"],
