@@ -94,3 +94,34 @@ def test_gradients_equal_torch_autograd(name, coef):
         assert err <= GRAD_RTOL * scale + 1e-8, f"{key}: max |Δ| = {err:.2e}, max |grad| = {scale:.2e}"
         worst = max(worst, err / max(scale, 1e-30))
     print(f"{name} coef={coef}: worst gradient error {worst:.1e} of the tensor's largest gradient")
+
+
+def test_trained_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
+    """A checkpoint written by tinyqwen.train (after real training steps, so no weight is still at its init)
+    loads in transformers with no missing/unexpected keys and gives tinyqwen's logits; so does the stored long run's
+    checkpoint when runs/ holds it (python training/reproduce.py)."""
+    from tinyqwen import train
+    from tinyqwen.verify import tolerance
+
+    cfg = train.TrainConfig.from_dict({
+        "out_dir": str(tmp_path / "run"), "docs": 600, "seq_len": 16, "batch_size": 4, "steps": 8,
+        "eval_batches": 1, "progress": False,
+        "model": {"hidden_size": 32, "num_hidden_layers": 2, "num_experts": 4, "moe_intermediate_size": 16,
+                  "head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300},
+    })  # fmt: skip
+    folders = [Path(train.train(cfg)["checkpoint"])]
+    stored = Path(__file__).resolve().parent.parent / "runs" / "tiny-moe-aux0.001" / "checkpoint"
+    if stored.is_dir():
+        folders.append(stored)
+    for folder in folders:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
+        )
+        assert not any(info.values()), info
+        ours = tinyqwen.load_model(folder)
+        ids = np.random.default_rng(5).integers(0, ours.config.vocab_size, size=(2, 24))
+        with torch.no_grad():
+            theirs = model(torch.from_numpy(ids)).logits.numpy()
+        err = float(np.abs(ours(ids) - theirs).max())
+        assert err <= tolerance(theirs), (folder, err)
+        print(f"{folder}: logits max |Δ| = {err:.1e} against transformers")
