@@ -71,7 +71,7 @@ from tinyqwen import attention, grad, moe, norm, train  # noqa: E402
 
 # %%
 def draw_block():
-    stages = ["x", "RMSNorm", "attention\n(QK-Norm, RoPE)", "+", "RMSNorm", "MoE /\nSwiGLU", "+", "out"]
+    stages = ["x", "RMSNorm", "attention", "+", "RMSNorm", "MoE /\nSwiGLU", "+", "out"]
     fig, ax = plt.subplots(figsize=(11, 2.8))
     for i, s in enumerate(stages):
         ax.text(i, 0, s, ha="center", va="center", fontsize=9,
@@ -356,12 +356,12 @@ for task, text in synthetic_documents(4, seed=5):
     print(f"{task:8s} {text!r}")
 
 # %% [markdown]
-# A 2-layer, 4-expert model for 60 steps of 8 × 32 tokens — well under a minute:
+# A 2-layer, 4-expert model for 150 steps of 8 × 32 tokens — well under a minute:
 
 # %%
 short = train.TrainConfig(
-    out_dir=str(ROOT / "runs" / "notebook-13"), docs=4000, seq_len=32, batch_size=8, steps=60, warmup=5,
-    lr=5e-3, min_lr=5e-4, eval_every=20, eval_batches=2, progress=False,
+    out_dir=str(ROOT / "runs" / "notebook-13"), docs=4000, seq_len=32, batch_size=8, steps=150, warmup=10,
+    lr=5e-3, min_lr=5e-4, eval_every=25, eval_batches=2, progress=False,
     model={"hidden_size": 64, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
            "moe_intermediate_size": 64},
 )  # fmt: skip
@@ -381,8 +381,8 @@ plt.show()
 
 # %% [markdown]
 # The checkpoint is a Hugging Face folder (config.json, model.safetensors with one tensor per expert, tokenizer
-# files), so the command line reads it like any Qwen3. Greedy samples through `tinyqwen generate` (after 60 steps
-# the model has learned the shapes of the four languages, not yet their content):
+# files), so the command line reads it like any Qwen3. Greedy samples through `tinyqwen generate` (after 150
+# steps the model has learned the shapes of the four languages, not yet much of their content):
 
 # %%
 ckpt = summary["checkpoint"]
@@ -465,15 +465,21 @@ for c in COEFS:
           f"{f['experts_below_0.25x']:2d} experts below 0.25×, coefficient of variation {f['coefficient_of_variation']:.2f}")  # fmt: skip
 
 # %% [markdown]
-# What to read from it. Without the aux loss nothing pulls the router back when some experts start winning
-# tokens: they get better on those tokens and win more, and others starve. The load-balancing gradient pushes the
-# probability of overloaded experts down (section 5). How *fast* it acts depends on its weight against the
-# cross-entropy's gradient on the router: at Qwen3's 0.001, in a run this short and this small, the pull is weak —
-# Qwen3 trains on trillions of tokens with batches of millions, where a small, consistent force has time to win
-# against a noisy one. At 0.1 the balance is visible within a few hundred steps. Note also what the aux loss
-# *value* shows: it stays near its floor $k = 2$ in all three runs, because with nearly flat router probabilities
-# $E\sum_e f_e P_e \approx \sum_e f_e = k$ whatever the load — the load itself, not the loss value, is the thing to
-# watch.
+# What to read from it — and this is a measured result, not the textbook picture. In this tiny model and this
+# short run the load is uneven with *every* coefficient: a few experts per layer take twice their share, a few get
+# under a quarter of it, from the first hundred steps on; the patterns are set early, when the router's logits are
+# still tiny and the top-k choice hinges on small differences. At Qwen3's 0.001 the picture is indistinguishable
+# from no aux loss at all (the same spread, the same number of starved experts), and even 100× more (0.1) only
+# narrows it a little within 800 steps. Why so weak? Look at the gradient of section 5: per token,
+# $\partial\,\text{aux}/\partial\,\text{logit}_{n,e} \approx (f_e - k/E)/N$ while the router probabilities are
+# nearly flat, times the coefficient. Summed over a batch it can only move each expert's logit along the *mean*
+# hidden state — a bias-like direction — against the cross-entropy's gradient, which is token-specific and, here,
+# much larger. Qwen3 trains on trillions of tokens with batches of millions, where a small force that always
+# points the same way has time to win; 800 steps of 1,024 tokens do not give it that time.
+#
+# Note also what the aux loss *value* shows: it stays near its floor $k = 2$ in all three runs (see the training
+# log), because with nearly flat router probabilities $E\sum_e f_e P_e \approx \sum_e f_e = k$ whatever the load.
+# The load itself, not the loss value, is the thing to watch.
 #
 # ## 11. Samples through tinyqwen generate
 #
@@ -515,7 +521,8 @@ print(f"loss {r.loss:.6f} (|Δ| = {abs(r.loss - float(REF['model.loss'])):.1e});
 # - Finite differences in float64 check any backward to ~1e-9; torch autograd checks the whole model.
 # - AdamW = Adam + decay on the weight itself; warm-up, cosine, clipping and accumulation complete the trainer.
 # - The load-balancing loss acts through the router's gradient; its strength relative to the cross-entropy decides
-#   how quickly the load evens out — watch the load, not the loss value.
+#   how quickly the load evens out. At Qwen3's 0.001 it changes nothing measurable in a run this small — watch the
+#   load, not the loss value, which sits at its floor while the load is uneven.
 #
 # ## Exercises
 #
