@@ -399,7 +399,8 @@ for prompt in ["417 + 88 =", "sort: pear fig ->", "the small"]:
 #
 # The same trainer, run three times on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of
 # width 64, top-2, renormalised: 0.84 M parameters) for 800 steps of 16 × 64 tokens (819 k tokens each), with the
-# aux coefficient 0, 0.001 and 0.1. One command reproduces all three (about 10–20 minutes on 2 shared cores):
+# aux coefficient 0, 0.001 and 0.1. One command reproduces all three — about 2 CPU-minutes per run; the stored
+# ones took 33 minutes of wall time on a busy, shared 2-core machine where they ran at low priority:
 #
 # ```bash
 # python training/reproduce.py      # = tinyqwen train --config training/tiny-moe-aux<coef>.json, three times
