@@ -127,9 +127,9 @@ def train_bpe(texts: list[str], vocab_size: int) -> tuple[dict[str, int], list[t
     (vocab {symbol string: id}, merges in rank order); `vocab_size` counts the byte symbols and the merges (the
     special tokens come on top).
 
-    >>> vocab, merges = train_bpe(["aaab aaab"], 258)
-    >>> merges
-    [('a', 'a'), ('aa', 'a')]
+    >>> vocab, merges = train_bpe(["aaab aaab"], 258)   # words "aaab" and "Ġaaab" (Ġ: the byte symbol of a space)
+    >>> merges   # 'a a' occurs 4 times; then 'aa a' and 'a b' twice each: the tie goes to the pair sorting first
+    [('a', 'a'), ('a', 'b')]
     """
     words = Counter()
     for text in texts:
