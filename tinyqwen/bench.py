@@ -161,6 +161,7 @@ def load(path, threads, option, max_len):
         compile_s = property(lambda self: clock.total if clock else float("nan"))
 
         def prefill(self, ids):
+            self.cache = None  # the last run's cache goes first: a new prompt never holds two caches at once
             self.cache = model.new_cache(1, max_len)
             return self.step_ids(np.asarray([ids]))
 
