@@ -70,7 +70,10 @@ def test_gradient_accumulation_equals_the_big_batch():
 
 def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     cfg = tiny_config(tmp_path, steps=30, lr=1e-2, eval_every=10)
+    threads = train.limit_blas_threads(3)  # training runs BLAS on 1 thread, then restores what it found
     summary = train.train(cfg)
+    if threads is not None:
+        assert train.limit_blas_threads(threads) == 3
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     steps = [e for e in log if e["kind"] == "step"]
     assert steps[-1]["ce"] < steps[0]["ce"] - 1.0  # from ~ln(300) = 5.7 down

@@ -305,8 +305,8 @@ def evaluate(c: Qwen3Config, w: Weights, val: np.ndarray, cfg: TrainConfig) -> f
     return float(np.mean(losses))
 
 
-def limit_blas_threads(n: int) -> bool:
-    """Ask the OpenBLAS that NumPy loaded to use `n` threads; True if it could be asked.
+def limit_blas_threads(n: int) -> int | None:
+    """Ask the OpenBLAS that NumPy loaded to use `n` threads; returns how many it used before (None: not found).
 
     A tiny model's matrices are ~100 × 100: a multi-threaded BLAS spends more time waking and syncing threads than
     multiplying, and on a shared machine a thread that is descheduled stalls the others. Measured on this 2-core
@@ -318,18 +318,18 @@ def limit_blas_threads(n: int) -> bool:
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
-        return False
+        return None
     for lib in sorted({line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}):
         handle = ctypes.CDLL(lib)
-        for name in (
-            "scipy_openblas_set_num_threads64_",
-            "scipy_openblas_set_num_threads",
-            "openblas_set_num_threads",
-        ):
-            if hasattr(handle, name):
-                getattr(handle, name)(int(n))
-                return True
-    return False
+        for prefix in ("scipy_openblas_", "openblas_"):
+            for suffix in ("64_", ""):
+                setter = getattr(handle, f"{prefix}set_num_threads{suffix}", None)
+                getter = getattr(handle, f"{prefix}get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    before = int(getter())
+                    setter(int(n))
+                    return before
+    return None
 
 
 def peak_memory_mib() -> float:
@@ -346,8 +346,15 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     `stop_after`: end (and save a resumable checkpoint) after this step, as an interrupted run would; the
     schedule still runs towards `cfg.steps`.
     """
-    if cfg.blas_threads:
-        limit_blas_threads(cfg.blas_threads)
+    before = limit_blas_threads(cfg.blas_threads) if cfg.blas_threads else None
+    try:
+        return _train(cfg, resume, stop_after)
+    finally:
+        if before is not None:
+            limit_blas_threads(before)  # leave the process's BLAS as we found it
+
+
+def _train(cfg: TrainConfig, resume, stop_after) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok_dir = out / "tokenizer"
