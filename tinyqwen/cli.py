@@ -575,6 +575,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from tinyqwen.train import TrainConfig, train
+
+    cfg = TrainConfig.from_file(args.config)
+    if args.out is not None:
+        cfg.out_dir = args.out
+    if args.steps is not None:
+        cfg.steps = require_positive("--steps", args.steps)
+    if args.no_progress:
+        cfg.progress = False
+    summary = train(cfg, resume=args.resume)
+    print(
+        f"trained {summary['steps']} steps, {summary['tokens_seen']:,} tokens in {summary['wall_s']:.0f} s: "
+        f"validation loss {summary['val_loss']:.3f} (unigram baseline {summary['unigram_val_loss']:.3f}); "
+        f"checkpoint {summary['checkpoint']}, log {Path(cfg.out_dir) / 'log.jsonl'}"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ parser
 
 
@@ -595,7 +614,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tinyqwen", description="Qwen3 (dense and MoE) in NumPy.", formatter_class=HelpFormatter
     )
     parser.add_argument("--version", action="version", version=f"tinyqwen {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{chat,generate,verify,info,bench}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{chat,generate,verify,info,bench,train}"
+    )
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
@@ -713,6 +734,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="only tinyqwen's backends (no transformers, no llama.cpp)",
     )
     bench.set_defaults(func=cmd_bench)
+
+    train = command(
+        "train", help="train a (tiny) Qwen3 / Qwen3-MoE in NumPy on the built-in synthetic corpus"
+    )
+    train.add_argument(
+        "--config", "-c", required=True, help="training config, JSON or TOML (see tinyqwen/train.py)"
+    )
+    train.add_argument("--resume", metavar="DIR", help="continue from a checkpoint folder this trainer saved")
+    train.add_argument("--out", help="output folder (default: the config's out_dir)")
+    train.add_argument("--steps", type=int, help="total steps (default: the config's)")
+    train.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (the log is still written)"
+    )
+    train.set_defaults(func=cmd_train)
     return parser
 
 
