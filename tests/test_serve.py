@@ -15,6 +15,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +27,7 @@ from tinyqwen.generation import generate  # noqa: E402
 from tinyqwen.serve import ScriptedModel, create_app, parse_sse, scripted_reply  # noqa: E402
 from tinyqwen.tokenizer import Tokenizer  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 MODEL = "tiny-qwen3"
 EOS = (151645, 151643)  # the tiny checkpoint's generation_config.json (Qwen3's)
 IM_START, IM_END, THINK, END_THINK = 151644, 151645, 151667, 151668
@@ -523,3 +525,49 @@ def test_tinyqwen_serve_command_in_a_subprocess(tiny_qwen3_dir, tok, tiny_qwen3_
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, -signal.SIGINT, 130) and "Traceback" not in err, err
+
+
+# ------------------------------------------------------------------------------------------ against the references
+
+
+def test_reply_parser_matches_the_chapter_12_references(tok):
+    """The reasoning split and the tool-call parser on replies tokenized by the official tokenizer, with the
+    expected parts from exercises/references/ch12_serving.json (made by make_ch12_serving.py from transformers)."""
+    from tinyqwen.serve import ReplyParser
+
+    ref = json.loads((REPO / "exercises" / "references" / "ch12_serving.json").read_text(encoding="utf-8"))
+    for case in ref["split"]:
+        assert tok.encode(case["text"], allowed_special="all") == case["ids"], case["name"]
+        parser = ReplyParser(tok, EOS)
+        deltas = [d for t in case["ids"] for d in parser.push(t)] + parser.finish()
+        assert (parser.reply.reasoning, parser.reply.content) == (case["reasoning"], case["content"]), case[
+            "name"
+        ]
+        assert "".join(t for k, t in deltas if k == "content") == case["content"]
+    for case in ref["tools"]:
+        parser = ReplyParser(tok, EOS, tools=True)
+        for t in case["ids"]:
+            parser.push(t)
+        parser.finish()
+        got = [
+            (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parser.reply.tool_calls
+        ]
+        assert got == [(c["name"], c["arguments"]) for c in case["calls"]], case["name"]
+        assert parser.reply.content == case["answer"] and parser.reply.reasoning == case["reasoning"]
+
+
+def test_asgi_call_in_process(tiny_qwen3_model, tok):
+    """The app answers without a network (what the chapter's notebook does)."""
+    from tinyqwen.serve import asgi_call
+
+    app = create_app(tiny_qwen3_model, tok, MODEL)
+    status, headers, body = asgi_call(app, "POST", "/v1/chat/completions",
+                                      {"model": MODEL, "messages": user("Hi"), "max_tokens": 3, "temperature": 0,
+                                       "stream": True, "return_token_ids": True})  # fmt: skip
+    events = parse_sse(body.decode())
+    assert status == 200 and events[-1] == "[DONE]"
+    want = generate(tiny_qwen3_model, chat_ids(tok, user("Hi")), 3, temperature=0, eos_token_ids=EOS)
+    assert events[-2]["choices"][0]["token_ids"] == want
+    status, _, body = asgi_call(app, "POST", "/v1/chat/completions", b"{oops")
+    assert status == 400 and "not valid JSON" in json.loads(body)["error"]["message"]
+    app.state.service.engine.stop()

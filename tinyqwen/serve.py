@@ -832,6 +832,48 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen"):
     return app
 
 
+async def _asgi_call(app, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
+    done = asyncio.Event()
+    sent = False
+    status, headers, chunks = 0, {}, []
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # the client stays connected until the response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status, headers
+        if message["type"] == "http.response.start":
+            status = message["status"]
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in message.get("headers", [])}
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                done.set()
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}  # fmt: skip
+    await app(scope, receive, send)
+    return status, headers, b"".join(chunks)
+
+
+def asgi_call(app, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict, bytes]:
+    """One HTTP request to an ASGI app, in-process, without a network: what uvicorn does for each request.
+
+    An ASGI server calls `app(scope, receive, send)`: `scope` describes the request, `receive()` hands over the
+    body, and the app calls `send()` with the status and headers, then the body in one or more pieces (one per SSE
+    event when streaming). Returns (status, headers, body bytes).
+    """
+    data = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
+    return asyncio.run(_asgi_call(app, method, path, data))
+
+
 # ------------------------------------------------------------------------------------------ a scripted model
 
 
@@ -924,5 +966,5 @@ def require_serve_extra() -> None:
         raise TinyQwenError('tinyqwen serve needs Starlette and uvicorn: pip install -e ".[serve]"') from None
 
 
-__all__ = ["APIError", "Engine", "ReplyParser", "ScriptedModel", "Service", "create_app", "parse_sse",
+__all__ = ["APIError", "Engine", "asgi_call", "ReplyParser", "ScriptedModel", "Service", "create_app", "parse_sse",
            "scripted_reply", "serve", "sse"]  # fmt: skip
