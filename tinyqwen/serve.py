@@ -85,16 +85,26 @@ def sse(data: dict | str) -> str:
 
 
 def parse_sse(text: str) -> list[dict | str]:
-    """The events of an SSE body: each `data:` payload, JSON-decoded, and the final "[DONE]" as a string.
+    """The events of an SSE body: each event's data, JSON-decoded, and the final "[DONE]" as a string.
 
-    >>> parse_sse('data: {"a": 1}\\n\\ndata: [DONE]\\n\\n')
+    The WHATWG rules a client follows: lines end with \\n, \\r\\n or \\r; a blank line ends an event; "data:"
+    lines (one space after the colon dropped) are joined with newlines; ":" starts a comment; other fields are
+    not data; an event still open when the text ends is dropped.
+
+    >>> parse_sse('data: {"a": 1}\\n\\n: ping\\n\\ndata:[DONE]\\n\\n')
     [{'a': 1}, '[DONE]']
     """
     events: list[dict | str] = []
-    for block in text.split("\n\n"):
-        data = "\n".join(line[5:].lstrip(" ") for line in block.splitlines() if line.startswith("data:"))
-        if data:
-            events.append(data if data == "[DONE]" else json.loads(data))
+    data: list[str] | None = None
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if line == "":
+            if data is not None:
+                joined = "\n".join(data)
+                events.append(joined if joined == "[DONE]" else json.loads(joined))
+            data = None
+        elif line.startswith("data:"):
+            value = line[5:]
+            data = [*(data or []), value[1:] if value.startswith(" ") else value]
     return events
 
 
@@ -292,6 +302,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     output_ids: list[int] = field(default_factory=list)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    submitted: float = 0.0  # time.perf_counter() when it joined the queue
 
     def send(self, event: tuple) -> None:
         if self.loop is None or self.events is None:
@@ -310,6 +321,7 @@ class JobRecord:
     prompt_tokens: int
     completion_tokens: int
     cancelled: bool
+    submitted: float  # time.perf_counter(): joined the queue, left it, finished
     started: float
     finished: float
 
@@ -340,6 +352,7 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         self.start()
+        job.submitted = time.perf_counter()
         self.jobs.put(job)
 
     def _run(self) -> None:
@@ -373,8 +386,8 @@ class Engine:
         except Exception as error:  # a bug: say what kind, keep serving, never send a traceback
             job.send(("error", APIError(500, f"internal error while generating ({type(error).__name__})")))
         finally:
-            self.records.append(JobRecord(job.id, len(job.prompt_ids), len(job.output_ids),
-                                          job.cancelled.is_set(), started, time.perf_counter()))  # fmt: skip
+            self.records.append(JobRecord(job.id, len(job.prompt_ids), len(job.output_ids), job.cancelled.is_set(),
+                                          job.submitted or started, started, time.perf_counter()))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ checking requests
@@ -832,7 +845,8 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen"):
     return app
 
 
-async def _asgi_call(app, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
+async def asgi_request(app, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
+    """`asgi_call` for code that already runs in an event loop (several requests at once with asyncio.gather)."""
     done = asyncio.Event()
     sent = False
     status, headers, chunks = 0, {}, []
@@ -871,7 +885,19 @@ def asgi_call(app, method: str, path: str, body: dict | bytes | None = None) -> 
     event when streaming). Returns (status, headers, body bytes).
     """
     data = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
-    return asyncio.run(_asgi_call(app, method, path, data))
+    return run_sync(asgi_request(app, method, path, data))
+
+
+def run_sync(coroutine):
+    """Run a coroutine to the end and return its result, also where an event loop already runs (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a fresh event loop in a thread of its own
+        return pool.submit(asyncio.run, coroutine).result()
 
 
 # ------------------------------------------------------------------------------------------ a scripted model
@@ -966,5 +992,5 @@ def require_serve_extra() -> None:
         raise TinyQwenError('tinyqwen serve needs Starlette and uvicorn: pip install -e ".[serve]"') from None
 
 
-__all__ = ["APIError", "Engine", "asgi_call", "ReplyParser", "ScriptedModel", "Service", "create_app", "parse_sse",
+__all__ = ["APIError", "Engine", "asgi_call", "asgi_request", "run_sync", "ReplyParser", "ScriptedModel", "Service", "create_app", "parse_sse",
            "scripted_reply", "serve", "sse"]  # fmt: skip
