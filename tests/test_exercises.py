@@ -29,7 +29,10 @@ def grade(*flags: str) -> tuple[int, str, dict[int, tuple[int, int]]]:
 
 
 def test_every_chapter_has_exercises():
-    assert CHAPTERS == list(range(1, 11)), f"expected exercises for chapters 1-10, found {CHAPTERS}"
+    # chapters 1-10, and the later ones (11 cupy, 12 serving, 13 training) as their issues land
+    assert CHAPTERS[:10] == list(range(1, 11)) and set(CHAPTERS[10:]) <= {11, 12, 13}, (
+        f"expected exercises for chapters 1-10 (+ 11-13), found {CHAPTERS}"
+    )
 
 
 def reread_pointers(path: Path) -> set[tuple[int, str]]:
