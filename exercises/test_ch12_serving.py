@@ -32,7 +32,7 @@ SSE_JSON_HINT = (
 def check_sse(course, text: str, want: list, what: str, mistakes=()) -> None:
     section = reread("Server-sent events")
     got = call(course.ch12.parse_sse, text, what="parse_sse", reread=section, inputs=repr(text),
-               hints={"JSONDecodeError": SSE_JSON_HINT, "Expecting value": SSE_JSON_HINT})  # fmt: skip
+               hints={json.JSONDecodeError: SSE_JSON_HINT})  # fmt: skip
     expect_equal(got, want, what=what, inputs=repr(text), reread=section, mistakes=mistakes)
 
 
@@ -307,7 +307,8 @@ def test_your_client_against_the_real_server(course):
             app, "POST", "/v1/chat/completions", {**body, "model": "tiny", "stream": True}
         )
         expect(status == 200, what=what, problem=f"the server answered {status}: {raw[:200]!r}")
-        events = call(ch12.parse_sse, raw.decode(), what="parse_sse", reread=section)
+        events = call(ch12.parse_sse, raw.decode(), what=f"{what}: parse_sse on the server's stream", reread=section,
+                      hints={json.JSONDecodeError: SSE_JSON_HINT})  # fmt: skip
         expect(isinstance(events, list) and events[-1:] == ["[DONE]"], what=f"{what}: parse_sse", reread=section,
                problem="the stream's events must end with '[DONE]'")  # fmt: skip
         return events, call(ch12.assemble, events[:-1], what="assemble", reread=section)
