@@ -735,6 +735,7 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen"):
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import JSONResponse, StreamingResponse
@@ -765,7 +766,8 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen"):
                 self.job.cancelled.set()
 
     async def run(request: Request, prepare: Callable[[Any], Prepared]):
-        prepared = prepare(await read_json(request))
+        # checking and tokenizing in a thread: a long prompt must not hold up the other clients' streams
+        prepared = await run_in_threadpool(prepare, await read_json(request))
         job = prepared.job
         job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
         service.engine.submit(job)
