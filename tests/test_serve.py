@@ -114,11 +114,12 @@ class Raw:
     def __init__(self, base: str):
         self.host, self.port = base.removeprefix("http://").split(":")
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None):
+    def request(self, method: str, path: str, body: bytes | dict | None = None, wait: bool = True):
+        """(connection, response); wait=False sends the request and returns no response."""
         conn = http.client.HTTPConnection(self.host, int(self.port), timeout=30)
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
         conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
-        return conn, conn.getresponse()
+        return conn, conn.getresponse() if wait else None
 
     def __call__(self, method: str, path: str, body: bytes | dict | None = None):
         """(status, content type, body text)"""
@@ -460,6 +461,26 @@ def test_a_client_that_disconnects_stops_its_generation(server, raw):
         "POST", "/v1/chat/completions", {"model": MODEL, "messages": user("Hi"), "max_tokens": 2}
     )
     assert status == 200 and json.loads(text)["usage"]["completion_tokens"] <= 2
+
+
+def test_a_client_that_disconnects_before_a_plain_reply_stops_its_generation(server, raw):
+    """The same for a request without streaming: the server notices the closed connection while it waits."""
+    _, app, slow = server
+    engine = app.state.service.engine
+    slow.delay = 0.03
+    try:
+        body = {"model": MODEL, "messages": user("Another long story."), "max_tokens": 200, "temperature": 0}
+        conn, _ = raw.request("POST", "/v1/chat/completions", body, wait=False)
+        time.sleep(0.3)
+        conn.sock.close()
+        conn.close()
+        deadline = time.time() + 5
+        while not (engine.records and engine.records[-1].cancelled):
+            assert time.time() < deadline, "the generation was not cancelled"
+            time.sleep(0.02)
+        assert engine.records[-1].completion_tokens < 120, engine.records[-1]
+    finally:
+        slow.delay = 0.0
 
 
 def test_concurrent_streaming_clients_get_their_own_complete_replies(client, tok, tiny_qwen3_model):
