@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import socket
 import statistics
@@ -124,6 +125,7 @@ def main() -> None:
                                  args.max_tokens, eos_token_ids=eos) for k, m in prompts.items()}  # fmt: skip
     alone = time.perf_counter() - t
 
+    load_before = os.getloadavg()[0]
     port = free_port()
     app = create_app(model, tok, "m") if args.in_process else None
     stop = start_in_process(app, port) if app is not None else start_subprocess(folder, args.backend, port)
@@ -169,6 +171,7 @@ def main() -> None:
         "ttft_s": {"p50": statistics.median(ttft), "p95": pct(ttft, 0.95), "max": max(ttft)},
         "latency_s": {"p50": statistics.median(latency), "p95": pct(latency, 0.95), "max": max(latency)},
         "worker_busy_fraction": busy,
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
     }  # fmt: skip
     if args.json:
         print(json.dumps(report, indent=1))
@@ -184,6 +187,8 @@ def main() -> None:
               f"{report['latency_s']['p95'] * 1e3:.0f} ms, max {report['latency_s']['max'] * 1e3:.0f} ms")  # fmt: skip
         if busy is not None:
             print(f"  worker busy {busy:.0%} of the wall time")
+        print(f"  load average {report['load_average_before_after'][0]:.1f} before the load, "
+              f"{report['load_average_before_after'][1]:.1f} after")  # fmt: skip
     if bad:
         raise SystemExit(f"{len(bad)} responses were incomplete or wrong: {bad[:5]}")
 

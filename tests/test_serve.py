@@ -218,6 +218,16 @@ def test_no_think_turn_samples_with_qwens_non_thinking_preset(client, tok, tiny_
     want = generate(tiny_qwen3_model, chat_ids(tok, messages), 8, temperature=0.7, top_p=0.8, top_k=20,
                     min_p=0.0, seed=5, eos_token_ids=EOS)  # fmt: skip
     assert r.choices[0].token_ids == want
+    # the most recent switch wins: /think in the user turn after /no_think in the system message -> thinking preset
+    messages = [
+        {"role": "system", "content": "Be brief. /no_think"},
+        {"role": "user", "content": "Go on /think"},
+    ]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, seed=5,
+                                       extra_body={"return_token_ids": True})  # fmt: skip
+    want = generate(tiny_qwen3_model, chat_ids(tok, messages), 8, temperature=0.6, top_p=0.95, top_k=20,
+                    min_p=0.0, seed=5, eos_token_ids=EOS)  # fmt: skip
+    assert r.choices[0].token_ids == want
 
 
 def test_streaming_is_sse_ending_with_done(raw):
