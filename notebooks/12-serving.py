@@ -21,8 +21,8 @@
 # JSON over HTTP that every chat tool, agent framework and IDE plug-in already speaks. The thinking comes back
 # *separated* from the answer, tool calls come back as structured objects, and the text streams in token by token.
 #
-# `tinyqwen serve --model PATH` is such a server: one module, `tinyqwen/serve.py`, on Starlette and uvicorn. This chapter takes it
-# apart:
+# `tinyqwen serve --model PATH` is such a server: one module, `tinyqwen/serve.py`, on Starlette and uvicorn.
+# This chapter takes it apart:
 #
 # 1. what an OpenAI-compatible server does with a request, and what it sends back;
 # 2. **server-sent events** — the wire format of a streamed reply — parsed by hand;

@@ -432,6 +432,11 @@ def test_unknown_routes_and_methods_are_json_errors(raw):
     assert status == 405 and "error" in json.loads(text)
     status, _, text = raw("POST", "/v1/completions", {"model": MODEL, "prompt": [1, 10**9]})
     assert status == 400 and "vocabulary" in json.loads(text)["error"]["message"]
+    for body, needle in [({"model": MODEL, "prompt": "Hi", "seed": -1}, "seed"),
+                         ({"model": MODEL, "prompt": "bad \udc80 bytes"}, "surrogate"),
+                         ({"model": MODEL, "prompt": ""}, "prompt")]:  # fmt: skip
+        status, _, text = raw("POST", "/v1/completions", body)
+        assert status == 400 and needle in json.loads(text)["error"]["message"], text
 
 
 def test_openai_client_raises_its_own_error_types(client):

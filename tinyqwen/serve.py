@@ -476,7 +476,7 @@ def sampling_settings(body: dict, base: SamplingParams) -> tuple[SamplingParams,
         raise bad("'top_p' must be in (0, 1], got 0", "top_p")
     if changes["repetition_penalty"] == 0:
         raise bad("'repetition_penalty' must be > 0, got 0", "repetition_penalty")
-    seed = _number(body, "seed", integer=True)
+    seed = _number(body, "seed", low=0, integer=True)
     try:
         return base.override(**changes), seed
     except TinyQwenError as error:
@@ -820,6 +820,9 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen"):
     async def api_error(request: Request, error: APIError):
         return error_response(error)
 
+    async def input_error(request: Request, error: TinyQwenError):  # e.g. the tokenizer refusing a prompt
+        return error_response(bad(" ".join(str(error).split())))
+
     async def http_error(request: Request, error: HTTPException):
         return error_response(
             APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}")
@@ -840,7 +843,12 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen"):
             Route("/v1/chat/completions", chat, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
         ],
-        exception_handlers={APIError: api_error, HTTPException: http_error, Exception: internal_error},
+        exception_handlers={
+            APIError: api_error,
+            TinyQwenError: input_error,
+            HTTPException: http_error,
+            Exception: internal_error,
+        },  # fmt: skip
         lifespan=lifespan,
     )
     app.state.service = service
