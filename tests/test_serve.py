@@ -607,3 +607,52 @@ def test_asgi_call_in_process(tiny_qwen3_model, tok):
     status, _, body = asgi_call(app, "POST", "/v1/chat/completions", b"{oops")
     assert status == 400 and "not valid JSON" in json.loads(body)["error"]["message"]
     app.state.service.engine.stop()
+
+
+def test_odd_requests_never_get_a_500(tiny_qwen3_model, tok):
+    """A zoo of malformed bodies, in-process: every one is answered 4xx with an OpenAI error body, none is a 500."""
+    from tinyqwen.serve import asgi_call
+
+    app = create_app(tiny_qwen3_model, tok, MODEL)
+    hi = user("hi")
+    chat = [
+        {"model": MODEL, "messages": hi, "stream": "yes"},
+        {"model": MODEL, "messages": hi, "max_tokens": 5.0},
+        {"model": MODEL, "messages": hi, "top_k": 1.5},
+        {"model": MODEL, "messages": hi, "stop": ["ok", 3]},
+        {"model": MODEL, "messages": hi, "stream_options": "all"},
+        {"model": MODEL, "messages": hi, "n": "2"},
+        {"model": MODEL, "messages": hi, "logprobs": True},
+        {"model": MODEL, "messages": hi, "response_format": {"type": "json_object"}},
+        {"model": MODEL, "messages": hi, "chat_template_kwargs": {"enable_thinking": "no"}},
+        {"model": MODEL, "messages": hi, "chat_template_kwargs": {"add_vision_id": True}},
+        {"model": MODEL, "messages": hi, "tools": {"type": "function"}},
+        {"model": MODEL, "messages": hi, "tools": [{"type": "function", "function": {"name": 3}}]},
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        {"model": MODEL, "messages": [{"role": "user", "content": 42}]},
+        {
+            "model": MODEL,
+            "messages": [{"role": "user"}, {"role": "assistant", "tool_calls": [{"function": {}}]}],
+        },
+        {"model": MODEL, "messages": [{"role": "assistant", "tool_calls": "call it"}]},
+        {"model": MODEL, "messages": ["hi"]},
+        {"model": MODEL, "messages": "hi"},
+        {"model": 7, "messages": hi},
+        {"model": MODEL, "messages": hi, "seed": 1.5},
+        {"model": MODEL, "messages": hi, "temperature": float("nan")},
+    ]
+    completions = [
+        {"model": MODEL, "prompt": [[1, 2], [3]]},
+        {"model": MODEL, "prompt": [True, False]},
+        {"model": MODEL, "prompt": {"text": "hi"}},
+        {"model": MODEL, "prompt": "hi", "echo": True},
+        {"model": MODEL, "prompt": "hi", "max_tokens": -3},
+    ]
+    for path, bodies in [("/v1/chat/completions", chat), ("/v1/completions", completions)]:
+        for body in bodies:
+            data = json.dumps(body, allow_nan=True).encode()
+            status, headers, raw = asgi_call(app, "POST", path, data)
+            assert 400 <= status < 500, (body, status, raw)
+            error = json.loads(raw)["error"]
+            assert error["message"] and error["type"] == "invalid_request_error", (body, raw)
+    app.state.service.engine.stop()
