@@ -9,7 +9,9 @@ The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it ca
     swiglu(x, w_gate, w_up, w_down)       # [..., d] -> [..., d]
     moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob)  # [N, d] -> [N, d], [N, E]
 
-plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU) and `to_numpy`.
+plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU) and `to_numpy`, and
+optionally `linears(x, ws)`, several products of one input in one pass (the model's q, k, v projections; the
+model calls `linear_many`, which falls back to one `linear` per weight).
 
 `keep_bf16` says which checkpoint tensors `prepare` receives. False (the numpy backend): every tensor arrives as
 float32, BF16 widened exactly. True (the numba backend): a BF16 tensor arrives as its uint16 bit patterns, a
@@ -22,6 +24,8 @@ The "numpy" backend *is* the readable reference in `tinyqwen/` — it points at 
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +47,16 @@ class Backend:
     to_numpy: Callable[[object], np.ndarray]
     keep_bf16: bool = False
     matmul_precision: str = "highest"  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
+    # optional fused kernel for several products of one input (q, k and v): one pass instead of three
+    linears: Callable | None = None
+
+    def linear_many(self, x, ws: tuple) -> tuple:  # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]
+        """`tuple(self.linear(x, w) for w in ws)`, through the backend's fused `linears` kernel when it has one."""
+        if self.linears is not None:
+            return self.linears(x, ws)
+        return tuple(
+            self.linear(x, w) for w in ws
+        )  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
 
 
 def _numpy_backend(matmul_precision: str = "highest") -> Backend:
@@ -66,14 +80,20 @@ def _numpy_backend(matmul_precision: str = "highest") -> Backend:
     )
 
 
+def _installed(module: str) -> bool:  # without importing it (None in sys.modules: an import that must fail)
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
 def _numba_backend(matmul_precision: str = "highest") -> Backend:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
+    # checked, not imported: the backend module must be the one to import Numba, after setting the thread and
+    # CPU options Numba reads at its import
+    if not _installed("numba"):
         raise BackendError(
             "backend 'numba' needs the numba package, which is not installed: pip install 'tinyqwen[fast]' "
             "(or pip install numba), or use --backend numpy"
-        ) from None
+        )
     from backends import numba_backend
 
     return numba_backend.backend(matmul_precision)
