@@ -1,4 +1,4 @@
-"""The `tinyqwen` command line: chat, generate, verify, info, bench.
+"""The `tinyqwen` command line: chat, generate, verify, info, bench, serve.
 
     tinyqwen chat --model Qwen/Qwen3-0.6B                 # multi-turn REPL; Ctrl-D or /exit quits, /clear starts over
     tinyqwen chat --model ./ckpt --no-think --temperature 0
@@ -7,6 +7,7 @@
     tinyqwen verify --model ./ckpt                         # our logits vs transformers' (if installed)
     tinyqwen info --model ./ckpt                           # config, parameters, memory
     tinyqwen bench --model ./ckpt --json                   # speed vs transformers / llama.cpp, one run
+    tinyqwen serve --model ./ckpt --port 8000              # an OpenAI-compatible endpoint (tinyqwen[serve])
 
 Every error caused by the input (a missing model, a bad flag value, a prompt longer than the context) is a
 `TinyQwenError`, printed as one line on stderr with exit code 1; a traceback means a bug in tinyqwen.
@@ -543,6 +544,20 @@ def cmd_verify(args) -> int:
     return 0 if all(r.ok(args.rtol, args.atol) for r in results) else 1
 
 
+def cmd_serve(args) -> int:
+    """`tinyqwen serve`: the OpenAI-compatible endpoint of tinyqwen/serve.py, until Ctrl-C."""
+    from tinyqwen.serve import require_serve_extra, serve
+
+    require_serve_extra()
+    if not 0 <= args.port <= 65535:
+        raise TinyQwenError(f"--port must be in 0..65535, got {args.port}")
+    model, tokenizer = load(args)
+    name = args.served_model_name or str(args.model)
+    print(f"tinyqwen serve: {name} ({args.backend}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    serve(model, tokenizer, name, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def require_positive(flag: str, value: int) -> int:
     """`value`, or a one-line error naming the flag when it is not a whole number > 0."""
     if value <= 0:
@@ -615,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tinyqwen {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{chat,generate,verify,info,bench,train}"
+        dest="command", required=True, metavar="{chat,generate,verify,info,bench,serve,train}"
     )
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
