@@ -170,7 +170,7 @@ def test_cache_stores_rounded_values_and_reads_them_back(dtype):
         np.testing.assert_array_equal(keys, k.astype(np.float16))
     else:
         np.testing.assert_array_equal(keys, k)
-    np.testing.assert_allclose(A.as_float32(values), v, rtol=2**-8 if dtype != "float32" else 0)
+    np.testing.assert_allclose(A.widen(values), v, rtol=2**-8 if dtype != "float32" else 0)
 
 
 def test_float16_cache_refuses_values_out_of_range():

@@ -20,7 +20,7 @@ computes the same result one [query block, key block] tile at a time with an *on
 the running maximum m, the running sum of exponentials l and the running weighted sum of values acc, and rescales
 them by exp(m_old − m_new) whenever a later block raises the maximum. Memory: one tile of scores, never [T, S].
 Its mask is a `CausalMask` (key padding + the causal offset), turned into one tile of booleans at a time.
-Keys and values may be stored narrower than float32 (a bfloat16 or float16 KV cache): `as_float32` widens them,
+Keys and values may be stored narrower than float32 (a bfloat16 or float16 KV cache): `widen` widens them,
 one key block at a time in the blockwise version.
 """
 
@@ -69,23 +69,25 @@ def positions_from_mask(mask: np.ndarray) -> np.ndarray:  # [B, S] 0/1 -> [B, S]
     return np.maximum(np.cumsum(mask.astype(np.int64), axis=1) - 1, 0)
 
 
-def as_float32(x: np.ndarray) -> np.ndarray:  # [...] float32 / float16 / bf16 bits (uint16) -> [...] float32
-    """Keys or values as float32, whatever the KV cache stores; uint16 always means bfloat16 bit patterns.
+def widen(
+    x: np.ndarray,
+) -> np.ndarray:  # [...] bf16 bits (uint16) / float16 -> [...] float32; others as they are
+    """Keys or values as the cache stored them, widened to float32 when it stored 2 bytes per value: uint16 always
+    means bfloat16 bit patterns. float32 (and float64, e.g. for numerical gradients) pass through unchanged.
 
-    >>> as_float32(np.array([0x3F80, 0xC000], np.uint16)).tolist(), as_float32(np.float16([0.5])).dtype
+    >>> widen(np.array([0x3F80, 0xC000], np.uint16)).tolist(), widen(np.float16([0.5])).dtype
     ([1.0, -2.0], dtype('float32'))
     """
     if x.dtype == np.uint16:
         return bf16_to_float32(x)
-    return x.astype(np.float32, copy=False)
+    if x.dtype == np.float16:
+        return x.astype(np.float32)
+    return x
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] bool -> [B, Hq, T, d]
-    k, v = (
-        as_float32(k),
-        as_float32(v),
-    )  # a narrow KV cache is widened here, all of it (see blockwise_attention)
+    k, v = widen(k), widen(v)  # a narrow KV cache is widened here, all of it (see blockwise_attention)
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     group = Hq // Hkv
@@ -202,10 +204,8 @@ def blockwise_attention(
             s1 = min(S, s0 + key_block)
             if skip_future and _closed(mask, t0, t1, s0, s1):
                 continue
-            kt = as_float32(
-                k[:, :, None, s0:s1]
-            )  # [B, Hkv, 1, s, d]: a narrow cache is widened one block at a time
-            vt = as_float32(v[:, :, None, s0:s1])
+            # [B, Hkv, 1, s, d]: a narrow cache is widened one block at a time
+            kt, vt = widen(k[:, :, None, s0:s1]), widen(v[:, :, None, s0:s1])
             scores = qt @ kt.swapaxes(-1, -2)  # [B, Hkv, g, t, s]
             if not _open(mask, t0, t1, s0, s1):
                 scores = np.where(_tile(mask, t0, t1, s0, s1)[:, None, None], scores, MASKED)

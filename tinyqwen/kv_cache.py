@@ -15,7 +15,7 @@ model's 40,960-position maximum. Rows of a batch share one `length`; shorter (le
 
 Storage dtype (issue 11): "float32" (the default: exact), "bfloat16" or "float16" halve it. NumPy has no bfloat16,
 so a bf16 cache holds uint16 bit patterns, rounded to nearest-even when written (`float32_to_bf16`, the rounding
-torch uses) and widened exactly when read (`tinyqwen.attention.as_float32`). bfloat16 keeps float32's range with
+torch uses) and widened exactly when read (`tinyqwen.attention.widen`). bfloat16 keeps float32's range with
 8 bits of precision; float16 keeps 11 bits but overflows above 65,504 (such a value is refused, not stored as inf).
 """
 
