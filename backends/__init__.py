@@ -9,7 +9,8 @@ The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it ca
     swiglu(x, w_gate, w_up, w_down)       # [..., d] -> [..., d]
     moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob)  # [N, d] -> [N, d], [N, E]
 
-plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU) and `to_numpy`.
+plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU), `to_numpy`, and
+`zeros(shape, dtype)` (where the KV cache lives: host memory for numpy/numba, device memory for cupy).
 
 `keep_bf16` says which checkpoint tensors `prepare` receives. False (the numpy backend): every tensor arrives as
 float32, BF16 widened exactly. True (the numba backend): a BF16 tensor arrives as its uint16 bit patterns, a
@@ -17,7 +18,9 @@ read-only view of the memory-mapped file, and the backend's kernels read bf16 di
 F32 tensors always arrive as read-only views of the file.
 
 The "numpy" backend *is* the readable reference in `tinyqwen/` — it points at those functions, no copy. The Numba
-(CPU) and CuPy (GPU) backends of later chapters replace individual kernels and are checked against it.
+(CPU) and CuPy (GPU) backends of later chapters replace individual kernels and are checked against it. A backend
+whose arrays live on a device (cupy) receives host NumPy arrays only where the model builds them per forward (the
+ids, cos/sin, the mask) and returns device arrays everywhere else; `to_numpy` brings the logits back.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class Backend:
     prepare: Callable[[np.ndarray], object]
     to_numpy: Callable[[object], np.ndarray]
     keep_bf16: bool = False
+    zeros: Callable = np.zeros  # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it
 
 
 def _numpy_backend() -> Backend:
@@ -57,6 +61,7 @@ def _numpy_backend() -> Backend:
         moe_block=moe.moe_block,
         prepare=lambda w: w,
         to_numpy=np.asarray,
+        zeros=np.zeros,
     )
 
 
@@ -73,8 +78,14 @@ def _numba_backend() -> Backend:
     return numba_backend.backend()
 
 
-AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend}
-PLANNED = ("cupy",)  # later chapters
+def _cupy_backend() -> Backend:
+    from backends import cupy_backend  # imports CuPy only when asked; says in one line what is missing
+
+    return cupy_backend.backend()
+
+
+AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend, "cupy": _cupy_backend}
+PLANNED: tuple[str, ...] = ()  # later chapters
 
 
 def get_backend(name: str) -> Backend:

@@ -31,16 +31,17 @@ class KVCache:
 
     @classmethod
     def allocate(
-        cls, num_layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int
+        cls, num_layers: int, batch_size: int, kv_heads: int, max_len: int, head_dim: int, zeros=np.zeros
     ) -> KVCache:
+        # `zeros`: the backend's allocator (np.zeros; cupy.zeros puts the cache in GPU memory)
         if batch_size <= 0 or max_len <= 0:
             raise GenerationError(
                 f"KV cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}"
             )
         shape = (batch_size, kv_heads, max_len, head_dim)
         return cls(
-            keys=[np.zeros(shape, np.float32) for _ in range(num_layers)],
-            values=[np.zeros(shape, np.float32) for _ in range(num_layers)],
+            keys=[zeros(shape, np.float32) for _ in range(num_layers)],
+            values=[zeros(shape, np.float32) for _ in range(num_layers)],
         )
 
     @property

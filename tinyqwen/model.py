@@ -256,7 +256,9 @@ class Qwen3:
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
-        return KVCache.allocate(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim)
+        return KVCache.allocate(
+            c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, zeros=self.backend.zeros
+        )
 
     def forward(
         self,
@@ -268,6 +270,7 @@ class Qwen3:
         last_only: bool = False,
         return_router_logits: bool = False,
         return_hidden_states: bool = False,
+        on_device: bool = False,  # logits stay the backend's array (cupy: sample on the GPU, see chapter 11)
     ) -> ForwardOutput:
         c, w, k = self.config, self.weights, self.backend
         ids = self._check_ids(ids)
@@ -334,9 +337,11 @@ class Qwen3:
 
         if last_only:
             x = x[:, -1:]
-        logits = k.to_numpy(k.linear(k.rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head))
+        logits = k.linear(k.rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head)
         return ForwardOutput(
-            logits=logits, router_logits=router_logits if return_router_logits else [], hidden_states=hidden
+            logits=logits if on_device else k.to_numpy(logits),
+            router_logits=[k.to_numpy(r) for r in router_logits] if return_router_logits else [],
+            hidden_states=[k.to_numpy(h) for h in hidden],
         )
 
     def _attention(self, layer: LayerWeights, x, cos, sin, mask, cache: KVCache | None, i: int):
