@@ -45,7 +45,9 @@ class Backend:
     prepare: Callable[[np.ndarray], object]
     to_numpy: Callable[[object], np.ndarray]
     keep_bf16: bool = False
-    zeros: Callable = np.zeros  # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it
+    zeros: Callable = (
+        np.zeros
+    )  # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it
 
 
 def _numpy_backend() -> Backend:

@@ -139,14 +139,18 @@ class NumpyTwins:
         return rng.random(n).astype(np.float32)
 
     def rms_norm(self, x, weight, eps: float):  # [R, d], [d] -> [R, d]            (rms_norm_f32)
-        scale = np.float32(1.0) / np.sqrt((x * x).sum(-1, keepdims=True) / np.float32(x.shape[-1]) + np.float32(eps))
+        scale = np.float32(1.0) / np.sqrt(
+            (x * x).sum(-1, keepdims=True) / np.float32(x.shape[-1]) + np.float32(eps)
+        )
         return x * scale * weight
 
     def rope(self, x, cos, sin):  # [B, H, T, d], [B, T, d] x2 -> [B, H, T, d]      (rope_f32)
         half = x.shape[-1] // 2
         a, e = x[..., :half], x[..., half:]
         c, s = cos[:, None], sin[:, None]
-        return np.concatenate([a * c[..., :half] - e * s[..., :half], e * c[..., half:] + a * s[..., half:]], -1)
+        return np.concatenate(
+            [a * c[..., :half] - e * s[..., :half], e * c[..., half:] + a * s[..., half:]], -1
+        )
 
     def decode_attention(self, q, k, v, mask):  # [B, Hq, d], [B, Hkv, S, d] x2, [B, S] -> [B, Hq, d]
         B, Hq, d = q.shape
@@ -204,7 +208,10 @@ class NumpyTwins:
         cdf = np.cumsum(np.exp((logits - top) * np.float32(1.0 / temperature)), axis=-1)
         target = u * cdf[:, -1]
         # the first id whose cumulative weight exceeds the target (tinyqwen.sampling.sample's rule)
-        chosen = [min(int(np.searchsorted(c, t, side="right")), c.size - 1) for c, t in zip(cdf, target)]
+        chosen = [
+            min(int(np.searchsorted(c, t, side="right")), c.size - 1)
+            for c, t in zip(cdf, target, strict=True)
+        ]
         return np.array(chosen, np.int64)
 
 
@@ -248,7 +255,9 @@ class CudaKernels:
     def rms_norm(self, x, weight, eps: float):
         out = self.xp.empty_like(x)
         d = x.shape[-1]
-        self._kernel("rms_norm_f32")((x.shape[0],), (self._threads(d),), (x, weight, out, np.int32(d), np.float32(eps)))
+        self._kernel("rms_norm_f32")(
+            (x.shape[0],), (self._threads(d),), (x, weight, out, np.int32(d), np.float32(eps))
+        )
         return out
 
     def rope(self, x, cos, sin):
@@ -293,7 +302,9 @@ class CudaKernels:
         M, K = x.shape
         N = bits.shape[0]
         out = self.xp.empty((M, N), np.float32)
-        self._kernel("gemv_bf16")(self._blocks(32 * N), (256,), (x, bits, out, np.int32(M), np.int32(N), np.int32(K)))
+        self._kernel("gemv_bf16")(
+            self._blocks(32 * N), (256,), (x, bits, out, np.int32(M), np.int32(N), np.int32(K))
+        )
         return out
 
     def route(self, logits, k: int, renormalise: bool):
@@ -433,7 +444,9 @@ def make_backend(ops, name: str = "cupy") -> DeviceBackend:
         if T == 1:  # decode: the kernel reads the cache's first S positions in place (strided, no copy)
             k = k if k.strides[-1] == k.itemsize else xp.ascontiguousarray(k)
             v = v if v.strides[-1] == v.itemsize else xp.ascontiguousarray(v)
-            out = ops.decode_attention(xp.ascontiguousarray(q[:, :, 0]), k, v, xp.ascontiguousarray(mask[:, 0]))
+            out = ops.decode_attention(
+                xp.ascontiguousarray(q[:, :, 0]), k, v, xp.ascontiguousarray(mask[:, 0])
+            )
             return out.reshape(B, Hq, 1, d)
         Hkv = k.shape[1]  # prefill: the reference's algorithm, in xp (batched cuBLAS products)
         qg = q.reshape(B, Hkv, Hq // Hkv, T, d)
@@ -509,7 +522,9 @@ def generate_on_device(
     """
     ops = getattr(model.backend, "ops", None)
     if ops is None:
-        raise GenerationError(f"generate_on_device needs a device backend, the model has {model.backend.name!r}")
+        raise GenerationError(
+            f"generate_on_device needs a device backend, the model has {model.backend.name!r}"
+        )
     prompt = [int(t) for t in prompt]
     if not prompt or max_new_tokens < 1:
         raise GenerationError("generate_on_device needs a non-empty prompt and max_new_tokens >= 1")
@@ -517,7 +532,9 @@ def generate_on_device(
     rng = ops.rng(seed) if temperature > 0 else None
     ids, out = np.asarray([prompt]), []
     for _ in range(max_new_tokens):
-        logits = model.forward(ids, cache=cache, last_only=True, on_device=True).logits  # [1, 1, V], on device
+        logits = model.forward(
+            ids, cache=cache, last_only=True, on_device=True
+        ).logits  # [1, 1, V], on device
         token = int(ops.to_numpy(next_token(ops, logits[:, -1], temperature, rng))[0])  # the one transfer
         out.append(token)
         if token in eos_token_ids:

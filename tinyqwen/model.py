@@ -257,7 +257,12 @@ class Qwen3:
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache.allocate(
-            c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, zeros=self.backend.zeros
+            c.num_hidden_layers,
+            batch_size,
+            c.num_key_value_heads,
+            max_len,
+            c.head_dim,
+            zeros=self.backend.zeros,
         )
 
     def forward(
