@@ -17,6 +17,7 @@ differ by ~1e-7, far from every boundary of these inputs); the roofline to 1e-9 
 from __future__ import annotations
 
 import functools
+import json
 import re
 
 import numpy as np
@@ -59,7 +60,7 @@ def _ceiling_mistakes(w: int, b: float, bw: float, tf: float, batch: int) -> lis
                 batch / max(right_read, w * batch / (tf * 1e12)), "A multiply-add is 2 flops per weight per sequence."),
         Mistake("GB was taken as 2**30 bytes", batch / max(w * b / (bw * 2**30), right_compute),
                 "Spec sheets count GB/s as 1e9 bytes per second."),
-        Mistake("the batch was ignored: one token per step", 1 / max(right_read, right_compute),
+        Mistake("the batch was ignored: one token per step", 1 / max(right_read, 2 * w / (tf * 1e12)),
                 "A step of a batch yields `batch` tokens, and its flops grow with the batch; its bytes do not."),
         Mistake("the two times were added instead of taking the longer", batch / (right_read + right_compute),
                 "Reading and computing overlap: the slower of the two sets the step's time, max(read, compute)."),
@@ -288,7 +289,7 @@ def _sample_mistakes(logits, temperature, u) -> list[Mistake]:
             for c, t in zip(cdf, u, strict=True)
         ]
 
-    x = logits.astype(np.float64)
+    x, temperature = logits.astype(np.float32), np.float32(temperature)  # float32, as the kernel
     top = x.max(-1, keepdims=True)
     return [
         Mistake("the first id whose cumulative weight reaches u·total (>=) was taken, not the first that exceeds it",
@@ -314,14 +315,15 @@ def _no_max(logits, temperature, u) -> list[int]:  # exp(logits / T) in float32,
 
 def test_sample_by_hand(course):
     """Inverse-CDF sampling at the boundaries, by hand"""
-    logits = np.log(np.array([[0.25, 0.25, 0.5]] * 5, np.float32))
-    u = np.array([0.1, 0.25, 0.3, 0.5, 0.75], np.float32)
-    # by hand: cumulative probabilities [0.25, 0.5, 1.0] (exact in binary); the first exceeding u: 0.1 -> 0,
-    # 0.25 -> 1 (0.25 does not exceed 0.25), 0.3 -> 1, 0.5 -> 2, 0.75 -> 2
-    what = "sample_inverse_cdf(log [0.25, 0.25, 0.5], temperature 1, u = [0.1, 0.25, 0.3, 0.5, 0.75])"
-    got = call(course.ch11.sample_inverse_cdf, logits, 1.0, u.copy(), what=what, reread=SAMPLING)
-    expect_equal(np.asarray(got).tolist() if got is not None else got, [0, 1, 1, 2, 2], what=what, reread=SAMPLING,
-                 mistakes=_sample_mistakes(logits, 1.0, u))  # fmt: skip
+    logits = np.full((5, 4), 3.0, np.float32)
+    u = np.array([0.1, 0.25, 0.5, 0.6, 0.75], np.float32)
+    # by hand: four equal logits weigh exp(0) = 1 each, at any temperature and in any precision: cumulative weights
+    # [1, 2, 3, 4], total 4, targets 4u = [0.4, 1, 2, 2.4, 3]; the first weight exceeding each: 0, 1 (1 does not
+    # exceed 1), 2, 2, 3
+    what = "sample_inverse_cdf(four equal logits, temperature 0.8, u = [0.1, 0.25, 0.5, 0.6, 0.75])"
+    got = call(course.ch11.sample_inverse_cdf, logits, 0.8, u.copy(), what=what, reread=SAMPLING)
+    expect_equal(np.asarray(got).tolist() if got is not None else got, [0, 1, 2, 2, 3], what=what, reread=SAMPLING,
+                 mistakes=_sample_mistakes(logits, 0.8, u))  # fmt: skip
 
 
 def test_sample_like_torch(course):
@@ -348,6 +350,7 @@ def test_real_model(course):
     """Your twins as the GPU backend's RMSNorm and RoPE, in the real model"""
     from backends.cupy_backend import NumpyTwins, make_backend
     from exercises.grading import FIXTURES
+    from tinyqwen import generate_batch
     from tinyqwen.config import load_config
     from tinyqwen.model import Qwen3, load_weights
     from tinyqwen.safetensors import Checkpoint
@@ -370,3 +373,9 @@ def test_real_model(course):
     what = "logits of the dense-yarn fixture on the cupy backend's orchestration, with your rms_norm_blocked and rope_by_thread"
     logits = call(model, reference(fixture)["input_ids"], what=what, reread=WHOLE)
     expect_logits(logits, fixture, what=what, reread=WHOLE)
+    # a left-padded batch: its rows sit at different positions, so each row must read its own cos/sin row
+    gen = json.loads((FIXTURES / fixture / "generate.json").read_text())
+    what = "greedy generation of a left-padded batch (rows at different positions) with your twins"
+    got = call(generate_batch, model, gen["prompts"], gen["max_new_tokens"], what=what, reread=WHOLE,
+               kwargs={"eos_token_ids": (), "pad_token_id": gen["pad_token_id"]})  # fmt: skip
+    expect_equal(got, gen["batch"]["new_tokens"], what=what + " vs transformers' generate", reread=WHOLE)
