@@ -242,7 +242,7 @@ class CudaKernels:
         return self.xp.random.default_rng(seed)
 
     def uniform(self, rng, n: int):
-        return rng.random(n, dtype=self.xp.float32)
+        return rng.random(n).astype(np.float32)
 
     @staticmethod
     def _threads(d: int) -> int:  # a block per row: one thread per value up to 256, a multiple of 32
@@ -252,7 +252,13 @@ class CudaKernels:
     def _blocks(n: int, threads: int = 256) -> tuple[int]:
         return ((n + threads - 1) // threads,)
 
+    def _c(
+        self, a, dtype=np.float32
+    ):  # kernels index flat memory: contiguous arrays of the dtype they expect
+        return self.xp.ascontiguousarray(a, dtype=dtype)
+
     def rms_norm(self, x, weight, eps: float):
+        x, weight = self._c(x), self._c(weight)
         out = self.xp.empty_like(x)
         d = x.shape[-1]
         self._kernel("rms_norm_f32")(
@@ -261,6 +267,7 @@ class CudaKernels:
         return out
 
     def rope(self, x, cos, sin):
+        x, cos, sin = self._c(x), self._c(cos), self._c(sin)
         B, H, T, d = x.shape
         out = self.xp.empty_like(x)
         n = B * H * T * (d // 2)
@@ -269,6 +276,10 @@ class CudaKernels:
         return out
 
     def decode_attention(self, q, k, v, mask):
+        q, mask = (
+            self._c(q),
+            self._c(mask, np.bool_),
+        )  # k, v: float32 with unit stride along d (see attention())
         B, Hq, d = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         scores = self.xp.empty((B, Hq, S), np.float32)
@@ -281,6 +292,7 @@ class CudaKernels:
         return out
 
     def silu_mul(self, g, u):
+        g, u = self._c(g), self._c(u)
         out = self.xp.empty_like(g)
         self._kernel("silu_mul_f32")(self._blocks(g.size), (256,), (g, u, out, np.int64(g.size)))
         return out
@@ -299,6 +311,7 @@ class CudaKernels:
         return out
 
     def gemv_bf16(self, x, bits):
+        x = self._c(x)
         M, K = x.shape
         N = bits.shape[0]
         out = self.xp.empty((M, N), np.float32)
@@ -308,6 +321,7 @@ class CudaKernels:
         return out
 
     def route(self, logits, k: int, renormalise: bool):
+        logits = self._c(logits)
         N, E = logits.shape
         experts = self.xp.empty((N, k), np.int32)
         weights = self.xp.empty((N, k), np.float32)
@@ -316,12 +330,14 @@ class CudaKernels:
         return weights, experts
 
     def gather_rows(self, x, rows):
+        x, rows = self._c(x), self._c(rows, np.int32)
         d = x.shape[1]
         out = self.xp.empty((rows.size, d), np.float32)
         self._kernel("gather_rows")((rows.size,), (self._threads(d),), (x, rows, out, np.int32(d)))
         return out
 
     def expert_gemv(self, xs, experts, w):
+        xs, experts = self._c(xs), self._c(experts, np.int32)
         P, K = xs.shape
         N = w.shape[1]
         out = self.xp.empty((P, N), np.float32)
@@ -331,6 +347,7 @@ class CudaKernels:
         return out
 
     def combine(self, y, weights):
+        y, weights = self._c(y), self._c(weights)
         N, k = weights.shape
         d = y.shape[1]
         out = self.xp.empty((N, d), np.float32)
@@ -339,12 +356,14 @@ class CudaKernels:
         return out
 
     def argmax(self, logits):
+        logits = self._c(logits)
         B, V = logits.shape
         out = self.xp.empty(B, np.int64)
         self._kernel("argmax_rows")((B,), (SAMPLE_THREADS,), (logits, np.int32(V), out))
         return out
 
     def sample(self, logits, temperature: float, u):
+        logits, u = self._c(logits), self._c(u)
         B, V = logits.shape
         out = self.xp.empty(B, np.int64)
         args = (logits, np.int32(V), np.float32(1.0 / temperature), u, out)
@@ -388,12 +407,12 @@ class _Uploads:
     def __init__(self, xp):
         self.xp, self.held = xp, {}
 
-    def __call__(self, slot: str, a):
+    def __call__(self, slot: str, a, dtype=None):
         if not isinstance(a, np.ndarray):
             return a  # already on the device
         hit = self.held.get(slot)
         if hit is None or hit[0] is not a:
-            hit = self.held[slot] = (a, self.xp.asarray(np.ascontiguousarray(a)))
+            hit = self.held[slot] = (a, self.xp.asarray(np.ascontiguousarray(a, dtype=dtype)))
         return hit[1]
 
 
@@ -436,10 +455,11 @@ def make_backend(ops, name: str = "cupy") -> DeviceBackend:
         return ops.rms_norm(rows(x), weight, eps).reshape(x.shape)
 
     def apply_rope(x, cos, sin):  # [B, H, T, d], [B, T, d] x2 -> [B, H, T, d]
-        return ops.rope(xp.ascontiguousarray(x, dtype=np.float32), upload("cos", cos), upload("sin", sin))
+        cos, sin = upload("cos", cos, np.float32), upload("sin", sin, np.float32)
+        return ops.rope(xp.ascontiguousarray(x, dtype=np.float32), cos, sin)
 
     def attention(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] -> [B, Hq, T, d]
-        mask = upload("mask", mask)
+        mask = upload("mask", mask, np.bool_)
         B, Hq, T, d = q.shape
         if T == 1:  # decode: the kernel reads the cache's first S positions in place (strided, no copy)
             k = k if k.strides[-1] == k.itemsize else xp.ascontiguousarray(k)
@@ -572,7 +592,10 @@ def hbm_peak_gb_s() -> float:
     import cupy
 
     props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
-    return 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8 / 1e9
+    try:  # kHz and bits; CUDA 13 drops memoryClockRate from the properties
+        return 2 * props["memoryClockRate"] * 1e3 * props["memoryBusWidth"] / 8 / 1e9
+    except KeyError:
+        return float("nan")
 
 
 def device_name() -> str:

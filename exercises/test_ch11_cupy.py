@@ -103,7 +103,7 @@ def _compile(source_fn, kernel: str, params: list[str], signature: str, section:
     from backends.cupy_backend import ARCHITECTURES, compile_ptx
     from tinyqwen.errors import BackendError
 
-    what = f"{source_fn.__name__}() compiled by NVRTC"
+    what = f"{'rms_norm_kernel' if kernel == 'rms_norm_f32' else 'rope_kernel'}() compiled by NVRTC"
     source = call(source_fn, what=what, reread=section)
     expect(isinstance(source, str), what=what, reread=section,
            problem=f"expected the kernel's CUDA C source as a str, got {type(source).__name__}")  # fmt: skip
@@ -112,7 +112,7 @@ def _compile(source_fn, kernel: str, params: list[str], signature: str, section:
             ptx = compile_ptx(source, arch, name=f"{kernel}.cu")
         except BackendError as error:
             expect(False, what=f"{what} for {arch}", reread=section,
-                   problem=f"{error} — the log's first line names the file, line and the error")  # fmt: skip
+                   problem=f"{error}\n(NVRTC's log: file(line): error, then the line and a caret under the spot)")  # fmt: skip
         got = _ptx_params(ptx, kernel)
         if got is None:
             mangled = re.search(rf"\.entry\s+(_Z\w*{kernel}\w*)", ptx)

@@ -85,6 +85,67 @@ def test_a_broken_kernel_fails_with_nvrtcs_log():
         cupy_backend.compile_ptx(broken, "compute_80", name="norm.cu")
 
 
+def _ptx_params() -> dict[str, list[str]]:
+    """{kernel: PTX types of its parameters} for every kernel, from the compute_90 PTX."""
+    import re
+
+    params = {}
+    for source in KERNELS:
+        ptx = cupy_backend.compile_ptx(KERNEL_DIR / source, "compute_90")
+        for name, body in re.findall(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S):
+            params[name] = re.findall(r"\.param\s+\.(\w+)", body)
+    return params
+
+
+def test_every_launch_matches_its_kernels_parameters():
+    """CudaKernels' launches (run here with NumPy arrays in place of CuPy's) pass what each kernel's PTX expects.
+
+    A kernel launch only checks its arguments on the GPU, so this is the CPU's chance to catch a missing, extra or
+    mistyped argument: arrays are pointers (.u64), np.int32 .u32, np.int64 .u64, np.float32 .f32. It also checks the
+    launch shapes: a multiple of 32 threads, at most 1,024, enough threads for the work.
+    """
+    params = _ptx_params()
+    launched = []
+
+    def kind(a) -> str:
+        if isinstance(a, np.ndarray):
+            return "u64"
+        return {np.int32: "u32", np.int64: "u64", np.float32: "f32"}[type(a)]
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __call__(self, grid, block, args, shared_mem=0):
+            assert [kind(a) for a in args] == params[self.name], self.name
+            assert block[0] % 32 == 0 and 32 <= block[0] <= 1024 and grid[0] >= 1, (self.name, grid, block)
+            launched.append(self.name)
+
+    fake = object.__new__(cupy_backend.CudaKernels)  # no CuPy, no GPU: NumPy arrays, recorded launches
+    fake.xp = np
+    fake._kernel = Recorder
+    r = np.random.default_rng(0)
+    f32 = lambda *shape: r.standard_normal(shape).astype(np.float32)  # noqa: E731
+    bits = r.integers(0, 1 << 15, (40, 64), dtype=np.uint16)
+    fake.rms_norm(f32(3, 64), f32(64), 1e-6)
+    fake.rope(f32(2, 4, 3, 16), f32(2, 3, 16), f32(2, 3, 16))
+    cache = f32(2, 2, 10, 16)
+    fake.decode_attention(f32(2, 4, 16), cache[:, :, :7], cache[:, :, :7], np.ones((2, 7), bool))
+    fake.silu_mul(f32(3, 8), f32(3, 8))
+    fake.widen(bits)
+    fake.embed(bits, np.array([1, 2]))
+    fake.embed(f32(40, 64), np.array([1, 2]))
+    fake.gemv_bf16(f32(3, 64), bits)
+    fake.route(f32(4, 8), 2, True)
+    fake.gather_rows(f32(4, 64), np.array([0, 0, 1], np.int32))
+    fake.expert_gemv(f32(3, 64), np.array([0, 1, 1], np.int32), bits.reshape(2, 20, 64))
+    fake.expert_gemv(f32(3, 64), np.array([0, 1, 1], np.int32), f32(2, 20, 64))
+    fake.combine(f32(6, 16), f32(3, 2))
+    fake.argmax(f32(2, 100))
+    fake.sample(f32(2, 100), 0.7, np.array([0.5, 0.1], np.float32))
+    assert sorted(set(launched)) == sorted(params), "every kernel of backends/cuda is launched by CudaKernels"
+
+
 # ------------------------------------------------------------------------------------------ the twins
 
 
