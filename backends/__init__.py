@@ -45,12 +45,17 @@ class Backend:
     prepare: Callable[[np.ndarray], object]
     to_numpy: Callable[[object], np.ndarray]
     keep_bf16: bool = False
-    zeros: Callable = (
-        np.zeros
-    )  # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it
+    matmul_precision: str = "highest"  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
+    # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it (device memory for cupy)
+    zeros: Callable = np.zeros
 
 
-def _numpy_backend() -> Backend:
+def _numpy_backend(matmul_precision: str = "highest") -> Backend:
+    if matmul_precision != "highest":
+        raise BackendError(
+            f"matmul_precision={matmul_precision!r} needs the numba backend; the numpy backend is the float32 "
+            "reference (matmul_precision='highest')"
+        )
     from tinyqwen import attention, mlp, moe, norm, rope
 
     return Backend(
@@ -67,7 +72,7 @@ def _numpy_backend() -> Backend:
     )
 
 
-def _numba_backend() -> Backend:
+def _numba_backend(matmul_precision: str = "highest") -> Backend:
     try:
         import numba  # noqa: F401
     except ImportError:
@@ -77,10 +82,15 @@ def _numba_backend() -> Backend:
         ) from None
     from backends import numba_backend
 
-    return numba_backend.backend()
+    return numba_backend.backend(matmul_precision)
 
 
-def _cupy_backend() -> Backend:
+def _cupy_backend(matmul_precision: str = "highest") -> Backend:
+    if matmul_precision != "highest":
+        raise BackendError(
+            f"matmul_precision={matmul_precision!r} needs the numba backend; the cupy backend multiplies in float32 "
+            "(matmul_precision='highest')"
+        )
     from backends import cupy_backend  # imports CuPy only when asked; says in one line what is missing
 
     return cupy_backend.backend()
@@ -90,10 +100,14 @@ AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend, "cupy": _cupy_bac
 PLANNED: tuple[str, ...] = ()  # later chapters
 
 
-def get_backend(name: str) -> Backend:
-    """The backend called `name`; a clear BackendError for a name that does not exist (yet) or cannot run here."""
+def get_backend(name: str, matmul_precision: str = "highest") -> Backend:
+    """The backend called `name`; a clear BackendError for a name that does not exist (yet) or cannot run here.
+
+    `matmul_precision` (PyTorch's name): "highest" multiplies in float32; "medium" (numba only) rounds the inputs
+    of products with bf16 weights to bf16 and accumulates in float32 — faster prefill on CPUs with bf16 units.
+    """
     if name in AVAILABLE:
-        return AVAILABLE[name]()
+        return AVAILABLE[name](matmul_precision)
     if name in PLANNED:
         raise BackendError(
             f"backend {name!r} is not implemented yet (available: {', '.join(AVAILABLE)}); use --backend numpy"

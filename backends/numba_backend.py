@@ -11,24 +11,37 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
     rms_norm    one pass per row (also QK-Norm: the same kernel over head_dim)
     apply_rope  one pass, no rotate_half temporaries
     attention   one query position (decode): each kv head is read once for its whole group of query heads;
-                longer queries (prefill) use the NumPy reference, whose batched BLAS matmuls are faster there
+                longer queries (prefill): blocks of query rows, each block's scores over only the keys its
+                mask allows (causal: half the work) by BLAS, with a fused mask + softmax in between
     swiglu      decode: gate and up GEMVs fused with SiLU·mul (x read once, no [ffn] temporaries), then down
     moe_block   only the routed experts run: decode in one fused kernel over all (token, expert) pairs; prefill
                 groups the tokens by expert (each expert's weights read once per call)
 
+`matmul_precision` (PyTorch's name for the same choice): "highest" (the default) multiplies in float32 — equal to
+the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
+bf16 (nearest-even) and accumulates in float32, as llama.cpp's bf16 path and PyTorch's bf16 models do: prefill
+then runs on the CPU's bf16 matrix units through oneDNN (`backends/onednn.py`), several times the float32 rate,
+at the price of ~3 significant digits in the activations (logits move by ~1e-3 of their size; see the tests).
+
 `@njit(cache=True)`: the first call of a kernel compiles it (seconds) and stores the machine code next to this
-file, so later processes start fast. Float32 weights (F32 checkpoints) use NumPy's BLAS for the products.
+file, so later processes start fast. Float32 weights (F32 checkpoints) use NumPy's BLAS for the products, in
+float32 whatever the precision.
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache, partial
 
 # Numba's OpenMP threads spin after each parallel kernel by default. On a machine whose cores are shared (other
 # processes runnable), a spinning thread holds the core its partner needs, and a 0.3 ms GEMV took 11 ms (measured
-# on 2 shared cores); passive waiting costs microseconds per launch instead. Must be set before libgomp starts;
-# a value the user set wins.
+# on 2 shared cores). Sleeping at once (passive) costs a wake-up per launch instead, and a decode step launches
+# ~200 kernels: Qwen3-0.6B decoded in 92 ms per token passive, 70 ms spinning forever (active). A short spin
+# (GOMP_SPINCOUNT iterations, then sleep) gets both: 70 ms quiet, and no worse than passive beside a busy process
+# (measured on 2 cores, Sapphire Rapids). Must be set before libgomp starts; values the user set win.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
@@ -36,8 +49,9 @@ from llvmlite import ir  # noqa: E402
 from numba import njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from backends import Backend  # noqa: E402
+from backends import Backend, onednn  # noqa: E402
 from tinyqwen import attention as np_attention  # noqa: E402
+from tinyqwen.errors import BackendError  # noqa: E402
 from tinyqwen.moe import route  # noqa: E402
 from tinyqwen.safetensors import bf16_to_float32  # noqa: E402
 
@@ -47,8 +61,12 @@ GEMV_MAX_ROWS = 4  # up to this many tokens a product streams the bf16 weights; 
 WIDEN_BLOCK_BYTES = 16 << 20
 MASKED = np_attention.MASKED
 # reassociation lets LLVM vectorise the float32 dot products (8 or 16 partial sums, as BLAS does); no other
-# fast-math flags, so NaN and inf still propagate as in the NumPy reference
+# fast-math flags, so NaN and inf still propagate as in the NumPy reference. Kernels that divide also take
+# error_model="numpy" (x / 0 gives inf as in NumPy, instead of a ZeroDivisionError check per value, which stops
+# vectorisation: SiLU·mul over [512, 3072] took 9.4 ms with the check, 2.2 ms without).
 FAST = {"reassoc"}
+PRECISIONS = ("highest", "medium")  # float32 products; bf16-rounded inputs to products with bf16 weights
+ATTENTION_BLOCK = 128  # query rows per prefill block: its scores are [block, keys] floats, never [T, S]
 
 
 class BF16Weight:
@@ -105,7 +123,95 @@ def _bf16(typingctx, u):
     return types.float32(types.uint16), codegen
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+@intrinsic
+def _f32_bits(typingctx, f):
+    """float32 -> its uint32 bit pattern (a reinterpretation, like `.view(np.uint32)` on an array)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _f32_from_bits(typingctx, u):
+    """int32 bit pattern -> the float32 it encodes (the inverse reinterpretation)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _exp(x):  # float32 -> float32
+    """e^x that LLVM can vectorise: Numba's np.exp on a scalar calls libm once per value (3.3 ns here), which made
+    exp the slowest part of softmax and SiLU; this runs at ~0.5 ns per value, within 1e-7 relative (float32's own
+    np.exp: 2e-7). e^x = 2^n · e^r with n = round(x / ln 2), |r| ≤ ln 2 / 2, and e^r by Taylor to r^7 (< 2e-9).
+    Below -87 it returns 0 (float32's smallest normal is e^-87.3): the masked scores' exp(MASKED - max) is 0.
+    """
+    xc = min(max(x, np.float32(-87.0)), np.float32(88.0))
+    n = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = xc - n * np.float32(0.693359375) - n * np.float32(-2.12194440e-4)  # ln 2 in two parts: r stays exact
+    p = np.float32(1.0 / 5040)  # Horner, written out: a loop over a tuple of constants stops vectorisation
+    p = p * r + np.float32(1.0 / 720)
+    p = p * r + np.float32(1.0 / 120)
+    p = p * r + np.float32(1.0 / 24)
+    p = p * r + np.float32(1.0 / 6)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    scale = _f32_from_bits(
+        np.int32((np.int32(n) + np.int32(127)) << np.int32(23))
+    )  # 2^n, built from its bits
+    return np.float32(0.0) if x < np.float32(-87.0) else p * scale
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _exp_into(x, out):  # [n] f32 -> out [n]: _exp over an array (the tests check its accuracy through this)
+    for i in range(x.size):
+        out[i] = _exp(x[i])
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _silu(
+    z,
+):  # float32 -> float32: z · sigmoid(z), as the reference writes it (no overflow for very negative z)
+    return z / (np.float32(1.0) + _exp(-z))
+
+
+@njit(cache=True)
+def _to_bf16(f):  # float32 -> bf16 bit pattern, rounded to nearest, ties to even (as torch's .to(bfloat16))
+    u = _f32_bits(f)
+    if f != f:  # NaN stays NaN, sign kept (rounding its bits could carry into infinity)
+        return np.uint16(0xFFC0) if u >> np.uint32(31) else np.uint16(0x7FC0)
+    return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+@njit(cache=True)
+def _round_rows_bf16(x, bits, values):  # [M, K] f32 -> bits [M, K] u16 and values [M, K] f32 (both written)
+    M, K = x.shape
+    for m in range(M):
+        for k in range(K):
+            b = _to_bf16(x[m, k])
+            bits[m, k] = b
+            values[m, k] = _bf16(b)
+
+
+def round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [M, K] f32 -> ([M, K] u16, [M, K] f32)
+    """The bf16 nearest to each value: its bit patterns, and the same numbers as float32.
+
+    >>> bits, values = round_bf16(np.array([[1.0, 1.00390625, 1.01171875, 3.14159]], np.float32))
+    >>> [hex(b) for b in bits[0]], values[0].tolist()   # 1 + 2⁻⁸ is a tie: to even (1.0); 1 + 3·2⁻⁸ rounds up
+    (['0x3f80', '0x3f80', '0x3f82', '0x4049'], [1.0, 1.0, 1.015625, 3.140625])
+    """
+    bits = np.empty(x.shape, np.uint16)
+    values = np.empty(x.shape, np.float32)
+    _round_rows_bf16(x, bits, values)
+    return bits, values
+
+
+@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
 def _gemv_bf16(x, w, out, chunks):  # [M, K] f32, [N, K] u16, [M, N] f32 (out written)
     M, K = x.shape
     N = w.shape[0]
@@ -129,7 +235,7 @@ def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
             out[n, k] = _bf16(w[n, k])
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
+@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
 def _gate_up_bf16(
     x, w_gate, w_up, out, chunks
 ):  # [M, K] f32, [F, K] u16 x2 -> out [M, F]: silu(x Wgᵀ)·(x Wuᵀ)
@@ -145,25 +251,24 @@ def _gate_up_bf16(
                 for k in range(K):
                     g += x[m, k] * _bf16(w_gate[f, k])
                     u += x[m, k] * _bf16(w_up[f, k])
-                out[m, f] = g / (np.float32(1.0) + np.exp(-g)) * u
+                out[m, f] = _silu(g) * u
 
 
 # Small kernels run on one thread: a parallel launch costs microseconds, and far more when the cores are shared
 # and the other thread waits to be scheduled; these touch kilobytes per decode step.
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=FAST, error_model="numpy")
 def _silu_mul(g, u):  # [M, F] x2 -> [M, F]
     out = np.empty_like(g)
     M, F = g.shape
     for m in range(M):
         for f in range(F):
-            z = g[m, f]
-            out[m, f] = z / (np.float32(1.0) + np.exp(-z)) * u[m, f]
+            out[m, f] = _silu(g[m, f]) * u[m, f]
     return out
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST, error_model="numpy")
 def _rms_norm(x, weight, eps, out):  # [R, d], [d], scalar -> out [R, d]
     R, d = x.shape
     for r in range(R):
@@ -189,7 +294,7 @@ def _rope(x, cos, sin, out):  # [B, H, T, d], [B, T, d] x2 -> out [B, H, T, d]
                 out[b, h, t, j + half] = c * cos[b, t, j + half] + a * sin[b, t, j + half]
 
 
-@njit(cache=True, fastmath=FAST)
+@njit(cache=True, fastmath=FAST, error_model="numpy")
 def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its group of query heads
     Hq, d = q.shape[1], q.shape[2]
     Hkv, S = k.shape[1], k.shape[2]
@@ -223,9 +328,10 @@ def _attend_group(q, k, v, mask, out, b, h):  # one kv head h of row b and its g
             out[b, h * group + g, j] = acc[g, j]
 
 
-@njit(parallel=True, cache=True, fastmath=FAST)
-def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks):
+@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
+def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks, bf16_inputs):
     # x [N, d] f32, experts/weights [N, k] (routing), w_gate/w_up [E, f, d] u16, w_down [E, d, f] u16 -> out [N, d]
+    # (bf16_inputs: x arrives rounded; the hidden activations are rounded here before the down projection)
     # One call for all of a decode step's (token, expert) pairs: the routed experts' rows are spread over the
     # threads together, instead of one small parallel launch per expert.
     N, k = experts.shape
@@ -243,7 +349,8 @@ def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks):
             for j in range(d):
                 g += x[t, j] * _bf16(w_gate[e, f, j])
                 u += x[t, j] * _bf16(w_up[e, f, j])
-            h[p, f] = g / (np.float32(1.0) + np.exp(-g)) * u
+            a = _silu(g) * u
+            h[p, f] = _bf16(_to_bf16(a)) if bf16_inputs else a
     rows = min(d, chunks)
     size = (d + rows - 1) // rows
     for c in prange(rows):
@@ -279,6 +386,81 @@ def _decode_attention_parallel(q, k, v, mask, out):  # the same, the (row, kv he
         _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv)
 
 
+@njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
+def _masked_softmax(scores, mask, scale):  # [R, S] f32 (in place), [R % rows, S] bool, scalar
+    # the reference's softmax(where(mask, scores·scale, MASKED)) in two branch-free passes per row (they
+    # vectorise), without its temporaries: a masked entry's exp(MASKED - max) is 0 in both. A row with every key
+    # masked (padding) has max = MASKED, so each entry becomes exp(0) = 1: the uniform average, as there.
+    R, S = scores.shape
+    for r in range(R):
+        top = MASKED
+        m = r % mask.shape[0]  # the rows of a group's query heads are stacked: they share the mask
+        for s in range(S):
+            value = scores[r, s] * scale if mask[m, s] else MASKED
+            scores[r, s] = value
+            top = max(top, value)
+        total = np.float32(0.0)
+        for s in range(S):
+            e = _exp(scores[r, s] - top)
+            scores[r, s] = e
+            total += e
+        for s in range(S):
+            scores[r, s] /= total
+
+
+def _attention_block(q, k, v, rows, out, b, h, t0):  # one (row, kv head, query block) of the prefill
+    # scores [group·block, keys] for the group's query heads stacked (k and v read once for all of them) by BLAS,
+    # over only the keys some row of the block may see (causal: about half the products), the fused softmax,
+    # then BLAS again with v
+    group, n, d = q.shape[1] // k.shape[1], rows.shape[0], q.shape[3]
+    end = rows.shape[1]
+    heads = slice(h * group, (h + 1) * group)
+    scores = q[b, heads, t0 : t0 + n].reshape(group * n, d) @ k[b, h, :end].T  # [group·block, end]
+    _masked_softmax(scores, rows, np.float32(d**-0.5))
+    out[b, heads, t0 : t0 + n] = (scores @ v[b, h, :end]).reshape(group, n, d)
+
+
+@cache
+def _attention_threads():  # (a pool of Python threads, the BLAS thread controller) or None without threadpoolctl
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadPoolExecutor(numba.get_num_threads(), thread_name_prefix="tinyqwen-attention"), (
+        ThreadpoolController()
+    )
+
+
+def _prefill_attention(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] bool -> [B, Hq, T, d]
+    # Blocks of ATTENTION_BLOCK query rows: memory stays one block of scores, whatever the prompt length.
+    # The blocks' small products run on one BLAS thread each, the blocks spread over Python threads (BLAS and the
+    # softmax kernel release the GIL). Multi-threaded BLAS on such small products was no faster, and its idle
+    # workers spin for ~0.1 s after each call, stealing the cores from the oneDNN / Numba kernels that follow:
+    # the MLP after attention took 2.4x longer than alone (measured, 2 cores).
+    B, Hq, T, d = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = np.empty((B, Hq, T, d), np.float32)
+    jobs = []
+    for b in range(B):
+        for t0 in range(0, T, ATTENTION_BLOCK):
+            rows = mask[b, t0 : t0 + ATTENTION_BLOCK]
+            seen = np.flatnonzero(rows.any(axis=0))
+            # keys up to the last one any row may see; a row that sees none averages all S, as in the reference
+            end = int(seen[-1]) + 1 if len(seen) and rows.any(axis=1).all() else S
+            rows = np.ascontiguousarray(rows[:, :end])
+            jobs += [(rows, b, h, t0) for h in range(Hkv)]
+    threads = _attention_threads()
+    if threads is None:
+        for rows, b, h, t0 in jobs:
+            _attention_block(q, k, v, rows, out, b, h, t0)
+        return out
+    pool, blas = threads
+    with blas.limit(limits=1, user_api="blas"):
+        # list(): wait for every block, and re-raise the first error of any
+        list(pool.map(lambda job: _attention_block(q, k, v, job[0], out, *job[1:]), jobs))
+    return out
+
+
 # --------------------------------------------------------------------------------------------- the interface
 
 
@@ -290,22 +472,29 @@ def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contigu
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
 
 
-def linear(x: np.ndarray, w) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..., d_out]
+def linear(
+    x: np.ndarray, w, bf16_inputs: bool = False
+) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..., d_out]
     if not isinstance(w, BF16Weight):
         return x @ w.T  # float32 weights: BLAS, as the reference
     x2 = _rows(x)
     bits = w.bits
     N, K = bits.shape
+    M = x2.shape[0]
+    if bf16_inputs and M > GEMV_MAX_ROWS and onednn.available():  # prefill on the bf16 matrix units
+        return onednn.gemm_bf16(round_bf16(x2)[0], bits).reshape(*x.shape[:-1], N)
+    if bf16_inputs:
+        x2 = round_bf16(x2)[1]  # the same products as float32 numbers: bf16 x bf16 is exact in float32
     block = max(1, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
-    if x2.shape[0] <= GEMV_MAX_ROWS:
-        out = np.empty((x2.shape[0], N), np.float32)
+    if M <= GEMV_MAX_ROWS:
+        out = np.empty((M, N), np.float32)
         _gemv_bf16(x2, bits, out, _chunks())
     elif block == N:  # prefill: compute-bound, so BLAS's sgemm on the widened weight
         scratch = np.empty((N, K), np.float32)
         _widen(bits, scratch)
         out = x2 @ scratch.T
     else:  # the same, a block of rows at a time: the float32 copy never exceeds WIDEN_BLOCK_BYTES
-        out = np.empty((x2.shape[0], N), np.float32)
+        out = np.empty((M, N), np.float32)
         scratch = np.empty((block, K), np.float32)
         for start in range(0, N, block):
             stop = min(N, start + block)
@@ -332,7 +521,7 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
     # [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] bool -> [B, Hq, T, d]
     B, Hq, T, d = q.shape
     if T != 1:
-        return np_attention.attention(q, k, v, mask)
+        return _prefill_attention(q, k, v, mask)
     out = np.empty((B, Hq, d), np.float32)
     kernel = (
         _decode_attention_parallel if 2 * k.nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
@@ -341,49 +530,57 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
     return out.reshape(B, Hq, 1, d)
 
 
-def swiglu(x: np.ndarray, w_gate, w_up, w_down) -> np.ndarray:  # [..., d], [f, d], [f, d], [d, f] -> [..., d]
+def swiglu(x: np.ndarray, w_gate, w_up, w_down, bf16_inputs: bool = False) -> np.ndarray:
+    # [..., d], [f, d], [f, d], [d, f] -> [..., d]
     x2 = _rows(x)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
-        _gate_up_bf16(x2, w_gate.bits, w_up.bits, h, _chunks())
+        _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
     else:
-        h = _silu_mul(linear(x2, w_gate), linear(x2, w_up))
-    return linear(h, w_down).reshape(x.shape)
+        h = _silu_mul(linear(x2, w_gate, bf16_inputs), linear(x2, w_up, bf16_inputs))
+    return linear(h, w_down, bf16_inputs).reshape(x.shape)
 
 
 def _expert(w, e: int):  # one expert's [rows, cols] weight out of the stacked [E, rows, cols]
     return BF16Weight(w.bits[e]) if isinstance(w, BF16Weight) else w[e]
 
 
-def moe_block(x, w_router, w_gate, w_up, w_down, top_k: int, norm_topk_prob: bool):
+def moe_block(x, w_router, w_gate, w_up, w_down, top_k: int, norm_topk_prob: bool, bf16_inputs: bool = False):
     # [N, d], [E, d], [E, f, d], [E, f, d], [E, d, f] -> output [N, d], router logits [N, E]
-    router_logits = linear(x, w_router)
+    router_logits = linear(x, w_router, bf16_inputs)
     weights, experts = route(router_logits, top_k, norm_topk_prob)  # the reference's routing, ties included
     if isinstance(w_gate, BF16Weight) and x.shape[0] <= GEMV_MAX_ROWS:  # decode: one fused kernel
         out = np.empty(x.shape, np.float32)
-        _moe_decode_bf16(
-            _rows(x), experts, weights.astype(np.float32), w_gate.bits, w_up.bits, w_down.bits, out, _chunks()
-        )
+        x2 = round_bf16(_rows(x))[1] if bf16_inputs else _rows(x)
+        w32 = weights.astype(np.float32)
+        _moe_decode_bf16(x2, experts, w32, w_gate.bits, w_up.bits, w_down.bits, out, _chunks(), bf16_inputs)
         return out, router_logits
     out = np.zeros(x.shape, np.float32)
     # only the routed experts run; each runs once, on all the tokens that chose it (its weights read once)
     for e in np.unique(experts):
         token, slot = np.nonzero(experts == e)
-        y = swiglu(x[token], _expert(w_gate, e), _expert(w_up, e), _expert(w_down, e))
+        y = swiglu(x[token], _expert(w_gate, e), _expert(w_up, e), _expert(w_down, e), bf16_inputs)
         out[token] += y * weights[token, slot, None]  # a token picks an expert at most once: no repeats
     return out, router_logits
 
 
-def backend() -> Backend:
+def backend(matmul_precision: str = "highest") -> Backend:
+    """The numba backend; `matmul_precision` "highest" (float32 products) or "medium" (bf16 inputs, see above)."""
+    if matmul_precision not in PRECISIONS:
+        raise BackendError(
+            f"matmul_precision must be one of {', '.join(PRECISIONS)}, got {matmul_precision!r}"
+        )
+    bf16_inputs = matmul_precision == "medium"
     return Backend(
         name="numba",
-        linear=linear,
+        linear=partial(linear, bf16_inputs=bf16_inputs),
         rms_norm=rms_norm,
         apply_rope=apply_rope,
         attention=attention,
-        swiglu=swiglu,
-        moe_block=moe_block,
+        swiglu=partial(swiglu, bf16_inputs=bf16_inputs),
+        moe_block=partial(moe_block, bf16_inputs=bf16_inputs),
         prepare=prepare,
         to_numpy=np.asarray,
         keep_bf16=True,
+        matmul_precision=matmul_precision,
     )

@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI installs)
 
 import tinyqwen  # noqa: E402
-from backends import get_backend, numba_backend  # noqa: E402
+from backends import get_backend, numba_backend, onednn  # noqa: E402
 from backends.numba_backend import BF16Weight  # noqa: E402
 from tinyqwen import attention as ref_attention  # noqa: E402
 from tinyqwen import mlp, moe, norm, rope  # noqa: E402
@@ -269,3 +269,103 @@ def test_greedy_generations_equal_transformers(fixture):
         assert generate(model, prompt, n, eos_token_ids=()) == expected, prompt
     batch = generate_batch(model, ref["prompts"], n, eos_token_ids=(), pad_token_id=ref["pad_token_id"])
     assert batch == ref["batch"]["new_tokens"]
+
+
+# ------------------------------------------------------------------------------ prefill attention, exp, bf16 inputs
+
+
+@pytest.mark.parametrize("block", [3, 128])  # several query blocks (some fully past the padding), and one
+def test_prefill_attention_blocks_equal_numpy_with_cache_padding_and_gqa(monkeypatch, block):
+    # chunked prefill: T new queries after `past` cached positions, left padding on row 0, 3 queries per kv head
+    monkeypatch.setattr(numba_backend, "ATTENTION_BLOCK", block)
+    rng = np.random.default_rng(11)
+    B, Hq, Hkv, T, past, d = 2, 6, 2, 10, 4, 16
+    S = past + T
+    q = rng.standard_normal((B, Hq, T, d)).astype(np.float32)
+    k, v = rng.standard_normal((2, B, Hkv, S, d)).astype(np.float32)
+    mask = ref_attention.causal_mask(T, S)[None] & np.ones((B, 1, S), bool)
+    mask[0, :, :7] = False  # row 0: 7 padding keys, so its first 3 queries see nothing (uniform average)
+    got = NB.attention(q, k, v, mask)
+    assert np.isfinite(got).all()
+    assert rel_err(got, ref_attention.attention(q, k, v, mask)) <= RTOL
+
+
+def test_exp_kernel_is_accurate_and_zero_below_the_float32_range():
+    # the vectorisable e^x behind softmax and SiLU: ≤ 2e-7 relative (float32's own np.exp is off by up to 2e-7)
+    x = np.concatenate([np.linspace(-87, 88, 200_001), [-1e30, -3.4e38, -88.0]]).astype(np.float32)
+    out = np.empty_like(x)
+    numba_backend._exp_into(x, out)
+    exact = np.exp(x.astype(np.float64))
+    inside = x >= -87
+    assert np.abs(out[inside] / exact[inside] - 1).max() <= 2e-7
+    assert (out[~inside] == 0).all()  # masked scores: exp(MASKED - max) contributes exactly nothing
+
+
+def test_round_bf16_equals_the_reference_rounding():
+    rng = np.random.default_rng(12)
+    x = np.concatenate(
+        [
+            rng.standard_normal(10_000).astype(np.float32) * 100,
+            np.array([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, -3.4e38, np.inf, -np.inf, 0.0, -0.0]),
+            np.array([np.nan, -np.nan]),
+        ]
+    ).astype(np.float32)[None]
+    bits, values = numba_backend.round_bf16(x)
+    np.testing.assert_array_equal(bits, float32_to_bf16(x))  # ties to even, overflow to inf, NaN canonical
+    np.testing.assert_array_equal(values, bf16_to_float32(bits))
+
+
+@pytest.mark.parametrize("rows", [1, 9])  # decode GEMV and prefill GEMM (oneDNN when installed)
+@pytest.mark.parametrize("with_onednn", [True, False])
+def test_medium_precision_linear_is_bf16_inputs_times_bf16_weights(monkeypatch, rows, with_onednn):
+    # "medium": the input is rounded to bf16 once; bf16 x bf16 products are exact in float32, so only the order of
+    # the float32 sums differs from NumPy on the same rounded numbers: the usual RTOL
+    if not with_onednn:
+        monkeypatch.setattr(onednn, "available", lambda: False)
+    elif not onednn.available():
+        pytest.fail(
+            "oneDNN is not installed: pip install onednn-cpu-gomp (part of tinyqwen[fast] on x86-64 Linux)"
+        )
+    medium = get_backend("numba", matmul_precision="medium")
+    rng = np.random.default_rng(13 + rows)
+    w, w32 = bf16_weight(rng, 300, 256)
+    x = rng.standard_normal((rows, 256)).astype(np.float32)
+    rounded = bf16_to_float32(float32_to_bf16(x))
+    got = medium.linear(x, w)
+    assert rel_err(got, rounded @ w32.T) <= RTOL
+    assert rel_err(got, x @ w32.T) > 1e-4  # it did round: plain float32 inputs give other numbers
+
+
+def test_onednn_is_installed_with_the_fast_extra_on_x86_64_linux():
+    import platform
+
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("the onednn-cpu-gomp wheel exists for x86-64 Linux only")
+    assert onednn.available(), "pip install -e '.[fast]' should have installed onednn-cpu-gomp (libdnnl.so.3)"
+    a = float32_to_bf16(np.arange(6, dtype=np.float32).reshape(2, 3))
+    b = float32_to_bf16(np.arange(12, dtype=np.float32).reshape(4, 3) - 5)
+    want = bf16_to_float32(a) @ bf16_to_float32(b).T  # small integers: exact in every precision
+    np.testing.assert_array_equal(onednn.gemm_bf16(a, b), want)
+
+
+def test_medium_precision_model_stays_within_bf16_rounding_of_transformers():
+    # bf16 fixtures: every activation entering a weight product is rounded to 8 significant bits (2^-9 relative),
+    # so the logits move by ~1e-2 of their size on these tiny random models (measured 7.7e-3 and 8.7e-3; the
+    # float32 path is at 1e-6). Bound: 3e-2. F32-weight fixtures are untouched by "medium": equal to "highest".
+    for name in ("dense-untied-bf16-sharded", "dense-yarn", "dense-tied"):
+        ref = np.load(FIXTURES / name / "reference.npz")
+        high = tinyqwen.load_model(FIXTURES / name, backend="numba")
+        medium = tinyqwen.load_model(FIXTURES / name, backend="numba", matmul_precision="medium")
+        got = medium(ref["input_ids"])
+        err = rel_err(got, ref["logits"].reshape(got.shape))
+        if name == "dense-tied":  # float32 weights
+            np.testing.assert_array_equal(got, high(ref["input_ids"]))
+        else:
+            assert 1e-4 < err <= 3e-2, f"{name}: {err:.2e}"
+
+
+def test_matmul_precision_errors_are_one_clear_line():
+    with pytest.raises(BackendError, match="numpy backend is the float32 reference"):
+        get_backend("numpy", matmul_precision="medium")
+    with pytest.raises(BackendError, match="matmul_precision must be one of highest, medium"):
+        get_backend("numba", matmul_precision="low")

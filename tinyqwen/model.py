@@ -398,12 +398,16 @@ def as_id_array(ids) -> np.ndarray:
         ) from None
 
 
-def load_model(path: str | Path, backend: str = "numpy", progress: bool | None = None) -> Qwen3:
+def load_model(
+    path: str | Path, backend: str = "numpy", progress: bool | None = None, matmul_precision: str = "highest"
+) -> Qwen3:
     """Load a checkpoint directory in the Hugging Face layout (config.json + *.safetensors [+ index]).
 
     `path` may start with `~`, or be a Hugging Face id such as "Qwen/Qwen3-0.6B": then it is looked up in the
     Hugging Face cache (or downloaded, with the optional huggingface_hub) exactly as `tinyqwen chat --model` does.
-    `progress` shows a tqdm bar per layer (default: only for multi-shard checkpoints).
+    `progress` shows a tqdm bar per layer (default: only for multi-shard checkpoints). `matmul_precision`
+    "medium" (numba backend only) rounds the inputs of products with bf16 weights to bf16, as PyTorch's
+    `torch.set_float32_matmul_precision("medium")` does: a faster prefill, logits ~1e-3 of their size away.
     """
     from tinyqwen.hub import is_hub_id, resolve_model
     from tinyqwen.safetensors import Checkpoint
@@ -416,7 +420,7 @@ def load_model(path: str | Path, backend: str = "numpy", progress: bool | None =
         what = "is a file, not a checkpoint directory" if path.exists() else "not found"
         raise CheckpointError(f"checkpoint directory {what}: {path}")
     config = load_config(path)
-    kernels = get_backend(backend)
+    kernels = get_backend(backend, matmul_precision)
     with Checkpoint(path) as checkpoint:
         weights = load_weights(checkpoint, config, kernels.prepare, progress, keep_bf16=kernels.keep_bf16)
     return Qwen3(
