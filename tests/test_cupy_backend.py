@@ -306,6 +306,11 @@ def test_cupy_without_a_gpu_is_one_clear_line():
     assert run.stderr.strip().splitlines() == [f"tinyqwen: error: {error.value}"]
 
 
+def test_cupy_refuses_bf16_rounded_products():
+    with pytest.raises(BackendError, match="needs the numba backend"):
+        get_backend("cupy", matmul_precision="medium")
+
+
 def test_cupy_not_installed_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
     with pytest.raises(
