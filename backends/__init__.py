@@ -9,8 +9,10 @@ The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it ca
     swiglu(x, w_gate, w_up, w_down)       # [..., d] -> [..., d]
     moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob)  # [N, d] -> [N, d], [N, E]
 
-plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU), `to_numpy`, and
-`zeros(shape, dtype)` (where the KV cache lives: host memory for numpy/numba, device memory for cupy).
+plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU) and `to_numpy`, and
+optionally `linears(x, ws)`, several products of one input in one pass (the model's q, k, v projections; the
+model calls `linear_many`, which falls back to one `linear` per weight), and `zeros(shape, dtype)` (where the KV
+cache lives: host memory for numpy/numba, device memory for cupy).
 
 `keep_bf16` says which checkpoint tensors `prepare` receives. False (the numpy backend): every tensor arrives as
 float32, BF16 widened exactly. True (the numba backend): a BF16 tensor arrives as its uint16 bit patterns, a
@@ -48,6 +50,16 @@ class Backend:
     matmul_precision: str = "highest"  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
     # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it (device memory for cupy)
     zeros: Callable = np.zeros
+    # optional fused kernel for several products of one input (q, k and v): one pass instead of three
+    linears: Callable | None = None
+
+    def linear_many(self, x, ws: tuple) -> tuple:  # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]
+        """`tuple(self.linear(x, w) for w in ws)`, through the backend's fused `linears` kernel when it has one."""
+        if self.linears is not None:
+            return self.linears(x, ws)
+        return tuple(
+            self.linear(x, w) for w in ws
+        )  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
 
 
 def _numpy_backend(matmul_precision: str = "highest") -> Backend:

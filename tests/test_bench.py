@@ -60,6 +60,7 @@ def test_run_benchmark_json_shape(tmp_path):
     assert engines == [
         "tinyqwen-numpy",
         "tinyqwen-numba",
+        "tinyqwen-numba-medium",
         "transformers-fp32",
         "transformers-bf16",
         "llama.cpp-bf16",
@@ -74,8 +75,13 @@ def test_run_benchmark_json_shape(tmp_path):
     assert len(numpy["first_ids"]) == 3  # the first new token, then 2 decode steps
     for name in ("transformers-fp32", "transformers-bf16", "llama.cpp-bf16"):
         assert by_name[name]["status"] == "skipped" and "lacks" in by_name[name]["reason"]
-    numba = by_name["tinyqwen-numba"]  # skipped while the backend does not exist; else its compile time apart
-    assert numba["status"] == "skipped" or (numba["status"] == "ok" and numba["compile_s"] > 0), numba
+    for name in ("tinyqwen-numba", "tinyqwen-numba-medium"):  # skipped without numba; else compile time apart
+        numba = by_name[name]
+        assert numba["status"] == "skipped" or (numba["status"] == "ok" and numba["compile_s"] > 0), numba
+        if numba["status"] == "ok":  # the compiling run is a process of its own; the timed one reuses its cache
+            assert numba["peak_rss_first_run_mb"] > 0 and "(numba backend" in numba["version"]
+    if by_name["tinyqwen-numba-medium"]["status"] == "ok":
+        assert "matmul_precision=medium" in by_name["tinyqwen-numba-medium"]["version"]
     ok = {r["engine"] for r in report["results"] if r["status"] == "ok"}
     assert all(q["engine"] in ok and q["peer"] in ok for q in report["ratios"])
     assert report["gemv"]["gb_s"] > 0 and report["threads"] == 2 and report["prompt_tokens"] == 8

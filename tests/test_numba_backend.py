@@ -369,3 +369,30 @@ def test_matmul_precision_errors_are_one_clear_line():
         get_backend("numpy", matmul_precision="medium")
     with pytest.raises(BackendError, match="matmul_precision must be one of highest, medium"):
         get_backend("numba", matmul_precision="low")
+
+
+def test_decode_attention_reads_the_whole_cache_without_copying_it():
+    # the model passes cache[:, :, :S] views; the kernel gets the whole contiguous cache (no copy), same result
+    rng = np.random.default_rng(14)
+    keys, values = (
+        rng.standard_normal((2, 4, 40, 16)).astype(np.float32) for _ in range(2)
+    )  # as KVCache has
+    k, v = keys[:, :, :25], values[:, :, :25]
+    assert numba_backend._whole_cache(k) is keys
+    q = rng.standard_normal((2, 8, 1, 16)).astype(np.float32)
+    mask = np.ones((2, 1, 25), bool)
+    mask[1, :, :5] = False
+    assert rel_err(NB.attention(q, k, v, mask), ref_attention.attention(q, k, v, mask)) <= RTOL
+
+
+@pytest.mark.parametrize("rows", [1, 6])  # one fused GEMV over q, k, v; more tokens: one product per weight
+def test_linear_many_equals_one_product_per_weight(rows):
+    rng = np.random.default_rng(15 + rows)
+    (wq, q32), (wk, k32), (wv, v32) = (bf16_weight(rng, n, 64) for n in (96, 32, 32))
+    x = rng.standard_normal((1, rows, 64)).astype(np.float32)
+    got = NB.linear_many(x, (wq, wk, wv))
+    for g, w32 in zip(got, (q32, k32, v32), strict=True):
+        assert g.shape == (1, rows, w32.shape[0]) and rel_err(g, mlp.linear(x, w32)) <= RTOL
+    numpy = get_backend("numpy")  # no fused kernel: linear_many falls back to its own linear, one at a time
+    assert numpy.linears is None
+    assert all(rel_err(a, b) == 0 for a, b in zip(numpy.linear_many(x, (q32, k32)), (x @ q32.T, x @ k32.T)))

@@ -355,9 +355,10 @@ class Qwen3:
         B, T, _ = x.shape
         h = k.rms_norm(x, layer.input_norm, c.rms_norm_eps)
         # QK-Norm: RMSNorm over head_dim only, per head, before the rotation
-        q = k.rms_norm(k.linear(h, a.q_proj).reshape(B, T, -1, c.head_dim), a.q_norm, c.rms_norm_eps)
-        kk = k.rms_norm(k.linear(h, a.k_proj).reshape(B, T, -1, c.head_dim), a.k_norm, c.rms_norm_eps)
-        v = k.linear(h, a.v_proj).reshape(B, T, -1, c.head_dim)
+        # the three projections of the same h: one fused pass where the backend has one (linear_many)
+        q, kk, v = (p.reshape(B, T, -1, c.head_dim) for p in k.linear_many(h, (a.q_proj, a.k_proj, a.v_proj)))
+        q = k.rms_norm(q, a.q_norm, c.rms_norm_eps)
+        kk = k.rms_norm(kk, a.k_norm, c.rms_norm_eps)
         q = k.apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # [B, Hq, T, d]
         kk = k.apply_rope(kk.transpose(0, 2, 1, 3), cos, sin)  # [B, Hkv, T, d]
         v = v.transpose(0, 2, 1, 3)
