@@ -27,6 +27,8 @@ ids, cos/sin, the mask) and returns device arrays everywhere else; `to_numpy` br
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -84,14 +86,20 @@ def _numpy_backend(matmul_precision: str = "highest") -> Backend:
     )
 
 
+def _installed(module: str) -> bool:  # without importing it (None in sys.modules: an import that must fail)
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    return importlib.util.find_spec(module) is not None
+
+
 def _numba_backend(matmul_precision: str = "highest") -> Backend:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
+    # checked, not imported: the backend module must be the one to import Numba, after setting the thread and
+    # CPU options Numba reads at its import
+    if not _installed("numba"):
         raise BackendError(
             "backend 'numba' needs the numba package, which is not installed: pip install 'tinyqwen[fast]' "
             "(or pip install numba), or use --backend numpy"
-        ) from None
+        )
     from backends import numba_backend
 
     return numba_backend.backend(matmul_precision)

@@ -397,3 +397,23 @@ def test_linear_many_equals_one_product_per_weight(rows):
     assert numpy.linears is None
     pairs = zip(numpy.linear_many(x, (q32, k32)), (x @ q32.T, x @ k32.T), strict=True)
     assert all(rel_err(a, b) == 0 for a, b in pairs)
+
+
+@pytest.mark.parametrize(
+    "K", [256, 200]
+)  # 200: not whole 32-element steps, so the float32 kernels run instead
+def test_medium_decode_kernels_equal_bf16_rounded_products(K):
+    # on CPUs with AVX512-BF16 the medium decode GEMVs use vdpbf16ps (exact bf16 products, float32 sums): the same
+    # numbers as NumPy on the rounded input, up to summation order
+    medium = get_backend("numba", matmul_precision="medium")
+    rng = np.random.default_rng(16 + K)
+    (wq, q32), (wk, k32), (wg, g32), (wu, u32), (wd, d32) = (
+        bf16_weight(rng, *s) for s in ((96, K), (32, K), (64, K), (64, K), (K, 64))
+    )
+    x = rng.standard_normal((1, 1, K)).astype(np.float32)
+    r = bf16_to_float32(float32_to_bf16(x))
+    q, k = medium.linear_many(x, (wq, wk))
+    assert rel_err(q, r @ q32.T) <= RTOL and rel_err(k, r @ k32.T) <= RTOL
+    h = mlp.silu(r @ g32.T) * (r @ u32.T)
+    want = bf16_to_float32(float32_to_bf16(h)) @ d32.T  # the hidden activations are rounded too
+    assert rel_err(medium.swiglu(x, wg, wu, wd), want) <= RTOL

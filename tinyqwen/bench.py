@@ -165,6 +165,7 @@ def load(path, threads, option, max_len):
         compile_s = property(lambda self: clock.total if clock else float("nan"))
 
         def prefill(self, ids):
+            self.cache = None  # the last run's cache goes first: a new prompt never holds two caches at once
             self.cache = model.new_cache(1, max_len)
             return self.step_ids(np.asarray([ids]))
 
@@ -287,6 +288,10 @@ class compile_clock:  # noqa: N801 (used like a function)
     """Seconds Numba spends compiling from now on (its "numba:compile" events; nested compiles counted once)."""
 
     def __init__(self):
+        import importlib
+
+        # the backend first: it sets Numba's thread and CPU settings, which Numba reads once, at its own import
+        importlib.import_module("backends.numba_backend")
         from numba.core import event
 
         self.total, self._depth, self._start = 0.0, 0, 0.0
@@ -547,6 +552,7 @@ def run_benchmark(
             continue
         results.append(summarise(engine, raw, config, prompt_tokens, new_tokens, gemv))
     return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": str(path),
         "config": describe(config),
         "parameters": count_parameters(config),

@@ -576,6 +576,7 @@ def cmd_bench(args) -> int:
         gemv_shape=None if args.no_gemv or args.backend == "cupy" else (151_936, 1_024),
         progress=None if args.json else lambda line: print(line, file=sys.stderr, flush=True),
     )
+    report["command"] = "tinyqwen " + " ".join(sys.argv[1:])  # what reproduces this run
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
