@@ -78,8 +78,9 @@ def test_run_benchmark_json_shape(tmp_path):
     for name in ("tinyqwen-numba", "tinyqwen-numba-medium"):  # skipped without numba; else compile time apart
         numba = by_name[name]
         assert numba["status"] == "skipped" or (numba["status"] == "ok" and numba["compile_s"] > 0), numba
-        # the compiling run is a process of its own; the timed one reuses its cache
-        if numba["status"] == "ok":
+        if (
+            numba["status"] == "ok"
+        ):  # the compiling run is a process of its own; the timed one reuses its cache
             assert numba["peak_rss_first_run_mb"] > 0 and "(numba backend" in numba["version"]
     if by_name["tinyqwen-numba-medium"]["status"] == "ok":
         assert "matmul_precision=medium" in by_name["tinyqwen-numba-medium"]["version"]

@@ -395,8 +395,10 @@ def test_linear_many_equals_one_product_per_weight(rows):
         assert g.shape == (1, rows, w32.shape[0]) and rel_err(g, mlp.linear(x, w32)) <= RTOL
     numpy = get_backend("numpy")  # no fused kernel: linear_many falls back to its own linear, one at a time
     assert numpy.linears is None
-    pairs = zip(numpy.linear_many(x, (q32, k32)), (x @ q32.T, x @ k32.T), strict=True)
-    assert all(rel_err(a, b) == 0 for a, b in pairs)
+    assert all(
+        rel_err(a, b) == 0
+        for a, b in zip(numpy.linear_many(x, (q32, k32)), (x @ q32.T, x @ k32.T), strict=True)
+    )
 
 
 @pytest.mark.parametrize(

@@ -68,3 +68,43 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
     scores = np.where(mask[:, None, None], scores, MASKED)
     out = softmax(scores) @ v[:, :, None]  # [B, Hkv, group, T, d]
     return out.reshape(B, Hq, T, d)
+
+
+def softmax_backward(dy: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray:  # [...], [...] -> [...]
+    """dL/dx of y = softmax(x), given dL/dy and y itself: y ⊙ (dy − Σ_j dy_j·y_j).
+
+    The Jacobian is diag(y) − y yᵀ; multiplying it by dy never needs it built. Shifting every input by the same
+    constant leaves y unchanged, and accordingly the gradient sums to zero along `axis`.
+
+    >>> y = softmax(np.array([0.0, 0.0])); softmax_backward(np.array([1.0, 0.0]), y).tolist()
+    [0.25, -0.25]
+    """
+    return y * (dy - np.sum(dy * y, axis=axis, keepdims=True))
+
+
+def attention_backward(
+    dout: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # [B, Hq, T, d], [B, Hq, T, d], [B, Hkv, S, d], [B, Hkv, S, d], [B, T, S] -> dq, dk, dv (shapes of q, k, v)
+    """Gradients of `attention` given dL/dout; recomputes the attention probabilities from q, k and the mask.
+
+        scores = q kᵀ/√d (masked)   p = softmax(scores)   out = p v
+        dv = pᵀ dout     dp = dout vᵀ     dscores = softmax_backward(dp, p)     dq = dscores k/√d   dk = dscoresᵀ q/√d
+
+    A masked score has p = 0, so it gets no gradient. With GQA each kv head served a group of query heads: its
+    dk and dv are the sums over that group (the same sum a broadcast in the forward turns into).
+    """
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    scale = d**-0.5
+    qg = q.reshape(B, Hkv, group, T, d)
+    dog = dout.reshape(B, Hkv, group, T, d)
+    scores = (qg @ k[:, :, None].swapaxes(-1, -2)) * scale  # [B, Hkv, group, T, S]
+    scores = np.where(mask[:, None, None], scores, MASKED)
+    p = softmax(scores)
+    dv = (p.swapaxes(-1, -2) @ dog).sum(axis=2)  # [B, Hkv, S, d]
+    dscores = softmax_backward(dog @ v[:, :, None].swapaxes(-1, -2), p) * scale  # [B, Hkv, group, T, S]
+    dq = (dscores @ k[:, :, None]).reshape(B, Hq, T, d)
+    dk = (dscores.swapaxes(-1, -2) @ qg).sum(axis=2)  # [B, Hkv, S, d]
+    return dq, dk, dv

@@ -27,3 +27,46 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [..., d_in], [d_out, 
 def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
     # [..., d], [f, d], [f, d], [d, f] -> [..., d]
     return linear(silu(linear(x, w_gate)) * linear(x, w_up), w_down)
+
+
+def linear_backward(
+    dy: np.ndarray, x: np.ndarray, w: np.ndarray
+) -> tuple[
+    np.ndarray, np.ndarray
+]:  # [..., d_out], [..., d_in], [d_out, d_in] -> dx [..., d_in], dw [d_out, d_in]
+    """y = x @ wᵀ, so dx = dy @ w and dw = dyᵀ @ x summed over every leading (batch, time) position.
+
+    >>> dx, dw = linear_backward(np.ones((1, 2)), np.array([[1.0, 2.0, 3.0]]), np.zeros((2, 3)))
+    >>> dx.tolist(), dw.tolist()
+    ([[0.0, 0.0, 0.0]], [[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]])
+    """
+    dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return dy @ w, dw
+
+
+def silu_backward(dy: np.ndarray, z: np.ndarray) -> np.ndarray:  # [...], [...] -> [...]
+    """d silu(z)/dz = σ(z) + z·σ(z)·(1 − σ(z)) = σ(z)·(1 + z·(1 − σ(z))).
+
+    >>> round(float(silu_backward(np.float64(1.0), np.float64(0.0))), 4)   # σ(0) = 0.5
+    0.5
+    """
+    with np.errstate(over="ignore", under="ignore"):
+        sig = 1.0 / (1.0 + np.exp(-z))
+    return dy * sig * (1.0 + z * (1.0 - sig))
+
+
+def swiglu_backward(
+    dy: np.ndarray, x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # [..., d], [..., d], [f, d], [f, d], [d, f] -> dx [..., d], dw_gate [f, d], dw_up [f, d], dw_down [d, f]
+    """Gradients of `swiglu` given dL/dy (recomputes the two projections; they are cheap next to storing them).
+
+    h = silu(a) ⊙ b with a = gate(x), b = up(x): the product rule sends dh ⊙ b back through the SiLU into `a`,
+    and dh ⊙ silu(a) into `b`; x gets the sum of what flows back through both projections.
+    """
+    a, b = linear(x, w_gate), linear(x, w_up)
+    s = silu(a)
+    dh, dw_down = linear_backward(dy, s * b, w_down)
+    dx_gate, dw_gate = linear_backward(silu_backward(dh * b, a), x, w_gate)
+    dx_up, dw_up = linear_backward(dh * s, x, w_up)
+    return dx_gate + dx_up, dw_gate, dw_up, dw_down

@@ -18,8 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from tinyqwen.attention import softmax
-from tinyqwen.mlp import linear, swiglu
+from tinyqwen.attention import softmax, softmax_backward
+from tinyqwen.mlp import linear, linear_backward, swiglu, swiglu_backward
+
+
+def _float32_or_64(x: np.ndarray) -> np.ndarray:
+    # routing runs in float32 (as transformers' softmax(dtype=float)); float64 stays float64 for gradient checks
+    return x if x.dtype == np.float64 else x.astype(np.float32)
 
 
 def route(
@@ -32,7 +37,7 @@ def route(
     >>> idx.tolist(), [round(float(v), 3) for v in w[0]]
     ([[1, 2]], [0.667, 0.333])
     """
-    probs = softmax(router_logits.astype(np.float32))
+    probs = softmax(_float32_or_64(router_logits))
     # stable sort of the negated probabilities: the k largest, ties resolved towards the lower expert index
     experts = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k]
     weights = np.take_along_axis(probs, experts, axis=-1)
@@ -73,7 +78,7 @@ def load_balancing_loss(router_logits: list[np.ndarray], num_experts: int, top_k
     """
     if len(router_logits) == 0:
         return 0.0
-    logits = np.concatenate([np.asarray(r, dtype=np.float32).reshape(-1, num_experts) for r in router_logits])
+    logits = np.concatenate([_float32_or_64(np.asarray(r)).reshape(-1, num_experts) for r in router_logits])
     probs = softmax(logits)
     _, experts = route(logits, top_k, norm_topk_prob=False)
     n = logits.shape[0]
@@ -82,3 +87,90 @@ def load_balancing_loss(router_logits: list[np.ndarray], num_experts: int, top_k
     )  # f_e, summed over the k slots
     prob_per_expert = probs.mean(axis=0)  # P_e
     return float(num_experts * np.sum(tokens_per_expert * prob_per_expert))
+
+
+def route_backward(
+    dweights: np.ndarray, router_logits: np.ndarray, experts: np.ndarray, norm_topk_prob: bool
+) -> np.ndarray:  # [N, k], [N, E], [N, k] -> d router_logits [N, E]
+    """Back through `route`: the top-k *choice* is a hard selection with no gradient ("straight through" for the
+    chosen experts only); the chosen *weights* are differentiable functions of all E router logits.
+
+    w_j = p_j / S (S = Σ_selected p) when renormalising, so dp_j = (dw_j − Σ_i dw_i·w_i) / S on the selected
+    experts and 0 elsewhere; then softmax_backward spreads that over every logit (the unchosen ones too, because
+    their logits appear in the softmax's denominator).
+    """
+    probs = softmax(router_logits)
+    chosen = np.take_along_axis(probs, experts, axis=-1)  # [N, k]
+    if norm_topk_prob:
+        total = chosen.sum(axis=-1, keepdims=True)
+        weights = chosen / total
+        dchosen = (dweights - np.sum(dweights * weights, axis=-1, keepdims=True)) / total
+    else:
+        dchosen = dweights
+    dprobs = np.zeros_like(probs)
+    np.put_along_axis(dprobs, experts, dchosen, axis=-1)
+    return softmax_backward(dprobs, probs)
+
+
+def moe_block_backward(
+    dout: np.ndarray,  # [N, d] dL/d output
+    x: np.ndarray,  # [N, d] the block's input
+    w_router: np.ndarray,  # [E, d]
+    w_gate: np.ndarray,  # [E, f, d]
+    w_up: np.ndarray,  # [E, f, d]
+    w_down: np.ndarray,  # [E, d, f]
+    top_k: int,
+    norm_topk_prob: bool,
+    drouter_logits: np.ndarray | None = None,  # [N, E] extra gradient on the router logits (the aux loss's)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    # -> dx [N, d], dw_router [E, d], dw_gate [E, f, d], dw_up [E, f, d], dw_down [E, d, f]
+    """Gradients of `moe_block`, exactly as autograd sees it: each expert's weights get gradient only from the
+    tokens routed to it (an unchosen expert gets exactly zero), and the router learns through the *weights* of
+    the chosen experts — dL/dw_j = dout · expert_j(x) — and through the aux loss when `drouter_logits` is given.
+    """
+    router_logits = linear(x, w_router)
+    weights, experts = route(router_logits, top_k, norm_topk_prob)
+    weights = weights.astype(x.dtype, copy=False)
+    dx = np.zeros_like(x)
+    dweights = np.zeros(weights.shape, dtype=x.dtype)
+    dw_gate, dw_up, dw_down = np.zeros_like(w_gate), np.zeros_like(w_up), np.zeros_like(w_down)
+    for e in np.unique(experts):
+        token, slot = np.nonzero(experts == e)
+        xe = x[token]
+        y = swiglu(xe, w_gate[e], w_up[e], w_down[e])  # [n_e, d] the expert's output before weighting
+        dweights[token, slot] = np.sum(dout[token] * y, axis=-1)
+        dxe, dw_gate[e], dw_up[e], dw_down[e] = swiglu_backward(
+            dout[token] * weights[token, slot, None], xe, w_gate[e], w_up[e], w_down[e]
+        )
+        np.add.at(dx, token, dxe)
+    dlogits = route_backward(dweights, router_logits, experts, norm_topk_prob).astype(x.dtype, copy=False)
+    if drouter_logits is not None:
+        dlogits = dlogits + drouter_logits
+    dx_router, dw_router = linear_backward(dlogits, x, w_router)
+    return dx + dx_router, dw_router, dw_gate, dw_up, dw_down
+
+
+def load_balancing_loss_backward(
+    router_logits: list[np.ndarray], num_experts: int, top_k: int
+) -> list[np.ndarray]:
+    """d(load_balancing_loss)/d(router logits), one [tokens, E] array per MoE layer (same order and shapes).
+
+    aux = E · Σ_e f_e · P_e. The counts f_e come from a top-k *choice* and carry no gradient (as in transformers),
+    so only P_e = mean over all N pooled rows of softmax(logits)[:, e] is differentiated:
+    d aux / d probs[n, e] = E · f_e / N. An expert that already gets many tokens has its probability pushed down
+    hardest — that is how the loss balances.
+
+    >>> g = load_balancing_loss_backward([np.zeros((2, 2))], num_experts=2, top_k=1)[0]  # ties: both pick 0
+    >>> g.tolist()
+    [[0.25, -0.25], [0.25, -0.25]]
+    """
+    if len(router_logits) == 0:
+        return []
+    flat = [np.asarray(r).reshape(-1, num_experts) for r in router_logits]
+    logits = np.concatenate(flat)
+    probs = softmax(logits)
+    _, experts = route(logits, top_k, norm_topk_prob=False)
+    n = logits.shape[0]
+    f = np.bincount(experts.ravel(), minlength=num_experts) / n  # [E] no gradient
+    dlogits = softmax_backward(np.broadcast_to(num_experts * f / n, probs.shape), probs).astype(logits.dtype)
+    return np.split(dlogits, np.cumsum([a.shape[0] for a in flat])[:-1])

@@ -116,3 +116,19 @@ def rotate_half(x: np.ndarray) -> np.ndarray:  # [..., d] -> [..., d]
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     # [B, heads, T, d], [B, T, d], [B, T, d] -> [B, heads, T, d]; the same angles for every head
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def apply_rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    # [B, heads, T, d], [B, T, d] x2 -> dx [B, heads, T, d]
+    """dL/dx of `apply_rope`: the rotation's transpose, i.e. the rotation by the opposite angle.
+
+    y = x·cos + R(x)·sin with R = rotate_half, a fixed linear map with Rᵀ = −R (a quarter turn of each pair).
+    So dx = dy·cos + Rᵀ(dy·sin) = dy·cos − rotate_half(dy·sin). No parameters: RoPE has nothing to learn.
+
+    >>> import numpy as np
+    >>> c, s = np.cos(np.full((1, 1, 2), 0.3)), np.sin(np.full((1, 1, 2), 0.3))
+    >>> x = np.array([[[[1.0, 2.0]]]]); bool(np.allclose(apply_rope_backward(apply_rope(x, c, s), c, s), x))
+    True
+    """
+    dy_sin = dy * sin[:, None]
+    return dy * cos[:, None] - rotate_half(dy_sin)

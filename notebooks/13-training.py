@@ -1,0 +1,538 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Chapter 13 · Training a tiny Qwen3-MoE
+#
+# Everything so far ran the model *forward*: weights in, logits out. In [chapter 7](07-mixture-of-experts.ipynb)
+# we computed the load-balancing loss, but a loss only does something when it is *trained against*: its gradient
+# has to reach the router's weights and move them. This chapter writes the **backward pass** of every Qwen3
+# component in plain NumPy — no autograd — checks each one against finite differences and against torch's
+# autograd, and then trains a tiny Qwen3-MoE on this machine's CPU. We then watch what the aux loss is for: the
+# experts' load with the coefficient 0, Qwen3's 0.001, and a large 0.1.
+#
+# **What you will build**
+#
+# 1. `softmax_backward` and `rms_norm_backward` — the two non-obvious derivatives, derived here by hand;
+# 2. `cross_entropy_backward` — where every backward pass starts;
+# 3. `route_backward` — back through softmax → top-k → renormalise (the *choice* has no gradient);
+# 4. `adamw_step` — the optimizer, with decoupled weight decay and bias correction.
+
+# %%
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+ROOT = Path.cwd().resolve()
+while not (ROOT / "pyproject.toml").is_file() and ROOT != ROOT.parent:  # find the repository root
+    ROOT = ROOT.parent
+sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen
+FIXTURES = ROOT / "tests" / "fixtures"
+DATA = ROOT / "notebooks" / "data"
+REF = np.load(ROOT / "exercises" / "references" / "ch13_training.npz")  # made by torch autograd
+
+import tinyqwen  # noqa: E402
+from tinyqwen import attention, grad, moe, norm, train  # noqa: E402
+
+# %% [markdown]
+# `REF` holds what torch's autograd computes on seeded inputs (generator: `exercises/references/make_ch13_training.py`,
+# which never imports tinyqwen), including the gradients of transformers' own Qwen3-MoE on the `moe-norm-topk`
+# fixture.
+#
+# ## 1. The chain rule through one block
+#
+# Training means: compute a loss $L$ (here the mean next-token cross-entropy), then for every weight $W$ the
+# gradient $\partial L / \partial W$, and step against it. The model is a chain of functions, so the gradient is a
+# chain of products — the **chain rule**, applied from the loss backwards. For a layer $y = f(x, W)$ we receive
+# $\bar y = \partial L/\partial y$ from above and must return two things: $\bar x = \partial L/\partial x$ (passed
+# further down) and $\bar W = \partial L/\partial W$ (kept for the optimizer).
+#
+# One Qwen3 decoder block, forward in black and backward in red:
+
+
+# %%
+def draw_block():
+    stages = ["x", "RMSNorm", "attention", "+", "RMSNorm", "MoE /\nSwiGLU", "+", "out"]
+    fig, ax = plt.subplots(figsize=(11, 2.8))
+    for i, s in enumerate(stages):
+        ax.text(i, 0, s, ha="center", va="center", fontsize=9,
+                bbox=dict(boxstyle="round", fc="#eef" if s not in "x+out" else "white"))  # fmt: skip
+        if i:
+            ax.annotate("", (i - 0.38, 0.12), (i - 0.62, 0.12), arrowprops=dict(arrowstyle="->"))
+            ax.annotate(
+                "", (i - 0.62, -0.12), (i - 0.38, -0.12), arrowprops=dict(arrowstyle="->", color="red")
+            )
+    for a, b in ((0, 3), (3, 6)):  # residual connections: the gradient arrives unchanged at the block's input
+        ax.annotate(
+            "", (b, 0.25), (a, 0.25), arrowprops=dict(arrowstyle="->", connectionstyle="arc3,rad=-0.35")
+        )
+        ax.annotate("", (a, -0.25), (b, -0.25),
+                    arrowprops=dict(arrowstyle="->", color="red", connectionstyle="arc3,rad=-0.35"))  # fmt: skip
+    ax.set_xlim(-0.5, 7.5), ax.set_ylim(-1, 1), ax.axis("off")
+    ax.set_title(
+        "one decoder block: forward (black) and backward (red); residuals copy the gradient past each half"
+    )
+    plt.show()
+
+
+draw_block()
+
+# %% [markdown]
+# Each box needs a backward function. Most are short: a linear layer $y = xW^\top$ gives $\bar x = \bar y W$
+# and $\bar W = \bar y^\top x$; a residual $y = x + f(x)$ gives $\bar x = \bar y + \overline{f}(\bar y)$; RoPE is a
+# rotation, so its backward is the rotation by the opposite angle. Two need a derivation: softmax (inside attention
+# and the router) and RMSNorm. tinyqwen keeps each backward next to its forward: `rms_norm_backward` in
+# `tinyqwen/norm.py`, `apply_rope_backward` in `rope.py`, `attention_backward` and `softmax_backward` in
+# `attention.py`, `swiglu_backward` in `mlp.py`, `moe_block_backward` in `moe.py`; `tinyqwen/grad.py` chains them.
+#
+# ## 2. Softmax backward
+#
+# $y_i = e^{x_i} / \sum_j e^{x_j}$. Differentiating: $\partial y_i / \partial x_j = y_i(\delta_{ij} - y_j)$ — the
+# Jacobian is $\mathrm{diag}(y) - y y^\top$. Every input moves every output, because they share the denominator.
+# Multiplying by the incoming gradient never needs the $n \times n$ matrix:
+#
+# $$\bar x_j = \sum_i \bar y_i\, y_i(\delta_{ij} - y_j) = y_j\Big(\bar y_j - \sum_i \bar y_i y_i\Big).$$
+#
+# A loop version first, straight from the Jacobian:
+
+
+# %%
+def softmax_backward_loop(dy, y):  # [n], [n] -> [n]
+    n = len(y)
+    jac = [[y[i] * ((i == j) - y[j]) for j in range(n)] for i in range(n)]
+    return np.array([sum(dy[i] * jac[i][j] for i in range(n)) for j in range(n)])
+
+
+x, dy = REF["softmax.x"], REF["softmax.dy"]
+y = attention.softmax(x)
+print(softmax_backward_loop(dy[0], y[0]).round(4))
+
+# %% [markdown]
+# The vectorised version is one line (`keepdims` keeps the sum a column, so it broadcasts over the row):
+
+
+# %%
+def softmax_backward(dy, y):  # [..., n], [..., n] -> [..., n]
+    return y * (dy - np.sum(dy * y, axis=-1, keepdims=True))
+
+
+print(np.abs(softmax_backward(dy, y) - REF["softmax.dx"]).max(), "= max |Δ| against torch autograd")
+
+# %% [markdown]
+# A property worth knowing: the gradient sums to zero along the softmax axis (adding a constant to every input
+# changes nothing, so no gradient can point that way):
+
+# %%
+print(softmax_backward(dy, y).sum(axis=-1).round(12))
+
+# %% [markdown]
+# ## 3. RMSNorm backward
+#
+# $y = \hat x \odot w$ with $\hat x = x\,r$ and $r = (\tfrac1d\sum_k x_k^2 + \epsilon)^{-1/2}$. Write
+# $g = \bar y \odot w$ (back through the weight). Then $\bar x_j = \sum_i g_i\,\partial \hat x_i/\partial x_j$ and
+# $\partial \hat x_i / \partial x_j = r\,\delta_{ij} + x_i\,\partial r/\partial x_j$ with
+# $\partial r/\partial x_j = -r^3 x_j / d$. Together:
+#
+# $$\bar x = r\Big(g - \hat x \cdot \tfrac1d\textstyle\sum_i g_i \hat x_i\Big), \qquad \bar w = \sum_{\text{tokens}} \bar y \odot \hat x.$$
+#
+# Compare LayerNorm's backward, which also subtracts $\mathrm{mean}(g)$: RMSNorm never subtracted the mean in its
+# forward ([chapter 3](03-embeddings-rmsnorm.ipynb)), so its backward has no such term.
+
+
+# %%
+def rms_norm_backward(dy, x, w, eps):  # [..., d], [..., d], [d] -> [..., d], [d]
+    r = 1 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+    x_hat, g = x * r, dy * w
+    dx = r * (g - x_hat * np.mean(g * x_hat, axis=-1, keepdims=True))
+    return dx, (dy * x_hat).reshape(-1, x.shape[-1]).sum(axis=0)
+
+
+dx, dw = rms_norm_backward(REF["rms.dy"], REF["rms.x"], REF["rms.weight"], 1e-6)
+print(dx.shape, dw.shape, np.abs(dx - REF["rms.dx"]).max(), np.abs(dw - REF["rms.dweight"]).max())
+
+# %% [markdown]
+# QK-Norm is the same function over `head_dim`, so the same backward serves it.
+#
+# **Checking a backward without torch: finite differences.** For any scalar $L(x)$,
+# $\partial L/\partial x_i \approx (L(x + h e_i) - L(x - h e_i))/2h$ with an error of order $h^2$. In float64 with
+# $h = 10^{-6}$ that is accurate to about $10^{-9}$: a wrong term shows up as an error of $10^{-2}$ or more.
+
+
+# %%
+def numeric_grad(f, x, h=1e-6):
+    out = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        old = x[i]
+        x[i] = old + h
+        plus = f()
+        x[i] = old - h
+        out[i] = (plus - f()) / (2 * h)
+        x[i] = old
+    return out
+
+
+xs, ws, dys = REF["rms.x"].copy(), REF["rms.weight"], REF["rms.dy"]
+num = numeric_grad(lambda: np.sum(dys * norm.rms_norm(xs, ws, 1e-6)), xs)
+print(f"RMSNorm dx: max |analytic − finite difference| = {np.abs(dx - num).max():.1e}")
+
+# %% [markdown]
+# ## 4. Cross-entropy backward
+#
+# The loss is the mean over counted positions of $-\log \mathrm{softmax}(z)_{t}$ (position $t$ predicts the next
+# token; the last position has no target, marked `-100` as in transformers). Its gradient is the famous
+# $\mathrm{softmax}(z) - \mathrm{onehot}(t)$, divided by the number of counted rows; ignored rows get zero.
+
+
+# %%
+def cross_entropy_backward(logits, targets):  # [N, V], [N] -> [N, V]
+    keep = targets != -100
+    d = attention.softmax(logits)
+    d[np.arange(len(targets)), np.where(keep, targets, 0)] -= 1
+    return d * keep[:, None] / keep.sum()
+
+
+print(np.abs(cross_entropy_backward(REF["ce.logits"], REF["ce.targets"]) - REF["ce.dlogits"]).max())
+
+# %% [markdown]
+# ## 5. Top-k routing is straight-through
+#
+# The router computes $p = \mathrm{softmax}(\text{logits})$, *chooses* the top $k$, and weights the chosen experts
+# by $w_j = p_j / \sum_{\text{chosen}} p$. The choice is a step function — nudging a logit either changes nothing
+# or swaps an expert — so it has no useful gradient, and autograd (torch's and ours) treats it as a constant.
+# The gradient passes *straight through* the selection to the weights of the chosen experts:
+# $\partial L/\partial w_j = \bar y \cdot \mathrm{expert}_j(x)$. Then it flows back through the renormalisation,
+# $\bar p_j = (\bar w_j - \sum_i \bar w_i w_i)/S$, and through the softmax — which reaches **every** logit, the
+# unchosen ones too, because all of them sit in the denominator. An unchosen expert's *weights*, though, get
+# exactly zero gradient from that token.
+
+# %%
+logits1 = REF["route.norm.logits"][:1]
+w1, chosen1 = moe.route(logits1, 2, True)
+dlog = moe.route_backward(np.array([[1.0, -0.5]]), logits1, chosen1, True)
+fig, axes = plt.subplots(1, 2, figsize=(10, 2.8))
+colors = ["tab:orange" if e in chosen1[0] else "tab:gray" for e in range(6)]
+axes[0].bar(range(6), attention.softmax(logits1)[0], color=colors)
+axes[0].set(title="router probabilities (orange: top-2 chosen)", xlabel="expert", ylabel="p")
+axes[1].bar(range(6), dlog[0], color=colors)
+axes[1].set(title="dL/dlogit: every logit gets a gradient", xlabel="expert", ylabel="gradient")
+plt.show()
+
+# %% [markdown]
+# The same against torch's autograd of transformers' router, with and without renormalisation:
+
+# %%
+for case in ("norm", "plain"):
+    p = f"route.{case}."
+    got = moe.route_backward(
+        REF[p + "dweights"], REF[p + "logits"], REF[p + "experts"], bool(REF[p + "norm"])
+    )
+    print(case, f"max |Δ| = {np.abs(got - REF[p + 'dlogits']).max():.1e}")
+
+# %% [markdown]
+# The load-balancing loss $E\sum_e f_e P_e$ of chapter 7 is straight-through in the same way: the counts $f_e$
+# come from the top-k choice and carry no gradient; only the mean probabilities $P_e$ do, with
+# $\partial\,\text{aux}/\partial p_{n,e} = E f_e / N$. An expert that already gets many tokens has its probability
+# pushed down hardest. (`moe.load_balancing_loss_backward`.)
+#
+# ## 6. The whole model, checked against finite differences
+#
+# `grad.loss_and_grads` runs the forward pass keeping each layer's activations, then walks back through the layers
+# calling the backward functions above. We check it on the `moe-sparse-step` fixture (dense and MoE layers,
+# tied embeddings) in float64, with the aux coefficient raised to 0.5 so that its gradient matters, on a sample of
+# entries of every parameter:
+
+# %%
+m = tinyqwen.load_model(FIXTURES / "moe-sparse-step")
+w64 = grad.copy_weights(m.weights, np.float64)
+ids = np.random.default_rng(0).integers(0, 512, size=(2, 6))
+res = grad.loss_and_grads(m.config, w64, ids, aux_coef=0.5)
+params, grads = grad.named_parameters(w64), grad.named_parameters(res.grads)
+print(f"loss {res.loss:.4f} = CE {res.ce:.4f} + 0.5 × aux {res.aux:.4f}; {len(params)} parameter tensors")
+
+# %%
+pick, analytic, numeric = np.random.default_rng(1), [], []
+for name, a in params.items():
+    i = tuple(int(pick.integers(0, s)) for s in a.shape)
+    if name.startswith("model.embed"):
+        i = (int(ids[0, 0]), i[1])  # a row that is used
+    f = lambda: grad.loss_and_grads(m.config, w64, ids, aux_coef=0.5, forward_only=True).loss  # noqa: E731
+    old = a[i]
+    a[i] = old + 1e-6
+    plus = f()
+    a[i] = old - 1e-6
+    numeric.append((plus - f()) / 2e-6)
+    a[i] = old
+    analytic.append(grads[name][i])
+analytic, numeric = np.array(analytic), np.array(numeric)
+print(f"{len(analytic)} entries, max |analytic − numeric| = {np.abs(analytic - numeric).max():.1e}")
+
+# %%
+plt.figure(figsize=(4.5, 4))
+plt.scatter(numeric, analytic, s=12)
+plt.axline((0, 0), slope=1, color="gray", lw=0.8)
+plt.xscale("symlog", linthresh=1e-4), plt.yscale("symlog", linthresh=1e-4)
+plt.title("whole model: backward vs finite differences")
+plt.xlabel("finite difference"), plt.ylabel("analytic (grad.py)")
+plt.show()
+
+# %% [markdown]
+# `tests/test_backward.py` does this for every component and three fixtures; `tests/test_crosscheck_training.py`
+# compares every parameter's gradient with torch autograd through transformers on all five fixtures (worst:
+# 3.2e-6 of the tensor's largest gradient).
+#
+# ## 7. AdamW and the schedule
+#
+# Plain gradient descent takes the same step size for every weight. **Adam** keeps two running averages per weight
+# — the gradient $m$ and its square $v$ — and steps by $m/\sqrt v$: about the learning rate in the direction the
+# gradient consistently points, whatever its scale. Both averages start at 0, so early on they are too small;
+# dividing by $1-\beta^t$ (bias correction) undoes that. **AdamW** applies weight decay *to the weight*,
+# $p \leftarrow p(1 - \eta\lambda)$, instead of adding $\lambda p$ to the gradient, where Adam's division by
+# $\sqrt v$ would weaken the decay of exactly the weights with large gradients. (tinyqwen decays matrices only, not
+# RMSNorm weights.)
+
+
+# %%
+def adamw_step(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
+    p = p * (1 - lr * weight_decay)
+    m = beta1 * m + (1 - beta1) * g
+    v = beta2 * v + (1 - beta2) * g * g
+    return p - lr * (m / (1 - beta1**step)) / (np.sqrt(v / (1 - beta2**step)) + eps), m, v
+
+
+a = {k.removeprefix("adamw."): REF[k] for k in REF if k.startswith("adamw.")}
+new = adamw_step(a["p"], a["g"], a["m"], a["v"], 3, 0.01, 0.9, 0.95, 1e-8, 0.1)
+print(f"max |Δ| against torch.optim.AdamW: {np.abs(new[0] - a['p_new']).max():.1e}")
+
+# %% [markdown]
+# The learning rate warms up linearly (Adam's $v$ is still a poor estimate in the first steps, so big steps would
+# be noisy), then decays along a cosine to a floor:
+
+# %%
+cfg = train.TrainConfig(lr=3e-3, min_lr=3e-4, warmup=20, steps=800)
+plt.figure(figsize=(6, 2.5))
+plt.plot([train.learning_rate(s, cfg) for s in range(1, 801)])
+plt.title("warm-up + cosine (the stored runs' schedule)"), plt.xlabel("step"), plt.ylabel("learning rate")
+plt.show()
+
+# %% [markdown]
+# Two more pieces of the trainer (`tinyqwen/train.py`): **gradient clipping** scales all gradients together when
+# their global norm exceeds 1.0 (one bad batch cannot throw the weights far), and **gradient accumulation** adds
+# the gradients of several micro-batches, each scaled by 1/n, before one optimizer step — the same step as one
+# n-times-bigger batch, in the memory of a small one.
+#
+# ## 8. A short training run
+#
+# The data: a synthetic mixture of four small "languages" — arithmetic (`417 + 88 = 505`), list tasks
+# (`sort: pear fig -> fig pear`), sentences from a tiny grammar, and Python-like snippets — generated from a seed,
+# so it is identical on every machine, offline, and free of licence questions (`tinyqwen/corpus.py`). Different
+# experts can specialise in different languages. It is tokenised by a 512-token byte-level BPE trained on it with
+# Qwen3's pre-tokenizer and byte alphabet ([chapter 1](01-tokenization.ipynb)), saved as the same three files a
+# Qwen3 checkpoint ships. (Qwen3's own 151,669-token vocabulary would make the output layer ~300× the cost of the
+# rest of so small a model.)
+
+# %%
+from tinyqwen.corpus import synthetic_documents  # noqa: E402
+
+for task, text in synthetic_documents(4, seed=5):
+    print(f"{task:8s} {text!r}")
+
+# %% [markdown]
+# A 2-layer, 4-expert model for 150 steps of 8 × 32 tokens — well under a minute:
+
+# %%
+short = train.TrainConfig(
+    out_dir=str(ROOT / "runs" / "notebook-13"), docs=4000, seq_len=32, batch_size=8, steps=150, warmup=10,
+    lr=5e-3, min_lr=5e-4, eval_every=25, eval_batches=2, progress=False,
+    model={"hidden_size": 64, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 64},
+)  # fmt: skip
+t0 = time.perf_counter()
+summary = train.train(short)
+print(f"{summary['tokens_seen']:,} tokens in {time.perf_counter() - t0:.1f} s: validation loss "
+      f"{summary['val_loss']:.2f} (unigram baseline {summary['unigram_val_loss']:.2f})")  # fmt: skip
+
+# %%
+log = [json.loads(line) for line in (Path(short.out_dir) / "log.jsonl").read_text().splitlines()]
+steps = [e for e in log if e["kind"] == "step"]
+plt.figure(figsize=(6, 2.8))
+plt.plot([e["step"] for e in steps], [e["ce"] for e in steps], label="train CE")
+plt.axhline(log[0]["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
+plt.title("the short run"), plt.xlabel("step"), plt.ylabel("loss (nats/token)"), plt.legend()
+plt.show()
+
+# %% [markdown]
+# The checkpoint is a Hugging Face folder (config.json, model.safetensors with one tensor per expert, tokenizer
+# files), so the command line reads it like any Qwen3. Greedy samples through `tinyqwen generate` (after 150
+# steps the model has learned the shapes of the four languages, not yet much of their content):
+
+# %%
+ckpt = summary["checkpoint"]
+for prompt in ["417 + 88 =", "sort: pear fig ->", "the small"]:
+    out = subprocess.run(
+        [sys.executable, "-m", "tinyqwen.cli", "generate", "--model", ckpt, "--raw", "--temperature", "0",
+         "--max-new-tokens", "16", prompt],
+        capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, check=True,
+    ).stdout  # fmt: skip
+    print(repr(prompt), "→", repr(out.strip()))
+
+# %% [markdown]
+# ## 9. The stored longer run
+#
+# The same trainer, run three times on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of
+# width 64, top-2, renormalised: 0.84 M parameters) for 800 steps of 16 × 64 tokens (819 k tokens each), with the
+# aux coefficient 0, 0.001 and 0.1. One command reproduces all three — about 2 CPU-minutes per run; the stored
+# ones took 33 minutes of wall time on a busy, shared 2-core machine where they ran at low priority:
+#
+# ```bash
+# python training/reproduce.py      # = tinyqwen train --config training/tiny-moe-aux<coef>.json, three times
+# ```
+#
+# Its logs are stored in `notebooks/data/`:
+
+# %%
+COEFS = ("0", "0.001", "0.1")
+runs = {
+    c: [json.loads(x) for x in (DATA / f"train-tiny-moe-aux{c}.jsonl").read_text().splitlines()]
+    for c in COEFS
+}
+stored = json.loads((DATA / "train-summary.json").read_text())
+for c in COEFS:
+    s = stored["runs"][c]
+    print(f"coef {c:5s}: {s['tokens_seen']:,} tokens in {s['train_wall_s']:.0f} s, val loss {s['val_loss']:.3f} "
+          f"(unigram {s['unigram_val_loss']:.3f}), peak RSS {s['peak_rss_mib']:.0f} MiB")  # fmt: skip
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
+for c in COEFS:
+    st = [e for e in runs[c] if e["kind"] == "step"]
+    axes[0].plot([e["tokens"] / 1e3 for e in st], [e["ce"] for e in st], label=f"coef {c}", lw=0.8)
+    ev = [e for e in st if "val_loss" in e]
+    axes[1].plot([e["tokens"] / 1e3 for e in ev], [e["val_loss"] for e in ev], "o-", label=f"coef {c}", ms=3)
+for ax, t in zip(axes, ("training cross-entropy", "validation cross-entropy"), strict=True):
+    ax.axhline(runs["0"][0]["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
+    ax.set(title=t, xlabel="tokens seen (thousands)", ylabel="nats/token")
+    ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## 10. Expert load: coefficient 0 vs 0.001 vs 0.1
+#
+# Every log line holds, per MoE layer, the share of the (token, slot) routing pairs each expert received over the
+# last 5 steps; uniform is $1/8$. Below, each row is one expert of one layer (4 layers × 8 experts), each column a
+# logged step, the colour the share as a multiple of uniform (white = uniform, red = overloaded, blue = starved).
+
+# %%
+fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
+for ax, c in zip(axes, COEFS, strict=True):
+    st = [e for e in runs[c] if e["kind"] == "step"]
+    load = np.array([e["expert_load"] for e in st]) * 8  # [logged steps, layers, experts], 1 = uniform
+    im = ax.imshow(load.reshape(len(st), -1).T, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2,
+                   extent=(st[0]["step"], st[-1]["step"], 31.5, -0.5), interpolation="nearest")  # fmt: skip
+    for b in (7.5, 15.5, 23.5):
+        ax.axhline(b, color="k", lw=0.5)
+    ax.set(title=f"aux coefficient {c}", xlabel="step")
+axes[0].set_ylabel("layer × expert (8 rows per layer)")
+fig.colorbar(im, ax=axes, label="share × uniform")
+plt.show()
+
+# %% [markdown]
+# The numbers behind the picture, averaged over the last 100 steps (from `train-summary.json`): the smallest and
+# largest expert share as a multiple of uniform, how many of the 32 experts get under a quarter of their fair
+# share, and the coefficient of variation of the load across experts (0 = perfectly even).
+
+# %%
+for c in COEFS:
+    f = stored["runs"][c]["expert_load"]
+    print(f"coef {c:5s}: share × uniform in [{f['min_x_uniform']:.2f}, {f['max_x_uniform']:.2f}], "
+          f"{f['experts_below_0.25x']:2d} experts below 0.25×, coefficient of variation {f['coefficient_of_variation']:.2f}")  # fmt: skip
+
+# %% [markdown]
+# What to read from it — and this is a measured result, not the textbook picture. In this tiny model and this
+# short run the load is uneven with *every* coefficient: a few experts per layer take twice their share, a few get
+# under a quarter of it, from the first hundred steps on; the patterns are set early, when the router's logits are
+# still tiny and the top-k choice hinges on small differences. At Qwen3's 0.001 the picture is indistinguishable
+# from no aux loss at all (the same spread, the same number of starved experts), and even 100× more (0.1) only
+# narrows it a little within 800 steps. Why so weak? Look at the gradient of section 5: per token,
+# $\partial\,\text{aux}/\partial\,\text{logit}_{n,e} \approx (f_e - k/E)/N$ while the router probabilities are
+# nearly flat, times the coefficient. Summed over a batch it can only move each expert's logit along the *mean*
+# hidden state — a bias-like direction — against the cross-entropy's gradient, which is token-specific and, here,
+# much larger. Qwen3 trains on trillions of tokens with batches of millions, where a small force that always
+# points the same way has time to win; 800 steps of 1,024 tokens do not give it that time.
+#
+# Note also what the aux loss *value* shows: it stays near its floor $k = 2$ in all three runs (see the training
+# log), because with nearly flat router probabilities $E\sum_e f_e P_e \approx \sum_e f_e = k$ whatever the load.
+# The load itself, not the loss value, is the thing to watch.
+#
+# ## 11. Samples through tinyqwen generate
+#
+# Greedy continuations of the coefficient-0.001 run's checkpoint, stored by `training/reproduce.py` (it calls
+# `tinyqwen generate --raw --temperature 0`):
+
+# %%
+for s in stored["samples_aux0.001"]:
+    print(repr(s["prompt"]), "→", repr(s["output"].strip()))
+
+# %% [markdown]
+# ## 12. Checkpoint: our gradients against torch autograd
+#
+# The last check: the whole Qwen3-MoE fixture `moe-norm-topk` (loss = cross-entropy + 0.001 × aux), our gradients
+# against those of transformers' `Qwen3MoeForCausalLM` in train mode, computed by torch's autograd and stored in
+# `REF`. Bound per tensor: $10^{-4}$ of its largest gradient (both sides float32).
+
+# %%
+mm = tinyqwen.load_model(FIXTURES / "moe-norm-topk")
+r = grad.loss_and_grads(mm.config, grad.copy_weights(mm.weights), REF["model.ids"])
+ours = grad.named_parameters(r.grads)
+worst = max(
+    np.abs(ours[k[11:]] - REF[k]).max() / np.abs(REF[k]).max() for k in REF if k.startswith("model.grad.")
+)
+assert abs(r.loss - float(REF["model.loss"])) <= 1e-5 and worst <= 1e-4, (r.loss, worst)
+print(f"loss {r.loss:.6f} (|Δ| = {abs(r.loss - float(REF['model.loss'])):.1e}); gradients of "
+      f"{sum(k.startswith('model.grad.') for k in REF)} tensors: worst |Δ| = {worst:.1e} of the tensor's "
+      f"largest gradient ≤ 1e-4 against transformers + torch autograd")  # fmt: skip
+
+# %% [markdown]
+# ## Summary
+#
+# - A backward function receives $\partial L/\partial y$ and returns $\partial L/\partial x$ and the weights'
+#   gradients; the chain rule strings them together in reverse, residuals copy the gradient past each half-block.
+# - Softmax: $\bar x = y \odot (\bar y - \sum \bar y y)$. RMSNorm: $\bar x = r(g - \hat x\,\mathrm{mean}(g\hat x))$,
+#   no mean term. Cross-entropy: $\mathrm{softmax} - \mathrm{onehot}$, over the counted rows.
+# - Top-k routing is straight-through: the choice is a constant, the chosen weights carry the gradient back to every
+#   router logit; unchosen experts' weights get none from that token.
+# - Finite differences in float64 check any backward to ~1e-9; torch autograd checks the whole model.
+# - AdamW = Adam + decay on the weight itself; warm-up, cosine, clipping and accumulation complete the trainer.
+# - The load-balancing loss acts through the router's gradient; its strength relative to the cross-entropy decides
+#   how quickly the load evens out. At Qwen3's 0.001 it changes nothing measurable in a run this small — watch the
+#   load, not the loss value, which sits at its floor while the load is uneven.
+#
+# ## Exercises
+#
+# Fill in `exercises/ch13_training.py` (`softmax_backward`, `rms_norm_backward`, `cross_entropy_backward`,
+# `route_backward`, `adamw_step`) and run
+#
+# ```bash
+# pytest exercises/test_ch13_training.py
+# ```
+#
+# The last checkpoint runs the whole Qwen3-MoE backward with *your* functions inside and compares every graded
+# gradient with torch's autograd.

@@ -1,0 +1,134 @@
+"""The trainer: AdamW, schedule, clipping, accumulation, checkpoints (HF layout, resume), corpus, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tinyqwen
+from tinyqwen import corpus, grad, train
+from tinyqwen.cli import main
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+TINY = {
+    "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+    "vocab_size": 300, "max_position_embeddings": 64,
+}  # fmt: skip
+
+
+def tiny_config(tmp_path, **kw) -> train.TrainConfig:
+    settings = dict(out_dir=str(tmp_path / "run"), model=TINY, docs=600, seq_len=16, batch_size=4, steps=6,
+                    warmup=2, eval_every=3, eval_batches=1, progress=False)  # fmt: skip
+    return train.TrainConfig.from_dict(settings | kw)
+
+
+def test_adamw_one_step_by_hand():
+    # step 1: m = (1-b1) g, v = (1-b2) g², bias-corrected m̂ = g, v̂ = g², so the step is lr · g/(|g| + eps) = lr·sign
+    # (g); decoupled decay first multiplies the matrix by (1 - lr·wd); the 1-D weight is not decayed
+    p = {"w": np.array([[1.0, -2.0]], np.float32), "n": np.array([1.0], np.float32)}
+    g = {"w": np.array([[0.5, -3.0]], np.float32), "n": np.array([2.0], np.float32)}
+    opt = train.AdamW(betas=(0.9, 0.99), eps=0.0, weight_decay=0.5)
+    opt.update(p, g, lr=0.1)
+    np.testing.assert_allclose(p["w"], [[1.0 * 0.95 - 0.1, -2.0 * 0.95 + 0.1]], rtol=1e-6)
+    np.testing.assert_allclose(p["n"], [0.9], rtol=1e-6)
+    # step 2 with the same gradient: m̂ and v̂ are again g and g² (the bias corrections undo the zero start)
+    opt.update(p, g, lr=0.1)
+    np.testing.assert_allclose(p["n"], [0.8], rtol=1e-6)
+
+
+def test_schedule_and_clipping():
+    c = train.TrainConfig(lr=1.0, min_lr=0.1, warmup=4, steps=14)
+    assert train.learning_rate(2, c) == pytest.approx(0.5)
+    assert train.learning_rate(4, c) == pytest.approx(1.0)
+    assert train.learning_rate(9, c) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert train.learning_rate(14, c) == pytest.approx(0.1)
+    g = {"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)}
+    assert train.clip_gradients(g, 1.0) == pytest.approx(5.0)
+    assert train.global_norm(g) == pytest.approx(1.0, rel=1e-6)
+    g = {"a": np.array([0.3], np.float32)}
+    assert train.clip_gradients(g, 1.0) == pytest.approx(0.3, rel=1e-6) and g["a"][0] == np.float32(0.3)
+
+
+def test_gradient_accumulation_equals_the_big_batch():
+    # two half batches with grad_scale 1/2 add up to the gradient of the whole batch (equal target counts per
+    # row; dense model, so no aux loss, which pools its statistics over the batch it sees)
+    m = tinyqwen.load_model(FIXTURES / "dense-tied")
+    w = grad.copy_weights(m.weights, np.float64)
+    ids = np.random.default_rng(0).integers(0, 512, size=(4, 8))
+    whole = grad.named_parameters(grad.loss_and_grads(m.config, w, ids).grads)
+    acc = grad.loss_and_grads(m.config, w, ids[:2], grad_scale=0.5).grads
+    acc = grad.loss_and_grads(m.config, w, ids[2:], grads=acc, grad_scale=0.5).grads
+    for name, a in grad.named_parameters(acc).items():
+        np.testing.assert_allclose(a, whole[name], rtol=1e-10, atol=1e-13, err_msg=name)
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, steps=30, lr=1e-2, eval_every=10)
+    threads = train.limit_blas_threads(3)  # training runs BLAS on 1 thread, then restores what it found
+    summary = train.train(cfg)
+    if threads is not None:
+        assert train.limit_blas_threads(threads) == 3
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if e["kind"] == "step"]
+    assert steps[-1]["ce"] < steps[0]["ce"] - 1.0  # from ~ln(300) = 5.7 down
+    assert len(steps[0]["expert_load"]) == 2 and sum(steps[0]["expert_load"][0]) == pytest.approx(1, abs=1e-3)
+    ckpt = Path(summary["checkpoint"])
+    model = tinyqwen.load_model(ckpt)  # the official layout: one tensor per expert, config.json
+    assert model.config.is_moe and model.config.num_experts == 4
+    names = set(tinyqwen.safetensors.load_file(ckpt / "model.safetensors"))
+    assert "model.layers.1.mlp.experts.3.down_proj.weight" in names
+    tok = tinyqwen.Tokenizer.from_pretrained(ckpt)
+    ids = tok.encode("12 + 3 = 15")
+    assert tok.decode(ids) == "12 + 3 = 15"
+    # the checkpoint's logits are what the training forward computes
+    _, _, w, _, _ = train.load_checkpoint(ckpt)
+    r = grad.loss_and_grads(model.config, w, np.array([ids]), keep_logits=True, forward_only=True)
+    np.testing.assert_array_equal(model(ids), r.logits[0])
+
+
+def test_resume_equals_an_uninterrupted_run(tmp_path):
+    straight = train.train(tiny_config(tmp_path / "a", steps=6))
+    train.train(tiny_config(tmp_path / "b", steps=6), stop_after=3)  # "interrupted" after step 3
+    resumed = train.train(tiny_config(tmp_path / "b", steps=6), resume=tmp_path / "b" / "run" / "checkpoint")
+    a = tinyqwen.safetensors.load_file(Path(straight["checkpoint"]) / "model.safetensors")
+    b = tinyqwen.safetensors.load_file(Path(resumed["checkpoint"]) / "model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert resumed["val_loss"] == straight["val_loss"]
+
+
+def test_corpus_is_deterministic_and_bpe_roundtrips(tmp_path):
+    assert corpus.synthetic_documents(50, seed=3) == corpus.synthetic_documents(50, seed=3)
+    assert {t for t, _ in corpus.synthetic_documents(200)} == set(corpus.TASKS)
+    data = corpus.build_dataset(300, 0, 300, 0.1, tmp_path / "tok")
+    tok = tinyqwen.Tokenizer.from_pretrained(tmp_path / "tok")
+    assert len(tok) == 300 and tok.eos_token_id == 297
+    text = tok.decode(data["val"].tolist())
+    assert text.count("<|endoftext|>") == 30
+    assert len(data["val"]) < 0.6 * len(text)  # only 41 merges here, and they already compress
+    base = corpus.unigram_loss(data["train"], data["val"], 300)
+    assert 2.0 < base < math.log(300)
+
+
+def test_cli_train_and_bad_configs(tmp_path, capsys):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"out_dir": str(tmp_path / "out"), "model": TINY, "docs": 300, "seq_len": 16,
+                                "batch_size": 2, "steps": 2, "eval_batches": 1}))  # fmt: skip
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    assert "validation loss" in capsys.readouterr().out
+    path.write_text(json.dumps({"stepz": 3}))
+    assert main(["train", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown setting 'stepz'" in err
+    path.write_text("{nope")
+    assert main(["train", "--config", str(path)]) == 1
+    assert "not a valid JSON file" in capsys.readouterr().err
+    path.write_text(json.dumps({"steps": 0}))
+    assert main(["train", "--config", str(path)]) == 1
+    assert "steps must be a positive integer" in capsys.readouterr().err
