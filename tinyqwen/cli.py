@@ -1,4 +1,4 @@
-"""The `tinyqwen` command line: chat, generate, verify, info, bench, serve.
+"""The `tinyqwen` command line: chat, generate, verify, info, bench, serve, train.
 
     tinyqwen chat --model Qwen/Qwen3-0.6B                 # multi-turn REPL; Ctrl-D or /exit quits, /clear starts over
     tinyqwen chat --model ./ckpt --no-think --temperature 0
@@ -760,6 +760,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="only tinyqwen's backends (no transformers, no llama.cpp)",
     )
     bench.set_defaults(func=cmd_bench)
+
+    served = command(
+        "serve", parents=[model], help="an OpenAI-compatible HTTP endpoint (needs tinyqwen[serve])"
+    )
+    served.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
+    served.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    served.add_argument("--port", type=int, default=8000, help="TCP port")
+    served.add_argument(
+        "--served-model-name", help="the model's name in the API (default: --model as given, as vLLM does)"
+    )
+    served.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="uvicorn's log level")  # fmt: skip
+    served.set_defaults(func=cmd_serve)
 
     train = command(
         "train", help="train a (tiny) Qwen3 / Qwen3-MoE in NumPy on the built-in synthetic corpus"

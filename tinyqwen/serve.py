@@ -776,13 +776,21 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen"):
         return await collect(request, prepared)
 
     async def collect(request: Request, p: Prepared):
+        loop = asyncio.get_running_loop()
+        checked = loop.time()
         try:
             while True:
                 try:
-                    kind, value = await asyncio.wait_for(p.job.events.get(), timeout=0.5)
+                    kind, value = await asyncio.wait_for(p.job.events.get(), timeout=0.25)
                 except asyncio.TimeoutError:
+                    kind = value = None
+                # every ~0.25 s, whether deltas keep arriving or not: a generation that streams deltas into the
+                # queue would otherwise never give the disconnect check a turn
+                if kind is None or loop.time() - checked > 0.25:
+                    checked = loop.time()
                     if await request.is_disconnected():
                         return JSONResponse({}, status_code=499)
+                if kind is None:
                     continue
                 if kind == "error":
                     return error_response(value)
