@@ -12,7 +12,8 @@ The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it ca
 
 plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU) and `to_numpy`, and
 optionally `linears(x, ws)`, several products of one input in one pass (the model's q, k, v projections; the
-model calls `linear_many`, which falls back to one `linear` per weight).
+model calls `linear_many`, which falls back to one `linear` per weight), and `zeros(shape, dtype)` (where the KV
+cache lives: host memory for numpy/numba, device memory for cupy).
 
 `keep_bf16` says which checkpoint tensors `prepare` receives. False (the numpy backend): every tensor arrives as
 float32, BF16 widened exactly. True (the numba backend): a BF16 tensor arrives as its uint16 bit patterns, a
@@ -20,7 +21,9 @@ read-only view of the memory-mapped file, and the backend's kernels read bf16 di
 F32 tensors always arrive as read-only views of the file.
 
 The "numpy" backend *is* the readable reference in `tinyqwen/` — it points at those functions, no copy. The Numba
-(CPU) and CuPy (GPU) backends of later chapters replace individual kernels and are checked against it.
+(CPU) and CuPy (GPU) backends of later chapters replace individual kernels and are checked against it. A backend
+whose arrays live on a device (cupy) receives host NumPy arrays only where the model builds them per forward (the
+ids, cos/sin, the mask) and returns device arrays everywhere else; `to_numpy` brings the logits back.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Backend:
     to_numpy: Callable[[object], np.ndarray]
     keep_bf16: bool = False
     matmul_precision: str = "highest"  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
+    # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it (device memory for cupy)
+    zeros: Callable = np.zeros
     # optional fused kernel for several products of one input (q, k and v): one pass instead of three
     linears: Callable | None = None
     # long prompts (issue 11): tile-by-tile attention; a backend without its own uses the NumPy reference's
@@ -87,6 +92,7 @@ def _numpy_backend(matmul_precision: str = "highest") -> Backend:
         moe_block=moe.moe_block,
         prepare=lambda w: w,
         to_numpy=np.asarray,
+        zeros=np.zeros,
     )
 
 
@@ -109,8 +115,19 @@ def _numba_backend(matmul_precision: str = "highest") -> Backend:
     return numba_backend.backend(matmul_precision)
 
 
-AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend}
-PLANNED = ("cupy",)  # later chapters
+def _cupy_backend(matmul_precision: str = "highest") -> Backend:
+    if matmul_precision != "highest":
+        raise BackendError(
+            f"matmul_precision={matmul_precision!r} needs the numba backend; the cupy backend multiplies in float32 "
+            "(matmul_precision='highest')"
+        )
+    from backends import cupy_backend  # imports CuPy only when asked; says in one line what is missing
+
+    return cupy_backend.backend()
+
+
+AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend, "cupy": _cupy_backend}
+PLANNED: tuple[str, ...] = ()  # later chapters
 
 
 def get_backend(name: str, matmul_precision: str = "highest") -> Backend:

@@ -65,6 +65,7 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     8: ("KV cache & generation", "08-kv-cache-generation"),
     9: ("Chat template & thinking", "09-chat-template-thinking"),
     10: ("Making it fast on the CPU", "10-numba"),
+    11: ("Making it fast on the GPU", "11-cupy"),
     12: ("Serving", "12-serving"),
     13: ("Training a tiny Qwen3-MoE", "13-training"),
 }

@@ -3,7 +3,9 @@
 Host timings swing 30-50% between runs on a shared machine, so a lone tokens-per-second figure says little; the
 ratio to a peer timed minutes apart on the same machine says much more. One run measures:
 
-- tinyqwen with each backend that exists here ("numpy", "numba", and "numba" with matmul_precision="medium");
+- tinyqwen with each backend that exists here ("numpy", "numba", and "numba" with matmul_precision="medium"; "cupy"
+  on an NVIDIA GPU, when asked for: `tinyqwen bench --backend cupy` — its decode GB/s is the achieved HBM
+  bandwidth, shown against the GPU's peak);
 - Hugging Face transformers, fp32 and bf16, and llama.cpp (llama-cpp-python) on GGUF files (bf16, q8_0, ...),
   in a Python that has them (`peer_python`, e.g. the venv that ../shared/peers/setup builds in /tmp/peer-venv);
   tinyqwen never imports torch or llama_cpp: the peers only ever run as child processes;
@@ -42,9 +44,10 @@ from tinyqwen.errors import TinyQwenError
 from tinyqwen.verify import missing_modules, run_child
 
 THREADS = 2
-TINYQWEN_BACKENDS = ("numpy", "numba")
+TINYQWEN_BACKENDS = ("numpy", "numba", "cupy")
 TRANSFORMERS_DTYPES = ("fp32", "bf16")
-ENGINE_KINDS = ("numpy", "numba", "transformers", "llama.cpp")
+ENGINE_KINDS = ("numpy", "numba", "transformers", "llama.cpp")  # the default run (CPU engines)
+KNOWN_KINDS = (*ENGINE_KINDS, "cupy")  # cupy only when asked for: it needs an NVIDIA GPU
 GEMV_SHAPE = (151_936, 1_024)  # Qwen3-0.6B's lm_head: 622 MB in fp32, far beyond any cache
 
 
@@ -141,7 +144,8 @@ for _ in range(repeat):
 peak = peak_rss()
 np.savez(out_file, load_s=load_s, first_call_s=calls[0], second_call_s=calls[1], ttft_s=ttft, decode_s=decode,
          peak_rss_load=rss_load, peak_rss=peak, weight_bytes=engine.weight_bytes, version=np.array(engine.version),
-         first_ids=np.array(ids[:8]), compile_s=getattr(engine, "compile_s", float("nan")))
+         first_ids=np.array(ids[:8]), compile_s=getattr(engine, "compile_s", float("nan")),
+         hbm_peak_gb_s=getattr(engine, "hbm_peak_gb_s", float("nan")))
 """
 
 _TINYQWEN = """
@@ -170,6 +174,34 @@ def load(path, threads, option, max_len):
 
         def step_ids(self, ids):
             return int(model.forward(ids, cache=self.cache, last_only=True).logits[0, -1].argmax())
+
+    return Engine()
+"""
+
+_CUPY = """
+def load(path, threads, option, max_len):
+    import tinyqwen
+    from backends import cupy_backend
+    from tinyqwen.bench import resident_bytes
+    model = tinyqwen.load_model(path, backend="cupy")
+    ops = model.backend.ops
+
+    class Engine:
+        version = f"tinyqwen {tinyqwen.__version__} (cupy backend, {cupy_backend.device_name()})"
+        weight_bytes = resident_bytes(model.weights)  # on the GPU, in the checkpoint's dtype
+        hbm_peak_gb_s = cupy_backend.hbm_peak_gb_s()
+
+        def prefill(self, ids):
+            self.cache = model.new_cache(1, max_len)
+            return self.step_ids(np.asarray([ids]))
+
+        def step(self, token):
+            return self.step_ids(np.asarray([[token]]))
+
+        def step_ids(self, ids):
+            # greedy on the GPU; bringing the id back waits for the GPU, so the host clock times real work
+            logits = model.forward(ids, cache=self.cache, last_only=True, on_device=True).logits
+            return int(ops.to_numpy(ops.argmax(logits[:, -1]))[0])
 
     return Engine()
 """
@@ -329,9 +361,9 @@ def plan_engines(
     """Every engine asked for, each with the reason it cannot run here (if any)."""
     from backends import get_backend
 
-    unknown = [k for k in kinds if k not in ENGINE_KINDS]
+    unknown = [k for k in kinds if k not in KNOWN_KINDS]
     if unknown:
-        raise TinyQwenError(f"unknown engine {unknown[0]!r} (choose from {', '.join(ENGINE_KINDS)})")
+        raise TinyQwenError(f"unknown engine {unknown[0]!r} (choose from {', '.join(KNOWN_KINDS)})")
     peer = peer_python or sys.executable
     # the modules the peer Python lacks: probed once, and only if a peer is asked for
     lacking: list[str] | None = None
@@ -383,7 +415,13 @@ def run_engine(
     peer_python=None,
 ) -> dict:
     """Time one engine in its own process; the raw measurements as plain numbers."""
-    script = {"numpy": _TINYQWEN, "numba": _TINYQWEN, "transformers": _TRANSFORMERS, "llama.cpp": _LLAMA_CPP}
+    script = {
+        "numpy": _TINYQWEN,
+        "numba": _TINYQWEN,
+        "cupy": _CUPY,
+        "transformers": _TRANSFORMERS,
+        "llama.cpp": _LLAMA_CPP,
+    }
     env = thread_env(threads)
     python = None if engine.kind in TINYQWEN_BACKENDS else peer_python
     args = (
@@ -440,6 +478,10 @@ def summarise(
     if engine.kind == "numba":  # time spent in Numba's compiler (a fresh cache: nothing is loaded from disk)
         result["compile_s"] = raw["compile_s"]
         result["peak_rss_first_run_mb"] = raw["peak_rss_first_run"] / 1e6  # the run that compiled
+    if engine.kind == "cupy":
+        # decode GB/s is then the achieved HBM bandwidth: against the GPU's theoretical peak
+        result["hbm_peak_gb_s"] = raw["hbm_peak_gb_s"]
+        result["hbm_of_peak"] = result["decode_gb_s"] / raw["hbm_peak_gb_s"]
     if gemv:
         result["decode_vs_gemv"] = result["decode_gb_s"] / gemv["gb_s"]
     return result
@@ -572,6 +614,8 @@ def format_report(report: dict) -> str:
             line += f" {r['decode_vs_gemv']:7.0%}"
         if "compile_s" in r:
             line += f"  (first-call compile {r['compile_s']:.1f} s)"
+        if "hbm_of_peak" in r:
+            line += f"  (HBM: {r['hbm_of_peak']:.0%} of the GPU's {r['hbm_peak_gb_s']:.0f} GB/s peak)"
         lines.append(line)
     if gemv:
         lines.append(f"GEMV bandwidth: {gemv['gb_s']:.1f} GB/s ({gemv['what']})")

@@ -660,7 +660,13 @@ def cmd_bench(args) -> int:
         require_positive(flag, getattr(args, flag[2:].replace("-", "_")))
     kinds = [k.strip() for k in args.engines.split(",") if k.strip()] if args.engines else list(ENGINE_KINDS)
     if not args.peer:
-        kinds = [k for k in kinds if k in ("numpy", "numba")]
+        kinds = [k for k in kinds if k in ("numpy", "numba", "cupy")]
+    if args.backend:
+        # one of tinyqwen's backends alone: it must be able to run here, or we say why in one line
+        from backends import get_backend
+
+        get_backend(args.backend)
+        kinds = [args.backend]
     report = run_benchmark(
         args.model,
         kinds,
@@ -670,7 +676,7 @@ def cmd_bench(args) -> int:
         threads=args.threads,
         peer_python=args.peer_python,
         ggufs=[Path(g).expanduser() for g in args.gguf] or None,
-        gemv_shape=None if args.no_gemv else (151_936, 1_024),
+        gemv_shape=None if args.no_gemv or args.backend == "cupy" else (151_936, 1_024),
         progress=None if args.json else lambda line: print(line, file=sys.stderr, flush=True),
     )
     report["command"] = "tinyqwen " + " ".join(sys.argv[1:])  # what reproduces this run
@@ -848,6 +854,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE",
         help="GGUF file for llama.cpp, repeatable (default: <model>/*.gguf and <model>-*.gguf beside it)",
+    )
+    bench.add_argument(
+        "--backend",
+        choices=("numpy", "numba", "cupy"),
+        help="only this tinyqwen backend (cupy: on an NVIDIA GPU; reports the achieved HBM bandwidth)",
     )
     bench.add_argument("--json", action="store_true", help="print the whole run as one JSON object")
     bench.add_argument("--no-gemv", action="store_true", help="skip the GEMV bandwidth probe")

@@ -82,7 +82,9 @@ class KVCache:
         max_len: int,
         head_dim: int,
         dtype: str = "float32",
+        zeros=np.zeros,
     ) -> KVCache:
+        # `zeros`: the backend's allocator (np.zeros; cupy.zeros puts the cache in GPU memory)
         if batch_size <= 0 or max_len <= 0:
             raise GenerationError(
                 f"KV cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}"
@@ -92,8 +94,8 @@ class KVCache:
         # np.zeros asks the OS for zeroed pages: memory is only really taken as positions are written
         store = KV_DTYPES[dtype]
         return cls(
-            keys=[np.zeros(shape, store) for _ in range(num_layers)],
-            values=[np.zeros(shape, store) for _ in range(num_layers)],
+            keys=[zeros(shape, store) for _ in range(num_layers)],
+            values=[zeros(shape, store) for _ in range(num_layers)],
             dtype=dtype,
         )
 

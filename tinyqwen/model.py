@@ -259,7 +259,13 @@ class Qwen3:
         ("float32", "bfloat16" or "float16"; see tinyqwen/kv_cache.py)."""
         c = self.config
         return KVCache.allocate(
-            c.num_hidden_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, dtype
+            c.num_hidden_layers,
+            batch_size,
+            c.num_key_value_heads,
+            max_len,
+            c.head_dim,
+            dtype,
+            zeros=self.backend.zeros,
         )
 
     def forward(
@@ -272,6 +278,7 @@ class Qwen3:
         last_only: bool = False,
         return_router_logits: bool = False,
         return_hidden_states: bool = False,
+        on_device: bool = False,  # logits stay the backend's array (cupy: sample on the GPU, see chapter 11)
     ) -> ForwardOutput:
         c, w, k = self.config, self.weights, self.backend
         ids = self._check_ids(ids)
@@ -341,9 +348,11 @@ class Qwen3:
 
         if last_only:
             x = x[:, -1:]
-        logits = k.to_numpy(k.linear(k.rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head))
+        logits = k.linear(k.rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head)
         return ForwardOutput(
-            logits=logits, router_logits=router_logits if return_router_logits else [], hidden_states=hidden
+            logits=logits if on_device else k.to_numpy(logits),
+            router_logits=[k.to_numpy(r) for r in router_logits] if return_router_logits else [],
+            hidden_states=[k.to_numpy(h) for h in hidden],
         )
 
     def _attention(self, layer: LayerWeights, x, cos, sin, mask, cache: KVCache | None, i: int):
