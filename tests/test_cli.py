@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -277,6 +278,9 @@ def test_chat_survives_bad_bytes_ctrl_c_and_starts_over_on_clear(tiny_qwen3_dir,
         ["-m", "tinyqwen.cli", "chat", "--model", str(tiny_qwen3_dir), "--temperature", "0", "--max-new-tokens",
          "4", "--show-prompt", "--no-color"],
         env=env(), cwd=str(REPO), encoding="utf-8", codec_errors="replace", timeout=120, dimensions=(50, 400),
+        # Ctrl-C as in a terminal even when pytest itself runs as a background job (which ignores SIGINT, and a
+        # child inherits that: then Python never raises KeyboardInterrupt and the test would hang on Ctrl-C)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         child.expect_exact(">>> ")
