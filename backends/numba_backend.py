@@ -21,7 +21,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
 the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
 bf16 (nearest-even) and accumulates in float32, as llama.cpp's bf16 path and PyTorch's bf16 models do: prefill
 then runs on the CPU's bf16 matrix units through oneDNN (`backends/onednn.py`), several times the float32 rate,
-at the price of ~3 significant digits in the activations (logits move by ~1e-3 of their size; see the tests).
+at the price of ~3 significant digits in the activations (logits moved by ~1e-2 of their size on the tiny bf16
+test fixtures; see the tests).
 
 `@njit(cache=True)`: the first call of a kernel compiles it (seconds) and stores the machine code next to this
 file, so later processes start fast. Float32 weights (F32 checkpoints) use NumPy's BLAS for the products, in
