@@ -556,9 +556,10 @@ plt.show()
 # %% [markdown]
 # Does the estimate hold? `benchmarks/bench_long_context.py` prefills random prompts into a bf16 cache on a random
 # checkpoint of Qwen3-0.6B's exact shape and reads the process's peak resident memory from the kernel. Its stored
-# runs (`benchmarks/results/`), measured against predicted (the model cut to 2 layers: the same memory per layer;
-# the wall times were taken on a shared, busy machine — `benchmarks/results/long-context.md` says how time grows
-# with depth and length):
+# runs (`benchmarks/results/`), measured against predicted (2-layer rows: the model cut to 2 layers, the same
+# memory per layer; 28-layer rows: the whole model, the 32K one on the numba backend with its bf16 weights; the wall
+# times were taken on a shared, busy machine — `benchmarks/results/long-context.md` says how time grows with depth
+# and length):
 
 # %%
 runs = []
