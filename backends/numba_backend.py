@@ -243,24 +243,10 @@ def round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [M, K] f32 ->
 
 
 @njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
-def _gemv_bf16(x, w, out, chunks):  # [M, K] f32, [N, K] u16, [M, N] f32 (out written)
-    M, K = x.shape
-    N = w.shape[0]
-    chunks = min(N, chunks)  # a few chunks of rows per thread
-    size = (N + chunks - 1) // chunks
-    for c in prange(chunks):
-        for n in range(c * size, min(N, (c + 1) * size)):
-            for m in range(M):  # M ≤ GEMV_MAX_ROWS: the weight row is still in L1 for the next token
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += x[m, k] * _bf16(w[n, k])
-                out[m, n] = acc
-
-
-@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
 def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u16, n x [M, N_i] f32 (written)
-    # the rows of all n weights as one row space (starts: cumulative row counts), split into chunks over the
-    # threads: one parallel launch and one long stream instead of n short ones
+    # every decode GEMV (n = 1: one weight; n = 3: q, k, v fused). The rows of all n weights as one row space
+    # (starts: cumulative row counts), split into chunks over the threads: one parallel launch and one long stream
+    # instead of n short ones
     M, K = x.shape
     total = starts[-1]
     chunks = min(total, chunks)
@@ -328,18 +314,6 @@ def _dot_bf16(typingctx, x, w, n):
         return total
 
     return types.float32(x, w, n), codegen
-
-
-@njit(parallel=True, cache=True)
-def _gemv_bf16_dot(xb, w, out, chunks):  # [M, K] u16 (bf16 inputs), [N, K] u16 -> out [M, N] f32 (written)
-    M = xb.shape[0]
-    N = w.shape[0]
-    chunks = min(N, chunks)
-    size = (N + chunks - 1) // chunks
-    for c in prange(chunks):
-        for n in range(c * size, min(N, (c + 1) * size)):
-            for m in range(M):
-                out[m, n] = _dot_bf16(xb[m], w, n)
 
 
 @njit(parallel=True, cache=True, error_model="numpy", fastmath=FAST)
@@ -662,17 +636,12 @@ def linear(
     M = x2.shape[0]
     if bf16_inputs and M > GEMV_MAX_ROWS and onednn.available():  # prefill on the bf16 matrix units
         return onednn.gemm_bf16(round_bf16(x2)[0], bits).reshape(*x.shape[:-1], N)
-    if bf16_inputs and M <= GEMV_MAX_ROWS and _dot_ok(K) and bits.flags.c_contiguous:  # decode, vdpbf16ps
-        out = np.empty((M, N), np.float32)
-        _gemv_bf16_dot(round_bf16(x2)[0], bits, out, _chunks())
-        return out.reshape(*x.shape[:-1], N)
+    if M <= GEMV_MAX_ROWS:  # decode: stream the bf16 weight
+        return _gemv(x2, (bits,), bf16_inputs)[0].reshape(*x.shape[:-1], N)
     if bf16_inputs:
         x2 = round_bf16(x2)[1]  # the same products as float32 numbers: bf16 x bf16 is exact in float32
     block = max(1, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
-    if M <= GEMV_MAX_ROWS:
-        out = np.empty((M, N), np.float32)
-        _gemv_bf16(x2, bits, out, _chunks())
-    elif block == N:  # prefill: compute-bound, so BLAS's sgemm on the widened weight
+    if block == N:  # prefill: compute-bound, so BLAS's sgemm on the widened weight
         scratch = np.empty((N, K), np.float32)
         _widen(bits, scratch)
         out = x2 @ scratch.T
@@ -694,14 +663,20 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False) -> tuple:
     fused = fused and len({w.bits.flags.writeable for w in ws}) == 1
     if x2.shape[0] > GEMV_MAX_ROWS or not fused:
         return tuple(linear(x, w, bf16_inputs) for w in ws)
-    outs = tuple(np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws)
-    starts = np.cumsum([0] + [w.shape[0] for w in ws]).astype(np.int64)
-    bits, values = round_bf16(x2) if bf16_inputs else (None, x2)
-    if bf16_inputs and _dot_ok(x2.shape[1]):
-        _gemv_many_bf16_dot(bits, tuple(w.bits for w in ws), outs, starts, _chunks())
-    else:
-        _gemv_many_bf16(values, tuple(w.bits for w in ws), outs, starts, _chunks())
+    outs = _gemv(x2, tuple(w.bits for w in ws), bf16_inputs)
     return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
+
+
+def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
+    # [M ≤ GEMV_MAX_ROWS, K] f32, n x [N_i, K] u16 bf16 weights (one Numba type) -> n x [M, N_i] f32, in one launch
+    outs = tuple(np.empty((x2.shape[0], b.shape[0]), np.float32) for b in bits)
+    starts = np.cumsum([0] + [b.shape[0] for b in bits]).astype(np.int64)
+    rounded, values = round_bf16(x2) if bf16_inputs else (None, x2)
+    if bf16_inputs and _dot_ok(x2.shape[1]) and all(b.flags.c_contiguous for b in bits):  # vdpbf16ps
+        _gemv_many_bf16_dot(rounded, bits, outs, starts, _chunks())
+    else:
+        _gemv_many_bf16(values, bits, outs, starts, _chunks())
+    return outs
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [..., d], [d] -> [..., d]
