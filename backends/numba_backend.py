@@ -535,9 +535,7 @@ def _decode_attention_serial(
 
 
 @njit(parallel=True, cache=True)
-def _decode_attention_parallel(
-    q, k, v, mask, out
-):  # the same, (row, kv head) pairs spread over threads
+def _decode_attention_parallel(q, k, v, mask, out):  # the same, (row, kv head) pairs spread over threads
     B, Hkv = k.shape[0], k.shape[1]
     for bh in prange(B * Hkv):
         _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1])

@@ -401,7 +401,9 @@ class SafetensorsFile:
             while done < t.nbytes:  # a large read may return less than asked for
                 n = f.readinto(view[done:])
                 if not n:
-                    raise SafetensorsError(f"{self.path}: tensor {name!r} is cut short ({done} of {t.nbytes} bytes)")
+                    raise SafetensorsError(
+                        f"{self.path}: tensor {name!r} is cut short ({done} of {t.nbytes} bytes)"
+                    )
                 done += n
         return out
 
