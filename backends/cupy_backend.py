@@ -15,8 +15,10 @@ sets its speed; prefill multiplies whole matrices and is compute-bound. The plan
     moe_block     router softmax + top-k on the device; decode: gather the routed rows, one GEMV per (token,
                   expert) pair through its own expert, combine in slot order — no trip to the host; prefill: the
                   tokens grouped by expert on the host (one sync per MoE layer), each expert's GEMMs once
-    sampling      greedy arg-max or temperature sampling on the device (`generate_on_device`): per step only the
-                  chosen id (8 bytes) comes back, not the [vocab] logits
+    sampling      every option on the device (filter.cu: penalties from device-side counts, temperature,
+                  top-k / top-p by radix select, min-p, the inverse CDF with the host generator's u): per step only
+                  the chosen id (8 bytes) comes back, not the [vocab] logits; `tinyqwen.generate` uses it on this
+                  backend (`DeviceBackend.device_sampler`), and the ids equal host sampling's with the same seed
 
 The CUDA C sources live in `backends/cuda/*.cu` (compiled at first use by NVRTC, through CuPy). Everything is
 written against an *ops* object: `CudaKernels` launches the real kernels on CuPy arrays; `NumpyTwins` computes the
@@ -329,7 +331,7 @@ def filter_sample_row(x: np.ndarray, top_k: int, top_p: float, min_p: float, gre
     select instead of a sort). x: the penalised logits / T in float64; u: the host generator's uniform number.
 
     >>> x = np.log(np.array([0.1, 0.5, 0.15, 0.25]))
-    >>> [filter_sample_row(x, 0, 0.8, 0.0, False, u) for u in (0.0, 0.6, 0.99)]  # top-p keeps 0.5 and 0.25
+    >>> [filter_sample_row(x, 0, 0.7, 0.0, False, u) for u in (0.0, 0.6, 0.99)]  # top-p 0.7 keeps 0.5 and 0.25
     [1, 1, 3]
     """  # [V] float64 -> id
     V = x.size
@@ -714,7 +716,10 @@ def make_backend(ops, name: str = "cupy") -> DeviceBackend:
 
 
 def next_token(ops, logits, temperature: float = 0.0, rng=None):
-    """[B, V] logits on the device -> [B] ids on the device: arg-max, or a temperature sample (needs `rng`)."""
+    """[B, V] logits on the device -> [B] ids on the device: arg-max, or a temperature sample (needs `rng`).
+
+    The minimal pair (argmax_rows, sample_rows: float32, the device's own generator); `DeviceSampler` is the whole
+    pipeline (penalties, top-k, top-p, min-p) with the host generator's numbers, equal to host sampling."""
     if temperature <= 0:
         return ops.argmax(logits)
     if rng is None:
