@@ -96,6 +96,34 @@ def compile_options(arch: str | None = None) -> list[str]:
     return options + ([f"--gpu-architecture={arch}"] if arch else [])
 
 
+def ptxas_report(source: Path, arch: str) -> dict[str, dict[str, int]]:
+    """{kernel: {"registers", "spill_bytes", "shared_bytes"}} from compiling `source` to `arch` (sm_80, sm_90)
+    machine code with ptxas -v, through NVRTC: what decides whether a launch of N threads fits one SM. No GPU needed.
+    """
+    import re
+
+    from cupy.cuda import nvrtc
+
+    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
+    try:
+        nvrtc.compileProgram(
+            program, [*compile_options(), f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+        )
+        log = nvrtc.getProgramLog(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    report = {}
+    for name, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)", log, re.S):
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
+        shared = re.search(r"(\d+) bytes smem", body)
+        report[name] = {
+            "registers": int(re.search(r"Used (\d+) registers", body).group(1)),
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
+            "shared_bytes": int(shared.group(1)) if shared else 0,
+        }
+    return report
+
+
 def compile_ptx(source: str | Path, arch: str, name: str = "kernel.cu") -> str:
     """CUDA C source (text, or a .cu file) -> PTX for `arch` via NVRTC; a BackendError carrying NVRTC's log.
 
@@ -242,8 +270,9 @@ class NumpyTwins:
                 continue
             token = f if f >= 0 else filter_sample_row(x[b], top_k, top_p, min_p, greedy, float(u[b]))
             out[b] = token
-            counts[b, token] += 1
-            seen[b, token] = 1
+            if token < x.shape[1]:  # a forced id outside the vocabulary is the host's to reject
+                counts[b, token] += 1
+                seen[b, token] = 1
         return out
 
 

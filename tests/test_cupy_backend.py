@@ -86,6 +86,23 @@ def test_kernels_compile_with_nvrtc(source, arch):
     assert ".local" not in ptx, f"{source} spills to local memory"
 
 
+# threads per block of each launch in CudaKernels (the others: 256, or fewer for short rows)
+LAUNCH_THREADS = {"filter_sample_rows": cupy_backend.FILTER_THREADS}
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", sorted(KERNELS))
+def test_every_kernel_fits_its_launch(source, arch):
+    """Machine code for A100 / H100 (ptxas, no GPU): a block's registers fit the SM's 65,536, nothing spills to
+    local memory, and static shared memory stays under the 48 KB a launch gets without opting in. A kernel that
+    fails this compiles fine and then fails only at launch ("too many resources requested"), on the GPU."""
+    report = cupy_backend.ptxas_report(KERNEL_DIR / source, arch)
+    assert sorted(report) == sorted(KERNELS[source])
+    for name, used in report.items():
+        assert used["registers"] * LAUNCH_THREADS.get(name, 256) <= 65_536, (name, used)
+        assert used["spill_bytes"] == 0 and used["shared_bytes"] <= 48 * 1024, (name, used)
+
+
 def test_a_broken_kernel_fails_with_nvrtcs_log():
     broken = (KERNEL_DIR / "norm.cu").read_text().replace("ss += row[j] * row[j];", "ss += row[j] * row[j]")
     with pytest.raises(BackendError, match=r"norm\.cu does not compile for compute_80: .*error"):
@@ -116,7 +133,9 @@ def _pointee_types() -> dict[str, list[str | None]]:
     kernels = {}
     for source in KERNELS:
         text = re.sub(r"//[^\n]*", "", (KERNEL_DIR / source).read_text())
-        for name, body in re.findall(r'extern "C" __global__ void (\w+)\((.*?)\)\s*\{', text, re.S):
+        for name, body in re.findall(
+            r'extern "C" __global__ void (?:__launch_bounds__\(\w+\) )?(\w+)\((.*?)\)\s*\{', text, re.S
+        ):
             kernels[name] = []
             for param in body.split(","):
                 words = param.replace("__restrict__", "").replace("const", "").split()

@@ -26,7 +26,8 @@
 //
 // Cost: each pass reads the row's 8-byte values once (1.2 MB for Qwen3, L2-resident). A block-per-row sampler is
 // one SM's worth of bandwidth, so with every filter on (about 25 passes) it is tens of microseconds per token, next
-// to milliseconds of decode; this has not been measured on a GPU yet. blockDim.x must be TQ_FILTER_THREADS.
+// to milliseconds of decode; this has not been measured on a GPU yet. blockDim.x must be TQ_FILTER_THREADS
+// (__launch_bounds__ holds ptxas to 64 registers a thread, so that 1,024 threads fit one SM's 65,536).
 #include "common.cuh"
 
 #define TQ_FILTER_THREADS 1024
@@ -116,7 +117,7 @@ extern "C" __global__ void penalize_rows(
 
 // ------------------------------------------------------------------------------------------------- filter + draw
 
-extern "C" __global__ void filter_sample_rows(
+extern "C" __global__ void __launch_bounds__(TQ_FILTER_THREADS) filter_sample_rows(
     const double* __restrict__ xs,           // [B, V] penalised logits / T (penalize_rows)
     double* __restrict__ es,                 // [B, V] scratch: exp(x - max)
     unsigned long long* __restrict__ masses, // [B, V] scratch: fixed-point probabilities (top-p)
@@ -325,7 +326,9 @@ extern "C" __global__ void filter_sample_rows(
     }
     if (tid == 0) {
         out[b] = token;
-        counts[row + token] += 1;
-        seen[row + token] = 1;
+        if (token < V) {  // a forced id outside the vocabulary is the host's to reject, not ours to write
+            counts[row + token] += 1;
+            seen[row + token] = 1;
+        }
     }
 }
