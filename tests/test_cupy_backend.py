@@ -443,6 +443,14 @@ def test_batched_generation_samples_on_the_device_like_the_host():
     assert [c for c in ops.copies if c[1] != np.int32] == [((3,), np.dtype(np.int64))] * max(map(len, host))
 
 
+def test_device_sampling_option_is_checked_and_harmless_on_host_backends():
+    numpy_model = tinyqwen.load_model(FIXTURES / "dense-tied")
+    with pytest.raises(GenerationError, match="device_sampling must be True or False, got 'yes'"):
+        tinyqwen.generate(numpy_model, [1, 2], 2, device_sampling="yes")
+    want = tinyqwen.generate(numpy_model, [1, 2], 3, 0.7, seed=1)  # no device sampler here: the host samples
+    assert tinyqwen.generate(numpy_model, [1, 2], 3, 0.7, seed=1, device_sampling=True) == want
+
+
 def test_device_sampling_explains_non_finite_logits():
     model = load(FIXTURES / "dense-tied", cupy_backend.standin_backend())
     object.__setattr__(model.weights, "norm", np.full_like(model.weights.norm, np.nan))  # NaN logits

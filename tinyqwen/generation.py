@@ -340,6 +340,8 @@ def _resolve_sampling(model, temperature, sampling: dict) -> tuple[SamplingParam
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
         raise GenerationError(f"prefill_chunk_size must be a whole number > 0, got {chunk!r}")
     options["kv_dtype"] = kv_dtype_name(options["kv_dtype"] or "float32")
+    if options["device_sampling"] not in (None, True, False):
+        raise GenerationError(f"device_sampling must be True or False, got {options['device_sampling']!r}")
     budget = options["thinking_budget"]
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise GenerationError(f"thinking_budget must be a whole number >= 0, got {budget!r}")
