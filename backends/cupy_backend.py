@@ -300,7 +300,7 @@ def key_value(key: int) -> float:
     return float(np.array([bits], np.uint64).view(np.float64)[0])
 
 
-def radix_select_kth(keys: np.ndarray, k: int) -> int:
+def radix_select_kth(keys: np.ndarray, k: int, trace: list[int] | None = None) -> int:
     """The key of the k-th largest value (ties counted), one byte at a time from the most significant.
 
     Each pass histograms the next byte of the keys still matching the bytes fixed so far, then walks the 256 bins
@@ -309,10 +309,14 @@ def radix_select_kth(keys: np.ndarray, k: int) -> int:
     >>> keys = order_keys(np.array([3.0, 1.0, 3.0, 2.0]))
     >>> key_value(radix_select_kth(keys, 2)), key_value(radix_select_kth(keys, 3))
     (3.0, 2.0)
+    >>> trace = []; _ = radix_select_kth(keys, 3, trace); trace  # candidates histogrammed in each pass
+    [4, 3, 1, 1, 1, 1, 1, 1]
     """  # [n] uint64, 1 <= k <= n -> key
     prefix, fixed, needed = 0, 0, k
     for shift in range(56, -1, -8):
         live = keys[(keys & np.uint64(fixed)) == np.uint64(prefix)]
+        if trace is not None:
+            trace.append(int(live.size))
         bins = np.bincount(((live >> np.uint64(shift)) & np.uint64(255)).astype(np.int64), minlength=256)
         d = 255
         while bins[d] < needed:

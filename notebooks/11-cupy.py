@@ -746,7 +746,7 @@ print(
 # ## Exercises
 #
 # Fill in `exercises/ch11_cupy.py` (`decode_ceiling`, `rms_norm_kernel`, `rms_norm_blocked`, `rope_kernel`,
-# `rope_by_thread`, `sample_inverse_cdf`; each docstring has a worked example). Then run
+# `rope_by_thread`, `sample_inverse_cdf`, `order_key`, `top_k_cut`; each docstring has a worked example). Then run
 #
 # ```bash
 # pytest exercises/test_ch11_cupy.py
@@ -754,4 +754,5 @@ print(
 #
 # Your CUDA sources are compiled by NVRTC for compute_80 and compute_90 (their results are also checked where a GPU
 # is present); your twins are graded against transformers, and the last checkpoint runs the dense-yarn fixture on
-# the cupy backend's orchestration with your twins as its RMSNorm and RoPE.
+# the cupy backend's orchestration with your twins as its RMSNorm and RoPE. Your radix select is graded against
+# `torch.topk` on ties, on values of both signs from 1e-300 to 1e300, and on a row of logits.
