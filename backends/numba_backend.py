@@ -710,10 +710,17 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False) -> tuple:
     return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
 
 
+@cache
+def _starts(rows: tuple) -> np.ndarray:  # rows of each weight -> their cumulative starts [0, r0, r0 + r1, ...]
+    starts = np.cumsum((0, *rows)).astype(np.int64)
+    starts.flags.writeable = False  # shared by every call with these shapes
+    return starts
+
+
 def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     # [M ≤ GEMV_MAX_ROWS, K] f32, n x [N_i, K] u16 bf16 weights (one Numba type) -> n x [M, N_i] f32, in one launch
     outs = tuple(np.empty((x2.shape[0], b.shape[0]), np.float32) for b in bits)
-    starts = np.cumsum([0] + [b.shape[0] for b in bits]).astype(np.int64)
+    starts = _starts(tuple(b.shape[0] for b in bits))
     rounded, values = round_bf16(x2) if bf16_inputs else (None, x2)
     if bf16_inputs and _dot_ok(x2.shape[1]) and all(b.flags.c_contiguous for b in bits):  # vdpbf16ps
         _gemv_many_bf16_dot(rounded, bits, outs, starts, _chunks())
