@@ -711,7 +711,9 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False) -> tuple:
 
 
 @cache
-def _starts(rows: tuple) -> np.ndarray:  # rows of each weight -> their cumulative starts [0, r0, r0 + r1, ...]
+def _starts(
+    rows: tuple,
+) -> np.ndarray:  # rows of each weight -> their cumulative starts [0, r0, r0 + r1, ...]
     starts = np.cumsum((0, *rows)).astype(np.int64)
     starts.flags.writeable = False  # shared by every call with these shapes
     return starts
