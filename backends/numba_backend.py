@@ -174,6 +174,42 @@ def _f32_from_bits(typingctx, u):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """Ask the CPU to start loading the cache line holding a[i] (1-D array) now: `llvm.prefetch`, no result."""
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        address = builder.bitcast(builder.gep(arr.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
+        # read (0), keep in all cache levels (3), data (1)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(a, i), codegen
+
+
+# A prefetch is only a hint (the results never change); how far ahead pays was measured (Sapphire Rapids, 2 cores):
+# - decode attention spends ~100 cycles on each cached key (then value) row before the next: too slow a stream for
+#   the hardware prefetcher to run far enough ahead. Asking for the row 16 positions ahead took a bf16 layer of 520
+#   positions from ~320 to ~210 us on one thread (the rows already in cache: ~190);
+# - the decode GEMVs: asking for the next weight row (2 KiB) while the current one is summed took the GEMVs of a
+#   Qwen3-0.6B decode step from 47.4 to 44.8 ms; two or four rows ahead were slower (48.0, 51.0).
+PREFETCH_ROWS = 16  # decode attention
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _prefetch_row(a):  # every cache line of a C-contiguous 1-D row
+    step = max(1, 64 // a.itemsize)
+    for j in range(0, a.shape[0], step):
+        _prefetch(a, j)
+
+
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
 def _exp(x):  # float32 -> float32
     """e^x that LLVM can vectorise: Numba's np.exp on a scalar calls libm once per value (3.3 ns here), which made
@@ -249,6 +285,17 @@ def round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [M, K] f32 ->
 # is as fast as a fresh compile.
 
 
+@njit(cache=True, inline="always")
+def _prefetch_next(
+    ws, starts, i, r, hi
+):  # prefetch row r + 1 of the stacked row space (weight i holds row r)
+    if r + 1 < hi:
+        j = i
+        while r + 1 >= starts[j + 1]:  # (skipping any weight with no rows)
+            j += 1
+        _prefetch_row(ws[j][r + 1 - starts[j]])
+
+
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def _gemv_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked row space of _gemv_many_bf16
     M, K = x.shape
@@ -257,6 +304,7 @@ def _gemv_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked 
         while r >= starts[i + 1]:
             i += 1
         w, out, n = ws[i], outs[i], r - starts[i]
+        _prefetch_next(ws, starts, i, r, hi)
         for m in range(M):
             acc = np.float32(0.0)
             for k in range(K):
@@ -331,6 +379,9 @@ def _dot_bf16(typingctx, x, w, n):
 @njit(cache=True, error_model="numpy", fastmath=FAST)
 def _gate_up_rows_bf16_dot(xb, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16_dot
     for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_row(w_gate[f + 1])
+            _prefetch_row(w_up[f + 1])
         for m in range(xb.shape[0]):
             out[m, f] = _silu(_dot_bf16(xb[m], w_gate, f)) * _dot_bf16(xb[m], w_up, f)
 
@@ -350,6 +401,7 @@ def _gemv_rows_bf16_dot(xb, ws, outs, starts, lo, hi):  # rows lo..hi of _gemv_m
     for r in range(lo, hi):
         while r >= starts[i + 1]:
             i += 1
+        _prefetch_next(ws, starts, i, r, hi)
         for m in range(xb.shape[0]):
             outs[i][m, r - starts[i]] = _dot_bf16(xb[m], ws[i], r - starts[i])
 
@@ -380,6 +432,9 @@ def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
 def _gate_up_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16
     M, K = x.shape
     for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_row(w_gate[f + 1])
+            _prefetch_row(w_up[f + 1])
         for m in range(M):
             g = np.float32(0.0)
             u = np.float32(0.0)
@@ -482,6 +537,8 @@ def _attend_group(q, k, v, mask, out, b, h, S):  # one kv head h of row b and it
     scale = np.float32(d**-0.5)
     scores = np.empty((group, S), np.float32)
     for s in range(S):  # each key row is read once and used by every query head of the group
+        if s + PREFETCH_ROWS < S:
+            _prefetch_row(k[b, h, s + PREFETCH_ROWS])
         for g in range(group):
             acc = np.float32(0.0)
             for j in range(d):
@@ -499,6 +556,8 @@ def _attend_group(q, k, v, mask, out, b, h, S):  # one kv head h of row b and it
             scores[g, s] /= total
     acc = np.zeros((group, d), np.float32)
     for s in range(S):  # each value row, likewise, once per group
+        if s + PREFETCH_ROWS < S:
+            _prefetch_row(v[b, h, s + PREFETCH_ROWS])
         for g in range(group):
             p = scores[g, s]
             for j in range(d):
