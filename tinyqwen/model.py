@@ -136,8 +136,9 @@ def load_weights(
     `keep_bf16` (a backend whose kernels read bf16, e.g. "numba"), BF16 tensors arrive instead as their uint16 bit
     patterns, read-only views of the memory-mapped file: nothing is widened or copied, so loading a bf16
     checkpoint needs no more memory than its bf16 weights (MoE experts are stacked: one bf16 copy of them).
-    `in_memory` reads those bf16 tensors into process memory instead of viewing the file (`Checkpoint.read`):
-    still one copy, and faster to stream for a backend that reads every weight per token.
+    `in_memory` reads those bf16 tensors into process memory instead of viewing the file (`Checkpoint.read`;
+    experts straight into their slot of the stacked array): still one copy, and faster to stream for a backend
+    that reads every weight per token.
     """
     where = getattr(checkpoint, "path", "checkpoint")
     expected = expected_tensors(config)
