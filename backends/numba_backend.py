@@ -68,11 +68,6 @@ def _host_features() -> list[str]:  # LLVM's names for this CPU's features: "+av
 
 
 _prefer_512_bit_vectors()
-# AVX512-BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD Zen 4): `vdpbf16ps`, 32 bf16 products per instruction
-HAS_AVX512_BF16 = "+avx512bf16" in os.environ.get("NUMBA_CPU_FEATURES", "").split(",") or (
-    "NUMBA_CPU_FEATURES" not in os.environ and "+avx512bf16" in _host_features()
-)
-
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -322,101 +317,6 @@ def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u1
     size = (total + chunks - 1) // chunks
     for c in prange(chunks):
         _gemv_rows_bf16(x, ws, outs, starts, c * size, min(total, (c + 1) * size))
-
-
-class _BFloat(ir.types._BaseFloatType):  # LLVM's `bfloat` type, which llvmlite.ir does not name
-    null = "0.0"
-    intrinsic_name = "bf16"
-
-    def __str__(self):
-        return "bfloat"
-
-
-_BFloat._create_instance()
-
-
-@intrinsic
-def _dot_bf16(typingctx, x, w, n):
-    """Dot product of a bf16 row x [K] with row n of w [N, K] (uint16 bit patterns, C-contiguous, K % 32 == 0).
-
-    One AVX512-BF16 `vdpbf16ps` per 32 weights: it multiplies 32 bf16 pairs (exactly) and adds them into 16 float32
-    lanes, where the float32 path needs two widenings and two FMAs. Fewer instructions per cache line leave more
-    loads in flight: 31 GB/s instead of 25 on the lm_head (2 cores). Only for matmul_precision="medium", whose
-    inputs are bf16 already. Numba has no vector types, so this is written as LLVM IR: a loop over K in steps
-    of 32, then the 16 lanes summed.
-    """
-
-    def codegen(context, builder, signature, args):
-        xty, wty, _ = signature.args
-        xa = context.make_array(xty)(context, builder, args[0])
-        wa = context.make_array(wty)(context, builder, args[1])
-        K = builder.extract_value(xa.shape, 0)
-        row = builder.gep(wa.data, [builder.mul(args[2], builder.extract_value(wa.shape, 1))])
-        f32x16 = ir.VectorType(ir.FloatType(), 16)
-        i32x16 = ir.VectorType(ir.IntType(32), 16)  # 32 bf16 loaded as 16 x 32 bits, then reinterpreted
-        bf16x32 = ir.VectorType(_BFloat(), 32)
-        dp = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(f32x16, [f32x16, bf16x32, bf16x32]),
-            "llvm.x86.avx512bf16.dpbf16ps.512",
-        )
-        acc = cgutils.alloca_once_value(builder, ir.Constant(f32x16, [0.0] * 16))
-        step = ir.Constant(K.type, 32)
-        with cgutils.for_range_slice(builder, ir.Constant(K.type, 0), K, step, inc=True) as (i, _):
-            a = builder.load(builder.bitcast(builder.gep(xa.data, [i]), i32x16.as_pointer()), align=2)
-            b = builder.load(builder.bitcast(builder.gep(row, [i]), i32x16.as_pointer()), align=2)
-            bf = (builder.bitcast(a, bf16x32), builder.bitcast(b, bf16x32))
-            builder.store(builder.call(dp, [builder.load(acc), *bf]), acc)
-        lanes = builder.load(acc)
-        total = builder.extract_element(lanes, ir.Constant(ir.IntType(32), 0))
-        for j in range(1, 16):
-            total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(ir.IntType(32), j)))
-        return total
-
-    return types.float32(x, w, n), codegen
-
-
-@njit(cache=True, error_model="numpy", fastmath=FAST)
-def _gate_up_rows_bf16_dot(xb, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16_dot
-    for f in range(lo, hi):
-        if f + 1 < hi:
-            _prefetch_row(w_gate[f + 1])
-            _prefetch_row(w_up[f + 1])
-        for m in range(xb.shape[0]):
-            out[m, f] = _silu(_dot_bf16(xb[m], w_gate, f)) * _dot_bf16(xb[m], w_up, f)
-
-
-@njit(parallel=True, cache=True)
-def _gate_up_bf16_dot(xb, w_gate, w_up, out, chunks):  # _gate_up_bf16 on bf16 inputs, with vdpbf16ps
-    F = w_gate.shape[0]
-    chunks = min(F, chunks)
-    size = (F + chunks - 1) // chunks
-    for c in prange(chunks):
-        _gate_up_rows_bf16_dot(xb, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
-
-
-@njit(cache=True)
-def _gemv_rows_bf16_dot(xb, ws, outs, starts, lo, hi):  # rows lo..hi of _gemv_many_bf16_dot
-    i = 0
-    for r in range(lo, hi):
-        while r >= starts[i + 1]:
-            i += 1
-        _prefetch_next(ws, starts, i, r, hi)
-        for m in range(xb.shape[0]):
-            outs[i][m, r - starts[i]] = _dot_bf16(xb[m], ws[i], r - starts[i])
-
-
-@njit(parallel=True, cache=True)
-def _gemv_many_bf16_dot(xb, ws, outs, starts, chunks):  # _gemv_many_bf16 on bf16 inputs, with vdpbf16ps
-    total = starts[-1]
-    chunks = min(total, chunks)
-    size = (total + chunks - 1) // chunks
-    for c in prange(chunks):
-        _gemv_rows_bf16_dot(xb, ws, outs, starts, c * size, min(total, (c + 1) * size))
-
-
-def _dot_ok(K: int) -> bool:  # vdpbf16ps usable: the CPU has it, rows are whole 32-element steps
-    return HAS_AVX512_BF16 and K % 32 == 0
 
 
 @njit(cache=True)
@@ -782,11 +682,11 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     # [M ≤ GEMV_MAX_ROWS, K] f32, n x [N_i, K] u16 bf16 weights (one Numba type) -> n x [M, N_i] f32, in one launch
     outs = tuple(np.empty((x2.shape[0], b.shape[0]), np.float32) for b in bits)
     starts = _starts(tuple(b.shape[0] for b in bits))
-    rounded, values = round_bf16(x2) if bf16_inputs else (None, x2)
-    if bf16_inputs and _dot_ok(x2.shape[1]) and all(b.flags.c_contiguous for b in bits):  # vdpbf16ps
-        _gemv_many_bf16_dot(rounded, bits, outs, starts, _chunks())
-    else:
-        _gemv_many_bf16(values, bits, outs, starts, _chunks())
+    # "medium": the bf16-rounded inputs through the same float32 kernel. A bf16 x bf16 product is exact in float32,
+    # so these are the products of llama.cpp's bf16 path. (An AVX512-BF16 `vdpbf16ps` kernel, 32 such products per
+    # instruction, streamed faster than the float32 one until both prefetched the next row; then it was ~8% slower:
+    # a 0.6B step's GEMVs took 51-56 ms against 46-50, so it went.)
+    _gemv_many_bf16(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _chunks())
     return outs
 
 
@@ -853,15 +753,7 @@ def swiglu(x: np.ndarray, w_gate, w_up, w_down, bf16_inputs: bool = False) -> np
     x2 = _rows(x)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
-        if (
-            bf16_inputs
-            and _dot_ok(x2.shape[1])
-            and w_gate.bits.flags.c_contiguous
-            and w_up.bits.flags.c_contiguous
-        ):
-            _gate_up_bf16_dot(round_bf16(x2)[0], w_gate.bits, w_up.bits, h, _chunks())
-        else:
-            _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
+        _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
     else:
         h = _silu_mul(linear(x2, w_gate, bf16_inputs), linear(x2, w_up, bf16_inputs))
     return linear(h, w_down, bf16_inputs).reshape(x.shape)

@@ -434,11 +434,9 @@ def test_linear_many_equals_one_product_per_weight(rows):
     )
 
 
-@pytest.mark.parametrize(
-    "K", [256, 200]
-)  # 200: not whole 32-element steps, so the float32 kernels run instead
+@pytest.mark.parametrize("K", [256, 200])
 def test_medium_decode_kernels_equal_bf16_rounded_products(K):
-    # on CPUs with AVX512-BF16 the medium decode GEMVs use vdpbf16ps (exact bf16 products, float32 sums): the same
+    # the medium decode GEMVs multiply bf16-rounded inputs by bf16 weights (exact products, float32 sums): the same
     # numbers as NumPy on the rounded input, up to summation order
     medium = get_backend("numba", matmul_precision="medium")
     rng = np.random.default_rng(16 + K)
