@@ -474,6 +474,9 @@ def _moe_up_rows(
     k, d = experts.shape[1], w_gate.shape[2]
     e, t = experts[p // k, p % k], p // k
     for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_row(w_gate[e, f + 1])
+            _prefetch_row(w_up[e, f + 1])
         g = np.float32(0.0)
         u = np.float32(0.0)
         for j in range(d):
@@ -492,6 +495,8 @@ def _moe_down_rows(h, experts, weights, w_down, out, lo, hi):  # output features
             total = np.float32(0.0)
             for s in range(k):  # the token's experts, summed in slot order
                 e = experts[t, s]
+                if i + 1 < hi:
+                    _prefetch_row(w_down[e, i + 1])
                 acc = np.float32(0.0)
                 for f in range(F):
                     acc += h[t * k + s, f] * _bf16(w_down[e, i, f])
