@@ -22,14 +22,16 @@
 # has to reach the router's weights and move them. This chapter writes the **backward pass** of every Qwen3
 # component in plain NumPy — no autograd — checks each one against finite differences and against torch's
 # autograd, and then trains a tiny Qwen3-MoE on this machine's CPU. We then watch what the aux loss is for: the
-# experts' load with the coefficient 0, Qwen3's 0.001, and a large 0.1.
+# experts' load with the coefficient 0, Qwen3's 0.001, and larger ones — and find that transformers' version of the
+# loss balances something subtler than "each layer's experts".
 #
 # **What you will build**
 #
 # 1. `softmax_backward` and `rms_norm_backward` — the two non-obvious derivatives, derived here by hand;
 # 2. `cross_entropy_backward` — where every backward pass starts;
 # 3. `route_backward` — back through softmax → top-k → renormalise (the *choice* has no gradient);
-# 4. `adamw_step` — the optimizer, with decoupled weight decay and bias correction.
+# 4. `load_balancing_loss_backward` — the aux loss's gradient, with all layers pooled (transformers) or per layer;
+# 5. `adamw_step` — the optimizer, with decoupled weight decay and bias correction.
 
 # %%
 import json
@@ -248,12 +250,63 @@ for case in ("norm", "plain"):
     print(case, f"max |Δ| = {np.abs(got - REF[p + 'dlogits']).max():.1e}")
 
 # %% [markdown]
-# The load-balancing loss $E\sum_e f_e P_e$ of chapter 7 is straight-through in the same way: the counts $f_e$
-# come from the top-k choice and carry no gradient; only the mean probabilities $P_e$ do, with
-# $\partial\,\text{aux}/\partial p_{n,e} = E f_e / N$. An expert that already gets many tokens has its probability
-# pushed down hardest. (`moe.load_balancing_loss_backward`.)
+# ## 6. The load-balancing loss backward: pooled or per layer
 #
-# ## 6. The whole model, checked against finite differences
+# The load-balancing loss $E\sum_e f_e P_e$ of [chapter 7](07-mixture-of-experts.ipynb) is straight-through in the
+# same way: the counts $f_e$ (the share of top-k picks that went to expert $e$) come from the top-k choice and
+# carry no gradient; only the mean probabilities $P_e$ do. If the means run over $M$ rows,
+#
+# $$\frac{\partial\,\text{aux}}{\partial p_{n,e}} = \frac{E f_e}{M},$$
+#
+# then back through the softmax. An expert that already gets many tokens has its probability pushed down hardest.
+#
+# **Which rows?** Read transformers' `load_balancing_loss_func` (the one `Qwen3MoeForCausalLM` calls): it loops
+# over the layers adding up `tokens_per_expert_sum` and `router_prob_sum`, and divides by the total number of rows
+# of *all* layers. So $f_e$ and $P_e$ are taken over the $L \cdot N$ rows of every MoE layer **pooled**: the loss
+# sees expert $e$'s load *summed over layers*. But expert 3 of layer 0 and expert 3 of layer 2 are unrelated
+# networks that only share an index; if one is starved and the other overloaded, the pooled count looks fine.
+# The Switch Transformer and GShard add an aux loss *per MoE layer* instead. tinyqwen offers both: scope
+# `"global"` (transformers', the default, the one our torch checks verify) and `"layer"`: each layer's own $f_e$,
+# $P_e$, then the **mean** over layers. We average rather than sum so that the loss is still $k$ at uniform routing
+# and each router row gets a gradient of the same size as with `"global"` ($E f_e / (L N)$ in both): a coefficient
+# means the same strength in either scope.
+#
+# Two layers with opposite preferences show the difference — pooled they look perfectly balanced:
+
+# %%
+a = np.log([[0.7, 0.3]] * 4)  # layer 0 prefers expert 0
+b = np.log([[0.3, 0.7]] * 4)  # layer 1 prefers expert 1
+print("top-1, 2 experts: uniform gives 1.0")
+print("global:", moe.load_balancing_loss([a, b], 2, 1), " layer:", moe.load_balancing_loss([a, b], 2, 1, "layer"))
+
+# %% [markdown]
+# The backward, both scopes in one function ($f_e$ from the top-k counts, a constant; the rest is the softmax
+# backward of section 2):
+
+
+# %%
+def load_balancing_loss_backward(router_logits, E, k, scope="global"):  # L × [N, E] -> L × [N, E]
+    groups = [np.concatenate(router_logits)] if scope == "global" else router_logits
+    out = []
+    for z in groups:
+        p = attention.softmax(z)
+        top = np.argsort(-p, axis=-1)[:, :k]
+        f = np.bincount(top.ravel(), minlength=E) / len(z)  # [E] no gradient
+        out.append(softmax_backward(np.broadcast_to(E * f / len(z), p.shape), p))
+    if scope == "global":
+        return np.split(out[0], np.cumsum([len(z) for z in router_logits])[:-1])
+    return [d / len(router_logits) for d in out]  # the mean over layers
+
+
+# %%
+layers = list(REF["aux.logits"])  # 3 layers × [10 tokens, 6 experts], top-2
+for scope in ("global", "layer"):
+    d = np.stack(load_balancing_loss_backward(layers, 6, 2, scope))
+    print(f"{scope:6s}: max |Δ| = {np.abs(d - REF['aux.' + scope]).max():.1e} against torch autograd of "
+          f"transformers' load_balancing_loss_func (per layer: called on each layer, averaged)")  # fmt: skip
+
+# %% [markdown]
+# ## 7. The whole model, checked against finite differences
 #
 # `grad.loss_and_grads` runs the forward pass keeping each layer's activations, then walks back through the layers
 # calling the backward functions above. We check it on the `moe-sparse-step` fixture (dense and MoE layers,
@@ -299,7 +352,7 @@ plt.show()
 # compares every parameter's gradient with torch autograd through transformers on all five fixtures (worst:
 # 3.2e-6 of the tensor's largest gradient).
 #
-# ## 7. AdamW and the schedule
+# ## 8. AdamW and the schedule
 #
 # Plain gradient descent takes the same step size for every weight. **Adam** keeps two running averages per weight
 # — the gradient $m$ and its square $v$ — and steps by $m/\sqrt v$: about the learning rate in the direction the
@@ -339,7 +392,7 @@ plt.show()
 # the gradients of several micro-batches, each scaled by 1/n, before one optimizer step — the same step as one
 # n-times-bigger batch, in the memory of a small one.
 #
-# ## 8. A short training run
+# ## 9. A short training run
 #
 # The data: a synthetic mixture of four small "languages" — arithmetic (`417 + 88 = 505`), list tasks
 # (`sort: pear fig -> fig pear`), sentences from a tiny grammar, and Python-like snippets — generated from a seed,
@@ -395,7 +448,7 @@ for prompt in ["417 + 88 =", "sort: pear fig ->", "the small"]:
     print(repr(prompt), "→", repr(out.strip()))
 
 # %% [markdown]
-# ## 9. The stored longer run
+# ## 10. The stored longer runs
 #
 # The same trainer, run three times on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of
 # width 64, top-2, renormalised: 0.84 M parameters) for 800 steps of 16 × 64 tokens (819 k tokens each), with the
@@ -434,7 +487,7 @@ for ax, t in zip(axes, ("training cross-entropy", "validation cross-entropy"), s
 plt.show()
 
 # %% [markdown]
-# ## 10. Expert load: coefficient 0 vs 0.001 vs 0.1
+# ## 11. Expert load: per layer and pooled
 #
 # Every log line holds, per MoE layer, the share of the (token, slot) routing pairs each expert received over the
 # last 5 steps; uniform is $1/8$. Below, each row is one expert of one layer (4 layers × 8 experts), each column a
@@ -482,7 +535,7 @@ for c in COEFS:
 # log), because with nearly flat router probabilities $E\sum_e f_e P_e \approx \sum_e f_e = k$ whatever the load.
 # The load itself, not the loss value, is the thing to watch.
 #
-# ## 11. Samples through tinyqwen generate
+# ## 12. Samples through tinyqwen generate
 #
 # Greedy continuations of the coefficient-0.001 run's checkpoint, stored by `training/reproduce.py` (it calls
 # `tinyqwen generate --raw --temperature 0`):
@@ -492,9 +545,10 @@ for s in stored["samples_aux0.001"]:
     print(repr(s["prompt"]), "→", repr(s["output"].strip()))
 
 # %% [markdown]
-# ## 12. Checkpoint: our gradients against torch autograd
+# ## 13. Checkpoint: our gradients against torch autograd
 #
-# The last check: the whole Qwen3-MoE fixture `moe-norm-topk` (loss = cross-entropy + 0.001 × aux), our gradients
+# The last check: the whole Qwen3-MoE fixture `moe-norm-topk` (loss = cross-entropy + 0.001 × aux, transformers'
+# pooled scope), our gradients
 # against those of transformers' `Qwen3MoeForCausalLM` in train mode, computed by torch's autograd and stored in
 # `REF`. Bound per tensor: $10^{-4}$ of its largest gradient (both sides float32).
 
@@ -528,7 +582,7 @@ print(f"loss {r.loss:.6f} (|Δ| = {abs(r.loss - float(REF['model.loss'])):.1e});
 # ## Exercises
 #
 # Fill in `exercises/ch13_training.py` (`softmax_backward`, `rms_norm_backward`, `cross_entropy_backward`,
-# `route_backward`, `adamw_step`) and run
+# `route_backward`, `load_balancing_loss_backward`, `adamw_step`) and run
 #
 # ```bash
 # pytest exercises/test_ch13_training.py

@@ -474,8 +474,9 @@ def _train(cfg: TrainConfig, resume, stop_after) -> dict:
 def _postfix(e: dict, n_experts: int, val_loss: float) -> str:
     s = f"loss {e['ce']:.3f} aux {e['aux']:.3f} val {val_loss:.3f} {e['tok_per_s']:.0f} tok/s"
     if n_experts and e["expert_load"]:
-        share = np.array(e["expert_load"]) * n_experts  # 1 = uniform
-        s += f" load ×uniform {share.min():.2f}–{share.max():.2f}"
+        share = np.array(e["expert_load"]) * n_experts  # [layers, E], 1 = uniform
+        pooled = share.mean(axis=0)  # every layer routes the same number of picks
+        s += f" load ×uniform per layer {share.min():.2f}–{share.max():.2f}, pooled {pooled.min():.2f}–{pooled.max():.2f}"
     return s
 
 
