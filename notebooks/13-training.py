@@ -277,7 +277,12 @@ for case in ("norm", "plain"):
 a = np.log([[0.7, 0.3]] * 4)  # layer 0 prefers expert 0
 b = np.log([[0.3, 0.7]] * 4)  # layer 1 prefers expert 1
 print("top-1, 2 experts: uniform gives 1.0")
-print("global:", moe.load_balancing_loss([a, b], 2, 1), " layer:", moe.load_balancing_loss([a, b], 2, 1, "layer"))
+print(
+    "global:",
+    moe.load_balancing_loss([a, b], 2, 1),
+    " layer:",
+    moe.load_balancing_loss([a, b], 2, 1, "layer"),
+)
 
 # %% [markdown]
 # The backward, both scopes in one function ($f_e$ from the top-k counts, a constant; the rest is the softmax
@@ -450,90 +455,190 @@ for prompt in ["417 + 88 =", "sort: pear fig ->", "the small"]:
 # %% [markdown]
 # ## 10. The stored longer runs
 #
-# The same trainer, run three times on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of
-# width 64, top-2, renormalised: 0.84 M parameters) for 800 steps of 16 × 64 tokens (819 k tokens each), with the
-# aux coefficient 0, 0.001 and 0.1. One command reproduces all three — about 2 CPU-minutes per run; the stored
-# ones took 33 minutes of wall time on a busy, shared 2-core machine where they ran at low priority:
+# The same trainer on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of width 64, top-2,
+# renormalised: 0.84 M parameters), 800 steps of 16 × 64 tokens (819 k tokens) per run, six runs that differ only
+# in the aux loss: off (coefficient 0); transformers' pooled loss (scope `"global"`) at Qwen3's 0.001 and at 0.1;
+# the per-layer loss (scope `"layer"`) at 0.001, 0.01 and 0.1. One command reproduces all of them
+# (__TIME__):
 #
 # ```bash
-# python training/reproduce.py      # = tinyqwen train --config training/tiny-moe-aux<coef>.json, three times
+# python training/reproduce.py      # = tinyqwen train --config training/tiny-moe-<run>.json, once per run
 # ```
 #
 # Its logs are stored in `notebooks/data/`:
 
 # %%
-COEFS = ("0", "0.001", "0.1")
-runs = {
-    c: [json.loads(x) for x in (DATA / f"train-tiny-moe-aux{c}.jsonl").read_text().splitlines()]
-    for c in COEFS
-}
 stored = json.loads((DATA / "train-summary.json").read_text())
-for c in COEFS:
-    s = stored["runs"][c]
-    print(f"coef {c:5s}: {s['tokens_seen']:,} tokens in {s['train_wall_s']:.0f} s, val loss {s['val_loss']:.3f} "
+runs = {
+    n: [json.loads(x) for x in (DATA / f"train-tiny-moe-{n}.jsonl").read_text().splitlines()]
+    for n in stored["runs"]
+}
+NAMES = [n for n in runs if not n.startswith("long-")]  # aux0, aux0.001, aux0.1, layer-aux0.001/0.01/0.1
+LONG = [n for n in runs if n.startswith("long-")]  # aux0 and layer-aux0.001 for 1600 steps
+
+
+def label(n):
+    r = stored["runs"][n]
+    name = "coef 0 (off)" if not r["aux_coef"] else f"{r['aux_loss_scope']} {r['aux_coef']:g}"
+    return name + (f", {r['steps']} steps" if n.startswith("long-") else "")
+
+
+for n in runs:
+    s = stored["runs"][n]
+    print(f"{label(n):25s}: {s['tokens_seen']:,} tokens, {s['train_cpu_s']:.0f} CPU-s, val loss {s['val_loss']:.3f} "
           f"(unigram {s['unigram_val_loss']:.3f}), peak RSS {s['peak_rss_mib']:.0f} MiB")  # fmt: skip
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-for c in COEFS:
-    st = [e for e in runs[c] if e["kind"] == "step"]
-    axes[0].plot([e["tokens"] / 1e3 for e in st], [e["ce"] for e in st], label=f"coef {c}", lw=0.8)
+for n in NAMES:
+    st = [e for e in runs[n] if e["kind"] == "step"]
+    axes[0].plot([e["tokens"] / 1e3 for e in st], [e["ce"] for e in st], label=label(n), lw=0.7)
     ev = [e for e in st if "val_loss" in e]
-    axes[1].plot([e["tokens"] / 1e3 for e in ev], [e["val_loss"] for e in ev], "o-", label=f"coef {c}", ms=3)
+    axes[1].plot(
+        [e["tokens"] / 1e3 for e in ev], [e["val_loss"] for e in ev], "o-", label=label(n), ms=2, lw=0.8
+    )
 for ax, t in zip(axes, ("training cross-entropy", "validation cross-entropy"), strict=True):
-    ax.axhline(runs["0"][0]["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
+    ax.axhline(runs["aux0"][0]["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
     ax.set(title=t, xlabel="tokens seen (thousands)", ylabel="nats/token")
-    ax.legend()
+axes[1].legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
+# The aux loss costs nothing measurable in quality here: all six end within a few hundredths of a nat of each
+# other, three nats below the unigram baseline.
+#
 # ## 11. Expert load: per layer and pooled
 #
-# Every log line holds, per MoE layer, the share of the (token, slot) routing pairs each expert received over the
-# last 5 steps; uniform is $1/8$. Below, each row is one expert of one layer (4 layers × 8 experts), each column a
-# logged step, the colour the share as a multiple of uniform (white = uniform, red = overloaded, blue = starved).
+# Every log line holds, per MoE layer, the share of the (token, slot) routing picks each expert received over the
+# last 5 steps; uniform is $1/8$, and we plot shares as multiples of uniform. Two views of the same counts:
+#
+# - **per layer** — each layer's own shares: what matters for the model (a starved expert is wasted capacity, an
+#   overloaded one a bottleneck once experts have a capacity limit, as on real hardware);
+# - **pooled** — expert $e$'s picks summed over the 4 layers: the only thing transformers' loss looks at.
+#
+# We fixed the yardsticks before the runs, over the last 100 steps: a layer has **collapsed** when one of its
+# experts gets under 0.25× uniform ("starved"), and a run is **within the band** when every share lies in
+# [0.5, 1.5]× uniform. Left to right the six runs; on top each layer's shares, below the pooled ones:
+
+# %%
+fig, axes = plt.subplots(2, len(NAMES), figsize=(15, 4.6), gridspec_kw={"height_ratios": [1, 1]})
+for j, n in enumerate(NAMES):
+    f = stored["runs"][n]["expert_load"]
+    im = axes[0, j].imshow(f["per_layer_x_uniform"], cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
+    axes[0, j].set(title=label(n), xlabel="expert", ylabel="layer" if j == 0 else None, yticks=range(4))
+    axes[1, j].bar(range(8), f["pooled_x_uniform"], color="gray")
+    for y in (0.5, 1.5):
+        axes[1, j].axhline(y, color="tab:red", lw=0.6, ls="--")
+    axes[1, j].set(ylim=(0, 2.7), xlabel="expert", ylabel="pooled ×uniform" if j == 0 else None)
+fig.colorbar(im, ax=axes[0], label="share × uniform", shrink=0.9)
+fig.suptitle("last 100 steps: per-layer load (top, white = uniform) and pooled load (bottom, band dashed)")
+plt.show()
+
+# %% [markdown]
+# The numbers behind the picture (from `train-summary.json`): min and max share, starved experts (of 32 per layer
+# view, of 8 pooled), and the coefficient of variation across experts (0 = perfectly even):
+
+# %%
+for n in NAMES:
+    f = stored["runs"][n]["expert_load"]
+    pl, po = f["per_layer"], f["pooled"]
+    print(f"{label(n):12s} per layer [{pl['min']:.2f}, {pl['max']:.2f}] starved {pl['starved']} cv {pl['cv']:.2f}"
+          f" band {'yes' if pl['within_band'] else 'no '} | pooled [{po['min']:.2f}, {po['max']:.2f}] "
+          f"cv {po['cv']:.2f} band {'yes' if po['within_band'] else 'no'}")  # fmt: skip
+
+# %% [markdown]
+# How it develops: the smallest and largest per-layer share over training (each point the mean over 20 steps),
+# with the starved line at 0.25× and the band dashed.
+
+
+# %%
+def plot_extremes(names, every=20):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.3), sharex=True)
+    for n in names:
+        st = [e for e in runs[n] if e["kind"] == "step"]
+        x = np.array([e["expert_load"] for e in st]) * 8  # [logged steps, layers, experts]
+        g = every // (st[1]["step"] - st[0]["step"])  # log lines per point
+        x = x[: len(x) // g * g].reshape(-1, g, *x.shape[1:]).mean(axis=1)
+        steps = [st[i]["step"] for i in range(g - 1, len(st), g)][: len(x)]
+        axes[0].plot(steps, x.min(axis=(1, 2)), label=label(n), lw=0.9)
+        axes[1].plot(steps, x.max(axis=(1, 2)), label=label(n), lw=0.9)
+    axes[0].axhline(0.25, color="k", lw=0.6), axes[0].axhline(0.5, color="tab:red", lw=0.6, ls="--")
+    axes[1].axhline(1.5, color="tab:red", lw=0.6, ls="--")
+    axes[0].set(
+        title=f"smallest per-layer share (×uniform, mean over {every} steps)", xlabel="step", yscale="log"
+    )
+    axes[1].set(title="largest per-layer share (×uniform)", xlabel="step")
+    axes[1].legend(fontsize=7)
+    plt.show()
+
+
+plot_extremes(NAMES)
+
+# %% [markdown]
+# Over steps, each row one expert of one layer (8 rows per layer), for the three runs that tell the story:
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
-for ax, c in zip(axes, COEFS, strict=True):
-    st = [e for e in runs[c] if e["kind"] == "step"]
+for ax, n in zip(axes, ("aux0", "aux0.001", "layer-aux0.001"), strict=True):
+    st = [e for e in runs[n] if e["kind"] == "step"]
     load = np.array([e["expert_load"] for e in st]) * 8  # [logged steps, layers, experts], 1 = uniform
     im = ax.imshow(load.reshape(len(st), -1).T, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2,
                    extent=(st[0]["step"], st[-1]["step"], 31.5, -0.5), interpolation="nearest")  # fmt: skip
     for b in (7.5, 15.5, 23.5):
         ax.axhline(b, color="k", lw=0.5)
-    ax.set(title=f"aux coefficient {c}", xlabel="step")
+    ax.set(title=label(n), xlabel="step")
 axes[0].set_ylabel("layer × expert (8 rows per layer)")
 fig.colorbar(im, ax=axes, label="share × uniform")
 plt.show()
 
 # %% [markdown]
-# The numbers behind the picture, averaged over the last 100 steps (from `train-summary.json`): the smallest and
-# largest expert share as a multiple of uniform, how many of the 32 experts get under a quarter of their fair
-# share, and the coefficient of variation of the load across experts (0 = perfectly even).
+# What to read from it:
+#
+# 1. **Without the aux loss the routing collapses, per layer.** In the first 100 steps 6 of the 32 layer-experts
+#    are starved; at the end 3 still get under a quarter of their share (the least 0.06×) while others take 2.35×.
+#    Pooled over layers the same run looks mild, 0.76–1.36×: the layers' imbalances fall on different expert
+#    indices and partly cancel.
+# 2. **transformers' loss balances what it measures — the pooled load.** At 0.1 the pooled shares are uniform to
+#    ±1 %; at Qwen3's 0.001 they narrow from 0.76–1.36× to 0.84–1.15×. But *per layer* nothing improves: 0.07–2.64×
+#    with 4 starved at 0.001, 0.06–2.22× with 2 starved at 0.1. The loss is minimal whenever each expert index's
+#    picks *summed over layers* are even, and that leaves every layer free to starve some of its own experts.
+#    (An earlier version of this chapter plotted only the per-layer load, saw the same spread at every
+#    coefficient, and concluded the loss was too weak for so short a run. The loss was not weak; it was aimed
+#    elsewhere.)
+# 3. **The per-layer loss balances each layer.** At 0.001 no expert is starved after step 200 and the last 100
+#    steps span 0.58–1.92× (coefficient of variation 0.32 against 0.61 with the loss off), at 0.01 0.88–1.16×,
+#    at 0.1 0.94–1.03×. So at Qwen3's 0.001 the per-layer loss prevents the collapse, but within 800 steps it does
+#    not bring every expert into the [0.5, 1.5] band — one expert of layer 0 still takes 1.92× — and the smallest
+#    coefficient we ran that holds the band (from step 100 on) is 0.01.
+# 4. **Balance costs nothing here.** Validation loss 1.39–1.43 in all six; the best is the per-layer 0.01 run.
+#
+# Why can a coefficient of 0.001 do anything against a cross-entropy gradient hundreds of times larger? Because it
+# always pushes the same way: the cross-entropy's gradients on a router row point in token-specific directions and
+# largely cancel in the sum over a batch, while the aux gradient $E f_e/(LN)$ pushes every row of an overloaded
+# expert down, step after step. A small steady force wins slowly — which is also why 0.001 needs more than 800
+# steps of 1,024 tokens to finish the job. (Qwen3 itself trained on trillions of tokens with far larger batches.)
+#
+# Note also what the aux loss *value* shows: transformers' pooled value stays near its floor $k = 2$ in every
+# global run (2.07 with the loss off), because the pooled load is never far from uniform and the router
+# probabilities are nearly flat ($E\sum_e f_e P_e \approx \sum_e f_e = k$). The per-layer value at 0.001 (2.15)
+# is higher although that run's layers are far better balanced: the two numbers measure different things. Watch the
+# load itself, per layer.
+#
+# Which scope did Qwen3's own training use? The checkpoint cannot tell us; what we know is that transformers'
+# `Qwen3MoeForCausalLM` — the code most people fine-tune with — computes the pooled one.
+#
+# **Longer runs.** Does the per-layer 0.001 run keep improving, and does the collapse without the loss persist?
+# The same two settings for 1600 steps (1.6 M tokens; the cosine schedule stretched to the new length):
 
 # %%
-for c in COEFS:
-    f = stored["runs"][c]["expert_load"]
-    print(f"coef {c:5s}: share × uniform in [{f['min_x_uniform']:.2f}, {f['max_x_uniform']:.2f}], "
-          f"{f['experts_below_0.25x']:2d} experts below 0.25×, coefficient of variation {f['coefficient_of_variation']:.2f}")  # fmt: skip
+plot_extremes(LONG, every=40)
+for n in LONG:
+    f = stored["runs"][n]["expert_load"]["per_layer"]
+    print(f"{label(n):25s} last 100 steps, per layer: [{f['min']:.2f}, {f['max']:.2f}], starved {f['starved']}, "
+          f"cv {f['cv']:.2f}, band {'yes' if f['within_band'] else 'no'}")  # fmt: skip
 
 # %% [markdown]
-# What to read from it — and this is a measured result, not the textbook picture. In this tiny model and this
-# short run the load is uneven with *every* coefficient: a few experts per layer take twice their share, a few get
-# under a quarter of it, from the first hundred steps on; the patterns are set early, when the router's logits are
-# still tiny and the top-k choice hinges on small differences. At Qwen3's 0.001 the picture is indistinguishable
-# from no aux loss at all (the same spread, the same number of starved experts), and even 100× more (0.1) only
-# narrows it a little within 800 steps. Why so weak? Look at the gradient of section 5: per token,
-# $\partial\,\text{aux}/\partial\,\text{logit}_{n,e} \approx (f_e - k/E)/N$ while the router probabilities are
-# nearly flat, times the coefficient. Summed over a batch it can only move each expert's logit along the *mean*
-# hidden state — a bias-like direction — against the cross-entropy's gradient, which is token-specific and, here,
-# much larger. Qwen3 trains on trillions of tokens with batches of millions, where a small force that always
-# points the same way has time to win; 800 steps of 1,024 tokens do not give it that time.
-#
-# Note also what the aux loss *value* shows: it stays near its floor $k = 2$ in all three runs (see the training
-# log), because with nearly flat router probabilities $E\sum_e f_e P_e \approx \sum_e f_e = k$ whatever the load.
-# The load itself, not the loss value, is the thing to watch.
+# __LONG__
 #
 # ## 12. Samples through tinyqwen generate
 #
@@ -575,9 +680,13 @@ print(f"loss {r.loss:.6f} (|Δ| = {abs(r.loss - float(REF['model.loss'])):.1e});
 #   router logit; unchosen experts' weights get none from that token.
 # - Finite differences in float64 check any backward to ~1e-9; torch autograd checks the whole model.
 # - AdamW = Adam + decay on the weight itself; warm-up, cosine, clipping and accumulation complete the trainer.
-# - The load-balancing loss acts through the router's gradient; its strength relative to the cross-entropy decides
-#   how quickly the load evens out. At Qwen3's 0.001 it changes nothing measurable in a run this small — watch the
-#   load, not the loss value, which sits at its floor while the load is uneven.
+# - The load-balancing loss acts only through the router's probabilities ($f_e$ is a count, straight-through).
+#   transformers' version pools every MoE layer's rows, so it balances each expert index *summed over layers*;
+#   a layer can still starve its own experts. The per-layer (Switch / GShard) version balances every layer.
+# - Measured here: with the loss off, 3 of 32 layer-experts end starved (< 0.25× uniform); the pooled loss at 0.1
+#   makes the pooled load uniform but leaves the layers as uneven; the per-layer loss at Qwen3's 0.001 prevents
+#   starving (0.58–1.92×) and at 0.01 holds every expert within [0.5, 1.5]× uniform. Watch the per-layer load,
+#   not the loss value.
 #
 # ## Exercises
 #

@@ -6,7 +6,9 @@
 Trains the same tiny Qwen3-MoE (4 layers × 8 experts, top-2) on the synthetic corpus (tinyqwen/corpus.py) with
 `tinyqwen train --config training/tiny-moe-<name>.json` for each run in RUNS: the load-balancing coefficient 0
 (off), 0.001 (Qwen3's router_aux_loss_coef) and 0.1 with transformers' aux loss (scope "global": every layer's
-router rows pooled), and 0.001, 0.01 and 0.1 with the per-layer loss (scope "layer", averaged over layers).
+router rows pooled), and 0.001, 0.01 and 0.1 with the per-layer loss (scope "layer", averaged over layers), 800
+steps each; then coefficient 0 and layer-scope 0.001 again for 1600 steps ("long-", the same schedule stretched),
+to see whether the trends seen at 800 steps continue.
 It copies each run's log to notebooks/data/train-tiny-moe-<name>.jsonl (what the notebook plots) and writes
 notebooks/data/train-summary.json: per run the wall time, tokens seen, validation loss vs the unigram baseline and
 the expert-load figures the chapter quotes, plus greedy samples of the coef-0.001 checkpoint through
@@ -33,7 +35,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "notebooks" / "data"
-RUNS = ("aux0", "aux0.001", "aux0.1", "layer-aux0.001", "layer-aux0.01", "layer-aux0.1")
+RUNS = (
+    "aux0",
+    "aux0.001",
+    "aux0.1",
+    "layer-aux0.001",
+    "layer-aux0.01",
+    "layer-aux0.1",
+    "long-aux0",
+    "long-layer-aux0.001",
+)
 SAMPLE_RUN = "aux0.001"
 PROMPTS = ["417 + 88 =", "sort: pear fig apple ->", "the small cat", "def scale_4(x):\n"]
 WINDOW, STARVED, BAND = 100, 0.25, (0.5, 1.5)
