@@ -456,9 +456,10 @@ for prompt in ["417 + 88 =", "sort: pear fig ->", "the small"]:
 # ## 10. The stored longer runs
 #
 # The same trainer on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of width 64, top-2,
-# renormalised: 0.84 M parameters), 800 steps of 16 × 64 tokens (819 k tokens) per run, six runs that differ only
-# in the aux loss: off (coefficient 0); transformers' pooled loss (scope `"global"`) at Qwen3's 0.001 and at 0.1;
-# the per-layer loss (scope `"layer"`) at 0.001, 0.01 and 0.1. One command reproduces all of them
+# renormalised: 0.84 M parameters), 800 steps of 16 × 64 tokens (819 k tokens) per run, seven runs that differ
+# only in the aux loss: off (coefficient 0); transformers' pooled loss (scope `"global"`) at Qwen3's 0.001 and at
+# 0.1; the per-layer loss (scope `"layer"`) at 0.001, 0.003, 0.01 and 0.1 — plus two 1600-step runs (section 11).
+# One command reproduces all of them
 # (__TIME__):
 #
 # ```bash
@@ -473,7 +474,9 @@ runs = {
     n: [json.loads(x) for x in (DATA / f"train-tiny-moe-{n}.jsonl").read_text().splitlines()]
     for n in stored["runs"]
 }
-NAMES = [n for n in runs if not n.startswith("long-")]  # aux0, aux0.001, aux0.1, layer-aux0.001/0.01/0.1
+NAMES = [
+    n for n in runs if not n.startswith("long-")
+]  # aux0, aux0.001, aux0.1, layer-aux0.001/0.003/0.01/0.1
 LONG = [n for n in runs if n.startswith("long-")]  # aux0 and layer-aux0.001 for 1600 steps
 
 
@@ -504,7 +507,7 @@ axes[1].legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
-# The aux loss costs nothing measurable in quality here: all six end within a few hundredths of a nat of each
+# The aux loss costs nothing measurable in quality here: all seven end within a few hundredths of a nat of each
 # other, three nats below the unigram baseline.
 #
 # ## 11. Expert load: per layer and pooled
@@ -518,7 +521,7 @@ plt.show()
 #
 # We fixed the yardsticks before the runs, over the last 100 steps: a layer has **collapsed** when one of its
 # experts gets under 0.25× uniform ("starved"), and a run is **within the band** when every share lies in
-# [0.5, 1.5]× uniform. Left to right the six runs; on top each layer's shares, below the pooled ones:
+# [0.5, 1.5]× uniform. Left to right the seven runs; on top each layer's shares, below the pooled ones:
 
 # %%
 fig, axes = plt.subplots(2, len(NAMES), figsize=(15, 4.6), gridspec_kw={"height_ratios": [1, 1]})
@@ -610,7 +613,7 @@ plt.show()
 #    at 0.1 0.94–1.03×. So at Qwen3's 0.001 the per-layer loss prevents the collapse, but within 800 steps it does
 #    not bring every expert into the [0.5, 1.5] band — one expert of layer 0 still takes 1.92× — and the smallest
 #    coefficient we ran that holds the band (from step 100 on) is 0.01.
-# 4. **Balance costs nothing here.** Validation loss 1.39–1.43 in all six; the best is the per-layer 0.01 run.
+# 4. **Balance costs nothing here.** Validation loss 1.39–1.43 in all seven; the best is the per-layer 0.01 run.
 #
 # Why can a coefficient of 0.001 do anything against a cross-entropy gradient hundreds of times larger? Because it
 # always pushes the same way: the cross-entropy's gradients on a router row point in token-specific directions and

@@ -6,7 +6,7 @@
 Trains the same tiny Qwen3-MoE (4 layers × 8 experts, top-2) on the synthetic corpus (tinyqwen/corpus.py) with
 `tinyqwen train --config training/tiny-moe-<name>.json` for each run in RUNS: the load-balancing coefficient 0
 (off), 0.001 (Qwen3's router_aux_loss_coef) and 0.1 with transformers' aux loss (scope "global": every layer's
-router rows pooled), and 0.001, 0.01 and 0.1 with the per-layer loss (scope "layer", averaged over layers), 800
+router rows pooled), and 0.001, 0.003, 0.01 and 0.1 with the per-layer loss (scope "layer", averaged over layers), 800
 steps each; then coefficient 0 and layer-scope 0.001 again for 1600 steps ("long-", the same schedule stretched),
 to see whether the trends seen at 800 steps continue.
 It copies each run's log to notebooks/data/train-tiny-moe-<name>.jsonl (what the notebook plots) and writes
@@ -40,6 +40,7 @@ RUNS = (
     "aux0.001",
     "aux0.1",
     "layer-aux0.001",
+    "layer-aux0.003",
     "layer-aux0.01",
     "layer-aux0.1",
     "long-aux0",
