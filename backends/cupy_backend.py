@@ -15,8 +15,10 @@ sets its speed; prefill multiplies whole matrices and is compute-bound. The plan
     moe_block     router softmax + top-k on the device; decode: gather the routed rows, one GEMV per (token,
                   expert) pair through its own expert, combine in slot order — no trip to the host; prefill: the
                   tokens grouped by expert on the host (one sync per MoE layer), each expert's GEMMs once
-    sampling      greedy arg-max or temperature sampling on the device (`generate_on_device`): per step only the
-                  chosen id (8 bytes) comes back, not the [vocab] logits
+    sampling      every option on the device (filter.cu: penalties from device-side counts, temperature,
+                  top-k / top-p by radix select, min-p, the inverse CDF with the host generator's u): per step only
+                  the chosen id (8 bytes) comes back, not the [vocab] logits; `tinyqwen.generate` uses it on this
+                  backend (`DeviceBackend.device_sampler`), and the ids equal host sampling's with the same seed
 
 The CUDA C sources live in `backends/cuda/*.cu` (compiled at first use by NVRTC, through CuPy). Everything is
 written against an *ops* object: `CudaKernels` launches the real kernels on CuPy arrays; `NumpyTwins` computes the
@@ -38,7 +40,9 @@ import numpy as np
 from backends import Backend
 from tinyqwen.attention import MASKED
 from tinyqwen.errors import BackendError, GenerationError
+from tinyqwen.generation import CHOOSE, FINISHED  # per row: sample it / finished (else: take that forced id)
 from tinyqwen.safetensors import bf16_to_float32
+from tinyqwen.sampling import SamplingParams
 
 KERNEL_DIR = Path(__file__).parent / "cuda"
 # every kernel of every source file; tests check that each one is defined
@@ -50,11 +54,15 @@ KERNELS = {
     "bf16.cu": ("widen_bf16", "embed_bf16", "embed_f32", "gemv_bf16"),
     "moe.cu": ("moe_route", "gather_rows", "gemv_expert_bf16", "gemv_expert_f32", "moe_combine"),
     "sample.cu": ("argmax_rows", "sample_rows"),
+    "filter.cu": ("penalize_rows", "filter_sample_rows"),
 }
 ARCHITECTURES = ("compute_80", "compute_90")  # A100, H100/H200: the virtual architectures CI compiles for
 GEMV_MAX_ROWS = 8  # tokens up to which a bf16 product streams the weight (TQ_GEMV_ROWS in bf16.cu)
 WIDEN_BLOCK_BYTES = 256 << 20  # float32 scratch for widening a bf16 weight before cuBLAS (prefill)
 SAMPLE_THREADS = 256  # TQ_SAMPLE_THREADS in sample.cu
+FILTER_THREADS = 1024  # TQ_FILTER_THREADS in filter.cu
+MASS_ONE = 2.0**60  # TQ_MASS_ONE in filter.cu: a probability of 1 in fixed point
+SLACK = 1e-9  # tinyqwen.sampling's rounding slack for top-p and min-p
 INSTALL = "pip install 'tinyqwen[gpu]' (cupy-cuda12x, nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12)"
 
 
@@ -86,6 +94,34 @@ def compile_options(arch: str | None = None) -> list[str]:
         raise BackendError(f"cuda_bf16.h not found (the CUDA runtime headers): {INSTALL}")
     options = ["--std=c++17", f"-I{KERNEL_DIR}", *(f"-I{d}" for d in includes)]
     return options + ([f"--gpu-architecture={arch}"] if arch else [])
+
+
+def ptxas_report(source: Path, arch: str) -> dict[str, dict[str, int]]:
+    """{kernel: {"registers", "spill_bytes", "shared_bytes"}} from compiling `source` to `arch` (sm_80, sm_90)
+    machine code with ptxas -v, through NVRTC: what decides whether a launch of N threads fits one SM. No GPU needed.
+    """
+    import re
+
+    from cupy.cuda import nvrtc
+
+    program = nvrtc.createProgram(source.read_text(), source.name, [], [])
+    try:
+        nvrtc.compileProgram(
+            program, [*compile_options(), f"--gpu-architecture={arch}", "--ptxas-options=-v"]
+        )
+        log = nvrtc.getProgramLog(program)
+    finally:
+        nvrtc.destroyProgram(program)
+    report = {}
+    for name, body in re.findall(r"Compiling entry function '(\w+)'(.*?)(?=Compiling entry|\Z)", log, re.S):
+        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", body)
+        shared = re.search(r"(\d+) bytes smem", body)
+        report[name] = {
+            "registers": int(re.search(r"Used (\d+) registers", body).group(1)),
+            "spill_bytes": int(spills.group(1)) + int(spills.group(2)),
+            "shared_bytes": int(shared.group(1)) if shared else 0,
+        }
+    return report
 
 
 def compile_ptx(source: str | Path, arch: str, name: str = "kernel.cu") -> str:
@@ -213,6 +249,171 @@ class NumpyTwins:
             for c, t in zip(cdf, target, strict=True)
         ]
         return np.array(chosen, np.int64)
+
+    def penalize(self, logits, seen, counts, repetition, presence, frequency, temperature):
+        # [B, V] f32, [B, V] uint8, [B, V] int32 -> x [B, V] float64, bad [B] int32        (penalize_rows)
+        bad = (~np.isfinite(logits)).any(-1).astype(np.int32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            v = np.asarray(logits, np.float64)
+            v = np.where(seen != 0, np.where(v > 0, v / repetition, v * repetition), v)
+            v = v - np.where(counts > 0, presence, 0.0)
+            v = v - frequency * counts.astype(np.float64)
+            return v / temperature, bad
+
+    def filter_sample(self, x, top_k, top_p, min_p, greedy, u, forced, bad, seen, counts):
+        # [B, V] f64, ..., u [B] f64, forced [B] int64 -> [B] int64; records the ids in seen, counts (filter_sample_rows)
+        out = np.empty(x.shape[0], np.int64)
+        for b in range(x.shape[0]):
+            f = int(forced[b])
+            if f == FINISHED or bad[b]:
+                out[b] = FINISHED if f == FINISHED else -1
+                continue
+            token = f if f >= 0 else filter_sample_row(x[b], top_k, top_p, min_p, greedy, float(u[b]))
+            out[b] = token
+            if token < x.shape[1]:  # a forced id outside the vocabulary is the host's to reject
+                counts[b, token] += 1
+                seen[b, token] = 1
+        return out
+
+
+# ---------------------------------------------------------------------------------- filter_sample_rows, in NumPy
+
+_SIGN = np.uint64(1 << 63)
+ALL_TIES = 0x7FFFFFFF  # TQ_ALL_TIES: no cut inside the tokens equal to the cut's value
+
+
+def order_keys(x: np.ndarray) -> np.ndarray:
+    """float64 values -> uint64 keys that sort like them (order_key in filter.cu); -0.0 and +0.0 share one key.
+
+    >>> order_keys(np.array([-2.0, -0.0, 0.0, 1.5])).argsort().tolist()  # same order as the values
+    [0, 1, 2, 3]
+    >>> bool(order_keys(np.array([-0.0]))[0] == order_keys(np.array([0.0]))[0])
+    True
+    """  # [...] float64 -> [...] uint64
+    bits = (np.asarray(x, np.float64) + 0.0).view(np.uint64)
+    return np.where(bits >> np.uint64(63) == 1, ~bits, bits | _SIGN)
+
+
+def key_value(key: int) -> float:
+    """The float64 value whose key (order_keys) is `key`."""
+    bits = key & ((1 << 63) - 1) if key >> 63 else ~key & ((1 << 64) - 1)
+    return float(np.array([bits], np.uint64).view(np.float64)[0])
+
+
+def radix_select_kth(keys: np.ndarray, k: int, trace: list[int] | None = None) -> int:
+    """The key of the k-th largest value (ties counted), one byte at a time from the most significant.
+
+    Each pass histograms the next byte of the keys still matching the bytes fixed so far, then walks the 256 bins
+    from the largest down until it has seen k keys: the k-th largest lies in that bin.
+
+    >>> keys = order_keys(np.array([3.0, 1.0, 3.0, 2.0]))
+    >>> key_value(radix_select_kth(keys, 2)), key_value(radix_select_kth(keys, 3))
+    (3.0, 2.0)
+    >>> trace = []; _ = radix_select_kth(keys, 3, trace); trace  # candidates histogrammed in each pass
+    [4, 3, 1, 1, 1, 1, 1, 1]
+    """  # [n] uint64, 1 <= k <= n -> key
+    prefix, fixed, needed = 0, 0, k
+    for shift in range(56, -1, -8):
+        live = keys[(keys & np.uint64(fixed)) == np.uint64(prefix)]
+        if trace is not None:
+            trace.append(int(live.size))
+        bins = np.bincount(((live >> np.uint64(shift)) & np.uint64(255)).astype(np.int64), minlength=256)
+        d = 255
+        while bins[d] < needed:
+            needed -= int(bins[d])
+            d -= 1
+        prefix |= d << shift
+        fixed |= 255 << shift
+    return prefix
+
+
+def radix_select_mass(keys: np.ndarray, mass: np.ndarray, reach: int) -> tuple[int, int, int, int]:
+    """Top-p's cut: the key of the last token (by value desc) whose mass *before* it is < `reach`.
+
+    Like radix_select_kth, but the bins carry the candidates' (fixed-point) probability mass, and the walk keeps
+    the last bin whose first token still has less than `reach` before it. Returns (the cut's key, the mass above
+    it, how many tokens equal it, their mass). Integer masses: exact, whatever the order of the sums.
+
+    >>> keys, mass = order_keys(np.array([0.5, 0.3, 0.2])), np.array([50, 30, 20], np.uint64)
+    >>> cut, above, ties, tie_mass = radix_select_mass(keys, mass, 80)  # 50 + 30 reaches 80: 0.3 is the last
+    >>> key_value(cut), above, ties, tie_mass
+    (0.3, 50, 1, 30)
+    """  # [n] uint64 keys, [n] uint64 masses, reach > 0 -> (key, mass above, count, mass of the ties)
+    prefix, fixed, above = 0, 0, 0
+    for shift in range(56, -1, -8):
+        live = (keys & np.uint64(fixed)) == np.uint64(prefix)
+        digit = ((keys[live] >> np.uint64(shift)) & np.uint64(255)).astype(np.int64)
+        bins = np.bincount(digit, minlength=256)
+        bin_mass = np.zeros(256, np.uint64)
+        np.add.at(bin_mass, digit, mass[live])
+        before, chosen = above, -1
+        for d in range(255, -1, -1):
+            if before >= reach:
+                break
+            if bins[d]:
+                chosen, above_chosen = d, before
+                before += int(bin_mass[d])
+        prefix |= chosen << shift
+        fixed |= 255 << shift
+        above, count, count_mass = above_chosen, int(bins[chosen]), int(bin_mass[chosen])
+    return prefix, above, count, count_mass
+
+
+def filter_sample_row(x: np.ndarray, top_k: int, top_p: float, min_p: float, greedy: bool, u: float) -> int:
+    """One row of filter_sample_rows: the same steps, in NumPy (tinyqwen.sampling.sample's rules, found by radix
+    select instead of a sort). x: the penalised logits / T in float64; u: the host generator's uniform number.
+
+    >>> x = np.log(np.array([0.1, 0.5, 0.15, 0.25]))
+    >>> [filter_sample_row(x, 0, 0.7, 0.0, False, u) for u in (0.0, 0.6, 0.99)]  # top-p 0.7 keeps 0.5 and 0.25
+    [1, 1, 3]
+    """  # [V] float64 -> id
+    V = x.size
+    m = x.max()
+    if greedy:
+        return int(np.flatnonzero(x == m)[0])
+    e = np.exp(x - m)
+    keys = order_keys(x)
+    key_k = radix_select_kth(keys, top_k) if 0 < top_k < V else 0  # top-k: every value >= the k-th stays
+    in_k = keys >= np.uint64(key_k)
+    key_p, keep_ties, e_cut = key_k, ALL_TIES, 0.0
+    if top_p < 1.0:  # top-p over the top-k survivors, in fixed point
+        total = e[in_k].sum()
+        mass = np.where(in_k, np.rint(e / total * MASS_ONE), 0.0).astype(np.uint64)
+        reach = top_p - SLACK
+        if reach <= 0:
+            key_p, keep_ties = int(order_keys(np.array([m]))[0]), 1
+        else:
+            P = int(np.ceil(reach * MASS_ONE))
+            key_p, above, ties, tie_mass = radix_select_mass(keys[in_k], mass[in_k], P)
+            q = tie_mass // ties
+            keep_ties = (
+                ties if q == 0 else min(ties, -(-(P - above) // q))
+            )  # the i-th tie stays while above + i·q < P
+        e_cut = np.exp(key_value(key_p) - m)
+    tie = keys == np.uint64(key_p)
+    rank = np.cumsum(tie) - tie  # a tie's rank by id
+    keep = (keys > np.uint64(key_p)) | (tie & (rank < keep_ties))
+    if min_p > 0.0:  # min-p over the top-p survivors
+        if keep_ties != ALL_TIES:
+            S = e[keys > np.uint64(key_p)].sum() + keep_ties * e_cut
+        else:
+            S = e[keys >= np.uint64(key_p)].sum()
+        keep &= e / S >= min_p * (1.0 / S) * (1.0 - SLACK)
+    # the inverse CDF in id order, summed the kernel's way: one contiguous chunk of ids per thread
+    chunk = -(-V // FILTER_THREADS)
+    w = np.zeros(FILTER_THREADS * chunk)
+    w[:V] = np.where(keep, e, 0.0)
+    chunk_total = np.cumsum(w.reshape(FILTER_THREADS, chunk), axis=1)[
+        :, -1
+    ]  # sequential sums, as the threads
+    before = np.cumsum(chunk_total)  # thread 0's running sum over the chunks
+    target = u * before[-1]
+    for c in np.flatnonzero(before > target)[:1]:
+        ids = np.flatnonzero(keep[c * chunk : (c + 1) * chunk]) + c * chunk
+        running = np.cumsum(np.concatenate([[before[c - 1] if c else 0.0], e[ids]]))[1:]
+        crossed = np.flatnonzero(running > target)
+        return int(ids[crossed[0]] if crossed.size else ids[-1])
+    return int(np.flatnonzero(keep)[-1])  # u·total rounded up to the total: the last kept id
 
 
 class CudaKernels:
@@ -370,6 +571,28 @@ class CudaKernels:
         self._kernel("sample_rows")((B,), (SAMPLE_THREADS,), args)
         return out
 
+    def penalize(self, logits, seen, counts, repetition, presence, frequency, temperature):
+        logits = self._c(logits)
+        B, V = logits.shape
+        x = self.xp.empty((B, V), np.float64)
+        bad = self.xp.zeros(B, np.int32)
+        args = (logits, seen, counts, np.int32(V), np.float64(repetition), np.float64(presence))
+        args += (np.float64(frequency), np.float64(temperature), x, bad)
+        self._kernel("penalize_rows")((*self._blocks(V), B), (256,), args)
+        return x, bad
+
+    def filter_sample(self, x, top_k, top_p, min_p, greedy, u, forced, bad, seen, counts):
+        B, V = x.shape  # seen, counts: the sampler's own device arrays, updated in place (never copies)
+        e = self.xp.empty((B, V), np.float64)
+        mass = self.xp.empty((B, V), np.uint64)
+        out = self.xp.empty(B, np.int64)
+        u = self._c(self.xp.asarray(u), np.float64)  # host -> device: B numbers per step
+        forced = self._c(self.xp.asarray(forced), np.int64)
+        args = (x, e, mass, np.int32(V), np.int32(top_k), np.float64(top_p), np.float64(min_p))
+        args += (np.int32(bool(greedy)), u, forced, bad, seen, counts, out)
+        self._kernel("filter_sample_rows")((B,), (FILTER_THREADS,), args)
+        return out
+
 
 # --------------------------------------------------------------------------------------------- the orchestration
 
@@ -419,6 +642,10 @@ class _Uploads:
 @dataclass(frozen=True)
 class DeviceBackend(Backend):
     ops: object = None  # NumpyTwins or CudaKernels: what `generate_on_device` samples with
+
+    def device_sampler(self, params: SamplingParams, prompts: list[list[int]], vocab: int) -> DeviceSampler:
+        """What tinyqwen.generation samples with on this backend (every option, on the device)."""
+        return DeviceSampler(self.ops, params, prompts, vocab)
 
 
 def make_backend(ops, name: str = "cupy") -> DeviceBackend:
@@ -522,7 +749,10 @@ def make_backend(ops, name: str = "cupy") -> DeviceBackend:
 
 
 def next_token(ops, logits, temperature: float = 0.0, rng=None):
-    """[B, V] logits on the device -> [B] ids on the device: arg-max, or a temperature sample (needs `rng`)."""
+    """[B, V] logits on the device -> [B] ids on the device: arg-max, or a temperature sample (needs `rng`).
+
+    The minimal pair (argmax_rows, sample_rows: float32, the device's own generator); `DeviceSampler` is the whole
+    pipeline (penalties, top-k, top-p, min-p) with the host generator's numbers, equal to host sampling."""
     if temperature <= 0:
         return ops.argmax(logits)
     if rng is None:
@@ -530,15 +760,56 @@ def next_token(ops, logits, temperature: float = 0.0, rng=None):
     return ops.sample(logits, temperature, ops.uniform(rng, logits.shape[0]))
 
 
-def generate_on_device(
-    model, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, eos_token_ids=()
-) -> list[int]:
-    """Generate with the sampling on the device: per step only the new id (8 bytes) crosses to the host.
+class DeviceSampler:
+    """Every sampling option on the device for a batch of rows; per step only the B chosen ids cross to the host.
 
-    Greedy (temperature 0) gives the same ids as `tinyqwen.generate`. With temperature > 0 the draw is the inverse
-    CDF of `tinyqwen.sampling.sample`, but the uniform numbers come from the device's generator (seeded by
-    `seed`), so a run repeats exactly on one backend but not across backends. Penalties, top-k, top-p and min-p
-    stay with `tinyqwen.generate` (host-side sampling).
+    It keeps, on the device, which ids each row has seen (prompt + output: the repetition penalty) and how often
+    each was generated (presence / frequency); `filter_sample_rows` updates both with the id it picks, so they
+    never cross either. The uniform numbers come from the host's generator (one float per row and step, host to
+    device): with the same seed the ids equal `tinyqwen.generate`'s host sampler, on any backend.
+
+    >>> s = DeviceSampler(NumpyTwins(), SamplingParams(repetition_penalty=2.0), [[1]], vocab=3)
+    >>> s.choose(np.array([[1.0, 1.5, 0.0]], np.float32), [0.0], [CHOOSE]).tolist()  # 1.5 / 2 < 1: id 0
+    [0]
+    """
+
+    def __init__(self, ops, params: SamplingParams, prompts: list[list[int]], vocab: int):
+        self.ops, self.params = ops, params
+        seen = np.zeros((len(prompts), vocab), np.uint8)
+        for b, prompt in enumerate(prompts):
+            seen[b, prompt] = 1
+        self.seen = ops.xp.asarray(seen)  # [B, V] uploaded once
+        self.counts = ops.xp.zeros((len(prompts), vocab), np.int32)  # [B, V]
+
+    def choose(self, logits, u, forced) -> np.ndarray:
+        """[B, V] device logits, [B] uniforms (ignored when greedy or forced), [B] CHOOSE / FINISHED / an id to
+        take -> [B] int64 ids on the host (-1: that row's logits are not finite; FINISHED for finished rows)."""
+        p, ops = self.params, self.ops
+        temperature = 1.0 if p.greedy else p.temperature  # greedy: the arg-max of the penalised logits
+        x, bad = ops.penalize(
+            logits,
+            self.seen,
+            self.counts,
+            p.repetition_penalty,
+            p.presence_penalty,
+            p.frequency_penalty,
+            temperature,
+        )
+        ids = ops.filter_sample(
+            x, int(p.top_k), p.top_p, p.min_p, p.greedy, np.asarray(u, np.float64), np.asarray(forced, np.int64),
+            bad, self.seen, self.counts,
+        )  # fmt: skip
+        return ops.to_numpy(ids)  # the one transfer per step: B ids (8 bytes each)
+
+
+def generate_on_device(
+    model, prompt, max_new_tokens: int, temperature: float = 0.0, seed: int = 0, eos_token_ids=(), **knobs
+) -> list[int]:
+    """Generate one sequence with every sampling step on the device: per step only the new id (8 bytes) crosses.
+
+    `knobs` are SamplingParams' (top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty;
+    all off by default). The uniform numbers come from `np.random.default_rng(seed)`, drawn as tinyqwen.sampling
+    draws them, so the ids equal `tinyqwen.generate(model, prompt, ..., seed=seed)` with the same knobs.
     """
     ops = getattr(model.backend, "ops", None)
     if ops is None:
@@ -548,14 +819,17 @@ def generate_on_device(
     prompt = [int(t) for t in prompt]
     if not prompt or max_new_tokens < 1:
         raise GenerationError("generate_on_device needs a non-empty prompt and max_new_tokens >= 1")
+    params = SamplingParams(temperature=temperature, **knobs)
+    sampler = DeviceSampler(ops, params, [prompt], model.config.vocab_size)
+    rng = None if params.greedy else np.random.default_rng(seed)
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    rng = ops.rng(seed) if temperature > 0 else None
     ids, out = np.asarray([prompt]), []
     for _ in range(max_new_tokens):
-        logits = model.forward(
-            ids, cache=cache, last_only=True, on_device=True
-        ).logits  # [1, 1, V], on device
-        token = int(ops.to_numpy(next_token(ops, logits[:, -1], temperature, rng))[0])  # the one transfer
+        logits = model.forward(ids, cache=cache, last_only=True, on_device=True).logits  # [1, 1, V] on device
+        u = [0.0 if rng is None else rng.random()]
+        token = int(sampler.choose(logits[:, -1], u, [CHOOSE])[0])
+        if token < 0:
+            raise GenerationError(f"the model's logits are not finite when choosing new token {len(out) + 1}")
         out.append(token)
         if token in eos_token_ids:
             break

@@ -242,26 +242,38 @@ def round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [M, K] f32 ->
     return bits, values
 
 
-@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
+# Every parallel kernel below only splits rows into chunks over the threads; the loops that stream the weights
+# live in a serial kernel it calls. Numba caches both, but a parallel kernel whose own body holds the loops ran
+# ~25% slower loaded from its cache than freshly compiled (the gate/up GEMVs of Qwen3-0.6B: 17-19 ms per token
+# instead of 13-15, Sapphire Rapids, 2 cores; numba issue #8085); with the loops in a serial kernel, the cached code
+# is as fast as a fresh compile.
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _gemv_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked row space of _gemv_many_bf16
+    M, K = x.shape
+    i = 0
+    for r in range(lo, hi):
+        while r >= starts[i + 1]:
+            i += 1
+        w, out, n = ws[i], outs[i], r - starts[i]
+        for m in range(M):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[m, k] * _bf16(w[n, k])
+            out[m, n] = acc
+
+
+@njit(parallel=True, cache=True)
 def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u16, n x [M, N_i] f32 (written)
     # every decode GEMV (n = 1: one weight; n = 3: q, k, v fused). The rows of all n weights as one row space
     # (starts: cumulative row counts), split into chunks over the threads: one parallel launch and one long stream
     # instead of n short ones
-    M, K = x.shape
     total = starts[-1]
     chunks = min(total, chunks)
     size = (total + chunks - 1) // chunks
     for c in prange(chunks):
-        for r in range(c * size, min(total, (c + 1) * size)):
-            i = 0
-            while r >= starts[i + 1]:
-                i += 1
-            w, out, n = ws[i], outs[i], r - starts[i]
-            for m in range(M):
-                acc = np.float32(0.0)
-                for k in range(K):
-                    acc += x[m, k] * _bf16(w[n, k])
-                out[m, n] = acc
+        _gemv_rows_bf16(x, ws, outs, starts, c * size, min(total, (c + 1) * size))
 
 
 class _BFloat(ir.types._BaseFloatType):  # LLVM's `bfloat` type, which llvmlite.ir does not name
@@ -316,31 +328,39 @@ def _dot_bf16(typingctx, x, w, n):
     return types.float32(x, w, n), codegen
 
 
-@njit(parallel=True, cache=True, error_model="numpy", fastmath=FAST)
+@njit(cache=True, error_model="numpy", fastmath=FAST)
+def _gate_up_rows_bf16_dot(xb, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16_dot
+    for f in range(lo, hi):
+        for m in range(xb.shape[0]):
+            out[m, f] = _silu(_dot_bf16(xb[m], w_gate, f)) * _dot_bf16(xb[m], w_up, f)
+
+
+@njit(parallel=True, cache=True)
 def _gate_up_bf16_dot(xb, w_gate, w_up, out, chunks):  # _gate_up_bf16 on bf16 inputs, with vdpbf16ps
-    M = xb.shape[0]
     F = w_gate.shape[0]
     chunks = min(F, chunks)
     size = (F + chunks - 1) // chunks
     for c in prange(chunks):
-        for f in range(c * size, min(F, (c + 1) * size)):
-            for m in range(M):
-                out[m, f] = _silu(_dot_bf16(xb[m], w_gate, f)) * _dot_bf16(xb[m], w_up, f)
+        _gate_up_rows_bf16_dot(xb, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
+
+
+@njit(cache=True)
+def _gemv_rows_bf16_dot(xb, ws, outs, starts, lo, hi):  # rows lo..hi of _gemv_many_bf16_dot
+    i = 0
+    for r in range(lo, hi):
+        while r >= starts[i + 1]:
+            i += 1
+        for m in range(xb.shape[0]):
+            outs[i][m, r - starts[i]] = _dot_bf16(xb[m], ws[i], r - starts[i])
 
 
 @njit(parallel=True, cache=True)
 def _gemv_many_bf16_dot(xb, ws, outs, starts, chunks):  # _gemv_many_bf16 on bf16 inputs, with vdpbf16ps
-    M = xb.shape[0]
     total = starts[-1]
     chunks = min(total, chunks)
     size = (total + chunks - 1) // chunks
     for c in prange(chunks):
-        for r in range(c * size, min(total, (c + 1) * size)):
-            i = 0
-            while r >= starts[i + 1]:
-                i += 1
-            for m in range(M):
-                outs[i][m, r - starts[i]] = _dot_bf16(xb[m], ws[i], r - starts[i])
+        _gemv_rows_bf16_dot(xb, ws, outs, starts, c * size, min(total, (c + 1) * size))
 
 
 def _dot_ok(K: int) -> bool:  # vdpbf16ps usable: the CPU has it, rows are whole 32-element steps
@@ -356,23 +376,28 @@ def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
             out[n, k] = _bf16(w[n, k])
 
 
-@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _gate_up_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16
+    M, K = x.shape
+    for f in range(lo, hi):
+        for m in range(M):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for k in range(K):
+                g += x[m, k] * _bf16(w_gate[f, k])
+                u += x[m, k] * _bf16(w_up[f, k])
+            out[m, f] = _silu(g) * u
+
+
+@njit(parallel=True, cache=True)
 def _gate_up_bf16(
     x, w_gate, w_up, out, chunks
 ):  # [M, K] f32, [F, K] u16 x2 -> out [M, F]: silu(x Wgᵀ)·(x Wuᵀ)
-    M, K = x.shape
     F = w_gate.shape[0]
     chunks = min(F, chunks)
     size = (F + chunks - 1) // chunks
     for c in prange(chunks):
-        for f in range(c * size, min(F, (c + 1) * size)):
-            for m in range(M):
-                g = np.float32(0.0)
-                u = np.float32(0.0)
-                for k in range(K):
-                    g += x[m, k] * _bf16(w_gate[f, k])
-                    u += x[m, k] * _bf16(w_up[f, k])
-                out[m, f] = _silu(g) * u
+        _gate_up_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
 
 
 # Small kernels run on one thread: a parallel launch costs microseconds, and far more when the cores are shared
@@ -417,33 +442,38 @@ def _rope(x, cos, sin, out):  # [B, H, T, d], [B, T, d] x2 -> out [B, H, T, d]
 
 @intrinsic
 def _f16(typingctx, u):
-    """uint16 float16 bit pattern -> float32, in a register (x86's F16C `vcvtph2ps`): exact, like bf16's widening."""
+    """int16 float16 bit pattern -> float32, in a register (x86's F16C `vcvtph2ps`): exact, like bf16's widening."""
 
     def codegen(context, builder, signature, args):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
-    return types.float32(types.uint16), codegen
+    return types.float32(types.int16), codegen
 
 
-KV_FLOAT32, KV_BF16, KV_F16 = 0, 1, 2  # how a KV cache stores its values (float16 passed as its uint16 view)
+# How a KV cache stores its values is told by the array's Numba type, so that each kernel is compiled for one
+# storage and its inner loops carry no branch: float32 as it is, bf16 as uint16 bit patterns, float16 as its int16
+# view (Numba has no float16 arrays). A run-time `kind` argument tested per element instead stopped the loops from
+# vectorising: a bf16 cache then read at 7 GB/s, slower than a float32 cache of twice the bytes (measured here).
 
 
-def _kv(x, kind):  # one stored key/value element -> float32 (compiled by the overload below)
+def _kv(x):  # one stored key/value element -> float32 (compiled by the overload below)
     raise NotImplementedError
 
 
 @numba.extending.overload(_kv)
-def _kv_overload(x, kind):
-    # a float32 cache compiles to the plain load; a uint16 one widens in registers, never the whole cache
+def _kv_overload(x):
+    # a float32 cache compiles to the plain load; a 16-bit one widens in registers, never the whole cache
     if isinstance(x, types.Float):
-        return lambda x, kind: x
+        return lambda x: x
     if x == types.uint16:
-        return lambda x, kind: _bf16(x) if kind == KV_BF16 else _f16(x)
+        return lambda x: _bf16(x)
+    if x == types.int16:
+        return lambda x: _f16(x)
     return None
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
-def _attend_group(q, k, v, mask, out, b, h, S, kind):  # one kv head h of row b and its group of query heads
+def _attend_group(q, k, v, mask, out, b, h, S):  # one kv head h of row b and its group of query heads
     # k, v: the whole KV cache [B, Hkv, max_len, d], C-contiguous (so the loops over d vectorise: a sliced view
     # has strides Numba cannot assume, and ran 4x slower); only its first S positions are read
     Hq, d = q.shape[1], q.shape[2]
@@ -455,7 +485,7 @@ def _attend_group(q, k, v, mask, out, b, h, S, kind):  # one kv head h of row b 
         for g in range(group):
             acc = np.float32(0.0)
             for j in range(d):
-                acc += q[b, h * group + g, j] * _kv(k[b, h, s, j], kind)
+                acc += q[b, h * group + g, j] * _kv(k[b, h, s, j])
             scores[g, s] = acc * scale if mask[b, s] else MASKED
     for g in range(group):
         top = scores[g, 0]
@@ -472,13 +502,45 @@ def _attend_group(q, k, v, mask, out, b, h, S, kind):  # one kv head h of row b 
         for g in range(group):
             p = scores[g, s]
             for j in range(d):
-                acc[g, j] += p * _kv(v[b, h, s, j], kind)
+                acc[g, j] += p * _kv(v[b, h, s, j])
     for g in range(group):
         for j in range(d):
             out[b, h * group + g, j] = acc[g, j]
 
 
-@njit(parallel=True, cache=True, fastmath=FAST, error_model="numpy")
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_up_rows(
+    x, experts, w_gate, w_up, h, p, lo, hi, bf16_inputs
+):  # hidden units lo..hi of (token, slot) p
+    k, d = experts.shape[1], w_gate.shape[2]
+    e, t = experts[p // k, p % k], p // k
+    for f in range(lo, hi):
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for j in range(d):
+            g += x[t, j] * _bf16(w_gate[e, f, j])
+            u += x[t, j] * _bf16(w_up[e, f, j])
+        a = _silu(g) * u
+        h[p, f] = _bf16(_to_bf16(a)) if bf16_inputs else a
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_down_rows(h, experts, weights, w_down, out, lo, hi):  # output features lo..hi of every token
+    N, k = experts.shape
+    F = w_down.shape[2]
+    for i in range(lo, hi):
+        for t in range(N):
+            total = np.float32(0.0)
+            for s in range(k):  # the token's experts, summed in slot order
+                e = experts[t, s]
+                acc = np.float32(0.0)
+                for f in range(F):
+                    acc += h[t * k + s, f] * _bf16(w_down[e, i, f])
+                total += weights[t, s] * acc
+            out[t, i] = total
+
+
+@njit(parallel=True, cache=True)
 def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks, bf16_inputs):
     # x [N, d] f32, experts/weights [N, k] (routing), w_gate/w_up [E, f, d] u16, w_down [E, d, f] u16 -> out [N, d]
     # (bf16_inputs: x arrives rounded; the hidden activations are rounded here before the down projection)
@@ -492,28 +554,11 @@ def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks, bf1
     size = (F + per - 1) // per
     for job in prange(P * per):
         p, c = job // per, job % per
-        e, t = experts[p // k, p % k], p // k
-        for f in range(c * size, min(F, (c + 1) * size)):
-            g = np.float32(0.0)
-            u = np.float32(0.0)
-            for j in range(d):
-                g += x[t, j] * _bf16(w_gate[e, f, j])
-                u += x[t, j] * _bf16(w_up[e, f, j])
-            a = _silu(g) * u
-            h[p, f] = _bf16(_to_bf16(a)) if bf16_inputs else a
+        _moe_up_rows(x, experts, w_gate, w_up, h, p, c * size, min(F, (c + 1) * size), bf16_inputs)
     rows = min(d, chunks)
     size = (d + rows - 1) // rows
     for c in prange(rows):
-        for i in range(c * size, min(d, (c + 1) * size)):
-            for t in range(N):
-                total = np.float32(0.0)
-                for s in range(k):  # the token's experts, summed in slot order
-                    e = experts[t, s]
-                    acc = np.float32(0.0)
-                    for f in range(F):
-                        acc += h[t * k + s, f] * _bf16(w_down[e, i, f])
-                    total += weights[t, s] * acc
-                out[t, i] = total
+        _moe_down_rows(h, experts, weights, w_down, out, c * size, min(d, (c + 1) * size))
 
 
 # short contexts on one thread (a parallel launch costs more than the work), long ones over the kv heads
@@ -522,20 +567,18 @@ PARALLEL_ATTENTION_BYTES = 1 << 20  # of keys and values read per step
 
 @njit(cache=True)
 def _decode_attention_serial(
-    q, k, v, mask, out, kind
-):  # [B, Hq, d], [B, Hkv, S, d] x2 (float32, or uint16 bf16/f16 bits), [B, S] bool -> out [B, Hq, d]
+    q, k, v, mask, out
+):  # [B, Hq, d], [B, Hkv, S, d] x2 (float32, uint16 bf16 or int16 f16 bits), [B, S] bool -> out [B, Hq, d]
     B, Hkv = k.shape[0], k.shape[1]
     for bh in range(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1], kind)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1])
 
 
 @njit(parallel=True, cache=True)
-def _decode_attention_parallel(
-    q, k, v, mask, out, kind
-):  # the same, (row, kv head) pairs spread over threads
+def _decode_attention_parallel(q, k, v, mask, out):  # the same, (row, kv head) pairs spread over threads
     B, Hkv = k.shape[0], k.shape[1]
     for bh in prange(B * Hkv):
-        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1], kind)
+        _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1])
 
 
 @njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
@@ -693,10 +736,6 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
-def _kv_kind(k: np.ndarray) -> int:
-    return {np.dtype(np.uint16): KV_BF16, np.dtype(np.float16): KV_F16}.get(k.dtype, KV_FLOAT32)
-
-
 def _whole_cache(
     a: np.ndarray,
 ) -> np.ndarray:  # [B, H, S, d] -> [B, H, S' ≥ S, d] C-contiguous, a = its [:, :, :S]
@@ -718,8 +757,7 @@ def _whole_cache(
 
 
 def _widen_kv(a: np.ndarray) -> np.ndarray:  # a block of a (possibly narrow) KV cache -> float32
-    kind = _kv_kind(a)
-    if kind == KV_BF16:
+    if a.dtype == np.uint16:  # bf16 bit patterns
         return bf16_to_float32(a)
     return a.astype(np.float32, copy=False)
 
@@ -731,15 +769,14 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> 
     if T != 1:
         return _prefill_attention(q, k, v, mask)
     # a narrow cache is read as it is stored: each element widened in registers (bf16 as uint16 bit patterns;
-    # float16 passed as its uint16 view, since Numba has no float16 arrays)
-    kind = _kv_kind(k)
+    # float16 passed as its int16 view, since Numba has no float16 arrays: see _kv)
     nbytes = k.nbytes
     k, v = _whole_cache(k), _whole_cache(v)
-    if kind == KV_F16:
-        k, v = k.view(np.uint16), v.view(np.uint16)
+    if k.dtype == np.float16:
+        k, v = k.view(np.int16), v.view(np.int16)
     out = np.empty((B, Hq, d), np.float32)
     kernel = _decode_attention_parallel if 2 * nbytes > PARALLEL_ATTENTION_BYTES else _decode_attention_serial
-    kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out, kind)
+    kernel(np.ascontiguousarray(q[:, :, 0], np.float32), k, v, np.ascontiguousarray(mask[:, 0]), out)
     return out.reshape(B, Hq, 1, d)
 
 
@@ -804,5 +841,6 @@ def backend(matmul_precision: str = "highest") -> Backend:
         prepare=prepare,
         to_numpy=np.asarray,
         keep_bf16=True,
+        bf16_in_memory=True,
         matmul_precision=matmul_precision,
     )

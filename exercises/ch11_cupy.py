@@ -1,4 +1,5 @@
-"""Chapter 11 · Making it fast on the GPU: the roofline, two CUDA kernels and their NumPy twins, device sampling.
+"""Chapter 11 · Making it fast on the GPU: the roofline, two CUDA kernels and their NumPy twins, device sampling
+(the inverse CDF, and radix select: the top-k cut without a sort).
 
 Work through notebooks/11-cupy.ipynb, then replace each `raise NotImplementedError` below, in order.
 Grade with `pytest exercises/test_ch11_cupy.py`. No GPU needed: your CUDA sources are compiled by NVRTC (from the
@@ -114,5 +115,39 @@ def sample_inverse_cdf(logits: np.ndarray, temperature: float, u: np.ndarray) ->
 
     Example: logits = np.log([[0.1, 0.2, 0.7]]) (probabilities 0.1, 0.2, 0.7), temperature 1:
              u = [0.05] -> [0];   u = [0.25] -> [1];   u = [0.5] -> [2]
+    """
+    raise NotImplementedError
+
+
+def order_key(values: np.ndarray) -> np.ndarray:
+    """float64 values -> uint64 keys that sort like the values: the first step of radix select.
+
+    values [n] float64 -> [n] uint64. Read each value's 64 bits as an unsigned integer (`values.view(np.uint64)`).
+    A positive value's bits already sort like the value, but below every negative value's (whose sign bit is set):
+    set the sign bit (`bits | (1 << 63)`). A negative value's bits sort backwards (a larger magnitude is a larger
+    integer): flip every bit (`~bits`), which also clears the sign bit. -0.0 equals 0.0, so it must get 0.0's key:
+    add 0.0 to the values first (-0.0 + 0.0 is +0.0). The input must not be modified.
+
+    Example: order_key(np.array([1.0, -1.0, -0.0, 2.0])).tolist()
+             -> [0xBFF0000000000000, 0x400FFFFFFFFFFFFF, 0x8000000000000000, 0xC000000000000000]
+             (1.0 is 0x3FF0000000000000: sign bit set; -1.0 is 0xBFF0000000000000: every bit flipped; -0.0 is
+             0.0, whose bits are all zero; the keys sort as -1.0 < -0.0 < 1.0 < 2.0)
+    """
+    raise NotImplementedError
+
+
+def top_k_cut(values: np.ndarray, k: int) -> tuple[float, list[int]]:
+    """The k-th largest value (ties counted), found as the GPU finds it: radix select on order_key, a byte per pass.
+
+    values [n] float64, 1 <= k <= n -> (the k-th largest value, the number of candidates at the start of each of
+    the 8 passes). Keys: order_key(values); every key starts as a candidate, and `needed = k`. For the byte at
+    shift = 56, 48, ..., 0 (most significant first): count the candidates' bytes `(key >> shift) & 255` in 256
+    bins; walk the bins from 255 down, subtracting each bin's count from `needed` while the bin holds fewer than
+    `needed`; the bin d where the walk stops holds the k-th largest: keep only the candidates whose byte is d.
+    After the 8th pass the candidates all share one key: return their value. No sorting.
+
+    Example: top_k_cut(np.array([3.0, 1.0, 3.0, 2.0]), 3) -> (2.0, [4, 3, 1, 1, 1, 1, 1, 1])
+             (pass 1: 3.0, 3.0 and 2.0 share the first byte 0xC0, 1.0 has 0xBF: 3 >= 3 candidates in bin 0xC0;
+             pass 2: the two 3.0s (byte 0x08) are above, needed becomes 3 - 2 = 1, and 2.0 (byte 0x00) is it)
     """
     raise NotImplementedError

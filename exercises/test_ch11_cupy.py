@@ -1,9 +1,12 @@
-"""Chapter 11 checkpoints: the decode roofline, an RMSNorm and a RoPE kernel in CUDA C, their NumPy twins, device sampling.
+"""Chapter 11 checkpoints: the decode roofline, an RMSNorm and a RoPE kernel in CUDA C, their NumPy twins, device sampling
+(the inverse CDF; radix select's keys and top-k cut).
 
 Expected values: the roofline numbers are derived by hand in this file (the arithmetic is written next to each);
 RMSNorm, RoPE and the sampled ids come from transformers and torch (exercises/references/make_ch11_cupy.py →
 ch11_cupy.npz): Qwen3RMSNorm, Qwen3RotaryEmbedding + apply_rotary_pos_emb, and torch.softmax in float64 for the
-inverse CDF. The last checkpoint compares a fixture model's logits with transformers' stored ones.
+inverse CDF, torch.topk for the top-k cuts. The keys' bit patterns are derived by hand (IEEE 754 doubles); their
+order is NumPy's sort of the values. The last checkpoint compares a fixture model's logits with transformers' stored
+ones.
 
 The CUDA sources are graded by compiling them with NVRTC for compute_80 and compute_90 (no GPU needed: the `gpu`
 extra brings NVRTC and the CUDA headers) and by checking the kernel's name and parameter types in the PTX. Their
@@ -40,6 +43,7 @@ ROOFLINE = reread("2. Why decode is bandwidth-bound: the roofline")
 RMSNORM = reread("4. Writing an RMSNorm kernel")
 ROPE = reread("5. Writing a RoPE kernel")
 SAMPLING = reread("7. Sampling on the device")
+FILTERS = reread("Every sampling option on the device")
 WHOLE = reread("8. The whole backend, without a GPU")
 
 # Qwen3-0.6B decode on an H100 SXM (published specs): 595,984,384 weights per token (chapter 10's count), bf16,
@@ -341,6 +345,153 @@ def test_sample_like_torch(course):
                                     "Subtract each row's maximum logit before exp(); it cancels in the ratio."))  # fmt: skip
         expect_equal(np.asarray(got).tolist() if got is not None else got, want.tolist(), what=what,
                      reread=SAMPLING, mistakes=mistakes, inputs=f"u = {np.round(u[:4], 3).tolist()} …")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ radix select
+
+SIGN = np.uint64(1 << 63)
+
+
+def _key_variants(values) -> dict[str, np.ndarray]:
+    """Keys a classic slip gives (the right ones are derived in the tests by hand or by NumPy's sort)."""
+    v = np.asarray(values, np.float64)
+    bits, canon = v.view(np.uint64), (v + 0.0).view(np.uint64)
+    negative = (canon >> np.uint64(63)) == 1
+    return {
+        "sign bit only": canon ^ SIGN,  # negatives keep their order backwards
+        "no flip": canon | SIGN,  # negatives not flipped: they land above the positives
+        "raw bits": canon,
+        "-0.0 kept": np.where((bits >> np.uint64(63)) == 1, ~bits, bits | SIGN),
+        "flip all": np.where(
+            negative, ~canon, canon
+        ),  # the negatives flipped, the positives' sign bit not set
+    }
+
+
+def _key_mistakes(values, shape=lambda keys: keys.tolist()) -> list[Mistake]:
+    k = _key_variants(values)
+    return [
+        Mistake("only the sign bit of the negative values was flipped", shape(k["sign bit only"]),
+                "A negative value's bits sort backwards (a larger magnitude is a larger integer): flip every bit, ~bits."),
+        Mistake("the negative values were not flipped at all", shape(k["no flip"]),
+                "Set the sign bit of positive values, and flip every bit of negative ones."),
+        Mistake("the raw bits were used as keys", shape(k["raw bits"]),
+                "Raw bits put every negative value above every positive one, and sort the negatives backwards."),
+        Mistake("-0.0 kept its own key", shape(k["-0.0 kept"]),
+                "-0.0 equals 0.0 and must get its key: add 0.0 to the values before reading their bits."),
+        Mistake("the positive values' sign bit was not set", shape(k["flip all"]),
+                "A positive value's bits start with 0, below every flipped negative (which also starts with 0): set the "
+                "sign bit, bits | (1 << 63)."),
+    ]  # fmt: skip
+
+
+def test_order_key_by_hand(course):
+    """Radix select's keys: bit patterns of five values, by hand"""
+    values = np.array([1.0, -1.0, -0.0, 2.0, -2.5])
+    given = values.copy()
+    # by hand (IEEE 754 doubles): 1.0 = 0x3FF0..0 -> sign bit set: 0xBFF0..0; -1.0 = 0xBFF0..0 -> all bits flipped:
+    # 0x400F..F; -0.0 is 0.0 (all zero bits) -> 0x8000..0; 2.0 = 0x4000..0 -> 0xC000..0;
+    # -2.5 = 0xC004000000000000 -> flipped: 0x3FFBFFFFFFFFFFFF
+    want = [
+        0xBFF0000000000000,
+        0x400FFFFFFFFFFFFF,
+        0x8000000000000000,
+        0xC000000000000000,
+        0x3FFBFFFFFFFFFFFF,
+    ]
+    what = "order_key([1.0, -1.0, -0.0, 2.0, -2.5])"
+    got = call(course.ch11.order_key, given, what=what, reread=FILTERS)
+    got = np.asarray(got).tolist() if got is not None else got
+    expect_equal(got, want, what=what, reread=FILTERS, mistakes=_key_mistakes(values),
+                 inputs="keys as integers; in hex: " + ", ".join(f"{w:#018x}" for w in want))  # fmt: skip
+    expect(np.array_equal(given, values, equal_nan=True) and np.signbit(given[2]), what=what, reread=FILTERS,
+           problem="order_key changed its input values")  # fmt: skip
+
+
+def test_order_key_sorts_like_the_values(course):
+    """Keys of values of both signs, from 1e-300 to 1e300, sort like the values"""
+    for row in REF["topk.signs.values"]:
+        what = f"np.argsort(order_key(values)) for {row.size} values of both signs (zeros of both signs included)"
+        keys = call(course.ch11.order_key, row.copy(), what=what, reread=FILTERS)
+        expect(isinstance(keys, np.ndarray) and keys.dtype == np.uint64 and keys.shape == row.shape, what=what,
+               reread=FILTERS, problem=f"expected a uint64 array of shape {list(row.shape)}, got "
+               f"{type(keys).__name__} {getattr(keys, 'dtype', '')} {list(getattr(keys, 'shape', []))}")  # fmt: skip
+        want = np.argsort(
+            row, kind="stable"
+        ).tolist()  # NumPy's sort of the values (equal zeros stay in id order)
+        expect_equal(np.argsort(keys, kind="stable").tolist(), want, what=what, reread=FILTERS,
+                     mistakes=_key_mistakes(row, lambda k: np.argsort(k, kind="stable").tolist()))  # fmt: skip
+
+
+def _cut_variant(values, k, *, walk_up=False, lsb_first=False, keys=None) -> float:
+    """top_k_cut with one classic slip; nan when its final key is no value's."""
+    keys = (
+        _key_variants(values)["-0.0 kept"] if keys is None else keys
+    )  # correct keys for every value but -0.0
+    keys = np.where(values == 0, SIGN, keys)
+    prefix, fixed, needed = 0, 0, k
+    for shift in range(0, 64, 8) if lsb_first else range(56, -1, -8):
+        live = keys[(keys & np.uint64(fixed)) == np.uint64(prefix)]
+        bins = np.bincount(((live >> np.uint64(shift)) & np.uint64(255)).astype(np.int64), minlength=256)
+        d = 0
+        for d in range(256) if walk_up else range(255, -1, -1):
+            if bins[d] >= needed:
+                break
+            needed -= int(bins[d])
+        prefix, fixed = prefix | d << shift, fixed | 255 << shift
+    hit = values[keys == np.uint64(prefix)]
+    return float(hit[0]) if hit.size else float("nan")
+
+
+def _cut_mistakes(values, k) -> list[Mistake]:
+    no_flip = _key_variants(values)["no flip"]
+    return [
+        Mistake("the bins were walked from 0 up: that is the k-th smallest", lambda: _cut_variant(values, k, walk_up=True),
+                "Walk the bins from 255 (the largest byte) down."),
+        Mistake("the least significant byte was fixed first", lambda: _cut_variant(values, k, lsb_first=True),
+                "Fix the most significant byte first: shift = 56, 48, ..., 0."),
+        Mistake("the negative values' keys were not flipped", lambda: _cut_variant(values, k, keys=no_flip),
+                "order_key: flip every bit of a negative value."),
+    ]  # fmt: skip
+
+
+RAN_OFF = ("the walk ran past the last bin (or wrapped around with a negative index): as it passes a bin, subtract "
+           "that bin's count from `needed` — the bins above hold larger values, which count towards k")  # fmt: skip
+
+
+def _check_cut(ch, values, k, want_value, want_trace, what) -> None:
+    got = call(ch.top_k_cut, values.copy(), k, what=what, reread=FILTERS, hints={IndexError: RAN_OFF})
+    expect(isinstance(got, (tuple, list)) and len(got) == 2, what=what, reread=FILTERS,
+           problem=f"expected (value, candidates per pass), got {got!r:.80}")  # fmt: skip
+    value, trace = got
+    expect_equal(float(value), want_value, what=what + ": the value", reread=FILTERS,
+                 mistakes=_cut_mistakes(values, k))  # fmt: skip
+    if want_trace is not None:
+        expect_equal(np.asarray(trace).tolist(), want_trace, what=what + ": candidates at the start of each pass",
+                     reread=FILTERS)  # fmt: skip
+    else:  # by reasoning: every value is a candidate at first; candidates only narrow; the last pass has the ties
+        trace = np.asarray(trace).tolist()
+        expect(len(trace) == 8 and trace[0] == values.size and all(a >= b for a, b in zip(trace, trace[1:], strict=False))
+               and trace[-1] >= 1, what=what + ": candidates at the start of each pass", reread=FILTERS,
+               problem=f"expected 8 counts, from {values.size} (every value) down, never growing; got {trace}")  # fmt: skip
+
+
+def test_top_k_cut_by_hand(course):
+    """Radix select of the 2nd and 3rd largest of four values, pass by pass"""
+    values = np.array([3.0, 1.0, 3.0, 2.0])
+    # by hand: keys 3.0 -> 0xC008.., 1.0 -> 0xBFF0.., 2.0 -> 0xC000..; pass 1: bin 0xC0 holds 3 values (3, 3, 2),
+    # 0xBF one. k = 2: bin 0xC0 (3 >= 2); pass 2: bin 0x08 holds both 3.0s (2 >= 2): the rest of the bytes are 3.0's
+    _check_cut(course.ch11, values, 2, 3.0, [4, 3, 2, 2, 2, 2, 2, 2], "top_k_cut([3.0, 1.0, 3.0, 2.0], k=2)")
+    # k = 3: pass 2 passes bin 0x08 (2 < 3: needed becomes 1), then bin 0x00 holds 2.0 (1 >= 1)
+    _check_cut(course.ch11, values, 3, 2.0, [4, 3, 1, 1, 1, 1, 1, 1], "top_k_cut([3.0, 1.0, 3.0, 2.0], k=3)")
+
+
+def test_top_k_cut_like_torch(course):
+    """Top-k cuts of ties, of both signs and of a row of logits, as torch.topk"""
+    for case in ("ties", "signs", "logits"):
+        for values, k, want in zip(*(REF[f"topk.{case}.{f}"] for f in ("values", "k", "kth")), strict=True):
+            what = f"top_k_cut({case}: {values.size} values, k={int(k)}) vs torch.topk"
+            _check_cut(course.ch11, values, int(k), float(want), None, what)
 
 
 # ------------------------------------------------------------------------------------------ the whole backend

@@ -42,11 +42,17 @@ from IPython.display import Markdown, display
 
 ROOT = next(p for p in [Path.cwd().resolve(), *Path.cwd().resolve().parents] if (p / "pyproject.toml").is_file())
 sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen, even from a fresh clone
-CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 FIXTURES = ROOT / "tests" / "fixtures"
 
 import tinyqwen  # noqa: E402
-from tinyqwen.config import config_from_dict  # noqa: E402
+from tinyqwen.config import (  # noqa: E402
+    CONFIG_DIR,
+    KERAS_HUB_PARAMETER_COUNTS,
+    OFFICIAL_CONFIG_FILES,
+    PUBLISHED_CHANGES,
+    config_from_dict,
+    published_configs,
+)
 from tinyqwen.model import count_parameters  # noqa: E402
 from tinyqwen.norm import rms_norm  # noqa: E402
 from tinyqwen.verify import RTOL, tolerance  # noqa: E402
@@ -107,8 +113,8 @@ plt.show()
 # %% [markdown]
 # ## The family, from real `config.json` files
 #
-# Every Qwen3 checkpoint comes with a `config.json` that fixes its shape. The repository keeps copies in
-# `tests/fixtures/configs/`, and each file has a known provenance (see `tests/fixtures/README.md`):
+# Every Qwen3 checkpoint comes with a `config.json` that fixes its shape. tinyqwen ships copies of four of them in
+# `tinyqwen/data/configs/`, and each file has a known provenance (see `tinyqwen/data/README.md`):
 #
 # - `Qwen3-0.6B.json`, `Qwen3-4B.json`, `Qwen3-8B.json`: **byte-identical copies of the official files**, checked by
 #   sha256 and git blob hash against pins of the Hugging Face Hub files.
@@ -116,31 +122,26 @@ plt.show()
 #   **not** verified against the Hub.
 
 # %%
-VERIFIED = ["Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B"]
-raw = {name: json.loads((CONFIGS / f"{name}.json").read_text()) for name in [*VERIFIED, "Qwen3-30B-A3B"]}
-configs = {name: config_from_dict(d, source=name) for name, d in raw.items()}
-configs["Qwen3-0.6B"]
+raw = json.loads((CONFIG_DIR / "Qwen3-0.6B.json").read_text())
+config_from_dict(raw, source="Qwen3-0.6B.json")
 
 # %% [markdown]
 # The other four members have no verified file in this repository, so we write them as the published values,
-# changed from their nearest verified sibling. **These are not byte-verified.** The layer, head and expert counts
+# changed from their nearest sibling's file (`tinyqwen.config.PUBLISHED_CHANGES`). **These are not byte-verified.** The layer, head and expert counts
 # are in the Qwen3 model cards and technical report. The hidden and FFN sizes match third-party training configs.
 # We check them below: they give exactly the parameter counts that an independent conversion lists.
 
 # %%
-PUBLISHED = {  # name: (sibling whose file we start from, the fields that differ)
-    "Qwen3-1.7B": ("Qwen3-0.6B", dict(hidden_size=2048, intermediate_size=6144)),
-    "Qwen3-14B": ("Qwen3-8B", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
-                                   intermediate_size=17408)),
-    "Qwen3-32B": ("Qwen3-8B", dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=64,
-                                   intermediate_size=25600)),
-    "Qwen3-235B-A22B": ("Qwen3-30B-A3B", dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
-                                              moe_intermediate_size=1536, intermediate_size=12288)),
-}  # fmt: skip
-for name, (sibling, changes) in PUBLISHED.items():
-    configs[name] = config_from_dict(raw[sibling] | changes, source=name)
-ORDER = ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B", "Qwen3-30B-A3B",
-         "Qwen3-235B-A22B"]  # fmt: skip
+PUBLISHED_CHANGES  # name: (the sibling whose file we start from, the fields that differ)
+
+# %% [markdown]
+# `published_configs()` reads the four files and writes these four changes into copies of their siblings. It gives
+# all eight configs, the dense models by size and then the two mixtures of experts:
+
+# %%
+configs = published_configs()
+ORDER = list(configs)
+ORDER
 
 # %% [markdown]
 # Here is the family as a table, computed from those configs. "kv" is the number of key/value heads: several query
@@ -149,9 +150,9 @@ ORDER = ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3
 
 # %%
 def provenance(name: str) -> str:
-    if name in VERIFIED:
+    if name in OFFICIAL_CONFIG_FILES:
         return "official file"
-    return "published values, file not verified" if name == "Qwen3-30B-A3B" else "published values (not verified)"
+    return "published values (not verified)" if name in PUBLISHED_CHANGES else "published values, file not verified"
 
 
 def row(name: str) -> str:
@@ -215,14 +216,12 @@ parameters_by_hand(configs["Qwen3-0.6B"])
 #
 # An independent check: keras-hub converted the official weights and lists the parameter count of each of its Qwen3
 # presets (`keras_hub/src/models/qwen3/qwen3_presets.py` and `qwen3_moe/qwen3_moe_presets.py`). Our counts equal
-# theirs to the last parameter, including those of the four models whose config we only wrote from published
-# values. That is good evidence those values are right:
+# theirs (`tinyqwen.config.KERAS_HUB_PARAMETER_COUNTS`) to the last parameter, including those of the four models
+# whose config we only wrote from published values. That is good evidence those values are right (and
+# `tests/test_published_configs.py` checks it on every test run, along with the real files where they are at hand):
 
 # %%
-KERAS_HUB = {"Qwen3-0.6B": 596_049_920, "Qwen3-1.7B": 1_720_574_976, "Qwen3-4B": 4_022_468_096,
-             "Qwen3-8B": 8_190_735_360, "Qwen3-14B": 14_768_307_200, "Qwen3-32B": 32_762_123_264,
-             "Qwen3-30B-A3B": 30_532_122_624, "Qwen3-235B-A22B": 235_093_634_560}  # fmt: skip
-assert all(count_parameters(configs[n]) == KERAS_HUB[n] for n in ORDER)
+assert all(count_parameters(configs[n]) == KERAS_HUB_PARAMETER_COUNTS[n] for n in ORDER)
 print("count_parameters equals keras-hub's published count for all", len(ORDER), "models")
 
 # %% [markdown]

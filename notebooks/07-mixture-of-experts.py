@@ -81,7 +81,10 @@ print(f"total {total / 1e9:.2f}B (transformers counts {params_transformers / 1e9
 assert total == params_transformers
 
 # %%
-dense = {"Qwen3-4B": 4.02e9, "Qwen3-8B": 8.19e9}  # chapter 6's counts
+from tinyqwen.config import published_configs
+from tinyqwen.model import count_parameters
+
+dense = {n: count_parameters(published_configs()[n]) for n in ("Qwen3-4B", "Qwen3-8B")}  # as in chapter 6
 fig, ax = plt.subplots(figsize=(6.5, 3.4))
 ax.bar(["Qwen3-4B", "Qwen3-8B"], [v / 1e9 for v in dense.values()], color="0.6", label="dense: all weights per token")
 ax.bar(["Qwen3-30B-A3B"], [total / 1e9], color="#f6b26b", label="MoE: weights stored")
@@ -311,7 +314,8 @@ def is_moe_layer(layer, num_experts, decoder_sparse_step, mlp_only_layers):
 
 # %%
 cases = {
-    "Qwen3-30B-A3B\n(step 1, 48 layers)": (48, 128, 1, []),
+    f"Qwen3-30B-A3B\n(step {c.decoder_sparse_step}, {c.num_hidden_layers} layers)": (
+        c.num_hidden_layers, c.num_experts, c.decoder_sparse_step, list(c.mlp_only_layers)),
     "step 2": (12, 8, 2, []),
     "step 3": (12, 8, 3, []),
     "moe-sparse-step fixture\n(step 2, mlp_only [3])": (6, 8, 2, [3]),

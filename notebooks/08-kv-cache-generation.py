@@ -490,27 +490,15 @@ for dtype in ["float32", "bfloat16", "float16"]:
 # cache (per dtype), one chunk's activations (the largest set of temporaries alive at once, counted from the code
 # and checked with `tracemalloc`), and the interpreter. `tinyqwen info --model PATH --context 32768` prints the same
 # numbers for one checkpoint. Here is every Qwen3 model at the native 32K and the YaRN 131K, weights in bf16 as
-# shipped (the first four configs are the repository's copies of the official files; the others are the published
-# values written as changes from a sibling, as in [chapter 0](00-tour.ipynb) — not byte-verified):
+# shipped. `tinyqwen.config.published_configs()` gives all eight configs, as in [chapter 0](00-tour.ipynb): 0.6B, 4B
+# and 8B from copies of their official config.json, the other five from published values (30B-A3B's file, and four
+# written as changes from a sibling's file), which are not byte-verified:
 
 # %%
-from tinyqwen.config import config_from_dict  # noqa: E402
+from tinyqwen.config import published_configs  # noqa: E402
 from tinyqwen.kv_cache import memory_estimate  # noqa: E402
 
-family = {n: config_from_dict(configs[n], source=n) for n in names}
-PUBLISHED = {  # name: (sibling, the fields that differ) — the published values, as in chapter 0
-    "Qwen3-1.7B": ("Qwen3-0.6B", dict(hidden_size=2048, intermediate_size=6144)),
-    "Qwen3-14B": ("Qwen3-8B", dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
-                                   intermediate_size=17408)),
-    "Qwen3-32B": ("Qwen3-8B", dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=64,
-                                   intermediate_size=25600)),
-    "Qwen3-235B-A22B": ("Qwen3-30B-A3B", dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
-                                              moe_intermediate_size=1536, intermediate_size=12288)),
-}  # fmt: skip
-for n, (sibling, changes) in PUBLISHED.items():
-    family[n] = config_from_dict(configs[sibling] | changes, source=n)
-family = {n: family[n] for n in ["Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B",
-                                 "Qwen3-30B-A3B", "Qwen3-235B-A22B"]}  # fmt: skip
+family = published_configs()
 
 # %%
 GiB = 2**30

@@ -49,7 +49,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-REPO = next(p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file())
+REPO = next(
+    p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file()
+)
 sys.path.insert(0, str(REPO))  # use the tinyqwen next to this notebook
 from backends import cupy_backend  # noqa: E402
 from tinyqwen import norm, rope  # noqa: E402
@@ -113,16 +115,25 @@ plt.show()
 # A batch of $B$ sequences reuses each weight $B$ times (intensity $B$); a prefill of 2,048 tokens, 2,048 times.
 
 # %%
-BW, PEAK_BF16, PEAK_FP32 = 3.35e12, 989e12, 67e12  # H100 SXM5: bytes/s, bf16 tensor-core and fp32 flop/s (specs)
+BW, PEAK_BF16, PEAK_FP32 = (
+    3.35e12,
+    989e12,
+    67e12,
+)  # H100 SXM5: bytes/s, bf16 tensor-core and fp32 flop/s (specs)
 intensity = np.logspace(-1, 4, 200)
 fig, ax = plt.subplots(figsize=(7, 4))
 ax.loglog(intensity, np.minimum(PEAK_BF16, intensity * BW) / 1e12, label="bf16 tensor cores (989 TFLOPS)")
 ax.loglog(intensity, np.minimum(PEAK_FP32, intensity * BW) / 1e12, "--", label="fp32 CUDA cores (67 TFLOPS)")
 for name, ai in (("decode, batch 1", 1), ("decode, batch 64", 64), ("prefill, 2k tokens", 2048)):
     ax.plot(ai, min(PEAK_BF16, ai * BW) / 1e12, "o")
-    ax.annotate(name, (ai, min(PEAK_BF16, ai * BW) / 1e12), textcoords="offset points", xytext=(5, -12), fontsize=8)
-ax.set(xlabel="arithmetic intensity (flops per byte read)", ylabel="attainable TFLOPS",
-       title="H100 roofline (published specs, not measured here)")
+    ax.annotate(
+        name, (ai, min(PEAK_BF16, ai * BW) / 1e12), textcoords="offset points", xytext=(5, -12), fontsize=8
+    )
+ax.set(
+    xlabel="arithmetic intensity (flops per byte read)",
+    ylabel="attainable TFLOPS",
+    title="H100 roofline (published specs, not measured here)",
+)
 ax.legend(fontsize=8)
 plt.show()
 
@@ -139,7 +150,9 @@ from tinyqwen.model import count_parameters  # noqa: E402
 
 
 def decode_ceiling(weights, bytes_per_weight, bandwidth, peak, batch=1):  # -> tokens/s
-    step = max(weights * bytes_per_weight / bandwidth, 2 * weights * batch / peak)  # read vs compute, overlapped
+    step = max(
+        weights * bytes_per_weight / bandwidth, 2 * weights * batch / peak
+    )  # read vs compute, overlapped
     return batch / step
 
 
@@ -147,8 +160,10 @@ configs = {n: config_from_dict(json.loads((REPO / f"tests/fixtures/configs/{n}.j
            for n in ("Qwen3-0.6B", "Qwen3-8B", "Qwen3-30B-A3B")}  # fmt: skip
 for name, c in configs.items():
     w = decode_params(c)
-    print(f"{name:14s} {count_parameters(c) / 1e9:5.1f} B parameters, {w / 1e9:5.2f} B read per token → "
-          f"ceiling {decode_ceiling(w, 2, BW, PEAK_BF16):6.0f} tok/s at batch 1 (bf16)")
+    print(
+        f"{name:14s} {count_parameters(c) / 1e9:5.1f} B parameters, {w / 1e9:5.2f} B read per token → "
+        f"ceiling {decode_ceiling(w, 2, BW, PEAK_BF16):6.0f} tok/s at batch 1 (bf16)"
+    )
 
 # %% [markdown]
 # Qwen3-30B-A3B is a mixture of experts: 30.5 B parameters, but a token reads only its 8 routed experts of 128 per
@@ -183,7 +198,9 @@ hello = 'extern "C" __global__ void scale(float* x, float a, int n) {\n' \
         "    if (i < n) x[i] *= a;  // the last block may have spare threads\n}\n"  # fmt: skip
 ptx = cupy_backend.compile_ptx(hello, "compute_90", name="scale.cu")
 print(hello)
-print("\n".join(line for line in ptx.splitlines() if ".entry" in line or "mul.f32" in line or ".target" in line))
+print(
+    "\n".join(line for line in ptx.splitlines() if ".entry" in line or "mul.f32" in line or ".target" in line)
+)
 
 # %% [markdown]
 # `.target sm_90` is the H100; the `.entry` line is our kernel, with its parameters; `mul.f32` is the multiply.
@@ -235,6 +252,7 @@ for arch in cupy_backend.ARCHITECTURES:
 # GPU — or a twin. The NumPy twin below does exactly what the block does, thread by thread, including the order of
 # the additions. First a loop version, one row at a time, so the tree is visible:
 
+
 # %%
 def rms_norm_block(row, weight, eps, threads=128):  # [d], [d] -> [d], as one block computes it
     partial = [float(np.sum(row[t::threads].astype(np.float32) ** 2)) for t in range(threads)]
@@ -252,6 +270,7 @@ print(rms_norm_block(x, np.ones(2, np.float32), 0.0, threads=4), "(3 and 4 over 
 # Vectorised over rows (each tree step is one NumPy addition of two halves), and checked against transformers'
 # Qwen3RMSNorm, stored in `exercises/references/ch11_cupy.npz` by `make_ch11_cupy.py`:
 
+
 # %%
 def rms_norm_tree(x, weight, eps, threads=128):  # [R, d], [d] -> [R, d]
     R, d = x.shape
@@ -267,8 +286,10 @@ REF = np.load(REPO / "exercises/references/ch11_cupy.npz")
 for case in ("odd", "head", "wide"):
     x, w, want = REF[f"rmsnorm.{case}.x"], REF[f"rmsnorm.{case}.weight"], REF[f"rmsnorm.{case}.y"]
     got = rms_norm_tree(x, w, 1e-6)
-    print(f"{case:4s} x {list(x.shape)}: max |Δ| vs transformers {np.abs(got - want).max():.1e} "
-          f"(values up to {np.abs(want).max():.1f}); vs tinyqwen.norm {np.abs(got - norm.rms_norm(x, w, 1e-6)).max():.1e}")
+    print(
+        f"{case:4s} x {list(x.shape)}: max |Δ| vs transformers {np.abs(got - want).max():.1e} "
+        f"(values up to {np.abs(want).max():.1f}); vs tinyqwen.norm {np.abs(got - norm.rms_norm(x, w, 1e-6)).max():.1e}"
+    )
 
 # %% [markdown]
 # The production kernel, `backends/cuda/norm.cu`, is the same idea with a faster reduction: the 32 threads of a
@@ -298,9 +319,13 @@ fig, ax = plt.subplots(figsize=(6, 4))
 ax.imshow(owner, cmap="tab20")
 for (r, c), v in np.ndenumerate(owner):
     ax.text(c, r, v, ha="center", va="center", fontsize=7)
-ax.set(xlabel="channel j (pairs j and j + d/2 share a thread)", ylabel="row r = (b, h, t)",
-       title="RoPE: the thread that writes each value", yticks=range(B * H * T),
-       yticklabels=[f"b{r // (T * H)} h{r // T % H} t{r % T}" for r in range(B * H * T)])
+ax.set(
+    xlabel="channel j (pairs j and j + d/2 share a thread)",
+    ylabel="row r = (b, h, t)",
+    title="RoPE: the thread that writes each value",
+    yticks=range(B * H * T),
+    yticklabels=[f"b{r // (T * H)} h{r // T % H} t{r % T}" for r in range(B * H * T)],
+)
 plt.show()
 
 # %% [markdown]
@@ -323,10 +348,16 @@ extern "C" __global__ void rope_f32(const float* x, const float* cos, const floa
     out[r * d + j + half] = e * c[j + half] + a * s[j + half];
 }
 """
-print([f"{a}: {len(cupy_backend.compile_ptx(ROPE, a, name='rope.cu'))} bytes of PTX" for a in cupy_backend.ARCHITECTURES])
+print(
+    [
+        f"{a}: {len(cupy_backend.compile_ptx(ROPE, a, name='rope.cu'))} bytes of PTX"
+        for a in cupy_backend.ARCHITECTURES
+    ]
+)
 
 # %% [markdown]
 # Its twin runs "all threads at once": the same index arithmetic on `np.arange` of every thread index.
+
 
 # %%
 def rope_threads(x, cos, sin):  # [B, H, T, d], [B, T, d] x2 -> [B, H, T, d]
@@ -344,8 +375,10 @@ def rope_threads(x, cos, sin):  # [B, H, T, d], [B, T, d] x2 -> [B, H, T, d]
 
 
 got = rope_threads(REF["rope.x"], REF["rope.cos"], REF["rope.sin"])
-print(f"x {list(REF['rope.x'].shape)}: max |Δ| vs transformers {np.abs(got - REF['rope.y']).max():.1e}, "
-      f"vs tinyqwen.rope {np.abs(got - rope.apply_rope(REF['rope.x'], REF['rope.cos'], REF['rope.sin'])).max():.1e}")
+print(
+    f"x {list(REF['rope.x'].shape)}: max |Δ| vs transformers {np.abs(got - REF['rope.y']).max():.1e}, "
+    f"vs tinyqwen.rope {np.abs(got - rope.apply_rope(REF['rope.x'], REF['rope.cos'], REF['rope.sin'])).max():.1e}"
+)
 
 # %% [markdown]
 # The reference rows sit at positions 0–4 and 7–11, so a kernel that reads the wrong batch entry's angles
@@ -363,6 +396,7 @@ print(f"x {list(REF['rope.x'].shape)}: max |Δ| vs transformers {np.abs(got - RE
 # are bf16. cuBLAS's fp32 GEMV would need a float32 copy of every weight — twice the bytes. Our `gemv_bf16` kernel
 # gives one warp per output row, reads the bf16 weights directly (2 bytes each, consecutive lanes on consecutive
 # weights) and widens them in registers. So `linear` picks by the number of token rows $M$:
+
 
 # %%
 def plan(M, weight_bf16=True, gemv_max_rows=cupy_backend.GEMV_MAX_ROWS):  # what linear() runs
@@ -394,6 +428,7 @@ for M in (1, 8, 2048):
 # contiguous chunks, one per thread: each thread sums its chunk, one thread scans the 256 chunk sums to find the
 # chunk holding the target, then walks that chunk alone.
 
+
 # %%
 def sample_chunked(logits, temperature, u, threads=256):  # [V] -> id, as sample_rows does it
     V = logits.size
@@ -420,7 +455,9 @@ print([sample_chunked(logits, 1.0, u, threads=2) for u in (0.05, 0.25, 0.5)], "(
 # %%
 twins = cupy_backend.NumpyTwins()
 logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, 1.5], np.float32)
-ids = twins.sample(np.tile(logits, (20_000, 1)), 0.8, np.random.default_rng(0).random(20_000).astype(np.float32))
+ids = twins.sample(
+    np.tile(logits, (20_000, 1)), 0.8, np.random.default_rng(0).random(20_000).astype(np.float32)
+)
 p = np.exp(logits / 0.8) / np.exp(logits / 0.8).sum()
 fig, ax = plt.subplots(figsize=(6, 3))
 ax.bar(np.arange(6) - 0.2, p, 0.4, label="softmax(logits / 0.8)")
@@ -428,6 +465,118 @@ ax.bar(np.arange(6) + 0.2, np.bincount(ids, minlength=6) / ids.size, 0.4, label=
 ax.set(xlabel="token id", ylabel="probability", title="Device sampling (its NumPy twin) draws the softmax")
 ax.legend(fontsize=8)
 plt.show()
+
+# %% [markdown]
+# ### Every sampling option on the device
+#
+# Temperature alone is rarely what a Qwen3 model is run with: its model card recommends top-k 20, top-p 0.95
+# (thinking mode), and a server adds repetition, presence and frequency penalties. [Chapter 8](08-kv-cache-generation.ipynb)
+# applies them on the CPU in a fixed order (transformers'): penalties → temperature → top-k → top-p → min-p →
+# inverse CDF. To keep only 8 bytes crossing per step, all of it must run on the GPU — and give *the same token*
+# as the CPU for the same random number $u$, ties and all.
+#
+# The penalties are easy: the GPU keeps, per vocabulary id, a "seen" flag (prompt + output) and an output count,
+# and the sampling kernel updates them with the id it picks. The filters are the interesting part. The obvious
+# top-p is "sort the 151,936 probabilities, cumsum, cut" — a full sort per token. But look at what the filters
+# keep: in the order *value descending, id ascending*, every filter keeps a **prefix**. So we never need the
+# order, only where the prefix ends — one value $t$ (and, when the cut falls among equal values, how many of them).
+#
+# **Radix select** finds $t$ without sorting. Map each float64 value to a 64-bit unsigned key that sorts like
+# the value (flip the bits of negatives; set the sign bit of positives). Then fix the key one byte at a time,
+# most significant first: histogram the next byte of the candidates into 256 bins, walk the bins from the top
+# until the count (top-k) or the probability mass (top-p) is reached, and keep only that bin's candidates.
+# Eight passes pin the exact key. A loop version for top-k:
+
+
+# %%
+def radix_select_kth(keys, k):  # [n] uint64, k -> the k-th largest key, and the candidates before each pass
+    prefix, fixed, candidates = 0, 0, []
+    for shift in range(56, -1, -8):
+        live = keys[(keys & np.uint64(fixed)) == np.uint64(prefix)]
+        candidates.append(live.size)
+        bins = np.bincount(((live >> np.uint64(shift)) & np.uint64(255)).astype(int), minlength=256)
+        d = 255
+        while bins[d] < k:  # from the largest byte down, until k keys are above or in bin d
+            k, d = k - bins[d], d - 1
+        prefix, fixed = prefix | d << shift, fixed | 255 << shift
+    return prefix, candidates
+
+
+# %% [markdown]
+# On a Qwen-sized row of logits, against NumPy's sort:
+
+# %%
+x = np.random.default_rng(0).standard_normal(151_936) * 2.5  # made-up logits / T, float64
+keys = cupy_backend.order_keys(x)
+for k in (1, 20, 1000):
+    key, candidates = radix_select_kth(keys, k)
+    assert cupy_backend.key_value(key) == np.sort(x)[-k]
+    print(
+        f"top-{k:<4}: the cut {cupy_backend.key_value(key):.4f} = np.sort(x)[-{k}]; candidates per pass {candidates}"
+    )
+
+# %% [markdown]
+# The first byte (the sign and the top of the exponent) leaves a fifth of the row, the second a few dozen, the third
+# one: the remaining passes only finish spelling out that one key. The picture, for top-k 20:
+
+# %%
+_, candidates = radix_select_kth(keys, 20)
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.bar(range(1, 9), candidates, color="tab:blue")
+for i, n in enumerate(candidates, 1):
+    ax.text(i, n, f"{n:,}", ha="center", va="bottom", fontsize=8)
+ax.set(yscale="log", ylim=(0.5, 1e6), xlabel="pass (byte of the key, most significant first)",
+       ylabel="candidates histogrammed", title="Radix select: the top-20 cut of 151,936 logits, no sort")  # fmt: skip
+plt.show()
+
+# %% [markdown]
+# On the GPU one block of 1,024 threads handles a row: each pass, every thread histograms its share of the row
+# into 256 shared-memory bins with `atomicAdd`, and one thread walks the bins. For top-p the bins add up
+# probability mass instead of counts, and the walk keeps the last bin whose first token has less than $p$ before
+# it. The masses are **fixed-point integers**, $	ext{round}(p_i \cdot 2^{60})$: atomic float additions happen in
+# a different order every run (and float addition is not associative), integer ones give the same sum whatever
+# the order, so a seeded run picks the same token every time. Min-p needs no search — a threshold on each
+# probability. The draw is the chunked inverse CDF above, over the kept tokens only, with $u$ from the CPU's
+# seeded generator (one float per step, CPU → GPU) so that the token equals the CPU sampler's.
+#
+# All of it is in `backends/cuda/filter.cu`; its twin, `cupy_backend.filter_sample_row`, runs the same passes in
+# NumPy. (The kernel reads the whole row in each of its passes: simple, and the row sits in the GPU's L2 cache.
+# Copying the few survivors of the second pass into shared memory would save most of that reading; that is the
+# next step once a GPU can measure it — none has yet.) Against chapter 8's sampler on random rows with random knobs
+# (ties included), given the same $u$:
+
+# %%
+from tinyqwen import sampling  # noqa: E402
+
+
+def on_device(logits, params, prompt, output, u):  # one step of DeviceSampler, as generation runs it
+    sampler = cupy_backend.DeviceSampler(twins, params, [prompt], vocab=logits.size)
+    for t in output:  # earlier output: taken as "forced" ids, which records them for the penalties
+        sampler.choose(logits[None], [0.0], [t])
+    return int(sampler.choose(logits[None], [u], [cupy_backend.CHOOSE])[0])
+
+
+r = np.random.default_rng(1)
+same = 0
+for _ in range(300):
+    logits = (r.integers(-3, 4, 50) if r.random() < 0.5 else r.standard_normal(50)).astype(
+        np.float32
+    )  # ties, or not
+    params = sampling.SamplingParams(
+        temperature=float(r.choice([0.0, 0.6, 1.0])), top_k=int(r.choice([0, 1, 20])),
+        top_p=float(r.choice([1.0, 0.95, 0.3])), min_p=float(r.choice([0.0, 0.1])),
+        repetition_penalty=float(r.choice([1.0, 1.3])), frequency_penalty=float(r.choice([0.0, 0.5])),
+    )  # fmt: skip
+    seed, prompt, output = int(r.integers(1 << 30)), [0, 1], r.integers(0, 50, 3).tolist()
+    want = sampling.sample(
+        logits, np.random.default_rng(seed), params, prompt, output
+    )  # chapter 8, on the CPU
+    same += on_device(logits, params, prompt, output, np.random.default_rng(seed).random()) == want
+print(f"{same} of 300 random rows: the device pipeline's twin picks chapter 8's token")
+
+# %% [markdown]
+# `tinyqwen.generate` uses this sampler by itself on the cupy backend (and on its stand-in), so
+# `tinyqwen generate --backend cupy` samples on the GPU with whatever options it is given.
 
 # %% [markdown]
 # ## 8. The whole backend, without a GPU
@@ -444,8 +593,10 @@ start = time.perf_counter()
 compiled = {(f, a): cupy_backend.compile_ptx(cupy_backend.KERNEL_DIR / f, a)
             for f in cupy_backend.KERNELS for a in cupy_backend.ARCHITECTURES}  # fmt: skip
 entries = sum(len(names) for names in cupy_backend.KERNELS.values())
-print(f"{len(cupy_backend.KERNELS)} sources, {entries} kernels, compiled for {', '.join(cupy_backend.ARCHITECTURES)} "
-      f"in {time.perf_counter() - start:.1f} s")
+print(
+    f"{len(cupy_backend.KERNELS)} sources, {entries} kernels, compiled for {', '.join(cupy_backend.ARCHITECTURES)} "
+    f"in {time.perf_counter() - start:.1f} s"
+)
 
 # %% [markdown]
 # Now a real fixture checkpoint (a tiny random Qwen3-MoE with bf16 weights, from transformers) on the stand-in. To
@@ -484,7 +635,9 @@ cache = model.new_cache(1, 16)
 model.forward(np.array([[1, 2, 3, 4]]), cache=cache)  # prefill
 ops.launches.clear()
 model.forward(np.array([[5]]), cache=cache, last_only=True)  # one decode step
-print(f"{model.config.num_hidden_layers} layers (MoE every {model.config.decoder_sparse_step}nd); one decode step:")
+print(
+    f"{model.config.num_hidden_layers} layers (MoE every {model.config.decoder_sparse_step}nd); one decode step:"
+)
 print(dict(sorted(ops.launches.items(), key=lambda kv: -kv[1])))
 
 # %% [markdown]
@@ -505,7 +658,9 @@ cache = model.new_cache(*ids.shape)
 steps = [model.forward(ids[:, :5], cache=cache).logits]
 steps += [model.forward(ids[:, t : t + 1], cache=cache).logits for t in range(5, ids.shape[1])]
 delta = np.abs(np.concatenate(steps, 1) - ref["logits"]).max()
-print(f"logits {list(ref['logits'].shape)}: max |Δ| = {delta:.1e} ≤ {tolerance(ref['logits']):.1e} (tinyqwen's bar)")
+print(
+    f"logits {list(ref['logits'].shape)}: max |Δ| = {delta:.1e} ≤ {tolerance(ref['logits']):.1e} (tinyqwen's bar)"
+)
 
 # %% [markdown]
 # ## 9. What to expect on an H100 (not measured here)
@@ -545,7 +700,8 @@ plt.show()
 #
 # The last cell checks the chapter on every fixture: each kernel compiled for the A100 and the H100; the cupy
 # backend's orchestration (with the kernels' NumPy twins) gives transformers' logits, one call and token by token
-# through the KV cache; and greedy generation with the token picked "on the device" gives transformers' tokens.
+# through the KV cache; greedy generation with the token picked "on the device" gives transformers' tokens; and
+# sampling on the device with Qwen's thinking preset and penalties gives the CPU sampler's tokens for the same seed.
 
 # %%
 assert all(".entry" in p for p in compiled.values()) and len(compiled) == 2 * len(cupy_backend.KERNELS)
@@ -559,9 +715,17 @@ for fixture in ("dense-tied", "dense-untied-bf16-sharded", "dense-yarn", "moe-no
     gen = json.loads((model.path / "generate.json").read_text())
     for prompt, expected in zip(gen["prompts"], gen["single"], strict=True):
         assert cupy_backend.generate_on_device(model, prompt, gen["max_new_tokens"]) == expected
-print(f"14 compilations (7 sources × compute_80/compute_90) OK; on all 5 fixtures the stand-in's logits are within "
-      f"{worst:.0%} of the tolerance (1e-5 × max|logit|) of transformers', and device-side greedy generation "
-      "equals transformers' tokens")
+    knobs = {"top_k": 20, "top_p": 0.95, "min_p": 0.0, "repetition_penalty": 1.1, "presence_penalty": 0.5}
+    host = tinyqwen.generate(model, prompt, 8, 0.6, eos_token_ids=(), seed=0, device_sampling=False, **knobs)
+    assert (
+        cupy_backend.generate_on_device(model, prompt, 8, 0.6, 0, **knobs) == host
+    )  # Qwen's thinking preset
+print(
+    f"{len(compiled)} compilations ({len(cupy_backend.KERNELS)} sources × compute_80/compute_90) OK; on all 5 "
+    f"fixtures the stand-in's logits are within {worst:.0%} of the tolerance (1e-5 × max|logit|) of transformers', "
+    "device-side greedy generation equals transformers' tokens, and device-side sampling (top-k, top-p, "
+    "penalties) equals the CPU sampler's"
+)
 
 # %% [markdown]
 # ## Summary
@@ -572,7 +736,9 @@ print(f"14 compilations (7 sources × compute_80/compute_90) OK; on all 5 fixtur
 #   shared-memory (or warp-shuffle) reduction (RMSNorm); element-wise work gets a thread per element (RoPE), and
 #   the index arithmetic is the part to get right.
 # * cuBLAS does the GEMMs; we write only decode's bf16 GEMV, which reads 2 bytes per weight.
-# * Sampling on the device returns 8 bytes per step instead of the 608 KB of logits.
+# * Sampling on the device returns 8 bytes per step instead of the 608 KB of logits — with every option: the
+#   filters keep a prefix of the sorted order, so radix select finds the cut in 8 passes without sorting, and
+#   fixed-point masses make the result the same on every run, and the same as the CPU's for the same $u$.
 # * Every kernel compiles with NVRTC without a GPU, and every kernel has a NumPy twin, so the backend's whole
 #   orchestration is checked against transformers on a CPU. Only the kernels' own arithmetic on a GPU — and every
 #   speed figure — needs the hardware; none was measured here.
@@ -580,7 +746,7 @@ print(f"14 compilations (7 sources × compute_80/compute_90) OK; on all 5 fixtur
 # ## Exercises
 #
 # Fill in `exercises/ch11_cupy.py` (`decode_ceiling`, `rms_norm_kernel`, `rms_norm_blocked`, `rope_kernel`,
-# `rope_by_thread`, `sample_inverse_cdf`; each docstring has a worked example). Then run
+# `rope_by_thread`, `sample_inverse_cdf`, `order_key`, `top_k_cut`; each docstring has a worked example). Then run
 #
 # ```bash
 # pytest exercises/test_ch11_cupy.py
@@ -588,4 +754,5 @@ print(f"14 compilations (7 sources × compute_80/compute_90) OK; on all 5 fixtur
 #
 # Your CUDA sources are compiled by NVRTC for compute_80 and compute_90 (their results are also checked where a GPU
 # is present); your twins are graded against transformers, and the last checkpoint runs the dense-yarn fixture on
-# the cupy backend's orchestration with your twins as its RMSNorm and RoPE.
+# the cupy backend's orchestration with your twins as its RMSNorm and RoPE. Your radix select is graded against
+# `torch.topk` on ties, on values of both signs from 1e-300 to 1e300, and on a row of logits.

@@ -5,15 +5,21 @@ Without a GPU (CI, every machine this project has):
   defines every kernel the backend launches; a broken kernel fails with NVRTC's log;
 - each kernel's NumPy twin (`NumpyTwins`, the kernel's arithmetic in NumPy) equals tinyqwen's reference function:
   rms_norm, apply_rope, decode attention and SiLU·mul to ≤ 1e-6 relative (the same sums, in another order);
-  routing, arg-max and sampling exactly (ids);
+  routing, arg-max and sampling exactly (ids); the twins of the sampling kernels (penalize_rows,
+  filter_sample_rows: penalties, temperature, top-k, top-p, min-p) choose the same id as tinyqwen.sampling.sample
+  given the same uniform number on 3,000 random rows (ties, top_k = 1, top_p = 1e-12, min_p = 1, every penalty),
+  and every launch passes the argument kinds of the kernel's PTX and the dtypes its C source points to;
 - the backend's whole orchestration (`make_backend(NumpyTwins())`: bf16 weights kept as bits, the KV cache in the
   backend's arrays, the GEMV/cuBLAS split, MoE grouping, device sampling) against transformers' stored outputs on
   every fixture, at `tolerance(ref)` = 1e-5 of the logits' size — the project's bar, 10x inside the issue's 1e-4
-  (fp32) / 1e-3 (bf16); measured ≤ 1.5e-6 — and greedy generations identical to generate.json;
+  (fp32) / 1e-3 (bf16); measured ≤ 1.5e-6 — and greedy generations identical to generate.json; with every
+  sampling option on the device, the same ids as host sampling with the same seed, and per step exactly one
+  device -> host copy, of the new ids (counted through the ops object);
 - `backend="cupy"` without a usable GPU is one clear line.
 With a GPU (tests marked `gpu`, skipped and reported as skipped elsewhere): the real kernels against their twins,
 and the whole model against transformers at the issue's 1e-4 / 1e-3 (GPU sums run in another order and use
-CUDA's expf). None of this has run on a GPU yet: no GPU was available when it was written.
+CUDA's expf); penalize_rows bit for bit, filter_sample_rows' ids and the counts it records equal to the twins',
+device-sampled generations equal to host-sampled ones from the same GPU logits. None of this has run on a GPU yet: no GPU was available when it was written.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ import tinyqwen
 from backends import cupy_backend, get_backend
 from backends.cupy_backend import KERNEL_DIR, KERNELS, NumpyTwins
 from tinyqwen import attention as ref_attention
-from tinyqwen import moe, norm, rope
+from tinyqwen import moe, norm, rope, sampling
 from tinyqwen.config import load_config, load_generation_config
 from tinyqwen.errors import BackendError, GenerationError
 from tinyqwen.mlp import silu
 from tinyqwen.model import Qwen3, load_weights
 from tinyqwen.safetensors import Checkpoint
+from tinyqwen.sampling import SamplingParams, sample
 from tinyqwen.verify import tolerance
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,6 +86,23 @@ def test_kernels_compile_with_nvrtc(source, arch):
     assert ".local" not in ptx, f"{source} spills to local memory"
 
 
+# threads per block of each launch in CudaKernels (the others: 256, or fewer for short rows)
+LAUNCH_THREADS = {"filter_sample_rows": cupy_backend.FILTER_THREADS}
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+@pytest.mark.parametrize("source", sorted(KERNELS))
+def test_every_kernel_fits_its_launch(source, arch):
+    """Machine code for A100 / H100 (ptxas, no GPU): a block's registers fit the SM's 65,536, nothing spills to
+    local memory, and static shared memory stays under the 48 KB a launch gets without opting in. A kernel that
+    fails this compiles fine and then fails only at launch ("too many resources requested"), on the GPU."""
+    report = cupy_backend.ptxas_report(KERNEL_DIR / source, arch)
+    assert sorted(report) == sorted(KERNELS[source])
+    for name, used in report.items():
+        assert used["registers"] * LAUNCH_THREADS.get(name, 256) <= 65_536, (name, used)
+        assert used["spill_bytes"] == 0 and used["shared_bytes"] <= 48 * 1024, (name, used)
+
+
 def test_a_broken_kernel_fails_with_nvrtcs_log():
     broken = (KERNEL_DIR / "norm.cu").read_text().replace("ss += row[j] * row[j];", "ss += row[j] * row[j]")
     with pytest.raises(BackendError, match=r"norm\.cu does not compile for compute_80: .*error"):
@@ -97,20 +121,43 @@ def _ptx_params() -> dict[str, list[str]]:
     return params
 
 
+# the C pointee types of the kernels' array parameters -> the NumPy dtypes a launch must pass
+C_TYPES = {"float": ("float32",), "double": ("float64",), "int": ("int32",), "long long": ("int64",),
+           "unsigned long long": ("uint64",), "unsigned char": ("uint8", "bool"), "__nv_bfloat16": ("uint16",)}  # fmt: skip
+
+
+def _pointee_types() -> dict[str, list[str | None]]:
+    """{kernel: for each parameter, the C type it points to (None: not a pointer)}, read from the .cu sources."""
+    import re
+
+    kernels = {}
+    for source in KERNELS:
+        text = re.sub(r"//[^\n]*", "", (KERNEL_DIR / source).read_text())
+        for name, body in re.findall(
+            r'extern "C" __global__ void (?:__launch_bounds__\(\w+\) )?(\w+)\((.*?)\)\s*\{', text, re.S
+        ):
+            kernels[name] = []
+            for param in body.split(","):
+                words = param.replace("__restrict__", "").replace("const", "").split()
+                kernels[name].append(" ".join(words[:-1]).rstrip("*").strip() if "*" in param else None)
+    return kernels
+
+
 def test_every_launch_matches_its_kernels_parameters():
     """CudaKernels' launches (run here with NumPy arrays in place of CuPy's) pass what each kernel's PTX expects.
 
     A kernel launch only checks its arguments on the GPU, so this is the CPU's chance to catch a missing, extra or
-    mistyped argument: arrays are pointers (.u64), np.int32 .u32, np.int64 .u64, np.float32 .f32. It also checks the
-    launch shapes: a multiple of 32 threads, at most 1,024, enough threads for the work.
+    mistyped argument: arrays are pointers (.u64), np.int32 .u32, np.int64 .u64, np.float32 .f32, np.float64 .f64,
+    and each array's dtype is the type the kernel's C source says it points to. It also checks the launch shapes:
+    a multiple of 32 threads, at most 1,024, enough threads for the work.
     """
-    params = _ptx_params()
+    params, pointees = _ptx_params(), _pointee_types()
     launched = []
 
     def kind(a) -> str:
         if isinstance(a, np.ndarray):
             return "u64"
-        return {np.int32: "u32", np.int64: "u64", np.float32: "f32"}[type(a)]
+        return {np.int32: "u32", np.int64: "u64", np.float32: "f32", np.float64: "f64"}[type(a)]
 
     class Recorder:
         def __init__(self, name):
@@ -118,7 +165,11 @@ def test_every_launch_matches_its_kernels_parameters():
 
         def __call__(self, grid, block, args, shared_mem=0):
             assert [kind(a) for a in args] == params[self.name], self.name
-            assert block[0] % 32 == 0 and 32 <= block[0] <= 1024 and grid[0] >= 1, (self.name, grid, block)
+            for i, (a, pointee) in enumerate(zip(args, pointees[self.name], strict=True)):
+                assert (pointee is None) != isinstance(a, np.ndarray), (self.name, i)
+                if pointee is not None:
+                    assert a.dtype.name in C_TYPES[pointee], (self.name, i, a.dtype, pointee)
+            assert block[0] % 32 == 0 and 32 <= block[0] <= 1024 and min(grid) >= 1, (self.name, grid, block)
             launched.append(self.name)
 
     fake = object.__new__(cupy_backend.CudaKernels)  # no CuPy, no GPU: NumPy arrays, recorded launches
@@ -143,6 +194,11 @@ def test_every_launch_matches_its_kernels_parameters():
     fake.combine(f32(6, 16), f32(3, 2))
     fake.argmax(f32(2, 100))
     fake.sample(f32(2, 100), 0.7, np.array([0.5, 0.1], np.float32))
+    seen, counts = np.zeros((2, 100), np.uint8), np.zeros((2, 100), np.int32)
+    x, bad = fake.penalize(f32(2, 100), seen, counts, 1.3, 0.5, 0.2, 0.7)
+    fake.filter_sample(x, 20, 0.9, 0.05, False, np.array([0.5, 0.1]), np.array([-1, 3]), bad, seen, counts)
+    sampler = cupy_backend.DeviceSampler(fake, SamplingParams(temperature=0.7, top_k=5), [[1, 2], [3]], 100)
+    assert sampler.seen.dtype == np.uint8 and sampler.counts.dtype == np.int32  # what filter.cu points to
     assert sorted(set(launched)) == sorted(params), "every kernel of backends/cuda is launched by CudaKernels"
 
 
@@ -208,6 +264,200 @@ def test_device_sampling_draws_the_softmax_distribution():
     assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / ids.size)), (freq, p)
     with pytest.raises(GenerationError, match="random generator"):
         cupy_backend.next_token(TWINS, rows[:1], 0.7, None)
+
+
+# ------------------------------------------------------------------------------------------ every sampling option
+
+
+def device_sample(ops, logits, params, prompt=(), output=(), u=0.0) -> int:
+    """One row through penalize + filter_sample (the device pipeline), with the penalty state built by hand."""
+    V = logits.size
+    seen, counts = np.zeros((1, V), np.uint8), np.zeros((1, V), np.int32)
+    seen[0, list(prompt)] = 1
+    for t in output:
+        seen[0, t], counts[0, t] = 1, counts[0, t] + 1
+    xp = ops.xp
+    seen, counts = xp.asarray(seen), xp.asarray(counts)
+    temperature = 1.0 if params.greedy else params.temperature
+    x, bad = ops.penalize(xp.asarray(logits[None]), seen, counts, params.repetition_penalty,
+                          params.presence_penalty, params.frequency_penalty, temperature)  # fmt: skip
+    chosen = ops.filter_sample(x, int(params.top_k), params.top_p, params.min_p, params.greedy, np.array([u]),
+                               np.array([-1]), bad, seen, counts)  # fmt: skip
+    return int(ops.to_numpy(chosen)[0])
+
+
+def random_case(r):
+    """A random row of logits (often with ties), sampling knobs (often extreme) and prompt / output ids."""
+    V = int(r.choice([3, 40, 700, 3000]))
+    kind = r.integers(4)
+    if kind == 0:  # smooth, at several scales
+        logits = r.standard_normal(V) * r.choice([0.1, 1.0, 5.0, 30.0])
+    elif kind == 1:  # few distinct values: ties everywhere, also at every cut
+        logits = r.integers(-3, 4, V).astype(np.float64)
+    elif kind == 2:  # rounded: ties among close values
+        logits = np.round(r.standard_normal(V) * 2, 1)
+    else:  # nearly all equal
+        logits = np.zeros(V)
+        logits[r.integers(0, V, 3)] = 1.0
+    params = SamplingParams(
+        temperature=float(r.choice([0.0, 0.3, 0.7, 1.0, 2.0])),
+        top_k=int(r.choice([0, 0, 1, 2, 5, 20, V - 1, V])),
+        top_p=float(r.choice([1.0, 0.95, 0.8, 0.5, 0.1, 1e-12])),
+        min_p=float(r.choice([0.0, 0.0, 0.05, 0.3, 1.0])),
+        repetition_penalty=float(r.choice([1.0, 1.3, 0.8])),
+        presence_penalty=float(r.choice([0.0, 0.5, -0.3])),
+        frequency_penalty=float(r.choice([0.0, 0.2])),
+    )
+    prompt = r.integers(0, V, r.integers(1, 6)).tolist()
+    output = r.integers(0, V, r.integers(0, 6)).tolist()
+    return logits.astype(np.float32), params, prompt, output
+
+
+def test_filter_twins_equal_the_host_sampler_on_random_rows():
+    # the same uniform number: the host's generator seeded alike; ids must be identical on every row
+    r = np.random.default_rng(12)
+    for case in range(3000):
+        logits, params, prompt, output = random_case(r)
+        seed = int(r.integers(1 << 30))
+        want = sample(logits, np.random.default_rng(seed), params, prompt, output)
+        u = np.random.default_rng(seed).random()
+        assert device_sample(TWINS, logits, params, prompt, output, u) == want, (case, params)
+
+
+def test_filter_twins_by_hand():
+    same = np.zeros(4, np.float32)  # four equal probabilities, 0.25 each
+    hot = SamplingParams(temperature=1.0)
+    # top-p's cut inside the ties: the first tokens by id (transformers' stable sort), mass before them < p
+    for p, kept in ((0.25, [0]), (0.5, [0, 1]), (0.74, [0, 1, 2]), (0.76, [0, 1, 2, 3]), (1e-12, [0])):
+        params = SamplingParams(temperature=1.0, top_p=p)
+        ids = {device_sample(TWINS, same, params, u=u) for u in np.linspace(0, 0.999, 41)}
+        assert sorted(ids) == kept, p
+    # top-k = 1 keeps every token tied with the largest; min-p = 1 too
+    tied = np.array([0.0, 2.0, 1.0, 2.0], np.float32)
+    for params in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0, min_p=1.0)):
+        assert {device_sample(TWINS, tied, params, u=u) for u in (0.1, 0.4, 0.6, 0.9)} == {1, 3}
+    # min-p 0.2 of probabilities [0.6, 0.3, 0.1]: threshold 0.12 removes id 2
+    three = np.log(np.array([0.6, 0.3, 0.1], np.float32))
+    assert device_sample(TWINS, three, SamplingParams(temperature=1.0, min_p=0.2), u=0.999) == 1
+    assert device_sample(TWINS, three, hot, u=0.999) == 2
+    # penalties: repetition divides a positive logit, multiplies a negative one; presence once, frequency per use
+    greedy = SamplingParams(repetition_penalty=2.0)
+    assert device_sample(TWINS, np.array([3.0, 2.0], np.float32), greedy, prompt=[0]) == 1  # 1.5 < 2
+    assert device_sample(TWINS, np.array([-1.0, -1.5], np.float32), greedy, prompt=[0]) == 1  # -2 < -1.5
+    freq = SamplingParams(presence_penalty=0.5, frequency_penalty=0.5)
+    assert (
+        device_sample(TWINS, np.array([2.0, 1.1], np.float32), freq, output=[0]) == 1
+    )  # 2 - 0.5 - 0.5 < 1.1
+    assert device_sample(TWINS, np.array([2.0, 0.9], np.float32), freq, output=[0]) == 0
+    assert (
+        device_sample(TWINS, np.array([2.0, 0.6], np.float32), freq, output=[0, 0]) == 1
+    )  # 2 - 0.5 - 1 < 0.6
+
+
+def test_device_sampler_records_forced_ids_skips_finished_rows_and_flags_non_finite_logits():
+    params = SamplingParams(temperature=1.0, frequency_penalty=1.0)
+    sampler = cupy_backend.DeviceSampler(TWINS, params, [[0], [1], [2]], vocab=4)
+    logits = np.zeros((3, 4), np.float32)
+    logits[2, 3] = np.nan
+    ids = sampler.choose(logits, [0.5, 0.0, 0.0], [cupy_backend.CHOOSE, 3, cupy_backend.FINISHED])
+    assert ids.tolist()[1:] == [3, cupy_backend.FINISHED]
+    assert sampler.counts[1].tolist() == [0, 0, 0, 1] and sampler.seen[1].tolist() == [
+        0,
+        1,
+        0,
+        1,
+    ]  # forced: counted
+    assert sampler.counts[2].sum() == 0  # finished: nothing recorded, its NaN not read
+    ids = sampler.choose(logits, [0.5, 0.5, 0.0], [cupy_backend.CHOOSE] * 3)
+    assert ids[2] == -1 and sampler.counts[2].sum() == 0  # non-finite logits: -1, for the host to explain
+
+
+class CountingTwins(NumpyTwins):
+    """The twins, recording every device -> host copy (shape, dtype) that goes through `to_numpy`."""
+
+    def __init__(self):
+        self.copies = []
+
+    def to_numpy(self, a):
+        self.copies.append((a.shape, np.asarray(a).dtype))
+        return super().to_numpy(a)
+
+
+KNOB_SETS = [  # every option alone, then Qwen's presets with penalties
+    {},
+    {"top_k": 1},
+    {"top_k": 7},
+    {"top_p": 0.6},
+    {"top_p": 1e-12},
+    {"min_p": 0.3},
+    {"repetition_penalty": 1.5},
+    {"presence_penalty": 1.0},
+    {"frequency_penalty": 0.7},
+    {"top_k": 20, "top_p": 0.95, "min_p": 0.0},
+    {"top_k": 20, "top_p": 0.8, "min_p": 0.05, "repetition_penalty": 1.2, "presence_penalty": 0.5,
+     "frequency_penalty": 0.3},
+]  # fmt: skip
+ALL_OFF = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0,
+           "frequency_penalty": 0.0}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_sampling_option_on_the_device_equals_host_sampling(name):
+    """generate_on_device and tinyqwen.generate (device sampling on) give tinyqwen.generate's host-sampled ids,
+    for every option and a few seeds; per step only the new id crosses (counted through the ops object)."""
+    ops = CountingTwins()
+    model = load(FIXTURES / name, cupy_backend.make_backend(ops, name="cupy-standin"))
+    prompt, n = [5, 6, 7, 8], 10
+    for knobs in KNOB_SETS:
+        for temperature, seed in ((0.0, 0), (0.7, 1), (1.3, 2)):
+            knobs_all = {**ALL_OFF, **knobs}
+            host = tinyqwen.generate(model, prompt, n, temperature, eos_token_ids=(), seed=seed,
+                                     device_sampling=False, **knobs_all)  # fmt: skip
+            ops.copies.clear()
+            got = cupy_backend.generate_on_device(model, prompt, n, temperature, seed, **knobs)
+            assert got == host, (knobs, temperature, seed)
+            ids = [c for c in ops.copies if c[1] == np.int64]
+            assert ids == [((1,), np.dtype(np.int64))] * n  # one id per step ...
+            assert all(
+                c[1] == np.int32 for c in ops.copies if c[1] != np.int64
+            )  # ... + MoE prefill's expert ids
+            assert (
+                tinyqwen.generate(model, prompt, n, temperature, eos_token_ids=(), seed=seed, **knobs_all)
+                == host
+            )
+
+
+def test_batched_generation_samples_on_the_device_like_the_host():
+    # rows of different lengths that finish at different steps (eos), each with its own seed
+    ops = CountingTwins()
+    model = load(FIXTURES / "moe-norm-topk", cupy_backend.make_backend(ops, name="cupy-standin"))
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    knobs = {"top_k": 20, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 1.3, "frequency_penalty": 0.2}
+    kwargs = {"temperature": 1.0, "seed": [3, 4, 5], "pad_token_id": 0, **knobs}
+    host = tinyqwen.generate_batch(model, prompts, 12, eos_token_ids=(), device_sampling=False, **kwargs)
+    eos = (host[1][4],)  # row 1 stops at step 5 (or earlier), the others later if at all
+    host = tinyqwen.generate_batch(model, prompts, 12, eos_token_ids=eos, device_sampling=False, **kwargs)
+    ops.copies.clear()
+    assert tinyqwen.generate_batch(model, prompts, 12, eos_token_ids=eos, **kwargs) == host
+    assert len({len(h) for h in host}) > 1, "rows finish at different steps"
+    assert [c for c in ops.copies if c[1] != np.int32] == [((3,), np.dtype(np.int64))] * max(map(len, host))
+
+
+def test_device_sampling_option_is_checked_and_harmless_on_host_backends():
+    numpy_model = tinyqwen.load_model(FIXTURES / "dense-tied")
+    with pytest.raises(GenerationError, match="device_sampling must be True or False, got 'yes'"):
+        tinyqwen.generate(numpy_model, [1, 2], 2, device_sampling="yes")
+    want = tinyqwen.generate(numpy_model, [1, 2], 3, 0.7, seed=1)  # no device sampler here: the host samples
+    assert tinyqwen.generate(numpy_model, [1, 2], 3, 0.7, seed=1, device_sampling=True) == want
+
+
+def test_device_sampling_explains_non_finite_logits():
+    model = load(FIXTURES / "dense-tied", cupy_backend.standin_backend())
+    object.__setattr__(model.weights, "norm", np.full_like(model.weights.norm, np.nan))  # NaN logits
+    with pytest.raises(GenerationError, match="logits are NaN when choosing new token 1"):
+        tinyqwen.generate(model, [1, 2, 3], 4, temperature=0.7, seed=0)
+    with pytest.raises(GenerationError, match="not finite when choosing new token 1"):
+        cupy_backend.generate_on_device(model, [1, 2, 3], 4, temperature=0.7)
 
 
 # ------------------------------------------------------------------------------------------ the whole model
@@ -412,3 +662,49 @@ def test_gpu_model_matches_transformers(on_gpu):
     gen = json.loads((model.path / "generate.json").read_text())
     for prompt, expected in zip(gen["prompts"], gen["single"], strict=True):
         assert cupy_backend.generate_on_device(model, prompt, gen["max_new_tokens"]) == expected
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_sampling_kernels_equal_their_twins(cuda):
+    cp = cuda.xp
+    r = np.random.default_rng(7)
+    # penalize_rows: bit for bit (the same correctly rounded float64 operations, no FMA)
+    logits = (r.standard_normal((3, 151_936)) * 4).astype(np.float32)
+    seen = (r.random((3, 151_936)) < 0.01).astype(np.uint8)
+    counts = (r.integers(0, 3, (3, 151_936)) * seen).astype(np.int32)
+    want_x, want_bad = TWINS.penalize(logits, seen, counts, 1.3, 0.4, 0.25, 0.7)
+    x, bad = cuda.penalize(cp.asarray(logits), cp.asarray(seen), cp.asarray(counts), 1.3, 0.4, 0.25, 0.7)
+    assert np.array_equal(x.get(), want_x) and bad.get().tolist() == want_bad.tolist() == [0, 0, 0]
+    # filter_sample_rows on Qwen-sized rows with Qwen's presets, and the ids it records
+    for params in (sampling.THINKING, sampling.NON_THINKING, SamplingParams(temperature=1.0, min_p=0.05),
+                   SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, top_p=0.9, top_k=0)):  # fmt: skip
+        u = r.random(3)
+        forced = np.array([-1, -1, 17])
+        s2, c2 = seen.copy(), counts.copy()
+        want = TWINS.filter_sample(want_x, int(params.top_k), params.top_p, params.min_p, False, u, forced,
+                                   want_bad, s2, c2)  # fmt: skip
+        ds, dc = cp.asarray(seen), cp.asarray(counts)
+        got = cuda.filter_sample(
+            x, int(params.top_k), params.top_p, params.min_p, False, u, forced, bad, ds, dc
+        )
+        assert got.get().tolist() == want.tolist(), params
+        assert np.array_equal(ds.get(), s2) and np.array_equal(dc.get(), c2)
+    # many small random rows (ties, extreme knobs, penalties): the same ids as the twins and the host sampler
+    for case in range(400):
+        logits, params, prompt, output = random_case(r)
+        u = float(r.random())
+        want = device_sample(TWINS, logits, params, prompt, output, u)
+        assert device_sample(cuda, logits, params, prompt, output, u) == want, (case, params)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_sampling_on_the_device_equals_host_sampling(on_gpu):
+    model, _ = on_gpu
+    for knobs in KNOB_SETS:
+        for temperature, seed in ((0.0, 0), (0.7, 1), (1.3, 2)):
+            host = tinyqwen.generate(model, [5, 6, 7, 8], 10, temperature, eos_token_ids=(), seed=seed,
+                                     device_sampling=False, **{**ALL_OFF, **knobs})  # fmt: skip
+            got = cupy_backend.generate_on_device(model, [5, 6, 7, 8], 10, temperature, seed, **knobs)
+            assert got == host, (knobs, temperature, seed)

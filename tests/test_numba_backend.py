@@ -176,7 +176,9 @@ def test_moe_block_bf16_equals_numpy(tokens, norm_topk_prob):
 def test_numba_backend_keeps_the_checkpoints_dtype():
     bf16 = tinyqwen.load_model(FIXTURES / "dense-untied-bf16-sharded", backend="numba")
     q = bf16.weights.layers[0].attn.q_proj
-    assert isinstance(q, BF16Weight) and q.bits.dtype == np.uint16 and not q.bits.flags.writeable  # the file
+    assert isinstance(q, BF16Weight) and q.bits.dtype == np.uint16
+    # read into process memory (streamed faster than the file's mapping), one copy: the array owns its bytes
+    assert q.bits.flags.writeable and q.bits.flags.owndata
     assert bf16.weights.layers[0].input_norm.dtype == np.float32  # vectors are widened (tiny)
     f32 = tinyqwen.load_model(FIXTURES / "dense-tied", backend="numba")
     q = f32.weights.layers[0].attn.q_proj
@@ -204,7 +206,7 @@ def _write_bf16_checkpoint(path: Path) -> int:
     return sum(2 * t.size for t in tensors.values())
 
 
-def test_loading_bf16_for_numba_allocates_no_weight_copies(tmp_path):
+def test_loading_bf16_for_numba_allocates_one_bf16_copy_of_the_weights(tmp_path):
     bf16_bytes = _write_bf16_checkpoint(tmp_path / "ckpt")  # ~6 MB
     peaks = {}
     for name in ("numba", "numpy"):
@@ -214,7 +216,9 @@ def test_loading_bf16_for_numba_allocates_no_weight_copies(tmp_path):
         tracemalloc.stop()
         del model
     assert peaks["numpy"] >= 2 * bf16_bytes  # the measure sees copies: numpy widens every weight to float32
-    assert peaks["numba"] <= 0.02 * bf16_bytes + 200_000, peaks  # bf16 kept as the file: a small constant
+    # numba reads each bf16 tensor into memory once (SafetensorsFile.read): the bf16 bytes plus a small constant,
+    # never a widened or a second copy (the file is read, not mapped, so no mapped pages add to it either)
+    assert 0.98 * bf16_bytes <= peaks["numba"] <= 1.02 * bf16_bytes + 200_000, (peaks, bf16_bytes)
 
 
 def test_numba_missing_gives_a_clear_error(monkeypatch):

@@ -442,6 +442,35 @@ def test_a_file_that_changes_after_opening_is_refused(tmp_path):
         f.get("w")
 
 
+def test_read_copies_the_stored_bytes_into_memory(tmp_path):
+    # `read` is `raw`'s bytes in a new array this process owns (the numba backend streams weights from it)
+    path = tmp_path / "w.safetensors"
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((5, 7)).astype(np.float32)
+    save_file({"w": w, "empty": np.zeros((0, 3), np.float32)}, path, bf16=True)
+    with SafetensorsFile(path) as f:
+        got, view = f.read("w"), f.raw("w")
+        assert got.dtype == np.uint16 and got.shape == (5, 7)
+        np.testing.assert_array_equal(got, view)
+        assert got.flags.owndata and got.flags.writeable and not np.shares_memory(got, view)
+        np.testing.assert_array_equal(bf16_to_float32(got), bf16_to_float32(float32_to_bf16(w)))
+        assert f.read("empty").shape == (0, 3)
+    with Checkpoint(path) as c:
+        np.testing.assert_array_equal(c.read("w"), got)
+    with pytest.raises(SafetensorsError, match="closed"):
+        f.read("w")
+
+
+def test_read_refuses_a_file_cut_short_after_opening(tmp_path):
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": np.ones(64, np.float32)}, path)
+    f = SafetensorsFile(path)
+    with open(path, "ab") as g:
+        g.write(b"\0" * 8)
+    with pytest.raises(SafetensorsError, match="changed size"):
+        f.read("w")
+
+
 def test_save_file_rejects_what_it_cannot_write(tmp_path):
     path = tmp_path / "bad.safetensors"
     with pytest.raises(SafetensorsError, match="'o'.*object"):

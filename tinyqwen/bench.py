@@ -47,6 +47,7 @@ THREADS = 2
 TINYQWEN_BACKENDS = ("numpy", "numba", "cupy")
 TRANSFORMERS_DTYPES = ("fp32", "bf16")
 ENGINE_KINDS = ("numpy", "numba", "transformers", "llama.cpp")  # the default run (CPU engines)
+NUMBA_KV_DTYPE = "bfloat16"  # the numba engines' KV cache (the numpy engine, the reference, keeps float32)
 KNOWN_KINDS = (*ENGINE_KINDS, "cupy")  # cupy only when asked for: it needs an NVIDIA GPU
 GEMV_SHAPE = (151_936, 1_024)  # Qwen3-0.6B's lm_head: 622 MB in fp32, far beyond any cache
 
@@ -152,12 +153,18 @@ _TINYQWEN = """
 def load(path, threads, option, max_len):
     import tinyqwen
     from tinyqwen.bench import compile_clock, resident_bytes
-    backend, _, precision = option.partition(":")  # "numba:medium" -> numba, matmul_precision="medium"
+    # "numba:medium:bfloat16" -> backend numba, matmul_precision="medium", a bfloat16 KV cache
+    backend, precision, kv_dtype = (option.split(":") + ["", ""])[:3]
     clock = compile_clock() if backend == "numba" else None
     model = tinyqwen.load_model(path, backend=backend, matmul_precision=precision or "highest")
-    if precision:
+    if precision == "medium":
         from backends import onednn
         precision = f", matmul_precision={precision}" + (", oneDNN" if onednn.available() else ", no oneDNN")
+    else:
+        precision = ""
+    kv_dtype = kv_dtype or "float32"
+    if kv_dtype != "float32":
+        precision += f", KV cache {kv_dtype}"
 
     class Engine:
         version = f"tinyqwen {tinyqwen.__version__} ({backend} backend{precision})"
@@ -166,7 +173,7 @@ def load(path, threads, option, max_len):
 
         def prefill(self, ids):
             self.cache = None  # the last run's cache goes first: a new prompt never holds two caches at once
-            self.cache = model.new_cache(1, max_len)
+            self.cache = model.new_cache(1, max_len, kv_dtype)
             return self.step_ids(np.asarray([ids]))
 
         def step(self, token):
@@ -192,7 +199,7 @@ def load(path, threads, option, max_len):
         hbm_peak_gb_s = cupy_backend.hbm_peak_gb_s()
 
         def prefill(self, ids):
-            self.cache = model.new_cache(1, max_len)
+            self.cache = model.new_cache(1, max_len, kv_dtype)
             return self.step_ids(np.asarray([ids]))
 
         def step(self, token):
@@ -375,9 +382,14 @@ def plan_engines(
                 skip = ""
             except TinyQwenError as e:
                 skip = str(e)
-            engines.append(Engine(f"tinyqwen-{kind}", kind, kind, skip))
-            if kind == "numba":  # and with bf16 inputs to the weight products (prefill on bf16 matrix units)
-                engines.append(Engine("tinyqwen-numba-medium", kind, "numba:medium", skip))
+            if kind != "numba":
+                engines.append(Engine(f"tinyqwen-{kind}", kind, kind, skip))
+                continue
+            # numba keeps its KV cache in bf16, as llama.cpp keeps its in f16 (2 bytes a value, half of float32's
+            # reads per decode step); "medium" also rounds the inputs of the weight products to bf16, as
+            # llama.cpp's bf16 path does, and runs prefill on the bf16 matrix units
+            engines.append(Engine("tinyqwen-numba", kind, f"numba:highest:{NUMBA_KV_DTYPE}", skip))
+            engines.append(Engine("tinyqwen-numba-medium", kind, f"numba:medium:{NUMBA_KV_DTYPE}", skip))
             continue
         if lacking is None:
             lacking = missing_modules(peer, ("torch", "transformers", "llama_cpp"))

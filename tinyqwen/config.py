@@ -301,3 +301,66 @@ def load_generation_config(path: str | Path) -> dict:
     if not isinstance(d, dict):
         raise ConfigError(f"{file}: expected a JSON object")
     return d
+
+
+# ------------------------------------------------------------------------------------------ the published family
+# tinyqwen ships four config.json files in tinyqwen/data/configs/ (a fresh clone needs nothing beside it):
+# - Qwen3-0.6B, Qwen3-4B, Qwen3-8B: byte-identical copies of the official Hub files (their sha256 and git blob
+#   sha1 match third-party pins of the Hub files; tests/test_config.py checks the sha256);
+# - Qwen3-30B-A3B: written from the published values with the official key set, its bytes NOT verified.
+CONFIG_DIR = Path(__file__).parent / "data" / "configs"
+OFFICIAL_CONFIG_FILES = ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B")
+
+# The other four models have no file whose bytes we could verify, so each is its nearest sibling's file with the
+# fields that differ. The layer, head and expert counts are those of the Qwen3 model cards and technical report; the
+# hidden and FFN sizes match third-party training configs. Evidence that they are right: with them,
+# `tinyqwen.model.count_parameters` gives exactly the counts keras-hub lists for its conversions of the official
+# weights (KERAS_HUB_PARAMETER_COUNTS below; tests/test_config.py checks all eight). Keys tinyqwen does not read
+# (e.g. max_window_layers, in `Qwen3Config.extra`) stay the sibling's.
+PUBLISHED_CHANGES: dict[str, tuple[str, dict[str, int]]] = {  # name: (the sibling's file, the fields that differ)
+    # 0.6B's depth, heads and tied embedding, twice as wide
+    "Qwen3-1.7B": ("Qwen3-0.6B", {"hidden_size": 2048, "intermediate_size": 6144}),
+    # 8B's 8 kv heads, head_dim 128 and untied head; wider, deeper, more query heads
+    "Qwen3-14B": ("Qwen3-8B", {"hidden_size": 5120, "num_hidden_layers": 40, "num_attention_heads": 40,
+                               "intermediate_size": 17408}),
+    "Qwen3-32B": ("Qwen3-8B", {"hidden_size": 5120, "num_hidden_layers": 64, "num_attention_heads": 64,
+                               "intermediate_size": 25600}),
+    # 30B-A3B's 128 experts, top-8, 4 kv heads; wider experts, twice the query heads, almost twice the depth
+    "Qwen3-235B-A22B": ("Qwen3-30B-A3B", {"hidden_size": 4096, "num_hidden_layers": 94, "num_attention_heads": 64,
+                                          "moe_intermediate_size": 1536, "intermediate_size": 12288}),
+}  # fmt: skip
+# dense by size, then the two mixtures of experts
+FAMILY = ("Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B", "Qwen3-14B", "Qwen3-32B", "Qwen3-30B-A3B",
+          "Qwen3-235B-A22B")  # fmt: skip
+
+# Parameter counts keras-hub lists for its Qwen3 presets, converted from the official weights
+# (keras_hub/src/models/qwen3/qwen3_presets.py and qwen3_moe/qwen3_moe_presets.py): an independent source.
+KERAS_HUB_PARAMETER_COUNTS = {
+    "Qwen3-0.6B": 596_049_920, "Qwen3-1.7B": 1_720_574_976, "Qwen3-4B": 4_022_468_096,
+    "Qwen3-8B": 8_190_735_360, "Qwen3-14B": 14_768_307_200, "Qwen3-32B": 32_762_123_264,
+    "Qwen3-30B-A3B": 30_532_122_624, "Qwen3-235B-A22B": 235_093_634_560,
+}  # fmt: skip
+
+
+def published_configs() -> dict[str, Qwen3Config]:
+    """The config of every released Qwen3 model, in FAMILY order (dense by size, then MoE), offline.
+
+    Four come straight from the files in CONFIG_DIR; the other four are a sibling's file with the fields of
+    PUBLISHED_CHANGES replaced (see the comments above it for where each number comes from and how sure it is).
+
+    >>> family = published_configs()
+    >>> list(family) == list(FAMILY)
+    True
+    >>> c = family["Qwen3-14B"]  # Qwen3-8B's file with hidden size, depth and query heads changed
+    >>> c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    (5120, 40, 40, 8, 128)
+    >>> m = family["Qwen3-235B-A22B"]  # from Qwen3-30B-A3B's file: the experts and the top-k are inherited
+    >>> m.is_moe, m.num_experts, m.num_experts_per_tok, m.moe_intermediate_size, m.tie_word_embeddings
+    (True, 128, 8, 1536, False)
+    """
+    raw = {}
+    for name in (*OFFICIAL_CONFIG_FILES, "Qwen3-30B-A3B"):
+        raw[name] = json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    for name, (sibling, changes) in PUBLISHED_CHANGES.items():
+        raw[name] = raw[sibling] | changes
+    return {name: config_from_dict(raw[name], source=name) for name in FAMILY}

@@ -32,9 +32,15 @@ from tinyqwen.kv_cache import PREFILL_CHUNK, kv_dtype_name
 from tinyqwen.sampling import SamplingParams, sample
 from tinyqwen.thinking import EARLY_STOP_TEXT, ThinkingBudget, early_stop_ids
 
+FINISHED, CHOOSE = (
+    -2,
+    -1,
+)  # what a device sampler is told per row: finished / choose (else: take this forced id)
+
 # keyword arguments `generate(**sampling)` accepts, besides the sampling knobs of SamplingParams
 _OPTIONS = (
     "seed", "rng", "params", "thinking_budget", "early_stop", "prefill_chunk_size", "pad_token_id", "kv_dtype",
+    "device_sampling",
 )  # fmt: skip
 
 _KNOBS = ("top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
@@ -66,6 +72,9 @@ def generate(
       "float32", exact); see tinyqwen/kv_cache.py.
     - `max_new_tokens` is cut to what fits in the model's context (`max_position_embeddings`).
     - `input_ids=` (transformers' name) is accepted for `prompt_ids`.
+    - On a backend that can sample where its logits live (cupy), every sampling step runs there and only the
+      chosen ids cross to the host; the ids equal host sampling's with the same seed. `device_sampling=False`
+      samples on the host instead.
     - A model whose logits turn NaN or inf stops with a GenerationError naming the step and the first layer
       whose output went non-finite, instead of "choosing" token 0.
     """
@@ -179,6 +188,10 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
     eos = _resolve_eos(model, eos_token_ids, vocab)
     rows = _make_rows(prompts, params, options)
     batched = len(rows) > 1
+    # a device backend (cupy) samples where its logits are: only the chosen ids cross to the host each step
+    make_sampler = getattr(getattr(model, "backend", None), "device_sampler", None)
+    on_device = make_sampler is not None and options["device_sampling"] is not False
+    sampler = make_sampler(params, [row.prompt for row in rows], vocab) if on_device else None
 
     # prefill: left-pad to a rectangle; the running mask covers every column the cache will ever hold
     B, P = len(rows), longest
@@ -192,28 +205,31 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
         else model.new_cache(B, P + max_new_tokens, dtype=kv_dtype)
     )
     chunk = options["prefill_chunk_size"] or (PREFILL_CHUNK if P > PREFILL_CHUNK else P)
+    device = {"on_device": True} if on_device else {}  # the logits stay the backend's array
     for start in range(0, P, chunk):
         end = min(start + chunk, P)
         out = model.forward(ids[:, start:end], cache=cache, attention_mask=mask[:, :end] if batched else None,
-                            last_only=True)  # fmt: skip
+                            last_only=True, **device)  # fmt: skip
     for row in rows:
         if row.budget is not None:
             row.forced.extend(row.budget.pending())
 
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]  # [B, vocab]
-        if not np.isfinite(logits).all():  # one cheap pass over B x vocab; the diagnosis runs only on failure
+        chosen = _choose_on_device(model, sampler, rows, params, logits, step) if on_device else None
+        if not on_device and not np.isfinite(logits).all():  # one cheap pass; the diagnosis only on failure
             _check_finite(model, rows, logits, step)
         new: list[int | None] = []
         for b, row in enumerate(rows):
             if row.done:
                 new.append(None)
                 continue
-            token = (
-                row.forced.pop(0)
-                if row.forced
-                else sample(logits[b], row.rng, params, row.prompt, row.output)
-            )
+            if row.forced:
+                token = row.forced.pop(0)
+            elif chosen is not None:
+                token = int(chosen[b])
+            else:
+                token = sample(logits[b], row.rng, params, row.prompt, row.output)
             row.output.append(token)
             if row.budget is not None:
                 row.forced.extend(row.budget.step(token))
@@ -226,8 +242,27 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
         feed = np.array([[pad if t is None else t] for t in new], dtype=np.int64)  # [B, 1]
         end = cache.length + 1
         out = model.forward(
-            feed, cache=cache, attention_mask=mask[:, :end] if batched else None, last_only=True
+            feed, cache=cache, attention_mask=mask[:, :end] if batched else None, last_only=True, **device
         )
+
+
+def _choose_on_device(model, sampler, rows: list[_Row], params: SamplingParams, logits, step: int):
+    """Every live row's next id from the device sampler: [B] ids on the host (forced rows get their forced id).
+
+    The uniform numbers are drawn here, row by row, exactly when the host sampler would draw them, so a seeded run
+    equals host sampling. A forced id (the thinking budget's early-stop text) goes to the device too, so its
+    penalty counts stay right.
+    """
+    u, forced = [], []
+    for row in rows:
+        sampling = not row.done and not row.forced
+        u.append(row.rng.random() if sampling and not params.greedy else 0.0)
+        forced.append(FINISHED if row.done else row.forced[0] if row.forced else CHOOSE)
+    chosen = sampler.choose(logits, u, forced)
+    if (chosen == -1).any():  # a row's logits are NaN or infinite: bring them over once, to say where from
+        _check_finite(model, rows, model.backend.to_numpy(logits), step)
+        raise GenerationError(f"the model's logits are not finite when choosing new token {step + 1}")
+    return chosen
 
 
 def _check_finite(model, rows: list[_Row], logits: np.ndarray, step: int) -> None:
@@ -305,6 +340,8 @@ def _resolve_sampling(model, temperature, sampling: dict) -> tuple[SamplingParam
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0):
         raise GenerationError(f"prefill_chunk_size must be a whole number > 0, got {chunk!r}")
     options["kv_dtype"] = kv_dtype_name(options["kv_dtype"] or "float32")
+    if options["device_sampling"] not in (None, True, False):
+        raise GenerationError(f"device_sampling must be True or False, got {options['device_sampling']!r}")
     budget = options["thinking_budget"]
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
         raise GenerationError(f"thinking_budget must be a whole number >= 0, got {budget!r}")

@@ -167,9 +167,8 @@ def memory_estimate(
     activations  the peak temporaries of one prefill chunk (see the note above RUNTIME_BYTES), float32
     runtime      the interpreter and libraries (RUNTIME_BYTES)
 
-    >>> from tinyqwen.config import config_from_dict
-    >>> import json, pathlib
-    >>> c = config_from_dict(json.loads(pathlib.Path("tests/fixtures/configs/Qwen3-0.6B.json").read_text()))
+    >>> from tinyqwen.config import published_configs
+    >>> c = published_configs()["Qwen3-0.6B"]
     >>> m = memory_estimate(c, 32768, "bfloat16")
     >>> round(m["kv_cache"] / 2**30, 2), round(m["weights"] / 2**30, 2)  # GiB
     (3.5, 2.22)

@@ -128,6 +128,7 @@ def load_weights(
     prepare=lambda w: w,
     progress: bool | None = None,
     keep_bf16: bool = False,
+    in_memory: bool = False,
 ) -> Weights:
     """Read and shape-check every tensor of `expected_tensors(config)` from an open `Checkpoint`.
 
@@ -135,6 +136,8 @@ def load_weights(
     `keep_bf16` (a backend whose kernels read bf16, e.g. "numba"), BF16 tensors arrive instead as their uint16 bit
     patterns, read-only views of the memory-mapped file: nothing is widened or copied, so loading a bf16
     checkpoint needs no more memory than its bf16 weights (MoE experts are stacked: one bf16 copy of them).
+    `in_memory` reads those bf16 tensors into process memory instead of viewing the file (`Checkpoint.read`):
+    still one copy, and faster to stream for a backend that reads every weight per token.
     """
     where = getattr(checkpoint, "path", "checkpoint")
     expected = expected_tensors(config)
@@ -153,7 +156,7 @@ def load_weights(
             f"{config.model_type} model with this config.json"
         )
 
-    def get(name: str) -> np.ndarray:
+    def get(name: str, view: bool = False) -> np.ndarray:  # view: a bf16 tensor about to be copied anyway
         shape = tuple(checkpoint.shape(name))
         if shape != expected[name]:
             raise CheckpointError(
@@ -161,7 +164,8 @@ def load_weights(
                 f"from config.json"
             )
         if keep_bf16 and checkpoint.dtype(name) == "BF16":
-            return checkpoint.raw(name)  # uint16 bit patterns: the backend's `prepare` knows what they mean
+            # uint16 bit patterns: the backend's `prepare` knows what they mean
+            return checkpoint.read(name) if in_memory and not view else checkpoint.raw(name)
         value = checkpoint.get(name)
         if value.dtype.kind != "f":
             raise CheckpointError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected a float")
@@ -197,7 +201,7 @@ def load_weights(
             mlp = MoEWeights(
                 router=prepare(get(p + "mlp.gate.weight")),
                 **{
-                    n: prepare(stack([get(p + f"mlp.experts.{e}.{n}.weight") for e in experts]))
+                    n: prepare(stack([get(p + f"mlp.experts.{e}.{n}.weight", view=True) for e in experts]))
                     for n in ("gate_proj", "up_proj", "down_proj")
                 },
             )
@@ -433,7 +437,9 @@ def load_model(
     config = load_config(path)
     kernels = get_backend(backend, matmul_precision)
     with Checkpoint(path) as checkpoint:
-        weights = load_weights(checkpoint, config, kernels.prepare, progress, keep_bf16=kernels.keep_bf16)
+        weights = load_weights(
+            checkpoint, config, kernels.prepare, progress, kernels.keep_bf16, kernels.bf16_in_memory
+        )
     return Qwen3(
         config=config,
         weights=weights,

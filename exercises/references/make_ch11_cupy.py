@@ -20,6 +20,11 @@ sample.<case>.ids       int64 [rows]: the first id whose cumulative probability 
                         torch.softmax(logits.double() / temperature) (inverse-CDF sampling, in float64)
 sample.<case>.temperature  float64 []: cases: warm (T = 0.7, V = 50), hot (T = 1.5), big (logits of size ~100, T = 0.5:
                         exp() of them overflows float32 unless the maximum is subtracted first)
+topk.<case>.values      float64 [rows, n]: values to cut
+topk.<case>.k           int64 [rows]: k per row (1 and n included)
+topk.<case>.kth         float64 [rows]: torch.topk(row, k).values[-1], the k-th largest value (ties counted)
+                        cases: ties (integers -3..3, n = 50), signs (both signs, magnitudes 1e-300..1e300, zeros of
+                        both signs, n = 40; row 1's cut is zero), logits (normals x 2.5, n = 8000, as a row of logits / T)
 """
 
 from __future__ import annotations
@@ -77,6 +82,28 @@ def sample(out: dict, case: str, rows: int, V: int, scale: float, temperature: f
     }
 
 
+def topk(out: dict, case: str, rows: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    if case == "ties":
+        values = rng.integers(-3, 4, (rows, n)).astype(np.float64)
+    elif case == "signs":
+        values = rng.choice([-1.0, 1.0], (rows, n)) * 10.0 ** rng.uniform(-300, 300, (rows, n))
+        values[:, :4] = [0.0, -0.0, 0.0, -0.0]
+        values = rng.permuted(values, axis=1)
+    else:
+        values = rng.standard_normal((rows, n)) * 2.5
+    ks = rng.integers(1, n + 1, rows)
+    ks[0], ks[-1] = 1, n
+    if case == "signs":
+        ks[1] = int((values[1] > 0).sum()) + 1  # the cut falls on the zeros: +0.0 and -0.0 are one value
+    kth = [torch.topk(torch.from_numpy(v), int(k)).values[-1].item() for v, k in zip(values, ks, strict=True)]
+    out |= {
+        f"topk.{case}.values": values,
+        f"topk.{case}.k": ks.astype(np.int64),
+        f"topk.{case}.kth": np.array(kth),
+    }
+
+
 def main() -> None:
     out: dict = {}
     rmsnorm(out, "odd", 5, 200, 1.0, 1)
@@ -86,6 +113,9 @@ def main() -> None:
     sample(out, "warm", 16, 50, 2.0, 0.7, 4)
     sample(out, "hot", 16, 50, 2.0, 1.5, 5)
     sample(out, "big", 8, 300, 100.0, 0.5, 6)
+    topk(out, "ties", 6, 50, 7)
+    topk(out, "signs", 6, 40, 8)
+    topk(out, "logits", 2, 8000, 9)
     np.savez_compressed(OUT, **out)
     print(f"wrote {OUT} ({OUT.stat().st_size} bytes, {len(out)} arrays)")
 

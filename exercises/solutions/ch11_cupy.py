@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends.cupy_backend import KERNEL_DIR, NumpyTwins
+from backends.cupy_backend import KERNEL_DIR, NumpyTwins, key_value, order_keys, radix_select_kth
 
 _TWINS = NumpyTwins()
 
@@ -40,3 +40,13 @@ def rope_by_thread(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarra
 
 def sample_inverse_cdf(logits: np.ndarray, temperature: float, u: np.ndarray) -> np.ndarray:
     return _TWINS.sample(np.asarray(logits, np.float32), temperature, np.asarray(u, np.float32))
+
+
+def order_key(values: np.ndarray) -> np.ndarray:
+    return order_keys(np.asarray(values, np.float64))
+
+
+def top_k_cut(values: np.ndarray, k: int) -> tuple[float, list[int]]:
+    trace: list[int] = []
+    key = radix_select_kth(order_key(values), k, trace)
+    return key_value(key), trace

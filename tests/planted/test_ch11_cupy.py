@@ -188,3 +188,51 @@ def sample_cold(logits, temperature, u):  # the temperature is forgotten
 )
 def test_sampling_mistakes(solutions, assert_caught, buggy, checkpoint, hint):
     assert_caught(checkpoint, solutions.with_overrides("ch11", sample_inverse_cdf=buggy), hint=hint)
+
+
+# ------------------------------------------------------------------------------------------ radix select
+
+
+def key_flipping_the_sign_only(values):  # negatives keep their backwards order
+    return np.asarray(values, np.float64).__add__(0.0).view(np.uint64) ^ np.uint64(1 << 63)
+
+
+def key_keeping_negative_zero(values):  # -0.0 gets its own key, below 0.0
+    bits = np.asarray(values, np.float64).view(np.uint64)
+    return np.where(bits >> np.uint64(63) == 1, ~bits, bits | np.uint64(1 << 63))
+
+
+def cut(values, k, walk_up=False, subtract=True):  # a learner's radix select, with one of two slips
+    keys = solution.order_key(values)
+    prefix, fixed, needed, trace = 0, 0, k, []
+    for shift in range(56, -1, -8):
+        live = keys[(keys & np.uint64(fixed)) == np.uint64(prefix)]
+        trace.append(live.size)
+        bins = np.bincount(((live >> np.uint64(shift)) & np.uint64(255)).astype(np.int64), minlength=256)
+        d = 0 if walk_up else 255
+        while bins[d] < needed:  # without subtracting, this runs off the bins (bins[-1], ... then IndexError)
+            if subtract:
+                needed -= bins[d]
+            d = d + 1 if walk_up else d - 1
+        prefix, fixed = prefix | d << shift, fixed | 255 << shift
+    hit = np.asarray(values)[keys == np.uint64(prefix)]
+    return (float(hit[0]) if hit.size else float("nan")), trace
+
+
+@pytest.mark.parametrize(
+    "overrides, checkpoint, hint",
+    [
+        ({"order_key": key_flipping_the_sign_only}, grading.test_order_key_by_hand, "flip every bit"),
+        ({"order_key": key_keeping_negative_zero}, grading.test_order_key_by_hand, "add 0.0"),
+        ({"order_key": key_flipping_the_sign_only}, grading.test_order_key_sorts_like_the_values, "~bits"),
+        ({"top_k_cut": lambda v, k: cut(v, k, walk_up=True)}, grading.test_top_k_cut_by_hand, "from 255"),
+        (
+            {"top_k_cut": lambda v, k: cut(v, k, subtract=False)},
+            grading.test_top_k_cut_like_torch,
+            "subtract",
+        ),
+    ],
+    ids=["sign-bit-only", "negative-zero", "sign-bit-only-order", "walk-up", "no-subtract"],
+)
+def test_radix_select_mistakes(solutions, assert_caught, overrides, checkpoint, hint):
+    assert_caught(checkpoint, solutions.with_overrides("ch11", **overrides), hint=hint)
