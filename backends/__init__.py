@@ -20,7 +20,7 @@ float32, BF16 widened exactly. True (the numba backend): a BF16 tensor arrives a
 read-only view of the memory-mapped file, and the backend's kernels read bf16 directly (half the bytes per token).
 F32 tensors always arrive as read-only views of the file. `bf16_in_memory` (numba): those bf16 tensors are read into
 process memory instead of viewed in the file's mapping — one copy either way, but streamed from memory the OS backs
-with 2 MiB pages, the decode GEMVs of Qwen3-0.6B took 51 ms per token instead of 66 (fewer address translations;
+with 2 MiB pages, the lm_head GEMV of Qwen3-0.6B took ~11 ms instead of ~15 (fewer address translations;
 Sapphire Rapids, 2 cores). A backend that copies the weights elsewhere anyway (cupy: to the GPU) keeps the view.
 
 The "numpy" backend *is* the readable reference in `tinyqwen/` — it points at those functions, no copy. The Numba

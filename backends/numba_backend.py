@@ -68,11 +68,6 @@ def _host_features() -> list[str]:  # LLVM's names for this CPU's features: "+av
 
 
 _prefer_512_bit_vectors()
-# AVX512-BF16 (Intel since Cooper Lake / Sapphire Rapids, AMD Zen 4): `vdpbf16ps`, 32 bf16 products per instruction
-HAS_AVX512_BF16 = "+avx512bf16" in os.environ.get("NUMBA_CPU_FEATURES", "").split(",") or (
-    "NUMBA_CPU_FEATURES" not in os.environ and "+avx512bf16" in _host_features()
-)
-
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
@@ -174,6 +169,42 @@ def _f32_from_bits(typingctx, u):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _prefetch(typingctx, a, i):
+    """Ask the CPU to start loading the cache line holding a[i] (1-D array) now: `llvm.prefetch`, no result."""
+
+    def codegen(context, builder, signature, args):
+        arr = context.make_array(signature.args[0])(context, builder, args[0])
+        address = builder.bitcast(builder.gep(arr.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
+        # read (0), keep in all cache levels (3), data (1)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(a, i), codegen
+
+
+# A prefetch is only a hint (the results never change); how far ahead pays was measured (Sapphire Rapids, 2 cores):
+# - decode attention spends ~100 cycles on each cached key (then value) row before the next: too slow a stream for
+#   the hardware prefetcher to run far enough ahead. Asking for the row 16 positions ahead took a bf16 layer of 520
+#   positions from ~320 to ~210 us on one thread (the rows already in cache: ~190);
+# - the decode GEMVs: asking for the next weight row (2 KiB) while the current one is summed took the GEMVs of a
+#   Qwen3-0.6B decode step from 47.4 to 44.8 ms; two or four rows ahead were slower (48.0, 51.0).
+PREFETCH_ROWS = 16  # decode attention
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _prefetch_row(a):  # every cache line of a C-contiguous 1-D row
+    step = max(1, 64 // a.itemsize)
+    for j in range(0, a.shape[0], step):
+        _prefetch(a, j)
+
+
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
 def _exp(x):  # float32 -> float32
     """e^x that LLVM can vectorise: Numba's np.exp on a scalar calls libm once per value (3.3 ns here), which made
@@ -249,6 +280,17 @@ def round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [M, K] f32 ->
 # is as fast as a fresh compile.
 
 
+@njit(cache=True, inline="always")
+def _prefetch_next(
+    ws, starts, i, r, hi
+):  # prefetch row r + 1 of the stacked row space (weight i holds row r)
+    if r + 1 < hi:
+        j = i
+        while r + 1 >= starts[j + 1]:  # (skipping any weight with no rows)
+            j += 1
+        _prefetch_row(ws[j][r + 1 - starts[j]])
+
+
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def _gemv_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked row space of _gemv_many_bf16
     M, K = x.shape
@@ -257,6 +299,7 @@ def _gemv_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked 
         while r >= starts[i + 1]:
             i += 1
         w, out, n = ws[i], outs[i], r - starts[i]
+        _prefetch_next(ws, starts, i, r, hi)
         for m in range(M):
             acc = np.float32(0.0)
             for k in range(K):
@@ -276,97 +319,6 @@ def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u1
         _gemv_rows_bf16(x, ws, outs, starts, c * size, min(total, (c + 1) * size))
 
 
-class _BFloat(ir.types._BaseFloatType):  # LLVM's `bfloat` type, which llvmlite.ir does not name
-    null = "0.0"
-    intrinsic_name = "bf16"
-
-    def __str__(self):
-        return "bfloat"
-
-
-_BFloat._create_instance()
-
-
-@intrinsic
-def _dot_bf16(typingctx, x, w, n):
-    """Dot product of a bf16 row x [K] with row n of w [N, K] (uint16 bit patterns, C-contiguous, K % 32 == 0).
-
-    One AVX512-BF16 `vdpbf16ps` per 32 weights: it multiplies 32 bf16 pairs (exactly) and adds them into 16 float32
-    lanes, where the float32 path needs two widenings and two FMAs. Fewer instructions per cache line leave more
-    loads in flight: 31 GB/s instead of 25 on the lm_head (2 cores). Only for matmul_precision="medium", whose
-    inputs are bf16 already. Numba has no vector types, so this is written as LLVM IR: a loop over K in steps
-    of 32, then the 16 lanes summed.
-    """
-
-    def codegen(context, builder, signature, args):
-        xty, wty, _ = signature.args
-        xa = context.make_array(xty)(context, builder, args[0])
-        wa = context.make_array(wty)(context, builder, args[1])
-        K = builder.extract_value(xa.shape, 0)
-        row = builder.gep(wa.data, [builder.mul(args[2], builder.extract_value(wa.shape, 1))])
-        f32x16 = ir.VectorType(ir.FloatType(), 16)
-        i32x16 = ir.VectorType(ir.IntType(32), 16)  # 32 bf16 loaded as 16 x 32 bits, then reinterpreted
-        bf16x32 = ir.VectorType(_BFloat(), 32)
-        dp = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(f32x16, [f32x16, bf16x32, bf16x32]),
-            "llvm.x86.avx512bf16.dpbf16ps.512",
-        )
-        acc = cgutils.alloca_once_value(builder, ir.Constant(f32x16, [0.0] * 16))
-        step = ir.Constant(K.type, 32)
-        with cgutils.for_range_slice(builder, ir.Constant(K.type, 0), K, step, inc=True) as (i, _):
-            a = builder.load(builder.bitcast(builder.gep(xa.data, [i]), i32x16.as_pointer()), align=2)
-            b = builder.load(builder.bitcast(builder.gep(row, [i]), i32x16.as_pointer()), align=2)
-            bf = (builder.bitcast(a, bf16x32), builder.bitcast(b, bf16x32))
-            builder.store(builder.call(dp, [builder.load(acc), *bf]), acc)
-        lanes = builder.load(acc)
-        total = builder.extract_element(lanes, ir.Constant(ir.IntType(32), 0))
-        for j in range(1, 16):
-            total = builder.fadd(total, builder.extract_element(lanes, ir.Constant(ir.IntType(32), j)))
-        return total
-
-    return types.float32(x, w, n), codegen
-
-
-@njit(cache=True, error_model="numpy", fastmath=FAST)
-def _gate_up_rows_bf16_dot(xb, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16_dot
-    for f in range(lo, hi):
-        for m in range(xb.shape[0]):
-            out[m, f] = _silu(_dot_bf16(xb[m], w_gate, f)) * _dot_bf16(xb[m], w_up, f)
-
-
-@njit(parallel=True, cache=True)
-def _gate_up_bf16_dot(xb, w_gate, w_up, out, chunks):  # _gate_up_bf16 on bf16 inputs, with vdpbf16ps
-    F = w_gate.shape[0]
-    chunks = min(F, chunks)
-    size = (F + chunks - 1) // chunks
-    for c in prange(chunks):
-        _gate_up_rows_bf16_dot(xb, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
-
-
-@njit(cache=True)
-def _gemv_rows_bf16_dot(xb, ws, outs, starts, lo, hi):  # rows lo..hi of _gemv_many_bf16_dot
-    i = 0
-    for r in range(lo, hi):
-        while r >= starts[i + 1]:
-            i += 1
-        for m in range(xb.shape[0]):
-            outs[i][m, r - starts[i]] = _dot_bf16(xb[m], ws[i], r - starts[i])
-
-
-@njit(parallel=True, cache=True)
-def _gemv_many_bf16_dot(xb, ws, outs, starts, chunks):  # _gemv_many_bf16 on bf16 inputs, with vdpbf16ps
-    total = starts[-1]
-    chunks = min(total, chunks)
-    size = (total + chunks - 1) // chunks
-    for c in prange(chunks):
-        _gemv_rows_bf16_dot(xb, ws, outs, starts, c * size, min(total, (c + 1) * size))
-
-
-def _dot_ok(K: int) -> bool:  # vdpbf16ps usable: the CPU has it, rows are whole 32-element steps
-    return HAS_AVX512_BF16 and K % 32 == 0
-
-
 @njit(cache=True)
 def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
     # one thread: it alternates with BLAS, whose own threads are still spinning when it starts
@@ -380,6 +332,9 @@ def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
 def _gate_up_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16
     M, K = x.shape
     for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_row(w_gate[f + 1])
+            _prefetch_row(w_up[f + 1])
         for m in range(M):
             g = np.float32(0.0)
             u = np.float32(0.0)
@@ -482,6 +437,8 @@ def _attend_group(q, k, v, mask, out, b, h, S):  # one kv head h of row b and it
     scale = np.float32(d**-0.5)
     scores = np.empty((group, S), np.float32)
     for s in range(S):  # each key row is read once and used by every query head of the group
+        if s + PREFETCH_ROWS < S:
+            _prefetch_row(k[b, h, s + PREFETCH_ROWS])
         for g in range(group):
             acc = np.float32(0.0)
             for j in range(d):
@@ -499,6 +456,8 @@ def _attend_group(q, k, v, mask, out, b, h, S):  # one kv head h of row b and it
             scores[g, s] /= total
     acc = np.zeros((group, d), np.float32)
     for s in range(S):  # each value row, likewise, once per group
+        if s + PREFETCH_ROWS < S:
+            _prefetch_row(v[b, h, s + PREFETCH_ROWS])
         for g in range(group):
             p = scores[g, s]
             for j in range(d):
@@ -515,6 +474,9 @@ def _moe_up_rows(
     k, d = experts.shape[1], w_gate.shape[2]
     e, t = experts[p // k, p % k], p // k
     for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_row(w_gate[e, f + 1])
+            _prefetch_row(w_up[e, f + 1])
         g = np.float32(0.0)
         u = np.float32(0.0)
         for j in range(d):
@@ -533,6 +495,8 @@ def _moe_down_rows(h, experts, weights, w_down, out, lo, hi):  # output features
             total = np.float32(0.0)
             for s in range(k):  # the token's experts, summed in slot order
                 e = experts[t, s]
+                if i + 1 < hi:
+                    _prefetch_row(w_down[e, i + 1])
                 acc = np.float32(0.0)
                 for f in range(F):
                     acc += h[t * k + s, f] * _bf16(w_down[e, i, f])
@@ -710,15 +674,24 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False) -> tuple:
     return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
 
 
+@cache
+def _starts(
+    rows: tuple,
+) -> np.ndarray:  # rows of each weight -> their cumulative starts [0, r0, r0 + r1, ...]
+    starts = np.cumsum((0, *rows)).astype(np.int64)
+    starts.flags.writeable = False  # shared by every call with these shapes
+    return starts
+
+
 def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     # [M ≤ GEMV_MAX_ROWS, K] f32, n x [N_i, K] u16 bf16 weights (one Numba type) -> n x [M, N_i] f32, in one launch
     outs = tuple(np.empty((x2.shape[0], b.shape[0]), np.float32) for b in bits)
-    starts = np.cumsum([0] + [b.shape[0] for b in bits]).astype(np.int64)
-    rounded, values = round_bf16(x2) if bf16_inputs else (None, x2)
-    if bf16_inputs and _dot_ok(x2.shape[1]) and all(b.flags.c_contiguous for b in bits):  # vdpbf16ps
-        _gemv_many_bf16_dot(rounded, bits, outs, starts, _chunks())
-    else:
-        _gemv_many_bf16(values, bits, outs, starts, _chunks())
+    starts = _starts(tuple(b.shape[0] for b in bits))
+    # "medium": the bf16-rounded inputs through the same float32 kernel. A bf16 x bf16 product is exact in float32,
+    # so these are the products of llama.cpp's bf16 path. (An AVX512-BF16 `vdpbf16ps` kernel, 32 such products per
+    # instruction, streamed faster than the float32 one until both prefetched the next row; then it was ~8% slower:
+    # a 0.6B step's GEMVs took 51-56 ms against 46-50, so it went.)
+    _gemv_many_bf16(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _chunks())
     return outs
 
 
@@ -785,15 +758,7 @@ def swiglu(x: np.ndarray, w_gate, w_up, w_down, bf16_inputs: bool = False) -> np
     x2 = _rows(x)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
-        if (
-            bf16_inputs
-            and _dot_ok(x2.shape[1])
-            and w_gate.bits.flags.c_contiguous
-            and w_up.bits.flags.c_contiguous
-        ):
-            _gate_up_bf16_dot(round_bf16(x2)[0], w_gate.bits, w_up.bits, h, _chunks())
-        else:
-            _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
+        _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
     else:
         h = _silu_mul(linear(x2, w_gate, bf16_inputs), linear(x2, w_up, bf16_inputs))
     return linear(h, w_down, bf16_inputs).reshape(x.shape)

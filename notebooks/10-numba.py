@@ -430,8 +430,34 @@ for name in ("tinyqwen-numpy", "tinyqwen-numba", "llama.cpp-bf16", "transformers
 # does. It costs about three significant digits in the activations (the tests bound the logits' change), which is
 # why it is a choice and not the default.
 #
-# **Memory**: the numba engines hold the bf16 weights as the memory-mapped file, so their peak RSS is the checkpoint
-# plus the KV cache and the runtime; the float32 engines hold twice the weights.
+# **Memory**: the numba engines read the bf16 weights once into process memory (never a float32 copy), so their peak
+# RSS is the checkpoint plus the KV cache and the runtime; the float32 engines hold twice the weights. The numba
+# engines keep their KV cache in bf16, as llama.cpp keeps its in float16: two bytes a value, half of what decode
+# attention reads from a float32 cache.
+#
+# ### What the last fifth of the speed took
+#
+# A GEMV kernel that streams at the bandwidth of the big lm_head product is not yet a fast decode step. Four things
+# each bought 5–25 % of the step on this 2-core machine; all four are about *memory*, not arithmetic, and none
+# changes a single result. Each figure below was measured in one process, before against after:
+#
+# 1. **Address translation.** Every load goes through a virtual-to-physical lookup, cached in the TLB. A memory-mapped
+#    file comes in 4 KiB pages; memory NumPy allocates is backed by 2 MiB "huge" pages (it asks the kernel for them
+#    for big arrays): 512 times fewer lookups for the same bytes. Reading the weights into process memory
+#    (`SafetensorsFile.read`, one copy, never two) took the lm_head GEMV from ~15 ms to ~11 ms.
+# 2. **Prefetching.** The CPU's hardware prefetcher guesses the next cache lines of a stream, but only so far ahead.
+#    Decode attention spends ~100 cycles on each cached key row before it touches the next, and the prefetcher fell
+#    behind: asking for the row 16 positions ahead (`llvm.prefetch`, a hint that never faults) took a bf16 layer of
+#    520 positions from ~320 µs to ~210 µs on one thread. For the GEMVs, asking for the *next* weight row while
+#    summing the current one took a step's GEMVs from 47.4 to 44.8 ms; two or four rows ahead were slower.
+# 3. **The compiler's cache.** `@njit(cache=True)` stores machine code so later processes skip compiling. A
+#    `parallel=True` kernel whose own body held the loops ran ~25 % slower loaded from that cache than freshly
+#    compiled (the gate/up GEMVs: 17–19 ms per step instead of 13–15; numba issue #8085). With the loops in a
+#    small serial kernel that the parallel one calls per chunk of rows, the cached code is as fast as a fresh one.
+# 4. **A smaller KV cache** (above): bf16 instead of float32 halves what attention reads per step.
+#
+# The lesson generalises: once the arithmetic is vectorised, the remaining time of a memory-bound program hides in
+# *how* the bytes arrive — page size, prefetch distance, which machine code runs — and only a measurement finds it.
 
 # %% [markdown]
 # ## 7. Checkpoint: our kernel in the real model

@@ -221,6 +221,35 @@ def test_loading_bf16_for_numba_allocates_one_bf16_copy_of_the_weights(tmp_path)
     assert 0.98 * bf16_bytes <= peaks["numba"] <= 1.02 * bf16_bytes + 200_000, (peaks, bf16_bytes)
 
 
+def test_a_bf16_moe_checkpoint_loads_its_experts_once_and_runs_like_numpy(tmp_path):
+    # the experts of a layer are read straight into one stacked bf16 array (no per-expert copy, no file pages)
+    from tinyqwen.config import load_config
+    from tinyqwen.model import expected_tensors
+
+    config = json.loads((FIXTURES / "moe-norm-topk" / "config.json").read_text())
+    config.update(
+        hidden_size=256, moe_intermediate_size=256, vocab_size=2048, head_dim=64, num_hidden_layers=2
+    )
+    path = tmp_path / "moe-bf16"
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(1)
+    shapes = expected_tensors(load_config(path))
+    tensors = {n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in shapes.items()}
+    save_file(tensors, path / "model.safetensors", bf16=True)
+    bf16_bytes = sum(2 * t.size for t in tensors.values())  # ~6 MB, most of it experts
+    tracemalloc.start()
+    model = tinyqwen.load_model(path, backend="numba")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert 0.98 * bf16_bytes <= peak <= 1.02 * bf16_bytes + 200_000, (peak, bf16_bytes)
+    gate = model.weights.layers[0].mlp.gate_proj
+    assert isinstance(gate, BF16Weight) and gate.bits.flags.owndata and gate.bits.ndim == 3
+    ref = tinyqwen.load_model(path)  # numpy: the same bf16 weights, widened
+    ids = np.array([[1, 5, 9, 2, 7, 3]])
+    assert rel_err(model(ids), ref(ids)) <= RTOL
+
+
 def test_numba_missing_gives_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
     with pytest.raises(BackendError, match="needs the numba package"):
@@ -405,11 +434,9 @@ def test_linear_many_equals_one_product_per_weight(rows):
     )
 
 
-@pytest.mark.parametrize(
-    "K", [256, 200]
-)  # 200: not whole 32-element steps, so the float32 kernels run instead
+@pytest.mark.parametrize("K", [256, 200])
 def test_medium_decode_kernels_equal_bf16_rounded_products(K):
-    # on CPUs with AVX512-BF16 the medium decode GEMVs use vdpbf16ps (exact bf16 products, float32 sums): the same
+    # the medium decode GEMVs multiply bf16-rounded inputs by bf16 weights (exact products, float32 sums): the same
     # numbers as NumPy on the rounded input, up to summation order
     medium = get_backend("numba", matmul_precision="medium")
     rng = np.random.default_rng(16 + K)

@@ -461,6 +461,26 @@ def test_read_copies_the_stored_bytes_into_memory(tmp_path):
         f.read("w")
 
 
+def test_read_into_a_slot_of_a_stacked_array(tmp_path):
+    # how the numba backend stacks a layer's experts: each read straight into its slot, no second copy
+    path = tmp_path / "e.safetensors"
+    experts = {f"e{i}": np.full((2, 3), i, np.float32) for i in range(3)}
+    save_file(experts, path, bf16=True)
+    stacked = np.zeros((3, 2, 3), np.uint16)
+    with SafetensorsFile(path) as f:
+        for i in range(3):
+            f.read(f"e{i}", stacked[i])
+        np.testing.assert_array_equal(bf16_to_float32(stacked), np.stack(list(experts.values())))
+        with pytest.raises(
+            SafetensorsError, match=r"'e0' is BF16 \[2, 3\]; cannot read it into a uint16 \[3, 2\]"
+        ):
+            f.read("e0", np.zeros((3, 2), np.uint16))
+        with pytest.raises(SafetensorsError, match="float32"):
+            f.read("e0", np.zeros((2, 3), np.float32))
+        with pytest.raises(SafetensorsError, match="not contiguous"):
+            f.read("e0", np.zeros((2, 6), np.uint16)[:, ::2])
+
+
 def test_read_refuses_a_file_cut_short_after_opening(tmp_path):
     path = tmp_path / "cut.safetensors"
     save_file({"w": np.ones(64, np.float32)}, path)

@@ -136,8 +136,9 @@ def load_weights(
     `keep_bf16` (a backend whose kernels read bf16, e.g. "numba"), BF16 tensors arrive instead as their uint16 bit
     patterns, read-only views of the memory-mapped file: nothing is widened or copied, so loading a bf16
     checkpoint needs no more memory than its bf16 weights (MoE experts are stacked: one bf16 copy of them).
-    `in_memory` reads those bf16 tensors into process memory instead of viewing the file (`Checkpoint.read`):
-    still one copy, and faster to stream for a backend that reads every weight per token.
+    `in_memory` reads those bf16 tensors into process memory instead of viewing the file (`Checkpoint.read`;
+    experts straight into their slot of the stacked array): still one copy, and faster to stream for a backend
+    that reads every weight per token.
     """
     where = getattr(checkpoint, "path", "checkpoint")
     expected = expected_tensors(config)
@@ -156,16 +157,19 @@ def load_weights(
             f"{config.model_type} model with this config.json"
         )
 
-    def get(name: str, view: bool = False) -> np.ndarray:  # view: a bf16 tensor about to be copied anyway
+    def check_shape(name: str) -> None:
         shape = tuple(checkpoint.shape(name))
         if shape != expected[name]:
             raise CheckpointError(
                 f"{where}: tensor {name!r} has shape {list(shape)}, expected {list(expected[name])} "
                 f"from config.json"
             )
+
+    def get(name: str) -> np.ndarray:
+        check_shape(name)
         if keep_bf16 and checkpoint.dtype(name) == "BF16":
             # uint16 bit patterns: the backend's `prepare` knows what they mean
-            return checkpoint.read(name) if in_memory and not view else checkpoint.raw(name)
+            return checkpoint.read(name) if in_memory else checkpoint.raw(name)
         value = checkpoint.get(name)
         if value.dtype.kind != "f":
             raise CheckpointError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected a float")
@@ -173,8 +177,16 @@ def load_weights(
         # BF16/F16 arrive already widened to fresh float32 arrays
         return np.asarray(value, dtype=np.float32)
 
-    def stack(parts: list[np.ndarray]) -> np.ndarray:
+    def stack(names: list[str]) -> np.ndarray:
         # experts of one layer in one array; bf16 bit patterns are only stacked with their own kind
+        if in_memory and keep_bf16 and all(checkpoint.dtype(n) == "BF16" for n in names):
+            # each expert read straight into its slot: one copy, never the file's pages beside it
+            out = np.empty((len(names), *expected[names[0]]), np.uint16)
+            for e, n in enumerate(names):
+                check_shape(n)
+                checkpoint.read(n, out[e])
+            return out
+        parts = [get(n) for n in names]
         if len({a.dtype for a in parts}) > 1:
             parts = [bf16_to_float32(a) if a.dtype == np.uint16 else np.asarray(a, np.float32) for a in parts]
         return np.stack(parts)
@@ -201,7 +213,7 @@ def load_weights(
             mlp = MoEWeights(
                 router=prepare(get(p + "mlp.gate.weight")),
                 **{
-                    n: prepare(stack([get(p + f"mlp.experts.{e}.{n}.weight", view=True) for e in experts]))
+                    n: prepare(stack([p + f"mlp.experts.{e}.{n}.weight" for e in experts]))
                     for n in ("gate_proj", "up_proj", "down_proj")
                 },
             )

@@ -376,8 +376,9 @@ class SafetensorsFile:
         flat = np.frombuffer(self._mapping(), dtype=dtype, count=t.nbytes // dtype.itemsize, offset=t.start)
         return flat.reshape(t.shape)
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as stored (BF16 as uint16 bit patterns), read into a new array of this process's memory.
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor as stored (BF16 as uint16 bit patterns), read into a new array of this process's memory
+        (or into `out`, a C-contiguous array of its dtype and shape: e.g. one expert's slot of a stacked array).
 
         `raw` is free but leaves the data in the file's mapping; a kernel that streams a weight on every token is
         faster from process memory, which NumPy asks the OS to back with 2 MiB pages (a file mapping has 4 KiB
@@ -385,7 +386,13 @@ class SafetensorsFile:
         read, never through the mapping, so the process holds one copy of them, not two.
         """
         t = self.info(name)
-        out = np.empty(t.shape, DTYPES[t.dtype])
+        if out is None:
+            out = np.empty(t.shape, DTYPES[t.dtype])
+        elif out.dtype != DTYPES[t.dtype] or out.shape != tuple(t.shape) or not out.flags.c_contiguous:
+            raise SafetensorsError(
+                f"{self.path}: tensor {name!r} is {t.dtype} {list(t.shape)}; cannot read it into a "
+                f"{out.dtype} {list(out.shape)} array{'' if out.flags.c_contiguous else ' (not contiguous)'}"
+            )
         if t.nbytes == 0:
             return out
         if self._closed:
@@ -670,9 +677,9 @@ class Checkpoint:
         """The tensor as stored (BF16 as uint16 bit patterns): a read-only view of its file, nothing copied."""
         return self._shard(name).raw(name)
 
-    def read(self, name: str) -> np.ndarray:
-        """The tensor as stored, read into a new array of process memory (see `SafetensorsFile.read`)."""
-        return self._shard(name).read(name)
+    def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """The tensor as stored, read into a new array of process memory, or `out` (see `SafetensorsFile.read`)."""
+        return self._shard(name).read(name, out)
 
     def close(self) -> None:
         for shard in self._shards.values():
