@@ -64,6 +64,25 @@ def route_backward(
     raise NotImplementedError
 
 
+def load_balancing_loss_backward(
+    router_logits: list[np.ndarray], num_experts: int, top_k: int, scope: str = "global"
+) -> list[np.ndarray]:  # L × [N, E] -> L × [N, E]
+    """d aux / d router logits for aux = E · Σ_e f_e · P_e, one array per MoE layer (same shapes as the input).
+
+    f_e = (top-k picks of expert e) / rows — a count from the top-k *choice*: no gradient flows through it.
+    P_e = mean over the rows of softmax(logits)[:, e]. So d aux / d probs[n, e] = E · f_e / M, where M is the
+    number of rows the means run over, and then back through the softmax (your softmax_backward).
+
+    scope "global" (transformers): all L layers' rows pooled into one [L·N, E] array before f_e and P_e (M = L·N).
+    scope "layer": each layer's own f_e and P_e (M = N), and the L layer losses averaged (another 1/L).
+
+    >>> load_balancing_loss_backward([np.zeros((2, 2))], num_experts=2, top_k=1)[0]  # ties pick expert 0
+    array([[ 0.25, -0.25],
+           [ 0.25, -0.25]])
+    """
+    raise NotImplementedError
+
+
 def adamw_step(
     p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, step: int, lr: float,
     beta1: float, beta2: float, eps: float, weight_decay: float,

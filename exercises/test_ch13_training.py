@@ -1,4 +1,4 @@
-"""Chapter 13 checkpoints: softmax, RMSNorm, cross-entropy and routing backward, one AdamW step, and your backward
+"""Chapter 13 checkpoints: softmax, RMSNorm, cross-entropy, routing and aux-loss backward, one AdamW step, and your backward
 inside the real Qwen3-MoE.
 
 Expected values come from torch autograd (exercises/references/ch13_training.npz, made by
@@ -7,7 +7,9 @@ transformers' Qwen3MoeForCausalLM in train mode for the last checkpoint). The wr
 name a classic mistake when your output equals one of them.
 
 Tolerances: the formula checkpoints get float64 inputs, so 1e-9 on gradients of size ~1 (a wrong term is off by
-1e-2 or more). AdamW runs in float32 like torch: 1e-6 on weights of size ~1. The whole-model gradients are float32
+1e-2 or more). The aux-loss gradients come from transformers' load_balancing_loss_func, which sums the router
+probabilities in float32: 1e-7 on gradients of size ~1e-2 (measured 2e-9; a wrong scope or a missing 1/L
+is off by 1e-3 or more). AdamW runs in float32 like torch: 1e-6 on weights of size ~1. The whole-model gradients are float32
 through two layers on both sides: |Δ| ≤ 1e-4 · max |torch gradient| + 1e-8 per tensor (measured: ≤ 3e-6 of it).
 """
 
@@ -26,8 +28,9 @@ SOFTMAX = reread("2. Softmax backward")
 RMS = reread("3. RMSNorm backward")
 CE = reread("4. Cross-entropy backward")
 ROUTE = reread("5. Top-k routing is straight-through")
-ADAMW = reread("7. AdamW and the schedule")
-FINAL = reread("12. Checkpoint: our gradients against torch autograd")
+AUX = reread("6. The load-balancing loss backward: pooled or per layer")
+ADAMW = reread("8. AdamW and the schedule")
+FINAL = reread("13. Checkpoint: our gradients against torch autograd")
 ATOL = 1e-9
 
 
@@ -111,6 +114,42 @@ def test_route_backward_renormalised(course):
     _route(course, "norm")
 
 
+def _aux(course, scope: str) -> None:
+    ch = course.ch13
+    logits = [np.array(a) for a in REF["aux.logits"]]
+    E, k = int(REF["aux.num_experts"]), int(REF["aux.top_k"])
+    what = f"load_balancing_loss_backward(3 layers × router_logits [10, 6], num_experts=6, top_k=2, scope={scope!r})"
+    got = call(ch.load_balancing_loss_backward, logits, E, k, scope, what=what, reread=AUX)
+    got = np.stack(got) if isinstance(got, (list, tuple)) else got
+    if scope == "global":
+        mistakes = [
+            Mistake("each layer's own f_e and P_e were used (the per-layer scope)", REF["aux.per_layer_for_global"],
+                    "transformers concatenates every layer's rows into one [L·N, E] array before f_e and P_e."),
+            Mistake("the means ran over one layer's N rows, not all L·N pooled rows", REF["aux.rows_of_one_layer"],
+                    "Pooled, P_e is a mean over L·N rows: d P_e / d probs[n, e] = 1 / (L·N)."),
+            Mistake("f_e was divided by the N·k picks instead of the N rows", REF["aux.divided_by_k"],
+                    "transformers' f_e sums the k slots: picks of e / rows, so uniform routing gives aux = k."),
+        ]  # fmt: skip
+    else:
+        mistakes = [
+            Mistake("the layers were pooled (transformers' global scope)", REF["aux.global_for_layer"],
+                    "scope 'layer': each layer's f_e and P_e from its own rows, then the mean of the L losses."),
+            Mistake("the L layer losses were summed, not averaged", REF["aux.summed_layers"],
+                    "Average them (× 1/L): the loss stays k at uniform and a coefficient means the same strength."),
+        ]  # fmt: skip
+    expect_close(got, REF[f"aux.{scope}"], what=what, atol=1e-7, reread=AUX, mistakes=mistakes)
+
+
+def test_aux_loss_backward_pooled(course):
+    """Aux-loss backward, layers pooled (transformers)"""
+    _aux(course, "global")
+
+
+def test_aux_loss_backward_per_layer(course):
+    """Aux-loss backward, per layer and averaged"""
+    _aux(course, "layer")
+
+
 def test_adamw_step(course):
     """One AdamW step (decoupled decay, bias correction)"""
     ch = course.ch13
@@ -143,7 +182,8 @@ def test_adamw_step(course):
 
 @contextlib.contextmanager
 def learner_backward(ch):
-    """tinyqwen's whole-model backward with YOUR softmax, RMSNorm, cross-entropy and routing backward inside."""
+    """tinyqwen's whole-model backward with YOUR softmax, RMSNorm, cross-entropy, routing and aux-loss backward
+    inside."""
     import tinyqwen.attention
     import tinyqwen.grad
     import tinyqwen.moe
@@ -152,6 +192,7 @@ def learner_backward(ch):
         (tinyqwen.attention, "softmax_backward", ch.softmax_backward),
         (tinyqwen.moe, "softmax_backward", ch.softmax_backward),
         (tinyqwen.moe, "route_backward", ch.route_backward),
+        (tinyqwen.grad, "load_balancing_loss_backward", ch.load_balancing_loss_backward),
         (tinyqwen.grad, "rms_norm_backward", ch.rms_norm_backward),
         (tinyqwen.grad, "cross_entropy_backward", ch.cross_entropy_backward),
     ]

@@ -22,14 +22,16 @@
 # has to reach the router's weights and move them. This chapter writes the **backward pass** of every Qwen3
 # component in plain NumPy — no autograd — checks each one against finite differences and against torch's
 # autograd, and then trains a tiny Qwen3-MoE on this machine's CPU. We then watch what the aux loss is for: the
-# experts' load with the coefficient 0, Qwen3's 0.001, and a large 0.1.
+# experts' load with the coefficient 0, Qwen3's 0.001, and larger ones — and find that transformers' version of the
+# loss balances something subtler than "each layer's experts".
 #
 # **What you will build**
 #
 # 1. `softmax_backward` and `rms_norm_backward` — the two non-obvious derivatives, derived here by hand;
 # 2. `cross_entropy_backward` — where every backward pass starts;
 # 3. `route_backward` — back through softmax → top-k → renormalise (the *choice* has no gradient);
-# 4. `adamw_step` — the optimizer, with decoupled weight decay and bias correction.
+# 4. `load_balancing_loss_backward` — the aux loss's gradient, with all layers pooled (transformers) or per layer;
+# 5. `adamw_step` — the optimizer, with decoupled weight decay and bias correction.
 
 # %%
 import json
@@ -248,12 +250,68 @@ for case in ("norm", "plain"):
     print(case, f"max |Δ| = {np.abs(got - REF[p + 'dlogits']).max():.1e}")
 
 # %% [markdown]
-# The load-balancing loss $E\sum_e f_e P_e$ of chapter 7 is straight-through in the same way: the counts $f_e$
-# come from the top-k choice and carry no gradient; only the mean probabilities $P_e$ do, with
-# $\partial\,\text{aux}/\partial p_{n,e} = E f_e / N$. An expert that already gets many tokens has its probability
-# pushed down hardest. (`moe.load_balancing_loss_backward`.)
+# ## 6. The load-balancing loss backward: pooled or per layer
 #
-# ## 6. The whole model, checked against finite differences
+# The load-balancing loss $E\sum_e f_e P_e$ of [chapter 7](07-mixture-of-experts.ipynb) is straight-through in the
+# same way: the counts $f_e$ (the share of top-k picks that went to expert $e$) come from the top-k choice and
+# carry no gradient; only the mean probabilities $P_e$ do. If the means run over $M$ rows,
+#
+# $$\frac{\partial\,\text{aux}}{\partial p_{n,e}} = \frac{E f_e}{M},$$
+#
+# then back through the softmax. An expert that already gets many tokens has its probability pushed down hardest.
+#
+# **Which rows?** Read transformers' `load_balancing_loss_func` (the one `Qwen3MoeForCausalLM` calls): it loops
+# over the layers adding up `tokens_per_expert_sum` and `router_prob_sum`, and divides by the total number of rows
+# of *all* layers. So $f_e$ and $P_e$ are taken over the $L \cdot N$ rows of every MoE layer **pooled**: the loss
+# sees expert $e$'s load *summed over layers*. But expert 3 of layer 0 and expert 3 of layer 2 are unrelated
+# networks that only share an index; if one is starved and the other overloaded, the pooled count looks fine.
+# The Switch Transformer and GShard add an aux loss *per MoE layer* instead. tinyqwen offers both: scope
+# `"global"` (transformers', the default, the one our torch checks verify) and `"layer"`: each layer's own $f_e$,
+# $P_e$, then the **mean** over layers. We average rather than sum so that the loss is still $k$ at uniform routing
+# and each router row gets a gradient of the same size as with `"global"` ($E f_e / (L N)$ in both): a coefficient
+# means the same strength in either scope.
+#
+# Two layers with opposite preferences show the difference — pooled they look perfectly balanced:
+
+# %%
+a = np.log([[0.7, 0.3]] * 4)  # layer 0 prefers expert 0
+b = np.log([[0.3, 0.7]] * 4)  # layer 1 prefers expert 1
+print("top-1, 2 experts: uniform gives 1.0")
+print(
+    "global:",
+    moe.load_balancing_loss([a, b], 2, 1),
+    " layer:",
+    moe.load_balancing_loss([a, b], 2, 1, "layer"),
+)
+
+# %% [markdown]
+# The backward, both scopes in one function ($f_e$ from the top-k counts, a constant; the rest is the softmax
+# backward of section 2):
+
+
+# %%
+def load_balancing_loss_backward(router_logits, E, k, scope="global"):  # L × [N, E] -> L × [N, E]
+    groups = [np.concatenate(router_logits)] if scope == "global" else router_logits
+    out = []
+    for z in groups:
+        p = attention.softmax(z)
+        top = np.argsort(-p, axis=-1)[:, :k]
+        f = np.bincount(top.ravel(), minlength=E) / len(z)  # [E] no gradient
+        out.append(softmax_backward(np.broadcast_to(E * f / len(z), p.shape), p))
+    if scope == "global":
+        return np.split(out[0], np.cumsum([len(z) for z in router_logits])[:-1])
+    return [d / len(router_logits) for d in out]  # the mean over layers
+
+
+# %%
+layers = list(REF["aux.logits"])  # 3 layers × [10 tokens, 6 experts], top-2
+for scope in ("global", "layer"):
+    d = np.stack(load_balancing_loss_backward(layers, 6, 2, scope))
+    print(f"{scope:6s}: max |Δ| = {np.abs(d - REF['aux.' + scope]).max():.1e} against torch autograd of "
+          f"transformers' load_balancing_loss_func (per layer: called on each layer, averaged)")  # fmt: skip
+
+# %% [markdown]
+# ## 7. The whole model, checked against finite differences
 #
 # `grad.loss_and_grads` runs the forward pass keeping each layer's activations, then walks back through the layers
 # calling the backward functions above. We check it on the `moe-sparse-step` fixture (dense and MoE layers,
@@ -299,7 +357,7 @@ plt.show()
 # compares every parameter's gradient with torch autograd through transformers on all five fixtures (worst:
 # 3.2e-6 of the tensor's largest gradient).
 #
-# ## 7. AdamW and the schedule
+# ## 8. AdamW and the schedule
 #
 # Plain gradient descent takes the same step size for every weight. **Adam** keeps two running averages per weight
 # — the gradient $m$ and its square $v$ — and steps by $m/\sqrt v$: about the learning rate in the direction the
@@ -339,7 +397,7 @@ plt.show()
 # the gradients of several micro-batches, each scaled by 1/n, before one optimizer step — the same step as one
 # n-times-bigger batch, in the memory of a small one.
 #
-# ## 8. A short training run
+# ## 9. A short training run
 #
 # The data: a synthetic mixture of four small "languages" — arithmetic (`417 + 88 = 505`), list tasks
 # (`sort: pear fig -> fig pear`), sentences from a tiny grammar, and Python-like snippets — generated from a seed,
@@ -395,94 +453,210 @@ for prompt in ["417 + 88 =", "sort: pear fig ->", "the small"]:
     print(repr(prompt), "→", repr(out.strip()))
 
 # %% [markdown]
-# ## 9. The stored longer run
+# ## 10. The stored longer runs
 #
-# The same trainer, run three times on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of
-# width 64, top-2, renormalised: 0.84 M parameters) for 800 steps of 16 × 64 tokens (819 k tokens each), with the
-# aux coefficient 0, 0.001 and 0.1. One command reproduces all three — about 2 CPU-minutes per run; the stored
-# ones took 33 minutes of wall time on a busy, shared 2-core machine where they ran at low priority:
+# The same trainer on a 4-layer Qwen3-MoE (hidden 96, 4 query / 2 kv heads of 32, 8 experts of width 64, top-2,
+# renormalised: 0.84 M parameters), 800 steps of 16 × 64 tokens (819 k tokens) per run, seven runs that differ
+# only in the aux loss: off (coefficient 0); transformers' pooled loss (scope `"global"`) at Qwen3's 0.001 and at
+# 0.1; the per-layer loss (scope `"layer"`) at 0.001, 0.003, 0.01 and 0.1 — plus two 1600-step runs (section 11).
+# One command reproduces all of them
+# (about 60 minutes of wall time for all nine on this busy, shared 2-core machine at low priority; 19.5
+# CPU-minutes, ~100 CPU-seconds per 800-step run):
 #
 # ```bash
-# python training/reproduce.py      # = tinyqwen train --config training/tiny-moe-aux<coef>.json, three times
+# python training/reproduce.py      # = tinyqwen train --config training/tiny-moe-<run>.json, once per run
 # ```
 #
 # Its logs are stored in `notebooks/data/`:
 
 # %%
-COEFS = ("0", "0.001", "0.1")
-runs = {
-    c: [json.loads(x) for x in (DATA / f"train-tiny-moe-aux{c}.jsonl").read_text().splitlines()]
-    for c in COEFS
-}
 stored = json.loads((DATA / "train-summary.json").read_text())
-for c in COEFS:
-    s = stored["runs"][c]
-    print(f"coef {c:5s}: {s['tokens_seen']:,} tokens in {s['train_wall_s']:.0f} s, val loss {s['val_loss']:.3f} "
+runs = {
+    n: [json.loads(x) for x in (DATA / f"train-tiny-moe-{n}.jsonl").read_text().splitlines()]
+    for n in stored["runs"]
+}
+NAMES = [
+    n for n in runs if not n.startswith("long-")
+]  # aux0, aux0.001, aux0.1, layer-aux0.001/0.003/0.01/0.1
+LONG = [n for n in runs if n.startswith("long-")]  # aux0 and layer-aux0.001 for 1600 steps
+
+
+def label(n):
+    r = stored["runs"][n]
+    name = "coef 0 (off)" if not r["aux_coef"] else f"{r['aux_loss_scope']} {r['aux_coef']:g}"
+    return name + (f", {r['steps']} steps" if n.startswith("long-") else "")
+
+
+for n in runs:
+    s = stored["runs"][n]
+    print(f"{label(n):25s}: {s['tokens_seen']:,} tokens, {s['train_cpu_s']:.0f} CPU-s, val loss {s['val_loss']:.3f} "
           f"(unigram {s['unigram_val_loss']:.3f}), peak RSS {s['peak_rss_mib']:.0f} MiB")  # fmt: skip
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
-for c in COEFS:
-    st = [e for e in runs[c] if e["kind"] == "step"]
-    axes[0].plot([e["tokens"] / 1e3 for e in st], [e["ce"] for e in st], label=f"coef {c}", lw=0.8)
+for n in NAMES:
+    st = [e for e in runs[n] if e["kind"] == "step"]
+    axes[0].plot([e["tokens"] / 1e3 for e in st], [e["ce"] for e in st], label=label(n), lw=0.7)
     ev = [e for e in st if "val_loss" in e]
-    axes[1].plot([e["tokens"] / 1e3 for e in ev], [e["val_loss"] for e in ev], "o-", label=f"coef {c}", ms=3)
+    axes[1].plot(
+        [e["tokens"] / 1e3 for e in ev], [e["val_loss"] for e in ev], "o-", label=label(n), ms=2, lw=0.8
+    )
 for ax, t in zip(axes, ("training cross-entropy", "validation cross-entropy"), strict=True):
-    ax.axhline(runs["0"][0]["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
+    ax.axhline(runs["aux0"][0]["unigram_val_loss"], color="gray", ls="--", label="unigram baseline")
     ax.set(title=t, xlabel="tokens seen (thousands)", ylabel="nats/token")
-    ax.legend()
+axes[1].legend(fontsize=7)
 plt.show()
 
 # %% [markdown]
-# ## 10. Expert load: coefficient 0 vs 0.001 vs 0.1
+# The aux loss costs nothing measurable in quality here: all seven end within a few hundredths of a nat of each
+# other, three nats below the unigram baseline.
 #
-# Every log line holds, per MoE layer, the share of the (token, slot) routing pairs each expert received over the
-# last 5 steps; uniform is $1/8$. Below, each row is one expert of one layer (4 layers × 8 experts), each column a
-# logged step, the colour the share as a multiple of uniform (white = uniform, red = overloaded, blue = starved).
+# ## 11. Expert load: per layer and pooled
+#
+# Every log line holds, per MoE layer, the share of the (token, slot) routing picks each expert received over the
+# last 5 steps; uniform is $1/8$, and we plot shares as multiples of uniform. Two views of the same counts:
+#
+# - **per layer** — each layer's own shares: what matters for the model (a starved expert is wasted capacity, an
+#   overloaded one a bottleneck once experts have a capacity limit, as on real hardware);
+# - **pooled** — expert $e$'s picks summed over the 4 layers: the only thing transformers' loss looks at.
+#
+# We fixed the yardsticks before the runs, over the last 100 steps: a layer has **collapsed** when one of its
+# experts gets under 0.25× uniform ("starved"), and a run is **within the band** when every share lies in
+# [0.5, 1.5]× uniform. Left to right the seven runs; on top each layer's shares, below the pooled ones:
+
+# %%
+fig, axes = plt.subplots(2, len(NAMES), figsize=(15, 4.6), layout="constrained")
+for j, n in enumerate(NAMES):
+    f = stored["runs"][n]["expert_load"]
+    im = axes[0, j].imshow(f["per_layer_x_uniform"], cmap="RdBu_r", vmin=0, vmax=2, aspect="auto")
+    axes[0, j].set(title=label(n), ylabel="layer" if j == 0 else None, yticks=range(4), xticks=[])
+    axes[1, j].bar(range(8), f["pooled_x_uniform"], color="gray")
+    for y in (0.5, 1.5):
+        axes[1, j].axhline(y, color="tab:red", lw=0.6, ls="--")
+    axes[1, j].set(ylim=(0, 2.7), xlabel="expert", ylabel="pooled ×uniform" if j == 0 else None)
+fig.colorbar(im, ax=axes[0], label="share × uniform", shrink=0.9)
+fig.suptitle("last 100 steps: per-layer load (top, white = uniform) and pooled load (bottom, band dashed)")
+plt.show()
+
+# %% [markdown]
+# The numbers behind the picture (from `train-summary.json`): min and max share, starved experts (of 32 per layer
+# view, of 8 pooled), and the coefficient of variation across experts (0 = perfectly even):
+
+# %%
+for n in NAMES:
+    f = stored["runs"][n]["expert_load"]
+    pl, po = f["per_layer"], f["pooled"]
+    print(f"{label(n):12s} per layer [{pl['min']:.2f}, {pl['max']:.2f}] starved {pl['starved']} cv {pl['cv']:.2f}"
+          f" band {'yes' if pl['within_band'] else 'no '} | pooled [{po['min']:.2f}, {po['max']:.2f}] "
+          f"cv {po['cv']:.2f} band {'yes' if po['within_band'] else 'no'}")  # fmt: skip
+
+# %% [markdown]
+# How it develops: the smallest and largest per-layer share over training (each point the mean over 20 steps),
+# with the starved line at 0.25× and the band dashed.
+
+
+# %%
+def plot_extremes(names, every=20):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.3), sharex=True)
+    for n in names:
+        st = [e for e in runs[n] if e["kind"] == "step"]
+        x = np.array([e["expert_load"] for e in st]) * 8  # [logged steps, layers, experts]
+        g = every // (st[1]["step"] - st[0]["step"])  # log lines per point
+        x = x[: len(x) // g * g].reshape(-1, g, *x.shape[1:]).mean(axis=1)
+        steps = [st[i]["step"] for i in range(g - 1, len(st), g)][: len(x)]
+        axes[0].plot(steps, x.min(axis=(1, 2)), label=label(n), lw=0.9)
+        axes[1].plot(steps, x.max(axis=(1, 2)), label=label(n), lw=0.9)
+    axes[0].axhline(0.25, color="k", lw=0.6), axes[0].axhline(0.5, color="tab:red", lw=0.6, ls="--")
+    axes[1].axhline(1.5, color="tab:red", lw=0.6, ls="--")
+    axes[0].set(
+        title=f"smallest per-layer share (×uniform, mean over {every} steps)", xlabel="step", yscale="log"
+    )
+    axes[1].set(title="largest per-layer share (×uniform)", xlabel="step")
+    axes[1].legend(fontsize=7)
+    plt.show()
+
+
+plot_extremes(NAMES)
+
+# %% [markdown]
+# Over steps, each row one expert of one layer (8 rows per layer), for the three runs that tell the story:
 
 # %%
 fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), sharey=True)
-for ax, c in zip(axes, COEFS, strict=True):
-    st = [e for e in runs[c] if e["kind"] == "step"]
+for ax, n in zip(axes, ("aux0", "aux0.001", "layer-aux0.001"), strict=True):
+    st = [e for e in runs[n] if e["kind"] == "step"]
     load = np.array([e["expert_load"] for e in st]) * 8  # [logged steps, layers, experts], 1 = uniform
     im = ax.imshow(load.reshape(len(st), -1).T, aspect="auto", cmap="RdBu_r", vmin=0, vmax=2,
                    extent=(st[0]["step"], st[-1]["step"], 31.5, -0.5), interpolation="nearest")  # fmt: skip
     for b in (7.5, 15.5, 23.5):
         ax.axhline(b, color="k", lw=0.5)
-    ax.set(title=f"aux coefficient {c}", xlabel="step")
+    ax.set(title=label(n), xlabel="step")
 axes[0].set_ylabel("layer × expert (8 rows per layer)")
 fig.colorbar(im, ax=axes, label="share × uniform")
 plt.show()
 
 # %% [markdown]
-# The numbers behind the picture, averaged over the last 100 steps (from `train-summary.json`): the smallest and
-# largest expert share as a multiple of uniform, how many of the 32 experts get under a quarter of their fair
-# share, and the coefficient of variation of the load across experts (0 = perfectly even).
+# What to read from it:
+#
+# 1. **Without the aux loss the routing collapses, per layer.** In the first 100 steps 6 of the 32 layer-experts
+#    are starved; at the end 3 still get under a quarter of their share (the least 0.06×) while others take 2.35×.
+#    Pooled over layers the same run looks mild, 0.76–1.36×: the layers' imbalances fall on different expert
+#    indices and partly cancel.
+# 2. **transformers' loss balances what it measures — the pooled load.** At 0.1 the pooled shares are uniform to
+#    ±1 %; at Qwen3's 0.001 they narrow from 0.76–1.36× to 0.84–1.15×. But *per layer* nothing improves: 0.07–2.64×
+#    with 4 starved at 0.001, 0.06–2.22× with 2 starved at 0.1. The loss is minimal whenever each expert index's
+#    picks *summed over layers* are even, and that leaves every layer free to starve some of its own experts.
+#    (An earlier version of this chapter plotted only the per-layer load, saw the same spread at every
+#    coefficient, and concluded the loss was too weak for so short a run. The loss was not weak; it was aimed
+#    elsewhere.)
+# 3. **The per-layer loss balances each layer.** At 0.001 no expert is starved after step 200 and the last 100
+#    steps span 0.58–1.92× (coefficient of variation 0.32 against 0.61 with the loss off); at 0.003 0.80–1.37×,
+#    at 0.01 0.88–1.16×, at 0.1 0.97–1.03×. So at Qwen3's 0.001 the per-layer loss prevents the collapse, but
+#    within 800 steps it does not bring every expert into the [0.5, 1.5] band — one expert of layer 0 still takes
+#    1.92× — and the smallest coefficient we ran that holds the band is 0.003 (from step 300 on; 0.01 from step
+#    100 on).
+# 4. **Balance costs nothing here.** Validation loss 1.39–1.43 in all seven; the best is the per-layer 0.01 run.
+#
+# Why can a coefficient of 0.001 do anything against a cross-entropy gradient hundreds of times larger? Because it
+# always pushes the same way: the cross-entropy's gradients on a router row point in token-specific directions and
+# largely cancel in the sum over a batch, while the aux gradient $E f_e/(LN)$ pushes every row of an overloaded
+# expert down, step after step. A small steady force wins slowly — which is also why 0.001 needs more than 800
+# steps of 1,024 tokens to finish the job. (Qwen3 itself trained on trillions of tokens with far larger batches.)
+#
+# Note also what the aux loss *value* shows: transformers' pooled value stays near its floor $k = 2$ in every
+# global run (2.07 with the loss off), because the pooled load is never far from uniform and the router
+# probabilities are nearly flat ($E\sum_e f_e P_e \approx \sum_e f_e = k$). The per-layer value at 0.001 (2.15)
+# is higher although that run's layers are far better balanced: the two numbers measure different things. Watch the
+# load itself, per layer.
+#
+# Which scope did Qwen3's own training use? The checkpoint cannot tell us; what we know is that transformers'
+# `Qwen3MoeForCausalLM` — the code most people fine-tune with — computes the pooled one.
+#
+# **Longer runs.** Does the per-layer 0.001 run keep improving, and does the collapse without the loss persist?
+# The same two settings for 1600 steps (1.6 M tokens; the cosine schedule stretched to the new length):
 
 # %%
-for c in COEFS:
-    f = stored["runs"][c]["expert_load"]
-    print(f"coef {c:5s}: share × uniform in [{f['min_x_uniform']:.2f}, {f['max_x_uniform']:.2f}], "
-          f"{f['experts_below_0.25x']:2d} experts below 0.25×, coefficient of variation {f['coefficient_of_variation']:.2f}")  # fmt: skip
+plot_extremes(LONG, every=40)
+for n in LONG:
+    f = stored["runs"][n]["expert_load"]["per_layer"]
+    print(f"{label(n):25s} last 100 steps, per layer: [{f['min']:.2f}, {f['max']:.2f}], starved {f['starved']}, "
+          f"cv {f['cv']:.2f}, band {'yes' if f['within_band'] else 'no'}")  # fmt: skip
 
 # %% [markdown]
-# What to read from it — and this is a measured result, not the textbook picture. In this tiny model and this
-# short run the load is uneven with *every* coefficient: a few experts per layer take twice their share, a few get
-# under a quarter of it, from the first hundred steps on; the patterns are set early, when the router's logits are
-# still tiny and the top-k choice hinges on small differences. At Qwen3's 0.001 the picture is indistinguishable
-# from no aux loss at all (the same spread, the same number of starved experts), and even 100× more (0.1) only
-# narrows it a little within 800 steps. Why so weak? Look at the gradient of section 5: per token,
-# $\partial\,\text{aux}/\partial\,\text{logit}_{n,e} \approx (f_e - k/E)/N$ while the router probabilities are
-# nearly flat, times the coefficient. Summed over a batch it can only move each expert's logit along the *mean*
-# hidden state — a bias-like direction — against the cross-entropy's gradient, which is token-specific and, here,
-# much larger. Qwen3 trains on trillions of tokens with batches of millions, where a small force that always
-# points the same way has time to win; 800 steps of 1,024 tokens do not give it that time.
+# With the loss off the collapse does not heal; it deepens: after 1600 steps 7 of the 32 layer-experts are
+# starved (the least 0.05×, the most 2.53×) — while the pooled view shows 0.91–1.17×, nothing alarming. With the
+# per-layer loss at 0.001 no expert is starved from step 400 on, and from step 1000 on every 100-step block stays
+# within [0.37, 1.55]×; the last 100 steps span 0.44–1.55× (coefficient of variation 0.23 against 0.67 with the
+# loss off). Closer to the [0.5, 1.5] band than at 800 steps, but still not inside it. Validation loss: 1.328 off,
+# 1.335 per-layer 0.001.
 #
-# Note also what the aux loss *value* shows: it stays near its floor $k = 2$ in all three runs (see the training
-# log), because with nearly flat router probabilities $E\sum_e f_e P_e \approx \sum_e f_e = k$ whatever the load.
-# The load itself, not the loss value, is the thing to watch.
+# **In short**, on this model and data: without an aux loss the routing collapses per layer (a growing number of
+# starved experts); transformers' pooled loss fixes only the pooled load, at any coefficient; the per-layer loss at
+# Qwen3's 0.001 prevents the collapse — from step 400 on no expert of any layer falls under 0.25× uniform, and the
+# largest share falls from 2.07× to 1.55× — but the tighter [0.5, 1.5] band is held only from a coefficient of
+# 0.003 on.
 #
-# ## 11. Samples through tinyqwen generate
+# ## 12. Samples through tinyqwen generate
 #
 # Greedy continuations of the coefficient-0.001 run's checkpoint, stored by `training/reproduce.py` (it calls
 # `tinyqwen generate --raw --temperature 0`):
@@ -492,9 +666,10 @@ for s in stored["samples_aux0.001"]:
     print(repr(s["prompt"]), "→", repr(s["output"].strip()))
 
 # %% [markdown]
-# ## 12. Checkpoint: our gradients against torch autograd
+# ## 13. Checkpoint: our gradients against torch autograd
 #
-# The last check: the whole Qwen3-MoE fixture `moe-norm-topk` (loss = cross-entropy + 0.001 × aux), our gradients
+# The last check: the whole Qwen3-MoE fixture `moe-norm-topk` (loss = cross-entropy + 0.001 × aux, transformers'
+# pooled scope), our gradients
 # against those of transformers' `Qwen3MoeForCausalLM` in train mode, computed by torch's autograd and stored in
 # `REF`. Bound per tensor: $10^{-4}$ of its largest gradient (both sides float32).
 
@@ -521,14 +696,18 @@ print(f"loss {r.loss:.6f} (|Δ| = {abs(r.loss - float(REF['model.loss'])):.1e});
 #   router logit; unchosen experts' weights get none from that token.
 # - Finite differences in float64 check any backward to ~1e-9; torch autograd checks the whole model.
 # - AdamW = Adam + decay on the weight itself; warm-up, cosine, clipping and accumulation complete the trainer.
-# - The load-balancing loss acts through the router's gradient; its strength relative to the cross-entropy decides
-#   how quickly the load evens out. At Qwen3's 0.001 it changes nothing measurable in a run this small — watch the
-#   load, not the loss value, which sits at its floor while the load is uneven.
+# - The load-balancing loss acts only through the router's probabilities ($f_e$ is a count, straight-through).
+#   transformers' version pools every MoE layer's rows, so it balances each expert index *summed over layers*;
+#   a layer can still starve its own experts. The per-layer (Switch / GShard) version balances every layer.
+# - Measured here: with the loss off, 3 of 32 layer-experts end starved (< 0.25× uniform); the pooled loss at 0.1
+#   makes the pooled load uniform but leaves the layers as uneven; the per-layer loss at Qwen3's 0.001 prevents
+#   starving (0.58–1.92×) and from 0.003 on holds every expert within [0.5, 1.5]× uniform. Watch the per-layer
+#   load, not the loss value.
 #
 # ## Exercises
 #
 # Fill in `exercises/ch13_training.py` (`softmax_backward`, `rms_norm_backward`, `cross_entropy_backward`,
-# `route_backward`, `adamw_step`) and run
+# `route_backward`, `load_balancing_loss_backward`, `adamw_step`) and run
 #
 # ```bash
 # pytest exercises/test_ch13_training.py

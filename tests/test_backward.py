@@ -9,7 +9,8 @@ difference is accurate to ~h² · |f'''| + ε·|L|/h ≈ 1e-10 for these sizes, 
 A wrong formula (a missing term, a transposed weight, a wrong group sum) is off by O(1) of the gradient: 1e-2 or
 more. Measured worst error over these tests: ~3e-9. The whole model is checked the same way, on a sample of entries
 of every parameter of two fixture configurations (dense tied; MoE with dense and sparse layers, norm_topk_prob
-off and on) with the aux loss switched on.
+off and on) with the aux loss switched on, in both aux-loss scopes (transformers' pooled "global", and
+"layer": per MoE layer, averaged).
 """
 
 from __future__ import annotations
@@ -150,13 +151,34 @@ def test_moe_block_backward(norm_topk_prob):
         assert not grads[2][e].any()
 
 
-def test_load_balancing_loss_backward():
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_load_balancing_loss_backward(scope):
     g = rng(7)
-    logits = [g.normal(size=(6, 4)), g.normal(size=(4, 4))]
-    d = moe.load_balancing_loss_backward(logits, num_experts=4, top_k=2)
-    for layer in range(2):
-        num = numeric_grad(lambda: moe.load_balancing_loss(logits, 4, 2), logits[layer])
-        assert_grad(d[layer], num, f"layer {layer}")
+    logits = [g.normal(size=(6, 4)), g.normal(size=(4, 4)), g.normal(size=(5, 4))]
+    d = moe.load_balancing_loss_backward(logits, num_experts=4, top_k=2, scope=scope)
+    for layer in range(3):
+        num = numeric_grad(lambda: moe.load_balancing_loss(logits, 4, 2, scope), logits[layer])
+        assert_grad(d[layer], num, f"{scope} layer {layer}")
+
+
+def test_global_aux_loss_is_transformers_pooled_formula():
+    # "global" (the default) is unchanged: transformers' load_balancing_loss_func written out by hand — concatenate
+    # every layer's rows, f_e = top-k picks of e / rows, P_e = mean softmax, E · Σ f_e P_e. "layer" differs from it
+    # when layers disagree, and equals it for a single layer.
+    g = rng(17)
+    logits = [g.normal(size=(6, 4)) + [2.0, 0, 0, 0], g.normal(size=(6, 4)) + [0, 0, 0, 2.0]]
+    rows = np.concatenate(logits)
+    p = np.exp(rows) / np.exp(rows).sum(axis=1, keepdims=True)
+    top2 = np.argsort(-p, axis=1)[:, :2]
+    f = np.array([(top2 == e).sum() for e in range(4)]) / len(rows)
+    want = 4 * np.sum(f * p.mean(axis=0))
+    assert moe.load_balancing_loss(logits, 4, 2) == pytest.approx(want, rel=1e-12)
+    assert moe.load_balancing_loss(logits, 4, 2, "global") == pytest.approx(want, rel=1e-12)
+    per_layer = moe.load_balancing_loss(logits, 4, 2, "layer")
+    assert per_layer > want + 0.1  # each layer is more uneven than the two pooled
+    assert moe.load_balancing_loss(logits[:1], 4, 2, "layer") == moe.load_balancing_loss(logits[:1], 4, 2)
+    with pytest.raises(tinyqwen.errors.ConfigError, match="scope"):
+        moe.load_balancing_loss(logits, 4, 2, "expert")
 
 
 def test_cross_entropy_and_embedding_backward():
@@ -171,9 +193,15 @@ def test_cross_entropy_and_embedding_backward():
 
 
 @pytest.mark.parametrize(
-    "fixture,norm_topk", [("dense-tied", None), ("moe-sparse-step", False), ("moe-norm-topk", True)]
+    "fixture,norm_topk,scope",
+    [
+        ("dense-tied", None, "global"),
+        ("moe-sparse-step", False, "global"),
+        ("moe-norm-topk", True, "global"),
+        ("moe-norm-topk", True, "layer"),
+    ],
 )
-def test_whole_model_gradient(fixture, norm_topk):
+def test_whole_model_gradient(fixture, norm_topk, scope):
     model = tinyqwen.load_model(FIXTURES / fixture)
     c = model.config
     if norm_topk is not None:
@@ -182,9 +210,9 @@ def test_whole_model_gradient(fixture, norm_topk):
     ids = rng(9).integers(0, c.vocab_size, size=(2, 6))
 
     def loss():
-        return grad.loss_and_grads(c, w, ids, aux_coef=0.5).loss
+        return grad.loss_and_grads(c, w, ids, aux_coef=0.5, aux_scope=scope).loss
 
-    result = grad.loss_and_grads(c, w, ids, aux_coef=0.5)
+    result = grad.loss_and_grads(c, w, ids, aux_coef=0.5, aux_scope=scope)
     params, grads = grad.named_parameters(w), grad.named_parameters(result.grads)
     pick = rng(10)
     for name, a in params.items():

@@ -132,3 +132,20 @@ def test_cli_train_and_bad_configs(tmp_path, capsys):
     path.write_text(json.dumps({"steps": 0}))
     assert main(["train", "--config", str(path)]) == 1
     assert "steps must be a positive integer" in capsys.readouterr().err
+    path.write_text(json.dumps({"aux_loss_scope": "expert"}))
+    assert main(["train", "--config", str(path)]) == 1
+    assert "aux_loss_scope must be one of global, layer" in capsys.readouterr().err
+
+
+def test_aux_loss_scope_reaches_the_loss(tmp_path):
+    # the same two steps with the two scopes: the run records its scope and the logged aux values differ (TINY
+    # has two MoE layers, whose routing the pooled loss mixes and the per-layer one does not)
+    logs = {}
+    for scope in ("global", "layer"):
+        cfg = train.TrainConfig(out_dir=str(tmp_path / scope), model=TINY, docs=300, seq_len=16, batch_size=2, steps=2,
+                          eval_batches=1, progress=False, aux_coef=0.1, aux_loss_scope=scope)  # fmt: skip
+        train.train(cfg)
+        lines = [json.loads(x) for x in (tmp_path / scope / "log.jsonl").read_text().splitlines()]
+        assert lines[0]["aux_loss_scope"] == scope
+        logs[scope] = [e["aux"] for e in lines if e["kind"] == "step"]
+    assert abs(logs["layer"][0] - logs["global"][0]) > 1e-4

@@ -3,7 +3,8 @@
     loss = cross_entropy(logits[:, :-1], ids[:, 1:]) + router_aux_loss_coef · load_balancing_loss(router logits)
 
 exactly what transformers' `Qwen3ForCausalLM` / `Qwen3MoeForCausalLM` compute with `labels=ids` (and
-`output_router_logits=True` for the MoE aux term). `loss_and_grads` runs a forward pass that keeps what the backward
+`output_router_logits=True` for the MoE aux term) — with `aux_scope="layer"`, instead, the aux loss is computed
+per MoE layer and averaged (Switch Transformer / GShard style; transformers has no such option). `loss_and_grads` runs a forward pass that keeps what the backward
 needs, then walks the layers in reverse, calling each component's backward that sits next to its forward:
 
     rms_norm_backward (norm.py) · apply_rope_backward (rope.py) · attention_backward (attention.py)
@@ -237,6 +238,7 @@ def loss_and_grads(
     grad_scale: float = 1.0,  # multiply this batch's gradient by it before adding (1 / accumulation steps)
     keep_logits: bool = False,
     forward_only: bool = False,  # only the losses (evaluation): no activations kept, no backward
+    aux_scope: str = "global",  # "global": transformers' pooled aux loss; "layer": per MoE layer, averaged
 ) -> LossAndGrads:
     """Forward and backward of the training loss on one batch; every weight's gradient in `grads`.
 
@@ -277,12 +279,11 @@ def loss_and_grads(
     ce = cross_entropy(flat_logits, flat_targets)
     aux, drl, counts = 0.0, [None] * len(weights.layers), []
     if router_logits:
-        aux = load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok)
+        E, k = c.num_experts, c.num_experts_per_tok
+        aux = load_balancing_loss(router_logits, E, k, aux_scope)
         if aux_coef:
             for i, d in zip(
-                moe_layers,
-                load_balancing_loss_backward(router_logits, c.num_experts, c.num_experts_per_tok),
-                strict=True,
+                moe_layers, load_balancing_loss_backward(router_logits, E, k, aux_scope), strict=True
             ):
                 drl[i] = (d * (aux_coef * grad_scale)).astype(dtype)
         for rl in router_logits:

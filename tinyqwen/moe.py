@@ -11,7 +11,8 @@ For each token x:
 
 Training adds the Switch-Transformer load-balancing loss, E · Σ_e f_e · P_e, where f_e is the fraction of
 (token, slot) routing assignments that went to expert e and P_e the mean router probability of e. It is minimal
-(= k) when routing is uniform; `load_balancing_loss` computes it over all MoE layers at once, as transformers does.
+(= k) when routing is uniform. `load_balancing_loss` computes it as transformers does — over all MoE layers'
+rows pooled together (scope "global") — or per layer and averaged (scope "layer", Switch / GShard style).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinyqwen.attention import softmax, softmax_backward
+from tinyqwen.errors import ConfigError
 from tinyqwen.mlp import linear, linear_backward, swiglu, swiglu_backward
 
 
@@ -66,27 +68,71 @@ def moe_block(
     return out, router_logits
 
 
-def load_balancing_loss(router_logits: list[np.ndarray], num_experts: int, top_k: int) -> float:
-    """The unscaled auxiliary loss E · Σ_e f_e · P_e over every MoE layer's router logits (transformers' aux_loss).
+AUX_LOSS_SCOPES = ("global", "layer")
 
-    `router_logits` holds one [tokens, num_experts] array per MoE layer; all layers' tokens are pooled.
+
+def _aux_terms(logits: np.ndarray, num_experts: int, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    # [N, E] -> f [E] (share of the N·k (token, slot) picks, times k; no gradient), probs [N, E]
+    probs = softmax(logits)
+    _, experts = route(logits, top_k, norm_topk_prob=False)
+    f = np.bincount(experts.ravel(), minlength=num_experts) / logits.shape[0]  # f_e, summed over the k slots
+    return f, probs
+
+
+def _check_scope(scope: str) -> None:
+    if scope not in AUX_LOSS_SCOPES:
+        raise ConfigError(f"aux loss scope must be one of {AUX_LOSS_SCOPES}, got {scope!r}")
+
+
+def load_balancing_loss(
+    router_logits: list[np.ndarray], num_experts: int, top_k: int, scope: str = "global"
+) -> float:
+    """The unscaled auxiliary loss E · Σ_e f_e · P_e over every MoE layer's router logits.
+
+    `router_logits` holds one [tokens, num_experts] array per MoE layer. Two scopes:
+
+    - "global" (transformers' aux_loss, the default): all layers' rows are pooled into one [L·N, E] array before
+      f_e and P_e are taken, so the loss balances each expert index *summed over layers* — it cannot see that
+      expert 3 is starved in layer 0 if it is overloaded in layer 2.
+    - "layer" (Switch Transformer / GShard style): the loss of each layer's own f_e, P_e, then the mean over
+      layers. The mean (not the sum) keeps the value at uniform routing equal to top_k and the gradient per router
+      row the same size as "global" (both divide by L·N), so a coefficient means the same strength in both.
+
     Uniform routing gives exactly top_k:
 
     >>> import numpy as np
     >>> round(load_balancing_loss([np.zeros((4, 4))], num_experts=4, top_k=2), 6)  # ties: f = [1,1,0,0]/2
     2.0
+    >>> a, b = np.log([[0.7, 0.3]] * 2), np.log([[0.3, 0.7]] * 2)  # layer 0 favours expert 0, layer 1 expert 1
+    >>> round(load_balancing_loss([a, b], 2, 1), 6), round(load_balancing_loss([a, b], 2, 1, scope="layer"), 6)
+    (1.0, 1.4)
     """
+    _check_scope(scope)
     if len(router_logits) == 0:
         return 0.0
-    logits = np.concatenate([_float32_or_64(np.asarray(r)).reshape(-1, num_experts) for r in router_logits])
-    probs = softmax(logits)
-    _, experts = route(logits, top_k, norm_topk_prob=False)
-    n = logits.shape[0]
-    tokens_per_expert = (
-        np.bincount(experts.ravel(), minlength=num_experts) / n
-    )  # f_e, summed over the k slots
-    prob_per_expert = probs.mean(axis=0)  # P_e
-    return float(num_experts * np.sum(tokens_per_expert * prob_per_expert))
+    flat = [_float32_or_64(np.asarray(r)).reshape(-1, num_experts) for r in router_logits]
+    groups = [np.concatenate(flat)] if scope == "global" else flat
+    losses = []
+    for logits in groups:
+        f, probs = _aux_terms(logits, num_experts, top_k)
+        losses.append(num_experts * np.sum(f * probs.mean(axis=0)))  # E · Σ_e f_e · P_e
+    return float(np.mean(losses))
+
+
+def expert_shares(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # [L, E] (token, slot) picks per MoE layer -> per layer [L, E], pooled over layers [E]; 1 = uniform
+    """Each expert's share of the routing picks as a multiple of uniform (1/E): per layer, and pooled over layers
+    (what the "global" aux loss balances: the counts of expert e summed over every layer).
+
+    >>> per_layer, pooled = expert_shares(np.array([[30, 10], [10, 30]]))
+    >>> per_layer.tolist(), pooled.tolist()
+    ([[1.5, 0.5], [0.5, 1.5]], [1.0, 1.0])
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    E = counts.shape[-1]
+    per_layer = counts / counts.sum(axis=-1, keepdims=True) * E
+    pooled = counts.sum(axis=0) / counts.sum() * E
+    return per_layer, pooled
 
 
 def route_backward(
@@ -151,26 +197,34 @@ def moe_block_backward(
 
 
 def load_balancing_loss_backward(
-    router_logits: list[np.ndarray], num_experts: int, top_k: int
+    router_logits: list[np.ndarray], num_experts: int, top_k: int, scope: str = "global"
 ) -> list[np.ndarray]:
     """d(load_balancing_loss)/d(router logits), one [tokens, E] array per MoE layer (same order and shapes).
 
     aux = E · Σ_e f_e · P_e. The counts f_e come from a top-k *choice* and carry no gradient (as in transformers),
-    so only P_e = mean over all N pooled rows of softmax(logits)[:, e] is differentiated:
-    d aux / d probs[n, e] = E · f_e / N. An expert that already gets many tokens has its probability pushed down
-    hardest — that is how the loss balances.
+    so only P_e = mean over the rows of softmax(logits)[:, e] is differentiated: d aux / d probs[n, e] = E · f_e / M
+    with M the number of rows averaged — all L·N pooled rows for scope "global", the layer's own N rows for
+    "layer" (then × 1/L for the mean over layers). An expert that already gets many tokens has its probability
+    pushed down hardest; with "global" that push uses the expert's load summed over layers, so it is the same in
+    every layer, whatever that layer's own load is.
 
     >>> g = load_balancing_loss_backward([np.zeros((2, 2))], num_experts=2, top_k=1)[0]  # ties: both pick 0
     >>> g.tolist()
     [[0.25, -0.25], [0.25, -0.25]]
     """
+    _check_scope(scope)
     if len(router_logits) == 0:
         return []
     flat = [np.asarray(r).reshape(-1, num_experts) for r in router_logits]
+    if scope == "layer":
+        out = []
+        for logits in flat:
+            f, probs = _aux_terms(logits, num_experts, top_k)
+            d = np.broadcast_to(num_experts * f / (logits.shape[0] * len(flat)), probs.shape)
+            out.append(softmax_backward(d, probs).astype(logits.dtype))
+        return out
     logits = np.concatenate(flat)
-    probs = softmax(logits)
-    _, experts = route(logits, top_k, norm_topk_prob=False)
+    f, probs = _aux_terms(logits, num_experts, top_k)
     n = logits.shape[0]
-    f = np.bincount(experts.ravel(), minlength=num_experts) / n  # [E] no gradient
     dlogits = softmax_backward(np.broadcast_to(num_experts * f / n, probs.shape), probs).astype(logits.dtype)
     return np.split(dlogits, np.cumsum([a.shape[0] for a in flat])[:-1])

@@ -32,6 +32,7 @@ from tinyqwen.corpus import build_dataset, unigram_loss
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.grad import copy_weights, loss_and_grads, named_parameters
 from tinyqwen.model import AttentionWeights, LayerWeights, MLPWeights, MoEWeights, Weights, load_model
+from tinyqwen.moe import AUX_LOSS_SCOPES
 from tinyqwen.safetensors import load_file, save_file
 
 
@@ -99,6 +100,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     aux_coef: float | None = None  # default: the model config's router_aux_loss_coef
+    # "global": transformers' aux loss, f_e and P_e over all MoE layers pooled (balances expert e summed over
+    # layers); "layer": the loss per MoE layer, averaged over layers (balances every layer's own experts)
+    aux_loss_scope: str = "global"
     eval_every: int = 50
     log_every: int = 1  # one log line per this many steps (loss, aux, expert load averaged over them)
     eval_batches: int = 8
@@ -141,6 +145,10 @@ class TrainConfig:
             value = getattr(cfg, name)
             if not isinstance(value, int) or value < 1:
                 raise TrainError(f"{where}: {name} must be a positive integer, got {value!r}")
+        if cfg.aux_loss_scope not in AUX_LOSS_SCOPES:
+            raise TrainError(
+                f"{where}: aux_loss_scope must be one of {', '.join(AUX_LOSS_SCOPES)}, got {cfg.aux_loss_scope!r}"
+            )
         if cfg.lr <= 0 or cfg.min_lr < 0 or cfg.min_lr > cfg.lr:
             raise TrainError(
                 f"{where}: need 0 ≤ min_lr ≤ lr and lr > 0, got lr={cfg.lr}, min_lr={cfg.min_lr}"
@@ -392,7 +400,8 @@ def _train(cfg: TrainConfig, resume, stop_after) -> dict:
     if start == 0:
         log.write(json.dumps({"kind": "run", "config": _jsonable(asdict(cfg)), "model": raw, "parameters":
                   int(n_params), "train_tokens": int(len(data["train"])), "val_tokens": int(len(data["val"])),
-                  "unigram_val_loss": baseline, "aux_coef": aux_coef}) + "\n")  # fmt: skip
+                  "unigram_val_loss": baseline, "aux_coef": aux_coef, "aux_loss_scope": cfg.aux_loss_scope})
+                  + "\n")  # fmt: skip
 
     bar = None
     if cfg.progress:
@@ -410,7 +419,8 @@ def _train(cfg: TrainConfig, resume, stop_after) -> dict:
             ids = sample_batch(
                 data["train"], cfg.batch_size, cfg.seq_len, cfg.seed, step * cfg.grad_accum + micro
             )
-            r = loss_and_grads(c, w, ids, aux_coef=aux_coef, grads=grads, grad_scale=1.0 / cfg.grad_accum)
+            r = loss_and_grads(c, w, ids, aux_coef=aux_coef, grads=grads, grad_scale=1.0 / cfg.grad_accum,
+                               aux_scope=cfg.aux_loss_scope)  # fmt: skip
             grads = r.grads
             window["ce"] += r.ce / cfg.grad_accum
             window["aux"] += r.aux / cfg.grad_accum
@@ -464,8 +474,9 @@ def _train(cfg: TrainConfig, resume, stop_after) -> dict:
 def _postfix(e: dict, n_experts: int, val_loss: float) -> str:
     s = f"loss {e['ce']:.3f} aux {e['aux']:.3f} val {val_loss:.3f} {e['tok_per_s']:.0f} tok/s"
     if n_experts and e["expert_load"]:
-        share = np.array(e["expert_load"]) * n_experts  # 1 = uniform
-        s += f" load ×uniform {share.min():.2f}–{share.max():.2f}"
+        share = np.array(e["expert_load"]) * n_experts  # [layers, E], 1 = uniform
+        pooled = share.mean(axis=0)  # every layer routes the same number of picks
+        s += f" load ×uniform per layer {share.min():.2f}–{share.max():.2f}, pooled {pooled.min():.2f}–{pooled.max():.2f}"
     return s
 
 

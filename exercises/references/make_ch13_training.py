@@ -23,6 +23,10 @@ Keys (float32 unless said; float64 inputs are used where the check is of a formu
     adamw.{p, g, m, v} [3, 4] and [4] (1-D), adamw.{step, lr, beta1, beta2, eps, weight_decay} scalars,
         adamw.{p_new, m_new, v_new} (matrix) and adamw.{p1_new} (the 1-D weight: no decay);
         adamw.{coupled_l2, no_bias_correction}
+    aux.logits [3, 10, 6] float64 (3 MoE layers' router logits, top-2 of 6), aux.global [3, 10, 6] = d/d logits of
+        transformers' load_balancing_loss_func (the layers pooled), aux.layer = of the mean over layers of that
+        function called on each layer alone (the per-layer "Switch / GShard" scope); aux.{per_layer_for_global,
+        rows_of_one_layer, divided_by_k, global_for_layer, summed_layers}
     model.ids [2, 12] int64, model.loss, model.ce, model.aux (float64 scalars);
         model.grad.<name> for a selection of parameters (official names; experts stacked [E, ...])
 """
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "exercises" / "references" / "ch13_training.npz"
@@ -167,6 +172,25 @@ def adamw_refs(out: dict) -> None:
             "adamw.no_bias_correction": no_bias.astype(np.float32)}  # fmt: skip
 
 
+def aux_refs(out: dict) -> None:
+    g = rng(40)
+    E, k, L = 6, 2, 3
+    # each layer prefers other experts, so the pooled load is more even than any one layer's
+    logits = [g.normal(size=(10, E)) + 1.5 * np.eye(E)[[2 * i, 2 * i + 1]].sum(0) for i in range(L)]
+
+    def pooled(*ts):  # transformers: every layer's rows concatenated before f_e and P_e
+        return load_balancing_loss_func(tuple(ts), E, k)
+
+    def per_layer(*ts):  # each layer's own loss, averaged over layers
+        return sum(load_balancing_loss_func((t,), E, k) for t in ts) / len(ts)
+
+    d_global, d_layer = np.stack(grad_of(pooled, *logits)), np.stack(grad_of(per_layer, *logits))
+    out |= {"aux.logits": np.stack(logits), "aux.num_experts": np.int64(E), "aux.top_k": np.int64(k),
+            "aux.global": d_global, "aux.layer": d_layer,
+            "aux.per_layer_for_global": d_layer, "aux.rows_of_one_layer": L * d_global,
+            "aux.divided_by_k": d_global / k, "aux.global_for_layer": d_global, "aux.summed_layers": L * d_layer}  # fmt: skip
+
+
 GRADED = [  # a selection of parameters whose gradients the last checkpoint compares (keeps the file small)
     "model.embed_tokens.weight",
     "model.layers.0.input_layernorm.weight",
@@ -202,7 +226,7 @@ def model_refs(out: dict) -> None:
 def main() -> int:
     torch.manual_seed(0)
     out: dict[str, np.ndarray] = {}
-    for make in (softmax_refs, rms_refs, ce_refs, route_refs, adamw_refs, model_refs):
+    for make in (softmax_refs, rms_refs, ce_refs, route_refs, aux_refs, adamw_refs, model_refs):
         make(out)
     np.savez_compressed(OUT, **{k: np.asarray(v) for k, v in out.items()})
     print(f"wrote {OUT.relative_to(REPO)}: {len(out)} arrays, {OUT.stat().st_size / 1024:.0f} KiB")

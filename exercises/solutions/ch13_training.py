@@ -8,6 +8,7 @@ import numpy as np
 from tinyqwen import train
 from tinyqwen.attention import softmax_backward as _softmax_backward
 from tinyqwen.grad import cross_entropy_backward as _cross_entropy_backward
+from tinyqwen.moe import load_balancing_loss_backward as _load_balancing_loss_backward
 from tinyqwen.moe import route_backward as _route_backward
 from tinyqwen.norm import rms_norm_backward as _rms_norm_backward
 
@@ -32,6 +33,12 @@ def route_backward(
     dweights: np.ndarray, router_logits: np.ndarray, experts: np.ndarray, norm_topk_prob: bool
 ) -> np.ndarray:
     return _route_backward(dweights, router_logits, experts, norm_topk_prob)
+
+
+def load_balancing_loss_backward(
+    router_logits: list[np.ndarray], num_experts: int, top_k: int, scope: str = "global"
+) -> list[np.ndarray]:
+    return _load_balancing_loss_backward(router_logits, num_experts, top_k, scope)
 
 
 def adamw_step(

@@ -33,6 +33,15 @@ def route_backward_skips_renorm(dweights, router_logits, experts, norm_topk_prob
     return solution.route_backward(dweights, router_logits, experts, False)
 
 
+def aux_backward_per_layer_always(router_logits, num_experts, top_k, scope="global"):
+    return solution.load_balancing_loss_backward(router_logits, num_experts, top_k, "layer")
+
+
+def aux_backward_layers_summed(router_logits, num_experts, top_k, scope="global"):
+    d = solution.load_balancing_loss_backward(router_logits, num_experts, top_k, scope)
+    return [a * (len(router_logits) if scope == "layer" else 1) for a in d]
+
+
 def adamw_coupled(p, g, m, v, step, lr, beta1, beta2, eps, weight_decay):
     return solution.adamw_step(p, g + weight_decay * p, m, v, step, lr, beta1, beta2, eps, 0.0)
 
@@ -64,6 +73,18 @@ def test_route_backward_skipping_the_renormalisation(solutions, assert_caught):
     buggy = solutions.with_overrides("ch13", route_backward=route_backward_skips_renorm)
     assert_caught(grading.test_route_backward_renormalised, buggy, hint="skips the renormalisation")
     grading.test_route_backward_plain(buggy)  # not a bug without renormalisation: must pass
+
+
+def test_aux_backward_not_pooled(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch13", load_balancing_loss_backward=aux_backward_per_layer_always)
+    assert_caught(grading.test_aux_loss_backward_pooled, buggy, hint="per-layer scope")
+    grading.test_aux_loss_backward_per_layer(buggy)  # right for the per-layer scope: must pass
+
+
+def test_aux_backward_layers_summed(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch13", load_balancing_loss_backward=aux_backward_layers_summed)
+    assert_caught(grading.test_aux_loss_backward_per_layer, buggy, hint="summed, not averaged")
+    grading.test_aux_loss_backward_pooled(buggy)
 
 
 def test_adamw_with_l2_instead_of_decoupled_decay(solutions, assert_caught):
