@@ -190,13 +190,15 @@ def test_numba_backend_keeps_the_checkpoints_dtype():
     np.testing.assert_array_equal(np.asarray(bf16.weights.lm_head), ref.weights.lm_head)
 
 
-def _write_bf16_checkpoint(path: Path) -> int:
-    """A random dense bf16 checkpoint big enough that copies of its weights stand out; returns its bf16 bytes."""
+def _write_bf16_checkpoint(path: Path, fixture: str = "dense-tied", **sizes) -> int:
+    """A random bf16 checkpoint with `fixture`'s config and `sizes` (default: a dense one of ~6 MB, big enough that
+    copies of its weights stand out); returns its bf16 bytes."""
     from tinyqwen.config import load_config
     from tinyqwen.model import expected_tensors
 
-    config = json.loads((FIXTURES / "dense-tied" / "config.json").read_text())
-    config.update(hidden_size=256, intermediate_size=512, vocab_size=4096, head_dim=64, num_hidden_layers=2)
+    config = json.loads((FIXTURES / fixture / "config.json").read_text())
+    config.update(sizes or dict(hidden_size=256, intermediate_size=512, vocab_size=4096, head_dim=64))
+    config.update(num_hidden_layers=2)
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(0)
@@ -223,21 +225,9 @@ def test_loading_bf16_for_numba_allocates_one_bf16_copy_of_the_weights(tmp_path)
 
 def test_a_bf16_moe_checkpoint_loads_its_experts_once_and_runs_like_numpy(tmp_path):
     # the experts of a layer are read straight into one stacked bf16 array (no per-expert copy, no file pages)
-    from tinyqwen.config import load_config
-    from tinyqwen.model import expected_tensors
-
-    config = json.loads((FIXTURES / "moe-norm-topk" / "config.json").read_text())
-    config.update(
-        hidden_size=256, moe_intermediate_size=256, vocab_size=2048, head_dim=64, num_hidden_layers=2
-    )
     path = tmp_path / "moe-bf16"
-    path.mkdir()
-    (path / "config.json").write_text(json.dumps(config))
-    rng = np.random.default_rng(1)
-    shapes = expected_tensors(load_config(path))
-    tensors = {n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in shapes.items()}
-    save_file(tensors, path / "model.safetensors", bf16=True)
-    bf16_bytes = sum(2 * t.size for t in tensors.values())  # ~6 MB, most of it experts
+    sizes = dict(hidden_size=256, moe_intermediate_size=256, vocab_size=2048, head_dim=64)
+    bf16_bytes = _write_bf16_checkpoint(path, "moe-norm-topk", **sizes)  # ~6 MB, most of it experts
     tracemalloc.start()
     model = tinyqwen.load_model(path, backend="numba")
     peak = tracemalloc.get_traced_memory()[1]
