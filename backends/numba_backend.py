@@ -205,6 +205,18 @@ def _prefetch_row(a):  # every cache line of a C-contiguous 1-D row
         _prefetch(a, j)
 
 
+# Weight rows up to this size are prefetched one row ahead; longer rows are not. Measured on the lm_head shape
+# (151,936 rows, 2 threads): 1,024-wide bf16 rows (2 KiB) streamed at 32.9 GB/s prefetched vs 27.3 without, while
+# 2,048-wide rows (4 KiB) went from 27.4 to 25.9 (the hardware prefetcher already runs far enough inside a long row).
+PREFETCH_MAX_ROW_BYTES = 2048
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _prefetch_weight_row(a):  # the next weight row of a GEMV, when it is short enough to gain from it
+    if a.shape[0] * a.itemsize <= PREFETCH_MAX_ROW_BYTES:
+        _prefetch_row(a)
+
+
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
 def _exp(x):  # float32 -> float32
     """e^x that LLVM can vectorise: Numba's np.exp on a scalar calls libm once per value (3.3 ns here), which made
@@ -288,7 +300,7 @@ def _prefetch_next(
         j = i
         while r + 1 >= starts[j + 1]:  # (skipping any weight with no rows)
             j += 1
-        _prefetch_row(ws[j][r + 1 - starts[j]])
+        _prefetch_weight_row(ws[j][r + 1 - starts[j]])
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
@@ -333,8 +345,8 @@ def _gate_up_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up
     M, K = x.shape
     for f in range(lo, hi):
         if f + 1 < hi:
-            _prefetch_row(w_gate[f + 1])
-            _prefetch_row(w_up[f + 1])
+            _prefetch_weight_row(w_gate[f + 1])
+            _prefetch_weight_row(w_up[f + 1])
         for m in range(M):
             g = np.float32(0.0)
             u = np.float32(0.0)
@@ -475,8 +487,8 @@ def _moe_up_rows(
     e, t = experts[p // k, p % k], p // k
     for f in range(lo, hi):
         if f + 1 < hi:
-            _prefetch_row(w_gate[e, f + 1])
-            _prefetch_row(w_up[e, f + 1])
+            _prefetch_weight_row(w_gate[e, f + 1])
+            _prefetch_weight_row(w_up[e, f + 1])
         g = np.float32(0.0)
         u = np.float32(0.0)
         for j in range(d):
@@ -496,7 +508,7 @@ def _moe_down_rows(h, experts, weights, w_down, out, lo, hi):  # output features
             for s in range(k):  # the token's experts, summed in slot order
                 e = experts[t, s]
                 if i + 1 < hi:
-                    _prefetch_row(w_down[e, i + 1])
+                    _prefetch_weight_row(w_down[e, i + 1])
                 acc = np.float32(0.0)
                 for f in range(F):
                     acc += h[t * k + s, f] * _bf16(w_down[e, i, f])
