@@ -449,7 +449,10 @@ for name in ("tinyqwen-numpy", "tinyqwen-numba", "llama.cpp-bf16", "transformers
 #    Decode attention spends ~100 cycles on each cached key row before it touches the next, and the prefetcher fell
 #    behind: asking for the row 16 positions ahead (`llvm.prefetch`, a hint that never faults) took a bf16 layer of
 #    520 positions from ~320 µs to ~210 µs on one thread. For the GEMVs, asking for the *next* weight row while
-#    summing the current one took a step's GEMVs from 47.4 to 44.8 ms; two or four rows ahead were slower.
+#    summing the current one took a step's GEMVs from 47.4 to 44.8 ms; two or four rows ahead were slower, and so
+#    were rows longer than 2 KiB (on the lm_head's shape: 1,024-wide bf16 rows 27.3 → 32.9 GB/s, 2,048-wide ones
+#    27.4 → 25.9), where the hardware prefetcher already runs far enough ahead inside the row. So only short rows
+#    are prefetched: the right distance is a measurement, not a principle.
 # 3. **The compiler's cache.** `@njit(cache=True)` stores machine code so later processes skip compiling. A
 #    `parallel=True` kernel whose own body held the loops ran ~25 % slower loaded from that cache than freshly
 #    compiled (the gate/up GEMVs: 17–19 ms per step instead of 13–15; numba issue #8085). With the loops in a
