@@ -151,3 +151,32 @@ def test_gguf_labels(tmp_path):
     assert list(bench.find_ggufs(model)) == ["q4_0", "bf16", "q8_0"]
     with pytest.raises(TinyQwenError, match="unknown engine"):
         bench.plan_engines(model, ["numpy", "torch"])
+
+
+@pytest.mark.parametrize("name", ["_TINYQWEN", "_CUPY", "_TRANSFORMERS", "_LLAMA_CPP"])
+def test_every_engine_script_names_only_what_it_defines(name):
+    # the snippets run as text in a child (the cupy one only on a GPU, so no test ever runs it here): every name a
+    # function of the script reads must be a local, one of its enclosing functions', the script's own or a builtin
+    import builtins
+    import symtable
+
+    source = getattr(bench, name) + bench._DRIVER
+    top = symtable.symtable(source, name, "exec")
+    defined = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported()} | set(
+        dir(builtins)
+    )
+
+    def undefined(table, enclosing: set[str]) -> list[str]:
+        own = {s.get_name() for s in table.get_symbols() if s.is_local() or s.is_parameter()}
+        found = [
+            s.get_name()
+            for s in table.get_symbols()
+            if s.is_referenced() and s.get_name() not in own | enclosing | defined
+        ]
+        # a function's locals are seen by the scopes nested in it; a class body's are not (its methods skip it)
+        seen = enclosing | own if table.get_type() == "function" else enclosing
+        for child in table.get_children():
+            found += undefined(child, seen)
+        return found
+
+    assert undefined(top, set()) == []

@@ -199,7 +199,7 @@ def load(path, threads, option, max_len):
         hbm_peak_gb_s = cupy_backend.hbm_peak_gb_s()
 
         def prefill(self, ids):
-            self.cache = model.new_cache(1, max_len, kv_dtype)
+            self.cache = model.new_cache(1, max_len)
             return self.step_ids(np.asarray([ids]))
 
         def step(self, token):
