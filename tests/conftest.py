@@ -82,6 +82,15 @@ class StubModel:
         return SimpleNamespace(logits=logits)
 
 
+def logits_through_cache(model, ids: np.ndarray, prefill: int = 5):  # [B, T] -> ([B, T, vocab], the cache)
+    """The logits of `ids` computed the way generation does: the first `prefill` positions at once into a fresh KV
+    cache, then one position at a time (decode). Equal to one full forward when the cache path is right."""
+    cache = model.new_cache(batch_size=ids.shape[0], max_len=ids.shape[1])
+    steps = [model.forward(ids[:, :prefill], cache=cache).logits]
+    steps += [model.forward(ids[:, t : t + 1], cache=cache).logits for t in range(prefill, ids.shape[1])]
+    return np.concatenate(steps, axis=1), cache
+
+
 def one_hot_rule(next_id: Callable[[list[int]], int], vocab: int = QWEN3_VOCAB) -> Callable:
     """A rule whose arg-max is `next_id(history)` by a wide margin (10 logits)."""
 

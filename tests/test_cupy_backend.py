@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import logits_through_cache
 
 import tinyqwen
 from backends import cupy_backend, get_backend
@@ -483,11 +484,8 @@ def test_standin_decode_steps_match_transformers(standin):
     # prefill 5 positions (cuBLAS path), then one at a time: GEMV, decode attention on the cache, fused MoE
     model, ref = standin
     ids = ref["input_ids"]
-    cache = model.new_cache(batch_size=ids.shape[0], max_len=ids.shape[1])
-    steps = [model.forward(ids[:, :5], cache=cache).logits]
-    for t in range(5, ids.shape[1]):
-        steps.append(model.forward(ids[:, t : t + 1], cache=cache).logits)
-    np.testing.assert_allclose(np.concatenate(steps, 1), ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
+    steps, _ = logits_through_cache(model, ids)
+    np.testing.assert_allclose(steps, ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
 
 
 def test_standin_greedy_generations_equal_transformers(standin):
@@ -655,10 +653,7 @@ def test_gpu_model_matches_transformers(on_gpu):
     ):
         assert rel(got, want) <= rtol
     ids = ref["input_ids"]
-    cache = model.new_cache(ids.shape[0], ids.shape[1])
-    steps = [model.forward(ids[:, :5], cache=cache).logits]
-    steps += [model.forward(ids[:, t : t + 1], cache=cache).logits for t in range(5, ids.shape[1])]
-    assert rel(np.concatenate(steps, 1), ref["logits"]) <= rtol
+    assert rel(logits_through_cache(model, ids)[0], ref["logits"]) <= rtol
     gen = json.loads((model.path / "generate.json").read_text())
     for prompt, expected in zip(gen["prompts"], gen["single"], strict=True):
         assert cupy_backend.generate_on_device(model, prompt, gen["max_new_tokens"]) == expected

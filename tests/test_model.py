@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import logits_through_cache
 
 import tinyqwen
 from tinyqwen.verify import RTOL, tolerance
@@ -93,11 +94,8 @@ def test_kv_cache_matches_full_forward(fixture):
     model, ref = fixture
     ids = ref["input_ids"]
     full = model(ids)
-    cache = model.new_cache(batch_size=ids.shape[0], max_len=ids.shape[1])
-    steps = [model.forward(ids[:, :5], cache=cache).logits]  # prefill, then one token at a time
-    for t in range(5, ids.shape[1]):
-        steps.append(model.forward(ids[:, t : t + 1], cache=cache).logits)
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=0, atol=tolerance(full))
+    steps, cache = logits_through_cache(model, ids)  # prefill, then one token at a time
+    np.testing.assert_allclose(steps, full, rtol=0, atol=tolerance(full))
     assert cache.length == ids.shape[1]
     # GQA-shaped: kv heads, not one copy per query head
     assert cache.keys[0].shape[1] == model.config.num_key_value_heads

@@ -24,6 +24,8 @@ import pytest
 
 pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI installs)
 
+from conftest import logits_through_cache  # noqa: E402
+
 import tinyqwen  # noqa: E402
 from backends import get_backend, numba_backend, onednn  # noqa: E402
 from backends.numba_backend import BF16Weight  # noqa: E402
@@ -275,13 +277,8 @@ def test_decode_steps_match_transformers(fixture):
     # one token at a time through the KV cache: the GEMV, fused SwiGLU and decode-attention kernels
     model, ref = fixture
     ids = ref["input_ids"]
-    cache = model.new_cache(batch_size=ids.shape[0], max_len=ids.shape[1])
-    steps = [model.forward(ids[:, :5], cache=cache).logits]
-    for t in range(5, ids.shape[1]):
-        steps.append(model.forward(ids[:, t : t + 1], cache=cache).logits)
-    np.testing.assert_allclose(
-        np.concatenate(steps, axis=1), ref["logits"], rtol=0, atol=tolerance(ref["logits"])
-    )
+    steps, _ = logits_through_cache(model, ids)
+    np.testing.assert_allclose(steps, ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
 
 
 def test_greedy_generations_equal_transformers(fixture):
