@@ -354,16 +354,23 @@ class SafetensorsFile:
         except KeyError:
             raise SafetensorsError(_missing(name, self.tensors, str(self.path))) from None
 
-    def _mapping(self) -> mmap.mmap:
+    def _open(
+        self,
+    ):  # the file, unbuffered, refused if it is no longer the size its header was checked against
         if self._closed:
             raise SafetensorsError(f"{self.path}: file is closed")
-        if self._map is None:
-            with open(self.path, "rb") as f:  # the mapping outlives the file descriptor
-                size = os.fstat(f.fileno()).st_size
-                if size != self._file_size:
-                    raise SafetensorsError(
-                        f"{self.path}: file changed size ({self._file_size} -> {size} bytes) since it was opened"
-                    )
+        f = open(self.path, "rb", buffering=0)
+        size = os.fstat(f.fileno()).st_size
+        if size != self._file_size:
+            f.close()
+            raise SafetensorsError(
+                f"{self.path}: file changed size ({self._file_size} -> {size} bytes) since it was opened"
+            )
+        return f
+
+    def _mapping(self) -> mmap.mmap:
+        if self._map is None:  # (also after close(): _open then says the file is closed)
+            with self._open() as f:  # the mapping outlives the file descriptor
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._map
 
@@ -395,14 +402,7 @@ class SafetensorsFile:
             )
         if t.nbytes == 0:
             return out
-        if self._closed:
-            raise SafetensorsError(f"{self.path}: file is closed")
-        with open(self.path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != self._file_size:
-                raise SafetensorsError(
-                    f"{self.path}: file changed size ({self._file_size} -> {size} bytes) since it was opened"
-                )
+        with self._open() as f:
             f.seek(t.start)
             view, done = memoryview(out.reshape(-1)).cast("B"), 0
             while done < t.nbytes:  # a large read may return less than asked for
