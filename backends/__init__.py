@@ -33,48 +33,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
+from tinyqwen.backends.contract import CHOOSE, FINISHED, Backend  # noqa: F401 (the contract, re-exported)
 from tinyqwen.errors import BackendError
-
-
-def _reference_blockwise_attention(q, k, v, mask):
-    from tinyqwen.attention import blockwise_attention
-
-    return blockwise_attention(q, k, v, mask)
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    linear: Callable
-    rms_norm: Callable
-    apply_rope: Callable
-    attention: Callable
-    swiglu: Callable
-    moe_block: Callable
-    prepare: Callable[[np.ndarray], object]
-    to_numpy: Callable[[object], np.ndarray]
-    keep_bf16: bool = False
-    bf16_in_memory: bool = False  # with keep_bf16: read bf16 tensors into process memory, not the file's map
-    matmul_precision: str = "highest"  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
-    # zeros(shape, dtype) -> the backend's array: the KV cache is allocated with it (device memory for cupy)
-    zeros: Callable = np.zeros
-    # optional fused kernel for several products of one input (q, k and v): one pass instead of three
-    linears: Callable | None = None
-    # long prompts (issue 11): tile-by-tile attention; a backend without its own uses the NumPy reference's
-    blockwise_attention: Callable = _reference_blockwise_attention
-
-    def linear_many(self, x, ws: tuple) -> tuple:  # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]
-        """`tuple(self.linear(x, w) for w in ws)`, through the backend's fused `linears` kernel when it has one."""
-        if self.linears is not None:
-            return self.linears(x, ws)
-        return tuple(
-            self.linear(x, w) for w in ws
-        )  # "medium": products with bf16 weights take bf16-rounded inputs (numba)
 
 
 def _numpy_backend(matmul_precision: str = "highest") -> Backend:
@@ -114,7 +77,7 @@ def _numba_backend(matmul_precision: str = "highest") -> Backend:
             "backend 'numba' needs the numba package, which is not installed: pip install 'tinyqwen[fast]' "
             "(or pip install numba), or use --backend numpy"
         )
-    from backends import numba_backend
+    from tinyqwen.backends import numba_backend
 
     return numba_backend.backend(matmul_precision)
 
@@ -125,7 +88,9 @@ def _cupy_backend(matmul_precision: str = "highest") -> Backend:
             f"matmul_precision={matmul_precision!r} needs the numba backend; the cupy backend multiplies in float32 "
             "(matmul_precision='highest')"
         )
-    from backends import cupy_backend  # imports CuPy only when asked; says in one line what is missing
+    from tinyqwen.backends import (
+        cupy_backend,
+    )  # imports CuPy only when asked; says in one line what is missing
 
     return cupy_backend.backend()
 

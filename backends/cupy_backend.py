@@ -37,10 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import Backend
 from tinyqwen.attention import MASKED
+from tinyqwen.backends.contract import (
+    CHOOSE,
+    FINISHED,
+    Backend,
+)  # per row: sample it / finished (else: that forced id)
 from tinyqwen.errors import BackendError, GenerationError
-from tinyqwen.generation import CHOOSE, FINISHED  # per row: sample it / finished (else: take that forced id)
 from tinyqwen.safetensors import bf16_to_float32
 from tinyqwen.sampling import SamplingParams
 

@@ -75,8 +75,9 @@ from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from backends import Backend, onednn  # noqa: E402
 from tinyqwen import attention as np_attention  # noqa: E402
+from tinyqwen.backends import onednn  # noqa: E402
+from tinyqwen.backends.contract import Backend  # noqa: E402
 from tinyqwen.errors import BackendError  # noqa: E402
 from tinyqwen.moe import route  # noqa: E402
 from tinyqwen.safetensors import bf16_to_float32  # noqa: E402

@@ -35,8 +35,7 @@ CONFIG = REPO / "tests" / "fixtures" / "configs" / "Qwen3-0.6B.json"
 def write_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
     """Random BF16 weights for Qwen3-0.6B's config cut to `layers` layers, one model.safetensors."""
     sys.path.insert(0, str(REPO))
-    from tinyqwen.config import config_from_dict
-    from tinyqwen.model import expected_tensors
+    from tinyqwen.config import config_from_dict, expected_tensors
     from tinyqwen.safetensors import save_file
 
     config = json.loads(CONFIG.read_text())

@@ -30,8 +30,7 @@ SHARD_BYTES = 1 << 30  # fp32 bytes generated per shard before it is written as 
 
 def write_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:
     """Random BF16 weights for Qwen3-30B-A3B's config with `layers` layers, as sharded safetensors + index."""
-    from tinyqwen.config import config_from_dict
-    from tinyqwen.model import expected_tensors
+    from tinyqwen.config import config_from_dict, expected_tensors
     from tinyqwen.safetensors import save_file
 
     config = json.loads(CONFIG.read_text())

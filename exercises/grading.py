@@ -23,7 +23,7 @@ A failure names the checkpoint and the input, the expected and the received shap
 where it is, how many values are off, and — when your output equals what a known classic mistake produces — that
 mistake and how to fix it, plus the notebook section to re-read.
 
-Kernels taken from each chapter by `learner_model` (the names and signatures of `backends.Backend`):
+Kernels taken from each chapter by `learner_model` (the names and signatures of `tinyqwen.backends.Backend`):
 
     ch03  rms_norm(x, weight, eps)                  [..., d], [d] -> [..., d]
     ch04  apply_rope(x, cos, sin)                   [B, H, T, d], [B, T, d], [B, T, d] -> [B, H, T, d]

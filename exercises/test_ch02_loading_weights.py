@@ -585,7 +585,7 @@ def test_expected_shapes_moe(course):
 
 def test_loader_in_real_model(course):
     """Your loader in the real model"""
-    from backends import get_backend
+    from tinyqwen.backends import get_backend
     from tinyqwen.config import config_from_dict
     from tinyqwen.errors import TinyQwenError
     from tinyqwen.model import Qwen3, load_weights

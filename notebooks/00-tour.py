@@ -53,7 +53,7 @@ from tinyqwen.config import (  # noqa: E402
     config_from_dict,
     published_configs,
 )
-from tinyqwen.model import count_parameters  # noqa: E402
+from tinyqwen.config import count_parameters  # noqa: E402
 from tinyqwen.norm import rms_norm  # noqa: E402
 from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 

@@ -824,7 +824,7 @@ else:
 # wrongly read weight moves logits of size ~1–20 by 0.1 or more. So the tolerance is $|\Delta| \le 10^{-4}$.
 
 # %%
-from backends import get_backend
+from tinyqwen.backends import get_backend
 from tinyqwen.config import config_from_dict
 from tinyqwen.model import Qwen3, load_weights
 

@@ -224,7 +224,7 @@ plt.show()
 from tinyqwen.hub import official_checkpoint
 
 from tinyqwen.config import load_config
-from tinyqwen.model import count_parameters
+from tinyqwen.config import count_parameters
 
 real = official_checkpoint()
 size = count_parameters(load_config(real)) if real is not None else 0

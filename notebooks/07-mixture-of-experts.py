@@ -82,7 +82,7 @@ assert total == params_transformers
 
 # %%
 from tinyqwen.config import published_configs
-from tinyqwen.model import count_parameters
+from tinyqwen.config import count_parameters
 
 dense = {n: count_parameters(published_configs()[n]) for n in ("Qwen3-4B", "Qwen3-8B")}  # as in chapter 6
 fig, ax = plt.subplots(figsize=(6.5, 3.4))

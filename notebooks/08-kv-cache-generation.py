@@ -313,7 +313,7 @@ plt.show()
 
 # %%
 from tinyqwen.config import load_config  # noqa: E402
-from tinyqwen.model import count_parameters  # noqa: E402
+from tinyqwen.config import count_parameters  # noqa: E402
 
 c = load_config(FIXTURES / "configs" / "Qwen3-0.6B.json")
 # multiply-adds of the matrix products; the embedding is a lookup (and the output head, which in 0.6B is the

@@ -53,7 +53,7 @@ REPO = next(
     p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file()
 )
 sys.path.insert(0, str(REPO))  # use the tinyqwen next to this notebook
-from backends import cupy_backend  # noqa: E402
+from tinyqwen.backends import cupy_backend  # noqa: E402
 from tinyqwen import norm, rope  # noqa: E402
 
 # %% [markdown]
@@ -146,7 +146,7 @@ plt.show()
 # %%
 from tinyqwen.bench import decode_params  # noqa: E402
 from tinyqwen.config import config_from_dict  # noqa: E402
-from tinyqwen.model import count_parameters  # noqa: E402
+from tinyqwen.config import count_parameters  # noqa: E402
 
 
 def decode_ceiling(weights, bytes_per_weight, bandwidth, peak, batch=1):  # -> tokens/s

@@ -31,7 +31,7 @@ def test_doctests():
 
 def test_decode_params_counts_only_routed_experts_and_the_lm_head():
     dense = load_config(FIXTURES / "dense-untied-bf16-sharded")  # untied: the embedding is one row per token
-    from tinyqwen.model import count_parameters
+    from tinyqwen.config import count_parameters
 
     assert bench.decode_params(dense) == count_parameters(dense) - dense.vocab_size * dense.hidden_size
     moe = load_config(FIXTURES / "moe-norm-topk")

@@ -34,10 +34,10 @@ import pytest
 from conftest import logits_through_cache
 
 import tinyqwen
-from backends import cupy_backend, get_backend
-from backends.cupy_backend import KERNEL_DIR, KERNELS, NumpyTwins
 from tinyqwen import attention as ref_attention
 from tinyqwen import moe, norm, rope, sampling
+from tinyqwen.backends import cupy_backend, get_backend
+from tinyqwen.backends.cupy_backend import KERNEL_DIR, KERNELS, NumpyTwins
 from tinyqwen.config import load_config, load_generation_config
 from tinyqwen.errors import BackendError, GenerationError
 from tinyqwen.mlp import silu

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import tinyqwen
+from tinyqwen.config import count_parameters, expected_tensors
 from tinyqwen.errors import BackendError, CheckpointError, ConfigError, GenerationError, TinyQwenError
-from tinyqwen.model import count_parameters, expected_tensors
 from tinyqwen.safetensors import load_file, save_file
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -217,7 +217,7 @@ def test_generate_accepts_kv_dtype_and_chunks_long_prompts(monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_numba_decode_attention_reads_a_narrow_cache(dtype, monkeypatch):
     pytest.importorskip("numba")
-    from backends import numba_backend
+    from tinyqwen.backends import numba_backend
 
     rng = np.random.default_rng(9)
     q = rng.standard_normal((2, 8, 1, 32), np.float32)
@@ -236,7 +236,7 @@ def test_numba_widens_every_float16_bit_pattern_exactly():
     pytest.importorskip("numba")
     from numba import njit
 
-    from backends.numba_backend import _kv
+    from tinyqwen.backends.numba_backend import _kv
 
     @njit
     def widen(bits, out):
@@ -298,9 +298,8 @@ def test_memory_estimate_matches_what_a_prefill_chunk_allocates(tmp_path):
     # 15% of memory_estimate's activations (measured 0.96 of it here), and the KV cache exactly its nbytes
     import json
 
-    from tinyqwen.config import config_from_dict
+    from tinyqwen.config import config_from_dict, expected_tensors
     from tinyqwen.kv_cache import memory_estimate
-    from tinyqwen.model import expected_tensors
     from tinyqwen.safetensors import save_file
 
     raw = json.loads((FIXTURES / "configs" / "Qwen3-0.6B.json").read_text())
@@ -328,7 +327,7 @@ def test_numba_prefill_attention_reads_a_narrow_cache(dtype):
     # a prefill chunk (T > 1) after cached positions: the numba backend hands a narrow cache to the reference's
     # tiles (its own prefill kernel multiplies float32 keys with BLAS)
     pytest.importorskip("numba")
-    from backends import numba_backend
+    from tinyqwen.backends import numba_backend
 
     rng = np.random.default_rng(10)
     q = rng.standard_normal((1, 8, 5, 32), np.float32)

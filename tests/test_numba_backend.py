@@ -27,10 +27,10 @@ pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI ins
 from conftest import logits_through_cache  # noqa: E402
 
 import tinyqwen  # noqa: E402
-from backends import get_backend, numba_backend, onednn  # noqa: E402
-from backends.numba_backend import BF16Weight  # noqa: E402
 from tinyqwen import attention as ref_attention  # noqa: E402
 from tinyqwen import mlp, moe, norm, rope  # noqa: E402
+from tinyqwen.backends import get_backend, numba_backend, onednn  # noqa: E402
+from tinyqwen.backends.numba_backend import BF16Weight  # noqa: E402
 from tinyqwen.errors import BackendError  # noqa: E402
 from tinyqwen.generation import generate, generate_batch  # noqa: E402
 from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16, save_file  # noqa: E402
@@ -195,8 +195,7 @@ def test_numba_backend_keeps_the_checkpoints_dtype():
 def _write_bf16_checkpoint(path: Path, fixture: str = "dense-tied", **sizes) -> int:
     """A random bf16 checkpoint with `fixture`'s config and `sizes` (default: a dense one of ~6 MB, big enough that
     copies of its weights stand out); returns its bf16 bytes."""
-    from tinyqwen.config import load_config
-    from tinyqwen.model import expected_tensors
+    from tinyqwen.config import expected_tensors, load_config
 
     config = json.loads((FIXTURES / fixture / "config.json").read_text())
     config.update(sizes or dict(hidden_size=256, intermediate_size=512, vocab_size=4096, head_dim=64))

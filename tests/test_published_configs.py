@@ -21,10 +21,10 @@ from tinyqwen.config import (
     KERAS_HUB_PARAMETER_COUNTS,
     OFFICIAL_CONFIG_FILES,
     PUBLISHED_CHANGES,
+    count_parameters,
     load_config,
     published_configs,
 )
-from tinyqwen.model import count_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,33 @@ The public API, one name per job:
 Names are imported on first use, so `import tinyqwen` stays cheap and each chapter's module stands on its own.
 """
 
+import importlib.util
+import sys
 from importlib import import_module
+from pathlib import Path
 
 __version__ = "0.1.0"
+
+
+class _CheckoutBackends:
+    """Finds `tinyqwen.backends` in a checkout that was not installed (a notebook that puts the repository on
+    sys.path): the course keeps the kernels in `backends/` at the top of the repository, beside `tinyqwen/`, and
+    installing maps that folder to `tinyqwen.backends` (pyproject's package-dir). Installed, editable or not, the
+    installed mapping is found first and this finder is never asked."""
+
+    folder = Path(__file__).resolve().parent.parent / "backends"
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "tinyqwen.backends" or not (cls.folder / "__init__.py").is_file():
+            return None
+        return importlib.util.spec_from_file_location(
+            name, cls.folder / "__init__.py", submodule_search_locations=[str(cls.folder)]
+        )
+
+
+if not any(isinstance(f, type) and f.__name__ == "_CheckoutBackends" for f in sys.meta_path):
+    sys.meta_path.append(_CheckoutBackends)
 
 # public name -> module that defines it (one obvious place for each thing)
 _API = {

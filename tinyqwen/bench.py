@@ -67,7 +67,7 @@ def decode_params(config) -> int:
     >>> decode_params(c)  # q 4·4 + k,v 2·4 each + o 4·4 + mlp 3·8·4 + norms 4+4+2+2+4 + lm_head 10·4
     200
     """
-    from tinyqwen.model import count_parameters
+    from tinyqwen.config import count_parameters
 
     c = config
     params = count_parameters(c)
@@ -158,7 +158,7 @@ def load(path, threads, option, max_len):
     clock = compile_clock() if backend == "numba" else None
     model = tinyqwen.load_model(path, backend=backend, matmul_precision=precision or "highest")
     if precision == "medium":
-        from backends import onednn
+        from tinyqwen.backends import onednn
         precision = f", matmul_precision={precision}" + (", oneDNN" if onednn.available() else ", no oneDNN")
     else:
         precision = ""
@@ -188,7 +188,7 @@ def load(path, threads, option, max_len):
 _CUPY = """
 def load(path, threads, option, max_len):
     import tinyqwen
-    from backends import cupy_backend
+    from tinyqwen.backends import cupy_backend
     from tinyqwen.bench import resident_bytes
     model = tinyqwen.load_model(path, backend="cupy")
     ops = model.backend.ops
@@ -298,7 +298,7 @@ class compile_clock:  # noqa: N801 (used like a function)
         import importlib
 
         # the backend first: it sets Numba's thread and CPU settings, which Numba reads once, at its own import
-        importlib.import_module("backends.numba_backend")
+        importlib.import_module("tinyqwen.backends.numba_backend")
         from numba.core import event
 
         self.total, self._depth, self._start = 0.0, 0, 0.0
@@ -366,7 +366,7 @@ def plan_engines(
     model: Path, kinds=ENGINE_KINDS, peer_python: str | None = None, ggufs: list[Path] | None = None
 ) -> list[Engine]:
     """Every engine asked for, each with the reason it cannot run here (if any)."""
-    from backends import get_backend
+    from tinyqwen.backends import get_backend
 
     unknown = [k for k in kinds if k not in KNOWN_KINDS]
     if unknown:
@@ -465,7 +465,7 @@ def summarise(
     engine: Engine, raw: dict, config, prompt_tokens: int, new_tokens: int, gemv: dict | None
 ) -> dict:
     """The reported numbers of one engine: speeds, TTFT, memory, decode bandwidth against the GEMV's."""
-    from tinyqwen.model import count_parameters
+    from tinyqwen.config import count_parameters
 
     per_weight = raw["weight_bytes"] / count_parameters(config)
     decode_bytes = decode_params(config) * per_weight
@@ -533,9 +533,8 @@ def run_benchmark(
     progress=None,
 ) -> dict:
     """Measure every engine of `kinds` on the checkpoint `model`; the whole run as one JSON-ready dict."""
-    from tinyqwen.config import load_config
+    from tinyqwen.config import count_parameters, load_config
     from tinyqwen.hub import resolve_model
-    from tinyqwen.model import count_parameters
     from tinyqwen.verify import describe
 
     for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens), ("repeat", repeat)):

@@ -507,8 +507,7 @@ def batches(rows: list[tuple], size: int) -> list[list[tuple]]:
 
 
 def cmd_info(args) -> int:
-    from tinyqwen.config import load_config, load_generation_config
-    from tinyqwen.model import count_parameters
+    from tinyqwen.config import count_parameters, load_config, load_generation_config
 
     path = resolve_model(args.model)
     c = load_config(path)
@@ -554,8 +553,8 @@ def cmd_info(args) -> int:
 
 def memory_table(c, context: int, batch: int, backend: str) -> list[str]:
     """Memory to prefill `context` tokens, per KV cache dtype (tinyqwen.kv_cache.memory_estimate), as lines."""
+    from tinyqwen.config import count_parameters
     from tinyqwen.kv_cache import KV_DTYPES, PREFILL_CHUNK, memory_estimate
-    from tinyqwen.model import count_parameters
 
     require_positive("--batch", batch)
     if backend not in ("numpy", "numba"):
@@ -584,7 +583,7 @@ def memory_table(c, context: int, batch: int, backend: str) -> list[str]:
 
 def active_parameters(c) -> int:
     """Parameters one token touches in a MoE model: the shared parts plus top-k of the experts."""
-    from tinyqwen.model import count_parameters
+    from tinyqwen.config import count_parameters
 
     per_expert = 3 * c.hidden_size * c.moe_intermediate_size
     moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
@@ -663,7 +662,7 @@ def cmd_bench(args) -> int:
         kinds = [k for k in kinds if k in ("numpy", "numba", "cupy")]
     if args.backend:
         # one of tinyqwen's backends alone: it must be able to run here, or we say why in one line
-        from backends import get_backend
+        from tinyqwen.backends import get_backend
 
         get_backend(args.backend)
         kinds = [args.backend]

@@ -20,6 +20,7 @@ transformers 5 re-saves configs in a newer spelling (`rope_parameters` holding `
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,3 +365,44 @@ def published_configs() -> dict[str, Qwen3Config]:
     for name, (sibling, changes) in PUBLISHED_CHANGES.items():
         raw[name] = raw[sibling] | changes
     return {name: config_from_dict(raw[name], source=name) for name in FAMILY}
+
+
+# ---------------------------------------------------------------- the checkpoint a config implies
+
+
+def expected_tensors(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor name an official checkpoint of this config holds, with its shape."""
+    c = config
+    h, d = c.hidden_size, c.head_dim
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attn.q_proj.weight"] = (c.q_size, h)
+        shapes[p + "self_attn.k_proj.weight"] = (c.kv_size, h)
+        shapes[p + "self_attn.v_proj.weight"] = (c.kv_size, h)
+        shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
+        shapes[p + "self_attn.q_norm.weight"] = (d,)
+        shapes[p + "self_attn.k_norm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if c.is_moe_layer(i):
+            f = c.moe_intermediate_size
+            shapes[p + "mlp.gate.weight"] = (c.num_experts, h)
+            for e in range(c.num_experts):
+                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (f, h)
+                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (f, h)
+                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, f)
+        else:
+            f = c.intermediate_size
+            shapes[p + "mlp.gate_proj.weight"] = (f, h)
+            shapes[p + "mlp.up_proj.weight"] = (f, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, f)
+    shapes["model.norm.weight"] = (h,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    return shapes
+
+
+def count_parameters(config: Qwen3Config) -> int:
+    """Number of parameters (a tied embedding counted once), e.g. ≈ 0.6B for Qwen3-0.6B."""
+    return sum(math.prod(s) for s in expected_tensors(config).values())

@@ -27,13 +27,11 @@ from typing import Any
 
 import numpy as np
 
+from tinyqwen.backends.contract import CHOOSE, FINISHED
 from tinyqwen.errors import GenerationError
 from tinyqwen.kv_cache import PREFILL_CHUNK, kv_dtype_name
 from tinyqwen.sampling import SamplingParams, sample
 from tinyqwen.thinking import EARLY_STOP_TEXT, ThinkingBudget, early_stop_ids
-
-# what a device sampler is told per row: finished, or choose (any other value: take this forced id)
-FINISHED, CHOOSE = -2, -1
 
 # keyword arguments `generate(**sampling)` accepts, besides the sampling knobs of SamplingParams
 _OPTIONS = (

@@ -174,7 +174,7 @@ def memory_estimate(
     (3.5, 2.22)
     """
     from tinyqwen.attention import KEY_BLOCK, QUERY_BLOCK
-    from tinyqwen.model import count_parameters
+    from tinyqwen.config import count_parameters
 
     c = config
     C = min(context, chunk)

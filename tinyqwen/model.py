@@ -32,9 +32,14 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import Backend, get_backend
 from tinyqwen.attention import BLOCKWISE_MIN_SCORES, CausalMask, causal_mask, positions_from_mask
-from tinyqwen.config import Qwen3Config, load_config, load_generation_config
+from tinyqwen.backends import Backend, get_backend
+from tinyqwen.config import (
+    Qwen3Config,
+    expected_tensors,
+    load_config,
+    load_generation_config,
+)  # noqa: F401 (count_parameters: tinyqwen.model.count_parameters is chapter 6's name)
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.rope import rope_cos_sin, rope_parameters
@@ -82,44 +87,6 @@ class Weights:
     layers: list[LayerWeights]
     norm: np.ndarray  # [hidden]
     lm_head: np.ndarray  # [vocab, hidden]; the same array as `embed` when tied
-
-
-def expected_tensors(config: Qwen3Config) -> dict[str, tuple[int, ...]]:
-    """Every tensor name an official checkpoint of this config holds, with its shape."""
-    c = config
-    h, d = c.hidden_size, c.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attn.q_proj.weight"] = (c.q_size, h)
-        shapes[p + "self_attn.k_proj.weight"] = (c.kv_size, h)
-        shapes[p + "self_attn.v_proj.weight"] = (c.kv_size, h)
-        shapes[p + "self_attn.o_proj.weight"] = (h, c.q_size)
-        shapes[p + "self_attn.q_norm.weight"] = (d,)
-        shapes[p + "self_attn.k_norm.weight"] = (d,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if c.is_moe_layer(i):
-            f = c.moe_intermediate_size
-            shapes[p + "mlp.gate.weight"] = (c.num_experts, h)
-            for e in range(c.num_experts):
-                shapes[p + f"mlp.experts.{e}.gate_proj.weight"] = (f, h)
-                shapes[p + f"mlp.experts.{e}.up_proj.weight"] = (f, h)
-                shapes[p + f"mlp.experts.{e}.down_proj.weight"] = (h, f)
-        else:
-            f = c.intermediate_size
-            shapes[p + "mlp.gate_proj.weight"] = (f, h)
-            shapes[p + "mlp.up_proj.weight"] = (f, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, f)
-    shapes["model.norm.weight"] = (h,)
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    return shapes
-
-
-def count_parameters(config: Qwen3Config) -> int:
-    """Number of parameters (a tied embedding counted once), e.g. ≈ 0.6B for Qwen3-0.6B."""
-    return sum(int(np.prod(s)) for s in expected_tensors(config).values())
 
 
 def load_weights(

@@ -8,8 +8,7 @@ import struct
 import numpy as np
 
 from tinyqwen import safetensors as st
-from tinyqwen.config import config_from_dict
-from tinyqwen.model import expected_tensors
+from tinyqwen.config import config_from_dict, expected_tensors
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict, int]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends import get_backend
 from tinyqwen import mlp
+from tinyqwen.backends import get_backend
 from tinyqwen.config import Qwen3Config
+from tinyqwen.config import count_parameters as _count_parameters
 from tinyqwen.model import AttentionWeights, LayerWeights, MLPWeights, Qwen3, Weights, load_weights
-from tinyqwen.model import count_parameters as _count_parameters
 
 
 def silu(z: np.ndarray) -> np.ndarray:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from backends import numba_backend
+from tinyqwen.backends import numba_backend
 from tinyqwen.config import config_from_dict
 from tinyqwen.safetensors import bf16_to_float32 as _widen
 from tinyqwen.safetensors import float32_to_bf16 as _narrow

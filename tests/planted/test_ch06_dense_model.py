@@ -96,7 +96,7 @@ def count_without_qk_norm(config):
 
 
 def forward_no_final_norm(ids, weights, config):
-    from backends import get_backend
+    from tinyqwen.backends import get_backend
     from tinyqwen.model import Qwen3, load_weights
 
     model = Qwen3(config, load_weights(solution._DictCheckpoint(weights), config), get_backend("numpy"))
