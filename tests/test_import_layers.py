@@ -162,3 +162,20 @@ def test_no_upward_import(module):
     mine = layer_of(module)
     upward = [f"{m} ({LAYERS[layer_of(m)][0]})" for m in sorted(graph[module]) if layer_of(m) > mine]
     assert not upward, f"{module} ({LAYERS[mine][0]}) imports a layer above its own: {', '.join(upward)}"
+
+
+def test_a_checkout_imports_its_own_backends_without_installing():
+    # as a notebook does: the repository on sys.path, and no installed mapping to fall back on
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+        f"sys.path.insert(0, {str(REPO)!r}); "
+        "import tinyqwen.backends.contract, tinyqwen.backends as b; print(b.__file__); "
+        "print(b.get_backend('numpy').name)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == [str(REPO / "backends" / "__init__.py"), "numpy"]

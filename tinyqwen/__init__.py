@@ -21,10 +21,11 @@ __version__ = "0.1.0"
 
 
 class _CheckoutBackends:
-    """Finds `tinyqwen.backends` in a checkout that was not installed (a notebook that puts the repository on
-    sys.path): the course keeps the kernels in `backends/` at the top of the repository, beside `tinyqwen/`, and
-    installing maps that folder to `tinyqwen.backends` (pyproject's package-dir). Installed, editable or not, the
-    installed mapping is found first and this finder is never asked."""
+    """Finds `tinyqwen.backends` in a checkout: the course keeps the kernels in `backends/` at the top of the
+    repository, beside `tinyqwen/`, and installing maps that folder to `tinyqwen.backends` (pyproject's
+    package-dir). A checkout imported without installing (a notebook that puts the repository on sys.path), or a
+    second checkout beside an editable install of the first, must get the `backends/` beside *this* `tinyqwen/`,
+    so this finder is asked first. In an installed wheel there is no such folder and it answers None."""
 
     folder = Path(__file__).resolve().parent.parent / "backends"
 
@@ -38,7 +39,7 @@ class _CheckoutBackends:
 
 
 if not any(isinstance(f, type) and f.__name__ == "_CheckoutBackends" for f in sys.meta_path):
-    sys.meta_path.append(_CheckoutBackends)
+    sys.meta_path.insert(0, _CheckoutBackends)
 
 # public name -> module that defines it (one obvious place for each thing)
 _API = {
