@@ -9,7 +9,9 @@ exposes exactly that as one C function, `dnnl_gemm_bf16bf16f32`; we call it thro
 
 The library comes from the `onednn-cpu-gomp` wheel (part of the `fast` extra on x86-64 Linux). Without it, the
 numba backend computes the same "medium" products (bf16-rounded inputs, float32 accumulation) with NumPy's sgemm:
-the same numbers up to summation order, at fp32 speed.
+the same numbers up to summation order, at fp32 speed. The same holds where the library is installed but the CPU
+has no bf16 GEMM in it: oneDNN 3.2 implements `dnnl_gemm_bf16bf16f32` from AVX-512 up, and answers
+"unimplemented" (status 3) on an AVX2-only CPU, so `available()` asks it once with a 1 x 1 x 1 product.
 """
 
 from __future__ import annotations
@@ -56,8 +58,43 @@ def library():
     return None
 
 
+UNIMPLEMENTED = 3  # dnnl_unimplemented: no bf16 GEMM for this CPU
+
+
+def _call(lib, x_bits: np.ndarray, w_bits: np.ndarray, out: np.ndarray) -> int:
+    (M, K), N = x_bits.shape, w_bits.shape[0]
+    # row-major C = 1·A·Bᵀ + 0·C; the weight is read in place in its [out, in] layout ("T"), with its row stride
+    return lib.dnnl_gemm_bf16bf16f32(
+        b"N", b"T", M, N, K, 1.0, x_bits.ctypes.data, K,
+        w_bits.ctypes.data, w_bits.strides[0] // 2, 0.0, out.ctypes.data, N,
+    )  # fmt: skip
+
+
+@cache
+def cpu_status() -> int | None:
+    """oneDNN's status for a 1 x 1 x 1 bf16 product on this CPU: 0 when it has a bf16 GEMM here, UNIMPLEMENTED
+    on a CPU without one (AVX2 only), None when oneDNN is not installed."""
+    lib = library()
+    if lib is None:
+        return None
+    one = np.full((1, 1), 0x3F80, np.uint16)
+    return int(_call(lib, one, one, np.empty((1, 1), np.float32)))
+
+
+def unavailable_reason() -> str | None:
+    """None where `gemm_bf16` runs here; otherwise one line saying why not."""
+    status = cpu_status()
+    if status is None:
+        return "oneDNN is not installed: pip install onednn-cpu-gomp (x86-64 Linux)"
+    if status == UNIMPLEMENTED:
+        return "oneDNN has no bf16 GEMM for this CPU (it needs AVX-512; this one has less): NumPy's sgemm is used"
+    if status != 0:
+        return f"oneDNN's bf16 GEMM fails on this CPU with status {status}"
+    return None
+
+
 def available() -> bool:
-    return library() is not None
+    return unavailable_reason() is None
 
 
 def gemm_bf16(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:  # [M, K] u16, [N, K] u16 -> [M, N] f32
@@ -68,9 +105,9 @@ def gemm_bf16(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:  # [M, K] u
     array([[6., 6., 6., 6.],
            [6., 6., 6., 6.]], dtype=float32)
     """
-    lib = library()
-    if lib is None:
-        raise RuntimeError("oneDNN is not installed: pip install onednn-cpu-gomp (x86-64 Linux)")
+    reason = unavailable_reason()
+    if reason:
+        raise RuntimeError(reason)
     x_bits = np.ascontiguousarray(x_bits, np.uint16)
     (M, K), N = x_bits.shape, w_bits.shape[0]
     if w_bits.shape[1] != K or w_bits.dtype != np.uint16 or w_bits.strides[1] != 2:
@@ -78,11 +115,7 @@ def gemm_bf16(x_bits: np.ndarray, w_bits: np.ndarray) -> np.ndarray:  # [M, K] u
             f"gemm_bf16: weight must be uint16 [N, {K}] with contiguous rows, got {w_bits.shape}"
         )
     out = np.empty((M, N), np.float32)
-    # row-major C = 1·A·Bᵀ + 0·C; the weight is read in place in its [out, in] layout ("T"), with its row stride
-    status = lib.dnnl_gemm_bf16bf16f32(
-        b"N", b"T", M, N, K, 1.0, x_bits.ctypes.data, K,
-        w_bits.ctypes.data, w_bits.strides[0] // 2, 0.0, out.ctypes.data, N,
-    )  # fmt: skip
+    status = _call(library(), x_bits, w_bits, out)
     if status != 0:
         raise RuntimeError(
             f"dnnl_gemm_bf16bf16f32 failed with status {status} for shapes {[M, K]} x {[N, K]}"
