@@ -116,7 +116,10 @@ plt.show()
 #   ▼ 6. look the symbols up in vocab.json      [13048, 220, 151667, 17472]
 # ```
 #
-# We build it bottom-up: bytes first, added tokens last.
+# We build it bottom-up: bytes first, added tokens last. tinyqwen keeps each step in its own module of the
+# `tinyqwen/tokenizer/` package, so you can read its version beside ours: `byte_level.py` (step 4),
+# `pretokenize.py` (steps 2 and 3), `bpe.py` (step 5), `streaming.py` (decoding token by token), `files.py`
+# (reading the tokenizer files) and `wrapper.py` (the `Tokenizer` class: steps 1 and 6, and the rest).
 #
 # ## Bytes as printable characters
 #
@@ -360,7 +363,8 @@ def bpe(symbols: str, ranks: dict[tuple[str, str], int]) -> list[str]:
 bpe(to_symbols(" tokenization"), RANKS)
 
 # %% [markdown]
-# tinyqwen's `Tokenizer.bpe_steps` records each merge. Let's watch ` tokenization` become `Ġtoken` + `ization`:
+# tinyqwen's `Tokenizer.bpe_steps` records each merge (its loop, `merge_steps`, sits beside `merge_symbols` in
+# `tinyqwen/tokenizer/bpe.py`). Let's watch ` tokenization` become `Ġtoken` + `ization`:
 
 # %%
 steps = tiny_tok.bpe_steps(" tokenization")
@@ -444,7 +448,7 @@ print(f"{len(REFERENCE['nfc'])} decomposed texts (accents, Hangul jamo, the Ång
 # %% [markdown]
 # (One honest caveat: Python's `unicodedata` follows a newer Unicode version than the official Rust library. For a
 # handful of rare characters from recent scripts, the two NFCs differ. tinyqwen's `nfc` copies the official
-# behaviour there; see `tinyqwen/tokenizer.py`. Ordinary text never meets them.)
+# behaviour there; see `tinyqwen/tokenizer/pretokenize.py`. Ordinary text never meets them.)
 #
 # ## Added and special tokens
 #
@@ -596,8 +600,8 @@ stream_decode(ids)
 # %% [markdown]
 # Our `incomplete_tail` has a blind spot. A few byte pairs can *never* become valid, such as `E0 80` (an "overlong"
 # form). Our version would hold those back until the flush, while the official full decode shows `�` for them at
-# once. tinyqwen's `incomplete_utf8_tail` checks the second byte's allowed range too. Python's incremental UTF-8
-# decoder follows the same rules, and the reference chunks were made with it.
+# once. tinyqwen's `incomplete_utf8_tail` (in `tinyqwen/tokenizer/streaming.py`) checks the second byte's allowed
+# range too. Python's incremental UTF-8 decoder follows the same rules, and the reference chunks were made with it.
 
 # %%
 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")

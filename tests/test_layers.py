@@ -19,7 +19,8 @@ rng = np.random.default_rng(0)
 
 
 def _modules():
-    return [m.name for m in pkgutil.iter_modules(tinyqwen.__path__, "tinyqwen.")]
+    """Every module of the package, including those of subpackages (tinyqwen.tokenizer.bpe, ...)."""
+    return [m.name for m in pkgutil.walk_packages(tinyqwen.__path__, "tinyqwen.")]
 
 
 @pytest.mark.parametrize("name", _modules())
@@ -27,6 +28,10 @@ def test_docstring_examples(name):
     """The worked examples in the chapters' docstrings are tests too."""
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.failed == 0
+
+
+def test_docstring_examples_reach_subpackages():
+    assert "tinyqwen.tokenizer.bpe" in _modules()  # a subpackage's examples run too, not only its __init__
 
 
 def test_rms_norm_by_hand():

@@ -11,8 +11,10 @@ from __future__ import annotations
 import codecs
 import doctest
 import hashlib
+import importlib
 import json
 import os
+import pkgutil
 import re
 import shutil
 import unicodedata
@@ -27,7 +29,7 @@ from tokenizer_corpus import ADDED, mixed_documents
 import tinyqwen
 from tinyqwen import tokenizer as T
 from tinyqwen.errors import TokenizerError
-from tinyqwen.tokenizer import Tokenizer
+from tinyqwen.tokenizer import Tokenizer, bpe, pretokenize
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
@@ -112,9 +114,13 @@ def test_public_api_name(tok):
 
 
 def test_doctests_hold():
-    """The worked examples in the chapter's docstrings are true."""
-    result = doctest.testmod(T, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 15 and result.failed == 0
+    """The worked examples in the chapter's docstrings are true, in every module of the tokenizer package."""
+    attempted = 0
+    for info in pkgutil.iter_modules(T.__path__, "tinyqwen.tokenizer."):
+        result = doctest.testmod(importlib.import_module(info.name), optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, info.name
+        attempted += result.attempted
+    assert attempted > 15
 
 
 def test_bytes_to_unicode_is_a_bijection_onto_printables():
@@ -220,7 +226,7 @@ def test_code_points_split_like_reference(ref):
     pre_tokenizers = pytest.importorskip("tokenizers.pre_tokenizers")
     from tokenizers import Regex
 
-    disputed = sorted(T._disputed()[1])
+    disputed = sorted(pretokenize._disputed()[1])
     assert len(disputed) < 50_000
     sample = [c for c in range(1, 0x110000, 37) if not 0xD800 <= c < 0xE000]
     chars = [chr(c) for c in sorted(set(disputed + sample + list(range(1, 0x3000))))]
@@ -236,7 +242,7 @@ def test_pinned_unicode_classes_are_the_reference_engines(ref):
 
     chars = [c for c in range(1, 0x110000) if not 0xD800 <= c < 0xE000]
     text = "\x00".join(map(chr, chars))
-    data = T._unicode_data()
+    data = pretokenize._unicode_data()
     for name, pattern in (("L", r"\p{L}"), ("N", r"\p{N}"), ("s", r"\s")):
         kept = pre_tokenizers.Split(Regex(pattern), behavior="removed").pre_tokenize_str(text)
         outside = set("".join(piece for piece, _ in kept))
@@ -310,12 +316,12 @@ def test_bpe_steps_end_in_the_encoded_tokens(tok):
 
 
 @settings(max_examples=200, deadline=None)
-@given(text=st.text(st.sampled_from(" \t\nabcé漢😀1"), min_size=T._LONG_WORD, max_size=400))
+@given(text=st.text(st.sampled_from(" \t\nabcé漢😀1"), min_size=bpe._LONG_WORD, max_size=400))
 def test_heap_merge_equals_list_merge(tok, text):
     """Long pieces take the heap path; `bpe_steps` runs the plain rescan-every-pair loop on the same symbols."""
     symbols = list(T.text_to_symbols(text))
     steps = tok.bpe_steps(text)
-    assert T._merge_symbols_heap(symbols, tok.ranks) == list(steps[-1].symbols if steps else symbols)
+    assert bpe._merge_symbols_heap(symbols, tok.ranks) == list(steps[-1].symbols if steps else symbols)
 
 
 def test_long_pieces_are_fast_and_right(tok, ref):

@@ -1,4 +1,5 @@
-"""Chapter 1 solutions: the exercise functions as thin adapters over tinyqwen/tokenizer.py (solutions mode grades it)."""
+"""Chapter 1 solutions: the exercise functions as thin adapters over the tinyqwen/tokenizer/ package (solutions mode
+grades it)."""
 
 from __future__ import annotations
 
