@@ -566,7 +566,7 @@ for r in runs:
 # The rule, as a function:
 
 # %%
-from tinyqwen.cli import drop_oldest_exchange  # noqa: E402
+from tinyqwen.chat_context import drop_oldest_exchange  # noqa: E402
 
 history = [{"role": "system", "content": "Be brief."},
            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},

@@ -19,7 +19,7 @@ rng = np.random.default_rng(0)
 
 
 def _modules():
-    return [m.name for m in pkgutil.iter_modules(tinyqwen.__path__, "tinyqwen.")]
+    return [m.name for m in pkgutil.walk_packages(tinyqwen.__path__, "tinyqwen.")]  # subpackages too
 
 
 @pytest.mark.parametrize("name", _modules())
