@@ -103,4 +103,5 @@ def undecodable(text: str) -> str | None:
 
 
 def one_line(error: BaseException) -> str:
+    """An error's message on one line (line breaks and runs of spaces become one space), else its type's name."""
     return " ".join(str(error).split()) or type(error).__name__

@@ -28,6 +28,7 @@ def sampling_params(args, generation_config: dict, thinking: bool) -> SamplingPa
 
 
 def generation_kwargs(args, params: SamplingParams) -> dict:
+    """The keyword arguments of `stream_generate` / `generate_batch` that the flags set (a seed only when sampling)."""
     kwargs = {"params": params, "temperature": params.temperature}
     if getattr(args, "kv_dtype", "float32") != "float32":
         kwargs["kv_dtype"] = args.kv_dtype

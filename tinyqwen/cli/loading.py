@@ -61,6 +61,7 @@ def load_tokenizer(model_dir: Path, tokenizer_dir: str | None = None, config=Non
 
 
 def has_tokenizer_files(folder: Path) -> bool:
+    """Whether `folder` holds a tokenizer: tokenizer.json, or vocab.json with merges.txt."""
     return any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES)
 
 
@@ -92,6 +93,7 @@ def load(args, need_tokenizer: bool = True):
 
 
 def eos_ids(model) -> tuple[int, ...]:
+    """The ids that end a reply: generation_config.json's eos_token_id, else config.json's (none: ())."""
     eos = model.generation_config.get("eos_token_id", model.config.eos_token_id)
     if eos is None:
         return ()
