@@ -33,16 +33,12 @@
 # %%
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 from IPython.display import Markdown, display
 
-ROOT = next(p for p in [Path.cwd().resolve(), *Path.cwd().resolve().parents] if (p / "pyproject.toml").is_file())
-sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen, even from a fresh clone
-FIXTURES = ROOT / "tests" / "fixtures"
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 
 import tinyqwen  # noqa: E402
 from tinyqwen.config import (  # noqa: E402

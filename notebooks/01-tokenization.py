@@ -37,7 +37,6 @@
 # %%
 import codecs
 import json
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -45,10 +44,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import regex  # like `re`, but it knows Unicode classes such as \p{L} (any letter)
 
-ROOT = next(p for p in [Path.cwd().resolve(), *Path.cwd().resolve().parents] if (p / "pyproject.toml").is_file())
-sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen, even from a fresh clone
-DATA = ROOT / "tinyqwen" / "data"  # the official Qwen3 tokenizer files, byte for byte
-REFERENCE = json.loads((ROOT / "exercises" / "references" / "ch01_tokenization.json").read_text(encoding="utf-8"))
+from course_setup import REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
+DATA = REPO / "tinyqwen" / "data"  # the official Qwen3 tokenizer files, byte for byte
+REFERENCE = json.loads((REPO / "exercises" / "references" / "ch01_tokenization.json").read_text(encoding="utf-8"))
 
 import tinyqwen  # noqa: E402
 from tinyqwen import tokenizer as tq  # noqa: E402
@@ -640,8 +638,8 @@ else:
 # %%
 cases = [(c["text"], c["ids"]) for key in ("encode", "nfc", "added") for c in REFERENCE[key]]
 cases.append((REFERENCE["real_pipeline"]["text"], REFERENCE["real_pipeline"]["ids"]))
-inp = (ROOT / "tests" / "data" / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8")
-out = (ROOT / "tests" / "data" / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8")
+inp = (REPO / "tests" / "data" / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8")
+out = (REPO / "tests" / "data" / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8")
 llama = list(zip(inp.split("\n__ggml_vocab_test__\n")[:-1], out.split("\n"), strict=False))
 cases += [(text, [int(i) for i in ids.split()]) for text, ids in llama]
 bad = [text for text, want in cases

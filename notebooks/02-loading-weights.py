@@ -39,7 +39,6 @@ import json
 import os
 import shutil
 import struct
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,13 +47,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 # %% [markdown]
-# The notebook finds the repository it lives in by walking up from the working directory to `pyproject.toml`.
-# It uses the `tinyqwen` in that repository, and the two fixture checkpoints in `tests/fixtures/`:
+# Like every chapter, this one starts by importing `course_setup.py` (beside the notebooks), which puts the
+# `tinyqwen` of this repository first on the import path. We use the two fixture checkpoints in `tests/fixtures/`:
 
 # %%
-REPO = next(p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file())
-sys.path.insert(0, str(REPO))  # use the tinyqwen next to this notebook
-FIXTURES = REPO / "tests" / "fixtures"
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 TIED = FIXTURES / "dense-tied"  # F32, one model.safetensors
 SHARDED = FIXTURES / "dense-untied-bf16-sharded"  # BF16, two shards + an index
 

@@ -31,15 +31,11 @@
 # %%
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-REPO = next(p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file())
-sys.path.insert(0, str(REPO))  # use the tinyqwen next to this notebook
-FIXTURES = REPO / "tests" / "fixtures"
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 
 # %% [markdown]
 # We work with the `dense-tied` fixture from [chapter 2](02-loading-weights.ipynb): a tiny random Qwen3 in the

@@ -40,18 +40,12 @@
 # %%
 import dataclasses
 import math
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-ROOT = Path.cwd().resolve()
-while not (ROOT / "pyproject.toml").is_file() and ROOT != ROOT.parent:  # find the repository root
-    ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen
-FIXTURES = ROOT / "tests" / "fixtures"
-REF = np.load(ROOT / "exercises" / "references" / "ch04_rope_yarn.npz")  # made by transformers
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
+REF = np.load(REPO / "exercises" / "references" / "ch04_rope_yarn.npz")  # made by transformers
 
 
 def maxdiff(a, b) -> float:
@@ -552,8 +546,8 @@ print("max |Δ| vs transformers:", max(maxdiff(yc, REF["cos_sin.yarn_long.cos"])
 # %%
 from tinyqwen.model import load_model
 
-long_model = load_model(ROOT / "tests" / "data" / "long-yarn")
-long_ref = np.load(ROOT / "tests" / "data" / "long-yarn" / "reference.npz")
+long_model = load_model(REPO / "tests" / "data" / "long-yarn")
+long_ref = np.load(REPO / "tests" / "data" / "long-yarn" / "reference.npz")
 N = 4100
 at = long_ref["positions"] < N
 pos, want = long_ref["positions"][at], long_ref["logits"][at]

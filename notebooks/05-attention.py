@@ -35,18 +35,12 @@
 # %%
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-ROOT = Path.cwd().resolve()
-while not (ROOT / "pyproject.toml").is_file() and ROOT != ROOT.parent:  # find the repository root
-    ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen
-FIXTURES = ROOT / "tests" / "fixtures"
-REF = np.load(ROOT / "exercises" / "references" / "ch05_attention.npz")  # made by transformers
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
+REF = np.load(REPO / "exercises" / "references" / "ch05_attention.npz")  # made by transformers
 
 
 def maxdiff(a, b) -> float:

@@ -33,18 +33,12 @@
 # 4. a parameter count and memory estimate for the official Qwen3-0.6B, 4B and 8B.
 
 # %%
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-ROOT = Path.cwd().resolve()
-while not (ROOT / "pyproject.toml").is_file() and ROOT != ROOT.parent:  # find the repository root
-    ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen
-FIXTURES = ROOT / "tests" / "fixtures"
-REF = np.load(ROOT / "exercises" / "references" / "ch06_dense_model.npz")  # made by transformers
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
+REF = np.load(REPO / "exercises" / "references" / "ch06_dense_model.npz")  # made by transformers
 
 # %% [markdown]
 # `REF` holds what transformers computes on small seeded inputs (its generator is

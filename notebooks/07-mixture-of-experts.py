@@ -33,18 +33,12 @@
 
 # %%
 import dataclasses
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-ROOT = Path.cwd().resolve()
-while not (ROOT / "pyproject.toml").is_file() and ROOT != ROOT.parent:  # find the repository root
-    ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen
-FIXTURES = ROOT / "tests" / "fixtures"
-REF = np.load(ROOT / "exercises" / "references" / "ch07_mixture_of_experts.npz")  # made by transformers
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
+REF = np.load(REPO / "exercises" / "references" / "ch07_mixture_of_experts.npz")  # made by transformers
 
 # %% [markdown]
 # `REF` holds what transformers' Qwen3-MoE code computes on seeded inputs (generator:
@@ -76,7 +70,7 @@ print({name: f"{n / 1e6:.1f}M" for name, n in per_layer.items()}, f"| one expert
 outside = 2 * c.vocab_size * d + d  # embedding, lm_head, final norm
 total = outside + c.num_hidden_layers * sum(per_layer.values())
 active = outside + c.num_hidden_layers * (attn + router + k * expert + 2 * d)
-params_transformers = int(np.load(ROOT / "exercises" / "references" / "ch06_dense_model.npz")["params.Qwen3-30B-A3B"])
+params_transformers = int(np.load(REPO / "exercises" / "references" / "ch06_dense_model.npz")["params.Qwen3-30B-A3B"])
 print(f"total {total / 1e9:.2f}B (transformers counts {params_transformers / 1e9:.2f}B), active per token {active / 1e9:.2f}B")
 assert total == params_transformers
 

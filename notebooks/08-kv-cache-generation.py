@@ -32,20 +32,14 @@
 
 # %%
 import json
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-REPO = next(
-    p for p in [Path.cwd().resolve(), *Path.cwd().resolve().parents] if (p / "pyproject.toml").is_file()
-)
-sys.path.insert(0, str(REPO))  # this repository's tinyqwen, wherever the notebook runs from
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 import tinyqwen  # noqa: E402
 from tinyqwen.kv_cache import KVCache  # noqa: E402
 
-FIXTURES = REPO / "tests" / "fixtures"
 
 # %% [markdown]
 # We work on the `dense-tied` fixture: a tiny random Qwen3 (2 layers, 4 query heads, 2 key/value heads, a vocabulary
@@ -566,7 +560,7 @@ for r in runs:
 # The rule, as a function:
 
 # %%
-from tinyqwen.cli import drop_oldest_exchange  # noqa: E402
+from tinyqwen.chat_context import drop_oldest_exchange  # noqa: E402
 
 history = [{"role": "system", "content": "Be brief."},
            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},

@@ -36,15 +36,13 @@
 
 # %%
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-REPO = next(p for p in [Path.cwd().resolve(), *Path.cwd().resolve().parents] if (p / "pyproject.toml").is_file())
-sys.path.insert(0, str(REPO))  # this repository's tinyqwen, wherever the notebook runs from
+from course_setup import REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 import tinyqwen  # noqa: E402
 
 tok = tinyqwen.Tokenizer.qwen3()  # the official Qwen3 tokenizer files, shipped in tinyqwen/data

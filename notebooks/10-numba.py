@@ -36,15 +36,12 @@
 
 # %%
 import json
-import sys
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-REPO = next(p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file())
-sys.path.insert(0, str(REPO))  # use the tinyqwen next to this notebook
+from course_setup import REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 from tinyqwen import attention, mlp, norm, rope  # noqa: E402
 
 # %% [markdown]

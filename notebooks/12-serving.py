@@ -36,14 +36,12 @@
 # %%
 import asyncio
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-REPO = next(p for p in [Path.cwd().resolve(), *Path.cwd().resolve().parents] if (p / "pyproject.toml").is_file())
-sys.path.insert(0, str(REPO))  # this repository's tinyqwen, wherever the notebook runs from
+from course_setup import REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 import tinyqwen  # noqa: E402
 from tinyqwen import serve  # noqa: E402
 

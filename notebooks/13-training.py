@@ -44,13 +44,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-ROOT = Path.cwd().resolve()
-while not (ROOT / "pyproject.toml").is_file() and ROOT != ROOT.parent:  # find the repository root
-    ROOT = ROOT.parent
-sys.path.insert(0, str(ROOT))  # use this checkout's tinyqwen
-FIXTURES = ROOT / "tests" / "fixtures"
-DATA = ROOT / "notebooks" / "data"
-REF = np.load(ROOT / "exercises" / "references" / "ch13_training.npz")  # made by torch autograd
+from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
+DATA = REPO / "notebooks" / "data"
+REF = np.load(REPO / "exercises" / "references" / "ch13_training.npz")  # made by torch autograd
 
 import tinyqwen  # noqa: E402
 from tinyqwen import attention, grad, moe, norm, train  # noqa: E402
@@ -418,7 +414,7 @@ for task, text in synthetic_documents(4, seed=5):
 
 # %%
 short = train.TrainConfig(
-    out_dir=str(ROOT / "runs" / "notebook-13"), docs=4000, seq_len=32, batch_size=8, steps=150, warmup=10,
+    out_dir=str(REPO / "runs" / "notebook-13"), docs=4000, seq_len=32, batch_size=8, steps=150, warmup=10,
     lr=5e-3, min_lr=5e-4, eval_every=25, eval_batches=2, progress=False,
     model={"hidden_size": 64, "num_hidden_layers": 2, "num_experts": 4, "num_experts_per_tok": 2,
            "moe_intermediate_size": 64},
@@ -448,7 +444,7 @@ for prompt in ["417 + 88 =", "sort: pear fig ->", "the small"]:
     out = subprocess.run(
         [sys.executable, "-m", "tinyqwen.cli", "generate", "--model", ckpt, "--raw", "--temperature", "0",
          "--max-new-tokens", "16", prompt],
-        capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, check=True,
+        capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(REPO)}, check=True,
     ).stdout  # fmt: skip
     print(repr(prompt), "→", repr(out.strip()))
 

@@ -1,9 +1,9 @@
-"""Issue 11 on the command line: `tinyqwen chat` when the conversation outgrows the context, `--kv-dtype`,
-and `tinyqwen info --context N`.
+"""`tinyqwen chat` when the conversation outgrows the context, `--kv-dtype`, and `tinyqwen info --context N`.
 
-Chat's policy (documented in `tinyqwen.cli.cmd_chat`): after each reply it prints how many tokens the conversation
-uses and how many are left; when a new message would not leave room for a reply, the oldest exchanges are dropped
-(system message kept) with a notice; a single message that cannot fit at all is refused.
+Chat's policy (the rule in `tinyqwen.chat_context`, the REPL in `tinyqwen.cli.chat.cmd_chat`): after each reply it
+prints how many tokens the conversation uses and how many are left; when a new message would not leave room for a
+reply, the oldest exchanges are dropped (system message kept) with a notice; a single message that cannot fit at all
+is refused.
 """
 
 from __future__ import annotations
@@ -66,6 +66,23 @@ def test_chat_refuses_a_message_that_cannot_fit_even_alone(monkeypatch, capsys, 
     assert code == 0 and len(prompts) == 2
     errors = [line for line in out.err.splitlines() if line.startswith("tinyqwen: error")]
     assert len(errors) == 1 and "not sent" in errors[0] and "context is 60" in errors[0]
+
+
+def test_fit_to_context_keeps_system_messages_and_leaves_the_input_alone():
+    from tinyqwen.chat_context import fit_to_context
+
+    history = [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+               {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]  # fmt: skip
+    new = {"role": "user", "content": "u3"}
+    render = lambda messages: list(range(10 * len(messages)))  # noqa: E731  (10 tokens a message)
+    kept, ids, dropped = fit_to_context(history, new, render, context=30, room=5)
+    assert [m["content"] for m in kept] == ["s"] and len(ids) == 20 and dropped == 2
+    assert len(history) == 4  # the caller's history is only replaced, never changed in place
+    # fits already: nothing dropped, the prompt rendered once
+    assert fit_to_context(history, new, render, context=100, room=5) == (history, list(range(50)), 0)
+    # nothing left to drop: the prompt comes back too long, for the caller to refuse
+    kept, ids, dropped = fit_to_context(history, new, render, context=15, room=5)
+    assert kept == history[:1] and len(ids) == 20 and dropped == 2
 
 
 def test_kv_dtype_flag(tiny_qwen3_dir):

@@ -216,7 +216,7 @@ def test_chat_end_to_end_in_a_pty(tiny_qwen3_dir, tiny_qwen3_model, tokenizer):
     mode (and the non-thinking preset), and Ctrl-D exits with status 0."""
     pexpect = pytest.importorskip("pexpect")
     from tinyqwen.chat_template import apply_chat_template
-    from tinyqwen.cli import answer_text
+    from tinyqwen.cli.display import answer_text
     from tinyqwen.generation import generate
 
     # what the REPL should do, computed here with the library
@@ -331,8 +331,9 @@ def run_chat(monkeypatch, capsys, model, lines, *flags):
     import builtins
 
     from tinyqwen import cli, generation
+    from tinyqwen.cli import chat
 
-    monkeypatch.setattr(cli, "load", lambda args, need_tokenizer=True: (model, Tokenizer.qwen3()))
+    monkeypatch.setattr(chat, "load", lambda args, need_tokenizer=True: (model, Tokenizer.qwen3()))
     prompts: list[list[int]] = []
     real = generation.stream_generate
 

@@ -5,7 +5,7 @@ Every `import` statement of every module in `tinyqwen/` and `backends/` counts, 
 
     foundation   errors, config (and the checkpoint a config implies), the file formats, bf16
     reference    the readable kernels (norm, rope, attention, mlp, moe), sampling, the text side (tokenizer,
-                 chat template and parsing, thinking)
+                 chat template and parsing, the chat's context window, thinking)
     contract     tinyqwen.backends.contract: the Backend dataclass
     backends     the numba and cupy backends and their helpers
     registry     tinyqwen.backends itself: get_backend, which imports a backend when asked for it
@@ -40,6 +40,7 @@ LAYERS = [
             "tokenizer",
             "chat_template",
             "chat_parsing",
+            "chat_context",
             "thinking",
         ],
     ),  # fmt: skip

@@ -141,7 +141,27 @@ def test_code_runs_offline_from_a_fresh_clone(source):
     for pattern, why in [
         (r"^\s*(import|from)\s+(torch|transformers)\b", "notebooks never import torch or transformers"),
         (r"\bshared/", "notebooks never read ../shared (a fresh clone has none)"),
-        (r"__file__", "a notebook has no __file__: find the repo from Path.cwd()"),
+        (r"__file__", "a notebook has no __file__: `from course_setup import REPO` names the repository"),
     ]:
         match = re.search(pattern, code, re.M)
         assert match is None, f"{source.name}: {why} (found {match.group(0).strip()!r})"
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=ids(SOURCES))
+def test_the_set_up_is_one_import_of_course_setup(source):
+    """Every chapter finds the repository the same way, written once in notebooks/course_setup.py: it imports
+    course_setup once, before anything from tinyqwen, and never walks up to pyproject.toml or edits sys.path itself."""
+    notebook = jupytext.read(source)
+    lines = "\n".join(c.source for c in notebook.cells if c.cell_type == "code").splitlines()
+    setup = [i for i, line in enumerate(lines) if re.match(r"from course_setup import \w", line)]
+    assert len(setup) == 1, f"{source.name}: imports course_setup once (`from course_setup import REPO`)"
+    tinyqwen = [i for i, line in enumerate(lines) if re.match(r"\s*(import|from)\s+tinyqwen\b", line)]
+    assert all(i > setup[0] for i in tinyqwen), f"{source.name}: import course_setup before tinyqwen"
+    by_hand = [
+        line
+        for i, line in enumerate(lines)
+        if i != setup[0] and re.search(r"pyproject\.toml|sys\.path", line)
+    ]
+    assert not by_hand, (
+        f"{source.name}: finds the repository by hand ({by_hand[0].strip()!r}); course_setup does that"
+    )

@@ -58,7 +58,7 @@ def test_ids_past_the_vocabulary_decode_to_nothing_as_in_transformers(tok):
 
 def test_the_chat_printer_and_answer_survive_spare_ids(tok):
     # the pieces `tinyqwen chat` prints and keeps in its history with
-    from tinyqwen.cli import ReplyPrinter, Style, answer_text
+    from tinyqwen.cli.display import ReplyPrinter, Style, answer_text
 
     ids = [151667, 1986, SPARE, 151668, 9707, SPARE, 1879, 151645]  # <think>…</think> Hello world <|im_end|>
     out = io.StringIO()
@@ -264,7 +264,7 @@ def test_file_prompts_run_in_bounded_batches_each_written_when_done(tiny_qwen3_d
     seen.clear()
     sys.stdout = io.StringIO()
     assert main(args) == 0  # the default batch size is bounded too
-    from tinyqwen.cli import DEFAULT_BATCH_SIZE
+    from tinyqwen.cli.generate import DEFAULT_BATCH_SIZE
 
     assert max(b for b, _ in seen) == DEFAULT_BATCH_SIZE == 8
 

@@ -1,0 +1,106 @@
+"""`tinyqwen info`: a checkpoint's config in a few lines, its parameter count, and the memory it needs (weights,
+KV cache, activations), in human-sized units."""
+
+from __future__ import annotations
+
+from tinyqwen.cli.flags import require_positive
+from tinyqwen.errors import TinyQwenError
+from tinyqwen.hub import resolve_model
+
+
+def cmd_info(args) -> int:
+    from tinyqwen.config import count_parameters, load_config, load_generation_config
+
+    path = resolve_model(args.model)
+    c = load_config(path)
+    total = count_parameters(c)
+    embed = c.vocab_size * c.hidden_size
+    lines = [
+        f"model        {path}",
+        f"type         {c.model_type}{' (MoE)' if c.is_moe else ''}",
+        f"layers       {c.num_hidden_layers}, hidden {c.hidden_size}, vocab {c.vocab_size:,}",
+        f"attention    {c.num_attention_heads} query heads, {c.num_key_value_heads} kv heads, head_dim {c.head_dim}",
+    ]
+    if c.is_moe:
+        lines.append(
+            f"experts      {c.num_experts} ({c.num_experts_per_tok} per token), expert ffn {c.moe_intermediate_size}"
+        )
+    else:
+        lines.append(f"ffn          {c.intermediate_size}")
+    rope = f"theta {c.rope_theta:g}"
+    if c.rope_scaling is not None:
+        rope += f", YaRN x{c.rope_scaling.factor:g} from {c.rope_scaling.original_max_position_embeddings}"
+    lines += [
+        f"rope         {rope}; context {c.max_position_embeddings:,} tokens",
+        f"parameters   {total:,} ({human(total, 1000, '')}), {total - embed:,} without the embedding"
+        + ("" if c.tie_word_embeddings else " (lm_head untied)"),
+    ]
+    if c.is_moe:
+        lines.append(f"active       {active_parameters(c):,} per token")
+    kv_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4  # float32 K and V
+    lines += [
+        f"memory       {human(total * 4)} of float32 weights (tinyqwen computes in float32; bf16 on disk: "
+        f"{human(total * 2)})",
+        f"kv cache     {human(kv_token)} per token (float32); {human(kv_token * 4096)} for 4,096 tokens",
+    ]
+    gen = load_generation_config(path)
+    if gen:
+        keys = ("temperature", "top_k", "top_p", "eos_token_id")
+        lines.append("generation   " + ", ".join(f"{k} {gen[k]}" for k in keys if k in gen))
+    if args.context is not None:
+        lines += ["", *memory_table(c, require_positive("--context", args.context), args.batch, args.backend)]
+    print("\n".join(lines))
+    return 0
+
+
+def memory_table(c, context: int, batch: int, backend: str) -> list[str]:
+    """Memory to prefill `context` tokens, per KV cache dtype (tinyqwen.kv_cache.memory_estimate), as lines."""
+    from tinyqwen.config import count_parameters
+    from tinyqwen.kv_cache import KV_DTYPES, PREFILL_CHUNK, memory_estimate
+
+    require_positive("--batch", batch)
+    if backend not in ("numpy", "numba"):
+        raise TinyQwenError(f"--backend: info knows the memory of numpy and numba, not {backend!r}")
+    # numpy widens every weight to float32; numba keeps a bf16 checkpoint's matrices as bf16 (2 bytes)
+    weights = count_parameters(c) * (4 if backend == "numpy" else 2)
+    where = "float32 weights" if backend == "numpy" else "bf16 weights (a bf16 checkpoint)"
+    lines = [
+        f"memory for a {context:,}-token context, batch {batch}, prefill in chunks of "
+        f"{min(context, PREFILL_CHUNK):,} tokens ({backend} backend: {where})",
+        f"  {'kv dtype':<10}{'weights':>12}{'kv cache':>12}{'activations':>13}{'runtime':>11}{'total':>12}",
+    ]
+    for dtype in KV_DTYPES:
+        m = memory_estimate(c, context, dtype, batch=batch, weight_bytes=weights)
+        parts = [m["weights"], m["kv_cache"], m["activations"], m["runtime"], sum(m.values())]
+        widths = (12, 12, 13, 11, 12)
+        lines.append(
+            f"  {dtype:<10}" + "".join(f"{human(v):>{w}}" for v, w in zip(parts, widths, strict=True))
+        )
+    if context > c.max_position_embeddings:
+        lines.append(
+            f"  (beyond this model's context of {c.max_position_embeddings:,} tokens: generation would refuse)"
+        )
+    return lines
+
+
+def active_parameters(c) -> int:
+    """Parameters one token touches in a MoE model: the shared parts plus top-k of the experts."""
+    from tinyqwen.config import count_parameters
+
+    per_expert = 3 * c.hidden_size * c.moe_intermediate_size
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    return count_parameters(c) - moe_layers * (c.num_experts - c.num_experts_per_tok) * per_expert
+
+
+def human(n: float, base: int = 1024, unit: str = "B") -> str:
+    """1536 -> '1.5 KiB'; human(6e8, 1000, '') -> '600.0M'.
+
+    >>> human(1536), human(6e8, 1000, '')
+    ('1.5 KiB', '600.0M')
+    """
+    names = ["", "K", "M", "G", "T"]
+    i = 0
+    while n >= base and i < len(names) - 1:
+        n, i = n / base, i + 1
+    suffix = names[i] + ("i" if base == 1024 and i and unit else "") + unit
+    return f"{n:.1f} {suffix}" if unit else f"{n:.1f}{suffix}"
