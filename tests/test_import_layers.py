@@ -180,3 +180,16 @@ def test_a_checkout_imports_its_own_backends_without_installing():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.split()
     assert out == [str(REPO / "backends" / "__init__.py"), "numpy"]
+
+
+def test_pyproject_lists_every_package_of_the_tree():
+    # pyproject names the packages one by one (backends/ is mapped to tinyqwen.backends, which a find cannot do):
+    # a new subpackage left out of the list would be missing from the wheel, and only an install would show it
+    import re
+
+    text = (REPO / "pyproject.toml").read_text()  # (tomllib is Python 3.11+; the project supports 3.10)
+    listed = set(re.findall(r'"([\w.]+)"', re.search(r"^packages = \[(.*?)\]", text, re.M | re.S).group(1)))
+    found = {name for name, path in module_files().items() if path.name == "__init__.py"}
+    assert listed == found, (
+        f"missing from pyproject: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
+    )
