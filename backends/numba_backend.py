@@ -78,9 +78,9 @@ from numba.extending import intrinsic  # noqa: E402
 from tinyqwen import attention as np_attention  # noqa: E402
 from tinyqwen.backends import onednn  # noqa: E402
 from tinyqwen.backends.contract import Backend  # noqa: E402
+from tinyqwen.bf16 import bf16_to_float32  # noqa: E402
 from tinyqwen.errors import BackendError  # noqa: E402
 from tinyqwen.moe import route  # noqa: E402
-from tinyqwen.safetensors import bf16_to_float32  # noqa: E402
 
 GEMV_MAX_ROWS = 4  # up to this many tokens a product streams the bf16 weights; beyond, widen blocks + BLAS
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits

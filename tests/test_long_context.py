@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 import tinyqwen
 from tinyqwen import attention as A
+from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
 from tinyqwen.errors import GenerationError
 from tinyqwen.kv_cache import KVCache, kv_bytes_per_token, kv_dtype_name
-from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16
 from tinyqwen.verify import tolerance
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

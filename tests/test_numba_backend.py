@@ -31,9 +31,10 @@ from tinyqwen import attention as ref_attention  # noqa: E402
 from tinyqwen import mlp, moe, norm, rope  # noqa: E402
 from tinyqwen.backends import get_backend, numba_backend, onednn  # noqa: E402
 from tinyqwen.backends.numba_backend import BF16Weight  # noqa: E402
+from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16  # noqa: E402
 from tinyqwen.errors import BackendError  # noqa: E402
 from tinyqwen.generation import generate, generate_batch  # noqa: E402
-from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16, save_file  # noqa: E402
+from tinyqwen.safetensors import save_file  # noqa: E402
 from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyqwen.bf16 import bf16_to_float32
 from tinyqwen.errors import GenerationError
-from tinyqwen.safetensors import bf16_to_float32
 
 # a large negative number rather than -inf: a query row with every key masked (a padding row) then gets a harmless
 # uniform average instead of NaN, exactly as transformers does with finfo.min

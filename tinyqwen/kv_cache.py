@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyqwen.bf16 import float32_to_bf16
 from tinyqwen.errors import GenerationError
-from tinyqwen.safetensors import float32_to_bf16
 
 # prompts longer than this are prefilled this many tokens at a time (generation's default): the activations of one
 # chunk (e.g. [2048, ffn] float32 MLP temporaries) instead of the whole prompt's (issue 11)

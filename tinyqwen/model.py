@@ -34,16 +34,16 @@ import numpy as np
 
 from tinyqwen.attention import BLOCKWISE_MIN_SCORES, CausalMask, causal_mask, positions_from_mask
 from tinyqwen.backends import Backend, get_backend
+from tinyqwen.bf16 import bf16_to_float32
 from tinyqwen.config import (
     Qwen3Config,
     expected_tensors,
     load_config,
     load_generation_config,
-)  # noqa: F401 (count_parameters: tinyqwen.model.count_parameters is chapter 6's name)
+)
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.rope import rope_cos_sin, rope_parameters
-from tinyqwen.safetensors import bf16_to_float32
 
 # --------------------------------------------------------------------------------------------- weights
 

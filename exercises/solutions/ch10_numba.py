@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 
 from tinyqwen.backends import numba_backend
+from tinyqwen.bf16 import bf16_to_float32 as _widen
+from tinyqwen.bf16 import float32_to_bf16 as _narrow
 from tinyqwen.config import config_from_dict
-from tinyqwen.safetensors import bf16_to_float32 as _widen
-from tinyqwen.safetensors import float32_to_bf16 as _narrow
 
 
 def bf16_to_float32(u16: np.ndarray) -> np.ndarray:
