@@ -65,9 +65,9 @@ def _numba_backend(matmul_precision: str = "highest") -> Backend:
             "backend 'numba' needs the numba package, which is not installed: pip install 'tinyqwen[fast]' "
             "(or pip install numba), or use --backend numpy"
         )
-    from tinyqwen.backends import numba_backend
+    from tinyqwen.backends.numba import backend
 
-    return numba_backend.backend(matmul_precision)
+    return backend(matmul_precision)
 
 
 def _cupy_backend(matmul_precision: str = "highest") -> Backend:

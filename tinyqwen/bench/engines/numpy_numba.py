@@ -16,7 +16,7 @@ def load(path: str, threads: int, option: str, max_len: int):
     backend, precision, kv_dtype = (option.split(":") + ["", ""])[:3]
     clock = None
     if backend == "numba":
-        from tinyqwen.backends.numba_backend import compile_clock
+        from tinyqwen.backends.numba import compile_clock
 
         clock = compile_clock()
     model = tinyqwen.load_model(path, backend=backend, matmul_precision=precision or "highest")
