@@ -263,6 +263,9 @@ class Qwen3:
         return_hidden_states: bool = False,
         on_device: bool = False,  # logits stay the backend's array (cupy: sample on the GPU, see chapter 11)
     ) -> ForwardOutput:
+        """Logits for a batch of ids: embed -> every layer -> the final RMSNorm -> lm_head (the diagram above).
+
+        With a `cache`, `ids` are the positions after the cached ones, and the cache grows by T."""
         c, w, k = self.config, self.weights, self.backend
         ids, mask, positions = self._inputs(ids, cache, attention_mask, positions)
         B, T = ids.shape

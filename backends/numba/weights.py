@@ -10,7 +10,7 @@ from tinyqwen.bf16 import bf16_to_float32
 
 
 class BF16Weight:
-    """A bf16 weight kept as its uint16 bit patterns (`.bits`); the kernels below read them directly.
+    """A bf16 weight kept as its uint16 bit patterns (`.bits`); the backend's kernels read them directly.
 
     `np.asarray(w)` widens all of it (tests, plots); the embedding lookup widens only the rows it picks (`embed`).
     """
