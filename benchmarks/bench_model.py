@@ -1,4 +1,4 @@
-"""The full same-run comparison (issue 10, item 3) on a random checkpoint with the exact Qwen3-0.6B config.
+"""The full same-run comparison on a random checkpoint with the exact Qwen3-0.6B config.
 
     ../shared/peers/setup        # once per machine (~15 min): /tmp/peer-venv (torch, transformers, llama-cpp-python),
                                  # /tmp/peer/qwen3-0.6b-random (bf16) and its GGUFs (bf16, q8_0)
