@@ -1,27 +1,14 @@
 """Backends: the few hot kernels of the model, swappable without touching the model code.
 
-The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it calls the kernels of a `Backend`:
+The model (`tinyqwen/model.py`) never calls NumPy for heavy math directly; it calls the kernels of a `Backend`
+(`backends/contract.py` lists every one with its shapes): the embedding lookup, linear (and `linear_many`, several
+products of one input in one pass), rms_norm, apply_rope, attention (and blockwise_attention for long prompts),
+swiglu, moe_block; plus `prepare(w)` (a checkpoint tensor -> the backend's own weight, e.g. on the GPU), `to_numpy`,
+`zeros(shape, dtype)` (where the KV cache lives: host memory for numpy/numba, device memory for cupy), and what
+generation asks of it: `greedy(logits)` and `device_sampler(...)` (a sampler that runs where the logits are).
 
-    linear(x, w)                          # [..., d_in], [d_out, d_in] -> [..., d_out]
-    rms_norm(x, weight, eps)              # [..., d], [d] -> [..., d]
-    apply_rope(x, cos, sin)               # [B, H, T, d], [B, T, d], [B, T, d] -> [B, H, T, d]
-    attention(q, k, v, mask)              # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] -> [B, Hq, T, d]
-    blockwise_attention(q, k, v, mask)    # the same for long prompts, mask a CausalMask (default: the reference's)
-    swiglu(x, w_gate, w_up, w_down)       # [..., d] -> [..., d]
-    moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob)  # [N, d] -> [N, d], [N, E]
-
-plus `prepare(w)` (turn a checkpoint tensor into the backend's own array type, e.g. on the GPU) and `to_numpy`, and
-optionally `linears(x, ws)`, several products of one input in one pass (the model's q, k, v projections; the
-model calls `linear_many`, which falls back to one `linear` per weight), and `zeros(shape, dtype)` (where the KV
-cache lives: host memory for numpy/numba, device memory for cupy).
-
-`keep_bf16` says which checkpoint tensors `prepare` receives. False (the numpy backend): every tensor arrives as
-float32, BF16 widened exactly. True (the numba backend): a BF16 tensor arrives as its uint16 bit patterns, a
-read-only view of the memory-mapped file, and the backend's kernels read bf16 directly (half the bytes per token).
-F32 tensors always arrive as read-only views of the file. `bf16_in_memory` (numba): those bf16 tensors are read into
-process memory instead of viewed in the file's mapping — one copy either way, but streamed from memory the OS backs
-with 2 MiB pages, the lm_head GEMV of Qwen3-0.6B took ~11 ms instead of ~15 (fewer address translations;
-Sapphire Rapids, 2 cores). A backend that copies the weights elsewhere anyway (cupy: to the GPU) keeps the view.
+`backend.options` (a `LoadOptions`) says how the checkpoint is read for it — float32, or bf16 kept as uint16 bit
+patterns (`keep_bf16`, `bf16_in_memory`) — and its `matmul_precision`.
 
 The "numpy" backend *is* the readable reference in `tinyqwen/` — it points at those functions, no copy. The Numba
 (CPU) and CuPy (GPU) backends of later chapters replace individual kernels and are checked against it. A backend
@@ -36,16 +23,17 @@ import sys
 
 import numpy as np
 
-from tinyqwen.backends.contract import CHOOSE, FINISHED, Backend  # noqa: F401 (the contract, re-exported)
+from tinyqwen.backends.contract import (  # noqa: F401 (the contract, re-exported)
+    CHOOSE,
+    FINISHED,
+    PRECISIONS,
+    Backend,
+    LoadOptions,
+)
 from tinyqwen.errors import BackendError
 
 
 def _numpy_backend(matmul_precision: str = "highest") -> Backend:
-    if matmul_precision != "highest":
-        raise BackendError(
-            f"matmul_precision={matmul_precision!r} needs the numba backend; the numpy backend is the float32 "
-            "reference (matmul_precision='highest')"
-        )
     from tinyqwen import attention, mlp, moe, norm, rope
 
     return Backend(
@@ -77,38 +65,50 @@ def _numba_backend(matmul_precision: str = "highest") -> Backend:
             "backend 'numba' needs the numba package, which is not installed: pip install 'tinyqwen[fast]' "
             "(or pip install numba), or use --backend numpy"
         )
-    from tinyqwen.backends import numba_backend
+    from tinyqwen.backends.numba import backend
 
-    return numba_backend.backend(matmul_precision)
+    return backend(matmul_precision)
 
 
 def _cupy_backend(matmul_precision: str = "highest") -> Backend:
-    if matmul_precision != "highest":
-        raise BackendError(
-            f"matmul_precision={matmul_precision!r} needs the numba backend; the cupy backend multiplies in float32 "
-            "(matmul_precision='highest')"
-        )
-    from tinyqwen.backends import (
-        cupy_backend,
-    )  # imports CuPy only when asked; says in one line what is missing
+    # imports CuPy only when asked; says in one line what is missing
+    from tinyqwen.backends import cupy_backend
 
     return cupy_backend.backend()
 
 
 AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend, "cupy": _cupy_backend}
-PLANNED: tuple[str, ...] = ()  # later chapters
+# the matmul precisions each backend has kernels for, and why the others are refused
+FLOAT32_ONLY = {
+    "numpy": "the numpy backend is the float32 reference",
+    "cupy": "the cupy backend multiplies in float32",
+}
+
+
+def check_matmul_precision(name: str, matmul_precision: str) -> None:
+    """A BackendError unless backend `name` has kernels for `matmul_precision` (the one place this is checked).
+
+    >>> check_matmul_precision("numpy", "medium")
+    Traceback (most recent call last):
+    ...
+    tinyqwen.errors.BackendError: matmul_precision='medium' needs the numba backend; the numpy backend is the \
+float32 reference (matmul_precision='highest')
+    """
+    LoadOptions(matmul_precision=matmul_precision)  # a known precision at all
+    if matmul_precision != "highest" and name in FLOAT32_ONLY:
+        raise BackendError(
+            f"matmul_precision={matmul_precision!r} needs the numba backend; {FLOAT32_ONLY[name]} "
+            "(matmul_precision='highest')"
+        )
 
 
 def get_backend(name: str, matmul_precision: str = "highest") -> Backend:
-    """The backend called `name`; a clear BackendError for a name that does not exist (yet) or cannot run here.
+    """The backend called `name`; a clear BackendError for a name that does not exist or cannot run here.
 
     `matmul_precision` (PyTorch's name): "highest" multiplies in float32; "medium" (numba only) rounds the inputs
     of products with bf16 weights to bf16 and accumulates in float32 — faster prefill on CPUs with bf16 units.
     """
-    if name in AVAILABLE:
-        return AVAILABLE[name](matmul_precision)
-    if name in PLANNED:
-        raise BackendError(
-            f"backend {name!r} is not implemented yet (available: {', '.join(AVAILABLE)}); use --backend numpy"
-        )
-    raise BackendError(f"unknown backend {name!r} (available: {', '.join(AVAILABLE)})")
+    if name not in AVAILABLE:
+        raise BackendError(f"unknown backend {name!r} (available: {', '.join(AVAILABLE)})")
+    check_matmul_precision(name, matmul_precision)
+    return AVAILABLE[name](matmul_precision)

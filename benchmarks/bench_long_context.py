@@ -1,4 +1,4 @@
-"""Long-context prefill benchmark (issue 11, item 5): time and peak RSS against what `tinyqwen info` predicts.
+"""Long-context prefill benchmark: time and peak RSS against what `tinyqwen info` predicts.
 
     python benchmarks/bench_long_context.py [--layers 28] [--prompt-tokens 8192 32768] [--kv-dtype bfloat16]
                                             [--chunk 2048] [--backend numpy] [--out DIR] [--json]

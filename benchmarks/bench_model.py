@@ -1,4 +1,4 @@
-"""The full same-run comparison (issue 10, item 3) on a random checkpoint with the exact Qwen3-0.6B config.
+"""The full same-run comparison on a random checkpoint with the exact Qwen3-0.6B config.
 
     ../shared/peers/setup        # once per machine (~15 min): /tmp/peer-venv (torch, transformers, llama-cpp-python),
                                  # /tmp/peer/qwen3-0.6b-random (bf16) and its GGUFs (bf16, q8_0)
@@ -7,7 +7,7 @@
 The same as `tinyqwen bench --model M --peer-python /tmp/peer-venv/bin/python`, with the defaults of this setup:
 tinyqwen numpy and numba, transformers fp32 and bf16, llama.cpp on every GGUF beside the checkpoint, 2 threads,
 512-token prompt, 128 new tokens, best of 2, plus the GEMV bandwidth probe; each engine in its own process
-(tinyqwen/bench.py has the one timing loop). Host timings swing 30-50% between runs: read the ratios.
+(tinyqwen/bench/engines/driver.py has the one timing loop). Host timings swing 30-50% between runs: read the ratios.
 """
 
 from __future__ import annotations

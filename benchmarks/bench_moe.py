@@ -1,4 +1,4 @@
-"""MoE benchmark (issue 10, item 4): a random, scaled-down Qwen3-30B-A3B, numpy vs numba, in one run.
+"""MoE benchmark: a random, scaled-down Qwen3-30B-A3B, numpy vs numba, in one run.
 
     python benchmarks/bench_moe.py [--out /tmp/qwen3-30b-a3b-2layers-random] [--layers 2] [--json]
 

@@ -1,4 +1,4 @@
-"""Full-size check (issue 2, part 6): a random-weight checkpoint with the exact Qwen3-0.6B config, tinyqwen vs
+"""Full-size check: a random-weight checkpoint with the exact Qwen3-0.6B config, tinyqwen vs
 transformers.
 
     python benchmarks/full_size_check.py [OUT_DIR] [--seq-len 32] [--batch 2] [--keep]

@@ -270,7 +270,7 @@ def test_gemv_long_rows(course):
 
 def _bf16_linear(gemv):
     """linear(x, w) for the model: every row of x through `gemv` on w's bf16 bit patterns (exact for bf16 weights)."""
-    from tinyqwen.safetensors import float32_to_bf16
+    from tinyqwen.bf16 import float32_to_bf16
 
     patterns: dict[
         int, tuple[np.ndarray, np.ndarray]

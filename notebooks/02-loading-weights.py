@@ -332,10 +332,12 @@ bf16_to_float32(np.array([0x3F80, 0xC000, 0x4049, 0x7F80], dtype=np.uint16))  # 
 # subnormals, infinities and every NaN, and ours must agree bit for bit:
 
 # %%
+from tinyqwen import bf16  # tinyqwen/bf16.py: the two conversions, used by everything that reads bf16
+
 ref2 = np.load(REPO / "exercises" / "references" / "ch02_loading_weights.npz")
 ours = bf16_to_float32(ref2["bf16_bits"])
 assert np.array_equal(ours.view(np.uint32), ref2["bf16_as_f32"].view(np.uint32))
-assert np.array_equal(ours.view(np.uint32), st.bf16_to_float32(ref2["bf16_bits"]).view(np.uint32))
+assert np.array_equal(ours.view(np.uint32), bf16.bf16_to_float32(ref2["bf16_bits"]).view(np.uint32))
 print("all 65,536 bf16 patterns widen exactly as torch does (and as tinyqwen does)")
 
 # %% [markdown]
@@ -346,7 +348,7 @@ print("all 65,536 bf16 patterns widen exactly as torch does (and as tinyqwen doe
 
 # %%
 weights = np.concatenate([st.load_file(path)[n].ravel() for n in tensors])
-rounded = st.bf16_to_float32(st.float32_to_bf16(weights))
+rounded = bf16.bf16_to_float32(bf16.float32_to_bf16(weights))
 rel = np.abs(rounded - weights) / np.abs(weights)
 plt.figure(figsize=(7, 3))
 plt.hist(rel, bins=100, color="tab:blue")

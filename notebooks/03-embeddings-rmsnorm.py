@@ -412,7 +412,7 @@ print("computed in float16:", in_f16, "  in float32:", rms_norm(loud, np.ones(4)
 # changes it by less than half a bf16 step, so the addition rounds away to nothing:
 
 # %%
-from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16
+from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
 
 
 def to_bf16(v):

@@ -506,7 +506,7 @@ parts["Qwen3-0.6B"]
 print(f"{'model':11} {'ours':>15} {'transformers':>15} {'non-embedding':>14} {'tied':>5} {'bf16':>8} {'fp32':>8}")
 for n, p in parts.items():
     total = sum(p.values())
-    assert total == int(REF[f"params.{n}"]) == tinyqwen.model.count_parameters(configs[n])
+    assert total == int(REF[f"params.{n}"]) == tinyqwen.config.count_parameters(configs[n])
     body = total - p["embedding"] - p["output head"]
     print(f"{n:11} {total:>15,} {int(REF[f'params.{n}']):>15,} {body / 1e9:>13.2f}B {str(configs[n].tie_word_embeddings):>5} "
           f"{2 * total / 2**30:>6.1f}GiB {4 * total / 2**30:>6.1f}GiB")  # fmt: skip

@@ -231,7 +231,7 @@ one_and_a_bit = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 0.9 * 2**-7], np.float32
 # %% [markdown]
 # The first two are exact ties (bit 15 set, the rest zero): they go to the even neighbour, 0x3F80 and 0x3F82. The
 # third is above one half and rounds up to 0x3F81, where truncation gives 0x3F80. (This sketch ignores NaN, whose
-# mantissa could carry into the exponent. `tinyqwen.safetensors.float32_to_bf16` handles it.) On a whole matrix,
+# mantissa could carry into the exponent. `tinyqwen.bf16.float32_to_bf16` handles it.) On a whole matrix,
 # rounding halves the worst-case error of truncation and removes its bias. We measure how each weight's *magnitude*
 # changes, relative to its size:
 

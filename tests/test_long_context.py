@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 import tinyqwen
 from tinyqwen import attention as A
+from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
 from tinyqwen.errors import GenerationError
 from tinyqwen.kv_cache import KVCache, kv_bytes_per_token, kv_dtype_name
-from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16
 from tinyqwen.verify import tolerance
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -217,7 +217,7 @@ def test_generate_accepts_kv_dtype_and_chunks_long_prompts(monkeypatch):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_numba_decode_attention_reads_a_narrow_cache(dtype, monkeypatch):
     pytest.importorskip("numba")
-    from tinyqwen.backends import numba_backend
+    from tinyqwen.backends.numba import attention as numba_attention
 
     rng = np.random.default_rng(9)
     q = rng.standard_normal((2, 8, 1, 32), np.float32)
@@ -228,15 +228,15 @@ def test_numba_decode_attention_reads_a_narrow_cache(dtype, monkeypatch):
     mask[1, :, :9] = False
     want = A.attention(q, keys, values, mask)
     for threshold in (1 << 40, 0):  # the serial and the parallel kernel
-        monkeypatch.setattr(numba_backend, "PARALLEL_ATTENTION_BYTES", threshold)
-        np.testing.assert_allclose(numba_backend.attention(q, keys, values, mask), want, rtol=0, atol=ATOL)
+        monkeypatch.setattr(numba_attention, "PARALLEL_ATTENTION_BYTES", threshold)
+        np.testing.assert_allclose(numba_attention.attention(q, keys, values, mask), want, rtol=0, atol=ATOL)
 
 
 def test_numba_widens_every_float16_bit_pattern_exactly():
     pytest.importorskip("numba")
     from numba import njit
 
-    from tinyqwen.backends.numba_backend import _kv
+    from tinyqwen.backends.numba.attention import _kv
 
     @njit
     def widen(bits, out):
@@ -327,7 +327,7 @@ def test_numba_prefill_attention_reads_a_narrow_cache(dtype):
     # a prefill chunk (T > 1) after cached positions: the numba backend hands a narrow cache to the reference's
     # tiles (its own prefill kernel multiplies float32 keys with BLAS)
     pytest.importorskip("numba")
-    from tinyqwen.backends import numba_backend
+    from tinyqwen.backends.numba import attention as numba_attention
 
     rng = np.random.default_rng(10)
     q = rng.standard_normal((1, 8, 5, 32), np.float32)
@@ -336,4 +336,4 @@ def test_numba_prefill_attention_reads_a_narrow_cache(dtype):
     keys, values = cache.update(0, k, v)
     mask = A.causal_mask(5, 40)[None]
     want = A.attention(q, keys, values, mask)
-    np.testing.assert_allclose(numba_backend.attention(q, keys, values, mask), want, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(numba_attention.attention(q, keys, values, mask), want, rtol=0, atol=ATOL)

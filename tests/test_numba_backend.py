@@ -29,11 +29,17 @@ from conftest import logits_through_cache  # noqa: E402
 import tinyqwen  # noqa: E402
 from tinyqwen import attention as ref_attention  # noqa: E402
 from tinyqwen import mlp, moe, norm, rope  # noqa: E402
-from tinyqwen.backends import get_backend, numba_backend, onednn  # noqa: E402
-from tinyqwen.backends.numba_backend import BF16Weight  # noqa: E402
+from tinyqwen.backends import get_backend, onednn  # noqa: E402
+from tinyqwen.backends.numba import (  # noqa: E402
+    BF16Weight,  # noqa: E402
+    intrinsics,
+    linear,
+)
+from tinyqwen.backends.numba import attention as numba_attention  # noqa: E402
+from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16  # noqa: E402
 from tinyqwen.errors import BackendError  # noqa: E402
 from tinyqwen.generation import generate, generate_batch  # noqa: E402
-from tinyqwen.safetensors import bf16_to_float32, float32_to_bf16, save_file  # noqa: E402
+from tinyqwen.safetensors import save_file  # noqa: E402
 from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -59,14 +65,26 @@ def bf16_weight(rng, *shape, scale=0.05) -> tuple[BF16Weight, np.ndarray]:
 def test_docstring_examples():
     import doctest
 
-    assert doctest.testmod(numba_backend, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+    from tinyqwen.backends import numba
+
+    for module in (
+        numba,
+        numba.weights,
+        numba.intrinsics,
+        numba.linear,
+        numba.norm_rope,
+        numba.attention,
+        numba.moe,
+    ):
+        assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
 
 
-def test_bf16_weight_widens_exactly_on_indexing():
+def test_bf16_embedding_lookup_widens_exactly():
     bits = np.array([[0x3F80, 0xC000], [0x3FC0, 0x7F80]], dtype=np.uint16)  # 1, -2, 1.5, inf by hand
     w = BF16Weight(bits)
     assert w.shape == (2, 2) and w.nbytes == 8
-    np.testing.assert_array_equal(w[np.array([[1, 0]])], [[[1.5, np.inf], [1.0, -2.0]]])
+    embed = get_backend("numba").embed  # the model's lookup goes through the backend's kernel
+    np.testing.assert_array_equal(embed(w, np.array([[1, 0]])), [[[1.5, np.inf], [1.0, -2.0]]])
     np.testing.assert_array_equal(np.asarray(w), [[1.0, -2.0], [1.5, np.inf]])
 
 
@@ -82,7 +100,7 @@ def test_linear_bf16_equals_numpy(rows):
 
 def test_linear_bf16_blocks_cover_every_row(monkeypatch):
     # more rows than one scratch block holds (1 MiB / (4 B · 8192) = 32 rows): the block edges must not drop any
-    monkeypatch.setattr(numba_backend, "WIDEN_BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(linear, "WIDEN_BLOCK_BYTES", 1 << 20)
     rng = np.random.default_rng(1)
     w, w32 = bf16_weight(rng, 300, 8192, scale=0.01)
     x = rng.standard_normal((6, 8192)).astype(np.float32)
@@ -131,7 +149,7 @@ def test_attention_equals_numpy_with_gqa_and_padding(T):
 
 def test_decode_attention_parallel_path_equals_numpy(monkeypatch):
     # long contexts spread the kv heads over threads: force that path on a small input
-    monkeypatch.setattr(numba_backend, "PARALLEL_ATTENTION_BYTES", 0)
+    monkeypatch.setattr(numba_attention, "PARALLEL_ATTENTION_BYTES", 0)
     rng = np.random.default_rng(8)
     q = rng.standard_normal((1, 8, 1, 16)).astype(np.float32)
     k, v = rng.standard_normal((2, 1, 4, 20, 16)).astype(np.float32)
@@ -296,7 +314,7 @@ def test_greedy_generations_equal_transformers(fixture):
 @pytest.mark.parametrize("block", [3, 128])  # several query blocks (some fully past the padding), and one
 def test_prefill_attention_blocks_equal_numpy_with_cache_padding_and_gqa(monkeypatch, block):
     # chunked prefill: T new queries after `past` cached positions, left padding on row 0, 3 queries per kv head
-    monkeypatch.setattr(numba_backend, "ATTENTION_BLOCK", block)
+    monkeypatch.setattr(numba_attention, "ATTENTION_BLOCK", block)
     rng = np.random.default_rng(11)
     B, Hq, Hkv, T, past, d = 2, 6, 2, 10, 4, 16
     S = past + T
@@ -313,7 +331,7 @@ def test_exp_kernel_is_accurate_and_zero_below_the_float32_range():
     # the vectorisable e^x behind softmax and SiLU: ≤ 2e-7 relative (float32's own np.exp is off by up to 2e-7)
     x = np.concatenate([np.linspace(-87, 88, 200_001), [-1e30, -3.4e38, -88.0]]).astype(np.float32)
     out = np.empty_like(x)
-    numba_backend._exp_into(x, out)
+    intrinsics._exp_into(x, out)
     exact = np.exp(x.astype(np.float64))
     inside = x >= -87
     assert np.abs(out[inside] / exact[inside] - 1).max() <= 2e-7
@@ -329,7 +347,7 @@ def test_round_bf16_equals_the_reference_rounding():
             np.array([np.nan, -np.nan]),
         ]
     ).astype(np.float32)[None]
-    bits, values = numba_backend.round_bf16(x)
+    bits, values = intrinsics.round_bf16(x)
     np.testing.assert_array_equal(bits, float32_to_bf16(x))  # ties to even, overflow to inf, NaN canonical
     np.testing.assert_array_equal(values, bf16_to_float32(bits))
 
@@ -408,7 +426,7 @@ def test_decode_attention_reads_the_whole_cache_without_copying_it():
         rng.standard_normal((2, 4, 40, 16)).astype(np.float32) for _ in range(2)
     )  # as KVCache has
     k, v = keys[:, :, :25], values[:, :, :25]
-    assert numba_backend._whole_cache(k) is keys
+    assert numba_attention._whole_cache(k) is keys
     q = rng.standard_normal((2, 8, 1, 16)).astype(np.float32)
     mask = np.ones((2, 1, 25), bool)
     mask[1, :, :5] = False

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import safetensors.numpy as official
 
+from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
 from tinyqwen.errors import CheckpointError, SafetensorsError
 from tinyqwen.safetensors import (
     DTYPES,
@@ -21,8 +22,6 @@ from tinyqwen.safetensors import (
     Checkpoint,
     SafetensorsFile,
     TensorInfo,
-    bf16_to_float32,
-    float32_to_bf16,
     load_file,
     read_header,
     save_file,

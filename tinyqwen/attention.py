@@ -14,7 +14,7 @@ Qwen3's twists on the textbook version:
 Masks are boolean, True where a query may look at a key: causal (no peeking ahead) and, for batches with left
 padding, False on the padding keys.
 
-Long prompts (issue 11): the plain version materialises every score, [B, Hq, T, S] float32 — a 32,768-token prompt
+Long prompts: the plain version materialises every score, [B, Hq, T, S] float32 — a 32,768-token prompt
 of Qwen3-0.6B would need 16 · 32768² · 4 B = 64 GiB for one layer. `blockwise_attention` ("flash attention")
 computes the same result one [query block, key block] tile at a time with an *online softmax*: it keeps, per query,
 the running maximum m, the running sum of exponentials l and the running weighted sum of values acc, and rescales
@@ -30,8 +30,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyqwen.bf16 import bf16_to_float32
 from tinyqwen.errors import GenerationError
-from tinyqwen.safetensors import bf16_to_float32
 
 # a large negative number rather than -inf: a query row with every key masked (a padding row) then gets a harmless
 # uniform average instead of NaN, exactly as transformers does with finfo.min

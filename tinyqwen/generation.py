@@ -185,9 +185,11 @@ def _generate_rows(model, prompts, max_new_tokens, temperature, eos_token_ids, s
     rows = _make_rows(prompts, params, options)
     batched = len(rows) > 1
     # a device backend (cupy) samples where its logits are: only the chosen ids cross to the host each step
-    make_sampler = getattr(getattr(model, "backend", None), "device_sampler", None)
-    on_device = make_sampler is not None and options["device_sampling"] is not False
-    sampler = make_sampler(params, [row.prompt for row in rows], vocab) if on_device else None
+    backend = getattr(model, "backend", None)  # a model-shaped stand-in (the tests' StubModel) may have none
+    sampler = None
+    if backend is not None and options["device_sampling"] is not False:
+        sampler = backend.device_sampler(params, [row.prompt for row in rows], vocab)  # None: host sampling
+    on_device = sampler is not None
 
     # prefill: left-pad to a rectangle; the running mask covers every column the cache will ever hold
     B, P = len(rows), longest

@@ -13,7 +13,7 @@ Memory is 2 · layers · batch · kv_heads · max_len · head_dim · bytes per v
 2 · 28 · 8 · 4096 · 128 · 4 B = 0.94 GB per sequence in float32 — so we size the cache for the job, never for the
 model's 40,960-position maximum. Rows of a batch share one `length`; shorter (left-padded) rows mask their padding.
 
-Storage dtype (issue 11): "float32" (the default: exact), "bfloat16" or "float16" halve it. NumPy has no bfloat16,
+Storage dtype: "float32" (the default: exact), "bfloat16" or "float16" halve it. NumPy has no bfloat16,
 so a bf16 cache holds uint16 bit patterns, rounded to nearest-even when written (`float32_to_bf16`, the rounding
 torch uses) and widened exactly when read (`tinyqwen.attention.widen`). bfloat16 keeps float32's range with
 8 bits of precision; float16 keeps 11 bits but overflows above 65,504 (such a value is refused, not stored as inf).
@@ -25,11 +25,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinyqwen.bf16 import float32_to_bf16
 from tinyqwen.errors import GenerationError
-from tinyqwen.safetensors import float32_to_bf16
 
 # prompts longer than this are prefilled this many tokens at a time (generation's default): the activations of one
-# chunk (e.g. [2048, ffn] float32 MLP temporaries) instead of the whole prompt's (issue 11)
+# chunk (e.g. [2048, ffn] float32 MLP temporaries) instead of the whole prompt's
 PREFILL_CHUNK = 2048
 
 # storage dtype name -> (NumPy dtype of the stored arrays, bytes per value)

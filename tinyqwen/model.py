@@ -34,16 +34,16 @@ import numpy as np
 
 from tinyqwen.attention import BLOCKWISE_MIN_SCORES, CausalMask, causal_mask, positions_from_mask
 from tinyqwen.backends import Backend, get_backend
+from tinyqwen.bf16 import bf16_to_float32
 from tinyqwen.config import (
     Qwen3Config,
     expected_tensors,
     load_config,
     load_generation_config,
-)  # noqa: F401 (count_parameters: tinyqwen.model.count_parameters is chapter 6's name)
+)
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.rope import rope_cos_sin, rope_parameters
-from tinyqwen.safetensors import bf16_to_float32
 
 # --------------------------------------------------------------------------------------------- weights
 
@@ -263,52 +263,15 @@ class Qwen3:
         return_hidden_states: bool = False,
         on_device: bool = False,  # logits stay the backend's array (cupy: sample on the GPU, see chapter 11)
     ) -> ForwardOutput:
-        c, w, k = self.config, self.weights, self.backend
-        ids = self._check_ids(ids)
-        B, T = ids.shape
-        past = 0
-        if cache is not None:
-            if cache.batch_size != B:
-                raise GenerationError(
-                    f"KV cache was allocated for batch {cache.batch_size}, ids have batch {B}"
-                )
-            past = cache.length
-            if past + T > cache.max_len:
-                raise GenerationError(
-                    f"KV cache is full: {past} + {T} positions needed, {cache.max_len} allocated"
-                )
-        total = past + T
+        """Logits for a batch of ids: embed -> every layer -> the final RMSNorm -> lm_head (the diagram above).
 
-        if attention_mask is None:
-            key_mask = np.ones((B, total), dtype=bool)
-        else:
-            key_mask = np.asarray(attention_mask).astype(bool)
-            if key_mask.shape != (B, total):
-                raise GenerationError(
-                    f"attention_mask must have shape [batch, past + new] = {[B, total]}, got {list(key_mask.shape)}"
-                )
-        if positions is None:
-            # left padding: a row's first real token is position 0, whatever its column
-            positions = positions_from_mask(key_mask)[:, past:]
-        positions = np.asarray(positions)
-        if positions.shape not in ((T,), (B, T)) or positions.dtype.kind not in "iu":
-            raise GenerationError(
-                f"positions must be integers of shape [T] or [batch, T] = {[B, T]}, got {positions.dtype} "
-                f"{list(positions.shape)}"
-            )
-        positions = np.broadcast_to(positions, (B, T))
-        if positions.size and positions.max() >= c.max_position_embeddings:
-            raise GenerationError(
-                f"position {int(positions.max())} is beyond the model's context of "
-                f"{c.max_position_embeddings} tokens (max_position_embeddings)"
-            )
-        if T * total >= BLOCKWISE_MIN_SCORES:  # long: attention tile by tile, the mask too (never [T, total])
-            mask = CausalMask(key_mask, past)
-        else:
-            mask = causal_mask(T, total)[None] & key_mask[:, None, :]  # [B, T, total]
+        With a `cache`, `ids` are the positions after the cached ones, and the cache grows by T."""
+        c, w, k = self.config, self.weights, self.backend
+        ids, mask, positions = self._inputs(ids, cache, attention_mask, positions)
+        B, T = ids.shape
         cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor)  # [B, T, d] x2
 
-        x = w.embed[ids]  # [B, T, H]
+        x = k.embed(w.embed, ids)  # [B, T, H]
         hidden = [x] if return_hidden_states else []
         router_logits: list[np.ndarray] = []
         for i, layer in enumerate(w.layers):
@@ -327,7 +290,7 @@ class Qwen3:
             if return_hidden_states:
                 hidden.append(x)
         if cache is not None:
-            cache.length = total
+            cache.length += T
 
         if last_only:
             x = x[:, -1:]
@@ -374,6 +337,72 @@ class Qwen3:
             )
         return ids.astype(np.int64, copy=False)
 
+    def _inputs(self, ids, cache: KVCache | None, attention_mask, positions):
+        """forward's inputs checked, and what the layers need made from them: ids [B, T] int64, the attention mask
+        ([B, T, past + T] bool, or a CausalMask for long inputs) and the positions [B, T]."""
+        ids = self._check_ids(ids)
+        B, T = ids.shape
+        past = 0
+        if cache is not None:
+            if cache.batch_size != B:
+                raise GenerationError(
+                    f"KV cache was allocated for batch {cache.batch_size}, ids have batch {B}"
+                )
+            past = cache.length
+            if past + T > cache.max_len:
+                raise GenerationError(
+                    f"KV cache is full: {past} + {T} positions needed, {cache.max_len} allocated"
+                )
+        key_mask = self._key_mask(attention_mask, B, past + T)
+        return ids, attention_mask_for(key_mask, past, T), self._positions(positions, key_mask, past, T)
+
+    @staticmethod
+    def _key_mask(
+        attention_mask, B: int, total: int
+    ) -> np.ndarray:  # -> [B, total] bool: which keys are real
+        if attention_mask is None:
+            return np.ones((B, total), dtype=bool)
+        key_mask = np.asarray(attention_mask).astype(bool)
+        if key_mask.shape != (B, total):
+            raise GenerationError(
+                f"attention_mask must have shape [batch, past + new] = {[B, total]}, got {list(key_mask.shape)}"
+            )
+        return key_mask
+
+    def _positions(self, positions, key_mask: np.ndarray, past: int, T: int) -> np.ndarray:  # -> [B, T] ints
+        B = key_mask.shape[0]
+        if positions is None:
+            # left padding: a row's first real token is position 0, whatever its column
+            positions = positions_from_mask(key_mask)[:, past:]
+        positions = np.asarray(positions)
+        if positions.shape not in ((T,), (B, T)) or positions.dtype.kind not in "iu":
+            raise GenerationError(
+                f"positions must be integers of shape [T] or [batch, T] = {[B, T]}, got {positions.dtype} "
+                f"{list(positions.shape)}"
+            )
+        positions = np.broadcast_to(positions, (B, T))
+        if positions.size and positions.max() >= self.config.max_position_embeddings:
+            raise GenerationError(
+                f"position {int(positions.max())} is beyond the model's context of "
+                f"{self.config.max_position_embeddings} tokens (max_position_embeddings)"
+            )
+        return positions
+
+
+def attention_mask_for(key_mask: np.ndarray, past: int, T: int):  # [B, past + T] bool -> what attention takes
+    """Which keys each new position may see: causal (nothing after itself) and real (not padding).
+
+    [B, T, past + T] bool; for long inputs (T · (past + T) scores or more, see BLOCKWISE_MIN_SCORES) a CausalMask
+    instead, which blockwise attention expands one tile at a time (never [T, past + T] at once).
+
+    >>> attention_mask_for(np.array([[False, True, True]]), past=1, T=2).astype(int).tolist()
+    [[[0, 1, 0], [0, 1, 1]]]
+    """
+    total = past + T
+    if T * total >= BLOCKWISE_MIN_SCORES:  # long: attention tile by tile, the mask too (never [T, total])
+        return CausalMask(key_mask, past)
+    return causal_mask(T, total)[None] & key_mask[:, None, :]  # [B, T, total]
+
 
 def as_id_array(ids) -> np.ndarray:
     """`np.asarray(ids)`, with a clear error for nested lists of unequal lengths (NumPy cannot make them an array).
@@ -417,7 +446,12 @@ def load_model(
     kernels = get_backend(backend, matmul_precision)
     with Checkpoint(path) as checkpoint:
         weights = load_weights(
-            checkpoint, config, kernels.prepare, progress, kernels.keep_bf16, kernels.bf16_in_memory
+            checkpoint,
+            config,
+            kernels.prepare,
+            progress,
+            kernels.options.keep_bf16,
+            kernels.options.bf16_in_memory,
         )
     return Qwen3(
         config=config,

@@ -7,6 +7,7 @@ import struct
 
 import numpy as np
 
+from tinyqwen import bf16
 from tinyqwen import safetensors as st
 from tinyqwen.config import config_from_dict, expected_tensors
 
@@ -26,7 +27,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
 
 
 def bf16_to_float32(u16: np.ndarray) -> np.ndarray:
-    return st.bf16_to_float32(u16)
+    return bf16.bf16_to_float32(u16)
 
 
 def read_tensor(path: str | os.PathLike, name: str) -> np.ndarray:

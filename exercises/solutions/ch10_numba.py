@@ -1,15 +1,16 @@
 """Chapter 10 solutions: tinyqwen's bf16 conversions (tinyqwen/safetensors.py), its config (tinyqwen/config.py)
-for which layers are sparse, and the numba backend's bf16 GEMV (`backends/numba_backend.py`).
+for which layers are sparse, and the numba backend's bf16 GEMV (`backends/numba/linear.py`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from tinyqwen.backends import numba_backend
+from tinyqwen.backends.numba.linear import linear
+from tinyqwen.backends.numba.weights import BF16Weight
+from tinyqwen.bf16 import bf16_to_float32 as _widen
+from tinyqwen.bf16 import float32_to_bf16 as _narrow
 from tinyqwen.config import config_from_dict
-from tinyqwen.safetensors import bf16_to_float32 as _widen
-from tinyqwen.safetensors import float32_to_bf16 as _narrow
 
 
 def bf16_to_float32(u16: np.ndarray) -> np.ndarray:
@@ -35,7 +36,5 @@ def weights_per_token(config: dict) -> int:
 
 
 def gemv_bf16(w: np.ndarray, x: np.ndarray) -> np.ndarray:
-    # the production kernel: backends/numba_backend.py's bf16 GEMV (one token takes its GEMV path)
-    return numba_backend.linear(
-        np.ascontiguousarray(x, np.float32), numba_backend.BF16Weight(np.ascontiguousarray(w, np.uint16))
-    )
+    # the production kernel: backends/numba/linear.py's bf16 GEMV (one token takes its GEMV path)
+    return linear(np.ascontiguousarray(x, np.float32), BF16Weight(np.ascontiguousarray(w, np.uint16)))

@@ -13,7 +13,7 @@ _TWINS = NumpyTwins()
 def decode_ceiling(
     weights_per_token: int, bytes_per_weight: float, bandwidth_gb_s: float, peak_tflops: float, batch: int = 1
 ) -> float:
-    # the roofline of tinyqwen/bench.py's decode bandwidth: a step reads the weights once and does 2 flops per
+    # the roofline of tinyqwen/bench's decode bandwidth: a step reads the weights once and does 2 flops per
     # weight per sequence; it lasts as long as the slower of the two
     read_s = weights_per_token * bytes_per_weight / (bandwidth_gb_s * 1e9)
     compute_s = 2 * weights_per_token * batch / (peak_tflops * 1e12)

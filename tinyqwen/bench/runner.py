@@ -1,31 +1,6 @@
-"""Benchmarks: every engine in its own process, timed the same way, compared as ratios from one run.
+"""The benchmark's runner and report: plan the engines, time each in a child process, summarise, print the table.
 
-Host timings swing 30-50% between runs on a shared machine, so a lone tokens-per-second figure says little; the
-ratio to a peer timed minutes apart on the same machine says much more. One run measures:
-
-- tinyqwen with each backend that exists here ("numpy", "numba", and "numba" with matmul_precision="medium"; "cupy"
-  on an NVIDIA GPU, when asked for: `tinyqwen bench --backend cupy` — its decode GB/s is the achieved HBM
-  bandwidth, shown against the GPU's peak);
-- Hugging Face transformers, fp32 and bf16, and llama.cpp (llama-cpp-python) on GGUF files (bf16, q8_0, ...),
-  in a Python that has them (`peer_python`, e.g. the venv that ../shared/peers/setup builds in /tmp/peer-venv);
-  tinyqwen never imports torch or llama_cpp: the peers only ever run as child processes;
-- the machine's GEMV bandwidth: NumPy's fp32 BLAS matrix-vector product on the lm_head's shape.
-
-Every engine runs in its own child process (so its peak RSS is its own, and thread pools never fight), with the
-same thread count (OMP/OpenBLAS/MKL/Numba env vars, torch.set_num_threads, llama.cpp n_threads), greedy, on the
-same random prompt ids, through the one timing loop `_DRIVER` below:
-
-    load                         -> load_s, peak RSS after load
-    8-token prompt + 2 steps     -> first_call_s, run twice (numba: compile_s = time in its compiler, fresh cache,
-                                    in a first process; the timed one loads the compiled kernels from that cache)
-    P-token prompt, then N steps -> TTFT = time to the first new token = prefill time; decode time of N tokens
-                                    (best of `repeat`, prefill and decode each)
-
-prefill tok/s = P / TTFT, decode tok/s = N / decode time. Decode bandwidth = bytes of weights one decode step reads
-(`decode_params(config)` x the engine's resident bytes per weight) / time per token.
-
-    report = run_benchmark("/tmp/peer/qwen3-0.6b-random", peer_python="/tmp/peer-venv/bin/python")
-    print(format_report(report))
+The overview (what one run measures, and how) is the package's docstring: `tinyqwen/bench/__init__.py`.
 """
 
 from __future__ import annotations
@@ -105,217 +80,22 @@ def resident_bytes(obj, seen: set | None = None) -> int:
 
 # ------------------------------------------------------------------------------------------ the child processes
 
-# The one timing loop. Each engine's snippet (below) defines `load(path, threads, option, max_len)` returning an
-# object with prefill(ids) -> first new token, step(token) -> next token, `version`, and `weight_bytes` (resident
-# bytes of its weights; read after the peak RSS). Kept as text: it runs in a child, possibly another venv's Python.
-_DRIVER = """
-import resource, sys, time
-import numpy as np
-path, ids_file, out_file, new_tokens, repeat, threads, option = sys.argv[1:8]
-new_tokens, repeat, threads = int(new_tokens), int(repeat), int(threads)
-prompt = [int(t) for t in np.load(ids_file)["prompt"]]
-
-def peak_rss():  # bytes; Linux gives ru_maxrss in KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-def run(ids, n):  # -> (time to first new token, time of n more tokens, the tokens)
-    start = time.perf_counter()
-    token = engine.prefill(ids)
-    ttft = time.perf_counter() - start
-    out = [token]
-    start = time.perf_counter()
-    for _ in range(n):
-        token = engine.step(token)
-        out.append(token)
-    return ttft, time.perf_counter() - start, out
-
-start = time.perf_counter()
-engine = load(path, threads, option, len(prompt) + new_tokens + 8)
-load_s = time.perf_counter() - start
-rss_load = peak_rss()
-calls = []
-for _ in range(2):  # the first call pays JIT compilation (numba), allocator and thread-pool start-up
-    start = time.perf_counter()
-    run(prompt[:8], 2)
-    calls.append(time.perf_counter() - start)
-ttft = decode = float("inf")
-for _ in range(repeat):
-    t, d, ids = run(prompt, new_tokens)
-    ttft, decode = min(ttft, t), min(decode, d)
-peak = peak_rss()
-np.savez(out_file, load_s=load_s, first_call_s=calls[0], second_call_s=calls[1], ttft_s=ttft, decode_s=decode,
-         peak_rss_load=rss_load, peak_rss=peak, weight_bytes=engine.weight_bytes, version=np.array(engine.version),
-         first_ids=np.array(ids[:8]), compile_s=getattr(engine, "compile_s", float("nan")),
-         hbm_peak_gb_s=getattr(engine, "hbm_peak_gb_s", float("nan")))
-"""
-
-_TINYQWEN = """
-def load(path, threads, option, max_len):
-    import tinyqwen
-    from tinyqwen.bench import compile_clock, resident_bytes
-    # "numba:medium:bfloat16" -> backend numba, matmul_precision="medium", a bfloat16 KV cache
-    backend, precision, kv_dtype = (option.split(":") + ["", ""])[:3]
-    clock = compile_clock() if backend == "numba" else None
-    model = tinyqwen.load_model(path, backend=backend, matmul_precision=precision or "highest")
-    if precision == "medium":
-        from tinyqwen.backends import onednn
-        precision = f", matmul_precision={precision}" + (", oneDNN" if onednn.available() else ", no oneDNN")
-    else:
-        precision = ""
-    kv_dtype = kv_dtype or "float32"
-    if kv_dtype != "float32":
-        precision += f", KV cache {kv_dtype}"
-
-    class Engine:
-        version = f"tinyqwen {tinyqwen.__version__} ({backend} backend{precision})"
-        weight_bytes = resident_bytes(model.weights)
-        compile_s = property(lambda self: clock.total if clock else float("nan"))
-
-        def prefill(self, ids):
-            self.cache = None  # the last run's cache goes first: a new prompt never holds two caches at once
-            self.cache = model.new_cache(1, max_len, kv_dtype)
-            return self.step_ids(np.asarray([ids]))
-
-        def step(self, token):
-            return self.step_ids(np.asarray([[token]]))
-
-        def step_ids(self, ids):
-            return int(model.forward(ids, cache=self.cache, last_only=True).logits[0, -1].argmax())
-
-    return Engine()
-"""
-
-_CUPY = """
-def load(path, threads, option, max_len):
-    import tinyqwen
-    from tinyqwen.backends import cupy_backend
-    from tinyqwen.bench import resident_bytes
-    model = tinyqwen.load_model(path, backend="cupy")
-    ops = model.backend.ops
-
-    class Engine:
-        version = f"tinyqwen {tinyqwen.__version__} (cupy backend, {cupy_backend.device_name()})"
-        weight_bytes = resident_bytes(model.weights)  # on the GPU, in the checkpoint's dtype
-        hbm_peak_gb_s = cupy_backend.hbm_peak_gb_s()
-
-        def prefill(self, ids):
-            self.cache = model.new_cache(1, max_len)
-            return self.step_ids(np.asarray([ids]))
-
-        def step(self, token):
-            return self.step_ids(np.asarray([[token]]))
-
-        def step_ids(self, ids):
-            # greedy on the GPU; bringing the id back waits for the GPU, so the host clock times real work
-            logits = model.forward(ids, cache=self.cache, last_only=True, on_device=True).logits
-            return int(ops.to_numpy(ops.argmax(logits[:, -1]))[0])
-
-    return Engine()
-"""
-
-_TRANSFORMERS = """
-def load(path, threads, option, max_len):
-    import importlib
-    torch = importlib.import_module("torch")
-    transformers = importlib.import_module("transformers")
-    torch.set_num_threads(threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[option]
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-    class Engine:
-        version = f"transformers {transformers.__version__}, torch {torch.__version__}"
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
-
-        def prefill(self, ids):
-            self.past = None
-            return self.forward(torch.tensor([ids]), logits_to_keep=1)  # last position only, as tinyqwen's
-
-        def step(self, token):
-            return self.forward(torch.tensor([[token]]))
-
-        def forward(self, ids, **kwargs):
-            with torch.inference_mode():
-                out = model(ids, past_key_values=self.past, use_cache=True, **kwargs)
-            self.past = out.past_key_values
-            return int(out.logits[0, -1].argmax())
-
-    return Engine()
-"""
-
-_LLAMA_CPP = """
-def load(path, threads, option, max_len):
-    import importlib, os
-    llama_cpp = importlib.import_module("llama_cpp")
-    llm = llama_cpp.Llama(model_path=option, n_ctx=max_len, n_threads=threads, n_threads_batch=threads,
-                          n_batch=512, verbose=False)
-    vocab = llm.n_vocab()
-
-    def first_new_token():  # the logits of the last token evaluated
-        return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax())
-
-    class Engine:
-        version = f"llama-cpp-python {llama_cpp.__version__}"
-
-        @property
-        def weight_bytes(self):  # the GGUF's tensor data; the file size if the gguf package is missing
-            try:
-                return sum(int(t.n_bytes) for t in importlib.import_module("gguf").GGUFReader(option).tensors)
-            except Exception:
-                return os.path.getsize(option)
-
-        def prefill(self, ids):
-            llm.reset()
-            llm.eval(ids)
-            return first_new_token()
-
-        def step(self, token):
-            llm.eval([token])
-            return first_new_token()
-
-    return Engine()
-"""
-
-_GEMV = """
-import sys, time
-import numpy as np
-rows, cols, out_file = int(sys.argv[4]), int(sys.argv[5]), sys.argv[3]
-w = np.full((rows, cols), 0.5, dtype=np.float32)  # written once, so every page is real memory
-x = np.ones(cols, dtype=np.float32)
-w @ x
-best = float("inf")
-for _ in range(5):
-    start = time.perf_counter()
-    w @ x
-    best = min(best, time.perf_counter() - start)
-np.savez(out_file, seconds=best, bytes=w.nbytes)
-"""
+ENGINES = Path(__file__).resolve().parent / "engines"
+# the engine module each kind runs (tinyqwen/bench/engines/): its `load`, timed by driver.main
+ENGINE_MODULES = {
+    "numpy": "numpy_numba",
+    "numba": "numpy_numba",
+    "cupy": "cupy_gpu",
+    "transformers": "hf_transformers",
+    "llama.cpp": "llama_cpp_gguf",
+}
 
 
-class compile_clock:  # noqa: N801 (used like a function)
-    """Seconds Numba spends compiling from now on (its "numba:compile" events; nested compiles counted once)."""
-
-    def __init__(self):
-        import importlib
-
-        # the backend first: it sets Numba's thread and CPU settings, which Numba reads once, at its own import
-        importlib.import_module("tinyqwen.backends.numba_backend")
-        from numba.core import event
-
-        self.total, self._depth, self._start = 0.0, 0, 0.0
-        clock = self
-
-        class Listener(event.Listener):
-            def on_start(self, ev):
-                if clock._depth == 0:
-                    clock._start = time.perf_counter()
-                clock._depth += 1
-
-            def on_end(self, ev):
-                clock._depth -= 1
-                if clock._depth == 0:
-                    clock.total += time.perf_counter() - clock._start
-
-        event.register("numba:compile", Listener())
+def engine_script(kind: str) -> str:
+    """What a child Python runs for an engine: its module and the driver, both by path (a peer's Python may not
+    have tinyqwen installed, so neither is imported as tinyqwen.bench.engines.x)."""
+    engine, driver = ENGINES / f"{ENGINE_MODULES[kind]}.py", ENGINES / "driver.py"
+    return f"import runpy; runpy.run_path({str(driver)!r})['main'](runpy.run_path({str(engine)!r})['load'])"
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -325,7 +105,8 @@ def thread_env(threads: int) -> dict[str, str]:
 
 def measure_gemv(threads: int = THREADS, shape: tuple[int, int] = GEMV_SHAPE) -> dict:
     """The machine's streaming bandwidth as decode sees it: NumPy fp32 BLAS GEMV over `shape`, best of 5."""
-    out = run_child(_GEMV, "-", {}, *shape, env=thread_env(threads), what="the GEMV probe")
+    script = f"import runpy; runpy.run_path({str(ENGINES / 'gemv.py')!r})['main']()"
+    out = run_child(script, "-", {}, *shape, env=thread_env(threads), what="the GEMV probe")
     seconds, nbytes = float(out["seconds"]), int(out["bytes"])
     return {
         "what": f"NumPy fp32 BLAS GEMV (w @ x) on a [{shape[0]} x {shape[1]}] matrix, best of 5",
@@ -427,17 +208,10 @@ def run_engine(
     peer_python=None,
 ) -> dict:
     """Time one engine in its own process; the raw measurements as plain numbers."""
-    script = {
-        "numpy": _TINYQWEN,
-        "numba": _TINYQWEN,
-        "cupy": _CUPY,
-        "transformers": _TRANSFORMERS,
-        "llama.cpp": _LLAMA_CPP,
-    }
     env = thread_env(threads)
     python = None if engine.kind in TINYQWEN_BACKENDS else peer_python
     args = (
-        script[engine.kind] + _DRIVER,
+        engine_script(engine.kind),
         model,
         {"prompt": prompt},
         new_tokens,

@@ -1,0 +1,97 @@
+"""The "numba" backend: the model's hot kernels compiled for the CPU, reading bf16 weights directly.
+
+Decoding one token is memory-bound: every weight is read once and used for one multiply-add. So the weights stay in
+the checkpoint's dtype — BF16 as its uint16 bit patterns (`BF16Weight`), F32 as the read-only memory map — and a
+GEMV widens each bf16 row *in registers* (`u32 << 16` reinterpreted as float32, exact) while it streams: 2 bytes
+read per weight instead of 4. The kernels, all behind the `Backend` contract of `backends/contract.py` (same
+signatures as the NumPy reference in `tinyqwen/`, which the tests compare them with), one module per concept:
+
+    linear.py     linear: M ≤ GEMV_MAX_ROWS tokens, a parallel bf16 GEMV (each weight row widened once, used
+                  for all M rows); more tokens (prefill), widen a block of weight rows into a float32 scratch
+                  buffer and call BLAS. swiglu: decode's gate and up GEMVs fused with SiLU·mul (x read once, no
+                  [ffn] temporaries), then down
+    norm_rope.py  rms_norm, one pass per row (also QK-Norm: the same kernel over head_dim); apply_rope, one pass,
+                  no rotate_half temporaries
+    attention.py  one query position (decode): each kv head is read once for its whole group of query heads;
+                  longer queries (prefill): blocks of query rows, each block's scores over only the keys its mask
+                  allows (causal: half the work) by BLAS, with a fused mask + softmax in between
+    moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
+                  pairs, prefill groups the tokens by expert (each expert's weights read once per call)
+
+`matmul_precision` (PyTorch's name for the same choice): "highest" (the default) multiplies in float32 — equal to
+the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
+bf16 (nearest-even) and accumulates in float32, as llama.cpp's bf16 path and PyTorch's bf16 models do: prefill
+then runs on the CPU's bf16 matrix units through oneDNN (`backends/onednn.py`), several times the float32 rate,
+at the price of ~3 significant digits in the activations (logits moved by ~1e-2 of their size on the tiny bf16
+test fixtures; see the tests).
+
+plus `weights.py` (`BF16Weight`, the embedding lookup, `prepare`), `intrinsics.py` (bit casts, prefetch, exp, bf16
+rounding in registers) and `settings.py` (what Numba reads at its import: imported first). This module assembles
+the `Backend`.
+
+`@njit(cache=True)`: the first call of a kernel compiles it (seconds) and stores the machine code next to its
+module, so later processes start fast. Float32 weights (F32 checkpoints) use NumPy's BLAS for the products, in
+float32 whatever the precision.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import numpy as np
+
+# isort: off
+from tinyqwen.backends.numba import settings  # noqa: F401 (first: Numba reads them when it is imported)
+
+# isort: on
+from tinyqwen.backends.contract import Backend, LoadOptions
+from tinyqwen.backends.numba import attention, linear, moe, norm_rope
+from tinyqwen.backends.numba.intrinsics import round_bf16  # noqa: F401 (re-exported)
+from tinyqwen.backends.numba.weights import BF16Weight, embed, prepare  # noqa: F401 (BF16Weight re-exported)
+
+
+def backend(matmul_precision: str = "highest") -> Backend:
+    """The numba backend; `matmul_precision` "highest" (float32 products) or "medium" (bf16 inputs, see above)."""
+    options = LoadOptions(keep_bf16=True, bf16_in_memory=True, matmul_precision=matmul_precision)
+    bf16_inputs = matmul_precision == "medium"
+    return Backend(
+        name="numba",
+        linear=partial(linear.linear, bf16_inputs=bf16_inputs),
+        linears=partial(linear.linears, bf16_inputs=bf16_inputs),
+        rms_norm=norm_rope.rms_norm,
+        apply_rope=norm_rope.apply_rope,
+        attention=attention.attention,
+        swiglu=partial(linear.swiglu, bf16_inputs=bf16_inputs),
+        moe_block=partial(moe.moe_block, bf16_inputs=bf16_inputs),
+        embed=embed,
+        prepare=prepare,
+        to_numpy=np.asarray,
+        options=options,
+    )
+
+
+class compile_clock:  # noqa: N801 (used like a function)
+    """Seconds Numba spends compiling from now on (its "numba:compile" events; nested compiles counted once).
+
+    The benchmark's numba engine reports it: the first call's compile time, never hidden in tokens per second.
+    """
+
+    def __init__(self):
+        from numba.core import event
+
+        self.total, self._depth, self._start = 0.0, 0, 0.0
+        clock = self
+
+        class Listener(event.Listener):
+            def on_start(self, ev):
+                if clock._depth == 0:
+                    clock._start = time.perf_counter()
+                clock._depth += 1
+
+            def on_end(self, ev):
+                clock._depth -= 1
+                if clock._depth == 0:
+                    clock.total += time.perf_counter() - clock._start
+
+        event.register("numba:compile", Listener())

@@ -1,0 +1,196 @@
+"""The weight products: decode's bf16 GEMVs (streamed, each row widened in registers), prefill's widen-a-block +
+BLAS (or oneDNN's bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from tinyqwen.backends import onednn
+from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
+from tinyqwen.backends.numba.weights import BF16Weight
+
+GEMV_MAX_ROWS = 4  # up to this many tokens a product streams the bf16 weights; beyond, widen blocks + BLAS
+
+
+# float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits
+# in one block (one sgemm call, as fast as NumPy's); 4 MiB blocks cost up to 1.7x in BLAS calls here (measured)
+WIDEN_BLOCK_BYTES = 16 << 20
+
+
+# Every parallel kernel below only splits rows into chunks over the threads; the loops that stream the weights
+# live in a serial kernel it calls. Numba caches both, but a parallel kernel whose own body holds the loops ran
+# ~25% slower loaded from its cache than freshly compiled (the gate/up GEMVs of Qwen3-0.6B: 17-19 ms per token
+# instead of 13-15, Sapphire Rapids, 2 cores; numba issue #8085); with the loops in a serial kernel, the cached code
+# is as fast as a fresh compile.
+
+
+@njit(cache=True, inline="always")
+def _prefetch_next(
+    ws, starts, i, r, hi
+):  # prefetch row r + 1 of the stacked row space (weight i holds row r)
+    if r + 1 < hi:
+        j = i
+        while r + 1 >= starts[j + 1]:  # (skipping any weight with no rows)
+            j += 1
+        _prefetch_weight_row(ws[j][r + 1 - starts[j]])
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _gemv_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked row space of _gemv_many_bf16
+    M, K = x.shape
+    i = 0
+    for r in range(lo, hi):
+        while r >= starts[i + 1]:
+            i += 1
+        w, out, n = ws[i], outs[i], r - starts[i]
+        _prefetch_next(ws, starts, i, r, hi)
+        for m in range(M):
+            acc = np.float32(0.0)
+            for k in range(K):
+                acc += x[m, k] * _bf16(w[n, k])
+            out[m, n] = acc
+
+
+@njit(parallel=True, cache=True)
+def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u16, n x [M, N_i] f32 (written)
+    # every decode GEMV (n = 1: one weight; n = 3: q, k, v fused). The rows of all n weights as one row space
+    # (starts: cumulative row counts), split into chunks over the threads: one parallel launch and one long stream
+    # instead of n short ones
+    total = starts[-1]
+    chunks = min(total, chunks)
+    size = (total + chunks - 1) // chunks
+    for c in prange(chunks):
+        _gemv_rows_bf16(x, ws, outs, starts, c * size, min(total, (c + 1) * size))
+
+
+@njit(cache=True)
+def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
+    # one thread: it alternates with BLAS, whose own threads are still spinning when it starts
+    N, K = w.shape
+    for n in range(N):
+        for k in range(K):
+            out[n, k] = _bf16(w[n, k])
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _gate_up_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up_bf16
+    M, K = x.shape
+    for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_weight_row(w_gate[f + 1])
+            _prefetch_weight_row(w_up[f + 1])
+        for m in range(M):
+            g = np.float32(0.0)
+            u = np.float32(0.0)
+            for k in range(K):
+                g += x[m, k] * _bf16(w_gate[f, k])
+                u += x[m, k] * _bf16(w_up[f, k])
+            out[m, f] = _silu(g) * u
+
+
+@njit(parallel=True, cache=True)
+def _gate_up_bf16(
+    x, w_gate, w_up, out, chunks
+):  # [M, K] f32, [F, K] u16 x2 -> out [M, F]: silu(x Wgᵀ)·(x Wuᵀ)
+    F = w_gate.shape[0]
+    chunks = min(F, chunks)
+    size = (F + chunks - 1) // chunks
+    for c in prange(chunks):
+        _gate_up_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _silu_mul(g, u):  # [M, F] x2 -> [M, F]
+    out = np.empty_like(g)
+    M, F = g.shape
+    for m in range(M):
+        for f in range(F):
+            out[m, f] = _silu(g[m, f]) * u[m, f]
+    return out
+
+
+def _chunks() -> int:  # work items for a parallel GEMV: several per thread, so a slow thread holds no one up
+    return 8 * numba.get_num_threads()
+
+
+def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contiguous
+    return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+
+
+def linear(
+    x: np.ndarray, w, bf16_inputs: bool = False
+) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..., d_out]
+    if not isinstance(w, BF16Weight):
+        return x @ w.T  # float32 weights: BLAS, as the reference
+    x2 = _rows(x)
+    bits = w.bits
+    N, K = bits.shape
+    M = x2.shape[0]
+    if bf16_inputs and M > GEMV_MAX_ROWS and onednn.available():  # prefill on the bf16 matrix units
+        return onednn.gemm_bf16(round_bf16(x2)[0], bits).reshape(*x.shape[:-1], N)
+    if M <= GEMV_MAX_ROWS:  # decode: stream the bf16 weight
+        return _gemv(x2, (bits,), bf16_inputs)[0].reshape(*x.shape[:-1], N)
+    if bf16_inputs:
+        x2 = round_bf16(x2)[1]  # the same products as float32 numbers: bf16 x bf16 is exact in float32
+    block = max(1, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
+    if block == N:  # prefill: compute-bound, so BLAS's sgemm on the widened weight
+        scratch = np.empty((N, K), np.float32)
+        _widen(bits, scratch)
+        out = x2 @ scratch.T
+    else:  # the same, a block of rows at a time: the float32 copy never exceeds WIDEN_BLOCK_BYTES
+        out = np.empty((M, N), np.float32)
+        scratch = np.empty((block, K), np.float32)
+        for start in range(0, N, block):
+            stop = min(N, start + block)
+            _widen(bits[start:stop], scratch[: stop - start])
+            out[:, start:stop] = x2 @ scratch[: stop - start].T  # BLAS sgemm on the widened block
+    return out.reshape(*x.shape[:-1], N)
+
+
+def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False) -> tuple:
+    # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]: decode's q, k, v GEMVs in one kernel
+    x2 = _rows(x)
+    fused = all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in ws)
+    # one Numba type for all (a tuple indexed at run time): all read-only file maps, or all writable arrays
+    fused = fused and len({w.bits.flags.writeable for w in ws}) == 1
+    if x2.shape[0] > GEMV_MAX_ROWS or not fused:
+        return tuple(linear(x, w, bf16_inputs) for w in ws)
+    outs = _gemv(x2, tuple(w.bits for w in ws), bf16_inputs)
+    return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
+
+
+@cache
+def _starts(
+    rows: tuple,
+) -> np.ndarray:  # rows of each weight -> their cumulative starts [0, r0, r0 + r1, ...]
+    starts = np.cumsum((0, *rows)).astype(np.int64)
+    starts.flags.writeable = False  # shared by every call with these shapes
+    return starts
+
+
+def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
+    # [M ≤ GEMV_MAX_ROWS, K] f32, n x [N_i, K] u16 bf16 weights (one Numba type) -> n x [M, N_i] f32, in one launch
+    outs = tuple(np.empty((x2.shape[0], b.shape[0]), np.float32) for b in bits)
+    starts = _starts(tuple(b.shape[0] for b in bits))
+    # "medium": the bf16-rounded inputs through the same float32 kernel. A bf16 x bf16 product is exact in float32,
+    # so these are the products of llama.cpp's bf16 path. (An AVX512-BF16 `vdpbf16ps` kernel, 32 such products per
+    # instruction, streamed faster than the float32 one until both prefetched the next row; then it was ~8% slower:
+    # a 0.6B step's GEMVs took 51-56 ms against 46-50, so it went.)
+    _gemv_many_bf16(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _chunks())
+    return outs
+
+
+def swiglu(x: np.ndarray, w_gate, w_up, w_down, bf16_inputs: bool = False) -> np.ndarray:
+    # [..., d], [f, d], [f, d], [d, f] -> [..., d]
+    x2 = _rows(x)
+    if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
+        h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
+        _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
+    else:
+        h = _silu_mul(linear(x2, w_gate, bf16_inputs), linear(x2, w_up, bf16_inputs))
+    return linear(h, w_down, bf16_inputs).reshape(x.shape)

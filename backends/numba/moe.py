@@ -1,0 +1,94 @@
+"""The mixture-of-experts block: only the routed experts run — decode in one fused kernel over every (token,
+expert) pair, prefill grouped by expert (each expert's weights read once per call).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, _to_bf16, round_bf16
+from tinyqwen.backends.numba.linear import GEMV_MAX_ROWS, _chunks, _rows, linear, swiglu
+from tinyqwen.backends.numba.weights import BF16Weight
+from tinyqwen.moe import route
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_up_rows(
+    x, experts, w_gate, w_up, h, p, lo, hi, bf16_inputs
+):  # hidden units lo..hi of (token, slot) p
+    k, d = experts.shape[1], w_gate.shape[2]
+    e, t = experts[p // k, p % k], p // k
+    for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_weight_row(w_gate[e, f + 1])
+            _prefetch_weight_row(w_up[e, f + 1])
+        g = np.float32(0.0)
+        u = np.float32(0.0)
+        for j in range(d):
+            g += x[t, j] * _bf16(w_gate[e, f, j])
+            u += x[t, j] * _bf16(w_up[e, f, j])
+        a = _silu(g) * u
+        h[p, f] = _bf16(_to_bf16(a)) if bf16_inputs else a
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_down_rows(h, experts, weights, w_down, out, lo, hi):  # output features lo..hi of every token
+    N, k = experts.shape
+    F = w_down.shape[2]
+    for i in range(lo, hi):
+        for t in range(N):
+            total = np.float32(0.0)
+            for s in range(k):  # the token's experts, summed in slot order
+                e = experts[t, s]
+                if i + 1 < hi:
+                    _prefetch_weight_row(w_down[e, i + 1])
+                acc = np.float32(0.0)
+                for f in range(F):
+                    acc += h[t * k + s, f] * _bf16(w_down[e, i, f])
+                total += weights[t, s] * acc
+            out[t, i] = total
+
+
+@njit(parallel=True, cache=True)
+def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks, bf16_inputs):
+    # x [N, d] f32, experts/weights [N, k] (routing), w_gate/w_up [E, f, d] u16, w_down [E, d, f] u16 -> out [N, d]
+    # (bf16_inputs: x arrives rounded; the hidden activations are rounded here before the down projection)
+    # One call for all of a decode step's (token, expert) pairs: the routed experts' rows are spread over the
+    # threads together, instead of one small parallel launch per expert.
+    N, k = experts.shape
+    F, d = w_gate.shape[1], w_gate.shape[2]
+    P = N * k
+    h = np.empty((P, F), np.float32)
+    per = min(F, max(1, chunks // P + 1))  # row chunks per pair
+    size = (F + per - 1) // per
+    for job in prange(P * per):
+        p, c = job // per, job % per
+        _moe_up_rows(x, experts, w_gate, w_up, h, p, c * size, min(F, (c + 1) * size), bf16_inputs)
+    rows = min(d, chunks)
+    size = (d + rows - 1) // rows
+    for c in prange(rows):
+        _moe_down_rows(h, experts, weights, w_down, out, c * size, min(d, (c + 1) * size))
+
+
+def _expert(w, e: int):  # one expert's [rows, cols] weight out of the stacked [E, rows, cols]
+    return BF16Weight(w.bits[e]) if isinstance(w, BF16Weight) else w[e]
+
+
+def moe_block(x, w_router, w_gate, w_up, w_down, top_k: int, norm_topk_prob: bool, bf16_inputs: bool = False):
+    # [N, d], [E, d], [E, f, d], [E, f, d], [E, d, f] -> output [N, d], router logits [N, E]
+    router_logits = linear(x, w_router, bf16_inputs)
+    weights, experts = route(router_logits, top_k, norm_topk_prob)  # the reference's routing, ties included
+    if isinstance(w_gate, BF16Weight) and x.shape[0] <= GEMV_MAX_ROWS:  # decode: one fused kernel
+        out = np.empty(x.shape, np.float32)
+        x2 = round_bf16(_rows(x))[1] if bf16_inputs else _rows(x)
+        w32 = weights.astype(np.float32)
+        _moe_decode_bf16(x2, experts, w32, w_gate.bits, w_up.bits, w_down.bits, out, _chunks(), bf16_inputs)
+        return out, router_logits
+    out = np.zeros(x.shape, np.float32)
+    # only the routed experts run; each runs once, on all the tokens that chose it (its weights read once)
+    for e in np.unique(experts):
+        token, slot = np.nonzero(experts == e)
+        y = swiglu(x[token], _expert(w_gate, e), _expert(w_up, e), _expert(w_down, e), bf16_inputs)
+        out[token] += y * weights[token, slot, None]  # a token picks an expert at most once: no repeats
+    return out, router_logits
