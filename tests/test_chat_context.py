@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import write_tiny_qwen3  # noqa: F401  (the tests directory is on the path, as for test_cli)
 from test_cli import FIXTURES, IM_END, assert_one_line_error, run_chat, stub, tinyqwen
 
 from tinyqwen.tokenizer import Tokenizer

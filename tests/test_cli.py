@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, write_tiny_qwen3
+from conftest import REPO
 
+from tinyqwen.testing import write_tiny_qwen3
 from tinyqwen.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -19,7 +19,14 @@ rng = np.random.default_rng(0)
 
 
 def _modules():
-    return [m.name for m in pkgutil.iter_modules(tinyqwen.__path__, "tinyqwen.")]
+    """tinyqwen's modules, and those of its subpackages (tinyqwen.serve) but not the backends (tests of their own)."""
+    names = []
+    for m in pkgutil.iter_modules(tinyqwen.__path__, "tinyqwen."):
+        names.append(m.name)
+        if m.ispkg and m.name != "tinyqwen.backends":
+            package = importlib.import_module(m.name)
+            names += [s.name for s in pkgutil.iter_modules(package.__path__, m.name + ".")]
+    return names
 
 
 @pytest.mark.parametrize("name", _modules())
