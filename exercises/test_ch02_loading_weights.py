@@ -29,6 +29,7 @@ from exercises.grading import (
     notebook,
     reference_file,
 )
+from tinyqwen.config import CONFIG_DIR
 
 FILE = REFERENCES / "ch02_loading_weights.safetensors"
 FACTS = reference_file("ch02_loading_weights.json")
@@ -215,7 +216,9 @@ def _with_moe_layers(want: dict, config: dict, layers: set[int]) -> list:
 
 
 def _config(name: str) -> dict:
-    return json.loads((FIXTURES / "configs" / f"{name}.json").read_text())
+    """A stored config.json: a test fixture's (fixture-*), or an official one as tinyqwen ships it."""
+    folder = FIXTURES / "configs" if name.startswith("fixture-") else CONFIG_DIR
+    return json.loads((folder / f"{name}.json").read_text())
 
 
 class _Loaded:

@@ -19,7 +19,6 @@ import json
 import numpy as np
 
 from exercises.grading import (
-    FIXTURES,
     Mistake,
     call,
     expect,
@@ -30,10 +29,10 @@ from exercises.grading import (
     notebook,
     reference_file,
 )
+from tinyqwen.config import CONFIG_DIR
 
 REF = reference_file("ch10_numba.npz")
 ATOL = RTOL = 1e-5
-CONFIGS = FIXTURES / "configs"
 
 # reread("...") -> 'notebooks/10-numba.ipynb, section "..."': where a failure sends the learner
 reread = functools.partial(notebook, 10)
@@ -176,7 +175,7 @@ def test_round_like_torch(course):
 
 
 def _config(name: str) -> dict:
-    return json.loads((CONFIGS / f"{name}.json").read_text(encoding="utf-8"))
+    return json.loads((CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
 
 
 def _count(ch, name: str, want: int, mistakes: list[Mistake]) -> None:

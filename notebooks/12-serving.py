@@ -55,9 +55,10 @@ ch09 = json.loads((REPO / "exercises" / "references" / "ch09_chat_template_think
 # %% [markdown]
 # The model: [chapter 9](09-chat-template-thinking.ipynb)'s tiny Qwen3 — two layers, 32 wide, but the **real**
 # 151,936-token vocabulary, so the real tokenizer and chat template apply. Its random weights are made by NumPy
-# with a fixed seed (`tinyqwen.testing`, the test helpers that ship with the package), and transformers' greedy reply to one conversation is stored in `ch09`: we will check the
-# server against it at the end. (`ref` holds this chapter's references, made by
-# `exercises/references/make_ch12_serving.py` with the official tokenizer and template.)
+# with a fixed seed (`tinyqwen.testing`: test helpers that ship with the package), and transformers' greedy reply
+# to one conversation is stored in `ch09`: we will check the server against it at the end. (`ref` holds this
+# chapter's references, made by `exercises/references/make_ch12_serving.py` with the official tokenizer and
+# template.)
 
 # %%
 folder = Path(tempfile.mkdtemp(prefix="tinyqwen-ch12-"))
