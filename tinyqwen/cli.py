@@ -632,7 +632,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """`tinyqwen serve`: the OpenAI-compatible endpoint of tinyqwen/serve.py, until Ctrl-C."""
+    """`tinyqwen serve`: the OpenAI-compatible endpoint of tinyqwen/serve/, until Ctrl-C."""
     from tinyqwen.serve import require_serve_extra, serve
 
     require_serve_extra()

@@ -2,7 +2,7 @@
 
 A streaming OpenAI endpoint answers with `Content-Type: text/event-stream` and writes one event per chunk,
 
-    data: {"id": "chatcmpl-...", "choices": [{"delta": {"content": "Hi"}, ...}]}\n\n
+    data: {"id": "chatcmpl-...", "choices": [{"delta": {"content": "Hi"}, ...}]}\\n\\n
 
 and ends the stream with `data: [DONE]`. `sse` writes one event; `parse_sse` reads a whole body back the way a
 client does (the tests and chapter 12 use it to check what the server sent).
