@@ -36,10 +36,11 @@ from tinyqwen.attention import BLOCKWISE_MIN_SCORES, CausalMask, causal_mask, po
 from tinyqwen.backends import Backend, get_backend
 from tinyqwen.config import (
     Qwen3Config,
+    count_parameters,  # noqa: F401 (tinyqwen.model.count_parameters is chapter 6's name)
     expected_tensors,
     load_config,
     load_generation_config,
-)  # noqa: F401 (count_parameters: tinyqwen.model.count_parameters is chapter 6's name)
+)
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.rope import rope_cos_sin, rope_parameters
