@@ -140,15 +140,12 @@ def write_tiny_qwen3(
     (folder / "generation_config.json").write_text(
         json.dumps(QWEN3_GENERATION_CONFIG, indent=4, sort_keys=True)
     )
-    save_file(
-        tiny_qwen3_tensors(config, seed, scale), folder / "model.safetensors", metadata={"format": "pt"}
-    )
-    if with_tokenizer:
-        for name in TOKENIZER_FILES:
-            if (
-                PACKAGE_DATA / name
-            ).is_file():  # tokenizer.json is not packaged: vocab.json + merges.txt suffice
-                shutil.copy(PACKAGE_DATA / name, folder / name)
+    tensors = tiny_qwen3_tensors(config, seed, scale)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    # tokenizer.json is not packaged (vocab.json and merges.txt hold the same tokenizer), so it is skipped
+    for name in TOKENIZER_FILES if with_tokenizer else ():
+        if (PACKAGE_DATA / name).is_file():
+            shutil.copy(PACKAGE_DATA / name, folder / name)
     return folder
 
 
