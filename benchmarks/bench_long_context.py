@@ -3,7 +3,7 @@
     python benchmarks/bench_long_context.py [--layers 28] [--prompt-tokens 8192 32768] [--kv-dtype bfloat16]
                                             [--chunk 2048] [--backend numpy] [--out DIR] [--json]
 
-The checkpoint has Qwen3-0.6B's exact config.json (tests/fixtures/configs/Qwen3-0.6B.json: 28 layers, hidden 1024,
+The checkpoint has Qwen3-0.6B's exact config.json (tinyqwen/data/configs/Qwen3-0.6B.json: 28 layers, hidden 1024,
 16 query / 8 kv heads, head_dim 128, ffn 3072, vocab 151,936, tied) with random BF16 weights (normal, std 0.02;
 norms 1), written to --out (default /tmp/qwen3-0.6b-random-<N>layers; never commit it) on the first run and reused.
 `--layers N` cuts it to its first N layers: the same shapes, so the memory *per layer* (weights and KV cache) and
@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "tests" / "fixtures" / "configs" / "Qwen3-0.6B.json"
+CONFIG = REPO / "tinyqwen" / "data" / "configs" / "Qwen3-0.6B.json"
 
 
 def write_checkpoint(out: Path, layers: int, seed: int = 0) -> Path:

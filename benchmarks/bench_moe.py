@@ -2,7 +2,7 @@
 
     python benchmarks/bench_moe.py [--out /tmp/qwen3-30b-a3b-2layers-random] [--layers 2] [--json]
 
-The checkpoint has Qwen3-30B-A3B's exact config.json (tests/fixtures/configs/Qwen3-30B-A3B.json: 128 experts,
+The checkpoint has Qwen3-30B-A3B's exact config.json (tinyqwen/data/configs/Qwen3-30B-A3B.json: 128 experts,
 top-8, hidden 2048, expert ffn 768, 32 query / 4 kv heads, vocab 151,936, untied) except for the number of layers:
 2 by default, i.e. 1.87 B parameters, 3.7 GB in bf16 (the numpy backend widens them to 7.5 GB of fp32; each extra
 layer adds 0.62 B parameters, 1.25 GB of bf16). The weights are random (normal, std 0.02; norms 1), written as BF16 safetensors shards
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIG = REPO / "tests" / "fixtures" / "configs" / "Qwen3-30B-A3B.json"
+CONFIG = REPO / "tinyqwen" / "data" / "configs" / "Qwen3-30B-A3B.json"
 SHARD_BYTES = 1 << 30  # fp32 bytes generated per shard before it is written as bf16 (512 MB on disk)
 
 

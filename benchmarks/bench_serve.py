@@ -38,14 +38,10 @@ from tinyqwen.serve import create_app  # noqa: E402
 def tiny_model():
     """Chapter 9's tiny Qwen3 (2 layers, hidden 32, the real 151,936-token vocabulary), written to a temp folder;
     `tinyqwen serve` gives it the bundled Qwen3 tokenizer."""
-    from exercises.references.make_ch09_chat_template_thinking import GENERATION_CONFIG, tiny_chat_checkpoint
-    from tinyqwen.safetensors import save_file
+    from tinyqwen.testing import END_TO_END_SCALE, write_tiny_qwen3
 
     folder = Path(tempfile.mkdtemp(prefix="tinyqwen-bench-serve-"))
-    config, tensors = tiny_chat_checkpoint(9)
-    (folder / "config.json").write_text(json.dumps(config))
-    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    write_tiny_qwen3(folder, seed=9, scale=END_TO_END_SCALE, with_tokenizer=False)
     return folder, tinyqwen.load_model(folder), tinyqwen.Tokenizer.qwen3(), "tiny-qwen3 (chapter 9)"
 
 

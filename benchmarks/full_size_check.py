@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 REPO = Path(__file__).resolve().parent.parent
 OFFICIAL_CONFIG = REPO.parent / "shared" / "qwen3-tokenizer" / "models" / "Qwen3-0.6B"
-CONFIG_FALLBACK = REPO / "tests" / "fixtures" / "configs" / "Qwen3-0.6B.json"
+CONFIG_FALLBACK = REPO / "tinyqwen" / "data" / "configs" / "Qwen3-0.6B.json"
 OFFICIAL_4B_KEYS = REPO / "tests" / "fixtures" / "official_keys" / "Qwen3-4B.json"
 PER_LAYER = (
     "input_layernorm.weight",

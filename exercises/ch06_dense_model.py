@@ -125,7 +125,7 @@ def count_parameters(config: Qwen3Config) -> int:
     Embedding vocab·hidden; per layer q, k, v, o projections, q_norm and k_norm [head_dim], the two layer norms
     [hidden], gate/up/down [intermediate, hidden]; the final norm [hidden]; lm_head vocab·hidden only if untied.
 
-    Example: Qwen3-0.6B (tests/fixtures/configs/Qwen3-0.6B.json) has about 0.6 billion; its exact count is what the
+    Example: Qwen3-0.6B (tinyqwen/data/configs/Qwen3-0.6B.json) has about 0.6 billion; its exact count is what the
     checkpoint asks you to find.
     """
     raise NotImplementedError

@@ -46,12 +46,21 @@ from typing import Any
 
 import numpy as np
 
+from tinyqwen.config import CONFIG_DIR
 from tinyqwen.verify import tolerance
 
 EXERCISES = Path(__file__).resolve().parent
 REPO = EXERCISES.parent
 REFERENCES = EXERCISES / "references"
 FIXTURES = REPO / "tests" / "fixtures"
+
+
+def config_json(name: str) -> dict:
+    """A stored config.json as a dict: a test fixture's (`fixture-*`, in tests/fixtures/configs) or an official one
+    (`Qwen3-0.6B`, ..., as tinyqwen ships it in tinyqwen/data/configs)."""
+    folder = FIXTURES / "configs" if name.startswith("fixture-") else CONFIG_DIR
+    return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+
 
 # chapter number -> (title in the score table, notebook slug)
 CHAPTERS: dict[int, tuple[str, str]] = {

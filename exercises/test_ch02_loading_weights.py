@@ -22,6 +22,7 @@ from exercises.grading import (
     REFERENCES,
     GradeError,
     Mistake,
+    config_json,
     expect,
     expect_close,
     expect_equal,
@@ -212,10 +213,6 @@ def _with_moe_layers(want: dict, config: dict, layers: set[int]) -> list:
                 p + "down_proj.weight": (H, F),
             }
     return _shape_items(out)
-
-
-def _config(name: str) -> dict:
-    return json.loads((FIXTURES / "configs" / f"{name}.json").read_text())
 
 
 class _Loaded:
@@ -526,7 +523,7 @@ def test_expected_shapes_dense(course):
     ch = course.ch02
     section = reread("11. config.json, field by field")
     for name in ("fixture-dense-tied", "fixture-dense-untied-bf16-sharded", "Qwen3-0.6B", "Qwen3-8B"):
-        config = _config(name)
+        config = config_json(name)
         want = {n: tuple(s) for n, s in FACTS["shapes"][name].items()}
         expect_equal(
             _shape_items(ch.expected_shapes(config)),
@@ -542,7 +539,7 @@ def test_expected_shapes_moe(course):
     ch = course.ch02
     section = reread("11. config.json, field by field")
     for name in ("fixture-moe-norm-topk", "fixture-moe-sparse-step"):
-        config = _config(name)
+        config = config_json(name)
         want = {n: tuple(s) for n, s in FACTS["shapes"][name].items()}
         L, step, only = config["num_hidden_layers"], config["decoder_sparse_step"], config["mlp_only_layers"]
         expect_equal(
@@ -570,7 +567,7 @@ def test_expected_shapes_moe(course):
             reread=section,
         )
     facts = FACTS["moe"]["Qwen3-30B-A3B"]
-    got = ch.expected_shapes(_config("Qwen3-30B-A3B"))
+    got = ch.expected_shapes(config_json("Qwen3-30B-A3B"))
     expect_equal(
         [len(got), int(sum(int(np.prod(s)) for s in got.values()))],
         [facts["num_tensors"], facts["num_parameters"]],

@@ -28,7 +28,7 @@ from exercises.grading import (
     reference,
     reference_file,
 )
-from tinyqwen.config import load_config
+from tinyqwen.config import CONFIG_DIR, load_config
 from tinyqwen.safetensors import Checkpoint
 
 REF = reference_file("ch06_dense_model.npz")
@@ -245,7 +245,7 @@ def test_tied_head(course):
 def test_count_parameters(course):
     """Parameter counts of Qwen3-0.6B, 4B and 8B"""
     for name in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B"):
-        c = load_config(FIXTURES / "configs" / f"{name}.json")
+        c = load_config(CONFIG_DIR / f"{name}.json")
         want = int(REF[f"params.{name}"])
         got = call(course.ch06.count_parameters, c, reread=PARAMS, what=f"count_parameters({name})")
         VH, L, H = c.vocab_size * c.hidden_size, c.num_hidden_layers, c.hidden_size
@@ -265,7 +265,7 @@ def test_count_parameters(course):
             mistakes.append(Mistake("the untied head (lm_head) is not counted", want - VH))
         got = int(got) if isinstance(got, (int, np.integer)) else got
         expect_equal(got, want, what=f"count_parameters({name}) against transformers' model", mistakes=mistakes,
-                     reread=PARAMS, inputs=f"tests/fixtures/configs/{name}.json")  # fmt: skip
+                     reread=PARAMS, inputs=f"tinyqwen/data/configs/{name}.json")  # fmt: skip
 
 
 def _forward(course, fixture: str):

@@ -32,6 +32,7 @@ from exercises.grading import (
     reference,
     reference_file,
 )
+from tinyqwen.config import CONFIG_DIR
 from tinyqwen.kv_cache import KVCache
 from tinyqwen.model import load_model
 
@@ -258,7 +259,7 @@ def test_cached_decoding_equals_full_forward(course):
 def test_kv_cache_bytes(course):
     """KV-cache memory per official config"""
     ch = course.ch08
-    configs = {n: json.loads((FIXTURES / "configs" / f"{n}.json").read_text())
+    configs = {n: json.loads((CONFIG_DIR / f"{n}.json").read_text())
                for n in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-30B-A3B")}  # fmt: skip
     cases = [("Qwen3-0.6B", 1, 2), ("Qwen3-0.6B", 40960, 2), ("Qwen3-4B", 4096, 4), ("Qwen3-8B", 1000, 2),
              ("Qwen3-30B-A3B", 32768, 2)]  # fmt: skip

@@ -25,7 +25,6 @@ from exercises.grading import (
     notebook,
     reference_file,
 )
-from exercises.references.make_ch09_chat_template_thinking import GENERATION_CONFIG, tiny_chat_checkpoint
 from exercises.test_ch08_kv_cache_generation import Watched, check_loop
 
 DATA = REPO / "tinyqwen" / "data"
@@ -204,15 +203,11 @@ def tokenizer_files() -> tuple[dict[str, int], dict[tuple[str, str], int], dict[
 @functools.cache
 def tiny_chat_dir(seed: int) -> Path:
     """The tiny real-vocabulary Qwen3 of the reference, written once per session (~20 MB, in a temporary folder)."""
-    from tinyqwen.safetensors import save_file
+    from tinyqwen.testing import END_TO_END_SCALE, write_tiny_qwen3
 
     folder = Path(tempfile.mkdtemp(prefix="tinyqwen-ch09-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    config, tensors = tiny_chat_checkpoint(seed)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
+    return write_tiny_qwen3(folder, seed=seed, scale=END_TO_END_SCALE, with_tokenizer=False)
 
 
 def test_your_qwen3_end_to_end(course):

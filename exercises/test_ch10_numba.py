@@ -19,9 +19,9 @@ import json
 import numpy as np
 
 from exercises.grading import (
-    FIXTURES,
     Mistake,
     call,
+    config_json,
     expect,
     expect_close,
     expect_equal,
@@ -33,7 +33,6 @@ from exercises.grading import (
 
 REF = reference_file("ch10_numba.npz")
 ATOL = RTOL = 1e-5
-CONFIGS = FIXTURES / "configs"
 
 # reread("...") -> 'notebooks/10-numba.ipynb, section "..."': where a failure sends the learner
 reread = functools.partial(notebook, 10)
@@ -175,12 +174,8 @@ def test_round_like_torch(course):
            problem=f"expected uint16 bit patterns, got {np.asarray(got).dtype}")  # fmt: skip
 
 
-def _config(name: str) -> dict:
-    return json.loads((CONFIGS / f"{name}.json").read_text(encoding="utf-8"))
-
-
 def _count(ch, name: str, want: int, mistakes: list[Mistake]) -> None:
-    config = _config(name)
+    config = config_json(name)
     got = call(ch.weights_per_token, json.loads(json.dumps(config)), what=f"weights_per_token({name})",
                reread=ROOFLINE)  # fmt: skip
     expect_equal(int(got) if isinstance(got, (int, np.integer)) else got, want,

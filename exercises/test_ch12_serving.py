@@ -273,11 +273,12 @@ def test_tool_round_trip(course):
 @functools.cache
 def served_tiny_qwen3():
     """tinyqwen's server (the ASGI app, called in-process) on chapter 9's tiny real-vocabulary Qwen3, whose greedy
-    replies transformers stored. The model is scripted (tinyqwen.serve.ScriptedModel) only for the tool-call turn."""
+    replies transformers stored. The model is scripted (tinyqwen.testing.ScriptedModel) only for the tool-call turn."""
     from exercises.test_ch09_chat_template_thinking import REF as CH09
     from exercises.test_ch09_chat_template_thinking import tiny_chat_dir
     from tinyqwen.model import load_model
-    from tinyqwen.serve import ScriptedModel, create_app, scripted_reply
+    from tinyqwen.serve import create_app
+    from tinyqwen.testing import ScriptedModel, scripted_reply
     from tinyqwen.tokenizer import Tokenizer
 
     tok = Tokenizer.qwen3()
@@ -296,7 +297,7 @@ def served_tiny_qwen3():
 
 def test_your_client_against_the_real_server(course):
     """Your client against the real server"""
-    from tinyqwen.serve import asgi_call
+    from tinyqwen.testing import asgi_call
 
     section = reread("Your client against the real server")
     app, e = served_tiny_qwen3()

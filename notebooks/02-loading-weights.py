@@ -726,16 +726,17 @@ print("every tensor of both fixtures is where config.json says, with the shape i
 # * With `tie_word_embeddings: true` there is no `lm_head.weight` at all. The model uses the embedding matrix for
 #   the output too ([chapter 6](06-dense-model.ipynb)).
 #
-# The same function, applied to the official configs (`tests/fixtures/configs/`), counts parameters. The official
+# The same function, applied to the official configs (`tinyqwen/data/configs/`), counts parameters. The official
 # reference here is transformers: `make_ch02_loading_weights.py` built each model from its config on PyTorch's `meta`
 # device (shapes only, no memory) and stored its tensor shapes.
 
 # %%
 ref_shapes = json.loads((REPO / "exercises" / "references" / "ch02_loading_weights.json").read_text())
-models = {n: json.loads((FIXTURES / "configs" / f"{n}.json").read_text()) for n in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B")}
+CONFIGS = REPO / "tinyqwen" / "data" / "configs"  # the official config.json files, shipped with tinyqwen
+models = {n: json.loads((CONFIGS / f"{n}.json").read_text()) for n in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B")}
 for n in ("Qwen3-0.6B", "Qwen3-8B"):
     assert {k: list(v) for k, v in expected_shapes(models[n]).items()} == ref_shapes["shapes"][n], n
-moe30 = json.loads((FIXTURES / "configs" / "Qwen3-30B-A3B.json").read_text())
+moe30 = json.loads((CONFIGS / "Qwen3-30B-A3B.json").read_text())
 s30 = expected_shapes(moe30)
 assert (len(s30), sum(np.prod(v) for v in s30.values())) == (ref_shapes["moe"]["Qwen3-30B-A3B"]["num_tensors"],
                                                              ref_shapes["moe"]["Qwen3-30B-A3B"]["num_parameters"])

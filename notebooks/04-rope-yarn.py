@@ -57,9 +57,9 @@ def maxdiff(a, b) -> float:
 # official `config.json` of Qwen3-0.6B, of which the repo keeps a copy — RoPE needs nothing else from a checkpoint:
 
 # %%
-from tinyqwen.config import load_config
+from tinyqwen.config import CONFIG_DIR, load_config  # CONFIG_DIR: the official config.json files tinyqwen ships
 
-config = load_config(FIXTURES / "configs" / "Qwen3-0.6B.json")
+config = load_config(CONFIG_DIR / "Qwen3-0.6B.json")
 HEAD_DIM, THETA = config.head_dim, config.rope_theta
 print(f"head_dim = {HEAD_DIM}, rope_theta = {THETA:g}, context = {config.max_position_embeddings}")
 

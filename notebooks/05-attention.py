@@ -228,11 +228,11 @@ print(out.shape, "max |Δ| vs transformers' eager attention:", maxdiff(out, r["o
 # kv head serves a *group* of consecutive query heads. The Qwen3 family, read from the configs:
 
 # %%
-from tinyqwen.config import load_config
+from tinyqwen.config import CONFIG_DIR, load_config  # CONFIG_DIR: the official config.json files tinyqwen ships
 
 print(f"{'model':<14} {'layers':>6} {'q heads':>8} {'kv heads':>9} {'group':>6}   KV cache per token (bf16)")
 for name in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-30B-A3B"):
-    c = load_config(FIXTURES / "configs" / f"{name}.json")
+    c = load_config(CONFIG_DIR / f"{name}.json")
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2  # k and v, 2 bytes each
     group = c.num_attention_heads // c.num_key_value_heads
     print(f"{name:<14} {c.num_hidden_layers:>6} {c.num_attention_heads:>8} {c.num_key_value_heads:>9} {group:>6} "

@@ -488,13 +488,15 @@ def count_parameters(c):  # a tinyqwen Qwen3Config -> {part: number of parameter
 
 
 # %% [markdown]
-# The official configs of three dense Qwen3 models ship with the repo (`tests/fixtures/configs/`, byte-exact copies
+# The official configs of three dense Qwen3 models ship with tinyqwen (`tinyqwen/data/configs/`, byte-exact copies
 # of the Hub files). The generator of `REF` had transformers build each model (on PyTorch's "meta" device: shapes
 # only, no memory) and count its parameters, a tied one once:
 
 # %%
+from tinyqwen.config import CONFIG_DIR
+
 names = ["Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B"]
-configs = {n: load_config(FIXTURES / "configs" / f"{n}.json") for n in names}
+configs = {n: load_config(CONFIG_DIR / f"{n}.json") for n in names}
 parts = {n: count_parameters(c) for n, c in configs.items()}
 parts["Qwen3-0.6B"]
 

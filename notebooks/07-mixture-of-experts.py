@@ -48,13 +48,13 @@ REF = np.load(REPO / "exercises" / "references" / "ch07_mixture_of_experts.npz")
 #
 # ## 1. Many experts, few at a time
 #
-# The count from the official config (`tests/fixtures/configs/Qwen3-30B-A3B.json`): 48 layers, hidden size 2048,
+# The count from the official config (`tinyqwen/data/configs/Qwen3-30B-A3B.json`): 48 layers, hidden size 2048,
 # 128 experts per layer, each a SwiGLU of width 768, and 8 experts per token.
 
 # %%
-from tinyqwen.config import load_config
+from tinyqwen.config import CONFIG_DIR, load_config
 
-c = load_config(FIXTURES / "configs" / "Qwen3-30B-A3B.json")
+c = load_config(CONFIG_DIR / "Qwen3-30B-A3B.json")
 d, E, k, f = c.hidden_size, c.num_experts, c.num_experts_per_tok, c.moe_intermediate_size
 expert = 3 * d * f  # gate, up, down of ONE expert
 attn = d * c.q_size + 2 * d * c.kv_size + c.q_size * d + 2 * c.head_dim  # q, k, v, o, QK-Norm

@@ -306,10 +306,10 @@ plt.show()
 # products (plus attention, which grows with the context). For Qwen3-0.6B, 500 new tokens after a 1,000-token prompt:
 
 # %%
-from tinyqwen.config import load_config  # noqa: E402
+from tinyqwen.config import CONFIG_DIR, load_config  # noqa: E402
 from tinyqwen.config import count_parameters  # noqa: E402
 
-c = load_config(FIXTURES / "configs" / "Qwen3-0.6B.json")
+c = load_config(CONFIG_DIR / "Qwen3-0.6B.json")  # CONFIG_DIR: the official config.json files tinyqwen ships
 # multiply-adds of the matrix products; the embedding is a lookup (and the output head, which in 0.6B is the
 # same matrix, runs only on the last position with last_only=True)
 per_position = 2 * (count_parameters(c) - c.vocab_size * c.hidden_size)
@@ -335,7 +335,7 @@ def kv_cache_bytes(config, n_tokens, bytes_per_value):
 
 
 names = ["Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-30B-A3B"]
-configs = {n: json.loads((FIXTURES / "configs" / f"{n}.json").read_text()) for n in names}
+configs = {n: json.loads((CONFIG_DIR / f"{n}.json").read_text()) for n in names}
 print(
     f"{'model':14} {'layers':>6} {'kv heads':>8} {'q heads':>7} {'KiB/token bf16':>14} {'without GQA':>11} {'40,960 tokens':>13}"
 )

@@ -520,7 +520,7 @@ else:
 # ## Your Qwen3 end to end
 #
 # Now every piece of this course at once, on a tiny Qwen3 that has the **real** 151,936-token vocabulary (random
-# weights, 2 layers, hidden size 32 — built by `tiny_chat_checkpoint` in the reference script, deterministically,
+# weights, 2 layers, hidden size 32 — built by `tinyqwen.testing.write_tiny_qwen3` from a seed, deterministically,
 # so transformers and we load the very same model). The tokenizer of chapter 1, the template of this chapter, the
 # model of chapters 3–7 and the cache and greedy loop of chapter 8 turn a chat message into text; transformers did the
 # same with its own pipeline.
@@ -530,18 +530,15 @@ import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-from exercises.references.make_ch09_chat_template_thinking import GENERATION_CONFIG, tiny_chat_checkpoint  # noqa: E402
-from tinyqwen.safetensors import save_file  # noqa: E402
+from tinyqwen.config import count_parameters  # noqa: E402
+from tinyqwen.testing import END_TO_END_SCALE, write_tiny_qwen3  # noqa: E402
 
 e = ref["end_to_end"]
-config, tensors = tiny_chat_checkpoint(e["seed"])
 folder = Path(tempfile.mkdtemp(prefix="tiny-chat-"))  # ~20 MB, removed when the kernel exits
 atexit.register(shutil.rmtree, folder, ignore_errors=True)
-(folder / "config.json").write_text(json.dumps(config))
-(folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
-save_file(tensors, folder / "model.safetensors")
+write_tiny_qwen3(folder, seed=e["seed"], scale=END_TO_END_SCALE, with_tokenizer=False)
 tiny = tinyqwen.load_model(folder)
-print(f"{sum(t.size for t in tensors.values()):,} parameters, {tiny.config.vocab_size:,} vocabulary rows")
+print(f"{count_parameters(tiny.config):,} parameters, {tiny.config.vocab_size:,} vocabulary rows")
 
 # %%
 prompt_text = render_chat(e["messages"], add_generation_prompt=True, enable_thinking=False)  # this chapter

@@ -164,7 +164,7 @@ def weights_per_token(c: dict) -> int:
     return c["num_hidden_layers"] * (attn + 3 * h * f) + c["vocab_size"] * h
 
 
-c06 = json.loads((REPO / "tests" / "fixtures" / "configs" / "Qwen3-0.6B.json").read_text())
+c06 = json.loads((REPO / "tinyqwen" / "data" / "configs" / "Qwen3-0.6B.json").read_text())
 n_read = weights_per_token(c06)
 print(f"Qwen3-0.6B reads {n_read / 1e6:.0f} M weights per token; the head is {V * H / n_read:.0%} of them")
 

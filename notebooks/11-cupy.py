@@ -151,7 +151,7 @@ def decode_ceiling(weights, bytes_per_weight, bandwidth, peak, batch=1):  # -> t
     return batch / step
 
 
-configs = {n: config_from_dict(json.loads((REPO / f"tests/fixtures/configs/{n}.json").read_text()))
+configs = {n: config_from_dict(json.loads((REPO / f"tinyqwen/data/configs/{n}.json").read_text()))
            for n in ("Qwen3-0.6B", "Qwen3-8B", "Qwen3-30B-A3B")}  # fmt: skip
 for name, c in configs.items():
     w = decode_params(c)

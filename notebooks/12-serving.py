@@ -21,7 +21,8 @@
 # JSON over HTTP that every chat tool, agent framework and IDE plug-in already speaks. The thinking comes back
 # *separated* from the answer, tool calls come back as structured objects, and the text streams in token by token.
 #
-# `tinyqwen serve --model PATH` is such a server: one module, `tinyqwen/serve.py`, on Starlette and uvicorn.
+# `tinyqwen serve --model PATH` is such a server: the package `tinyqwen/serve/`, on Starlette and uvicorn, one
+# module per concept (protocol, SSE, reply parser, engine, service, app).
 # This chapter takes it apart:
 #
 # 1. what an OpenAI-compatible server does with a request, and what it sends back;
@@ -43,7 +44,7 @@ import matplotlib.pyplot as plt
 
 from course_setup import REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
 import tinyqwen  # noqa: E402
-from tinyqwen import serve  # noqa: E402
+from tinyqwen import serve, testing  # noqa: E402
 
 tok = tinyqwen.Tokenizer.qwen3()
 ref = json.loads((REPO / "exercises" / "references" / "ch12_serving.json").read_text(encoding="utf-8"))
@@ -52,19 +53,14 @@ ch09 = json.loads((REPO / "exercises" / "references" / "ch09_chat_template_think
 # %% [markdown]
 # The model: [chapter 9](09-chat-template-thinking.ipynb)'s tiny Qwen3 — two layers, 32 wide, but the **real**
 # 151,936-token vocabulary, so the real tokenizer and chat template apply. Its random weights are made by NumPy
-# with a fixed seed, and transformers' greedy reply to one conversation is stored in `ch09`: we will check the
-# server against it at the end. (`ref` holds this chapter's references, made by
-# `exercises/references/make_ch12_serving.py` with the official tokenizer and template.)
+# with a fixed seed (`tinyqwen.testing`: test helpers that ship with the package), and transformers' greedy reply
+# to one conversation is stored in `ch09`: we will check the server against it at the end. (`ref` holds this
+# chapter's references, made by `exercises/references/make_ch12_serving.py` with the official tokenizer and
+# template.)
 
 # %%
-from exercises.references.make_ch09_chat_template_thinking import GENERATION_CONFIG, tiny_chat_checkpoint  # noqa: E402
-from tinyqwen.safetensors import save_file  # noqa: E402
-
 folder = Path(tempfile.mkdtemp(prefix="tinyqwen-ch12-"))
-config, tensors = tiny_chat_checkpoint(ch09["end_to_end"]["seed"])
-(folder / "config.json").write_text(json.dumps(config))
-(folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
-save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+testing.write_tiny_qwen3(folder, seed=ch09["end_to_end"]["seed"], scale=testing.END_TO_END_SCALE)
 model = tinyqwen.load_model(folder)
 
 # %% [markdown]
@@ -87,12 +83,12 @@ model = tinyqwen.load_model(folder)
 # An HTTP server such as uvicorn does not know about chat. For each request it calls the application with the
 # **ASGI** protocol: `app(scope, receive, send)`, where `scope` is a dict describing the request (method, path,
 # headers), `receive()` hands over the body, and the app calls `send()` with the status, the headers and the body —
-# in one piece, or in many for a stream. `serve.asgi_call` plays uvicorn's part in-process, so this notebook
-# needs no network:
+# in one piece, or in many for a stream. `tinyqwen.testing.asgi_call` plays uvicorn's part in-process, so this
+# notebook needs no network:
 
 # %%
 app = serve.create_app(model, tok, model_name="tiny-qwen3")
-status, headers, body = serve.asgi_call(app, "GET", "/v1/models")
+status, headers, body = testing.asgi_call(app, "GET", "/v1/models")
 print(status, headers["content-type"])
 print(json.dumps(json.loads(body), indent=1))
 
@@ -110,7 +106,7 @@ print(json.dumps(json.loads(body), indent=1))
 
 # %%
 def post(body, path="/v1/chat/completions"):
-    status, _, raw = serve.asgi_call(app, "POST", path, {"model": "tiny-qwen3", **body})
+    status, _, raw = testing.asgi_call(app, "POST", path, {"model": "tiny-qwen3", **body})
     return status, raw.decode()
 
 
@@ -174,7 +170,7 @@ assert parse_sse(": ping\n\ndata:{\"a\":\ndata: 1}\r\n\r\ndata: [DONE]\n\n") == 
 #
 # A Qwen3 reply in thinking mode starts with `<think>`, thinks, closes with `</think>` and answers.
 # `reasoning_content` gets the thinking, `content` the answer. Our tiny model never thinks on cue, so to show it we
-# **steer** it: `serve.ScriptedModel` runs the real model and then adds $10^4$ to the logit of the next token of a
+# **steer** it: `testing.ScriptedModel` runs the real model and then adds $10^4$ to the logit of the next token of a
 # script. Everything after the logits — sampling, the generation loop, the server, the parser — runs exactly as it
 # would for a Qwen3 that chose those tokens itself.
 
@@ -190,7 +186,7 @@ def replies(prompt):
     return None
 
 
-steered = serve.create_app(serve.ScriptedModel(model, serve.scripted_reply(tok, replies)), tok, "tiny-qwen3")
+steered = serve.create_app(testing.ScriptedModel(model, testing.scripted_reply(tok, replies)), tok, "tiny-qwen3")
 print(ref["split"][1]["text"])
 
 # %% [markdown]
@@ -255,14 +251,14 @@ print("model card    :", (case["model_card"]["reasoning"], case["model_card"]["c
 
 # %%
 ask = [{"role": "user", "content": "What is 2 + 2?"}]
-_, _, text = serve.asgi_call(steered, "POST", "/v1/chat/completions",
+_, _, text = testing.asgi_call(steered, "POST", "/v1/chat/completions",
                           {"model": "tiny-qwen3", "messages": ask, "temperature": 0, "stream": True})  # fmt: skip
 deltas = [e["choices"][0]["delta"] for e in parse_sse(text.decode())[:-1] if e["choices"]]
 print([d for d in deltas if d.get("reasoning_content") or d.get("content")][:8])
 
 # %%
 streamed = ("".join(d.get("reasoning_content") or "" for d in deltas), "".join(d.get("content") or "" for d in deltas))
-_, _, text = serve.asgi_call(steered, "POST", "/v1/chat/completions",
+_, _, text = testing.asgi_call(steered, "POST", "/v1/chat/completions",
                           {"model": "tiny-qwen3", "messages": ask, "temperature": 0})  # fmt: skip
 message = json.loads(text)["choices"][0]["message"]
 assert streamed == (message["reasoning_content"], message["content"]) == (ref["split"][1]["reasoning"],
@@ -337,7 +333,7 @@ def assemble(events):
 # %%
 weather = ref["weather_schema"]
 conversation = ref["follow_up"]["messages"][:2]
-_, _, text = serve.asgi_call(steered, "POST", "/v1/chat/completions", {"model": "tiny-qwen3", "messages": conversation,
+_, _, text = testing.asgi_call(steered, "POST", "/v1/chat/completions", {"model": "tiny-qwen3", "messages": conversation,
                           "tools": [weather], "temperature": 0, "stream": True})  # fmt: skip
 reply, finish = assemble(parse_sse(text.decode())[:-1])
 print(finish, json.dumps(reply, indent=1))
@@ -358,7 +354,7 @@ call = reply["tool_calls"][0]
 result = get_weather(**json.loads(call["function"]["arguments"]))
 follow_up = [*conversation, {"role": "assistant", "content": "", "tool_calls": reply["tool_calls"]},
              {"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)}]  # fmt: skip
-_, _, text = serve.asgi_call(steered, "POST", "/v1/chat/completions", {"model": "tiny-qwen3", "messages": follow_up,
+_, _, text = testing.asgi_call(steered, "POST", "/v1/chat/completions", {"model": "tiny-qwen3", "messages": follow_up,
                           "tools": [weather], "temperature": 0, "return_token_ids": True})  # fmt: skip
 second = json.loads(text)
 print(second["choices"][0]["message"])
@@ -388,13 +384,13 @@ print(prompt[prompt.index("<|im_start|>user"):])
 async def six_clients():
     bodies = [{"model": "tiny-qwen3", "messages": [{"role": "user", "content": f"Client {i}"}],
                "max_tokens": 8 + 4 * i, "temperature": 0, "stream": True} for i in range(6)]  # fmt: skip
-    return await asyncio.gather(*(serve.asgi_request(app, "POST", "/v1/chat/completions",
+    return await asyncio.gather(*(testing.asgi_request(app, "POST", "/v1/chat/completions",
                                                      json.dumps(b).encode()) for b in bodies))  # fmt: skip
 
 
 engine = app.state.service.engine
 engine.records.clear()
-answers = serve.run_sync(six_clients())  # asyncio.run, also inside Jupyter's own event loop
+answers = testing.run_sync(six_clients())  # asyncio.run, also inside Jupyter's own event loop
 print([status for status, _, _ in answers], [r.completion_tokens for r in engine.records])
 
 # %%
@@ -436,7 +432,7 @@ if path is None:
     print("No official checkpoint here (set $TINYQWEN_MODEL to use one); this chapter runs on the tiny model.")
 else:
     real = serve.create_app(tinyqwen.load_model(path), tinyqwen.Tokenizer.from_pretrained(path), "qwen3")
-    _, _, text = serve.asgi_call(real, "POST", "/v1/chat/completions", {"model": "qwen3", "max_tokens": 200,
+    _, _, text = testing.asgi_call(real, "POST", "/v1/chat/completions", {"model": "qwen3", "max_tokens": 200,
                               "messages": [{"role": "user", "content": "Is 97 prime?"}], "temperature": 0})  # fmt: skip
     print(json.loads(text)["choices"][0]["message"])
 
@@ -452,7 +448,7 @@ else:
 e = ch09["end_to_end"]
 body = {"model": "tiny-qwen3", "messages": e["messages"], "max_tokens": e["max_new_tokens"], "temperature": 0,
         "stream": True, "chat_template_kwargs": {"enable_thinking": False}, "return_token_ids": True}  # fmt: skip
-_, _, text = serve.asgi_call(app, "POST", "/v1/chat/completions", body)
+_, _, text = testing.asgi_call(app, "POST", "/v1/chat/completions", body)
 events = parse_sse(text.decode())
 message, finish = assemble(events[:-1])
 assert events[-2]["choices"][0]["token_ids"] == e["new_ids"], "the server's ids vs transformers' generate"

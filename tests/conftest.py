@@ -4,13 +4,12 @@
   a pure function of each row's own history. It lets the generation loop, the thinking budget and sampling be
   tested exactly, with no weights.
 - `tiny_qwen3_dir`: a tiny random Qwen3 checkpoint with the REAL vocabulary (151,936 rows) and the real
-  tokenizer files, built once per session in a temporary folder (too big to commit: ~20 MB of float32).
+  tokenizer files (`tinyqwen.testing.write_tiny_qwen3`), built once per session in a temporary folder (too big
+  to commit: ~20 MB of float32).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +19,9 @@ import numpy as np
 import pytest
 
 from tinyqwen.errors import GenerationError
+from tinyqwen.testing import QWEN3_VOCAB, write_tiny_qwen3
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGE_DATA = REPO / "tinyqwen" / "data"
-QWEN3_VOCAB = 151936
 
 
 # ------------------------------------------------------------------------------------------ stub model
@@ -120,106 +118,6 @@ def stub_model_factory():
 # ------------------------------------------------------------------------------------------ tiny checkpoint
 
 
-def tiny_qwen3_config(**overrides) -> dict:
-    """config.json in the official Qwen3 layout (see Qwen3-0.6B's), shrunk but with the real vocabulary."""
-    config = {
-        "architectures": ["Qwen3ForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "head_dim": 16,
-        "hidden_act": "silu",
-        "hidden_size": 32,
-        "initializer_range": 0.02,
-        "intermediate_size": 64,
-        "max_position_embeddings": 1024,
-        "max_window_layers": 2,
-        "model_type": "qwen3",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000,
-        "sliding_window": None,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-        "transformers_version": "4.51.0",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": QWEN3_VOCAB,
-    }
-    config.update(overrides)
-    return config
-
-
-QWEN3_GENERATION_CONFIG = {  # the official Qwen3 generation_config.json values
-    "bos_token_id": 151643,
-    "do_sample": True,
-    "eos_token_id": [151645, 151643],
-    "pad_token_id": 151643,
-    "temperature": 0.6,
-    "top_k": 20,
-    "top_p": 0.95,
-    "transformers_version": "4.51.0",
-}
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-
-
-def tiny_qwen3_tensors(config: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    H, I, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
-
-    def w(*shape, scale=0.1):
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    tensors = {
-        "model.embed_tokens.weight": w(config["vocab_size"], H, scale=0.5),
-        "model.norm.weight": w(H) + 1,
-    }
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": w(H) + 1,
-            p + "post_attention_layernorm.weight": w(H) + 1,
-            p + "self_attn.q_proj.weight": w(nq * d, H),
-            p + "self_attn.k_proj.weight": w(nkv * d, H),
-            p + "self_attn.v_proj.weight": w(nkv * d, H),
-            p + "self_attn.o_proj.weight": w(H, nq * d),
-            p + "self_attn.q_norm.weight": w(d) + 1,
-            p + "self_attn.k_norm.weight": w(d) + 1,
-            p + "mlp.gate_proj.weight": w(I, H),
-            p + "mlp.up_proj.weight": w(I, H),
-            p + "mlp.down_proj.weight": w(H, I),
-        }
-    return tensors
-
-
-def write_tiny_qwen3(folder: Path, with_tokenizer: bool = True, **config_overrides) -> Path:
-    """Write a tiny random Qwen3 checkpoint (+ generation_config, + the packaged tokenizer files)."""
-    from safetensors.numpy import save_file  # dev dependency; independent of tinyqwen's own reader
-
-    folder.mkdir(parents=True, exist_ok=True)
-    config = tiny_qwen3_config(**config_overrides)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    (folder / "generation_config.json").write_text(
-        json.dumps(QWEN3_GENERATION_CONFIG, indent=4, sort_keys=True)
-    )
-    save_file(tiny_qwen3_tensors(config), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    if with_tokenizer:
-        copied = 0
-        for name in TOKENIZER_FILES:
-            if (PACKAGE_DATA / name).is_file():
-                shutil.copy(PACKAGE_DATA / name, folder / name)
-                copied += 1
-        if copied == 0:
-            pytest.skip(f"no tokenizer files in {PACKAGE_DATA} yet")
-    return folder
-
-
 @pytest.fixture(scope="session")
 def tiny_qwen3_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen3 checkpoint with the real vocabulary and tokenizer (session-wide, read-only)."""
@@ -233,4 +131,4 @@ def tiny_qwen3_model(tiny_qwen3_dir):
     return tinyqwen.load_model(tiny_qwen3_dir)
 
 
-__all__ = ["GenerationError", "StubModel", "one_hot_rule", "hashed_rule", "write_tiny_qwen3"]
+__all__ = ["GenerationError", "StubModel", "one_hot_rule", "hashed_rule"]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import shutil
 
-from conftest import write_tiny_qwen3  # noqa: F401  (the tests directory is on the path, as for test_cli)
-from test_cli import FIXTURES, IM_END, assert_one_line_error, run_chat, stub, tinyqwen
+from test_cli import IM_END, assert_one_line_error, run_chat, stub, tinyqwen
 
+from tinyqwen.config import CONFIG_DIR
 from tinyqwen.tokenizer import Tokenizer
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau upsilon"
@@ -96,7 +96,7 @@ def test_kv_dtype_flag(tiny_qwen3_dir):
 def test_info_context_prints_memory_per_cache_dtype(tmp_path):
     # Qwen3-0.6B at 32,768 tokens, by hand: KV cache 2 · 28 layers · 8 kv heads · 128 · 32768 positions
     # = 1,879,048,192 values: 7.0 GiB in float32, 3.5 GiB in bfloat16/float16; weights 596,049,920 · 4 B = 2.2 GiB
-    shutil.copy(FIXTURES / "configs" / "Qwen3-0.6B.json", tmp_path / "config.json")
+    shutil.copy(CONFIG_DIR / "Qwen3-0.6B.json", tmp_path / "config.json")
     run = tinyqwen("info", "--model", str(tmp_path), "--context", "32768")
     assert run.returncode == 0, run.stderr
     rows = {line.split()[0]: line.split() for line in run.stdout.splitlines() if line.startswith("  ")}

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, write_tiny_qwen3
+from conftest import REPO
 
+from tinyqwen.config import CONFIG_DIR
+from tinyqwen.testing import write_tiny_qwen3
 from tinyqwen.tokenizer import Tokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -59,7 +61,7 @@ def test_info_counts_qwen3_0_6b_parameters_by_hand(tmp_path):
     # per layer: q 1024·2048 + k 1024·1024 + v 1024·1024 + o 2048·1024 = 6,291,456; mlp 3·1024·3072 = 9,437,184;
     #            q_norm, k_norm 2·128; two layer norms 2·1024  -> 15,730,944;  x 28 = 440,466,432
     # final norm 1024  -> 596,049,920
-    shutil.copy(FIXTURES / "configs" / "Qwen3-0.6B.json", tmp_path / "config.json")
+    shutil.copy(CONFIG_DIR / "Qwen3-0.6B.json", tmp_path / "config.json")
     run = tinyqwen("info", "--model", str(tmp_path))
     assert run.returncode == 0, run.stderr
     assert "596,049,920" in run.stdout
@@ -69,7 +71,7 @@ def test_info_counts_qwen3_0_6b_parameters_by_hand(tmp_path):
 
 
 def test_info_on_a_moe_config_reports_active_parameters(tmp_path):
-    shutil.copy(FIXTURES / "configs" / "Qwen3-30B-A3B.json", tmp_path / "config.json")
+    shutil.copy(CONFIG_DIR / "Qwen3-30B-A3B.json", tmp_path / "config.json")
     run = tinyqwen("info", "--model", str(tmp_path))
     assert run.returncode == 0, run.stderr
     total = int(run.stdout.split("parameters")[1].split()[0].replace(",", ""))

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from tinyqwen.config import config_from_dict, load_config, load_generation_config
+from tinyqwen.config import CONFIG_DIR, config_from_dict, load_config, load_generation_config
 from tinyqwen.errors import ConfigError
 
-CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"  # the fixtures' configs, re-saves, invalid ones
 
-QWEN3_06B = {  # the published Qwen3-0.6B values (the real file is tests/fixtures/configs too)
+QWEN3_06B = {  # the published Qwen3-0.6B values (the real file is tinyqwen/data/configs too)
     "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024, "intermediate_size": 3072,
     "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
     "rms_norm_eps": 1e-06, "rope_theta": 1000000, "rope_scaling": None, "max_position_embeddings": 40960,
@@ -107,7 +107,8 @@ def test_load_config_file_errors(tmp_path):
 
 
 def _config_files():
-    return sorted(CONFIGS.glob("*.json")) if CONFIGS.is_dir() else []
+    """Every stored config: the shipped official files and the test fixtures' (re-saves and invalid ones too)."""
+    return sorted(CONFIG_DIR.glob("*.json")) + (sorted(CONFIGS.glob("*.json")) if CONFIGS.is_dir() else [])
 
 
 @pytest.mark.parametrize("path", _config_files(), ids=lambda p: p.name)

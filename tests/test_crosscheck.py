@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import tinyqwen  # noqa: E402
-from tinyqwen.config import load_config  # noqa: E402
+from tinyqwen.config import CONFIG_DIR, load_config  # noqa: E402
 from tinyqwen.rope import rope_parameters  # noqa: E402
 from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 
@@ -245,13 +245,15 @@ def test_transformers5_resaved_config_gives_the_same_model(case, tmp_path):
 
 @pytest.mark.parametrize(
     "config_file",
-    ["Qwen3-0.6B.json", "Qwen3-4B.json", "Qwen3-8B.json", "Qwen3-30B-A3B.json", "Qwen3-0.6B-yarn.json"],
-)
+    [*(CONFIG_DIR / f"{n}.json" for n in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-30B-A3B")),
+     CONFIGS / "Qwen3-0.6B-yarn.json"],
+    ids=lambda p: p.name,
+)  # fmt: skip
 def test_live_resave_of_official_configs_reads_the_same(config_file, tmp_path):
     """Whatever the installed transformers writes when it re-saves an official config, tinyqwen reads the same."""
-    original = json.loads((CONFIGS / config_file).read_text())
+    original = json.loads(config_file.read_text())
     (tmp_path / "config.json").write_text(json.dumps(mf.resave_with_transformers(original)))
-    assert load_config(tmp_path) == load_config(CONFIGS / config_file)
+    assert load_config(tmp_path) == load_config(config_file)
 
 
 def test_tied_checkpoint_that_also_stores_lm_head(tmp_path):

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import tinyqwen
 from tinyqwen import attention as A
 from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
+from tinyqwen.config import CONFIG_DIR
 from tinyqwen.errors import GenerationError
 from tinyqwen.kv_cache import KVCache, kv_bytes_per_token, kv_dtype_name
 from tinyqwen.verify import tolerance
@@ -302,7 +303,7 @@ def test_memory_estimate_matches_what_a_prefill_chunk_allocates(tmp_path):
     from tinyqwen.kv_cache import memory_estimate
     from tinyqwen.safetensors import save_file
 
-    raw = json.loads((FIXTURES / "configs" / "Qwen3-0.6B.json").read_text())
+    raw = json.loads((CONFIG_DIR / "Qwen3-0.6B.json").read_text())
     raw.update(num_hidden_layers=1, max_window_layers=1, vocab_size=1000)
     config = config_from_dict(raw)
     rng = np.random.default_rng(0)

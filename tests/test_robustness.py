@@ -15,19 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import (
-    QWEN3_VOCAB,
-    StubModel,
-    one_hot_rule,
-    tiny_qwen3_config,
-    tiny_qwen3_tensors,
-    write_tiny_qwen3,
-)
+from conftest import StubModel, one_hot_rule
 from test_cli import assert_one_line_error
 from test_cli import tinyqwen as run_cli
 
 import tinyqwen as tq
 from tinyqwen.errors import GenerationError
+from tinyqwen.testing import QWEN3_VOCAB, tiny_qwen3_config, tiny_qwen3_tensors, write_tiny_qwen3
 
 FIXTURES = Path(__file__).parent / "fixtures"
 N_TOKENS = 151669  # ids the Qwen3 tokenizer knows; the checkpoint has 151,936 embedding rows

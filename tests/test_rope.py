@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyqwen.config import RopeScaling, load_config
+from tinyqwen.config import CONFIG_DIR, RopeScaling, load_config
 from tinyqwen.rope import (
     apply_rope,
     default_inv_freq,
@@ -104,8 +104,11 @@ def test_long_position_tables_match_transformers():
     position 40,959, so this fails unless inv_freq is rounded the way torch rounds it.
     """
     ref = np.load(Path(__file__).parents[1] / "exercises" / "references" / "ch04_rope_yarn.npz")
-    for case, config in (("long", "Qwen3-0.6B.json"), ("yarn_long", "Qwen3-0.6B-yarn.json")):
-        inv_freq, factor = rope_parameters(load_config(FIXTURES / "configs" / config))
+    for case, config in (
+        ("long", CONFIG_DIR / "Qwen3-0.6B.json"),
+        ("yarn_long", FIXTURES / "configs" / "Qwen3-0.6B-yarn.json"),
+    ):
+        inv_freq, factor = rope_parameters(load_config(config))
         cos, sin = rope_cos_sin(ref[f"cos_sin.{case}.positions"], inv_freq, factor)
         np.testing.assert_allclose(cos, ref[f"cos_sin.{case}.cos"], atol=1e-5, rtol=0)
         np.testing.assert_allclose(sin, ref[f"cos_sin.{case}.sin"], atol=1e-5, rtol=0)

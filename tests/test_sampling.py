@@ -195,7 +195,7 @@ def test_qwen_presets():
 
 
 def test_from_generation_config_reads_qwen3_values_and_do_sample_false():
-    from conftest import QWEN3_GENERATION_CONFIG
+    from tinyqwen.testing import QWEN3_GENERATION_CONFIG
 
     p = SamplingParams.from_generation_config(QWEN3_GENERATION_CONFIG)
     assert p == THINKING  # Qwen3's generation_config.json *is* the thinking preset

@@ -1,8 +1,8 @@
 """`tinyqwen serve`: a real uvicorn server on 127.0.0.1, driven by the official `openai` client and by raw HTTP.
 
-The model is `tiny_qwen3_dir` (tests/conftest.py: a tiny random Qwen3 with the real 151,936-token vocabulary and
+The model is `tiny_qwen3_dir` (tinyqwen.testing.write_tiny_qwen3: a tiny random Qwen3 with the real 151,936-token vocabulary and
 the real tokenizer). Its replies are gibberish, so where a test needs the model to think, call a tool or answer on
-cue, the server runs it through `tinyqwen.serve.ScriptedModel`: the real model's logits plus a large margin on the
+cue, the server runs it through `tinyqwen.testing.ScriptedModel`: the real model's logits plus a large margin on the
 id a script names (see its docstring). Prompts the script does not know get the real model's own choices, and for
 those the server's ids must equal `tinyqwen.generate` on the same prompt and settings (greedy and seeded).
 """
@@ -24,7 +24,8 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from tinyqwen.chat_parsing import split_thinking_text  # noqa: E402
 from tinyqwen.generation import generate  # noqa: E402
-from tinyqwen.serve import ScriptedModel, create_app, parse_sse, scripted_reply  # noqa: E402
+from tinyqwen.serve import create_app, parse_sse  # noqa: E402
+from tinyqwen.testing import ScriptedModel, scripted_reply  # noqa: E402
 from tinyqwen.tokenizer import Tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -594,7 +595,7 @@ def test_reply_parser_matches_the_chapter_12_references(tok):
 
 def test_asgi_call_in_process(tiny_qwen3_model, tok):
     """The app answers without a network (what the chapter's notebook does)."""
-    from tinyqwen.serve import asgi_call
+    from tinyqwen.testing import asgi_call
 
     app = create_app(tiny_qwen3_model, tok, MODEL)
     status, headers, body = asgi_call(app, "POST", "/v1/chat/completions",
@@ -611,7 +612,7 @@ def test_asgi_call_in_process(tiny_qwen3_model, tok):
 
 def test_odd_requests_never_get_a_500(tiny_qwen3_model, tok):
     """A zoo of malformed bodies, in-process: every one is answered 4xx with an OpenAI error body, none is a 500."""
-    from tinyqwen.serve import asgi_call
+    from tinyqwen.testing import asgi_call
 
     app = create_app(tiny_qwen3_model, tok, MODEL)
     hi = user("hi")

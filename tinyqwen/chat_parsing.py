@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tinyqwen.errors import ToolCallParseError
+from tinyqwen.errors import TinyQwenError, ToolCallParseError
 
 THINK_START_ID = 151667  # <think>
 THINK_END_ID = 151668  # </think>
@@ -97,23 +97,37 @@ def parse_tool_call(body: str, number: int) -> ToolCall:
         raise ToolCallParseError(f"{where}: the object has no 'name': {_preview(body)}")
     if not isinstance(name, str) or not name:
         raise ToolCallParseError(f"{where}: 'name' must be a non-empty string, got {name!r}")
+    arguments = tool_call_arguments(call, f"{where} ({name})")
+    return ToolCall(name=name, arguments=arguments)
+
+
+def tool_call_arguments(call: dict, where: str, error: type[TinyQwenError] = ToolCallParseError) -> dict:
+    """A tool call's `arguments` as a dict: a JSON object, or a JSON *string* holding one (the OpenAI wire format).
+
+    The one rule for both directions: `parse_tool_call` reads what the model wrote, and the chat template refuses
+    to write a call that this rule rejects (raising its own `error` class), since the model would then see a call
+    its own format calls malformed. The template's format line reads
+    `{"name": <function-name>, "arguments": <args-json-object>}`: both keys are required, so a call without
+    arguments is malformed rather than "no arguments". `where` names the call in the error.
+
+    >>> tool_call_arguments({"arguments": '{"x": 1}'}, "call 1 (f)")
+    {'x': 1}
+    >>> tool_call_arguments({"arguments": [1]}, "call 1 (f)")
+    Traceback (most recent call last):
+        ...
+    tinyqwen.errors.ToolCallParseError: call 1 (f): 'arguments' must be a JSON object, got an array
+    """
     if "arguments" not in call:
-        # The template's format line reads {"name": <function-name>, "arguments": <args-json-object>}: both are
-        # required, so a call without arguments is malformed rather than "no arguments".
-        raise ToolCallParseError(f"{where} ({name}): the object has no 'arguments'")
+        raise error(f"{where}: the object has no 'arguments'")
     arguments = call["arguments"]
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments)
         except json.JSONDecodeError as e:
-            raise ToolCallParseError(
-                f"{where} ({name}): 'arguments' is a string that is not JSON ({e})"
-            ) from None
+            raise error(f"{where}: 'arguments' is a string that is not JSON ({e})") from None
     if not isinstance(arguments, dict):
-        raise ToolCallParseError(
-            f"{where} ({name}): 'arguments' must be a JSON object, got {_json_type(arguments)}"
-        )
-    return ToolCall(name=name, arguments=arguments)
+        raise error(f"{where}: 'arguments' must be a JSON object, got {_json_type(arguments)}")
+    return arguments
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
@@ -157,8 +171,9 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-    return names.get(type(value), "a number")
+    names = {dict: "an object", list: "an array", tuple: "an array", str: "a string", bool: "a boolean",
+             type(None): "null", int: "a number", float: "a number"}  # fmt: skip
+    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def _preview(text: str, limit: int = 80) -> str:

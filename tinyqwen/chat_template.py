@@ -35,6 +35,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from tinyqwen.chat_parsing import tool_call_arguments
 from tinyqwen.errors import ChatTemplateError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -187,31 +188,12 @@ def _check_tool_calls(i: int, tool_calls: Any) -> None:
             raise ChatTemplateError(
                 f"{where} has name {name!r}, which needs JSON escaping; the template prints names raw"
             )
-        if "arguments" not in call:
-            # The template pipes the missing value into tojson, which fails.
-            raise ChatTemplateError(f"{where} ({name}) has no 'arguments'")
-        arguments = call["arguments"]
-        # Decision: arguments must be a JSON object, either as a dict or as a string holding one (the OpenAI
-        # format). The template would also print `null`, a list or a non-JSON string, but then the model sees a
-        # call that its own format (and `parse_tool_calls`) says is malformed.
-        if isinstance(arguments, str):
-            try:
-                decoded = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                raise ChatTemplateError(
-                    f"{where} ({name}) has string arguments that are not JSON: {e}"
-                ) from None
-            if not isinstance(decoded, dict):
-                raise ChatTemplateError(
-                    f"{where} ({name}) has string arguments holding a {type(decoded).__name__}, not a JSON object"
-                )
-        elif isinstance(arguments, dict):
-            _check_json(arguments, f"{where}.arguments")
-        else:
-            raise ChatTemplateError(
-                f"{where} ({name}) has arguments of type {type(arguments).__name__}; they must be a dict or "
-                "a JSON string holding an object"
-            )
+        # The template pipes a missing value into tojson, which fails; it would print `null`, a list or a
+        # non-JSON string, but then the model sees a call that its own format (and `parse_tool_calls`) says is
+        # malformed. Decision: the reading side's rule, as a ChatTemplateError.
+        tool_call_arguments(call, f"{where} ({name})", ChatTemplateError)
+        if isinstance(call["arguments"], dict):  # a string is printed as it is; a dict through tojson
+            _check_json(call["arguments"], f"{where}.arguments")
 
 
 def _function_of(call: dict, where: str) -> dict:

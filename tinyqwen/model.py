@@ -37,6 +37,7 @@ from tinyqwen.backends import Backend, get_backend
 from tinyqwen.bf16 import bf16_to_float32
 from tinyqwen.config import (
     Qwen3Config,
+    count_parameters,  # noqa: F401 (tinyqwen.model.count_parameters is chapter 6's name)
     expected_tensors,
     load_config,
     load_generation_config,

@@ -4,8 +4,9 @@
 
 Needs the official Hugging Face `tokenizers` library, and for the real-pipeline checkpoint `transformers`, `torch`,
 `safetensors` and `jinja2` (the `crosscheck` extra). It reads the official Qwen3 `tokenizer.json` and
-`tokenizer_config.json` from $TINYQWEN_SHARED/qwen3-tokenizer or ../shared/qwen3-tokenizer. It never imports
-tinyqwen: every expected value says what the official code computes, not what we compute.
+`tokenizer_config.json` from $TINYQWEN_SHARED/qwen3-tokenizer or ../shared/qwen3-tokenizer. Of tinyqwen it imports
+only `tinyqwen.testing` (the tiny checkpoint's config.json), never the code under test: every expected value says
+what the official code computes, not what we compute.
 
 Writes, next to this file:
   ch01_tokenization.json   inputs and the official outputs for every checkpoint of exercises/test_ch01_tokenization.py
@@ -52,6 +53,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's tinyqwen.testing, installed or not
+from tinyqwen.testing import tiny_qwen3_config  # noqa: E402
+
 OUT_JSON = HERE / "ch01_tokenization.json"
 OUT_NPZ = HERE / "ch01_tokenization.npz"
 
@@ -157,34 +161,15 @@ MESSAGES = [
 
 # The tiny real-vocabulary checkpoint: the key set of the official Qwen3-0.6B config.json, shrunk, but with the
 # real 151,936-row vocabulary so that official token ids can go in and come out.
-REAL_VOCAB_CONFIG = {
-    "architectures": ["Qwen3ForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 151643,
-    "eos_token_id": 151645,
-    "head_dim": 16,
-    "hidden_act": "silu",
-    "hidden_size": 16,
-    "initializer_range": 0.02,
-    "intermediate_size": 48,
-    "max_position_embeddings": 40960,
-    "max_window_layers": 1,
-    "model_type": "qwen3",
-    "num_attention_heads": 2,
-    "num_hidden_layers": 1,
-    "num_key_value_heads": 1,
-    "rms_norm_eps": 1e-06,
-    "rope_scaling": None,
-    "rope_theta": 1000000,
-    "sliding_window": None,
-    "tie_word_embeddings": True,
-    "torch_dtype": "float32",
-    "transformers_version": "4.51.0",
-    "use_cache": True,
-    "use_sliding_window": False,
-    "vocab_size": 151936,
-}
+REAL_VOCAB_CONFIG = tiny_qwen3_config(  # tinyqwen.testing's tiny Qwen3, narrower and one layer deep
+    hidden_size=16,
+    intermediate_size=48,
+    max_position_embeddings=40960,
+    max_window_layers=1,
+    num_attention_heads=2,
+    num_hidden_layers=1,
+    num_key_value_heads=1,
+)
 REAL_VOCAB_SEED = 20250429
 N_TOKENS = 151669  # tokens the tokenizer knows; the 267 embedding rows above them are padding, as in Qwen3
 MAX_NEW_TOKENS = 8

@@ -25,7 +25,8 @@ ch02_loading_weights.json
     checkpoints     for the fixtures `dense-tied` (F32, one file) and `dense-untied-bf16-sharded` (BF16, 2 shards):
                     every tensor's shape, stored dtype and a fingerprint of torch's float32 values
                     (`sum` and `abs_sum` in float64, and `samples`: the values at flat positions FINGERPRINT_AT)
-    shapes          {config name: {tensor name: shape}} for the configs in tests/fixtures/configs: the fixtures'
+    shapes          {config name: {tensor name: shape}} for the fixtures' configs and two official ones
+                    (tinyqwen/data/configs): the fixtures'
                     from their safetensors headers (official reader; these folders load in transformers with no
                     missing or unexpected key), Qwen3-0.6B's and Qwen3-8B's from the `state_dict()` of
                     transformers' model built from the config on the meta device (no memory), minus
@@ -202,7 +203,7 @@ def main() -> None:
                     }
         checkpoints[fixture] = dict(sorted(entry.items()))
 
-    configs = FIXTURES / "configs"
+    configs = REPO / "tinyqwen" / "data" / "configs"  # the official files
     shapes = {
         f"fixture-{f}": header_shapes(FIXTURES / f)
         for f in ("dense-tied", "dense-untied-bf16-sharded", "moe-norm-topk", "moe-sparse-step")

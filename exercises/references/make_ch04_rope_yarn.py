@@ -4,7 +4,7 @@ imported.
     /work/venv-ref/bin/python exercises/references/make_ch04_rope_yarn.py    # from the repository root
 
 Needs torch and transformers (the `crosscheck` extra). Configs are the repo's copies of the real ones
-(tests/fixtures/configs/), read with `AutoConfig.from_pretrained`; `Qwen3RotaryEmbedding(config)` gives inv_freq, the
+(tinyqwen/data/configs/; the YaRN variant and the fixtures' in tests/fixtures/configs/), read with `AutoConfig.from_pretrained`; `Qwen3RotaryEmbedding(config)` gives inv_freq, the
 attention factor (`attention_scaling`) and the cos/sin tables; `apply_rotary_pos_emb` rotates queries and keys. Every
 random input has its own fixed seed. Writes ch04_rope_yarn.npz with:
 
@@ -47,12 +47,14 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding, apply
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = HERE.parents[1] / "tests" / "fixtures" / "configs"
+OFFICIAL = HERE.parents[1] / "tinyqwen" / "data" / "configs"  # the official files, as tinyqwen ships them
 NAME = "ch04_rope_yarn"
 
 
 def config_from(name: str, **changes):
-    """AutoConfig of tests/fixtures/configs/<name>, with top-level keys replaced by `changes`."""
-    data = json.loads((CONFIGS / name).read_text())
+    """AutoConfig of a stored config.json (an official one, else a test fixture's), with top-level keys replaced
+    by `changes`."""
+    data = json.loads(((OFFICIAL if (OFFICIAL / name).is_file() else CONFIGS) / name).read_text())
     data.update(changes)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(data))

@@ -24,7 +24,7 @@ Keys (float32 unless said; inputs are drawn with numpy.random.default_rng(SEED +
     forward.<fixture>.no_final_norm [2, T, V]   the fixture's logits with the final RMSNorm left out
     forward.<fixture>.embed_as_head [2, T, V]   (untied fixture only) the embedding used as the output head
     params.<model> int64                     sum of numel over the unique parameters of the model transformers
-                                             builds from tests/fixtures/configs/<model>.json (meta device)
+                                             builds from tinyqwen/data/configs/<model>.json (meta device)
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def forward_refs(out: dict) -> None:
 
 def param_refs(out: dict) -> None:
     for name in CONFIGS:
-        config = AutoConfig.from_pretrained(REPO / "tests" / "fixtures" / "configs" / f"{name}.json")
+        config = AutoConfig.from_pretrained(REPO / "tinyqwen" / "data" / "configs" / f"{name}.json")
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         # parameters() yields a tied parameter once; check tying did happen where the config says so

@@ -2,7 +2,8 @@
 
     /work/venv-ref/bin/python exercises/references/make_ch09_chat_template_thinking.py   # from the repository root
 
-Needs torch, transformers and jinja2; never imports tinyqwen. Writes `exercises/references/ch09_chat_template_thinking.json`:
+Needs torch, transformers and jinja2; of tinyqwen it imports only `tinyqwen.testing` (the tiny checkpoint's
+NumPy weights), never the code under test. Writes `exercises/references/ch09_chat_template_thinking.json`:
 
 - `render`: conversations rendered by the OFFICIAL Jinja chat template (the `chat_template` of
   tinyqwen/data/tokenizer_config.json, pinned by sha256) through transformers' `apply_chat_template`, with every
@@ -15,8 +16,8 @@ Needs torch, transformers and jinja2; never imports tinyqwen. Writes `exercises/
 - `tools`: assistant turns with tool calls, rendered by the official template as an earlier turn (so without a
   think block); the text the model writes is the turn between `<|im_start|>assistant\\n` and `<|im_end|>`.
   Parsing it must give back the content and the calls that went in.
-- `end_to_end`: a tiny random Qwen3 with the REAL vocabulary (151,936 rows; `tiny_chat_checkpoint` below, pure
-  NumPy, so the graded test builds the very same weights), loaded by transformers, greedy `generate` on a chat
+- `end_to_end`: a tiny random Qwen3 with the REAL vocabulary (151,936 rows; `tinyqwen.testing.tiny_qwen3_tensors`,
+  pure NumPy, so the graded test builds the very same weights), loaded by transformers, greedy `generate` on a chat
   prompt: the prompt text and ids, the new ids, and their decoded text.
 """
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +33,14 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))  # this checkout's tinyqwen.testing, installed or not
+from tinyqwen.testing import (  # noqa: E402
+    END_TO_END_SCALE,
+    QWEN3_GENERATION_CONFIG,
+    tiny_qwen3_config,
+    tiny_qwen3_tensors,
+)
+
 DATA = REPO / "tinyqwen" / "data"
 SHARED_TOKENIZER = REPO.parent / "shared" / "qwen3-tokenizer" / "tokenizer.json"
 OUT = HERE / "ch09_chat_template_thinking.json"
@@ -96,80 +106,11 @@ END_TO_END_MESSAGES = [
 # ------------------------------------------------------------------------------------------ the tiny checkpoint
 
 
-def tiny_chat_config() -> dict:
-    """config.json in the official Qwen3 layout (Qwen3-0.6B's key set), shrunk, with the real vocabulary."""
-    return {
-        "architectures": ["Qwen3ForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 151643,
-        "eos_token_id": 151645,
-        "head_dim": 16,
-        "hidden_act": "silu",
-        "hidden_size": 32,
-        "initializer_range": 0.02,
-        "intermediate_size": 64,
-        "max_position_embeddings": 1024,
-        "max_window_layers": 2,
-        "model_type": "qwen3",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000,
-        "sliding_window": None,
-        "tie_word_embeddings": True,
-        "torch_dtype": "float32",
-        "transformers_version": "4.51.0",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": 151936,
-    }
-
-
-GENERATION_CONFIG = {  # the official Qwen3 generation_config.json
-    "bos_token_id": 151643,
-    "do_sample": True,
-    "eos_token_id": [151645, 151643],
-    "pad_token_id": 151643,
-    "temperature": 0.6,
-    "top_k": 20,
-    "top_p": 0.95,
-    "transformers_version": "4.51.0",
-}
-
-
 def tiny_chat_checkpoint(seed: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """(config, tensors) of the tiny real-vocabulary Qwen3: deterministic NumPy, float32, official tensor names."""
-    config = tiny_chat_config()
-    rng = np.random.default_rng(seed)
-    H, ffn, d = config["hidden_size"], config["intermediate_size"], config["head_dim"]
-    nq, nkv = config["num_attention_heads"], config["num_key_value_heads"]
-
-    def w(*shape, scale=0.3):  # large enough that attention and MLP move the residual stream: varied tokens
-        return (rng.standard_normal(shape) * scale).astype(np.float32)
-
-    tensors = {
-        "model.embed_tokens.weight": w(config["vocab_size"], H, scale=0.5),
-        "model.norm.weight": w(H) + 1,
-    }
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": w(H) + 1,
-            p + "post_attention_layernorm.weight": w(H) + 1,
-            p + "self_attn.q_proj.weight": w(nq * d, H),
-            p + "self_attn.k_proj.weight": w(nkv * d, H),
-            p + "self_attn.v_proj.weight": w(nkv * d, H),
-            p + "self_attn.o_proj.weight": w(H, nq * d),
-            p + "self_attn.q_norm.weight": w(d) + 1,
-            p + "self_attn.k_norm.weight": w(d) + 1,
-            p + "mlp.gate_proj.weight": w(ffn, H),
-            p + "mlp.up_proj.weight": w(ffn, H),
-            p + "mlp.down_proj.weight": w(H, ffn),
-        }
-    return config, tensors
+    """(config, tensors) of the tiny real-vocabulary Qwen3: deterministic NumPy, float32, official tensor names.
+    The same weights the graded test and chapters 9 and 12 build with `tinyqwen.testing.write_tiny_qwen3`."""
+    config = tiny_qwen3_config()
+    return config, tiny_qwen3_tensors(config, seed, END_TO_END_SCALE)
 
 
 # ------------------------------------------------------------------------------------------ the references
@@ -257,7 +198,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             (folder / "config.json").write_text(json.dumps(config, indent=2))
-            (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2))
+            (folder / "generation_config.json").write_text(json.dumps(QWEN3_GENERATION_CONFIG, indent=2))
             save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
             model = AutoModelForCausalLM.from_pretrained(
                 folder, dtype=torch.float32, attn_implementation="eager"

@@ -1,5 +1,5 @@
 """`tinyqwen verify`, `serve`, `bench` and `train`: each checks its flags, then hands over to the module that does the
-work (tinyqwen/verify.py, serve.py, bench.py, train.py)."""
+work (tinyqwen/verify.py, serve/, bench/, train.py)."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """`tinyqwen serve`: the OpenAI-compatible endpoint of tinyqwen/serve.py, until Ctrl-C."""
+    """`tinyqwen serve`: the OpenAI-compatible endpoint of tinyqwen/serve/, until Ctrl-C."""
     from tinyqwen.serve import require_serve_extra, serve
 
     require_serve_extra()
