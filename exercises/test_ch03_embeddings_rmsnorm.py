@@ -38,7 +38,7 @@ reread = functools.partial(notebook, 3)
 
 
 def _fixture_table(fixture: str) -> np.ndarray:
-    from tinyqwen.safetensors import Checkpoint
+    from tinyqwen.checkpoint import Checkpoint
 
     with Checkpoint(FIXTURES / fixture) as checkpoint:
         return np.array(checkpoint.get("model.embed_tokens.weight"))

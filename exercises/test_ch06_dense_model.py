@@ -28,8 +28,8 @@ from exercises.grading import (
     reference,
     reference_file,
 )
+from tinyqwen.checkpoint import Checkpoint
 from tinyqwen.config import CONFIG_DIR, load_config
-from tinyqwen.safetensors import Checkpoint
 
 REF = reference_file("ch06_dense_model.npz")
 FIXTURES = REFERENCES.parent.parent / "tests" / "fixtures"

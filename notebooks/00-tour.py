@@ -450,7 +450,7 @@ plt.show()
 
 # %%
 from tinyqwen.hub import official_checkpoint  # noqa: E402
-from tinyqwen.safetensors import Checkpoint  # noqa: E402
+from tinyqwen.checkpoint import Checkpoint  # noqa: E402
 
 checkpoint = official_checkpoint()
 if checkpoint is None:

@@ -637,12 +637,15 @@ weights_tied, weights_sharded = load_checkpoint(TIED), load_checkpoint(SHARDED)
 len(weights_tied), len(weights_sharded)
 
 # %% [markdown]
-# (This `read_tensor` re-reads a shard's header for every tensor, which is fine here. tinyqwen's `Checkpoint` reads
+# (This `read_tensor` re-reads a shard's header for every tensor, which is fine here. tinyqwen's `Checkpoint`
+# (`tinyqwen/checkpoint.py`) reads
 # each header once and cross-checks the index against the headers. A tensor in the wrong shard, or in two shards, is
 # an error.) Our loader and tinyqwen's agree:
 
 # %%
-with st.Checkpoint(SHARDED) as ckpt:
+from tinyqwen.checkpoint import Checkpoint  # noqa: E402
+
+with Checkpoint(SHARDED) as ckpt:
     assert set(ckpt.keys()) == set(weights_sharded)
     assert all(np.array_equal(ckpt.get(n), a) for n, a in weights_sharded.items())
 print(f"load_checkpoint == tinyqwen's Checkpoint on {len(weights_sharded)} tensors in {len(shards)} shards")

@@ -43,7 +43,7 @@ from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys
 # and its final norm's weight:
 
 # %%
-from tinyqwen.safetensors import Checkpoint
+from tinyqwen.checkpoint import Checkpoint
 
 TIED = FIXTURES / "dense-tied"  # float32, 2 layers, tied embeddings
 with Checkpoint(TIED) as ckpt:
@@ -526,7 +526,7 @@ d_tiny = max(np.abs(rms_norm(ref3[f"rms.{c}.x"], ref3[f"rms.{c}.weight"], 1e-6)
 print(f"ours vs tinyqwen.norm.rms_norm: max |Δ| = {d_tiny:.1e}")
 
 # %% [markdown]
-# Finally the whole network. A model's `backend` holds the kernels it calls (see `backends/__init__.py`).
+# Finally the whole network. A model's `backend` holds the kernels it calls (see `backends/contract.py`).
 # We swap in our `rms_norm` and run both fixtures on the inputs transformers used:
 
 # %%

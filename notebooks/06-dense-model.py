@@ -403,7 +403,7 @@ print(f"after it: max |Δ| = {delta.max():.2f} — the copy's head never saw the
 # runs unchanged (BF16 values widen exactly to float32 on loading):
 
 # %%
-from tinyqwen.safetensors import Checkpoint
+from tinyqwen.checkpoint import Checkpoint
 
 with Checkpoint(FIXTURES / "dense-untied-bf16-sharded") as ckpt:
     weights_untied = {name: np.asarray(ckpt.get(name), dtype=np.float32) for name in ckpt.keys()}

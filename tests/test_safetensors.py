@@ -15,11 +15,11 @@ import pytest
 import safetensors.numpy as official
 
 from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
+from tinyqwen.checkpoint import Checkpoint
 from tinyqwen.errors import CheckpointError, SafetensorsError
 from tinyqwen.safetensors import (
     DTYPES,
     MAX_HEADER_BYTES,
-    Checkpoint,
     SafetensorsFile,
     TensorInfo,
     load_file,

@@ -433,8 +433,8 @@ def load_model(
     `torch.set_float32_matmul_precision("medium")` does: a faster prefill; logits move by ~1e-2 of their size on
     the tiny test fixtures.
     """
+    from tinyqwen.checkpoint import Checkpoint
     from tinyqwen.hub import is_hub_id, resolve_model
-    from tinyqwen.safetensors import Checkpoint
 
     original = str(path)
     path = Path(path).expanduser()

@@ -9,6 +9,7 @@ import numpy as np
 
 from tinyqwen import bf16
 from tinyqwen import safetensors as st
+from tinyqwen.checkpoint import Checkpoint
 from tinyqwen.config import config_from_dict, expected_tensors
 
 
@@ -41,7 +42,7 @@ def map_tensor(path: str | os.PathLike, name: str) -> np.ndarray:
 
 
 def load_checkpoint(directory: str | os.PathLike) -> dict[str, np.ndarray]:
-    with st.Checkpoint(directory) as checkpoint:
+    with Checkpoint(directory) as checkpoint:
         return {name: checkpoint.get(name) for name in sorted(checkpoint.keys())}
 
 

@@ -65,7 +65,7 @@ def decoder_layer(
 
 
 class _DictCheckpoint:
-    """The three methods of tinyqwen.safetensors.Checkpoint that load_weights uses, over a dict of arrays."""
+    """The three methods of tinyqwen.checkpoint.Checkpoint that load_weights uses, over a dict of arrays."""
 
     path = "weights"
 
