@@ -88,11 +88,9 @@ def _cupy_backend(matmul_precision: str = "highest") -> Backend:
             f"matmul_precision={matmul_precision!r} needs the numba backend; the cupy backend multiplies in float32 "
             "(matmul_precision='highest')"
         )
-    from tinyqwen.backends import (
-        cupy_backend,
-    )  # imports CuPy only when asked; says in one line what is missing
+    from tinyqwen.backends import cupy  # imports CuPy only when asked; says in one line what is missing
 
-    return cupy_backend.backend()
+    return cupy.backend()
 
 
 AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend, "cupy": _cupy_backend}

@@ -50,7 +50,7 @@ def rms_norm_kernel() -> str:
     steps), and every thread scales its values. Sum in float32. Use `sqrtf` (`<cmath>` is not available to NVRTC,
     but sqrtf is built in).
 
-    Example: `tinyqwen.backends.cupy_backend.compile_ptx(rms_norm_kernel(), "compute_90")` returns PTX text containing
+    Example: `tinyqwen.backends.cupy.compile_ptx(rms_norm_kernel(), "compute_90")` returns PTX text containing
              '.entry rms_norm_f32(' (the notebook's section 4 writes one such kernel, step by step).
     """
     raise NotImplementedError
@@ -87,7 +87,7 @@ def rope_kernel() -> str:
 
     Use `long long` for flat indices (B·H·T·d can pass 2³¹ for long contexts).
 
-    Example: the source compiles with `tinyqwen.backends.cupy_backend.compile_ptx(source, "compute_80")`.
+    Example: the source compiles with `tinyqwen.backends.cupy.compile_ptx(source, "compute_80")`.
     """
     raise NotImplementedError
 

@@ -104,7 +104,7 @@ def _ptx_params(ptx: str, kernel: str) -> list[str] | None:
 
 def _compile(source_fn, kernel: str, params: list[str], signature: str, section: str) -> str:
     """The learner's source compiled for both architectures, its kernel's signature checked. Returns the source."""
-    from tinyqwen.backends.cupy_backend import ARCHITECTURES, compile_ptx
+    from tinyqwen.backends.cupy import ARCHITECTURES, compile_ptx
     from tinyqwen.errors import BackendError
 
     what = f"{'rms_norm_kernel' if kernel == 'rms_norm_f32' else 'rope_kernel'}() compiled by NVRTC"
@@ -132,7 +132,7 @@ def _compile(source_fn, kernel: str, params: list[str], signature: str, section:
 
 def _gpu():
     """CuPy, where a GPU can run kernels here; None otherwise (results are then not checked)."""
-    from tinyqwen.backends.cupy_backend import gpu_unavailable_reason
+    from tinyqwen.backends.cupy import gpu_unavailable_reason
 
     if gpu_unavailable_reason() is not None:
         return None
@@ -169,7 +169,7 @@ def test_rms_norm_kernel_compiles(course):
     cp = _gpu()
     if cp is None:
         return
-    from tinyqwen.backends.cupy_backend import compile_options
+    from tinyqwen.backends.cupy import compile_options
 
     kernel = cp.RawModule(code=source, options=tuple(compile_options())).get_function("rms_norm_f32")
     for case in ("odd", "head", "wide"):
@@ -247,7 +247,7 @@ def test_rope_kernel_compiles(course):
     cp = _gpu()
     if cp is None:
         return
-    from tinyqwen.backends.cupy_backend import compile_options
+    from tinyqwen.backends.cupy import compile_options
 
     kernel = cp.RawModule(code=source, options=tuple(compile_options())).get_function("rope_f32")
     x, cos, sin, want = (REF[f"rope.{k}"] for k in ("x", "cos", "sin", "y"))
@@ -501,7 +501,7 @@ def test_real_model(course):
     """Your twins as the GPU backend's RMSNorm and RoPE, in the real model"""
     from exercises.grading import FIXTURES
     from tinyqwen import generate_batch
-    from tinyqwen.backends.cupy_backend import NumpyTwins, make_backend
+    from tinyqwen.backends.cupy import NumpyTwins, make_backend
     from tinyqwen.config import load_config
     from tinyqwen.model import Qwen3, load_weights
     from tinyqwen.safetensors import Checkpoint

@@ -53,7 +53,7 @@ REPO = next(
     p for p in (Path.cwd().resolve(), *Path.cwd().resolve().parents) if (p / "pyproject.toml").is_file()
 )
 sys.path.insert(0, str(REPO))  # use the tinyqwen next to this notebook
-from tinyqwen.backends import cupy_backend  # noqa: E402
+from tinyqwen.backends import cupy as cupy_backend  # noqa: E402
 from tinyqwen import norm, rope  # noqa: E402
 
 # %% [markdown]
@@ -581,7 +581,7 @@ print(f"{same} of 300 random rows: the device pipeline's twin picks chapter 8's 
 # %% [markdown]
 # ## 8. The whole backend, without a GPU
 #
-# `backends/cupy_backend.py` writes the orchestration once, against an *ops* object: which kernel runs on which
+# `backends/cupy/` writes the orchestration once, against an *ops* object: which kernel runs on which
 # shapes, the KV cache in device memory, bf16 weights kept as bits, MoE tokens routed and gathered, the token
 # sampled. `CudaKernels` launches the `.cu` kernels on CuPy arrays; `NumpyTwins` computes each kernel's result in
 # NumPy. `make_backend(NumpyTwins())` — the *stand-in* — runs everything but the kernels themselves, on any machine.

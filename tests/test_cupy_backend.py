@@ -36,8 +36,9 @@ from conftest import logits_through_cache
 import tinyqwen
 from tinyqwen import attention as ref_attention
 from tinyqwen import moe, norm, rope, sampling
-from tinyqwen.backends import cupy_backend, get_backend
-from tinyqwen.backends.cupy_backend import KERNEL_DIR, KERNELS, NumpyTwins
+from tinyqwen.backends import cupy as cupy_backend
+from tinyqwen.backends import get_backend
+from tinyqwen.backends.cupy import KERNEL_DIR, KERNELS, NumpyTwins
 from tinyqwen.config import load_config, load_generation_config
 from tinyqwen.errors import BackendError, GenerationError
 from tinyqwen.mlp import silu
@@ -208,8 +209,12 @@ def test_every_launch_matches_its_kernels_parameters():
 
 def test_docstring_examples():
     import doctest
+    import importlib
+    import pkgutil
 
-    assert doctest.testmod(cupy_backend, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0
+    for module in pkgutil.iter_modules(cupy_backend.__path__):
+        module = importlib.import_module(f"{cupy_backend.__name__}.{module.name}")
+        assert doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE).failed == 0, module
 
 
 def test_twins_equal_the_reference_functions():
@@ -517,8 +522,8 @@ def test_standin_keeps_the_checkpoints_dtype_and_cache_in_backend_arrays():
 @pytest.mark.parametrize("gemv_rows", [0, 64])
 def test_both_product_paths_and_widening_blocks(monkeypatch, gemv_rows):
     # every product through the widen + GEMM path (tiny blocks), or every one through the GEMV kernels
-    monkeypatch.setattr(cupy_backend, "GEMV_MAX_ROWS", gemv_rows)
-    monkeypatch.setattr(cupy_backend, "WIDEN_BLOCK_BYTES", 256)
+    monkeypatch.setattr(cupy_backend.orchestration, "GEMV_MAX_ROWS", gemv_rows)
+    monkeypatch.setattr(cupy_backend.orchestration, "WIDEN_BLOCK_BYTES", 256)
     for name in ("dense-yarn", "moe-sparse-step"):  # bf16 dense, bf16 MoE
         ref = dict(np.load(FIXTURES / name / "reference.npz"))
         model = load(FIXTURES / name, cupy_backend.standin_backend())
