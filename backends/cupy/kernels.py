@@ -6,7 +6,7 @@ from functools import cached_property
 
 import numpy as np
 
-from tinyqwen.backends.cupy.compile import KERNEL_DIR, compile_options
+from tinyqwen.backends.cupy.compile import KERNEL_DIR, compile_options, cuda_include_dirs
 from tinyqwen.backends.cupy.select import FILTER_THREADS
 
 # every kernel of every source file; tests check that each one is defined
@@ -41,7 +41,8 @@ class CudaKernels:
 
     @cached_property
     def _modules(self) -> dict:
-        options = tuple(compile_options()) if self.module is getattr(self.xp, "RawModule", None) else ()
+        # NVRTC's options; a loader standing in for cupy.RawModule reads the include folders it needs from them
+        options = tuple(compile_options()) if cuda_include_dirs() else ("--std=c++17", f"-I{KERNEL_DIR}")
         return {
             f: self.module(code=(KERNEL_DIR / f).read_text(), options=options, backend="nvrtc")
             for f in KERNELS
