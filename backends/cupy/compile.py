@@ -11,7 +11,9 @@ from tinyqwen.errors import BackendError
 
 KERNEL_DIR = Path(__file__).parent.parent / "cuda"
 
-ARCHITECTURES = ("compute_80", "compute_90")  # A100, H100/H200: the virtual architectures CI compiles for
+# the virtual architectures CI compiles every kernel for: T4 (Colab), A100, RTX 30xx / A10, RTX 40xx / L4, H100/H200.
+# sm_75 has no bf16 arithmetic: the kernels keep bf16 as storage and compute in float32 on every architecture
+ARCHITECTURES = ("compute_75", "compute_80", "compute_86", "compute_89", "compute_90")
 INSTALL = "pip install 'tinyqwen[gpu]' (cupy-cuda12x, nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12)"
 
 
@@ -43,7 +45,7 @@ def compile_options(arch: str | None = None) -> list[str]:
 
 
 def ptxas_report(source: Path, arch: str) -> dict[str, dict[str, int]]:
-    """{kernel: {"registers", "spill_bytes", "shared_bytes"}} from compiling `source` to `arch` (sm_80, sm_90)
+    """{kernel: {"registers", "spill_bytes", "shared_bytes"}} from compiling `source` to `arch` (sm_75 ... sm_90)
     machine code with ptxas -v, through NVRTC: what decides whether a launch of N threads fits one SM. No GPU needed.
     """
     import re

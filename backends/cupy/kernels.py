@@ -13,7 +13,7 @@ from tinyqwen.backends.cupy.select import FILTER_THREADS
 KERNELS = {
     "norm.cu": ("rms_norm_f32",),
     "rope.cu": ("rope_f32",),
-    "attention.cu": ("decode_attention_f32",),
+    "attention.cu": ("decode_attention_f32", "decode_attention_bf16", "decode_attention_f16"),
     "mlp.cu": ("silu_mul_f32",),
     "bf16.cu": ("widen_bf16", "embed_bf16", "embed_f32", "gemv_bf16"),
     "moe.cu": ("moe_route", "gather_rows", "gemv_expert_bf16", "gemv_expert_f32", "moe_combine"),
@@ -22,6 +22,12 @@ KERNELS = {
 }
 GEMV_MAX_ROWS = 8  # tokens up to which a bf16 product streams the weight (TQ_GEMV_ROWS in bf16.cu)
 SAMPLE_THREADS = 256  # TQ_SAMPLE_THREADS in sample.cu
+# the KV cache's storage dtype -> the decode attention kernel that reads it
+DECODE_ATTENTION = {
+    "float32": "decode_attention_f32",
+    "uint16": "decode_attention_bf16",
+    "float16": "decode_attention_f16",
+}
 
 
 class CudaKernels:
@@ -58,8 +64,10 @@ class CudaKernels:
     def rng(self, seed: int):
         return self.xp.random.default_rng(seed)
 
-    def uniform(self, rng, n: int):
-        return rng.random(n).astype(np.float32)
+    def uniform(
+        self, rng, n: int
+    ):  # [n] float32 in [0, 1): drawn as float32 (a float64 draw may round to 1.0)
+        return rng.random(n, dtype=np.float32)
 
     @staticmethod
     def _threads(d: int) -> int:  # a block per row: one thread per value up to 256, a multiple of 32
@@ -93,19 +101,18 @@ class CudaKernels:
         return out
 
     def decode_attention(self, q, k, v, mask):
-        q, mask = (
-            self._c(q),
-            self._c(mask, np.bool_),
-        )  # k, v: float32 with unit stride along d (see attention())
+        # k, v: the cache's first S positions in its storage dtype (float32, bf16 bits, float16), unit stride along d
+        q, mask = self._c(q), self._c(mask, np.bool_)
         B, Hq, d = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         scores = self.xp.empty((B, Hq, S), np.float32)
         out = self.xp.empty((B, Hq, d), np.float32)
-        ks = [np.int64(s // 4) for s in k.strides[:3]]  # element strides: the cache's first S positions
-        vs = [np.int64(s // 4) for s in v.strides[:3]]
+        name = DECODE_ATTENTION[np.dtype(k.dtype).name]
+        ks = [np.int64(s // k.itemsize) for s in k.strides[:3]]  # element strides, whatever the item's size
+        vs = [np.int64(s // v.itemsize) for s in v.strides[:3]]
         args = (q, k, v, mask, scores, out, np.int32(Hq), np.int32(Hkv), np.int32(S), np.int32(d), *ks, *vs)
         args += (np.int64(mask.strides[0]), np.float32(d**-0.5))
-        self._kernel("decode_attention_f32")((B * Hq,), (self._threads(d),), args, shared_mem=4 * d)
+        self._kernel(name)((B * Hq,), (self._threads(d),), args, shared_mem=4 * d)
         return out
 
     def silu_mul(self, g, u):
@@ -115,6 +122,7 @@ class CudaKernels:
         return out
 
     def widen(self, bits):
+        bits = self._c(bits, np.uint16)  # the kernel indexes flat memory: a strided cache slice is copied
         out = self.xp.empty(bits.shape, np.float32)
         self._kernel("widen_bf16")(self._blocks(bits.size), (256,), (bits, out, np.int64(bits.size)))
         return out
@@ -132,9 +140,10 @@ class CudaKernels:
         M, K = x.shape
         N = bits.shape[0]
         out = self.xp.empty((M, N), np.float32)
-        self._kernel("gemv_bf16")(
-            self._blocks(32 * N), (256,), (x, bits, out, np.int32(M), np.int32(N), np.int32(K))
-        )
+        for m in range(0, M, GEMV_MAX_ROWS):  # the kernel takes up to TQ_GEMV_ROWS rows of x per launch
+            rows = min(GEMV_MAX_ROWS, M - m)
+            args = (x[m : m + rows], bits, out[m : m + rows], np.int32(rows), np.int32(N), np.int32(K))
+            self._kernel("gemv_bf16")(self._blocks(32 * N), (256,), args)
         return out
 
     def route(self, logits, k: int, renormalise: bool):

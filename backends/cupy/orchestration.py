@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tinyqwen.attention import MASKED
+from tinyqwen.attention import BLOCKWISE_MIN_SCORES, MASKED, CausalMask
 from tinyqwen.backends.contract import Backend
 from tinyqwen.backends.cupy.kernels import GEMV_MAX_ROWS
 from tinyqwen.backends.cupy.sampling import DeviceSampler
@@ -116,12 +116,30 @@ def make_backend(ops, name: str = "cupy") -> DeviceBackend:
                 xp.ascontiguousarray(q[:, :, 0]), k, v, xp.ascontiguousarray(mask[:, 0])
             )
             return out.reshape(B, Hq, 1, d)
-        Hkv = k.shape[1]  # prefill: the reference's algorithm, in xp (batched cuBLAS products)
+        k, v = widen_cache(k), widen_cache(v)  # prefill: float32 products, whatever the cache stores
+        Hkv = k.shape[1]  # the reference's algorithm, in xp (batched cuBLAS products)
         qg = q.reshape(B, Hkv, Hq // Hkv, T, d)
         scores = xp.matmul(qg, k[:, :, None].swapaxes(-1, -2)) * np.float32(d**-0.5)
         scores = xp.where(mask[:, None, None], scores, np.float32(MASKED))
         e = xp.exp(scores - scores.max(-1, keepdims=True))
         return xp.matmul(e / e.sum(-1, keepdims=True), v[:, :, None]).reshape(B, Hq, T, d)
+
+    def widen_cache(a):  # [B, Hkv, S, d] in the cache's storage dtype -> float32 on the device
+        if a.dtype == np.uint16:  # bf16 bits: widened exactly by the kernel (never multiplied as integers)
+            return ops.widen(a)
+        return a.astype(np.float32, copy=False)  # float32 as it is; float16 exactly
+
+    def blockwise_attention(q, k, v, mask: CausalMask):  # [B, Hq, T, d], [B, Hkv, S, d] x2 -> [B, Hq, T, d]
+        # a long prompt: a block of queries at a time against every key, so one block's scores stay within what
+        # the model allows a prompt to allocate at once; the block's mask is built on the host and uploaded
+        B, Hq, T, d = q.shape
+        S = k.shape[2]
+        block = max(1, BLOCKWISE_MIN_SCORES // S)
+        out = xp.empty((B, Hq, T, d), np.float32)
+        for t0 in range(0, T, block):
+            t1 = min(T, t0 + block)
+            out[:, :, t0:t1] = attention(q[:, :, t0:t1], k, v, mask.tile(t0, t1, 0, S))
+        return out
 
     def swiglu(x, w_gate, w_up, w_down):  # [..., d] -> [..., d]
         x2 = rows(x)
@@ -156,6 +174,7 @@ def make_backend(ops, name: str = "cupy") -> DeviceBackend:
         rms_norm=rms_norm,
         apply_rope=apply_rope,
         attention=attention,
+        blockwise_attention=blockwise_attention,
         swiglu=swiglu,
         moe_block=moe_block,
         prepare=prepare,

@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -59,7 +60,9 @@ namespace tq {
 enum State { RUNNABLE, AT_BARRIER, AT_SHUFFLE, EXITED };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;  // how the fiber starts (makecontext); after that it switches with _setjmp / _longjmp
+    jmp_buf resume;
+    bool started;
     State state;
     int barrier_line;
     uint3 idx;
@@ -75,7 +78,8 @@ struct Launch {
     std::vector<unsigned> posted;  // per warp: lanes that posted a value to a shuffle not yet complete
     char* stacks = nullptr;
     size_t stack_size = 0, stacks_bytes = 0;
-    ucontext_t scheduler;
+    jmp_buf scheduler;
+    ucontext_t blank;  // one getcontext per launch, copied for every fiber
     const void* scheduler_bottom = nullptr;
     size_t scheduler_size = 0;
     int current = -1, threads = 0;
@@ -92,12 +96,13 @@ static char* dynamic_shared = nullptr;
 static inline Fiber& me() { return L->fibers[L->current]; }
 
 // switching: the ASan annotations tell AddressSanitizer which stack is live (no false reports across switches)
+// (_setjmp/_longjmp: no signal-mask system call per switch, which swapcontext makes; setcontext starts a fiber)
 static inline void to_scheduler(bool dying) {
     Fiber& f = me();
 #if TQ_ASAN
     __sanitizer_start_switch_fiber(dying ? nullptr : &f.fake_stack, L->scheduler_bottom, L->scheduler_size);
 #endif
-    swapcontext(&f.ctx, &L->scheduler);
+    if (!_setjmp(f.resume)) _longjmp(L->scheduler, 1);
 #if TQ_ASAN
     __sanitizer_finish_switch_fiber(f.fake_stack, nullptr, nullptr);
 #endif
@@ -112,7 +117,13 @@ static inline void to_fiber(int i) {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, L->stacks + (size_t)i * L->stack_size, L->stack_size);
 #endif
-    swapcontext(&L->scheduler, &f.ctx);
+    if (!_setjmp(L->scheduler)) {
+        if (!f.started) {
+            f.started = true;
+            setcontext(&f.ctx);
+        }
+        _longjmp(f.resume, 1);
+    }
 #if TQ_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
@@ -223,7 +234,8 @@ static void run_block(int how, unsigned long long& seed, size_t shared) {
     for (auto& w : L->posted) w = 0;
     for (int t = 0; t < n; ++t) {
         Fiber& f = L->fibers[t];
-        getcontext(&f.ctx);
+        f.ctx = L->blank;
+        f.started = false;
         f.ctx.uc_stack.ss_sp = L->stacks + (size_t)t * L->stack_size;
         f.ctx.uc_stack.ss_size = L->stack_size;
         f.ctx.uc_link = nullptr;
@@ -290,16 +302,25 @@ static int launch(const unsigned* grid, const unsigned* block, size_t shared, in
     launch.threads = (int)(block[0] * block[1] * block[2]);
     launch.stack_size = stack_size;
     launch.stacks_bytes = stack_size * (size_t)launch.threads;
-    void* stacks = mmap(nullptr, launch.stacks_bytes, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (stacks == MAP_FAILED) {
-        snprintf(error, error_size, "cannot map %zu bytes of fiber stacks", launch.stacks_bytes);
-        return 1;
+    // the fibers' stacks stay mapped from one launch to the next: their pages are touched once, not per launch
+    static void* stacks = nullptr;
+    static size_t mapped = 0;
+    if (launch.stacks_bytes > mapped) {
+        if (stacks) munmap(stacks, mapped);
+        stacks = mmap(nullptr, launch.stacks_bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                      -1, 0);
+        mapped = stacks == MAP_FAILED ? 0 : launch.stacks_bytes;
+        if (stacks == MAP_FAILED) {
+            stacks = nullptr;
+            snprintf(error, error_size, "cannot map %zu bytes of fiber stacks", launch.stacks_bytes);
+            return 1;
+        }
     }
     launch.stacks = (char*)stacks;
     launch.fibers.resize(launch.threads);
     launch.posted.resize((launch.threads + 31) / 32);
     L = &launch;
+    getcontext(&launch.blank);
     dynamic_shared = shared ? (char*)malloc(shared) : nullptr;
     gridDim = {grid[0], grid[1], grid[2]};
     blockDim = {block[0], block[1], block[2]};
@@ -313,7 +334,6 @@ static int launch(const unsigned* grid, const unsigned* block, size_t shared, in
     }
     free(dynamic_shared);
     dynamic_shared = nullptr;
-    munmap(stacks, launch.stacks_bytes);
     L = nullptr;
     return launch.failed ? 1 : 0;
 }

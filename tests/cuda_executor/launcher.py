@@ -23,7 +23,16 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 HEADER = HERE / "cuda_cpu.h"
 ORDERS = {"forward": 0, "reverse": 1, "random": 2}
-FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-w"]
+FLAGS = [
+    "-std=c++17",
+    "-O1",
+    "-fPIC",
+    "-shared",
+    "-ffp-contract=off",
+    "-fno-fast-math",
+    "-U_FORTIFY_SOURCE",
+    "-w",
+]
 ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 
 # C scalar types -> the NumPy scalar type a launch must pass; C pointee types -> the dtypes an array may have
