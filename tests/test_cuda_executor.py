@@ -169,3 +169,31 @@ def test_addresssanitizer_reports_out_of_bounds_reads(tmp_path, n):
         assert run.returncode == 0 and "no error" in run.stdout, run.stderr[-3000:]
     else:
         assert run.returncode != 0 and "heap-buffer-overflow" in run.stderr, run.stderr[-3000:]
+
+
+KERNELS_UNDER_ASAN = """
+import numpy as np
+from cuda_executor import device, executor_kernels
+ops = executor_kernels(asan=True)
+r = np.random.default_rng(0)
+logits = r.standard_normal((4, 8)).astype(np.float32)
+logits[2] = np.nan  # NaN router logits once chose expert -1: a read before the weights
+weights, experts = ops.route(device.asarray(logits), 2, True)
+bits = device.asarray(r.integers(0, 1 << 14, (8, 16, 32), dtype=np.uint16))
+ops.expert_gemv(device.asarray(np.ones((8, 32), np.float32)), experts.reshape(-1), bits)
+ops.gemv_bf16(device.asarray(r.standard_normal((11, 32), dtype=np.float32)), bits[0])
+for store in (np.float32, np.uint16, np.float16):  # a strided slice of each KV cache dtype
+    cache = device.asarray(r.standard_normal((2, 1, 2, 9, 40)).astype(store))
+    ops.decode_attention(device.asarray(r.standard_normal((1, 4, 40), dtype=np.float32)), cache[0][:, :, :5],
+                         cache[1][:, :, :5], device.asarray(np.ones((1, 5), bool)))
+print("no error")
+"""
+
+
+@pytest.mark.slow
+def test_the_backends_kernels_stay_in_bounds_under_addresssanitizer():
+    env = asan_environment()
+    env["PYTHONPATH"] = f"{REPO}:{REPO / 'tests'}"
+    run = subprocess.run([sys.executable, "-c", KERNELS_UNDER_ASAN], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0 and "no error" in run.stdout, run.stderr[-3000:]
