@@ -111,3 +111,35 @@ class DeviceNamespace:
 
 
 device = DeviceNamespace()
+
+
+class OnDevice:
+    """An ops object computing on the host (NumpyTwins) seen from the orchestration as a device: its results are
+    device arrays, and it refuses host arrays where CudaKernels would (everything but the host-given uniform numbers
+    and forced ids of filter_sample). What runs inside the ops is its own business; what the orchestration hands it
+    and does with its results must be device arrays, as on a GPU."""
+
+    HOST_ARGS = {"filter_sample": (5, 6)}  # (u, forced): host arrays CudaKernels uploads itself
+
+    def __init__(self, ops):
+        self.ops, self.xp = ops, device
+
+    def to_numpy(self, a) -> np.ndarray:
+        if type(a) is np.ndarray:
+            raise TypeError("to_numpy: a host array, where a device array was expected")
+        return device.asnumpy(a)
+
+    def rng(self, seed: int):
+        return device.random.default_rng(seed)
+
+    def __getattr__(self, name):
+        f = getattr(self.ops, name)
+        if not callable(f):
+            return f
+
+        def on_device(*args, **kwargs):
+            allowed = self.HOST_ARGS.get(name, ())
+            _refuse_host([a for i, a in enumerate(args) if i not in allowed] + list(kwargs.values()), name)
+            return _device(f(*_host(tuple(args)), **kwargs))
+
+        return on_device
