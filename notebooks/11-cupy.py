@@ -702,7 +702,7 @@ ref = np.load(executed.path / "reference.npz")
 delta = np.abs(executed(ref["input_ids"]) - ref["logits"]).max()
 print(
     f"moe-sparse-step through the real CUDA kernels, run on the CPU: max |Δ| vs transformers = {delta:.1e} "
-    f"(tolerance {tolerance(ref['logits']):.1e}), {time.perf_counter() - start:.1f} s with compiling"
+    f"(tolerance {tolerance(ref['logits']):.1e}), in {time.perf_counter() - start:.1f} s (g++ builds cached by source hash)"
 )
 
 # %% [markdown]
@@ -738,7 +738,9 @@ for barrier in ("__syncthreads();", "/* no barrier */"):
         out = device.empty(xs.shape, np.float32)
         kernel = RawModule(TREE.replace("BARRIER", barrier), order=order).get_function("rms_norm_f32")
         kernel((3,), (128,), (device.asarray(xs), device.asarray(ones), out, np.int32(300), np.float32(1e-6)))
-        print(f"{barrier:18} {order:8} threads first: max |Δ| vs the reference = {np.abs(out.get() - want).max():.1e}")
+        print(
+            f"{barrier:18} {order:8} threads first: max |Δ| vs the reference = {np.abs(out.get() - want).max():.1e}"
+        )
 
 # %% [markdown]
 # Misuse stops the launch with a message instead of a wrong answer. Here thread 0 leaves before a barrier the others
