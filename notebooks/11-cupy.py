@@ -702,7 +702,8 @@ ref = np.load(executed.path / "reference.npz")
 delta = np.abs(executed(ref["input_ids"]) - ref["logits"]).max()
 print(
     f"moe-sparse-step through the real CUDA kernels, run on the CPU: max |Δ| vs transformers = {delta:.1e} "
-    f"(tolerance {tolerance(ref['logits']):.1e}), in {time.perf_counter() - start:.1f} s (g++ builds cached by source hash)"
+    f"(tolerance {tolerance(ref['logits']):.1e}), in {time.perf_counter() - start:.1f} s "
+    "(g++ builds are cached by a hash of the source)"
 )
 
 # %% [markdown]
