@@ -71,10 +71,9 @@ def _numba_backend(matmul_precision: str = "highest") -> Backend:
 
 
 def _cupy_backend(matmul_precision: str = "highest") -> Backend:
-    # imports CuPy only when asked; says in one line what is missing
-    from tinyqwen.backends import cupy_backend
+    from tinyqwen.backends import cupy  # imports CuPy only when asked; says in one line what is missing
 
-    return cupy_backend.backend()
+    return cupy.backend()
 
 
 AVAILABLE = {"numpy": _numpy_backend, "numba": _numba_backend, "cupy": _cupy_backend}

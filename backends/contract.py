@@ -34,7 +34,7 @@ nothing of theirs, so a backend can never pull the model (or the model a backend
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -114,13 +114,6 @@ class Backend:
     # argmax(logits) [B, V] -> [B] ids, the backend's array: greedy decoding on the device, so that B ids cross to
     # the host instead of B rows of V logits (`greedy` falls back to NumPy's argmax on the host)
     argmax: Callable | None = None
-    # Transitional: the cupy backend still passes keep_bf16=True here; it moves into `options` (then this goes).
-    keep_bf16: InitVar[bool | None] = None
-
-    def __post_init__(self, keep_bf16: bool | None) -> None:
-        if keep_bf16 is not None and keep_bf16 != self.options.keep_bf16:
-            object.__setattr__(self, "options", replace(self.options, keep_bf16=keep_bf16))
-        object.__setattr__(self, "keep_bf16", self.options.keep_bf16)  # transitional, as the field above
 
     def linear_many(self, x, ws: tuple) -> tuple:  # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]
         """`tuple(self.linear(x, w) for w in ws)`, through the backend's fused `linears` kernel when it has one."""

@@ -3,9 +3,9 @@
 
 Work through notebooks/11-cupy.ipynb, then replace each `raise NotImplementedError` below, in order.
 Grade with `pytest exercises/test_ch11_cupy.py`. No GPU needed: your CUDA sources are compiled by NVRTC (from the
-`gpu` extra: `pip install 'tinyqwen[gpu]'`) for the A100 (compute_80) and the H100 (compute_90), and their NumPy
-twins are graded against transformers. Where a GPU is present, the compile checkpoints also run your kernels and
-compare their results. The last checkpoint runs a fixture model on the cupy backend's orchestration with your twins
+`gpu` extra: `pip install 'tinyqwen[gpu]'`) for every architecture from the T4 (compute_75) to the H100
+(compute_90), then run on the tests' CPU executor of CUDA C (g++ compiles them; each CUDA thread is a fiber, so
+__syncthreads really waits) and on the GPU where there is one; their NumPy twins are graded against transformers. The last checkpoint runs a fixture model on the cupy backend's orchestration with your twins
 as its RMSNorm and RoPE kernels.
 """
 
@@ -50,7 +50,7 @@ def rms_norm_kernel() -> str:
     steps), and every thread scales its values. Sum in float32. Use `sqrtf` (`<cmath>` is not available to NVRTC,
     but sqrtf is built in).
 
-    Example: `tinyqwen.backends.cupy_backend.compile_ptx(rms_norm_kernel(), "compute_90")` returns PTX text containing
+    Example: `tinyqwen.backends.cupy.compile_ptx(rms_norm_kernel(), "compute_90")` returns PTX text containing
              '.entry rms_norm_f32(' (the notebook's section 4 writes one such kernel, step by step).
     """
     raise NotImplementedError
@@ -87,7 +87,7 @@ def rope_kernel() -> str:
 
     Use `long long` for flat indices (B·H·T·d can pass 2³¹ for long contexts).
 
-    Example: the source compiles with `tinyqwen.backends.cupy_backend.compile_ptx(source, "compute_80")`.
+    Example: the source compiles with `tinyqwen.backends.cupy.compile_ptx(source, "compute_80")`.
     """
     raise NotImplementedError
 

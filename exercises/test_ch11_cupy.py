@@ -8,9 +8,10 @@ inverse CDF, torch.topk for the top-k cuts. The keys' bit patterns are derived b
 order is NumPy's sort of the values. The last checkpoint compares a fixture model's logits with transformers' stored
 ones.
 
-The CUDA sources are graded by compiling them with NVRTC for compute_80 and compute_90 (no GPU needed: the `gpu`
-extra brings NVRTC and the CUDA headers) and by checking the kernel's name and parameter types in the PTX. Their
-*results* are compared only where a GPU is present; without one, the twins carry the arithmetic.
+The CUDA sources are graded by compiling them with NVRTC for every architecture in ARCHITECTURES (no GPU needed: the
+`gpu` extra brings NVRTC and the CUDA headers), by checking the kernel's name and parameter types in the PTX, and by
+running them: on the tests' CPU executor of CUDA C everywhere (g++; each CUDA thread a fiber, so barriers really
+wait; forward and reverse thread order), and on the GPU where there is one.
 
 Tolerances: RMSNorm against torch ≤ 1e-5 relative (one float32 sum of squares, in another order); RoPE exact to
 1e-6 (two products and a sum per value, as torch); sampled ids exactly (the float32 CDF and torch's float64 one
@@ -104,7 +105,7 @@ def _ptx_params(ptx: str, kernel: str) -> list[str] | None:
 
 def _compile(source_fn, kernel: str, params: list[str], signature: str, section: str) -> str:
     """The learner's source compiled for both architectures, its kernel's signature checked. Returns the source."""
-    from tinyqwen.backends.cupy_backend import ARCHITECTURES, compile_ptx
+    from tinyqwen.backends.cupy import ARCHITECTURES, compile_ptx
     from tinyqwen.errors import BackendError
 
     what = f"{'rms_norm_kernel' if kernel == 'rms_norm_f32' else 'rope_kernel'}() compiled by NVRTC"
@@ -130,15 +131,44 @@ def _compile(source_fn, kernel: str, params: list[str], signature: str, section:
     return source
 
 
-def _gpu():
-    """CuPy, where a GPU can run kernels here; None otherwise (results are then not checked)."""
-    from tinyqwen.backends.cupy_backend import gpu_unavailable_reason
+def _engines() -> list[tuple[str, object, object]]:
+    """Where your kernels run: [(name, array namespace, module loader)]. The tests' CPU executor of CUDA C
+    (tests/cuda_executor: each CUDA thread a fiber, barriers that really wait) everywhere, in forward and reverse
+    thread order (a missing __syncthreads shows as a difference); the GPU too where there is one."""
+    import sys
+    from pathlib import Path
 
-    if gpu_unavailable_reason() is not None:
-        return None
-    import cupy
+    from tinyqwen.backends.cupy import KERNEL_DIR, gpu_unavailable_reason
 
-    return cupy
+    tests = str(Path(__file__).resolve().parent.parent / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    from cuda_executor import RawModule, device
+
+    engines = [
+        (f"the CPU executor ({order} thread order)", device,
+         lambda code, order=order: RawModule(code, (f"-I{KERNEL_DIR}",), order=order))
+        for order in ("forward", "reverse")
+    ]  # fmt: skip
+    if gpu_unavailable_reason() is None:
+        import cupy
+
+        from tinyqwen.backends.cupy import compile_options
+
+        engines.append(
+            ("the GPU", cupy, lambda code: cupy.RawModule(code=code, options=tuple(compile_options())))
+        )
+    return engines
+
+
+def _run(load, source: str, kernel: str, launch, what: str, section: str):
+    """Compile `source` with `load` and launch `kernel` through `launch(kernel)`; a clear failure if either fails."""
+    try:
+        launch(load(source).get_function(kernel))
+    except (
+        Exception
+    ) as error:  # the executor's build log, a barrier or shuffle misuse, a launch argument error
+        expect(False, what=what, reread=section, problem=f"{type(error).__name__}: {error}"[:3000])
 
 
 def _norm_mistakes(x, w, eps, threads=128) -> list[Mistake]:
@@ -162,24 +192,19 @@ def _norm_mistakes(x, w, eps, threads=128) -> list[Mistake]:
 
 
 def test_rms_norm_kernel_compiles(course):
-    """Your RMSNorm kernel compiles for the A100 and the H100 (its results run only on a GPU)"""
+    """Your RMSNorm kernel compiles for every architecture and runs: on the CPU executor, and on a GPU if there is one"""
     signature = "rms_norm_f32(const float* x, const float* weight, float* out, int d, float eps)"
     source = _compile(course.ch11.rms_norm_kernel, "rms_norm_f32", ["u64", "u64", "u64", "u32", "f32"], signature,
                       RMSNORM)  # fmt: skip
-    cp = _gpu()
-    if cp is None:
-        return
-    from tinyqwen.backends.cupy_backend import compile_options
-
-    kernel = cp.RawModule(code=source, options=tuple(compile_options())).get_function("rms_norm_f32")
-    for case in ("odd", "head", "wide"):
-        x, w, want = (REF[f"rmsnorm.{case}.{k}"] for k in ("x", "weight", "y"))
-        out = cp.empty(x.shape, np.float32)
-        kernel(
-            (x.shape[0],), (128,), (cp.asarray(x), cp.asarray(w), out, np.int32(x.shape[1]), np.float32(1e-6))
-        )
-        expect_close(out.get(), want, atol=1e-5 * max(1.0, float(np.abs(want).max())), what=f"rms_norm_f32 on the GPU, {case}",
-                     inputs=f"x {list(x.shape)}", reread=RMSNORM, mistakes=_norm_mistakes(x, w, 1e-6))  # fmt: skip
+    for engine, xp, load in _engines():
+        for case in ("odd", "head", "wide"):
+            x, w, want = (REF[f"rmsnorm.{case}.{k}"] for k in ("x", "weight", "y"))
+            out = xp.empty(x.shape, np.float32)
+            args = (xp.asarray(x), xp.asarray(w), out, np.int32(x.shape[1]), np.float32(1e-6))
+            what = f"rms_norm_f32 on {engine}, {case}"
+            _run(load, source, "rms_norm_f32", lambda k: k((x.shape[0],), (128,), args), what, RMSNORM)  # noqa: B023
+            expect_close(out.get(), want, atol=1e-5 * max(1.0, float(np.abs(want).max())), what=what,
+                         inputs=f"x {list(x.shape)}", reread=RMSNORM, mistakes=_norm_mistakes(x, w, 1e-6))  # fmt: skip
 
 
 def _check_blocked(ch, case: str, threads: int) -> None:
@@ -239,25 +264,21 @@ def _rope_mistakes(x, cos, sin) -> list[Mistake]:
 
 
 def test_rope_kernel_compiles(course):
-    """Your RoPE kernel compiles for the A100 and the H100 (its results run only on a GPU)"""
+    """Your RoPE kernel compiles for every architecture and runs: on the CPU executor, and on a GPU if there is one"""
     signature = (
         "rope_f32(const float* x, const float* cos, const float* sin, float* out, int B, int H, int T, int d)"
     )
     source = _compile(course.ch11.rope_kernel, "rope_f32", ["u64"] * 4 + ["u32"] * 4, signature, ROPE)
-    cp = _gpu()
-    if cp is None:
-        return
-    from tinyqwen.backends.cupy_backend import compile_options
-
-    kernel = cp.RawModule(code=source, options=tuple(compile_options())).get_function("rope_f32")
     x, cos, sin, want = (REF[f"rope.{k}"] for k in ("x", "cos", "sin", "y"))
     B, H, T, d = x.shape
-    out = cp.empty(x.shape, np.float32)
     n = B * H * T * d // 2
-    kernel(((n + 255) // 256,), (256,), (cp.asarray(x), cp.asarray(cos), cp.asarray(sin), out,
-                                          *(np.int32(v) for v in (B, H, T, d))))  # fmt: skip
-    expect_close(out.get(), want, atol=1e-6, what="rope_f32 on the GPU", inputs=f"x {list(x.shape)}", reread=ROPE,
-                 mistakes=_rope_mistakes(x, cos, sin))  # fmt: skip
+    for engine, xp, load in _engines():
+        out = xp.empty(x.shape, np.float32)
+        args = (xp.asarray(x), xp.asarray(cos), xp.asarray(sin), out, *(np.int32(v) for v in (B, H, T, d)))
+        what = f"rope_f32 on {engine}"
+        _run(load, source, "rope_f32", lambda k: k(((n + 255) // 256,), (256,), args), what, ROPE)  # noqa: B023
+        expect_close(out.get(), want, atol=1e-6, what=what, inputs=f"x {list(x.shape)}", reread=ROPE,
+                     mistakes=_rope_mistakes(x, cos, sin))  # fmt: skip
 
 
 def test_rope_by_thread_quarter_turn(course):
@@ -501,10 +522,10 @@ def test_real_model(course):
     """Your twins as the GPU backend's RMSNorm and RoPE, in the real model"""
     from exercises.grading import FIXTURES
     from tinyqwen import generate_batch
-    from tinyqwen.backends.cupy_backend import NumpyTwins, make_backend
+    from tinyqwen.backends.cupy import NumpyTwins, make_backend
+    from tinyqwen.checkpoint import Checkpoint
     from tinyqwen.config import load_config
     from tinyqwen.model import Qwen3, load_weights
-    from tinyqwen.safetensors import Checkpoint
 
     ch = course.ch11
 

@@ -42,13 +42,14 @@
 # %%
 import json
 import re
+import sys
 import time
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 from course_setup import REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-from tinyqwen.backends import cupy_backend  # noqa: E402
+from tinyqwen.backends import cupy as cupy_backend  # noqa: E402
 from tinyqwen import norm, rope  # noqa: E402
 
 # %% [markdown]
@@ -243,9 +244,9 @@ for arch in cupy_backend.ARCHITECTURES:
     print(arch, "→", len(ptx.splitlines()), "lines of PTX;", re.search(r"\.entry \w+", ptx).group())
 
 # %% [markdown]
-# It compiles for the A100 (compute_80) and the H100 (compute_90). Whether it *computes* the right thing needs a
-# GPU — or a twin. The NumPy twin below does exactly what the block does, thread by thread, including the order of
-# the additions. First a loop version, one row at a time, so the tree is visible:
+# It compiles for every architecture from the T4 (compute_75) to the H100 (compute_90). Whether it *computes* the
+# right thing needs a GPU — or a twin (or, section 9, a CPU that runs the kernel). The NumPy twin below does exactly
+# what the block does, thread by thread, including the order of the additions. First a loop version, one row at a time, so the tree is visible:
 
 
 # %%
@@ -576,12 +577,12 @@ print(f"{same} of 300 random rows: the device pipeline's twin picks chapter 8's 
 # %% [markdown]
 # ## 8. The whole backend, without a GPU
 #
-# `backends/cupy_backend.py` writes the orchestration once, against an *ops* object: which kernel runs on which
+# `backends/cupy/` writes the orchestration once, against an *ops* object: which kernel runs on which
 # shapes, the KV cache in device memory, bf16 weights kept as bits, MoE tokens routed and gathered, the token
 # sampled. `CudaKernels` launches the `.cu` kernels on CuPy arrays; `NumpyTwins` computes each kernel's result in
 # NumPy. `make_backend(NumpyTwins())` — the *stand-in* — runs everything but the kernels themselves, on any machine.
 #
-# Every kernel compiles for both targets (CI checks this on every commit):
+# Every kernel compiles for every target (CI checks this on every commit):
 
 # %%
 start = time.perf_counter()
@@ -601,7 +602,7 @@ print(
 import tinyqwen  # noqa: E402
 from tinyqwen.config import load_config  # noqa: E402
 from tinyqwen.model import Qwen3, load_weights  # noqa: E402
-from tinyqwen.safetensors import Checkpoint  # noqa: E402
+from tinyqwen.checkpoint import Checkpoint  # noqa: E402
 
 
 class Counting(cupy_backend.NumpyTwins):
@@ -658,7 +659,124 @@ print(
 )
 
 # %% [markdown]
-# ## 9. What to expect on an H100 (not measured here)
+# ## 9. Testing a GPU kernel without a GPU
+#
+# A twin checks the *math* a kernel should do; it cannot check the kernel. A block reduction that forgets a
+# `__syncthreads`, a stride computed for 4-byte items and handed a 2-byte cache, a launch that covers only the first 8
+# rows: the twin, written again in NumPy, has none of these bugs, so a test against it passes. To check the kernel
+# itself we need to *run its C source* — and C source runs on a CPU too, once something provides what CUDA provides.
+#
+# That something is `tests/cuda_executor`, a testing tool of this project (it lives with the tests, not in tinyqwen):
+#
+# * **a header** (`cuda_cpu.h`, force-included by g++) defines `threadIdx`, `blockIdx`, `blockDim`, `gridDim`,
+#   `__syncthreads`, the warp shuffles, atomics, bf16 and fp16 conversions, math intrinsics, and shared memory
+#   (`__shared__` variables become statics shared by a block's threads; `extern __shared__` arrays point to a buffer
+#   of the launch's size).
+# * **threads as fibers.** Each CUDA thread of a block gets its own small stack and runs as a *fiber*: a function
+#   that can pause and be resumed later. The fibers take turns on one CPU core; a thread runs until it reaches a
+#   synchronisation point, then the next one runs. That is what makes a barrier *real*: `__syncthreads` parks the
+#   thread until every thread of its block has parked at the same barrier. A warp shuffle parks the lane until every
+#   lane named in its mask has posted its value — only its own warp waits, as on the GPU.
+# * **misuse is an error, not a silent wrong answer**: a barrier that some thread never reaches (it returned early),
+#   a shuffle that reads a lane outside its mask or one that has exited, a deadlock — each stops the launch with a
+#   message. A build with AddressSanitizer catches reads and writes outside an array.
+# * **launches go through the backend's own code.** `CudaKernels(xp, module)` takes its array namespace and its
+#   module loader: on a GPU `cupy` and `cupy.RawModule`; here the executor's device arrays (NumPy arrays that refuse
+#   to mix with host arrays, as CuPy's do) and its `RawModule`, which compiles a `.cu` with g++ (once per source: the
+#   library is cached by a hash of the source) and launches a kernel with the same `(grid, block, args, shared_mem)`.
+#
+# So the whole backend runs its real kernels on this CPU:
+
+# %%
+sys.path.insert(0, str(REPO / "tests"))  # the executor is a testing tool: it lives with the tests
+from cuda_executor import KernelMisuse, RawModule, device, executor_kernels  # noqa: E402
+
+start = time.perf_counter()
+real = executor_kernels()  # CudaKernels(xp=device arrays, module=the CPU RawModule)
+executed = standin_model("moe-sparse-step", real)
+ref = np.load(executed.path / "reference.npz")
+delta = np.abs(executed(ref["input_ids"]) - ref["logits"]).max()
+print(
+    f"moe-sparse-step through the real CUDA kernels, run on the CPU: max |Δ| vs transformers = {delta:.1e} "
+    f"(tolerance {tolerance(ref['logits']):.1e}), in {time.perf_counter() - start:.1f} s "
+    "(g++ builds are cached by a hash of the source)"
+)
+
+# %% [markdown]
+# ### A bug the executor catches and a twin cannot
+#
+# Here is section 4's tree reduction with one line missing: the `__syncthreads()` between two halving steps. A
+# NumPy twin of it is still right — NumPy has no threads to race — but the kernel reads `partial[t + half]` before
+# the thread that owns it has written it. On the executor the result depends on the order the threads run in, and is
+# wrong in both:
+
+# %%
+TREE = r"""
+extern "C" __global__ void rms_norm_f32(const float* x, const float* weight, float* out, int d, float eps) {
+    __shared__ float partial[128];
+    const float* row = x + (long long)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < d; j += blockDim.x) ss += row[j] * row[j];
+    partial[threadIdx.x] = ss;
+    __syncthreads();
+    for (int half = blockDim.x / 2; half > 0; half >>= 1) {
+        if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+        BARRIER
+    }
+    const float scale = 1.0f / sqrtf(partial[0] / d + eps);
+    for (int j = threadIdx.x; j < d; j += blockDim.x) out[(long long)blockIdx.x * d + j] = row[j] * scale * weight[j];
+}
+"""
+xs = np.random.default_rng(0).standard_normal((3, 300)).astype(np.float32)
+ones = np.ones(300, np.float32)
+want = norm.rms_norm(xs, ones, 1e-6)
+for barrier in ("__syncthreads();", "/* no barrier */"):
+    for order in ("forward", "reverse"):
+        out = device.empty(xs.shape, np.float32)
+        kernel = RawModule(TREE.replace("BARRIER", barrier), order=order).get_function("rms_norm_f32")
+        kernel((3,), (128,), (device.asarray(xs), device.asarray(ones), out, np.int32(300), np.float32(1e-6)))
+        print(
+            f"{barrier:18} {order:8} threads first: max |Δ| vs the reference = {np.abs(out.get() - want).max():.1e}"
+        )
+
+# %% [markdown]
+# Misuse stops the launch with a message instead of a wrong answer. Here thread 0 leaves before a barrier the others
+# wait at (on a GPU: undefined behaviour — a hang, or a barrier that lets the others through early):
+
+# %%
+EARLY = r"""
+extern "C" __global__ void early(float* out) {
+    if (threadIdx.x == 0) return;
+    __syncthreads();
+    out[threadIdx.x] = 1.0f;
+}
+"""
+try:
+    RawModule(EARLY).get_function("early")((1,), (64,), (device.zeros(64, np.float32),))
+except KernelMisuse as error:
+    print(f"KernelMisuse: {error}")
+
+# %% [markdown]
+# The tests run every kernel this way in CI — the kernels against their twins, the whole model against
+# transformers on every fixture, every KV cache dtype, a long prompt, NaN inputs, edge shapes — in forward, reverse
+# and seeded random thread orders. Running it found seven bugs that a twin could not show (wrong tokens with a bf16
+# or fp16 KV cache; long prompts crashing; NaN router logits reading before the expert weights; `gemv_bf16`
+# computing only 8 rows; ...), each now with a test.
+#
+# **Its limits**, worth knowing before trusting a green run:
+#
+# * arithmetic is the CPU's: `expf` and `exp` come from the C library (within 1 ulp), where CUDA's `expf` is
+#   within 2 ulp, so results agree to ~1e-7 relative, not bit for bit; the build turns off FMA contraction
+#   (`-ffp-contract=off`), which the GPU's compiler does by default outside the `_rn` intrinsics;
+# * `__shared__` variables persist from one block to the next (a GPU gives each block fresh memory): a kernel that
+#   reads shared memory before writing it may pass here (dynamic shared memory is refilled with NaN bytes per block,
+#   which does catch that);
+# * threads switch only at barriers and shuffles, and orders are tried, not all interleavings: a race *between*
+#   synchronisation points, or a thread spinning on a flag another thread sets, is not found (the latter hangs);
+# * nothing about speed, occupancy, memory coalescing or the real hardware's scheduling: that still needs a GPU.
+
+# %% [markdown]
+# ## 10. What to expect on an H100 (not measured here)
 #
 # No GPU was available to this chapter, so there are **no measured GPU figures** in it. What we can say comes from
 # the published specs above, and it is a ceiling, not a prediction. The issue's targets for an H100 are:
@@ -691,15 +809,16 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# ## 10. Checkpoint: the backend against transformers
+# ## 11. Checkpoint: the backend against transformers
 #
-# The last cell checks the chapter on every fixture: each kernel compiled for the A100 and the H100; the cupy
+# The last cell checks the chapter on every fixture: each kernel compiled for every architecture; the cupy
 # backend's orchestration (with the kernels' NumPy twins) gives transformers' logits, one call and token by token
 # through the KV cache; greedy generation with the token picked "on the device" gives transformers' tokens; and
 # sampling on the device with Qwen's thinking preset and penalties gives the CPU sampler's tokens for the same seed.
 
 # %%
-assert all(".entry" in p for p in compiled.values()) and len(compiled) == 2 * len(cupy_backend.KERNELS)
+assert all(".entry" in p for p in compiled.values())
+assert len(compiled) == len(cupy_backend.ARCHITECTURES) * len(cupy_backend.KERNELS)
 worst = 0.0
 for fixture in ("dense-tied", "dense-untied-bf16-sharded", "dense-yarn", "moe-norm-topk", "moe-sparse-step"):
     model = standin_model(fixture, cupy_backend.NumpyTwins())
@@ -716,7 +835,8 @@ for fixture in ("dense-tied", "dense-untied-bf16-sharded", "dense-yarn", "moe-no
         cupy_backend.generate_on_device(model, prompt, 8, 0.6, 0, **knobs) == host
     )  # Qwen's thinking preset
 print(
-    f"{len(compiled)} compilations ({len(cupy_backend.KERNELS)} sources × compute_80/compute_90) OK; on all 5 "
+    f"{len(compiled)} compilations ({len(cupy_backend.KERNELS)} sources × {len(cupy_backend.ARCHITECTURES)} "
+    "architectures) OK; on all 5 "
     f"fixtures the stand-in's logits are within {worst:.0%} of the tolerance (1e-5 × max|logit|) of transformers', "
     "device-side greedy generation equals transformers' tokens, and device-side sampling (top-k, top-p, "
     "penalties) equals the CPU sampler's"
@@ -747,7 +867,7 @@ print(
 # pytest exercises/test_ch11_cupy.py
 # ```
 #
-# Your CUDA sources are compiled by NVRTC for compute_80 and compute_90 (their results are also checked where a GPU
-# is present); your twins are graded against transformers, and the last checkpoint runs the dense-yarn fixture on
+# Your CUDA sources are compiled by NVRTC for every architecture and run on the CPU executor of section 9 (and on
+# the GPU where there is one); your twins are graded against transformers, and the last checkpoint runs the dense-yarn fixture on
 # the cupy backend's orchestration with your twins as its RMSNorm and RoPE. Your radix select is graded against
 # `torch.topk` on ties, on values of both signs from 1e-300 to 1e300, and on a row of logits.

@@ -89,6 +89,45 @@ def logits_through_cache(model, ids: np.ndarray, prefill: int = 5):  # [B, T] ->
     return np.concatenate(steps, axis=1), cache
 
 
+def assert_logits_match_reference(model, ref: dict) -> list[np.ndarray]:
+    """A fixture's `reference.npz` (transformers' float32 outputs) against `model`, within `tolerance`: the padded
+    batch's logits, the single row's, and the router logits of every MoE layer. Returns the router logits."""
+    from tinyqwen.verify import tolerance
+
+    logits, router_logits = model(ref["input_ids"], return_router_logits=True)
+    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
+    single = model(ref["single_input_ids"])
+    np.testing.assert_allclose(single, ref["single_logits"], rtol=0, atol=tolerance(ref["single_logits"]))
+    for got, want in zip(router_logits, ref.get("router_logits", []), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want))
+    return router_logits
+
+
+def assert_cached_decode_matches_reference(model, ref: dict) -> None:
+    """Prefill then one position at a time through the KV cache: the same logits as transformers' full forward."""
+    from tinyqwen.verify import tolerance
+
+    steps, _ = logits_through_cache(model, ref["input_ids"])
+    np.testing.assert_allclose(steps, ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
+
+
+def assert_greedy_matches_reference(model, also: Callable | None = None) -> None:
+    """The fixture's `generate.json` (transformers' greedy tokens): one prompt at a time and as a left-padded batch.
+    `also(model, prompt, n)`, when given, is a second way to generate that must give the same tokens."""
+    import json
+
+    from tinyqwen.generation import generate, generate_batch
+
+    ref = json.loads((model.path / "generate.json").read_text())
+    n = ref["max_new_tokens"]
+    for prompt, expected in zip(ref["prompts"], ref["single"], strict=True):
+        assert generate(model, prompt, n, eos_token_ids=()) == expected, prompt
+        if also is not None:
+            assert also(model, prompt, n) == expected, prompt
+    batch = generate_batch(model, ref["prompts"], n, eos_token_ids=(), pad_token_id=ref["pad_token_id"])
+    assert batch == ref["batch"]["new_tokens"]
+
+
 def one_hot_rule(next_id: Callable[[list[int]], int], vocab: int = QWEN3_VOCAB) -> Callable:
     """A rule whose arg-max is `next_id(history)` by a wide margin (10 logits)."""
 

@@ -38,16 +38,14 @@ def test_load_options_are_checked_in_one_place():
         get_backend("cupy", matmul_precision="medium")  # refused before CuPy is even looked for
 
 
-def test_keep_bf16_passed_directly_still_lands_in_the_options():
-    # the cupy backend's DeviceBackend(..., keep_bf16=True) of before the options existed
-    numpy = get_backend("numpy")
-    fields = {f: getattr(numpy, f) for f in ("linear", "rms_norm", "apply_rope", "attention", "swiglu")}
-    kernels = Backend(
-        name="old",
-        **fields,
-        moe_block=numpy.moe_block,
-        prepare=numpy.prepare,
-        to_numpy=np.asarray,
-        keep_bf16=True,
-    )
-    assert kernels.options.keep_bf16 and kernels.keep_bf16
+def test_the_cupy_backend_declares_its_kernels_through_the_contract():
+    # the stand-in assembles the same DeviceBackend as the GPU: its options, embed and argmax are the contract's
+    # fields (nothing reaches into `.ops` from outside), checked without CuPy
+    from tinyqwen.backends.cupy import NumpyTwins, make_backend
+
+    device = make_backend(NumpyTwins(), name="cupy-standin")
+    assert device.options == LoadOptions(keep_bf16=True)
+    table = device.prepare(np.arange(12, dtype=np.float32).reshape(4, 3))
+    np.testing.assert_array_equal(device.embed(table, np.array([[3, 0]])), [[[9, 10, 11], [0, 1, 2]]])
+    logits = np.array([[0.0, 2.0, 1.0], [5.0, -1.0, 4.0]], np.float32)
+    assert device.greedy(logits).tolist() == [1, 0]

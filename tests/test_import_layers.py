@@ -193,3 +193,20 @@ def test_pyproject_lists_every_package_of_the_tree():
     assert listed == found, (
         f"missing from pyproject: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
     )
+
+
+MAX_MODULE_LINES = 600
+
+
+@pytest.mark.parametrize("module", sorted(module_files()))
+def test_one_room_per_concept(module):
+    # a module a reader can take in whole: past ~600 lines it holds several concepts and should be split, unless it
+    # is one concept that does not split, and its docstring says so ("One concept: ...")
+    path = module_files()[module]
+    lines = len(path.read_text().splitlines())
+    if lines > MAX_MODULE_LINES:
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        assert "One concept:" in doc, (
+            f"{path.relative_to(REPO)} has {lines} lines (over {MAX_MODULE_LINES}): split it by concept, or say "
+            "in its docstring why it is one ('One concept: ...')"
+        )

@@ -24,7 +24,11 @@ import pytest
 
 pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI installs)
 
-from conftest import logits_through_cache  # noqa: E402
+from conftest import (
+    assert_cached_decode_matches_reference,
+    assert_greedy_matches_reference,
+    assert_logits_match_reference,
+)  # noqa: E402
 
 import tinyqwen  # noqa: E402
 from tinyqwen import attention as ref_attention  # noqa: E402
@@ -38,7 +42,6 @@ from tinyqwen.backends.numba import (  # noqa: E402
 from tinyqwen.backends.numba import attention as numba_attention  # noqa: E402
 from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16  # noqa: E402
 from tinyqwen.errors import BackendError  # noqa: E402
-from tinyqwen.generation import generate, generate_batch  # noqa: E402
 from tinyqwen.safetensors import save_file  # noqa: E402
 from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 
@@ -276,15 +279,10 @@ def fixture(request):
 
 def test_logits_router_logits_and_aux_loss_match_transformers(fixture):
     model, ref = fixture
-    logits, router_logits = model(ref["input_ids"], return_router_logits=True)
-    np.testing.assert_allclose(logits, ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
-    single = model(ref["single_input_ids"])
-    np.testing.assert_allclose(single, ref["single_logits"], rtol=0, atol=tolerance(ref["single_logits"]))
+    router_logits = assert_logits_match_reference(model, ref)
     if "router_logits" not in ref:
         assert router_logits == [] and not model.config.is_moe
         return
-    for got, want in zip(router_logits, ref["router_logits"], strict=True):
-        np.testing.assert_allclose(got, want, rtol=0, atol=tolerance(want))
     c = model.config
     aux = tinyqwen.load_balancing_loss(router_logits, c.num_experts, c.num_experts_per_tok)
     assert abs(aux - float(ref["aux_loss"])) <= tolerance(ref["aux_loss"])
@@ -293,19 +291,12 @@ def test_logits_router_logits_and_aux_loss_match_transformers(fixture):
 def test_decode_steps_match_transformers(fixture):
     # one token at a time through the KV cache: the GEMV, fused SwiGLU and decode-attention kernels
     model, ref = fixture
-    ids = ref["input_ids"]
-    steps, _ = logits_through_cache(model, ids)
-    np.testing.assert_allclose(steps, ref["logits"], rtol=0, atol=tolerance(ref["logits"]))
+    assert_cached_decode_matches_reference(model, ref)
 
 
 def test_greedy_generations_equal_transformers(fixture):
     model, _ = fixture
-    ref = json.loads((model.path / "generate.json").read_text())
-    n = ref["max_new_tokens"]
-    for prompt, expected in zip(ref["prompts"], ref["single"], strict=True):
-        assert generate(model, prompt, n, eos_token_ids=()) == expected, prompt
-    batch = generate_batch(model, ref["prompts"], n, eos_token_ids=(), pad_token_id=ref["pad_token_id"])
-    assert batch == ref["batch"]["new_tokens"]
+    assert_greedy_matches_reference(model)
 
 
 # ------------------------------------------------------------------------------ prefill attention, exp, bf16 inputs

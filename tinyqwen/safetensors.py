@@ -76,7 +76,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16  # the cupy backend still imports them from here
+from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
 from tinyqwen.errors import SafetensorsError
 
 # The official library refuses headers above 100 MB (decimal); a real 30B-parameter MoE header is about 2 MB.

@@ -29,7 +29,9 @@ extern "C" __global__ void moe_route(
             bool taken = false;
             for (int s = 0; s < slot; ++s) taken |= experts[(long long)t * k + s] == e;
             const float p = expf(l[e] - top) / total;
-            if (!taken && p > best_p) {  // strictly greater: on a tie the lower index stays
+            // strictly greater: on a tie the lower index stays; a NaN probability (NaN router logits) is never
+            // greater, so without `best < 0` no expert would be chosen (-1, an index before the weights)
+            if (!taken && (p > best_p || best < 0)) {
                 best = e;
                 best_p = p;
             }

@@ -1,12 +1,20 @@
 // Choosing the next token on the device, so only its id (8 bytes) crosses to the host per step, not the
 // [vocab] logits (600 KB for Qwen3). One block per row; blockDim.x must be TQ_SAMPLE_THREADS.
 //
-//   argmax_rows   greedy: the largest logit, the lowest id on ties (as np.argmax)
+//   argmax_rows   greedy: the largest logit, the lowest id on ties, the first NaN if any (as np.argmax)
 //   sample_rows   temperature sampling by the inverse CDF, as tinyqwen.sampling.sample: with p ∝ exp(l / T),
 //                 the first id whose cumulative probability exceeds u·total, u ~ U[0, 1) given per row
 #include "common.cuh"
 
 #define TQ_SAMPLE_THREADS 256
+
+// np.argmax's order: NaN first (the first NaN wins: NumPy propagates it), then the largest value, then the lowest id
+__device__ __forceinline__ bool comes_first(float v, int i, float w, int j) {
+    const bool nan_v = isnan(v), nan_w = isnan(w);
+    if (nan_v != nan_w) return nan_v;
+    if (nan_v || v == w) return i < j;
+    return v > w;
+}
 
 extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, long long* __restrict__ out) {
     __shared__ float best_v[TQ_SAMPLE_THREADS];
@@ -15,7 +23,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, 
     float bv = -INFINITY;
     int bi = V;  // "none yet": larger than any index
     for (int i = threadIdx.x; i < V; i += blockDim.x)
-        if (l[i] > bv || bi == V) {  // a thread's own indices increase: '>' keeps its lowest on ties
+        if (bi == V || comes_first(l[i], i, bv, bi)) {
             bv = l[i];
             bi = i;
         }
@@ -26,7 +34,7 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, int V, 
         if (threadIdx.x < stride) {
             const float ov = best_v[threadIdx.x + stride];
             const int oi = best_i[threadIdx.x + stride];
-            if (ov > best_v[threadIdx.x] || (ov == best_v[threadIdx.x] && oi < best_i[threadIdx.x])) {
+            if (oi < V && (best_i[threadIdx.x] == V || comes_first(ov, oi, best_v[threadIdx.x], best_i[threadIdx.x]))) {
                 best_v[threadIdx.x] = ov;
                 best_i[threadIdx.x] = oi;
             }

@@ -1,11 +1,11 @@
 """Chapter 11 solutions: the cupy backend's own CUDA sources (backends/cuda/norm.cu, rope.cu) and their NumPy twins
-(`tinyqwen.backends.cupy_backend.NumpyTwins`), whose sampling is the device's inverse CDF."""
+(`tinyqwen.backends.cupy.NumpyTwins`), whose sampling is the device's inverse CDF."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tinyqwen.backends.cupy_backend import KERNEL_DIR, NumpyTwins, key_value, order_keys, radix_select_kth
+from tinyqwen.backends.cupy import KERNEL_DIR, NumpyTwins, key_value, order_keys, radix_select_kth
 
 _TWINS = NumpyTwins()
 

@@ -1,5 +1,6 @@
 """Planted mistakes for chapter 11: classic roofline, CUDA, index-arithmetic and sampling bugs, injected into the
-solutions, fail with the intended hint. The CUDA ones are caught by compiling with NVRTC (no GPU needed)."""
+solutions, fail with the intended hint. The CUDA ones are caught by compiling with NVRTC (no GPU needed), or by running
+the kernel on the tests' CPU executor of CUDA C (a missing barrier)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_the_planted_kernels_start_from_a_good_one(solutions):
     "source, hint",
     [
         (GOOD.replace('extern "C" ', ""), 'declare it extern "C"'),  # C++ mangles the name
-        (GOOD.replace("ss += row[j] * row[j];", "ss += row[j] * row[j]"), "does not compile for compute_80"),
+        (GOOD.replace("ss += row[j] * row[j];", "ss += row[j] * row[j]"), "does not compile for compute_75"),
         (GOOD.replace("float eps)", "double eps)"), "parameters compile to PTX types"),
         (GOOD.replace("rms_norm_f32(", "rmsnorm("), "defines no kernel named rms_norm_f32"),
     ],
@@ -75,6 +76,16 @@ def test_the_planted_kernels_start_from_a_good_one(solutions):
 def test_kernel_source_mistakes(solutions, assert_caught, source, hint):
     buggy = solutions.with_overrides("ch11", rms_norm_kernel=lambda: source)
     assert_caught(grading.test_rms_norm_kernel_compiles, buggy, hint=hint)
+
+
+def test_a_missing_barrier_is_caught_by_running_the_kernel(solutions, assert_caught):
+    # it compiles, and a NumPy twin of it is right: only running it (threads that really wait at barriers) shows it
+    racy = GOOD.replace(
+        "partial[threadIdx.x + half];\n        __syncthreads();", "partial[threadIdx.x + half];"
+    )
+    assert racy != GOOD
+    buggy = solutions.with_overrides("ch11", rms_norm_kernel=lambda: racy)
+    assert_caught(grading.test_rms_norm_kernel_compiles, buggy, hint="rms_norm_f32 on the CPU executor")
 
 
 def test_rope_kernel_with_a_wrong_signature(solutions, assert_caught):

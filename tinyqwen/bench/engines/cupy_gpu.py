@@ -7,7 +7,7 @@ import numpy as np
 
 def load(path: str, threads: int, option: str, max_len: int):
     import tinyqwen
-    from tinyqwen.backends import cupy_backend
+    from tinyqwen.backends import cupy as cupy_backend
     from tinyqwen.bench.runner import resident_bytes
 
     model = tinyqwen.load_model(path, backend="cupy")
