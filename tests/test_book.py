@@ -211,7 +211,14 @@ class Browser:
         except Exception as error:  # playwright's TimeoutError; the facts below say what the reader sees
             self.problems.append(f"MathJax did not start: {str(error).splitlines()[0]}")
         facts = self.page.evaluate(PAGE_FACTS)
-        self.page.wait_for_load_state("networkidle")  # late failures (fonts, images) belong to this page
+        # late failures (fonts, images) belong to this page: wait until the page says they are done. (Chromium's
+        # "network idle" signal, the obvious choice, sometimes never came for a file:// page on a busy 2-core
+        # machine, with no request in flight: 30 s timeouts on pages that load in 2 s.)
+        self.page.wait_for_function(
+            "() => document.readyState === 'complete' && document.fonts.status === 'loaded'"
+            " && Array.from(document.images).every(img => img.complete)",
+            timeout=60_000,
+        )
         facts["problems"] = list(self.problems)
         return facts
 
