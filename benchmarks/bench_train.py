@@ -1,6 +1,6 @@
 """Training throughput and peak memory: tinyqwen's NumPy trainer vs the same model trained with torch, same run.
 
-    python benchmarks/bench_train.py --peer-python /work/venv-ref/bin/python [--steps 40] [--threads 1] [--json]
+    python benchmarks/bench_train.py --peer-python python [--steps 40] [--threads 1] [--json]
 
 Both engines train the model of `training/tiny-moe-aux0.001.json` from the *same* initial weights (tinyqwen's
 init, saved as a Hugging Face checkpoint and loaded by transformers' Qwen3MoeForCausalLM, float32, eager

@@ -1,6 +1,6 @@
 """Regenerate the chapter 1 (tokenization) references with the OFFICIAL implementation.
 
-    /work/venv-ref/bin/python exercises/references/make_ch01_tokenization.py     # from the repository root
+    python exercises/references/make_ch01_tokenization.py     # from the repository root, with .[crosscheck] installed
 
 Needs the official Hugging Face `tokenizers` library, and for the real-pipeline checkpoint `transformers`, `torch`,
 `safetensors` and `jinja2` (the `crosscheck` extra). It reads the official Qwen3 `tokenizer.json` and

@@ -1,7 +1,7 @@
 """Reference files for chapter 2 (loading weights), made with the official `safetensors` library, torch and
 transformers. tinyqwen is never imported: these files say what the official code reads, not what we read.
 
-    /work/venv-ref/bin/python exercises/references/make_ch02_loading_weights.py    # from the repository root
+    python exercises/references/make_ch02_loading_weights.py    # from the repository root, with .[crosscheck] installed
 
 Needs torch, transformers and safetensors (the `crosscheck` extra). Deterministic (fixed seeds). Writes:
 

@@ -1,7 +1,7 @@
 """Reference arrays for chapter 3 (embeddings and RMSNorm), made with torch and transformers' own Qwen3RMSNorm.
 tinyqwen is never imported.
 
-    /work/venv-ref/bin/python exercises/references/make_ch03_embeddings_rmsnorm.py    # from the repository root
+    python exercises/references/make_ch03_embeddings_rmsnorm.py    # from the repository root, with .[crosscheck] installed
 
 Needs torch and transformers (the `crosscheck` extra). Every input is drawn from its own fixed seed. Writes
 ch03_embeddings_rmsnorm.npz with, for each case:

@@ -1,7 +1,7 @@
 """Reference arrays for chapter 4 (RoPE and YaRN), made with transformers' own Qwen3 rotary code. tinyqwen is never
 imported.
 
-    /work/venv-ref/bin/python exercises/references/make_ch04_rope_yarn.py    # from the repository root
+    python exercises/references/make_ch04_rope_yarn.py    # from the repository root, with .[crosscheck] installed
 
 Needs torch and transformers (the `crosscheck` extra). Configs are the repo's copies of the real ones
 (tinyqwen/data/configs/; the YaRN variant and the fixtures' in tests/fixtures/configs/), read with `AutoConfig.from_pretrained`; `Qwen3RotaryEmbedding(config)` gives inv_freq, the

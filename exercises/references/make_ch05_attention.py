@@ -1,7 +1,7 @@
 """Reference arrays for chapter 5 (attention), made with torch and transformers' own Qwen3 attention code. tinyqwen is
 never imported.
 
-    /work/venv-ref/bin/python exercises/references/make_ch05_attention.py    # from the repository root
+    python exercises/references/make_ch05_attention.py    # from the repository root, with .[crosscheck] installed
 
 Needs torch and transformers (the `crosscheck` extra). Every random input has its own fixed seed. Writes
 ch05_attention.npz with:

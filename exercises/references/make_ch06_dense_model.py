@@ -1,6 +1,6 @@
 """Regenerate exercises/references/ch06_dense_model.npz: what transformers computes for chapter 6's checkpoints.
 
-    /work/venv-ref/bin/python exercises/references/make_ch06_dense_model.py      # from the repository root
+    python exercises/references/make_ch06_dense_model.py      # from the repository root, with .[crosscheck] installed
     (anywhere else: pip install torch==2.13.0 transformers==5.23.0 numpy, then run it the same way)
 
 Never imports tinyqwen: every expected value is computed by torch / transformers' own Qwen3 modules

@@ -1,6 +1,6 @@
 """Regenerate exercises/references/ch07_mixture_of_experts.npz: what transformers computes for chapter 7's checkpoints.
 
-    /work/venv-ref/bin/python exercises/references/make_ch07_mixture_of_experts.py   # from the repository root
+    python exercises/references/make_ch07_mixture_of_experts.py   # from the repository root, with .[crosscheck] installed
     (anywhere else: pip install torch==2.13.0 transformers==5.23.0 numpy, then run it the same way)
 
 Never imports tinyqwen: the expected values come from transformers' own Qwen3-MoE code — `Qwen3MoeTopKRouter`,

@@ -1,6 +1,6 @@
 """Reference values for chapter 8 (KV cache and generation): transformers' logits processors on fixed-seed logits.
 
-    /work/venv-ref/bin/python exercises/references/make_ch08_kv_cache_generation.py   # from the repository root
+    python exercises/references/make_ch08_kv_cache_generation.py   # from the repository root, with .[crosscheck] installed
 
 Needs torch and transformers (never tinyqwen: the file says what *transformers* computes). Writes
 `exercises/references/ch08_kv_cache_generation.npz`:

@@ -1,6 +1,6 @@
 """Reference values for chapter 9 (chat template and thinking), made by the official implementations.
 
-    /work/venv-ref/bin/python exercises/references/make_ch09_chat_template_thinking.py   # from the repository root
+    python exercises/references/make_ch09_chat_template_thinking.py   # from the repository root, with .[crosscheck] installed
 
 Needs torch, transformers and jinja2; of tinyqwen it imports only `tinyqwen.testing` (the tiny checkpoint's
 NumPy weights), never the code under test. Writes `exercises/references/ch09_chat_template_thinking.json`:

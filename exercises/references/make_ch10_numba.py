@@ -1,7 +1,7 @@
 """Reference files for chapter 10 (making it fast on the CPU), made with torch's bfloat16. tinyqwen is never
 imported: these files say what torch computes, not what we compute.
 
-    /work/venv-ref/bin/python exercises/references/make_ch10_numba.py    # from the repository root
+    python exercises/references/make_ch10_numba.py    # from the repository root, with .[crosscheck] installed
 
 Needs torch. Deterministic (fixed seeds). Writes ch10_numba.npz:
 

@@ -1,7 +1,7 @@
 """Reference files for chapter 11 (making it fast on the GPU), made with transformers and torch. tinyqwen is never
 imported: these files say what the official implementation computes, not what we compute.
 
-    /work/venv-ref/bin/python exercises/references/make_ch11_cupy.py    # from the repository root
+    python exercises/references/make_ch11_cupy.py    # from the repository root, with .[crosscheck] installed
 
 Needs torch and transformers. Deterministic (fixed seeds). Writes ch11_cupy.npz:
 

@@ -1,6 +1,6 @@
 """Reference values for chapter 12 (serving), made by the official implementations.
 
-    /work/venv-ref/bin/python exercises/references/make_ch12_serving.py   # from the repository root
+    python exercises/references/make_ch12_serving.py   # from the repository root, with .[crosscheck] installed
 
 Needs transformers (and jinja2); never imports tinyqwen. Writes `exercises/references/ch12_serving.json`:
 

@@ -1,6 +1,6 @@
 """Regenerate exercises/references/ch13_training.npz: what torch autograd computes for chapter 13's checkpoints.
 
-    /work/venv-ref/bin/python exercises/references/make_ch13_training.py   # from the repository root
+    python exercises/references/make_ch13_training.py   # from the repository root, with .[crosscheck] installed
     (anywhere else: pip install torch==2.13.0 transformers==5.23.0 numpy, then run it the same way)
 
 Never imports tinyqwen: every expected gradient is torch's autograd (`.backward()`) of the forward written in
