@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -145,6 +146,11 @@ class RawModule:
         cu = out.with_suffix(f".{os.getpid()}.cpp")
         cu.write_text(source)
         tmp = out.with_suffix(f".{os.getpid()}.so")
+        if shutil.which("g++") is None:
+            raise RuntimeError(
+                "the CPU executor of CUDA C needs a C++ compiler, g++, and finds none on PATH: "
+                "apt-get install g++ (Debian/Ubuntu), or your system's build tools"
+            )
         command = ["g++", *flags, "-include", str(HEADER), f"-I{HERE / 'include'}"]
         command += [f"-I{d}" for d in self.includes] + [str(cu), "-o", str(tmp)]
         run = subprocess.run(command, capture_output=True, text=True)
