@@ -358,7 +358,7 @@ plt.show()
 # %% [markdown]
 # When the parallel kernel streams bf16 at about the bandwidth BLAS reaches in float32, it finishes in about half the
 # time, because it reads half the bytes. (On a busy shared machine the bars jump around; compare them within one run.)
-# The measurements in issue 10 on a 2-core AMD host: 27.8 GiB/s and 10.4 ms for this kernel, against 22.8 ms for
+# Measured earlier on a 2-core AMD host: 27.8 GiB/s and 10.4 ms for this kernel, against 22.8 ms for
 # NumPy's float32 GEMV.
 #
 # The roofline also tells us what is left after the GEMVs are fast: everything in between. A parallel Numba call
