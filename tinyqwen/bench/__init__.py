@@ -7,7 +7,7 @@ ratio to a peer timed minutes apart on the same machine says much more. One run 
   on an NVIDIA GPU, when asked for: `tinyqwen bench --backend cupy` — its decode GB/s is the achieved HBM
   bandwidth, shown against the GPU's peak);
 - Hugging Face transformers, fp32 and bf16, and llama.cpp (llama-cpp-python) on GGUF files (bf16, q8_0, ...),
-  in a Python that has them (`peer_python`, e.g. the venv that ../shared/peers/setup builds in /tmp/peer-venv);
+  in a Python that has them (`peer_python`, e.g. the peers' venv that ../shared/peers/setup builds);
   tinyqwen never imports torch or llama_cpp: the peers only ever run as child processes;
 - the machine's GEMV bandwidth: NumPy's fp32 BLAS matrix-vector product on the lm_head's shape.
 
@@ -24,7 +24,7 @@ same random prompt ids, through the one timing loop, `engines/driver.py` (each e
 prefill tok/s = P / TTFT, decode tok/s = N / decode time. Decode bandwidth = bytes of weights one decode step reads
 (`decode_params(config)` x the engine's resident bytes per weight) / time per token.
 
-    report = run_benchmark("/tmp/peer/qwen3-0.6b-random", peer_python="/tmp/peer-venv/bin/python")
+    report = run_benchmark("path/to/qwen3-0.6b-random", peer_python="path/to/peer-venv/bin/python")
     print(format_report(report))
 
 `runner.py` plans, runs and reports; `engines/` holds the timing loop and one module per engine.
