@@ -58,6 +58,10 @@ from tinyqwen import norm, rope  # noqa: E402
 # %%
 reason = cupy_backend.gpu_unavailable_reason()
 print("GPU: available" if reason is None else f"GPU: none usable here — {reason}")
+# Compiling CUDA C needs NVRTC, which the `gpu` extra brings (pip install -e ".[gpu]", ~230 MB; no GPU needed).
+# Without it, the compile cells below say so and the chapter goes on: every kernel still runs on the CPU (section 9).
+NVRTC = cupy_backend.nvrtc_unavailable_reason()
+print("NVRTC: installed" if NVRTC is None else f"NVRTC: {NVRTC}")
 
 # %% [markdown]
 # ## 1. The GPU memory hierarchy in one picture
@@ -192,11 +196,16 @@ for name, c in configs.items():
 hello = 'extern "C" __global__ void scale(float* x, float a, int n) {\n' \
         "    int i = blockIdx.x * blockDim.x + threadIdx.x;  // this thread's element\n" \
         "    if (i < n) x[i] *= a;  // the last block may have spare threads\n}\n"  # fmt: skip
-ptx = cupy_backend.compile_ptx(hello, "compute_90", name="scale.cu")
 print(hello)
-print(
-    "\n".join(line for line in ptx.splitlines() if ".entry" in line or "mul.f32" in line or ".target" in line)
-)
+if NVRTC is None:
+    ptx = cupy_backend.compile_ptx(hello, "compute_90", name="scale.cu")
+    print(
+        "\n".join(
+            line for line in ptx.splitlines() if ".entry" in line or "mul.f32" in line or ".target" in line
+        )
+    )
+else:
+    print(f"(not compiled: {NVRTC})")
 
 # %% [markdown]
 # `.target sm_90` is the H100; the `.entry` line is our kernel, with its parameters; `mul.f32` is the multiply.
@@ -239,9 +248,10 @@ extern "C" __global__ void rms_norm_f32(const float* x, const float* weight, flo
     for (int j = threadIdx.x; j < d; j += blockDim.x) out[(long long)blockIdx.x * d + j] = row[j] * scale * weight[j];
 }
 """
-for arch in cupy_backend.ARCHITECTURES:
+for arch in cupy_backend.ARCHITECTURES if NVRTC is None else ():
     ptx = cupy_backend.compile_ptx(RMS_NORM, arch, name="rms_norm.cu")
     print(arch, "→", len(ptx.splitlines()), "lines of PTX;", re.search(r"\.entry \w+", ptx).group())
+print("" if NVRTC is None else f"(not compiled: {NVRTC})")
 
 # %% [markdown]
 # It compiles for every architecture from the T4 (compute_75) to the H100 (compute_90). Whether it *computes* the
@@ -349,6 +359,8 @@ print(
         f"{a}: {len(cupy_backend.compile_ptx(ROPE, a, name='rope.cu'))} bytes of PTX"
         for a in cupy_backend.ARCHITECTURES
     ]
+    if NVRTC is None
+    else f"(not compiled: {NVRTC})"
 )
 
 # %% [markdown]
@@ -587,11 +599,13 @@ print(f"{same} of 300 random rows: the device pipeline's twin picks chapter 8's 
 # %%
 start = time.perf_counter()
 compiled = {(f, a): cupy_backend.compile_ptx(cupy_backend.KERNEL_DIR / f, a)
-            for f in cupy_backend.KERNELS for a in cupy_backend.ARCHITECTURES}  # fmt: skip
+            for f in cupy_backend.KERNELS for a in cupy_backend.ARCHITECTURES if NVRTC is None}  # fmt: skip
 entries = sum(len(names) for names in cupy_backend.KERNELS.values())
 print(
     f"{len(cupy_backend.KERNELS)} sources, {entries} kernels, compiled for {', '.join(cupy_backend.ARCHITECTURES)} "
     f"in {time.perf_counter() - start:.1f} s"
+    if NVRTC is None
+    else f"{len(cupy_backend.KERNELS)} sources, {entries} kernels (not compiled: {NVRTC})"
 )
 
 # %% [markdown]

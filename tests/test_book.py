@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import doctest
 import hashlib
-import importlib
-import importlib.util
 import os
 import re
 import shutil
@@ -30,26 +28,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+from extras import require, unavailable
 
 REPO = Path(__file__).resolve().parent.parent
 BOOK = REPO / "book"
 NOTEBOOKS = REPO / "notebooks"
 CHAPTERS = sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]-*.py"))
 PLACEHOLDERS: tuple[str, ...] = ()  # book/NN-slug.md pages for chapters not written yet (none now)
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-def unavailable(reason: str):
-    """Skip on a learner's machine; fail in CI, where every test must run."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: this test must run in CI)")
-    pytest.skip(reason)
 
 
 def need(module: str):
-    if importlib.util.find_spec(module) is None:
-        unavailable(f"{module} is not installed: pip install -e '.[course]'")
-    return importlib.import_module(module)
+    return require(module, "book")
 
 
 def chromium() -> str:
@@ -63,7 +52,7 @@ def jupyter_book() -> Path:
     beside = Path(sys.executable).parent / "jupyter-book"
     found = beside if beside.is_file() else shutil.which("jupyter-book")
     if not found:
-        unavailable("jupyter-book is not installed: pip install -e '.[course]'")
+        unavailable("jupyter-book is not installed: pip install -e '.[book]'")
     return Path(found)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from extras import unavailable
 
 pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI installs)
 
@@ -351,9 +352,7 @@ def test_medium_precision_linear_is_bf16_inputs_times_bf16_weights(monkeypatch, 
     if not with_onednn:
         monkeypatch.setattr(onednn, "available", lambda: False)
     elif onednn.cpu_status() is None:
-        pytest.fail(
-            "oneDNN is not installed: pip install onednn-cpu-gomp (part of tinyqwen[fast] on x86-64 Linux)"
-        )
+        unavailable("oneDNN is not installed: pip install -e '.[onednn]' (x86-64 Linux)")
     elif (
         not onednn.available()
     ):  # installed, but this CPU has no bf16 GEMM (AVX2 only): the False case covers it
@@ -368,14 +367,13 @@ def test_medium_precision_linear_is_bf16_inputs_times_bf16_weights(monkeypatch, 
     assert rel_err(got, x @ w32.T) > 1e-4  # it did round: plain float32 inputs give other numbers
 
 
-def test_onednn_is_installed_with_the_fast_extra_on_x86_64_linux():
+def test_onednn_is_installed_with_the_onednn_extra_on_x86_64_linux():
     import platform
 
     if sys.platform != "linux" or platform.machine() != "x86_64":
         pytest.skip("the onednn-cpu-gomp wheel exists for x86-64 Linux only")
-    assert onednn.library() is not None, (
-        "pip install -e '.[fast]' should have installed onednn-cpu-gomp (libdnnl.so.3)"
-    )
+    if onednn.library() is None:
+        unavailable("oneDNN is not installed: pip install -e '.[onednn]' (onednn-cpu-gomp, libdnnl.so.3)")
     a = float32_to_bf16(np.arange(6, dtype=np.float32).reshape(2, 3))
     b = float32_to_bf16(np.arange(12, dtype=np.float32).reshape(4, 3) - 5)
     if onednn.cpu_status() == onednn.UNIMPLEMENTED:  # an AVX2-only CPU: said in one line, never a crash

@@ -48,6 +48,7 @@ from tinyqwen.backends.cupy.compile import (
     compile_options,
     compile_ptx,
     cuda_include_dirs,
+    nvrtc_unavailable_reason,
     ptxas_report,
 )
 from tinyqwen.backends.cupy.kernels import GEMV_MAX_ROWS, KERNELS, SAMPLE_THREADS, CudaKernels
@@ -70,7 +71,7 @@ from tinyqwen.errors import BackendError
 __all__ = [
     "ALL_TIES", "ARCHITECTURES", "CHOOSE", "FILTER_THREADS", "FINISHED", "GEMV_MAX_ROWS", "INSTALL", "KERNELS",
     "KERNEL_DIR", "MASS_ONE", "SAMPLE_THREADS", "SLACK", "WIDEN_BLOCK_BYTES", "CudaKernels", "DeviceBackend",
-    "DeviceSampler", "DeviceWeight", "NumpyTwins", "backend", "compile_options", "compile_ptx",
+    "DeviceSampler", "DeviceWeight", "NumpyTwins", "backend", "compile_options", "compile_ptx", "nvrtc_unavailable_reason",
     "cuda_include_dirs", "device_name", "filter_sample_row", "generate_on_device", "gpu_unavailable_reason",
     "hbm_peak_gb_s", "key_value", "make_backend", "next_token", "order_keys", "ptxas_report", "radix_select_kth",
     "radix_select_mass", "standin_backend",

@@ -14,7 +14,7 @@ KERNEL_DIR = Path(__file__).parent.parent / "cuda"
 # the virtual architectures CI compiles every kernel for: T4 (Colab), A100, RTX 30xx / A10, RTX 40xx / L4, H100/H200.
 # sm_75 has no bf16 arithmetic: the kernels keep bf16 as storage and compute in float32 on every architecture
 ARCHITECTURES = ("compute_75", "compute_80", "compute_86", "compute_89", "compute_90")
-INSTALL = "pip install 'tinyqwen[gpu]' (cupy-cuda12x, nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12)"
+INSTALL = "pip install -e '.[gpu]' (cupy-cuda12x, nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12; ~230 MB)"
 
 
 def cuda_include_dirs() -> list[Path]:
@@ -70,6 +70,21 @@ def ptxas_report(source: Path, arch: str) -> dict[str, dict[str, int]]:
             "shared_bytes": int(shared.group(1)) if shared else 0,
         }
     return report
+
+
+def nvrtc_unavailable_reason() -> str | None:
+    """None when CUDA C can be compiled here (CuPy's NVRTC binding and the CUDA headers), else why, in one line.
+
+    A learner's install (the `course` extra) leaves the ~230 MB of GPU tools out: chapter 11 then runs every kernel
+    on the tests' CPU executor of CUDA C (g++) and skips only the NVRTC compiles, saying so.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("cupy") is None:
+        return f"NVRTC (CuPy's binding) is not installed: {INSTALL}"
+    if not cuda_include_dirs():
+        return f"cuda_bf16.h not found (the CUDA runtime headers): {INSTALL}"
+    return None
 
 
 def compile_ptx(source: str | Path, arch: str, name: str = "kernel.cu") -> str:
