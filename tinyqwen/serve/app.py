@@ -62,9 +62,13 @@ def service_of(request: Request) -> Service:
 async def run(request: Request, prepare: Callable[[Any], Prepared], chat: bool) -> Response:
     """Check and queue one request, then answer it whole or as a stream."""
     body = await read_json(request)
-    check_prompt_size(body, chat, service_of(request).context, token_bytes(request))  # before tokenizing
+
+    def check_then_prepare(body: Any) -> Prepared:
+        check_prompt_size(body, chat, service_of(request).context, token_bytes(request))  # before tokenizing
+        return prepare(body)
+
     # checking and tokenizing in a thread: a long prompt must not hold up the other clients' streams
-    prepared = await run_in_threadpool(prepare, body)
+    prepared = await run_in_threadpool(check_then_prepare, body)
     job = prepared.job
     job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
     service_of(request).engine.submit(job)
@@ -84,7 +88,7 @@ async def read_json(request: Request) -> Any:
     data = bytearray()
     async for piece in request.stream():
         data += piece
-        check_body_size(len(data), limit)
+        check_body_size(len(data), limit, partial=True)
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

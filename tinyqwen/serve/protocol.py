@@ -268,11 +268,18 @@ def check_content_type(value: str | None) -> None:
         )
 
 
-def check_body_size(size: int, limit: int) -> None:
-    """A 413 for a body over `limit` bytes (from its Content-Length, or counted while it arrives)."""
+def check_body_size(size: int, limit: int, partial: bool = False) -> None:
+    """A 413 for a body over `limit` bytes: from its Content-Length, or counted while it arrives (`partial`).
+
+    >>> check_body_size(20_000, 10_000)
+    Traceback (most recent call last):
+        ...
+    tinyqwen.serve.protocol.APIError: the request body is 20,000 bytes, over this server's limit of 10,000 bytes
+    """
     if size > limit:
-        raise APIError(413, f"the request body is over {limit:,} bytes (got at least {size:,}); this server takes "
-                       "at most that much", code="request_too_large")  # fmt: skip
+        got = f"at least {size:,}" if partial else f"{size:,}"
+        raise APIError(413, f"the request body is {got} bytes, over this server's limit of {limit:,} bytes",
+                       code="request_too_large")  # fmt: skip
 
 
 def longest_token_bytes(tokenizer) -> int | None:
