@@ -230,7 +230,7 @@ def reply_options(body: dict) -> tuple[bool, bool, bool]:
         return stream, False, _flag(body, "return_token_ids")
     if not isinstance(options, dict):
         raise bad(f"'stream_options' must be an object, got {json.dumps(options)[:40]}", "stream_options")
-    if not stream:
+    if options and not stream:  # an empty object is let through, as vLLM lets it
         raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
     for name in ("include_usage", "continuous_usage_stats"):
         value = options.get(name)
@@ -288,6 +288,9 @@ def longest_token_bytes(tokenizer) -> int | None:
     A prompt of B bytes (after NFC, which the tokenizer applies first) is at least ceil(B / this) tokens: byte-level
     BPE covers the text's bytes exactly, each token at most this many.
     """
+    table = getattr(tokenizer, "_id_bytes", None)  # tinyqwen's Tokenizer keeps every token's bytes: ~5 ms
+    if table is not None:
+        return max(map(len, table))
     token_bytes = getattr(tokenizer, "_token_bytes", None)
     if token_bytes is None:
         return None
