@@ -607,7 +607,7 @@ def test_reply_parser_matches_the_chapter_12_references(tok):
         assert tok.encode(case["text"], allowed_special="all") == case["ids"], case["name"]
         parser = ReplyParser(tok, EOS, thinking="enable_thinking=False" not in case["name"])
         deltas = [d for t in case["ids"] for d in parser.push(t)] + parser.finish()
-        reasoning, content = parser.reply.reasoning, parser.reply.content
+        reasoning, content = parser.reply.reasoning or "", parser.reply.content or ""
         assert (reasoning.strip("\n"), content.strip("\n")) == (case["reasoning"], case["content"]), case[
             "name"
         ]
@@ -628,7 +628,8 @@ def test_reply_parser_matches_the_chapter_12_references(tok):
         ]
         assert got == [(c["name"], c["arguments"]) for c in case["calls"]], case["name"]
         reply = parser.reply
-        assert (reply.content.strip("\n"), reply.reasoning.strip("\n")) == (case["answer"], case["reasoning"])
+        parts = ((reply.content or "").strip("\n"), (reply.reasoning or "").strip("\n"))
+        assert parts == (case["answer"], case["reasoning"])
 
 
 def test_asgi_call_in_process(tiny_qwen3_model, tok):

@@ -13,7 +13,7 @@ The rules, each vLLM's (its cases run in tests/test_serve_vllm_parity.py):
   reasoning, whether the model writes `<think>` first (Qwen3) or the template already did (Qwen3.5); a reply cut
   off before `</think>` is all reasoning.
 - `</think>` ends the reasoning; so does a `<tool_call>` written inside it (Qwen3.5 calls tools mid-thought).
-- A part with no text is null, not "" (the service writes `reply.content or None`).
+- A part with no text is None (JSON null), not "": `ParsedReply` holds it so, as vLLM's parser returns it.
 
 Deliberate differences from vLLM, each small: a `<tool_call>` ends the reasoning as soon as the token is written
 (vLLM waits to see `<function=` after it, so Qwen3's JSON form inside the thinking stays reasoning there); beside
@@ -99,8 +99,8 @@ class _Channel:
 class ParsedReply:
     """What a finished reply amounts to (the non-streamed message is built from it)."""
 
-    reasoning: str = ""
-    content: str = ""
+    reasoning: str | None = None  # None: no text (null in the message, as vLLM sends it)
+    content: str | None = None
     tool_calls: list[dict] = field(default_factory=list)
     stopped_by: str | None = None  # "eos", "stop" (a stop string), or None (ran out of max_tokens)
 
@@ -207,7 +207,7 @@ class ReplyParser:
             text, self.lead = self.lead, ""
         if not text:
             return []
-        setattr(self.reply, name, getattr(self.reply, name) + text)
+        setattr(self.reply, name, (getattr(self.reply, name) or "") + text)
         return [(name, text)]
 
     def finish(self) -> list[tuple[str, str]]:

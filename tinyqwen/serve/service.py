@@ -161,7 +161,7 @@ class Service:
             choice: dict = {"index": 0, "message": message, "finish_reason": self.finish_reason(reply)}
             kind, prefix = "chat.completion", "chatcmpl"
         else:
-            choice = {"index": 0, "text": reply.content, "finish_reason": self.finish_reason(reply)}
+            choice = {"index": 0, "text": reply.content or "", "finish_reason": self.finish_reason(reply)}
             kind, prefix = "text_completion", "cmpl"
         choice["logprobs"] = None
         out = {"id": f"{prefix}-{job.id}", "object": kind, "created": int(time.time()), "model": self.model_name,
