@@ -22,7 +22,6 @@ import pytest
 openai = pytest.importorskip("openai", reason="the serve tests need the `openai` client (the `course` extra)")
 uvicorn = pytest.importorskip("uvicorn")
 
-from tinyqwen.chat_parsing import split_thinking_text  # noqa: E402
 from tinyqwen.generation import generate  # noqa: E402
 from tinyqwen.serve import create_app, parse_sse  # noqa: E402
 from tinyqwen.testing import ScriptedModel, scripted_reply  # noqa: E402
@@ -145,6 +144,15 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+def vllm_parts(text: str) -> tuple[str | None, str | None]:
+    """(reasoning_content, content) of a whole reply with thinking on, by vLLM's qwen3 reasoning parser's rules
+    (written out by hand): a leading <think> dropped, a split at the first </think>, without one all reasoning; the
+    text as generated, an empty part null."""
+    text = text.removeprefix("<think>")
+    reasoning, found, content = text.partition("</think>")
+    return (reasoning or None, content or None) if found else (text or None, None)
+
+
 def stream_chat(client, **kwargs):
     """Stream a chat completion; returns (reasoning text, content text, tool-call deltas, chunks)."""
     chunks = list(client.chat.completions.create(model=MODEL, stream=True, **kwargs))
@@ -178,9 +186,10 @@ def test_greedy_chat_equals_generate(client, tok, tiny_qwen3_model):
     assert r.prompt_token_ids == prompt and choice.token_ids == want
     assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens == len(want)
     assert r.usage.total_tokens == len(prompt) + len(want)
-    # the text: decoded by the tokenizer, split by chat_parsing (the model card's recipe), not by the server's code
-    reasoning, content = split_thinking_text(tok.decode([t for t in want if t not in EOS]))
-    assert choice.message.content == content and (choice.message.reasoning_content or "") == reasoning
+    # the text: decoded by the tokenizer, split by vLLM's rules (vllm_parts), not by the server's code; the tiny
+    # model never writes </think>, so with thinking on (the default) its whole reply is reasoning, as in vLLM
+    reasoning, content = vllm_parts(tok.decode([t for t in want if t not in EOS]))
+    assert (choice.message.reasoning_content, choice.message.content) == (reasoning, content)
     assert choice.finish_reason == ("stop" if want[-1] in EOS else "length")
 
 
@@ -194,9 +203,13 @@ def test_seeded_sampling_equals_generate_streaming_and_not(client, tok, tiny_qwe
     want = generate(tiny_qwen3_model, chat_ids(tok, messages), 10, temperature=0.6, top_k=20, top_p=0.95,
                     min_p=0.0, seed=1234, eos_token_ids=EOS)  # fmt: skip
     assert r.choices[0].token_ids == want
-    _, content, _, chunks = stream_chat(client, messages=messages, max_tokens=10, seed=1234,
-                                        extra_body={"return_token_ids": True})  # fmt: skip
-    assert chunks[-1].choices[0].token_ids == want and content == r.choices[0].message.content
+    reasoning, content, _, chunks = stream_chat(client, messages=messages, max_tokens=10, seed=1234,
+                                                extra_body={"return_token_ids": True})  # fmt: skip
+    assert chunks[-1].choices[0].token_ids == want
+    assert (reasoning or None, content or None) == (
+        r.choices[0].message.reasoning_content,
+        r.choices[0].message.content,
+    )
     # every knob the request sets is used: a different temperature / penalty gives generate's ids for it
     r = client.chat.completions.create(
         **{
@@ -258,13 +271,13 @@ def test_completions_endpoint_is_raw_text(client, tok, tiny_qwen3_model):
 
 
 @pytest.mark.parametrize(
-    "stop, want", [("three", "One, two, "), (["o, th", "zzz"], "One, tw"), ("six", None)]
+    "stop, want", [("three", "\n\nOne, two, "), (["o, th", "zzz"], "\n\nOne, tw"), ("six", None)]
 )
 def test_stop_strings_cut_the_reply_streaming_and_not(client, stop, want):
     messages = user(COUNT_QUESTION)  # scripted: "One, two, three, four, five." ("o, th" spans three tokens)
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=30, temperature=0, stop=stop,
                                        extra_body={"return_token_ids": True})  # fmt: skip
-    want = want or "One, two, three, four, five."
+    want = want or "\n\nOne, two, three, four, five."  # the answer as generated: "</think>\n\n" then the text
     assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
     _, content, _, chunks = stream_chat(client, messages=messages, max_tokens=30, temperature=0, stop=stop)
     assert content == want and chunks[-1].choices[0].finish_reason == "stop"
@@ -277,8 +290,9 @@ def test_reasoning_split_streaming_and_not(client):
     messages = user(THINK_QUESTION)
     r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=50, temperature=0)
     message = r.choices[0].message
-    assert message.reasoning_content == "Let me think.\nTwo and two."
-    assert message.content == "The answer is 4." and r.choices[0].finish_reason == "stop"
+    # the parts as generated, newlines included (vLLM's --reasoning-parser qwen3 strips nothing)
+    assert message.reasoning_content == "\nLet me think.\nTwo and two.\n\n"
+    assert message.content == "\n\nThe answer is 4." and r.choices[0].finish_reason == "stop"
     reasoning, content, _, chunks = stream_chat(client, messages=messages, max_tokens=50, temperature=0)
     assert (reasoning, content) == (message.reasoning_content, message.content)
     kinds = [("r" if getattr(c.choices[0].delta, "reasoning_content", None) else "c") for c in chunks[1:-1]]
@@ -291,15 +305,17 @@ def test_a_reply_cut_off_while_thinking_is_all_reasoning(client):
         model=MODEL, messages=user(THINK_QUESTION), max_tokens=4, temperature=0
     )
     message = r.choices[0].message
-    assert message.reasoning_content == "Let me" and message.content == ""
+    assert message.reasoning_content == "\nLet me" and message.content is None  # null, as vLLM sends it
     assert r.choices[0].finish_reason == "length"
 
 
 def test_no_think_soft_switch_and_enable_thinking(client, tok):
     r = client.chat.completions.create(model=MODEL, messages=user(NO_THINK_QUESTION), max_tokens=20,
                                        extra_body={"return_token_ids": True})  # fmt: skip
-    message = r.choices[0].message
-    assert message.reasoning_content is None and message.content == "4."
+    message = r.choices[
+        0
+    ].message  # the model obeys with an empty think block, which vLLM reports as generated
+    assert message.reasoning_content == "\n\n" and message.content == "\n\n4."
     assert r.choices[0].token_ids[0] == THINK and END_THINK in r.choices[0].token_ids  # an empty think block
     assert r.prompt_token_ids == chat_ids(tok, user(NO_THINK_QUESTION))  # a soft switch is only text
     # enable_thinking=False through chat_template_kwargs (vLLM's convention): the template's empty think block
@@ -321,7 +337,10 @@ def test_tool_call_round_trip(client, tok):
                                        extra_body={"return_token_ids": True})  # fmt: skip
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
-    assert choice.message.reasoning_content == "I need the weather tool." and not choice.message.content
+    # the "\n\n" between </think> and the call is not content: null beside the calls (reply_parser's docstring)
+    assert (
+        choice.message.reasoning_content == "\nI need the weather tool.\n" and choice.message.content is None
+    )
     assert r.prompt_token_ids == chat_ids(tok, messages, tools=[WEATHER])
     (call,) = choice.message.tool_calls
     assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
@@ -329,7 +348,7 @@ def test_tool_call_round_trip(client, tok):
     assert arguments == {"city": "Paris"}
     # the same reply streamed: the calls arrive as tool_calls deltas, the finish reason is the same
     reasoning, content, calls, chunks = stream_chat(client, messages=messages, tools=[WEATHER], temperature=0)
-    assert reasoning == "I need the weather tool." and content == ""
+    assert reasoning == "\nI need the weather tool.\n" and content == ""
     assert [(c.index, c.function.name, c.function.arguments) for c in calls] == [
         (0, "get_weather", call.function.arguments)
     ]
@@ -341,7 +360,9 @@ def test_tool_call_round_trip(client, tok):
     follow_up = [*messages, assistant, result]
     r2 = client.chat.completions.create(model=MODEL, messages=follow_up, tools=[WEATHER], temperature=0,
                                         extra_body={"return_token_ids": True})  # fmt: skip
-    assert r2.choices[0].message.content == "It is 21 °C in Paris." and r2.choices[0].finish_reason == "stop"
+    assert (
+        r2.choices[0].message.content == "\n\nIt is 21 °C in Paris." and r2.choices[0].finish_reason == "stop"
+    )
     # the prompt holds the call as the template writes it and the result as a <tool_response>
     assert r2.prompt_token_ids == chat_ids(tok, follow_up, tools=[WEATHER])
     prompt = tok.decode(r2.prompt_token_ids)
@@ -513,17 +534,23 @@ def test_concurrent_streaming_clients_get_their_own_complete_replies(client, tok
             reasoning, content, _, chunks = stream_chat(client, messages=prompts[i, j], max_tokens=n,
                                                         temperature=0, extra_body={"return_token_ids": True})  # fmt: skip
             out.append(
-                ((i, j), content, chunks[-1].choices[0].token_ids, chunks[-1].choices[0].finish_reason)
+                (
+                    (i, j),
+                    reasoning,
+                    content,
+                    chunks[-1].choices[0].token_ids,
+                    chunks[-1].choices[0].finish_reason,
+                )
             )
         return out
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         results = [r for rs in pool.map(run_client, range(clients)) for r in rs]
     assert len(results) == clients * per_client
-    for key, content, ids, finish in results:
+    for key, reasoning, content, ids, finish in results:
         assert ids == want[key], key
-        text = split_thinking_text(tok.decode([t for t in want[key] if t not in EOS]))[1]
-        assert content == text and finish in ("stop", "length"), key
+        parts = vllm_parts(tok.decode([t for t in want[key] if t not in EOS]))
+        assert (reasoning or None, content or None) == parts and finish in ("stop", "length"), key
 
 
 # ------------------------------------------------------------------------------------------ the command
@@ -569,18 +596,28 @@ def test_tinyqwen_serve_command_in_a_subprocess(tiny_qwen3_dir, tok, tiny_qwen3_
 
 def test_reply_parser_matches_the_chapter_12_references(tok):
     """The reasoning split and the tool-call parser on replies tokenized by the official tokenizer, with the
-    expected parts from exercises/references/ch12_serving.json (made by make_ch12_serving.py from transformers)."""
+    expected parts from exercises/references/ch12_serving.json (made by make_ch12_serving.py from transformers).
+
+    The references hold the parts stripped of newlines (Qwen's model card); the server sends them as generated, so
+    each part stripped must equal the reference, and the parts with their tags put back must be the reply's text."""
     from tinyqwen.serve import ReplyParser
 
     ref = json.loads((REPO / "exercises" / "references" / "ch12_serving.json").read_text(encoding="utf-8"))
     for case in ref["split"]:
         assert tok.encode(case["text"], allowed_special="all") == case["ids"], case["name"]
-        parser = ReplyParser(tok, EOS)
+        parser = ReplyParser(tok, EOS, thinking="enable_thinking=False" not in case["name"])
         deltas = [d for t in case["ids"] for d in parser.push(t)] + parser.finish()
-        assert (parser.reply.reasoning, parser.reply.content) == (case["reasoning"], case["content"]), case[
+        reasoning, content = parser.reply.reasoning or "", parser.reply.content or ""
+        assert (reasoning.strip("\n"), content.strip("\n")) == (case["reasoning"], case["content"]), case[
             "name"
         ]
-        assert "".join(t for k, t in deltas if k == "content") == case["content"]
+        text = case["text"].removesuffix("<|im_end|>")
+        if "</think>" in text:  # split at the first </think>, nothing added or taken away
+            assert text == f"<think>{reasoning}</think>{content}", case["name"]
+        else:
+            assert text.removeprefix("<think>") == reasoning + content, case["name"]
+        assert "".join(t for k, t in deltas if k == "content") == content
+        assert "".join(t for k, t in deltas if k == "reasoning") == reasoning
     for case in ref["tools"]:
         parser = ReplyParser(tok, EOS, tools=True)
         for t in case["ids"]:
@@ -590,7 +627,9 @@ def test_reply_parser_matches_the_chapter_12_references(tok):
             (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in parser.reply.tool_calls
         ]
         assert got == [(c["name"], c["arguments"]) for c in case["calls"]], case["name"]
-        assert parser.reply.content == case["answer"] and parser.reply.reasoning == case["reasoning"]
+        reply = parser.reply
+        parts = ((reply.content or "").strip("\n"), (reply.reasoning or "").strip("\n"))
+        assert parts == (case["answer"], case["reasoning"])
 
 
 def test_asgi_call_in_process(tiny_qwen3_model, tok):

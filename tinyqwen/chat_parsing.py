@@ -10,11 +10,18 @@ The chat template turns messages into text; this module goes the other way for w
 2. `parse_tool_calls` takes the answer text, pulls out every `<tool_call>{json}</tool_call>` block and returns the
    calls as `ToolCall(name, arguments)`, plus the text that remains. A malformed block raises `ToolCallParseError`
    naming the block; we never guess.
+
+Qwen3.5 (and Qwen3-Coder) write the same block in an XML-like form instead of JSON,
+
+    <tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>
+
+and `parse_tool_call` reads both: a body that starts with `<function=` is this form (`parse_function_call`).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,10 +82,11 @@ class ToolCall:
     arguments: dict
 
 
-def parse_tool_call(body: str, number: int) -> ToolCall:
+def parse_tool_call(body: str, number: int, schemas: dict[str, dict] | None = None) -> ToolCall:
     """Parse the JSON between `<tool_call>` and `</tool_call>`. `number` (1-based) names the block in errors.
 
     `arguments` must be an object; a JSON *string* holding an object (the OpenAI wire format) is decoded too.
+    A body in Qwen3.5's `<function=...>` form goes to `parse_function_call` (`schemas`: see there).
 
     >>> parse_tool_call('{"name": "f", "arguments": {"x": 1}}', 1)
     ToolCall(name='f', arguments={'x': 1})
@@ -86,6 +94,8 @@ def parse_tool_call(body: str, number: int) -> ToolCall:
     ToolCall(name='f', arguments={'x': 1})
     """
     where = f"tool call block {number}"
+    if body.startswith("<function"):
+        return parse_function_call(body, where, schemas or {})
     try:
         call = json.loads(body)
     except json.JSONDecodeError as e:
@@ -99,6 +109,58 @@ def parse_tool_call(body: str, number: int) -> ToolCall:
         raise ToolCallParseError(f"{where}: 'name' must be a non-empty string, got {name!r}")
     arguments = tool_call_arguments(call, f"{where} ({name})")
     return ToolCall(name=name, arguments=arguments)
+
+
+_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*)</function>", re.DOTALL)
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.DOTALL)
+
+
+def parse_function_call(body: str, where: str, schemas: dict[str, dict]) -> ToolCall:
+    """Qwen3.5's form of a call: `<function=NAME>` holding `<parameter=P>value</parameter>` pairs.
+
+    A value is the text between its tags less one newline at each end (the model writes each value on lines of
+    its own). Values are text; where the tool's JSON schema (`schemas[NAME]`, the `parameters` object the client
+    sent) gives the parameter a type other than "string", the value is read as JSON -- `5` becomes 5, `true`
+    becomes True -- and kept as text if it is not JSON. Text between the parameters other than whitespace, or a
+    parameter given twice, is malformed.
+
+    >>> parse_function_call("<function=f>\\n<parameter=x>\\nParis\\n</parameter>\\n</function>", "call 1", {})
+    ToolCall(name='f', arguments={'x': 'Paris'})
+    >>> schema = {"f": {"type": "object", "properties": {"n": {"type": "integer"}}}}
+    >>> parse_function_call("<function=f><parameter=n>5</parameter></function>", "call 1", schema).arguments
+    {'n': 5}
+    """
+    found = _FUNCTION.fullmatch(body.strip())
+    if found is None:
+        raise ToolCallParseError(f"{where}: expected <function=NAME>...</function>: {_preview(body)}")
+    name, inner = found.group(1).strip(), found.group(2)
+    properties = (schemas.get(name) or {}).get("properties") or {}
+    arguments: dict[str, Any] = {}
+    pos = 0
+    for parameter in _PARAMETER.finditer(inner):
+        if inner[pos : parameter.start()].strip():
+            raise ToolCallParseError(
+                f"{where} ({name}): text outside <parameter=...>: {_preview(inner[pos:])}"
+            )
+        key, value = parameter.group(1).strip(), parameter.group(2)
+        value = value.removeprefix("\n").removesuffix("\n")
+        if key in arguments:
+            raise ToolCallParseError(f"{where} ({name}): parameter {key!r} is given twice")
+        arguments[key] = _typed(value, (properties.get(key) or {}).get("type"))
+        pos = parameter.end()
+    if inner[pos:].strip():
+        raise ToolCallParseError(f"{where} ({name}): text outside <parameter=...>: {_preview(inner[pos:])}")
+    return ToolCall(name=name, arguments=arguments)
+
+
+def _typed(value: str, kind: Any) -> Any:
+    """A parameter's text as its schema type says: text for "string" (or no type), else JSON if it parses."""
+    if kind in (None, "string") or (isinstance(kind, list) and "string" in kind):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def tool_call_arguments(call: dict, where: str, error: type[TinyQwenError] = ToolCallParseError) -> dict:
@@ -130,12 +192,15 @@ def tool_call_arguments(call: dict, where: str, error: type[TinyQwenError] = Too
     return arguments
 
 
-def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
+def parse_tool_calls(
+    text: str, schemas: dict[str, dict] | None = None, strip: bool = True
+) -> tuple[str, list[ToolCall]]:
     """Pull every `<tool_call>...</tool_call>` block out of `text`: (remaining content, [calls in order]).
 
-    The remaining content is the text outside the blocks, joined and stripped of newlines at both ends (the
-    template puts a newline before each block). An unclosed `<tool_call>` or a `</tool_call>` with no opening
-    tag is an error: a reply cut off mid-call must not look like a reply without calls.
+    The remaining content is the text outside the blocks, joined and (with `strip`) stripped of newlines at both
+    ends (the template puts a newline before each block). An unclosed `<tool_call>` or a `</tool_call>` with no
+    opening tag is an error: a reply cut off mid-call must not look like a reply without calls. `schemas` maps a
+    tool's name to its JSON schema, for the values of Qwen3.5's `<function=...>` form (`parse_function_call`).
 
     >>> parse_tool_calls('Let me check.\\n<tool_call>\\n{"name": "f", "arguments": {}}\\n</tool_call>')
     ('Let me check.', [ToolCall(name='f', arguments={})])
@@ -165,9 +230,10 @@ def parse_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
                 f"(no {TOOL_CALL_CLOSE}); was the reply cut off? {_preview(text[body_start:])}"
             )
         outside.append(text[pos:start])
-        calls.append(parse_tool_call(text[body_start:end].strip(), number))
+        calls.append(parse_tool_call(text[body_start:end].strip(), number, schemas))
         pos = end + len(TOOL_CALL_CLOSE)
-    return "".join(outside).strip("\n"), calls
+    rest = "".join(outside)
+    return rest.strip("\n") if strip else rest, calls
 
 
 def _json_type(value: Any) -> str:

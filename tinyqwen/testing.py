@@ -220,11 +220,16 @@ def scripted_reply(
 # ------------------------------------------------------------------------------------------ HTTP without a network
 
 
-async def asgi_request(app, method: str, path: str, body: bytes) -> tuple[int, dict, bytes]:
-    """`asgi_call` for code that already runs in an event loop (several requests at once with asyncio.gather)."""
+async def asgi_request(
+    app, method: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[int, dict, bytes]:
+    """`asgi_call` for code that already runs in an event loop (several requests at once with asyncio.gather).
+
+    `headers`: the request's headers as ASGI gives them, lower-case names in bytes (default: a JSON Content-Type).
+    """
     done = asyncio.Event()
     sent = False
-    status, headers, chunks = 0, {}, []
+    status, answer_headers, chunks = 0, {}, []
 
     async def receive() -> dict:
         nonlocal sent
@@ -235,10 +240,10 @@ async def asgi_request(app, method: str, path: str, body: bytes) -> tuple[int, d
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
-        nonlocal status, headers
+        nonlocal status, answer_headers
         if message["type"] == "http.response.start":
             status = message["status"]
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in message.get("headers", [])}
+            answer_headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in message.get("headers", [])}
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -246,10 +251,10 @@ async def asgi_request(app, method: str, path: str, body: bytes) -> tuple[int, d
 
     scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
              "method": method, "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
-             "server": ("127.0.0.1", 80)}  # fmt: skip
+             "root_path": "", "headers": [(b"content-type", b"application/json")] if headers is None else headers,
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
     await app(scope, receive, send)
-    return status, headers, b"".join(chunks)
+    return status, answer_headers, b"".join(chunks)
 
 
 def asgi_call(app, method: str, path: str, body: dict | bytes | None = None) -> tuple[int, dict, bytes]:

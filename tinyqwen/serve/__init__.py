@@ -9,9 +9,9 @@
 
 Three endpoints: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` (raw text, no template).
 What a Qwen3 server adds to a plain text server is the *reasoning split* (vLLM's `--reasoning-parser qwen3`): the
-text the model writes between `<think>` and `</think>` goes to `message.reasoning_content` (when streaming,
-`delta.reasoning_content`), the rest to `message.content`; and the *tool-call parser*: `<tool_call>{json}</tool_call>`
-blocks become OpenAI `tool_calls` with `finish_reason: "tool_calls"`.
+text the model writes as its thinking, up to `</think>` (or a tool call), goes to `message.reasoning_content` (when
+streaming, `delta.reasoning_content`), the rest to `message.content`; and the *tool-call parser*: `<tool_call>` blocks,
+Qwen3's JSON or Qwen3.5's `<function=...>` form, become OpenAI `tool_calls` with `finish_reason: "tool_calls"`.
 
 The package, one module per concept (read them in this order):
 
@@ -33,8 +33,12 @@ Decisions (each one what a client of vLLM would expect, unless it says otherwise
   does; vLLM takes generation_config.json for both. `top_k=-1` means off (vLLM's spelling), as does 0.
 - `max_tokens` defaults to what fits in the context; a prompt that leaves no room, or prompt + max_tokens over the
   context, is a 400 error, as in vLLM.
-- Reasoning and answer are each stripped of newlines at both ends (Qwen's model card `.strip("\\n")`); streamed
-  deltas are the same text cut into pieces, so joining the deltas gives exactly the non-streamed message.
+- Reasoning and answer are the text as generated (vLLM's rules, its test cases ported in the tests: with thinking
+  on, a reply cut off before `</think>` is all reasoning; a part with no text is null); streamed deltas are the same
+  text cut into pieces, so joining the deltas gives exactly the non-streamed message. The few deliberate
+  differences are listed in reply_parser.py.
+- Cheap checks first: a body that is not `application/json` is a 415, one over 16 MiB a 413, and a prompt whose
+  length in bytes alone proves it cannot fit the context a 400 before it is tokenized; `n` must be 1.
 - Stop strings end the reply when they appear in its reasoning or answer text; the stop string is not returned.
 - Every error is an OpenAI-style JSON body `{"error": {"message", "type", "param", "code"}}`, never a traceback.
 """

@@ -28,7 +28,15 @@ from starlette.routing import Route
 
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.serve.engine import Job
-from tinyqwen.serve.protocol import APIError, bad
+from tinyqwen.serve.protocol import (
+    MAX_BODY_BYTES,
+    APIError,
+    bad,
+    check_body_size,
+    check_content_type,
+    check_prompt_size,
+    longest_token_bytes,
+)
 from tinyqwen.serve.service import Prepared, Service
 from tinyqwen.serve.sse import sse
 
@@ -40,21 +48,27 @@ async def list_models(request: Request) -> Response:
 
 
 async def chat_completions(request: Request) -> Response:
-    return await run(request, service_of(request).prepare_chat)
+    return await run(request, service_of(request).prepare_chat, chat=True)
 
 
 async def completions(request: Request) -> Response:
-    return await run(request, service_of(request).prepare_completion)
+    return await run(request, service_of(request).prepare_completion, chat=False)
 
 
 def service_of(request: Request) -> Service:
     return request.app.state.service
 
 
-async def run(request: Request, prepare: Callable[[Any], Prepared]) -> Response:
+async def run(request: Request, prepare: Callable[[Any], Prepared], chat: bool) -> Response:
     """Check and queue one request, then answer it whole or as a stream."""
+    body = await read_json(request)
+
+    def check_then_prepare(body: Any) -> Prepared:
+        check_prompt_size(body, chat, service_of(request).context, token_bytes(request))  # before tokenizing
+        return prepare(body)
+
     # checking and tokenizing in a thread: a long prompt must not hold up the other clients' streams
-    prepared = await run_in_threadpool(prepare, await read_json(request))
+    prepared = await run_in_threadpool(check_then_prepare, body)
     job = prepared.job
     job.loop, job.events = asyncio.get_running_loop(), asyncio.Queue()
     service_of(request).engine.submit(job)
@@ -64,10 +78,29 @@ async def run(request: Request, prepare: Callable[[Any], Prepared]) -> Response:
 
 
 async def read_json(request: Request) -> Any:
+    """The body as JSON, after the cheap checks: its Content-Type (415) and its size (413, `app.state.max_body_bytes`,
+    default `MAX_BODY_BYTES`), counted while it arrives so that an oversized body is never held whole."""
+    check_content_type(request.headers.get("content-type"))
+    limit = getattr(request.app.state, "max_body_bytes", MAX_BODY_BYTES)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():
+        check_body_size(int(declared), limit)
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        check_body_size(len(data), limit, partial=True)
     try:
-        return json.loads(await request.body())
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad(f"the request body is not valid JSON: {e}") from None
+
+
+def token_bytes(request: Request) -> int | None:
+    """The tokenizer's longest token in bytes, worked out once per app (`check_prompt_size` needs it)."""
+    state = request.app.state
+    if not hasattr(state, "longest_token_bytes"):
+        state.longest_token_bytes = longest_token_bytes(service_of(request).tokenizer)
+    return state.longest_token_bytes
 
 
 # ------------------------------------------------------------------------------------------ the two kinds of reply

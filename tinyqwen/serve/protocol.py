@@ -7,16 +7,23 @@ for vLLM gets the same answers (or the same refusals) here.
 >>> check_fields({"model": "m", "n": 2}, CHAT_FIELDS)
 Traceback (most recent call last):
     ...
-tinyqwen.serve.protocol.APIError: only n=1 is supported
+tinyqwen.serve.protocol.APIError: only n=1 is supported, got n=2: tinyqwen serve returns one choice per request (send n requests, each with its own seed)
+
+Some checks come before the body is even parsed, or before the prompt is tokenized, so that a bad request costs
+milliseconds: `check_content_type` (415 for a body that does not say it is JSON), `check_body_size` (413 past
+`MAX_BODY_BYTES`), and `check_prompt_size`, a lower bound on the prompt's token count from its length in bytes
+(400 when even that bound does not fit the context).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.sampling import SamplingParams
+from tinyqwen.tokenizer.pretokenize import nfc
 
 
 class APIError(TinyQwenError):
@@ -27,7 +34,8 @@ class APIError(TinyQwenError):
     """
 
     TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-             422: "invalid_request_error", 500: "internal_server_error", 503: "service_unavailable"}  # fmt: skip
+             413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+             500: "internal_server_error", 503: "service_unavailable"}  # fmt: skip
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -88,8 +96,10 @@ def check_fields(body: Any, known: set[str]) -> dict:
     unknown = sorted(set(body) - known)
     if unknown:
         raise bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
-    if body.get("n") not in (None, 1):
-        raise bad("only n=1 is supported", "n")
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise bad(f"only n=1 is supported, got n={json.dumps(n)}: tinyqwen serve returns one choice per request "
+                  "(send n requests, each with its own seed)", "n")  # fmt: skip
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
         raise bad("logprobs are not supported by tinyqwen serve", "logprobs")
     if body.get("logit_bias"):
@@ -169,6 +179,14 @@ def chat_tools(body: dict) -> list[dict] | None:
         and isinstance(t["function"].get("name"), str) for t in tools
     ):  # fmt: skip
         raise bad("'tools' must be a list of {'type': 'function', 'function': {'name': ..., ...}}", "tools")
+    for i, tool in enumerate(tools):
+        parameters = tool["function"].get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise bad(f"tools[{i}].function.parameters must be a JSON Schema object, got "
+                      f"{json.dumps(parameters)[:40]}", "tools")  # fmt: skip
+        description = tool["function"].get("description")
+        if description is not None and not isinstance(description, str):
+            raise bad(f"tools[{i}].function.description must be a string", "tools")
     return tools or None
 
 
@@ -202,8 +220,125 @@ def max_tokens(body: dict, prompt_len: int, context: int, default: int | None) -
 
 
 def reply_options(body: dict) -> tuple[bool, bool, bool]:
-    """(stream, stream_options.include_usage, return_token_ids): how the reply is to be sent."""
-    options = body.get("stream_options") or {}
+    """(stream, stream_options.include_usage, return_token_ids): how the reply is to be sent.
+
+    As in vLLM, `stream_options` belongs to a streamed request only, and its flags are booleans.
+    """
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False, _flag(body, "return_token_ids")
     if not isinstance(options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
-    return _flag(body, "stream"), bool(options.get("include_usage")), _flag(body, "return_token_ids")
+        raise bad(f"'stream_options' must be an object, got {json.dumps(options)[:40]}", "stream_options")
+    if options and not stream:  # an empty object is let through, as vLLM lets it
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    for name in ("include_usage", "continuous_usage_stats"):
+        value = options.get(name)
+        if value is not None and not isinstance(value, bool):
+            raise bad(f"'stream_options.{name}' must be true or false, got {json.dumps(value)[:40]}",
+                      "stream_options")  # fmt: skip
+    return stream, bool(options.get("include_usage")), _flag(body, "return_token_ids")
+
+
+# ------------------------------------------------------------------------------------------ cheap checks first
+
+MAX_BODY_BYTES = (
+    16 * 2**20
+)  # 16 MiB: a full 40,960-token context is at most 5.2 MB of text (128 bytes a token)
+JSON_TYPES = ("application/json",)
+
+
+def check_content_type(value: str | None) -> None:
+    """A 415 unless the body says it is JSON: `application/json` or a `+json` type (a missing header is taken
+    as JSON, as FastAPI does). A JSON body sent as `text/plain` is refused, as vLLM refuses it.
+
+    >>> check_content_type("application/json; charset=utf-8"), check_content_type(None)
+    (None, None)
+    >>> check_content_type("text/plain")
+    Traceback (most recent call last):
+        ...
+    tinyqwen.serve.protocol.APIError: Content-Type must be application/json, got 'text/plain'
+    """
+    if value is None or not value.strip():
+        return
+    kind = value.split(";")[0].strip().lower()
+    if kind not in JSON_TYPES and not kind.endswith("+json"):
+        raise APIError(
+            415, f"Content-Type must be application/json, got {value!r}", code="unsupported_media_type"
+        )
+
+
+def check_body_size(size: int, limit: int, partial: bool = False) -> None:
+    """A 413 for a body over `limit` bytes: from its Content-Length, or counted while it arrives (`partial`).
+
+    >>> check_body_size(20_000, 10_000)
+    Traceback (most recent call last):
+        ...
+    tinyqwen.serve.protocol.APIError: the request body is 20,000 bytes, over this server's limit of 10,000 bytes
+    """
+    if size > limit:
+        got = f"at least {size:,}" if partial else f"{size:,}"
+        raise APIError(413, f"the request body is {got} bytes, over this server's limit of {limit:,} bytes",
+                       code="request_too_large")  # fmt: skip
+
+
+def longest_token_bytes(tokenizer) -> int | None:
+    """The most bytes any one token stands for (128 for Qwen3's vocabulary: a run of spaces); None if unknown.
+
+    A prompt of B bytes (after NFC, which the tokenizer applies first) is at least ceil(B / this) tokens: byte-level
+    BPE covers the text's bytes exactly, each token at most this many.
+    """
+    table = getattr(tokenizer, "_id_bytes", None)  # tinyqwen's Tokenizer keeps every token's bytes: ~5 ms
+    if table is not None:
+        return max(map(len, table))
+    token_bytes = getattr(tokenizer, "_token_bytes", None)
+    if token_bytes is None:
+        return None
+    return max(len(token_bytes(i, False)) for i in range(len(tokenizer)))
+
+
+def prompt_texts(body: Any, chat: bool) -> list[str]:
+    """The texts that go into the prompt whole: user, system and tool messages (an assistant's earlier turns may
+    lose their thinking in the template), or the completion prompt. Malformed bodies give [] (checked later)."""
+    if not isinstance(body, dict):
+        return []
+    if not chat:
+        prompt = body.get("prompt")
+        prompt = prompt[0] if isinstance(prompt, list) and len(prompt) == 1 else prompt
+        return [prompt] if isinstance(prompt, str) else []
+    texts = []
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else []:
+        if not isinstance(message, dict) or message.get("role") not in (
+            "user",
+            "system",
+            "developer",
+            "tool",
+        ):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            texts.append(content)
+        elif isinstance(content, list):
+            texts += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+    return texts
+
+
+def check_prompt_size(body: Any, chat: bool, context: int, token_bytes: int | None) -> None:
+    """Refuse a prompt that cannot fit the context, before tokenizing it: a lower bound on its token count from
+    its UTF-8 length (`longest_token_bytes`). Costs a pass over the text, where tokenizing a 1 MB one-word message
+    would take many seconds. Prompts the bound lets through are measured exactly after tokenizing (`max_tokens`).
+
+    >>> check_prompt_size({"prompt": "a" * 1000}, False, context=8, token_bytes=128)
+    Traceback (most recent call last):
+        ...
+    tinyqwen.serve.protocol.APIError: This model's maximum context length is 8 tokens. However, your prompt holds 1,000 bytes of text, which is at least 8 tokens (a token is at most 128 bytes), leaving no room to generate.
+    """
+    if not token_bytes:
+        return
+    size = sum(len(nfc(text).encode("utf-8", "surrogatepass")) for text in prompt_texts(body, chat))
+    least = math.ceil(size / token_bytes)
+    if least >= context:
+        raise bad(f"This model's maximum context length is {context} tokens. However, your prompt holds {size:,} "
+                  f"bytes of text, which is at least {least:,} tokens (a token is at most {token_bytes} bytes), "
+                  "leaving no room to generate.", "messages" if chat else "prompt")  # fmt: skip

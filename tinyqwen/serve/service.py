@@ -103,7 +103,8 @@ class Service:
         params, seed = sampling_settings(body, base)
         stops = stop_strings(body)
         limit = max_tokens(body, len(prompt_ids), self.context, None)
-        parser = ReplyParser(self.tokenizer, self.eos, stops, tools=tools is not None, prompt_ids=prompt_ids)
+        parser = ReplyParser(self.tokenizer, self.eos, stops, tools=tools or False, prompt_ids=prompt_ids,
+                             thinking=thinking_on)  # fmt: skip
         return self._prepared(body, self._job(body, prompt_ids, params, seed, parser, limit), chat=True)
 
     def prepare_completion(self, body: Any) -> Prepared:
@@ -152,17 +153,15 @@ class Service:
     def response(self, p: Prepared, reply: ParsedReply) -> dict:
         job = p.job
         if p.chat:
-            content = (
-                (reply.content or None) if reply.tool_calls else reply.content
-            )  # OpenAI: null beside calls
-            message: dict = {"role": "assistant", "content": content}
+            # a part with no text is null, as vLLM sends it (and OpenAI beside tool calls)
+            message: dict = {"role": "assistant", "content": reply.content or None}
             message["reasoning_content"] = reply.reasoning or None
             if reply.tool_calls:
                 message["tool_calls"] = reply.tool_calls
             choice: dict = {"index": 0, "message": message, "finish_reason": self.finish_reason(reply)}
             kind, prefix = "chat.completion", "chatcmpl"
         else:
-            choice = {"index": 0, "text": reply.content, "finish_reason": self.finish_reason(reply)}
+            choice = {"index": 0, "text": reply.content or "", "finish_reason": self.finish_reason(reply)}
             kind, prefix = "text_completion", "cmpl"
         choice["logprobs"] = None
         out = {"id": f"{prefix}-{job.id}", "object": kind, "created": int(time.time()), "model": self.model_name,
