@@ -11,7 +11,6 @@ we may divide by sqrt): a few float32 ulps, so atol = rtol = 1e-5. A lookup does
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -265,27 +264,12 @@ def test_rms_norm_float16_input(course):
            problem=f"expected a float32 result, got {got.dtype}: compute in float32 and return that")  # fmt: skip
 
 
-class _LearnerEmbedding:
-    """Stands in for the embedding matrix in the model's `x = w.embed[ids]`: the lookup runs the learner's embed."""
-
-    def __init__(self, table: np.ndarray, embed):
-        self.table, self.embed = table, embed
-        self.shape, self.dtype = table.shape, table.dtype
-
-    def __getitem__(self, ids):
-        return np.asarray(self.embed(ids, self.table), dtype=np.float32)
-
-
 def test_real_model(course):
     """Your embedding and RMSNorm in the real model"""
-    ch = course.ch03
     section = reread("10. Checkpoint: against transformers")
     for fixture in ("dense-tied", "dense-untied-bf16-sharded"):
-        model = learner_model(course, upto=3, fixture=fixture)  # every norm is your rms_norm
-        # the tied head keeps the real matrix (weights.lm_head is the same array); the lookup runs your embed
-        model.weights = dataclasses.replace(
-            model.weights, embed=_LearnerEmbedding(model.weights.embed, ch.embed)
-        )
+        # weights read by your chapter-2 loader; the lookup runs your embed, every norm is your rms_norm
+        model = learner_model(course, upto=3, fixture=fixture)
         expect_logits(
             model,
             fixture,
