@@ -24,6 +24,7 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference_file,
+    your,
 )
 from exercises.test_ch08_kv_cache_generation import Watched, check_loop
 
@@ -232,11 +233,11 @@ def test_your_qwen3_end_to_end(course):
     expect_equal(ids, e["prompt_ids"], what="2/5 your tokenizer (chapter 1) on the prompt vs the official tokenizer",
                  inputs=repr(text), reread=notebook(1))  # fmt: skip
 
-    model = learner_model(course, upto=7, fixture=str(tiny_chat_dir(e["seed"])))
+    model = learner_model(course, upto=9, fixture=str(tiny_chat_dir(e["seed"])))
     watched = Watched(model, course.ch08.kv_cache_update)
     n = e["max_new_tokens"]
-    what = "3/5 your kernels (chapters 3-7), cache and greedy loop (chapter 8) vs transformers' generate"
-    new = call(course.ch08.greedy_generate, watched, [list(ids)], n, kwargs={"pad_id": 151643, "eos_id": e["eos_id"]},
+    what = "3/5 your loader and kernels (chapters 2-7), cache and greedy loop (chapter 8) vs transformers' generate"
+    new = call(your(model, "greedy_generate"), watched, [list(ids)], n, kwargs={"pad_id": 151643, "eos_id": e["eos_id"]},
                what=what,
               reread=section)  # fmt: skip
     inputs = f"a tiny Qwen3 with the real 151,936-token vocabulary, {len(ids)} prompt tokens, {n} new tokens"
