@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from tinyqwen.errors import TinyQwenError
+
 # chapter -> (function, where it runs). The first group fills the model; GENERATION and TEXT are called beside it.
 PARTS: dict[int, tuple[tuple[str, str], ...]] = {
     2: (("load_checkpoint", "reads every weight of the checkpoint"),),
@@ -94,7 +96,7 @@ def is_stub(fn: Callable) -> bool:
     return isinstance(exc, ast.Name) and exc.id == "NotImplementedError"
 
 
-class LearnerFunctionError(RuntimeError):
+class LearnerFunctionError(TinyQwenError):
     """One of the learner's functions raised inside the model (the CLI prints this in one line)."""
 
 
@@ -157,13 +159,9 @@ class YourCode:
             try:
                 return fn(*args, **kwargs)
             except Exception as error:
-                if not self.strict_errors or isinstance(error, LearnerFunctionError):
+                if not self.strict_errors or isinstance(error, TinyQwenError):
                     raise
-                first = (str(error).strip().splitlines() or [""])[0]
-                raise LearnerFunctionError(
-                    f"your {name}() (exercises, chapter {self.chapter.get(name, '?')}) raised "
-                    f"{type(error).__name__}" + (f": {first}" if first else "")
-                ) from None
+                raise self._crash(error, name) from None
             finally:
                 sys.setprofile(previous)
                 self._depth -= 1
@@ -173,10 +171,23 @@ class YourCode:
         run.__name__ = name
         return run
 
+    def _crash(self, error: Exception, outer: str) -> LearnerFunctionError:
+        """One line naming the learner's function that raised: the innermost one in the traceback."""
+        name, tb = outer, error.__traceback__
+        while tb is not None:
+            name = self._codes.get(tb.tb_frame.f_code, name)
+            tb = tb.tb_next
+        first = (str(error).strip().splitlines() or [""])[0]
+        return LearnerFunctionError(
+            f"your {name}() (exercises, chapter {self.chapter.get(name, '?')}) raised {type(error).__name__}"
+            + (f": {first}" if first else "")
+        )
+
     def report(self) -> str:
-        """One line: which of the learner's functions ran, and (fallback) which stubs tinyqwen's replaced."""
-        ran = ", ".join(self.ran) or "none"
-        line = f"your functions that ran inside the model: {ran}"
+        """One line: which of the learner's functions ran (chapter order), and (fallback) the stubs replaced."""
+        order = {name: i for i, name in enumerate(self.functions)}
+        ran = ", ".join(sorted(self.ran, key=lambda n: (self.ran[n], order.get(n, 0)))) or "none"
+        line = f"your functions that ran: {ran}"
         if self.stubs:
             line += f"; still stubs, so tinyqwen's ran instead: {', '.join(self.stubs)}"
         return line
