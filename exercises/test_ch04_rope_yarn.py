@@ -57,6 +57,13 @@ def inv_freq_i_over_d(head_dim: int, theta: float) -> np.ndarray:
     return (1.0 / theta ** (np.arange(head_dim // 2) / head_dim)).astype(np.float32)
 
 
+def inv_freq_default_theta(head_dim: int, theta: float):
+    """The learner's formula with the classic theta = 10000 hard-coded; NOTHING when the true theta is 10000."""
+    if theta == 10000.0:
+        return None
+    return (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+
+
 def inv_freq_not_inverted(head_dim: int, theta: float) -> np.ndarray:
     return (theta ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
 
@@ -154,6 +161,11 @@ def test_inv_freq(course):
                     "theta ** (2i/d) without the 1 / ...",
                     inv_freq_not_inverted(d, theta),
                     "These are wavelength-like numbers that grow; the *inverse* frequency is 1 / theta ** (2i/d).",
+                ),
+                Mistake(
+                    "the theta argument was ignored: 10000, the default of Llama 2 and GPT-NeoX, was used",
+                    inv_freq_default_theta(d, theta),
+                    f"Use the theta you are given: Qwen3 uses rope_theta = {theta:g} from config.json.",
                 ),
             ],  # fmt: skip
             reread=reread("2. The frequency spectrum"),

@@ -79,7 +79,7 @@ def mask_variant(n_q: int, n_k: int, shift: int = 0, offset: bool = True) -> np.
 
 @quiet
 def attention_variant(
-    q, k, v, mask, *, scale=None, fill=MIN, softmax_axis=-1, grouping="repeat", naive=False
+    q, k, v, mask, *, scale=None, fill=MIN, softmax_axis=-1, grouping="repeat", naive=False, no_softmax=False
 ):
     """Plain loop-free attention with one knob turned to a classic mistake."""
     d = q.shape[-1]
@@ -93,6 +93,8 @@ def attention_variant(
         scores = scores * mask[:, None]
     elif fill is not None:
         scores = np.where(mask[:, None], scores, np.float32(fill))
+    if no_softmax:  # the scores themselves as weights (masked ones set to 0)
+        return (np.where(mask[:, None], scores, 0) @ v).astype(np.float32)
     probs = (softmax_naive if naive else softmax_ok)(scores, softmax_axis)
     return (probs @ v).astype(np.float32)
 
@@ -241,6 +243,10 @@ def attention_mistakes(q, k, v, mask) -> list[Mistake]:
         Mistake("masked scores set to 0 instead of a very negative number", attention_variant(q, k, v, mask, fill=0.0),
                 "A score of 0 still gets weight exp(0 - max) > 0: masked keys need the most negative float32 "
                 "(np.finfo(np.float32).min) so their weight is exactly 0."),
+        Mistake("the masked scores were used as weights without a softmax (scores, not probabilities)",
+                attention_variant(q, k, v, mask, no_softmax=True),
+                "Turn each query's scores into probabilities over the keys with softmax(scores, axis=-1) "
+                "before multiplying by v."),
         Mistake("the scores were multiplied by the mask (masked scores become 0)",
                 attention_variant(q, k, v, mask, fill="multiply"),
                 "Multiplying by a 0/1 mask leaves masked scores at 0, which still get weight: use "

@@ -135,3 +135,12 @@ def test_stub_docstring_examples_hold_for_the_solutions(name):
     for test in tests:
         runner.run(test)
     assert runner.failures == 0
+
+
+def inv_freq_llama2_theta(head_dim, theta):  # theta hard-coded to Llama 2's 10000
+    return (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+
+
+def test_hard_coded_theta_is_caught(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch04", rope_inv_freq=inv_freq_llama2_theta)
+    assert_caught(grading.test_inv_freq, buggy, hint="theta argument was ignored")

@@ -166,3 +166,17 @@ def test_stub_docstring_examples_hold_for_the_solutions(name):
     for test in tests:
         runner.run(test)
     assert runner.failures == 0
+
+
+def attention_without_softmax(q, k, v, mask):
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * q.shape[-1] ** -0.5
+    return (np.where(mask[:, None], scores, 0) @ v).astype(np.float32)
+
+
+def test_scores_used_as_weights_is_caught(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch05", attention=attention_without_softmax)
+    assert_caught(
+        grading.test_attention_one_head, buggy, hint="without a softmax (scores, not probabilities)"
+    )
