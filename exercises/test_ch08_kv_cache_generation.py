@@ -425,7 +425,7 @@ def test_repetition_penalty(course):
                  ])  # fmt: skip
 
 
-def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True):
+def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True, probabilities=True):
     """A hand-written pipeline for the known-wrong variants only (the expected values are transformers')."""
     z = np.asarray(z, dtype=np.float64).copy()
     if penalty:
@@ -439,7 +439,7 @@ def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True):
     z = _mask_of(z, probs >= m * probs.max())
     if not temperature_first:
         z = z / t
-    return softmax(z)
+    return softmax(z) if probabilities else z
 
 
 def test_sampling_distribution(course):
@@ -467,6 +467,9 @@ def test_sampling_distribution(course):
                      Mistake("the filters ran before the temperature", variant(temperature_first=False),
                              "Order: penalty -> temperature -> top-k -> top-p -> min-p -> softmax."),
                      Mistake("the repetition penalty is missing", variant(penalty=False)),
+                     Mistake("the filtered LOGITS were returned, not probabilities (the final softmax is missing)",
+                             variant(probabilities=False), "End with softmax over the filtered logits: a sampler "
+                             "draws from probabilities that sum to 1."),
                  ])  # fmt: skip
 
 
