@@ -13,7 +13,7 @@ from tinyqwen.chat_context import fit_to_context, reply_room
 from tinyqwen.cli.display import ReplyPrinter, Style, answer_text, one_line, undecodable
 from tinyqwen.cli.flags import generation_kwargs, require_positive, sampling_params
 from tinyqwen.cli.loading import eos_ids, load
-from tinyqwen.cli.your_code import report, stream
+from tinyqwen.cli.your_code import load_yours, report, stream
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.thinking import thinking_mode
 
@@ -44,7 +44,8 @@ def cmd_chat(args) -> int:
         pass
     if args.system is not None and undecodable(args.system):
         raise TinyQwenError(f"--system: {undecodable(args.system)}")
-    model, tokenizer = load(args)
+    # --kernels exercises: the learner's own functions inside the model (tinyqwen/cli/your_code.py)
+    model, tokenizer = load(args) if getattr(args, "kernels", "tinyqwen") == "tinyqwen" else load_yours(args)
     style = Style.for_stream(sys.stdout, args.no_color)
     eos = eos_ids(model)
     context = model.config.max_position_embeddings

@@ -9,7 +9,7 @@ from pathlib import Path
 from tinyqwen.cli.display import ReplyPrinter, Style, answer_text
 from tinyqwen.cli.flags import generation_kwargs, require_positive, sampling_params
 from tinyqwen.cli.loading import eos_ids, load
-from tinyqwen.cli.your_code import report, stream
+from tinyqwen.cli.your_code import load_yours, report, stream
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.thinking import thinking_mode
 
@@ -51,7 +51,8 @@ def cmd_generate(args) -> int:
 
     batch_size = require_positive("--batch-size", args.batch_size)
     prompts = read_prompts(args)
-    model, tokenizer = load(args)
+    # --kernels exercises: the learner's own functions inside the model (tinyqwen/cli/your_code.py)
+    model, tokenizer = load(args) if getattr(args, "kernels", "tinyqwen") == "tinyqwen" else load_yours(args)
     eos = eos_ids(model)
     enable_thinking = not args.no_think
     context = model.config.max_position_embeddings

@@ -82,10 +82,6 @@ def load(args, need_tokenizer: bool = True):
     import tinyqwen
     from tinyqwen.config import load_config
 
-    if getattr(args, "kernels", "tinyqwen") != "tinyqwen":  # the learner's own functions in the model
-        from tinyqwen.cli.your_code import load_yours
-
-        return load_yours(args)
     path = resolve_model(args.model)
     tokenizer = None
     if need_tokenizer:
