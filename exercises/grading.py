@@ -524,10 +524,14 @@ def expect_logits(
                         "embedding or the output head — at which kv head each query head uses (GQA grouping), or at "
                         "a softmax over the wrong axis (each query's weights must sum to 1 over the keys, the last "
                         "axis; over the queries even position 0 mixes in later tokens)")  # fmt: skip
-            raise GradeError(f"{error}\n  {note}{_ran_line(model_or_logits)}") from None
-        raise GradeError(f"{error}{_ran_line(model_or_logits)}") from None
+            raise GradeError(_with_ran_line(f"{error}\n  {note}", model_or_logits)) from None
+        raise GradeError(_with_ran_line(str(error), model_or_logits)) from None
 
 
-def _ran_line(model: Any) -> str:
+def _with_ran_line(message: str, model: Any) -> str:
+    """The message with, right under its first line, which of the learner's functions ran inside the model."""
     code = getattr(model, "your_code", None)
-    return f"\n  {code.report()}" if code is not None else ""
+    if code is None:
+        return message
+    first, _, rest = message.partition("\n")
+    return f"{first}\n  {code.report()}" + (f"\n{rest}" if rest else "")

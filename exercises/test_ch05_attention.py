@@ -344,7 +344,8 @@ def model_mask_mistakes(run) -> list[Mistake]:
         Mistake("your causal_mask ignores the cache offset (np.tril of [n_q, n_k] without k = n_k - n_q)",
                 lambda: run(causal_mask=tril_mask),
                 "With a KV cache the new token is the LAST query: causal_mask(1, S) must allow all S keys, but "
-                "np.tril(np.ones((1, S))) allows only key 0. Use np.tril(..., k=n_k - n_q)."),
+                "np.tril(np.ones((1, S))) allows only key 0. Use np.tril(..., k=n_k - n_q) (section \"4. The causal "
+                "mask\")."),
         Mistake("your causal_mask excludes the diagonal (a token cannot see itself; off by one)",
                 lambda: run(causal_mask=lambda n_q, n_k: mask_variant(n_q, n_k, shift=-1)),
                 "Key j is allowed when j <= i (+ the cache offset), not j < i."),
@@ -428,7 +429,8 @@ def test_real_model_batch(course):
         got,
         expected["batch"]["new_tokens"],
         what=what,
-        inputs="transformers' model.generate(..., do_sample=False) on the same left-padded batch",
+        inputs="transformers' model.generate(..., do_sample=False) on the same left-padded batch; "
+        + model.your_code.report(),
         reread=reread("6. Padding masks"),
         mistakes=model_mask_mistakes(tokens_with),
     )

@@ -614,6 +614,6 @@ def test_generation_in_the_real_model(course):
                 got,
                 want,
                 what=what,
-                inputs=inputs,
+                inputs=f"{inputs}; {model.your_code.report()}",
                 reread=reread("Checkpoint: greedy tokens equal transformers'"),
             )
