@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from exercises.learner import PARTS, CacheShapeError, YourCode
+from exercises.learner import PARTS, CacheShapeError, LearnerFunctionError, YourCode
 from tinyqwen.config import CONFIG_DIR
 from tinyqwen.verify import tolerance
 
@@ -425,7 +425,10 @@ def learner_model(course: Course, upto: int, fixture: str = "dense-tied", **repl
     Extra keyword arguments replace backend kernels by name (a classic mistake's output is computed that way);
     such a model is not reported in the score table. `model.your_code.ran` says which functions ran.
     """
-    code = _GradedCode(course, upto)
+    try:
+        code = _GradedCode(course, upto)
+    except LearnerFunctionError as error:  # a function renamed or deleted from an exercises file
+        raise GradeError(str(error)) from None
     path = Path(fixture) if Path(fixture).is_absolute() else FIXTURES / fixture
     model = code.model(path, **replace)
     if not replace:

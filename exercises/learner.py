@@ -108,9 +108,8 @@ class YourCode:
 
     def __init__(self, course: Any, upto: int, fallback: bool = False, strict_errors: bool = False):
         self.course, self.upto, self.fallback = course, upto, fallback
-        self.strict_errors = (
-            strict_errors  # CLI: a crash in a learner function becomes one LearnerFunctionError
-        )
+        # strict (the CLI): a crash in a learner function becomes one LearnerFunctionError naming it
+        self.strict_errors = strict_errors
         self.functions: dict[str, Callable] = {}  # name -> the learner's function that will run
         self.chapter: dict[str, int] = {}
         self.stubs: list[str] = []  # still stubs, replaced by tinyqwen's (fallback only)
