@@ -396,7 +396,20 @@ def solutions_course() -> Course:
 
 
 class _GradedCode(YourCode):
-    """YourCode whose KV-cache shape errors are grading failures written for the learner."""
+    """YourCode whose crashes inside the model (and KV-cache shape errors) are failures written for the learner; a
+    stub's NotImplementedError passes through ("not written yet")."""
+
+    def __init__(self, course: Course, upto: int):
+        super().__init__(course, upto, strict_errors=True)
+
+    def _crash(self, error: Exception, outer: str) -> Exception:
+        if isinstance(error, (NotImplementedError, GradeError)):
+            return error
+        line = str(super()._crash(error, outer))
+        return GradeError(
+            f"{line}\n  inside the model: it is called with the model's own shapes and dtypes (see the docstring's "
+            "shapes, and backends/contract.py for what each place passes)"
+        )
 
     def cache_class(self):
         base = super().cache_class()

@@ -144,3 +144,16 @@ def inv_freq_llama2_theta(head_dim, theta):  # theta hard-coded to Llama 2's 100
 def test_hard_coded_theta_is_caught(solutions, assert_caught):
     buggy = solutions.with_overrides("ch04", rope_inv_freq=inv_freq_llama2_theta)
     assert_caught(grading.test_inv_freq, buggy, hint="theta argument was ignored")
+
+
+def rope_without_heads_axis(x, cos, sin):  # fine on [T, d], crashes on the model's [B, heads, T, d]
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+def test_a_crash_inside_the_model_names_the_function(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch04", apply_rope=rope_without_heads_axis)
+    message = assert_caught(
+        grading.test_real_model, buggy, hint="your apply_rope() (exercises, chapter 4) raised"
+    )
+    assert "inside the model" in message
