@@ -407,7 +407,7 @@ class _GradedCode(YourCode):
             return error
         line = str(super()._crash(error, outer))
         return GradeError(
-            f"{line}\n  inside the model: it is called with the model's own shapes and dtypes (see the docstring's "
+            f"{line}\n  inside the model (or beside it, in the chapter-9 pipeline): called with the model's own shapes and dtypes (see the docstring's "
             "shapes, and backends/contract.py for what each place passes)"
         )
 
