@@ -407,8 +407,8 @@ class _GradedCode(YourCode):
             return error
         line = str(super()._crash(error, outer))
         return GradeError(
-            f"{line}\n  inside the model (or beside it, in the chapter-9 pipeline): called with the model's own shapes and dtypes (see the docstring's "
-            "shapes, and backends/contract.py for what each place passes)"
+            f"{line}\n  it ran as part of the model, on the model's own shapes and dtypes (see its docstring's shapes, "
+            "and backends/contract.py for what each place in the model passes)"
         )
 
     def cache_class(self):

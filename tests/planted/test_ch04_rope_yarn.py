@@ -156,4 +156,4 @@ def test_a_crash_inside_the_model_names_the_function(solutions, assert_caught):
     message = assert_caught(
         grading.test_real_model, buggy, hint="your apply_rope() (exercises, chapter 4) raised"
     )
-    assert "inside the model" in message
+    assert "part of the model" in message
