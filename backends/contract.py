@@ -25,6 +25,12 @@ GPU backend), except where a line says "host".
                                        [None: `greedy` brings the logits over and takes NumPy's arg-max]
     device_sampler(params, prompts, vocab)   a sampler that chooses where the logits are, or None   [None]
 
+    host functions the model builds each forward's inputs with (the reference's by default; the graded exercises
+    put the learner's here, so that their mask and angles run inside the model)
+    causal_mask(n_q, n_k)              -> host [n_q, n_k] bool: the queries are the last n_q of n_k positions
+    rope_cos_sin(positions, inv_freq, attention_factor)
+                                       host [B, T], [d/2], float -> host [B, T, d] x2
+
 `options` (`LoadOptions`) says how the backend wants the checkpoint read and how it multiplies.
 
 This module is the bottom of the backends' layer: the model, generation and every backend import it; it imports
@@ -85,6 +91,20 @@ def _reference_embed(table, ids: np.ndarray):  # [V, H], [B, T] -> [B, T, H]: th
     return table[ids]
 
 
+def _reference_causal_mask(n_q: int, n_k: int) -> np.ndarray:  # -> [n_q, n_k] bool
+    from tinyqwen.attention import causal_mask
+
+    return causal_mask(n_q, n_k)
+
+
+def _reference_rope_cos_sin(
+    positions, inv_freq, attention_factor: float = 1.0
+):  # [B, T], [d/2] -> [B, T, d] x2
+    from tinyqwen.rope import rope_cos_sin
+
+    return rope_cos_sin(positions, inv_freq, attention_factor)
+
+
 def _reference_blockwise_attention(q, k, v, mask):
     from tinyqwen.attention import blockwise_attention
 
@@ -114,6 +134,9 @@ class Backend:
     # argmax(logits) [B, V] -> [B] ids, the backend's array: greedy decoding on the device, so that B ids cross to
     # the host instead of B rows of V logits (`greedy` falls back to NumPy's argmax on the host)
     argmax: Callable | None = None
+    # host functions for each forward's inputs: the causal mask and the rotary angles (see the docstring)
+    causal_mask: Callable = _reference_causal_mask
+    rope_cos_sin: Callable = _reference_rope_cos_sin
 
     def linear_many(self, x, ws: tuple) -> tuple:  # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]
         """`tuple(self.linear(x, w) for w in ws)`, through the backend's fused `linears` kernel when it has one."""

@@ -18,7 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `import exercises...` from any working directory
     sys.path.insert(0, str(REPO))
 
-from exercises.grading import CHAPTERS, Course, GradeError, notebook, solutions_mode  # noqa: E402
+from exercises.grading import (  # noqa: E402
+    CHAPTERS,
+    Course,
+    GradeError,
+    notebook,
+    ran_inside_the_model,
+    solutions_mode,
+)
 
 _CHAPTER_FILE = re.compile(r"(?:^|/)exercises/test_ch(\d\d)_\w+\.py$")
 
@@ -57,7 +64,12 @@ class _Grades:
     def __init__(self):
         self.order: list[str] = []
         self.titles: dict[str, str] = {}
-        self.outcome: dict[str, str] = {}
+        self.outcome: dict[str, str] = {}  # passed / failed / skipped; absent: not run (deselected with -k)
+
+    def add(self, item) -> None:
+        if _chapter_of(item.nodeid) is not None and item.nodeid not in self.titles:
+            self.order.append(item.nodeid)
+            self.titles[item.nodeid] = self.title(item)
 
     def title(self, item) -> str:
         doc = (getattr(item, "function", None).__doc__ or "").strip().splitlines()
@@ -69,9 +81,13 @@ _grades = _Grades()
 
 def pytest_collection_modifyitems(session, config, items):
     for item in items:
-        if _chapter_of(item.nodeid) is not None:
-            _grades.order.append(item.nodeid)
-            _grades.titles[item.nodeid] = _grades.title(item)
+        _grades.add(item)
+
+
+def pytest_deselected(items):
+    """Checkpoints left out by -k or -m still have their row: they show as not run, never as failed."""
+    for item in items:
+        _grades.add(item)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -114,16 +130,31 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         else "your exercises"
     )
     terminalreporter.section(f"score: {mode}", sep="=")
-    next_up = None
+    title_width = max(len(title) for title, _ in CHAPTERS.values())
+    next_up, not_run = None, 0
     for chapter in sorted(per_chapter):
         ids = per_chapter[chapter]
-        passed = sum(_grades.outcome.get(i) == "passed" for i in ids)
-        bar = "█" * passed + "░" * (len(ids) - passed)
-        write(f"Chapter {chapter} {CHAPTERS[chapter][0]:<26} {passed:>2}/{len(ids):<2} {bar}")
+        ran = [i for i in ids if _grades.outcome.get(i) in ("passed", "failed")]
+        passed = sum(_grades.outcome.get(i) == "passed" for i in ran)
+        bar = "".join(
+            "█" if _grades.outcome.get(i) == "passed" else "░" if i in ran else "·" for i in ids
+        )  # in collection order
+        skipped = len(ids) - len(ran)
+        not_run += skipped
+        note = f"  ({skipped} not run)" if skipped else ""
+        write(
+            f"Chapter {chapter:>2} {CHAPTERS[chapter][0]:<{title_width}} {passed:>2}/{len(ran):<2} {bar}{note}"
+        )
+        inside = ran_inside_the_model(chapter)
+        if inside:
+            write(f"{'':11}your functions inside the model: {', '.join(inside)}")
         if next_up is None:
-            next_up = next((i for i in ids if _grades.outcome.get(i) != "passed"), None)
+            next_up = next((i for i in ran if _grades.outcome.get(i) != "passed"), None)
     if next_up is None:
-        write("Every checkpoint passes." + (" Your own code runs Qwen3." if 9 in per_chapter else ""))
+        if not_run:
+            write(f"Every checkpoint that ran passes ({not_run} not run: · in the bars).")
+        else:
+            write("Every checkpoint passes." + (" Your own code runs Qwen3." if 9 in per_chapter else ""))
     else:
         chapter = _chapter_of(next_up)
         write(f"Next: chapter {chapter}, {_grades.titles[next_up]!r} — pytest {next_up}")

@@ -23,13 +23,10 @@ A failure names the checkpoint and the input, the expected and the received shap
 where it is, how many values are off, and — when your output equals what a known classic mistake produces — that
 mistake and how to fix it, plus the notebook section to re-read.
 
-Kernels taken from each chapter by `learner_model` (the names and signatures of `tinyqwen.backends.Backend`):
-
-    ch03  rms_norm(x, weight, eps)                  [..., d], [d] -> [..., d]
-    ch04  apply_rope(x, cos, sin)                   [B, H, T, d], [B, T, d], [B, T, d] -> [B, H, T, d]
-    ch05  attention(q, k, v, mask)                  [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] bool -> [B, Hq, T, d]
-    ch06  swiglu(x, w_gate, w_up, w_down)           [..., d] -> [..., d];   linear(x, w)  [..., i], [o, i] -> [..., o]
-    ch07  moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob) -> ([N, d], router logits [N, E])
+`learner_model(course, upto=N)` is the model of chapter N's model checkpoints: every function of chapters <= N
+that the model has a place for is the learner's (cumulative: chapter 9's model runs the loader of chapter 2, the
+kernels of 3-7, the cache of 8). exercises/learner.py (PARTS) lists them; the score table prints, under each
+chapter, which of them ran inside the model.
 """
 
 from __future__ import annotations
@@ -46,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from exercises.learner import PARTS, CacheShapeError, LearnerFunctionError, YourCode
 from tinyqwen.config import CONFIG_DIR
 from tinyqwen.verify import tolerance
 
@@ -79,20 +77,13 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     13: ("Training a tiny Qwen3-MoE", "13-training"),
 }
 
-# chapter -> the Backend kernels that chapter's exercises provide (see learner_model)
-KERNELS: dict[int, tuple[str, ...]] = {
-    3: ("rms_norm",),
-    4: ("apply_rope",),
-    5: ("attention",),
-    6: ("swiglu", "linear"),
-    7: ("moe_block",),
-}
-
 # "equal to transformers" for the whole model is the project's one definition, tinyqwen.verify.tolerance:
-# |ours - theirs| <= 1e-5 * max(1, max |theirs|) — 6.3e-5 for logits of size 6, 2.1e-4 for size 21. expect_logits
-# uses it. LOGITS_ATOL is the plain absolute bound the chapters use for other logit-sized values (router logits,
-# single-sequence logits): the same order, 1e-4. Both sides compute in float32; the differences come from summation
-# order in matrix products (~1e-6 relative per layer), while a real bug moves logits by 0.1 or more.
+# |ours - theirs| <= LOGITS_RTOL * max(1, max |theirs|) — 6.3e-5 for logits of size 6, 1.7e-4 for size 17.
+# expect_logits uses it, and its failure message prints both the bound and where it comes from. LOGITS_ATOL is the
+# plain absolute bound the chapters use for other logit-sized values (router logits, single-sequence logits): the
+# same order, 1e-4. Both sides compute in float32; the differences come from summation order in matrix products
+# (~1e-6 relative per layer), while a real bug moves logits by 0.1 or more.
+LOGITS_RTOL = 1e-5
 LOGITS_ATOL = 1e-4
 
 
@@ -404,34 +395,74 @@ def solutions_course() -> Course:
 # ------------------------------------------------------------------------------------------ the real model
 
 
-def learner_kernels(course: Course, upto: int) -> dict[str, Callable]:
-    """{kernel name: the learner's function} for every kernel of chapters 3..upto."""
-    kernels: dict[str, Callable] = {}
-    for chapter, names in KERNELS.items():
-        if chapter > upto:
-            continue
-        module = getattr(course, f"ch{chapter:02d}")
-        for name in names:
-            fn = getattr(module, name, None)
-            if fn is None:
-                raise GradeError(
-                    f"chapter {chapter}: exercises file has no function {name!r} (it was renamed?)"
-                )
-            kernels[name] = fn
-    return kernels
+class _GradedCode(YourCode):
+    """YourCode whose crashes inside the model (and KV-cache shape errors) are failures written for the learner; a
+    stub's NotImplementedError passes through ("not written yet")."""
+
+    def __init__(self, course: Course, upto: int):
+        super().__init__(course, upto, strict_errors=True)
+
+    def _crash(self, error: Exception, outer: str) -> Exception:
+        if isinstance(error, (NotImplementedError, GradeError)):
+            return error
+        line = str(super()._crash(error, outer))
+        return GradeError(
+            f"{line}\n  it ran as part of the model, on the model's own shapes and dtypes (see its docstring's shapes, "
+            "and backends/contract.py for what each place in the model passes)"
+        )
+
+    def cache_class(self):
+        base = super().cache_class()
+
+        class GradedCache(base):
+            def update(self, layer, k, v):
+                try:
+                    return super().update(layer, k, v)
+                except CacheShapeError as error:
+                    raise GradeError(
+                        f"your kv_cache_update inside the model\n  {error}\n  re-read: {notebook(8, 'The KV cache')}"
+                    ) from None
+
+        return GradedCache
+
+
+# chapter -> the learner's code of that chapter's model checkpoints: the score table prints what ran inside the model
+MODEL_RUNS: dict[int, list[YourCode]] = {}
 
 
 def learner_model(course: Course, upto: int, fixture: str = "dense-tied", **replace: Callable):
-    """A real fixture checkpoint (tests/fixtures/<fixture>) whose backend kernels are the learner's, chapters <= upto.
+    """A real checkpoint (tests/fixtures/<fixture>, or a folder) running every function of the learner's chapters
+    <= upto that the model has a place for (exercises/learner.py: PARTS) — weights read by their loader, their
+    kernels, mask, angles and KV cache. Everything else is tinyqwen's NumPy reference.
 
-    Extra keyword arguments replace further kernels by name. Everything else is tinyqwen's NumPy reference.
+    Extra keyword arguments replace backend kernels by name (a classic mistake's output is computed that way);
+    such a model is not reported in the score table. `model.your_code.ran` says which functions ran.
     """
-    from tinyqwen.model import load_model
-
-    model = load_model(FIXTURES / fixture)
-    kernels = learner_kernels(course, upto) | replace
-    model.backend = dataclasses.replace(model.backend, name=f"learner (chapters <= {upto})", **kernels)
+    try:
+        code = _GradedCode(course, upto)
+    except LearnerFunctionError as error:  # a function renamed or deleted from an exercises file
+        raise GradeError(str(error)) from None
+    path = Path(fixture) if Path(fixture).is_absolute() else FIXTURES / fixture
+    model = code.model(path, **replace)
+    if not replace:
+        MODEL_RUNS.setdefault(upto, []).append(code)
     return model
+
+
+def ran_inside_the_model(chapter: int) -> list[str]:
+    """The learner's functions that ran inside the model during the chapter's checkpoints, in chapter order."""
+    ran: dict[str, int] = {}
+    for code in MODEL_RUNS.get(chapter, []):
+        ran |= code.ran
+    return sorted(ran, key=lambda name: (ran[name], _PART_ORDER.get(name, 99)))
+
+
+_PART_ORDER = {name: i for parts in PARTS.values() for i, (name, _) in enumerate(parts)}
+
+
+def your(model, name: str) -> Callable:
+    """The learner's function `name` of a learner_model, recorded as running inside it (the generation loop)."""
+    return model.your_code.traced(name)
 
 
 class StoredArrays(Mapping[str, np.ndarray]):
@@ -492,10 +523,11 @@ def expect_logits(
     else:
         logits = model_or_logits
     want = ref["logits"]
-    bound = tolerance(want)
+    bound = tolerance(want, LOGITS_RTOL)
     try:
         expect_close(logits, want, what=what, atol=bound, mistakes=mistakes, reread=reread,
-                     inputs=f"fixture {fixture}, input_ids {list(ref['input_ids'].shape)}")  # fmt: skip
+                     inputs=f"fixture {fixture}, input_ids {list(ref['input_ids'].shape)}; logits equal when |Δ| <= "
+                            f"{LOGITS_RTOL:g} · max(1, max |logit| = {np.abs(want).max():.3g}) = {bound:.2g}")  # fmt: skip
     except GradeError as error:
         got = np.asarray(logits, dtype=np.float64)
         if got.shape == want.shape and np.isfinite(got).all():
@@ -505,6 +537,17 @@ def expect_logits(
                         "(pairing, angles), the causal mask, the attention softmax")  # fmt: skip
             else:
                 note = ("position 0 is already wrong: look at the per-token pieces — RMSNorm, the MLP, the "
-                        "embedding or the output head — or at which kv head each query head uses (GQA grouping)")  # fmt: skip
-            raise GradeError(f"{error}\n  {note}") from None
-        raise
+                        "embedding or the output head — at which kv head each query head uses (GQA grouping), or at "
+                        "a softmax over the wrong axis (each query's weights must sum to 1 over the keys, the last "
+                        "axis; over the queries even position 0 mixes in later tokens)")  # fmt: skip
+            raise GradeError(_with_ran_line(f"{error}\n  {note}", model_or_logits)) from None
+        raise GradeError(_with_ran_line(str(error), model_or_logits)) from None
+
+
+def _with_ran_line(message: str, model: Any) -> str:
+    """The message with, right under its first line, which of the learner's functions ran inside the model."""
+    code = getattr(model, "your_code", None)
+    if code is None:
+        return message
+    first, _, rest = message.partition("\n")
+    return f"{first}\n  {code.report()}" + (f"\n{rest}" if rest else "")

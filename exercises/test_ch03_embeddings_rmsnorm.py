@@ -11,7 +11,6 @@ we may divide by sqrt): a few float32 ulps, so atol = rtol = 1e-5. A lookup does
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -42,6 +41,14 @@ def _fixture_table(fixture: str) -> np.ndarray:
 
     with Checkpoint(FIXTURES / fixture) as checkpoint:
         return np.array(checkpoint.get("model.embed_tokens.weight"))
+
+
+def _gemma_scale(ids: np.ndarray, table: np.ndarray) -> Mistake:
+    return Mistake(
+        f"the vectors were multiplied by sqrt(hidden) = {table.shape[1] ** 0.5:.4g}, Gemma's embedding scale",
+        lambda: table[ids] * np.float32(table.shape[1] ** 0.5),
+        "Qwen3 (like Llama) uses the table's rows as they are: no scale.",
+    )
 
 
 # ------------------------------------------------------------------------------------------ RMSNorm's classic bugs
@@ -79,6 +86,11 @@ def _rms_mistakes(x: np.ndarray, w: np.ndarray, eps: float) -> list[Mistake]:
                 "Add eps under the square root; without it an all-zero vector gives 0/0 = NaN."),
         Mistake("computed in float16", in_half,
                 "Convert x to float32 first: float16 squares overflow above 256 (and lose precision)."),
+        Mistake("the weight was applied as (1 + weight), Gemma's convention", lambda: x32 / np.sqrt(ms + eps) * (1 + w),
+                "Qwen3 (like Llama) stores the scale itself: multiply by weight, not by 1 + weight."),
+        Mistake("the squares were summed, not averaged (sum instead of mean)",
+                lambda: x32 / np.sqrt(np.sum(x32 * x32, axis=-1, keepdims=True) + eps) * w,
+                "The root MEAN square: np.mean(x * x, axis=-1), i.e. the sum divided by d."),
     ]  # fmt: skip
     if x.ndim > 1:
         mistakes.append(
@@ -157,6 +169,7 @@ def test_embed_sequence(course):
                 lambda: table.T[ids % table.shape[1]].T,
                 "The table is [vocab, hidden]: token t is row t, table[t].",
             ),  # fmt: skip
+            _gemma_scale(ids, table),
         ],
         reread=reread("1. From ids to vectors: the embedding table"),
     )
@@ -184,6 +197,7 @@ def test_embed_real_table(course):
         ch.embed(ref["input_ids"], _fixture_table("dense-tied")),
         ref["hidden_states"][0],
         atol=0.0,
+        mistakes=[_gemma_scale(ref["input_ids"], _fixture_table("dense-tied"))],
         what="embed(input_ids, model.embed_tokens.weight) vs transformers' embed_tokens output",
         inputs="fixture dense-tied, input_ids [2, 12], table [512, 64]",
         reread=reread("2. A lookup is a one-hot matrix product"),
@@ -265,27 +279,12 @@ def test_rms_norm_float16_input(course):
            problem=f"expected a float32 result, got {got.dtype}: compute in float32 and return that")  # fmt: skip
 
 
-class _LearnerEmbedding:
-    """Stands in for the embedding matrix in the model's `x = w.embed[ids]`: the lookup runs the learner's embed."""
-
-    def __init__(self, table: np.ndarray, embed):
-        self.table, self.embed = table, embed
-        self.shape, self.dtype = table.shape, table.dtype
-
-    def __getitem__(self, ids):
-        return np.asarray(self.embed(ids, self.table), dtype=np.float32)
-
-
 def test_real_model(course):
     """Your embedding and RMSNorm in the real model"""
-    ch = course.ch03
     section = reread("10. Checkpoint: against transformers")
     for fixture in ("dense-tied", "dense-untied-bf16-sharded"):
-        model = learner_model(course, upto=3, fixture=fixture)  # every norm is your rms_norm
-        # the tied head keeps the real matrix (weights.lm_head is the same array); the lookup runs your embed
-        model.weights = dataclasses.replace(
-            model.weights, embed=_LearnerEmbedding(model.weights.embed, ch.embed)
-        )
+        # weights read by your chapter-2 loader; the lookup runs your embed, every norm is your rms_norm
+        model = learner_model(course, upto=3, fixture=fixture)
         expect_logits(
             model,
             fixture,

@@ -10,7 +10,8 @@ Tolerances, and why:
 - attention outputs (size ~1-3): atol 1e-5 — a few float32 roundings of values of that size in two matrix products,
   which may be summed in different orders on different CPUs.
 - masks and generated token ids: exact.
-- the whole model's logits: exercises.grading.LOGITS_ATOL (1e-4).
+- the whole model's logits: exercises.grading.expect_logits, |Δ| <= LOGITS_RTOL · max(1, max |logit|) with
+  LOGITS_RTOL = 1e-5 (the bound a failure prints: 1.7e-4 for the dense-tied fixture's logits of size 17).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def mask_variant(n_q: int, n_k: int, shift: int = 0, offset: bool = True) -> np.
 
 @quiet
 def attention_variant(
-    q, k, v, mask, *, scale=None, fill=MIN, softmax_axis=-1, grouping="repeat", naive=False
+    q, k, v, mask, *, scale=None, fill=MIN, softmax_axis=-1, grouping="repeat", naive=False, no_softmax=False
 ):
     """Plain loop-free attention with one knob turned to a classic mistake."""
     d = q.shape[-1]
@@ -92,6 +93,8 @@ def attention_variant(
         scores = scores * mask[:, None]
     elif fill is not None:
         scores = np.where(mask[:, None], scores, np.float32(fill))
+    if no_softmax:  # the scores themselves as weights (masked ones set to 0)
+        return (np.where(mask[:, None], scores, 0) @ v).astype(np.float32)
     probs = (softmax_naive if naive else softmax_ok)(scores, softmax_axis)
     return (probs @ v).astype(np.float32)
 
@@ -240,6 +243,10 @@ def attention_mistakes(q, k, v, mask) -> list[Mistake]:
         Mistake("masked scores set to 0 instead of a very negative number", attention_variant(q, k, v, mask, fill=0.0),
                 "A score of 0 still gets weight exp(0 - max) > 0: masked keys need the most negative float32 "
                 "(np.finfo(np.float32).min) so their weight is exactly 0."),
+        Mistake("the masked scores were used as weights without a softmax (scores, not probabilities)",
+                attention_variant(q, k, v, mask, no_softmax=True),
+                "Turn each query's scores into probabilities over the keys with softmax(scores, axis=-1) "
+                "before multiplying by v."),
         Mistake("the scores were multiplied by the mask (masked scores become 0)",
                 attention_variant(q, k, v, mask, fill="multiply"),
                 "Multiplying by a 0/1 mask leaves masked scores at 0, which still get weight: use "
@@ -326,13 +333,38 @@ def test_attention_padding(course):
                     reread("6. Padding masks"), [neg_inf])  # fmt: skip
 
 
+def tril_mask(n_q: int, n_k: int) -> np.ndarray:
+    """The classic cache bug: np.tril of an [n_q, n_k] block puts the queries at positions 0 .. n_q - 1."""
+    return np.tril(np.ones((n_q, n_k), dtype=bool))
+
+
+def model_mask_mistakes(run) -> list[Mistake]:
+    """The classic causal-mask bugs, each as the output `run(causal_mask=...)` of tinyqwen's model with that mask."""
+    return [
+        Mistake("your causal_mask ignores the cache offset (np.tril of [n_q, n_k] without k = n_k - n_q)",
+                lambda: run(causal_mask=tril_mask),
+                "With a KV cache the new token is the LAST query: causal_mask(1, S) must allow all S keys, but "
+                "np.tril(np.ones((1, S))) allows only key 0. Use np.tril(..., k=n_k - n_q) (section \"4. The causal "
+                "mask\")."),
+        Mistake("your causal_mask excludes the diagonal (a token cannot see itself; off by one)",
+                lambda: run(causal_mask=lambda n_q, n_k: mask_variant(n_q, n_k, shift=-1)),
+                "Key j is allowed when j <= i (+ the cache offset), not j < i."),
+        Mistake("your causal_mask lets each token see one future key (off by one)",
+                lambda: run(causal_mask=lambda n_q, n_k: mask_variant(n_q, n_k, shift=+1)),
+                "Query i must not see key i + 1."),
+    ]  # fmt: skip
+
+
 def test_real_model(course):
     """Your attention in the real model (logits)"""
     model = learner_model(course, upto=5, fixture="dense-tied")
 
-    def logits_with(**knobs):
-        """The fixture's logits with tinyqwen's kernels and one classic attention mistake (only run on failure)."""
-        wrong = learner_model(course, upto=2, fixture="dense-tied", attention=functools.partial(attention_variant, **knobs))  # fmt: skip
+    def logits_with(causal_mask=None, **knobs):
+        """The fixture's logits with tinyqwen's kernels and one classic mistake (only run on failure)."""
+        kernels = {"attention": functools.partial(attention_variant, **knobs)} if knobs else {}
+        if causal_mask is not None:
+            kernels["causal_mask"] = causal_mask
+        wrong = learner_model(course, upto=1, fixture="dense-tied", **kernels)
         return wrong(reference("dense-tied")["input_ids"])
 
     expect_logits(
@@ -352,6 +384,12 @@ def test_real_model(course):
                 lambda: logits_with(scale=1 / model.config.head_dim),
                 "Divide the scores by sqrt(head_dim).",
             ),
+            Mistake(
+                "the softmax was taken over the queries (axis -2), not over the keys",
+                lambda: logits_with(softmax_axis=-2),
+                "Each query's weights over the keys sum to 1: softmax over the last axis of the [.., T, S] scores.",
+            ),
+            *model_mask_mistakes(logits_with)[1:],
         ],  # fmt: skip
     )
 
@@ -364,7 +402,7 @@ NAN_SPREAD = (
 
 
 def test_real_model_batch(course):
-    """Your attention in batched greedy generation (left padding + KV cache)"""
+    """Your attention and mask in batched greedy generation (left padding + KV cache)"""
     from tinyqwen.errors import TinyQwenError
     from tinyqwen.generation import generate_batch
 
@@ -380,10 +418,19 @@ def test_real_model_batch(course):
         raise GradeError(
             f"{what}\n  generation stopped: {error}{cause}\n  re-read: {reread('6. Padding masks')}"
         ) from None
+
+    def tokens_with(**kernels):
+        """The batch's tokens with tinyqwen's kernels and one classic mask mistake (only run on failure)."""
+        wrong = learner_model(course, upto=1, fixture=fixture, **kernels)
+        with np.errstate(all="ignore"):
+            return generate_batch(wrong, expected["prompts"], expected["max_new_tokens"], eos_token_ids=())
+
     expect_equal(
         got,
         expected["batch"]["new_tokens"],
         what=what,
-        inputs="transformers' model.generate(..., do_sample=False) on the same left-padded batch",
+        inputs="transformers' model.generate(..., do_sample=False) on the same left-padded batch; "
+        + model.your_code.report(),
         reread=reread("6. Padding masks"),
+        mistakes=model_mask_mistakes(tokens_with),
     )

@@ -6,7 +6,7 @@ file (post-norm, a forgotten residual, …) only name a classic mistake when you
 
 Tolerances (float32 on both sides; only the summation order differs): 1e-6 absolute + 1e-6 relative for SiLU,
 1e-5 for linear / SwiGLU (values of size ~1-5), 1e-4 for a decoder layer (values up to ~10, through attention and
-four norms) and for logits (grading.LOGITS_ATOL). Every classic mistake below moves the output by 0.1 or more.
+four norms); whole-model logits: grading.expect_logits (|Δ| <= 1e-5 · max(1, max |logit|), grading.LOGITS_RTOL). Every classic mistake below moves the output by 0.1 or more.
 """
 
 from __future__ import annotations
@@ -60,6 +60,39 @@ def _layer(weights: dict[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
 def _decoder_inputs() -> tuple:
     w = {k: REF["decoder.w." + k].copy() for k in LAYER_KEYS}
     return REF["decoder.x"].copy(), w, REF["decoder.cos"], REF["decoder.sin"], REF["decoder.mask"]
+
+
+def layer_by_hand(x, w, cos, sin, mask, head_dim: int, eps: float, qk_norm: bool = True) -> np.ndarray:
+    """Qwen3's decoder layer written out in NumPy (pre-norm; QK-Norm per head; split-half RoPE; GQA), with the
+    QK-Norm optionally left out — a Llama or Qwen2 layer has none. Derived by hand, for the mistake below."""
+
+    def norm(v, weight):
+        return v / np.sqrt(np.mean(v * v, axis=-1, keepdims=True) + eps) * weight
+
+    def rope(v):  # [B, H, T, d]
+        half = v.shape[-1] // 2
+        turned = np.concatenate([-v[..., half:], v[..., :half]], axis=-1)
+        return v * cos[:, None] + turned * sin[:, None]
+
+    B, T, _ = x.shape
+    a = "self_attn."
+    h = norm(x, w["input_layernorm.weight"])
+    q, k, v = (
+        (h @ w[f"{a}{n}_proj.weight"].T).reshape(B, T, -1, head_dim) for n in ("q", "k", "v")
+    )  # [B, T, H, d]
+    if qk_norm:
+        q, k = norm(q, w[a + "q_norm.weight"]), norm(k, w[a + "k_norm.weight"])
+    q, k, v = rope(q.transpose(0, 2, 1, 3)), rope(k.transpose(0, 2, 1, 3)), v.transpose(0, 2, 1, 3)
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = np.where(mask[:, None], q @ k.swapaxes(-1, -2) / np.sqrt(head_dim), np.finfo(np.float32).min)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, -1) @ w[a + "o_proj.weight"].T
+    h = x + out
+    m = norm(h, w["post_attention_layernorm.weight"])
+    gate, up = m @ w["mlp.gate_proj.weight"].T, m @ w["mlp.up_proj.weight"].T
+    return (h + (gate / (1 + np.exp(-gate)) * up) @ w["mlp.down_proj.weight"].T).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ SwiGLU
@@ -172,6 +205,9 @@ def test_decoder_layer(course):
                     "Keep the residual stream un-normalised: h = x + attn(norm1(x)) — norm1(x) is a new array."),
             Mistake("the two norms are swapped", REF["decoder.swapped_norms"],
                     "input_layernorm goes before attention, post_attention_layernorm before the MLP."),
+            Mistake("QK-Norm is missing (a Llama or Qwen2 layer has none; Qwen3 adds it)",
+                    lambda: layer_by_hand(*_decoder_inputs(), 16, 1e-6, qk_norm=False),
+                    "Normalise every head's q and k with q_norm and k_norm (RMSNorm over head_dim) before RoPE."),
         ],
     )  # fmt: skip
 
@@ -308,5 +344,5 @@ def test_real_model(course):
     """Your code in the real model: chapters 3-6 run Qwen3"""
     for fixture in ("dense-tied", "dense-untied-bf16-sharded"):
         model = learner_model(course, upto=6, fixture=fixture)
-        expect_logits(model, fixture, what=f"the fixture {fixture} running your rms_norm, apply_rope, attention, "
-                      "swiglu and linear", reread=FINAL)  # fmt: skip
+        expect_logits(model, fixture, what=f"the fixture {fixture} running your code of chapters 2-6 (loader, "
+                      "embed, norms, RoPE, mask, attention, swiglu, linear)", reread=FINAL)  # fmt: skip

@@ -8,7 +8,8 @@ same file only name a classic mistake when your output equals one of them.
 Routing is graded as an [N, E] matrix (the weight of expert e for token n, 0 where not chosen), so the order of
 the k slots is free. Every graded token's k-th and (k+1)-th probabilities differ by at least 1e-3 (no ties).
 Tolerances: 1e-6 on routing weights (≤ 1), 1e-5 on block outputs and router logits (size ~1-5) and on the loss
-(size 1-8, plus 1e-6 relative), 1e-4 on whole-model logits and router logits (grading.LOGITS_ATOL).
+(size 1-8, plus 1e-6 relative), 1e-4 on router logits (grading.LOGITS_ATOL); whole-model logits: grading.expect_logits
+(|Δ| <= 1e-5 · max(1, max |logit|)).
 """
 
 from __future__ import annotations
@@ -88,6 +89,21 @@ def _grade_route(course, case: str, mistakes: list[Mistake]) -> None:
                  inputs=f"router logits [{N}, {E}] of {N} tokens, {E} experts")  # fmt: skip
 
 
+def _smallest(case: str) -> Mistake:
+    """The k SMALLEST probabilities chosen (an ascending sort, read from the wrong end), derived by hand."""
+    p = f"route.{case}."
+    logits, k, norm = REF[p + "logits"].astype(np.float64), int(REF[p + "top_k"]), bool(REF[p + "norm"])
+    probs = _softmax(logits)
+    low = np.argsort(probs, axis=-1, kind="stable")[:, :k]
+    weights = np.take_along_axis(probs, low, axis=-1)
+    if norm:
+        weights = weights / weights.sum(-1, keepdims=True)
+    dense = np.zeros_like(probs)
+    np.put_along_axis(dense, low, weights, axis=1)
+    return Mistake("the k experts with the SMALLEST probabilities were chosen (sorted ascending)", dense,
+                   "np.argsort sorts ascending: take the last k (or argsort(-probs)), the largest first.")  # fmt: skip
+
+
 def _raw(case: str) -> Mistake:
     return Mistake("the weights are raw router logits, not probabilities", REF[f"route.{case}.raw_logits"],
                    "Take the softmax over all E experts first, then pick the top k.")  # fmt: skip
@@ -102,7 +118,7 @@ def test_route(course):
         Mistake("the weights sum to 1 although norm_topk_prob is False: they were renormalised, or the softmax was "
                 "taken over the k chosen logits only (the same thing)", REF["route.k2.renormalised"],
                 "Without norm_topk_prob the weights are the plain probabilities of a softmax over ALL experts."),
-        _raw("k2"),
+        _raw("k2"), _smallest("k2"),
     ])  # fmt: skip
 
 
@@ -111,7 +127,7 @@ def test_route_renormalised(course):
     _grade_route(course, "k2_norm", [
         Mistake("the top-k weights were not renormalised", REF["route.k2_norm.not_renormalised"],
                 "With norm_topk_prob, divide each token's k weights by their sum."),
-        _raw("k2_norm"),
+        _raw("k2_norm"), _smallest("k2_norm"),
     ])  # fmt: skip
 
 
@@ -120,7 +136,7 @@ def test_route_other_k(course):
     _grade_route(course, "k1", [
         Mistake("the weight was renormalised although norm_topk_prob is False (top-1: every weight became 1)",
                 REF["route.k1.renormalised"], "Keep the plain probability when norm_topk_prob is False."),
-        _raw("k1"),
+        _raw("k1"), _smallest("k1"),
     ])  # fmt: skip
     _grade_route(course, "k3_norm", [
         Mistake("the top-k weights were not renormalised", REF["route.k3_norm.not_renormalised"]), _raw("k3_norm"),
@@ -201,6 +217,70 @@ def test_is_moe_layer(course):
 # ------------------------------------------------------------------------------------------ the loss
 
 
+def _loss_variant(
+    case: str, *, top1_f: bool = False, p_of_logits: bool = False, f_counts: bool = False
+) -> float:
+    """A classic wrong load-balancing loss, derived by hand: transformers' formula E · Σ_e f_e · P_e over the pooled
+    rows (f_e: the share of rows whose top-k include e; P_e: the mean probability of e) with one thing changed."""
+    p = f"lbl.{case}."
+    E, k = int(REF[p + "num_experts"]), int(REF[p + "top_k"])
+    logits = np.concatenate([np.asarray(r, np.float64).reshape(-1, E) for r in REF[p + "logits"]])
+    probs = _softmax(logits)
+    chosen = np.zeros_like(probs)
+    top = np.argsort(-probs, axis=-1, kind="stable")[:, : 1 if top1_f else k]
+    np.put_along_axis(chosen, top, 1.0, axis=1)
+    f = chosen.sum(0) if f_counts else chosen.mean(0)
+    P = logits.mean(0) if p_of_logits else probs.mean(0)
+    return float(E * np.sum(f * P))
+
+
+# every classic loss mistake: cause -> (its value on a case, hint)
+LOSS_MISTAKES: dict[str, tuple] = {
+    "f_e was normalised to sum to 1 (divided by top_k)": (
+        lambda case: REF[f"lbl.{case}.loss_over_k"],
+        "f_e is the share of rows whose top-k include e: it sums to top_k, and even routing scores top_k."),
+    "f_e counts only each token's first choice (Switch Transformer's top-1 form)": (
+        lambda case: _loss_variant(case, top1_f=True),
+        "Qwen3 (like Mixtral, GShard-style) counts every one of the top_k choices: f_e is the share of rows "
+        "whose top-k include e."),
+    "the factor num_experts is missing (or a mean over experts where the formula sums)": (
+        lambda case: REF[f"lbl.{case}.no_num_experts"], "The loss is E · Σ_e f_e · P_e: a sum over experts, times E."),
+    "P_e was averaged over the chosen (top-k) probabilities only": (
+        lambda case: REF[f"lbl.{case}.p_of_topk_only"],
+        "P_e is the mean of the full softmax probability of e over all rows, chosen or not."),
+    "P_e was averaged from the router LOGITS, not the probabilities": (
+        lambda case: _loss_variant(case, p_of_logits=True), "Take the softmax over all experts first: P_e is a "
+        "mean probability."),
+    "f_e was summed over the rows, not averaged (counts instead of shares)": (
+        lambda case: _loss_variant(case, f_counts=True), "f_e = (rows choosing e) / (all rows): a mean, not a sum."),
+    "each layer's loss was computed separately and averaged": (
+        lambda case: REF[f"lbl.{case}.per_layer_mean"],
+        "Pool all layers' rows first (as transformers does), then compute f and P once."),
+}  # fmt: skip
+
+
+def _same_loss(a, b) -> bool:
+    try:
+        return bool(np.isclose(float(a), float(b), atol=1e-4, rtol=1e-5))
+    except (TypeError, ValueError):
+        return False
+
+
+def _loss_mistakes(course, case: str, got, what: str) -> list[Mistake]:
+    """The classic mistakes to name for this output. When several give this very number (a balanced router makes
+    many of them equal), the learner's function also runs on a second, unbalanced router, and only the mistakes
+    that match there too are named."""
+    matching = [c for c, (value, _) in LOSS_MISTAKES.items() if _same_loss(got, value(case))]
+    if len(matching) > 1:
+        probe = "random" if case != "random" else "collapsed"
+        p = f"lbl.{probe}."
+        again = call(course.ch07.load_balancing_loss, [layer.copy() for layer in REF[p + "logits"]],
+                     int(REF[p + "num_experts"]), int(REF[p + "top_k"]), reread=LOSS, what=what)  # fmt: skip
+        told = [c for c in matching if _same_loss(again, LOSS_MISTAKES[c][0](probe))]
+        matching = told or matching
+    return [Mistake(c, LOSS_MISTAKES[c][0](case), LOSS_MISTAKES[c][1]) for c in matching]
+
+
 def _grade_loss(course, case: str) -> None:
     p = f"lbl.{case}."
     logits, E, k = REF[p + "logits"], int(REF[p + "num_experts"]), int(REF[p + "top_k"])
@@ -208,18 +288,11 @@ def _grade_loss(course, case: str) -> None:
     got = call(
         course.ch07.load_balancing_loss, [layer.copy() for layer in logits], E, k, reread=LOSS, what=what
     )
+    want = REF[p + "loss"]
+    mistakes = [] if _same_loss(got, want) else _loss_mistakes(course, case, got, what)
     expect_close(
-        got, REF[p + "loss"], what=what, atol=1e-5, rtol=1e-6, reread=LOSS,
+        got, want, what=what, atol=1e-5, rtol=1e-6, reread=LOSS, mistakes=mistakes,
         inputs=f"{len(logits)} layer(s) of router logits [{logits.shape[1]}, {E}], top_k={k}",
-        mistakes=[
-            Mistake(f"f_e was normalised to sum to 1 (divided by top_k = {k})", REF[p + "loss_over_k"],
-                    "f_e is the share of rows whose top-k include e: it sums to top_k, and even routing scores top_k."),
-            Mistake("the factor num_experts is missing", REF[p + "no_num_experts"], "The loss is E · Σ_e f_e · P_e."),
-            Mistake("P_e was averaged over the chosen (top-k) probabilities only", REF[p + "p_of_topk_only"],
-                    "P_e is the mean of the full softmax probability of e over all rows, chosen or not."),
-            Mistake("each layer's loss was computed separately and averaged", REF[p + "per_layer_mean"],
-                    "Pool all layers' rows first (as transformers does), then compute f and P once."),
-        ],
     )  # fmt: skip
 
 
@@ -256,7 +329,7 @@ def test_real_model(course):
     """Your code in the real model: both MoE fixtures"""
     for fixture in ("moe-norm-topk", "moe-sparse-step"):
         model = learner_model(course, upto=7, fixture=fixture)
-        what = f"the fixture {fixture} running your moe_block (and your kernels of chapters 3-6)"
+        what = f"the fixture {fixture} running your moe_block (and your code of chapters 2-6)"
         expect_logits(model, fixture, what=what, reread=FINAL)
         ref = reference(fixture)
         _, router = model(ref["input_ids"], return_router_logits=True)

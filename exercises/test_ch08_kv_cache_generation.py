@@ -34,7 +34,6 @@ from exercises.grading import (
 )
 from tinyqwen.config import CONFIG_DIR
 from tinyqwen.kv_cache import KVCache
-from tinyqwen.model import load_model
 
 REMOVED = -1e9  # a filtered logit is -inf; anything at or below this also counts as removed
 
@@ -109,6 +108,8 @@ class Watched:
         self.calls: list[Call] = []
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if hasattr(self.model, "your_code"):  # a learner_model: its cache already runs the learner's update
+            return self.model.new_cache(batch_size, max_len)
         return allocate(self.cache_class, self.config, batch_size, max_len)
 
     def forward(self, ids, *, cache=None, attention_mask=None, positions=None, last_only=False, **extra):
@@ -242,11 +243,12 @@ def stepwise_logits(model, ids: np.ndarray, cache: KVCache) -> np.ndarray:
 
 def test_cached_decoding_equals_full_forward(course):
     """Token by token through your cache equals transformers' full forward"""
-    ch = course.ch08
-    model = load_model(FIXTURES / "dense-tied")
+    model = learner_model(
+        course, upto=8, fixture="dense-tied"
+    )  # your code of chapters 2-8, your cache included
     ref = reference("dense-tied")
     ids = ref["single_input_ids"]
-    cache = allocate(learner_cache_class(ch.kv_cache_update), model.config, 1, len(ids))
+    cache = model.new_cache(1, len(ids))
     got = call(stepwise_logits, model, ids, cache, what="decoding token by token with your cache",
               reread=reread("Checking the cache against transformers"))  # fmt: skip
     # (a cache that returns only the new keys is caught inside the model, by the shape it returns)
@@ -423,7 +425,7 @@ def test_repetition_penalty(course):
                  ])  # fmt: skip
 
 
-def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True):
+def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True, probabilities=True):
     """A hand-written pipeline for the known-wrong variants only (the expected values are transformers')."""
     z = np.asarray(z, dtype=np.float64).copy()
     if penalty:
@@ -437,7 +439,7 @@ def _pipeline(z, seen, t, k, p, m, r, temperature_first=True, penalty=True):
     z = _mask_of(z, probs >= m * probs.max())
     if not temperature_first:
         z = z / t
-    return softmax(z)
+    return softmax(z) if probabilities else z
 
 
 def test_sampling_distribution(course):
@@ -465,6 +467,9 @@ def test_sampling_distribution(course):
                      Mistake("the filters ran before the temperature", variant(temperature_first=False),
                              "Order: penalty -> temperature -> top-k -> top-p -> min-p -> softmax."),
                      Mistake("the repetition penalty is missing", variant(penalty=False)),
+                     Mistake("the filtered LOGITS were returned, not probabilities (the final softmax is missing)",
+                             variant(probabilities=False), "End with softmax over the filtered logits: a sampler "
+                             "draws from probabilities that sum to 1."),
                  ])  # fmt: skip
 
 
@@ -536,7 +541,10 @@ def test_positions_from_mask(course):
 
 def generate_watched(course, model, prompts, max_new_tokens, eos_id, what, section):
     watched = Watched(model, course.ch08.kv_cache_update)
-    got = call(course.ch08.greedy_generate, watched, [list(p) for p in prompts], max_new_tokens,
+    loop = (
+        grading.your(model, "greedy_generate") if hasattr(model, "your_code") else course.ch08.greedy_generate
+    )
+    got = call(loop, watched, [list(p) for p in prompts], max_new_tokens,
                kwargs={"pad_id": 0, "eos_id": eos_id}, what=what, reread=section)  # fmt: skip
     return watched, got
 
@@ -548,7 +556,7 @@ def until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
 
 def test_greedy_generate_one_prompt(course):
     """Greedy generation with a cache, one prompt at a time"""
-    model = load_model(FIXTURES / "dense-tied")
+    model = learner_model(course, upto=8, fixture="dense-tied")
     gen = generations("dense-tied")
     for prompt, want in zip(gen["prompts"], gen["single"], strict=True):
         what = "greedy_generate on one prompt vs transformers' generate"
@@ -569,7 +577,7 @@ def test_greedy_generate_one_prompt(course):
 
 def test_greedy_generate_batch(course):
     """A left-padded batch gives each row its own tokens"""
-    model = load_model(FIXTURES / "dense-tied")
+    model = learner_model(course, upto=8, fixture="dense-tied")
     gen = generations("dense-tied")
     want = gen["batch"]["new_tokens"]
     eos = want[0][3]
@@ -590,15 +598,13 @@ def test_greedy_generate_batch(course):
 def test_generation_in_the_real_model(course):
     """Your generation loop in the real model"""
     for fixture in ("dense-tied", "dense-yarn", "moe-norm-topk"):
-        model = learner_model(course, upto=7, fixture=fixture)
+        model = learner_model(course, upto=8, fixture=fixture)
         gen = generations(fixture)
         n = gen["max_new_tokens"]
         cases = [([gen["prompts"][0]], [gen["single"][0]], "one prompt"),
                  (gen["prompts"], gen["batch"]["new_tokens"], "a left-padded batch")]  # fmt: skip
         for prompts, want, label in cases:
-            what = (
-                f"your kernels (chapters 3-7) + your cache + your loop on {label}, vs transformers' generate"
-            )
+            what = f"your code of chapters 2-7 + your cache + your loop on {label}, vs transformers' generate"
             inputs = f"fixture {fixture}, prompt lengths {[len(p) for p in prompts]}, {n} new tokens"
             watched, got = generate_watched(
                 course, model, prompts, n, None, what, reread("Batching with left padding")
@@ -608,6 +614,6 @@ def test_generation_in_the_real_model(course):
                 got,
                 want,
                 what=what,
-                inputs=inputs,
+                inputs=f"{inputs}; {model.your_code.report()}",
                 reread=reread("Checkpoint: greedy tokens equal transformers'"),
             )

@@ -24,6 +24,7 @@ from exercises.grading import (
     learner_model,
     notebook,
     reference_file,
+    your,
 )
 from exercises.test_ch08_kv_cache_generation import Watched, check_loop
 
@@ -217,7 +218,9 @@ def test_your_qwen3_end_to_end(course):
     section = reread("Your Qwen3 end to end")
     where = f"{len(e['messages'])} messages, add_generation_prompt=True, enable_thinking=False"
 
-    text = call(course.ch09.render_chat, json.loads(json.dumps(e["messages"])), True, False, what="render_chat",
+    # your code of every chapter, the template and tokenizer included, recorded as it runs (the score table says)
+    model = learner_model(course, upto=9, fixture=str(tiny_chat_dir(e["seed"])))
+    text = call(your(model, "render_chat"), json.loads(json.dumps(e["messages"])), True, False, what="render_chat",
                reread=section)  # fmt: skip
     case = {
         "text": e["prompt_text"],
@@ -228,15 +231,14 @@ def test_your_qwen3_end_to_end(course):
     expect_equal(text, e["prompt_text"], what="1/5 your chat template (chapter 9) on the conversation",
                  inputs=where, reread=reread("The template as code"), mistakes=render_mistakes(case, text))  # fmt: skip
 
-    ids = call(course.ch01.encode, text, vocab, ranks, added, what="chapter 1's encode", reread=section)
+    ids = call(your(model, "encode"), text, vocab, ranks, added, what="chapter 1's encode", reread=section)
     expect_equal(ids, e["prompt_ids"], what="2/5 your tokenizer (chapter 1) on the prompt vs the official tokenizer",
                  inputs=repr(text), reread=notebook(1))  # fmt: skip
 
-    model = learner_model(course, upto=7, fixture=str(tiny_chat_dir(e["seed"])))
     watched = Watched(model, course.ch08.kv_cache_update)
     n = e["max_new_tokens"]
-    what = "3/5 your kernels (chapters 3-7), cache and greedy loop (chapter 8) vs transformers' generate"
-    new = call(course.ch08.greedy_generate, watched, [list(ids)], n, kwargs={"pad_id": 151643, "eos_id": e["eos_id"]},
+    what = "3/5 your loader and kernels (chapters 2-7), cache and greedy loop (chapter 8) vs transformers' generate"
+    new = call(your(model, "greedy_generate"), watched, [list(ids)], n, kwargs={"pad_id": 151643, "eos_id": e["eos_id"]},
                what=what,
               reread=section)  # fmt: skip
     inputs = f"a tiny Qwen3 with the real 151,936-token vocabulary, {len(ids)} prompt tokens, {n} new tokens"
@@ -245,11 +247,13 @@ def test_your_qwen3_end_to_end(course):
            problem=f"greedy_generate must return one list of ids per prompt, got {new!r}")  # fmt: skip
     expect_equal(list(map(int, new[0])), e["new_ids"], what=what, inputs=inputs, reread=notebook(8))
 
-    parts = call(course.ch09.split_thinking, list(e["new_ids"]), what="split_thinking", reread=section)
+    parts = call(your(model, "split_thinking"), list(e["new_ids"]), what="split_thinking", reread=section)
     expect_equal([list(map(int, p)) for p in parts], [[], e["new_ids"]],
                  what="4/5 split_thinking on the reply (thinking was off: no </think>, all content)",
                  inputs=str(e["new_ids"]), reread=reread("Parsing the thinking out"))  # fmt: skip
 
-    reply = call(course.ch01.decode, list(parts[1]), id_to_token, what="chapter 1's decode", reread=section)
+    reply = call(
+        your(model, "decode"), list(parts[1]), id_to_token, what="chapter 1's decode", reread=section
+    )
     expect_equal(reply, e["text"], what="5/5 your decode (chapter 1) of the reply vs the official tokenizer",
                  inputs=str(e["new_ids"]), reread=notebook(1))  # fmt: skip

@@ -18,11 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted(int(p.name[7:9]) for p in (REPO / "exercises").glob("test_ch[0-9][0-9]_*.py"))
-ROW = re.compile(r"^Chapter (\d+) .*?(\d+)/(\d+)", re.M)
+ROW = re.compile(r"^Chapter +(\d+) .*?(\d+)/(\d+)", re.M)
 
 
 def grade(*flags: str, root: Path = REPO) -> tuple[int, str, dict[int, tuple[int, int]]]:
@@ -125,3 +126,45 @@ def test_the_stubs_run_ignores_the_learners_work(tmp_path):
     assert (root / "exercises" / "ch03_embeddings_rmsnorm.py").resolve().parent == (
         root / "exercises"
     ).resolve()
+
+
+@pytest.mark.slow
+def test_deselected_checkpoints_are_not_run_not_failed():
+    """With -k, the checkpoints left out are shown as not run: the table never says "0/10" while softmax passes,
+    and its columns line up for chapters 1-13 alike."""
+    code, out, table = grade("--solutions", "-k", "softmax")
+    assert code == 0, out[-3000:]
+    assert table[5][0] == table[5][1] >= 2, table  # the softmax checkpoints ran and passed
+    assert all(p == t for p, t in table.values()), table  # nothing counts as failed
+    assert "(8 not run)" in out and "Next:" not in out, out[-3000:]
+    rows = [line for line in out.splitlines() if ROW.match(line)]
+    assert len({line.index("/") for line in rows}) == 1, "\n".join(rows)  # one column for every chapter
+
+
+# chapter -> the functions its model checkpoints must run (the solutions, which write every function)
+IN_THE_MODEL = {
+    3: {"load_checkpoint", "embed", "rms_norm"},
+    4: {"rope_inv_freq", "rope_cos_sin", "apply_rope"},
+    5: {"causal_mask", "attention"},
+    6: {"linear", "swiglu"},
+    7: {"moe_block"},
+    8: {"kv_cache_update"},
+}
+
+
+@pytest.mark.parametrize("upto", [3, 4, 5, 6, 7, 8])
+def test_the_model_runs_every_function_written_so_far(upto):
+    """Cumulative: chapter N's model runs the learner's functions of every chapter <= N, and none of later ones."""
+    from exercises.grading import learner_model, solutions_course
+
+    fixture = "moe-sparse-step" if upto >= 7 else "dense-tied"  # MoE and dense layers
+    model = learner_model(solutions_course(), upto=upto, fixture=fixture)
+    cache = model.new_cache(1, 8)
+    model.forward(np.array([[3, 1, 4, 1]]), cache=cache)
+    model.forward(np.array([[5]]), cache=cache)
+    ran = set(model.your_code.ran)
+    want = set().union(*(names for chapter, names in IN_THE_MODEL.items() if chapter <= upto))
+    later = set().union(*(names for chapter, names in IN_THE_MODEL.items() if chapter > upto))
+    assert want <= ran, want - ran
+    assert not ran & later, ran & later
+    assert model.your_code.report().startswith("your functions that ran: load_checkpoint, embed, rms_norm")

@@ -44,7 +44,7 @@ from tinyqwen.config import (
 )
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
-from tinyqwen.rope import rope_cos_sin, rope_parameters
+from tinyqwen.rope import rope_parameters
 
 # --------------------------------------------------------------------------------------------- weights
 
@@ -270,7 +270,7 @@ class Qwen3:
         c, w, k = self.config, self.weights, self.backend
         ids, mask, positions = self._inputs(ids, cache, attention_mask, positions)
         B, T = ids.shape
-        cos, sin = rope_cos_sin(positions, self.inv_freq, self.attention_factor)  # [B, T, d] x2
+        cos, sin = k.rope_cos_sin(positions, self.inv_freq, self.attention_factor)  # [B, T, d] x2
 
         x = k.embed(w.embed, ids)  # [B, T, H]
         hidden = [x] if return_hidden_states else []
@@ -355,7 +355,8 @@ class Qwen3:
                     f"KV cache is full: {past} + {T} positions needed, {cache.max_len} allocated"
                 )
         key_mask = self._key_mask(attention_mask, B, past + T)
-        return ids, attention_mask_for(key_mask, past, T), self._positions(positions, key_mask, past, T)
+        mask = attention_mask_for(key_mask, past, T, self.backend.causal_mask)
+        return ids, mask, self._positions(positions, key_mask, past, T)
 
     @staticmethod
     def _key_mask(
@@ -390,8 +391,11 @@ class Qwen3:
         return positions
 
 
-def attention_mask_for(key_mask: np.ndarray, past: int, T: int):  # [B, past + T] bool -> what attention takes
+def attention_mask_for(key_mask: np.ndarray, past: int, T: int, causal=causal_mask):
+    # [B, past + T] bool -> what attention takes
     """Which keys each new position may see: causal (nothing after itself) and real (not padding).
+
+    `causal(n_q, n_k)` makes the causal part (the backend's `causal_mask`: the reference's, or a learner's).
 
     [B, T, past + T] bool; for long inputs (T · (past + T) scores or more, see BLOCKWISE_MIN_SCORES) a CausalMask
     instead, which blockwise attention expands one tile at a time (never [T, past + T] at once).
@@ -402,7 +406,7 @@ def attention_mask_for(key_mask: np.ndarray, past: int, T: int):  # [B, past + T
     total = past + T
     if T * total >= BLOCKWISE_MIN_SCORES:  # long: attention tile by tile, the mask too (never [T, total])
         return CausalMask(key_mask, past)
-    return causal_mask(T, total)[None] & key_mask[:, None, :]  # [B, T, total]
+    return np.asarray(causal(T, total), dtype=bool)[None] & key_mask[:, None, :]  # [B, T, total]
 
 
 def as_id_array(ids) -> np.ndarray:

@@ -92,3 +92,39 @@ def test_qk_norm_over_all_heads(solutions, assert_caught):
 def test_negative_ids_wrap(solutions, assert_caught):
     assert_caught(grading.test_embed_refuses_bad_ids, solutions.with_overrides("ch03", embed=no_range_check),
                   hint="table[-1]")  # fmt: skip
+
+
+def gemma_weight(x, weight, eps):  # Gemma's RMSNorm multiplies by (1 + weight)
+    x = x.astype(np.float32)
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1 + weight)
+
+
+def sum_not_mean(x, weight, eps):
+    x = x.astype(np.float32)
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + eps) * weight
+
+
+def gemma_embedding_scale(ids, table):  # Gemma scales the embeddings by sqrt(hidden)
+    ids = np.asarray(ids)
+    if ids.min() < 0 or ids.max() >= table.shape[0]:
+        raise IndexError("id out of range")
+    return table[ids] * np.float32(table.shape[1] ** 0.5)
+
+
+def test_gemma_weight(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch03", rms_norm=gemma_weight)
+    assert_caught(grading.test_rms_norm_vector, buggy, hint="(1 + weight), Gemma's convention")
+    assert_caught(grading.test_real_model, buggy, hint="RMSNorm")
+
+
+def test_sum_not_mean(solutions, assert_caught):
+    assert_caught(grading.test_rms_norm_batch, solutions.with_overrides("ch03", rms_norm=sum_not_mean),
+                  hint="summed, not averaged")  # fmt: skip
+
+
+def test_gemma_embedding_scale(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch03", embed=gemma_embedding_scale)
+    assert_caught(grading.test_embed_sequence, buggy, hint="Gemma's embedding scale")
+    assert_caught(grading.test_embed_real_table, buggy, hint="Gemma's embedding scale")
+    # the learner's embed now runs inside the model: the whole model's logits are wrong too
+    assert_caught(grading.test_real_model, buggy, hint="position 0 is already wrong")

@@ -135,3 +135,25 @@ def test_stub_docstring_examples_hold_for_the_solutions(name):
     for test in tests:
         runner.run(test)
     assert runner.failures == 0
+
+
+def inv_freq_llama2_theta(head_dim, theta):  # theta hard-coded to Llama 2's 10000
+    return (1.0 / 10000.0 ** (np.arange(0, head_dim, 2) / head_dim)).astype(np.float32)
+
+
+def test_hard_coded_theta_is_caught(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch04", rope_inv_freq=inv_freq_llama2_theta)
+    assert_caught(grading.test_inv_freq, buggy, hint="theta argument was ignored")
+
+
+def rope_without_heads_axis(x, cos, sin):  # fine on [T, d], crashes on the model's [B, heads, T, d]
+    half = x.shape[-1] // 2
+    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+
+
+def test_a_crash_inside_the_model_names_the_function(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch04", apply_rope=rope_without_heads_axis)
+    message = assert_caught(
+        grading.test_real_model, buggy, hint="your apply_rope() (exercises, chapter 4) raised"
+    )
+    assert "part of the model" in message

@@ -107,6 +107,17 @@ def test_mask_without_cache_offset_is_caught(solutions, assert_caught):
     buggy = solutions.with_overrides("ch05", causal_mask=mask_from_top_left)
     grading.test_causal_mask(buggy)  # square masks do not show it
     assert_caught(grading.test_causal_mask_cache, buggy, hint="cache offset is missing")
+    # the learner's mask runs inside the model: without a cache (prefill only) the logits are right...
+    grading.test_real_model(buggy)
+    # ...but batched generation decodes through the cache, where np.tril without the offset shows
+    assert_caught(grading.test_real_model_batch, buggy, hint="ignores the cache offset (np.tril")
+
+
+def test_mask_off_by_one_is_caught_in_the_model(solutions, assert_caught):
+    assert_caught(grading.test_real_model, solutions.with_overrides("ch05", causal_mask=mask_without_diagonal),
+                  hint="excludes the diagonal")  # fmt: skip
+    assert_caught(grading.test_real_model, solutions.with_overrides("ch05", causal_mask=mask_with_next_token),
+                  hint="one future key")  # fmt: skip
 
 
 def test_tiled_gqa_is_caught(solutions, assert_caught):
@@ -137,6 +148,9 @@ def test_masking_with_minus_inf_is_caught(solutions, assert_caught):
 def test_softmax_over_queries_is_caught(solutions, assert_caught):
     buggy = solutions.with_overrides("ch05", attention=attention_softmax_over_queries)
     assert_caught(grading.test_attention_one_head, buggy, hint="softmax over the queries")
+    # in the whole model even position 0 is wrong, and the hint says why
+    message = assert_caught(grading.test_real_model, buggy, hint="softmax was taken over the queries")
+    assert "position 0 is already wrong" in message and "wrong axis" in message
 
 
 @pytest.mark.parametrize("name", ["softmax", "causal_mask", "attention"])
@@ -152,3 +166,17 @@ def test_stub_docstring_examples_hold_for_the_solutions(name):
     for test in tests:
         runner.run(test)
     assert runner.failures == 0
+
+
+def attention_without_softmax(q, k, v, mask):
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * q.shape[-1] ** -0.5
+    return (np.where(mask[:, None], scores, 0) @ v).astype(np.float32)
+
+
+def test_scores_used_as_weights_is_caught(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch05", attention=attention_without_softmax)
+    assert_caught(
+        grading.test_attention_one_head, buggy, hint="without a softmax (scores, not probabilities)"
+    )

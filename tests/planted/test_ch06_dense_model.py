@@ -178,3 +178,27 @@ def test_stub_examples_hold(name):
     runner = doctest.DocTestRunner()
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def decoder_without_qk_norm(x, w, cos, sin, mask, head_dim, eps):  # a Llama / Qwen2 layer
+    B, T, _ = x.shape
+    h = rms_norm(x, w["input_layernorm.weight"], eps)
+    q, k, v = (
+        mlp.linear(h, w[f"self_attn.{n}_proj.weight"]).reshape(B, T, -1, head_dim).transpose(0, 2, 1, 3)
+        for n in "qkv"
+    )
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = attention(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, -1)
+    h = x + mlp.linear(out, w["self_attn.o_proj.weight"])
+    return h + _mlp(rms_norm(h, w["post_attention_layernorm.weight"], eps), w)
+
+
+def test_the_hand_written_layer_is_right():
+    """The layer the QK-Norm mistake is derived from equals transformers' when nothing is left out."""
+    got = grading.layer_by_hand(*grading._decoder_inputs(), 16, 1e-6)
+    np.testing.assert_allclose(got, grading.REF["decoder.out"], atol=1e-4)
+
+
+def test_missing_qk_norm(solutions, assert_caught):
+    buggy = solutions.with_overrides("ch06", decoder_layer=decoder_without_qk_norm)
+    assert_caught(grading.test_decoder_layer, buggy, hint="QK-Norm is missing")

@@ -160,3 +160,53 @@ def test_stub_examples_hold(name):
     runner = doctest.DocTestRunner()
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
+
+
+def route_smallest(router_logits, top_k, norm_topk_prob):  # argsort ascending, read from the wrong end
+    probs = softmax(np.asarray(router_logits, np.float32))
+    experts = np.argsort(probs, axis=-1, kind="stable")[:, :top_k]
+    weights = np.take_along_axis(probs, experts, axis=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights.astype(np.float32), experts
+
+
+def test_route_sorted_the_wrong_way(solutions, assert_caught):
+    course = solutions.with_overrides("ch07", route=route_smallest)
+    assert_caught(grading.test_route, course, hint="SMALLEST probabilities")
+    assert_caught(grading.test_route_renormalised, course, hint="SMALLEST probabilities")
+
+
+def _loss_variant(top1_f=False, p_of_logits=False, f_counts=False):
+    def load_balancing_loss(router_logits, num_experts, top_k):
+        logits = np.concatenate([np.asarray(r, np.float32).reshape(-1, num_experts) for r in router_logits])
+        probs = softmax(logits)
+        _, experts = solution.route(logits, 1 if top1_f else top_k, False)
+        chosen = np.zeros_like(probs)
+        np.put_along_axis(chosen, experts, 1.0, axis=1)
+        f = chosen.sum(0) if f_counts else chosen.mean(0)
+        P = logits.mean(0) if p_of_logits else probs.mean(0)
+        return float(num_experts * np.sum(f * P))
+
+    return load_balancing_loss
+
+
+@pytest.mark.parametrize(
+    ("loss", "hint", "not_named"),
+    [
+        # on the balanced router both give 1.0 (top_k = 2 shares halved, or top-1 shares): the grader runs the
+        # learner's loss on an unbalanced router too before naming one
+        (_loss(f_scale=0.5), "divided by top_k", "Switch"),
+        (_loss_variant(top1_f=True), "Switch Transformer's top-1 form", "divided by top_k"),
+        (_loss_variant(p_of_logits=True), "router LOGITS, not the probabilities", None),
+        (_loss_variant(f_counts=True), "counts instead of shares", None),
+    ],
+)
+def test_loss_mistakes_told_apart(solutions, assert_caught, loss, hint, not_named):
+    message = assert_caught(
+        grading.test_load_balancing_loss,
+        solutions.with_overrides("ch07", load_balancing_loss=loss),
+        hint=hint,
+    )
+    if not_named:
+        assert not_named not in message, message

@@ -41,6 +41,12 @@ def temperature_after_softmax(logits, seen_ids, temperature, top_k, top_p, min_p
     return probs / probs.sum()
 
 
+def pipeline_returns_logits(logits, seen_ids, temperature, top_k, top_p, min_p, penalty):
+    z = good.apply_temperature(good.repetition_penalty(logits, seen_ids, penalty), temperature)
+    z = good.top_k_filter(z, top_k) if top_k else z
+    return good.min_p_filter(good.top_p_filter(z, top_p), min_p)  # the softmax forgotten
+
+
 def update_returns_only_new(cache_k, cache_v, k, v, length):
     cache_k[:, :, length : length + k.shape[2]] = k
     cache_v[:, :, length : length + v.shape[2]] = v
@@ -114,6 +120,7 @@ PLANTS = [
     ("min_p_filter", min_p_absolute, grading.test_min_p, "not scaled"),
     ("repetition_penalty", penalty_divides_all, grading.test_repetition_penalty, "multiply negative"),
     ("sampling_distribution", temperature_after_softmax, grading.test_sampling_distribution, "after the softmax"),
+    ("sampling_distribution", pipeline_returns_logits, grading.test_sampling_distribution, "not probabilities"),
     ("kv_cache_update", update_returns_only_new, grading.test_kv_cache_update, "only the new keys"),
     ("kv_cache_update", update_returns_only_new, grading.test_cached_decoding_equals_full_forward, "never read"),
     ("kv_cache_bytes", bytes_with_query_heads, grading.test_kv_cache_bytes, "query heads"),

@@ -13,6 +13,7 @@ from tinyqwen.chat_context import fit_to_context, reply_room
 from tinyqwen.cli.display import ReplyPrinter, Style, answer_text, one_line, undecodable
 from tinyqwen.cli.flags import generation_kwargs, require_positive, sampling_params
 from tinyqwen.cli.loading import eos_ids, load
+from tinyqwen.cli.your_code import load_yours, report, stream
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.thinking import thinking_mode
 
@@ -36,7 +37,6 @@ def cmd_chat(args) -> int:
     them. A single message too long for the context even with no history is refused.
     """
     from tinyqwen.chat_template import apply_chat_template
-    from tinyqwen.generation import stream_generate
 
     try:
         import readline  # noqa: F401  (line editing and history for input(), where available)
@@ -44,7 +44,8 @@ def cmd_chat(args) -> int:
         pass
     if args.system is not None and undecodable(args.system):
         raise TinyQwenError(f"--system: {undecodable(args.system)}")
-    model, tokenizer = load(args)
+    # --kernels exercises: the learner's own functions inside the model (tinyqwen/cli/your_code.py)
+    model, tokenizer = load(args) if getattr(args, "kernels", "tinyqwen") == "tinyqwen" else load_yours(args)
     style = Style.for_stream(sys.stdout, args.no_color)
     eos = eos_ids(model)
     context = model.config.max_position_embeddings
@@ -68,6 +69,7 @@ def cmd_chat(args) -> int:
             text = input(">>> ")
         except EOFError:  # Ctrl-D
             print()
+            report(model)  # --kernels: which of the learner's functions ran
             return 0
         except KeyboardInterrupt:  # Ctrl-C drops the half-typed line, as a shell does; the chat goes on
             print(style.dim("^C (Ctrl-D or /exit quits)"))
@@ -76,6 +78,7 @@ def cmd_chat(args) -> int:
         if not command:
             continue
         if command in CHAT_QUIT:
+            report(model)
             return 0
         if command in CHAT_CLEAR:
             messages = list(fresh)
@@ -113,7 +116,7 @@ def cmd_chat(args) -> int:
         try:
             kwargs = generation_kwargs(args, params)
             budget = min(args.max_new_tokens, context - len(ids))  # --context caps the reply too
-            for token in stream_generate(model, ids, budget, eos_token_ids=eos, **kwargs):
+            for token in stream(model, ids, budget, eos, **kwargs):  # tinyqwen's loop, or --kernels' own
                 reply.append(token)
                 printer.push(token)
         except KeyboardInterrupt:

@@ -9,6 +9,7 @@ from pathlib import Path
 from tinyqwen.cli.display import ReplyPrinter, Style, answer_text
 from tinyqwen.cli.flags import generation_kwargs, require_positive, sampling_params
 from tinyqwen.cli.loading import eos_ids, load
+from tinyqwen.cli.your_code import load_yours, report, stream
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.thinking import thinking_mode
 
@@ -46,11 +47,12 @@ finishes, so a long file shows progress and a failure late in it loses nothing a
 
 
 def cmd_generate(args) -> int:
-    from tinyqwen.generation import generate_batch, stream_generate
+    from tinyqwen.generation import generate_batch
 
     batch_size = require_positive("--batch-size", args.batch_size)
     prompts = read_prompts(args)
-    model, tokenizer = load(args)
+    # --kernels exercises: the learner's own functions inside the model (tinyqwen/cli/your_code.py)
+    model, tokenizer = load(args) if getattr(args, "kernels", "tinyqwen") == "tinyqwen" else load_yours(args)
     eos = eos_ids(model)
     enable_thinking = not args.no_think
     context = model.config.max_position_embeddings
@@ -77,9 +79,10 @@ def cmd_generate(args) -> int:
         params = sampling_params(args, model.generation_config, rows[0][3])
         printer = ReplyPrinter(tokenizer, style, sys.stdout, eos)
         kwargs = generation_kwargs(args, params)
-        for token in stream_generate(model, rows[0][2], args.max_new_tokens, eos_token_ids=eos, **kwargs):
+        for token in stream(model, rows[0][2], args.max_new_tokens, eos, **kwargs):  # --kernels: maybe yours
             printer.push(token)
         printer.close()
+        report(model)
         return 0
     done = 0
     for batch in batches(rows, batch_size):
@@ -101,6 +104,7 @@ def cmd_generate(args) -> int:
                 print(style.dim(f"[thinking]{thinking}[/thinking]"))
             print(answer)
         sys.stdout.flush()  # this batch is on disk (or the pipe) before the next one starts
+    report(model)
     return 0
 
 

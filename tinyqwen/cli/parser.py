@@ -9,6 +9,7 @@ from tinyqwen.cli.chat import cmd_chat
 from tinyqwen.cli.commands import cmd_bench, cmd_serve, cmd_train, cmd_verify
 from tinyqwen.cli.generate import DEFAULT_BATCH_SIZE, cmd_generate
 from tinyqwen.cli.info import cmd_info
+from tinyqwen.cli.your_code import KERNELS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--show-prompt", action="store_true", help="print the rendered prompt before each reply"
     )
+    chat.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="tinyqwen",
+        help="exercises: YOUR functions of the course's exercises/ run inside the model (stubs fall back to "
+        "tinyqwen's; stderr says which are yours); solutions: the course's solutions",
+    )
     chat.set_defaults(func=cmd_chat)
 
     generate = command("generate", parents=[model, gen], help="reply to one prompt, or a file of prompts")
@@ -103,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="feed the prompt as is, without the chat template"
     )
     generate.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    generate.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="tinyqwen",
+        help="exercises: YOUR functions of the course's exercises/ run inside the model (stubs fall back to "
+        "tinyqwen's; stderr says which are yours); solutions: the course's solutions",
+    )
     generate.set_defaults(func=cmd_generate)
 
     verify = command("verify", parents=[model], help="compare logits with Hugging Face transformers")
