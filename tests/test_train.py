@@ -194,3 +194,24 @@ def test_aux_loss_scope_reaches_the_loss(tmp_path):
         assert lines[0]["aux_loss_scope"] == scope
         logs[scope] = [e["aux"] for e in lines if e["kind"] == "step"]
     assert abs(logs["layer"][0] - logs["global"][0]) > 1e-4
+
+
+def test_generate_on_a_trained_base_model_feeds_the_prompt_as_written(tmp_path, capsys):
+    # the trained tokenizer has <|im_start|> and <|im_end|> but no chat template: its model never saw a chat, so
+    # `generate` says so in one line and encodes the prompt as written (what --raw does), not the chat template
+    from tinyqwen.generation import generate
+
+    summary = train.train(tiny_config(tmp_path, steps=2))
+    ckpt = summary["checkpoint"]
+    tok = tinyqwen.Tokenizer.from_pretrained(ckpt)
+    assert not tok.has_chat_template and tinyqwen.Tokenizer.qwen3().has_chat_template
+    prompt = "12 + 3 ="
+    argv = ["generate", "--model", ckpt, "--temperature", "0", "--max-new-tokens", "5", "--json", prompt, "x"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "the tokenizer has no chat template, so prompts go in as written" in err
+    want = generate(tinyqwen.load_model(ckpt), tok.encode(prompt), 5, eos_token_ids=[tok.eos_token_id])
+    assert json.loads(out.splitlines()[0])["ids"] == want
+    assert main([*argv[:-2], "--raw", prompt, "x"]) == 0  # asked for: no note
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out.splitlines()[0])["ids"] == want

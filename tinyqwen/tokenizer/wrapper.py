@@ -154,7 +154,9 @@ class Tokenizer:
         if config is not None and not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
         if (folder / "tokenizer.json").is_file():
-            return cls(**read_tokenizer_json(folder / "tokenizer.json", config, QWEN2_SPLIT_PATTERN))
+            tok = cls(**read_tokenizer_json(folder / "tokenizer.json", config, QWEN2_SPLIT_PATTERN))
+            tok.chat_template_in_files = _has_chat_template(folder, config)
+            return tok
         needed = ("vocab.json", "merges.txt", "tokenizer_config.json")
         if not all((folder / name).is_file() for name in needed):
             missing = [name for name in needed if not (folder / name).is_file()]
@@ -163,12 +165,30 @@ class Tokenizer:
                 f"tokenizer_config.json (missing: {', '.join(missing)}); every official Qwen3 model uses the "
                 "tokenizer that Tokenizer.qwen3() returns"
             )
-        return cls(**read_vocab_merges(folder, config))
+        tok = cls(**read_vocab_merges(folder, config))
+        tok.chat_template_in_files = _has_chat_template(folder, config)
+        return tok
 
     @classmethod
     def qwen3(cls) -> Tokenizer:
         """The official Qwen3 tokenizer shipped inside the package (works offline)."""
         return _packaged_qwen3()
+
+    # whether the files it was loaded from carry a chat template (None: built in memory, not from files)
+    chat_template_in_files: bool | None = None
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether prompts can be rendered with Qwen3's chat template: the tokenizer knows <|im_start|> and
+        <|im_end|>, and its files (when it was loaded from files) carry a chat template — tokenizer_config.json's
+        "chat_template" or a chat_template.jinja. A base model's own small tokenizer, such as chapter 13 trains,
+        has no template: its model never saw a chat, so `tinyqwen generate` feeds it the prompt as written.
+
+        >>> Tokenizer.qwen3().has_chat_template
+        True
+        """
+        tokens = all(t in self.added_tokens for t in ("<|im_start|>", "<|im_end|>"))
+        return tokens and self.chat_template_in_files is not False
 
     # ---------------------------------------------------------------- vocabulary
 
@@ -536,6 +556,10 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.ranks)}, added={len(self.added_tokens)})"
+
+
+def _has_chat_template(folder: Path, config: dict | None) -> bool:
+    return bool(config and config.get("chat_template")) or (folder / "chat_template.jinja").is_file()
 
 
 @lru_cache(maxsize=1)
