@@ -137,8 +137,8 @@ def learn_merges(words: dict[tuple[str, ...], int], n_merges: int) -> list[tuple
     Incremental: a merge changes only the words that contain the pair, so only their pairs are recounted. The
     counts live in a dict, the most frequent pair comes off a heap of (-count, pair), and a heap entry whose
     count is no longer the pair's count is stale and skipped (cheaper than finding and removing it). A naive
-    trainer recounts every pair of every word after each merge: the same merges, ~100× slower on 130 kB of
-    English (benchmarks/bench_bpe_training.py).
+    trainer recounts every pair of every word after each merge: the same merges, ~40× slower on 130 kB of
+    English-like text with vocabulary 500 (benchmarks/bench_bpe_training.py).
 
     >>> learn_merges({("a", "a", "a", "b"): 1, ("Ġ", "a", "a", "a", "b"): 1}, 2)  # 'a a' 4×, then 'a b' 2×
     [('a', 'a'), ('a', 'b')]
@@ -146,7 +146,9 @@ def learn_merges(words: dict[tuple[str, ...], int], n_merges: int) -> list[tuple
     seqs = [list(w) for w in words]  # each distinct word, as its current symbols
     counts = list(words.values())
     pair_count: dict[tuple[str, str], int] = defaultdict(int)  # pair -> occurrences in the corpus
-    where: dict[tuple[str, str], set[int]] = defaultdict(set)  # pair -> words (indices) that contain it
+    where: dict[tuple[str, str], set[int]] = defaultdict(
+        set
+    )  # pair -> words (indices) that contain it (or did)
     for i, (w, c) in enumerate(zip(seqs, counts, strict=True)):
         for pair in zip(w, w[1:], strict=False):
             pair_count[pair] += c
@@ -160,8 +162,9 @@ def learn_merges(words: dict[tuple[str, ...], int], n_merges: int) -> list[tuple
             continue  # stale: the pair's count changed after this entry was pushed
         merges.append(best)
         touched = {best}
+        joined = best[0] + best[1]  # one string object for every occurrence: its hash is computed once
         for i in where.pop(best):
-            seqs[i] = _merge_and_count(seqs[i], best, counts[i], i, pair_count, where, touched)
+            seqs[i] = _merge_and_count(seqs[i], best, joined, counts[i], i, pair_count, where, touched)
         for pair in touched:
             c = pair_count[pair]
             if c > 0:
@@ -175,14 +178,15 @@ def learn_merges(words: dict[tuple[str, ...], int], n_merges: int) -> list[tuple
 def _merge_and_count(
     word: list[str],
     pair: tuple[str, str],
+    ab: str,
     count: int,
     index: int,
     pair_count: dict[tuple[str, str], int],
     where: dict[tuple[str, str], set[int]],
     touched: set[tuple[str, str]],
 ) -> list[str]:
-    """`word` (number `index`, occurring `count` times) with every `pair` merged, left to right; the corpus pair
-    counts updated around each merge only, the pairs whose count changed added to `touched`.
+    """`word` (number `index`, occurring `count` times) with every `pair` merged into `ab`, left to right; the
+    corpus pair counts updated around each merge only, the pairs whose count changed added to `touched`.
 
     At a merge of (a, b) into ab at position i, three pairs change: (left, a) becomes (left', ab), where left' is
     the new left neighbour (itself ab if the merge just before ended there); (a, b) goes; (b, right) becomes
@@ -191,7 +195,6 @@ def _merge_and_count(
     A word keeps its index in `where` under a pair that left it; a later merge of that pair finds nothing to do.
     """
     a, b = pair
-    ab = a + b  # one string object for every occurrence: its hash is computed once
     out: list[str] = []
     i, n = 0, len(word)
     while i < n:
