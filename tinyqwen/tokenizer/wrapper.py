@@ -153,20 +153,21 @@ class Tokenizer:
         config = read_json(config_path) if config_path.is_file() else None
         if config is not None and not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
+        needed = ("vocab.json", "merges.txt", "tokenizer_config.json")
         if (folder / "tokenizer.json").is_file():
             tok = cls(**read_tokenizer_json(folder / "tokenizer.json", config, QWEN2_SPLIT_PATTERN))
-            tok.chat_template_in_files = _has_chat_template(folder, config)
-            return tok
-        needed = ("vocab.json", "merges.txt", "tokenizer_config.json")
-        if not all((folder / name).is_file() for name in needed):
+        elif not all((folder / name).is_file() for name in needed):
             missing = [name for name in needed if not (folder / name).is_file()]
             raise TokenizerError(
                 f"{folder}: no tokenizer found: looked for tokenizer.json, or vocab.json + merges.txt + "
                 f"tokenizer_config.json (missing: {', '.join(missing)}); every official Qwen3 model uses the "
                 "tokenizer that Tokenizer.qwen3() returns"
             )
-        tok = cls(**read_vocab_merges(folder, config))
-        tok.chat_template_in_files = _has_chat_template(folder, config)
+        else:
+            tok = cls(**read_vocab_merges(folder, config))
+        tok.chat_template_in_files = (
+            bool(config and config.get("chat_template")) or (folder / "chat_template.jinja").is_file()
+        )
         return tok
 
     @classmethod
@@ -174,19 +175,12 @@ class Tokenizer:
         """The official Qwen3 tokenizer shipped inside the package (works offline)."""
         return _packaged_qwen3()
 
-    # whether the files it was loaded from carry a chat template (None: built in memory, not from files)
-    chat_template_in_files: bool | None = None
+    chat_template_in_files: bool | None = None  # the files it came from have a chat template (None: no files)
 
     @property
     def has_chat_template(self) -> bool:
-        """Whether prompts can be rendered with Qwen3's chat template: the tokenizer knows <|im_start|> and
-        <|im_end|>, and its files (when it was loaded from files) carry a chat template — tokenizer_config.json's
-        "chat_template" or a chat_template.jinja. A base model's own small tokenizer, such as chapter 13 trains,
-        has no template: its model never saw a chat, so `tinyqwen generate` feeds it the prompt as written.
-
-        >>> Tokenizer.qwen3().has_chat_template
-        True
-        """
+        """It knows <|im_start|> and <|im_end|>, and its files (if any) carry a chat template. A base model's own
+        tokenizer (chapter 13 trains one) has none: `tinyqwen generate` then feeds prompts as written."""
         tokens = all(t in self.added_tokens for t in ("<|im_start|>", "<|im_end|>"))
         return tokens and self.chat_template_in_files is not False
 
@@ -556,10 +550,6 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self.ranks)}, added={len(self.added_tokens)})"
-
-
-def _has_chat_template(folder: Path, config: dict | None) -> bool:
-    return bool(config and config.get("chat_template")) or (folder / "chat_template.jinja").is_file()
 
 
 @lru_cache(maxsize=1)
