@@ -146,9 +146,8 @@ def learn_merges(words: dict[tuple[str, ...], int], n_merges: int) -> list[tuple
     seqs = [list(w) for w in words]  # each distinct word, as its current symbols
     counts = list(words.values())
     pair_count: dict[tuple[str, str], int] = defaultdict(int)  # pair -> occurrences in the corpus
-    where: dict[tuple[str, str], set[int]] = defaultdict(
-        set
-    )  # pair -> words (indices) that contain it (or did)
+    # pair -> the words (indices) that contain it, or did: see _merge_and_count
+    where: dict[tuple[str, str], set[int]] = defaultdict(set)
     for i, (w, c) in enumerate(zip(seqs, counts, strict=True)):
         for pair in zip(w, w[1:], strict=False):
             pair_count[pair] += c
