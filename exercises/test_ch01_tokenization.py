@@ -443,3 +443,116 @@ def test_real_pipeline(course):
                   reread=reread("Streaming decode"))  # fmt: skip
     expect_equal("".join(chunks), info["new_text"], what="stream_decode(the generated ids), joined",
                  inputs=f"ids {new}", reread=reread("Streaming decode"))  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ extension: train a BPE
+
+
+def plain_bpe_training(text: str, vocab_size: int, specials: list[str], *, tie=min, weighted: bool = True,
+                       cut_specials: bool = True, normalize: bool = True, right_to_left: bool = False,
+                       specials_in_vocab: bool = True) -> list[tuple[str, str]]:  # fmt: skip
+    """The training loop written plainly (recount everything after each merge); the keywords make classic bugs."""
+    parts = regex.split("|".join(map(regex.escape, specials)), text) if specials and cut_specials else [text]
+    pieces = Counter()
+    for part in parts:
+        part = unicodedata_nfc(part) if normalize else part
+        pieces.update(regex.findall(SPLIT, part))
+    table = byte_table()
+    words = Counter(
+        {tuple(table[b] for b in p.encode("utf-8")): (n if weighted else 1) for p, n in pieces.items()}
+    )
+    n_merges = vocab_size - 256 - (len(specials) if specials_in_vocab else 0)
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for w, n in words.items():
+            for i in range(len(w) - 1):
+                pairs[w[i], w[i + 1]] += n
+        if not pairs:
+            break
+        top = max(pairs.values())
+        best = tie(p for p in pairs if pairs[p] == top)
+        merges.append(best)
+        merged = Counter()
+        for w, n in words.items():
+            w = w[::-1] if right_to_left else w
+            pair = best[::-1] if right_to_left else best
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == pair:
+                    out.append(w[i + 1] + w[i] if right_to_left else w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out[::-1] if right_to_left else out)] += n
+        words = merged
+    return merges
+
+
+SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+
+
+def unicodedata_nfc(text: str) -> str:
+    import unicodedata
+
+    return unicodedata.normalize("NFC", text)
+
+
+@functools.cache
+def byte_table() -> dict[int, str]:
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+
+
+def bpe_training_cases() -> list[tuple[str, int, list[str]]]:
+    rng = np.random.default_rng(1)
+    letters = "ab c"
+    random_words = " ".join("".join(rng.choice(list(letters), size=rng.integers(1, 9))) for _ in range(200))
+    return [
+        ("aaab aaab", 258, []),  # the docstring's example
+        ("aaaa aaaaa aaaaaaa b bb bbbb abab ababab", 262, []),  # runs: left to right, no overlaps
+        ("xy ba ab cd dc yx", 263, []),  # every pair once: the tie-break alone decides
+        (
+            "the cat<|endoftext|>the hat<|endoftext|>at at",
+            262,
+            ["<|endoftext|>"],
+        ),  # no merge across the special
+        ("cafe\u0301 cafe\u0301 café", 262, []),  # NFC: three times the same word
+        (random_words, 300, []),
+    ]
+
+
+def bpe_training_mistakes(text: str, vocab_size: int, specials: list[str]) -> list[Mistake]:
+    def wrong(**bug):
+        return lambda: plain_bpe_training(text, vocab_size, specials, **bug)
+
+    return [
+        Mistake("ties broken towards the greatest pair", wrong(tie=max),
+                "Among pairs of equal count take the one that sorts FIRST: min(...), not max(...)."),
+        Mistake("each distinct piece counted once", wrong(weighted=False),
+                "A piece that occurs n times adds n to the count of each of its pairs."),
+        Mistake("special tokens left in the text", wrong(cut_specials=False),
+                "Split the text on the special tokens before pre-tokenizing, so no merge learns their characters."),
+        Mistake("the special tokens not counted in vocab_size", wrong(specials_in_vocab=False),
+                "vocab_size = 256 bytes + the special tokens + the merges."),
+        Mistake("no NFC normalisation", wrong(normalize=False),
+                "unicodedata.normalize('NFC', part) before pre-tokenizing, as the encoder does."),
+        Mistake("occurrences merged right to left", wrong(right_to_left=True),
+                "Merge left to right: 'a a a' becomes 'aa a'."),
+    ]  # fmt: skip
+
+
+def test_train_bpe(course):
+    """Extension: train a BPE (the merges of a plain trainer, ties included)"""
+    section = reread("Extension: train your own BPE")
+    for text, vocab_size, specials in bpe_training_cases():
+        inputs = f"train_bpe({text[:60]!r}{'…' if len(text) > 60 else ''}, {vocab_size}, {specials})"
+        want = plain_bpe_training(text, vocab_size, specials)
+        got = call(course.ch01.train_bpe, text, vocab_size, list(specials), what="train_bpe", inputs=inputs,
+                   reread=section)  # fmt: skip
+        if isinstance(got, list):
+            got = [tuple(p) if isinstance(p, list) else p for p in got]
+        expect_equal(got, want, what="the merges your trainer learned", inputs=inputs, reread=section,
+                     mistakes=bpe_training_mistakes(text, vocab_size, specials))  # fmt: skip

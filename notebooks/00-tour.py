@@ -249,11 +249,12 @@ def active_parameters(c) -> int:
 total = np.array([count_parameters(configs[n]) for n in ORDER]) / 1e9  # billions
 active = np.array([active_parameters(configs[n]) for n in ORDER]) / 1e9
 names, x = [n.removeprefix("Qwen3-") for n in ORDER], np.arange(len(ORDER))
+ticks = [n.replace("-A", "\nA") for n in names]  # "30B\nA3B": the two long MoE names side by side would collide
 fig, ax = plt.subplots(figsize=(8, 3.5))
 ax.bar(x - 0.2, total, 0.4, label="total")
 ax.bar(x + 0.2, active, 0.4, label="active per token")
 ax.set(yscale="log", ylabel="parameters (billions)", title="Parameters: total vs active")
-ax.set_xticks(x, names)
+ax.set_xticks(x, ticks)
 ax.legend()
 plt.show()
 
@@ -264,12 +265,13 @@ ax.bar(x + 0.2, total * 4, 0.4, label="float32 (this book's NumPy model)", color
 ax.axhline(16, ls="--", color="gray")
 ax.text(-0.4, 18, "16 GB: a typical laptop", color="gray", fontsize=9)
 ax.set(yscale="log", ylabel="weights in memory (GB)", title="Memory for the weights alone")
-ax.set_xticks(x, names)
+ax.set_xticks(x, ticks)
 ax.legend(loc="upper left")
 plt.show()
 
 # %% [markdown]
-# In float32, the 0.6B, 1.7B and 4B models fit on a laptop, and 8B needs about 33 GB. The MoE models need memory for
+# In float32, the 0.6B and 1.7B models fit on a 16 GB laptop. 4B needs 16.1 GB, just over the line (its 8 GB bf16
+# file would fit; chapter 2 reads bf16), and 8B needs about 33 GB. The MoE models need memory for
 # **all** their experts, even though each token uses only a few. That is the trade: MoE buys the compute of a
 # small model with the memory of a big one.
 #
@@ -310,8 +312,11 @@ plt.show()
 # | 7 | [Mixture of experts](07-mixture-of-experts.ipynb) | router, top-k, renormalisation, load-balancing loss | router logits and aux loss of `transformers` |
 # | 8 | [KV cache & generation](08-kv-cache-generation.ipynb) | prefill/decode with a cache, sampling, batching | greedy generations of `transformers` |
 # | 9 | [Chat template & thinking](09-chat-template-thinking.ipynb) | the chat template as code, thinking mode, tool calls | the official Jinja template |
-# | 10 | Numba (coming) | the hot kernels compiled for the CPU | the NumPy reference of this book |
-# | 11 | CuPy (coming) | the same kernels on a GPU | the NumPy reference of this book |
+# | 10 | [Making it fast on the CPU](10-numba.ipynb) | a bf16 matrix–vector kernel in Numba, the roofline | logits of `transformers`; speed against llama.cpp |
+# | 11 | [Making it fast on the GPU](11-cupy.ipynb) | CUDA kernels (RMSNorm, RoPE, GEMV) and a CuPy backend | logits of `transformers` |
+# | 12 | [Serving](12-serving.ipynb) | an OpenAI-compatible client: streamed events, thinking split, tool calls | `transformers` and the official template |
+# | 13 | [Training a tiny Qwen3-MoE](13-training.ipynb) | the backward pass by hand, AdamW, the aux loss's gradient | finite differences and torch's autograd |
+# | 14 | Quantization | Q8_0 and Q4_K by hand, int8 dot products, KL divergence | llama.cpp's GGUF files |
 #
 # Every chapter follows the same path. It starts with why the piece exists and a picture, then the math, a small loop
 # version, and the vectorised NumPy version. It ends with a **checkpoint** against the official implementation.

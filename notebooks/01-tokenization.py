@@ -649,6 +649,88 @@ print(f"{len(cases)} texts ({len(llama)} of them llama.cpp's) encode to the offi
       f"{sum(len(w) for _, w in cases):,} ids in all, and decode back to their (NFC) text")  # fmt: skip
 
 # %% [markdown]
+# ## Extension: train your own BPE
+#
+# Where does `merges.txt` come from? From the training loop described in "BPE: merges in rank order", run on a
+# huge corpus. We can run it on a small one. The rules, all of them choices a trainer must make explicit:
+#
+# 1. **Pieces first.** The text is NFC-normalised and split with the same regex as above, and each distinct piece
+#    is counted: a merge can never cross a piece boundary, so the encoder and the trainer agree. Special tokens
+#    such as `<|endoftext|>` are cut out of the text before that, so no merge spans one.
+# 2. **Count, merge, repeat.** Count every adjacent pair of symbols over all pieces (a piece seen 5 times counts
+#    5 times), merge the most frequent pair everywhere (left to right: `a a a` becomes `aa a`), write it down as
+#    the next line of `merges.txt`.
+# 3. **Ties.** Two pairs often have the same count. Any fixed rule works, but it must be fixed, or two runs give
+#    different tokenizers. Ours: the pair that sorts first as a tuple of symbol strings, `min((a, b), ...)`.
+#    (GPT-2-style trainers such as CS336's take the lexicographically *greatest* pair of byte strings instead;
+#    neither is more correct.)
+#
+# The plain loop recounts every pair of every piece after each merge. Most of that work is wasted: a merge of
+# `(a, b)` changes only the pieces that contain `a b`, and in each of them only the pairs next to each
+# occurrence: `(left, a)` becomes `(left, ab)`, `(b, right)` becomes `(ab, right)`, `(a, b)` disappears. The
+# **incremental** trainer keeps the pair counts and a map pair → pieces that hold it, updates only those, and finds
+# the most frequent pair with a heap of `(-count, pair)`: when a count changes it pushes a new entry, and an entry
+# popped with an out-of-date count is skipped. `tinyqwen.corpus.train_bpe` does this; so does the chapter's
+# solution. Same merges, far less work:
+
+# %%
+import time  # noqa: E402
+from collections import Counter  # noqa: E402
+
+from tinyqwen import corpus  # noqa: E402
+
+english = (REPO / "benchmarks" / "data" / "english-like.txt").read_text(encoding="utf-8")  # 130 kB, generated
+
+
+def train_naive(text: str, n_merges: int) -> list[tuple[str, str]]:
+    words = {tuple(w): c for w, c in corpus.word_counts([text], ("<|endoftext|>",)).items()}
+    merges = []
+    while len(merges) < n_merges:
+        pairs = Counter()
+        for w, c in words.items():
+            for pair in zip(w, w[1:], strict=False):
+                pairs[pair] += c
+        if not pairs:
+            break
+        top = max(pairs.values())
+        best = min(p for p in pairs if pairs[p] == top)  # the tie-break rule
+        merges.append(best)
+        merged = Counter()
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            merged[tuple(out)] += c
+        words = merged
+    return merges
+
+
+part = english[:20_000]
+t0 = time.perf_counter()
+naive = train_naive(part, 100)
+t1 = time.perf_counter()
+_, fast = corpus.train_bpe([part], 256 + 100, ("<|endoftext|>",))
+t2 = time.perf_counter()
+assert fast == naive
+print(f"20 kB, 100 merges: naive {t1 - t0:.2f} s, incremental {t2 - t1:.3f} s, the same merges")
+t0 = time.perf_counter()
+_, merges = corpus.train_bpe([english], 499, ("<|endoftext|>",))  # vocab 500: 256 bytes + 243 merges + 1 special
+print(f"130 kB, {len(merges)} merges: incremental {time.perf_counter() - t0:.2f} s")
+print("first merges:", [a + b for a, b in merges[:12]])
+print("last merges: ", [a + b for a, b in merges[-8:]])
+
+# %% [markdown]
+# The first merges are the frequent letter pairs and a space with the letter after it (`Ġs`, `th`); the later ones
+# are whole frequent words. `benchmarks/bench_bpe_training.py` times the full task (130 kB, vocabulary 500, one
+# special token): the naive loop needs seconds, the incremental one a fraction of one. The same trainer makes the
+# tokenizer of chapter 13's tiny model. Writing it yourself is the extension exercise `train_bpe`.
+
+# %% [markdown]
 # ## Summary
 #
 # - Qwen3's tokenizer is GPT-2-style **byte-level BPE**. Text becomes UTF-8 bytes, and each byte has a printable
@@ -667,15 +749,16 @@ print(f"{len(cases)} texts ({len(llama)} of them llama.cpp's) encode to the offi
 # ## Exercises
 #
 # Write the tokenizer yourself in `exercises/ch01_tokenization.py`: `bytes_to_unicode`, `to_symbols`,
-# `pretokenize`, `bpe`, `encode_ordinary`, `encode`, `decode` and `stream_decode`. Each stub's docstring has a
-# worked example. Then run
+# `pretokenize`, `bpe`, `encode_ordinary`, `encode`, `decode` and `stream_decode`, and as an extension `train_bpe`
+# (section "Extension: train your own BPE"). Each stub's docstring has a worked example. Then run
 #
 # ```bash
 # pytest exercises/test_ch01_tokenization.py
 # ```
 #
-# The ten checkpoints go from the byte table to "your tokenizer in the real pipeline". That last one encodes a real
+# The first ten checkpoints go from the byte table to "your tokenizer in the real pipeline". That last one encodes a real
 # chat prompt with your code, runs the ids through a Qwen3 with the real 151,936-token vocabulary, and compares the
 # logits with `transformers`. It then decodes the model's greedy continuation with your decoder. If a checkpoint
 # fails, the message names the input, shows the first difference, and, for the classic mistakes (characters instead
 # of bytes, GPT-4's digit groups, left-to-right merging, no NFC, added tokens after the regex), says which one it is.
+# The eleventh grades your `train_bpe`: the same merges as a plain trainer, on small corpora full of ties.

@@ -26,9 +26,9 @@
 # two rotated vectors depends only on the *difference* of their angles — so attention sees how far apart two
 # tokens are, not where they sit in absolute terms.
 #
-# Qwen3 is trained on contexts of 32,768 tokens; the model card stretches it to 131,072 with **YaRN** (Peng et al.
-# 2023), a small change to the rotation speeds. We build both, check them against transformers, and then run a
-# real checkpoint with them.
+# Qwen3 is trained on contexts of 32,768 tokens; Qwen's model cards (Qwen3-8B's, for one) show how to stretch it
+# to 131,072 with **YaRN** (Peng et al. 2023), a small change to the rotation speeds that you switch on in
+# config.json. We build both, check them against transformers, and then run a real checkpoint with them.
 #
 # **What you will build** (the same functions as `exercises/ch04_rope_yarn.py`)
 #
@@ -337,10 +337,26 @@ print((np.arange(3) * inv_freq[:3]).dtype, (np.arange(3).astype(np.float32) * in
 
 # %% [markdown]
 # The same sensitivity reaches back to `inv_freq`. One float32 ulp of pair 3's frequency (about 6e-8 of it)
-# moves its angle at position 40,959 by 40,959 × 0.52 × 6e-8 ≈ 1e-3 rad. And float32 `**` is *not* bit-identical
-# across libraries: NumPy's and torch's disagree in the last bit for 14 of Qwen3-0.6B's 64 pairs. Taking the power
-# in float64 and rounding once gives the correctly rounded float32 value — what torch's pow returns for all but
-# one pair (pair 37, slow enough that its ulp costs only ~1e-5 rad even at 131,072):
+# moves its angle at position 40,959 by 40,959 × 0.52 × 6e-8 ≈ 1e-3 rad. Nudge that one frequency by one ulp
+# and compare the tables with transformers' at short positions (0 … 72, as long as the inputs of the model
+# checkpoints) and at long ones (0, 1,023, 8,191, 32,767 and 40,959, the reference's `cos_sin.long` case):
+
+# %%
+ref_inv = REF["freq.qwen3_0_6b.inv_freq"]  # transformers' inv_freq for Qwen3-0.6B
+one_ulp = ref_inv.copy()
+one_ulp[3] = np.nextafter(one_ulp[3], np.float32(1))  # pair 3, one float32 step up
+short_pos = np.arange(73)
+print("one ulp in pair 3: cos off by "
+      f"{np.abs(rope_cos_sin(short_pos, one_ulp)[0] - rope_cos_sin(short_pos, ref_inv)[0]).max():.1e} at positions 0 … 72, "
+      f"{np.abs(rope_cos_sin(REF['cos_sin.long.positions'], one_ulp)[0] - REF['cos_sin.long.cos']).max():.1e} "
+      "up to 40,959")  # fmt: skip
+
+# %% [markdown]
+# Short inputs cannot see a last-bit difference in `inv_freq`; position 40,959 sees it a thousand times larger.
+# And the last bit of float32 `**` is not fixed: it depends on the library, and in NumPy on the CPU (NumPy picks
+# a SIMD routine by instruction set). Taking the power in float64 and rounding once gives the correctly rounded
+# float32 value on every machine — what torch's pow returns for all but one pair (pair 37, slow enough that its
+# ulp costs only ~1e-6 even at 40,959). How NumPy's float32 pow does on the machine running this notebook:
 
 # %%
 exponent = np.arange(0, HEAD_DIM, 2, dtype=np.float32) / np.float32(HEAD_DIM)
@@ -348,13 +364,16 @@ naive = np.float32(1.0) / np.float32(THETA) ** exponent  # float32 pow in NumPy
 for name, candidate in [("NumPy float32 pow", naive), ("float64 pow, rounded", rope_inv_freq(HEAD_DIM, THETA))]:
     differ = np.nonzero(candidate != REF["freq.qwen3_0_6b.inv_freq"])[0]
     c32, _ = rope_cos_sin(REF["cos_sin.long.positions"], candidate)
-    print(f"{name:<21}: {differ.size:>2} pairs differ from transformers' inv_freq; "
+    print(f"{name:<21}: pairs {differ.tolist()} differ from transformers' inv_freq; "
           f"cos table up to position 40,959 off by {np.abs(c32 - REF['cos_sin.long.cos']).max():.1e}")
 
 # %% [markdown]
-# Both effects are far below what the model itself can resolve (its bf16 weights carry 3 significant digits),
-# but they decide whether "equal to transformers" holds at 1e-5 or only at 1e-2 — and a check is only useful
-# if it is tight. With the same `inv_freq`, our tables at positions 0 … 40,959 against transformers'
+# Where both differ only in the slow pair 37 (as on an AVX2 CPU), the float32 pow is harmless here; where a fast
+# pair differs too, the table at 40,959 is off by ~1e-3. Both effects, float64 angles and a last bit of
+# `inv_freq`, are far below what the model itself can resolve (its bf16 weights carry 3 significant digits), but
+# at long positions they decide whether "equal to transformers" holds at 1e-5 or only at 1e-2 — and a check is
+# only useful if it is tight. That is why this chapter's checkpoints check the tables at positions up to 40,959
+# (and 131,071 with YaRN). With the same `inv_freq`, our tables at positions 0 … 40,959 against transformers'
 # (the reference's `cos_sin.long` case):
 
 # %%
@@ -534,9 +553,14 @@ print("max |Δ| vs transformers:", max(maxdiff(yc, REF["cos_sin.yarn_long.cos"])
 #
 # Two things to notice before running it:
 #
-# - A YaRN model uses its stretched frequencies at **every** position, also below $L$: the slow pairs were
-#   fine-tuned that way. Forgetting YaRN is therefore wrong everywhere, not only past $L$ (only position 0, which
-#   attends to itself alone, cannot tell).
+# - Qwen3's YaRN is **static**: nothing about it is learned. When config.json has a `rope_scaling` block, the
+#   stretched frequencies and the attention factor are applied at inference, at **every** position of every
+#   input, also below $L$. So forgetting YaRN on such a config is wrong everywhere, not only past $L$ (only
+#   position 0, which attends to itself alone, cannot tell). It also means YaRN changes short inputs, which the
+#   model handled well without it: the official configs ship with `"rope_scaling": null`
+#   (`tinyqwen/data/configs/`), and Qwen's model cards that describe YaRN (Qwen3-8B's, for one) advise adding
+#   `rope_scaling` only when inputs really are longer than 32,768 tokens, since a static factor can hurt
+#   performance on short texts.
 # - Thousands of positions mean $T^2$ attention scores: tinyqwen switches to tile-by-tile attention there
 #   ([chapter 8](08-kv-cache-generation.ipynb) explains how), so this also checks that.
 #

@@ -48,8 +48,10 @@ REF = np.load(REPO / "exercises" / "references" / "ch07_mixture_of_experts.npz")
 #
 # ## 1. Many experts, few at a time
 #
-# The count from the official config (`tinyqwen/data/configs/Qwen3-30B-A3B.json`): 48 layers, hidden size 2048,
-# 128 experts per layer, each a SwiGLU of width 768, and 8 experts per token.
+# The count from Qwen3-30B-A3B's config (`tinyqwen/data/configs/Qwen3-30B-A3B.json`: written from the published
+# values with the official key set, its bytes not verified against the Hub, as [chapter 0](00-tour.ipynb) says;
+# the total below matches transformers' count for the same config): 48 layers, hidden size 2048, 128 experts per
+# layer, each a SwiGLU of width 768, and 8 experts per token.
 
 # %%
 from tinyqwen.config import CONFIG_DIR, load_config

@@ -1,4 +1,4 @@
-"""Long prompts with YaRN against live transformers (issue 11; marker `crosscheck`, needs torch + transformers).
+"""Long prompts with YaRN against live transformers (marker `crosscheck`, needs torch + transformers).
 
 The checkpoint is tests/data/long-yarn (made by tests/fixtures/make_long_context.py): YaRN factor 4 on an
 original context of 2048, a 6144-token prompt, so positions 2048…6143 are beyond what plain RoPE was trained for.

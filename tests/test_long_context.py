@@ -1,4 +1,4 @@
-"""Long context (issue 11): blockwise attention, narrow KV caches, chunked prefill, memory estimates.
+"""Long context: blockwise attention, narrow KV caches, chunked prefill, memory estimates.
 
 Tolerances:
 - blockwise vs plain attention: |Δ| ≤ 1e-5 on outputs of size ≲ 4 (averages of standard-normal values). Both are

@@ -1,4 +1,4 @@
-"""What a new user runs into first (issue 8): nothing they asked for is lost, and every mistake gets one clear line.
+"""What a new user runs into first: nothing they asked for is lost, and every mistake gets one clear line.
 
 - ids past the tokenizer's vocabulary (a model's spare embedding rows) decode to "" instead of killing the reply;
 - NaN/inf logits stop generation with the step and the first layer whose output went non-finite;

@@ -103,6 +103,51 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed["val_loss"] == straight["val_loss"]
 
 
+def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(tmp_path, monkeypatch):
+    # checkpoints every 2 steps by default-style saving; the run dies in step 6 (after the step-4 checkpoint and the step-5 log line), and
+    # resuming from that checkpoint ends with the weights and the log of a run that was never interrupted
+    assert train.TrainConfig().save_every > 0  # periodic checkpoints are on unless a config turns them off
+    straight = train.train(tiny_config(tmp_path / "a", steps=6, save_every=2, log_every=1))
+    real_lr = train.learning_rate
+
+    def dies_in_step_6(step, cfg):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_lr(step, cfg)
+
+    monkeypatch.setattr(train, "learning_rate", dies_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_config(tmp_path / "b", steps=6, save_every=2, log_every=1))
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    ckpt = tmp_path / "b" / "run" / "checkpoint"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
+    assert not (tmp_path / "b" / "run" / "checkpoint.partial").exists()
+    resumed = train.train(tiny_config(tmp_path / "b", steps=6, save_every=2, log_every=1), resume=ckpt)
+    a = tinyqwen.safetensors.load_file(Path(straight["checkpoint"]) / "model.safetensors")
+    b = tinyqwen.safetensors.load_file(Path(resumed["checkpoint"]) / "model.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+    def steps(run):
+        lines = (tmp_path / run / "run" / "log.jsonl").read_text().splitlines()
+        return [(e["step"], e["ce"]) for e in map(json.loads, lines) if e["kind"] == "step"]
+
+    assert steps("b") == steps("a")  # each step once, with the same loss
+
+
+def test_sample_batch_reaches_every_window():
+    tokens = np.arange(10)
+    starts = {
+        int(row[0]) for step in range(200) for row in train.sample_batch(tokens, 4, 8, seed=0, step=step)
+    }
+    assert starts == {0, 1, 2}  # the last window, tokens[2:10], included
+    np.testing.assert_array_equal(
+        train.sample_batch(tokens, 2, 10, 0, 0), [tokens, tokens]
+    )  # exactly one window
+    with pytest.raises(train.TrainError, match="9 tokens cannot fill one window of seq_len 10"):
+        train.sample_batch(tokens[:9], 2, 10, 0, 0)
+
+
 def test_corpus_is_deterministic_and_bpe_roundtrips(tmp_path):
     assert corpus.synthetic_documents(50, seed=3) == corpus.synthetic_documents(50, seed=3)
     assert {t for t, _ in corpus.synthetic_documents(200)} == set(corpus.TASKS)
@@ -149,3 +194,24 @@ def test_aux_loss_scope_reaches_the_loss(tmp_path):
         assert lines[0]["aux_loss_scope"] == scope
         logs[scope] = [e["aux"] for e in lines if e["kind"] == "step"]
     assert abs(logs["layer"][0] - logs["global"][0]) > 1e-4
+
+
+def test_generate_on_a_trained_base_model_feeds_the_prompt_as_written(tmp_path, capsys):
+    # the trained tokenizer has <|im_start|> and <|im_end|> but no chat template: its model never saw a chat, so
+    # `generate` says so in one line and encodes the prompt as written (what --raw does), not the chat template
+    from tinyqwen.generation import generate
+
+    summary = train.train(tiny_config(tmp_path, steps=2))
+    ckpt = summary["checkpoint"]
+    tok = tinyqwen.Tokenizer.from_pretrained(ckpt)
+    assert not tok.has_chat_template and tinyqwen.Tokenizer.qwen3().has_chat_template
+    prompt = "12 + 3 ="
+    argv = ["generate", "--model", ckpt, "--temperature", "0", "--max-new-tokens", "5", "--json", prompt, "x"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "the tokenizer has no chat template, so prompts go in as written" in err
+    want = generate(tinyqwen.load_model(ckpt), tok.encode(prompt), 5, eos_token_ids=[tok.eos_token_id])
+    assert json.loads(out.splitlines()[0])["ids"] == want
+    assert main([*argv[:-2], "--raw", prompt, "x"]) == 0  # asked for: no note
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out.splitlines()[0])["ids"] == want

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -106,7 +107,9 @@ class TrainConfig:
     eval_every: int = 50
     log_every: int = 1  # one log line per this many steps (loss, aux, expert load averaged over them)
     eval_batches: int = 8
-    save_every: int = 0  # 0: only at the end
+    # a resumable checkpoint every this many steps (and always at the end), so an interrupted run loses at most
+    # save_every steps: `tinyqwen train --config FILE --resume OUT_DIR/checkpoint`; 0: only at the end
+    save_every: int = 100
     seed: int = 0
     progress: bool = True
     blas_threads: int | None = 1  # see limit_blas_threads; None leaves BLAS as it is
@@ -299,8 +302,11 @@ def load_checkpoint(folder: Path) -> tuple[Qwen3Config, dict, Weights, AdamW | N
 def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int) -> np.ndarray:
     """`batch_size` random windows of `seq_len` tokens; the draw depends only on (seed, step), so resuming at a
     step sees exactly the batch an uninterrupted run would have seen."""
+    if len(tokens) < seq_len:
+        raise TrainError(f"{len(tokens)} tokens cannot fill one window of seq_len {seq_len}")
     g = np.random.default_rng([seed, step])
-    starts = g.integers(0, len(tokens) - seq_len, size=batch_size)
+    # a window may start at 0 … len - seq_len inclusive: `integers` excludes its upper bound, hence the + 1
+    starts = g.integers(0, len(tokens) - seq_len + 1, size=batch_size)
     return np.stack([tokens[s : s + seq_len] for s in starts])
 
 
@@ -377,6 +383,7 @@ def _train(cfg: TrainConfig, resume, stop_after) -> dict:
         if state is None:
             raise TrainError(f"{resume}: no trainer_state.json, so this checkpoint cannot be resumed")
         start, log_mode = state["step"], "a"
+        _truncate_log(out / "log.jsonl", start)
     elif cfg.init_from:
         c, raw, w, _, _ = load_checkpoint(Path(cfg.init_from))
     else:
@@ -483,7 +490,31 @@ def _postfix(e: dict, n_experts: int, val_loss: float) -> str:
 def _save(folder, raw, w, tok_dir, step, cfg, opt, val_loss) -> None:
     state = {"step": step, "val_loss": val_loss, "betas": list(cfg.betas), "adam_eps": cfg.adam_eps,
              "weight_decay": cfg.weight_decay}  # fmt: skip
-    save_checkpoint(folder, raw, w, tok_dir, state, opt)
+    # write beside, then swap: a run killed while saving still has its previous whole checkpoint
+    tmp, old = folder.with_name(folder.name + ".partial"), folder.with_name(folder.name + ".old")
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale)
+    save_checkpoint(tmp, raw, w, tok_dir, state, opt)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the log entries an interrupted run wrote after its last checkpoint (`step`): the resumed run writes
+    them again, so the log reads as one uninterrupted run."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if entry.get("kind") == "summary" or (entry.get("kind") == "step" and entry["step"] > step):
+            break
+        keep.append(line)
+    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
 def _jsonable(d: dict) -> dict:

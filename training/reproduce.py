@@ -3,6 +3,7 @@ machine at low priority, 19.5 CPU-minutes — about 100 CPU-seconds per 800-step
 
     python training/reproduce.py                  # from the repository root: every run in RUNS, one after another
     python training/reproduce.py layer-aux0.001   # only the named runs (the summary keeps the others' entries)
+    python training/reproduce.py --jobs 2         # two runs at a time (same logs; each run's times then overlap)
 
 Trains the same tiny Qwen3-MoE (4 layers × 8 experts, top-2) on the synthetic corpus (tinyqwen/corpus.py) with
 `tinyqwen train --config training/tiny-moe-<name>.json` for each run in RUNS: the load-balancing coefficient 0
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +94,21 @@ def load_figures(log: list[dict]) -> dict:
     }
 
 
+def _train(name: str) -> float:
+    """Run one config in its own process; returns its wall time (it includes building the corpus)."""
+    t0 = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "tinyqwen.cli", "train", "--config", str(REPO / "training" / f"tiny-moe-{name}.json"),
+         "--no-progress"],
+        cwd=REPO, check=True,
+    )  # fmt: skip
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str]) -> int:
+    jobs = 1
+    if argv[:1] == ["--jobs"] and len(argv) > 1 and argv[1].isdigit() and int(argv[1]) > 0:
+        jobs, argv = int(argv[1]), argv[2:]
     names = argv or list(RUNS)
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
@@ -104,13 +120,11 @@ def main(argv: list[str]) -> int:
     summary["command"] = "python training/reproduce.py"
     summary["criteria"] = {"window_steps": WINDOW, "starved_below_x_uniform": STARVED, "band_x_uniform": BAND}
     t_all = time.perf_counter()
+    # each run is its own process, deterministic on its own: running several at once changes only the times
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        walls = dict(zip(names, pool.map(_train, names), strict=True))
     for name in names:
         cfg = REPO / "training" / f"tiny-moe-{name}.json"
-        t0 = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "tinyqwen.cli", "train", "--config", str(cfg), "--no-progress"],
-            cwd=REPO, check=True,
-        )  # fmt: skip
         out = REPO / json.loads(cfg.read_text())["out_dir"]
         shutil.copy(out / "log.jsonl", DATA / f"train-tiny-moe-{name}.jsonl")
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -118,7 +132,7 @@ def main(argv: list[str]) -> int:
         summary["runs"][name] = {
             "aux_coef": run["aux_coef"],
             "aux_loss_scope": run.get("aux_loss_scope", "global"),
-            "wall_s": round(time.perf_counter() - t0, 1),
+            "wall_s": round(walls[name], 1),
             "train_wall_s": round(final["wall_s"], 1),
             "train_cpu_s": round(final["cpu_s"], 1),
             "steps": final["steps"],

@@ -56,6 +56,15 @@ def cmd_generate(args) -> int:
     eos = eos_ids(model)
     enable_thinking = not args.no_think
     context = model.config.max_position_embeddings
+    raw = args.raw or not tokenizer.has_chat_template
+    if raw and not args.raw:  # a base model's own tokenizer: its model has never seen the chat format
+        missing = (
+            "<|im_start|>/<|im_end|> tokens"
+            if tokenizer.chat_template_in_files is not False
+            else "chat template"
+        )
+        print(f"tinyqwen: note: the tokenizer has no {missing}, so prompts go in as written (as with --raw)",
+              file=sys.stderr)  # fmt: skip
     rows = []  # (where, prompt, ids, thinking mode)
     for where, p in prompts:
         messages = [{"role": "user", "content": p}]
@@ -63,7 +72,7 @@ def cmd_generate(args) -> int:
         # --raw feeds the text as written, added tokens included (a base model's prompt may use them on purpose)
         ids = (
             tokenizer.encode(p)
-            if args.raw
+            if raw
             else tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, enable_thinking=enable_thinking, return_dict=False
             )
@@ -73,7 +82,7 @@ def cmd_generate(args) -> int:
                 f"{where}: prompt has {len(ids)} tokens but the model's context is {context} tokens "
                 "(max_position_embeddings): shorten the prompt"
             )
-        rows.append((where, p, ids, thinking_mode(messages, enable_thinking) and not args.raw))
+        rows.append((where, p, ids, thinking_mode(messages, enable_thinking) and not raw))
     style = Style.for_stream(sys.stdout, args.no_color)
     if len(rows) == 1 and not args.json:
         params = sampling_params(args, model.generation_config, rows[0][3])

@@ -153,22 +153,36 @@ class Tokenizer:
         config = read_json(config_path) if config_path.is_file() else None
         if config is not None and not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object")
-        if (folder / "tokenizer.json").is_file():
-            return cls(**read_tokenizer_json(folder / "tokenizer.json", config, QWEN2_SPLIT_PATTERN))
         needed = ("vocab.json", "merges.txt", "tokenizer_config.json")
-        if not all((folder / name).is_file() for name in needed):
+        if (folder / "tokenizer.json").is_file():
+            tok = cls(**read_tokenizer_json(folder / "tokenizer.json", config, QWEN2_SPLIT_PATTERN))
+        elif not all((folder / name).is_file() for name in needed):
             missing = [name for name in needed if not (folder / name).is_file()]
             raise TokenizerError(
                 f"{folder}: no tokenizer found: looked for tokenizer.json, or vocab.json + merges.txt + "
                 f"tokenizer_config.json (missing: {', '.join(missing)}); every official Qwen3 model uses the "
                 "tokenizer that Tokenizer.qwen3() returns"
             )
-        return cls(**read_vocab_merges(folder, config))
+        else:
+            tok = cls(**read_vocab_merges(folder, config))
+        tok.chat_template_in_files = (
+            bool(config and config.get("chat_template")) or (folder / "chat_template.jinja").is_file()
+        )
+        return tok
 
     @classmethod
     def qwen3(cls) -> Tokenizer:
         """The official Qwen3 tokenizer shipped inside the package (works offline)."""
         return _packaged_qwen3()
+
+    chat_template_in_files: bool | None = None  # the files it came from have a chat template (None: no files)
+
+    @property
+    def has_chat_template(self) -> bool:
+        """It knows <|im_start|> and <|im_end|>, and its files (if any) carry a chat template. A base model's own
+        tokenizer (chapter 13 trains one) has none: `tinyqwen generate` then feeds prompts as written."""
+        tokens = all(t in self.added_tokens for t in ("<|im_start|>", "<|im_end|>"))
+        return tokens and self.chat_template_in_files is not False
 
     # ---------------------------------------------------------------- vocabulary
 
