@@ -77,6 +77,8 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     11: ("Making it fast on the GPU", "11-cupy"),
     12: ("Serving", "12-serving"),
     13: ("Training a tiny Qwen3-MoE", "13-training"),
+    # beyond fill-in-the-function: a capstone per part of the course, problems graded by the number
+    15: ("Capstone: Qwen3 from math", "06-dense-model"),
 }
 
 # chapter -> the Backend kernels that chapter's exercises provide (see learner_model)
