@@ -79,6 +79,7 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     13: ("Training a tiny Qwen3-MoE", "13-training"),
     # beyond fill-in-the-function: a capstone per part of the course, problems graded by the number
     15: ("Capstone: Qwen3 from math", "06-dense-model"),
+    16: ("Resource accounting", "10-numba"),
 }
 
 # chapter -> the Backend kernels that chapter's exercises provide (see learner_model)
