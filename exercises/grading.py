@@ -80,6 +80,7 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     # beyond fill-in-the-function: a capstone per part of the course, problems graded by the number
     15: ("Capstone: Qwen3 from math", "06-dense-model"),
     16: ("Resource accounting", "10-numba"),
+    17: ("Ablation: QK-Norm on/off", "13-training"),
 }
 
 # chapter -> the Backend kernels that chapter's exercises provide (see learner_model)
