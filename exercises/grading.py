@@ -81,6 +81,7 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     15: ("Capstone: Qwen3 from math", "06-dense-model"),
     16: ("Resource accounting", "10-numba"),
     17: ("Ablation: QK-Norm on/off", "13-training"),
+    18: ("Capstone: tokenizer files", "01-tokenization"),
 }
 
 # chapter -> the Backend kernels that chapter's exercises provide (see learner_model)
