@@ -62,7 +62,6 @@ from tinyqwen.verify import RTOL, tolerance  # noqa: E402
 # attention (tokens look at earlier tokens) and an MLP (each token is transformed on its own). The picture shows
 # the path and the chapter in which you build each box.
 
-
 # %%
 def box(ax, y, text, color, h=0.055):
     ax.add_patch(plt.Rectangle((0.22, y - h / 2), 0.56, h, fc=color, ec="dimgray", lw=1))
@@ -145,16 +144,11 @@ ORDER
 # heads share one ([chapter 5](05-attention.ipynb)). `head_dim` is its own number, not `hidden / heads` (0.6B has
 # 16 × 128 = 2048 ≠ 1024). "context" is `max_position_embeddings`.
 
-
 # %%
 def provenance(name: str) -> str:
     if name in OFFICIAL_CONFIG_FILES:
         return "official file"
-    return (
-        "published values (not verified)"
-        if name in PUBLISHED_CHANGES
-        else "published values, file not verified"
-    )
+    return "published values (not verified)" if name in PUBLISHED_CHANGES else "published values, file not verified"
 
 
 def row(name: str) -> str:
@@ -191,7 +185,6 @@ display(Markdown("\n".join([header] + [row(n) for n in ORDER])))
 # $$N = \underbrace{Vh}_{\text{embedding}} + \underbrace{Vh\,[\text{untied}]}_{\text{lm\_head}} + h
 #   + L\Big(\underbrace{2hH_qd + 2hH_{kv}d + 2d}_{\text{attention + QK-Norm}} + \underbrace{2h}_{\text{norms}}
 #   + \underbrace{3hf}_{\text{dense MLP}} \;\text{or}\; \underbrace{E\cdot 3hf_e + Eh}_{\text{experts + router}}\Big)$$
-
 
 # %%
 def parameters_by_hand(c) -> dict[str, int]:
@@ -234,7 +227,6 @@ print("count_parameters equals keras-hub's published count for all", len(ORDER),
 # ([chapter 7](07-mixture-of-experts.ipynb)). So the work per token is set by the **active** parameters: everything,
 # minus the $E - k$ experts a token does not use in each layer. That is where the names come from: 30B total, **A**3B
 # active.
-
 
 # %%
 def active_parameters(c) -> int:
@@ -393,7 +385,6 @@ for folder in sorted(p.parent for p in FIXTURES.glob("*/reference.npz")):
 # with interleaved instead of split-half pairs. The third is the subtle one, $\epsilon = 10^{-5}$. We swap the bugs in
 # through the model's `backend`, which is also how the exercises run your code inside the model.
 
-
 # %%
 def layer_norm(x, weight, eps):  # the bug: subtracts the mean (RMSNorm does not)
     x = x.astype(np.float32)
@@ -467,14 +458,8 @@ if checkpoint is None:
 else:
     real = tinyqwen.load_config(checkpoint)
     with Checkpoint(checkpoint) as ckpt:
-        stored = sum(
-            int(np.prod(ckpt.shape(k)))
-            for k in ckpt.keys()
-            if k != "lm_head.weight" or not real.tie_word_embeddings
-        )
-    print(
-        f"{checkpoint.name}: {stored:,} parameters stored, count_parameters says {count_parameters(real):,}"
-    )
+        stored = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if k != "lm_head.weight" or not real.tie_word_embeddings)
+    print(f"{checkpoint.name}: {stored:,} parameters stored, count_parameters says {count_parameters(real):,}")
 
 # %% [markdown]
 # ## Checkpoint: every fixture against transformers
@@ -490,13 +475,9 @@ for folder in sorted(p.parent for p in FIXTURES.glob("*/reference.npz")):
     for ids, want in [(ref["input_ids"], ref["logits"]), (ref["single_input_ids"], ref["single_logits"])]:
         diff, bound = np.abs(model(ids) - want).max(), tolerance(want)
         ratios[folder.name, ids.ndim] = diff / bound
-        print(
-            f"{folder.name:26} {list(ids.shape)!s:8} max |Δ| = {diff:.1e} ≤ {bound:.1e} = {RTOL:g} · {bound / RTOL:.1f}"
-        )
+        print(f"{folder.name:26} {list(ids.shape)!s:8} max |Δ| = {diff:.1e} ≤ {bound:.1e} = {RTOL:g} · {bound / RTOL:.1f}")
 assert len(ratios) == 10 and max(ratios.values()) <= 1, ratios
-print(
-    f"5 fixtures × (batch, single): logits equal transformers' (worst: {max(ratios.values()):.0%} of the bound)"
-)
+print(f"5 fixtures × (batch, single): logits equal transformers' (worst: {max(ratios.values()):.0%} of the bound)")
 
 # %% [markdown]
 # ## Summary

@@ -45,11 +45,8 @@ import numpy as np
 import regex  # like `re`, but it knows Unicode classes such as \p{L} (any letter)
 
 from course_setup import REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-
 DATA = REPO / "tinyqwen" / "data"  # the official Qwen3 tokenizer files, byte for byte
-REFERENCE = json.loads(
-    (REPO / "exercises" / "references" / "ch01_tokenization.json").read_text(encoding="utf-8")
-)
+REFERENCE = json.loads((REPO / "exercises" / "references" / "ch01_tokenization.json").read_text(encoding="utf-8"))
 
 import tinyqwen  # noqa: E402
 from tinyqwen import tokenizer as tq  # noqa: E402
@@ -141,14 +138,9 @@ for ch in ["A", "ç", "中", "😁"]:
 # $$\text{stand-in}(b) = \begin{cases} \mathrm{chr}(b) & b \text{ printable Latin-1} \\
 #   \mathrm{chr}(256 + k) & b \text{ is the } k\text{-th non-printable byte } (k = 0, 1, \dots, 67) \end{cases}$$
 
-
 # %%
 def bytes_to_unicode() -> dict[int, str]:
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table = {b: chr(b) for b in printable}
     k = 0
     for b in range(256):  # the others, in byte order, get chr(256), chr(257), ...
@@ -195,7 +187,6 @@ print(f"{len(official_table)} bytes equal the official ByteLevel table; the 256 
 # Turning text into symbols is now one line. We encode to UTF-8 and map every **byte**, not every character: `ç`
 # becomes two symbols.
 
-
 # %%
 def to_symbols(text: str) -> str:
     return "".join(BYTE_TO_CHAR[b] for b in text.encode("utf-8"))
@@ -231,7 +222,6 @@ assert SPLIT_PATTERN == REFERENCE["split_regex"]
 #
 # Every character is matched by some alternative, so joining the pieces gives back the text.
 
-
 # %%
 def pretokenize(text: str) -> list[str]:
     return regex.findall(SPLIT_PATTERN, text)
@@ -244,7 +234,6 @@ pretokenize("Hello,  world 2025!\n")
 # `\s+(?!\S)` at work: a run of spaces gives its *last* space to the word after it, so ` world` is the same token
 # wherever it appears. Let's draw the pieces of a longer example, with `·` for a space and `↵` for a newline. (We
 # reuse `draw_rows` for the BPE steps below.)
-
 
 # %%
 def draw_rows(rows: list[list[str]], title: str, notes: list[str] | None = None) -> None:
@@ -267,7 +256,7 @@ def draw_rows(rows: list[list[str]], title: str, notes: list[str] | None = None)
 
 
 # %%
-code = '    if x == 42:\n        print("it\'s 3.14!")  # done\n'
+code = "    if x == 42:\n        print(\"it's 3.14!\")  # done\n"
 pieces = pretokenize(code)
 draw_rows([pieces[:14], pieces[14:]], "the pieces of a code snippet")
 
@@ -303,7 +292,6 @@ print(f"{len(REFERENCE['pretokenize'])} texts split exactly like the official pr
 # line, and repeated. Line 1 (after the `#version` header) is the first merge learned, line 2 the second, and so
 # on. A pair's **rank** is its line number, counting from 0.
 
-
 # %%
 def read_merges(path: Path) -> dict[tuple[str, str], int]:
     lines = path.read_text(encoding="utf-8").split("\n")
@@ -322,7 +310,6 @@ len(RANKS), len(VOCAB), list(RANKS)[:8]
 # kinds: pure ASCII, Chinese/Japanese/Korean, other non-ASCII text, and "part of a character" (a token that ends
 # inside a multi-byte character, such as the first bytes of an emoji).
 
-
 # %%
 def kind(pair: tuple[str, str]) -> int:
     text = bytes(CHAR_TO_BYTE[c] for c in pair[0] + pair[1]).decode("utf-8", errors="replace")
@@ -330,9 +317,7 @@ def kind(pair: tuple[str, str]) -> int:
         return 0
     if "\ufffd" in text:
         return 3
-    cjk = any(
-        0x3040 <= ord(c) <= 0x30FF or 0x4E00 <= ord(c) <= 0x9FFF or 0xAC00 <= ord(c) <= 0xD7AF for c in text
-    )
+    cjk = any(0x3040 <= ord(c) <= 0x30FF or 0x4E00 <= ord(c) <= 0x9FFF or 0xAC00 <= ord(c) <= 0xD7AF for c in text)
     return 1 if cjk else 2
 
 
@@ -359,7 +344,6 @@ plt.show()
 # whose rank is **lowest**, meaning the merge learned earliest. If that pair occurs twice, take the leftmost. Stop
 # when no adjacent pair appears in `merges.txt`. It is not "merge from left to right", and it is not "merge the most
 # frequent pair in this word". Both of those give different tokens. Here is the loop version, short and quadratic:
-
 
 # %%
 def bpe(symbols: str, ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -438,9 +422,7 @@ encode_ordinary("Hello world"), encode_ordinary("中文分词测试")
 # %%
 for case in REFERENCE["encode"]:
     assert encode_ordinary(case["text"]) == case["ids"], case["text"]
-print(
-    f"{len(REFERENCE['encode'])} texts (8 scripts, code, digits, emoji, whitespace runs) give the official ids"
-)
+print(f"{len(REFERENCE['encode'])} texts (8 scripts, code, digits, emoji, whitespace runs) give the official ids")
 
 # %% [markdown]
 # ## NFC
@@ -459,9 +441,7 @@ print("without NFC:", [VOCAB[s] for p in pretokenize(decomposed) for s in bpe(to
 # %%
 for case in REFERENCE["nfc"]:
     assert encode_ordinary(case["text"]) == case["ids"] != case["ids_without_nfc"], ascii(case["text"])
-print(
-    f"{len(REFERENCE['nfc'])} decomposed texts (accents, Hangul jamo, the Ångström sign) give the official ids"
-)
+print(f"{len(REFERENCE['nfc'])} decomposed texts (accents, Hangul jamo, the Ångström sign) give the official ids")
 
 # %% [markdown]
 # (One honest caveat: Python's `unicodedata` follows a newer Unicode version than the official Rust library. For a
@@ -590,7 +570,6 @@ plt.show()
 # `11110xxx` four. Every following byte looks like `10xxxxxx`. Look back at most three bytes for the start of the last
 # character. If it needs more bytes than the buffer holds, hold them back.
 
-
 # %%
 def incomplete_tail(buf: bytes) -> int:
     """How many bytes at the end of buf start a character whose other bytes have not arrived yet."""
@@ -646,9 +625,7 @@ if checkpoint is None or not (checkpoint / "vocab.json").is_file():
     print("no official checkpoint found: using the official tokenizer files bundled in tinyqwen/data")
 else:
     same = all((checkpoint / n).read_bytes() == (DATA / n).read_bytes() for n in ("vocab.json", "merges.txt"))
-    print(
-        f"{checkpoint}: vocab.json and merges.txt are {'identical to' if same else 'DIFFERENT from'} the bundled files"
-    )
+    print(f"{checkpoint}: vocab.json and merges.txt are {'identical to' if same else 'DIFFERENT from'} the bundled files")
 
 # %% [markdown]
 # Last, everything at once: our `encode` and `decode` (and tinyqwen's) against
@@ -665,11 +642,8 @@ inp = (REPO / "tests" / "data" / "ggml-vocab-qwen2.gguf.inp").read_text(encoding
 out = (REPO / "tests" / "data" / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8")
 llama = list(zip(inp.split("\n__ggml_vocab_test__\n")[:-1], out.split("\n"), strict=False))
 cases += [(text, [int(i) for i in ids.split()]) for text, ids in llama]
-bad = [
-    text
-    for text, want in cases
-    if not encode(text) == want == tiny_tok.encode(text) or decode(want) != unicodedata.normalize("NFC", text)
-]
+bad = [text for text, want in cases
+       if not encode(text) == want == tiny_tok.encode(text) or decode(want) != unicodedata.normalize("NFC", text)]
 assert not bad, bad
 print(f"{len(cases)} texts ({len(llama)} of them llama.cpp's) encode to the official ids (ours and tinyqwen's), "
       f"{sum(len(w) for _, w in cases):,} ids in all, and decode back to their (NFC) text")  # fmt: skip

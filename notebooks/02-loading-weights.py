@@ -52,7 +52,6 @@ import numpy as np
 
 # %%
 from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-
 TIED = FIXTURES / "dense-tied"  # F32, one model.safetensors
 SHARDED = FIXTURES / "dense-untied-bf16-sharded"  # BF16, two shards + an index
 
@@ -142,7 +141,6 @@ raw[data_start - 8 : data_start], data_start % 8
 # %% [markdown]
 # That is our first function. It reads only the first $8 + N$ bytes of the file, however large the file is:
 
-
 # %%
 def read_header(path) -> tuple[dict, int]:
     """The parsed JSON header (with "__metadata__") and the file position where the data area starts."""
@@ -174,28 +172,15 @@ infos["model.embed_tokens.weight"]
 # A tensor's `data_offsets` must span exactly $\prod(\text{shape}) \times \text{bytes per element}$ bytes:
 
 # %%
-ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
+ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 tensors = {name: t for name, t in header.items() if name != "__metadata__"}
 for name, t in list(tensors.items())[:5]:
     start, end = t["data_offsets"]
     print(f"{name:<44} {t['dtype']:<4} {str(t['shape']):<10} [{start:>6}, {end:>6})  {end - start:>6} bytes")
 
 # %%
-assert all(
-    np.prod(t["shape"]) * ITEMSIZE[t["dtype"]] == t["data_offsets"][1] - t["data_offsets"][0]
-    for t in tensors.values()
-)
+assert all(np.prod(t["shape"]) * ITEMSIZE[t["dtype"]] == t["data_offsets"][1] - t["data_offsets"][0]
+           for t in tensors.values())
 
 # %% [markdown]
 # The tensors also *tile* the data area: sorted by offset, each starts where the previous one ends, the first at 0 and
@@ -212,27 +197,14 @@ assert all(a_end == b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]
 # from its name:
 
 # %%
-COLOURS = {
-    "embed": "tab:blue",
-    "lm_head": "tab:purple",
-    "norm": "tab:red",
-    "self_attn": "tab:orange",
-    "mlp": "tab:green",
-}
+COLOURS = {"embed": "tab:blue", "lm_head": "tab:purple", "norm": "tab:red", "self_attn": "tab:orange", "mlp": "tab:green"}
 
 
 def kind(name: str) -> str:
     return next(k for k in COLOURS if k in name)  # "norm" before "self_attn": q_norm/k_norm count as norms
 
 
-[
-    kind(n)
-    for n in (
-        "model.embed_tokens.weight",
-        "model.layers.0.self_attn.q_norm.weight",
-        "model.layers.0.mlp.up_proj.weight",
-    )
-]
+[kind(n) for n in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_norm.weight", "model.layers.0.mlp.up_proj.weight")]
 
 # %% [markdown]
 # Now the picture: the length prefix and header in gray, then one coloured span per tensor, at its real position
@@ -243,17 +215,11 @@ fig, ax = plt.subplots(figsize=(11, 1.8))
 ax.broken_barh([(0, data_start)], (0, 1), color="lightgray")
 for name, t in tensors.items():
     start, end = t["data_offsets"]
-    ax.broken_barh(
-        [(data_start + start, end - start)], (0, 1), color=COLOURS[kind(name)], edgecolor="white", lw=0.3
-    )
+    ax.broken_barh([(data_start + start, end - start)], (0, 1), color=COLOURS[kind(name)], edgecolor="white", lw=0.3)
 present = [k for k in COLOURS if any(kind(n) == k for n in tensors)]  # no lm_head: this fixture is tied
 handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ["lightgray", *(COLOURS[k] for k in present)]]
 ax.legend(handles, ["length + header", *present], ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.45))
-ax.set(
-    yticks=[],
-    xlabel="byte position in model.safetensors",
-    title=f"{path.parent.name}/{path.name}: {len(raw):,} bytes",
-)
+ax.set(yticks=[], xlabel="byte position in model.safetensors", title=f"{path.parent.name}/{path.name}: {len(raw):,} bytes")
 plt.show()
 
 # %% [markdown]
@@ -287,7 +253,6 @@ print(f"{bits:032b}  s={s} e={e} m={m}")
 # %% [markdown]
 # To see the three fields, we draw a bit pattern as a row of boxes, coloured by field, with the 1 bits darker:
 
-
 # %%
 def draw_bits(ax, value_bits: int, n: int, y: float, label: str) -> None:
     """Draw the n-bit pattern as boxes: sign red, exponent blue, mantissa green (float32 and bf16 share the layout)."""
@@ -309,12 +274,7 @@ pi16 = pi32 >> 16  # bfloat16 by truncation, for the picture (section 7 rounds p
 fig, ax = plt.subplots(figsize=(11, 2.2))
 draw_bits(ax, pi32, 32, 1.2, f"float32 {np.float32(np.pi):.7f}")
 draw_bits(ax, pi16, 16, 0, f"bfloat16 {np.array(pi16 << 16, dtype=np.uint32).view(np.float32):.7f}")
-ax.set(
-    xlim=(-9, 32.5),
-    ylim=(-0.2, 2.3),
-    xticks=[0.5, 4.5, 20],
-    xticklabels=["sign", "exponent (8 bits)", "mantissa"],
-)
+ax.set(xlim=(-9, 32.5), ylim=(-0.2, 2.3), xticks=[0.5, 4.5, 20], xticklabels=["sign", "exponent (8 bits)", "mantissa"])
 ax.set_yticks([])
 ax.set_title("π in float32, and the same top 16 bits as bfloat16")
 plt.show()
@@ -341,7 +301,6 @@ u16, [f"{u:016b}" for u in u16]
 # To widen one value, we put its 16 bits on top of 16 zero bits and read the 32 bits as a float32. Here is a loop
 # version first, one value at a time:
 
-
 # %%
 def bf16_to_float32_loop(patterns) -> np.ndarray:
     out = []
@@ -357,7 +316,6 @@ bf16_to_float32_loop(u16)
 # The vectorised version does the same to a whole array: widen to `uint32`, shift left by 16, and **reinterpret** the
 # bits as float32 with `.view`. `.view` does not convert numbers. `u16.astype(np.float32)` would turn the *integer*
 # 16256 into 16256.0, another classic mistake.
-
 
 # %%
 def bf16_to_float32(u16: np.ndarray) -> np.ndarray:  # [...] uint16 -> [...] float32
@@ -395,11 +353,8 @@ rel = np.abs(rounded - weights) / np.abs(weights)
 plt.figure(figsize=(7, 3))
 plt.hist(rel, bins=100, color="tab:blue")
 plt.axvline(2**-8, color="tab:red", ls="--", label="$2^{-8}$: the largest possible error")
-plt.gca().set(
-    xlabel="relative error |bf16(w) - w| / |w|",
-    ylabel="weights",
-    title=f"Rounding {weights.size:,} float32 weights to bfloat16",
-)
+plt.gca().set(xlabel="relative error |bf16(w) - w| / |w|", ylabel="weights",
+              title=f"Rounding {weights.size:,} float32 weights to bfloat16")
 plt.legend()
 plt.show()
 
@@ -419,19 +374,11 @@ fig, ax = plt.subplots(figsize=(9, 3.2))
 for y, (label, (smallest, largest, bits)) in enumerate(formats.items()):
     ax.hlines(y, smallest, largest, lw=14, color=f"C{y}")
     digits = (bits + 1) * np.log10(2)  # significant bits: the stored ones plus the implicit leading 1
-    ax.text(
-        1e-39, y + 0.3, f"{label}: ~{digits:.1f} significant digits, from {smallest:.2g} to {largest:.4g}"
-    )
+    ax.text(1e-39, y + 0.3, f"{label}: ~{digits:.1f} significant digits, from {smallest:.2g} to {largest:.4g}")
 ax.axvspan(1e-3, 1e4, color="gray", alpha=0.2)
 ax.text(2e4, -0.45, "← typical weights and activations", fontsize=8)
-ax.set(
-    xscale="log",
-    xlim=(1e-40, 1e40),
-    ylim=(-0.6, 2.75),
-    yticks=[],
-    xlabel="magnitude |x| (normal numbers)",
-    title="Range of the three float formats (bars) and their precision (labels)",
-)
+ax.set(xscale="log", xlim=(1e-40, 1e40), ylim=(-0.6, 2.75), yticks=[], xlabel="magnitude |x| (normal numbers)",
+       title="Range of the three float formats (bars) and their precision (labels)")
 plt.show()
 
 # %% [markdown]
@@ -443,23 +390,12 @@ plt.show()
 
 # %%
 # safetensors dtype name -> NumPy dtype, little-endian ("<") whatever this machine's byte order; BF16 as raw bits
-NUMPY_DTYPE = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "BF16": "<u2",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U8": "u1",
-    "BOOL": "?",
-}
+NUMPY_DTYPE = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4",
+               "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
 # %% [markdown]
 # The function has three steps: find the bytes, read exactly those bytes, and give them a type and a shape.
-
 
 # %%
 def read_tensor(path, name: str) -> np.ndarray:
@@ -519,19 +455,13 @@ for name, t in read_header(small)[0].items():
 # at a time, when something first touches them. NumPy wraps this as `np.memmap`. It takes the same three facts from the
 # header (dtype, shape, offset) and returns an array that is a window onto the file:
 
-
 # %%
 def map_tensor(path, name: str) -> np.ndarray:
     """The tensor as stored (BF16 as uint16 bit patterns), memory-mapped read-only: nothing is read yet."""
     header, data_start = read_header(path)
     t = header[name]
-    return np.memmap(
-        path,
-        dtype=NUMPY_DTYPE[t["dtype"]],
-        mode="r",
-        offset=data_start + t["data_offsets"][0],
-        shape=tuple(t["shape"]),
-    )
+    return np.memmap(path, dtype=NUMPY_DTYPE[t["dtype"]], mode="r",
+                     offset=data_start + t["data_offsets"][0], shape=tuple(t["shape"]))
 
 
 M = map_tensor(path, "model.embed_tokens.weight")
@@ -546,16 +476,12 @@ type(M).__name__, M.shape, np.array_equal(M, E)
 tmp = Path(tempfile.mkdtemp())
 big = tmp / "big.safetensors"
 rows, cols = 32768, 16384  # 2 GiB of float32
-head = json.dumps(
-    {"big": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, rows * cols * 4]}}
-).encode()
+head = json.dumps({"big": {"dtype": "F32", "shape": [rows, cols], "data_offsets": [0, rows * cols * 4]}}).encode()
 head += b" " * (-len(head) % 8)
 with open(big, "wb") as f:
     f.write(struct.pack("<Q", len(head)) + head)
     f.truncate(8 + len(head) + rows * cols * 4)
-print(
-    f"{big.stat().st_size / 2**30:.2f} GiB long, {getattr(big.stat(), 'st_blocks', 0) * 512 / 2**20:.2f} MiB on disk"
-)
+print(f"{big.stat().st_size / 2**30:.2f} GiB long, {getattr(big.stat(), 'st_blocks', 0) * 512 / 2**20:.2f} MiB on disk")
 
 # %% [markdown]
 # Mapping it takes a fraction of a millisecond (mostly reading the header), however big the tensor is, because
@@ -567,14 +493,11 @@ A = map_tensor(big, "big")
 t1 = time.perf_counter()
 row = np.array(A[12345])  # touch one row: 64 KiB
 t2 = time.perf_counter()
-print(
-    f"mapping {A.nbytes / 2**30:.0f} GiB: {(t1 - t0) * 1e3:.2f} ms; reading one {row.nbytes // 1024} KiB row: {(t2 - t1) * 1e3:.2f} ms"
-)
+print(f"mapping {A.nbytes / 2**30:.0f} GiB: {(t1 - t0) * 1e3:.2f} ms; reading one {row.nbytes // 1024} KiB row: {(t2 - t1) * 1e3:.2f} ms")
 
 # %% [markdown]
 # Memory is paid only for what is touched. On Linux, `/proc/self/statm` reports the process's *resident* memory,
 # the pages that are really in RAM. We touch more and more rows and watch it grow:
-
 
 # %%
 def resident_mib() -> float | None:
@@ -601,11 +524,8 @@ else:
     plt.figure(figsize=(6, 3.2))
     plt.plot(touched, grown, "o-", label="resident memory growth")
     plt.plot([0, touched[-1]], [0, touched[-1]], "k:", label="1 MiB per MiB touched")
-    plt.gca().set(
-        xlabel="MiB of the 2 GiB tensor touched",
-        ylabel="MiB resident",
-        title="A memory-mapped tensor costs only the pages you touch",
-    )
+    plt.gca().set(xlabel="MiB of the 2 GiB tensor touched", ylabel="MiB resident",
+                  title="A memory-mapped tensor costs only the pages you touch")
     plt.legend()
     plt.show()
 
@@ -662,12 +582,8 @@ list(index["weight_map"].items())[:4]
 # %%
 shards = sorted(set(index["weight_map"].values()))
 headers = {s: read_header(SHARDED / s)[0] for s in shards}
-tensor_bytes = sum(
-    t["data_offsets"][1] - t["data_offsets"][0]
-    for h in headers.values()
-    for n, t in h.items()
-    if n != "__metadata__"
-)
+tensor_bytes = sum(t["data_offsets"][1] - t["data_offsets"][0]
+                   for h in headers.values() for n, t in h.items() if n != "__metadata__")
 tensor_bytes, index["metadata"]["total_size"]
 
 # %% [markdown]
@@ -679,9 +595,7 @@ groups = ["embed", "layer 0", "layer 1", "layer 2", "norm + head"]
 
 
 def group(name: str) -> str:
-    return (
-        "embed" if "embed" in name else f"layer {name.split('.')[2]}" if ".layers." in name else "norm + head"
-    )
+    return "embed" if "embed" in name else f"layer {name.split('.')[2]}" if ".layers." in name else "norm + head"
 
 
 # %% [markdown]
@@ -698,18 +612,13 @@ for s, colour in zip(shards, ["tab:blue", "tab:orange"]):
             size[groups.index(group(n))] += (t["data_offsets"][1] - t["data_offsets"][0]) / 1024
     ax.bar(groups, size, bottom=bottom, color=colour, label=s)
     bottom += size
-ax.set(
-    ylabel="KiB",
-    ylim=(0, bottom.max() * 1.45),
-    title="Which shard holds which layer's bytes (dense-untied-bf16-sharded)",
-)
+ax.set(ylabel="KiB", ylim=(0, bottom.max() * 1.45), title="Which shard holds which layer's bytes (dense-untied-bf16-sharded)")
 ax.legend(loc="upper left")
 plt.show()
 
 # %% [markdown]
 # So a loader must not assume that a layer lives in one file. It asks the index for each tensor. When there is no
 # index, the folder has a single `model.safetensors`. Reading each shard's header once, the loader is:
-
 
 # %%
 def load_checkpoint(directory) -> dict[str, np.ndarray]:
@@ -719,11 +628,8 @@ def load_checkpoint(directory) -> dict[str, np.ndarray]:
     if index_file.is_file():
         weight_map = json.loads(index_file.read_text())["weight_map"]
     else:
-        weight_map = {
-            n: "model.safetensors"
-            for n in read_header(directory / "model.safetensors")[0]
-            if n != "__metadata__"
-        }
+        weight_map = {n: "model.safetensors" for n in read_header(directory / "model.safetensors")[0]
+                      if n != "__metadata__"}
     return {name: read_tensor(directory / file, name) for name, file in sorted(weight_map.items())}
 
 
@@ -779,7 +685,6 @@ config
 # From the config we can predict the name and shape of every tensor in the checkpoint. A projection from width $a$
 # to width $b$ is stored as a $[b, a]$ matrix (output rows, input columns; PyTorch's `nn.Linear` convention):
 
-
 # %%
 def expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     """{tensor name: shape} of an official checkpoint with config.json `c` (dense or MoE)."""
@@ -788,31 +693,19 @@ def expected_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (c["vocab_size"], H), "model.norm.weight": (H,)}
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.q_proj.weight": (Q, H),
-            p + "self_attn.k_proj.weight": (KV, H),
-            p + "self_attn.v_proj.weight": (KV, H),
-            p + "self_attn.o_proj.weight": (H, Q),
-            p + "self_attn.q_norm.weight": (D,),
-            p + "self_attn.k_norm.weight": (D,),
-        }
-        moe = (
-            c.get("num_experts", 0) > 0
-            and i not in c.get("mlp_only_layers", [])
-            and (i + 1) % c.get("decoder_sparse_step", 1) == 0
-        )
+        shapes |= {p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
+                   p + "self_attn.q_proj.weight": (Q, H), p + "self_attn.k_proj.weight": (KV, H),
+                   p + "self_attn.v_proj.weight": (KV, H), p + "self_attn.o_proj.weight": (H, Q),
+                   p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)}
+        moe = (c.get("num_experts", 0) > 0 and i not in c.get("mlp_only_layers", [])
+               and (i + 1) % c.get("decoder_sparse_step", 1) == 0)
         experts = [f"experts.{e}." for e in range(c["num_experts"])] if moe else [""]
         f = c["moe_intermediate_size"] if moe else F
         if moe:
             shapes[p + "mlp.gate.weight"] = (c["num_experts"], H)  # the router
         for x in experts:
-            shapes |= {
-                p + f"mlp.{x}gate_proj.weight": (f, H),
-                p + f"mlp.{x}up_proj.weight": (f, H),
-                p + f"mlp.{x}down_proj.weight": (H, f),
-            }
+            shapes |= {p + f"mlp.{x}gate_proj.weight": (f, H), p + f"mlp.{x}up_proj.weight": (f, H),
+                       p + f"mlp.{x}down_proj.weight": (H, f)}
     if not c["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (c["vocab_size"], H)
     return shapes
@@ -848,18 +741,13 @@ for n in ("Qwen3-0.6B", "Qwen3-8B"):
     assert {k: list(v) for k, v in expected_shapes(models[n]).items()} == ref_shapes["shapes"][n], n
 moe30 = json.loads((CONFIGS / "Qwen3-30B-A3B.json").read_text())
 s30 = expected_shapes(moe30)
-assert (len(s30), sum(np.prod(v) for v in s30.values())) == (
-    ref_shapes["moe"]["Qwen3-30B-A3B"]["num_tensors"],
-    ref_shapes["moe"]["Qwen3-30B-A3B"]["num_parameters"],
-)
-print(
-    f"Qwen3-0.6B and Qwen3-8B shapes equal transformers'; Qwen3-30B-A3B: {len(s30):,} tensors, "
-    f"{sum(np.prod(v) for v in s30.values()) / 1e9:.2f} B parameters, as transformers counts"
-)
+assert (len(s30), sum(np.prod(v) for v in s30.values())) == (ref_shapes["moe"]["Qwen3-30B-A3B"]["num_tensors"],
+                                                             ref_shapes["moe"]["Qwen3-30B-A3B"]["num_parameters"])
+print(f"Qwen3-0.6B and Qwen3-8B shapes equal transformers'; Qwen3-30B-A3B: {len(s30):,} tensors, "
+      f"{sum(np.prod(v) for v in s30.values()) / 1e9:.2f} B parameters, as transformers counts")
 
 # %% [markdown]
 # Where do the parameters of the dense models sit? We sort every tensor into four parts:
-
 
 # %%
 def part(name: str) -> str:
@@ -871,10 +759,8 @@ def part(name: str) -> str:
 
 
 parts = ["embedding + head", "attention", "MLP", "norms"]
-counts = {
-    m: {p: sum(np.prod(s) for n, s in expected_shapes(c).items() if part(n) == p) for p in parts}
-    for m, c in models.items()
-}
+counts = {m: {p: sum(np.prod(s) for n, s in expected_shapes(c).items() if part(n) == p) for p in parts}
+          for m, c in models.items()}
 
 # %% [markdown]
 # Counting is then a sum of products of shapes, one per part. `counts` holds, for each model, the number of
@@ -913,9 +799,7 @@ from tinyqwen.hub import official_checkpoint
 
 real = official_checkpoint()
 if real is None:
-    print(
-        "No official checkpoint found (set TINYQWEN_MODEL or cache Qwen/Qwen3-0.6B); the fixtures above stand in."
-    )
+    print("No official checkpoint found (set TINYQWEN_MODEL or cache Qwen/Qwen3-0.6B); the fixtures above stand in.")
 else:
     files = sorted(real.glob("*.safetensors"))
     t0 = time.perf_counter()
@@ -924,20 +808,14 @@ else:
     emb = map_tensor(emb_file, "model.embed_tokens.weight")
     t1 = time.perf_counter()
     dtypes = sorted({t["dtype"] for t in entries.values()})
-    print(
-        f"{real.name}: {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB, "
-        f"{len(entries)} tensors, dtypes {dtypes}"
-    )
+    print(f"{real.name}: {len(files)} file(s), {sum(f.stat().st_size for f in files) / 1e9:.2f} GB, "
+          f"{len(entries)} tensors, dtypes {dtypes}")
     first_row = np.array(emb[0, :4])  # touching 4 values reads one page
     first_row = bf16_to_float32(first_row) if first_row.dtype == np.uint16 else first_row
-    print(
-        f"headers read and embedding {emb.shape} mapped in {(t1 - t0) * 1e3:.1f} ms; row 0 starts {first_row}"
-    )
+    print(f"headers read and embedding {emb.shape} mapped in {(t1 - t0) * 1e3:.1f} ms; row 0 starts {first_row}")
     c = json.loads((real / "config.json").read_text())
     missing = set(expected_shapes(c)) - set(entries)
-    print(
-        "every tensor config.json predicts is present" if not missing else f"missing: {sorted(missing)[:3]}"
-    )
+    print("every tensor config.json predicts is present" if not missing else f"missing: {sorted(missing)[:3]}")
 
 # %% [markdown]
 # ## 13. Checkpoint: your loader runs the real model
@@ -974,21 +852,17 @@ class Loaded:
 # The rest is tinyqwen's own code: `load_weights` checks every name and shape against `config.json` and arranges
 # the arrays for the forward pass. `Qwen3` is the network with the plain NumPy kernels of the later chapters:
 
-
 # %%
 def model_from(folder: Path, tensors: dict) -> Qwen3:
     cfg = config_from_dict(json.loads((folder / "config.json").read_text()))
     return Qwen3(config=cfg, weights=load_weights(Loaded(tensors), cfg), backend=get_backend("numpy"))
-
 
 # %%
 for folder, tensors in ((TIED, weights_tied), (SHARDED, weights_sharded)):
     ref = np.load(folder / "reference.npz")
     delta = np.abs(model_from(folder, tensors)(ref["input_ids"]) - ref["logits"]).max()
     assert delta <= 1e-4, (folder.name, delta)
-    print(
-        f"{folder.name:<27} logits {list(ref['logits'].shape)}: max |Δ| = {delta:.1e} ≤ 1e-4 against transformers"
-    )
+    print(f"{folder.name:<27} logits {list(ref['logits'].shape)}: max |Δ| = {delta:.1e} ≤ 1e-4 against transformers")
 
 # %% [markdown]
 # ## Summary

@@ -70,18 +70,13 @@ fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_r
 left.imshow(E[:60].T, aspect="auto", cmap="RdBu", vmin=-1.5, vmax=1.5)
 for t in ids[ids < 60]:
     left.axvline(t, color="black", lw=2)
-left.set(
-    xlabel="token id (rows 0-59 of E, drawn as columns)",
-    ylabel="hidden dimension",
-    title="The embedding table E (excerpt)",
-)
+left.set(xlabel="token id (rows 0-59 of E, drawn as columns)", ylabel="hidden dimension", title="The embedding table E (excerpt)")
 right.imshow(E[ids].T, aspect="auto", cmap="RdBu", vmin=-1.5, vmax=1.5)
 right.set(xticks=range(len(ids)), xticklabels=ids, xlabel="token id", title="E[ids]: one column per token")
 plt.show()
 
 # %% [markdown]
 # (Only the ids below 60 are marked on the left.) Here is a loop version first, one id at a time:
-
 
 # %%
 def embed_loop(ids, table):
@@ -93,7 +88,6 @@ embed_loop(ids, E).shape
 # %% [markdown]
 # NumPy's integer-array indexing does the same for an array of ids of *any* shape. It appends the hidden axis:
 # `[T]` becomes `[T, H]`, and a batch `[B, T]` becomes `[B, T, H]`:
-
 
 # %%
 def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:  # [...] int, [V, H] -> [..., H]
@@ -122,13 +116,8 @@ fig, axes = plt.subplots(1, 3, figsize=(11, 2.6), gridspec_kw={"width_ratios": [
 axes[0].scatter(ids, range(len(ids)), marker="s", s=40, color="black")  # the only nonzero entries
 for i, t in enumerate(ids):
     axes[0].annotate(f" {t}", (t, i), va="center", fontsize=8)
-axes[0].set(
-    xlim=(-5, E.shape[0] + 5),
-    ylim=(len(ids) - 0.5, -0.5),
-    title="one-hot [T, V]: a single 1 per row",
-    xlabel="vocabulary index (all 512; white = 0)",
-    ylabel="position",
-)
+axes[0].set(xlim=(-5, E.shape[0] + 5), ylim=(len(ids) - 0.5, -0.5), title="one-hot [T, V]: a single 1 per row",
+            xlabel="vocabulary index (all 512; white = 0)", ylabel="position")
 axes[1].imshow(one_hot @ E, aspect="auto", cmap="RdBu", vmin=-1.5, vmax=1.5)
 axes[1].set(title="= one_hot @ E  [T, H]", xlabel="hidden dimension")
 axes[2].imshow(embed(ids, E), aspect="auto", cmap="RdBu", vmin=-1.5, vmax=1.5)
@@ -144,7 +133,6 @@ plt.show()
 # One trap: NumPy accepts **negative** indices and counts them from the end, so `E[-1]` silently returns the last
 # token's vector. A bug that produces id −1 (a padding value, say) gives a plausible vector instead of an error.
 # PyTorch's `nn.Embedding` raises an error, and so should we:
-
 
 # %%
 def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:  # [...] int, [V, H] -> [..., H]
@@ -185,12 +173,7 @@ print("embed(input_ids, E) == transformers' embed_tokens output, bit for bit:", 
 
 # %%
 with Checkpoint(TIED) as ckpt:
-    print(
-        "tie_word_embeddings:",
-        config["tie_word_embeddings"],
-        "| lm_head.weight in the file:",
-        "lm_head.weight" in ckpt,
-    )
+    print("tie_word_embeddings:", config["tie_word_embeddings"], "| lm_head.weight in the file:", "lm_head.weight" in ckpt)
 
 # %% [markdown]
 # In Qwen3-0.6B, tying saves 151,936 × 1024 = 156 million parameters (311 MB in bf16), a quarter of the model.
@@ -205,7 +188,6 @@ with Checkpoint(TIED) as ckpt:
 # ([chapter 6](06-dense-model.ipynb)). Nothing ever shrinks it, so its size drifts upward layer by layer.
 # `reference.npz` has the residual stream after every layer for each fixture. Here is its root-mean-square size
 # per token:
-
 
 # %%
 def rms(x: np.ndarray) -> np.ndarray:  # [..., d] -> [...]
@@ -223,12 +205,8 @@ for name in ("dense-tied", "dense-untied-bf16-sharded", "moe-sparse-step"):
     r = rms(hidden).reshape(len(hidden), -1)
     plt.plot(r.mean(axis=1), "o-", label=f"{name} (mean over tokens)")
     plt.fill_between(range(len(r)), r.min(axis=1), r.max(axis=1), alpha=0.15)
-plt.gca().set(
-    xlabel="layer (0 = embedding output)",
-    ylabel="RMS of the residual stream",
-    yscale="log",
-    title="The residual stream grows with depth (transformers, fixture models)",
-)
+plt.gca().set(xlabel="layer (0 = embedding output)", ylabel="RMS of the residual stream", yscale="log",
+              title="The residual stream grows with depth (transformers, fixture models)")
 plt.legend(fontsize=8)
 plt.show()
 
@@ -247,30 +225,21 @@ from tinyqwen.config import count_parameters
 real = official_checkpoint()
 size = count_parameters(load_config(real)) if real is not None else 0
 if real is None:
-    print(
-        "No official checkpoint found (set TINYQWEN_MODEL or cache Qwen/Qwen3-0.6B); the fixture curves above stand in."
-    )
+    print("No official checkpoint found (set TINYQWEN_MODEL or cache Qwen/Qwen3-0.6B); the fixture curves above stand in.")
 elif size > 2e9:
-    print(
-        f"{real.name} has {size / 1e9:.1f} B parameters ({4 * size / 1e9:.0f} GB in float32): skipped here."
-    )
+    print(f"{real.name} has {size / 1e9:.1f} B parameters ({4 * size / 1e9:.0f} GB in float32): skipped here.")
 else:
     from tinyqwen import Tokenizer, load_model
 
     big = load_model(real, progress=False)
     sentence = Tokenizer.qwen3().encode("The capital of France is Paris, and the capital of Italy is Rome.")
-    hidden = big.forward(
-        np.array([sentence]), return_hidden_states=True
-    ).hidden_states  # L+1 arrays [1, T, H]
+    hidden = big.forward(np.array([sentence]), return_hidden_states=True).hidden_states  # L+1 arrays [1, T, H]
     r = np.stack([rms(h[0]) for h in hidden])  # [L+1, T]
     plt.figure(figsize=(7, 3.2))
     plt.semilogy(r[:, 0], "s--", label="the first token")
     plt.semilogy(r[:, 1:].mean(axis=1), "o-", label="the other tokens (mean)")
-    plt.gca().set(
-        xlabel="layer (0 = embedding output)",
-        ylabel="RMS of the residual stream",
-        title=f"The residual stream of {real.name}, {len(sentence)} tokens",
-    )
+    plt.gca().set(xlabel="layer (0 = embedding output)", ylabel="RMS of the residual stream",
+                  title=f"The residual stream of {real.name}, {len(sentence)} tokens")
     plt.legend()
     plt.show()
     del big, hidden
@@ -322,10 +291,7 @@ by_layer = centred / np.sqrt(np.mean(centred**2, axis=-1, keepdims=True))
 
 # %%
 fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharex=True, sharey=True)
-for ax, out, title in (
-    (axes[0], by_rms, "RMSNorm: x / rms(x)"),
-    (axes[1], by_layer, "LayerNorm: (x - mean) / std"),
-):
+for ax, out, title in ((axes[0], by_rms, "RMSNorm: x / rms(x)"), (axes[1], by_layer, "LayerNorm: (x - mean) / std")):
     ax.scatter(*points.T, s=12, color="gray", label="input")
     ax.scatter(*out.T, s=18, color="tab:red", label="output", zorder=3)
     for p, q in zip(points, out):
@@ -345,7 +311,6 @@ plt.show()
 #
 # First the definition, one vector at a time, written out:
 
-
 # %%
 def rms_norm_loop(rows, weight, eps):
     out = []
@@ -362,7 +327,6 @@ rms_norm_loop(np.array([[3.0, 4.0]]), np.ones(2), eps=0.0)  # RMS of (3, 4) is s
 # `keepdims=True` keeps the reduced axis as size 1, so the division broadcasts one RMS over its whole vector.
 # The weight of shape `[d]` broadcasts over all leading axes:
 
-
 # %%
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [..., d], [d] -> [..., d]
     x = x.astype(np.float32)  # compute in float32 whatever x is (section 8)
@@ -371,11 +335,7 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [.
 
 
 x = ref["hidden_states"][1]  # the residual stream after layer 0: [B, T, H] = [2, 12, 64]
-assert np.allclose(
-    rms_norm(x, final_norm, 1e-6).reshape(-1, 64),
-    rms_norm_loop(x.reshape(-1, 64), final_norm, 1e-6),
-    atol=1e-6,
-)
+assert np.allclose(rms_norm(x, final_norm, 1e-6).reshape(-1, 64), rms_norm_loop(x.reshape(-1, 64), final_norm, 1e-6), atol=1e-6)
 rms_norm(x, final_norm, 1e-6).shape
 
 # %% [markdown]
@@ -420,11 +380,8 @@ plt.semilogx(s, s / np.sqrt(s**2 + eps), label=r"$\varepsilon$ inside: $x/\sqrt{
 plt.semilogx(s, s / (s + eps), "--", label=r"$\varepsilon$ outside: $x/(\sqrt{ms}+\varepsilon)$")
 plt.axvline(np.sqrt(eps), color="gray", ls=":")
 plt.text(np.sqrt(eps) * 1.3, 0.1, r"$\sqrt{\varepsilon} = 10^{-3}$", color="gray")
-plt.gca().set(
-    xlabel="RMS of the input vector",
-    ylabel="RMS of the output",
-    title=r"Where $\varepsilon$ sits decides which vectors count as 'tiny' ($\varepsilon = 10^{-6}$)",
-)
+plt.gca().set(xlabel="RMS of the input vector", ylabel="RMS of the output",
+              title=r"Where $\varepsilon$ sits decides which vectors count as 'tiny' ($\varepsilon = 10^{-6}$)")
 plt.legend(fontsize=8)
 plt.show()
 
@@ -479,11 +436,7 @@ for sq in to_bf16(v * v):
 plt.figure(figsize=(7, 3.2))
 plt.plot(running32, label="exact (float64)")
 plt.plot(running16[1:], label="running sum rounded to bf16")
-plt.gca().set(
-    xlabel="coordinates added",
-    ylabel=r"$\sum x_i^2$ so far",
-    title="Summing 1024 squares in bfloat16 loses the small terms",
-)
+plt.gca().set(xlabel="coordinates added", ylabel=r"$\sum x_i^2$ so far", title="Summing 1024 squares in bfloat16 loses the small terms")
 plt.legend()
 plt.show()
 print(f"mean square: exact {running32[-1] / 1024:.4f}, bf16 loop {running16[-1] / 1024:.4f}")
@@ -502,10 +455,8 @@ ref3 = np.load(REPO / "exercises" / "references" / "ch03_embeddings_rmsnorm.npz"
 x16, w16, out16 = ref3["rms.bf16.x"], ref3["rms.bf16.weight"], ref3["rms.bf16.out"]
 ours = rms_norm(x16, w16, 1e-6)
 rel = np.abs(out16 - ours) / np.abs(ours)
-print(
-    f"transformers in bf16 vs float32: median relative difference {np.median(rel):.1e}, max {rel.max():.1e} "
-    f"(a bf16 step is at most 2^-7 = {2**-7:.1e} of the value)"
-)
+print(f"transformers in bf16 vs float32: median relative difference {np.median(rel):.1e}, max {rel.max():.1e} "
+      f"(a bf16 step is at most 2^-7 = {2**-7:.1e} of the value)")
 
 # %% [markdown]
 # That gap, a few tenths of a percent per norm, is the price of running in bf16. It is why all of this course's
@@ -521,23 +472,12 @@ print(
 
 # %%
 with Checkpoint(TIED) as ckpt:
-    layer0 = {
-        n: ckpt.get(f"model.layers.0.{n}.weight")
-        for n in ("input_layernorm", "self_attn.q_proj", "self_attn.q_norm")
-    }
+    layer0 = {n: ckpt.get(f"model.layers.0.{n}.weight") for n in ("input_layernorm", "self_attn.q_proj", "self_attn.q_norm")}
 h = rms_norm(ref["hidden_states"][0], layer0["input_layernorm"], eps=1e-6)  # [B, T, H]
-q = (h @ layer0["self_attn.q_proj"].T).reshape(
-    2, 12, config["num_attention_heads"], config["head_dim"]
-)  # [B, T, Hq, d]
+q = (h @ layer0["self_attn.q_proj"].T).reshape(2, 12, config["num_attention_heads"], config["head_dim"])  # [B, T, Hq, d]
 q_normed = rms_norm(q, layer0["self_attn.q_norm"], eps=1e-6)  # normalises each head's 32 numbers
-print(
-    "q:",
-    q.shape,
-    "\nRMS of the 4 head vectors of token 0, before:",
-    rms(q)[0, 0].round(2),
-    "\n                          after (weight divided out):",
-    rms(q_normed / layer0["self_attn.q_norm"])[0, 0].round(4),
-)
+print("q:", q.shape, "\nRMS of the 4 head vectors of token 0, before:", rms(q)[0, 0].round(2),
+      "\n                          after (weight divided out):", rms(q_normed / layer0["self_attn.q_norm"])[0, 0].round(4))
 
 # %% [markdown]
 # ## 10. Checkpoint: against transformers
@@ -581,13 +521,8 @@ print(f"RMSNorm(h_L) @ E.T vs transformers' logits: max |Δ| = {d_head:.1e}")
 # %%
 from tinyqwen.norm import rms_norm as tinyqwen_rms_norm
 
-d_tiny = max(
-    np.abs(
-        rms_norm(ref3[f"rms.{c}.x"], ref3[f"rms.{c}.weight"], 1e-6)
-        - tinyqwen_rms_norm(ref3[f"rms.{c}.x"], ref3[f"rms.{c}.weight"], 1e-6)
-    ).max()
-    for c in ("batch", "heads")
-)
+d_tiny = max(np.abs(rms_norm(ref3[f"rms.{c}.x"], ref3[f"rms.{c}.weight"], 1e-6)
+                    - tinyqwen_rms_norm(ref3[f"rms.{c}.x"], ref3[f"rms.{c}.weight"], 1e-6)).max() for c in ("batch", "heads"))
 print(f"ours vs tinyqwen.norm.rms_norm: max |Δ| = {d_tiny:.1e}")
 
 # %% [markdown]
@@ -613,9 +548,7 @@ assert np.array_equal(embed(ref["input_ids"], E), ref["hidden_states"][0])
 assert max(reference_deltas.values()) <= 1e-5 and d_tiny <= 1e-6
 assert d_head <= 1e-4 and all(d <= 1e-4 for d in results.values())
 print("embed == transformers' embed_tokens output exactly")
-print(
-    f"rms_norm vs transformers' Qwen3RMSNorm on 5 stored cases: max |Δ| = {max(reference_deltas.values()):.1e} ≤ 1e-5"
-)
+print(f"rms_norm vs transformers' Qwen3RMSNorm on 5 stored cases: max |Δ| = {max(reference_deltas.values()):.1e} ≤ 1e-5")
 print(f"RMSNorm(h_L) @ E.T vs transformers' logits: max |Δ| = {d_head:.1e} ≤ 1e-4")
 for name, d in results.items():
     print(f"{name:<26} with our rms_norm in every layer: max |Δ| = {d:.1e} ≤ 1e-4 against transformers")

@@ -45,13 +45,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-
 REF = np.load(REPO / "exercises" / "references" / "ch04_rope_yarn.npz")  # made by transformers
 
 
 def maxdiff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
 
 # %% [markdown]
 # `REF` holds what transformers' `Qwen3RotaryEmbedding` and `apply_rotary_pos_emb` compute on the real Qwen3-0.6B
@@ -59,10 +57,7 @@ def maxdiff(a, b) -> float:
 # official `config.json` of Qwen3-0.6B, of which the repo keeps a copy — RoPE needs nothing else from a checkpoint:
 
 # %%
-from tinyqwen.config import (
-    CONFIG_DIR,
-    load_config,
-)  # CONFIG_DIR: the official config.json files tinyqwen ships
+from tinyqwen.config import CONFIG_DIR, load_config  # CONFIG_DIR: the official config.json files tinyqwen ships
 
 config = load_config(CONFIG_DIR / "Qwen3-0.6B.json")
 HEAD_DIM, THETA = config.head_dim, config.rope_theta
@@ -113,14 +108,8 @@ for ax, (pair, speed) in zip(axes, [(0, 1.0), (8, THETA ** (-16 / HEAD_DIM))]):
         arrow = dict(arrowstyle="->", color=plt.cm.viridis(m / 11))
         ax.annotate("", (z.real, z.imag), (0, 0), arrowprops=arrow)
         ax.text(1.12 * z.real, 1.12 * z.imag, str(m), ha="center", va="center", fontsize=8)
-    ax.set(
-        xlim=(-1.3, 1.3),
-        ylim=(-1.3, 1.3),
-        aspect="equal",
-        xlabel="channel i",
-        ylabel="channel i + head_dim/2",
-        title=f"pair {pair}: {speed:.3g} rad per position",
-    )
+    ax.set(xlim=(-1.3, 1.3), ylim=(-1.3, 1.3), aspect="equal", xlabel="channel i", ylabel="channel i + head_dim/2",
+           title=f"pair {pair}: {speed:.3g} rad per position")
 fig.suptitle("The same vector (1, 0) at positions 0..11, for a fast and a slower pair")
 plt.tight_layout()
 plt.show()
@@ -136,11 +125,9 @@ plt.show()
 # 1,000,000, which slows the slow pairs further for long contexts). transformers calls $\omega$ `inv_freq`. A loop
 # first, one pair at a time:
 
-
 # %%
 def inv_freq_loop(head_dim, theta):
     return [1.0 / theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
-
 
 print(np.round(inv_freq_loop(8, 10000.0), 6))
 
@@ -149,15 +136,11 @@ print(np.round(inv_freq_loop(8, 10000.0), 6))
 # (`torch.arange(0, dim, 2, dtype=torch.float) / dim`); the power is taken in float64 and rounded once to float32 —
 # section 7 shows why that last bit matters.
 
-
 # %%
 def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:  # -> [head_dim // 2]
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(
-        np.float32
-    )  # theta^(2i/d), rounded once
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)  # theta^(2i/d), rounded once
     return np.float32(1.0) / power
-
 
 inv_freq = rope_inv_freq(HEAD_DIM, THETA)
 print(inv_freq.shape, inv_freq.dtype, inv_freq[:3], inv_freq[-1])
@@ -176,9 +159,7 @@ plt.xlabel("pair index i"), plt.ylabel("positions per full turn")
 plt.title(f"RoPE wavelengths of Qwen3-0.6B (head_dim {HEAD_DIM}, theta {THETA:g})")
 plt.legend()
 plt.show()
-print(
-    "pairs with no full turn inside 32,768 positions:", int((wavelength > 32768).sum()), "of", inv_freq.size
-)
+print("pairs with no full turn inside 32,768 positions:", int((wavelength > 32768).sum()), "of", inv_freq.size)
 
 # %% [markdown]
 # Remember the pairs above the orange line: during training they never made a full turn. They come back in
@@ -193,13 +174,11 @@ print(
 # the same angles, $[\,m\omega_0, \dots, m\omega_{d/2-1},\; m\omega_0, \dots, m\omega_{d/2-1}\,]$. YaRN (section 9)
 # also multiplies both tables by an "attention factor"; for plain RoPE it is 1.
 
-
 # %%
 def rope_cos_sin(positions, inv_freq, attention_factor=1.0):  # [..., T], [d/2] -> [..., T, d] x2
     angles = positions.astype(np.float32)[..., None] * inv_freq  # [..., T, d/2], float32 (see section 7)
     angles = np.concatenate([angles, angles], axis=-1)  # split-half: both halves share the angles
     return np.cos(angles) * np.float32(attention_factor), np.sin(angles) * np.float32(attention_factor)
-
 
 positions = np.arange(256)[None]  # [B=1, T=256]: positions start at 0
 cos, sin = rope_cos_sin(positions, inv_freq)
@@ -222,10 +201,8 @@ plt.show()
 # For `head_dim = 8`, each channel coloured by the pair it belongs to:
 
 # %%
-layouts = {
-    "split-half (Qwen3): x_j with x_(j+d/2)": np.arange(8) % 4,
-    "interleaved (GPT-J): x_2i with x_(2i+1)": np.arange(8) // 2,
-}
+layouts = {"split-half (Qwen3): x_j with x_(j+d/2)": np.arange(8) % 4,
+           "interleaved (GPT-J): x_2i with x_(2i+1)": np.arange(8) // 2}
 fig, axes = plt.subplots(2, 1, figsize=(6, 2.4))
 for ax, (name, pair) in zip(axes, layouts.items()):
     ax.imshow(pair[None], cmap="Pastel1", vmin=0, vmax=8)
@@ -243,12 +220,10 @@ plt.show()
 # Turning a pair $(a, b)$ by 90° gives $(-b, a)$. In the split-half layout that is a swap of the two halves with
 # a minus on the (moved) second half — transformers calls it `rotate_half`:
 
-
 # %%
 def rotate_half(x):  # [..., d] -> [..., d]
     half = x.shape[-1] // 2
     return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
 
 print(rotate_half(np.arange(1.0, 9.0)))  # pairs (1,5) (2,6) (3,7) (4,8) -> (-5,1) (-6,2) ...
 
@@ -258,7 +233,6 @@ print(rotate_half(np.arange(1.0, 9.0)))  # pairs (1,5) (2,6) (3,7) (4,8) -> (-5,
 # Rotating a pair by $\phi$ is $(a, b) \mapsto (a\cos\phi - b\sin\phi,\; b\cos\phi + a\sin\phi)$: the vector times
 # $\cos\phi$ plus its 90°-turned copy times $\sin\phi$. First as a loop — one position, one pair at a time — on
 # a query of shape `[B, heads, T, d]`:
-
 
 # %%
 def apply_rope_loop(x, positions, inv_freq):
@@ -273,16 +247,13 @@ def apply_rope_loop(x, positions, inv_freq):
                 out[b, :, t, i + half] = c * np.cos(phi) + a * np.sin(phi)
     return out
 
-
 # %% [markdown]
 # Vectorised, this is one line: `x * cos + rotate_half(x) * sin`. The tables are `[B, T, d]` and `x` is
 # `[B, heads, T, d]`, so they get a heads axis (`cos[:, None]`) — every head at a position turns by the same angles.
 
-
 # %%
 def apply_rope(x, cos, sin):  # [B, H, T, d], [B, T, d] x2 -> [B, H, T, d]
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
-
 
 rng = np.random.default_rng(0)
 x = rng.standard_normal((2, 4, 6, 32)).astype(np.float32)  # B=2, 4 heads, T=6, head_dim 32
@@ -290,14 +261,7 @@ pos = np.stack([np.arange(6), np.arange(3, 9)])  # the second row starts at posi
 small_inv = rope_inv_freq(32, 10000.0)
 c, s = rope_cos_sin(pos, small_inv)
 y = apply_rope(x, c, s)
-print(
-    "shape",
-    x.shape,
-    "->",
-    y.shape,
-    "| max |loop - vectorised| =",
-    maxdiff(y, apply_rope_loop(x, pos, small_inv)),
-)
+print("shape", x.shape, "->", y.shape, "| max |loop - vectorised| =", maxdiff(y, apply_rope_loop(x, pos, small_inv)))
 
 # %% [markdown]
 # A rotation keeps lengths, so RoPE changes no vector's norm — only its direction:
@@ -313,12 +277,7 @@ print("norms after: ", np.linalg.norm(y[0, 0], axis=-1).round(4))
 # %%
 for name in ("q", "k"):
     mine = apply_rope(REF[f"rope.heads.{name}"], REF["rope.heads.cos"], REF["rope.heads.sin"])
-    print(
-        name,
-        REF[f"rope.heads.{name}"].shape,
-        "max |Δ| vs transformers:",
-        maxdiff(mine, REF[f"rope.heads.{name}_embed"]),
-    )
+    print(name, REF[f"rope.heads.{name}"].shape, "max |Δ| vs transformers:", maxdiff(mine, REF[f"rope.heads.{name}_embed"]))
 
 # %% [markdown]
 # ## 6. Only the distance matters
@@ -326,13 +285,11 @@ for name in ("q", "k"):
 # The property from section 1, now with our real functions: the score of a query at position $m$ with a key at
 # position $n$ is the same for $(7, 3)$, $(107, 103)$ and $(10007, 10003)$.
 
-
 # %%
 def rope_score(q, k, m, n, inv_freq):
     cq, sq = rope_cos_sin(np.array([[m]]), inv_freq)
     ck, sk = rope_cos_sin(np.array([[n]]), inv_freq)
     return float((apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum())
-
 
 qv, kv = rng.standard_normal((2, 1, 1, 1, HEAD_DIM)).astype(np.float32)
 for m, n in [(7, 3), (107, 103), (10007, 10003), (7, 4)]:
@@ -388,16 +345,11 @@ print((np.arange(3) * inv_freq[:3]).dtype, (np.arange(3).astype(np.float32) * in
 # %%
 exponent = np.arange(0, HEAD_DIM, 2, dtype=np.float32) / np.float32(HEAD_DIM)
 naive = np.float32(1.0) / np.float32(THETA) ** exponent  # float32 pow in NumPy
-for name, candidate in [
-    ("NumPy float32 pow", naive),
-    ("float64 pow, rounded", rope_inv_freq(HEAD_DIM, THETA)),
-]:
+for name, candidate in [("NumPy float32 pow", naive), ("float64 pow, rounded", rope_inv_freq(HEAD_DIM, THETA))]:
     differ = np.nonzero(candidate != REF["freq.qwen3_0_6b.inv_freq"])[0]
     c32, _ = rope_cos_sin(REF["cos_sin.long.positions"], candidate)
-    print(
-        f"{name:<21}: {differ.size:>2} pairs differ from transformers' inv_freq; "
-        f"cos table up to position 40,959 off by {np.abs(c32 - REF['cos_sin.long.cos']).max():.1e}"
-    )
+    print(f"{name:<21}: {differ.size:>2} pairs differ from transformers' inv_freq; "
+          f"cos table up to position 40,959 off by {np.abs(c32 - REF['cos_sin.long.cos']).max():.1e}")
 
 # %% [markdown]
 # Both effects are far below what the model itself can resolve (its bf16 weights carry 3 significant digits),
@@ -407,10 +359,7 @@ for name, candidate in [
 
 # %%
 mine_cos, mine_sin = rope_cos_sin(REF["cos_sin.long.positions"], REF["cos_sin.long.inv_freq"])
-print(
-    "float32 angles: max |Δ| =",
-    max(maxdiff(mine_cos, REF["cos_sin.long.cos"]), maxdiff(mine_sin, REF["cos_sin.long.sin"])),
-)
+print("float32 angles: max |Δ| =", max(maxdiff(mine_cos, REF["cos_sin.long.cos"]), maxdiff(mine_sin, REF["cos_sin.long.sin"])))
 a64 = REF["cos_sin.long.positions"][..., None] * REF["cos_sin.long.inv_freq"].astype(np.float64)
 print("float64 angles: max |Δ| =", maxdiff(np.cos(np.concatenate([a64, a64], -1)), REF["cos_sin.long.cos"]))
 
@@ -430,14 +379,8 @@ covered = lambda omega, length: np.minimum(length * omega / (2 * np.pi), 1.0)  #
 plt.figure(figsize=(7, 3.5))
 plt.plot(covered(inv_freq, L), label="seen in training (0 … 32,768)")
 plt.plot(covered(inv_freq, 4 * L), "--", label="needed at 131,072")
-plt.fill_between(
-    np.arange(inv_freq.size),
-    covered(inv_freq, L),
-    covered(inv_freq, 4 * L),
-    color="C3",
-    alpha=0.2,
-    label="never-seen angles",
-)
+plt.fill_between(np.arange(inv_freq.size), covered(inv_freq, L), covered(inv_freq, 4 * L),
+                 color="C3", alpha=0.2, label="never-seen angles")
 plt.xlabel("pair index i"), plt.ylabel("fraction of a full turn")
 plt.title("Plain RoPE past its trained length: the slow pairs leave familiar ground")
 plt.legend()
@@ -490,7 +433,6 @@ print(np.round(ramp_loop, 2))
 # %% [markdown]
 # and vectorised, in float32 like transformers, as the whole of `yarn_inv_freq`:
 
-
 # %%
 def yarn_inv_freq(head_dim, theta, factor, original_max_position_embeddings, beta_fast=32.0, beta_slow=1.0):
     L = original_max_position_embeddings
@@ -503,7 +445,6 @@ def yarn_inv_freq(head_dim, theta, factor, original_max_position_embeddings, bet
     inv = rope_inv_freq(head_dim, theta)
     return (inv * (1 - ramp) + inv / np.float32(factor) * ramp).astype(np.float32)
 
-
 yarn_inv = yarn_inv_freq(HEAD_DIM, THETA, S.factor, L, S.beta_fast, S.beta_slow)
 ramp = (1 - yarn_inv / inv_freq) / (1 - 1 / S.factor)  # recover the ramp from the result
 print("same ramp as the loop:", np.allclose(ramp, ramp_loop, atol=1e-5))
@@ -513,12 +454,8 @@ fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.5))
 turns = S.original_max_position_embeddings * inv_freq / (2 * np.pi)
 ax1.plot(ramp, ".-")
 ax1.axvspan(0, low, color="C2", alpha=0.15, label=f"> {S.beta_fast:g} turns in L: keep")
-ax1.axvspan(
-    high, HEAD_DIM // 2 - 1, color="C3", alpha=0.15, label=f"< {S.beta_slow:g} turn in L: ÷ {S.factor:g}"
-)
-ax1.set(
-    xlabel="pair index i", ylabel="interpolation weight (ramp)", title="YaRN's ramp, Qwen3-0.6B, factor 4"
-)
+ax1.axvspan(high, HEAD_DIM // 2 - 1, color="C3", alpha=0.15, label=f"< {S.beta_slow:g} turn in L: ÷ {S.factor:g}")
+ax1.set(xlabel="pair index i", ylabel="interpolation weight (ramp)", title="YaRN's ramp, Qwen3-0.6B, factor 4")
 ax1.legend(fontsize=8)
 ax2.semilogy(inv_freq, label="plain RoPE")
 ax2.semilogy(yarn_inv, "--", label="YaRN")
@@ -548,9 +485,7 @@ plt.show()
 # %%
 for case in ("fixture", "qwen3_0_6b", "custom"):
     g = lambda key: REF[f"yarn.{case}.{key}"].item()
-    mine = yarn_inv_freq(
-        g("head_dim"), g("theta"), g("factor"), g("original"), g("beta_fast"), g("beta_slow")
-    )
+    mine = yarn_inv_freq(g("head_dim"), g("theta"), g("factor"), g("original"), g("beta_fast"), g("beta_slow"))
     print(f"{case:>10}: max relative |Δ| = {np.abs(mine / REF[f'yarn.{case}.inv_freq'] - 1).max():.1e}")
 
 # %% [markdown]
@@ -565,16 +500,12 @@ for case in ("fixture", "qwen3_0_6b", "custom"):
 # cos and the sin table by $t$. Queries and keys are both rotated with them, so every score $q\cdot k$ gains
 # $t \cdot t = t^2$. For $s = 4$, $t = 1.1386$:
 
-
 # %%
 def yarn_attention_factor(factor):
     return 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
 
-
 t = yarn_attention_factor(S.factor)
-print(
-    f"t = {t:.4f} (transformers: {REF['yarn.qwen3_0_6b.attention_factor']:.4f}); logits scaled by t² = {t * t:.4f}"
-)
+print(f"t = {t:.4f} (transformers: {REF['yarn.qwen3_0_6b.attention_factor']:.4f}); logits scaled by t² = {t * t:.4f}")
 s_grid = np.linspace(1, 32, 100)
 plt.figure(figsize=(5, 3))
 plt.plot(s_grid, [yarn_attention_factor(v) ** 2 for v in s_grid])
@@ -586,18 +517,11 @@ plt.show()
 # 131K), from our own `yarn_inv_freq` and `yarn_attention_factor`:
 
 # %%
-yarn_06 = yarn_inv_freq(
-    *(
-        REF[f"yarn.qwen3_0_6b.{k}"].item()
-        for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")
-    )
-)
+yarn_06 = yarn_inv_freq(*(REF[f"yarn.qwen3_0_6b.{k}"].item()
+                          for k in ("head_dim", "theta", "factor", "original", "beta_fast", "beta_slow")))
 yc, ys = rope_cos_sin(REF["cos_sin.yarn_long.positions"], yarn_06, yarn_attention_factor(4.0))
 print("positions", REF["cos_sin.yarn_long.positions"].tolist())
-print(
-    "max |Δ| vs transformers:",
-    max(maxdiff(yc, REF["cos_sin.yarn_long.cos"]), maxdiff(ys, REF["cos_sin.yarn_long.sin"])),
-)
+print("max |Δ| vs transformers:", max(maxdiff(yc, REF["cos_sin.yarn_long.cos"]), maxdiff(ys, REF["cos_sin.yarn_long.sin"])))
 
 # %% [markdown]
 # ## 11. YaRN at long range
@@ -677,12 +601,7 @@ model.inv_freq = yarn_inv_freq(c.head_dim, c.rope_theta, s.factor, s.original_ma
 model.attention_factor = yarn_attention_factor(s.factor)
 fixture = np.load(FIXTURES / "dense-yarn" / "reference.npz")
 logits = model(fixture["input_ids"])
-print(
-    "input",
-    fixture["input_ids"].shape,
-    "| logits max |Δ| vs transformers:",
-    maxdiff(logits, fixture["logits"]),
-)
+print("input", fixture["input_ids"].shape, "| logits max |Δ| vs transformers:", maxdiff(logits, fixture["logits"]))
 
 # %% [markdown]
 # ## Summary

@@ -40,13 +40,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-
 REF = np.load(REPO / "exercises" / "references" / "ch05_attention.npz")  # made by transformers
 
 
 def maxdiff(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
-
 
 # %% [markdown]
 # `REF` holds what torch and transformers compute on small seeded inputs: `torch.softmax`, the masks of
@@ -80,12 +78,10 @@ print("scores", scores, "-> weights", weights.round(3), "-> output", (weights[:,
 # $\operatorname{softmax}(x)_j = e^{x_j} / \sum_l e^{x_l}$. Written exactly like that, it breaks on large inputs:
 # float32 overflows above $e^{88.7}$, and then it computes $\infty/\infty$:
 
-
 # %%
 def softmax_naive(x, axis=-1):
     e = np.exp(x)
     return e / e.sum(axis=axis, keepdims=True)
-
 
 x = np.array([1.0, 2.0, 3.0], dtype=np.float32)
 with np.errstate(over="ignore", invalid="ignore"):
@@ -97,12 +93,10 @@ with np.errstate(over="ignore", invalid="ignore"):
 # exponent is then $e^0 = 1$ and nothing can overflow. `keepdims=True` keeps the reduced axis (size 1) so the max and
 # the sum broadcast back against `x`, whichever axis we reduce:
 
-
 # %%
 def softmax(x, axis=-1):  # [...] -> [...]
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
-
 
 print(softmax(x), softmax(x + 1000))
 
@@ -148,9 +142,7 @@ plt.show()
 dims = [4, 8, 16, 32, 64, 128, 256]
 peak = {"q·k": [], "q·k / √d": []}
 for d in dims:
-    s = (rng.standard_normal((500, 1, d)) * rng.standard_normal((500, 64, d))).sum(
-        -1
-    )  # [500 queries, 64 keys]
+    s = (rng.standard_normal((500, 1, d)) * rng.standard_normal((500, 64, d))).sum(-1)  # [500 queries, 64 keys]
     peak["q·k"].append(softmax(s).max(-1).mean())
     peak["q·k / √d"].append(softmax(s / np.sqrt(d)).max(-1).mean())
 plt.figure(figsize=(5.5, 3.2))
@@ -180,12 +172,10 @@ print(mask_loop.astype(int))
 # the $n_k$ positions. Query $i$ sits at position $i + (n_k - n_q)$. One comparison of two `arange`s covers both
 # cases:
 
-
 # %%
 def causal_mask(n_q, n_k):  # -> [n_q, n_k] bool, True = may attend
     query_positions = np.arange(n_k - n_q, n_k)  # the queries are the last n_q positions
     return np.arange(n_k)[None, :] <= query_positions[:, None]
-
 
 print(np.array_equal(causal_mask(T, T), mask_loop))
 print(causal_mask(2, 5).astype(int))
@@ -194,13 +184,8 @@ print(causal_mask(2, 5).astype(int))
 fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [1, 1]})
 for ax, (n_q, n_k) in zip(axes, [(8, 8), (3, 8)]):
     ax.imshow(causal_mask(n_q, n_k), cmap="Greens", vmin=0, vmax=1.4)
-    ax.set(
-        xlabel="key position j",
-        ylabel="query",
-        xticks=range(n_k),
-        yticks=range(n_q),
-        yticklabels=[f"{i} (pos {i + n_k - n_q})" for i in range(n_q)],
-    )
+    ax.set(xlabel="key position j", ylabel="query", xticks=range(n_k),
+           yticks=range(n_q), yticklabels=[f"{i} (pos {i + n_k - n_q})" for i in range(n_q)])
 axes[0].set_title("prefill: 8 queries, 8 keys")
 axes[1].set_title("with a cache: 3 new queries, 8 keys")
 plt.tight_layout()
@@ -222,12 +207,10 @@ for key in ("causal.4x4", "causal.1x6", "causal.3x8"):
 # %%
 MASKED = np.finfo(np.float32).min
 
-
 def attention_one_head(q, k, v, mask):  # [T, d], [S, d], [S, d], [T, S] -> [T, d]
     scores = q @ k.T / np.sqrt(q.shape[-1])  # [T, S]
     scores = np.where(mask, scores, MASKED)
     return softmax(scores) @ v
-
 
 r = {n: REF[f"attn.one_head.{n}"] for n in ("q", "k", "v", "mask", "out")}
 out = attention_one_head(r["q"][0, 0], r["k"][0, 0], r["v"][0, 0], r["mask"][0])
@@ -245,20 +228,15 @@ print(out.shape, "max |Δ| vs transformers' eager attention:", maxdiff(out, r["o
 # kv head serves a *group* of consecutive query heads. The Qwen3 family, read from the configs:
 
 # %%
-from tinyqwen.config import (
-    CONFIG_DIR,
-    load_config,
-)  # CONFIG_DIR: the official config.json files tinyqwen ships
+from tinyqwen.config import CONFIG_DIR, load_config  # CONFIG_DIR: the official config.json files tinyqwen ships
 
 print(f"{'model':<14} {'layers':>6} {'q heads':>8} {'kv heads':>9} {'group':>6}   KV cache per token (bf16)")
 for name in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-30B-A3B"):
     c = load_config(CONFIG_DIR / f"{name}.json")
     per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 2  # k and v, 2 bytes each
     group = c.num_attention_heads // c.num_key_value_heads
-    print(
-        f"{name:<14} {c.num_hidden_layers:>6} {c.num_attention_heads:>8} {c.num_key_value_heads:>9} {group:>6} "
-        f"{per_token / 1024:>10.0f} KiB (one kv head per query head: {group * per_token / 1024:.0f} KiB)"
-    )
+    print(f"{name:<14} {c.num_hidden_layers:>6} {c.num_attention_heads:>8} {c.num_key_value_heads:>9} {group:>6} "
+          f"{per_token / 1024:>10.0f} KiB (one kv head per query head: {group * per_token / 1024:.0f} KiB)")
 
 # %% [markdown]
 # At Qwen3's trained context of 32,768 tokens, the 0.6B model's cache is 112 KiB × 32,768 = 3.5 GiB per sequence
@@ -269,28 +247,18 @@ for name in ("Qwen3-0.6B", "Qwen3-4B", "Qwen3-8B", "Qwen3-30B-A3B"):
 # transformers' `repeat_kv` does: it repeats each kv head $g$ times *in place*, like `np.repeat(k, g, axis=1)` —
 # not `np.tile`, which would cycle through them and give head $h$ the kv head $h \bmod H_{kv}$.)
 
-
 # %%
 def draw_groups(ax, n_q, n_kv, kv_of, title):
     for h in range(n_q):
         ax.plot([h, (kv_of(h) + 0.5) * n_q / n_kv - 0.5], [1, 0], color=plt.cm.tab10(kv_of(h)), lw=2)
     ax.scatter(range(n_q), [1] * n_q, s=120, c=[plt.cm.tab10(kv_of(h)) for h in range(n_q)], zorder=3)
-    ax.scatter(
-        [(j + 0.5) * n_q / n_kv - 0.5 for j in range(n_kv)],
-        [0] * n_kv,
-        s=300,
-        marker="s",
-        c=[plt.cm.tab10(j) for j in range(n_kv)],
-        zorder=3,
-    )
+    ax.scatter([(j + 0.5) * n_q / n_kv - 0.5 for j in range(n_kv)], [0] * n_kv, s=300, marker="s",
+               c=[plt.cm.tab10(j) for j in range(n_kv)], zorder=3)
     ax.set(yticks=[0, 1], yticklabels=["kv heads", "query heads"], xticks=range(n_q), title=title)
-
 
 fig = plt.figure(figsize=(10, 4.6))
 grid = fig.add_gridspec(2, 2)
-draw_groups(
-    fig.add_subplot(grid[0, :]), 16, 8, lambda h: h // 2, "Qwen3-0.6B: 16 query heads share 8 kv heads"
-)
+draw_groups(fig.add_subplot(grid[0, :]), 16, 8, lambda h: h // 2, "Qwen3-0.6B: 16 query heads share 8 kv heads")
 draw_groups(fig.add_subplot(grid[1, 0]), 4, 2, lambda h: h // 2, "right: head h uses kv head h // 2 (repeat)")
 draw_groups(fig.add_subplot(grid[1, 1]), 4, 2, lambda h: h % 2, "wrong: head h uses kv head h % 2 (tile)")
 plt.tight_layout()
@@ -298,7 +266,6 @@ plt.show()
 
 # %% [markdown]
 # First as a loop over query heads, which says exactly that:
-
 
 # %%
 def attention_loop(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] -> [B, Hq, T, d]
@@ -310,11 +277,9 @@ def attention_loop(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S
             out[b, h] = attention_one_head(q[b, h], k[b, h // group], v[b, h // group], mask[b])
     return out
 
-
 # %% [markdown]
 # The vectorised form never copies the keys: view the queries as `[B, Hkv, group, T, d]`, so the group axis
 # broadcasts against a kv head that is shared, and the mask gets its two head axes the same way:
-
 
 # %%
 def attention(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] bool -> [B, Hq, T, d]
@@ -325,7 +290,6 @@ def attention(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] boo
     scores = np.where(mask[:, None, None], scores, MASKED)
     return (softmax(scores) @ v[:, :, None]).reshape(B, Hq, T, d)
 
-
 # %% [markdown]
 # Shapes, the loop, and transformers — on 4 query heads over 2 kv heads, and on Qwen3-0.6B's 16 over 8:
 
@@ -333,11 +297,9 @@ def attention(q, k, v, mask):  # [B, Hq, T, d], [B, Hkv, S, d] x2, [B, T, S] boo
 for case in ("gqa", "qwen3_0_6b", "cache"):
     r = {n: REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask", "out")}
     o = attention(r["q"], r["k"], r["v"], r["mask"])
-    print(
-        f"{case:>10}: q {r['q'].shape} k {r['k'].shape} -> {o.shape}; "
-        f"vs loop {maxdiff(o, attention_loop(r['q'], r['k'], r['v'], r['mask'])):.1e}, "
-        f"vs transformers {maxdiff(o, r['out']):.1e}"
-    )
+    print(f"{case:>10}: q {r['q'].shape} k {r['k'].shape} -> {o.shape}; "
+          f"vs loop {maxdiff(o, attention_loop(r['q'], r['k'], r['v'], r['mask'])):.1e}, "
+          f"vs transformers {maxdiff(o, r['out']):.1e}")
 
 # %% [markdown]
 # (`cache` is the KV-cache case: 3 new queries against 8 keys, with the mask `causal_mask(3, 8)`.)
@@ -363,13 +325,8 @@ full_mask = causal_mask(T, T)[None] & key_mask[:, None, :]  # [B, T, S]
 fig, axes = plt.subplots(1, 3, figsize=(11, 3.3))
 for b, ax in enumerate(axes):
     ax.imshow(full_mask[b], cmap="Greens", vmin=0, vmax=1.4)
-    ax.set(
-        title=f"row {b}: {int(key_mask[b].sum())} real tokens",
-        xlabel="key",
-        ylabel="query",
-        xticks=range(0, T, 2),
-        yticks=range(0, T, 2),
-    )
+    ax.set(title=f"row {b}: {int(key_mask[b].sum())} real tokens", xlabel="key", ylabel="query",
+           xticks=range(0, T, 2), yticks=range(0, T, 2))
 plt.tight_layout()
 plt.show()
 
@@ -383,14 +340,12 @@ plt.show()
 #
 # On the reference's padding case (row 0 left-padded by 2):
 
-
 # %%
 def attention_fill(q, k, v, mask, fill):
     group = q.shape[1] // k.shape[1]
     s = q @ np.repeat(k, group, axis=1).swapaxes(-1, -2) / np.sqrt(q.shape[-1])
     with np.errstate(invalid="ignore"):
         return softmax(np.where(mask[:, None], s, fill)) @ np.repeat(v, group, axis=1)
-
 
 r = {n: REF[f"attn.padding.{n}"] for n in ("q", "k", "v", "mask", "out")}
 for fill in (0.0, -np.inf, MASKED):
@@ -409,9 +364,7 @@ from tinyqwen.model import load_model
 model = load_model(FIXTURES / "dense-tied")
 ids = np.array(batch["input_ids"])
 for fill in (-np.inf, MASKED):
-    kernel = lambda q, k, v, mask, fill=fill: attention_fill(q, k, v, mask, np.float32(fill)).astype(
-        np.float32
-    )
+    kernel = lambda q, k, v, mask, fill=fill: attention_fill(q, k, v, mask, np.float32(fill)).astype(np.float32)
     model.backend = dataclasses.replace(model.backend, attention=kernel)
     with np.errstate(invalid="ignore"):
         logits = model.forward(ids, attention_mask=key_mask).logits
@@ -473,14 +426,12 @@ import tinyqwen.hub
 
 captured = []
 
-
 def capturing_attention(q, k, v, mask):
     B, Hq, T, d = q.shape
     group = Hq // k.shape[1]
     s = q @ np.repeat(k, group, axis=1).swapaxes(-1, -2) * np.float32(d**-0.5)
     captured.append(softmax(np.where(mask[:, None], s, MASKED))[0])  # [Hq, T, S] of the first row
     return attention(q, k, v, mask)
-
 
 # %%
 official = tinyqwen.hub.official_checkpoint()
@@ -574,16 +525,9 @@ for prompt, got, want in zip(spec["prompts"], new_tokens, spec["batch"]["new_tok
 # %%
 checks = {  # name: (max |Δ| against transformers, bound)
     "softmax of x + 1000": (maxdiff(softmax(REF["softmax.large.x"]), REF["softmax.large.out"]), 1e-6),
-    **{
-        f"attention, {case}": (
-            maxdiff(
-                attention(*(REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask"))),
-                REF[f"attn.{case}.out"],
-            ),
-            1e-5,
-        )
-        for case in ("one_head", "gqa", "qwen3_0_6b", "cache", "padding")
-    },
+    **{f"attention, {case}": (maxdiff(attention(*(REF[f"attn.{case}.{n}"] for n in ("q", "k", "v", "mask"))),
+                                      REF[f"attn.{case}.out"]), 1e-5)
+       for case in ("one_head", "gqa", "qwen3_0_6b", "cache", "padding")},
     **{f"{name} logits": (delta, 1e-4) for name, delta in logit_delta.items()},
 }
 for name, (delta, bound) in checks.items():

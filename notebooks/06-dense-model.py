@@ -38,7 +38,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-
 REF = np.load(REPO / "exercises" / "references" / "ch06_dense_model.npz")  # made by transformers
 
 # %% [markdown]
@@ -75,7 +74,6 @@ print(f"attention {attn_params / 1e6:.1f}M, MLP {mlp_params / 1e6:.1f}M per laye
 # For large positive $z$ the switch is open and $\operatorname{silu}(z) \approx z$; for large negative $z$ it is
 # closed and $\operatorname{silu}(z) \approx 0$. In between it is smooth — unlike ReLU's kink at 0 — and dips
 # slightly below zero.
-
 
 # %%
 def silu(z):  # [...] -> [...]
@@ -129,7 +127,6 @@ print(f"max |Δ| vs torch: {np.abs(silu(z) - want).max():.1e}")
 #
 # First as a loop over one token — every multiply spelled out:
 
-
 # %%
 def swiglu_loop(x, w_gate, w_up, w_down):  # one token: [d] -> [d]
     f, d = w_gate.shape
@@ -147,7 +144,6 @@ def swiglu_loop(x, w_gate, w_up, w_down):  # one token: [d] -> [d]
 # The loop reads `w_gate[j, i]`: row $j$ of the weight belongs to *output* channel $j$. That is how PyTorch's
 # `nn.Linear` stores a weight and how every Qwen3 checkpoint file holds it: **`[out_features, in_features]`**.
 # `gate_proj` of Qwen3-0.6B is `[3072, 1024]`. So for a row vector $x$, the layer computes $x W^\top$:
-
 
 # %%
 def linear(x, w):  # [..., d_in], [d_out, d_in] -> [..., d_out]
@@ -167,12 +163,8 @@ def swiglu(x, w_gate, w_up, w_down):  # [..., d], [f, d], [f, d], [d, f] -> [...
 # %%
 x, wg, wu, wd = (REF[f"swiglu.{k}"] for k in ("x", "w_gate", "w_up", "w_down"))
 print("shapes:", x.shape, wg.shape, wu.shape, wd.shape, "->", swiglu(x, wg, wu, wd).shape)
-print(
-    f"loop vs vectorised, one token: max |Δ| = {np.abs(swiglu_loop(x[0, 0], wg, wu, wd) - swiglu(x[0, 0], wg, wu, wd)).max():.1e}"
-)
-print(
-    f"vectorised vs transformers' Qwen3MLP: max |Δ| = {np.abs(swiglu(x, wg, wu, wd) - REF['swiglu.out']).max():.1e}"
-)
+print(f"loop vs vectorised, one token: max |Δ| = {np.abs(swiglu_loop(x[0, 0], wg, wu, wd) - swiglu(x[0, 0], wg, wu, wd)).max():.1e}")
+print(f"vectorised vs transformers' Qwen3MLP: max |Δ| = {np.abs(swiglu(x, wg, wu, wd) - REF['swiglu.out']).max():.1e}")
 
 # %% [markdown]
 # What does the gate do to the signal? Below, for the 8 tokens of that input, are the gate after SiLU, the up
@@ -252,17 +244,12 @@ from tinyqwen.rope import apply_rope, rope_cos_sin, rope_parameters  # chapter 4
 # heads, queries and keys get QK-Norm and then RoPE, and after attention the heads are merged and projected back by
 # `o_proj`. Note that only q and k are normalised and rotated; v is used as projected.
 
-
 # %%
 def self_attention(x, w, cos, sin, mask, head_dim, eps):  # [B, T, hidden] -> [B, T, hidden]
     B, T, _ = x.shape
     # project, split into heads, QK-Norm each head (over head_dim), then rotate: [B, heads, T, head_dim]
-    q = rms_norm(
-        linear(x, w["self_attn.q_proj.weight"]).reshape(B, T, -1, head_dim), w["self_attn.q_norm.weight"], eps
-    )
-    k = rms_norm(
-        linear(x, w["self_attn.k_proj.weight"]).reshape(B, T, -1, head_dim), w["self_attn.k_norm.weight"], eps
-    )
+    q = rms_norm(linear(x, w["self_attn.q_proj.weight"]).reshape(B, T, -1, head_dim), w["self_attn.q_norm.weight"], eps)
+    k = rms_norm(linear(x, w["self_attn.k_proj.weight"]).reshape(B, T, -1, head_dim), w["self_attn.k_norm.weight"], eps)
     v = linear(x, w["self_attn.v_proj.weight"]).reshape(B, T, -1, head_dim).transpose(0, 2, 1, 3)
     q, k = apply_rope(q.transpose(0, 2, 1, 3), cos, sin), apply_rope(k.transpose(0, 2, 1, 3), cos, sin)
     out = attention(q, k, v, mask)  # [B, Hq, T, head_dim]
@@ -273,7 +260,6 @@ def self_attention(x, w, cos, sin, mask, head_dim, eps):  # [B, T, hidden] -> [B
 # ### 2.2 The layer
 #
 # With both sublayers in hand, the layer is the two equations above, line for line:
-
 
 # %%
 def decoder_layer(x, w, cos, sin, mask, head_dim, eps):  # [B, T, hidden] -> [B, T, hidden]
@@ -303,9 +289,7 @@ print(f"max |Δ| vs transformers' Qwen3DecoderLayer: {np.abs(out - REF['decoder.
 
 # %%
 for name in ("post_norm", "no_attn_residual", "no_mlp_residual", "norm_in_residual", "swapped_norms"):
-    print(
-        f"{name:>17}: max |Δ| from the right output = {np.abs(REF['decoder.' + name] - REF['decoder.out']).max():.2f}"
-    )
+    print(f"{name:>17}: max |Δ| from the right output = {np.abs(REF['decoder.' + name] - REF['decoder.out']).max():.2f}")
 
 # %% [markdown]
 # ## 3. The whole model
@@ -328,19 +312,12 @@ config = load_config(FIXTURES / "dense-tied")
 weights = load_file(FIXTURES / "dense-tied" / "model.safetensors")  # {official name: float32 array}
 for name in list(weights)[:4] + ["model.norm.weight"]:
     print(f"{name:48} {list(weights[name].shape)}")
-print(
-    len(weights),
-    "tensors; tie_word_embeddings =",
-    config.tie_word_embeddings,
-    "; 'lm_head.weight' in file:",
-    "lm_head.weight" in weights,
-)
+print(len(weights), "tensors; tie_word_embeddings =", config.tie_word_embeddings, "; 'lm_head.weight' in file:", "lm_head.weight" in weights)
 
 # %% [markdown]
 # Note what is *not* in the file: an `lm_head.weight`. We come back to that in a moment. To run the layers we need
 # each layer's tensors under the short names `decoder_layer` expects, the RoPE tables for positions $0 \dots T-1$
 # (every row of the batch starts at position 0) and a causal mask (each token sees itself and the past).
-
 
 # %%
 def layer_weights(weights, i):  # one layer's tensors, the "model.layers.{i}." prefix removed
@@ -353,7 +330,6 @@ print(sorted(layer_weights(weights, 0)))
 # %% [markdown]
 # Those are the eleven tensors `decoder_layer` reads. The whole forward pass computes the RoPE tables and the mask
 # once and shares them between all layers (every layer sees the same positions):
-
 
 # %%
 def forward(ids, weights, config):  # [B, T] int -> [B, T, vocab]
@@ -378,9 +354,7 @@ def forward(ids, weights, config):  # [B, T] int -> [B, T, vocab]
 ref = np.load(FIXTURES / "dense-tied" / "reference.npz")
 logits = forward(ref["input_ids"], weights, config)
 print("ids", ref["input_ids"].shape, "-> logits", logits.shape)
-print(
-    f"max |Δ| vs transformers: {np.abs(logits - ref['logits']).max():.1e}  (logits up to {np.abs(ref['logits']).max():.0f})"
-)
+print(f"max |Δ| vs transformers: {np.abs(logits - ref['logits']).max():.1e}  (logits up to {np.abs(ref['logits']).max():.0f})")
 
 # %% [markdown]
 # ### 3.1 Tied embeddings: one array, not two
@@ -403,10 +377,7 @@ import tinyqwen
 
 model = tinyqwen.load_model(FIXTURES / "dense-tied")
 print("model.weights.lm_head is model.weights.embed:", model.weights.lm_head is model.weights.embed)
-print(
-    "np.shares_memory(lm_head, embed):          ",
-    np.shares_memory(model.weights.lm_head, model.weights.embed),
-)
+print("np.shares_memory(lm_head, embed):          ", np.shares_memory(model.weights.lm_head, model.weights.embed))
 
 # %% [markdown]
 # A common first attempt is `lm_head = embed.copy()` — or loading the embedding twice. It gives **exactly the same
@@ -419,15 +390,10 @@ print(
 embed = weights["model.embed_tokens.weight"].copy()  # a writable table for the experiment
 tied = {**weights, "model.embed_tokens.weight": embed}  # no lm_head: the head is `embed` itself
 copied = {**tied, "lm_head.weight": embed.copy()}  # the mistake
-print(
-    "before the step, logits equal:",
-    np.array_equal(forward(ref["input_ids"], tied, config), forward(ref["input_ids"], copied, config)),
-)
+print("before the step, logits equal:", np.array_equal(forward(ref["input_ids"], tied, config), forward(ref["input_ids"], copied, config)))
 embed[7] += 0.5  # the "gradient step" changes the one shared table
 delta = np.abs(forward(ref["input_ids"], tied, config) - forward(ref["input_ids"], copied, config))
-print(
-    f"after it: max |Δ| = {delta.max():.2f} — the copy's head never saw the update (score of token 7 changed only in the tied model)"
-)
+print(f"after it: max |Δ| = {delta.max():.2f} — the copy's head never saw the update (score of token 7 changed only in the tied model)")
 
 # %% [markdown]
 # ### 3.2 An untied, BF16, sharded checkpoint
@@ -453,7 +419,6 @@ print(f"untied: max |Δ| vs transformers = {np.abs(logits_untied - ref_untied['l
 # hand and record, after the embedding and after every sublayer, how large the write was and how large the stream
 # has become (root-mean-square over all positions).
 
-
 # %%
 def rms(a):
     return float(np.sqrt(np.mean(a.astype(np.float64) ** 2)))
@@ -475,10 +440,7 @@ for i in range(c.num_hidden_layers):
     eps = c.rms_norm_eps
     a = self_attention(rms_norm(x, w["input_layernorm.weight"], eps), w, cos, sin, mask, c.head_dim, eps)
     x = x + a
-    m = swiglu(
-        rms_norm(x, w["post_attention_layernorm.weight"], eps),
-        *(w[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down")),
-    )
+    m = swiglu(rms_norm(x, w["post_attention_layernorm.weight"], eps), *(w[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down")))
     x = x + m
     labels += [f"attn {i}", f"mlp {i}"]
     writes += [rms(a), rms(m)]
@@ -486,12 +448,7 @@ for i in range(c.num_hidden_layers):
 
 # %%
 fig, ax = plt.subplots(figsize=(7.5, 3.4))
-ax.bar(
-    labels,
-    writes,
-    color=["0.6"] + ["#6fa8dc", "#93c47d"] * c.num_hidden_layers,
-    label="what the sublayer adds",
-)
+ax.bar(labels, writes, color=["0.6"] + ["#6fa8dc", "#93c47d"] * c.num_hidden_layers, label="what the sublayer adds")
 ax.plot(labels, stream, "ko-", label="the residual stream after it")
 ax.set(title="Each sublayer adds to the stream; nothing normalises it in between", ylabel="RMS")
 ax.legend()
@@ -517,7 +474,6 @@ print("the stream after the last layer equals transformers' hidden state:",
 # | per layer: the two RMSNorms | $2d$ |
 # | final norm | $d$ |
 # | output head | $V d$ if untied, else 0 |
-
 
 # %%
 def count_parameters(c):  # a tinyqwen Qwen3Config -> {part: number of parameters}
@@ -549,9 +505,7 @@ parts["Qwen3-0.6B"]
 # bytes (bf16) and 4 bytes (fp32) each:
 
 # %%
-print(
-    f"{'model':11} {'ours':>15} {'transformers':>15} {'non-embedding':>14} {'tied':>5} {'bf16':>8} {'fp32':>8}"
-)
+print(f"{'model':11} {'ours':>15} {'transformers':>15} {'non-embedding':>14} {'tied':>5} {'bf16':>8} {'fp32':>8}")
 for n, p in parts.items():
     total = sum(p.values())
     assert total == int(REF[f"params.{n}"]) == tinyqwen.config.count_parameters(configs[n])
@@ -601,9 +555,7 @@ from tinyqwen.hub import official_checkpoint
 
 path = official_checkpoint()
 if path is None:
-    print(
-        "No official Qwen3 checkpoint on this machine ($TINYQWEN_MODEL or the Hugging Face cache): the fixtures stand in."
-    )
+    print("No official Qwen3 checkpoint on this machine ($TINYQWEN_MODEL or the Hugging Face cache): the fixtures stand in.")
 else:
     real = tinyqwen.load_model(path)
     tok = tinyqwen.Tokenizer.from_pretrained(path)

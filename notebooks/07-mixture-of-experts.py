@@ -38,7 +38,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-
 REF = np.load(REPO / "exercises" / "references" / "ch07_mixture_of_experts.npz")  # made by transformers
 
 # %% [markdown]
@@ -71,12 +70,8 @@ print({name: f"{n / 1e6:.1f}M" for name, n in per_layer.items()}, f"| one expert
 outside = 2 * c.vocab_size * d + d  # embedding, lm_head, final norm
 total = outside + c.num_hidden_layers * sum(per_layer.values())
 active = outside + c.num_hidden_layers * (attn + router + k * expert + 2 * d)
-params_transformers = int(
-    np.load(REPO / "exercises" / "references" / "ch06_dense_model.npz")["params.Qwen3-30B-A3B"]
-)
-print(
-    f"total {total / 1e9:.2f}B (transformers counts {params_transformers / 1e9:.2f}B), active per token {active / 1e9:.2f}B"
-)
+params_transformers = int(np.load(REPO / "exercises" / "references" / "ch06_dense_model.npz")["params.Qwen3-30B-A3B"])
+print(f"total {total / 1e9:.2f}B (transformers counts {params_transformers / 1e9:.2f}B), active per token {active / 1e9:.2f}B")
 assert total == params_transformers
 
 # %%
@@ -85,12 +80,7 @@ from tinyqwen.config import count_parameters
 
 dense = {n: count_parameters(published_configs()[n]) for n in ("Qwen3-4B", "Qwen3-8B")}  # as in chapter 6
 fig, ax = plt.subplots(figsize=(6.5, 3.4))
-ax.bar(
-    ["Qwen3-4B", "Qwen3-8B"],
-    [v / 1e9 for v in dense.values()],
-    color="0.6",
-    label="dense: all weights per token",
-)
+ax.bar(["Qwen3-4B", "Qwen3-8B"], [v / 1e9 for v in dense.values()], color="0.6", label="dense: all weights per token")
 ax.bar(["Qwen3-30B-A3B"], [total / 1e9], color="#f6b26b", label="MoE: weights stored")
 ax.bar(["Qwen3-30B-A3B"], [active / 1e9], color="#e06666", label="MoE: weights used per token")
 ax.set(title="A mixture of experts stores much, computes little", ylabel="billions of parameters")
@@ -139,7 +129,6 @@ print(f"chosen experts {chosen.tolist()}: probabilities {p[chosen][0]:.3f} + {p[
 #
 # A loop over one token says it plainly:
 
-
 # %%
 def route_loop(row, top_k, norm_topk_prob):  # one token's logits [E] -> (weights [k], experts [k])
     p = softmax(row)
@@ -160,7 +149,6 @@ def route_loop(row, top_k, norm_topk_prob):  # one token's logits [E] -> (weight
 # to be right; with `norm_topk_prob: false` the weights must stay the plain probabilities, which sum to *less*
 # than 1 — and then the order matters. Vectorised over all tokens:
 
-
 # %%
 def route(router_logits, top_k, norm_topk_prob):  # [N, E] -> weights [N, k], experts [N, k]
     probs = softmax(router_logits.astype(np.float32))  # over ALL experts
@@ -176,7 +164,6 @@ def route(router_logits, top_k, norm_topk_prob):  # [N, E] -> weights [N, k], ex
 # 8 experts top-2 with and without renormalising, 6 experts top-1, 6 experts top-3. We compare the weights as an
 # `[N, E]` matrix (zero where an expert was not chosen), so the order of the k slots does not matter:
 
-
 # %%
 def dense_weights(weights, experts, num_experts):  # [N, k] at [N, k] -> [N, E]
     out = np.zeros((weights.shape[0], num_experts), dtype=np.float32)
@@ -189,18 +176,9 @@ def dense_weights(weights, experts, num_experts):  # [N, k] at [N, k] -> [N, E]
 
 # %%
 for case in ("k2", "k2_norm", "k1", "k3_norm"):
-    logits, top_k, norm = (
-        REF[f"route.{case}.logits"],
-        int(REF[f"route.{case}.top_k"]),
-        bool(REF[f"route.{case}.norm"]),
-    )
+    logits, top_k, norm = REF[f"route.{case}.logits"], int(REF[f"route.{case}.top_k"]), bool(REF[f"route.{case}.norm"])
     weights, experts = route(logits, top_k, norm)
-    loop = np.stack(
-        [
-            dense_weights(*(a[None] for a in route_loop(row, top_k, norm)), logits.shape[1])[0]
-            for row in logits
-        ]
-    )
+    loop = np.stack([dense_weights(*(a[None] for a in route_loop(row, top_k, norm)), logits.shape[1])[0] for row in logits])
     err = np.abs(dense_weights(weights, experts, logits.shape[1]) - REF[f"route.{case}.dense"]).max()
     print(f"{case:8} logits {list(logits.shape)}: loop == vectorised {np.allclose(loop, dense_weights(weights, experts, logits.shape[1]))}, "
           f"max |Δ| vs transformers {err:.1e}, weights sum to {weights.sum(-1).min():.3f}..{weights.sum(-1).max():.3f}")  # fmt: skip
@@ -236,16 +214,13 @@ def moe_loop(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob):  # [N, d
 # expert, gather *all* the tokens that chose it, run the expert once on that batch, and scatter the weighted
 # results back. (This is also what transformers' `Qwen3MoeExperts` does.)
 
-
 # %%
 def moe_block(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob):  # [N, d] -> [N, d], [N, E]
     router_logits = linear(x, w_router)
     weights, experts = route(router_logits, top_k, norm_topk_prob)
     out = np.zeros_like(x)
     for e in range(w_router.shape[0]):
-        token, slot = np.nonzero(
-            experts == e
-        )  # the tokens that chose expert e, and in which of their k slots
+        token, slot = np.nonzero(experts == e)  # the tokens that chose expert e, and in which of their k slots
         if token.size:  # a token picks an expert at most once, so `token` has no repeats
             out[token] += weights[token, slot, None] * swiglu(x[token], w_gate[e], w_up[e], w_down[e])
     return out, router_logits
@@ -270,14 +245,11 @@ print(f"loop vs vectorised: max |Δ| = {np.abs(moe_loop(*args) - out).max():.1e}
 # weight matrix of section 2.1, which is zero for the experts a token did not choose. It wastes $E/k$ times the
 # work, but it has no gathering or scattering to get wrong — a good reference:
 
-
 # %%
 def moe_dense(x, w_router, w_gate, w_up, w_down, top_k, norm_topk_prob):  # [N, d] -> [N, d]
     weights, experts = route(linear(x, w_router), top_k, norm_topk_prob)
     W = dense_weights(weights, experts, w_router.shape[0])  # [N, E]
-    every = np.stack(
-        [swiglu(x, w_gate[e], w_up[e], w_down[e]) for e in range(len(w_gate))], axis=1
-    )  # [N, E, d]
+    every = np.stack([swiglu(x, w_gate[e], w_up[e], w_down[e]) for e in range(len(w_gate))], axis=1)  # [N, E, d]
     return np.einsum("ne,ned->nd", W, every)
 
 
@@ -291,14 +263,8 @@ print(f"sparse vs dense reference: max |Δ| = {np.abs(moe_dense(*args) - out).ma
 # %%
 x1, e1 = case["x"][:1], 3
 after = 0.3 * swiglu(x1, case["w_gate"][e1], case["w_up"][e1], case["w_down"][e1])
-hidden = 0.3 * (
-    linear(x1, case["w_gate"][e1])
-    / (1 + np.exp(-linear(x1, case["w_gate"][e1])))
-    * linear(x1, case["w_up"][e1])
-)
-print(
-    f"weight after down vs before down: max |Δ| = {np.abs(after - linear(hidden, case['w_down'][e1])).max():.1e}"
-)
+hidden = 0.3 * (linear(x1, case["w_gate"][e1]) / (1 + np.exp(-linear(x1, case["w_gate"][e1]))) * linear(x1, case["w_up"][e1]))
+print(f"weight after down vs before down: max |Δ| = {np.abs(after - linear(hidden, case['w_down'][e1])).max():.1e}")
 
 # %% [markdown]
 # Now against transformers' `Qwen3MoeSparseMoeBlock`, with and without `norm_topk_prob` — the output and the
@@ -335,7 +301,6 @@ plt.show()
 # 2 every second layer, starting with layer **1** — the "+1" is easy to get wrong. `mlp_only_layers` then forces
 # some layers back to a dense SwiGLU of width `intermediate_size`.
 
-
 # %%
 def is_moe_layer(layer, num_experts, decoder_sparse_step, mlp_only_layers):
     return num_experts > 0 and layer not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0
@@ -344,11 +309,7 @@ def is_moe_layer(layer, num_experts, decoder_sparse_step, mlp_only_layers):
 # %%
 cases = {
     f"Qwen3-30B-A3B\n(step {c.decoder_sparse_step}, {c.num_hidden_layers} layers)": (
-        c.num_hidden_layers,
-        c.num_experts,
-        c.decoder_sparse_step,
-        list(c.mlp_only_layers),
-    ),
+        c.num_hidden_layers, c.num_experts, c.decoder_sparse_step, list(c.mlp_only_layers)),
     "step 2": (12, 8, 2, []),
     "step 3": (12, 8, 3, []),
     "moe-sparse-step fixture\n(step 2, mlp_only [3])": (6, 8, 2, [3]),
@@ -361,11 +322,7 @@ grid = np.full((len(cases), shown), np.nan)
 for row, (L, n_exp, step, only) in enumerate(cases.values()):
     grid[row, : min(L, shown)] = [is_moe_layer(i, n_exp, step, only) for i in range(min(L, shown))]
 fig, ax = plt.subplots(figsize=(8, 3.4))
-ax.imshow(
-    np.ma.masked_invalid(grid),
-    cmap=plt.matplotlib.colors.ListedColormap(["#9fc5e8", "#e06666"]),
-    aspect="auto",
-)
+ax.imshow(np.ma.masked_invalid(grid), cmap=plt.matplotlib.colors.ListedColormap(["#9fc5e8", "#e06666"]), aspect="auto")
 ax.set(yticks=range(len(cases)), yticklabels=list(cases), xticks=range(shown), xlabel="layer index i",
        title="MoE layers (red) and dense layers (blue): the first 12 layers")  # fmt: skip
 ax.set_xticks(np.arange(-0.5, shown), minor=True)
@@ -381,24 +338,12 @@ plt.show()
 # %%
 names = sorted({k.split(".")[1] for k in REF.files if k.startswith("layers.")})
 for name in names:
-    g = {
-        key: REF[f"layers.{name}.{key}"]
-        for key in ("num_layers", "num_experts", "decoder_sparse_step", "mlp_only_layers", "is_moe")
-    }
-    ours = [
-        is_moe_layer(i, int(g["num_experts"]), int(g["decoder_sparse_step"]), g["mlp_only_layers"].tolist())
-        for i in range(int(g["num_layers"]))
-    ]
+    g = {key: REF[f"layers.{name}.{key}"] for key in ("num_layers", "num_experts", "decoder_sparse_step", "mlp_only_layers", "is_moe")}
+    ours = [is_moe_layer(i, int(g["num_experts"]), int(g["decoder_sparse_step"]), g["mlp_only_layers"].tolist()) for i in range(int(g["num_layers"]))]
     assert ours == g["is_moe"].tolist(), name
 sparse = load_config(FIXTURES / "moe-sparse-step")
-ours = [
-    i
-    for i in range(sparse.num_hidden_layers)
-    if is_moe_layer(i, sparse.num_experts, sparse.decoder_sparse_step, sparse.mlp_only_layers)
-]
-print(
-    f"all {len(names)} configs agree with transformers; moe-sparse-step: ours {ours}, transformers {np.load(FIXTURES / 'moe-sparse-step' / 'reference.npz')['moe_layer_indices'].tolist()}"
-)
+ours = [i for i in range(sparse.num_hidden_layers) if is_moe_layer(i, sparse.num_experts, sparse.decoder_sparse_step, sparse.mlp_only_layers)]
+print(f"all {len(names)} configs agree with transformers; moe-sparse-step: ours {ours}, transformers {np.load(FIXTURES / 'moe-sparse-step' / 'reference.npz')['moe_layer_indices'].tolist()}")
 
 # %% [markdown]
 # ## 5. The load-balancing loss
@@ -420,15 +365,12 @@ print(
 # current load*. With perfectly even routing, $f_e = k/E$ and $P_e = 1/E$, so $\mathcal{L} = k$; if every token goes
 # to the same $k$ experts, the loss approaches $E$.
 
-
 # %%
 def load_balancing_loss(router_logits, num_experts, top_k):  # list of [N, E] (one per MoE layer) -> float
     logits = np.concatenate([np.asarray(r, np.float32).reshape(-1, num_experts) for r in router_logits])
     probs = softmax(logits)  # [rows, E], every layer's tokens pooled
     _, experts = route(logits, top_k, norm_topk_prob=False)
-    f = np.bincount(experts.ravel(), minlength=num_experts) / len(
-        logits
-    )  # share of rows choosing e; sums to k
+    f = np.bincount(experts.ravel(), minlength=num_experts) / len(logits)  # share of rows choosing e; sums to k
     P = probs.mean(axis=0)  # mean router probability of e; sums to 1
     return float(num_experts * np.sum(f * P))
 
@@ -472,18 +414,10 @@ plt.show()
 
 # %%
 for name in ("balanced", "collapsed", "random", "top1"):
-    logits, n_exp, top_k = (
-        REF[f"lbl.{name}.logits"],
-        int(REF[f"lbl.{name}.num_experts"]),
-        int(REF[f"lbl.{name}.top_k"]),
-    )
+    logits, n_exp, top_k = REF[f"lbl.{name}.logits"], int(REF[f"lbl.{name}.num_experts"]), int(REF[f"lbl.{name}.top_k"])
     ours = load_balancing_loss(list(logits), n_exp, top_k)
-    print(
-        f"{name:9} ({len(logits)} layer(s), E={n_exp}, k={top_k}): ours {ours:.6f}, transformers {float(REF[f'lbl.{name}.loss']):.6f}"
-    )
-print(
-    f"fixture moe-norm-topk: ours {load_balancing_loss(list(ref_topk['router_logits']), 8, 2):.6f}, transformers {float(ref_topk['aux_loss']):.6f}"
-)
+    print(f"{name:9} ({len(logits)} layer(s), E={n_exp}, k={top_k}): ours {ours:.6f}, transformers {float(REF[f'lbl.{name}.loss']):.6f}")
+print(f"fixture moe-norm-topk: ours {load_balancing_loss(list(ref_topk['router_logits']), 8, 2):.6f}, transformers {float(ref_topk['aux_loss']):.6f}")
 
 # %% [markdown]
 # In training the loss is scaled by `router_aux_loss_coef` (0.001 for Qwen3-30B-A3B) and added to the language

@@ -71,13 +71,10 @@ COPIES = 8
 layers = [{name: np.resize(pool, shape) for name, shape in SHAPES.items()} for _ in range(COPIES)]
 layer = layers[0]
 lm_head = np.resize(pool, (V, H))  # [151936, 1024] float32: 622 MB
-print(
-    f"one layer: {sum(w.size for w in layer.values()) / 1e6:.1f} M weights; lm_head: {lm_head.size / 1e6:.1f} M"
-)
+print(f"one layer: {sum(w.size for w in layer.values()) / 1e6:.1f} M weights; lm_head: {lm_head.size / 1e6:.1f} M")
 
 # %% [markdown]
 # A timer that keeps the best of a few runs (on a busy machine the best run is the least disturbed one):
-
 
 # %%
 def best_ms(fn, repeat: int = 5) -> float:
@@ -87,7 +84,6 @@ def best_ms(fn, repeat: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1e3 * min(times)
-
 
 # %% [markdown]
 # One decode step of one layer, with a KV cache that already holds 256 tokens, made of tinyqwen's own kernels (the
@@ -121,18 +117,13 @@ head_ms = best_ms(lambda: mlp.linear(x, lm_head), repeat=3)
 step = {name: LAYERS * ms for name, ms in per_layer.items()} | {"lm_head": head_ms}
 total_ms = sum(step.values())
 fig, ax = plt.subplots(figsize=(9, 3))
-colours = [
-    "tab:purple" if n == "lm_head" else "tab:blue" if "proj" in n or "MLP" in n else "tab:gray" for n in step
-]
+colours = ["tab:purple" if n == "lm_head" else "tab:blue" if "proj" in n or "MLP" in n else "tab:gray" for n in step]
 ax.barh(list(step), list(step.values()), color=colours)
 for y, ms in enumerate(step.values()):
     ax.text(ms, y, f" {ms:.1f} ms ({100 * ms / total_ms:.0f} %)", va="center", fontsize=9)
 ax.invert_yaxis()
-ax.set(
-    xlabel="milliseconds per decode step (28 layers + head)",
-    xlim=(0, 1.3 * max(step.values())),
-    title=f"NumPy, one decode step of a Qwen3-0.6B-shaped model: {total_ms:.0f} ms ≈ {1e3 / total_ms:.1f} tok/s",
-)
+ax.set(xlabel="milliseconds per decode step (28 layers + head)", xlim=(0, 1.3 * max(step.values())),
+       title=f"NumPy, one decode step of a Qwen3-0.6B-shaped model: {total_ms:.0f} ms ≈ {1e3 / total_ms:.1f} tok/s")
 plt.show()
 
 # %% [markdown]
@@ -158,15 +149,12 @@ plt.show()
 
 # %%
 bandwidth = lm_head.nbytes / (head_ms / 1e3)  # bytes per second
-print(
-    f"NumPy's float32 GEMV on the head: {lm_head.nbytes / 1e6:.0f} MB in {head_ms:.1f} ms = "
-    f"{bandwidth / 2**30:.1f} GiB/s"
-)
+print(f"NumPy's float32 GEMV on the head: {lm_head.nbytes / 1e6:.0f} MB in {head_ms:.1f} ms = "
+      f"{bandwidth / 2**30:.1f} GiB/s")
 
 # %% [markdown]
 # How many weights does one decode step read? Every matrix of every layer, and the head. The embedding lookup reads
 # a single row, and the norms are tiny, so we leave them out:
-
 
 # %%
 def weights_per_token(c: dict) -> int:
@@ -191,10 +179,8 @@ fig, ax = plt.subplots(figsize=(7, 2.6))
 ax.barh(list(ceiling), list(ceiling.values()), color=["tab:red", "tab:green", "tab:olive"])
 ax.axvline(1e3 / total_ms, color="black", ls="--", label=f"NumPy now (section 1): {1e3 / total_ms:.1f} tok/s")
 ax.invert_yaxis()
-ax.set(
-    xlabel="decode tok/s ceiling = bandwidth / bytes per token",
-    title=f"Qwen3-0.6B decode roofline at {bandwidth / 2**30:.1f} GiB/s",
-)
+ax.set(xlabel="decode tok/s ceiling = bandwidth / bytes per token",
+       title=f"Qwen3-0.6B decode roofline at {bandwidth / 2**30:.1f} GiB/s")
 ax.legend(loc="lower right")
 plt.show()
 
@@ -210,7 +196,6 @@ plt.show()
 #
 # [Chapter 2](02-loading-weights.ipynb) showed that a bf16 number is the upper 16 bits of a float32: the same sign,
 # the same 8 exponent bits, 7 of the 23 mantissa bits. Widening is exact: put the 16 bits on top of 16 zero bits.
-
 
 # %%
 def bf16_to_float32(u16: np.ndarray) -> np.ndarray:  # [...] uint16 bit patterns -> [...] float32
@@ -234,7 +219,6 @@ u.astype(np.float32), (u.astype(np.uint32) << 8).view(np.float32)
 # $0\mathrm{x}7\mathrm{FFF}$ plus the lowest kept bit before dropping the low half, so a remainder above one half
 # carries into the kept bits:
 
-
 # %%
 def float32_to_bf16(x: np.ndarray) -> np.ndarray:  # [...] float32 -> [...] uint16, round to nearest even
     bits = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)  # room for the carry
@@ -254,12 +238,8 @@ one_and_a_bit = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 0.9 * 2**-7], np.float32
 # %%
 w = layer["gate"]
 w = w[w != 0]  # relative errors of nonzero weights
-rounded, truncated = (
-    bf16_to_float32(b) for b in (float32_to_bf16(w), (w.view(np.uint32) >> 16).astype(np.uint16))
-)
-rel = {
-    name: np.abs(a) / np.abs(w) - 1 for name, a in (("round to nearest", rounded), ("truncate", truncated))
-}
+rounded, truncated = (bf16_to_float32(b) for b in (float32_to_bf16(w), (w.view(np.uint32) >> 16).astype(np.uint16)))
+rel = {name: np.abs(a) / np.abs(w) - 1 for name, a in (("round to nearest", rounded), ("truncate", truncated))}
 {name: f"max {np.abs(r).max():.2e}, mean {r.mean():+.1e}" for name, r in rel.items()}
 
 # %% [markdown]
@@ -301,14 +281,12 @@ def gemv_bf16_serial(w: np.ndarray, x: np.ndarray) -> np.ndarray:  # [m, n] uint
         y[o] = acc
     return y
 
-
 # %% [markdown]
 # The output rows are independent, so they can be computed in parallel. `prange` tells Numba to split a loop over
 # the CPU's threads. We split by *blocks* of 64 rows, so each thread allocates its scratch buffer once per block
 # instead of once per row. `fastmath=True` lets the compiler reorder the additions of the dot product, so that it can
 # add 8 or 16 products at once with SIMD instructions. The result then differs from a strict left-to-right sum in
 # the last bits, which is why every check below uses a tolerance.
-
 
 # %%
 @njit(parallel=True, fastmath=True, cache=True)
@@ -326,7 +304,6 @@ def gemv_bf16(w: np.ndarray, x: np.ndarray) -> np.ndarray:  # [m, n] uint16, [n]
                 acc += row[i] * x[i]
             y[o] = acc
     return y
-
 
 # %% [markdown]
 # The first call compiles (`cache=True` stores the machine code on disk, so a later run skips most of it). We time
@@ -361,9 +338,7 @@ for kernel in (gemv_bf16_serial, gemv_bf16):
 # %%
 lm_head_bf16 = float32_to_bf16(lm_head)  # [151936, 1024] uint16
 x_head = x.reshape(H)
-assert np.allclose(
-    gemv_bf16(lm_head_bf16, x_head), mlp.linear(x_head, bf16_to_float32(lm_head_bf16)), atol=1e-4
-)
+assert np.allclose(gemv_bf16(lm_head_bf16, x_head), mlp.linear(x_head, bf16_to_float32(lm_head_bf16)), atol=1e-4)
 gemv_ms = {"NumPy float32 (BLAS)": best_ms(lambda: lm_head @ x_head, 3),
            "Numba bf16, 1 thread": best_ms(lambda: gemv_bf16_serial(lm_head_bf16, x_head), 2),
            "Numba bf16, parallel": best_ms(lambda: gemv_bf16(lm_head_bf16, x_head), 3)}  # fmt: skip
@@ -417,9 +392,7 @@ for r in results:
 base = next(r for r in results if r["engine"] == "llama.cpp-bf16")
 fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 + 0.45 * len(results)), sharey=True)
 titles = (f"prefill, {bench['prompt_tokens']}-token prompt", f"decode, {bench['new_tokens']} new tokens")
-for ax, key, label, title in zip(
-    axes, ("prefill_tok_s", "decode_tok_s"), ("prefill", "decode"), titles, strict=True
-):
+for ax, key, label, title in zip(axes, ("prefill_tok_s", "decode_tok_s"), ("prefill", "decode"), titles, strict=True):
     ratios = [r[key] / base[key] for r in results]
     ax.barh([r["engine"] for r in results], ratios,
             color=["tab:green" if r["engine"].startswith("tinyqwen") else "tab:gray" for r in results])  # fmt: skip
@@ -513,7 +486,6 @@ def linear_bf16(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [..., n], [m, n]
 def swiglu_bf16(x, w_gate, w_up, w_down):  # [..., d] -> [..., d], SwiGLU on the same kernel
     return linear_bf16(mlp.silu(linear_bf16(x, w_gate)) * linear_bf16(x, w_up), w_down)
 
-
 # %% [markdown]
 # The fixture's bf16 weights are exact, so the only differences from transformers' float32 computation are the order
 # of additions, of size $10^{-6}$ relative. The bound is tinyqwen's definition of "equal to transformers":
@@ -522,16 +494,12 @@ def swiglu_bf16(x, w_gate, w_up, w_down):  # [..., d] -> [..., d], SwiGLU on the
 # %%
 fixture = REPO / "tests" / "fixtures" / "dense-untied-bf16-sharded"
 model = load_model(fixture)  # the numpy backend, with two kernels swapped for ours:
-model.backend = dataclasses.replace(
-    model.backend, name="numpy + gemv_bf16", linear=linear_bf16, swiglu=swiglu_bf16
-)
+model.backend = dataclasses.replace(model.backend, name="numpy + gemv_bf16", linear=linear_bf16, swiglu=swiglu_bf16)
 ref = np.load(fixture / "reference.npz")
 delta = float(np.abs(model(ref["input_ids"]) - ref["logits"]).max())
 assert delta <= tolerance(ref["logits"]), delta
-print(
-    f"{fixture.name}: every matrix product on gemv_bf16 → logits {list(ref['logits'].shape)}, "
-    f"max |Δ| = {delta:.1e} ≤ {tolerance(ref['logits']):.1e} against transformers"
-)
+print(f"{fixture.name}: every matrix product on gemv_bf16 → logits {list(ref['logits'].shape)}, "
+      f"max |Δ| = {delta:.1e} ≤ {tolerance(ref['logits']):.1e} against transformers")
 
 # %% [markdown]
 # ## Summary

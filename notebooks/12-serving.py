@@ -48,9 +48,7 @@ from tinyqwen import serve, testing  # noqa: E402
 
 tok = tinyqwen.Tokenizer.qwen3()
 ref = json.loads((REPO / "exercises" / "references" / "ch12_serving.json").read_text(encoding="utf-8"))
-ch09 = json.loads(
-    (REPO / "exercises" / "references" / "ch09_chat_template_thinking.json").read_text(encoding="utf-8")
-)
+ch09 = json.loads((REPO / "exercises" / "references" / "ch09_chat_template_thinking.json").read_text(encoding="utf-8"))
 
 # %% [markdown]
 # The model: [chapter 9](09-chat-template-thinking.ipynb)'s tiny Qwen3 — two layers, 32 wide, but the **real**
@@ -106,7 +104,6 @@ print(json.dumps(json.loads(body), indent=1))
 #
 # $$\ell_i \leftarrow \ell_i - p_{\text{presence}}\,[c_i > 0] - p_{\text{frequency}}\,c_i .$$
 
-
 # %%
 def post(body, path="/v1/chat/completions"):
     status, _, raw = testing.asgi_call(app, "POST", path, {"model": "tiny-qwen3", **body})
@@ -146,7 +143,6 @@ print(text[:600])
 # are joined with `\n`); a line starting with `:` is a comment — servers send `: ping` to keep idle connections
 # open. A loop version:
 
-
 # %%
 def parse_sse(text):
     events, data = [], None
@@ -159,12 +155,11 @@ def parse_sse(text):
             data = (data or []) + [line[6:] if line.startswith("data: ") else line[5:]]
     return events
 
-
 # %%
 events = parse_sse(text)
 print(len(events), "events; deltas:", [e["choices"][0]["delta"] for e in events[:-1]])
 assert events == serve.parse_sse(text)
-assert parse_sse(': ping\n\ndata:{"a":\ndata: 1}\r\n\r\ndata: [DONE]\n\n') == [{"a": 1}, "[DONE]"]
+assert parse_sse(": ping\n\ndata:{\"a\":\ndata: 1}\r\n\r\ndata: [DONE]\n\n") == [{"a": 1}, "[DONE]"]
 
 # %% [markdown]
 # The first chunk announces the role, then one chunk per token with a `delta` — the *new* text only — then a
@@ -179,7 +174,6 @@ assert parse_sse(': ping\n\ndata:{"a":\ndata: 1}\r\n\r\ndata: [DONE]\n\n') == [{
 # script. Everything after the logits — sampling, the generation loop, the server, the parser — runs exactly as it
 # would for a Qwen3 that chose those tokens itself.
 
-
 # %%
 def replies(prompt):
     """The script: what the steered model writes, by prompt (None: the model's own choices)."""
@@ -192,14 +186,11 @@ def replies(prompt):
     return None
 
 
-steered = serve.create_app(
-    testing.ScriptedModel(model, testing.scripted_reply(tok, replies)), tok, "tiny-qwen3"
-)
+steered = serve.create_app(testing.ScriptedModel(model, testing.scripted_reply(tok, replies)), tok, "tiny-qwen3")
 print(ref["split"][1]["text"])
 
 # %% [markdown]
 # The picture shows that reply token by token, coloured by where each token's text goes:
-
 
 # %%
 def channels(pieces):
@@ -229,7 +220,6 @@ plt.show()
 # is at the **first** `</think>`: the model card splits at the *last* one, but that needs the whole reply — a
 # server that streams has already sent what followed the first one as answer.
 
-
 # %%
 def split_reply(pieces):
     parts, mode = {"reasoning": "", "answer": ""}, "answer"
@@ -241,7 +231,6 @@ def split_reply(pieces):
         elif piece not in ("<|im_end|>", "<|endoftext|>"):
             parts[mode] += piece
     return parts["reasoning"].strip("\n"), parts["answer"].strip("\n")
-
 
 # %%
 for case in ref["split"]:
@@ -268,10 +257,7 @@ deltas = [e["choices"][0]["delta"] for e in parse_sse(text.decode())[:-1] if e["
 print([d for d in deltas if d.get("reasoning_content") or d.get("content")][:8])
 
 # %%
-streamed = (
-    "".join(d.get("reasoning_content") or "" for d in deltas),
-    "".join(d.get("content") or "" for d in deltas),
-)
+streamed = ("".join(d.get("reasoning_content") or "" for d in deltas), "".join(d.get("content") or "" for d in deltas))
 _, _, text = testing.asgi_call(steered, "POST", "/v1/chat/completions",
                           {"model": "tiny-qwen3", "messages": ask, "temperature": 0})  # fmt: skip
 message = json.loads(text)["choices"][0]["message"]
@@ -306,7 +292,6 @@ print("stopped:", channel.stopped)
 # calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. OpenAI's API wants them as objects with an
 # `id`, a `type` and — a classic surprise — the arguments as a JSON **string**:
 
-
 # %%
 def to_openai(content):
     rest, calls = tinyqwen.parse_tool_calls(content)  # chapter 9's parser
@@ -329,7 +314,6 @@ print(to_openai(case["content"]))
 # The client's side: concatenate the deltas. Tool calls arrive as pieces keyed by `index` — OpenAI's own server
 # streams the arguments a few characters at a time — so a client appends each piece to its call:
 
-
 # %%
 def assemble(events):
     message, calls, finish = {"content": "", "reasoning_content": ""}, {}, None
@@ -346,7 +330,6 @@ def assemble(events):
             finish = choice["finish_reason"] or finish
     return message | {"tool_calls": [calls[i] for i in sorted(calls)]}, finish
 
-
 # %%
 weather = ref["weather_schema"]
 conversation = ref["follow_up"]["messages"][:2]
@@ -361,7 +344,6 @@ print(finish, json.dumps(reply, indent=1))
 # The model asked for `get_weather(city="Paris")`. The *client* runs it — the model never runs code — and sends
 # the result back as a `role: "tool"` message after the assistant's call. The chat template wraps it in
 # `<tool_response>` inside a user turn, and the model answers from it.
-
 
 # %%
 def get_weather(city):
@@ -383,7 +365,7 @@ print(second["choices"][0]["message"])
 
 # %%
 prompt = tok.decode(second["prompt_token_ids"])
-print(prompt[prompt.index("<|im_start|>user") :])
+print(prompt[prompt.index("<|im_start|>user"):])
 
 # %% [markdown]
 # The server builds that prompt with the **injection-safe** path of [chapter 9](09-chat-template-thinking.ipynb):
@@ -397,7 +379,6 @@ print(prompt[prompt.index("<|im_start|>user") :])
 # `tinyqwen.generate`'s for that prompt. (vLLM instead *batches* running requests into every forward pass —
 # continuous batching — which is what makes a GPU server fast; [chapter 8](08-kv-cache-generation.ipynb)'s left
 # padding is the first step towards it.) Six clients at once:
-
 
 # %%
 async def six_clients():
@@ -448,9 +429,7 @@ from tinyqwen.hub import official_checkpoint  # noqa: E402
 
 path = official_checkpoint()
 if path is None:
-    print(
-        "No official checkpoint here (set $TINYQWEN_MODEL to use one); this chapter runs on the tiny model."
-    )
+    print("No official checkpoint here (set $TINYQWEN_MODEL to use one); this chapter runs on the tiny model.")
 else:
     real = serve.create_app(tinyqwen.load_model(path), tinyqwen.Tokenizer.from_pretrained(path), "qwen3")
     _, _, text = testing.asgi_call(real, "POST", "/v1/chat/completions", {"model": "qwen3", "max_tokens": 200,
@@ -473,17 +452,11 @@ _, _, text = testing.asgi_call(app, "POST", "/v1/chat/completions", body)
 events = parse_sse(text.decode())
 message, finish = assemble(events[:-1])
 assert events[-2]["choices"][0]["token_ids"] == e["new_ids"], "the server's ids vs transformers' generate"
-assert message["content"] == e["text"].strip("\n") and message["reasoning_content"] == "", (
-    "the assembled reply"
-)
-assert second["prompt_token_ids"] == ref["follow_up"]["ids"], (
-    "the round trip's prompt vs the official template"
-)
-print(
-    f"{len(e['new_ids'])} streamed greedy ids equal transformers' generate; the tool round trip's prompt "
-    f"({len(ref['follow_up']['ids'])} ids) equals the official template + tokenizer "
-    f"(transformers {ref['transformers_version']})"
-)
+assert message["content"] == e["text"].strip("\n") and message["reasoning_content"] == "", "the assembled reply"
+assert second["prompt_token_ids"] == ref["follow_up"]["ids"], "the round trip's prompt vs the official template"
+print(f"{len(e['new_ids'])} streamed greedy ids equal transformers' generate; the tool round trip's prompt "
+      f"({len(ref['follow_up']['ids'])} ids) equals the official template + tokenizer "
+      f"(transformers {ref['transformers_version']})")
 
 # %% [markdown]
 # ## Summary

@@ -45,7 +45,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from course_setup import FIXTURES, REPO  # this checkout's tinyqwen first on sys.path (course_setup.py)
-
 DATA = REPO / "notebooks" / "data"
 REF = np.load(REPO / "exercises" / "references" / "ch13_training.npz")  # made by torch autograd
 
