@@ -13,6 +13,7 @@ Tolerance: 1e-3 on a training loss after 15 steps. Two correct loops differ only
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import numpy as np
@@ -44,10 +45,11 @@ def _without_clipping(lr: float, steps: int, qk_norm: bool) -> list[float]:
     from tinyqwen.grad import loss_and_grads, named_parameters
     from tinyqwen.train import AdamW, init_weights
 
+    config = ab.CONFIG if qk_norm else dataclasses.replace(ab.CONFIG, qk_norm=False)
     w = init_weights(ab.CONFIG, ab.SEED)
     params, opt, losses = named_parameters(w), AdamW(ab.BETAS, ab.ADAM_EPS, ab.WEIGHT_DECAY), []
     for step in range(1, steps + 1):
-        r = loss_and_grads(ab.CONFIG, w, ab.batch(step), qk_norm=qk_norm)
+        r = loss_and_grads(config, w, ab.batch(step))
         opt.update(params, named_parameters(r.grads), lr)
         losses.append(r.ce)
     return losses
@@ -75,7 +77,7 @@ def test_train_run(course):
                 inputs=f"CONFIG, batches batch(1..{steps}), AdamW {course.ch17.BETAS}, clip {course.ch17.GRAD_CLIP}",
                 mistakes=[
                     Mistake("the qk_norm switch did not reach the model", REF["curves"][other][i],
-                            f"Pass qk_norm={flag} to loss_and_grads (its default is True)."),
+                            f"Train dataclasses.replace(CONFIG, qk_norm={flag}): loss_and_grads reads the switch from the config."),
                     Mistake("the gradients were not clipped", functools.partial(_without_clipping, lr, steps, flag),
                             "Clip the global gradient norm to GRAD_CLIP before each AdamW update."),
                 ],

@@ -154,21 +154,17 @@ class LossAndGrads:
     logits: np.ndarray | None = None  # [B, T, V]
 
 
-def _layer_forward(c: Qwen3Config, layer: LayerWeights, x, cos, sin, mask, qk_norm: bool = True):
-    """One decoder layer, keeping what its backward needs: (output [B, T, H], saved dict, router logits or None).
-
-    `qk_norm=False` leaves out QK-Norm (q_norm, k_norm unused): the ablation of exercises/ch17, nothing else."""
+def _layer_forward(c: Qwen3Config, layer: LayerWeights, x, cos, sin, mask):
+    """One decoder layer, keeping what its backward needs: (output [B, T, H], saved dict, router logits or None)."""
     B, T, _ = x.shape
     a = layer.attn
     h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
     qp = linear(h, a.q_proj).reshape(B, T, -1, c.head_dim)  # [B, T, Hq, d] before QK-Norm
     kp = linear(h, a.k_proj).reshape(B, T, -1, c.head_dim)
-    if qk_norm:
-        qp_n, kp_n = rms_norm(qp, a.q_norm, c.rms_norm_eps), rms_norm(kp, a.k_norm, c.rms_norm_eps)
-    else:
-        qp_n, kp_n = qp, kp
-    q = apply_rope(qp_n.transpose(0, 2, 1, 3), cos, sin)  # [B, Hq, T, d]
-    k = apply_rope(kp_n.transpose(0, 2, 1, 3), cos, sin)  # [B, Hkv, T, d]
+    qn = rms_norm(qp, a.q_norm, c.rms_norm_eps) if c.qk_norm else qp  # QK-Norm (off only in an ablation)
+    kn = rms_norm(kp, a.k_norm, c.rms_norm_eps) if c.qk_norm else kp
+    q = apply_rope(qn.transpose(0, 2, 1, 3), cos, sin)  # [B, Hq, T, d]
+    k = apply_rope(kn.transpose(0, 2, 1, 3), cos, sin)  # [B, Hkv, T, d]
     v = linear(h, a.v_proj).reshape(B, T, -1, c.head_dim).transpose(0, 2, 1, 3)
     o = attention(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, Hq·d]
     x2 = x + linear(o, a.o_proj)
@@ -187,18 +183,7 @@ def _layer_forward(c: Qwen3Config, layer: LayerWeights, x, cos, sin, mask, qk_no
     return out, saved, router_logits
 
 
-def _layer_backward(
-    c: Qwen3Config,
-    layer: LayerWeights,
-    g: LayerWeights,
-    s: dict,
-    dout,
-    cos,
-    sin,
-    mask,
-    drl,
-    qk_norm: bool = True,
-):
+def _layer_backward(c: Qwen3Config, layer: LayerWeights, g: LayerWeights, s: dict, dout, cos, sin, mask, drl):
     """Back through one layer: adds dL/dW into `g` (the layer's gradient arrays), returns dL/d(layer input)."""
     B, T, _ = dout.shape
     a, ga = layer.attn, g.attn
@@ -227,7 +212,7 @@ def _layer_backward(
     dq, dk, dv = attention_backward(do, s["q"], s["k"], s["v"], mask)
     dqn = apply_rope_backward(dq, cos, sin).transpose(0, 2, 1, 3)  # [B, T, Hq, d]
     dkn = apply_rope_backward(dk, cos, sin).transpose(0, 2, 1, 3)
-    if qk_norm:
+    if c.qk_norm:
         dqp, dw = rms_norm_backward(dqn, s["qp"], a.q_norm, c.rms_norm_eps)
         ga.q_norm += dw
         dkp, dw = rms_norm_backward(dkn, s["kp"], a.k_norm, c.rms_norm_eps)
@@ -259,7 +244,6 @@ def loss_and_grads(
     keep_logits: bool = False,
     forward_only: bool = False,  # only the losses (evaluation): no activations kept, no backward
     aux_scope: str = "global",  # "global": transformers' pooled aux loss; "layer": per MoE layer, averaged
-    qk_norm: bool = True,  # False: leave QK-Norm out (an ablation: Qwen3 always has it)
 ) -> LossAndGrads:
     """Forward and backward of the training loss on one batch; every weight's gradient in `grads`.
 
@@ -289,7 +273,7 @@ def loss_and_grads(
     x = weights.embed[ids]
     saved, router_logits, moe_layers = [], [], []
     for i, layer in enumerate(weights.layers):
-        x, s, rl = _layer_forward(c, layer, x, cos, sin, mask, qk_norm)
+        x, s, rl = _layer_forward(c, layer, x, cos, sin, mask)
         saved.append(s)
         if rl is not None:
             router_logits.append(rl)
@@ -322,7 +306,7 @@ def loss_and_grads(
     dx, dw = rms_norm_backward(dhf, x, weights.norm, c.rms_norm_eps)
     g.norm += dw
     for i in reversed(range(len(weights.layers))):
-        dx = _layer_backward(c, weights.layers[i], g.layers[i], saved[i], dx, cos, sin, mask, drl[i], qk_norm)
+        dx = _layer_backward(c, weights.layers[i], g.layers[i], saved[i], dx, cos, sin, mask, drl[i])
     g.embed += embedding_backward(dx, ids, c.vocab_size)
     return LossAndGrads(
         loss=ce + aux_coef * aux,

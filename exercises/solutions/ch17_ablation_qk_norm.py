@@ -7,9 +7,10 @@ what it buys by training the same tiny dense Qwen3 with and without it, at sever
 initial weights on the same batches — one switch changed, everything else equal. That is an ablation.
 
 You write the training loop (`train_run`) and the experiment (`ablation`) from chapter 13's pieces:
-`tinyqwen.train.init_weights`, `tinyqwen.grad.loss_and_grads` (its `qk_norm=False` leaves QK-Norm out),
-`tinyqwen.grad.named_parameters`, `tinyqwen.train.clip_gradients`, `tinyqwen.train.AdamW`. The model, the data and
-the batches are given below, so that your numbers can be compared with ours. Grade with
+`tinyqwen.train.init_weights`, `tinyqwen.grad.loss_and_grads`, `tinyqwen.grad.named_parameters`, `tinyqwen.train.clip_gradients`, `tinyqwen.train.AdamW`. The switch is the config's `qk_norm` field (a tinyqwen
+extra, True in every official config): `dataclasses.replace(CONFIG, qk_norm=False)` is the same model without
+QK-Norm, for the trainer and the inference model alike. The model, the data and the batches are given below, so
+that your numbers can be compared with ours. Grade with
 
     pytest exercises/test_ch17_ablation_qk_norm.py
 
@@ -22,6 +23,8 @@ conclude, and what would you need to run before believing it at a larger scale?
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -72,16 +75,18 @@ def train_run(lr: float, steps: int, qk_norm: bool) -> list[float]:
     training cross-entropy of every step, measured before that step's update.  -> [steps] floats
 
     Each step: loss and gradients of the batch, clip the global norm to GRAD_CLIP, one AdamW update at `lr`.
+    `qk_norm=False`: train dataclasses.replace(CONFIG, qk_norm=False) instead (the same initial weights).
     """
     from tinyqwen.grad import loss_and_grads, named_parameters
     from tinyqwen.train import AdamW, clip_gradients, init_weights
 
+    config = CONFIG if qk_norm else dataclasses.replace(CONFIG, qk_norm=False)  # the one switch
     weights = init_weights(CONFIG, SEED)  # the same start for every run: only the switch differs
     params = named_parameters(weights)  # views: AdamW updates the model's own arrays
     opt = AdamW(BETAS, ADAM_EPS, WEIGHT_DECAY)
     losses = []
     for step in range(1, steps + 1):
-        result = loss_and_grads(CONFIG, weights, batch(step), qk_norm=qk_norm)
+        result = loss_and_grads(config, weights, batch(step))
         grads = named_parameters(result.grads)
         clip_gradients(grads, GRAD_CLIP)
         opt.update(params, grads, lr)
