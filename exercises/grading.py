@@ -75,6 +75,11 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     11: ("Making it fast on the GPU", "11-cupy"),
     12: ("Serving", "12-serving"),
     13: ("Training a tiny Qwen3-MoE", "13-training"),
+    # beyond fill-in-the-function: a capstone per part of the course, problems graded by the number
+    15: ("Capstone: Qwen3 from math", "06-dense-model"),
+    16: ("Resource accounting", "10-numba"),
+    17: ("Ablation: QK-Norm on/off", "13-training"),
+    18: ("Capstone: tokenizer files", "01-tokenization"),
 }
 
 # "equal to transformers" for the whole model is the project's one definition, tinyqwen.verify.tolerance:

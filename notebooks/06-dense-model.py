@@ -609,3 +609,11 @@ for fixture in ["dense-tied", "dense-untied-bf16-sharded"]:
 #
 # The last checkpoint runs the real fixture model with *your* `rms_norm`, `apply_rope`, `attention`, `swiglu` and
 # `linear` from chapters 3–6 inside it, and compares its logits with transformers'.
+#
+# ### Beyond fill-in-the-function: the capstone
+#
+# Once chapter 7 is done too, close the book and write the model again, this time with no scaffolding:
+# `exercises/ch15_capstone_model.py` asks for one decoder layer (dense *or* mixture of experts) and the whole
+# forward pass, given only the weights by their official names, the config and the positions — no formula, no
+# worked example. `pytest exercises/test_ch15_capstone_model.py` grades it against transformers' own decoder layer
+# and the logits of five fixtures (tied and untied, YaRN, two Qwen3-MoE).

@@ -525,3 +525,12 @@ print(f"{fixture.name}: every matrix product on gemv_bf16 → logits {list(ref['
 #
 # The last checkpoint runs the bf16 fixture with every matrix product on *your* `gemv_bf16` and checks its logits
 # against transformers'.
+#
+# ### Beyond fill-in-the-function: resource accounting
+#
+# Section 2's roofline, for every model of the family: `exercises/ch16_resource_accounting.py` asks for the total
+# and *active* parameters, the FLOPs of one token at a given context, the KV cache per token and at 32K tokens, and
+# the bandwidth-bound decode speed of two stated machines (an H100 at 3,350 GB/s, a DDR5 laptop at 89.6 GB/s) for
+# Qwen3-0.6B, 4B, 8B and 30B-A3B. `pytest exercises/test_ch16_resource_accounting.py` grades each number against a
+# derivation by hand from the config files (written out in the test), and names the classic slip when yours
+# matches one (a tied head counted twice, one flop per multiply-add, query heads in the KV cache, GiB for GB).

@@ -1,24 +1,22 @@
-"""Chapter 3 solutions: tinyqwen's RMSNorm (tinyqwen/norm.py), and the embedding lookup as tinyqwen's model does it.
-
-tinyqwen has no separate embedding function: its model indexes the table (`x = w.embed[ids]` in
-tinyqwen/model.py) after checking the ids' range (`Qwen3._check_ids`). `embed` below does the same two steps.
-"""
+"""Chapter 3 solutions: the embedding lookup and RMSNorm, written out (tinyqwen/norm.py is the library's)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tinyqwen.norm import rms_norm as _rms_norm
 
-
-def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+def embed(ids: np.ndarray, table: np.ndarray) -> np.ndarray:  # [B, T] int, [vocab, d] -> [B, T, d]
     ids = np.asarray(ids)
+    # NumPy would accept -1 (the last row) silently: an id outside the table is a bug upstream, say so
     if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-        raise IndexError(
-            f"token id {int(ids.min()) if ids.min() < 0 else int(ids.max())} is outside [0, {table.shape[0]})"
-        )
-    return table[ids]
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise IndexError(f"token id {bad} is outside [0, {table.shape[0]})")
+    return table[ids]  # one row of the table per id: a lookup, no arithmetic
 
 
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    return _rms_norm(x, weight, eps)
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:  # [..., d], [d] -> [..., d]
+    x = np.asarray(x, dtype=np.float32)  # squares in float32, as transformers upcasts before the mean
+    ms = np.mean(
+        x * x, axis=-1, keepdims=True
+    )  # [..., 1] mean square; no mean subtracted (that is LayerNorm)
+    return x / np.sqrt(ms + np.float32(eps)) * weight  # eps inside the root; the weight is a per-channel gain

@@ -1,49 +1,83 @@
-"""Chapter 12 solutions: thin adapters over tinyqwen's own code (solutions mode grades tinyqwen itself).
-
-The server side (`split_deltas`, `parse_tool_calls`) runs tinyqwen.serve's ReplyParser on the pieces; the client
-side (`parse_sse`, `assemble`, `follow_up`) is what tinyqwen's notebook and tests do as a client, written once here.
-"""
+"""Chapter 12 solutions: the wire format, the reasoning split, tool calls and a client, written out in plain
+Python (tinyqwen/serve/ is the library's server side, which works on ids and also handles stop strings)."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
-
-from tinyqwen import serve
-from tinyqwen.chat_parsing import parse_tool_calls as _parse_tool_calls
-from tinyqwen.serve import _Channel
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>")
 
 
 def parse_sse(text: str) -> list:
-    return serve.parse_sse(text)
+    events: list = []
+    data: list[str] | None = None  # the data lines of the event being read; None: no data line yet
+    for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if line == "":  # a blank line ends an event (one without data lines is no event)
+            if data is not None:
+                joined = "\n".join(data)
+                events.append(joined if joined == "[DONE]" else json.loads(joined))
+            data = None
+        elif line.startswith("data:"):
+            value = line[5:]
+            data = [
+                *(data or []),
+                value[1:] if value.startswith(" ") else value,
+            ]  # ONE space dropped, no more
+        # ": ping" comments and other fields ("event:", "id:") carry no data
+    return events  # text after the last blank line is an unfinished event: dropped
 
 
 def split_deltas(pieces: Sequence[str], final: bool = True) -> list[tuple[str, str]]:
-    # tinyqwen.serve.ReplyParser works on ids; on decoded pieces its two channels do the same job
-    channels = {"reasoning_content": _Channel(strip=True), "content": _Channel(strip=True)}
-    mode, out = "content", []
+    # per part: has a non-newline arrived yet, and the newlines held back (they may be the part's last characters)
+    started = {"reasoning_content": False, "content": False}
+    held = {"reasoning_content": "", "content": ""}
+    out: list[tuple[str, str]] = []
+
+    def send(part: str, text: str) -> None:
+        if not started[part]:
+            text = text.lstrip("\n")  # newlines at the start of a part are stripped
+            started[part] = bool(text)
+        text = held[part] + text
+        body = text.rstrip("\n")
+        held[part] = text[len(body) :]  # released only when something that is not a newline follows
+        if body:
+            out.append((part, body))
+
+    part = "content"
     for piece in pieces:
-        if piece == "<think>" and mode == "content":
-            mode = "reasoning_content"
-        elif piece == "</think>" and mode == "reasoning_content":
-            out += [(mode, t) for t in [channels[mode].close()] if t]
-            mode = "content"
+        if piece == "<think>" and part == "content":
+            part = "reasoning_content"
+        elif piece == "</think>" and part == "reasoning_content":
+            held[part] = ""  # the end of the reasoning: its trailing newlines are stripped
+            part = "content"  # a later "</think>" is plain text of the answer
         elif piece not in END_OF_TURN:
-            out += [(mode, t) for t in [channels[mode].push(piece)] if t]
-    if final:
-        out += [(m, t) for m in ("reasoning_content", "content") for t in [channels[m].close()] if t]
-    return out
+            send(part, piece)
+    return out  # with final=True the held newlines are trailing ones: stripped, never sent
+
+
+_TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
 
 
 def parse_tool_calls(content: str) -> tuple[str, list[dict]]:
-    rest, calls = _parse_tool_calls(content)
-    return rest, [
-        {"id": f"call_{i}", "type": "function",
-         "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
-        for i, c in enumerate(calls)
-    ]  # fmt: skip
+    calls = []
+    for i, body in enumerate(_TOOL_CALL.findall(content)):
+        call = json.loads(body.strip())
+        arguments = (
+            call["arguments"]
+            if isinstance(call["arguments"], str)
+            else json.dumps(call["arguments"], ensure_ascii=False)
+        )
+        # OpenAI's format: the arguments travel as a JSON *string*
+        calls.append(
+            {
+                "id": f"call_{i}",
+                "type": "function",
+                "function": {"name": call["name"], "arguments": arguments},
+            }
+        )
+    return _TOOL_CALL.sub("", content).strip("\n"), calls
 
 
 def assemble(chunks: Sequence[dict]) -> tuple[dict, str | None]:
