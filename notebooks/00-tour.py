@@ -317,12 +317,23 @@ plt.show()
 # | 12 | [Serving](12-serving.ipynb) | an OpenAI-compatible client: streamed events, thinking split, tool calls | `transformers` and the official template |
 # | 13 | [Training a tiny Qwen3-MoE](13-training.ipynb) | the backward pass by hand, AdamW, the aux loss's gradient | finite differences and torch's autograd |
 # | 14 | Quantization | Q8_0 and Q4_K by hand, int8 dot products, KL divergence | llama.cpp's GGUF files |
+# | 15–18 | capstones and problems (`exercises/`) | Qwen3 from the math alone (parts II–III); resource accounting for every official config (IV); a QK-Norm ablation you run and plot (V); a tokenizer read from its files (I) | transformers' stored outputs, the official ids, arithmetic from the configs |
 #
 # Every chapter follows the same path. It starts with why the piece exists and a picture, then the math, a small loop
 # version, and the vectorised NumPy version. It ends with a **checkpoint** against the official implementation.
 # Then you write the piece yourself in `exercises/chNN_*.py`, and `pytest exercises/` grades it. The last
 # checkpoint of every chapter puts *your* functions into the real model and compares its logits with `transformers`.
 # By chapter 9, your own code runs all of Qwen3.
+#
+# ### The payoff
+#
+# The model checkpoints are cumulative: chapter 5's model already runs your loader, embedding, norms, RoPE, mask and
+# attention, and the score table lists under each chapter which of your functions ran. After chapter 9 the whole
+# pipeline is yours: tokenizer, kernels, KV cache, generation loop, chat template. Then run
+# `tinyqwen chat --model Qwen/Qwen3-0.6B --kernels exercises` (get the model once, with a network:
+# `pip install -e ".[hub]"` and `hf download Qwen/Qwen3-0.6B`): Qwen3-0.6B answers through your own code, and the
+# command lists which of your functions it used. Offline, it runs a tiny random Qwen3 with the real tokenizer
+# instead, and says so.
 #
 # ## How "equal to the official implementation" is checked
 #

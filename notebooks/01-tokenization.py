@@ -762,3 +762,7 @@ print("last merges: ", [a + b for a, b in merges[-8:]])
 # fails, the message names the input, shows the first difference, and, for the classic mistakes (characters instead
 # of bytes, GPT-4's digit groups, left-to-right merging, no NFC, added tokens after the regex), says which one it is.
 # The eleventh grades your `train_bpe`: the same merges as a plain trainer, on small corpora full of ties.
+#
+# Part I's capstone, `exercises/ch18_capstone_files.py`, is the tokenizer again with no scaffolding: read `vocab.json`,
+# `merges.txt` and `tokenizer_config.json` yourself; `pytest exercises/test_ch18_capstone_files.py` grades it against
+# the official ids.
