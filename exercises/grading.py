@@ -77,6 +77,7 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     11: ("Making it fast on the GPU", "11-cupy"),
     12: ("Serving", "12-serving"),
     13: ("Training a tiny Qwen3-MoE", "13-training"),
+    14: ("Quantization", "14-quantization"),
 }
 
 # chapter -> the Backend kernels that chapter's exercises provide (see learner_model)

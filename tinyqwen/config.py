@@ -71,6 +71,9 @@ class Qwen3Config:
     router_aux_loss_coef: float = 0.0
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # tinyqwen-only, for ablations (chapter 14 trains a model without it): False skips QK-Norm. Absent from every
+    # official config.json, where it is always on; transformers ignores the key and would apply QK-Norm anyway.
+    qk_norm: bool = True
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -271,6 +274,7 @@ def config_from_dict(d: dict, source: str = "config.json") -> Qwen3Config:
         attention_bias=_get(d, "attention_bias", bool, source, False),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=d.get("eos_token_id"),
+        qk_norm=_get(d, "qk_norm", bool, source, True),
         extra={k: v for k, v in d.items() if k not in known},
         **n,
         **moe,

@@ -161,8 +161,10 @@ def _layer_forward(c: Qwen3Config, layer: LayerWeights, x, cos, sin, mask):
     h = rms_norm(x, layer.input_norm, c.rms_norm_eps)
     qp = linear(h, a.q_proj).reshape(B, T, -1, c.head_dim)  # [B, T, Hq, d] before QK-Norm
     kp = linear(h, a.k_proj).reshape(B, T, -1, c.head_dim)
-    q = apply_rope(rms_norm(qp, a.q_norm, c.rms_norm_eps).transpose(0, 2, 1, 3), cos, sin)  # [B, Hq, T, d]
-    k = apply_rope(rms_norm(kp, a.k_norm, c.rms_norm_eps).transpose(0, 2, 1, 3), cos, sin)  # [B, Hkv, T, d]
+    qn = rms_norm(qp, a.q_norm, c.rms_norm_eps) if c.qk_norm else qp  # QK-Norm (off only in an ablation)
+    kn = rms_norm(kp, a.k_norm, c.rms_norm_eps) if c.qk_norm else kp
+    q = apply_rope(qn.transpose(0, 2, 1, 3), cos, sin)  # [B, Hq, T, d]
+    k = apply_rope(kn.transpose(0, 2, 1, 3), cos, sin)  # [B, Hkv, T, d]
     v = linear(h, a.v_proj).reshape(B, T, -1, c.head_dim).transpose(0, 2, 1, 3)
     o = attention(q, k, v, mask).transpose(0, 2, 1, 3).reshape(B, T, -1)  # [B, T, Hq·d]
     x2 = x + linear(o, a.o_proj)
@@ -210,10 +212,13 @@ def _layer_backward(c: Qwen3Config, layer: LayerWeights, g: LayerWeights, s: dic
     dq, dk, dv = attention_backward(do, s["q"], s["k"], s["v"], mask)
     dqn = apply_rope_backward(dq, cos, sin).transpose(0, 2, 1, 3)  # [B, T, Hq, d]
     dkn = apply_rope_backward(dk, cos, sin).transpose(0, 2, 1, 3)
-    dqp, dw = rms_norm_backward(dqn, s["qp"], a.q_norm, c.rms_norm_eps)
-    ga.q_norm += dw
-    dkp, dw = rms_norm_backward(dkn, s["kp"], a.k_norm, c.rms_norm_eps)
-    ga.k_norm += dw
+    if c.qk_norm:
+        dqp, dw = rms_norm_backward(dqn, s["qp"], a.q_norm, c.rms_norm_eps)
+        ga.q_norm += dw
+        dkp, dw = rms_norm_backward(dkn, s["kp"], a.k_norm, c.rms_norm_eps)
+        ga.k_norm += dw
+    else:
+        dqp, dkp = dqn, dkn
     dh = np.zeros_like(s["h"])
     for d_proj, w, name in (
         (dqp, a.q_proj, "q_proj"),

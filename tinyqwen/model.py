@@ -310,8 +310,9 @@ class Qwen3:
         # the three projections of the same h: one fused pass where the backend has one (linear_many)
         q, kk, v = (p.reshape(B, T, -1, c.head_dim) for p in k.linear_many(h, (a.q_proj, a.k_proj, a.v_proj)))
         # QK-Norm: RMSNorm over head_dim only, per head, before the rotation
-        q = k.rms_norm(q, a.q_norm, c.rms_norm_eps)
-        kk = k.rms_norm(kk, a.k_norm, c.rms_norm_eps)
+        if c.qk_norm:  # always, except in an ablation trained without it (chapter 14)
+            q = k.rms_norm(q, a.q_norm, c.rms_norm_eps)
+            kk = k.rms_norm(kk, a.k_norm, c.rms_norm_eps)
         q = k.apply_rope(q.transpose(0, 2, 1, 3), cos, sin)  # [B, Hq, T, d]
         kk = k.apply_rope(kk.transpose(0, 2, 1, 3), cos, sin)  # [B, Hkv, T, d]
         v = v.transpose(0, 2, 1, 3)
