@@ -48,7 +48,9 @@ def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:  # uint8 [..., n·34] -> 
     raise NotImplementedError
 
 
-def unpack_q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # uint8 [..., 12] -> 2 x [..., 8]
+def unpack_q4_k_scales(
+    packed: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:  # uint8 [..., 12] -> 2 x [..., 8]
     """Unpack Q4_K's 12-byte field into 8 six-bit scales and 8 six-bit mins (llama.cpp's get_scale_min_k4).
 
     16 six-bit numbers need 96 bits, exactly 12 bytes:
@@ -80,7 +82,9 @@ def dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:  # uint8 [..., n·144] ->
     raise NotImplementedError
 
 
-def gemv_q8_0(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:  # uint8 [m, k·34], float32 [k·32] -> f32 [m]
+def gemv_q8_0(
+    w_blocks: np.ndarray, x: np.ndarray
+) -> np.ndarray:  # uint8 [m, k·34], float32 [k·32] -> f32 [m]
     """y = W x the way llama.cpp's CPU backend does it for Q8_0 weights: in integers, one scale multiply per block.
 
     Quantize x to Q8_0 blocks too (your quantize_q8_0). Then for row o and block b: the integer dot product

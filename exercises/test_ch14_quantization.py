@@ -22,7 +22,16 @@ import json
 
 import numpy as np
 
-from exercises.grading import GradeError, Mistake, call, expect, expect_close, expect_equal, notebook, reference_file
+from exercises.grading import (
+    GradeError,
+    Mistake,
+    call,
+    expect,
+    expect_close,
+    expect_equal,
+    notebook,
+    reference_file,
+)
 from tinyqwen.verify import tolerance
 
 REF = reference_file("ch14_quantization.npz")
@@ -233,10 +242,12 @@ def test_q4_k_scales_by_hand(course):
     what = "unpack_q4_k_scales(a 12-byte field built by hand)"
     got = call(course.ch14.unpack_q4_k_scales, p.copy(), what=what, reread=Q4K)
     if not isinstance(got, (tuple, list)) or len(got) != 2:
-        raise GradeError(f"{what}\n  expected a pair (scales [8], mins [8]), got {type(got).__name__}\n  re-read: {Q4K}")
+        raise GradeError(
+            f"{what}\n  expected a pair (scales [8], mins [8]), got {type(got).__name__}\n  re-read: {Q4K}"
+        )
     got_pair = [np.asarray(a).astype(np.int64).tolist() for a in got]
     mistakes = [Mistake(f"{why}", [a.astype(np.int64).tolist() for a in _q4k_unpack_wrong(p, v)], hint)
-                for v, why, hint in _UNPACK_MISTAKES]  # fmt: skip
+                for why, v, hint in _UNPACK_MISTAKES]  # fmt: skip
     expect_equal(got_pair, [list(want[0]), list(want[1])], what=what, reread=Q4K, mistakes=mistakes,
                  inputs="bytes " + " ".join(f"{b:02x}" for b in p))  # fmt: skip
 
@@ -257,10 +268,12 @@ def test_q4_k_scales_like_llamacpp(course):
     what = "unpack_q4_k_scales(scales [64, 12]) vs llama.cpp's get_scale_min_k4 (gguf's Q4_K.get_scale_min)"
     got = call(course.ch14.unpack_q4_k_scales, p.copy(), what=what, reread=Q4K)
     if not isinstance(got, (tuple, list)) or len(got) != 2:
-        raise GradeError(f"{what}\n  expected a pair (scales, mins), got {type(got).__name__}\n  re-read: {Q4K}")
+        raise GradeError(
+            f"{what}\n  expected a pair (scales, mins), got {type(got).__name__}\n  re-read: {Q4K}"
+        )
     for name, have, want, k in (("scales", got[0], REF["q4k.sc"], 0), ("mins", got[1], REF["q4k.m"], 1)):
-        mistakes = [Mistake(why, lambda v=v: _q4k_unpack_wrong(p, v)[k].astype(np.int64).tolist(), hint)
-                    for v, why, hint in _UNPACK_MISTAKES]  # fmt: skip
+        mistakes = [Mistake(why, lambda v=v, k=k: _q4k_unpack_wrong(p, v)[k].astype(np.int64).tolist(), hint)
+                    for why, v, hint in _UNPACK_MISTAKES]  # fmt: skip
         expect_equal(np.asarray(have).astype(np.int64).tolist(), want.astype(np.int64).tolist(),
                      what=f"{what}: the {name}", reread=Q4K, mistakes=mistakes)  # fmt: skip
 
@@ -430,6 +443,10 @@ def test_real_model(course):
         got = np.asarray(got)
         expect(got.shape == shape and got.dtype.kind == "f", what=what, reread=FINAL,
                problem=f"expected float32 of shape {list(shape)}, got {got.dtype} {list(got.shape)}")  # fmt: skip
+        row0 = REF[f"model.{name}.row0"]
+        expect_close(got.reshape(shape[0], -1)[0] if len(shape) == 2 else got, row0, atol=ATOL, rtol=RTOL,
+                     reread=Q4K if qtype == "q4_k" else Q8 if qtype == "q8_0" else FINAL,
+                     what=f"{what}: its row 0 vs llama.cpp's dequantization (a {qtype} tensor is decoded wrong)")  # fmt: skip
         weights[name] = np.ascontiguousarray(got, np.float32)
     config = config_from_dict(cfg)
     backend = get_backend("numpy")

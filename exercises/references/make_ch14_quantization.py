@@ -27,6 +27,7 @@ model.<name>.shape  q/k/o_proj, gate/up_proj; "q8_0" for v_proj and down_proj (Q
 model.<name>.data   "f32" for the norms. data is uint8 [rows, row bytes] (blocks), or float32 for f32.
                     Weights: normals × 0.02 (norms 1 + normals × 0.1), quantized by gguf (Q8_0) or written as Q4_K
                     blocks with random bytes and sane scales (gguf has no Q4_K quantizer)
+model.<name>.row0   float32: row 0 of the tensor as gguf dequantizes it (the whole vector for the norms)
 model.input_ids     int64 [2, 12]
 model.logits        float32 [2, 12, 256]: the forward pass on the weights dequantized by gguf (see model_logits)
 model.logits_by     which forward pass made them
@@ -74,7 +75,9 @@ def q8_rows(rng) -> np.ndarray:
     x[1, 32:64] = 0.0  # all-zero block: d = 0, every q = 0 (no division by zero)
     x[2, :32] = np.abs(x[2, :32])
     x[2, 5] = -0.3  # the largest magnitude is negative: max(x) is not absmax
-    halves = np.arange(-15, 16, dtype=np.float32) + 0.5  # ±0.5 … ±15.5 (31 values), then 127 for d = 1 exactly
+    halves = (
+        np.arange(-15, 16, dtype=np.float32) + 0.5
+    )  # ±0.5 … ±15.5 (31 values), then 127 for d = 1 exactly
     x[3, :32] = np.concatenate([halves, [127.0]]).astype(np.float32)
     x[4] *= 0.2
     x[4, 100] = 2.0  # one outlier: its block's 31 other weights keep only a few levels
@@ -84,7 +87,9 @@ def q8_rows(rng) -> np.ndarray:
 def q4k_blocks(rng, n: int, scale: float = 1.0) -> np.ndarray:
     """Random Q4_K super-blocks: random scale fields and nibbles, float16 d and dmin of a trained layer's size."""
     b = rng.integers(0, 256, (n, 144), dtype=np.uint8)
-    d = rng.uniform(0.2, 1.0, n) * 1e-3 * scale  # a 6-bit scale of ~40 times d times 15 → weights of ~0.05·scale
+    d = (
+        rng.uniform(0.2, 1.0, n) * 1e-3 * scale
+    )  # a 6-bit scale of ~40 times d times 15 → weights of ~0.05·scale
     dmin = rng.uniform(0.2, 1.0, n) * 1e-3 * scale
     for i in range(n):
         b[i, 0:2], b[i, 2:4] = f16_bytes(d[i]), f16_bytes(dmin[i])
@@ -207,6 +212,8 @@ def main() -> None:
         out[f"model.{name}.data"] = data
     ids = rng.integers(0, CONFIG["vocab_size"], (2, 12)).astype(np.int64)
     weights = {name: gguf_dequantize(q, data, shape) for name, (q, shape, data) in tensors.items()}
+    for name, w in weights.items():  # a first check per tensor, before the whole model
+        out[f"model.{name}.row0"] = w.reshape(w.shape[0], -1)[0] if w.ndim == 2 else w
     logits, by = model_logits(weights, ids)
     out["model.input_ids"] = ids
     out["model.logits"] = logits

@@ -47,7 +47,9 @@ def dequantize_q8_0(blocks: np.ndarray) -> np.ndarray:  # uint8 [..., n·34] -> 
     return (d[:, None] * q).reshape(*b.shape[:-1], -1)
 
 
-def unpack_q4_k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # uint8 [..., 12] -> 2 x [..., 8]
+def unpack_q4_k_scales(
+    packed: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:  # uint8 [..., 12] -> 2 x [..., 8]
     p = np.asarray(packed, np.uint8)
     sc = np.empty((*p.shape[:-1], 8), np.uint8)
     m = np.empty((*p.shape[:-1], 8), np.uint8)
@@ -76,7 +78,9 @@ def dequantize_q4_k(blocks: np.ndarray) -> np.ndarray:  # uint8 [..., n·144] ->
     return (scale * q - low).reshape(*b.shape[:-1], -1)
 
 
-def gemv_q8_0(w_blocks: np.ndarray, x: np.ndarray) -> np.ndarray:  # uint8 [m, k·34], float32 [k·32] -> f32 [m]
+def gemv_q8_0(
+    w_blocks: np.ndarray, x: np.ndarray
+) -> np.ndarray:  # uint8 [m, k·34], float32 [k·32] -> f32 [m]
     w = np.ascontiguousarray(w_blocks, np.uint8)
     m = w.shape[0]
     wb = w.reshape(m, -1, Q8_0_BYTES)  # [m, k, 34]
