@@ -16,9 +16,10 @@
 # %% [markdown]
 # # Chapter 14 · Quantization
 #
-# Most people who run Qwen3 on their own machine do not have the bf16 checkpoint of [chapter 2](02-loading-weights.ipynb):
-# they have a GGUF file made by llama.cpp, and most published ones are **Q4_K_M**, about 4.8 bits per weight
-# instead of 16. Qwen3-30B-A3B is 61 GB in bf16, which fits no laptop; its Q4_K_M is 18.6 GB, which fits many.
+# Most people who run Qwen3 on their own machine do not have the bf16 checkpoint of
+# [chapter 2](02-loading-weights.ipynb): they have a GGUF file made by llama.cpp, and most published ones are
+# **Q4_K_M**, about 5 bits per weight instead of 16. Qwen3-30B-A3B is 61 GB in bf16, which fits no laptop; its
+# Q4_K_M is 18.6 GB, which fits many.
 # Quantization stores each weight in a few bits plus a shared scale, and that does two things at once: the model
 # takes less memory, and it decodes faster, because decoding is limited by the bytes it reads
 # ([chapter 10](10-numba.ipynb)).
@@ -78,18 +79,19 @@ def best_ms(fn, repeat: int = 5) -> float:
 sizes_mb, times_ms = [], []
 pool = rng.standard_normal(1 << 20, dtype=np.float32)
 for rows in (1024, 2048, 4096, 8192):
-    w = np.resize(pool, (rows, 4096))  # rows × 4096 float32: 16, 32, 64, 128 MB
+    w = np.resize(pool, (rows, 4096))  # rows × 4096 float32: 17, 34, 67, 134 MB
     x = rng.standard_normal(4096, dtype=np.float32)
-    times_ms.append(best_ms(lambda w=w, x=x: w @ x))
+    times_ms.append(best_ms(lambda w=w, x=x: w @ x, repeat=7))
     sizes_mb.append(w.nbytes / 1e6)
-bandwidth = sizes_mb[-1] / times_ms[-1]  # MB per ms = GB/s
 for mb, ms in zip(sizes_mb, times_ms, strict=True):
     print(f"{mb:6.0f} MB: {ms:6.2f} ms  → {mb / ms:5.1f} GB/s")
 
 # %% [markdown]
-# The time grows with the bytes (the smallest matrices may still sit partly in cache and go faster). So the bytes
-# per weight decide the ceiling. Qwen3-0.6B reads 596 M weights per token (chapter 10 counted them). Each format's
-# bytes per weight, and the ceiling at the bandwidth just measured:
+# On a quiet machine the time grows in proportion to the bytes and the GB/s column settles on the memory bandwidth
+# (the smallest matrices may partly sit in cache and go faster). On a busy one — other programs competing for the
+# cores and the memory — the best of seven runs is still disturbed, which is why speed is compared *within one run*.
+# The bytes per weight decide the ceiling. Qwen3-0.6B reads 596 M weights per token (chapter 10 counted them). Each
+# format's bits per weight:
 #
 # | format | layout | bits per weight |
 # |---|---|---|
@@ -100,14 +102,16 @@ for mb, ms in zip(sizes_mb, times_ms, strict=True):
 # | Q4_K | 256 four-bit values + 8 six-bit scales and mins + two float16 | 144·8/256 = 4.5 |
 #
 # A Q4_K_M file mixes Q4_K with Q6_K for the tensors that hurt most (the embedding, some `attn_v` and `ffn_down`):
-# 5.24 bits per weight on average for a Qwen3-0.6B-shaped file. The stored benchmark of chapter 10 measured
-# llama.cpp's bf16 and Q8_0 on the same machine, in the same run:
+# 5.24 bits per weight on average for a Qwen3-0.6B-shaped file. Chapter 10's stored benchmark measured the GEMV
+# bandwidth and llama.cpp's bf16 and Q8_0 decoding on one machine, in one run; the ceilings below use its
+# bandwidth, so that ceilings and measured points come from the same machine:
 
 # %%
 BITS = {"float32": 32, "bf16": 16, "q8_0": 8.5, "Q4_K_M": 5.24, "q4_k": 4.5}
 bench = json.loads((DATA / "bench-qwen3-0.6b.json").read_text())
 n_read = bench["decode_params_per_token"]
 measured = {r["engine"]: r["decode_tok_s"] for r in bench["results"] if r["status"] == "ok"}
+bandwidth = bench["gemv"]["gb_s"]  # GB/s of NumPy's float32 GEMV on the head's shape, in that run
 ceiling = {f: bandwidth * 1e9 / (n_read * b / 8) for f, b in BITS.items()}
 
 fig, ax = plt.subplots(figsize=(7.5, 3))
@@ -116,7 +120,7 @@ ax.plot(
     list(ceiling.values()),
     "o-",
     color="tab:blue",
-    label=f"ceiling at {bandwidth:.0f} GB/s (measured above)",
+    label=f"ceiling at {bandwidth:.0f} GB/s (the stored run's GEMV)",
 )
 for engine, bits, color in (
     ("llama.cpp-bf16", 16, "tab:green"),
@@ -144,10 +148,10 @@ print(
 )
 
 # %% [markdown]
-# The measured points sit below their ceilings (the stored run is another machine and day, and a real step does
-# more than GEMVs), but the order is the roofline's: Q8_0 decodes faster than bf16 because it reads fewer bytes. It
-# gains less than the bytes ratio: with fewer bytes to wait for, the unpacking work starts to show. That is why the
-# kernels of section 5 matter.
+# The measured points sit below their ceilings (a real step does more than GEMVs, and a GEMV on small matrices
+# reaches less bandwidth than on the head's), but the order is the roofline's: Q8_0 decodes faster than bf16
+# because it reads fewer bytes. It gains less than the bytes ratio: with fewer bytes to wait for, the unpacking
+# work starts to show. That is why the kernels of section 5 matter.
 #
 # ## 2. Q8_0: absmax scaling, by hand
 #
@@ -213,7 +217,8 @@ print("bytes:", " ".join(f"{v:02x}" for v in block[:8]), "…  (d = 0x2400 = 1/6
 print("back :", dequantize_q8_0(block)[:5], "\nwas  :", x[:5])
 
 # %% [markdown]
-# The round trip moves each weight by at most half a step, $d/2$: 0.5/64 became a full step, 30.2/64 became 30/64.
+# The round trip moves each weight by at most half a step, $d/2$ (plus a hair: the stored $d$ is rounded to
+# float16): 0.5/64 became a full step, 30.2/64 became 30/64.
 # Our bytes equal llama.cpp's definition as tinyqwen implements it (the exercises compare with llama.cpp's own
 # Python package, `gguf`, byte for byte):
 
@@ -221,10 +226,11 @@ print("back :", dequantize_q8_0(block)[:5], "\nwas  :", x[:5])
 w = rng.standard_normal((64, 1024)).astype(np.float32) * 0.05
 assert np.array_equal(quantize_q8_0(w), quantization.quantize_q8_0(w))
 assert np.array_equal(dequantize_q8_0(quantize_q8_0(w)), quantization.dequantize_q8_0(quantize_q8_0(w)))
-err = np.abs(dequantize_q8_0(quantize_q8_0(w)) - w)
+err = np.abs(dequantize_q8_0(quantize_q8_0(w)) - w).reshape(-1, 32)
+half_step = np.abs(w).reshape(-1, 32).max(axis=1, keepdims=True) / 127 / 2  # d/2 of each block
 print(
-    f"[64, 1024] normals × 0.05: equal to tinyqwen.quantization; max error {err.max():.2e}, "
-    f"mean {err.mean():.2e} (d/2 is about {0.05 * 2.5 / 127 / 2:.1e})"
+    f"[64, 1024] normals × 0.05: equal to tinyqwen.quantization; max error {err.max():.2e}, mean {err.mean():.2e}; "
+    f"largest error / its block's d/2 = {(err / half_step).max():.3f}"
 )
 
 # %% [markdown]

@@ -228,3 +228,28 @@ def test_whole_model_gradient(fixture, norm_topk, scope):
         err = np.abs(got - want)
         assert (err <= FD_ATOL + FD_RTOL * np.abs(want)).all(), f"{fixture} {name}: max error {err.max():.2e}"
     assert result.loss == pytest.approx(result.ce + 0.5 * result.aux)
+
+
+def test_without_qk_norm():
+    """The ablation switch `qk_norm: false` (chapter 14): the inference model and the trainer's forward skip QK-Norm
+    alike, the q_norm / k_norm weights get no gradient, and the rest of the gradient still matches finite
+    differences."""
+    import dataclasses
+
+    model = tinyqwen.load_model(FIXTURES / "dense-tied")
+    c = dataclasses.replace(model.config, qk_norm=False)
+    ids = rng(11).integers(0, c.vocab_size, size=(2, 6))
+    with_norm = model(ids)
+    model.config = c
+    without = model(ids)
+    assert np.abs(with_norm - without).max() > 1e-3, "switching QK-Norm off changed nothing"
+    w = grad.copy_weights(model.weights, np.float64)
+    result = grad.loss_and_grads(c, w, ids, keep_logits=True)
+    assert np.abs(result.logits - without).max() < 1e-4  # float64 trainer vs float32 model: the same function
+    params, grads = grad.named_parameters(w), grad.named_parameters(result.grads)
+    assert not grads["model.layers.0.self_attn.q_norm.weight"].any()
+    assert not grads["model.layers.1.self_attn.k_norm.weight"].any()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        idx = [(i, 2 * i + 1) for i in range(4)]
+        num = numeric_grad(lambda: grad.loss_and_grads(c, w, ids).loss, params[name], idx)
+        assert_grad(np.array([grads[name][i] for i in idx]), np.array([num[i] for i in idx]), name)
