@@ -4,7 +4,8 @@ divergence, and your dequantizer inside a real quantized model.
 Expected values come from llama.cpp's own Python package `gguf` (exercises/references/ch14_quantization.npz, made by
 exercises/references/make_ch14_quantization.py): its Q8_0 quantizer (bit-exact with ggml-quants.c), its Q8_0 and
 Q4_K dequantizers and Q4_K's scale unpacking, and llama.cpp's Q8_0 × Q8_0 dot product written out with exact integer
-sums. The by-hand cases and the KL divergences are derived in this file (the arithmetic is next to each number), and
+sums. The quantized model's logits are tinyqwen's NumPy forward pass (equal to transformers' on the test fixtures)
+run on the weights gguf dequantized: what the last checkpoint grades is your decoding of the blocks. The by-hand cases and the KL divergences are derived in this file (the arithmetic is next to each number), and
 so are the classic wrong answers (Mistake).
 
 Tolerances: quantized bytes and unpacked scales are exact (integers). A dequantized weight is one or two float32
@@ -454,6 +455,6 @@ def test_real_model(course):
     ids, want = REF["model.input_ids"], REF["model.logits"]
     expect_close(model(ids), want, atol=tolerance(want), reread=FINAL,
                  what="logits of a 1-layer Qwen3 stored as Q4_K / Q8_0 / F32, dequantized by your `dequantize`, "
-                 "vs the same model dequantized by llama.cpp's gguf package",
+                 "vs the same model with its blocks dequantized by llama.cpp's gguf package",
                  inputs=f"input_ids {list(ids.shape)}; tensors: " + ", ".join(
                      sorted({q for q, _, _ in tensors.values()})))  # fmt: skip

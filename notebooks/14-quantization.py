@@ -508,8 +508,8 @@ print("not symmetric: KL(Q ‖ P) =", kl_divergence(np.log([0.25, 0.5, 0.25]), n
 #
 # A quantized checkpoint stores each tensor with a type: Q4_K for most matrices, Q8_0 (or Q6_K) for the ones that
 # hurt most, F32 for the norms. The exercises' reference file holds such a model: a 1-layer Qwen3 with hidden size
-# 256 (Q4_K needs rows of 256), its tensors as blocks, and the logits llama.cpp's `gguf` package gives after
-# dequantizing them. We dequantize with *our* functions of sections 2 and 3, build the model, and compare:
+# 256 (Q4_K needs rows of 256), its tensors as blocks, and the logits of the same model with its blocks dequantized
+# by llama.cpp's own Python package, `gguf`. We dequantize with *our* functions of sections 2 and 3, build the model, and compare:
 
 # %%
 from tinyqwen.backends import get_backend  # noqa: E402

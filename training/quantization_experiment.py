@@ -102,7 +102,7 @@ def log_softmax(z: np.ndarray) -> np.ndarray:
 def measure(config_file: str) -> dict:
     cfg = TrainConfig.from_file(REPO / config_file)
     folder = REPO / cfg.out_dir
-    c, raw, w, _, _ = load_checkpoint(folder)
+    c, raw, w, _, _ = load_checkpoint(folder / "checkpoint")
     data = build_dataset(cfg.docs, cfg.data_seed, c.vocab_size, cfg.val_fraction, folder / "tokenizer")
     baseline = unigram_loss(data["train"], data["val"], c.vocab_size)
     batches = [sample_batch(data["val"], cfg.batch_size, cfg.seq_len, cfg.seed + 10_000, b)
@@ -154,8 +154,8 @@ def weight_stats(w) -> dict:
 
 def save_trained_tensors(config_file: str) -> None:
     """A few matrices of the trained model for the chapter's error-vs-bits section: layer 0's q_proj (a typical
-    one) and the two with the heaviest tails (largest max |w| / std) among the small ones (≤ 12,288 values)."""
-    c, _, w, _, _ = load_checkpoint(REPO / TrainConfig.from_file(REPO / config_file).out_dir)
+    one), the layer matrix with the heaviest tails (largest max |w| / std), and the embedding."""
+    c, _, w, _, _ = load_checkpoint(REPO / TrainConfig.from_file(REPO / config_file).out_dir / "checkpoint")
     found = {}
     for i, layer in enumerate(w.layers):
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
@@ -164,8 +164,9 @@ def save_trained_tensors(config_file: str) -> None:
             for n in ("gate_proj", "up_proj", "down_proj"):
                 for e, a in enumerate(getattr(layer.mlp, n)):
                     found[f"layers.{i}.mlp.experts.{e}.{n}"] = a
-    tail = {k: float(np.abs(a - a.mean()).max() / a.std()) for k, a in found.items() if a.size <= 12_288}
-    keep = ["layers.0.self_attn.q_proj", *sorted(tail, key=tail.get, reverse=True)[:2]]
+    tail = {k: float(np.abs(a - a.mean()).max() / a.std()) for k, a in found.items()}
+    keep = ["layers.0.self_attn.q_proj", *sorted(tail, key=tail.get, reverse=True)[:1], "embed_tokens"]
+    found["embed_tokens"] = w.embed  # the heaviest tails of all (llama.cpp's Q4_K_M gives it Q6_K)
     np.savez_compressed(TENSORS, **{k: np.asarray(found[k], np.float32) for k in dict.fromkeys(keep)})
 
 
@@ -174,7 +175,7 @@ def main() -> None:
     t0 = time.perf_counter()
     for config_file in RUNS.values():
         folder = REPO / TrainConfig.from_file(REPO / config_file).out_dir
-        if not (folder / "model.safetensors").is_file():
+        if not (folder / "checkpoint" / "model.safetensors").is_file():
             if measure_only:
                 raise SystemExit(f"{folder} has no checkpoint: run without --measure to train it")
             subprocess.run([sys.executable, "-m", "tinyqwen.cli", "train", "--config", config_file],

@@ -1,6 +1,7 @@
 """Reference files for chapter 14 (quantization), made with llama.cpp's own Python package `gguf` (its NumPy
 quantization and dequantization, written to be bit-exact with ggml-quants.c). tinyqwen's quantization code is never
-imported: these files say what llama.cpp computes, not what we compute.
+imported: these files say what llama.cpp computes, not what we compute. (The model checkpoint's logits come from
+tinyqwen's NumPy forward pass, run on the weights gguf dequantized: see model_logits.)
 
     python exercises/references/make_ch14_quantization.py    # from the repository root, with `pip install gguf`
 
@@ -149,39 +150,30 @@ def gguf_dequantize(qtype: str, data: np.ndarray, shape) -> np.ndarray:
 
 
 def model_logits(weights: dict[str, np.ndarray], ids: np.ndarray) -> tuple[np.ndarray, str]:
-    """transformers' Qwen3ForCausalLM on these float32 weights when torch is installed; otherwise tinyqwen's NumPy
-    forward pass (checked equal to transformers' by tests/test_model.py), reading the weights gguf dequantized."""
-    try:
-        import torch
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-    except ImportError:
-        from tinyqwen.backends import get_backend
-        from tinyqwen.config import config_from_dict
-        from tinyqwen.model import Qwen3, load_weights
+    """The forward pass on the weights gguf dequantized: tinyqwen's NumPy reference (equal to transformers' Qwen3 on
+    the test fixtures, tests/test_model.py). Only the forward pass is tinyqwen's; what is graded — the float32
+    weights each block decodes to — is llama.cpp's."""
+    from tinyqwen.backends import get_backend
+    from tinyqwen.config import config_from_dict
+    from tinyqwen.model import Qwen3, load_weights
 
-        class Tensors:  # the few methods load_weights reads from a checkpoint
-            def keys(self):
-                return weights.keys()
+    class Tensors:  # the few methods load_weights reads from a checkpoint
+        def keys(self):
+            return weights.keys()
 
-            def shape(self, name):
-                return weights[name].shape
+        def shape(self, name):
+            return weights[name].shape
 
-            def dtype(self, name):
-                return "F32"
+        def dtype(self, name):
+            return "F32"
 
-            def get(self, name):
-                return weights[name]
+        def get(self, name):
+            return weights[name]
 
-        config = config_from_dict(CONFIG)
-        backend = get_backend("numpy")
-        model = Qwen3(config, load_weights(Tensors(), config, backend.prepare, progress=False), backend)
-        return np.asarray(model(ids), np.float32), "tinyqwen numpy forward (torch absent)"
-    model = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in CONFIG.items() if k != "architectures"}))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in weights.items()}, strict=False)
-    model.tie_weights()
-    with torch.no_grad():
-        logits = model(torch.from_numpy(ids)).logits.float().numpy()
-    return logits, "transformers Qwen3ForCausalLM"
+    config = config_from_dict(CONFIG)
+    backend = get_backend("numpy")
+    model = Qwen3(config, load_weights(Tensors(), config, backend.prepare, progress=False), backend)
+    return np.asarray(model(ids), np.float32), "tinyqwen's numpy forward on gguf's dequantized weights"
 
 
 def main() -> None:
