@@ -140,7 +140,10 @@ ax.set(
     xscale="log",
     yscale="log",
 )
+ax.set_xticks([4.5, 8.5, 16, 32], ["4.5", "8.5", "16", "32"])
+ax.minorticks_off()
 ax.legend(fontsize=7, loc="upper right")
+plt.tight_layout()
 plt.show()
 print(
     f"llama.cpp q8_0 / bf16 decode in the stored run: {measured['llama.cpp-q8_0'] / measured['llama.cpp-bf16']:.2f}×"
@@ -422,6 +425,7 @@ ax.set(
     ylabel="relative RMS error", yscale="log", title="the error of each format, trained vs Gaussian weights"
 )
 ax.legend(fontsize=8)
+plt.tight_layout()
 plt.show()
 for f, a, g in zip(FMT_BITS, rel["trained"], rel["Gaussian"], strict=True):
     print(f"{f:>11}: trained {a:.2e}   Gaussian {g:.2e}   trained / Gaussian {a / g:.2f}")
