@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyqwen.config import Qwen3Config, config_from_dict
+from tinyqwen.config import Qwen3Config, config_from_dict, load_config
 from tinyqwen.errors import GGUFError
 from tinyqwen.gguf import GGUFFile, GGUFTensorInfo
 from tinyqwen.quantization import QuantizedTensor
@@ -101,6 +101,14 @@ def gguf_name(hf: str) -> str | None:
             if h == m.group(2):
                 return f"blk.{m.group(1)}.{g}.weight"
     return None
+
+
+def load_any_config(path: str | os.PathLike) -> Qwen3Config:
+    """config.json of a checkpoint folder, or the config a .gguf file's metadata describes."""
+    if is_gguf(path) and Path(path).is_file():
+        with GGUFFile(path) as f:
+            return config_from_gguf(f)
+    return load_config(path)
 
 
 def config_from_gguf(f: GGUFFile) -> Qwen3Config:

@@ -22,7 +22,6 @@ often they are equal, byte for byte).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -230,11 +229,3 @@ def _gguf_order(name: str):
     if name.startswith("blk."):
         return (1, int(name.split(".")[1]), name)
     return (0 if name.startswith("token_embd") else 2, 0, name)
-
-
-def main_quantize(model: str, target: str, out: str) -> int:
-    counts = quantize_checkpoint(model, target, out)
-    size = Path(out).stat().st_size
-    mix = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
-    print(f"wrote {out}: {size / 2**20:.1f} MiB, {mix}", file=sys.stderr)
-    return 0
