@@ -590,6 +590,50 @@ print(
 )
 
 # %% [markdown]
+# The same decoders read real GGUF files. `tinyqwen quantize MODEL --to q4_k_m OUT.gguf` writes one the way
+# llama.cpp's quantizer chooses types (Q4_K for most matrices, Q6_K for the tied embedding and some `attn_v` /
+# `ffn_down`, F32 for the norms), and `tinyqwen.load_model("OUT.gguf")` runs it. We write a tiny random model with
+# rows of 256 that way, decode every tensor of the file with our functions (Q6_K, which this chapter does not
+# build, with tinyqwen's), and compare with the library reading the file itself:
+
+# %%
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tinyqwen import load_model  # noqa: E402
+from tinyqwen.gguf_checkpoint import GGUFCheckpoint  # noqa: E402
+from tinyqwen.quantize import quantize_checkpoint  # noqa: E402
+from tinyqwen.testing import write_tiny_qwen3  # noqa: E402
+
+tmp = Path(tempfile.mkdtemp())
+folder = write_tiny_qwen3(tmp / "tiny", seed=1, scale=0.3, with_tokenizer=False, hidden_size=256,
+                          intermediate_size=512, head_dim=64, num_attention_heads=4, num_key_value_heads=2,
+                          vocab_size=512, bos_token_id=None, eos_token_id=511)  # fmt: skip
+path = tmp / "tiny-q4_k_m.gguf"
+print("tensor types written:", quantize_checkpoint(folder, "q4_k_m", path), f"{path.stat().st_size:,} bytes")
+ours = {}
+with GGUFCheckpoint(path) as ck:
+    for n in ck.keys():
+        v = ck.get(n)
+        if isinstance(v, quantization.QuantizedTensor):
+            deq = {"q8_0": dequantize_q8_0, "q4_k": dequantize_q4_k, "q6_k": quantization.dequantize_q6_k}[
+                v.qtype
+            ]
+            ours[n] = np.asarray(deq(v.data), np.float32).reshape(v.shape)
+        else:
+            ours[n] = np.array(v, np.float32)
+library = load_model(path)  # tinyqwen reading the GGUF file: config, tensors, blocks
+mine = Qwen3(
+    library.config, load_weights(Tensors(ours), library.config, backend.prepare, progress=False), backend
+)
+ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+delta = float(np.abs(mine(ids) - library(ids)).max())
+assert delta <= tolerance(library(ids)), delta
+print(f"our decoders vs tinyqwen.load_model({path.name!r}): max |Δ logits| = {delta:.1e}")
+shutil.rmtree(tmp)  # the file was only for this cell
+
+# %% [markdown]
 # ## 8. Experiment: INT8, INT4 and QK-Norm on a trained model
 #
 # A survey among our sources claims that INT8 keeps about 99 % of a model's quality and INT4 about 95 %, and that
