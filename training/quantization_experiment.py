@@ -1,9 +1,12 @@
 """Chapter 14's experiment: how much quality a trained Qwen3-MoE keeps under bf16, Q8_0 and Q4_K, with and without
-QK-Norm. One command, from the repository root (measured: ~25 min of wall time on a shared 2-core machine, most of
-it the two 800-step trainings):
+QK-Norm. One command, from the repository root:
 
     python training/quantization_experiment.py            # train both models (if runs/ lacks them), then measure
     python training/quantization_experiment.py --measure  # only measure the checkpoints already in runs/
+
+Measured on a 2-core machine shared with much else (load average ~17): the two 800-step trainings took 14 and 21
+minutes of wall time (about 100 CPU-seconds each when the machine is quiet, as in chapter 13), each measurement
+2-13 minutes (under a CPU-minute).
 
 The claims under test (from a survey among the project's sources): "INT8 keeps ~99 % of the quality, INT4 ~95 %",
 and "QK-Norm makes Qwen3 stable under INT8/INT4 quantization". Random weights cannot test either: their values are
