@@ -697,7 +697,7 @@ plt.show()
 #   4-layer model trained for 800 steps. The claim is not confirmed by this experiment; it is not refuted either.
 #
 # To reproduce: `python training/quantization_experiment.py` (trains both models into `runs/`, then measures;
-# about 25 minutes on a shared 2-core machine).
+# about 35 minutes on a busy shared 2-core machine).
 #
 # ## Summary
 #
