@@ -4,6 +4,7 @@ its `gguf` package are in tests/test_gguf_crosscheck.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -341,10 +342,24 @@ def test_gguf_tokenizer_matches_the_official_one(tmp_path):
     ]
     for text in texts:
         assert ours.encode(text) == official.encode(text), text[:60]
+    # the independent vectors: llama.cpp's own for its qwen2 vocabulary, and transformers'
+    data = Path(__file__).parent / "data"
+    inp = (
+        (data / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    )
+    out = (data / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(inp) == len(out) == 46
+    for text, ids in zip(inp, out, strict=True):
+        assert ours.encode(text) == [int(x) for x in ids.split()], text
+    for case in json.loads((data / "hf_transformers_vectors.json").read_text(encoding="utf-8"))["encode"]:
+        assert ours.encode(case["text"]) == case["ids"] and ours.decode(case["ids"]) == case["decoded"]
     with GGUFFile(path) as f:
-        assert (
-            f.metadata["tokenizer.ggml.pre"] == "qwen2" and len(f.metadata["tokenizer.ggml.tokens"]) == 151936
-        )
+        assert f.metadata["tokenizer.ggml.pre"] == "qwen2"
+        assert len(f.metadata["tokenizer.ggml.tokens"]) == 151936
+        # the template travels as the checkpoint's tokenizer_config.json has it: the one tinyqwen's
+        # chat_template.py spells out branch by branch (checked against transformers in test_chat_template.py)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert f.metadata["tokenizer.chat_template"] == config["chat_template"]
 
 
 def test_cli_runs_a_gguf_file(tmp_path, capsys):
