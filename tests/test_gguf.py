@@ -378,3 +378,37 @@ def test_gguf_that_is_not_qwen3_is_refused(tmp_path):
     write_gguf(path, {"general.architecture": "llama"}, {"token_embd.weight": np.zeros((4, 8), np.float32)})
     with pytest.raises(TinyQwenError, match="general.architecture is 'llama'"):
         tinyqwen.load_model(path)
+
+
+def test_moe_gguf_in_k_quants(tmp_path):
+    """A MoE whose rows are whole super-blocks: expert stacks in Q4_K (ffn_down_exps Q6_K in the last layer, the
+    one use_more_bits picks of two), the router in F32, logits equal to the widened weights' model."""
+    import json as _json
+
+    from tinyqwen.config import config_from_dict, expected_tensors
+
+    config = _json.loads((FIXTURES / "moe-norm-topk" / "config.json").read_text())
+    config.update(
+        hidden_size=256, moe_intermediate_size=256, intermediate_size=512, head_dim=64, num_experts=4
+    )
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    (folder / "config.json").write_text(_json.dumps(config))
+    rng = np.random.default_rng(0)
+    tensors = {
+        name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.1 * rng.standard_normal(shape))
+        for name, shape in expected_tensors(config_from_dict(config)).items()
+    }
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, folder / "model.safetensors")
+    path = tmp_path / "moe.gguf"
+    counts = quantize_checkpoint(folder, "q4_k_m", path)
+    # untied: token_embd Q4_K, output Q6_K; per layer q/k/o and the gate/up stacks Q4_K, v and the down stack
+    # Q6_K in layer 1 only; 5 norms/router per layer and output_norm F32
+    assert counts == {"F32": 11, "Q4_K": 13, "Q6_K": 3}
+    model = tinyqwen.load_model(path)
+    mlp = model.weights.layers[1].mlp
+    assert mlp.gate_proj.qtype == "q4_k" and mlp.gate_proj.shape == (4, 256, 256)
+    assert mlp.down_proj.qtype == "q6_k" and model.weights.layers[0].mlp.down_proj.qtype == "q4_k"
+    ids = np.arange(10)[None] * 41 % 512
+    twin = tinyqwen.load_model(dequantized_twin(path, folder, tmp_path))
+    assert np.array_equal(model(ids), twin(ids))
