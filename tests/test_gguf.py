@@ -4,6 +4,7 @@ its `gguf` package are in tests/test_gguf_crosscheck.py."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 from pathlib import Path
@@ -341,10 +342,24 @@ def test_gguf_tokenizer_matches_the_official_one(tmp_path):
     ]
     for text in texts:
         assert ours.encode(text) == official.encode(text), text[:60]
+    # the independent vectors: llama.cpp's own for its qwen2 vocabulary, and transformers'
+    data = Path(__file__).parent / "data"
+    inp = (
+        (data / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    )
+    out = (data / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8").split("\n")[:-1]
+    assert len(inp) == len(out) == 46
+    for text, ids in zip(inp, out, strict=True):
+        assert ours.encode(text) == [int(x) for x in ids.split()], text
+    for case in json.loads((data / "hf_transformers_vectors.json").read_text(encoding="utf-8"))["encode"]:
+        assert ours.encode(case["text"]) == case["ids"] and ours.decode(case["ids"]) == case["decoded"]
     with GGUFFile(path) as f:
-        assert (
-            f.metadata["tokenizer.ggml.pre"] == "qwen2" and len(f.metadata["tokenizer.ggml.tokens"]) == 151936
-        )
+        assert f.metadata["tokenizer.ggml.pre"] == "qwen2"
+        assert len(f.metadata["tokenizer.ggml.tokens"]) == 151936
+        # the template travels as the checkpoint's tokenizer_config.json has it: the one tinyqwen's
+        # chat_template.py spells out branch by branch (checked against transformers in test_chat_template.py)
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        assert f.metadata["tokenizer.chat_template"] == config["chat_template"]
 
 
 def test_cli_runs_a_gguf_file(tmp_path, capsys):
@@ -363,3 +378,37 @@ def test_gguf_that_is_not_qwen3_is_refused(tmp_path):
     write_gguf(path, {"general.architecture": "llama"}, {"token_embd.weight": np.zeros((4, 8), np.float32)})
     with pytest.raises(TinyQwenError, match="general.architecture is 'llama'"):
         tinyqwen.load_model(path)
+
+
+def test_moe_gguf_in_k_quants(tmp_path):
+    """A MoE whose rows are whole super-blocks: expert stacks in Q4_K (ffn_down_exps Q6_K in the last layer, the
+    one use_more_bits picks of two), the router in F32, logits equal to the widened weights' model."""
+    import json as _json
+
+    from tinyqwen.config import config_from_dict, expected_tensors
+
+    config = _json.loads((FIXTURES / "moe-norm-topk" / "config.json").read_text())
+    config.update(
+        hidden_size=256, moe_intermediate_size=256, intermediate_size=512, head_dim=64, num_experts=4
+    )
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    (folder / "config.json").write_text(_json.dumps(config))
+    rng = np.random.default_rng(0)
+    tensors = {
+        name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.1 * rng.standard_normal(shape))
+        for name, shape in expected_tensors(config_from_dict(config)).items()
+    }
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, folder / "model.safetensors")
+    path = tmp_path / "moe.gguf"
+    counts = quantize_checkpoint(folder, "q4_k_m", path)
+    # untied: token_embd Q4_K, output Q6_K; per layer q/k/o and the gate/up stacks Q4_K, v and the down stack
+    # Q6_K in layer 1 only; 5 norms/router per layer and output_norm F32
+    assert counts == {"F32": 11, "Q4_K": 13, "Q6_K": 3}
+    model = tinyqwen.load_model(path)
+    mlp = model.weights.layers[1].mlp
+    assert mlp.gate_proj.qtype == "q4_k" and mlp.gate_proj.shape == (4, 256, 256)
+    assert mlp.down_proj.qtype == "q6_k" and model.weights.layers[0].mlp.down_proj.qtype == "q4_k"
+    ids = np.arange(10)[None] * 41 % 512
+    twin = tinyqwen.load_model(dequantized_twin(path, folder, tmp_path))
+    assert np.array_equal(model(ids), twin(ids))
