@@ -75,6 +75,7 @@ CHAPTERS: dict[int, tuple[str, str]] = {
     11: ("Making it fast on the GPU", "11-cupy"),
     12: ("Serving", "12-serving"),
     13: ("Training a tiny Qwen3-MoE", "13-training"),
+    14: ("Quantization", "14-quantization"),
     # beyond fill-in-the-function: a capstone per part of the course, problems graded by the number
     15: ("Capstone: Qwen3 from math", "06-dense-model"),
     16: ("Resource accounting", "10-numba"),
