@@ -316,7 +316,7 @@ plt.show()
 # | 11 | [Making it fast on the GPU](11-cupy.ipynb) | CUDA kernels (RMSNorm, RoPE, GEMV) and a CuPy backend | logits of `transformers` |
 # | 12 | [Serving](12-serving.ipynb) | an OpenAI-compatible client: streamed events, thinking split, tool calls | `transformers` and the official template |
 # | 13 | [Training a tiny Qwen3-MoE](13-training.ipynb) | the backward pass by hand, AdamW, the aux loss's gradient | finite differences and torch's autograd |
-# | 14 | Quantization | Q8_0 and Q4_K by hand, int8 dot products, KL divergence | llama.cpp's GGUF files |
+# | 14 | [Quantization](14-quantization.ipynb) | Q8_0 and Q4_K by hand, int8 dot products, KL divergence | llama.cpp's GGUF files |
 # | 15–18 | capstones and problems (`exercises/`) | Qwen3 from the math alone (parts II–III); resource accounting for every official config (IV); a QK-Norm ablation you run and plot (V); a tokenizer read from its files (I) | transformers' stored outputs, the official ids, arithmetic from the configs |
 #
 # Every chapter follows the same path. It starts with why the piece exists and a picture, then the math, a small loop
