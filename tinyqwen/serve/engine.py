@@ -373,7 +373,10 @@ class Engine:
             self._close(seq, time.perf_counter())
 
     def _close(self, seq: Sequence, now: float) -> None:
+        # counted and recorded before the client hears "done": whoever reads /metrics after the reply sees it
         job = seq.job
+        self.metrics.on_request("cancelled" if job.cancelled.is_set() else "finished", len(job.prompt_ids))
+        self._record(job, seq.started or now, seq.first_token, now)
         try:
             deltas = job.parser.finish()
             if deltas:
@@ -383,14 +386,12 @@ class Engine:
             job.send(
                 ("error", APIError(500, f"internal error while parsing the reply ({type(error).__name__})"))
             )
-        self.metrics.on_request("cancelled" if job.cancelled.is_set() else "finished", len(job.prompt_ids))
-        self._record(job, seq.started or now, seq.first_token, now)
 
     def _error(self, job: Job, error: APIError, seq: Sequence | None = None) -> None:
-        job.send(("error", error))
         self.metrics.on_request("error")
         now = time.perf_counter()
         self._record(job, seq.started if seq and seq.started else now, seq.first_token if seq else 0.0, now)
+        job.send(("error", error))
 
     def _record(self, job: Job, started: float, first: float, now: float) -> None:
         self.records.append(JobRecord(job.id, len(job.prompt_ids), len(job.output_ids), job.cancelled.is_set(),
