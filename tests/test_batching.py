@@ -267,3 +267,43 @@ def test_health_and_metrics_endpoints(tiny_qwen3_model, tok):
         "# TYPE tinyqwen_tokens_per_second gauge",
     ):
         assert line in text, line  # fmt: skip
+
+
+def test_serve_flags_are_checked_and_the_batching_is_shown_at_start_up(tiny_qwen3_dir):
+    import subprocess
+    import sys
+
+    def serve(*flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tinyqwen.cli",
+            "serve",
+            "--model",
+            str(tiny_qwen3_dir),
+            "--port",
+            "0",
+            *flags,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    bad = serve("--kv-budget", "lots")
+    assert bad.returncode != 0 and "--kv-budget must be a size such as 4GiB" in bad.stderr, bad.stderr
+    bad = serve("--max-batch", "0")
+    assert bad.returncode != 0 and "--max-batch must be >= 1" in bad.stderr, bad.stderr
+
+    from tinyqwen.cli.commands import parse_bytes
+
+    assert parse_bytes("1.5KiB", "--kv-budget") == 1536 and parse_bytes("2g", "--kv-budget") == 2 << 30
+    engine = Engine(SimpleModel(), None, max_batch=3, kv_budget=3 * 300 * 512)
+    assert engine.describe().startswith("continuous batching: up to 3 sequences per decode step, KV budget 0 MiB "
+                                        "(3 rows of 300 positions)")  # fmt: skip
+
+
+class SimpleModel:
+    """Only a config: what the Engine reads before its first request."""
+
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                             vocab_size=10)  # fmt: skip
