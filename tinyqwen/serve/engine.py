@@ -259,6 +259,10 @@ class Engine:
             self._finish(seq)
         if self.prefilling is not None and self.prefilling.job.cancelled.is_set():
             self._finish(self.prefilling)
+        gone = [s for s in self.waiting if s.job.cancelled.is_set()]  # clients that left while queued
+        for seq in gone:
+            self.waiting.remove(seq)
+            self._close(seq, time.perf_counter())
         self._prefill(self.prefill_chunk)
         if pool.decoding:
             self._decode()

@@ -75,7 +75,9 @@ class KVPool:
         """One row as a plain KVCache (a view: what the model writes lands in the pool) at that row's length."""
         c = self.cache
         keys = [np.asarray(k[row : row + 1]) for k in c.keys]  # plain ndarrays (see kv_cache._Pool)
-        view = KVCache(keys, [np.asarray(v[row : row + 1]) for v in c.values], int(self.lengths[row]), c.dtype)
+        view = KVCache(
+            keys, [np.asarray(v[row : row + 1]) for v in c.values], int(self.lengths[row]), c.dtype
+        )
         view.sequences = [self.owner[row]]  # who is in it (tinyqwen.testing.ScriptedModel reads this)
         return view
 
