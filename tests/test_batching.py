@@ -150,11 +150,13 @@ def tok():
     return Tokenizer.qwen3()
 
 
-def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, tok):
-    """12 requests at once into 4 rows, short prefill chunks (prompts over several steps): greedy and seeded
-    sampled ids equal `generate` alone; no more than 4 rows ever run; steps are shared."""
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, tok, chunk):
+    """12 requests at once into 4 rows: greedy and seeded sampled ids equal `generate` alone; no more than 4 rows
+    ever run; steps are shared. Chunk 5: prompts prefilled over several steps; chunk 64: several prompts
+    prefilled together in one forward."""
     model = tiny_qwen3_model
-    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=5)
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=chunk)
     collector = Collector()
     rng = np.random.default_rng(1)
     cases = []
@@ -183,7 +185,7 @@ def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, 
         want = generate(model, prompt, n, eos_token_ids=EOS, **{k: v for k, v in kwargs.items()})
         assert job.output_ids == want, prompt
     assert engine.metrics.steps < sum(len(j.output_ids) for j in jobs)  # decode steps were shared
-    assert engine.pool.decoding == 0 and engine.prefilling is None
+    assert engine.pool.decoding == 0 and not engine.prefilling
 
 
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
@@ -307,3 +309,33 @@ class SimpleModel:
 
     config = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                              vocab_size=10)  # fmt: skip
+
+
+def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
+    """Rows: 3 decoding, then 2 prefilling. Releasing a decoding row moves the last decoding row into it and the
+    prefilling rows down one; releasing a prefilling row moves the ones behind it; every row's keys travel."""
+
+    class S:
+        row = None
+
+    pool = KVPool(tiny_qwen3_model, 6, 8)
+    seqs = [S() for _ in range(5)]
+    for i, s in enumerate(seqs):
+        pool.take(s)
+        pool.lengths[s.row] = i + 1
+        for a in pool.cache.keys:
+            a[s.row, :, : i + 1] = i + 1  # each row's keys are its number
+        if i < 3:
+            pool.prefilled(s, i + 1)
+
+    def rows_hold():
+        return [(pool.owner[r] is not None and seqs.index(pool.owner[r]), int(pool.lengths[r]),
+                 float(pool.cache.keys[0][r, 0, 0, 0])) for r in range(pool.rows)]  # fmt: skip
+
+    pool.release(seqs[0])
+    assert rows_hold()[:4] == [(2, 3, 3.0), (1, 2, 2.0), (3, 4, 4.0), (4, 5, 5.0)]
+    assert pool.decoding == 2 and pool.owner[4] is None and [s.row for s in seqs[1:]] == [1, 0, 2, 3]
+    pool.release(seqs[3])  # a prefilling sequence cancelled before its first token
+    assert rows_hold()[:3] == [(2, 3, 3.0), (1, 2, 2.0), (4, 5, 5.0)] and pool.owner[3] is None
+    window = pool.window(2, 1)
+    assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5

@@ -154,9 +154,9 @@ class _Pool(np.ndarray):
 
 @dataclass
 class RaggedKVCache:
-    """The first `B` rows of a KVCache, each row at its own length: a batch of unrelated sequences.
+    """`B` rows of a KVCache (from row `first`, default 0), each at its own length: a batch of unrelated sequences.
 
-    keys[layer][b, :, :lengths[b]] hold row b's positions. `update` writes each row's new keys at its own length,
+    keys[layer][first + b, :, :lengths[b]] hold row b's positions. `update` writes each row's new keys at its own length,
     and returns every row's keys up to the longest row's end (a row's later positions are stale: the model's mask
     hides them). A server keeps its running sequences in the first rows of one big cache (see
     tinyqwen/serve/kv_pool.py) and decodes them all with one `forward`.
@@ -169,14 +169,15 @@ class RaggedKVCache:
     """
 
     base: KVCache
-    lengths: np.ndarray  # [B] int64: positions filled in each of the first B rows
+    lengths: np.ndarray  # [B] int64: positions filled in each of rows first .. first + B - 1
+    first: int = 0
 
     def __post_init__(self) -> None:
         self.lengths = np.asarray(self.lengths, dtype=np.int64)
-        if self.lengths.ndim != 1 or not 0 < len(self.lengths) <= self.base.batch_size:
+        if self.lengths.ndim != 1 or not 0 < len(self.lengths) <= self.base.batch_size - self.first:
             raise GenerationError(
-                f"RaggedKVCache needs one length per row for 1 to {self.base.batch_size} rows, "
-                f"got shape {list(self.lengths.shape)}"
+                f"RaggedKVCache needs one length per row for 1 to {self.base.batch_size - self.first} rows "
+                f"(from row {self.first}), got shape {list(self.lengths.shape)}"
             )
         for store in (self.base.keys, self.base.values):
             for i, a in enumerate(store):
@@ -206,14 +207,15 @@ class RaggedKVCache:
         end = int(self.lengths.max()) + T
         if end > self.max_len:
             raise GenerationError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
-        rows = np.arange(B)[:, None]  # [B, 1]
+        lo, hi = self.first, self.first + B
+        rows = np.arange(lo, hi)[:, None]  # [B, 1]
         at = self.lengths[:, None] + np.arange(T)  # [B, T]: where each row's new positions go
         out = []
         for store, x, what in ((self.base.keys, k, "keys"), (self.base.values, v, "values")):
             a = store[layer]
             a[rows, :, at] = self.base.encode(x, what, layer).transpose(0, 2, 1, 3)  # [B, T, Hkv, d]
-            first = a[:B].view(np.ndarray) if isinstance(a, _Pool) else a[:B]
-            out.append(first[:, :, :end])
+            window = a[lo:hi].view(np.ndarray) if isinstance(a, _Pool) else a[lo:hi]
+            out.append(window[:, :, :end])
         return out[0], out[1]
 
     def advance(self, n: int) -> None:

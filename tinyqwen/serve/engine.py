@@ -158,7 +158,7 @@ class Engine:
         self.pool: KVPool | None = None  # allocated by the worker on its first request
         self.inbox: deque[Job] = deque()
         self.waiting: deque[Sequence] = deque()
-        self.prefilling: Sequence | None = None
+        self.prefilling: list[Sequence] = []  # being prefilled, in row order (shortest prompt first)
         self.wake = threading.Condition()
         self.records: deque[JobRecord] = deque(maxlen=10_000)
         self.metrics = Metrics()
@@ -208,7 +208,7 @@ class Engine:
     def active(self) -> int:
         """Sequences holding a KV row (decoding, or being prefilled)."""
         pool = self.pool
-        return 0 if pool is None else pool.decoding + (self.prefilling is not None)
+        return 0 if pool is None else pool.decoding + len(self.prefilling)
 
     @property
     def queued(self) -> int:
@@ -257,8 +257,8 @@ class Engine:
         pool = self.pool
         for seq in [s for s in pool.owner[: pool.decoding] if s.job.cancelled.is_set()]:
             self._finish(seq)
-        if self.prefilling is not None and self.prefilling.job.cancelled.is_set():
-            self._finish(self.prefilling)
+        for seq in [s for s in self.prefilling if s.job.cancelled.is_set()]:
+            self._finish(seq)
         gone = [s for s in self.waiting if s.job.cancelled.is_set()]  # clients that left while queued
         for seq in gone:
             self.waiting.remove(seq)
@@ -289,36 +289,62 @@ class Engine:
         self.waiting.append(seq)
 
     def _prefill(self, budget: int) -> None:
-        """Oldest waiting requests first, one at a time, `budget` prompt tokens in all; a prompt that does not fit
-        goes on next step. A finished prefill samples the sequence's first token and joins the decoding rows."""
+        """Queued requests, oldest first, `budget` prompt tokens in all. Prompts that fit in the budget together are
+        prefilled together, in one forward per round (rows sorted shortest first; each round feeds every row the
+        shortest one's remaining length, so the shortest finish, in row order); a longer prompt alone, over as many
+        steps as it needs. A finished prefill samples the sequence's first token and joins the decoding rows."""
         pool = self.pool
         while budget > 0:
-            if self.prefilling is None:
-                if not self.waiting or pool.decoding >= pool.rows:
+            if not self.prefilling:
+                group, tokens = [], 0
+                while self.waiting and pool.decoding + len(group) < pool.rows:
+                    seq = self.waiting[0]
+                    if seq.job.cancelled.is_set():
+                        self.waiting.popleft()
+                        self._close(seq, time.perf_counter())
+                        continue
+                    if group and tokens + len(seq.prompt) > budget:
+                        break
+                    group.append(self.waiting.popleft())
+                    tokens += len(seq.prompt)
+                if not group:
                     return
-                seq = self.waiting.popleft()
-                if seq.job.cancelled.is_set():
-                    self._close(seq, time.perf_counter())
-                    continue
-                seq.started = time.perf_counter()
-                pool.take(seq)
-                self.prefilling = seq
-            seq = self.prefilling
-            take = min(budget, len(seq.prompt) - seq.prefilled)
-            cache = pool.row_cache(seq.row)
+                now = time.perf_counter()
+                for seq in sorted(group, key=lambda s: len(s.prompt)):
+                    seq.started = now
+                    pool.take(seq)
+                    self.prefilling.append(seq)
+            group = self.prefilling
+            take = min(budget if len(group) == 1 else budget // len(group),
+                       min(len(s.prompt) - s.prefilled for s in group))  # fmt: skip
+            if take < 1:
+                return
+            ids = np.asarray([s.prompt[s.prefilled : s.prefilled + take] for s in group], dtype=np.int64)
             try:
-                ids = np.asarray([seq.prompt[seq.prefilled : seq.prefilled + take]], dtype=np.int64)
-                out = self.model.forward(ids, cache=cache, last_only=True)
+                if len(group) == 1:  # one prompt: exactly the lone run's prefill (a plain one-row cache)
+                    out = self.model.forward(ids, cache=pool.row_cache(group[0].row), last_only=True)
+                else:
+                    out = self.model.forward(
+                        ids, cache=pool.window(pool.decoding, len(group)), last_only=True
+                    )
             except TinyQwenError as error:
-                self._finish(seq, APIError(400, " ".join(str(error).split())))
+                for seq in list(group):
+                    self._finish(seq, APIError(400, " ".join(str(error).split())))
                 continue
-            seq.prefilled += take
-            pool.lengths[seq.row] = seq.prefilled
-            budget -= take
-            if seq.prefilled == len(seq.prompt):
-                self.prefilling = None
+            budget -= take * len(group)
+            for seq in group:
+                seq.prefilled += take
+                pool.lengths[seq.row] = seq.prefilled
+            logits = np.asarray(out.logits)[:, -1]  # [rows, vocab]
+            done = [
+                i for i, s in enumerate(group) if s.prefilled == len(s.prompt)
+            ]  # a prefix: shortest first
+            finished = [group[i] for i in done]
+            for seq in finished:
+                self.prefilling.remove(seq)
                 pool.prefilled(seq, seq.prefilled)
-                self._choose([seq], np.asarray(out.logits)[:, -1])
+            if finished:
+                self._choose(finished, logits[done])
 
     def _decode(self) -> None:
         """One forward over every decoding row, each fed its last token."""
@@ -368,8 +394,8 @@ class Engine:
 
     def _finish(self, seq: Sequence, error: APIError | None = None) -> None:
         """Free the sequence's KV row at once, then tell its client."""
-        if self.prefilling is seq:
-            self.prefilling = None
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
         self.pool.release(seq)
         if error is not None:
             self._error(seq.job, error, seq)
@@ -403,7 +429,7 @@ class Engine:
 
     def _fail_all(self, error: APIError) -> None:
         pool = self.pool
-        seqs = list(self.waiting) + ([self.prefilling] if self.prefilling else [])
+        seqs = list(self.waiting) + list(self.prefilling)
         seqs += list(pool.owner[: pool.decoding]) if pool is not None else []
         self.waiting.clear()
         for seq in seqs:

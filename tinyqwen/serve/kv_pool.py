@@ -5,9 +5,9 @@
                    └──── decoding: one RaggedKVCache over rows [0, decoding) ────┘
 
 Each row holds up to `slot_len` positions. The rows in use are kept at the front, decoding sequences first, then the
-one sequence being prefilled (if any), so one batched decode step is a *view* of the first rows (no gathering, no
+sequences being prefilled (if any), so one batched decode step is a *view* of the first rows (no gathering, no
 copies). When a sequence leaves (finished, cancelled, its client gone), the last decoding row moves into its place
-and the prefilling row moves down behind it: one sequence's keys and values copied, once per departure.
+and the prefilling rows move down behind it: a few sequences' keys and values copied, once per departure.
 
 Why slots and not paged blocks (vLLM's PagedAttention): with blocks, a sequence takes memory only for the positions
 it has, and no request is refused for its length; but attention must then gather each sequence's blocks every step
@@ -65,9 +65,11 @@ class KVPool:
         return self.cache.nbytes
 
     def take(self, seq) -> int:
-        """The row for a sequence about to be prefilled: the first free one (right after the decoding rows)."""
+        """The row for a sequence about to be prefilled: the first free one (after the decoding and prefilling
+        rows)."""
         row = self.decoding
-        assert self.owner[row] is None, "one sequence is prefilled at a time"
+        while self.owner[row] is not None:
+            row += 1
         self.owner[row], self.lengths[row], seq.row = seq, 0, row
         return row
 
@@ -89,8 +91,12 @@ class KVPool:
 
     def batch(self) -> RaggedKVCache:
         """The decoding rows as one ragged cache; the model advances `lengths` in place."""
-        batch = RaggedKVCache(self.cache, self.lengths[: self.decoding])
-        batch.sequences = self.owner[: self.decoding]  # who is in each row (ScriptedModel reads this)
+        return self.window(0, self.decoding)
+
+    def window(self, first: int, n: int) -> RaggedKVCache:
+        """Rows first .. first + n - 1 as one ragged cache (a decode step, or several prompts prefilled at once)."""
+        batch = RaggedKVCache(self.cache, self.lengths[first : first + n], first)
+        batch.sequences = self.owner[first : first + n]  # who is in each row (ScriptedModel reads this)
         return batch
 
     def release(self, seq) -> None:
@@ -99,18 +105,17 @@ class KVPool:
         if row is None:
             return
         seq.row = None
-        if row >= self.decoding:  # the prefilling sequence (cancelled before its first token)
-            self.owner[row], self.lengths[row] = None, 0
-            return
-        last = self.decoding - 1
-        if row != last:
-            self._move(last, row)
-        self.decoding = last
-        prefilling = self.owner[last + 1] if last + 1 < self.rows else None
-        if prefilling is not None:
-            self._move(last + 1, last)
-        else:
-            self.owner[last], self.lengths[last] = None, 0
+        if row < self.decoding:
+            last = self.decoding - 1
+            if row != last:
+                self._move(last, row)
+            self.decoding, row = last, last
+        # else: a prefilling sequence (cancelled before its first token)
+        self.owner[row], self.lengths[row] = None, 0
+        row += 1
+        while row < self.rows and self.owner[row] is not None:  # the prefilling rows behind move down one
+            self._move(row, row - 1)
+            row += 1
 
     def _move(self, src: int, dst: int) -> None:
         n = int(self.lengths[src])
