@@ -215,6 +215,7 @@ def main() -> None:
         "--max-batch", type=int, default=None, help="tinyqwen serve --max-batch (and llama's slots)"
     )
     parser.add_argument("--prefill-chunk", type=int, default=None, help="tinyqwen serve --prefill-chunk")
+    parser.add_argument("--kv-budget", default=None, help="tinyqwen serve --kv-budget, e.g. 2GiB")
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: the peer, in the same run")
     parser.add_argument("--gguf", help="the same weights as GGUF, for llama-server")
     parser.add_argument("--threads", type=int, default=2, help="llama-server threads")
@@ -225,9 +226,12 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     workloads = [w.strip() for w in args.workload.split(",")]
     check_model = tinyqwen.load_model(folder, backend=args.backend) if args.check else None
-    extra = [
-        f"--{k}={v}" for k, v in (("max-batch", args.max_batch), ("prefill-chunk", args.prefill_chunk)) if v
-    ]
+    flags = (
+        ("max-batch", args.max_batch),
+        ("prefill-chunk", args.prefill_chunk),
+        ("kv-budget", args.kv_budget),
+    )
+    extra = [f"--{k}={v}" for k, v in flags if v]
     engines = {"tinyqwen": lambda port: start_tinyqwen(folder, args.backend, port, extra)}
     if args.llama_server and args.gguf:
         slots = args.max_batch or 16

@@ -15,9 +15,10 @@ it has, and no request is refused for its length; but attention must then gather
 the existing attention kernels read it in place. The price: `slot_len` is fixed when the server starts (the budget
 divided among `max_batch` rows), so a request may use at most `slot_len` positions, prompt and reply together.
 
-Memory is bounded from the start: `max_batch · slot_len · kv_bytes_per_token` bytes (np.zeros asks the OS for zeroed
-pages, so it is only really taken as positions are written). A request that finds every row taken waits in the
-queue: the server never allocates past its budget.
+Memory is bounded from the start: `max_batch · slot_len · kv_bytes_per_token` bytes. np.zeros asks the OS for zeroed
+pages, taken only as they are written, but a row's positions of one head are contiguous, so with transparent huge
+pages (2 MiB) a row's first token takes most of its region: count on the whole budget being resident once every row
+has been used. A request that finds every row taken waits in the queue: the server never allocates past its budget.
 """
 
 from __future__ import annotations
