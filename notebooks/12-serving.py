@@ -432,7 +432,7 @@ import numpy as np  # noqa: E402
 from tinyqwen.kv_cache import RaggedKVCache  # noqa: E402
 
 
-def decode_step_seconds(model, batch: int, context: int = 64, repeats: int = 5) -> float:
+def decode_step_seconds(model, batch: int, context: int = 64, repeats: int = 9) -> float:
     """Best-of-`repeats` time of one decode step for `batch` sequences, each `context` positions in."""
     cache = model.new_cache(batch, context + repeats + 1)
     rows = RaggedKVCache(cache, np.full(batch, context))  # rows at their own lengths (here all equal)
@@ -473,7 +473,9 @@ print(f"B=16 costs {step[4] / step[0]:.1f}× the time of B=1 and makes {16 * ste
 # **A step's timeline.** New requests also need their prompt *prefilled* — a forward over hundreds of tokens,
 # which is compute-bound and takes as long as many decode steps. Run a long prompt in one go and every running
 # stream stalls for that long. So the scheduler prefills at most `prefill_chunk` prompt tokens per step (a long
-# prompt spreads over several steps, its KV row filling up chunk by chunk), then runs the batched decode:
+# prompt spreads over several steps, its KV row filling up chunk by chunk), then runs the batched decode. Short
+# prompts that fit in one step's budget together are prefilled *together*, in one forward over their rows (a
+# ragged batch again, every row at its own length), so ten short prompts cost one read of the weights, not ten:
 #
 # ```
 # step   prefill (≤ prefill_chunk tokens)         decode (one forward, one row per running sequence)
@@ -493,7 +495,7 @@ from tinyqwen.serve.reply_parser import ReplyParser  # noqa: E402
 
 
 class Logged:
-    """The model, logging each forward: ("prefill", tokens) or ("decode", rows)."""
+    """The model, logging each forward: ("prefill", "tokens" or "rows×tokens") or ("decode", rows)."""
 
     def __init__(self, model):
         self.model, self.config, self.generation_config, self.log = model, model.config, model.generation_config, []
@@ -502,14 +504,16 @@ class Logged:
         return self.model.new_cache(*args)
 
     def forward(self, ids, *, cache, **kwargs):
-        kind = "decode" if isinstance(cache, RaggedKVCache) else "prefill"
-        self.log.append((kind, ids.shape[0] if kind == "decode" else ids.shape[1]))
+        rows, T = ids.shape
+        first = cache.sequences[0]  # the scheduler's caches say which requests are in their rows
+        prefill = first.prefilled < len(first.prompt)
+        self.log.append(("prefill", f"{rows}×{T}" if rows > 1 else str(T)) if prefill else ("decode", rows))
         return self.model.forward(ids, cache=cache, **kwargs)
 
 
 logged = Logged(model)
 scheduler = Engine(logged, tok, max_batch=4, prefill_chunk=16)
-prompts = [[1000 + i] * n for i, n in enumerate((12, 40, 8, 30, 5))]
+prompts = [[1000 + i] * n for i, n in enumerate((12, 40, 3, 5, 30))]
 jobs = [Job(p, 6, {"eos_token_ids": ()}, ReplyParser(tok, (), (), tools=False)) for p in prompts]
 for job in jobs:  # all five arrive at once (no thread: we call the scheduler's steps ourselves)
     scheduler._admit(job)
@@ -518,7 +522,7 @@ for n in range(1, 100):
         break
     logged.log.clear()
     scheduler.step()
-    prefill = " + ".join(str(t) for kind, t in logged.log if kind == "prefill")
+    prefill = " + ".join(t for kind, t in logged.log if kind == "prefill")
     rows = [b for kind, b in logged.log if kind == "decode"]
     print(f"step {n:2d}: prefill {prefill or '-':>9} tokens | decode {rows[0] if rows else 0} rows | "
           f"running {scheduler.active}, waiting {len(scheduler.waiting)}")
@@ -526,7 +530,10 @@ assert all(job.output_ids == tinyqwen.generate(model, p, 6, eos_token_ids=()) fo
 print("every reply equals generate alone")
 
 # %% [markdown]
-# Four rows (`max_batch=4`): the fifth request waits until a row is free, then takes it at once. The prefill chunk
+# Four rows (`max_batch=4`): the fifth request waits until a row is free, then takes it at once. A prefill entry
+# "2×3" is one forward over two prompts' rows, 3 tokens each (the 3- and 5-token prompts fit in one step
+# together); "12 + 4" is two forwards (the 40-token prompt does not fit beside the 12-token one, so it goes alone,
+# 16 tokens a step). The prefill chunk
 # is the knob between the two latencies a user feels: a large chunk gives new requests their first token sooner
 # (time to first token, TTFT), a small one keeps the running streams' inter-token latency (ITL) even.
 #
