@@ -1,20 +1,32 @@
-"""Load test of `tinyqwen serve`: C concurrent streaming clients x R requests each, through the official openai client.
+"""Load test of `tinyqwen serve` (continuous batching), with llama.cpp's server as the peer in the same run.
 
-    python benchmarks/bench_serve.py                              # chapter 9's tiny real-vocabulary Qwen3
-    python benchmarks/bench_serve.py --clients 16 --requests 20 --max-tokens 32
-    python benchmarks/bench_serve.py --model path/to/Qwen3-0.6B --clients 4 --requests 2 --max-tokens 16
+    python benchmarks/bench_serve.py                                        # chapter 9's tiny Qwen3, numpy, quick
+    python benchmarks/bench_serve.py --model QWEN3_0.6B_DIR --backend numba --clients 1,4,16,64 \\
+        --workload decode,prompt --llama-server LLAMA_SERVER_BIN --gguf MODEL_BF16.gguf
 
-The server is `tinyqwen serve` in a process of its own (as in use; `--in-process` runs uvicorn in a thread of
-this process instead, sharing its GIL with the clients) on 127.0.0.1 and a free port; each client is a thread with
-its own `openai.OpenAI` client, streaming greedy chat completions with different prompts. Every response is checked:
-complete (a finish chunk, then `[DONE]`), the right length, and its ids equal to `tinyqwen.generate` on the same
-prompt (computed before the load starts), so a mixed-up or cut-off stream fails the run. Prints requests/s,
-generated tokens/s, time to first token and latency (p50 / p95 / max); in-process also the worker's busy fraction.
+Each server runs in a process of its own on 127.0.0.1 (as in use). For every workload and client count, C client
+threads each send `--rounds` streamed greedy `/v1/completions` requests at once (prompts as token ids, so both
+servers see exactly the same prompts), and the run reports:
+
+    aggregate tok/s   generated tokens / wall time of the cell (all clients together)
+    TTFT p50/p95      time from sending a request to its first streamed token
+    ITL p50/p95       time between two streamed chunks of one reply (inter-token latency)
+    peak RSS          the server process's high-water resident memory (VmHWM) over the whole run
+    lost              requests without a finish reason and `[DONE]` (must be 0)
+
+Workloads (the issue's shapes): decode-heavy: 32–64-token prompts, 128 new tokens; prompt-heavy: 256-token
+prompts, 48 new tokens (`--scale` shrinks both for a quick run). tinyqwen's replies are checked against
+`tinyqwen.generate` on the same prompt alone (`--check` requests per cell): a divergence is reported with its
+logit margin (the alone run's logit of its own choice minus that of the server's choice at the first differing
+position: a near-tie that float32 rounding of the batched products can flip). llama.cpp's replies are checked for
+completeness only (its numerics differ). Timings on a shared machine swing: compare engines within one run, as
+ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
@@ -28,21 +40,23 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import tinyqwen  # noqa: E402
-from tinyqwen.serve import create_app  # noqa: E402
+
+WORKLOADS = {"decode": ((32, 64), 128), "prompt": ((256, 256), 48)}  # (prompt length range, new tokens)
 
 
-def tiny_model():
-    """Chapter 9's tiny Qwen3 (2 layers, hidden 32, the real 151,936-token vocabulary), written to a temp folder;
-    `tinyqwen serve` gives it the bundled Qwen3 tokenizer."""
+def tiny_model() -> Path:
+    """Chapter 9's tiny Qwen3 (2 layers, hidden 32, the real 151,936-token vocabulary), written to a temp folder."""
     from tinyqwen.testing import END_TO_END_SCALE, write_tiny_qwen3
 
     folder = Path(tempfile.mkdtemp(prefix="tinyqwen-bench-serve-"))
-    write_tiny_qwen3(folder, seed=9, scale=END_TO_END_SCALE, with_tokenizer=False)
-    return folder, tinyqwen.load_model(folder), tinyqwen.Tokenizer.qwen3(), "tiny-qwen3 (chapter 9)"
+    write_tiny_qwen3(folder, seed=9, scale=END_TO_END_SCALE)
+    return folder
 
 
 def free_port() -> int:
@@ -51,142 +65,249 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_in_process(app, port: int):
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-
-    def stop():
-        server.should_exit = True
-        thread.join(timeout=10)
-
-    return stop
-
-
-def start_subprocess(folder: Path, backend: str, port: int):
-    import openai
-
-    cmd = [sys.executable, "-m", "tinyqwen.cli", "serve", "--model", str(folder), "--backend", backend, "--port",
-           str(port), "--served-model-name", "m", "--log-level", "warning"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-    api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-    while True:
+def wait_ready(port: int, proc: subprocess.Popen, what: str, timeout: float = 900) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before it was ready")
         try:
-            api.models.list()
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise SystemExit(f"{what} was not ready after {timeout:.0f} s")
+
+
+def peak_rss(pid: int) -> int:
+    """The process's high-water resident memory in bytes (VmHWM)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def start_tinyqwen(folder: Path, backend: str, port: int, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "tinyqwen.cli", "serve", "--model", str(folder), "--backend", backend, "--port",
+           str(port), "--served-model-name", "m", "--log-level", "warning", *extra]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    threading.Thread(target=lambda: [print("  [tinyqwen]", line.rstrip(), file=sys.stderr)
+                                     for line in proc.stderr], daemon=True).start()  # fmt: skip
+    wait_ready(port, proc, "tinyqwen serve")
+    return proc
+
+
+def start_llama(binary: str, gguf: str, port: int, parallel: int, ctx_per_slot: int, threads: int):
+    cmd = [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
+           "--parallel", str(parallel), "-c", str(parallel * ctx_per_slot), "-ngl", "0", "--no-webui",
+           "--log-disable"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_ready(port, proc, "llama-server")
+    return proc
+
+
+def stream_completion(port: int, prompt: list[int], max_tokens: int) -> dict:
+    """One streamed greedy /v1/completions request: chunk arrival times, ids (tinyqwen) and completeness."""
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "return_token_ids": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    times, ids, finish, done, usage, status = [], None, None, False, None, response.status
+    for raw in response:
+        line = raw.decode().strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            done = True
             break
-        except openai.APIConnectionError:
-            if proc.poll() is not None:
-                raise SystemExit("tinyqwen serve exited") from None
-            time.sleep(0.2)
+        event = json.loads(data)
+        if event.get("usage"):
+            usage = event["usage"].get("completion_tokens")
+        for choice in event.get("choices") or []:
+            if choice.get("text"):
+                times.append(time.perf_counter() - start)
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+                ids = choice.get("token_ids", ids)
+    conn.close()
+    end = time.perf_counter() - start
+    tokens = usage if usage is not None else len(ids) if ids is not None else len(times)
+    return {"status": status, "times": times, "end": end, "ids": ids, "tokens": tokens,
+            "complete": status == 200 and done and finish is not None}  # fmt: skip
 
-    def stop():
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
 
-    return stop
+def prompts_for(workload: str, clients: int, rounds: int, scale: float, seed: int) -> list[list[int]]:
+    (lo, hi), _ = WORKLOADS[workload]
+    rng = np.random.default_rng(seed)
+    lo, hi = max(2, int(lo * scale)), max(2, int(hi * scale))
+    # ordinary vocabulary ids (not special tokens): the same prompts for every engine
+    return [[int(t) for t in rng.integers(1000, 100_000, int(rng.integers(lo, hi + 1)))]
+            for _ in range(clients * rounds)]  # fmt: skip
+
+
+def run_cell(port: int, prompts: list[list[int]], clients: int, new_tokens: int) -> tuple[list[dict], float]:
+    per_client = [prompts[c::clients] for c in range(clients)]
+
+    def client(mine: list[list[int]]) -> list[dict]:
+        return [dict(stream_completion(port, p, new_tokens), prompt=p) for p in mine]
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, per_client) for r in rs]
+    return results, time.perf_counter() - start
 
 
 def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def summarize(results: list[dict], wall: float) -> dict:
+    ttft = [r["times"][0] if r["times"] else r["end"] for r in results]
+    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    tokens = sum(r["tokens"] for r in results)
+    return {"requests": len(results), "lost": sum(not r["complete"] for r in results), "tokens": tokens,
+            "wall_s": wall, "tok_per_s": tokens / wall, "ttft_p50": statistics.median(ttft),
+            "ttft_p95": pct(ttft, 0.95), "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95)}  # fmt: skip
+
+
+def divergences(model, results: list[dict], new_tokens: int, check: int) -> list[dict]:
+    """The first `check` replies against `generate` alone; each difference with its logit margin."""
+    out = []
+    for r in results[:check]:
+        want = tinyqwen.generate(model, r["prompt"], new_tokens, eos_token_ids=())
+        got = r["ids"] or []
+        if got == want:
+            continue
+        p = next(
+            (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), min(len(got), len(want))
+        )
+        item = {"prompt_tokens": len(r["prompt"]), "position": p, "got": len(got), "want": len(want)}
+        if p < len(got) and p < len(want):
+            logits = model(np.asarray(r["prompt"] + want[:p]))[-1]
+            item["logit_margin"] = float(logits[want[p]] - logits[got[p]])
+        out.append(item)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: chapter 9's tiny Qwen3)")
     parser.add_argument("--backend", default="numpy")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=10, help="requests per client")
-    parser.add_argument("--max-tokens", type=int, default=24)
-    parser.add_argument("--in-process", action="store_true", help="the server in a thread of this process")
-    parser.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--workload", default="decode,prompt", help="decode, prompt or both")
+    parser.add_argument("--rounds", type=int, default=1, help="requests per client in each cell")
+    parser.add_argument(
+        "--scale", type=float, default=1.0, help="scale prompt lengths and new tokens (quick runs)"
+    )
+    parser.add_argument(
+        "--check", type=int, default=4, help="tinyqwen replies per cell checked against generate"
+    )
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="tinyqwen serve --max-batch (and llama's slots)"
+    )
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="tinyqwen serve --prefill-chunk")
+    parser.add_argument("--kv-budget", default=None, help="tinyqwen serve --kv-budget, e.g. 2GiB")
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: the peer, in the same run")
+    parser.add_argument("--gguf", help="the same weights as GGUF, for llama-server")
+    parser.add_argument("--threads", type=int, default=2, help="llama-server threads")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    import openai
 
-    if args.model:
-        folder = Path(args.model)
-        model = tinyqwen.load_model(folder, backend=args.backend)
-        tok, name = tinyqwen.Tokenizer.from_pretrained(folder), folder.name
-    else:
-        folder, model, tok, name = tiny_model()
-    eos = tuple(model.generation_config.get("eos_token_id") or ())
-    prompts = {(c, r): [{"role": "user", "content": f"Client {c}, request {r}: tell me something."}]
-               for c in range(args.clients) for r in range(args.requests)}  # fmt: skip
-    t = time.perf_counter()
-    want = {k: tinyqwen.generate(model, tok.apply_chat_template(m, add_generation_prompt=True, return_dict=False),
-                                 args.max_tokens, eos_token_ids=eos) for k, m in prompts.items()}  # fmt: skip
-    alone = time.perf_counter() - t
-
-    load_before = os.getloadavg()[0]
-    port = free_port()
-    app = create_app(model, tok, "m") if args.in_process else None
-    stop = start_in_process(app, port) if app is not None else start_subprocess(folder, args.backend, port)
-
-    def client(c: int) -> list[dict]:
-        api = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600
+    folder = Path(args.model) if args.model else tiny_model()
+    clients = [int(c) for c in args.clients.split(",")]
+    workloads = [w.strip() for w in args.workload.split(",")]
+    check_model = tinyqwen.load_model(folder, backend=args.backend) if args.check else None
+    flags = (
+        ("max-batch", args.max_batch),
+        ("prefill-chunk", args.prefill_chunk),
+        ("kv-budget", args.kv_budget),
+    )
+    extra = [f"--{k}={v}" for k, v in flags if v]
+    engines = {"tinyqwen": lambda port: start_tinyqwen(folder, args.backend, port, extra)}
+    if args.llama_server and args.gguf:
+        slots = args.max_batch or 16
+        ctx = int(max(hi for (_, hi), _ in WORKLOADS.values()) * args.scale) + int(128 * args.scale) + 64
+        engines["llama.cpp"] = lambda port: start_llama(
+            args.llama_server, args.gguf, port, slots, ctx, args.threads
         )
-        out = []
-        for r in range(args.requests):
-            start = time.perf_counter()
-            first = None
-            chunks = []
-            for chunk in api.chat.completions.create(model="m", messages=prompts[c, r], max_tokens=args.max_tokens,
-                                                     temperature=0, stream=True,
-                                                     extra_body={"return_token_ids": True}):  # fmt: skip
-                if first is None and chunk.choices and chunk.choices[0].delta.content:
-                    first = time.perf_counter() - start
-                chunks.append(chunk)
-            end = time.perf_counter() - start
-            last = chunks[-1].choices[0]
-            ok = last.finish_reason in ("stop", "length") and last.token_ids == want[c, r]
-            out.append({"key": (c, r), "ok": ok, "ttft": first if first is not None else end, "latency": end,
-                        "tokens": len(last.token_ids or [])})  # fmt: skip
-        return out
+    elif args.llama_server or args.gguf:
+        raise SystemExit("--llama-server and --gguf go together")
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        results = [r for rs in pool.map(client, range(args.clients)) for r in rs]
-    wall = time.perf_counter() - start
-    stop()
-
-    bad = [r["key"] for r in results if not r["ok"]]
-    records = app.state.service.engine.records if app is not None else []
-    busy = sum(r.finished - r.started for r in records) / wall if records else None
-    tokens = sum(r["tokens"] for r in results)
-    ttft, latency = [r["ttft"] for r in results], [r["latency"] for r in results]
-    report = {
-        "model": name, "backend": args.backend, "server": "in-process thread" if app else "tinyqwen serve process", "clients": args.clients, "requests_per_client": args.requests,
-        "max_tokens": args.max_tokens, "responses": len(results), "complete_and_correct": len(results) - len(bad),
-        "wall_s": wall, "requests_per_s": len(results) / wall, "tokens_per_s": tokens / wall,
-        "generate_alone_tokens_per_s": sum(map(len, want.values())) / alone,
-        "ttft_s": {"p50": statistics.median(ttft), "p95": pct(ttft, 0.95), "max": max(ttft)},
-        "latency_s": {"p50": statistics.median(latency), "p95": pct(latency, 0.95), "max": max(latency)},
-        "worker_busy_fraction": busy,
-        "load_average_before_after": [load_before, os.getloadavg()[0]],
-    }  # fmt: skip
+    report = {"model": folder.name, "backend": args.backend, "cells": []}
+    print(f"{folder.name} ({args.backend}); load average {os.getloadavg()[0]:.1f} at the start (a shared machine "
+          "disturbs every figure: compare engines within this run)")  # fmt: skip
+    for engine, start in engines.items():
+        port = free_port()
+        proc = start(port)
+        try:
+            for workload in workloads:
+                new_tokens = max(2, int(WORKLOADS[workload][1] * args.scale))
+                for c in clients:
+                    prompts = prompts_for(workload, c, args.rounds, args.scale, seed=c)
+                    results, wall = run_cell(port, prompts, c, new_tokens)
+                    cell = {"engine": engine, "workload": workload, "clients": c, **summarize(results, wall)}
+                    if engine == "tinyqwen" and check_model is not None:
+                        cell["divergences"] = divergences(check_model, results, new_tokens, args.check)
+                        cell["checked"] = min(args.check, len(results))
+                    report["cells"].append(cell)
+                    div = ""
+                    if "divergences" in cell:
+                        d = cell["divergences"]
+                        div = f", {cell['checked'] - len(d)}/{cell['checked']} equal to generate alone"
+                        div += "".join(f" [diverged at {x['position']}, margin {x.get('logit_margin', 'n/a')}]"
+                                       for x in d)  # fmt: skip
+                    print(f"{engine:9s} {workload:6s} {c:3d} clients: {cell['tok_per_s']:7.1f} tok/s, TTFT p50 "
+                          f"{cell['ttft_p50']:6.2f} s p95 {cell['ttft_p95']:6.2f} s, ITL p50 "
+                          f"{cell['itl_p50'] * 1e3:6.0f} ms p95 {cell['itl_p95'] * 1e3:6.0f} ms, lost "
+                          f"{cell['lost']}{div}", flush=True)  # fmt: skip
+            report.setdefault("peak_rss_mib", {})[engine] = peak_rss(proc.pid) / 2**20
+            print(f"{engine:9s} peak RSS {report['peak_rss_mib'][engine]:.0f} MiB", flush=True)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    for workload in workloads:
+        for engine in engines:
+            cells = {
+                c["clients"]: c
+                for c in report["cells"]
+                if c["engine"] == engine and c["workload"] == workload
+            }
+            if 1 in cells:
+                gains = ", ".join(
+                    f"{c}: {cells[c]['tok_per_s'] / cells[1]['tok_per_s']:.1f}×" for c in cells if c > 1
+                )
+                print(f"{engine:9s} {workload:6s} aggregate tok/s vs 1 client: {gains}")
+        if len(engines) > 1:
+            ours = {
+                c["clients"]: c
+                for c in report["cells"]
+                if c["engine"] == "tinyqwen" and c["workload"] == workload
+            }
+            peer = {
+                c["clients"]: c
+                for c in report["cells"]
+                if c["engine"] != "tinyqwen" and c["workload"] == workload
+            }
+            ratios = ", ".join(
+                f"{c}: {ours[c]['tok_per_s'] / peer[c]['tok_per_s']:.2f}×" for c in ours if c in peer
+            )
+            print(f"tinyqwen / llama.cpp {workload:6s} aggregate tok/s: {ratios}")
     if args.json:
-        print(json.dumps(report, indent=1))
-    else:
-        print(f"{name} ({args.backend}, {report['server']}): {args.clients} streaming clients x {args.requests} requests, "
-              f"max_tokens {args.max_tokens}, greedy")  # fmt: skip
-        print(f"  {report['complete_and_correct']}/{len(results)} responses complete and equal to generate")
-        print(f"  wall {wall:.2f} s: {report['requests_per_s']:.1f} requests/s, {report['tokens_per_s']:.0f} "
-              f"generated tokens/s (generate alone, no server: {report['generate_alone_tokens_per_s']:.0f} tok/s)")  # fmt: skip
-        print(f"  time to first token: p50 {report['ttft_s']['p50'] * 1e3:.0f} ms, p95 "
-              f"{report['ttft_s']['p95'] * 1e3:.0f} ms, max {report['ttft_s']['max'] * 1e3:.0f} ms")  # fmt: skip
-        print(f"  latency:             p50 {report['latency_s']['p50'] * 1e3:.0f} ms, p95 "
-              f"{report['latency_s']['p95'] * 1e3:.0f} ms, max {report['latency_s']['max'] * 1e3:.0f} ms")  # fmt: skip
-        if busy is not None:
-            print(f"  worker busy {busy:.0%} of the wall time")
-        print(f"  load average {report['load_average_before_after'][0]:.1f} before the load, "
-              f"{report['load_average_before_after'][1]:.1f} after")  # fmt: skip
-    if bad:
-        raise SystemExit(f"{len(bad)} responses were incomplete or wrong: {bad[:5]}")
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if any(c["lost"] for c in report["cells"]):
+        raise SystemExit("some requests were lost")
 
 
 if __name__ == "__main__":

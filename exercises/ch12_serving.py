@@ -1,4 +1,4 @@
-"""Chapter 12 exercises: serving — the wire format, the reasoning split, tool calls, and a client.
+"""Chapter 12 exercises: serving — the wire format, the reasoning split, tool calls, a client, and a scheduler.
 
 Fill in each function, in order (notebooks/12-serving.ipynb builds them in the same order), then run
 `pytest exercises/test_ch12_serving.py`. The last checkpoint points YOUR client code at tinyqwen's real server,
@@ -106,5 +106,63 @@ def follow_up(messages: Sequence[dict], reply: dict, tools: dict[str, Callable])
     >>> call = {"id": "call_0", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
     >>> follow_up([], {"role": "assistant", "content": "", "tool_calls": [call]}, {"add": lambda a, b: a + b})[1]
     {'role': 'tool', 'tool_call_id': 'call_0', 'content': '3'}
+    """
+    raise NotImplementedError
+
+
+class Request:
+    """One request inside a continuous-batching scheduler (plain data; the scheduler changes `prefilled`, `output`).
+
+    prompt      its prompt ids
+    max_tokens  the most new ids it may get
+    prefilled   how many prompt ids the model has seen so far (0 while it waits)
+    output      the ids generated so far
+    """
+
+    def __init__(self, prompt: list[int], max_tokens: int):
+        self.prompt, self.max_tokens = list(prompt), max_tokens
+        self.prefilled, self.output = 0, []
+
+    def __repr__(self) -> str:
+        return f"Request(prompt={self.prompt}, prefilled={self.prefilled}, output={self.output})"
+
+
+def scheduler_step(model, running: list, waiting: list, max_batch: int, prefill_budget: int) -> list:
+    """ONE step of a continuous-batching scheduler (the section "Serving many users: continuous batching").
+    Changes `running` and `waiting` in place; returns the requests that finished in this step, in the order they
+    finished.
+
+    The model (a stand-in: each method says what the real server's model call does):
+    - `model.prefill(request, ids) -> int | None`: feed the next prompt ids of ONE request (they land in its KV
+      row). Returns the request's first generated id when these ids complete its prompt, else None.
+    - `model.decode(requests, ids) -> list[int]`: ONE batched decode for several requests at once: feeds each
+      request its last generated id (`request.output[-1]`), returns each one's next id.
+    - `model.release(request)`: frees the request's KV memory; call it the moment the request finishes.
+    - `model.eos`: the set of end-of-reply ids.
+
+    One step, in this order:
+    1. Prefill, at most `prefill_budget` prompt ids in all. First the running request whose prompt is not complete
+       (there is at most one, and it was admitted first), then the oldest waiting requests, in order: a waiting
+       request is admitted (moved from the front of `waiting` to the end of `running`) only while fewer than
+       `max_batch` requests are running. Each gets min(what is left of the budget, what is left of its prompt)
+       ids in one `model.prefill` call (then add that count to its `prefilled`); stop when the budget is spent or
+       no request can be admitted. A returned first id goes on the request's `output`.
+    2. A request is finished when its last output id is in `model.eos` or it has `max_tokens` ids: take it out of
+       `running`, `model.release` it, add it to the returned list. (Check right after its first id, too.)
+    3. Decode: ONE `model.decode` call with every running request whose prompt is complete, in `running`'s order
+       (the ones that just got their first id in step 1 included); append each returned id to its request's
+       `output`, then apply rule 2 again. No call at all when no request is ready.
+
+    >>> class Echo:  # writes back each request's prompt, reversed; 0 ends a reply
+    ...     eos = {0}
+    ...     def prefill(self, request, ids):
+    ...         return request.prompt[-1] if request.prefilled + len(ids) == len(request.prompt) else None
+    ...     def decode(self, requests, ids):
+    ...         return [r.prompt[-1 - len(r.output)] for r in requests]
+    ...     def release(self, request):
+    ...         pass
+    >>> running, waiting = [], [Request([0, 5, 6], 10), Request([7, 8], 10)]
+    >>> scheduler_step(Echo(), running, waiting, max_batch=4, prefill_budget=4), running
+    ([], [Request(prompt=[0, 5, 6], prefilled=3, output=[6, 5]), Request(prompt=[7, 8], prefilled=1, output=[])])
     """
     raise NotImplementedError

@@ -349,3 +349,172 @@ def test_your_client_against_the_real_server(course):
     expect_equal(
         reply["choices"][0]["message"]["content"], "\n\nIt is 21 °C in Paris.", what="3/3 the final answer"
     )
+
+
+# ------------------------------------------------------------------------------------------ continuous batching
+
+
+class ScriptedBatchModel:
+    """The scheduler's model: each request's next id is a fixed function of its own ids so far (its script), so
+    the right output of every request is known alone. Every call is checked against what the KV row holds."""
+
+    eos = frozenset({0})
+
+    def __init__(self, course, max_batch: int, prefill_budget: int):
+        self.course, self.max_batch, self.budget = course, max_batch, prefill_budget
+        self.kv: dict[int, list[int]] = {}  # id(request) -> the ids its KV row holds
+        self.released: list[int] = []
+        self.step_log: list[tuple] = []  # this step's calls: ("prefill", request, n) / ("decode", [requests])
+        self.admitted: list[int] = []
+
+    @staticmethod
+    def next_id(history: list[int]) -> int:
+        h = 17
+        for t in history[-3:]:
+            h = (h * 31 + t) % 1009
+        return h % 13  # 0 (eos) about one time in 13
+
+    def fail(self, problem: str) -> None:
+        expect(False, what="scheduler_step's calls to the model", problem=problem, reread=SCHEDULER_SECTION)
+
+    def prefill(self, request, ids):
+        key = id(request)
+        if key in self.released:
+            self.fail(f"prefill was called for a request after its release: {request!r}")
+        row = self.kv.setdefault(key, [])
+        if not row:
+            self.admitted.append(key)
+        want = request.prompt[len(row) : len(row) + len(ids)]
+        if list(ids) != want or not ids:
+            self.fail(
+                f"prefill fed {list(ids)!r}, but the request's next prompt ids are {want!r} (its KV row holds "
+                f"{len(row)} of {len(request.prompt)}); feed prompt[prefilled : prefilled + n], n >= 1"
+            )
+        row.extend(ids)
+        self.step_log.append(("prefill", key, len(ids)))
+        return self.next_id(row) if len(row) == len(request.prompt) else None
+
+    def decode(self, requests, ids):
+        self.step_log.append(("decode", [id(r) for r in requests]))
+        out = []
+        for request, t in zip(requests, ids, strict=True):
+            row = self.kv.get(id(request), [])
+            if len(row) < len(request.prompt):
+                self.fail(f"decode was given a request whose prompt is not complete yet: {request!r}")
+            if not request.output or t != request.output[-1]:
+                self.fail(
+                    f"decode fed id {t!r}, but the request's last generated id is "
+                    f"{request.output[-1] if request.output else None!r}"
+                )
+            row.append(t)
+            out.append(self.next_id(row))
+        return out
+
+    def release(self, request):
+        if id(request) in self.released:
+            self.fail(f"a request was released twice: {request!r}")
+        self.released.append(id(request))
+
+
+SCHEDULER_SECTION = reread("Serving many users: continuous batching")
+
+
+def alone(prompt: list[int], max_tokens: int) -> list[int]:
+    history, out = list(prompt), []
+    while len(out) < max_tokens:
+        t = ScriptedBatchModel.next_id(history)
+        out.append(t)
+        history.append(t)
+        if t in ScriptedBatchModel.eos:
+            break
+    return out
+
+
+def run_scheduler(course, specs, max_batch: int, budget: int):
+    """Drive the learner's scheduler_step to the end, checking every step's rules; returns the requests."""
+    model = ScriptedBatchModel(course, max_batch, budget)
+    requests = [course.ch12.Request(prompt, n) for prompt, n in specs]
+    running, waiting = [], list(requests)
+    inputs = f"{len(specs)} requests, max_batch={max_batch}, prefill_budget={budget}"
+    for step in range(2000):
+        if not running and not waiting:
+            break
+        model.step_log = []
+        done = call(course.ch12.scheduler_step, model, running, waiting, max_batch, budget, what="scheduler_step",
+                    reread=SCHEDULER_SECTION, inputs=inputs)  # fmt: skip
+        what = f"scheduler step {step + 1} ({inputs})"
+        prefills = [c for c in model.step_log if c[0] == "prefill"]
+        decodes = [c for c in model.step_log if c[0] == "decode"]
+        fed = sum(c[2] for c in prefills)
+        expect(fed <= budget, what=what, reread=SCHEDULER_SECTION,
+               problem=f"{fed} prompt ids were prefilled in one step, over the budget of {budget}: a long prompt "
+                       "must be prefilled over several steps so the running replies keep flowing")  # fmt: skip
+        expect(len(decodes) <= 1, what=what, reread=SCHEDULER_SECTION,
+               problem=f"model.decode was called {len(decodes)} times in one step: the point of continuous batching "
+                       "is ONE decode call for every running request (the weights are read once)")  # fmt: skip
+        expect(len(running) <= max_batch, what=what, reread=SCHEDULER_SECTION,
+               problem=f"{len(running)} requests are running, more than max_batch={max_batch}: admit a waiting "
+                       "request only while fewer than max_batch run")  # fmt: skip
+        expect(
+            isinstance(done, list),
+            what=what,
+            reread=SCHEDULER_SECTION,
+            problem=f"scheduler_step must return the list of finished requests, got {type(done).__name__}",
+        )
+        for r in done:
+            expect(r not in running and id(r) in model.released, what=what, reread=SCHEDULER_SECTION,
+                   problem=f"a finished request must leave `running` and be released in the step it finishes: "
+                           f"{r!r}")  # fmt: skip
+        for r in running:
+            expect(not (r.output and (r.output[-1] in model.eos or len(r.output) >= r.max_tokens)), what=what,
+                   reread=SCHEDULER_SECTION, problem=f"a finished request is still running: {r!r} (its last id "
+                   "is eos, or it has max_tokens ids)")  # fmt: skip
+        decoded = set(decodes[0][1]) if decodes else set()
+        missing = [r for r in running if r.prefilled == len(r.prompt) and id(r) not in decoded]
+        expect(not missing, what=what, reread=SCHEDULER_SECTION,
+               problem=f"{len(missing)} running request(s) with a complete prompt were left out of this step's "
+                       f"decode, e.g. {missing[0] if missing else None!r}: every ready request gets one id per "
+                       "step")  # fmt: skip
+        partial = [r for r in running if 0 < r.prefilled < len(r.prompt)]
+        expect(len(partial) <= 1, what=what, reread=SCHEDULER_SECTION,
+               problem=f"{len(partial)} requests are half prefilled: finish the one already started before "
+                       "admitting another")  # fmt: skip
+        if fed < budget:
+            expect(
+                not partial,
+                what=what,
+                reread=SCHEDULER_SECTION,
+                problem=f"only {fed} of the {budget} prefill ids were used, yet a prompt is left half done",
+            )
+            left_in_decode = [r for r in done if id(r) in decoded]  # rows freed only after the prefill
+            expect(not waiting or len(running) + len(left_in_decode) >= max_batch, what=what,
+                   reread=SCHEDULER_SECTION,
+                   problem=f"only {fed} of the {budget} prefill ids were used while a request waits and a row is "
+                           "free: admit it")  # fmt: skip
+    expect(
+        not running and not waiting,
+        what=f"scheduler_step ({inputs})",
+        reread=SCHEDULER_SECTION,
+        problem="2000 steps did not finish every request: is a request never admitted or never finished?",
+    )
+    expect(model.admitted == [id(r) for r in requests], what=f"scheduler_step ({inputs})", reread=SCHEDULER_SECTION,
+           problem="requests were admitted out of order: the oldest waiting request (the front of `waiting`) "
+                   "goes first")  # fmt: skip
+    expect(
+        sorted(model.released) == sorted(id(r) for r in requests),
+        what=f"scheduler_step ({inputs})",
+        reread=SCHEDULER_SECTION,
+        problem="every finished request must be released (its KV memory freed)",
+    )
+    return requests
+
+
+def test_scheduler_step(course):
+    """A continuous-batching scheduler step"""
+    specs = [([(7 * i + j) % 50 + 1 for j in range(1 + (5 * i) % 17)], 2 + (3 * i) % 9) for i in range(14)]
+    for max_batch, budget in ((3, 5), (8, 64), (1, 1)):
+        requests = run_scheduler(course, specs, max_batch, budget)
+        for (prompt, n), r in zip(specs, requests, strict=True):
+            expect_equal(r.output, alone(prompt, n), what=f"the output of the request with prompt {prompt} "
+                         f"(max_batch={max_batch}, prefill_budget={budget})", reread=SCHEDULER_SECTION,
+                         inputs="each request's output must be what it gets alone")  # fmt: skip

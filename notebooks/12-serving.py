@@ -31,7 +31,8 @@
 #    why a streaming server may never take back text it sent;
 # 4. **tool calls** in OpenAI's format, assembled by a client from streamed pieces, and a full round trip with a
 #    small local tool;
-# 5. several clients at once: one request at a time, and what happens when a client walks away;
+# 5. several clients at once: **continuous batching** — one decode step for every running request, prompts
+#    prefilled in chunks, KV memory from a budget — and what happens when a client walks away;
 # 6. and finally **your client against the real server**, checked against transformers and the official template.
 
 # %%
@@ -372,13 +373,12 @@ print(prompt[prompt.index("<|im_start|>user"):])
 # text from a message (or from a web page a tool fetched) that spells `<|im_end|>` stays plain text, so it cannot
 # close its turn and write one for the system.
 #
-# ## One request at a time
+# ## Several clients at once
 #
-# A NumPy model uses the whole CPU for one sequence, so the server runs one request at a time: a single worker
-# thread takes requests from a FIFO queue. Streams cannot interleave, and each reply's ids are exactly
-# `tinyqwen.generate`'s for that prompt. (vLLM instead *batches* running requests into every forward pass —
-# continuous batching — which is what makes a GPU server fast; [chapter 8](08-kv-cache-generation.ipynb)'s left
-# padding is the first step towards it.) Six clients at once:
+# Six clients send their requests at the same moment. The server's worker runs a **scheduler** (next section):
+# every step it runs one forward pass for *all* the running requests together, so the six replies are generated
+# side by side, each one's ids still exactly `tinyqwen.generate`'s for its prompt. Here is when each was in the
+# queue, and when it was generating:
 
 # %%
 async def six_clients():
@@ -401,17 +401,180 @@ for i, r in enumerate(engine.records):
             label="waiting in the queue" if i == 0 else None)  # fmt: skip
     ax.barh(i, (r.finished - r.started) * 1e3, left=(r.started - t0) * 1e3, color="#6baed6",
             label="generating" if i == 0 else None)  # fmt: skip
-ax.set(xlabel="time since the first request arrived (ms)", ylabel="request (in order served)",
-       title="Six requests sent at once, served one after another by the worker")  # fmt: skip
+ax.set(xlabel="time since the first request arrived (ms)", ylabel="request (in order finished)",
+       title="Six requests sent at once, generated side by side")  # fmt: skip
 ax.legend(loc="lower right")
 plt.show()
 
 # %% [markdown]
-# The bars never overlap: the queue at work. A client that **disconnects** mid-stream (the user pressed Stop)
-# must not keep the worker busy: the server marks its request cancelled, and the worker checks that flag before
-# every new token and moves on to the next request. `tests/test_serve.py` tests it with a real socket that hangs up
-# after two tokens.
+# The bars overlap: the requests share the steps. A client that **disconnects** mid-stream (the user pressed
+# Stop) must not keep using the machine: the server marks its request cancelled, and the scheduler drops it at the
+# next step and frees its memory. `tests/test_serve.py` tests it with a real socket that hangs up after two tokens.
 #
+# ## Serving many users: continuous batching
+#
+# Decoding one token of one sequence reads **every weight once** and does two flops per weight: on a CPU (or a
+# GPU) that is limited by memory bandwidth, not arithmetic ([chapter 10](10-numba.ipynb)'s roofline). Decoding
+# one token for each of B sequences in the *same* forward pass reads the weights once too, and does 2·B flops per
+# weight: until B is large enough to make the step compute-bound, the extra sequences are nearly free. A server
+# that runs one request at a time leaves that on the table; vLLM, SGLang and llama.cpp's server all **batch every
+# running sequence into each decode step**. "Continuous": the batch is not fixed — a request joins at any step
+# boundary and leaves the moment it is done, instead of the whole batch waiting for its slowest member.
+#
+# First, the claim measured: one decode step for B sequences of this chapter's tiny model (its cost is mostly the
+# 151,936 × 32 `lm_head`: 19 MB of float32 read per step), B from 1 to 64.
+
+# %%
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from tinyqwen.kv_cache import RaggedKVCache  # noqa: E402
+
+
+def decode_step_seconds(model, batch: int, context: int = 64, repeats: int = 9) -> float:
+    """Best-of-`repeats` time of one decode step for `batch` sequences, each `context` positions in."""
+    cache = model.new_cache(batch, context + repeats + 1)
+    rows = RaggedKVCache(cache, np.full(batch, context))  # rows at their own lengths (here all equal)
+    ids = np.ones((batch, 1), dtype=np.int64)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.forward(ids, cache=rows, last_only=True)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+batches = [1, 2, 4, 8, 16, 32, 64]
+step = [decode_step_seconds(model, b) for b in batches]
+fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3))
+a1.plot(batches, [s * 1e3 for s in step], "o-")
+a1.set(xscale="log", xlabel="sequences in the decode step (B)", ylabel="ms per step", ylim=(0, None),
+       title="one decode step")  # fmt: skip
+a2.plot(batches, [b / s for b, s in zip(batches, step, strict=True)], "o-", color="C1")
+a2.set(xscale="log", yscale="log", xlabel="sequences in the decode step (B)", ylabel="tokens / s (all sequences)",
+       title="aggregate throughput")  # fmt: skip
+plt.show()
+print(f"B=16 costs {step[4] / step[0]:.1f}× the time of B=1 and makes {16 * step[0] / step[4]:.1f}× the tokens")
+
+# %% [markdown]
+# (Timings on a shared machine move from run to run; the shape is what matters.) The step time stays nearly flat
+# while the weights' bytes dominate, then grows once the arithmetic does: on 2 CPU cores the 0.6B model's 16-row
+# step is about there (`benchmarks/bench_serve.py` measures the whole server).
+#
+# **Each row is still its own sequence.** The sequences in a step have different lengths, so each row needs its
+# own position (for RoPE) and must see only its own keys. `tinyqwen.kv_cache.RaggedKVCache` is a window on the
+# first B rows of one big KV cache with one length per row; given one, `Qwen3.forward` builds each row's positions
+# (`lengths[b]`, `lengths[b] + 1`, ...) and a mask that lets new position t of row b see keys 0 … lengths[b] + t
+# of that row. Nothing else in the model changes, on any backend. The only difference from a lone run is the
+# float32 rounding of a product over B rows instead of one: `tests/test_batching.py` checks every row's logits
+# against its lone run (1e-5 of their size) while sequences join and leave, on the numpy and numba backends.
+#
+# **A step's timeline.** New requests also need their prompt *prefilled* — a forward over hundreds of tokens,
+# which is compute-bound and takes as long as many decode steps. Run a long prompt in one go and every running
+# stream stalls for that long. So the scheduler prefills at most `prefill_chunk` prompt tokens per step (a long
+# prompt spreads over several steps, its KV row filling up chunk by chunk), then runs the batched decode. Short
+# prompts that fit in one step's budget together are prefilled *together*, in one forward over their rows (a
+# ragged batch again, every row at its own length), so ten short prompts cost one read of the weights, not ten:
+#
+# ```
+# step   prefill (≤ prefill_chunk tokens)         decode (one forward, one row per running sequence)
+#  1     request 0: prompt 0–15 → first token     request 0
+#  2     request 1: prompt 0–15 (of 40)           request 0
+#  3     request 1: prompt 16–31                  request 0
+#  4     request 1: prompt 32–39 → first token    request 0, request 1
+#        request 2: prompt 0–7
+# ```
+#
+# Here is the real scheduler (`tinyqwen.serve.engine.Engine`) driven by hand, one `step()` at a time, with a
+# prefill chunk of 16 tokens and a wrapper that logs what each forward pass was given:
+
+# %%
+from tinyqwen.serve.engine import Engine, Job  # noqa: E402
+from tinyqwen.serve.reply_parser import ReplyParser  # noqa: E402
+
+
+class Logged:
+    """The model, logging each forward: ("prefill", "tokens" or "rows×tokens") or ("decode", rows)."""
+
+    def __init__(self, model):
+        self.model, self.config, self.generation_config, self.log = model, model.config, model.generation_config, []
+
+    def new_cache(self, *args):
+        return self.model.new_cache(*args)
+
+    def forward(self, ids, *, cache, **kwargs):
+        rows, T = ids.shape
+        first = cache.sequences[0]  # the scheduler's caches say which requests are in their rows
+        prefill = first.prefilled < len(first.prompt)
+        self.log.append(("prefill", f"{rows}×{T}" if rows > 1 else str(T)) if prefill else ("decode", rows))
+        return self.model.forward(ids, cache=cache, **kwargs)
+
+
+logged = Logged(model)
+scheduler = Engine(logged, tok, max_batch=4, prefill_chunk=16)
+prompts = [[1000 + i] * n for i, n in enumerate((12, 40, 3, 5, 30))]
+jobs = [Job(p, 6, {"eos_token_ids": ()}, ReplyParser(tok, (), (), tools=False)) for p in prompts]
+for job in jobs:  # all five arrive at once (no thread: we call the scheduler's steps ourselves)
+    scheduler._admit(job)
+for n in range(1, 100):
+    if not (scheduler.waiting or scheduler.active):
+        break
+    logged.log.clear()
+    scheduler.step()
+    prefill = " + ".join(t for kind, t in logged.log if kind == "prefill")
+    rows = [b for kind, b in logged.log if kind == "decode"]
+    print(f"step {n:2d}: prefill {prefill or '-':>9} tokens | decode {rows[0] if rows else 0} rows | "
+          f"running {scheduler.active}, waiting {len(scheduler.waiting)}")
+assert all(job.output_ids == tinyqwen.generate(model, p, 6, eos_token_ids=()) for job, p in zip(jobs, prompts, strict=True))
+print("every reply equals generate alone")
+
+# %% [markdown]
+# Four rows (`max_batch=4`): the fifth request waits until a row is free, then takes it at once. A prefill entry
+# "2×3" is one forward over two prompts' rows, 3 tokens each (the 3- and 5-token prompts fit in one step
+# together); "12 + 4" is two forwards (the 40-token prompt does not fit beside the 12-token one, so it goes alone,
+# 16 tokens a step). The prefill chunk
+# is the knob between the two latencies a user feels: a large chunk gives new requests their first token sooner
+# (time to first token, TTFT), a small one keeps the running streams' inter-token latency (ITL) even.
+#
+# **KV memory.** Every running sequence needs its keys and values: 2 · layers · kv heads · head_dim · 4 bytes per
+# position (float32), 224 KiB per token for Qwen3-0.6B — a 40,960-token context is 8.75 GiB for *one* sequence.
+# So the server is given a **budget** (`--kv-budget`, default: room for the whole context in every row, at most a
+# quarter of the free memory) and allocates it once, at start-up, as `max_batch` rows of `slot_len` positions:
+# **per-sequence slots** (`tinyqwen/serve/kv_pool.py`). A running sequence owns one row; when it finishes, is
+# cancelled or its client disconnects, the row is free at once, and the last running row moves into the hole so
+# the running rows stay packed at the front — then one decode step reads `cache[:B]`, a view, with no gathering.
+# A request that finds every row taken waits in the queue; past `--max-queue` waiting requests, new ones get
+# `429 Too Many Requests` with a `Retry-After` header. The server never allocates beyond its budget, so it does not
+# run out of memory under load.
+#
+# vLLM chose differently: **paged** KV memory (PagedAttention), fixed-size blocks of e.g. 16 positions handed out
+# as a sequence grows, like virtual memory pages. A sequence then uses memory only for the positions it has, and
+# no request is limited to a fixed `slot_len`; the price is that attention must follow each sequence's block
+# table (a custom kernel; in NumPy, a gather — a copy of every running sequence's keys in every layer at every
+# step). Slots keep the existing attention kernels and cost nothing per step; their price is a per-request limit
+# of `slot_len` positions, prompt and reply together (shown at start-up; `max_tokens` is cut to fit, and a longer
+# prompt is refused with a 400 that names the limit).
+
+# %%
+from tinyqwen.config import published_configs  # noqa: E402
+from tinyqwen.serve.kv_pool import pool_shape  # noqa: E402
+
+qwen06 = published_configs()["Qwen3-0.6B"]
+for budget_gib in (2, 8, 32):
+    rows, slot_len = pool_shape(qwen06, budget_gib << 30, 16)
+    print(f"Qwen3-0.6B, --kv-budget {budget_gib}GiB, --max-batch 16: {rows} rows of {slot_len:,} positions")
+
+# %% [markdown]
+# `tinyqwen serve` says its choice when it starts, and reports how it is doing at `GET /metrics` in Prometheus'
+# text format (requests, running sequences, queue length, tokens/s, TTFT and inter-token histograms) and
+# `GET /health`:
+
+# %%
+_, _, text = testing.asgi_call(app, "GET", "/metrics")
+print("\n".join(line for line in text.decode().splitlines() if not line.startswith("#"))[:1500])
+
+# %% [markdown]
 # With a real checkpoint, the same server is one command away, and any OpenAI client talks to it:
 #
 # ```bash
@@ -468,12 +631,15 @@ print(f"{len(e['new_ids'])} streamed greedy ids equal transformers' generate; th
 #   — and every delta is held back just long enough to be final (trailing newlines, partial stop strings).
 # - Tool calls leave as OpenAI objects with JSON-string arguments; clients assemble them from pieces, run the tool,
 #   and send the result back as a `tool` message.
-# - One worker, one queue: outputs never mix, and a client that leaves frees the worker at the next token.
+# - Continuous batching: one decode step for every running sequence (the weights read once), prompts prefilled in
+#   chunks between steps, KV memory from a fixed budget of per-sequence rows freed the moment a request ends;
+#   each reply is still what it would be alone.
 #
 # ## Exercises
 #
-# Open `exercises/ch12_serving.py` and fill in `parse_sse`, `split_deltas`, `parse_tool_calls`, `assemble` and
-# `follow_up`, then run
+# Open `exercises/ch12_serving.py` and fill in `parse_sse`, `split_deltas`, `parse_tool_calls`, `assemble`,
+# `follow_up` and `scheduler_step` (one step of a continuous-batching scheduler, graded on a scripted model), then
+# run
 #
 # ```bash
 # pytest exercises/test_ch12_serving.py

@@ -13,6 +13,10 @@ Memory is 2 · layers · batch · kv_heads · max_len · head_dim · bytes per v
 2 · 28 · 8 · 4096 · 128 · 4 B = 0.94 GB per sequence in float32 — so we size the cache for the job, never for the
 model's 40,960-position maximum. Rows of a batch share one `length`; shorter (left-padded) rows mask their padding.
 
+A server decodes unrelated sequences together, each at its own length: `RaggedKVCache` is a window on the first
+rows of a KVCache with one length per row (`lengths`, [B]). The model then gives every row its own positions and
+lets it see only its own keys (see `Qwen3.forward`); each row computes what it would compute alone.
+
 Storage dtype: "float32" (the default: exact), "bfloat16" or "float16" halve it. NumPy has no bfloat16,
 so a bf16 cache holds uint16 bit patterns, rounded to nearest-even when written (`float32_to_bf16`, the rounding
 torch uses) and widened exactly when read (`tinyqwen.attention.widen`). bfloat16 keeps float32's range with
@@ -122,6 +126,10 @@ class KVCache:
         self.values[layer][:, :, self.length : end] = self.encode(v, "values", layer)
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def advance(self, n: int) -> None:
+        """The model calls this once after its last layer: `n` more positions are filled."""
+        self.length += n
+
     def encode(self, x: np.ndarray, what: str = "values", layer: int = 0) -> np.ndarray:
         """float32 -> the storage dtype: bf16 rounds to nearest-even (torch's rounding), float16 likewise."""
         if self.dtype == "bfloat16":
@@ -136,6 +144,87 @@ class KVCache:
                 )
             return narrow
         return x
+
+
+class _Pool(np.ndarray):
+    """The type of a RaggedKVCache's storage: only so that the first rows, taken as a plain array, are their own
+    base (NumPy stops collapsing a view's `.base` at a change of type), and a kernel that wants the whole
+    contiguous cache behind a view (the numba decode attention) finds exactly those rows, with no copy."""
+
+
+@dataclass
+class RaggedKVCache:
+    """`B` rows of a KVCache (from row `first`, default 0), each at its own length: a batch of unrelated sequences.
+
+    keys[layer][first + b, :, :lengths[b]] hold row b's positions. `update` writes each row's new keys at its own length,
+    and returns every row's keys up to the longest row's end (a row's later positions are stale: the model's mask
+    hides them). A server keeps its running sequences in the first rows of one big cache (see
+    tinyqwen/serve/kv_pool.py) and decodes them all with one `forward`.
+
+    >>> base = KVCache.allocate(1, 4, 1, 8, 2)
+    >>> rows = RaggedKVCache(base, np.array([3, 5]))
+    >>> k, _ = rows.update(0, np.ones((2, 1, 1, 2), np.float32), np.ones((2, 1, 1, 2), np.float32))
+    >>> k.shape, base.keys[0][:2, 0, :, 0].tolist()
+    ((2, 1, 6, 2), [[0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]])
+    """
+
+    base: KVCache
+    lengths: np.ndarray  # [B] int64: positions filled in each of rows first .. first + B - 1
+    first: int = 0
+
+    def __post_init__(self) -> None:
+        self.lengths = np.asarray(self.lengths, dtype=np.int64)
+        if self.lengths.ndim != 1 or not 0 < len(self.lengths) <= self.base.batch_size - self.first:
+            raise GenerationError(
+                f"RaggedKVCache needs one length per row for 1 to {self.base.batch_size - self.first} rows "
+                f"(from row {self.first}), got shape {list(self.lengths.shape)}"
+            )
+        for store in (self.base.keys, self.base.values):
+            for i, a in enumerate(store):
+                if isinstance(a, np.ndarray) and type(a) is np.ndarray and a.flags.c_contiguous:
+                    store[i] = a.view(_Pool)  # the same memory (see _Pool)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return self.base.max_len
+
+    @property
+    def dtype(self) -> str:
+        return self.base.dtype
+
+    @property
+    def length(self) -> int:
+        """The longest row's length (what a shared-length cache calls `length`)."""
+        return int(self.lengths.max())
+
+    def update(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # [B, Hkv, T, d] x2 float32 -> [B, Hkv, max(lengths) + T, d] x2 in the storage dtype (views of the rows)
+        B, _, T, _ = k.shape
+        end = int(self.lengths.max()) + T
+        if end > self.max_len:
+            raise GenerationError(f"KV cache is full: {end} positions needed, {self.max_len} allocated")
+        lo, hi = self.first, self.first + B
+        rows = np.arange(lo, hi)[:, None]  # [B, 1]
+        at = self.lengths[:, None] + np.arange(T)  # [B, T]: where each row's new positions go
+        out = []
+        for store, x, what in ((self.base.keys, k, "keys"), (self.base.values, v, "values")):
+            a = store[layer]
+            a[rows, :, at] = self.base.encode(x, what, layer).transpose(0, 2, 1, 3)  # [B, T, Hkv, d]
+            window = a[lo:hi].view(np.ndarray) if isinstance(a, _Pool) else a[lo:hi]
+            out.append(window[:, :, :end])
+        return out[0], out[1]
+
+    def advance(self, n: int) -> None:
+        self.lengths += n
+
+    def key_mask(self, T: int) -> np.ndarray:
+        """[B, T, max(lengths) + T] bool: new position t of row b sees that row's keys up to lengths[b] + t."""
+        keys = np.arange(int(self.lengths.max()) + T)
+        return keys[None, None, :] <= (self.lengths[:, None] + np.arange(T))[:, :, None]
 
 
 # --------------------------------------------------------------------------------------------- memory estimate

@@ -29,6 +29,10 @@ def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [..., d_in], [d_out, 
     # weights stay in the checkpoint's [out, in] layout; BLAS reads the transpose without a copy
     if isinstance(w, QuantizedTensor):
         return quantized_linear(x, w)
+    if x.ndim == 3 and x.shape[1] == 1 and x.shape[0] > 1:
+        # a decode step of B sequences, [B, 1, d_in]: one [B, d_in] product, so the weights are read once (NumPy's
+        # matmul would run one [1, d_in] product per sequence, reading every weight B times)
+        return (x[:, 0] @ w.T)[:, None]
     return x @ w.T
 
 

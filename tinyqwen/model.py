@@ -43,7 +43,7 @@ from tinyqwen.config import (
     load_generation_config,
 )
 from tinyqwen.errors import CheckpointError, GenerationError
-from tinyqwen.kv_cache import KVCache
+from tinyqwen.kv_cache import KVCache, RaggedKVCache
 from tinyqwen.quantization import QuantizedTensor
 from tinyqwen.rope import rope_parameters
 
@@ -274,7 +274,10 @@ class Qwen3:
     ) -> ForwardOutput:
         """Logits for a batch of ids: embed -> every layer -> the final RMSNorm -> lm_head (the diagram above).
 
-        With a `cache`, `ids` are the positions after the cached ones, and the cache grows by T."""
+        With a `cache`, `ids` are the positions after the cached ones, and the cache grows by T. With a
+        `RaggedKVCache` every row is its own sequence at its own length (a server's batch of unrelated requests):
+        row b's new ids take positions lengths[b], lengths[b] + 1, ... and see only that row's keys, so each row's
+        logits are what the row alone would get (up to float32 rounding of the batched products)."""
         c, w, k = self.config, self.weights, self.backend
         ids, mask, positions = self._inputs(ids, cache, attention_mask, positions)
         B, T = ids.shape
@@ -299,7 +302,7 @@ class Qwen3:
             if return_hidden_states:
                 hidden.append(x)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
 
         if last_only:
             x = x[:, -1:]
@@ -352,6 +355,8 @@ class Qwen3:
         ([B, T, past + T] bool, or a CausalMask for long inputs) and the positions [B, T]."""
         ids = self._check_ids(ids)
         B, T = ids.shape
+        if isinstance(cache, RaggedKVCache):
+            return ids, *self._ragged_inputs(cache, attention_mask, positions, B, T)
         past = 0
         if cache is not None:
             if cache.batch_size != B:
@@ -366,6 +371,21 @@ class Qwen3:
         key_mask = self._key_mask(attention_mask, B, past + T)
         mask = attention_mask_for(key_mask, past, T, self.backend.causal_mask)
         return ids, mask, self._positions(positions, key_mask, past, T)
+
+    def _ragged_inputs(self, cache: RaggedKVCache, attention_mask, positions, B: int, T: int):
+        """The mask [B, T, max(lengths) + T] and positions [B, T] of a batch whose rows have their own lengths."""
+        if cache.batch_size != B:
+            raise GenerationError(f"the ragged KV cache has {cache.batch_size} rows, ids have batch {B}")
+        if attention_mask is not None:
+            raise GenerationError("a RaggedKVCache masks each row by its own length: pass no attention_mask")
+        if cache.length + T > cache.max_len:
+            raise GenerationError(
+                f"KV cache is full: {cache.length} + {T} positions needed, {cache.max_len} allocated"
+            )
+        if positions is None:
+            positions = cache.lengths[:, None] + np.arange(T)  # [B, T]: each row continues where it stopped
+        key_mask = np.ones((B, 1), dtype=bool)  # only for _positions' shape checks
+        return cache.key_mask(T), self._positions(positions, key_mask, 0, T)
 
     @staticmethod
     def _key_mask(

@@ -161,7 +161,9 @@ class ScriptedModel:
     sampling, the generation loop, the server, the parsers -- runs as it would for a real Qwen3 that wrote those
     ids. A margin of 1e4 makes the scripted id win under any temperature or filter (its probability is 1 in float64).
 
-    Only one sequence at a time (batch 1), which is how the server runs it.
+    One sequence at a time (batch 1), or a server's batch: a cache that says which sequences are in its rows
+    (`cache.sequences`, each with `.prompt` and `.output` ids, as tinyqwen/serve/kv_pool.py's caches do) is
+    scripted row by row, from each row's own prompt and output.
     """
 
     def __init__(self, model, script: Callable[[list[int], list[int]], int | None], margin: float = 1e4):
@@ -175,6 +177,14 @@ class ScriptedModel:
 
     def forward(self, ids, *, cache=None, **kwargs):
         ids = np.asarray(ids)
+        sequences = getattr(cache, "sequences", None)
+        if sequences is not None:  # a server's batch: every row knows its own prompt and output
+            out = self.model.forward(ids, cache=cache, **kwargs)
+            for b, seq in enumerate(sequences):
+                wanted = self.script(list(seq.prompt), list(seq.output))
+                if wanted is not None:
+                    out.logits[b, -1, wanted] += self.margin
+            return out
         if ids.shape[0] != 1:
             raise TinyQwenError("ScriptedModel runs one sequence at a time")
         if cache is None or cache.length == 0:  # a new prefill: a new request

@@ -14,7 +14,7 @@ from tinyqwen.backends import onednn
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight
 
-GEMV_MAX_ROWS = 4  # up to this many tokens a product streams the bf16 weights; beyond, widen blocks + BLAS
+GEMV_MAX_ROWS = 64  # up to this many tokens (a batched decode step) a product streams the bf16 weights
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits

@@ -117,3 +117,53 @@ def follow_up(messages: Sequence[dict], reply: dict, tools: dict[str, Callable])
         result = tools[function["name"]](**json.loads(function["arguments"]))
         out.append({"role": "tool", "tool_call_id": call["id"], "content": json.dumps(result)})
     return out
+
+
+# the scheduler: tinyqwen.serve.engine.Engine.step does these three things with the real model and its KV pool;
+# written here against the exercise's stand-in model, in the same order
+class Request:
+    """The exercise's request (the same plain data as in exercises/ch12_serving.py)."""
+
+    def __init__(self, prompt: list[int], max_tokens: int):
+        self.prompt, self.max_tokens = list(prompt), max_tokens
+        self.prefilled, self.output = 0, []
+
+    def __repr__(self) -> str:
+        return f"Request(prompt={self.prompt}, prefilled={self.prefilled}, output={self.output})"
+
+
+def scheduler_step(model, running: list, waiting: list, max_batch: int, prefill_budget: int) -> list:
+    finished: list = []
+
+    def finish_if_done(request) -> bool:
+        if request.output and (request.output[-1] in model.eos or len(request.output) >= request.max_tokens):
+            running.remove(request)
+            model.release(request)
+            finished.append(request)
+            return True
+        return False
+
+    budget = prefill_budget
+    while budget > 0:
+        pending = [r for r in running if r.prefilled < len(r.prompt)]
+        if pending:
+            request = pending[0]
+        elif waiting and len(running) < max_batch:
+            request = waiting.pop(0)
+            running.append(request)
+        else:
+            break
+        take = min(budget, len(request.prompt) - request.prefilled)
+        first = model.prefill(request, request.prompt[request.prefilled : request.prefilled + take])
+        request.prefilled += take
+        budget -= take
+        if first is not None:
+            request.output.append(first)
+            finish_if_done(request)
+    ready = [r for r in running if r.prefilled == len(r.prompt)]
+    if ready:
+        for request, token in zip(ready, model.decode(ready, [r.output[-1] for r in ready]), strict=True):
+            request.output.append(token)
+        for request in ready:
+            finish_if_done(request)
+    return finished

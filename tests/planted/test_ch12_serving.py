@@ -130,3 +130,66 @@ def test_learner_style_code_passes(solutions):
 def test_untouched_solutions_pass_the_planted_checkpoints(solutions):
     for checkpoint in {p[2] for p in PLANTS}:
         checkpoint(solutions)
+
+
+def scheduler_step(model, running, waiting, max_batch, prefill_budget, *, one_decode=True, chunked=True,
+                   cap=True, release=True):  # fmt: skip
+    """A learner-style scheduler step. one_decode: one batched decode (else one call per request); chunked: the
+    prefill budget is respected (else whole prompts); cap: at most max_batch running; release: free finished."""
+    finished = []
+
+    def done(r):
+        if r.output and (r.output[-1] in model.eos or len(r.output) >= r.max_tokens):
+            running.remove(r)
+            if release:
+                model.release(r)
+            finished.append(r)
+
+    budget = prefill_budget if chunked else 10**9
+    while budget > 0:
+        partial = [r for r in running if r.prefilled < len(r.prompt)]
+        if partial:
+            r = partial[0]
+        elif waiting and (len(running) < max_batch or not cap):
+            r = waiting.pop(0)
+            running.append(r)
+        else:
+            break
+        n = min(budget, len(r.prompt) - r.prefilled)
+        first = model.prefill(r, r.prompt[r.prefilled : r.prefilled + n])
+        r.prefilled += n
+        budget -= n
+        if first is not None:
+            r.output.append(first)
+            done(r)
+    ready = [r for r in running if r.prefilled == len(r.prompt)]
+    groups = [ready] if one_decode else [[r] for r in ready]
+    for group in groups:
+        if group:
+            for r, t in zip(group, model.decode(group, [r.output[-1] for r in group]), strict=True):
+                r.output.append(t)
+    for r in ready:
+        done(r)
+    return finished
+
+
+SCHEDULER_PLANTS = [
+    (dict(one_decode=False), "ONE decode call"),
+    (dict(chunked=False), "over the budget"),
+    (dict(cap=False), "more than max_batch"),
+    (dict(release=False), "released"),
+]
+
+
+@pytest.mark.parametrize(("switch", "hint"), SCHEDULER_PLANTS, ids=[p[1] for p in SCHEDULER_PLANTS])
+def test_planted_scheduler_mistake_is_caught(solutions, assert_caught, switch, hint):
+    def bug(*args):
+        return scheduler_step(*args, **switch)
+
+    assert_caught(
+        grading.test_scheduler_step, solutions.with_overrides("ch12", scheduler_step=bug), hint=hint
+    )
+
+
+def test_learner_style_scheduler_passes(solutions):
+    grading.test_scheduler_step(solutions.with_overrides("ch12", scheduler_step=scheduler_step))

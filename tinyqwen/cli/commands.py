@@ -48,11 +48,38 @@ def cmd_serve(args) -> int:
     require_serve_extra()
     if not 0 <= args.port <= 65535:
         raise TinyQwenError(f"--port must be in 0..65535, got {args.port}")
+    options = {"max_batch": args.max_batch, "prefill_chunk": args.prefill_chunk, "max_queue": args.max_queue}
+    for flag, value in options.items():
+        if value is not None and value < (0 if flag == "max_queue" else 1):
+            raise TinyQwenError(
+                f"--{flag.replace('_', '-')} must be >= {0 if flag == 'max_queue' else 1}, got {value}"
+            )
+    if args.kv_budget is not None:
+        options["kv_budget"] = parse_bytes(args.kv_budget, "--kv-budget")
     model, tokenizer = load(args)
     name = args.served_model_name or str(args.model)
     print(f"tinyqwen serve: {name} ({args.backend}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    serve(model, tokenizer, name, host=args.host, port=args.port, log_level=args.log_level)
+    serve(model, tokenizer, name, host=args.host, port=args.port, log_level=args.log_level,
+          **{k: v for k, v in options.items() if v is not None})  # fmt: skip
     return 0
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'4GiB', '512MiB', '1.5G', '1000000' -> bytes (K, M, G with or without 'iB' are powers of 1024).
+
+    >>> parse_bytes("4GiB", "--kv-budget"), parse_bytes("512M", "--kv-budget"), parse_bytes("100", "--kv-budget")
+    (4294967296, 536870912, 100)
+    """
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise TinyQwenError(f"{flag} must be a size such as 4GiB, 512MiB or a number of bytes, got {text!r}")
+    unit = match.group(2).upper()
+    value = float(match.group(1)) * (1024 ** ("KMGT".index(unit) + 1) if unit else 1)
+    if value < 1:
+        raise TinyQwenError(f"{flag} must be at least 1 byte, got {text!r}")
+    return int(value)
 
 
 def cmd_bench(args) -> int:

@@ -210,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     served.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="uvicorn's log level")  # fmt: skip
+    served.add_argument("--max-batch", type=int, default=None,
+                        help="most sequences decoded together in one step (default 16); more requests wait")  # fmt: skip
+    served.add_argument("--kv-budget", default=None,
+                        help="KV cache memory for the running sequences, e.g. 4GiB or 512MiB (default: every row "
+                             "the whole context, at most a quarter of the free memory)")  # fmt: skip
+    served.add_argument("--prefill-chunk", type=int, default=None,
+                        help="prompt tokens prefilled per step between decode steps (default 256)")  # fmt: skip
+    served.add_argument("--max-queue", type=int, default=None,
+                        help="requests that may wait for a KV row before new ones get 429 (default 256)")  # fmt: skip
     served.set_defaults(func=cmd_serve)
 
     train = command(

@@ -4,7 +4,7 @@
 
     client ──HTTP──► Starlette app ──► request checked, prompt rendered (chat template, injection-safe) ──┐
       ▲                                                                                                    │
-      │ JSON, or SSE "data: {...}\\n\\n" chunks                    one worker thread, one request at a time ◄┘
+      │ JSON, or SSE "data: {...}\\n\\n" chunks     one worker thread: a continuous-batching scheduler ◄┘
       └── ReplyParser: thinking → reasoning_content, answer → content, <tool_call> → tool_calls ◄── generate
 
 Three endpoints: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions` (raw text, no template).
@@ -18,16 +18,24 @@ The package, one module per concept (read them in this order):
     protocol.py      the OpenAI request shapes and their checks; APIError, OpenAI's JSON error body
     sse.py           server-sent events: writing and reading `data: ...` frames
     reply_parser.py  the reasoning split and the tool-call parser, token by token
-    engine.py        the worker thread and its FIFO queue of Jobs
+    kv_pool.py       KV memory: one row per running sequence, from a budget, freed the moment a sequence ends
+    engine.py        the worker thread: the scheduler (chunked prefill, one batched decode step for all)
+    metrics.py       counters and histograms for GET /metrics (Prometheus text format)
     service.py       JSON body -> Job, finished Job -> JSON reply or stream chunks (no HTTP)
     app.py           the Starlette routes and error handlers, and `serve` (uvicorn); needs the `serve` extra
 
 Test doubles for all of this (a scripted model, an in-process ASGI client) are in `tinyqwen.testing`.
 
 Decisions (each one what a client of vLLM would expect, unless it says otherwise):
-- One request at a time: a single worker thread runs the NumPy model, requests wait in a FIFO queue. Outputs
-  cannot interleave, and each reply's ids equal `tinyqwen.generate` on the same prompt and settings.
-- A client that disconnects cancels its request: the worker checks before every new token and stops.
+- Continuous batching: one worker thread runs every request in flight, one batched decode step for all of them
+  (each at its own position, with its own KV row, sampling settings, seed and stops); queued prompts are
+  prefilled `--prefill-chunk` tokens per step. Each reply's ids equal `tinyqwen.generate` on the same prompt and
+  settings (greedy; sampled with a seed, up to the float32 rounding of batched products).
+- KV memory is a fixed budget (`--kv-budget`) of `--max-batch` rows; requests wait when every row is taken, and
+  past `--max-queue` waiting requests get 429 with Retry-After. A request may use at most the row's length
+  (prompt + reply; `max_tokens` is cut to fit) — vLLM's paged memory has no such per-request limit.
+- A client that disconnects cancels its request: the scheduler drops it at the next step and frees its row.
+- `GET /health`, and `GET /metrics` in Prometheus' text format.
 - Sampling: unset knobs take Qwen's preset for the turn's mode (thinking: the checkpoint's generation_config.json;
   non-thinking, through `enable_thinking=False` or `/no_think`: T 0.7, top-p 0.8, top-k 20), as `tinyqwen chat`
   does; vLLM takes generation_config.json for both. `top_k=-1` means off (vLLM's spelling), as does 0.

@@ -3,6 +3,8 @@
     GET  /v1/models             the one model, under the name clients send as `model`
     POST /v1/chat/completions   chat: template, reasoning split, tool calls
     POST /v1/completions        raw text in, raw text out (no template)
+    GET  /health                200 while the engine's worker runs (503 when it has stopped)
+    GET  /metrics               Prometheus text: requests, active sequences, queue, tokens/s, TTFT and ITL histograms
 
 A route reads the body, hands it to the `Service` (checks, prompt, Job), submits the Job to the worker and then
 either collects the worker's events into one JSON reply or streams them as SSE chunks. Every error is an
@@ -23,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tinyqwen.errors import TinyQwenError
@@ -53,6 +55,20 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     return await run(request, service_of(request).prepare_completion, chat=False)
+
+
+async def health(request: Request) -> Response:
+    engine = service_of(request).engine
+    if engine.thread is not None and not engine.alive:
+        return JSONResponse(
+            {"status": "error", "message": "the engine's worker has stopped"}, status_code=503
+        )
+    return JSONResponse({"status": "ok", "active_sequences": engine.active, "queue_length": engine.queued})
+
+
+async def metrics(request: Request) -> Response:
+    engine = service_of(request).engine
+    return PlainTextResponse(engine.metrics.text(engine.gauges()), media_type="text/plain; version=0.0.4")
 
 
 def service_of(request: Request) -> Service:
@@ -169,7 +185,8 @@ class CancellingStream(StreamingResponse):
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    # an Overloaded (429) error carries Retry-After
+    return JSONResponse(error.body(), status_code=error.status, headers=getattr(error, "headers", None))
 
 
 async def api_error(request: Request, error: APIError) -> Response:
@@ -202,16 +219,19 @@ async def lifespan(app: Starlette):
     engine.stop()
 
 
-def create_app(model, tokenizer, model_name: str = "tinyqwen") -> Starlette:
+def create_app(model, tokenizer, model_name: str = "tinyqwen", **engine_options) -> Starlette:
     """The ASGI app: run it with uvicorn (`tinyqwen serve`), or call it in-process (`tinyqwen.testing.asgi_call`).
 
-    `app.state.service` is the Service (and `.engine`, the worker) behind it.
+    `app.state.service` is the Service (and `.engine`, the worker) behind it. `engine_options`: max_batch,
+    kv_budget (bytes), prefill_chunk, max_queue (tinyqwen.serve.engine.Engine).
     """
     app = Starlette(
         routes=[
             Route("/v1/models", list_models, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
         ],
         exception_handlers={
             APIError: api_error,
@@ -221,14 +241,19 @@ def create_app(model, tokenizer, model_name: str = "tinyqwen") -> Starlette:
         },  # fmt: skip
         lifespan=lifespan,
     )
-    app.state.service = Service(model, tokenizer, model_name)
+    app.state.service = Service(model, tokenizer, model_name, **engine_options)
     return app
 
 
 def serve(
-    model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info"
-) -> None:
-    """Run the server until Ctrl-C (uvicorn)."""
+    model, tokenizer, model_name: str, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+    **engine_options,
+) -> None:  # fmt: skip
+    """Run the server until Ctrl-C (uvicorn); says its batching limits first."""
+    import sys
+
     import uvicorn
 
-    uvicorn.run(create_app(model, tokenizer, model_name), host=host, port=port, log_level=log_level)
+    app = create_app(model, tokenizer, model_name, **engine_options)
+    print(f"tinyqwen serve: {app.state.service.engine.describe()}", file=sys.stderr)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,23 +1,42 @@
-"""The worker: one thread runs the model, requests wait in a FIFO queue, one request at a time.
+"""The engine: one worker thread runs a continuous-batching scheduler over every request in flight.
 
-Outputs cannot interleave, and each reply's ids equal `tinyqwen.generate` on the same prompt and settings. A
-client that disconnects cancels its request: the worker checks before every new token and stops.
+    every step:   1. drop what finished or was cancelled (its KV row is free at once)
+                  2. prefill: queued requests, oldest first, up to `prefill_chunk` prompt tokens this step
+                     (a long prompt is prefilled over several steps, so running streams keep flowing)
+                  3. decode: ONE forward over all running sequences, each at its own position and KV length
+                  4. sample each row with its own settings and seed, send its text, check its stops
+
+A decode step reads every weight once whatever the batch (memory-bound: the weights are the bytes), so serving 16
+streams costs little more per step than serving one. Requests wait in a FIFO queue while every KV row is taken
+(`max_batch`, `kv_budget`; see kv_pool.py); past `max_queue` waiting requests, new ones get 429 with Retry-After.
+
+Each sequence computes what it would alone: its own positions and KV row (tinyqwen.kv_cache.RaggedKVCache), its own
+sampler (`tinyqwen.sampling.sample` with its own generator, seeded as `generate` seeds it). Its logits differ from a
+lone run's only by the float32 rounding of batched products, and the greedy ids are the same on the test models.
+A client that disconnects cancels its request: the worker checks every step and frees the row.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tinyqwen.errors import TinyQwenError
-from tinyqwen.generation import stream_generate
+from tinyqwen.generation import _make_rows, _resolve_eos, _resolve_sampling  # one sequence's sampling setup
+from tinyqwen.sampling import sample
+from tinyqwen.serve.kv_pool import KVPool, pool_shape
+from tinyqwen.serve.metrics import Metrics
 from tinyqwen.serve.protocol import APIError
 from tinyqwen.serve.reply_parser import ReplyParser
+
+PREFILL_CHUNK = 256  # prompt tokens prefilled per step (a step's extra time for the running streams)
+MAX_QUEUE = 256  # requests waiting for a KV row before new ones get 429
 
 
 @dataclass
@@ -53,68 +72,371 @@ class JobRecord:
     prompt_tokens: int
     completion_tokens: int
     cancelled: bool
-    submitted: float  # time.perf_counter(): joined the queue, left it, finished
+    submitted: float  # time.perf_counter(): joined the queue, prefill began, finished
     started: float
     finished: float
+    first_token: float = 0.0  # time.perf_counter() of the first token (0: none)
+
+
+class Overloaded(APIError):
+    """429: the queue is full. `headers` carries Retry-After (seconds), as vLLM and OpenAI send it."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(429, message, code="rate_limit_exceeded")
+        self.headers = {"Retry-After": str(retry_after)}
+
+    def body(self) -> dict:
+        body = super().body()
+        body["error"]["type"] = "rate_limit_error"
+        return body
+
+
+@dataclass
+class Sequence:
+    """A request inside the scheduler: its prompt, sampling state and KV row."""
+
+    job: Job
+    limit: int  # most new tokens (max_tokens, cut to the KV row)
+    params: object  # SamplingParams
+    rng: np.random.Generator | None
+    eos: frozenset
+    prefilled: int = 0  # prompt tokens already in the KV row
+    row: int | None = None
+    pending: int | None = None  # the last chosen id: fed at the next decode step
+    started: float = 0.0
+    first_token: float = 0.0
+    last_token: float = 0.0
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.job.prompt_ids
+
+    @property
+    def output(self) -> list[int]:
+        return self.job.output_ids
+
+
+def default_max_batch(model) -> int:
+    """16 sequences: a decode step of 16 rows still reads each weight once (and on a 2-core CPU it is about where
+    the step turns from memory-bound to compute-bound); more rows only wait longer for each token."""
+    return 16
+
+
+def default_kv_budget(model, max_batch: int) -> int:
+    """Bytes of KV cache: enough for every row to hold the whole context, but at most a quarter of the memory the
+    machine has free now (read from /proc/meminfo; 4 GiB where that cannot be read)."""
+    from tinyqwen.kv_cache import kv_bytes_per_token
+
+    c = model.config
+    full = max_batch * c.max_position_embeddings * kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads,
+                                                                      c.head_dim)  # fmt: skip
+    free = 16 << 30
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        free = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        pass
+    return int(min(full, free // 4))
 
 
 class Engine:
-    """The model behind a FIFO queue, run by one worker thread: one request at a time, never interleaved.
+    """The scheduler and its worker thread. `records` keeps the last 10,000 finished requests; `metrics` feeds
+    `/metrics`. `max_batch`: most sequences decoded together; `kv_budget`: bytes of KV cache for them;
+    `prefill_chunk`: prompt tokens prefilled per step; `max_queue`: requests that may wait."""
 
-    NumPy releases the GIL inside its matrix products, so the event loop keeps answering HTTP while the worker
-    computes. `records` keeps the last 10,000 finished requests.
-    """
-
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, max_batch: int | None = None, kv_budget: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK, max_queue: int = MAX_QUEUE):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.max_batch = max_batch or default_max_batch(model)
+        self.kv_budget = kv_budget or default_kv_budget(model, self.max_batch)
+        if self.max_batch < 1 or prefill_chunk < 1 or max_queue < 0:
+            raise TinyQwenError(f"max_batch and prefill_chunk must be >= 1, max_queue >= 0 (got {self.max_batch}, "
+                                f"{prefill_chunk}, {max_queue})")  # fmt: skip
+        self.rows, self.slot_len = pool_shape(model.config, self.kv_budget, self.max_batch)
+        self.prefill_chunk, self.max_queue = prefill_chunk, max_queue
+        self.pool: KVPool | None = None  # allocated by the worker on its first request
+        self.inbox: deque[Job] = deque()
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []  # being prefilled, in row order (shortest prompt first)
+        self.wake = threading.Condition()
         self.records: deque[JobRecord] = deque(maxlen=10_000)
+        self.metrics = Metrics()
         self.thread: threading.Thread | None = None
+        self.running = False
+
+    def describe(self) -> str:
+        """One line for start-up: the batch, the KV budget and what it buys."""
+        return (f"continuous batching: up to {self.rows} sequences per decode step, KV budget "
+                f"{self.kv_budget / 2**20:,.0f} MiB ({self.rows} rows of {self.slot_len:,} positions), "
+                f"{self.prefill_chunk} prompt tokens prefilled per step, queue of {self.max_queue}")  # fmt: skip
+
+    # ---- the thread
 
     def start(self) -> None:
         if self.thread is None:
+            self.running = True
             self.thread = threading.Thread(target=self._run, name="tinyqwen-engine", daemon=True)
             self.thread.start()
 
     def stop(self) -> None:
         if self.thread is not None:
-            self.jobs.put(None)
+            with self.wake:
+                self.running = False
+                self.wake.notify()
             self.thread.join(timeout=30)
             self.thread = None
 
+    @property
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
     def submit(self, job: Job) -> None:
+        """Queue a request; raises Overloaded (429) when `max_queue` requests already wait."""
         self.start()
+        queued = len(self.inbox) + len(self.waiting)
+        if queued >= self.max_queue and (self.max_queue or self.active >= self.rows):
+            self.metrics.on_request("rejected")
+            raise Overloaded(f"the server is busy: {queued} requests are waiting (limit {self.max_queue}); "
+                             "retry later", retry_after=max(1, queued // max(1, self.rows)))  # fmt: skip
         job.submitted = time.perf_counter()
-        self.jobs.put(job)
+        with self.wake:
+            self.inbox.append(job)
+            self.wake.notify()
+
+    @property
+    def active(self) -> int:
+        """Sequences holding a KV row (decoding, or being prefilled)."""
+        pool = self.pool
+        return 0 if pool is None else pool.decoding + len(self.prefilling)
+
+    @property
+    def queued(self) -> int:
+        return len(self.inbox) + len(self.waiting)
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        return {"active_sequences": ("Sequences holding a KV row.", self.active),
+                "queue_length": ("Requests waiting for a KV row.", self.queued),
+                "max_batch": ("Most sequences per decode step.", self.rows),
+                "kv_budget_bytes": ("Bytes of KV cache for the running sequences.", self.rows * self.slot_len
+                                    * self._bytes_per_token())}  # fmt: skip
+
+    def _bytes_per_token(self) -> int:
+        from tinyqwen.kv_cache import kv_bytes_per_token
+
+        c = self.model.config
+        return kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
     def _run(self) -> None:
-        while (job := self.jobs.get()) is not None:
-            self.run_job(job)
+        while True:
+            with self.wake:
+                while self.running and not self.inbox and not self._busy():
+                    self.wake.wait(timeout=0.25)
+                if not self.running:
+                    break
+                new = list(self.inbox)
+                self.inbox.clear()
+            for job in new:
+                self._admit(job)
+            try:
+                self.step()
+            except Exception as error:  # a bug: fail what was in flight, keep serving, never send a traceback
+                self._fail_all(APIError(500, f"internal error while generating ({type(error).__name__})"))
+        self._fail_all(APIError(503, "the server is shutting down"))
 
-    def run_job(self, job: Job) -> None:
-        """Generate one reply, sending its deltas as they come; stop early on cancel or a stop string."""
-        started = time.perf_counter()
+    def _busy(self) -> bool:
+        return bool(self.waiting) or self.active > 0
+
+    # ---- one step
+
+    def step(self) -> None:
+        """One scheduler step: drop cancelled sequences, prefill up to `prefill_chunk` prompt tokens, then one
+        batched decode over every running sequence."""
+        if self.pool is None:
+            self.pool = KVPool(self.model, self.rows, self.slot_len)
+        pool = self.pool
+        for seq in [s for s in pool.owner[: pool.decoding] if s.job.cancelled.is_set()]:
+            self._finish(seq)
+        for seq in [s for s in self.prefilling if s.job.cancelled.is_set()]:
+            self._finish(seq)
+        gone = [s for s in self.waiting if s.job.cancelled.is_set()]  # clients that left while queued
+        for seq in gone:
+            self.waiting.remove(seq)
+            self._close(seq, time.perf_counter())
+        self._prefill(self.prefill_chunk)
+        if pool.decoding:
+            self._decode()
+
+    def _admit(self, job: Job) -> None:
+        """A new request becomes a Sequence in the waiting queue (or an error, sent at once)."""
         try:
-            if not job.cancelled.is_set():
-                stream = stream_generate(self.model, job.prompt_ids, job.max_tokens, **job.generate_kwargs)
-                for token in stream:
-                    if job.cancelled.is_set():
+            kwargs = dict(job.generate_kwargs)
+            temperature, eos = kwargs.pop("temperature", 0.0), kwargs.pop("eos_token_ids", None)
+            params, options = _resolve_sampling(self.model, temperature, kwargs)
+            row = _make_rows([job.prompt_ids], params, options)[0]
+            eos = _resolve_eos(self.model, eos, self.model.config.vocab_size)
+            room = self.slot_len - len(job.prompt_ids)
+            if room < 1:
+                raise TinyQwenError(f"the prompt has {len(job.prompt_ids)} tokens, but this server keeps at most "
+                                    f"{self.slot_len} positions per request (--kv-budget / --max-batch)")  # fmt: skip
+            seq = Sequence(job, min(job.max_tokens, room), params, row.rng, eos)
+        except TinyQwenError as error:
+            self._error(job, APIError(400, " ".join(str(error).split())))
+            return
+        if seq.limit <= 0:
+            self._close(seq, time.perf_counter())
+            return
+        self.waiting.append(seq)
+
+    def _prefill(self, budget: int) -> None:
+        """Queued requests, oldest first, `budget` prompt tokens in all. Prompts that fit in the budget together are
+        prefilled together, in one forward per round (rows sorted shortest first; each round feeds every row the
+        shortest one's remaining length, so the shortest finish, in row order); a longer prompt alone, over as many
+        steps as it needs. A finished prefill samples the sequence's first token and joins the decoding rows."""
+        pool = self.pool
+        while budget > 0:
+            if not self.prefilling:
+                group, tokens = [], 0
+                while self.waiting and pool.decoding + len(group) < pool.rows:
+                    seq = self.waiting[0]
+                    if seq.job.cancelled.is_set():
+                        self.waiting.popleft()
+                        self._close(seq, time.perf_counter())
+                        continue
+                    if group and tokens + len(seq.prompt) > budget:
                         break
-                    job.output_ids.append(token)
-                    deltas = job.parser.push(token)
-                    if deltas:
-                        job.send(("deltas", deltas))
-                    if job.parser.stopped:
-                        break
-                stream.close()
+                    group.append(self.waiting.popleft())
+                    tokens += len(seq.prompt)
+                if not group:
+                    return
+                now = time.perf_counter()
+                for seq in sorted(group, key=lambda s: len(s.prompt)):
+                    seq.started = now
+                    pool.take(seq)
+                    self.prefilling.append(seq)
+            group = self.prefilling
+            take = min(budget if len(group) == 1 else budget // len(group),
+                       min(len(s.prompt) - s.prefilled for s in group))  # fmt: skip
+            if take < 1:
+                return
+            ids = np.asarray([s.prompt[s.prefilled : s.prefilled + take] for s in group], dtype=np.int64)
+            try:
+                if len(group) == 1:  # one prompt: exactly the lone run's prefill (a plain one-row cache)
+                    out = self.model.forward(ids, cache=pool.row_cache(group[0].row), last_only=True)
+                else:
+                    out = self.model.forward(
+                        ids, cache=pool.window(pool.decoding, len(group)), last_only=True
+                    )
+            except TinyQwenError as error:
+                for seq in list(group):
+                    self._finish(seq, APIError(400, " ".join(str(error).split())))
+                continue
+            budget -= take * len(group)
+            for seq in group:
+                seq.prefilled += take
+                pool.lengths[seq.row] = seq.prefilled
+            logits = np.asarray(out.logits)[:, -1]  # [rows, vocab]
+            done = [
+                i for i, s in enumerate(group) if s.prefilled == len(s.prompt)
+            ]  # a prefix: shortest first
+            finished = [group[i] for i in done]
+            for seq in finished:
+                self.prefilling.remove(seq)
+                pool.prefilled(seq, seq.prefilled)
+            if finished:
+                self._choose(finished, logits[done])
+
+    def _decode(self) -> None:
+        """One forward over every decoding row, each fed its last token."""
+        pool = self.pool
+        seqs = list(pool.owner[: pool.decoding])
+        ids = np.asarray([[s.pending] for s in seqs], dtype=np.int64)  # [B, 1]
+        try:
+            out = self.model.forward(ids, cache=pool.batch(), last_only=True)
+        except TinyQwenError as error:
+            for seq in seqs:
+                self._finish(seq, APIError(400, " ".join(str(error).split())))
+            return
+        self._choose(seqs, np.asarray(out.logits)[:, -1])
+
+    def _choose(self, seqs: list[Sequence], logits: np.ndarray) -> None:
+        """Sample each sequence's next id from its row of `logits` [B, vocab]; send its text; finish it at a stop."""
+        now = time.perf_counter()
+        done, chosen = [], 0
+        for seq, row in zip(seqs, logits, strict=True):
+            if seq.job.cancelled.is_set():
+                done.append((seq, None))
+                continue
+            if not np.isfinite(row).all():
+                done.append((seq, APIError(400, f"the model's logits are not finite when choosing new token "
+                                                f"{len(seq.output) + 1}")))  # fmt: skip
+                continue
+            token = sample(row, seq.rng, seq.params, seq.prompt, seq.output)
+            seq.output.append(token)
+            chosen += 1
+            if len(seq.output) == 1:
+                seq.first_token = now
+                self.metrics.on_first_token(now - seq.job.submitted)
+            else:
+                self.metrics.on_next_token(now - seq.last_token)
+            seq.last_token = now
+            deltas = seq.job.parser.push(token)
+            if deltas:
+                seq.job.send(("deltas", deltas))
+            seq.pending = token
+            if token in seq.eos or seq.job.parser.stopped or len(seq.output) >= seq.limit:
+                done.append((seq, None))
+        self.metrics.on_tokens(chosen, now)
+        for seq, error in sorted(done, key=lambda d: -(d[0].row if d[0].row is not None else -1)):
+            self._finish(seq, error)  # highest row first: each release moves only rows still running
+
+    # ---- leaving
+
+    def _finish(self, seq: Sequence, error: APIError | None = None) -> None:
+        """Free the sequence's KV row at once, then tell its client."""
+        if seq in self.prefilling:
+            self.prefilling.remove(seq)
+        self.pool.release(seq)
+        if error is not None:
+            self._error(seq.job, error, seq)
+        else:
+            self._close(seq, time.perf_counter())
+
+    def _close(self, seq: Sequence, now: float) -> None:
+        # counted and recorded before the client hears "done": whoever reads /metrics after the reply sees it
+        job = seq.job
+        self.metrics.on_request("cancelled" if job.cancelled.is_set() else "finished", len(job.prompt_ids))
+        self._record(job, seq.started or now, seq.first_token, now)
+        try:
             deltas = job.parser.finish()
             if deltas:
                 job.send(("deltas", deltas))
             job.send(("done", job.parser.reply))
-        except TinyQwenError as error:
-            job.send(("error", APIError(400, " ".join(str(error).split()))))
-        except Exception as error:  # a bug: say what kind, keep serving, never send a traceback
-            job.send(("error", APIError(500, f"internal error while generating ({type(error).__name__})")))
-        finally:
-            self.records.append(JobRecord(job.id, len(job.prompt_ids), len(job.output_ids), job.cancelled.is_set(),
-                                          job.submitted or started, started, time.perf_counter()))  # fmt: skip
+        except Exception as error:  # noqa: BLE001 (a parser bug must not stop the other streams)
+            job.send(
+                ("error", APIError(500, f"internal error while parsing the reply ({type(error).__name__})"))
+            )
+
+    def _error(self, job: Job, error: APIError, seq: Sequence | None = None) -> None:
+        self.metrics.on_request("error")
+        now = time.perf_counter()
+        self._record(job, seq.started if seq and seq.started else now, seq.first_token if seq else 0.0, now)
+        job.send(("error", error))
+
+    def _record(self, job: Job, started: float, first: float, now: float) -> None:
+        self.records.append(JobRecord(job.id, len(job.prompt_ids), len(job.output_ids), job.cancelled.is_set(),
+                                      job.submitted or started, started, now, first))  # fmt: skip
+
+    def _fail_all(self, error: APIError) -> None:
+        pool = self.pool
+        seqs = list(self.waiting) + list(self.prefilling)
+        seqs += list(pool.owner[: pool.decoding]) if pool is not None else []
+        self.waiting.clear()
+        for seq in seqs:
+            try:
+                if pool is not None and seq.row is not None:
+                    self._finish(seq, error)
+                else:
+                    self._error(seq.job, error, seq)
+            except Exception:  # noqa: BLE001 (keep failing the others)
+                seq.job.send(("error", error))

@@ -50,12 +50,13 @@ class Prepared:
 class Service:
     """Everything between a JSON body and a Job, and between a finished Job and the JSON reply; no HTTP here.
 
-    `model_name` is what clients send as `model` (vLLM: the path given to --model, or --served-model-name).
+    `model_name` is what clients send as `model` (vLLM: the path given to --model, or --served-model-name);
+    `engine_options` go to the Engine (max_batch, kv_budget, prefill_chunk, max_queue).
     """
 
-    def __init__(self, model, tokenizer, model_name: str):
+    def __init__(self, model, tokenizer, model_name: str, **engine_options):
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, **engine_options)
         self.context = model.config.max_position_embeddings
         self.generation_config = getattr(model, "generation_config", None) or {}
         eos = self.generation_config.get("eos_token_id", getattr(model.config, "eos_token_id", None))

@@ -1,0 +1,341 @@
+"""Continuous batching: the ragged decode (tinyqwen.kv_cache.RaggedKVCache), the KV pool and the server's scheduler.
+
+Same answers: every row of a batched decode step gets the logits it would get alone, within the project's tolerance
+(`tinyqwen.verify.tolerance`: 1e-5 of the logits' size; the only difference is the float32 rounding of a product
+over B rows instead of one), while sequences join and leave the batch and rows move in the pool; greedy ids are
+identical, and seeded sampled ids too (each request keeps its own generator).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tinyqwen.generation import generate
+from tinyqwen.kv_cache import KVCache, RaggedKVCache, kv_bytes_per_token
+from tinyqwen.sampling import SamplingParams
+from tinyqwen.serve.engine import Engine, Job, Overloaded
+from tinyqwen.serve.kv_pool import KVPool, pool_shape
+from tinyqwen.serve.reply_parser import ReplyParser
+from tinyqwen.verify import tolerance
+
+EOS = (151645, 151643)
+
+
+def budget(model, rows: int, positions: int) -> int:
+    """The KV budget (bytes, float32) that buys `rows` rows of `positions` positions."""
+    c = model.config
+    return rows * positions * kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+
+
+def alone_logits(model, prompt: list[int], fed: list[int]) -> list[np.ndarray]:
+    """The last position's logits after the prompt, then after each fed id: the sequence run by itself."""
+    cache = model.new_cache(1, len(prompt) + len(fed) + 1)
+    out = [model.forward(np.array([prompt]), cache=cache, last_only=True).logits[0, -1]]
+    for t in fed:
+        out.append(model.forward(np.array([[t]]), cache=cache, last_only=True).logits[0, -1])
+    return out
+
+
+@pytest.fixture(scope="module", params=["numpy", "numba"])
+def model(request, tiny_qwen3_dir, tiny_qwen3_model):
+    if request.param == "numpy":
+        return tiny_qwen3_model
+    pytest.importorskip("numba")
+    import tinyqwen
+
+    return tinyqwen.load_model(tiny_qwen3_dir, backend="numba")
+
+
+def test_ragged_rows_decode_as_they_would_alone_while_sequences_come_and_go(model):
+    """A pool of 4 rows: sequences of different lengths join (prefilled into their row), decode together, leave
+    (rows move to stay packed); every row's logits at every step equal its lone run's."""
+    rng = np.random.default_rng(0)
+    specs = [(int(n), list(rng.integers(0, 5000, n)), list(rng.integers(0, 5000, s)))
+             for n, s in ((7, 6), (3, 2), (12, 5), (5, 7), (9, 3))]  # fmt: skip
+    want = [alone_logits(model, prompt, fed) for _, prompt, fed in specs]
+
+    class Seq:
+        def __init__(self, i):
+            self.i, self.step, self.row = i, 0, None
+
+    pool = KVPool(model, 4, 32)
+    waiting, worst = [Seq(i) for i in range(len(specs))], 0.0
+    got_steps = 0
+    while waiting or pool.decoding:
+        while waiting and pool.decoding < pool.rows:  # join: prefill into the next free row
+            seq = waiting.pop(0)
+            pool.take(seq)
+            out = model.forward(np.array([specs[seq.i][1]]), cache=pool.row_cache(seq.row), last_only=True)
+            pool.prefilled(seq, len(specs[seq.i][1]))
+            np.testing.assert_allclose(
+                out.logits[0, -1], want[seq.i][0], rtol=0, atol=tolerance(want[seq.i][0])
+            )
+        seqs = list(pool.owner[: pool.decoding])
+        ids = np.array([[specs[s.i][2][s.step]] for s in seqs])
+        logits = model.forward(ids, cache=pool.batch(), last_only=True).logits[:, -1]
+        got_steps += 1
+        for b, s in enumerate(seqs):
+            s.step += 1
+            ref = want[s.i][s.step]
+            worst = max(worst, float(np.abs(logits[b] - ref).max() / max(1.0, np.abs(ref).max())))
+            np.testing.assert_allclose(logits[b], ref, rtol=0, atol=tolerance(ref), err_msg=f"seq {s.i}")
+            assert int(np.argmax(logits[b])) == int(np.argmax(ref))
+        for s in sorted(seqs, key=lambda s: -s.row):  # leave when its ids run out, highest row first
+            if s.step == len(specs[s.i][2]):
+                pool.release(s)
+    assert got_steps < sum(len(f) for _, _, f in specs)  # rows really shared steps
+    assert pool.decoding == 0 and all(o is None for o in pool.owner)
+
+
+def test_ragged_cache_checks_its_rows():
+    base = KVCache.allocate(1, 2, 1, 4, 2)
+    with pytest.raises(Exception, match="one length per row"):
+        RaggedKVCache(base, np.array([1, 2, 3]))
+    rows = RaggedKVCache(base, np.array([3, 1]))
+    with pytest.raises(Exception, match="KV cache is full"):
+        rows.update(0, np.ones((2, 1, 2, 2), np.float32), np.ones((2, 1, 2, 2), np.float32))
+
+
+def test_pool_shape_divides_the_budget():
+    from tinyqwen.config import published_configs
+
+    c = published_configs()["Qwen3-0.6B"]
+    per_token = 2 * 28 * 8 * 128 * 4
+    assert pool_shape(c, 16 * 40960 * per_token, 16) == (16, 40960)  # the whole context each
+    assert pool_shape(c, 1 << 30, 16) == (16, (1 << 30) // (16 * per_token))
+    assert pool_shape(c, 256 * per_token * 3, 16) == (3, 256)  # a small budget: fewer rows, not tiny ones
+
+
+# ------------------------------------------------------------------------------------------ the engine
+
+
+class Collector:
+    """A job's event queue without an HTTP server: an event loop in a thread."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def job(self, tok, prompt, max_tokens, **kwargs) -> Job:
+        job = Job(
+            prompt, max_tokens, {"eos_token_ids": EOS, **kwargs}, ReplyParser(tok, EOS, (), tools=False)
+        )
+        job.loop = self.loop
+        job.events = asyncio.run_coroutine_threadsafe(self._queue(), self.loop).result()
+        return job
+
+    @staticmethod
+    async def _queue():
+        return asyncio.Queue()
+
+    def wait(self, job: Job, timeout: float = 60) -> tuple:
+        async def last():
+            while True:
+                kind, value = await job.events.get()
+                if kind != "deltas":
+                    return kind, value
+
+        return asyncio.run_coroutine_threadsafe(last(), self.loop).result(timeout)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tinyqwen.tokenizer import Tokenizer
+
+    return Tokenizer.qwen3()
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, tok, chunk):
+    """12 requests at once into 4 rows: greedy and seeded sampled ids equal `generate` alone; no more than 4 rows
+    ever run; steps are shared. Chunk 5: prompts prefilled over several steps; chunk 64: several prompts
+    prefilled together in one forward."""
+    model = tiny_qwen3_model
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=chunk)
+    collector = Collector()
+    rng = np.random.default_rng(1)
+    cases = []
+    for i in range(12):
+        prompt = [int(t) for t in rng.integers(0, 150000, 3 + i)]
+        sampled = i % 3 == 0
+        kwargs = {"params": SamplingParams(temperature=0.8, top_k=20), "temperature": 0.8, "seed": i} if sampled \
+            else {"temperature": 0.0}  # fmt: skip
+        cases.append((prompt, 4 + i % 5, kwargs))
+    try:
+        jobs = [collector.job(tok, p, n, **kw) for p, n, kw in cases]
+        peak = 0
+        for job in jobs:
+            engine.submit(job)
+        results = []
+        for job in jobs:
+            while not job.events.qsize() and engine.active:
+                peak = max(peak, engine.active)
+                time.sleep(0.001)
+            results.append(collector.wait(job))
+    finally:
+        engine.stop()
+    assert engine.rows == 4 and peak <= 4
+    for (prompt, n, kwargs), job, (kind, _) in zip(cases, jobs, results, strict=True):
+        assert kind == "done"
+        want = generate(model, prompt, n, eos_token_ids=EOS, **{k: v for k, v in kwargs.items()})
+        assert job.output_ids == want, prompt
+    assert engine.metrics.steps < sum(len(j.output_ids) for j in jobs)  # decode steps were shared
+    assert engine.pool.decoding == 0 and not engine.prefilling
+
+
+def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
+    engine = Engine(tiny_qwen3_model, tok, max_batch=2, kv_budget=budget(tiny_qwen3_model, 2, 256))
+    collector = Collector()
+    try:
+        long = [collector.job(tok, [1, 2, 3 + i], 100) for i in range(2)]
+        waiter = collector.job(tok, [7, 8, 9], 5)
+        for job in (*long, waiter):
+            engine.submit(job)
+        deadline = time.time() + 30
+        while len(long[0].output_ids) < 3:
+            assert time.time() < deadline
+            time.sleep(0.005)
+        assert engine.active == 2 and len(waiter.output_ids) == 0  # no free row: it waits
+        long[0].cancelled.set()  # its client went away: the waiting request takes its row
+        assert collector.wait(waiter)[0] == "done"
+        assert len(long[0].output_ids) < 100
+        assert collector.wait(long[0])[0] == "done"
+        long[1].cancelled.set()
+        collector.wait(long[1])
+        assert waiter.output_ids == generate(tiny_qwen3_model, [7, 8, 9], 5, eos_token_ids=EOS)
+    finally:
+        engine.stop()
+    assert engine.active == 0
+    cancelled = [r for r in engine.records if r.cancelled]
+    assert len(cancelled) == 2
+
+
+def test_past_the_queue_limit_requests_get_429_with_retry_after(tiny_qwen3_model, tok):
+    engine = Engine(
+        tiny_qwen3_model, tok, max_batch=1, kv_budget=budget(tiny_qwen3_model, 1, 256), max_queue=1
+    )
+    collector = Collector()
+    engine.running = True  # no worker: everything stays queued
+    engine.thread = threading.current_thread()
+    engine.submit(collector.job(tok, [1, 2], 3))
+    with pytest.raises(Overloaded) as caught:
+        engine.submit(collector.job(tok, [1, 2], 3))
+    assert caught.value.status == 429 and int(caught.value.headers["Retry-After"]) >= 1
+    assert caught.value.body()["error"]["type"] == "rate_limit_error"
+    engine.thread = None
+
+
+def test_a_prompt_longer_than_a_kv_row_is_a_clear_error(tiny_qwen3_model, tok):
+    engine = Engine(tiny_qwen3_model, tok, max_batch=1, kv_budget=budget(tiny_qwen3_model, 1, 16))
+    collector = Collector()
+    try:
+        job = collector.job(tok, list(range(20)), 3)
+        engine.submit(job)
+        kind, error = collector.wait(job)
+    finally:
+        engine.stop()
+    assert kind == "error" and error.status == 400 and "positions per request" in error.message
+
+
+def test_health_and_metrics_endpoints(tiny_qwen3_model, tok):
+    from tinyqwen.serve import create_app
+    from tinyqwen.testing import asgi_call
+
+    app = create_app(tiny_qwen3_model, tok, "tiny", max_batch=2)
+    try:
+        status, _, body = asgi_call(app, "GET", "/health")
+        assert status == 200 and b'"ok"' in body
+        status, _, _ = asgi_call(app, "POST", "/v1/completions", {"model": "tiny", "prompt": [1, 2, 3],
+                                                                   "max_tokens": 3, "temperature": 0})  # fmt: skip
+        assert status == 200
+        status, headers, body = asgi_call(app, "GET", "/metrics")
+    finally:
+        app.state.service.engine.stop()
+    text = body.decode()
+    assert status == 200 and headers["content-type"].startswith("text/plain")
+    for line in (
+        'tinyqwen_requests_total{outcome="finished"} 1',
+        "tinyqwen_generation_tokens_total 3",
+        "tinyqwen_active_sequences 0",
+        "tinyqwen_queue_length 0",
+        "tinyqwen_max_batch 2",
+        'tinyqwen_time_to_first_token_seconds_bucket{le="+Inf"} 1',
+        "tinyqwen_inter_token_latency_seconds_count 2",
+        "# TYPE tinyqwen_tokens_per_second gauge",
+    ):
+        assert line in text, line  # fmt: skip
+
+
+def test_serve_flags_are_checked_and_the_batching_is_shown_at_start_up(tiny_qwen3_dir):
+    import subprocess
+    import sys
+
+    def serve(*flags: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "tinyqwen.cli",
+            "serve",
+            "--model",
+            str(tiny_qwen3_dir),
+            "--port",
+            "0",
+            *flags,
+        ]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+    bad = serve("--kv-budget", "lots")
+    assert bad.returncode != 0 and "--kv-budget must be a size such as 4GiB" in bad.stderr, bad.stderr
+    bad = serve("--max-batch", "0")
+    assert bad.returncode != 0 and "--max-batch must be >= 1" in bad.stderr, bad.stderr
+
+    from tinyqwen.cli.commands import parse_bytes
+
+    assert parse_bytes("1.5KiB", "--kv-budget") == 1536 and parse_bytes("2g", "--kv-budget") == 2 << 30
+    engine = Engine(SimpleModel(), None, max_batch=3, kv_budget=3 * 300 * 512)
+    assert engine.describe().startswith("continuous batching: up to 3 sequences per decode step, KV budget 0 MiB "
+                                        "(3 rows of 300 positions)")  # fmt: skip
+
+
+class SimpleModel:
+    """Only a config: what the Engine reads before its first request."""
+
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(num_hidden_layers=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                             vocab_size=10)  # fmt: skip
+
+
+def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
+    """Rows: 3 decoding, then 2 prefilling. Releasing a decoding row moves the last decoding row into it and the
+    prefilling rows down one; releasing a prefilling row moves the ones behind it; every row's keys travel."""
+
+    class S:
+        row = None
+
+    pool = KVPool(tiny_qwen3_model, 6, 8)
+    seqs = [S() for _ in range(5)]
+    for i, s in enumerate(seqs):
+        pool.take(s)
+        pool.lengths[s.row] = i + 1
+        for a in pool.cache.keys:
+            a[s.row, :, : i + 1] = i + 1  # each row's keys are its number
+        if i < 3:
+            pool.prefilled(s, i + 1)
+
+    def rows_hold():
+        return [(pool.owner[r] is not None and seqs.index(pool.owner[r]), int(pool.lengths[r]),
+                 float(pool.cache.keys[0][r, 0, 0, 0])) for r in range(pool.rows)]  # fmt: skip
+
+    pool.release(seqs[0])
+    assert rows_hold()[:4] == [(2, 3, 3.0), (1, 2, 2.0), (3, 4, 4.0), (4, 5, 5.0)]
+    assert pool.decoding == 2 and pool.owner[4] is None and [s.row for s in seqs[1:]] == [1, 0, 2, 3]
+    pool.release(seqs[3])  # a prefilling sequence cancelled before its first token
+    assert rows_hold()[:3] == [(2, 3, 3.0), (1, 2, 2.0), (4, 5, 5.0)] and pool.owner[3] is None
+    window = pool.window(2, 1)
+    assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5

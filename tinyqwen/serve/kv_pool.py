@@ -1,0 +1,128 @@
+"""The KV pool: every running sequence's keys and values in one preallocated cache, one row (slot) per sequence.
+
+    cache rows:  [ seq a | seq b | seq c | seq d (prefilling) |  free  |  free  ]      max_batch rows
+                   0       1       2       3 = decoding             ▲
+                   └──── decoding: one RaggedKVCache over rows [0, decoding) ────┘
+
+Each row holds up to `slot_len` positions. The rows in use are kept at the front, decoding sequences first, then the
+sequences being prefilled (if any), so one batched decode step is a *view* of the first rows (no gathering, no
+copies). When a sequence leaves (finished, cancelled, its client gone), the last decoding row moves into its place
+and the prefilling rows move down behind it: a few sequences' keys and values copied, once per departure.
+
+Why slots and not paged blocks (vLLM's PagedAttention): with blocks, a sequence takes memory only for the positions
+it has, and no request is refused for its length; but attention must then gather each sequence's blocks every step
+(a custom kernel, or a copy of every running sequence's keys per layer per step in NumPy). A slot is contiguous, so
+the existing attention kernels read it in place. The price: `slot_len` is fixed when the server starts (the budget
+divided among `max_batch` rows), so a request may use at most `slot_len` positions, prompt and reply together.
+
+Memory is bounded from the start: `max_batch · slot_len · kv_bytes_per_token` bytes. np.zeros asks the OS for zeroed
+pages, taken only as they are written, but a row's positions of one head are contiguous, so with transparent huge
+pages (2 MiB) a row's first token takes most of its region: count on the whole budget being resident once every row
+has been used. A request that finds every row taken waits in the queue: the server never allocates past its budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tinyqwen.kv_cache import KVCache, RaggedKVCache, kv_bytes_per_token
+
+
+def pool_shape(config, kv_budget: int, max_batch: int, dtype: str = "float32") -> tuple[int, int]:
+    """(rows, slot_len) for a budget of `kv_budget` bytes: `max_batch` rows (fewer when the budget cannot give each
+    at least 256 positions), each as long as the context or what the budget allows, whichever is less.
+
+    >>> from tinyqwen.config import published_configs
+    >>> pool_shape(published_configs()["Qwen3-0.6B"], 8 << 30, 16)  # 8 GiB of float32 KV: 16 rows of 2,340
+    (16, 2340)
+    """
+    per_token = kv_bytes_per_token(
+        config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype
+    )
+    context = config.max_position_embeddings
+    rows = max(1, min(max_batch, kv_budget // (per_token * min(context, 256))))
+    return rows, int(min(context, kv_budget // (per_token * rows)))
+
+
+class KVPool:
+    """`rows` slots of `slot_len` positions in one KVCache; `owner[r]` is the sequence in row r (or None)."""
+
+    def __init__(self, model, rows: int, slot_len: int):
+        self.cache: KVCache = model.new_cache(rows, slot_len)
+        self.lengths = np.zeros(rows, dtype=np.int64)  # positions filled in each row
+        self.owner: list = [None] * rows
+        self.decoding = 0  # rows [0, decoding) hold sequences past their prefill
+
+    @property
+    def rows(self) -> int:
+        return len(self.owner)
+
+    @property
+    def slot_len(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def nbytes(self) -> int:
+        return self.cache.nbytes
+
+    def take(self, seq) -> int:
+        """The row for a sequence about to be prefilled: the first free one (after the decoding and prefilling
+        rows)."""
+        row = self.decoding
+        while self.owner[row] is not None:
+            row += 1
+        self.owner[row], self.lengths[row], seq.row = seq, 0, row
+        return row
+
+    def row_cache(self, row: int) -> KVCache:
+        """One row as a plain KVCache (a view: what the model writes lands in the pool) at that row's length."""
+        c = self.cache
+        keys = [np.asarray(k[row : row + 1]) for k in c.keys]  # plain ndarrays (see kv_cache._Pool)
+        view = KVCache(
+            keys, [np.asarray(v[row : row + 1]) for v in c.values], int(self.lengths[row]), c.dtype
+        )
+        view.sequences = [self.owner[row]]  # who is in it (tinyqwen.testing.ScriptedModel reads this)
+        return view
+
+    def prefilled(self, seq, length: int) -> None:
+        """The sequence in row `decoding` has finished its prefill: it joins the decoding rows."""
+        assert seq.row == self.decoding
+        self.lengths[seq.row] = length
+        self.decoding += 1
+
+    def batch(self) -> RaggedKVCache:
+        """The decoding rows as one ragged cache; the model advances `lengths` in place."""
+        return self.window(0, self.decoding)
+
+    def window(self, first: int, n: int) -> RaggedKVCache:
+        """Rows first .. first + n - 1 as one ragged cache (a decode step, or several prompts prefilled at once)."""
+        batch = RaggedKVCache(self.cache, self.lengths[first : first + n], first)
+        batch.sequences = self.owner[first : first + n]  # who is in each row (ScriptedModel reads this)
+        return batch
+
+    def release(self, seq) -> None:
+        """Free a sequence's row at once, keeping the rows in use packed at the front (see the module docstring)."""
+        row = seq.row
+        if row is None:
+            return
+        seq.row = None
+        if row < self.decoding:
+            last = self.decoding - 1
+            if row != last:
+                self._move(last, row)
+            self.decoding, row = last, last
+        # else: a prefilling sequence (cancelled before its first token)
+        self.owner[row], self.lengths[row] = None, 0
+        row += 1
+        while row < self.rows and self.owner[row] is not None:  # the prefilling rows behind move down one
+            self._move(row, row - 1)
+            row += 1
+
+    def _move(self, src: int, dst: int) -> None:
+        n = int(self.lengths[src])
+        for store in (self.cache.keys, self.cache.values):
+            for a in store:
+                a[dst, :, :n] = a[src, :, :n]
+        self.lengths[dst], self.owner[dst] = n, self.owner[src]
+        self.owner[dst].row = dst
+        self.owner[src], self.lengths[src] = None, 0
