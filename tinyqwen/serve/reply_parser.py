@@ -6,7 +6,7 @@ parser for Qwen3's JSON form, its qwen3_coder parser for Qwen3.5's `<function=..
 as generated, newlines included, as vLLM sends it; stop strings end a part, and streamed deltas are the same text
 cut into pieces, so joining the deltas gives exactly the non-streamed message.
 
-The rules, each vLLM's (its cases run in tests/test_serve_vllm_parity.py):
+The rules, each vLLM's (its cases run in tests/test_serve_parity.py):
 
 - Thinking is on unless the request turned it off (`enable_thinking=False`, whose template pre-fills an empty
   think block) or the prompt already closed it: then everything is content. When it is on the reply starts as
