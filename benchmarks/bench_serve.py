@@ -138,9 +138,7 @@ def main() -> None:
             for chunk in api.chat.completions.create(model="m", messages=prompts[c, r], max_tokens=args.max_tokens,
                                                      temperature=0, stream=True,
                                                      extra_body={"return_token_ids": True}):  # fmt: skip
-                # the first text, thinking or answer
-                delta = chunk.choices[0].delta if chunk.choices else None
-                if first is None and delta and (delta.content or getattr(delta, "reasoning_content", None)):
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
                     first = time.perf_counter() - start
                 chunks.append(chunk)
             end = time.perf_counter() - start
