@@ -248,7 +248,9 @@ print("streaming rule:", split_reply(case["pieces"]))
 print("model card    :", (case["model_card"]["reasoning"], case["model_card"]["content"]))
 
 # %% [markdown]
-# And the server, streaming and not: the joined deltas are exactly the message.
+# And the server, streaming and not: the joined deltas are exactly the message. The server sends each part **as
+# generated**, newlines included, as vLLM does — `"\n"` after `<think>`, `"\n\n"` after `</think>` — so the
+# model card's strip is the client's business: stripped, the parts are the reference's.
 
 # %%
 ask = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -262,19 +264,21 @@ streamed = ("".join(d.get("reasoning_content") or "" for d in deltas), "".join(d
 _, _, text = testing.asgi_call(steered, "POST", "/v1/chat/completions",
                           {"model": "tiny-qwen3", "messages": ask, "temperature": 0})  # fmt: skip
 message = json.loads(text)["choices"][0]["message"]
-assert streamed == (message["reasoning_content"], message["content"]) == (ref["split"][1]["reasoning"],
-                                                                       ref["split"][1]["content"])  # fmt: skip
+assert streamed == (message["reasoning_content"], message["content"])
+assert (streamed[0].strip("\n"), streamed[1].strip("\n")) == (ref["split"][1]["reasoning"],
+                                                              ref["split"][1]["content"])  # fmt: skip
 print(message)
 
 # %% [markdown]
 # ## Deltas never take back text
 #
-# Stripping is easy on a whole reply and subtle on a stream. The reasoning above ends with `"\n\n"` before
-# `</think>`: when the server has the token `"\n\n"`, it cannot know yet whether more thinking follows (keep the
-# newlines) or `</think>` (drop them). If it sends them and the block closes, they are on the client's screen and
-# cannot be taken back. So the server **holds back** newlines at the end of a part until a token that is not a
-# newline arrives. The same holds for a stop string: `"stop": "END"` means text ending in `"EN"` waits for the
-# next token. `tinyqwen.serve._Channel` does both; watch it on the reasoning's pieces:
+# A stop string is easy on a whole reply and subtle on a stream: `"stop": "END"` means text ending in `"EN"` must
+# wait for the next token, since text that was sent is on the client's screen and cannot be taken back. The server
+# **holds back** such a tail until the next token shows what it is. A streaming client that strips newlines as the
+# model card does has the same problem: the reasoning above ends with `"\n\n"` before `</think>`, and on the token
+# `"\n\n"` it cannot know yet whether more thinking follows (keep them) or `</think>` (drop them), so it holds back
+# newlines at the end of a part. `tinyqwen.serve._Channel` does both (the server uses it without `strip`); watch
+# it on the reasoning's pieces:
 
 # %%
 channel = serve._Channel(stops=["Then"], strip=True)
