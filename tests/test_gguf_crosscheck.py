@@ -102,9 +102,10 @@ def quantized_like_llama_cpp(kind: str, names: list[str]) -> dict[str, float]:
     with GGUFCheckpoint(peer(NAMES[kind])) as g, Checkpoint(folder) as c:
         for name in names:
             theirs = g.get(name)
-            ours = QuantizedTensor.quantize(c.get(name)[: theirs.shape[0]], theirs.qtype)
+            n = min(theirs.shape[0], 8192)  # 8192 rows of the embedding: enough blocks, seconds not minutes
+            ours = QuantizedTensor.quantize(c.get(name)[:n], theirs.qtype)
             size = {"q8_0": 34, "q4_k": 144, "q6_k": 210}[theirs.qtype]
-            a, b = ours.data.reshape(-1, size), np.asarray(theirs.data).reshape(-1, size)
+            a, b = ours.data.reshape(-1, size), np.asarray(theirs.data[:n]).reshape(-1, size)
             equal[name] = float((a == b).all(axis=1).mean())
     return equal
 
@@ -128,12 +129,16 @@ def test_q8_0_blocks_equal_llama_cpps():
 def test_q4_k_m_blocks_equal_llama_cpps():
     names = [
         "model.layers.0.self_attn.q_proj.weight",  # Q4_K
-        "model.layers.0.mlp.gate_proj.weight",  # Q4_K
+        "model.layers.3.mlp.gate_proj.weight",  # Q4_K
+        "model.layers.4.self_attn.v_proj.weight",  # Q4_K (use_more_bits says no for layer 4)
+        "model.layers.27.self_attn.o_proj.weight",  # Q4_K
         "model.layers.0.self_attn.v_proj.weight",  # Q6_K (use_more_bits)
-        "model.layers.0.mlp.down_proj.weight",  # Q6_K
+        "model.layers.5.mlp.down_proj.weight",  # Q6_K
+        "model.embed_tokens.weight",  # Q6_K: the tied head
     ]
     equal = quantized_like_llama_cpp("q4_k_m", names)
-    assert all(v >= 0.999 for v in equal.values()), equal
+    # llama.cpp's reference quantizers (no importance matrix) in the same float32 order: every block equal
+    assert all(v == 1.0 for v in equal.values()), equal
 
 
 def test_llama_cpp_runs_our_quantized_files(tmp_path):
