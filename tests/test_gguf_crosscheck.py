@@ -180,3 +180,25 @@ def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:  # mean over positi
 def log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64) - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_our_q8_0_file_is_llama_cpps_converter_output(tmp_path):
+    """`tinyqwen quantize --to q8_0` of the checkpoint: every tensor byte-identical to llama.cpp's converter's file,
+    every metadata key they share equal (tokens, merges, token types, special ids, chat template) but the name."""
+    from tinyqwen.quantize import quantize_checkpoint
+
+    theirs_path = peer(NAMES["q8_0"])
+    ours_path = tmp_path / "q8_0.gguf"
+    quantize_checkpoint(peer("qwen3-0.6b-random"), "q8_0", ours_path)
+    with GGUFFile(ours_path) as ours, GGUFFile(theirs_path) as theirs:
+        assert ours.tensors.keys() == theirs.tensors.keys()
+        for name in ours.tensors:
+            assert ours.tensors[name].ggml_type == theirs.tensors[name].ggml_type, name
+            assert np.array_equal(ours.raw(name), theirs.raw(name)), name
+        assert set(ours.metadata) <= set(
+            theirs.metadata
+        )  # theirs adds general.basename, sampling defaults, ...
+        for key in set(ours.metadata) - {"general.name"}:
+            a, b = ours.metadata[key], theirs.metadata[key]
+            assert ours.types[key] == theirs.types[key], key
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, key
