@@ -360,6 +360,8 @@ def test_gguf_tokenizer_matches_the_official_one(tmp_path):
         # chat_template.py spells out branch by branch (checked against transformers in test_chat_template.py)
         config = json.loads((folder / "tokenizer_config.json").read_text())
         assert f.metadata["tokenizer.chat_template"] == config["chat_template"]
+    # replies end where llama.cpp ends them: eos <|im_end|> and <|endoftext|>, generation_config.json's pair
+    assert tinyqwen.load_model(path).generation_config == {"eos_token_id": [151645, 151643]}
 
 
 def test_cli_runs_a_gguf_file(tmp_path, capsys):

@@ -102,9 +102,10 @@ def quantized_like_llama_cpp(kind: str, names: list[str]) -> dict[str, float]:
     with GGUFCheckpoint(peer(NAMES[kind])) as g, Checkpoint(folder) as c:
         for name in names:
             theirs = g.get(name)
-            ours = QuantizedTensor.quantize(c.get(name)[: theirs.shape[0]], theirs.qtype)
+            n = min(theirs.shape[0], 8192)  # 8192 rows of the embedding: enough blocks, seconds not minutes
+            ours = QuantizedTensor.quantize(c.get(name)[:n], theirs.qtype)
             size = {"q8_0": 34, "q4_k": 144, "q6_k": 210}[theirs.qtype]
-            a, b = ours.data.reshape(-1, size), np.asarray(theirs.data).reshape(-1, size)
+            a, b = ours.data.reshape(-1, size), np.asarray(theirs.data[:n]).reshape(-1, size)
             equal[name] = float((a == b).all(axis=1).mean())
     return equal
 
@@ -128,12 +129,16 @@ def test_q8_0_blocks_equal_llama_cpps():
 def test_q4_k_m_blocks_equal_llama_cpps():
     names = [
         "model.layers.0.self_attn.q_proj.weight",  # Q4_K
-        "model.layers.0.mlp.gate_proj.weight",  # Q4_K
+        "model.layers.3.mlp.gate_proj.weight",  # Q4_K
+        "model.layers.4.self_attn.v_proj.weight",  # Q4_K (use_more_bits says no for layer 4)
+        "model.layers.27.self_attn.o_proj.weight",  # Q4_K
         "model.layers.0.self_attn.v_proj.weight",  # Q6_K (use_more_bits)
-        "model.layers.0.mlp.down_proj.weight",  # Q6_K
+        "model.layers.5.mlp.down_proj.weight",  # Q6_K
+        "model.embed_tokens.weight",  # Q6_K: the tied head
     ]
     equal = quantized_like_llama_cpp("q4_k_m", names)
-    assert all(v >= 0.999 for v in equal.values()), equal
+    # llama.cpp's reference quantizers (no importance matrix) in the same float32 order: every block equal
+    assert all(v == 1.0 for v in equal.values()), equal
 
 
 def test_llama_cpp_runs_our_quantized_files(tmp_path):
@@ -145,21 +150,55 @@ def test_llama_cpp_runs_our_quantized_files(tmp_path):
         tmp_path / "m", seed=2, scale=0.1, hidden_size=256, intermediate_size=512, head_dim=64,
         num_attention_heads=4, num_key_value_heads=2,
     )  # fmt: skip
-    ids = [151644, 872, 198, 9707, 11, 1879, 0, 151645]
-    for target in ("q8_0", "q4_k_m"):
+    ids = [151644, 872, 198, 9707, 11, 1879, 0, 151645, *range(1000, 1024)]
+    reference = tinyqwen.load_model(folder)(ids)  # the unquantized float32 weights
+    for target in ("f32", "q8_0", "q4_k_m"):
         path = tmp_path / f"m-{target}.gguf"
         quantize_checkpoint(folder, target, path)
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
         llm.eval(ids)
         theirs = np.array(llm.scores[: len(ids)], np.float32)
+        llm.close()
         ours = tinyqwen.load_model(path)(ids)
-        p, q = log_softmax(theirs), log_softmax(ours)
-        kl = float((np.exp(p) * (p - q)).sum(-1).mean())
-        # llama.cpp quantizes the activations to 8 bits for its dot products and computes in its own order;
-        # measured KL(llama.cpp || ours) on the peer files is ~1e-4: a wrong layout would give ~1
-        assert kl < 1e-2, (target, kl)
+        same_file, unquantized = kl(theirs, ours), kl(theirs, reference)
+        if target == "f32":
+            assert same_file < 1e-4, same_file  # measured 7.5e-6: float32 sums in another order
+            continue
+        # llama.cpp also quantizes the activations to 8 bits in its dot products, so the same file does not give
+        # the same logits; but ours are closer to llama.cpp's than the unquantized model's are (a path that
+        # ignored the blocks would not be), and within 3x of what was measured (q8_0 0.0084 vs 0.020 for the
+        # unquantized weights, q4_k_m 0.021 vs 1.27; this tiny model's logits reach 40, so KLs are large)
+        assert same_file < unquantized, (target, same_file, unquantized)
+        assert same_file < {"q8_0": 0.025, "q4_k_m": 0.06}[target], (target, same_file)
+
+
+def kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:  # mean over positions of KL(p || q), nats
+    p, q = log_softmax(p_logits), log_softmax(q_logits)
+    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 def log_softmax(z: np.ndarray) -> np.ndarray:
     z = z.astype(np.float64) - z.max(-1, keepdims=True)
     return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def test_our_q8_0_file_is_llama_cpps_converter_output(tmp_path):
+    """`tinyqwen quantize --to q8_0` of the checkpoint: every tensor byte-identical to llama.cpp's converter's file,
+    every metadata key they share equal (tokens, merges, token types, special ids, chat template) but the name."""
+    from tinyqwen.quantize import quantize_checkpoint
+
+    theirs_path = peer(NAMES["q8_0"])
+    ours_path = tmp_path / "q8_0.gguf"
+    quantize_checkpoint(peer("qwen3-0.6b-random"), "q8_0", ours_path)
+    with GGUFFile(ours_path) as ours, GGUFFile(theirs_path) as theirs:
+        assert ours.tensors.keys() == theirs.tensors.keys()
+        for name in ours.tensors:
+            assert ours.tensors[name].ggml_type == theirs.tensors[name].ggml_type, name
+            assert np.array_equal(ours.raw(name), theirs.raw(name)), name
+        assert set(ours.metadata) <= set(
+            theirs.metadata
+        )  # theirs adds general.basename, sampling defaults, ...
+        for key in set(ours.metadata) - {"general.name"}:
+            a, b = ours.metadata[key], theirs.metadata[key]
+            assert ours.types[key] == theirs.types[key], key
+            assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, key

@@ -279,9 +279,16 @@ class GGUFCheckpoint:
 
 
 def generation_config_from_gguf(f: GGUFFile) -> dict:
-    """What generation needs from the metadata: the ids that end a reply (eos, and end-of-turn when named)."""
+    """What generation needs from the metadata: the ids that end a reply. llama.cpp stops at the eos (and eot) id
+    and at every control token it knows as an end of generation; for Qwen that adds <|endoftext|> to <|im_end|>,
+    the same pair as Qwen3's generation_config.json ([151645, 151643])."""
     eos = []
     for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"):
         if key in f.metadata and int(f.metadata[key]) not in eos:
             eos.append(int(f.metadata[key]))
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, list):
+        for text in ("<|im_end|>", "<|endoftext|>"):
+            if text in tokens and tokens.index(text) not in eos:
+                eos.append(tokens.index(text))
     return {"eos_token_id": eos} if eos else {}

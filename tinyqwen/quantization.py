@@ -296,7 +296,7 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     lo = np.minimum(lo, F32(0))
     flat = hi == lo
     span = np.where(flat, F32(1), hi - lo)  # flat sub-blocks are answered separately below
-    shifted = x - lo  # x[i] - min, as the C loop computes it for every trial
+    shifted = x - lo  # x[i] - min for the first pass
     iscale = fmax / span
     scale = F32(1) / iscale
     L = np.clip(_nearest_int(iscale * shifted), 0, nmax).astype(F32)
@@ -304,8 +304,10 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
     best = _sum_rows(w * (diff * diff))
     mn = lo.copy()
     for step in range(nstep + 1):
+        # C updates `min` when a trial wins, and the next trials measure from it: (max - min) and (x - min) move
+        span = np.where(flat, F32(1), hi - mn)
         trial = (F32(rmin) + F32(rdelta) * F32(step) + fmax) / span
-        Laux = np.clip(_nearest_int(trial * shifted), 0, nmax).astype(F32)
+        Laux = np.clip(_nearest_int(trial * (x - mn)), 0, nmax).astype(F32)
         wl = w * Laux
         sum_l, sum_l2, sum_xl = _sum_rows(wl), _sum_rows(wl * Laux), _sum_rows(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
