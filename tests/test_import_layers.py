@@ -27,7 +27,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 LAYERS = [
-    ("foundation", ["errors", "config", "safetensors", "checkpoint", "bf16", "hub", "gguf"]),
+    ("foundation", ["errors", "config", "safetensors", "checkpoint", "bf16", "hub", "gguf", "quantization"]),
     (
         "reference",
         [
