@@ -36,8 +36,6 @@ from tinyqwen.backends.numba.intrinsics import FAST, _f16, _round_f16, _silu
 # the kernels' numbering of the block formats
 Q8_0, Q4_K, Q6_K = 0, 1, 2
 KINDS = {"q8_0": Q8_0, "q4_k": Q4_K, "q6_k": Q6_K}
-BLOCK_VALUES = {"q8_0": 32, "q4_k": 256, "q6_k": 256}
-BLOCK_BYTES = {"q8_0": 34, "q4_k": 144, "q6_k": 210}
 
 
 # ---- reading a block's fields --------------------------------------------------------------------------------
