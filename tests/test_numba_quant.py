@@ -22,9 +22,16 @@ import pytest
 pytest.importorskip("numba")
 
 from tinyqwen.backends import get_backend  # noqa: E402
-from tinyqwen.backends.numba import QuantWeight, linear, moe, quant  # noqa: E402
+from tinyqwen.backends.numba import QuantWeight, linear, moe  # noqa: E402
 from tinyqwen.moe import route  # noqa: E402
-from tinyqwen.quantization import DEQUANTIZE, QuantizedTensor, dequantize_q8_0, quantize_q8_0  # noqa: E402
+from tinyqwen.quantization import (  # noqa: E402
+    BLOCK_BYTES,
+    BLOCK_VALUES,
+    DEQUANTIZE,
+    QuantizedTensor,
+    dequantize_q8_0,
+    quantize_q8_0,
+)
 
 QTYPES = ("q8_0", "q4_k", "q6_k")
 EPS32 = 2.0**-24
@@ -32,7 +39,7 @@ EPS32 = 2.0**-24
 
 def random_blocks(rng, qtype: str, *shape: int) -> np.ndarray:
     """Random bytes for [..., rows, cols] of `qtype`, with sane fp16 scales (every code and 6-bit scale random)."""
-    values, nbytes = quant.BLOCK_VALUES[qtype], quant.BLOCK_BYTES[qtype]
+    values, nbytes = BLOCK_VALUES[qtype], BLOCK_BYTES[qtype]
     *lead, cols = shape
     blocks = rng.integers(0, 256, size=(*lead, cols // values, nbytes), dtype=np.uint8)
 
@@ -194,3 +201,53 @@ def test_bad_block_data_is_one_clear_line():
         QuantWeight("q4_k", np.zeros((2, 145), np.uint8))
     with pytest.raises(TypeError, match="unsupported block format 'q5_k'"):
         QuantWeight("q5_k", np.zeros((2, 176), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny dense Qwen3 whose rows are whole Q4_K super-blocks, written as q8_0 and q4_k_m GGUF files."""
+    from tinyqwen.quantize import quantize_checkpoint
+    from tinyqwen.testing import write_tiny_qwen3
+
+    tmp = tmp_path_factory.mktemp("gguf")
+    folder = write_tiny_qwen3(
+        tmp / "dense", seed=1, scale=0.3, with_tokenizer=False, hidden_size=256, intermediate_size=512,
+        head_dim=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=512, bos_token_id=None,
+        eos_token_id=511,
+    )  # fmt: skip
+    paths = {}
+    for target in ("q8_0", "q4_k_m"):
+        paths[target] = tmp / f"m-{target}.gguf"
+        quantize_checkpoint(folder, target, paths[target])
+    return paths
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
+def test_tiny_gguf_model_logits_match_the_numpy_reference(tiny_gguf, target):
+    import tinyqwen
+    from tinyqwen.backends.numba import backend as numba_backend
+
+    path = tiny_gguf[target]
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    want = tinyqwen.load_model(path)(ids)  # numpy: widens each matrix's blocks, multiplies in float32
+    scale = np.abs(want).max()
+    model = tinyqwen.load_model(path, backend="numba")
+    layer = model.weights.layers[0]
+    assert isinstance(layer.attn.q_proj, QuantWeight) and isinstance(layer.mlp.down_proj, QuantWeight)
+    assert isinstance(model.weights.lm_head, QuantWeight)  # the tied head stays in blocks too
+    # prefill (8 tokens: blocks dequantized into BLAS): float32 rounding only
+    assert np.abs(model(ids) - want).max() <= 1e-5 * scale
+    # decode, token by token through the cache. "float": float32 rounding only. "int8": every activation entering
+    # a product is rounded to 8 bits (steps of amax/127 per block); these 0.3-scale random weights amplify any
+    # change through the layers (Q8_0 *weights* move these logits by 0.028 of their size, tests/test_gguf.py), so
+    # the bound is of that order: measured here {measured}
+    errors = {}
+    for mode, bound in (("float", 1e-4), ("int8", 0.06)):
+        model.backend = numba_backend(quant_gemv=mode)
+        cache = model.new_cache(1, ids.shape[1])
+        got = np.concatenate(
+            [model.forward(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], 1
+        )
+        errors[mode] = float(np.abs(got - want).max() / scale)
+        assert errors[mode] <= bound, (mode, errors)
+    assert errors["int8"] > 10 * errors["float"]  # the activations really were quantized

@@ -8,6 +8,7 @@ import numpy as np
 
 from tinyqwen.backends.numba import quant
 from tinyqwen.bf16 import bf16_to_float32
+from tinyqwen.quantization import BLOCK_BYTES, BLOCK_VALUES
 
 
 class BF16Weight:
@@ -47,7 +48,7 @@ class QuantWeight:
             raise TypeError(
                 f"QuantWeight: unsupported block format {qtype!r} (supported: {', '.join(quant.KINDS)})"
             )
-        values, nbytes = quant.BLOCK_VALUES[qtype], quant.BLOCK_BYTES[qtype]
+        values, nbytes = BLOCK_VALUES[qtype], BLOCK_BYTES[qtype]
         if data.dtype != np.uint8 or data.ndim < 2 or data.shape[-1] % nbytes:
             raise ValueError(
                 f"QuantWeight: {qtype} data must be uint8 [..., rows, k·{nbytes}], got {data.dtype} {data.shape}"
