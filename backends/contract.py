@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from tinyqwen.errors import BackendError
+from tinyqwen.quantization import QuantizedTensor
 
 # what a device sampler is told per row: finished, or choose (any other value: take this forced id)
 FINISHED, CHOOSE = -2, -1
@@ -82,6 +83,8 @@ class LoadOptions:
 
 
 def _reference_embed(table, ids: np.ndarray):  # [V, H], [B, T] -> [B, T, H]: the rows of `ids`, copied
+    if isinstance(table, QuantizedTensor):  # a GGUF embedding in blocks: widen only the rows asked for
+        return table[ids].dequantize()
     return table[ids]
 
 

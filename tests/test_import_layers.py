@@ -3,7 +3,8 @@
 Every `import` statement of every module in `tinyqwen/` and `backends/` counts, including the ones inside functions
 (a deferred import hides a cycle from Python, not from a reader). The layers, bottom to top:
 
-    foundation   errors, config (and the checkpoint a config implies), the file formats, bf16
+    foundation   errors, config (and the checkpoint a config implies), the file formats (safetensors, GGUF and its
+                 quantized blocks), bf16
     reference    the readable kernels (norm, rope, attention, mlp, moe), sampling, the text side (tokenizer,
                  chat template and parsing, the chat's context window, thinking)
     contract     tinyqwen.backends.contract: the Backend dataclass
@@ -11,7 +12,7 @@ Every `import` statement of every module in `tinyqwen/` and `backends/` counts, 
     registry     tinyqwen.backends itself: get_backend, which imports a backend when asked for it
     model        kv_cache, model
     generation   generation, training gradients, the corpus, verify
-    apps         cli, serve, bench, train, testing
+    apps         cli, serve, bench, train, testing, quantize (the command that writes GGUF files)
 
 A module may import its own layer or any layer below; within a layer the graph must still have no cycle.
 """
@@ -27,7 +28,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 LAYERS = [
-    ("foundation", ["errors", "config", "safetensors", "checkpoint", "bf16", "hub", "gguf", "quantization"]),
+    (
+        "foundation",
+        [
+            "errors",
+            "config",
+            "safetensors",
+            "checkpoint",
+            "bf16",
+            "hub",
+            "gguf",
+            "quantization",
+            "gguf_checkpoint",
+        ],
+    ),
     (
         "reference",
         [
@@ -49,7 +63,7 @@ LAYERS = [
     ("registry", ["backends"]),
     ("model", ["kv_cache", "model"]),
     ("generation", ["generation", "grad", "corpus", "verify"]),
-    ("apps", ["cli", "serve", "bench", "train", "testing"]),
+    ("apps", ["cli", "serve", "bench", "train", "testing", "quantize"]),
 ]
 
 

@@ -38,3 +38,8 @@ class GenerationError(TinyQwenError):
 
 class BackendError(TinyQwenError):
     """An unknown backend name, or a backend whose libraries (numba, cupy, a GPU) are not available here."""
+
+
+class GGUFError(CheckpointError):
+    """A .gguf file that does not follow the format (header, metadata, tensor infos, offsets) or that tinyqwen
+    cannot run (an unsupported tensor type, a missing key)."""

@@ -82,8 +82,14 @@ def resolve_model(name: str | os.PathLike, revision: str = "main", download: boo
                 f"{path} is a directory but has no config.json: not a Hugging Face checkpoint"
             )
         return path
+    if (
+        path.is_file() and path.suffix.lower() == ".gguf"
+    ):  # a llama.cpp file: config, tokenizer and weights in one
+        return path
     if path.exists():
-        raise CheckpointError(f"--model {text}: expected a checkpoint directory, got a file")
+        raise CheckpointError(
+            f"--model {text}: expected a checkpoint directory (or a .gguf file), got a file"
+        )
     if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
         raise CheckpointError(
             f"--model {text}: no such directory (and it is not a Hugging Face id like Qwen/Qwen3-0.6B)"

@@ -12,6 +12,12 @@ on `up`; `down` projects back to `hidden_size`. Qwen3 has no biases in these pro
 
 import numpy as np
 
+from tinyqwen.quantization import QuantizedTensor
+
+# rows of a quantized weight widened at once: 8192 x 1024 float32 is 32 MiB, whatever the matrix (a 151,936-row
+# lm_head would be 622 MB in one piece)
+QUANTIZED_ROWS = 8192
+
 
 def silu(z: np.ndarray) -> np.ndarray:  # [...] -> [...]
     # written as z / (1 + exp(-z)) so large negative z gives 0 instead of overflow warnings in z * sigmoid(z)
@@ -21,7 +27,21 @@ def silu(z: np.ndarray) -> np.ndarray:  # [...] -> [...]
 
 def linear(x: np.ndarray, w: np.ndarray) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..., d_out]
     # weights stay in the checkpoint's [out, in] layout; BLAS reads the transpose without a copy
+    if isinstance(w, QuantizedTensor):
+        return quantized_linear(x, w)
     return x @ w.T
+
+
+def quantized_linear(x: np.ndarray, w: QuantizedTensor) -> np.ndarray:  # [..., d_in], blocks [d_out, d_in]
+    """The reference for a quantized weight: widen its blocks to float32 (llama.cpp's exact values), a slab of rows
+    at a time, and multiply in float32. Slow and simple: the quantized kernels live in the numba backend."""
+    rows = w.shape[0]
+    if rows <= QUANTIZED_ROWS:
+        return x @ w.dequantize().T
+    out = np.empty((*x.shape[:-1], rows), np.float32)
+    for r in range(0, rows, QUANTIZED_ROWS):
+        out[..., r : r + QUANTIZED_ROWS] = x @ w[r : r + QUANTIZED_ROWS].dequantize().T
+    return out
 
 
 def swiglu(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:

@@ -44,6 +44,7 @@ from tinyqwen.config import (
 )
 from tinyqwen.errors import CheckpointError, GenerationError
 from tinyqwen.kv_cache import KVCache
+from tinyqwen.quantization import QuantizedTensor
 from tinyqwen.rope import rope_cos_sin, rope_parameters
 
 # --------------------------------------------------------------------------------------------- weights
@@ -139,6 +140,8 @@ def load_weights(
             # uint16 bit patterns: the backend's `prepare` knows what they mean
             return checkpoint.read(name) if in_memory else checkpoint.raw(name)
         value = checkpoint.get(name)
+        if isinstance(value, QuantizedTensor):  # a GGUF block type: stays in its blocks for the backend
+            return value
         if value.dtype.kind != "f":
             raise CheckpointError(f"{where}: tensor {name!r} has dtype {value.dtype}, expected a float")
         # F32 tensors stay read-only views of the memory-mapped file (no copy, pages load on first use);
@@ -147,6 +150,11 @@ def load_weights(
 
     def stack(names: list[str]) -> np.ndarray:
         # experts of one layer in one array; bf16 bit patterns are only stacked with their own kind
+        whole = getattr(checkpoint, "stacked", lambda names: None)(names)  # a GGUF file stores them stacked
+        if whole is not None and (isinstance(whole, QuantizedTensor) or not keep_bf16):
+            for n in names:
+                check_shape(n)
+            return whole
         if in_memory and keep_bf16 and all(checkpoint.dtype(n) == "BF16" for n in names):
             # each expert read straight into its slot: one copy, never the file's pages beside it
             out = np.empty((len(names), *expected[names[0]]), np.uint16)
@@ -424,7 +432,9 @@ def as_id_array(ids) -> np.ndarray:
 def load_model(
     path: str | Path, backend: str = "numpy", progress: bool | None = None, matmul_precision: str = "highest"
 ) -> Qwen3:
-    """Load a checkpoint directory in the Hugging Face layout (config.json + *.safetensors [+ index]).
+    """Load a checkpoint directory in the Hugging Face layout (config.json + *.safetensors [+ index]), or a
+    llama.cpp `.gguf` file (config and tokenizer from its metadata; Q8_0/Q4_K/Q6_K weights stay in their blocks as
+    `QuantizedTensor`s, which the backend multiplies with: the numpy reference widens one matrix at a time).
 
     `path` may start with `~`, or be a Hugging Face id such as "Qwen/Qwen3-0.6B": then it is looked up in the
     Hugging Face cache (or downloaded, with the optional huggingface_hub) exactly as `tinyqwen chat --model` does.
@@ -434,10 +444,24 @@ def load_model(
     the tiny test fixtures.
     """
     from tinyqwen.checkpoint import Checkpoint
+    from tinyqwen.gguf_checkpoint import GGUFCheckpoint, generation_config_from_gguf, is_gguf
     from tinyqwen.hub import is_hub_id, resolve_model
 
     original = str(path)
     path = Path(path).expanduser()
+    if is_gguf(path) and path.is_file():
+        kernels = get_backend(backend, matmul_precision)
+        with GGUFCheckpoint(path) as checkpoint:
+            weights = load_weights(
+                checkpoint,
+                checkpoint.config,
+                kernels.prepare,
+                progress,
+                kernels.options.keep_bf16,
+                kernels.options.bf16_in_memory,
+            )
+            generation_config = generation_config_from_gguf(checkpoint.file)
+        return Qwen3(checkpoint.config, weights, kernels, generation_config, path)
     if not path.exists() and is_hub_id(original):  # a local folder of that name wins, as in transformers
         path = resolve_model(original)
     if not path.is_dir():

@@ -274,44 +274,40 @@ def quantize_q8_0(x: np.ndarray) -> np.ndarray:  # float32 [..., n*32] -> uint8 
     return out.reshape(*np.shape(x)[:-1], -1)
 
 
+def _sum_rows(a: np.ndarray) -> np.ndarray:  # float32 [n, N] -> [N]: ((a[0] + a[1]) + a[2]) + ...
+    # C's `for (i...) sum += term[i]`, one term at a time. NumPy reduces along a non-contiguous axis row by row in
+    # this order (its pairwise summation applies only along the contiguous axis), so the float32 result is C's.
+    return np.add.reduce(a, axis=0, dtype=F32)
+
+
 def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
     """llama.cpp's `make_qkx2_quants`, vectorized over sub-blocks: the scale and min of an affine `scale*L + min`
     fit minimizing the weighted squared error, searched over nstep+1 trial scales.
 
-    x, w: float32 [N, n] (values and their importance weights). Returns (scale [N], the_min [N] = -min >= 0,
-    L uint8 [N, n] in 0..nmax). Every sum is accumulated one term at a time, in the C loop's order.
+    x, w: float32 [n, N] — transposed, one row per position in the sub-block, so that the C loop over the n
+    positions is a loop over contiguous rows (N sub-blocks at once). Returns (scale [N], the_min [N] = -min >= 0,
+    L uint8 [n, N] in 0..nmax). Every sum is accumulated one term at a time, in the C loop's order.
     """
-    N, n = x.shape
+    n, N = x.shape
     fmax = F32(nmax)
-    lo = x.min(axis=1)
-    hi = x.max(axis=1)
-    sum_w = w[:, 0].copy()
-    sum_x = sum_w * x[:, 0]
-    for i in range(1, n):
-        sum_w += w[:, i]
-        sum_x += w[:, i] * x[:, i]
+    lo = x.min(axis=0)
+    hi = x.max(axis=0)
+    sum_w, sum_x = _sum_rows(w), _sum_rows(w * x)
     lo = np.minimum(lo, F32(0))
     flat = hi == lo
     span = np.where(flat, F32(1), hi - lo)  # flat sub-blocks are answered separately below
+    shifted = x - lo  # x[i] - min, as the C loop computes it for every trial
     iscale = fmax / span
     scale = F32(1) / iscale
-    L = np.clip(_nearest_int(iscale[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
-    best = np.zeros(N, F32)
-    for i in range(n):
-        diff = scale * L[:, i] + lo - x[:, i]
-        best += w[:, i] * (diff * diff)
+    L = np.clip(_nearest_int(iscale * shifted), 0, nmax).astype(F32)
+    diff = scale * L + lo - x
+    best = _sum_rows(w * (diff * diff))
     mn = lo.copy()
     for step in range(nstep + 1):
         trial = (F32(rmin) + F32(rdelta) * F32(step) + fmax) / span
-        Laux = np.clip(_nearest_int(trial[:, None] * (x - lo[:, None])), 0, nmax).astype(F32)
-        sum_l = np.zeros(N, F32)
-        sum_l2 = np.zeros(N, F32)
-        sum_xl = np.zeros(N, F32)
-        for i in range(n):
-            wl = w[:, i] * Laux[:, i]
-            sum_l += wl
-            sum_l2 += wl * Laux[:, i]
-            sum_xl += wl * x[:, i]
+        Laux = np.clip(_nearest_int(trial * shifted), 0, nmax).astype(F32)
+        wl = w * Laux
+        sum_l, sum_l2, sum_xl = _sum_rows(wl), _sum_rows(wl * Laux), _sum_rows(wl * x)
         D = sum_w * sum_l2 - sum_l * sum_l
         ok = D > 0
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -320,19 +316,20 @@ def _make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdel
             positive = this_min > 0
             this_scale = np.where(positive, sum_xl / sum_l2, this_scale)
         this_min = np.where(positive, F32(0), this_min)
-        cur = np.zeros(N, F32)
-        for i in range(n):
-            diff = this_scale * Laux[:, i] + this_min - x[:, i]
-            cur += w[:, i] * (diff * diff)
+        diff = this_scale * Laux + this_min - x
+        cur = _sum_rows(w * (diff * diff))
         better = ok & (cur < best)
-        L[better] = Laux[better]
+        L[:, better] = Laux[:, better]
         best = np.where(better, cur, best)
         scale = np.where(better, this_scale, scale)
         mn = np.where(better, this_min, mn)
     scale = np.where(flat, F32(0), scale).astype(F32)
     mn = np.where(flat, lo, mn).astype(F32)
-    L[flat] = 0
+    L[:, flat] = 0
     return scale, -mn, L.astype(np.uint8)
+
+
+CHUNK = 4096  # super-blocks quantized at once: the temporaries stay a few MB, whatever the matrix
 
 
 def quantize_q4_k(x: np.ndarray) -> np.ndarray:  # float32 [..., n*256] -> uint8 [..., n*144]
@@ -341,15 +338,22 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:  # float32 [..., n*256] -> uint8
     float16 d and dmin, and the 4-bit values recomputed with those rounded scales.
     """
     v = _values(x, QK_K, "q4_k")
+    out = (
+        np.concatenate([_q4_k_blocks(v[i : i + CHUNK]) for i in range(0, len(v), CHUNK)])
+        if len(v)
+        else v[:, :0]
+    )
+    return out.astype(np.uint8).reshape(*np.shape(x)[:-1], -1)
+
+
+def _q4_k_blocks(v: np.ndarray) -> np.ndarray:  # float32 [B, 256] -> uint8 [B, 144]
     B = len(v)
-    sub = v.reshape(B * 8, 32)
-    sum_x2 = np.zeros(B * 8, F32)
-    for i in range(32):
-        sum_x2 += sub[:, i] * sub[:, i]
+    sub = np.ascontiguousarray(v.reshape(B * 8, 32).T)  # [32, B*8]: position i of every sub-block in row i
+    sum_x2 = _sum_rows(sub * sub)
     av_x = np.sqrt(sum_x2 / F32(32))
-    weights = av_x[:, None] + np.abs(sub)
+    weights = av_x + np.abs(sub)
     scales, mins, L = _make_qkx2_quants(sub, weights, 15, -1.0, 0.1, 20)
-    scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.reshape(B, 8, 32)
+    scales, mins, L = scales.reshape(B, 8), mins.reshape(B, 8), L.T.reshape(B, 8, 32)
     max_scale = np.maximum(scales.max(axis=1), F32(0))
     max_min = np.maximum(mins.max(axis=1), F32(0))
     with np.errstate(divide="ignore"):
@@ -367,7 +371,7 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:  # float32 [..., n*256] -> uint8
     L = np.where(live[:, :, None], requant.astype(np.uint8), L)
     Lg = L.reshape(B, 4, 2, 32)  # groups of 64 weights: low nibbles hold the first 32, high nibbles the next
     qs = (Lg[:, :, 0] | (Lg[:, :, 1] << 4)).reshape(B, 128)
-    out = np.concatenate(
+    return np.concatenate(
         [
             d16.view(np.uint8).reshape(B, 2),
             dmin16.view(np.uint8).reshape(B, 2),
@@ -376,7 +380,6 @@ def quantize_q4_k(x: np.ndarray) -> np.ndarray:  # float32 [..., n*256] -> uint8
         ],
         axis=1,
     )
-    return out.reshape(*np.shape(x)[:-1], -1)
 
 
 GROUP_MAX_EPS = F32(1e-15)
@@ -386,26 +389,23 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int):
     """llama.cpp's `make_qx_quants(n, nmax, x, L, rmse_type=1, NULL)`, vectorized over sub-blocks: a symmetric
     scale for q in -nmax..nmax-1, the best of 19 trial scales by the x²-weighted least-squares criterion.
 
-    x: float32 [N, n]. Returns (scale [N], L uint8 [N, n] = q + nmax; all 0 for an all-zero sub-block).
+    x: float32 [n, N], transposed as in `_make_qkx2_quants`. Returns (scale [N], L uint8 [n, N] = q + nmax; all 0
+    for an all-zero sub-block).
     """
-    N, n = x.shape
+    n, N = x.shape
     fmax = F32(nmax)
     ax = np.abs(x)
-    at = ax.argmax(axis=1)  # the first largest |x|, as the C loop's strict '>'
-    amax = ax[np.arange(N), at]
-    top = x[np.arange(N), at]
+    at = ax.argmax(axis=0)  # the first largest |x|, as the C loop's strict '>'
+    amax = ax[at, np.arange(N)]
+    top = x[at, np.arange(N)]
     zero = amax < GROUP_MAX_EPS
     top = np.where(zero, F32(1), top)
     w = x * x
+    wx = w * x  # the C loop's w*x[i], before the *l
 
     def trial(iscale):
-        l = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(F32)
-        sumlx = np.zeros(N, F32)
-        suml2 = np.zeros(N, F32)
-        for i in range(n):
-            sumlx += w[:, i] * x[:, i] * l[:, i]
-            suml2 += w[:, i] * l[:, i] * l[:, i]
-        return l, sumlx, suml2
+        l = np.clip(_nearest_int(iscale * x), -nmax, nmax - 1).astype(F32)
+        return l, _sum_rows(wx * l), _sum_rows(w * l * l)
 
     iscale = F32(-nmax) / top
     l, sumlx, suml2 = trial(iscale)
@@ -420,11 +420,11 @@ def _make_qx_quants_rmse1(x: np.ndarray, nmax: int):
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         with np.errstate(divide="ignore", invalid="ignore"):
             new_scale = sumlx / suml2
-        l[better] = l_try[better]
+        l[:, better] = l_try[:, better]
         scale = np.where(better, new_scale, scale).astype(F32)
         best = np.where(better, scale * sumlx, best).astype(F32)
     L = (l + fmax).astype(np.uint8)
-    L[zero] = 0
+    L[:, zero] = 0
     scale = np.where(zero, F32(0), scale).astype(F32)
     return scale, L
 
@@ -434,9 +434,18 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:  # float32 [..., n*256] -> uint8
     scales quantized to int8 against the super-block's float16 d, then the 6-bit values recomputed with them.
     """
     v = _values(x, QK_K, "q6_k")
+    out = (
+        np.concatenate([_q6_k_blocks(v[i : i + CHUNK]) for i in range(0, len(v), CHUNK)])
+        if len(v)
+        else v[:, :0]
+    )
+    return out.astype(np.uint8).reshape(*np.shape(x)[:-1], -1)
+
+
+def _q6_k_blocks(v: np.ndarray) -> np.ndarray:  # float32 [B, 256] -> uint8 [B, 210]
     B = len(v)
-    scales, L = _make_qx_quants_rmse1(v.reshape(B * 16, 16), 32)
-    scales, L = scales.reshape(B, 16), L.reshape(B, 16, 16)
+    scales, L = _make_qx_quants_rmse1(np.ascontiguousarray(v.reshape(B * 16, 16).T), 32)
+    scales, L = scales.reshape(B, 16), L.T.reshape(B, 16, 16)
     abs_scales = np.abs(scales)
     at = abs_scales.argmax(axis=1)  # first largest |scale|, the C loop's strict '>'
     max_abs = abs_scales[np.arange(B), at]
@@ -459,7 +468,7 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:  # float32 [..., n*256] -> uint8
         [ql.reshape(B, 128), qh.reshape(B, 64), sc.view(np.uint8), d16.view(np.uint8).reshape(B, 2)], axis=1
     )
     out[empty] = 0  # an all-zero super-block is written as zero bytes (d = +0.0)
-    return out.reshape(*np.shape(x)[:-1], -1)
+    return out
 
 
 QUANTIZE = {"q8_0": quantize_q8_0, "q4_k": quantize_q4_k, "q6_k": quantize_q6_k}

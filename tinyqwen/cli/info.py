@@ -3,6 +3,10 @@ KV cache, activations), in human-sized units."""
 
 from __future__ import annotations
 
+import math
+import sys
+from pathlib import Path
+
 from tinyqwen.cli.flags import require_positive
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.hub import resolve_model
@@ -12,7 +16,11 @@ def cmd_info(args) -> int:
     from tinyqwen.config import count_parameters, load_config, load_generation_config
 
     path = resolve_model(args.model)
-    c = load_config(path)
+    gguf_lines: list[str] = []
+    if path.is_file():  # a .gguf file (resolve_model accepts no other file)
+        c, gen, gguf_lines = gguf_summary(path)
+    else:
+        c, gen = load_config(path), load_generation_config(path)
     total = count_parameters(c)
     embed = c.vocab_size * c.hidden_size
     lines = [
@@ -43,7 +51,7 @@ def cmd_info(args) -> int:
         f"{human(total * 2)})",
         f"kv cache     {human(kv_token)} per token (float32); {human(kv_token * 4096)} for 4,096 tokens",
     ]
-    gen = load_generation_config(path)
+    lines += gguf_lines
     if gen:
         keys = ("temperature", "top_k", "top_p", "eos_token_id")
         lines.append("generation   " + ", ".join(f"{k} {gen[k]}" for k in keys if k in gen))
@@ -51,6 +59,31 @@ def cmd_info(args) -> int:
         lines += ["", *memory_table(c, require_positive("--context", args.context), args.batch, args.backend)]
     print("\n".join(lines))
     return 0
+
+
+def gguf_summary(path) -> tuple:
+    """(config, generation config, lines) for a .gguf file: its tensor types, bits per weight and the resident
+    memory it will take. Weights stay memory-mapped in their blocks, so a run touching every weight holds the file's
+    tensor bytes; the numpy reference also widens one matrix at a time to float32 (the largest one counts)."""
+    from tinyqwen.gguf_checkpoint import GGUFCheckpoint, generation_config_from_gguf
+    from tinyqwen.mlp import QUANTIZED_ROWS
+
+    with GGUFCheckpoint(path) as ck:
+        c, gen = ck.config, generation_config_from_gguf(ck.file)
+        tensors = list(ck.file.tensors.values())
+        types = ck.tensor_types()
+    weight_bytes = sum(t.nbytes for t in tensors)
+    values = sum(math.prod(t.shape) for t in tensors)
+    quantized = [t for t in tensors if t.ggml_type not in ("F32", "F16", "BF16")]
+    # the numpy reference widens a quantized matrix (one expert's, for a stack) in slabs of QUANTIZED_ROWS rows
+    widened = max((min(t.shape[-2], QUANTIZED_ROWS) * t.shape[-1] * 4 for t in quantized), default=0)
+    lines = [
+        f"gguf         {', '.join(f'{n} {k}' for k, n in sorted(types.items()))}; "
+        f"{8 * weight_bytes / max(values, 1):.2f} bits per weight",
+        f"resident     {human(weight_bytes)} of weights, memory-mapped in their blocks; the numpy backend widens "
+        f"one matrix at a time (+{human(widened)}): about {human(weight_bytes + widened)} before the KV cache",
+    ]
+    return c, gen, lines
 
 
 def memory_table(c, context: int, batch: int, backend: str) -> list[str]:
@@ -104,3 +137,13 @@ def human(n: float, base: int = 1024, unit: str = "B") -> str:
         n, i = n / base, i + 1
     suffix = names[i] + ("i" if base == 1024 and i and unit else "") + unit
     return f"{n:.1f} {suffix}" if unit else f"{n:.1f}{suffix}"
+
+
+def cmd_quantize(args) -> int:
+    from tinyqwen.quantize import quantize_checkpoint
+
+    counts = quantize_checkpoint(resolve_model(args.model), args.to, args.out)
+    size = Path(args.out).stat().st_size
+    mix = ", ".join(f"{n} {t}" for t, n in sorted(counts.items()))
+    print(f"wrote {args.out}: {human(size)}, tensors {mix}", file=sys.stderr)
+    return 0

@@ -27,6 +27,7 @@ def load_tokenizer(model_dir: Path, tokenizer_dir: str | None = None, config=Non
     one tokenizer. Any other checkpoint gets an error asking for --tokenizer DIR, since a tokenizer guessed for
     an unknown vocabulary would give wrong ids without a word.
     """
+    from tinyqwen.gguf_checkpoint import is_gguf
     from tinyqwen.tokenizer import Tokenizer
 
     if tokenizer_dir:
@@ -37,6 +38,9 @@ def load_tokenizer(model_dir: Path, tokenizer_dir: str | None = None, config=Non
                 f"{where}: no tokenizer files there (tokenizer.json, or vocab.json + merges.txt)"
             )
         tokenizer = Tokenizer.from_pretrained(folder)
+    elif is_gguf(model_dir) and model_dir.is_file():
+        where = f"the tokenizer in {model_dir}"
+        tokenizer = Tokenizer.from_gguf(model_dir)
     elif has_tokenizer_files(model_dir):
         where = f"the tokenizer in {model_dir}"
         tokenizer = Tokenizer.from_pretrained(model_dir)
@@ -80,7 +84,7 @@ def load(args, need_tokenizer: bool = True):
     """(model, tokenizer or None) for --model/--backend/--tokenizer. The tokenizer is loaded and checked against
     config.json before the weights are read, so a mismatch fails in a moment, not after loading gigabytes."""
     import tinyqwen
-    from tinyqwen.config import load_config
+    from tinyqwen.gguf_checkpoint import load_any_config as load_config
 
     path = resolve_model(args.model)
     tokenizer = None

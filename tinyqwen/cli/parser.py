@@ -8,7 +8,7 @@ import os
 from tinyqwen.cli.chat import cmd_chat
 from tinyqwen.cli.commands import cmd_bench, cmd_serve, cmd_train, cmd_verify
 from tinyqwen.cli.generate import DEFAULT_BATCH_SIZE, cmd_generate
-from tinyqwen.cli.info import cmd_info
+from tinyqwen.cli.info import cmd_info, cmd_quantize
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tinyqwen {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{chat,generate,verify,info,bench,serve,train}"
+        dest="command", required=True, metavar="{chat,generate,verify,info,bench,serve,train,quantize}"
     )
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:
@@ -134,6 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--batch", type=int, default=1, help="sequences in the batch (with --context)")
     info.add_argument("--backend", default="numpy", help="whose weight storage to count (with --context)")
     info.set_defaults(func=cmd_info)
+
+    quant = command(
+        "quantize",
+        help="write a checkpoint as a llama.cpp GGUF file: q8_0, q4_k_m (llama.cpp's mix), bf16 or f32",
+    )
+    quant.add_argument("model", help="checkpoint directory or Hugging Face id")
+    quant.add_argument("--to", required=True, choices=["q8_0", "q4_k_m", "bf16", "f32"], help="target type")
+    quant.add_argument("out", help="the .gguf file to write")
+    quant.set_defaults(func=cmd_quantize)
 
     bench = command(
         "bench",

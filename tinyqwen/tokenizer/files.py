@@ -226,3 +226,65 @@ def check_pipeline(tj: dict, where: str, split_pattern: str) -> None:
     _expect(where, "pre_tokenizer ByteLevel.use_regex", byte_level.get("use_regex"), False)
     _expect(where, "pre_tokenizer ByteLevel.add_prefix_space", byte_level.get("add_prefix_space"), False)
     _expect(where, "decoder type", (tj.get("decoder") or {}).get("type"), "ByteLevel")
+
+
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED, GGUF_UNUSED = 1, 3, 4, 5  # tokenizer.ggml.token_type values
+
+
+def gguf_tokenizer_fields(metadata: dict, where: str) -> dict[str, Any]:
+    """A GGUF file's tokenizer keys (`tokenizer.ggml.*`) as the keyword arguments of `Tokenizer`.
+
+    llama.cpp's converter lists every id's token string (`tokens`, padded to the model's vocab_size with UNUSED
+    `[PADi]` entries, which are dropped here), a type per id (NORMAL for BPE tokens; CONTROL and USER_DEFINED for
+    the added ones, CONTROL becoming `special`), the merges as "left right" strings in rank order, and the special
+    ids. Only Qwen's byte-level BPE ("gpt2" model, "qwen2" pre-tokenizer) is accepted.
+    """
+    model, pre = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.pre")
+    if model != "gpt2" or pre not in ("qwen2", None):
+        raise TokenizerError(
+            f"{where}: tokenizer.ggml.model {model!r} with pre-tokenizer {pre!r}; tinyqwen implements Qwen's "
+            "byte-level BPE ('gpt2' with 'qwen2')"
+        )
+    tokens, types, merges = (metadata.get(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges"))
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise TokenizerError(f"{where}: tokenizer.ggml.tokens must be an array of strings")
+    if types is None or len(types) != len(tokens):
+        raise TokenizerError(
+            f"{where}: tokenizer.ggml.token_type must give one type per token ({len(tokens)})"
+        )
+    vocab: dict[str, int] = {}
+    added: list[AddedToken] = []
+    for i, (token, kind) in enumerate(zip(tokens, (int(t) for t in types), strict=True)):
+        if kind == GGUF_NORMAL:
+            vocab[token] = i
+        elif kind in (GGUF_CONTROL, GGUF_USER_DEFINED):
+            added.append(AddedToken(i, token, kind == GGUF_CONTROL))
+        elif kind != GGUF_UNUSED:
+            raise TokenizerError(
+                f"{where}: token {i} ({token!r}) has type {kind}, not one Qwen's tokenizer uses"
+            )
+    if not isinstance(merges, list):
+        raise TokenizerError(f"{where}: tokenizer.ggml.merges must be an array of strings")
+    pairs = []
+    for rank, merge in enumerate(merges):
+        parts = merge.split(" ") if isinstance(merge, str) else []
+        if len(parts) != 2:
+            raise TokenizerError(f"{where}: tokenizer.ggml.merges[{rank}] is {merge!r}, not 'left right'")
+        pairs.append((parts[0], parts[1]))
+
+    def content(key: str) -> str | None:
+        i = metadata.get(f"tokenizer.ggml.{key}")
+        if i is None:
+            return None
+        if not 0 <= int(i) < len(tokens):
+            raise TokenizerError(f"{where}: tokenizer.ggml.{key} {int(i)} is not a token id")
+        return tokens[int(i)]
+
+    return {
+        "vocab": vocab,
+        "merges": (pairs, lambda rank: f"{where} tokenizer.ggml.merges[{rank}]"),
+        "added": added,
+        "eos_token": content("eos_token_id"),
+        "pad_token": content("padding_token_id"),
+        "source": where,
+    }

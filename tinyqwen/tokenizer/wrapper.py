@@ -23,6 +23,7 @@ from tinyqwen.tokenizer.files import (
     DATA_DIR,
     AddedToken,
     Merges,
+    gguf_tokenizer_fields,
     read_json,
     read_tokenizer_json,
     read_vocab_merges,
@@ -164,6 +165,14 @@ class Tokenizer:
                 "tokenizer that Tokenizer.qwen3() returns"
             )
         return cls(**read_vocab_merges(folder, config))
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """The tokenizer stored in a llama.cpp GGUF file's metadata (`tokenizer.ggml.*`; see `gguf_tokenizer_fields`)."""
+        from tinyqwen.gguf import GGUFFile
+
+        with GGUFFile(Path(path).expanduser()) as f:
+            return cls(**gguf_tokenizer_fields(f.metadata, str(path)))
 
     @classmethod
     def qwen3(cls) -> Tokenizer:
