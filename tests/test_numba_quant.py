@@ -240,9 +240,9 @@ def test_tiny_gguf_model_logits_match_the_numpy_reference(tiny_gguf, target):
     # decode, token by token through the cache. "float": float32 rounding only. "int8": every activation entering
     # a product is rounded to 8 bits (steps of amax/127 per block); these 0.3-scale random weights amplify any
     # change through the layers (Q8_0 *weights* move these logits by 0.028 of their size, tests/test_gguf.py), so
-    # the bound is of that order: measured here {measured}
+    # the bound is of that order: measured 0.023 (q8_0) and 0.037 (q4_k_m); float 1.1e-6 and 1.8e-6
     errors = {}
-    for mode, bound in (("float", 1e-4), ("int8", 0.06)):
+    for mode, bound in (("float", 2e-5), ("int8", 0.06)):
         model.backend = numba_backend(quant_gemv=mode)
         cache = model.new_cache(1, ids.shape[1])
         got = np.concatenate(
