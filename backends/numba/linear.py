@@ -18,12 +18,13 @@ from tinyqwen.backends.numba import quant
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 
-QUANT_GEMV = (
-    "int8",
-    "float",
-)  # the decode GEMV over quantized blocks: the first is the default (see quant.py)
+# the decode GEMV over quantized blocks, the first the default (see quant.py and benchmarks/bench_quant_gemv.py)
+QUANT_GEMV = ("int8", "float")
 
 GEMV_MAX_ROWS = 4  # up to this many tokens a product streams the bf16 weights; beyond, widen blocks + BLAS
+FUSED_SWIGLU = (
+    True  # decode's bf16 SwiGLU as one call of two parallel loops (_swiglu_bf16); False: two launches
+)
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits
@@ -111,6 +112,24 @@ def _gate_up_bf16(
     size = (F + chunks - 1) // chunks
     for c in prange(chunks):
         _gate_up_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
+
+
+@njit(parallel=True, cache=True)
+def _swiglu_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):
+    # [M, K] f32, [F, K] u16 x2, [K, F] u16 -> h [M, F] (scratch), out [M, K]: decode's whole SwiGLU in one call.
+    # The same two parallel loops as _gate_up_bf16 then _gemv_many_bf16, the same serial kernels (bit-identical
+    # results), but one entry from Python instead of two: the threads go from the first loop to the second while
+    # still spinning, instead of falling asleep in the Python between two launches and paying a wake-up
+    F = w_gate.shape[0]
+    c1 = min(F, chunks)
+    size = (F + c1 - 1) // c1
+    for c in prange(c1):
+        _gate_up_rows_bf16(x, w_gate, w_up, h, c * size, min(F, (c + 1) * size))
+    total = w_down.shape[0]
+    c2 = min(total, chunks)
+    size2 = (total + c2 - 1) // c2
+    for c in prange(c2):
+        _gemv_rows_bf16(h, (w_down,), (out,), starts, c * size2, min(total, (c + 1) * size2))
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
@@ -224,6 +243,12 @@ def swiglu(
     if isinstance(w_gate, QuantWeight) and isinstance(w_up, QuantWeight) and x2.shape[0] <= GEMV_MAX_ROWS:
         g, u = linears(x2, (w_gate, w_up), bf16_inputs, quant_gemv)  # one launch for both
         return linear(_silu_mul(g, u), w_down, bf16_inputs, quant_gemv).reshape(x.shape)
+    bf16 = all(isinstance(w, BF16Weight) for w in (w_gate, w_up, w_down))
+    if FUSED_SWIGLU and bf16 and not bf16_inputs and x2.shape[0] <= GEMV_MAX_ROWS:  # decode, one call
+        h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
+        out = np.empty(x2.shape, np.float32)
+        _swiglu_bf16(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)), _chunks())
+        return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
         _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from tinyqwen.backends.numba import avx2
 from tinyqwen.backends.numba.intrinsics import FAST, _f16, _round_f16, _silu
 
 # the kernels' numbering of the block formats
@@ -181,7 +182,7 @@ def block_sums(x, sums):  # [M, K] f32 -> sums [M, K/32]: each 32 values' sum (Q
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
-def _dot_q8_0_int(b, i8, xq, xd, L):  # row bytes, x's Q8_0 codes [K] and scales [K/32] -> float32
+def _dot_q8_0_int_loops(b, i8, xq, xd, L):  # row bytes, x's Q8_0 codes [K] and scales [K/32] -> float32
     acc = np.float32(0.0)
     for blk in range(xd.shape[0]):
         o = blk * 34
@@ -193,7 +194,9 @@ def _dot_q8_0_int(b, i8, xq, xd, L):  # row bytes, x's Q8_0 codes [K] and scales
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
-def _dot_q4_k_int(b, xq, xd, xs, L):  # row bytes, x's Q8_K codes [K], scales [K/256], sums [K/32] -> float32
+def _dot_q4_k_int_loops(
+    b, xq, xd, xs, L
+):  # row bytes, x's Q8_K codes [K], scales [K/256], sums [K/32] -> float32
     acc = np.float32(0.0)
     for blk in range(xd.shape[0]):
         o = blk * 144
@@ -215,7 +218,7 @@ def _dot_q4_k_int(b, xq, xd, xs, L):  # row bytes, x's Q8_K codes [K], scales [K
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
-def _dot_q6_k_int(
+def _dot_q6_k_int_loops(
     b, i8, xq, xd, L
 ):  # row bytes (and as int8), x's Q8_K codes [K] and scales [K/256] -> float32
     acc = np.float32(0.0)
@@ -244,6 +247,61 @@ def _dot_q6_k_int(
                 )
         acc += xd[blk] * _half(b, o + 208) * np.float32(total)
     return acc
+
+
+# The same three on AVX2 (backends/numba/avx2.py: 32 int8 products per instruction, as llama.cpp's kernels): the
+# integer sums are exact either way, so both give the same floats; the loops stay for CPUs without AVX2.
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q8_0_int_avx2(b, i8, xq, xd, L):
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 34
+        acc += _half(b, o) * xd[blk] * np.float32(avx2.q8_0_dot32(i8, o + 2, xq, blk * 32))
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q4_k_int_avx2(b, xq, xd, xs, L):
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 144
+        s0, m0 = _scale_min_k4(b, o + 4, 0)
+        s1, m1 = _scale_min_k4(b, o + 4, 1)
+        s2, m2 = _scale_min_k4(b, o + 4, 2)
+        s3, m3 = _scale_min_k4(b, o + 4, 3)
+        s4, m4 = _scale_min_k4(b, o + 4, 4)
+        s5, m5 = _scale_min_k4(b, o + 4, 5)
+        s6, m6 = _scale_min_k4(b, o + 4, 6)
+        s7, m7 = _scale_min_k4(b, o + 4, 7)
+        dots = avx2.q4_k_dot256(b, o + 16, xq, blk * 256, s0, s1, s2, s3, s4, s5, s6, s7)
+        x8 = blk * 8
+        mins = (
+            m0 * xs[x8] + m1 * xs[x8 + 1] + m2 * xs[x8 + 2] + m3 * xs[x8 + 3]
+            + m4 * xs[x8 + 4] + m5 * xs[x8 + 5] + m6 * xs[x8 + 6] + m7 * xs[x8 + 7]
+        )  # fmt: skip
+        acc += xd[blk] * (_half(b, o) * np.float32(dots) - _half(b, o + 2) * np.float32(mins))
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q6_k_int_avx2(b, i8, xq, xd, L):
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 210
+        acc += xd[blk] * _half(b, o + 208) * np.float32(avx2.q6_k_dot256(b, i8, o, xq, blk * 256))
+    return acc
+
+
+if avx2.HAS_AVX2:
+    _dot_q8_0_int, _dot_q4_k_int, _dot_q6_k_int = _dot_q8_0_int_avx2, _dot_q4_k_int_avx2, _dot_q6_k_int_avx2
+else:
+    _dot_q8_0_int, _dot_q4_k_int, _dot_q6_k_int = (
+        _dot_q8_0_int_loops,
+        _dot_q4_k_int_loops,
+        _dot_q6_k_int_loops,
+    )
 
 
 # ---- one row's dot product: "float" (codes widened in registers, x as it is) ----------------------------------
