@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("numba")
 
 from tinyqwen.backends import get_backend  # noqa: E402
-from tinyqwen.backends.numba import QuantWeight, linear, moe  # noqa: E402
+from tinyqwen.backends.numba import QuantWeight, linear, moe, quant  # noqa: E402
 from tinyqwen.moe import route  # noqa: E402
 from tinyqwen.quantization import (  # noqa: E402
     BLOCK_BYTES,
@@ -251,3 +251,31 @@ def test_tiny_gguf_model_logits_match_the_numpy_reference(tiny_gguf, target):
         errors[mode] = float(np.abs(got - want).max() / scale)
         assert errors[mode] <= bound, (mode, errors)
     assert errors["int8"] > 10 * errors["float"]  # the activations really were quantized
+
+
+@pytest.mark.skipif(not quant.avx2.HAS_AVX2, reason="this CPU has no AVX2: the GEMVs use the plain loops")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx2_block_dots_equal_the_loops(qtype):
+    # the integer sums are exact both ways, and the float scaling is the same expression: equal bits
+    from numba import njit
+
+    rng = np.random.default_rng(8)
+    data = random_blocks(rng, qtype, 16, 512)
+    data8 = data.view(np.int8)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    x[0, 7] = -30.0  # an outlier, so codes reach -127 and +127
+    kind = quant.KINDS[qtype]
+    acts = quant.activations(x, {kind}, True)
+    a = tuple(v[0] for v in acts[1:6])  # Q8_0 codes, scales; Q8_K codes, scales, sums
+
+    def rows(dot):
+        if qtype == "q4_k":
+            run = njit(lambda b, b8, a: dot(b, a[2], a[3], a[4], 32))
+        elif qtype == "q8_0":
+            run = njit(lambda b, b8, a: dot(b, b8, a[0], a[1], 32))
+        else:
+            run = njit(lambda b, b8, a: dot(b, b8, a[2], a[3], 32))
+        return np.array([run(data[n], data8[n], a) for n in range(16)])
+
+    loops, vector = (getattr(quant, f"_dot_{qtype}_int_{name}") for name in ("loops", "avx2"))
+    assert rows(vector).tobytes() == rows(loops).tobytes()
