@@ -8,6 +8,9 @@ best of R. Peak RSS is the child's (getrusage), beside the file's size: the weig
 process should need little beyond the file (+ 15 % is the bar). Timings on a shared machine swing: read the ratios.
 
     python benchmarks/bench_quant.py MODEL.gguf [MODEL2.gguf ...] --peer-python PY [--prompt 128 --new 32 --repeat 2]
+        [--gemv int8 float int8:unfused] [--twice]
+
+A bf16 GGUF file runs tinyqwen's bf16 kernels (the --gemv choice does not matter there; ":unfused" does).
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ else:
     from tinyqwen.backends.numba import backend
     model = tinyqwen.load_model(path, backend="numba")
     model.backend = backend(quant_gemv=engine.split(":")[1])
+    if engine.endswith(":unfused"):  # decode's bf16 SwiGLU as two launches, as before the fused kernel
+        from tinyqwen.backends.numba import linear
+        linear.FUSED_SWIGLU = False
     def run(prompt, k):
         cache = model.new_cache(1, P + N + 8, "bfloat16")
         out = [int(model.forward(np.asarray([prompt]), cache=cache, last_only=True).logits[0, -1].argmax())]
@@ -78,6 +84,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--twice", action="store_true", help="time llama.cpp before and after tinyqwen")
     parser.add_argument(
         "--gemv", nargs="+", default=["int8", "float"], help="tinyqwen's decode GEMVs to time"
     )
@@ -90,6 +97,8 @@ def main() -> None:
         size = path.stat().st_size
         rows = [("llama.cpp", run_child(args.peer_python, "llama.cpp", path, args))]
         rows += [(f"numba:{g}", run_child(sys.executable, f"numba:{g}", path, args)) for g in args.gemv]
+        if args.twice:  # llama.cpp again at the end: how much the machine drifted during the run
+            rows.append(("llama.cpp (again)", run_child(args.peer_python, "llama.cpp", path, args)))
         ref = rows[0][1].get("decode")
         for name, r in rows:
             if "error" in r:
