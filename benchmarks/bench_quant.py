@@ -4,8 +4,10 @@ For each file: llama.cpp (llama-cpp-python, with the peer's Python) and tinyqwen
 GEMVs over the blocks ("int8": the activations quantized to int8 blocks, integer dot products, llama.cpp's scheme;
 "float": the codes widened in registers), each engine in its own process with the same thread count, greedy, the
 same random prompt ids. prefill tok/s = P / t(first token); decode tok/s = N / (t(1 + N tokens) − t(first token));
-best of R. Peak RSS is the child's (getrusage), beside the file's size: the weights stay in their blocks, so a
-process should need little beyond the file (+ 15 % is the bar). Timings on a shared machine swing: read the ratios.
+best of R. Peak RSS is the child's (getrusage); "-base" subtracts the peak before any weight was loaded (the
+interpreter and the engine's libraries: Python + NumPy + Numba + LLVM are ~150 MB, llama-cpp-python less), and
+"/file" is that over the file's size: the weights stay in their blocks, so a process should need little beyond
+the file (+ 15 % is the bar). Timings on a shared machine swing: read the ratios.
 
     python benchmarks/bench_quant.py MODEL.gguf [MODEL2.gguf ...] --peer-python PY [--prompt 128 --new 32 --repeat 2]
         [--gemv int8 float int8:unfused] [--twice]
@@ -26,12 +28,15 @@ CHILD = r"""
 import json, resource, sys, time
 import numpy as np
 engine, path, P, N, R, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-t0 = time.perf_counter()
+def rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 if engine == "llama.cpp":
     from llama_cpp import Llama
+    base = rss()  # the interpreter and the engine's libraries, before any weight
+    t0 = time.perf_counter()
     llm = Llama(model_path=path, n_ctx=P + N + 8, n_threads=threads, n_threads_batch=threads, n_batch=512,
                 verbose=False)
-    vocab = llm.n_vocab()
+    vocab = vocab_size = llm.n_vocab()
     def argmax():
         return int(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,)).argmax())
     def run(prompt, k):
@@ -41,11 +46,13 @@ if engine == "llama.cpp":
         return out
 else:
     import tinyqwen
-    from tinyqwen.backends.numba import backend
+    from tinyqwen.backends.numba import backend, linear, quant  # (and Numba, LLVM)
+    base = rss()
+    t0 = time.perf_counter()
     model = tinyqwen.load_model(path, backend="numba")
     model.backend = backend(quant_gemv=engine.split(":")[1])
+    vocab_size = model.config.vocab_size
     if engine.endswith(":unfused"):  # decode's bf16 SwiGLU as two launches, as before the fused kernel
-        from tinyqwen.backends.numba import linear
         linear.FUSED_SWIGLU = False
     def run(prompt, k):
         cache = model.new_cache(1, P + N + 8, "bfloat16")
@@ -54,7 +61,7 @@ else:
             out.append(int(model.forward(np.asarray([[out[-1]]]), cache=cache, last_only=True).logits[0, -1].argmax()))
         return out
 load_s = time.perf_counter() - t0
-vocab_size = 151643
+vocab_size = min(vocab_size, 151643)  # (ids of real tokens, not the special ones past them)
 prompt = [int(x) for x in np.random.default_rng(0).integers(0, vocab_size, P)]
 run(prompt[:8], 2)  # warm-up (JIT, caches)
 best1 = bestN = float("inf")
@@ -62,7 +69,7 @@ for _ in range(R):
     t = time.perf_counter(); run(prompt, 1); best1 = min(best1, time.perf_counter() - t)
     t = time.perf_counter(); ids = run(prompt, 1 + N); bestN = min(bestN, time.perf_counter() - t)
 print(json.dumps({"prefill": P / best1, "decode": N / max(bestN - best1, 1e-9), "ids": ids[:6], "load_s": load_s,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss": rss(), "base_rss": base}))
 """
 
 
@@ -102,12 +109,13 @@ def main() -> None:
         ref = rows[0][1].get("decode")
         for name, r in rows:
             if "error" in r:
-                print(f"{path.name:<28} {name:<16} error: {r['error']}")
+                print(f"{path.name:<28} {name:<20} error: {r['error']}")
                 continue
             ratio = r["decode"] / ref if ref else float("nan")
             print(
-                f"{path.name:<28} {name:<16} {r['prefill']:8.1f} {r['decode']:7.2f} {ratio:8.2f} "
-                f"{r['peak_rss'] / 1e6:7.0f} {r['peak_rss'] / size:6.2f}  ids {r['ids']}"
+                f"{path.name:<28} {name:<20} {r['prefill']:8.1f} {r['decode']:7.2f} {ratio:8.2f} "
+                f"{r['peak_rss'] / 1e6:7.0f} {(r['peak_rss'] - r['base_rss']) / 1e6:6.0f} "
+                f"{(r['peak_rss'] - r['base_rss']) / size:6.2f}  ids {r['ids']}"
             )
 
 
