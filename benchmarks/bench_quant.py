@@ -98,7 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"P={args.prompt} N={args.new} best of {args.repeat}, {args.threads} threads")
     print(
-        f"{'file':<28} {'engine':<16} {'prefill':>8} {'decode':>7} {'vs llama':>8} {'RSS MB':>7} {'/file':>6}"
+        f"{'file':<28} {'engine':<20} {'prefill':>8} {'decode':>7} {'vs llama':>8} {'RSS MB':>7} {'-base':>6} {'/file':>6}"
     )
     for path in args.files:
         size = path.stat().st_size
