@@ -14,13 +14,18 @@ The layouts are llama.cpp's (`ggml-common.h`), one row of a weight = its blocks 
                                                                             w = d·sc_s·(q − 32)      (s: 16 values)
 
 Decode (one to GEMV_MAX_ROWS tokens) has two ways to take a row's dot product with x, both here and both timed in
-`benchmarks/quant_gemv.py`:
+`benchmarks/bench_quant_gemv.py`:
 
 - "int8" (the default; llama.cpp's): x is first quantized to int8 blocks itself — Q8_0 (32 values, scale
   amax/127) for q8_0 weights, Q8_K (256 values, scale max/−127, float32) for the k-quants — and the inner loops
   multiply integers, int8 × int8 (or × nibble) summed in int32, exact; the scales multiply once per block. The
-  activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32.
+  activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. On
+  CPUs with AVX2 the block sums run on `vpmaddubsw`/`vpmaddwd` (avx2.py, 32 products an instruction); elsewhere
+  on plain loops LLVM vectorises. One thread, [3072, 1024] weights: 10-14 G weights/s for all three formats with
+  AVX2 (AMD EPYC, a busy machine), ~3x the loops.
 - "float": the codes are widened to float32 in registers and multiplied with x as it is (only float32 rounding).
+  LLVM did not vectorise these loops well here: 1.2-4x slower than "int8" in the benchmark, so "int8" is the
+  default and "float" stays as the comparison (and the exact-float32 option).
 
 Prefill (more rows): `dequantize_rows` widens a block of weight rows into a float32 scratch buffer, then BLAS's
 sgemm — the same scheme as the bf16 path (`linear.py`): the float32 copy of a weight never exceeds the block.
