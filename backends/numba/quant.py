@@ -21,8 +21,8 @@ Decode (one to GEMV_MAX_ROWS tokens) has two ways to take a row's dot product wi
   multiply integers, int8 × int8 (or × nibble) summed in int32, exact; the scales multiply once per block. The
   activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. On
   CPUs with AVX2 the block sums run on `vpmaddubsw`/`vpmaddwd` (avx2.py, 32 products an instruction); elsewhere
-  on plain loops LLVM vectorises. One thread, [3072, 1024] weights: 10-14 G weights/s for all three formats with
-  AVX2 (AMD EPYC, a busy machine), ~3x the loops.
+  on plain loops LLVM vectorises. One thread, a [3072, 1024] weight: 4-14 G weights/s with AVX2 against the
+  loops' 2.6-4.2 (q8_0 3.4x, q4_k 1.5x, q6_k 3.1x; AMD EPYC, a busy machine, so ±50 % between runs).
 - "float": the codes are widened to float32 in registers and multiplied with x as it is (only float32 rounding).
   LLVM did not vectorise these loops well here: 1.2-4x slower than "int8" in the benchmark, so "int8" is the
   default and "float" stays as the comparison (and the exact-float32 option).
