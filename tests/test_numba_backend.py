@@ -180,6 +180,17 @@ def test_swiglu_bf16_equals_numpy(rows):
     assert rel_err(NB.swiglu(x, wg, wu, wd), mlp.swiglu(x, g32, u32, d32)) <= RTOL
 
 
+def test_fused_swiglu_is_bit_identical_to_two_launches(monkeypatch):
+    # decode's SwiGLU as one call of two parallel loops (fewer thread wake-ups) runs the same serial kernels in the
+    # same order as the two launches it replaced: the same bits
+    rng = np.random.default_rng(9)
+    (wg, _), (wu, _), (wd, _) = (bf16_weight(rng, *s) for s in ((192, 128), (192, 128), (128, 192)))
+    x = rng.standard_normal((2, 128)).astype(np.float32)
+    fused = NB.swiglu(x, wg, wu, wd)
+    monkeypatch.setattr(linear, "FUSED_SWIGLU", False)
+    assert np.array_equal(fused, NB.swiglu(x, wg, wu, wd))
+
+
 @pytest.mark.parametrize("tokens", [1, 12])  # decode (few tokens per expert) and prefill (grouped by expert)
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
 def test_moe_block_bf16_equals_numpy(tokens, norm_topk_prob):

@@ -17,6 +17,9 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
                   allows (causal: half the work) by BLAS, with a fused mask + softmax in between
     moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
                   pairs, prefill groups the tokens by expert (each expert's weights read once per call)
+    quant.py      GGUF's quantized weights (q8_0, q4_k, q6_k) kept in their blocks: decode's GEMVs take integer
+                  dot products with x quantized to int8 blocks (llama.cpp's scheme) or widen the codes in
+                  registers; prefill dequantizes a block of rows into BLAS
 
 `matmul_precision` (PyTorch's name for the same choice): "highest" (the default) multiplies in float32 — equal to
 the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
@@ -46,24 +49,28 @@ from tinyqwen.backends.numba import settings  # noqa: F401 (first: Numba reads t
 
 # isort: on
 from tinyqwen.backends.contract import Backend, LoadOptions
-from tinyqwen.backends.numba import attention, linear, moe, norm_rope
+from tinyqwen.backends.numba import attention, linear, moe, norm_rope, quant  # noqa: F401
 from tinyqwen.backends.numba.intrinsics import round_bf16  # noqa: F401 (re-exported)
-from tinyqwen.backends.numba.weights import BF16Weight, embed, prepare  # noqa: F401 (BF16Weight re-exported)
+from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight, embed, prepare  # noqa: F401 (re-exported)
 
 
-def backend(matmul_precision: str = "highest") -> Backend:
-    """The numba backend; `matmul_precision` "highest" (float32 products) or "medium" (bf16 inputs, see above)."""
+def backend(matmul_precision: str = "highest", quant_gemv: str = "int8") -> Backend:
+    """The numba backend; `matmul_precision` "highest" (float32 products) or "medium" (bf16 inputs, see above);
+    `quant_gemv` how decode multiplies quantized weights: "int8" (x quantized to int8 blocks, integer dot products,
+    as llama.cpp) or "float" (the blocks widened in registers; see quant.py)."""
+    if quant_gemv not in linear.QUANT_GEMV:
+        raise ValueError(f"quant_gemv must be one of {', '.join(linear.QUANT_GEMV)}, got {quant_gemv!r}")
     options = LoadOptions(keep_bf16=True, bf16_in_memory=True, matmul_precision=matmul_precision)
-    bf16_inputs = matmul_precision == "medium"
+    flags = {"bf16_inputs": matmul_precision == "medium", "quant_gemv": quant_gemv}
     return Backend(
         name="numba",
-        linear=partial(linear.linear, bf16_inputs=bf16_inputs),
-        linears=partial(linear.linears, bf16_inputs=bf16_inputs),
+        linear=partial(linear.linear, **flags),
+        linears=partial(linear.linears, **flags),
         rms_norm=norm_rope.rms_norm,
         apply_rope=norm_rope.apply_rope,
         attention=attention.attention,
-        swiglu=partial(linear.swiglu, bf16_inputs=bf16_inputs),
-        moe_block=partial(moe.moe_block, bf16_inputs=bf16_inputs),
+        swiglu=partial(linear.swiglu, **flags),
+        moe_block=partial(moe.moe_block, **flags),
         embed=embed,
         prepare=prepare,
         to_numpy=np.asarray,

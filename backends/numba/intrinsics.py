@@ -33,6 +33,30 @@ def _bf16(typingctx, u):
 
 
 @intrinsic
+def _f16(typingctx, u):
+    """uint16 IEEE half-precision bit pattern -> float32, in a register (exact: every fp16 is a float32).
+
+    The block scales of GGUF's quantized weights (Q8_0's d, Q4_K's d and dmin, Q6_K's d) are fp16; LLVM turns
+    this into one `vcvtph2ps` on x86 CPUs with F16C.
+    """
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _round_f16(typingctx, f):
+    """float32 -> the nearest fp16 (ties to even), as float32 again: how llama.cpp stores a Q8_0 block's scale."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.float32), codegen
+
+
+@intrinsic
 def _f32_bits(typingctx, f):
     """float32 -> its uint32 bit pattern (a reinterpretation, like `.view(np.uint32)` on an array)."""
 

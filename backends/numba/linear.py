@@ -1,5 +1,8 @@
 """The weight products: decode's bf16 GEMVs (streamed, each row widened in registers), prefill's widen-a-block +
-BLAS (or oneDNN's bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV.
+BLAS (or oneDNN's bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
+weights (`QuantWeight`) take the same two roads through `quant.py`: decode's GEMV over their blocks ("int8": x
+quantized to int8 blocks, integer dot products, llama.cpp's way; or "float": codes widened in registers), prefill
+a block of rows dequantized + BLAS.
 """
 
 from __future__ import annotations
@@ -11,10 +14,20 @@ import numpy as np
 from numba import njit, prange
 
 from tinyqwen.backends import onednn
+from tinyqwen.backends.numba import quant
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
-from tinyqwen.backends.numba.weights import BF16Weight
+from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
+
+# the decode GEMV over quantized blocks, the first the default (see quant.py and benchmarks/bench_quant_gemv.py)
+QUANT_GEMV = ("int8", "float")
 
 GEMV_MAX_ROWS = 64  # up to this many tokens (a batched decode step) a product streams the bf16 weights
+# quantized weights: up to this many tokens the GEMV over the blocks (int8 activations), beyond, dequantized blocks
+# + BLAS — so a prompt is multiplied in float32, as llama.cpp's prefill on these files
+QUANT_GEMV_MAX_ROWS = 4
+FUSED_SWIGLU = (
+    True  # decode's bf16 SwiGLU as one call of two parallel loops (_swiglu_bf16); False: two launches
+)
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits
@@ -104,6 +117,24 @@ def _gate_up_bf16(
         _gate_up_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
 
 
+@njit(parallel=True, cache=True)
+def _swiglu_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):
+    # [M, K] f32, [F, K] u16 x2, [K, F] u16 -> h [M, F] (scratch), out [M, K]: decode's whole SwiGLU in one call.
+    # The same two parallel loops as _gate_up_bf16 then _gemv_many_bf16, the same serial kernels (bit-identical
+    # results), but one entry from Python instead of two: the threads go from the first loop to the second while
+    # still spinning, instead of falling asleep in the Python between two launches and paying a wake-up
+    F = w_gate.shape[0]
+    c1 = min(F, chunks)
+    size = (F + c1 - 1) // c1
+    for c in prange(c1):
+        _gate_up_rows_bf16(x, w_gate, w_up, h, c * size, min(F, (c + 1) * size))
+    total = w_down.shape[0]
+    c2 = min(total, chunks)
+    size2 = (total + c2 - 1) // c2
+    for c in prange(c2):
+        _gemv_rows_bf16(h, (w_down,), (out,), starts, c * size2, min(total, (c + 1) * size2))
+
+
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def _silu_mul(g, u):  # [M, F] x2 -> [M, F]
     out = np.empty_like(g)
@@ -122,9 +153,27 @@ def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contigu
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
 
 
+def _quant_linear(x2: np.ndarray, w: QuantWeight, quant_gemv: str) -> np.ndarray:  # [M, K], [N, K] -> [M, N]
+    N, K = w.shape
+    M = x2.shape[0]
+    if M <= QUANT_GEMV_MAX_ROWS:  # decode: the GEMV over the blocks
+        return quant.gemv(x2, (w,), quant_gemv == "int8", _chunks(), _starts((N,)))[0]
+    # prefill: compute-bound, so BLAS on a block of rows dequantized at a time (float32 never the whole weight)
+    block = max(1, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
+    out = np.empty((M, N), np.float32)
+    scratch = np.empty((block, K), np.float32)
+    for start in range(0, N, block):
+        stop = min(N, start + block)
+        quant.dequantize_rows(w.kind, w.data, w.data8, np.arange(start, stop), scratch[: stop - start])
+        out[:, start:stop] = x2 @ scratch[: stop - start].T
+    return out
+
+
 def linear(
-    x: np.ndarray, w, bf16_inputs: bool = False
+    x: np.ndarray, w, bf16_inputs: bool = False, quant_gemv: str = "int8"
 ) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..., d_out]
+    if isinstance(w, QuantWeight):  # (bf16_inputs: no bf16 product here; "int8" rounds x further anyway)
+        return _quant_linear(_rows(x), w, quant_gemv).reshape(*x.shape[:-1], w.shape[0])
     if not isinstance(w, BF16Weight):
         return x @ w.T  # float32 weights: BLAS, as the reference
     x2 = _rows(x)
@@ -152,14 +201,19 @@ def linear(
     return out.reshape(*x.shape[:-1], N)
 
 
-def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False) -> tuple:
+def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False, quant_gemv: str = "int8") -> tuple:
     # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]: decode's q, k, v GEMVs in one kernel
     x2 = _rows(x)
+    if x2.shape[0] <= QUANT_GEMV_MAX_ROWS and all(isinstance(w, QuantWeight) for w in ws):
+        outs = quant.gemv(
+            x2, tuple(ws), quant_gemv == "int8", _chunks(), _starts(tuple(w.shape[0] for w in ws))
+        )
+        return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
     fused = all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in ws)
     # one Numba type for all (a tuple indexed at run time): all read-only file maps, or all writable arrays
     fused = fused and len({w.bits.flags.writeable for w in ws}) == 1
     if x2.shape[0] > GEMV_MAX_ROWS or not fused:
-        return tuple(linear(x, w, bf16_inputs) for w in ws)
+        return tuple(linear(x, w, bf16_inputs, quant_gemv) for w in ws)
     outs = _gemv(x2, tuple(w.bits for w in ws), bf16_inputs)
     return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
 
@@ -185,12 +239,26 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     return outs
 
 
-def swiglu(x: np.ndarray, w_gate, w_up, w_down, bf16_inputs: bool = False) -> np.ndarray:
-    # [..., d], [f, d], [f, d], [d, f] -> [..., d]
+def swiglu(
+    x: np.ndarray, w_gate, w_up, w_down, bf16_inputs: bool = False, quant_gemv: str = "int8"
+) -> np.ndarray:  # [..., d], [f, d], [f, d], [d, f] -> [..., d]
     x2 = _rows(x)
+    if (
+        isinstance(w_gate, QuantWeight)
+        and isinstance(w_up, QuantWeight)
+        and x2.shape[0] <= QUANT_GEMV_MAX_ROWS
+    ):
+        g, u = linears(x2, (w_gate, w_up), bf16_inputs, quant_gemv)  # one launch for both
+        return linear(_silu_mul(g, u), w_down, bf16_inputs, quant_gemv).reshape(x.shape)
+    bf16 = all(isinstance(w, BF16Weight) for w in (w_gate, w_up, w_down))
+    if FUSED_SWIGLU and bf16 and not bf16_inputs and x2.shape[0] <= GEMV_MAX_ROWS:  # decode, one call
+        h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
+        out = np.empty(x2.shape, np.float32)
+        _swiglu_bf16(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)), _chunks())
+        return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
         _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
     else:
-        h = _silu_mul(linear(x2, w_gate, bf16_inputs), linear(x2, w_up, bf16_inputs))
-    return linear(h, w_down, bf16_inputs).reshape(x.shape)
+        h = _silu_mul(linear(x2, w_gate, bf16_inputs, quant_gemv), linear(x2, w_up, bf16_inputs, quant_gemv))
+    return linear(h, w_down, bf16_inputs, quant_gemv).reshape(x.shape)

@@ -1,5 +1,6 @@
 """The mixture-of-experts block: only the routed experts run — decode in one fused kernel over every (token,
-expert) pair, prefill grouped by expert (each expert's weights read once per call).
+expert) pair, prefill grouped by expert (each expert's weights read once per call). Quantized experts stay stacked
+per layer in their blocks ([E, rows, bytes], `QuantWeight`) and decode through `quant.moe_up` / `quant.moe_down`.
 """
 
 from __future__ import annotations
@@ -7,9 +8,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from tinyqwen.backends.numba import quant
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, _to_bf16, round_bf16
-from tinyqwen.backends.numba.linear import GEMV_MAX_ROWS, _chunks, _rows, linear, swiglu
-from tinyqwen.backends.numba.weights import BF16Weight
+from tinyqwen.backends.numba.linear import GEMV_MAX_ROWS, QUANT_GEMV_MAX_ROWS, _chunks, _rows, linear, swiglu
+from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 from tinyqwen.moe import route
 
 
@@ -75,10 +77,50 @@ def _expert(w, e: int):  # one expert's [rows, cols] weight out of the stacked [
     return BF16Weight(w.bits[e]) if isinstance(w, BF16Weight) else w[e]
 
 
-def moe_block(x, w_router, w_gate, w_up, w_down, top_k: int, norm_topk_prob: bool, bf16_inputs: bool = False):
-    # [N, d], [E, d], [E, f, d], [E, f, d], [E, d, f] -> output [N, d], router logits [N, E]
-    router_logits = linear(x, w_router, bf16_inputs)
+def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
+    # x [N, d] f32, routing [N, k], stacked quantized experts -> [N, d]: two launches for all (token, expert) pairs
+    x2 = _rows(x)
+    N, k = experts.shape
+    h = np.empty((N * k, w_gate.shape[1]), np.float32)
+    acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
+    quant.moe_up(
+        use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, experts, h,
+        _chunks(),
+    )  # fmt: skip
+    out = np.empty(x2.shape, np.float32)
+    acts = quant.activations(h, {w_down.kind}, use_int)
+    quant.moe_down(
+        use_int,
+        w_down.kind,
+        w_down.data,
+        w_down.data8,
+        acts,
+        experts,
+        weights.astype(np.float32),
+        out,
+        _chunks(),
+    )
+    return out
+
+
+def moe_block(
+    x,
+    w_router,
+    w_gate,
+    w_up,
+    w_down,
+    top_k: int,
+    norm_topk_prob: bool,
+    bf16_inputs: bool = False,
+    quant_gemv: str = "int8",
+):  # [N, d], [E, d], [E, f, d], [E, f, d], [E, d, f] -> output [N, d], router logits [N, E]
+    router_logits = linear(x, w_router, bf16_inputs, quant_gemv)
     weights, experts = route(router_logits, top_k, norm_topk_prob)  # the reference's routing, ties included
+    quantized = all(isinstance(w, QuantWeight) for w in (w_gate, w_up, w_down))
+    if quantized and x.shape[0] <= QUANT_GEMV_MAX_ROWS:  # decode: every pair's rows over the threads together
+        return _moe_decode_quant(
+            x, experts, weights, w_gate, w_up, w_down, quant_gemv == "int8"
+        ), router_logits
     if isinstance(w_gate, BF16Weight) and x.shape[0] <= GEMV_MAX_ROWS:  # decode: one fused kernel
         out = np.empty(x.shape, np.float32)
         x2 = round_bf16(_rows(x))[1] if bf16_inputs else _rows(x)
@@ -89,6 +131,8 @@ def moe_block(x, w_router, w_gate, w_up, w_down, top_k: int, norm_topk_prob: boo
     # only the routed experts run; each runs once, on all the tokens that chose it (its weights read once)
     for e in np.unique(experts):
         token, slot = np.nonzero(experts == e)
-        y = swiglu(x[token], _expert(w_gate, e), _expert(w_up, e), _expert(w_down, e), bf16_inputs)
+        y = swiglu(
+            x[token], _expert(w_gate, e), _expert(w_up, e), _expert(w_down, e), bf16_inputs, quant_gemv
+        )
         out[token] += y * weights[token, slot, None]  # a token picks an expert at most once: no repeats
     return out, router_logits

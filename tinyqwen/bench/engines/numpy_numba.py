@@ -1,7 +1,8 @@
 """The tinyqwen engine on a CPU backend: "numpy", "numba", "numba:medium" (matmul_precision), ":bfloat16" (KV cache).
 
-The option reads backend[:precision[:kv_dtype]], e.g. "numba:medium:bfloat16" -> backend numba,
-matmul_precision="medium", a bfloat16 KV cache.
+The option reads backend[:precision[:kv_dtype[:quant_gemv]]], e.g. "numba:medium:bfloat16" -> backend numba,
+matmul_precision="medium", a bfloat16 KV cache; "numba:::float" -> a GGUF file's quantized weights through the
+float GEMVs instead of the default int8 ones (backends/numba/quant.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,17 @@ def load(path: str, threads: int, option: str, max_len: int):
     import tinyqwen
     from tinyqwen.bench.runner import resident_bytes
 
-    backend, precision, kv_dtype = (option.split(":") + ["", ""])[:3]
+    backend, precision, kv_dtype, quant_gemv = (option.split(":") + ["", "", ""])[:4]
     clock = None
     if backend == "numba":
         from tinyqwen.backends.numba import compile_clock
 
         clock = compile_clock()
     model = tinyqwen.load_model(path, backend=backend, matmul_precision=precision or "highest")
+    if quant_gemv:  # the same weights, the other decode GEMV for quantized blocks
+        from tinyqwen.backends.numba import backend as numba_backend
+
+        model.backend = numba_backend(precision or "highest", quant_gemv=quant_gemv)
     if precision == "medium":
         from tinyqwen.backends import onednn
 
@@ -29,6 +34,8 @@ def load(path: str, threads: int, option: str, max_len: int):
     kv_dtype = kv_dtype or "float32"
     if kv_dtype != "float32":
         precision += f", KV cache {kv_dtype}"
+    if quant_gemv:
+        precision += f", {quant_gemv} GEMVs"
 
     class Engine:
         version = f"tinyqwen {tinyqwen.__version__} ({backend} backend{precision})"

@@ -1,0 +1,503 @@
+"""Products with GGUF's quantized weights (Q8_0, Q4_K, Q6_K) that stay in their blocks: decode's GEMVs read the
+int8 / 4-bit / 6-bit codes straight from the file's bytes, prefill widens a block of rows and calls BLAS.
+
+One concept: the three block formats' inner loops side by side (they share the GEMV's skeleton, the activation
+quantizers and the dispatch), so a reader compares them in one place.
+
+The layouts are llama.cpp's (`ggml-common.h`), one row of a weight = its blocks in order:
+
+    q8_0   32 values,  34 bytes: fp16 d, 32 int8 q                          w = d·q
+    q4_k  256 values, 144 bytes: fp16 d, fp16 dmin, 12 bytes of eight 6-bit (scale, min) pairs, 128 bytes of
+                                 nibbles (byte l of group g holds value 64g + l low, 64g + 32 + l high)
+                                                                            w = d·sc_s·q − dmin·m_s  (s: 32 values)
+    q6_k  256 values, 210 bytes: 128 bytes low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, fp16 d
+                                                                            w = d·sc_s·(q − 32)      (s: 16 values)
+
+Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot product with x, both here and both timed in
+`benchmarks/bench_quant_gemv.py`:
+
+- "int8" (the default; llama.cpp's): x is first quantized to int8 blocks itself — Q8_0 (32 values, scale
+  amax/127) for q8_0 weights, Q8_K (256 values, scale max/−127, float32) for the k-quants — and the inner loops
+  multiply integers, int8 × int8 (or × nibble) summed in int32, exact; the scales multiply once per block. The
+  activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. On
+  CPUs with AVX2 the block sums run on `vpmaddubsw`/`vpmaddwd` (avx2.py, 32 products an instruction); elsewhere
+  on plain loops LLVM vectorises. One thread, a [3072, 1024] weight: 4-14 G weights/s with AVX2 against the
+  loops' 2.6-4.2 (q8_0 3.4x, q4_k 1.5x, q6_k 3.1x; AMD EPYC, a busy machine, so ±50 % between runs).
+- "float": the codes are widened to float32 in registers and multiplied with x as it is (only float32 rounding).
+  LLVM did not vectorise these loops well here: 1.2-4x slower than "int8" in the benchmark, so "int8" is the
+  default and "float" stays as the comparison (and the exact-float32 option).
+
+Prefill (more rows): `dequantize_rows` widens a block of weight rows into a float32 scratch buffer, then BLAS's
+sgemm — the same scheme as the bf16 path (`linear.py`): the float32 copy of a weight never exceeds the block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from tinyqwen.backends.numba import avx2
+from tinyqwen.backends.numba.intrinsics import FAST, _f16, _round_f16, _silu
+
+# the kernels' numbering of the block formats
+Q8_0, Q4_K, Q6_K = 0, 1, 2
+KINDS = {"q8_0": Q8_0, "q4_k": Q4_K, "q6_k": Q6_K}
+
+
+# ---- reading a block's fields --------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _half(b, o):  # the fp16 stored little-endian at bytes o, o+1 of a uint8 row -> float32
+    return _f16(np.uint16(b[o]) | (np.uint16(b[o + 1]) << np.uint16(8)))
+
+
+@njit(cache=True, inline="always")
+def _scale_min_k4(b, o, j):  # Q4_K's j-th (scale, min) pair, 6 bits each, from the 12 bytes at o -> int32 x2
+    # pairs 0-3: the low 6 bits of bytes j and j + 4; pairs 4-7: a nibble of byte j + 4 and the top 2 bits of
+    # bytes j - 4 (scale) and j (min)
+    if j < 4:
+        return np.int32(b[o + j] & 63), np.int32(b[o + j + 4] & 63)
+    sc = (b[o + j + 4] & 15) | ((b[o + j - 4] >> 6) << 4)
+    mn = (b[o + j + 4] >> 4) | ((b[o + j] >> 6) << 4)
+    return np.int32(sc), np.int32(mn)
+
+
+# ---- dequantization of whole rows (prefill's blocks, the embedding lookup) -------------------------------------
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _dequantize_row(kind, b, i8, out):  # one row: uint8 bytes, the same bytes as int8, -> out [K] f32
+    K = out.shape[0]
+    if kind == Q8_0:
+        for blk in range(K // 32):
+            o = blk * 34
+            d = _half(b, o)
+            for j in range(32):
+                out[blk * 32 + j] = d * np.float32(i8[o + 2 + j])
+    elif kind == Q4_K:
+        for blk in range(K // 256):
+            o = blk * 144
+            d, dmin = _half(b, o), _half(b, o + 2)
+            for g in range(4):
+                sc1, m1 = _scale_min_k4(b, o + 4, 2 * g)
+                sc2, m2 = _scale_min_k4(b, o + 4, 2 * g + 1)
+                d1, d2 = d * np.float32(sc1), d * np.float32(sc2)
+                n1, n2 = dmin * np.float32(m1), dmin * np.float32(m2)
+                q, y = o + 16 + 32 * g, blk * 256 + 64 * g
+                for l in range(32):
+                    out[y + l] = d1 * np.float32(b[q + l] & 15) - n1
+                    out[y + 32 + l] = d2 * np.float32(b[q + l] >> 4) - n2
+    else:  # Q6_K
+        for blk in range(K // 256):
+            o = blk * 210
+            d = _half(b, o + 208)
+            for h in range(2):  # two halves of 128 values
+                ql, qh, sc, y = o + 64 * h, o + 128 + 32 * h, o + 192 + 8 * h, blk * 256 + 128 * h
+                for l in range(32):
+                    s = l // 16
+                    lo, hi, top = b[ql + l], b[ql + 32 + l], b[qh + l]
+                    out[y + l] = d * np.float32(i8[sc + s]) * np.float32(((lo & 15) | ((top & 3) << 4)) - 32)
+                    out[y + 32 + l] = (
+                        d
+                        * np.float32(i8[sc + s + 2])
+                        * np.float32(((hi & 15) | (((top >> 2) & 3) << 4)) - 32)
+                    )
+                    out[y + 64 + l] = (
+                        d
+                        * np.float32(i8[sc + s + 4])
+                        * np.float32(((lo >> 4) | (((top >> 4) & 3) << 4)) - 32)
+                    )
+                    out[y + 96 + l] = (
+                        d
+                        * np.float32(i8[sc + s + 6])
+                        * np.float32(((hi >> 4) | (((top >> 6) & 3) << 4)) - 32)
+                    )
+
+
+@njit(cache=True)
+def dequantize_rows(
+    kind, b, i8, rows, out
+):  # [N, bytes] u8 (and its int8 view), row ids [R] -> out [R, K] f32
+    # one thread, as `_widen` in linear.py: it alternates with BLAS, whose threads are still spinning when it starts
+    for r in range(rows.shape[0]):
+        _dequantize_row(kind, b[rows[r]], i8[rows[r]], out[r])
+
+
+# ---- the activation's int8 blocks (llama.cpp's quantize_row_q8_0 / quantize_row_q8_K) --------------------------
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_q8_0_rows(x, q, d):  # [M, K] f32 -> q [M, K] int8, d [M, K/32] f32 (written)
+    # d = amax/127 rounded to fp16 as llama.cpp stores it; q = round-half-away(x·127/amax), from the unrounded d
+    M, K = x.shape
+    for m in range(M):
+        for blk in range(K // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[m, blk * 32 + j]))
+            dd = amax / np.float32(127.0)
+            inv = np.float32(1.0) / dd if dd != 0 else np.float32(0.0)
+            for j in range(32):
+                v = x[m, blk * 32 + j] * inv
+                q[m, blk * 32 + j] = np.int8(np.int32(v + np.float32(0.5) if v >= 0 else v - np.float32(0.5)))
+            d[m, blk] = _round_f16(dd)
+
+
+@njit(cache=True, error_model="numpy")
+def quantize_q8_k_rows(x, q, d, sums):  # [M, K] f32 -> q [M, K] int8, d [M, K/256] f32, sums [M, K/32] int32
+    # d = max/−127 where max is the value of largest magnitude (its sign kept), q = round-half-even(x/d) capped at
+    # 127; sums: each 32 values' sum of q, for Q4_K's mins (llama.cpp keeps sums of 16, its bsums)
+    M, K = x.shape
+    for m in range(M):
+        for blk in range(K // 256):
+            amax, vmax = np.float32(0.0), np.float32(0.0)
+            for j in range(256):
+                a = abs(x[m, blk * 256 + j])
+                if a > amax:
+                    amax, vmax = a, x[m, blk * 256 + j]
+            iscale = np.float32(-127.0) / vmax if amax != 0 else np.float32(0.0)
+            for j in range(256):
+                q[m, blk * 256 + j] = np.int8(min(127, np.int32(np.rint(iscale * x[m, blk * 256 + j]))))
+            d[m, blk] = np.float32(1.0) / iscale if amax != 0 else np.float32(0.0)
+            for s in range(8):
+                t = np.int32(0)
+                for j in range(32):
+                    t += np.int32(q[m, blk * 256 + 32 * s + j])
+                sums[m, blk * 8 + s] = t
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def block_sums(x, sums):  # [M, K] f32 -> sums [M, K/32]: each 32 values' sum (Q4_K's mins, "float" path)
+    M, K = x.shape
+    for m in range(M):
+        for s in range(K // 32):
+            t = np.float32(0.0)
+            for j in range(32):
+                t += x[m, 32 * s + j]
+            sums[m, s] = t
+
+
+# ---- one row's dot product: "int8" (x as int8 blocks) ----------------------------------------------------------
+
+# L, the run of 32 values that share a scale, arrives as an argument (always 32; Q6_K's runs are L // 2): with a
+# trip count LLVM cannot see, it vectorises the inner loop (16 int8 products per instruction here) instead of
+# unrolling it whole into scalar code, which it then failed to vectorise — the Q8_0 GEMV of a [3072, 1024] weight
+# took 1.6 ms on one thread unrolled, 0.75 ms with L (AMD EPYC, AVX2, a busy machine).
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q8_0_int_loops(b, i8, xq, xd, L):  # row bytes, x's Q8_0 codes [K] and scales [K/32] -> float32
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 34
+        s = np.int32(0)
+        for j in range(L):
+            s += np.int32(i8[o + 2 + j]) * np.int32(xq[blk * 32 + j])
+        acc += _half(b, o) * xd[blk] * np.float32(s)
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q4_k_int_loops(
+    b, xq, xd, xs, L
+):  # row bytes, x's Q8_K codes [K], scales [K/256], sums [K/32] -> float32
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 144
+        dots = np.int32(0)  # Σ_s sc_s · Σ q·xq
+        mins = np.int32(0)  # Σ_s m_s · Σ xq
+        for g in range(4):
+            sc1, m1 = _scale_min_k4(b, o + 4, 2 * g)
+            sc2, m2 = _scale_min_k4(b, o + 4, 2 * g + 1)
+            q, y = o + 16 + 32 * g, blk * 256 + 64 * g
+            s1 = np.int32(0)
+            s2 = np.int32(0)
+            for l in range(L):
+                s1 += np.int32(b[q + l] & 15) * np.int32(xq[y + l])
+                s2 += np.int32(b[q + l] >> 4) * np.int32(xq[y + 32 + l])
+            dots += sc1 * s1 + sc2 * s2
+            mins += m1 * xs[blk * 8 + 2 * g] + m2 * xs[blk * 8 + 2 * g + 1]
+        acc += xd[blk] * (_half(b, o) * np.float32(dots) - _half(b, o + 2) * np.float32(mins))
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q6_k_int_loops(
+    b, i8, xq, xd, L
+):  # row bytes (and as int8), x's Q8_K codes [K] and scales [K/256] -> float32
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 210
+        total = np.int32(0)
+        for h in range(2):
+            ql, qh, sc, y = o + 64 * h, o + 128 + 32 * h, o + 192 + 8 * h, blk * 256 + 128 * h
+            for s in range(2):  # 16 values share a scale
+                s1 = np.int32(0)
+                s2 = np.int32(0)
+                s3 = np.int32(0)
+                s4 = np.int32(0)
+                for i in range(L // 2):
+                    l = 16 * s + i
+                    lo, hi, top = np.int32(b[ql + l]), np.int32(b[ql + 32 + l]), np.int32(b[qh + l])
+                    s1 += (((lo & 15) | ((top & 3) << 4)) - 32) * np.int32(xq[y + l])
+                    s2 += (((hi & 15) | (((top >> 2) & 3) << 4)) - 32) * np.int32(xq[y + 32 + l])
+                    s3 += (((lo >> 4) | (((top >> 4) & 3) << 4)) - 32) * np.int32(xq[y + 64 + l])
+                    s4 += (((hi >> 4) | (((top >> 6) & 3) << 4)) - 32) * np.int32(xq[y + 96 + l])
+                total += (
+                    np.int32(i8[sc + s]) * s1
+                    + np.int32(i8[sc + s + 2]) * s2
+                    + np.int32(i8[sc + s + 4]) * s3
+                    + np.int32(i8[sc + s + 6]) * s4
+                )
+        acc += xd[blk] * _half(b, o + 208) * np.float32(total)
+    return acc
+
+
+# The same three on AVX2 (backends/numba/avx2.py: 32 int8 products per instruction, as llama.cpp's kernels): the
+# integer sums are exact either way, so both give the same floats; the loops stay for CPUs without AVX2.
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q8_0_int_avx2(b, i8, xq, xd, L):
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 34
+        acc += _half(b, o) * xd[blk] * np.float32(avx2.q8_0_dot32(i8, o + 2, xq, blk * 32))
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q4_k_int_avx2(b, xq, xd, xs, L):
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 144
+        s0, m0 = _scale_min_k4(b, o + 4, 0)
+        s1, m1 = _scale_min_k4(b, o + 4, 1)
+        s2, m2 = _scale_min_k4(b, o + 4, 2)
+        s3, m3 = _scale_min_k4(b, o + 4, 3)
+        s4, m4 = _scale_min_k4(b, o + 4, 4)
+        s5, m5 = _scale_min_k4(b, o + 4, 5)
+        s6, m6 = _scale_min_k4(b, o + 4, 6)
+        s7, m7 = _scale_min_k4(b, o + 4, 7)
+        dots = avx2.q4_k_dot256(b, o + 16, xq, blk * 256, s0, s1, s2, s3, s4, s5, s6, s7)
+        x8 = blk * 8
+        mins = (
+            m0 * xs[x8] + m1 * xs[x8 + 1] + m2 * xs[x8 + 2] + m3 * xs[x8 + 3]
+            + m4 * xs[x8 + 4] + m5 * xs[x8 + 5] + m6 * xs[x8 + 6] + m7 * xs[x8 + 7]
+        )  # fmt: skip
+        acc += xd[blk] * (_half(b, o) * np.float32(dots) - _half(b, o + 2) * np.float32(mins))
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q6_k_int_avx2(b, i8, xq, xd, L):
+    acc = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 210
+        acc += xd[blk] * _half(b, o + 208) * np.float32(avx2.q6_k_dot256(b, i8, o, xq, blk * 256))
+    return acc
+
+
+if avx2.HAS_AVX2:
+    _dot_q8_0_int, _dot_q4_k_int, _dot_q6_k_int = _dot_q8_0_int_avx2, _dot_q4_k_int_avx2, _dot_q6_k_int_avx2
+else:
+    _dot_q8_0_int, _dot_q4_k_int, _dot_q6_k_int = (
+        _dot_q8_0_int_loops,
+        _dot_q4_k_int_loops,
+        _dot_q6_k_int_loops,
+    )
+
+
+# ---- one row's dot product: "float" (codes widened in registers, x as it is) ----------------------------------
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q8_0_float(b, i8, x, L):  # row bytes, x [K] f32 -> float32
+    acc = np.float32(0.0)
+    for blk in range(x.shape[0] // 32):
+        o = blk * 34
+        s = np.float32(0.0)
+        for j in range(L):
+            s += np.float32(i8[o + 2 + j]) * x[blk * 32 + j]
+        acc += _half(b, o) * s
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q4_k_float(b, x, xs, L):  # row bytes, x [K] f32, its sums of 32 [K/32] -> float32
+    acc = np.float32(0.0)
+    for blk in range(x.shape[0] // 256):
+        o = blk * 144
+        dots = np.float32(0.0)
+        mins = np.float32(0.0)
+        for g in range(4):
+            sc1, m1 = _scale_min_k4(b, o + 4, 2 * g)
+            sc2, m2 = _scale_min_k4(b, o + 4, 2 * g + 1)
+            q, y = o + 16 + 32 * g, blk * 256 + 64 * g
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            for l in range(L):
+                s1 += np.float32(b[q + l] & 15) * x[y + l]
+                s2 += np.float32(b[q + l] >> 4) * x[y + 32 + l]
+            dots += np.float32(sc1) * s1 + np.float32(sc2) * s2
+            mins += np.float32(m1) * xs[blk * 8 + 2 * g] + np.float32(m2) * xs[blk * 8 + 2 * g + 1]
+        acc += _half(b, o) * dots - _half(b, o + 2) * mins
+    return acc
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_q6_k_float(b, i8, x, L):  # row bytes (and as int8), x [K] f32 -> float32
+    acc = np.float32(0.0)
+    for blk in range(x.shape[0] // 256):
+        o = blk * 210
+        total = np.float32(0.0)
+        for h in range(2):
+            ql, qh, sc, y = o + 64 * h, o + 128 + 32 * h, o + 192 + 8 * h, blk * 256 + 128 * h
+            for s in range(2):
+                s1 = np.float32(0.0)
+                s2 = np.float32(0.0)
+                s3 = np.float32(0.0)
+                s4 = np.float32(0.0)
+                for i in range(L // 2):
+                    l = 16 * s + i
+                    lo, hi, top = np.int32(b[ql + l]), np.int32(b[ql + 32 + l]), np.int32(b[qh + l])
+                    s1 += np.float32(((lo & 15) | ((top & 3) << 4)) - 32) * x[y + l]
+                    s2 += np.float32(((hi & 15) | (((top >> 2) & 3) << 4)) - 32) * x[y + 32 + l]
+                    s3 += np.float32(((lo >> 4) | (((top >> 4) & 3) << 4)) - 32) * x[y + 64 + l]
+                    s4 += np.float32(((hi >> 4) | (((top >> 6) & 3) << 4)) - 32) * x[y + 96 + l]
+                total += (
+                    np.float32(i8[sc + s]) * s1
+                    + np.float32(i8[sc + s + 2]) * s2
+                    + np.float32(i8[sc + s + 4]) * s3
+                    + np.float32(i8[sc + s + 6]) * s4
+                )
+        acc += _half(b, o + 208) * total
+    return acc
+
+
+# ---- the GEMV: rows of several weights as one row space, chunks over the threads -------------------------------
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot(kind, use_int, b, i8, x, a0q, a0d, akq, akd, aks, xs, L):  # one weight row · one activation row
+    if use_int:
+        if kind == Q8_0:
+            return _dot_q8_0_int(b, i8, a0q, a0d, L)
+        if kind == Q4_K:
+            return _dot_q4_k_int(b, akq, akd, aks, L)
+        return _dot_q6_k_int(b, i8, akq, akd, L)
+    if kind == Q8_0:
+        return _dot_q8_0_float(b, i8, x, L)
+    if kind == Q4_K:
+        return _dot_q4_k_float(b, x, xs, L)
+    return _dot_q6_k_float(b, i8, x, L)
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, lo, hi):  # rows lo..hi of the stacked row space
+    x, a0q, a0d, akq, akd, aks, xs, L = acts
+    M = x.shape[0]
+    i = 0
+    for r in range(lo, hi):
+        while r >= starts[i + 1]:
+            i += 1
+        w, w8, out, n, kind = ws[i], ws8[i], outs[i], r - starts[i], kinds[i]
+        for m in range(M):
+            out[m, n] = _dot(
+                kind, use_int, w[n], w8[n], x[m], a0q[m], a0d[m], akq[m], akd[m], aks[m], xs[m], L
+            )
+
+
+@njit(parallel=True, cache=True)
+def _gemv_many(use_int, kinds, ws, ws8, outs, starts, acts, chunks):
+    # n weights' rows as one row space (starts: cumulative row counts), split into chunks over the threads: one
+    # parallel launch for q, k and v (or gate and up) together, as the bf16 GEMV in linear.py
+    total = starts[-1]
+    chunks = min(total, chunks)
+    size = (total + chunks - 1) // chunks
+    for c in prange(chunks):
+        _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+
+
+def activations(x2: np.ndarray, kinds, use_int: bool) -> tuple:
+    """The forms of x [M, K] the kernels read: (x, Q8_0 codes, Q8_0 scales, Q8_K codes, Q8_K scales, Q8_K sums of
+    32, float sums of 32, L); a form no weight of `kinds` needs is an empty placeholder (same types, no work)."""
+    M, K = x2.shape
+    need0 = use_int and Q8_0 in kinds
+    needk = use_int and (Q4_K in kinds or Q6_K in kinds)
+    needs = not use_int and Q4_K in kinds
+    a0q = np.empty((M, K if need0 else 0), np.int8)
+    a0d = np.empty((M, K // 32 if need0 else 0), np.float32)
+    akq = np.empty((M, K if needk else 0), np.int8)
+    akd = np.empty((M, K // 256 if needk else 0), np.float32)
+    aks = np.empty((M, K // 32 if needk else 0), np.int32)
+    xs = np.empty((M, K // 32 if needs else 0), np.float32)
+    if need0:
+        quantize_q8_0_rows(x2, a0q, a0d)
+    if needk:
+        quantize_q8_k_rows(x2, akq, akd, aks)
+    if needs:
+        block_sums(x2, xs)
+    return x2, a0q, a0d, akq, akd, aks, xs, 32  # (32: L, the run length, see the dot products)
+
+
+def gemv(x2: np.ndarray, ws: tuple, use_int: bool, chunks: int, starts: np.ndarray) -> tuple:
+    # [M, K] f32, n quantized weights (QuantWeight) -> n x [M, N_i] f32, in one parallel launch
+    kinds = np.array([w.kind for w in ws], np.int64)
+    outs = tuple(np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws)
+    acts = activations(x2, set(kinds.tolist()), use_int)
+    _gemv_many(
+        use_int, kinds, tuple(w.data for w in ws), tuple(w.data8 for w in ws), outs, starts, acts, chunks
+    )
+    return outs
+
+
+# ---- MoE decode: every (token, expert) pair of a step in one launch ------------------------------------------
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_up_rows(use_int, kg, ku, g, g8, u, u8, acts, experts, h, p, lo, hi):  # hidden units lo..hi of pair p
+    x, a0q, a0d, akq, akd, aks, xs, L = acts
+    k = experts.shape[1]
+    t, e = p // k, experts[p // k, p % k]
+    for f in range(lo, hi):
+        gv = _dot(kg, use_int, g[e, f], g8[e, f], x[t], a0q[t], a0d[t], akq[t], akd[t], aks[t], xs[t], L)
+        uv = _dot(ku, use_int, u[e, f], u8[e, f], x[t], a0q[t], a0d[t], akq[t], akd[t], aks[t], xs[t], L)
+        h[p, f] = _silu(gv) * uv
+
+
+@njit(parallel=True, cache=True)
+def moe_up(use_int, kg, ku, g, g8, u, u8, acts, experts, h, chunks):
+    # acts of x [N, d]; g/u [E, F, bytes] -> h [N·k, F] = silu(x Wgᵀ)·(x Wuᵀ) for each (token, slot) pair
+    P = experts.shape[0] * experts.shape[1]
+    F = h.shape[1]
+    per = min(F, max(1, chunks // P + 1))
+    size = (F + per - 1) // per
+    for job in prange(P * per):
+        p, c = job // per, job % per
+        _moe_up_rows(use_int, kg, ku, g, g8, u, u8, acts, experts, h, p, c * size, min(F, (c + 1) * size))
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_down_rows(use_int, kd, w, w8, acts, experts, weights, out, lo, hi):  # output features lo..hi
+    x, a0q, a0d, akq, akd, aks, xs, L = acts  # of h [N·k, F]
+    N, k = experts.shape
+    for i in range(lo, hi):
+        for t in range(N):
+            total = np.float32(0.0)
+            for s in range(k):  # the token's experts, summed in slot order
+                e, p = experts[t, s], t * k + s
+                total += weights[t, s] * _dot(
+                    kd, use_int, w[e, i], w8[e, i], x[p], a0q[p], a0d[p], akq[p], akd[p], aks[p], xs[p], L
+                )
+            out[t, i] = total
+
+
+@njit(parallel=True, cache=True)
+def moe_down(use_int, kd, w, w8, acts, experts, weights, out, chunks):  # w [E, d, bytes] -> out [N, d]
+    d = out.shape[1]
+    rows = min(d, chunks)
+    size = (d + rows - 1) // rows
+    for c in prange(rows):
+        _moe_down_rows(use_int, kd, w, w8, acts, experts, weights, out, c * size, min(d, (c + 1) * size))

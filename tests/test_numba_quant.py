@@ -1,0 +1,281 @@
+"""The numba backend's quantized kernels (backends/numba/quant.py), each run for real on random blocks of every
+format, against dequantize-then-float32-matmul with `tinyqwen.quantization`'s NumPy dequantizers (llama.cpp's exact
+values, checked there against the `gguf` package).
+
+Tolerances, and where they come from:
+- dequantization (prefill's blocks, the embedding lookup): bit-for-bit equal — the same float32 products in the
+  same order as llama.cpp's dequantize_row_*.
+- "float" GEMV (codes widened in registers, x as it is): the float32 rounding of a K-term sum in another order,
+  bounded by γ_K · Σ|w·x| with γ_K = K·2⁻²⁴ (the textbook worst case; `_f32_bound`).
+- "int8" GEMV (llama.cpp's scheme): (1) equal within the same float32 bound to x̃ Wᵀ, where x̃ is x quantized to
+  Q8_0 / Q8_K blocks and dequantized (NumPy, written here from llama.cpp's definitions): the integer sums are exact,
+  so only the float32 scaling differs. (2) Within the activation quantization's own bound of x Wᵀ: each x̃ₖ is
+  off by at most half a step of its block (step = amax/127; Q8_0 also rounds its scale to fp16, 2⁻¹¹ relative, so
+  |x̃ₖ − xₖ| ≤ step·(½ + 127·2⁻¹¹)), so |x̃Wᵀ − xWᵀ| ≤ Σₖ |wₖ|·errₖ.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from tinyqwen.backends import get_backend  # noqa: E402
+from tinyqwen.backends.numba import QuantWeight, linear, moe, quant  # noqa: E402
+from tinyqwen.moe import route  # noqa: E402
+from tinyqwen.quantization import (  # noqa: E402
+    BLOCK_BYTES,
+    BLOCK_VALUES,
+    DEQUANTIZE,
+    QuantizedTensor,
+    dequantize_q8_0,
+    quantize_q8_0,
+)
+
+QTYPES = ("q8_0", "q4_k", "q6_k")
+EPS32 = 2.0**-24
+
+
+def random_blocks(rng, qtype: str, *shape: int) -> np.ndarray:
+    """Random bytes for [..., rows, cols] of `qtype`, with sane fp16 scales (every code and 6-bit scale random)."""
+    values, nbytes = BLOCK_VALUES[qtype], BLOCK_BYTES[qtype]
+    *lead, cols = shape
+    blocks = rng.integers(0, 256, size=(*lead, cols // values, nbytes), dtype=np.uint8)
+
+    def f16(n):  # n random fp16 scales in [1e-3, 1e-2), as bytes
+        return rng.uniform(1e-3, 1e-2, size=(*lead, cols // values, n)).astype(np.float16).view(np.uint8)
+
+    if qtype == "q8_0":
+        blocks[..., 0:2] = f16(1)
+    elif qtype == "q4_k":
+        blocks[..., 0:4] = f16(2)  # d and dmin
+    else:
+        blocks[..., 208:210] = f16(1)
+    return blocks.reshape(*lead, cols // values * nbytes)
+
+
+def quantized(rng, qtype: str, rows: int, cols: int) -> tuple[QuantWeight, np.ndarray]:
+    """A random quantized weight for the backend, and its exact float32 values (tinyqwen.quantization's)."""
+    data = random_blocks(rng, qtype, rows, cols)
+    weight = get_backend("numba").prepare(QuantizedTensor(qtype, (rows, cols), data))
+    return weight, DEQUANTIZE[qtype](data)
+
+
+def _f32_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:  # [N, K], [M, K] -> [M, N]: γ_K · Σ|w·x|
+    return w.shape[1] * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)) + 1e-30
+
+
+def q8_k_roundtrip(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] -> (x̃, step per value): llama.cpp's quantize_row_q8_K (scale = max/−127 of the value of largest
+    magnitude, codes rounded half to even and capped at 127), dequantized."""
+    b = x.reshape(x.shape[0], -1, 256).astype(np.float32)
+    idx = np.abs(b).argmax(-1)
+    vmax = np.take_along_axis(b, idx[..., None], -1)
+    with np.errstate(divide="ignore"):
+        iscale = np.where(vmax != 0, np.float32(-127.0) / vmax, np.float32(0.0)).astype(np.float32)
+    q = np.minimum(127, np.rint(iscale * b))
+    d = np.where(vmax != 0, np.float32(1.0) / iscale, np.float32(0.0)).astype(np.float32)
+    return (q * d).reshape(x.shape), np.broadcast_to(np.abs(d), b.shape).reshape(x.shape)
+
+
+def activation_roundtrip(x: np.ndarray, qtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """x [M, K] -> (x̃ as the int8 kernels see it, the bound on |x̃ − x| per value)."""
+    if qtype == "q8_0":
+        xt = dequantize_q8_0(quantize_q8_0(x))
+        step = np.abs(x.reshape(x.shape[0], -1, 32)).max(-1, keepdims=True) / 127
+        err = step * (0.5 + 127 * 2.0**-11)
+        return xt, np.broadcast_to(err, (*err.shape[:2], 32)).reshape(x.shape)
+    xt, step = q8_k_roundtrip(x)
+    return xt, step * 0.5
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_rows_is_bit_exact(qtype):
+    rng = np.random.default_rng(0)
+    w, exact = quantized(rng, qtype, 7, 512)
+    rows = np.array([6, 0, 3, 3])
+    out = w.rows(rows)
+    assert out.tobytes() == exact[rows].tobytes()
+    assert np.asarray(w).tobytes() == exact.tobytes()
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m", [1, 3])
+def test_float_gemv_equals_dequantized_matmul(qtype, m):
+    rng = np.random.default_rng(1)
+    w, exact = quantized(rng, qtype, 67, 1024)  # 67 rows: chunks of unequal size over the threads
+    x = rng.standard_normal((m, 1024)).astype(np.float32)
+    got = linear.linear(x, w, quant_gemv="float")
+    want = x.astype(np.float64) @ exact.T.astype(np.float64)
+    assert np.all(np.abs(got - want) <= _f32_bound(exact, x))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m", [1, 4])
+def test_int8_gemv_equals_quantized_activation_matmul(qtype, m):
+    rng = np.random.default_rng(2)
+    w, exact = quantized(rng, qtype, 67, 1024)
+    x = rng.standard_normal((m, 1024)).astype(np.float32)
+    x[:, 5] = 40.0  # an outlier: its block's step is 40/127, far coarser than the others'
+    got = linear.linear(x, w, quant_gemv="int8")
+    xt, err = activation_roundtrip(x, qtype)
+    # (1) the integer sums are exact: equal to x̃ Wᵀ up to float32 rounding
+    want_t = xt.astype(np.float64) @ exact.T.astype(np.float64)
+    assert np.all(np.abs(got - want_t) <= _f32_bound(exact, xt))
+    # (2) and within the activation quantization's bound of x Wᵀ (and not equal to it: x really was quantized)
+    want = x.astype(np.float64) @ exact.T.astype(np.float64)
+    bound = err.astype(np.float64) @ np.abs(exact).T.astype(np.float64) + _f32_bound(exact, x)
+    assert np.all(np.abs(got - want) <= bound)
+    assert np.abs(got - want).max() > 1e-4 * np.abs(want).max()
+
+
+def test_fused_gemv_over_mixed_formats():
+    # q, k, v in one launch where v is q6_k and q, k q4_k (as in llama.cpp's Q4_K_M files)
+    rng = np.random.default_rng(3)
+    pairs = [quantized(rng, t, n, 512) for t, n in (("q4_k", 64), ("q4_k", 16), ("q6_k", 16))]
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    for mode in linear.QUANT_GEMV:
+        outs = linear.linears(x, tuple(w for w, _ in pairs), quant_gemv=mode)
+        for out, (w, _) in zip(outs, pairs, strict=True):
+            assert np.array_equal(out, linear.linear(x, w, quant_gemv=mode))  # same kernel, same order
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_prefill_dequantizes_blocks_into_blas(qtype, monkeypatch):
+    rng = np.random.default_rng(4)
+    w, exact = quantized(rng, qtype, 40, 256)
+    x = rng.standard_normal((9, 256)).astype(np.float32)  # more rows than GEMV_MAX_ROWS: the BLAS path
+    want = x @ exact.T
+    assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
+    # blocks of 3 rows (the scratch buffer never holds the whole weight): the same numbers
+    monkeypatch.setattr(linear, "WIDEN_BLOCK_BYTES", 3 * 4 * 256)
+    assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
+
+
+def test_embedding_lookup_widens_only_the_rows_read():
+    rng = np.random.default_rng(5)
+    w, exact = quantized(rng, "q6_k", 50, 256)
+    ids = np.array([[3, 49], [0, 3]])
+    assert np.array_equal(get_backend("numba").embed(w, ids), exact[ids])
+
+
+@pytest.mark.parametrize("mode", linear.QUANT_GEMV)
+@pytest.mark.parametrize("n", [1, 6])  # decode's fused kernel, prefill's per-expert SwiGLU
+def test_moe_block_with_stacked_quantized_experts(mode, n):
+    rng = np.random.default_rng(6)
+    E, d, f, k = 8, 256, 512, 2
+    stacks = {}
+    for name, qtype, shape in (("g", "q4_k", (E, f, d)), ("u", "q4_k", (E, f, d)), ("dn", "q6_k", (E, d, f))):
+        data = random_blocks(rng, qtype, *shape)
+        stacks[name] = (
+            get_backend("numba").prepare(QuantizedTensor(qtype, shape, data)),
+            DEQUANTIZE[qtype](data),
+        )
+    router = (rng.standard_normal((E, d)) * 0.1).astype(np.float32)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    out, logits = moe.moe_block(
+        x, router, stacks["g"][0], stacks["u"][0], stacks["dn"][0], k, True, quant_gemv=mode
+    )
+    weights, experts = route(x @ router.T, k, True)
+    g, u, dn = (stacks[s][1].astype(np.float64) for s in ("g", "u", "dn"))
+    want = np.zeros((n, d))
+    for t in range(n):
+        for s in range(k):
+            e = experts[t, s]
+            # the int8 GEMVs run where an expert has at most GEMV_MAX_ROWS tokens (decode, and small groups of a
+            # prefill): they quantize x and h to Q8_K; larger groups dequantize the blocks into BLAS
+            int8 = mode == "int8" and (experts == e).sum() <= linear.GEMV_MAX_ROWS
+            xs = q8_k_roundtrip(x[t : t + 1])[0][0] if int8 else x[t]
+            a, b = xs @ g[e].T, xs @ u[e].T
+            with np.errstate(over="ignore"):
+                h = (a / (1 + np.exp(-a)) * b).astype(np.float32)[None]
+            want[t] += weights[t, s] * ((q8_k_roundtrip(h)[0] if int8 else h)[0] @ dn[e].T)
+    # float32 rounding only, once x and h are quantized as the kernels quantize them (a value of h near a
+    # rounding boundary may round the other way from float32 noise: one step of 1/127 of its block in one term)
+    assert np.abs(out - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_bad_block_data_is_one_clear_line():
+    with pytest.raises(ValueError, match="q4_k data must be uint8"):
+        QuantWeight("q4_k", np.zeros((2, 145), np.uint8))
+    with pytest.raises(TypeError, match="unsupported block format 'q5_k'"):
+        QuantWeight("q5_k", np.zeros((2, 176), np.uint8))
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    """A tiny dense Qwen3 whose rows are whole Q4_K super-blocks, written as q8_0 and q4_k_m GGUF files."""
+    from tinyqwen.quantize import quantize_checkpoint
+    from tinyqwen.testing import write_tiny_qwen3
+
+    tmp = tmp_path_factory.mktemp("gguf")
+    folder = write_tiny_qwen3(
+        tmp / "dense", seed=1, scale=0.3, with_tokenizer=False, hidden_size=256, intermediate_size=512,
+        head_dim=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=512, bos_token_id=None,
+        eos_token_id=511,
+    )  # fmt: skip
+    paths = {}
+    for target in ("q8_0", "q4_k_m"):
+        paths[target] = tmp / f"m-{target}.gguf"
+        quantize_checkpoint(folder, target, paths[target])
+    return paths
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
+def test_tiny_gguf_model_logits_match_the_numpy_reference(tiny_gguf, target):
+    import tinyqwen
+    from tinyqwen.backends.numba import backend as numba_backend
+
+    path = tiny_gguf[target]
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6]])
+    want = tinyqwen.load_model(path)(ids)  # numpy: widens each matrix's blocks, multiplies in float32
+    scale = np.abs(want).max()
+    model = tinyqwen.load_model(path, backend="numba")
+    layer = model.weights.layers[0]
+    assert isinstance(layer.attn.q_proj, QuantWeight) and isinstance(layer.mlp.down_proj, QuantWeight)
+    assert isinstance(model.weights.lm_head, QuantWeight)  # the tied head stays in blocks too
+    # prefill (8 tokens: blocks dequantized into BLAS): float32 rounding only
+    assert np.abs(model(ids) - want).max() <= 1e-5 * scale
+    # decode, token by token through the cache. "float": float32 rounding only. "int8": every activation entering
+    # a product is rounded to 8 bits (steps of amax/127 per block); these 0.3-scale random weights amplify any
+    # change through the layers (Q8_0 *weights* move these logits by 0.028 of their size, tests/test_gguf.py), so
+    # the bound is of that order: measured 0.023 (q8_0) and 0.037 (q4_k_m); float 1.1e-6 and 1.8e-6
+    errors = {}
+    for mode, bound in (("float", 2e-5), ("int8", 0.06)):
+        model.backend = numba_backend(quant_gemv=mode)
+        cache = model.new_cache(1, ids.shape[1])
+        got = np.concatenate(
+            [model.forward(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], 1
+        )
+        errors[mode] = float(np.abs(got - want).max() / scale)
+        assert errors[mode] <= bound, (mode, errors)
+    assert errors["int8"] > 10 * errors["float"]  # the activations really were quantized
+
+
+@pytest.mark.skipif(not quant.avx2.HAS_AVX2, reason="this CPU has no AVX2: the GEMVs use the plain loops")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx2_block_dots_equal_the_loops(qtype):
+    # the integer sums are exact both ways, and the float scaling is the same expression: equal bits
+    from numba import njit
+
+    rng = np.random.default_rng(8)
+    data = random_blocks(rng, qtype, 16, 512)
+    data8 = data.view(np.int8)
+    x = rng.standard_normal((1, 512)).astype(np.float32)
+    x[0, 7] = -30.0  # an outlier, so codes reach -127 and +127
+    kind = quant.KINDS[qtype]
+    acts = quant.activations(x, {kind}, True)
+    a = tuple(v[0] for v in acts[1:6])  # Q8_0 codes, scales; Q8_K codes, scales, sums
+
+    def rows(dot):
+        if qtype == "q4_k":
+            run = njit(lambda b, b8, a: dot(b, a[2], a[3], a[4], 32))
+        elif qtype == "q8_0":
+            run = njit(lambda b, b8, a: dot(b, b8, a[0], a[1], 32))
+        else:
+            run = njit(lambda b, b8, a: dot(b, b8, a[2], a[3], 32))
+        return np.array([run(data[n], data8[n], a) for n in range(16)])
+
+    loops, vector = (getattr(quant, f"_dot_{qtype}_int_{name}") for name in ("loops", "avx2"))
+    assert rows(vector).tobytes() == rows(loops).tobytes()
