@@ -202,3 +202,80 @@ def test_our_q8_0_file_is_llama_cpps_converter_output(tmp_path):
             a, b = ours.metadata[key], theirs.metadata[key]
             assert ours.types[key] == theirs.types[key], key
             assert np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b, key
+
+
+# ------------------------------------------------------------------------------ our own files, no peer needed
+
+
+def _moe_k_quants(tmp_path: Path) -> Path:
+    """A MoE checkpoint whose rows are whole Q4_K super-blocks (so q4_k_m gives Q4_K and Q6_K expert stacks)."""
+    import json
+
+    from tinyqwen.config import config_from_dict, expected_tensors
+    from tinyqwen.safetensors import save_file
+
+    config = json.loads((Path(__file__).parent / "fixtures" / "moe-norm-topk" / "config.json").read_text())
+    config.update(
+        hidden_size=256, moe_intermediate_size=256, intermediate_size=512, head_dim=64, num_experts=4
+    )
+    folder = tmp_path / "moe"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    rng = np.random.default_rng(0)
+    tensors = {
+        name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.1 * rng.standard_normal(shape))
+        for name, shape in expected_tensors(config_from_dict(config)).items()
+    }
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize(
+    "model, target",
+    [("dense", "f32"), ("dense", "bf16"), ("dense", "q8_0"), ("dense", "q4_k_m"), ("moe", "q4_k_m")],
+)
+def test_our_files_read_by_the_gguf_package_dequantize_bit_for_bit(tmp_path, model, target):
+    """CI builds its own GGUF files (every type we write, dense and MoE) and hands them to llama.cpp's own Python
+    reader: the same tensors, types and shapes, the same metadata, and its dequantization equal to ours bit for
+    bit. An independent reader and dequantizer, no peer files needed."""
+    gguf = pytest.importorskip("gguf", reason="llama.cpp's gguf package (the crosscheck extra)")
+    from test_gguf import dense_256
+
+    from tinyqwen.quantize import quantize_checkpoint
+
+    folder = dense_256(tmp_path) if model == "dense" else _moe_k_quants(tmp_path)
+    path = tmp_path / f"{model}-{target}.gguf"
+    quantize_checkpoint(folder, target, path)
+    reader = gguf.GGUFReader(path)
+    theirs = {t.name: t for t in reader.tensors}
+    types = set()
+    with GGUFFile(path) as f:
+        assert set(f.tensors) == set(theirs)
+        for key in ("general.architecture", f"{f.metadata['general.architecture']}.block_count"):
+            field = reader.fields[key]
+            value = field.parts[field.data[0]]
+            value = bytes(value).decode() if field.types[0] == gguf.GGUFValueType.STRING else int(value[0])
+            assert value == f.metadata[key], key
+        for name, info in f.tensors.items():
+            t = theirs[name]
+            assert t.tensor_type.name == info.ggml_type, name
+            assert tuple(int(n) for n in t.shape[::-1]) == info.shape, name
+            types.add(info.ggml_type)
+            ours = f.get(name)
+            n_rows = int(np.prod(info.shape[:-1]))
+            want = gguf.quants.dequantize(np.asarray(t.data).reshape(n_rows, -1), t.tensor_type)
+            want = want.astype(np.float32).reshape(n_rows, info.shape[-1])
+            if isinstance(ours, QuantizedTensor):
+                got = QuantizedTensor(
+                    ours.qtype, (n_rows, info.shape[-1]), ours.data.reshape(n_rows, -1)
+                ).dequantize()
+            else:
+                got = np.asarray(ours, np.float32).reshape(n_rows, -1)
+            assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), name
+    expected = {
+        "f32": {"F32"},
+        "bf16": {"BF16", "F32"},
+        "q8_0": {"Q8_0", "F32"},
+        "q4_k_m": {"Q4_K", "Q6_K", "F32"},
+    }
+    assert types == expected[target], types
