@@ -25,6 +25,7 @@ from exercises.grading import (  # noqa: E402
     notebook,
     ran_inside_the_model,
     solutions_mode,
+    stubs_replaced,
 )
 
 _CHAPTER_FILE = re.compile(r"(?:^|/)exercises/test_ch(\d\d)_\w+\.py$")
@@ -148,6 +149,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         inside = ran_inside_the_model(chapter)
         if inside:
             write(f"{'':11}your functions inside the model: {', '.join(inside)}")
+        replaced = stubs_replaced(chapter)
+        if replaced:
+            write(
+                f"{'':11}tinyqwen's in their place (earlier chapters not written yet): {', '.join(replaced)}"
+            )
         if next_up is None:
             next_up = next((i for i in ran if _grades.outcome.get(i) != "passed"), None)
     if next_up is None:

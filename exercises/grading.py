@@ -406,7 +406,7 @@ class _GradedCode(YourCode):
     stub's NotImplementedError passes through ("not written yet")."""
 
     def __init__(self, course: Course, upto: int):
-        super().__init__(course, upto, strict_errors=True)
+        super().__init__(course, upto, strict_errors=True, fallback_before=upto)
 
     def _crash(self, error: Exception, outer: str) -> Exception:
         if isinstance(error, (NotImplementedError, GradeError)):
@@ -453,6 +453,14 @@ def learner_model(course: Course, upto: int, fixture: str = "dense-tied", **repl
     if not replace:
         MODEL_RUNS.setdefault(upto, []).append(code)
     return model
+
+
+def stubs_replaced(chapter: int) -> list[str]:
+    """Earlier chapters' functions still stubs, so tinyqwen's ran in their place in this chapter's model."""
+    return sorted(
+        {name for code in MODEL_RUNS.get(chapter, []) for name in code.stubs},
+        key=lambda n: _PART_ORDER.get(n, 99),
+    )
 
 
 def ran_inside_the_model(chapter: int) -> list[str]:

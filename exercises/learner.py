@@ -17,8 +17,10 @@ inside your attention, `rotate_half` inside your apply_rope, `route` inside your
 run: the report says what really ran, not what was plugged in.
 
 Chapters after `upto` are tinyqwen's. With `fallback=True` (the CLI), a function of chapters <= upto that is still
-the untouched stub (its body only raises NotImplementedError) is also tinyqwen's, and the report says so; in the
-grader (`fallback=False`) a stub runs, raises, and the checkpoint says "not written yet".
+the untouched stub (its body only raises NotImplementedError) is also tinyqwen's, and the report says so. The
+grader passes `fallback_before=upto`: a stub of an EARLIER chapter is tinyqwen's (a learner who starts at chapter 3
+can complete it; once they write chapter 2's loader, it runs in chapter 3's model too), while a stub of the chapter
+being graded runs, raises, and the checkpoint says "not written yet".
 """
 
 from __future__ import annotations
@@ -106,7 +108,14 @@ class YourCode:
     `course` has `course.chNN` modules (exercises.grading.Course: the learner's files or the solutions).
     """
 
-    def __init__(self, course: Any, upto: int, fallback: bool = False, strict_errors: bool = False):
+    def __init__(
+        self,
+        course: Any,
+        upto: int,
+        fallback: bool = False,
+        strict_errors: bool = False,
+        fallback_before: int = 0,
+    ):
         self.course, self.upto, self.fallback = course, upto, fallback
         # strict (the CLI): a crash in a learner function becomes one LearnerFunctionError naming it
         self.strict_errors = strict_errors
@@ -123,7 +132,7 @@ class YourCode:
                     raise LearnerFunctionError(
                         f"chapter {chapter}: the exercises file has no function {name!r} (was it renamed?)"
                     )
-                if fallback and is_stub(fn):
+                if (fallback or chapter < fallback_before) and is_stub(fn):
                     self.stubs.append(name)
                     continue
                 self.functions[name], self.chapter[name] = fn, chapter

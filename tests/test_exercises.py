@@ -129,6 +129,22 @@ def test_the_stubs_run_ignores_the_learners_work(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_learner_who_starts_at_chapter_3_can_complete_it(tmp_path):
+    """Only chapter 3 written (the solution's functions pasted over the shipped stubs, chapter 2 untouched): every
+    chapter 3 checkpoint passes; its model runs the learner's embed and rms_norm with tinyqwen's loader in place of
+    the unwritten chapter 2, and the table says so."""
+    root = shipped_stubs(tmp_path)
+    solution = (REPO / "exercises" / "solutions" / "ch03_embeddings_rmsnorm.py").read_text(encoding="utf-8")
+    stub = root / "exercises" / "ch03_embeddings_rmsnorm.py"
+    stub.write_text(stub.read_text(encoding="utf-8") + "\n\n" + solution.split("import numpy as np", 1)[1])
+    code, out, table = grade(root=root)
+    assert code == 1 and table[3][0] == table[3][1] >= 10, out[-3000:]  # chapter 3 complete, the others not
+    assert all(p == 0 for c, (p, _) in table.items() if c != 3), table
+    assert "your functions inside the model: embed, rms_norm" in out, out[-3000:]
+    assert "tinyqwen's in their place (earlier chapters not written yet): load_checkpoint" in out, out[-3000:]
+
+
+@pytest.mark.slow
 def test_deselected_checkpoints_are_not_run_not_failed():
     """With -k, the checkpoints left out are shown as not run: the table never says "0/10" while softmax passes,
     and its columns line up for chapters 1-13 alike."""
