@@ -459,7 +459,7 @@ def stubs_replaced(chapter: int) -> list[str]:
     """Earlier chapters' functions still stubs, so tinyqwen's ran in their place in this chapter's model."""
     return sorted(
         {name for code in MODEL_RUNS.get(chapter, []) for name in code.stubs},
-        key=lambda n: _PART_ORDER.get(n, 99),
+        key=lambda n: (_PART_ORDER.get(n, 99), n),
     )
 
 
