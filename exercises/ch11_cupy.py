@@ -3,7 +3,7 @@
 
 Work through notebooks/11-cupy.ipynb, then replace each `raise NotImplementedError` below, in order.
 Grade with `pytest exercises/test_ch11_cupy.py`. No GPU needed: your CUDA sources are compiled by NVRTC (from the
-`gpu` extra: `pip install 'tinyqwen[gpu]'`) for every architecture from the T4 (compute_75) to the H100
+`gpu` extra: `pip install -e ".[gpu]"`) for every architecture from the T4 (compute_75) to the H100
 (compute_90), then run on the tests' CPU executor of CUDA C (g++ compiles them; each CUDA thread is a fiber, so
 __syncthreads really waits) and on the GPU where there is one; their NumPy twins are graded against transformers. The last checkpoint runs a fixture model on the cupy backend's orchestration with your twins
 as its RMSNorm and RoPE kernels.

@@ -590,9 +590,7 @@ def test_cupy_refuses_bf16_rounded_products():
 
 def test_cupy_not_installed_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` now raises ImportError
-    with pytest.raises(
-        BackendError, match=r"needs CuPy, which is not installed: pip install 'tinyqwen\[gpu\]'"
-    ):
+    with pytest.raises(BackendError, match=r"needs CuPy, which is not installed: pip install -e '\.\[gpu\]'"):
         get_backend("cupy")
 
 
