@@ -154,7 +154,7 @@ def test_deselected_checkpoints_are_not_run_not_failed():
     assert all(p == t for p, t in table.values()), table  # nothing counts as failed
     assert "(8 not run)" in out and "Next:" not in out, out[-3000:]
     rows = [line for line in out.splitlines() if ROW.match(line)]
-    assert len({line.index("/") for line in rows}) == 1, "\n".join(rows)  # one column for every chapter
+    assert len({line.rindex("/") for line in rows}) == 1, "\n".join(rows)  # one column (a title may hold a /)
 
 
 # chapter -> the functions its model checkpoints must run (the solutions, which write every function)
