@@ -151,9 +151,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             write(f"{'':11}your functions inside the model: {', '.join(inside)}")
         replaced = stubs_replaced(chapter)
         if replaced:
-            write(
-                f"{'':11}tinyqwen's in their place (earlier chapters not written yet): {', '.join(replaced)}"
-            )
+            chapters = ", ".join(map(str, replaced))
+            plural = "s" if len(replaced) > 1 else ""
+            write(f"{'':11}tinyqwen's in place of chapter{plural} {chapters} (not written yet)")
         if next_up is None:
             next_up = next((i for i in ran if _grades.outcome.get(i) != "passed"), None)
     if next_up is None:

@@ -455,12 +455,9 @@ def learner_model(course: Course, upto: int, fixture: str = "dense-tied", **repl
     return model
 
 
-def stubs_replaced(chapter: int) -> list[str]:
-    """Earlier chapters' functions still stubs, so tinyqwen's ran in their place in this chapter's model."""
-    return sorted(
-        {name for code in MODEL_RUNS.get(chapter, []) for name in code.stubs},
-        key=lambda n: (_PART_ORDER.get(n, 99), n),
-    )
+def stubs_replaced(chapter: int) -> list[int]:
+    """The earlier chapters with functions still stubs, so tinyqwen's ran in their place in this chapter's model."""
+    return sorted({c for code in MODEL_RUNS.get(chapter, []) for c in code.stub_chapter.values()})
 
 
 def ran_inside_the_model(chapter: int) -> list[str]:

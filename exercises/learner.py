@@ -122,6 +122,7 @@ class YourCode:
         self.functions: dict[str, Callable] = {}  # name -> the learner's function that will run
         self.chapter: dict[str, int] = {}
         self.stubs: list[str] = []  # still stubs, replaced by tinyqwen's (fallback only)
+        self.stub_chapter: dict[str, int] = {}
         for chapter, parts in sorted(PARTS.items()) + [(TOKENIZER[0], tuple((n, "") for n in TOKENIZER[1]))]:
             if chapter > upto:
                 continue
@@ -134,11 +135,14 @@ class YourCode:
                     )
                 if (fallback or chapter < fallback_before) and is_stub(fn):
                     self.stubs.append(name)
+                    self.stub_chapter[name] = chapter
                     continue
                 self.functions[name], self.chapter[name] = fn, chapter
         self.ran: dict[str, int] = {}  # name -> chapter, first-run order
         self._codes = {getattr(fn, "__code__", None): n for n, fn in self.functions.items()}
         self._codes.pop(None, None)
+        # a stub left in the graded chapter is called and raises "not written yet": it never counts as having run
+        self._unwritten = {name for name, fn in self.functions.items() if is_stub(fn)}
         self._depth = 0
 
     # ------------------------------------------------------------------------------ what ran
@@ -149,7 +153,7 @@ class YourCode:
     def _profile(self, frame, event, arg) -> None:
         if event == "call":
             name = self._codes.get(frame.f_code)
-            if name is not None and name not in self.ran:
+            if name is not None and name not in self.ran and name not in self._unwritten:
                 self.ran[name] = self.chapter[name]
 
     def traced(self, name: str, fn: Callable | None = None) -> Callable:
@@ -173,7 +177,7 @@ class YourCode:
             finally:
                 sys.setprofile(previous)
                 self._depth -= 1
-                if name in self.functions and name not in self.ran:
+                if name in self.functions and name not in self.ran and name not in self._unwritten:
                     self.ran[name] = self.chapter[name]
 
         run.__name__ = name
