@@ -382,26 +382,31 @@ def test_gguf_that_is_not_qwen3_is_refused(tmp_path):
         tinyqwen.load_model(path)
 
 
-def test_moe_gguf_in_k_quants(tmp_path):
-    """A MoE whose rows are whole super-blocks: expert stacks in Q4_K (ffn_down_exps Q6_K in the last layer, the
-    one use_more_bits picks of two), the router in F32, logits equal to the widened weights' model."""
-    import json as _json
-
+def moe_k_quants(tmp_path) -> Path:
+    """A tiny MoE checkpoint whose rows are whole Q4_K super-blocks (hidden 256, 4 experts of width 256), random
+    float32 weights: q4_k_m gives it Q4_K and Q6_K expert stacks."""
     from tinyqwen.config import config_from_dict, expected_tensors
 
-    config = _json.loads((FIXTURES / "moe-norm-topk" / "config.json").read_text())
+    config = json.loads((FIXTURES / "moe-norm-topk" / "config.json").read_text())
     config.update(
         hidden_size=256, moe_intermediate_size=256, intermediate_size=512, head_dim=64, num_experts=4
     )
     folder = tmp_path / "moe"
     folder.mkdir()
-    (folder / "config.json").write_text(_json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(0)
     tensors = {
         name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.1 * rng.standard_normal(shape))
         for name, shape in expected_tensors(config_from_dict(config)).items()
     }
     save_file({k: v.astype(np.float32) for k, v in tensors.items()}, folder / "model.safetensors")
+    return folder
+
+
+def test_moe_gguf_in_k_quants(tmp_path):
+    """A MoE whose rows are whole super-blocks: expert stacks in Q4_K (ffn_down_exps Q6_K in the last layer, the
+    one use_more_bits picks of two), the router in F32, logits equal to the widened weights' model."""
+    folder = moe_k_quants(tmp_path)
     path = tmp_path / "moe.gguf"
     counts = quantize_checkpoint(folder, "q4_k_m", path)
     # untied: token_embd Q4_K, output Q6_K; per layer q/k/o and the gate/up stacks Q4_K, v and the down stack

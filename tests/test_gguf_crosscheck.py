@@ -207,29 +207,6 @@ def test_our_q8_0_file_is_llama_cpps_converter_output(tmp_path):
 # ------------------------------------------------------------------------------ our own files, no peer needed
 
 
-def _moe_k_quants(tmp_path: Path) -> Path:
-    """A MoE checkpoint whose rows are whole Q4_K super-blocks (so q4_k_m gives Q4_K and Q6_K expert stacks)."""
-    import json
-
-    from tinyqwen.config import config_from_dict, expected_tensors
-    from tinyqwen.safetensors import save_file
-
-    config = json.loads((Path(__file__).parent / "fixtures" / "moe-norm-topk" / "config.json").read_text())
-    config.update(
-        hidden_size=256, moe_intermediate_size=256, intermediate_size=512, head_dim=64, num_experts=4
-    )
-    folder = tmp_path / "moe"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(config))
-    rng = np.random.default_rng(0)
-    tensors = {
-        name: (1 + 0.1 * rng.standard_normal(shape) if len(shape) == 1 else 0.1 * rng.standard_normal(shape))
-        for name, shape in expected_tensors(config_from_dict(config)).items()
-    }
-    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, folder / "model.safetensors")
-    return folder
-
-
 @pytest.mark.parametrize(
     "model, target",
     [("dense", "f32"), ("dense", "bf16"), ("dense", "q8_0"), ("dense", "q4_k_m"), ("moe", "q4_k_m")],
@@ -239,11 +216,11 @@ def test_our_files_read_by_the_gguf_package_dequantize_bit_for_bit(tmp_path, mod
     reader: the same tensors, types and shapes, the same metadata, and its dequantization equal to ours bit for
     bit. An independent reader and dequantizer, no peer files needed."""
     gguf = pytest.importorskip("gguf", reason="llama.cpp's gguf package (the crosscheck extra)")
-    from test_gguf import dense_256
+    from test_gguf import dense_256, moe_k_quants
 
     from tinyqwen.quantize import quantize_checkpoint
 
-    folder = dense_256(tmp_path) if model == "dense" else _moe_k_quants(tmp_path)
+    folder = dense_256(tmp_path) if model == "dense" else moe_k_quants(tmp_path)
     path = tmp_path / f"{model}-{target}.gguf"
     quantize_checkpoint(folder, target, path)
     reader = gguf.GGUFReader(path)
