@@ -1,14 +1,16 @@
-"""A batched decode step's weight products on the numba backend: streamed bf16 GEMV vs widen-a-block + BLAS.
+"""A batched decode step's weight products on the numba backend: register tiles vs one-row loops vs widen + BLAS.
 
     python benchmarks/bench_batch_decode.py                      # Qwen3-0.6B's shapes, batch 1, 4, 16, 64
     python benchmarks/bench_batch_decode.py --batches 4,16 --repeats 5
 
-A continuous-batching server decodes B sequences per step: every weight product has B rows of input. The numba
-backend streams each bf16 weight row once for up to `GEMV_MAX_ROWS` rows (each element widened in registers, used
-for every row), and beyond that widens blocks of weights to float32 and calls BLAS. Which is faster depends on B:
-this times one decoder layer's products (q/k/v fused, o, gate/up fused + down) and the lm_head of Qwen3-0.6B
-(random bf16 weights of the real shapes), per path, per batch size, and prints the ratio. Best of `--repeats`;
-timings on a shared machine swing, the ratio within one run is what to read.
+A continuous-batching server decodes B sequences per step: every weight product has B rows of input. Up to
+`GEMV_MAX_ROWS` rows the numba backend streams each bf16 weight from memory once, in register tiles of 4 token rows
+x 2 weight rows (`BATCH_TILES`: each weight widened once for four rows, eight FMA chains); beyond that it widens
+blocks of weights to float32 and calls BLAS. This times one decoder layer's products (q/k/v fused, o, gate/up
+fused + down) x layers, and the lm_head, of Qwen3-0.6B (random bf16 weights of the real shapes) per path and batch
+size: "tiles" (the default), "rows" (the one-row loops run once per token row, `BATCH_TILES = False`, what a batch
+took before the tiles) and "BLAS" (widen + sgemm, `GEMV_MAX_ROWS = 0`), interleaved, best of `--repeats`. Timings
+on a shared machine swing: the ratios within one run are what to read; "x1" is the step's cost over batch 1's.
 """
 
 from __future__ import annotations
@@ -60,25 +62,37 @@ def main() -> None:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    original = lin.GEMV_MAX_ROWS
+    original = lin.GEMV_MAX_ROWS, lin.BATCH_TILES
+    paths = {"tiles": (1 << 30, True), "rows": (1 << 30, False), "blas": (0, True)}
+
+    def step(path: str, x: np.ndarray, xo: np.ndarray) -> float:  # seconds for one decode step's products
+        lin.GEMV_MAX_ROWS, lin.BATCH_TILES = paths[path]
+        try:
+            return args.layers * best(lambda: layer(x, xo)) + best(lambda: lin.linear(x, head))
+        finally:
+            lin.GEMV_MAX_ROWS, lin.BATCH_TILES = original
+
     print(
         f"Qwen3-0.6B shapes, bf16 weights: one layer's products x {args.layers} + lm_head, ms per decode step"
     )
-    print(f"{'batch':>5} {'GEMV (stream)':>14} {'BLAS (widen)':>13} {'GEMV/BLAS':>10}")
-    try:
-        for B in (int(b) for b in args.batches.split(",")):
-            x = rng.standard_normal((B, 1, H), dtype=np.float32)
-            xo = rng.standard_normal((B, 1, c.q_size), dtype=np.float32)
-            t = {}
-            for path, limit in (("gemv", 1 << 30), ("blas", 0)):
-                lin.GEMV_MAX_ROWS = limit
-                t[path] = args.layers * best(lambda x=x, xo=xo: layer(x, xo)) + best(
-                    lambda x=x: lin.linear(x, head)
-                )
-            print(f"{B:5d} {t['gemv'] * 1e3:14.1f} {t['blas'] * 1e3:13.1f} {t['gemv'] / t['blas']:10.2f}")
-    finally:
-        lin.GEMV_MAX_ROWS = original
-    print(f"(GEMV_MAX_ROWS is {original} in backends/numba/linear.py)")
+    print(f"{'batch':>5} {'tiles':>9} {'rows':>9} {'BLAS':>9} {'rows/tiles':>11} {'BLAS/tiles':>11} "
+          f"{'tiles x1':>9} {'GMAC/s':>7}")  # fmt: skip
+    one = None
+    macs = args.layers * (c.q_size * H + 2 * c.kv_size * H + H * c.q_size + 3 * F * H) + c.vocab_size * H
+    for B in (int(b) for b in args.batches.split(",")):
+        x = rng.standard_normal((B, 1, H), dtype=np.float32)
+        xo = rng.standard_normal((B, 1, c.q_size), dtype=np.float32)
+        t = {path: float("inf") for path in paths}
+        for _ in range(2):  # interleaved: each path twice, best kept
+            for path in paths:
+                t[path] = min(t[path], step(path, x, xo))
+        one = one or t["tiles"] / B * (B == 1) or None
+        ratio = f"{t['tiles'] / one:9.1f}" if one else f"{'':9}"
+        print(f"{B:5d} {t['tiles'] * 1e3:9.1f} {t['rows'] * 1e3:9.1f} {t['blas'] * 1e3:9.1f} "
+              f"{t['rows'] / t['tiles']:11.2f} {t['blas'] / t['tiles']:11.2f} {ratio} "
+              f"{B * macs / t['tiles'] / 1e9:7.1f}")  # fmt: skip
+    print(f"(GEMV_MAX_ROWS is {original[0]} in backends/numba/linear.py; batch 1 takes the one-row loops on every "
+          "path but BLAS)")  # fmt: skip
 
 
 if __name__ == "__main__":

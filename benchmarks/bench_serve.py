@@ -3,20 +3,37 @@
     python benchmarks/bench_serve.py                                        # chapter 9's tiny Qwen3, numpy, quick
     python benchmarks/bench_serve.py --model QWEN3_0.6B_DIR --backend numba --clients 1,4,16,64 \\
         --workload decode,prompt --llama-server LLAMA_SERVER_BIN --gguf MODEL_BF16.gguf
+    python benchmarks/bench_serve.py --model QWEN3_0.6B_DIR --backend numba --clients 16 --soak 600
 
-Each server runs in a process of its own on 127.0.0.1 (as in use). For every workload and client count, C client
-threads each send `--rounds` streamed greedy `/v1/completions` requests at once (prompts as token ids, so both
-servers see exactly the same prompts), and the run reports:
+Each server runs in a process of its own on 127.0.0.1 (as in use). Requests are streamed greedy `/v1/completions`
+(prompts as token ids, so both servers see exactly the same prompts). Every workload and client count C is a cell
+of two phases, reported on two lines:
 
-    aggregate tok/s   generated tokens / wall time of the cell (all clients together)
+    burst    C clients send one request each at the same instant. The last prompt waits for all C prefills before
+             it (prefill is compute-bound), so its TTFT grows with C whatever the scheduler: the worst case.
+    steady   C clients each send `--requests` requests back to back, client c starting c/C of a request's
+             duration late (the burst's mean), so arrivals are spread as in a server's steady state. Aggregate
+             tok/s counts the tokens streamed while every client was active (from the last client's start to
+             the first client's end); TTFT/ITL are every steady request's.
+
+and reports per phase:
+
+    aggregate tok/s   generated tokens / wall time (all clients together)
     TTFT p50/p95      time from sending a request to its first streamed token
     ITL p50/p95       time between two streamed chunks of one reply (inter-token latency)
-    peak RSS          the server process's high-water resident memory (VmHWM) over the whole run
     lost              requests without a finish reason and `[DONE]` (must be 0)
 
+and per engine its peak RSS (VmHWM). The summary gives each phase's aggregate against one client, and the TTFT
+target: steady TTFT p95 against 3x the one-client TTFT plus one prefill (the one-client TTFT).
+
+`--soak SECONDS`: instead of the cells, C clients (the largest of `--clients`) send requests of the first workload
+for SECONDS, the server's RSS sampled every `--soak-every` seconds; it reports the mean RSS of the first and the
+last third and whether it stayed flat (last third within 5% + 16 MiB of the first).
+
 Workloads (the issue's shapes): decode-heavy: 32–64-token prompts, 128 new tokens; prompt-heavy: 256-token
-prompts, 48 new tokens (`--scale` shrinks both for a quick run). tinyqwen's replies are checked against
-`tinyqwen.generate` on the same prompt alone (`--check` requests per cell): a divergence is reported with its
+prompts, 48 new tokens (`--scale` shrinks both for a quick run). At full scale on Qwen3-0.6B with 2 cores a 64-client
+cell takes minutes: choose `--clients` and `--requests` to fit the time you have. tinyqwen's replies are checked
+against `tinyqwen.generate` on the same prompt alone (`--check` requests per cell): a divergence is reported with its
 logit margin (the alone run's logit of its own choice minus that of the server's choice at the first differing
 position: a near-tie that float32 rounding of the batched products can flip). llama.cpp's replies are checked for
 completeness only (its numerics differ). Timings on a shared machine swing: compare engines within one run, as
@@ -138,7 +155,7 @@ def stream_completion(port: int, prompt: list[int], max_tokens: int) -> dict:
     conn.close()
     end = time.perf_counter() - start
     tokens = usage if usage is not None else len(ids) if ids is not None else len(times)
-    return {"status": status, "times": times, "end": end, "ids": ids, "tokens": tokens,
+    return {"status": status, "times": times, "end": end, "ids": ids, "tokens": tokens, "t0": start,
             "complete": status == 200 and done and finish is not None}  # fmt: skip
 
 
@@ -151,16 +168,45 @@ def prompts_for(workload: str, clients: int, rounds: int, scale: float, seed: in
             for _ in range(clients * rounds)]  # fmt: skip
 
 
-def run_cell(port: int, prompts: list[list[int]], clients: int, new_tokens: int) -> tuple[list[dict], float]:
-    per_client = [prompts[c::clients] for c in range(clients)]
-
-    def client(mine: list[list[int]]) -> list[dict]:
-        return [dict(stream_completion(port, p, new_tokens), prompt=p) for p in mine]
-
+def run_burst(port: int, prompts: list[list[int]], new_tokens: int) -> tuple[list[dict], float]:
+    """One request per client, all sent at the same instant."""
     start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        results = [r for rs in pool.map(client, per_client) for r in rs]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(lambda p: dict(stream_completion(port, p, new_tokens), prompt=p), prompts))
     return results, time.perf_counter() - start
+
+
+def run_steady(
+    port: int, prompts: list[list[int]], clients: int, new_tokens: int, spread: float
+) -> tuple[list[dict], float, float]:
+    """`clients` clients, client c starting c/clients of `spread` seconds late, each sending its share of
+    `prompts` back to back. -> (results, wall time, the window in which every client was active: [start, end])."""
+    per_client = [prompts[c::clients] for c in range(clients)]
+    t0 = time.perf_counter()
+    bounds = [(0.0, 0.0)] * clients
+
+    def client(c: int) -> list[dict]:
+        time.sleep(max(0.0, t0 + spread * c / clients - time.perf_counter()))
+        began = time.perf_counter()
+        results = [dict(stream_completion(port, p, new_tokens), prompt=p) for p in per_client[c]]
+        bounds[c] = (began, time.perf_counter())
+        return results
+
+    with ThreadPoolExecutor(clients) as pool:
+        results = [r for rs in pool.map(client, range(clients)) for r in rs]
+    window = (max(b for b, _ in bounds), min(e for _, e in bounds))
+    return results, time.perf_counter() - t0, window
+
+
+def tokens_in(results: list[dict], window: tuple[float, float]) -> float:
+    """Tokens streamed inside [start, end]: each request's chunks in the window, times its tokens per chunk."""
+    lo, hi = window
+    total = 0.0
+    for r in results:
+        if r["times"]:
+            inside = sum(lo <= r["t0"] + t <= hi for t in r["times"])
+            total += inside * r["tokens"] / len(r["times"])
+    return total
 
 
 def pct(values: list[float], q: float) -> float:
@@ -170,13 +216,60 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def summarize(results: list[dict], wall: float) -> dict:
+def summarize(results: list[dict], wall: float, window: tuple[float, float] | None = None) -> dict:
     ttft = [r["times"][0] if r["times"] else r["end"] for r in results]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:], strict=False)]
     tokens = sum(r["tokens"] for r in results)
+    rate = tokens / wall
+    if window is not None and window[1] - window[0] > 0:  # steady: only while every client was active
+        rate = tokens_in(results, window) / (window[1] - window[0])
     return {"requests": len(results), "lost": sum(not r["complete"] for r in results), "tokens": tokens,
-            "wall_s": wall, "tok_per_s": tokens / wall, "ttft_p50": statistics.median(ttft),
-            "ttft_p95": pct(ttft, 0.95), "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95)}  # fmt: skip
+            "wall_s": wall, "tok_per_s": rate, "ttft_p50": statistics.median(ttft),
+            "ttft_p95": pct(ttft, 0.95), "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95),
+            "mean_request_s": statistics.mean(r["end"] for r in results)}  # fmt: skip
+
+
+def current_rss(pid: int) -> int:
+    """The process's resident memory now, in bytes (VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def soak(port: int, pid: int, prompts: list[list[int]], clients: int, new_tokens: int, seconds: float,
+         every: float) -> dict:  # fmt: skip
+    """`clients` clients sending requests for `seconds`; the server's RSS sampled every `every` seconds."""
+    stop = time.perf_counter() + seconds
+    counts = {"requests": 0, "lost": 0, "tokens": 0}
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        i = c
+        while time.perf_counter() < stop:
+            r = stream_completion(port, prompts[i % len(prompts)], new_tokens)
+            with lock:
+                counts["requests"] += 1
+                counts["lost"] += not r["complete"]
+                counts["tokens"] += r["tokens"]
+            i += clients
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    samples = []
+    while any(t.is_alive() for t in threads):
+        samples.append((time.perf_counter() - start, current_rss(pid)))
+        time.sleep(every)
+    for t in threads:
+        t.join()
+    rss = [r for _, r in samples]
+    third = max(1, len(rss) // 3)
+    first, last = statistics.mean(rss[:third]), statistics.mean(rss[-third:])
+    return {**counts, "wall_s": time.perf_counter() - start, "samples": samples, "rss_first_third": first,
+            "rss_last_third": last, "rss_max": max(rss), "flat": last <= 1.05 * first + (16 << 20)}  # fmt: skip
 
 
 def divergences(model, results: list[dict], new_tokens: int, check: int) -> list[dict]:
@@ -198,13 +291,89 @@ def divergences(model, results: list[dict], new_tokens: int, check: int) -> list
     return out
 
 
+def run_cells(args, port: int, engine: str, workload: str, c: int, check_model) -> list[dict]:
+    """One workload at `c` clients: the burst, then the steady phase; a line printed for each."""
+    new_tokens = max(2, int(WORKLOADS[workload][1] * args.scale))
+    results, wall = run_burst(port, prompts_for(workload, c, 1, args.scale, seed=c), new_tokens)
+    cells = [
+        {"engine": engine, "workload": workload, "clients": c, "phase": "burst", **summarize(results, wall)}
+    ]
+    if engine == "tinyqwen" and check_model is not None:
+        cells[0]["divergences"] = divergences(check_model, results, new_tokens, args.check)
+        cells[0]["checked"] = min(args.check, len(results))
+    if args.requests:
+        prompts = prompts_for(workload, c, args.requests, args.scale, seed=1000 + c)
+        spread = cells[0]["mean_request_s"] if c > 1 else 0.0
+        results, wall, window = run_steady(port, prompts, c, new_tokens, spread)
+        cells.append({"engine": engine, "workload": workload, "clients": c, "phase": "steady",
+                      **summarize(results, wall, window)})  # fmt: skip
+    for cell in cells:
+        div = ""
+        if "divergences" in cell:
+            d = cell["divergences"]
+            div = f", {cell['checked'] - len(d)}/{cell['checked']} equal to generate alone"
+            div += "".join(
+                f" [diverged at {x['position']}, margin {x.get('logit_margin', 'n/a')}]" for x in d
+            )
+        print(f"{engine:9s} {workload:6s} {c:3d} clients {cell['phase']:6s}: {cell['tok_per_s']:7.1f} tok/s, TTFT "
+              f"p50 {cell['ttft_p50']:6.2f} s p95 {cell['ttft_p95']:6.2f} s, ITL p50 {cell['itl_p50'] * 1e3:6.0f} ms "
+              f"p95 {cell['itl_p95'] * 1e3:6.0f} ms, {cell['requests']} requests, lost {cell['lost']}{div}",
+              flush=True)  # fmt: skip
+    return cells
+
+
+def print_summary(cells: list[dict], workload: str, engines: list[str]) -> None:
+    """Each phase's aggregate against one client; the TTFT target; tinyqwen against llama.cpp."""
+
+    def table(engine: str, phase: str) -> dict:
+        return {c["clients"]: c for c in cells
+                if c["engine"] == engine and c["workload"] == workload and c["phase"] == phase}  # fmt: skip
+
+    for engine in engines:
+        for phase in ("burst", "steady"):
+            t = table(engine, phase)
+            if 1 in t and len(t) > 1:
+                gains = ", ".join(f"{c}: {t[c]['tok_per_s'] / t[1]['tok_per_s']:.1f}×" for c in t if c > 1)
+                print(f"{engine:9s} {workload:6s} {phase:6s} aggregate tok/s vs 1 client: {gains}")
+        one, steady = table(engine, "burst").get(1), table(engine, "steady")
+        if one is not None:  # 3x the one-client TTFT plus one prefill (alone, a prefill is the TTFT)
+            target = 4 * one["ttft_p50"]
+            met = ", ".join(f"{c}: {t['ttft_p95']:.2f} s ({'met' if t['ttft_p95'] < target else 'NOT met'})"
+                            for c, t in steady.items() if c > 1)  # fmt: skip
+            if met:
+                print(f"{engine:9s} {workload:6s} steady TTFT p95 vs target {target:.2f} s "
+                      f"(4 x one client's {one['ttft_p50']:.2f} s): {met}")  # fmt: skip
+    if len(engines) > 1:
+        for phase in ("burst", "steady"):
+            ours, peer = table("tinyqwen", phase), table(engines[1], phase)
+            ratios = ", ".join(
+                f"{c}: {ours[c]['tok_per_s'] / peer[c]['tok_per_s']:.2f}×" for c in ours if c in peer
+            )
+            if ratios:
+                print(f"tinyqwen / {engines[1]} {workload:6s} {phase:6s} aggregate tok/s: {ratios}")
+
+
+def run_soak(args, port: int, pid: int, clients: list[int], workload: str) -> dict:
+    c = max(clients)
+    new_tokens = max(2, int(WORKLOADS[workload][1] * args.scale))
+    prompts = prompts_for(workload, c, 4, args.scale, seed=7)
+    result = soak(port, pid, prompts, c, new_tokens, args.soak, args.soak_every)
+    mib = 2**20
+    print(f"soak: {c} clients, {workload}, {result['wall_s']:.0f} s, {result['requests']} requests "
+          f"({result['tokens']} tokens, lost {result['lost']}); RSS first third {result['rss_first_third'] / mib:.0f}"
+          f" MiB, last third {result['rss_last_third'] / mib:.0f} MiB, max {result['rss_max'] / mib:.0f} MiB: "
+          f"{'flat' if result['flat'] else 'GROWING'}", flush=True)  # fmt: skip
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="checkpoint directory (default: chapter 9's tiny Qwen3)")
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--workload", default="decode,prompt", help="decode, prompt or both")
-    parser.add_argument("--rounds", type=int, default=1, help="requests per client in each cell")
+    parser.add_argument("--requests", "--rounds", dest="requests", type=int, default=1,
+                        help="requests per client in each cell's steady phase (0: burst only)")  # fmt: skip
     parser.add_argument(
         "--scale", type=float, default=1.0, help="scale prompt lengths and new tokens (quick runs)"
     )
@@ -219,6 +388,8 @@ def main() -> None:
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: the peer, in the same run")
     parser.add_argument("--gguf", help="the same weights as GGUF, for llama-server")
     parser.add_argument("--threads", type=int, default=2, help="llama-server threads")
+    parser.add_argument("--soak", type=float, default=0, help="seconds of soak (instead of the cells)")
+    parser.add_argument("--soak-every", type=float, default=5.0, help="seconds between two RSS samples")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -249,26 +420,12 @@ def main() -> None:
         port = free_port()
         proc = start(port)
         try:
-            for workload in workloads:
-                new_tokens = max(2, int(WORKLOADS[workload][1] * args.scale))
-                for c in clients:
-                    prompts = prompts_for(workload, c, args.rounds, args.scale, seed=c)
-                    results, wall = run_cell(port, prompts, c, new_tokens)
-                    cell = {"engine": engine, "workload": workload, "clients": c, **summarize(results, wall)}
-                    if engine == "tinyqwen" and check_model is not None:
-                        cell["divergences"] = divergences(check_model, results, new_tokens, args.check)
-                        cell["checked"] = min(args.check, len(results))
-                    report["cells"].append(cell)
-                    div = ""
-                    if "divergences" in cell:
-                        d = cell["divergences"]
-                        div = f", {cell['checked'] - len(d)}/{cell['checked']} equal to generate alone"
-                        div += "".join(f" [diverged at {x['position']}, margin {x.get('logit_margin', 'n/a')}]"
-                                       for x in d)  # fmt: skip
-                    print(f"{engine:9s} {workload:6s} {c:3d} clients: {cell['tok_per_s']:7.1f} tok/s, TTFT p50 "
-                          f"{cell['ttft_p50']:6.2f} s p95 {cell['ttft_p95']:6.2f} s, ITL p50 "
-                          f"{cell['itl_p50'] * 1e3:6.0f} ms p95 {cell['itl_p95'] * 1e3:6.0f} ms, lost "
-                          f"{cell['lost']}{div}", flush=True)  # fmt: skip
+            if args.soak:
+                report.setdefault("soak", {})[engine] = run_soak(args, port, proc.pid, clients, workloads[0])
+            else:
+                for workload in workloads:
+                    for c in clients:
+                        report["cells"] += run_cells(args, port, engine, workload, c, check_model)
             report.setdefault("peak_rss_mib", {})[engine] = peak_rss(proc.pid) / 2**20
             print(f"{engine:9s} peak RSS {report['peak_rss_mib'][engine]:.0f} MiB", flush=True)
         finally:
@@ -278,35 +435,10 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     for workload in workloads:
-        for engine in engines:
-            cells = {
-                c["clients"]: c
-                for c in report["cells"]
-                if c["engine"] == engine and c["workload"] == workload
-            }
-            if 1 in cells:
-                gains = ", ".join(
-                    f"{c}: {cells[c]['tok_per_s'] / cells[1]['tok_per_s']:.1f}×" for c in cells if c > 1
-                )
-                print(f"{engine:9s} {workload:6s} aggregate tok/s vs 1 client: {gains}")
-        if len(engines) > 1:
-            ours = {
-                c["clients"]: c
-                for c in report["cells"]
-                if c["engine"] == "tinyqwen" and c["workload"] == workload
-            }
-            peer = {
-                c["clients"]: c
-                for c in report["cells"]
-                if c["engine"] != "tinyqwen" and c["workload"] == workload
-            }
-            ratios = ", ".join(
-                f"{c}: {ours[c]['tok_per_s'] / peer[c]['tok_per_s']:.2f}×" for c in ours if c in peer
-            )
-            print(f"tinyqwen / llama.cpp {workload:6s} aggregate tok/s: {ratios}")
+        print_summary(report["cells"], workload, list(engines))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
-    if any(c["lost"] for c in report["cells"]):
+    if any(c["lost"] for c in report["cells"]) or any(x["lost"] for x in report.get("soak", {}).values()):
         raise SystemExit("some requests were lost")
 
 

@@ -339,3 +339,47 @@ def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
     assert rows_hold()[:3] == [(2, 3, 3.0), (1, 2, 2.0), (4, 5, 5.0)] and pool.owner[3] is None
     window = pool.window(2, 1)
     assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5
+
+
+# ---- the numba backend's batched decode products (register tiles of 4 token rows x 2 weight rows)
+
+
+def _bf16_weight(rng, n: int, k: int):
+    from tinyqwen.backends.numba.weights import BF16Weight
+
+    bits = (rng.standard_normal((n, k), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    return BF16Weight(bits), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 16, 17])  # whole tiles, leftover rows, both
+def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows, monkeypatch):
+    # every row of a batched q/k/v (weights of odd row counts: a pair that would straddle two weights), o and
+    # SwiGLU product against float64 sums of the same bf16 weights: 1e-5 of the output's size, as the backend's
+    # other products (tests/test_numba_backend.py); and a batch of one still takes the one-row loops, bit for bit
+    pytest.importorskip("numba")
+    from tinyqwen.backends.numba import linear
+
+    rng = np.random.default_rng(rows)
+    K = 96
+    ws = [_bf16_weight(rng, n, K) for n in (7, 13, 64, 3)]
+    x = rng.standard_normal((rows, K)).astype(np.float32)
+    outs = linear.linears(x, tuple(w for w, _ in ws))
+    for out, (_, w64) in zip(outs, ws, strict=True):
+        want = x.astype(np.float64) @ w64.T
+        assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+    (g, g64), (u, u64), (d, d64) = (
+        _bf16_weight(rng, 50, K),
+        _bf16_weight(rng, 50, K),
+        _bf16_weight(rng, K, 50),
+    )
+    hg = x.astype(np.float64) @ g64.T
+    want = (hg / (1 + np.exp(-hg)) * (x.astype(np.float64) @ u64.T)) @ d64.T
+    for fused in (True, False):  # one call, or gate/up then down
+        monkeypatch.setattr(linear, "FUSED_SWIGLU", fused)
+        got = linear.swiglu(x, g, u, d)
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    one = [linear.linears(x[:1], tuple(w for w, _ in ws)), linear.swiglu(x[:1], g, u, d)]
+    monkeypatch.setattr(linear, "BATCH_TILES", False)
+    again = [linear.linears(x[:1], tuple(w for w, _ in ws)), linear.swiglu(x[:1], g, u, d)]
+    for a, b in zip([*one[0], one[1]], [*again[0], again[1]], strict=True):
+        assert np.array_equal(a, b)

@@ -1,5 +1,5 @@
-"""The weight products: decode's bf16 GEMVs (streamed, each row widened in registers), prefill's widen-a-block +
-BLAS (or oneDNN's bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
+"""The weight products: decode's bf16 GEMVs (streamed, each row widened in registers; a batched decode step of 2 to
+GEMV_MAX_ROWS rows in register tiles of 4 token rows x 2 weight rows), prefill's widen-a-block + BLAS (or oneDNN's bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
 weights (`QuantWeight`) take the same two roads through `quant.py`: decode's GEMV over their blocks ("int8": x
 quantized to int8 blocks, integer dot products, llama.cpp's way; or "float": codes widened in registers), prefill
 a block of rows dequantized + BLAS.
@@ -27,6 +27,9 @@ GEMV_MAX_ROWS = 64  # up to this many tokens (a batched decode step) a product s
 QUANT_GEMV_MAX_ROWS = 4
 FUSED_SWIGLU = (
     True  # decode's bf16 SwiGLU as one call of two parallel loops (_swiglu_bf16); False: two launches
+)
+BATCH_TILES = (
+    True  # 2+ token rows (a batched decode step): the register-tiled kernels; False: the one-row loops
 )
 
 
@@ -79,6 +82,135 @@ def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u1
     size = (total + chunks - 1) // chunks
     for c in prange(chunks):
         _gemv_rows_bf16(x, ws, outs, starts, c * size, min(total, (c + 1) * size))
+
+
+# ---- a batched decode step (continuous batching: 2 to GEMV_MAX_ROWS token rows): register tiles
+#
+# The one-row loops above, run for M rows, widen every bf16 weight M times and keep one accumulator per loop:
+# from 4 rows on the step is compute-bound and those loops were ~10x slower for 16 rows than for one. These take
+# a tile of 4 token rows x 2 weight rows: each pass over k loads two weight vectors (widened once, used for four
+# rows) and four x vectors, and feeds eight independent accumulators (eight FMA chains, enough to hide the FMA's
+# latency; LLVM keeps all 14 vectors in AVX2's 16 registers, no spill). "contract" lets LLVM fuse each multiply
+# and add into one FMA (one rounding instead of two), so a batched row differs from the same row alone by the
+# float32 rounding of its dot products, within the tolerance tests/test_batching.py checks. (A 3 x 3 tile, nine
+# chains, ran slower; 4 x 2 streamed 1.7x the 3 x 3's rate single-thread here.) Rows past the last multiple of
+# 4 take 1 x 2 tiles. One row (plain decode) never comes here: it keeps the kernels above, bit-identical.
+TILE_FAST = {"reassoc", "contract"}
+
+
+@njit(cache=True, fastmath=TILE_FAST, error_model="numpy", inline="always")
+def _tile_4x2(x, m, w0, w1):  # x[m : m + 4] . w0, . w1 -> 8 sums (rows m.., weight 0 then 1)
+    K = x.shape[1]
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = np.float32(0.0)
+    for k in range(K):
+        v0 = _bf16(w0[k])
+        v1 = _bf16(w1[k])
+        x0, x1, x2, x3 = x[m, k], x[m + 1, k], x[m + 2, k], x[m + 3, k]
+        a00 += x0 * v0
+        a01 += x0 * v1
+        a10 += x1 * v0
+        a11 += x1 * v1
+        a20 += x2 * v0
+        a21 += x2 * v1
+        a30 += x3 * v0
+        a31 += x3 * v1
+    return a00, a01, a10, a11, a20, a21, a30, a31
+
+
+@njit(cache=True, fastmath=TILE_FAST, error_model="numpy", inline="always")
+def _tile_1x2(x, m, w0, w1):  # x[m] . w0, . w1
+    K = x.shape[1]
+    a0 = a1 = np.float32(0.0)
+    for k in range(K):
+        a0 += x[m, k] * _bf16(w0[k])
+        a1 += x[m, k] * _bf16(w1[k])
+    return a0, a1
+
+
+@njit(cache=True, fastmath=TILE_FAST, error_model="numpy")
+def _gemm_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked row space, M >= 2 token rows
+    # two weight rows at a time (a weight with an odd row count: its last row paired with itself, written once)
+    M = x.shape[0]
+    i = 0
+    for r in range(lo, hi, 2):
+        while r >= starts[i + 1]:
+            i += 1
+        w, out, n = ws[i], outs[i], r - starts[i]
+        n1 = n + 1 if r + 1 < min(hi, starts[i + 1]) else n
+        if r + 2 < hi:
+            _prefetch_next(ws, starts, i, r + 1, hi)
+            _prefetch_next(ws, starts, i, r, hi)
+        w0, w1 = w[n], w[n1]
+        for m in range(0, M - M % 4, 4):
+            a00, a01, a10, a11, a20, a21, a30, a31 = _tile_4x2(x, m, w0, w1)
+            out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a00, a10, a20, a30
+            out[m, n1], out[m + 1, n1], out[m + 2, n1], out[m + 3, n1] = a01, a11, a21, a31
+        for m in range(M - M % 4, M):
+            a0, a1 = _tile_1x2(x, m, w0, w1)
+            out[m, n], out[m, n1] = a0, a1
+        if n1 == n and r + 1 < hi:  # an odd weight ended at r: its next row belongs to the next weight
+            while r + 1 >= starts[i + 1]:
+                i += 1
+            _gemm_row_single(x, ws[i], outs[i], r + 1 - starts[i])
+
+
+@njit(cache=True, fastmath=TILE_FAST, error_model="numpy")
+def _gemm_row_single(x, w, out, n):  # one weight row for M token rows (the odd one out)
+    for m in range(x.shape[0]):
+        out[m, n] = _tile_1x2(x, m, w[n], w[n])[0]
+
+
+@njit(cache=True, fastmath=TILE_FAST, error_model="numpy")
+def _gate_up_gemm_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of the gate/up pair, M >= 2 rows
+    # the same tile, its two weight rows a gate row and its up row: the SiLU product straight from the registers
+    M = x.shape[0]
+    for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_weight_row(w_gate[f + 1])
+            _prefetch_weight_row(w_up[f + 1])
+        for m in range(0, M - M % 4, 4):
+            g0, u0, g1, u1, g2, u2, g3, u3 = _tile_4x2(x, m, w_gate[f], w_up[f])
+            out[m, f] = _silu(g0) * u0
+            out[m + 1, f] = _silu(g1) * u1
+            out[m + 2, f] = _silu(g2) * u2
+            out[m + 3, f] = _silu(g3) * u3
+        for m in range(M - M % 4, M):
+            g, u = _tile_1x2(x, m, w_gate[f], w_up[f])
+            out[m, f] = _silu(g) * u
+
+
+@njit(parallel=True, cache=True)
+def _gemm_many_bf16(x, ws, outs, starts, chunks):  # _gemv_many_bf16 for M >= 2 rows (chunks of even size)
+    total = starts[-1]
+    chunks = min(total, chunks)
+    size = (total + chunks - 1) // chunks
+    size += size % 2
+    for c in prange(chunks):
+        _gemm_rows_bf16(x, ws, outs, starts, min(total, c * size), min(total, (c + 1) * size))
+
+
+@njit(parallel=True, cache=True)
+def _gate_up_gemm_bf16(x, w_gate, w_up, out, chunks):  # _gate_up_bf16 for M >= 2 rows
+    F = w_gate.shape[0]
+    chunks = min(F, chunks)
+    size = (F + chunks - 1) // chunks
+    for c in prange(chunks):
+        _gate_up_gemm_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
+
+
+@njit(parallel=True, cache=True)
+def _swiglu_gemm_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):  # _swiglu_bf16 for M >= 2 rows
+    F = w_gate.shape[0]
+    c1 = min(F, chunks)
+    size = (F + c1 - 1) // c1
+    for c in prange(c1):
+        _gate_up_gemm_rows_bf16(x, w_gate, w_up, h, c * size, min(F, (c + 1) * size))
+    total = w_down.shape[0]
+    c2 = min(total, chunks)
+    size2 = (total + c2 - 1) // c2
+    size2 += size2 % 2
+    for c in prange(c2):
+        _gemm_rows_bf16(h, (w_down,), (out,), starts, min(total, c * size2), min(total, (c + 1) * size2))
 
 
 @njit(cache=True)
@@ -147,6 +279,10 @@ def _silu_mul(g, u):  # [M, F] x2 -> [M, F]
 
 def _chunks() -> int:  # work items for a parallel GEMV: several per thread, so a slow thread holds no one up
     return 8 * numba.get_num_threads()
+
+
+def _tiled(x2: np.ndarray) -> bool:  # a batched decode step's rows take the register tiles
+    return BATCH_TILES and x2.shape[0] > 1
 
 
 def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contiguous
@@ -235,7 +371,8 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     # so these are the products of llama.cpp's bf16 path. (An AVX512-BF16 `vdpbf16ps` kernel, 32 such products per
     # instruction, streamed faster than the float32 one until both prefetched the next row; then it was ~8% slower:
     # a 0.6B step's GEMVs took 51-56 ms against 46-50, so it went.)
-    _gemv_many_bf16(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _chunks())
+    kernel = _gemm_many_bf16 if _tiled(x2) else _gemv_many_bf16  # a batched step: the register tiles
+    kernel(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _chunks())
     return outs
 
 
@@ -254,11 +391,13 @@ def swiglu(
     if FUSED_SWIGLU and bf16 and not bf16_inputs and x2.shape[0] <= GEMV_MAX_ROWS:  # decode, one call
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
         out = np.empty(x2.shape, np.float32)
-        _swiglu_bf16(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)), _chunks())
+        kernel = _swiglu_gemm_bf16 if _tiled(x2) else _swiglu_bf16  # a batched step: the register tiles
+        kernel(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)), _chunks())
         return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
-        _gate_up_bf16(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
+        kernel = _gate_up_gemm_bf16 if _tiled(x2) else _gate_up_bf16
+        kernel(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
     else:
         h = _silu_mul(linear(x2, w_gate, bf16_inputs, quant_gemv), linear(x2, w_up, bf16_inputs, quant_gemv))
     return linear(h, w_down, bf16_inputs, quant_gemv).reshape(x.shape)
