@@ -118,11 +118,27 @@ def start_tinyqwen(folder: Path, backend: str, port: int, extra: list[str]) -> s
 
 
 def start_llama(binary: str, gguf: str, port: int, parallel: int, ctx_per_slot: int, threads: int):
+    for path, what in ((binary, "--llama-server"), (gguf, "--gguf")):
+        if not Path(path).is_file():
+            raise SystemExit(f"{what}: no such file: {path}")
+    if not os.access(binary, os.X_OK):
+        raise SystemExit(f"--llama-server: {binary} is not executable")
+    usage = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60)
+    known = usage.stdout + usage.stderr
     cmd = [binary, "-m", gguf, "--port", str(port), "--host", "127.0.0.1", "-t", str(threads), "-tb", str(threads),
-           "--parallel", str(parallel), "-c", str(parallel * ctx_per_slot), "-ngl", "0", "--no-webui",
-           "--log-disable"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_ready(port, proc, "llama-server")
+           "--parallel", str(parallel), "-c", str(parallel * ctx_per_slot)]  # fmt: skip
+    cmd += [flag for flag in ("--no-webui", "--cont-batching") if flag in known]  # (older builds lack some)
+    log = tempfile.NamedTemporaryFile("w+", prefix="llama-server-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(port, proc, "llama-server")
+    except SystemExit:
+        log.seek(0)
+        print(
+            "  [llama-server] " + "\n  [llama-server] ".join(log.read().splitlines()[-20:]), file=sys.stderr
+        )
+        proc.kill()
+        raise
     return proc
 
 

@@ -383,3 +383,30 @@ def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows,
     again = [linear.linears(x[:1], tuple(w for w, _ in ws)), linear.swiglu(x[:1], g, u, d)]
     for a, b in zip([*one[0], one[1]], [*again[0], again[1]], strict=True):
         assert np.array_equal(a, b)
+
+
+def test_ragged_decode_attention_reads_each_row_only_to_its_own_length():
+    # a server's batch: rows of different lengths in one cache, each masked past its own end (stale keys there,
+    # huge ones: a kernel that read them would not hide them by much). Each row's output equals the reference's,
+    # and is bit-identical to that row run alone on exactly its own keys
+    pytest.importorskip("numba")
+    from tinyqwen.attention import attention as reference
+    from tinyqwen.backends.numba.attention import attention
+
+    rng = np.random.default_rng(3)
+    B, Hq, Hkv, S, d = 4, 8, 2, 11, 16
+    lengths = [11, 3, 7, 1]
+    q = rng.standard_normal((B, Hq, 1, d)).astype(np.float32)
+    cache = rng.standard_normal((2, B, Hkv, 16, d)).astype(np.float32)
+    for b, n in enumerate(lengths):
+        cache[:, b, :, n:] = 1e4  # stale
+    k, v = cache[0][:, :, :S], cache[1][:, :, :S]
+    mask = np.arange(S)[None, None, :] < np.array(lengths)[:, None, None]  # [B, 1, S]
+    got = attention(q, k, v, mask)
+    want = reference(q, k, v, mask)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    for b, n in enumerate(lengths):
+        alone = attention(
+            q[b : b + 1], cache[0][b : b + 1, :, :n], cache[1][b : b + 1, :, :n], mask[b : b + 1, :, :n]
+        )
+        assert np.array_equal(got[b], alone[0])

@@ -66,6 +66,12 @@ def _attend_group(q, k, v, mask, out, b, h, S):  # one kv head h of row b and it
     Hkv = k.shape[1]
     group = Hq // Hkv
     scale = np.float32(d**-0.5)
+    # a server's batch of unrelated sequences (a RaggedKVCache) pads each row's keys to the longest row's: the
+    # masked tail's exp is exactly 0, so the row stops at its last visible key (its own length), as it would alone
+    last = S
+    while last > 0 and not mask[b, last - 1]:
+        last -= 1
+    S = last if last > 0 else S  # (every key masked: the uniform average over all S, as the reference)
     scores = np.empty((group, S), np.float32)
     for s in range(S):  # each key row is read once and used by every query head of the group
         if s + PREFETCH_ROWS < S:
