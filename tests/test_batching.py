@@ -410,3 +410,44 @@ def test_ragged_decode_attention_reads_each_row_only_to_its_own_length():
             q[b : b + 1], cache[0][b : b + 1, :, :n], cache[1][b : b + 1, :, :n], mask[b : b + 1, :, :n]
         )
         assert np.array_equal(got[b], alone[0])
+
+
+def test_a_new_request_is_prefilled_at_the_next_step_in_chunks_while_the_others_keep_decoding(
+    tiny_qwen3_model, tok
+):
+    # steps driven by hand (no worker thread): two sequences decode; a prompt of 23 tokens arrives. The very next
+    # step starts its prefill (it does not wait for the running ones to finish), every step prefills at most
+    # `prefill_chunk` tokens, and every step still decodes both running rows: their tokens keep flowing
+    model = tiny_qwen3_model
+    calls = []
+
+    class Recording:  # the real model; each forward's [rows, tokens] recorded
+        config, generation_config = model.config, getattr(model, "generation_config", {})
+
+        def new_cache(self, *args):
+            return model.new_cache(*args)
+
+        def forward(self, ids, **kwargs):
+            calls.append(np.asarray(ids).shape)
+            return model.forward(ids, **kwargs)
+
+    engine = Engine(Recording(), tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=8)
+    assert engine.rows == 4
+    running = [Job([5, 6, 7 + i], 40, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
+               for i in range(2)]  # fmt: skip
+    for job in running:
+        engine._admit(job)
+    while engine.pool is None or engine.pool.decoding < 2:
+        engine.step()
+    newcomer = Job(list(range(100, 123)), 3, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
+    engine._admit(newcomer)
+    steps = []
+    while not newcomer.output_ids:
+        before = [len(j.output_ids) for j in running]
+        calls.clear()
+        engine.step()
+        steps.append(list(calls))
+        assert [len(j.output_ids) for j in running] == [b + 1 for b in before]  # both decoded this step
+    assert steps[0][0] == (1, 8)  # the very next step: the newcomer's first chunk, before the decode
+    assert all(sum(r * t for r, t in s if t > 1) <= 8 for s in steps)  # at most prefill_chunk prompt tokens
+    assert len(steps) == 3 and steps[-1][0] == (1, 7)  # 23 = 8 + 8 + 7, the first token right after
