@@ -23,7 +23,7 @@ and reports per phase:
     ITL p50/p95       time between two streamed chunks of one reply (inter-token latency)
     lost              requests without a finish reason and `[DONE]` (must be 0)
 
-and per engine its peak RSS (VmHWM). The summary gives each phase's aggregate against one client, and the TTFT
+and per engine its peak RSS (VmHWM). Before the cells each server answers a few warm-up requests (not counted). The summary gives each phase's aggregate against one client, and the TTFT
 target: steady TTFT p95 against 3x the one-client TTFT plus one prefill (the one-client TTFT).
 
 `--soak SECONDS`: instead of the cells, C clients (the largest of `--clients`) send requests of the first workload
@@ -190,6 +190,16 @@ def run_burst(port: int, prompts: list[list[int]], new_tokens: int) -> tuple[lis
     with ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(lambda p: dict(stream_completion(port, p, new_tokens), prompt=p), prompts))
     return results, time.perf_counter() - start
+
+
+def warm_up(port: int) -> None:
+    """Requests that take every kernel path once (a batched prefill and decode, a long and a short prompt alone),
+    so that no cell pays a first call's compile or cache load."""
+    rng = np.random.default_rng(0)
+    ids = [[int(t) for t in rng.integers(1000, 100_000, n)] for n in (8, 8, 80)]
+    run_burst(port, ids, 4)
+    run_burst(port, ids[:1], 4)
+    run_burst(port, ids[2:], 4)
 
 
 def run_steady(
@@ -436,6 +446,7 @@ def main() -> None:
         port = free_port()
         proc = start(port)
         try:
+            warm_up(port)
             if args.soak:
                 report.setdefault("soak", {})[engine] = run_soak(args, port, proc.pid, clients, workloads[0])
             else:

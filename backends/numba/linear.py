@@ -1,5 +1,6 @@
 """The weight products: decode's bf16 GEMVs (streamed, each row widened in registers; a batched decode step of 2 to
-GEMV_MAX_ROWS rows in register tiles of 4 token rows x 2 weight rows), prefill's widen-a-block + BLAS (or oneDNN's bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
+GEMV_MAX_ROWS rows in register tiles of 4 token rows x 2 weight rows), prefill's widen-a-block + BLAS (or oneDNN's
+bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
 weights (`QuantWeight`) take the same two roads through `quant.py`: decode's GEMV over their blocks ("int8": x
 quantized to int8 blocks, integer dot products, llama.cpp's way; or "float": codes widened in registers), prefill
 a block of rows dequantized + BLAS.
@@ -28,9 +29,8 @@ QUANT_GEMV_MAX_ROWS = 4
 FUSED_SWIGLU = (
     True  # decode's bf16 SwiGLU as one call of two parallel loops (_swiglu_bf16); False: two launches
 )
-BATCH_TILES = (
-    True  # 2+ token rows (a batched decode step): the register-tiled kernels; False: the one-row loops
-)
+# 2+ token rows (a batched decode step): the register-tiled kernels; False: the one-row loops once per row
+BATCH_TILES = True
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits
@@ -92,9 +92,10 @@ def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u1
 # rows) and four x vectors, and feeds eight independent accumulators (eight FMA chains, enough to hide the FMA's
 # latency; LLVM keeps all 14 vectors in AVX2's 16 registers, no spill). "contract" lets LLVM fuse each multiply
 # and add into one FMA (one rounding instead of two), so a batched row differs from the same row alone by the
-# float32 rounding of its dot products, within the tolerance tests/test_batching.py checks. (A 3 x 3 tile, nine
-# chains, ran slower; 4 x 2 streamed 1.7x the 3 x 3's rate single-thread here.) Rows past the last multiple of
-# 4 take 1 x 2 tiles. One row (plain decode) never comes here: it keeps the kernels above, bit-identical.
+# float32 rounding of its dot products, within the tolerance tests/test_batching.py checks. (2 x 4 and 3 x 3
+# tiles ran as fast, 18-20 GMAC/s of one core's CPU time on this AVX2 EPYC for 16 rows; the one-row loops 9.)
+# Rows past the last multiple of 4 take 1 x 2 tiles. One row (plain decode) never comes here: it keeps the
+# kernels above, bit-identical.
 TILE_FAST = {"reassoc", "contract"}
 
 
