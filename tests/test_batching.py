@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -451,3 +452,28 @@ def test_a_new_request_is_prefilled_at_the_next_step_in_chunks_while_the_others_
     assert steps[0][0] == (1, 8)  # the very next step: the newcomer's first chunk, before the decode
     assert all(sum(r * t for r, t in s if t > 1) <= 8 for s in steps)  # at most prefill_chunk prompt tokens
     assert len(steps) == 3 and steps[-1][0] == (1, 7)  # 23 = 8 + 8 + 7, the first token right after
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="reads the process's resident memory in /proc"
+)
+def test_the_kv_pool_is_resident_only_where_sequences_wrote(tiny_qwen3_model):
+    # a pool of 512 MiB (16 rows): one position written in every row and layer takes a few MiB, not the pool
+    # (with NumPy's huge-page advice each write took a 2 MiB page: the whole pool after one token per row)
+    def rss() -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(next(line for line in text.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+    model = tiny_qwen3_model
+    rows = 16
+    per_row = (512 << 20) // rows
+    slot_len = per_row // kv_bytes_per_token(
+        model.config.num_hidden_layers, model.config.num_key_value_heads, model.config.head_dim
+    )
+    before = rss()
+    pool = KVPool(model, rows, slot_len)
+    assert pool.nbytes >= 500 << 20
+    for store in (pool.cache.keys, pool.cache.values):
+        for a in store:
+            a[:, :, 0] = 1.0  # every row's first position, every head
+    assert rss() - before < 64 << 20

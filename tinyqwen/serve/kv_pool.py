@@ -15,17 +15,34 @@ it has, and no request is refused for its length; but attention must then gather
 the existing attention kernels read it in place. The price: `slot_len` is fixed when the server starts (the budget
 divided among `max_batch` rows), so a request may use at most `slot_len` positions, prompt and reply together.
 
-Memory is bounded from the start: `max_batch · slot_len · kv_bytes_per_token` bytes. np.zeros asks the OS for zeroed
-pages, taken only as they are written, but a row's positions of one head are contiguous, so with transparent huge
-pages (2 MiB) a row's first token takes most of its region: count on the whole budget being resident once every row
-has been used. A request that finds every row taken waits in the queue: the server never allocates past its budget.
+Memory is bounded from the start: `max_batch · slot_len · kv_bytes_per_token` bytes, and only what the sequences
+write is resident. The pool asks the OS for zeroed pages (an anonymous mapping), taken 4 KiB at a time as positions
+are written, and advises it against transparent huge pages: NumPy advises its own large arrays *for* them, and then
+a row's first token took a whole 2 MiB page, i.e. several rows' regions; a server with the default budget (a quarter
+of the free memory) held it all after its first requests (Qwen3-0.6B: 5.3 GiB of huge pages for 16 sequences of a
+few hundred positions). A request that finds every row taken waits in the queue: the server never allocates past
+its budget.
 """
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from tinyqwen.kv_cache import KVCache, RaggedKVCache, kv_bytes_per_token
+
+
+def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+    """np.zeros' contract (zeroed, writable, C-contiguous) from an anonymous mapping advised against huge pages:
+    memory is taken 4 KiB at a time as it is written (see the module docstring). Where the OS has no such advice,
+    plain np.zeros."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
+        return np.zeros(shape, dtype)
+    buffer = mmap.mmap(-1, nbytes)
+    buffer.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.ndarray(shape, dtype, buffer=buffer)  # (the array keeps the mapping alive)
 
 
 def pool_shape(config, kv_budget: int, max_batch: int, dtype: str = "float32") -> tuple[int, int]:
@@ -48,7 +65,14 @@ class KVPool:
     """`rows` slots of `slot_len` positions in one KVCache; `owner[r]` is the sequence in row r (or None)."""
 
     def __init__(self, model, rows: int, slot_len: int):
-        self.cache: KVCache = model.new_cache(rows, slot_len)
+        backend = getattr(model, "backend", None)
+        if getattr(backend, "zeros", np.zeros) is np.zeros:  # host memory: mapped lazily (see the docstring)
+            c = model.config
+            self.cache: KVCache = KVCache.allocate(
+                c.num_hidden_layers, rows, c.num_key_value_heads, slot_len, c.head_dim, zeros=lazy_zeros
+            )
+        else:  # the backend's own memory (a GPU's)
+            self.cache = model.new_cache(rows, slot_len)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions filled in each row
         self.owner: list = [None] * rows
         self.decoding = 0  # rows [0, decoding) hold sequences past their prefill
