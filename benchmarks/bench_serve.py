@@ -14,7 +14,8 @@ of two phases, reported on two lines:
     steady   C clients each send `--requests` requests back to back, client c starting c/C of a request's
              duration late (the burst's mean), so arrivals are spread as in a server's steady state. Aggregate
              tok/s counts the tokens streamed while every client was active (from the last client's start to
-             the first client's end); TTFT/ITL are every steady request's.
+             the first client's end; with one request per client there may be no such window: then all tokens
+             over the phase's wall time, ramps included); TTFT/ITL are every steady request's.
 
 and reports per phase:
 
@@ -398,8 +399,9 @@ def main() -> None:
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--workload", default="decode,prompt", help="decode, prompt or both")
-    parser.add_argument("--requests", "--rounds", dest="requests", type=int, default=1,
-                        help="requests per client in each cell's steady phase (0: burst only)")  # fmt: skip
+    parser.add_argument("--requests", "--rounds", dest="requests", type=int, default=2,
+                        help="requests per client in each cell's steady phase (0: burst only; 2+ for a window "
+                             "in which every client is active)")  # fmt: skip
     parser.add_argument(
         "--scale", type=float, default=1.0, help="scale prompt lengths and new tokens (quick runs)"
     )
