@@ -24,7 +24,10 @@ and reports per phase:
     ITL p50/p95       time between two streamed chunks of one reply (inter-token latency)
     lost              requests without a finish reason and `[DONE]` (must be 0)
 
-and per engine its peak RSS (VmHWM). Before the cells each server answers a few warm-up requests (not counted). The summary gives each phase's aggregate against one client, and the TTFT
+The issue's throughput targets (16 clients against one: decode-heavy 4x, prompt-heavy 2x) read the burst line,
+tokens / wall time with every client starting together; the steady line's rate is that of a full server (no
+client's turnaround idles it), so it can exceed the client count on a model whose step costs little per row.
+Per engine, its peak RSS (VmHWM). Before the cells each server answers a few warm-up requests (not counted). The summary gives each phase's aggregate against one client, and the TTFT
 target: steady TTFT p95 against 3x the one-client TTFT plus one prefill (the one-client TTFT).
 
 `--soak SECONDS`: instead of the cells, C clients (the largest of `--clients`) send requests of the first workload
