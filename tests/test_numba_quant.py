@@ -161,7 +161,9 @@ def test_embedding_lookup_widens_only_the_rows_read():
 
 
 @pytest.mark.parametrize("mode", linear.QUANT_GEMV)
-@pytest.mark.parametrize("n", [1, 6])  # decode's fused kernel, prefill's per-expert SwiGLU
+@pytest.mark.parametrize(
+    "n", [1, 6, 40]
+)  # decode's fused kernel, prefill's expert groups (40: 10 per expert)
 def test_moe_block_with_stacked_quantized_experts(mode, n):
     rng = np.random.default_rng(6)
     E, d, f, k = 8, 256, 512, 2
@@ -183,9 +185,8 @@ def test_moe_block_with_stacked_quantized_experts(mode, n):
     for t in range(n):
         for s in range(k):
             e = experts[t, s]
-            # the int8 GEMVs run where an expert has at most GEMV_MAX_ROWS tokens (decode, and small groups of a
-            # prefill): they quantize x and h to Q8_K; larger groups dequantize the blocks into BLAS
-            int8 = mode == "int8" and (experts == e).sum() <= linear.GEMV_MAX_ROWS
+            # "int8" quantizes x and h to Q8_K (decode and prefill alike); "float" multiplies them as they are
+            int8 = mode == "int8"
             xs = q8_k_roundtrip(x[t : t + 1])[0][0] if int8 else x[t]
             a, b = xs @ g[e].T, xs @ u[e].T
             with np.errstate(over="ignore"):
@@ -194,6 +195,26 @@ def test_moe_block_with_stacked_quantized_experts(mode, n):
     # float32 rounding only, once x and h are quantized as the kernels quantize them (a value of h near a
     # rounding boundary may round the other way from float32 noise: one step of 1/127 of its block in one term)
     assert np.abs(out - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("mode", linear.QUANT_GEMV)
+def test_moe_prefill_groups_equal_the_decode_kernel(mode):
+    """Prefill's kernels (the pairs grouped by expert) and decode's (every pair over the threads) take the same
+    dot products and sum each token's experts in slot order: the same bits, token by token."""
+    rng = np.random.default_rng(7)
+    E, d, f, k = 6, 256, 256, 3
+    stacks = [
+        get_backend("numba").prepare(QuantizedTensor(qtype, shape, random_blocks(rng, qtype, *shape)))
+        for qtype, shape in (("q4_k", (E, f, d)), ("q8_0", (E, f, d)), ("q6_k", (E, d, f)))
+    ]
+    x = rng.standard_normal((12, d)).astype(np.float32)
+    weights, experts = route(rng.standard_normal((12, E)).astype(np.float32), k, True)
+    whole = moe._moe_prefill_quant(x, experts, weights, *stacks, mode == "int8")
+    for t in range(x.shape[0]):
+        one = moe._moe_decode_quant(
+            x[t : t + 1], experts[t : t + 1], weights[t : t + 1], *stacks, mode == "int8"
+        )
+        assert np.array_equal(one[0], whole[t])
 
 
 def test_bad_block_data_is_one_clear_line():

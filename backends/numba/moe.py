@@ -103,6 +103,32 @@ def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) 
     return out
 
 
+def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
+    # x [N, d] f32, routing [N, k], stacked quantized experts -> [N, d]: the pairs grouped by expert, each routed
+    # expert's blocks read once for all its tokens (quant.moe_up_grouped / moe_down_grouped), x and h quantized once
+    x2 = _rows(x)
+    N, k = experts.shape
+    flat = experts.reshape(-1)
+    order = np.argsort(flat, kind="stable").astype(np.int64)  # pair ids (token·k + slot), by expert
+    groups, counts = np.unique(flat, return_counts=True)
+    bounds = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    per = max(1, _chunks() // len(groups))  # row chunks per expert: enough work items for every thread
+    h = np.empty((N * k, w_gate.shape[1]), np.float32)
+    acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
+    quant.moe_up_grouped(
+        use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
+        groups.astype(np.int64), order, bounds, per, h,
+    )  # fmt: skip
+    y = np.empty((N * k, x2.shape[1]), np.float32)
+    acts = quant.activations(h, {w_down.kind}, use_int)
+    quant.moe_down_grouped(
+        use_int, w_down.kind, w_down.data, w_down.data8, acts, groups.astype(np.int64), order, bounds, per, y
+    )
+    out = np.empty(x2.shape, np.float32)
+    quant.moe_combine(y, weights.astype(np.float32), out)
+    return out
+
+
 def moe_block(
     x,
     w_router,
@@ -119,6 +145,10 @@ def moe_block(
     quantized = all(isinstance(w, QuantWeight) for w in (w_gate, w_up, w_down))
     if quantized and x.shape[0] <= QUANT_GEMV_MAX_ROWS:  # decode: every pair's rows over the threads together
         return _moe_decode_quant(
+            x, experts, weights, w_gate, w_up, w_down, quant_gemv == "int8"
+        ), router_logits
+    if quantized:  # prefill: grouped by expert, each routed expert's blocks read once
+        return _moe_prefill_quant(
             x, experts, weights, w_gate, w_up, w_down, quant_gemv == "int8"
         ), router_logits
     if isinstance(w_gate, BF16Weight) and x.shape[0] <= GEMV_MAX_ROWS:  # decode: one fused kernel
