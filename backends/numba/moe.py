@@ -103,27 +103,48 @@ def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) 
     return out
 
 
+# From how many tokens an expert's blocks are better widened into BLAS than dotted with each token in turn. One
+# thread, a 2-layer Qwen3-30B-A3B Q4_K_M (benchmarks/bench_moe.py's file), per expert: 8 tokens took 8.2 ms as int8
+# dots, 30 ms as float dots, 23.5 ms widened into sgemm (the widening is most of it); 32 tokens 27, 134 and 36 ms.
+# So the int8 dots (llama.cpp's scheme) win up to ~48 tokens an expert (a ~768-token prompt over 128 experts), the
+# float dots never: "float" widens into BLAS from 4 tokens (as the dense prefill does).
+BLAS_MIN_TOKENS = {"int8": 48, "float": 4}
+
+
 def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
     # x [N, d] f32, routing [N, k], stacked quantized experts -> [N, d]: the pairs grouped by expert, each routed
-    # expert's blocks read once for all its tokens (quant.moe_up_grouped / moe_down_grouped), x and h quantized once
+    # expert's blocks read once for all its tokens: dotted with each of them (quant.moe_up_grouped /
+    # moe_down_grouped, x and h quantized once) or, for an expert with many tokens, widened into BLAS
     x2 = _rows(x)
     N, k = experts.shape
     flat = experts.reshape(-1)
     order = np.argsort(flat, kind="stable").astype(np.int64)  # pair ids (token·k + slot), by expert
     groups, counts = np.unique(flat, return_counts=True)
     bounds = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
-    per = max(1, _chunks() // len(groups))  # row chunks per expert: enough work items for every thread
-    h = np.empty((N * k, w_gate.shape[1]), np.float32)
-    acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
-    quant.moe_up_grouped(
-        use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
-        groups.astype(np.int64), order, bounds, per, h,
-    )  # fmt: skip
-    y = np.empty((N * k, x2.shape[1]), np.float32)
-    acts = quant.activations(h, {w_down.kind}, use_int)
-    quant.moe_down_grouped(
-        use_int, w_down.kind, w_down.data, w_down.data8, acts, groups.astype(np.int64), order, bounds, per, y
-    )
+    y = np.empty((N * k, x2.shape[1]), np.float32)  # each pair's expert output, before its routing weight
+    many = counts >= BLAS_MIN_TOKENS["int8" if use_int else "float"]
+    for j in np.nonzero(many)[0]:  # BLAS: the expert's blocks widened a slab at a time (linear.py)
+        pairs = order[bounds[j] : bounds[j + 1]]
+        e = groups[j]
+        y[pairs] = swiglu(x2[pairs // k], w_gate[e], w_up[e], w_down[e], False, "float")
+    few = np.nonzero(~many)[0]
+    if len(few):  # one launch per projection for every other routed expert
+        sub = np.concatenate([order[bounds[j] : bounds[j + 1]] for j in few])
+        sub_bounds = np.concatenate(([0], np.cumsum(counts[few]))).astype(np.int64)
+        sub_groups = groups[few].astype(np.int64)
+        per = max(1, _chunks() // len(few))  # row chunks per expert: enough work items for every thread
+        h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
+        acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
+        quant.moe_up_grouped(
+            use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
+            sub_groups, sub, sub_bounds, per, h,
+        )  # fmt: skip
+        if many.any():
+            h[np.setdiff1d(np.arange(N * k), sub)] = 0  # (pairs of the BLAS experts: quantized, never read)
+        acts = quant.activations(h, {w_down.kind}, use_int)
+        quant.moe_down_grouped(
+            use_int, w_down.kind, w_down.data, w_down.data8, acts, sub_groups, sub, sub_bounds, per, y
+        )
     out = np.empty(x2.shape, np.float32)
     quant.moe_combine(y, weights.astype(np.float32), out)
     return out
