@@ -309,3 +309,33 @@ def test_avx2_block_dots_equal_the_loops(qtype):
 
     loops, vector = (getattr(quant, f"_dot_{qtype}_int_{name}") for name in ("loops", "avx2"))
     assert rows(vector).tobytes() == rows(loops).tobytes()
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
+def test_tiny_moe_gguf_logits_match_the_numpy_reference(tmp_path, target):
+    """A small MoE GGUF file (expert stacks in Q4_K / Q6_K, or Q8_0): the numba backend's prefill (the pairs grouped
+    by expert) and decode (every pair in one launch) against the numpy reference, which widens the blocks."""
+    import tinyqwen
+    from tinyqwen.backends.numba import backend as numba_backend
+    from tinyqwen.quantize import quantize_checkpoint
+
+    from test_gguf import moe_k_quants
+
+    path = tmp_path / f"moe-{target}.gguf"
+    quantize_checkpoint(moe_k_quants(tmp_path), target, path)
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
+    want = tinyqwen.load_model(path)(ids)
+    scale = np.abs(want).max()
+    model = tinyqwen.load_model(path, backend="numba")
+    assert isinstance(model.weights.layers[0].mlp.gate_proj, QuantWeight)
+    errors = {}
+    for mode, bound in (("float", 2e-5), ("int8", 0.06)):  # the bounds of the dense test above, same reasons
+        model.backend = numba_backend(quant_gemv=mode)
+        prefill = model(ids)  # 12 tokens over 4 experts: grouped int8 dots ("int8"), BLAS ("float")
+        cache = model.new_cache(1, ids.shape[1])
+        decode = np.concatenate(
+            [model.forward(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], 1
+        )
+        errors[mode] = [float(np.abs(got - want).max() / scale) for got in (prefill, decode)]
+        assert max(errors[mode]) <= bound, (mode, errors)
+    assert errors["int8"][0] > 10 * errors["float"][0]  # prefill's activations really were quantized
