@@ -315,11 +315,11 @@ def test_avx2_block_dots_equal_the_loops(qtype):
 def test_tiny_moe_gguf_logits_match_the_numpy_reference(tmp_path, target):
     """A small MoE GGUF file (expert stacks in Q4_K / Q6_K, or Q8_0): the numba backend's prefill (the pairs grouped
     by expert) and decode (every pair in one launch) against the numpy reference, which widens the blocks."""
+    from test_gguf import moe_k_quants
+
     import tinyqwen
     from tinyqwen.backends.numba import backend as numba_backend
     from tinyqwen.quantize import quantize_checkpoint
-
-    from test_gguf import moe_k_quants
 
     path = tmp_path / f"moe-{target}.gguf"
     quantize_checkpoint(moe_k_quants(tmp_path), target, path)
