@@ -394,7 +394,9 @@ def test_info_predicts_the_full_models_rss_from_a_truncated_file(tmp_path, capsy
     assert predict_rss(paths[4], context=100)["weights"] == full
     assert got["kv_cache"] == 100 * 2 * 4 * 2 * 64 * 2  # context · K,V · layers · kv heads · head_dim · bf16
     assert 0 < got["embedding"] <= 100 * (256 // 256 * 144 + 4096)  # the rows read, not the 512-row table
-    assert got["total"] == full + got["embedding"] + got["kv_cache"] + NUMBA_RUNTIME_BYTES
+    assert (
+        got["total"] == full + got["embedding"] + got["kv_cache"] + got["activations"] + NUMBA_RUNTIME_BYTES
+    )
     assert main(["info", "--model", str(paths[2]), "--layers", "4", "--context", "100"]) == 0
     assert "numba RSS    about" in capsys.readouterr().out
     assert main(["info", "--model", str(paths[2]), "--as-config", "Qwen3-30B-A3B"]) == 0

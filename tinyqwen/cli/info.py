@@ -89,9 +89,11 @@ def gguf_summary(path) -> tuple:
 
 
 # The numba backend's resident memory beyond the weights and the KV cache, measured on a 2-layer Qwen3-30B-A3B-shaped
-# Q4_K_M file (benchmarks/bench_moe.py --quant; 136-token context): the interpreter, NumPy, OpenBLAS, Numba and
-# LLVM (~150 MB before any weight), the compiled kernels, the dequantization scratch and one prefill's activations.
-NUMBA_RUNTIME_BYTES = 400 << 20
+# Q4_K_M file (benchmarks/bench_moe.py --quant) after a 128-token prefill and a few decode steps, kernels already
+# compiled: 98 MB (RssAnon 40 + RssFile 59: the interpreter, NumPy, OpenBLAS, Numba, LLVM) before any weight, 164 MB
+# after (RssAnon 100 + the libraries' 64 MB of file pages): the compiled kernels, scratch buffers and a small
+# prefill's temporaries. A longer prefill's temporaries are added from the shapes (`predict_rss`).
+NUMBA_RUNTIME_BYTES = 164 << 20
 
 
 def predict_rss(path, context: int, layers: int | None = None, kv_dtype: str = "bfloat16") -> dict[str, int]:
@@ -104,10 +106,16 @@ def predict_rss(path, context: int, layers: int | None = None, kv_dtype: str = "
                 the layers that rule picks for `layers`, the smaller one elsewhere; otherwise its bytes × layers.
     embedding   only the rows a prompt reads are paged in: at most `context` rows (each a page or two).
     kv_cache    2 · layers · kv_heads · head_dim · context values of `kv_dtype`.
+    activations one prefill chunk's temporaries (`kv_cache.memory_estimate`), plus for a MoE the grouped experts'
+                hidden and output rows (chunk · top-k · (expert ffn + hidden) float32).
     runtime     NUMBA_RUNTIME_BYTES, measured (see the note above it).
+
+    Measured against it (bench_moe.py --quant, 2 layers, 136-token context): predicted 1.21 GB, measured peak
+    1.11 GB — the prediction counts every expert, and a 128-token random prompt left some unrouted (82 MB of the
+    file never read); a long prompt on the full model reaches them all.
     """
     from tinyqwen.gguf_checkpoint import GGUFCheckpoint
-    from tinyqwen.kv_cache import kv_bytes_per_token
+    from tinyqwen.kv_cache import PREFILL_CHUNK, kv_bytes_per_token, memory_estimate
     from tinyqwen.quantize import use_more_bits
 
     with GGUFCheckpoint(path) as ck:
@@ -132,7 +140,16 @@ def predict_rss(path, context: int, layers: int | None = None, kv_dtype: str = "
         else:
             weights += round(sum(sizes) / len(sizes) * layers)
     kv = context * kv_bytes_per_token(layers, c.num_key_value_heads, c.head_dim, kv_dtype)
-    out = {"weights": weights, "embedding": embedding, "kv_cache": kv, "runtime": NUMBA_RUNTIME_BYTES}
+    act = memory_estimate(c, context, kv_dtype)["activations"]
+    if c.is_moe:
+        act += (
+            4
+            * min(context, PREFILL_CHUNK)
+            * c.num_experts_per_tok
+            * (c.moe_intermediate_size + c.hidden_size)
+        )
+    out = {"weights": weights, "embedding": embedding, "kv_cache": kv, "activations": act}
+    out["runtime"] = NUMBA_RUNTIME_BYTES
     return {**out, "total": sum(out.values()), "layers": layers}
 
 
@@ -160,7 +177,8 @@ def rss_lines(path, args) -> list[str]:
     return [
         f"numba RSS    about {human(p['total'])} for {p['layers']} layers and a {context:,}-token context: "
         f"{human(p['weights'])} of weights + {human(p['embedding'])} of embedding rows read + "
-        f"{human(p['kv_cache'])} of bf16 KV cache + {human(p['runtime'])} runtime (measured)"
+        f"{human(p['kv_cache'])} of bf16 KV cache + {human(p['activations'])} of prefill temporaries + "
+        f"{human(p['runtime'])} runtime (measured)"
     ]
 
 
