@@ -2,6 +2,7 @@
 
     python benchmarks/bench_moe.py [--out /tmp/qwen3-30b-a3b-2layers-random] [--layers 2] [--json]
     python benchmarks/bench_moe.py --quant --peer-python PY [--layers 2] [--prompt-tokens 128 --new-tokens 32]
+        [--repeat 2] [--rounds 2] [--gemv int8 float] [--json]
 
 --quant: the GGUF file people have. The first run writes the random model as a BF16 GGUF (tinyqwen's writer, one
 tensor at a time, the packaged tokenizer; 3.7 GB for 2 layers) and quantizes it to Q4_K_M with llama.cpp's own
@@ -10,7 +11,8 @@ expert stacks Q4_K but ffn_down_exps / attn_v Q6_K in layer 1, as llama.cpp's _M
 reused after. Then llama.cpp and tinyqwen's numba backend, with its two decode GEMVs ("int8": the activations
 quantized to int8 blocks as llama.cpp does; "float": the codes widened in registers), each in its own process with
 the same thread count, greedy from the same random prompt ids: prefill tok/s = P / t(first token), decode tok/s =
-N / (t(1 + N tokens) − t(first token)), best of --repeat; peak RSS (getrusage). Random weights give near-tied logits,
+N / (t(1 + N tokens) − t(first token)), best of --repeat within a process and of --rounds processes per engine
+(the engines interleaved); peak RSS (getrusage). Random weights give near-tied logits,
 so greedy ids part after a few tokens on any difference in rounding: the report gives how many leading ids agree
 with llama.cpp's, and the KL divergence (nats) and top-1 agreement of the next-token distributions on --kl-steps + 1
 teacher-forced positions (a 16-token prompt, then its next ids one at a time: decode's kernels). Last, the peak RSS

@@ -103,12 +103,15 @@ def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) 
     return out
 
 
-# From how many tokens an expert's blocks are better widened into BLAS than dotted with each token in turn. One
+# From how many tokens an expert's blocks are widened into BLAS instead of dotted with each token in turn. One
 # thread, a 2-layer Qwen3-30B-A3B Q4_K_M (benchmarks/bench_moe.py's file), per expert: 8 tokens took 8.2 ms as int8
 # dots, 30 ms as float dots, 23.5 ms widened into sgemm (the widening is most of it); 32 tokens 27, 134 and 36 ms.
-# So the int8 dots (llama.cpp's scheme) win up to ~48 tokens an expert (a ~768-token prompt over 128 experts), the
-# float dots never: "float" widens into BLAS from 4 tokens (as the dense prefill does).
-BLAS_MIN_TOKENS = {"int8": 48, "float": 4}
+# But in a whole 2-thread prefill the widening runs on one thread between parallel launches (BLAS's threads spin
+# meanwhile): a 128-token prompt, whose random routing gave some experts 48+ tokens, took 6.2-7.9 s with those
+# experts in BLAS and 4.2-5.4 s with every expert on the int8 dots (same process, interleaved, a busy machine). So
+# "int8" stays on its dots (512: only a long prompt's chunk reaches it; not measured), "float" widens into BLAS
+# from 4 tokens, as the dense prefill does (its dots are slower than BLAS at any count).
+BLAS_MIN_TOKENS = {"int8": 512, "float": 4}
 
 
 def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
