@@ -305,7 +305,8 @@ def print_gguf_report(report: dict) -> None:
     p = report["predicted_numba_rss"]
     print(
         f"tinyqwen info's prediction for numba at this context: {p['total'] / 1e6:.0f} MB "
-        f"(weights {p['weights'] / 1e6:.0f}, kv {p['kv_cache'] / 1e6:.0f}, runtime {p['runtime'] / 1e6:.0f})"
+        f"(weights {p['weights'] / 1e6:.0f}, kv {p['kv_cache'] / 1e6:.0f}, prefill temporaries "
+        f"{p['activations'] / 1e6:.0f}, runtime {p['runtime'] / 1e6:.0f})"
     )
 
 
