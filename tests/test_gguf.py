@@ -375,6 +375,37 @@ def test_cli_runs_a_gguf_file(tmp_path, capsys):
     assert "Q4_K" in out and "bits per weight" in out and "resident" in out
 
 
+def test_info_predicts_the_full_models_rss_from_a_truncated_file(tmp_path, capsys):
+    """A 2-layer q4_k_m file predicts the weights of the same model with 4 layers byte for byte: per layer tensor
+    bytes × 4, the _M mix's Q6_K layers (attn_v, ffn_down) re-chosen by use_more_bits for 4 layers."""
+    from tinyqwen.cli import main
+    from tinyqwen.cli.info import NUMBA_RUNTIME_BYTES, predict_rss
+
+    paths = {}
+    for layers in (2, 4):
+        paths[layers] = tmp_path / f"moe-{layers}.gguf"
+        quantize_checkpoint(moe_k_quants(tmp_path, layers), "q4_k_m", paths[layers])
+    with GGUFFile(paths[4]) as f:
+        full = sum(t.nbytes for t in f.tensors.values() if t.name != "token_embd.weight")
+        types = {t.name: t.ggml_type for t in f.tensors.values()}
+    assert types["blk.2.ffn_down_exps.weight"] == "Q6_K" and types["blk.1.ffn_down_exps.weight"] == "Q4_K"
+    got = predict_rss(paths[2], context=100, layers=4)
+    assert got["weights"] == full
+    assert predict_rss(paths[4], context=100)["weights"] == full
+    assert got["kv_cache"] == 100 * 2 * 4 * 2 * 64 * 2  # context · K,V · layers · kv heads · head_dim · bf16
+    assert 0 < got["embedding"] <= 100 * (256 // 256 * 144 + 4096)  # the rows read, not the 512-row table
+    assert (
+        got["total"] == full + got["embedding"] + got["kv_cache"] + got["activations"] + NUMBA_RUNTIME_BYTES
+    )
+    assert main(["info", "--model", str(paths[2]), "--layers", "4", "--context", "100"]) == 0
+    assert "numba RSS    about" in capsys.readouterr().out
+    assert main(["info", "--model", str(paths[2]), "--as-config", "Qwen3-30B-A3B"]) == 0
+    assert "for 48 layers and a 4,096-token context" in capsys.readouterr().out
+    assert main(["info", "--model", str(paths[2]), "--as-config", "nope"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--as-config: nope is neither a config.json nor a published model" in err[0]
+
+
 def test_gguf_that_is_not_qwen3_is_refused(tmp_path):
     path = tmp_path / "llama.gguf"
     write_gguf(path, {"general.architecture": "llama"}, {"token_embd.weight": np.zeros((4, 8), np.float32)})
@@ -382,7 +413,7 @@ def test_gguf_that_is_not_qwen3_is_refused(tmp_path):
         tinyqwen.load_model(path)
 
 
-def moe_k_quants(tmp_path) -> Path:
+def moe_k_quants(tmp_path, layers: int = 2) -> Path:
     """A tiny MoE checkpoint whose rows are whole Q4_K super-blocks (hidden 256, 4 experts of width 256), random
     float32 weights: q4_k_m gives it Q4_K and Q6_K expert stacks."""
     from tinyqwen.config import config_from_dict, expected_tensors
@@ -391,7 +422,8 @@ def moe_k_quants(tmp_path) -> Path:
     config.update(
         hidden_size=256, moe_intermediate_size=256, intermediate_size=512, head_dim=64, num_experts=4
     )
-    folder = tmp_path / "moe"
+    config.update(num_hidden_layers=layers, max_window_layers=layers)
+    folder = tmp_path / ("moe" if layers == 2 else f"moe-{layers}")
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(0)

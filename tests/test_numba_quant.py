@@ -161,7 +161,9 @@ def test_embedding_lookup_widens_only_the_rows_read():
 
 
 @pytest.mark.parametrize("mode", linear.QUANT_GEMV)
-@pytest.mark.parametrize("n", [1, 6])  # decode's fused kernel, prefill's per-expert SwiGLU
+@pytest.mark.parametrize(
+    "n", [1, 6, 40]
+)  # decode's fused kernel, prefill's expert groups (40: 10 per expert)
 def test_moe_block_with_stacked_quantized_experts(mode, n):
     rng = np.random.default_rng(6)
     E, d, f, k = 8, 256, 512, 2
@@ -183,9 +185,8 @@ def test_moe_block_with_stacked_quantized_experts(mode, n):
     for t in range(n):
         for s in range(k):
             e = experts[t, s]
-            # the int8 GEMVs run where an expert has at most GEMV_MAX_ROWS tokens (decode, and small groups of a
-            # prefill): they quantize x and h to Q8_K; larger groups dequantize the blocks into BLAS
-            int8 = mode == "int8" and (experts == e).sum() <= linear.GEMV_MAX_ROWS
+            # "int8" quantizes x and h to Q8_K (decode and prefill alike); "float" multiplies them as they are
+            int8 = mode == "int8"
             xs = q8_k_roundtrip(x[t : t + 1])[0][0] if int8 else x[t]
             a, b = xs @ g[e].T, xs @ u[e].T
             with np.errstate(over="ignore"):
@@ -194,6 +195,35 @@ def test_moe_block_with_stacked_quantized_experts(mode, n):
     # float32 rounding only, once x and h are quantized as the kernels quantize them (a value of h near a
     # rounding boundary may round the other way from float32 noise: one step of 1/127 of its block in one term)
     assert np.abs(out - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("mode", linear.QUANT_GEMV)
+@pytest.mark.parametrize("blas", [False, True])
+def test_moe_prefill_groups_equal_the_decode_kernel(mode, blas, monkeypatch):
+    """Prefill's kernels (the pairs grouped by expert) and decode's (every pair over the threads) take the same
+    dot products and sum each token's experts in slot order: the same bits, token by token. Experts with many
+    tokens widened into BLAS instead: float32 rounding apart, within int8 activation rounding for "int8"."""
+    monkeypatch.setitem(moe.BLAS_MIN_TOKENS, mode, 1 if blas else 10**9)  # every expert, or none
+    rng = np.random.default_rng(7)
+    E, d, f, k = 6, 256, 256, 3
+    stacks = [
+        get_backend("numba").prepare(QuantizedTensor(qtype, shape, random_blocks(rng, qtype, *shape)))
+        for qtype, shape in (("q4_k", (E, f, d)), ("q8_0", (E, f, d)), ("q6_k", (E, d, f)))
+    ]
+    x = rng.standard_normal((12, d)).astype(np.float32)
+    weights, experts = route(rng.standard_normal((12, E)).astype(np.float32), k, True)
+    whole = moe._moe_prefill_quant(x, experts, weights, *stacks, mode == "int8")
+    for t in range(x.shape[0]):
+        one = moe._moe_decode_quant(
+            x[t : t + 1], experts[t : t + 1], weights[t : t + 1], *stacks, mode == "int8"
+        )
+        if not blas:
+            assert np.array_equal(one[0], whole[t])
+        else:  # float32 sums in BLAS's order; for "int8", decode's x and h rounded to 8 bits: each term moves by
+            # ~1/256 of its size, and these outputs are sums of large cancelling terms (measured 2.8e-2 of the
+            # largest output; a wrong expert or weight would be off by its whole size)
+            bound = 5e-2 if mode == "int8" else 1e-5
+            assert np.abs(one[0] - whole[t]).max() <= bound * np.abs(whole[t]).max()
 
 
 def test_bad_block_data_is_one_clear_line():
@@ -279,3 +309,33 @@ def test_avx2_block_dots_equal_the_loops(qtype):
 
     loops, vector = (getattr(quant, f"_dot_{qtype}_int_{name}") for name in ("loops", "avx2"))
     assert rows(vector).tobytes() == rows(loops).tobytes()
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
+def test_tiny_moe_gguf_logits_match_the_numpy_reference(tmp_path, target):
+    """A small MoE GGUF file (expert stacks in Q4_K / Q6_K, or Q8_0): the numba backend's prefill (the pairs grouped
+    by expert) and decode (every pair in one launch) against the numpy reference, which widens the blocks."""
+    from test_gguf import moe_k_quants
+
+    import tinyqwen
+    from tinyqwen.backends.numba import backend as numba_backend
+    from tinyqwen.quantize import quantize_checkpoint
+
+    path = tmp_path / f"moe-{target}.gguf"
+    quantize_checkpoint(moe_k_quants(tmp_path), target, path)
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
+    want = tinyqwen.load_model(path)(ids)
+    scale = np.abs(want).max()
+    model = tinyqwen.load_model(path, backend="numba")
+    assert isinstance(model.weights.layers[0].mlp.gate_proj, QuantWeight)
+    errors = {}
+    for mode, bound in (("float", 2e-5), ("int8", 0.06)):  # the bounds of the dense test above, same reasons
+        model.backend = numba_backend(quant_gemv=mode)
+        prefill = model(ids)  # 12 tokens over 4 experts: grouped int8 dots ("int8"), BLAS ("float")
+        cache = model.new_cache(1, ids.shape[1])
+        decode = np.concatenate(
+            [model.forward(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], 1
+        )
+        errors[mode] = [float(np.abs(got - want).max() / scale) for got in (prefill, decode)]
+        assert max(errors[mode]) <= bound, (mode, errors)
+    assert errors["int8"][0] > 10 * errors["float"][0]  # prefill's activations really were quantized

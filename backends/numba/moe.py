@@ -103,6 +103,56 @@ def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) 
     return out
 
 
+# From how many tokens an expert's blocks are widened into BLAS instead of dotted with each token in turn. One
+# thread, a 2-layer Qwen3-30B-A3B Q4_K_M (benchmarks/bench_moe.py's file), per expert: 8 tokens took 8.2 ms as int8
+# dots, 30 ms as float dots, 23.5 ms widened into sgemm (the widening is most of it); 32 tokens 27, 134 and 36 ms.
+# But in a whole 2-thread prefill the widening runs on one thread between parallel launches (BLAS's threads spin
+# meanwhile): a 128-token prompt, whose random routing gave some experts 48+ tokens, took 6.2-7.9 s with those
+# experts in BLAS and 4.2-5.4 s with every expert on the int8 dots (same process, interleaved, a busy machine). So
+# "int8" stays on its dots (512: only a long prompt's chunk reaches it; not measured), "float" widens into BLAS
+# from 4 tokens, as the dense prefill does (its dots are slower than BLAS at any count).
+BLAS_MIN_TOKENS = {"int8": 512, "float": 4}
+
+
+def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
+    # x [N, d] f32, routing [N, k], stacked quantized experts -> [N, d]: the pairs grouped by expert, each routed
+    # expert's blocks read once for all its tokens: dotted with each of them (quant.moe_up_grouped /
+    # moe_down_grouped, x and h quantized once) or, for an expert with many tokens, widened into BLAS
+    x2 = _rows(x)
+    N, k = experts.shape
+    flat = experts.reshape(-1)
+    order = np.argsort(flat, kind="stable").astype(np.int64)  # pair ids (token·k + slot), by expert
+    groups, counts = np.unique(flat, return_counts=True)
+    bounds = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    y = np.empty((N * k, x2.shape[1]), np.float32)  # each pair's expert output, before its routing weight
+    many = counts >= BLAS_MIN_TOKENS["int8" if use_int else "float"]
+    for j in np.nonzero(many)[0]:  # BLAS: the expert's blocks widened a slab at a time (linear.py)
+        pairs = order[bounds[j] : bounds[j + 1]]
+        e = groups[j]
+        y[pairs] = swiglu(x2[pairs // k], w_gate[e], w_up[e], w_down[e], False, "float")
+    few = np.nonzero(~many)[0]
+    if len(few):  # one launch per projection for every other routed expert
+        sub = np.concatenate([order[bounds[j] : bounds[j + 1]] for j in few])
+        sub_bounds = np.concatenate(([0], np.cumsum(counts[few]))).astype(np.int64)
+        sub_groups = groups[few].astype(np.int64)
+        per = max(1, _chunks() // len(few))  # row chunks per expert: enough work items for every thread
+        h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
+        acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
+        quant.moe_up_grouped(
+            use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
+            sub_groups, sub, sub_bounds, per, h,
+        )  # fmt: skip
+        if many.any():
+            h[np.setdiff1d(np.arange(N * k), sub)] = 0  # (pairs of the BLAS experts: quantized, never read)
+        acts = quant.activations(h, {w_down.kind}, use_int)
+        quant.moe_down_grouped(
+            use_int, w_down.kind, w_down.data, w_down.data8, acts, sub_groups, sub, sub_bounds, per, y
+        )
+    out = np.empty(x2.shape, np.float32)
+    quant.moe_combine(y, weights.astype(np.float32), out)
+    return out
+
+
 def moe_block(
     x,
     w_router,
@@ -119,6 +169,10 @@ def moe_block(
     quantized = all(isinstance(w, QuantWeight) for w in (w_gate, w_up, w_down))
     if quantized and x.shape[0] <= QUANT_GEMV_MAX_ROWS:  # decode: every pair's rows over the threads together
         return _moe_decode_quant(
+            x, experts, weights, w_gate, w_up, w_down, quant_gemv == "int8"
+        ), router_logits
+    if quantized:  # prefill: grouped by expert, each routed expert's blocks read once
+        return _moe_prefill_quant(
             x, experts, weights, w_gate, w_up, w_down, quant_gemv == "int8"
         ), router_logits
     if isinstance(w_gate, BF16Weight) and x.shape[0] <= GEMV_MAX_ROWS:  # decode: one fused kernel

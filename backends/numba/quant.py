@@ -501,3 +501,66 @@ def moe_down(use_int, kd, w, w8, acts, experts, weights, out, chunks):  # w [E, 
     size = (d + rows - 1) // rows
     for c in prange(rows):
         _moe_down_rows(use_int, kd, w, w8, acts, experts, weights, out, c * size, min(d, (c + 1) * size))
+
+
+# ---- MoE prefill: the (token, expert) pairs grouped by expert, each expert's rows read once for all its tokens ---
+# llama.cpp's scheme for a prompt (its mul_mat_id): the activations quantized once, then each routed expert's rows
+# dotted with every token that chose it while the row sits in L1 — an expert's blocks leave memory once per call,
+# however many tokens share it, and the unchosen experts are never read.
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_up_group(use_int, kg, ku, g, g8, u, u8, acts, k, e, pairs, h, lo, hi):  # rows lo..hi of expert e
+    x, a0q, a0d, akq, akd, aks, xs, L = acts
+    for f in range(lo, hi):
+        for p in pairs:  # the pairs (token·k + slot) that chose e
+            t = p // k
+            gv = _dot(kg, use_int, g[e, f], g8[e, f], x[t], a0q[t], a0d[t], akq[t], akd[t], aks[t], xs[t], L)
+            uv = _dot(ku, use_int, u[e, f], u8[e, f], x[t], a0q[t], a0d[t], akq[t], akd[t], aks[t], xs[t], L)
+            h[p, f] = _silu(gv) * uv
+
+
+@njit(parallel=True, cache=True)
+def moe_up_grouped(use_int, kg, ku, g, g8, u, u8, acts, k, groups, order, bounds, per, h):
+    # acts of x [N, d]; g/u [E, F, bytes]; groups [G] the routed experts, order [N·k] the pairs sorted by expert,
+    # bounds [G + 1] each expert's run in order; per: row chunks per expert -> h [N·k, F] (written)
+    F = h.shape[1]
+    size = (F + per - 1) // per
+    for job in prange(groups.shape[0] * per):
+        j, c = job // per, job % per
+        pairs = order[bounds[j] : bounds[j + 1]]
+        _moe_up_group(
+            use_int, kg, ku, g, g8, u, u8, acts, k, groups[j], pairs, h, c * size, min(F, (c + 1) * size)
+        )
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _moe_down_group(use_int, kd, w, w8, acts, e, pairs, y, lo, hi):  # output features lo..hi of expert e
+    x, a0q, a0d, akq, akd, aks, xs, L = acts  # of h [N·k, F]
+    for i in range(lo, hi):
+        for p in pairs:
+            y[p, i] = _dot(
+                kd, use_int, w[e, i], w8[e, i], x[p], a0q[p], a0d[p], akq[p], akd[p], aks[p], xs[p], L
+            )
+
+
+@njit(parallel=True, cache=True)
+def moe_down_grouped(use_int, kd, w, w8, acts, groups, order, bounds, per, y):
+    # acts of h [N·k, F]; w [E, d, bytes] -> y [N·k, d]: each pair's expert output, unweighted (written)
+    d = y.shape[1]
+    size = (d + per - 1) // per
+    for job in prange(groups.shape[0] * per):
+        j, c = job // per, job % per
+        pairs = order[bounds[j] : bounds[j + 1]]
+        _moe_down_group(use_int, kd, w, w8, acts, groups[j], pairs, y, c * size, min(d, (c + 1) * size))
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def moe_combine(y, weights, out):  # y [N·k, d], routing weights [N, k] -> out [N, d]: summed in slot order
+    N, k = weights.shape
+    for t in range(N):
+        for i in range(out.shape[1]):
+            total = np.float32(0.0)
+            for s in range(k):
+                total += weights[t, s] * y[t * k + s, i]
+            out[t, i] = total

@@ -52,6 +52,8 @@ def cmd_info(args) -> int:
         f"kv cache     {human(kv_token)} per token (float32); {human(kv_token * 4096)} for 4,096 tokens",
     ]
     lines += gguf_lines
+    if path.is_file():
+        lines += rss_lines(path, args)
     if gen:
         keys = ("temperature", "top_k", "top_p", "eos_token_id")
         lines.append("generation   " + ", ".join(f"{k} {gen[k]}" for k in keys if k in gen))
@@ -84,6 +86,100 @@ def gguf_summary(path) -> tuple:
         f"one matrix at a time (+{human(widened)}): about {human(weight_bytes + widened)} before the KV cache",
     ]
     return c, gen, lines
+
+
+# The numba backend's resident memory beyond the weights and the KV cache, measured on a 2-layer Qwen3-30B-A3B-shaped
+# Q4_K_M file (benchmarks/bench_moe.py --quant) after a 128-token prefill and a few decode steps, kernels already
+# compiled: 98 MB (RssAnon 40 + RssFile 59: the interpreter, NumPy, OpenBLAS, Numba, LLVM) before any weight, 164 MB
+# after (RssAnon 100 + the libraries' 64 MB of file pages): the compiled kernels, scratch buffers and a small
+# prefill's temporaries. A longer prefill's temporaries are added from the shapes (`predict_rss`).
+NUMBA_RUNTIME_BYTES = 164 << 20
+
+
+def predict_rss(path, context: int, layers: int | None = None, kv_dtype: str = "bfloat16") -> dict[str, int]:
+    """The peak resident memory (bytes) of the numba backend running GGUF file `path` with a `context`-token KV
+    cache (batch 1) — for the same model with `layers` layers when the file is a truncated one (default: its own).
+
+    weights     every tensor's bytes but the embedding's: they stay memory-mapped in their blocks, and a prompt's
+                prefill reaches every expert of every layer. A layer tensor found in two types (Q4_K_M gives
+                attn_v / ffn_down Q6_K in some layers, `tinyqwen.quantize.use_more_bits`) takes the larger one in
+                the layers that rule picks for `layers`, the smaller one elsewhere; otherwise its bytes × layers.
+    embedding   only the rows a prompt reads are paged in: at most `context` rows (each a page or two).
+    kv_cache    2 · layers · kv_heads · head_dim · context values of `kv_dtype`.
+    activations one prefill chunk's temporaries (`kv_cache.memory_estimate`), plus for a MoE the grouped experts'
+                hidden and output rows (chunk · top-k · (expert ffn + hidden) float32).
+    runtime     NUMBA_RUNTIME_BYTES, measured (see the note above it).
+
+    Measured against it (bench_moe.py --quant, 2 layers, 136-token context): predicted 1.21 GB, measured peak
+    1.11 GB — the prediction counts every expert, and a 128-token random prompt left some unrouted (82 MB of the
+    file never read); a long prompt on the full model reaches them all.
+    """
+    from tinyqwen.gguf_checkpoint import GGUFCheckpoint
+    from tinyqwen.kv_cache import PREFILL_CHUNK, kv_bytes_per_token, memory_estimate
+    from tinyqwen.quantize import use_more_bits
+
+    with GGUFCheckpoint(path) as ck:
+        c, tensors = ck.config, list(ck.file.tensors.values())
+    layers = c.num_hidden_layers if layers is None else require_positive("--layers", layers)
+    per_layer: dict[str, list[int]] = {}  # a layer tensor's name without "blk.N." -> its bytes in each layer
+    weights = embedding = 0
+    for t in tensors:
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            per_layer.setdefault(".".join(parts[2:]), []).append(t.nbytes)
+        elif t.name == "token_embd.weight":
+            row = t.nbytes // t.shape[0]
+            embedding = min(t.nbytes, context * (row + 4096))
+        else:
+            weights += t.nbytes
+    more = sum(use_more_bits(i, layers) for i in range(layers))
+    for sizes in per_layer.values():
+        kinds = sorted(set(sizes))
+        if len(kinds) == 2:  # the _M mix: more bits in the layers use_more_bits picks
+            weights += more * kinds[1] + (layers - more) * kinds[0]
+        else:
+            weights += round(sum(sizes) / len(sizes) * layers)
+    kv = context * kv_bytes_per_token(layers, c.num_key_value_heads, c.head_dim, kv_dtype)
+    act = memory_estimate(c, context, kv_dtype)["activations"]
+    if c.is_moe:
+        act += (
+            4
+            * min(context, PREFILL_CHUNK)
+            * c.num_experts_per_tok
+            * (c.moe_intermediate_size + c.hidden_size)
+        )
+    out = {"weights": weights, "embedding": embedding, "kv_cache": kv, "activations": act}
+    out["runtime"] = NUMBA_RUNTIME_BYTES
+    return {**out, "total": sum(out.values()), "layers": layers}
+
+
+def full_layers(args) -> int | None:
+    """The layer count `tinyqwen info` predicts for: --layers, or --as-config's num_hidden_layers (None: the file's)."""
+    from tinyqwen.config import load_config, published_configs
+
+    if getattr(args, "as_config", None) is None:
+        return getattr(args, "layers", None)
+    if args.layers is not None:
+        raise TinyQwenError("--layers and --as-config: give one (both set the layer count)")
+    name = args.as_config
+    if name in published_configs():
+        return published_configs()[name].num_hidden_layers
+    if not Path(name).exists():
+        names = ", ".join(published_configs())
+        raise TinyQwenError(f"--as-config: {name} is neither a config.json nor a published model ({names})")
+    return load_config(name).num_hidden_layers
+
+
+def rss_lines(path, args) -> list[str]:
+    """`tinyqwen info`'s lines predicting the numba backend's peak RSS on GGUF file `path` (see predict_rss)."""
+    context = require_positive("--context", args.context) if args.context is not None else 4096
+    p = predict_rss(path, context, full_layers(args))
+    return [
+        f"numba RSS    about {human(p['total'])} for {p['layers']} layers and a {context:,}-token context: "
+        f"{human(p['weights'])} of weights + {human(p['embedding'])} of embedding rows read + "
+        f"{human(p['kv_cache'])} of bf16 KV cache + {human(p['activations'])} of prefill temporaries + "
+        f"{human(p['runtime'])} runtime (measured)"
+    ]
 
 
 def memory_table(c, context: int, batch: int, backend: str) -> list[str]:

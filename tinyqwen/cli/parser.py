@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--batch", type=int, default=1, help="sequences in the batch (with --context)")
     info.add_argument("--backend", default="numpy", help="whose weight storage to count (with --context)")
+    info.add_argument(
+        "--layers",
+        type=int,
+        metavar="N",
+        help="a .gguf file: predict the numba backend's peak RSS for the same model with N layers (a file cut to a "
+        "few layers predicting the full model: weights per layer from its tensor table x N, the embedding rows a "
+        "prompt reads, the KV cache of --context tokens (default 4096) in bf16, the runtime measured)",
+    )
+    info.add_argument(
+        "--as-config",
+        metavar="CONFIG",
+        help="as --layers, taking N from a config.json or a published model's name (e.g. Qwen3-30B-A3B)",
+    )
     info.set_defaults(func=cmd_info)
 
     quant = command(
