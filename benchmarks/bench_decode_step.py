@@ -1,6 +1,7 @@
 """Where one batch-1 decode step of the numba backend spends its time: kernels, launches, glue, bandwidth.
 
     python benchmarks/bench_decode_step.py breakdown [--model M] [--prompt 128] [--steps 16]
+    python benchmarks/bench_decode_step.py fused [--model M] [--steps 16] [--repeat 3]   # one call per layer or not
     python benchmarks/bench_decode_step.py launch            # an empty parallel kernel under OpenMP settings
     python benchmarks/bench_decode_step.py stream [--threads 1 2]   # GEMV bytes/s against a plain streaming read
 
@@ -9,6 +10,9 @@ Python = the first minus the second); "glue" is the step minus the backend kerne
 them (reshapes, residual adds, the KV cache write). It also counts parallel launches per step.
 launch: each OpenMP setting in its own process: an empty `prange` kernel back to back, and after ~50 us of Python
 (the threads have gone idle: what a decode step's launches meet), microseconds per launch.
+fused: the same decode steps with the backend's one-call layer (decode_layer) and kernel by kernel, interleaved in
+one process, median ms per step of each round, wall and CPU time (run it with NUMBA_NUM_THREADS=1 on a busy machine:
+then CPU time is the work, not the waits).
 stream: one pass over a bf16 buffer the size of the lm_head (the machine's streaming ceiling for these threads)
 against the decode GEMV over that buffer, GB/s. Timings on a shared machine swing: compare within one run.
 """
@@ -41,9 +45,21 @@ def _timed(fn, name: str, table: dict):
 
 def breakdown(model_path: str, prompt: int, steps: int) -> None:
     import tinyqwen
-    from tinyqwen.backends.numba import attention, linear, norm_rope
 
     model = tinyqwen.load_model(model_path, backend="numba")
+    fused = model.backend
+    for label, backend in (
+        ("kernel by kernel", replace(fused, decode_layer=None)),
+        ("one call per layer", fused),
+    ):
+        print(f"\n=== {label}")
+        model.backend = backend
+        _breakdown(model, prompt, steps)
+
+
+def _breakdown(model, prompt: int, steps: int) -> None:
+    from tinyqwen.backends.numba import attention, decode_layer, linear, norm_rope
+
     ids = np.random.default_rng(0).integers(0, 151643, prompt)
 
     def decode(
@@ -66,10 +82,11 @@ def breakdown(model_path: str, prompt: int, steps: int) -> None:
     backend = model.backend
     kernels: dict[str, list[float]] = defaultdict(list)
     inner: dict[str, list[float]] = defaultdict(list)
-    names = ("linear", "linears", "rms_norm", "apply_rope", "attention", "swiglu", "embed")
+    names = ("linear", "linears", "rms_norm", "apply_rope", "attention", "swiglu", "embed", "decode_layer")
+    names = [n for n in names if getattr(backend, n) is not None]
     model.backend = replace(backend, **{n: _timed(getattr(backend, n), n, kernels) for n in names})
     patched = []  # (module, attribute, original): the Numba kernels, timed where the wrappers call them
-    for module in (linear, norm_rope, attention):
+    for module in (linear, norm_rope, attention, decode_layer):
         for attr in dir(module):
             obj = getattr(module, attr)
             if type(obj).__name__ in ("CPUDispatcher",) and attr.startswith("_"):
@@ -107,6 +124,45 @@ def breakdown(model_path: str, prompt: int, steps: int) -> None:
     inner_total = sum(sum(ts) for ts in inner.values()) / steps
     print(f"{'python in the backend wrappers':<40}{'':>11}{(total - inner_total) * 1e3:>10.2f}")
     print(f"parallel kernel calls per step: {launches:.0f}")
+
+
+def fused_ab(model_path: str, prompt: int, steps: int, repeat: int) -> None:
+    import tinyqwen
+
+    model = tinyqwen.load_model(model_path, backend="numba")
+    fused = model.backend
+    variants = {"one call per layer": fused, "kernel by kernel": replace(fused, decode_layer=None)}
+    ids = np.random.default_rng(0).integers(0, 151643, prompt)
+    best = dict.fromkeys(variants, float("inf"))
+    best_cpu = dict(
+        best
+    )  # CPU seconds of the process: with one thread (NUMBA_NUM_THREADS=1) the work itself,
+    # whatever the time other processes take from it on a shared machine
+    for r in range(repeat + 1):  # the first round warms up (compiles)
+        for name, backend in variants.items():
+            model.backend = backend
+            cache = model.new_cache(1, prompt + steps + 8, "bfloat16")
+            model.forward(ids[None], cache=cache, last_only=True)
+            ts, cpu, tok = [], [], 0
+            for _ in range(steps if r else 2):
+                t, c = time.perf_counter(), time.process_time()
+                logits = model.forward(np.array([[tok]]), cache=cache, last_only=True).logits
+                ts.append(time.perf_counter() - t)
+                cpu.append(time.process_time() - c)
+                tok = int(logits[0, -1].argmax())
+            if r:
+                best[name] = min(best[name], float(np.median(ts)))
+                best_cpu[name] = min(best_cpu[name], float(np.median(cpu)))
+                print(
+                    f"round {r}: {name:<20} {np.median(ts) * 1e3:7.2f} ms/step wall, "
+                    f"{np.median(cpu) * 1e3:7.2f} ms CPU",
+                    flush=True,
+                )
+    for label, table in (("wall", best), ("CPU", best_cpu)):
+        a, b = table.values()
+        print(
+            f"best {label}: {' / '.join(f'{k} {v * 1e3:.2f} ms' for k, v in table.items())}; ratio {b / a:.3f}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------- launch
@@ -225,7 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("breakdown", "launch", "stream"))
+    parser.add_argument("what", choices=("breakdown", "fused", "launch", "stream"))
     parser.add_argument("--model", default="/tmp/peer/qwen3-0.6b-random")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
@@ -234,6 +290,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "breakdown":
         breakdown(args.model, args.prompt, args.steps)
+    elif args.what == "fused":
+        fused_ab(args.model, args.prompt, args.steps, args.repeat)
     elif args.what == "launch":
         launch(max(args.threads))
     else:
