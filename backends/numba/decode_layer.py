@@ -143,10 +143,16 @@ def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos
 def decode_layer(x, layer, cos, sin, mask, cache, i: int, config, bf16_inputs: bool = False):
     # [B, 1, H] -> [B, 1, H], or None where this fused path does not apply (the model then runs the layer
     # kernel by kernel); the layer's k and v are written into `cache` at its length (the model advances it)
-    from tinyqwen.kv_cache import KVCache  # (the model's layer: imported when first called)
-
     B, T, H = x.shape
-    if T != 1 or bf16_inputs or type(cache) is not KVCache or cache.dtype == "float16":
+    # a KVCache (one length for every row), told from a ragged one (a length per row) by its fields: the backends
+    # sit below the model's layer and import none of its modules
+    if T != 1 or bf16_inputs or cache is None or hasattr(cache, "lengths") or not hasattr(cache, "keys"):
+        return None
+    kc, vc = cache.keys[i], cache.values[i]
+    if (
+        not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in (kc, vc))
+        or kc.dtype == np.float16
+    ):
         return None
     if not isinstance(mask, np.ndarray) or not hasattr(layer.mlp, "up_proj") or hasattr(layer.mlp, "router"):
         return None
@@ -157,7 +163,6 @@ def decode_layer(x, layer, cos, sin, mask, cache, i: int, config, bf16_inputs: b
     if len({w.bits.flags.writeable for w in weights[:3]}) != 1:  # one Numba type for the (q, k, v) tuple
         return None
     wq, wk, wv, wo, wg, wu, wd = (w.bits for w in weights)
-    kc, vc = cache.keys[i], cache.values[i]
     f32 = np.float32
     return _layer_bf16(
         np.ascontiguousarray(x.reshape(B, H), f32),
