@@ -14,7 +14,8 @@ while still spinning; the small steps between them (norms, RoPE, residuals: kilo
 Every step calls the same serial kernels as the kernel-by-kernel path (linear.py, norm_rope.py, attention.py) in
 the same order, so the results are bit-identical to it (the tests check this).
 
-`decode_layer` returns None where it does not apply — a prompt (T > 1), no cache or a ragged one, a float16
+`decode_layer` returns None where it does not apply — a prompt (T > 1), a batch of rows (B > 1: linear.py's
+multi-row kernels read each weight row once for all of them), no cache or a ragged one, a float16
 cache, an MoE layer, a weight that is not bf16, matmul_precision "medium" — and the model then runs the layer
 kernel by kernel. Quantized weights would take the same shape: the same function with quant.py's row kernels in
 place of `_gemv_rows_bf16` / `_gate_up_rows_bf16` (a second jitted layer function, chosen here by weight type).
@@ -95,7 +96,8 @@ def _add(x, y, out):  # [M, H] x2 -> out [M, H]: the residual, as NumPy's x + y
 @njit(parallel=True, cache=True)
 def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc, mask, pos,
                 eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks):  # fmt: skip
-    # x [M, H] f32 -> [M, H]: one decoder layer for M rows of one new position each (see the module docstring).
+    # x [M, H] f32 -> [M, H]: one decoder layer for M rows of one new position each (see the module docstring;
+    # decode_layer passes M = 1, the loops take any M).
     # wqkv: (q, k, v) bf16 bits; kc, vc [M, Hkv, max_len, d] the whole cache; mask [M, pos + 1] bool
     M, H = x.shape
     Hkv = kc.shape[1]
@@ -146,7 +148,14 @@ def decode_layer(x, layer, cos, sin, mask, cache, i: int, config, bf16_inputs: b
     B, T, H = x.shape
     # a KVCache (one length for every row), told from a ragged one (a length per row) by its fields: the backends
     # sit below the model's layer and import none of its modules
-    if T != 1 or bf16_inputs or cache is None or hasattr(cache, "lengths") or not hasattr(cache, "keys"):
+    if (
+        B != 1
+        or T != 1
+        or bf16_inputs
+        or cache is None
+        or hasattr(cache, "lengths")
+        or not hasattr(cache, "keys")
+    ):
         return None
     kc, vc = cache.keys[i], cache.values[i]
     if (
