@@ -24,6 +24,10 @@ GPU backend), except where a line says "host".
     argmax(logits)                     [B, V] -> [B] ids (`greedy` brings them to the host)
                                        [None: `greedy` brings the logits over and takes NumPy's arg-max]
     device_sampler(params, prompts, vocab)   a sampler that chooses where the logits are, or None   [None]
+    decode_layer(x, layer, cos, sin, mask, cache, i, config)
+                                       one whole decoder layer of a decode step in one kernel: [B, 1, H] ->
+                                       [B, 1, H], k and v written into `cache` at its length; or None where
+                                       the backend's fused path does not apply   [None: kernel by kernel]
 
     host functions the model builds each forward's inputs with (the reference's by default; the graded exercises
     put the learner's here, so that their mask and angles run inside the model)
@@ -137,6 +141,9 @@ class Backend:
     # argmax(logits) [B, V] -> [B] ids, the backend's array: greedy decoding on the device, so that B ids cross to
     # the host instead of B rows of V logits (`greedy` falls back to NumPy's argmax on the host)
     argmax: Callable | None = None
+    # decode_layer(x, layer, cos, sin, mask, cache, i, config) -> [B, 1, H] or None: a decode step's layer i as
+    # one kernel, instead of ~11 calls from Python (None, or a None result: the model runs it kernel by kernel)
+    decode_layer: Callable | None = None
     # host functions for each forward's inputs: the causal mask and the rotary angles (see the docstring)
     causal_mask: Callable = _reference_causal_mask
     rope_cos_sin: Callable = _reference_rope_cos_sin

@@ -12,7 +12,12 @@ the file (+ 15 % is the bar). Timings on a shared machine swing: read the ratios
     python benchmarks/bench_quant.py MODEL.gguf [MODEL2.gguf ...] --peer-python PY [--prompt 128 --new 32 --repeat 2]
         [--gemv int8 float int8:unfused] [--twice]
 
-A bf16 GGUF file runs tinyqwen's bf16 kernels (the --gemv choice does not matter there; ":unfused" does).
+A bf16 GGUF file runs tinyqwen's bf16 kernels (the --gemv choice does not matter there): by default a decode
+step's layer is one call (backends/numba/decode_layer.py); "int8:per-kernel" runs it kernel by kernel, as before,
+and "int8:unfused" also splits SwiGLU into two launches. The bf16 comparison with llama.cpp, one run:
+
+    python benchmarks/bench_quant.py qwen3-0.6b-random-bf16.gguf --peer-python PY --gemv int8 int8:per-kernel \
+        --prompt 128 --new 64 --repeat 3 --twice
 """
 
 from __future__ import annotations
@@ -52,7 +57,10 @@ else:
     model = tinyqwen.load_model(path, backend="numba")
     model.backend = backend(quant_gemv=engine.split(":")[1])
     vocab_size = model.config.vocab_size
-    if engine.endswith(":unfused"):  # decode's bf16 SwiGLU as two launches, as before the fused kernel
+    if engine.endswith(":unfused") or engine.endswith(":per-kernel"):  # each layer kernel by kernel
+        from dataclasses import replace
+        model.backend = replace(model.backend, decode_layer=None)
+    if engine.endswith(":unfused"):  # and decode's bf16 SwiGLU as two launches, as before the fused kernel
         linear.FUSED_SWIGLU = False
     def run(prompt, k):
         cache = model.new_cache(1, P + N + 8, "bfloat16")

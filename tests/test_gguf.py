@@ -76,6 +76,20 @@ def test_round_trip_every_value_type_and_tensor_type(tmp_path, alignment):
         assert f.get("experts")[2].shape == (2, 32)
 
 
+def test_read_into_copies_the_stored_bytes_by_a_file_read(tmp_path):
+    # read_into fills process memory from the file (not the mapping): the same bytes as the mapped view, whole or
+    # from a row on (one expert of a stack), and a buffer that does not fit the tensor is refused
+    path = tmp_path / "s.gguf"
+    want = sample_file(path)
+    with GGUFFile(path) as f:
+        out = f.read_into("bf16", np.empty((2, 4), np.uint16))
+        assert np.array_equal(out, want["tensors"]["bf16"][1]) and np.array_equal(out, f.raw("bf16"))
+        expert = f.read_into("experts", np.empty(f.raw("experts")[2].shape, np.uint8), first=2)
+        assert np.array_equal(expert, f.raw("experts")[2])
+        with pytest.raises(GGUFError, match="cannot read"):
+            f.read_into("experts", np.empty(f.raw("experts")[2].shape, np.uint8), first=4)
+
+
 def test_doc_example_bytes(tmp_path):
     path = tmp_path / "x.gguf"
     write_gguf(path, {"a": (7, "UINT32")}, {"x": np.array([1.0, 2.0], np.float32)})

@@ -465,3 +465,65 @@ def test_medium_decode_kernels_equal_bf16_rounded_products(K):
     h = mlp.silu(r @ g32.T) * (r @ u32.T)
     want = bf16_to_float32(float32_to_bf16(h)) @ d32.T  # the hidden activations are rounded too
     assert rel_err(medium.swiglu(x, wg, wu, wd), want) <= RTOL
+
+
+# ------------------------------------------------------------------------------------------ fused decode layer
+
+
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_fused_decode_layer_is_bit_identical_to_kernel_by_kernel(tmp_path, kv_dtype, qk_norm):
+    # decode steps of a bf16 model, one left-padded row, through the one-call layer and kernel by kernel:
+    # the same serial kernels in the same order, so the logits and the cache contents are equal bit for bit
+    from dataclasses import replace
+
+    _write_bf16_checkpoint(tmp_path / "ckpt", num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                           vocab_size=4096, head_dim=64, qk_norm=qk_norm)  # fmt: skip
+    fused = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    assert fused.backend.decode_layer is not None and fused.config.qk_norm == qk_norm
+    plain = replace(fused, backend=replace(fused.backend, decode_layer=None))
+    calls = []
+    layer_fn = fused.backend.decode_layer
+    fused.backend = replace(fused.backend, decode_layer=lambda *a: calls.append(layer_fn(*a)) or calls[-1])
+    ids = np.array([[0, 0, 42, 7, 8]])
+    mask = np.array([[0, 0, 1, 1, 1]])
+    logits, caches = {}, {}
+    for name, model in (("fused", fused), ("plain", plain)):
+        cache = model.new_cache(1, 12, kv_dtype)
+        steps = [model.forward(ids, cache=cache, attention_mask=mask, last_only=True).logits]
+        for t in range(4):
+            step_mask = np.concatenate([mask, np.ones((1, t + 1), int)], axis=1)
+            nxt = steps[-1][:, -1].argmax(-1)[:, None]
+            steps.append(model.forward(nxt, cache=cache, attention_mask=step_mask, last_only=True).logits)
+        logits[name], caches[name] = np.stack(steps), cache
+    assert sum(c is not None for c in calls) == 4 * 2  # every decode step's layers took the fused path
+    assert calls[0] is None  # (the prompt's did not: T > 1)
+    assert np.array_equal(logits["fused"], logits["plain"])
+    f, p = caches["fused"], caches["plain"]
+    for a, b in zip(f.keys + f.values, p.keys + p.values, strict=True):
+        assert np.array_equal(a, b)
+
+
+def test_fused_decode_layer_declines_what_it_does_not_cover(tmp_path):
+    # a prompt, a batch, a float16 cache, no cache, and medium precision: None, so the model runs kernel by kernel
+    from tinyqwen.backends.numba import decode_layer
+
+    _write_bf16_checkpoint(tmp_path / "ckpt")
+    model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    c, layer = model.config, model.weights.layers[0]
+    x = np.zeros((1, 1, c.hidden_size), np.float32)
+    cos = sin = np.ones((1, 1, c.head_dim), np.float32)
+    mask = np.ones((1, 1, 1), bool)
+    f16 = model.new_cache(1, 4, "float16")
+    f32 = model.new_cache(1, 4, "float32")
+    assert decode_layer.decode_layer(x, layer, cos, sin, mask, f16, 0, c) is None
+    assert decode_layer.decode_layer(x, layer, cos, sin, mask, None, 0, c) is None
+    assert decode_layer.decode_layer(x, layer, cos, sin, mask, f32, 0, c, bf16_inputs=True) is None
+    x2 = np.zeros((1, 2, c.hidden_size), np.float32)
+    assert decode_layer.decode_layer(x2, layer, cos, sin, np.ones((1, 2, 2), bool), f32, 0, c) is None
+    rows = np.zeros((2, 1, c.hidden_size), np.float32)  # a batch: linear.py's multi-row kernels
+    batch_cache = model.new_cache(2, 4, "float32")
+    assert (
+        decode_layer.decode_layer(rows, layer, cos, sin, np.ones((2, 1, 1), bool), batch_cache, 0, c) is None
+    )
+    assert decode_layer.decode_layer(x, layer, cos, sin, mask, f32, 0, c).shape == (1, 1, c.hidden_size)

@@ -315,6 +315,25 @@ class GGUFFile:
         flat = np.frombuffer(self._mmap, np.uint8, t.nbytes, t.offset)
         return flat.reshape(*t.shape[:-1], -1)
 
+    def read_into(self, name: str, out: np.ndarray, first: int = 0) -> np.ndarray:
+        """Copy a tensor's stored values into `out` (C-contiguous, the raw dtype) by a positioned read of the file,
+        never through the mapping: the process then holds one copy of those bytes, not the copy plus the mapping's
+        pages (which count in its resident memory once touched). `first`: skip that many rows of the outermost
+        dimension (one expert of a stacked tensor)."""
+        t = self.info(name)
+        row = t.nbytes // t.shape[0] if t.shape and t.shape[0] else 0
+        start, size = t.offset + first * row, out.nbytes
+        if not out.flags.c_contiguous or start + size > t.offset + t.nbytes:
+            raise GGUFError(f"{self.path}: cannot read {size} bytes of tensor {name!r} from row {first}")
+        view, done = memoryview(out.reshape(-1)).cast("B"), 0
+        self._file.seek(start)
+        while done < size:  # a large read may return less than asked for
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise GGUFError(f"{self.path}: tensor {name!r} is cut short ({done} of {size} bytes)")
+            done += n
+        return out
+
     def get(self, name: str):
         """F32 as a view; F16 and BF16 widened exactly to float32; Q8_0/Q4_K/Q6_K as a QuantizedTensor (a view)."""
         t = self.info(name)

@@ -231,12 +231,18 @@ class GGUFCheckpoint:
         return raw[e] if e is not None else raw
 
     def read(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        """The stored values copied into process memory (into `out` when given)."""
-        raw = self.raw(name)
+        """The stored values copied into process memory (into `out` when given), read from the file rather than
+        through its mapping, so that only this copy stays resident (see `GGUFFile.read_into`)."""
+        info, e = self._where(name)
+        raw = self.raw(name)  # (a view: its shape and dtype only, no page is touched)
         if out is None:
-            return np.array(raw)
-        out[...] = raw
-        return out
+            out = np.empty(raw.shape, raw.dtype)
+        elif out.shape != raw.shape or out.dtype != raw.dtype:
+            raise GGUFError(
+                f"{self.path}: tensor {name!r} is {raw.dtype} {list(raw.shape)}; cannot read it into a "
+                f"{out.dtype} {list(out.shape)} array"
+            )
+        return self.file.read_into(info.name, out, e or 0)
 
     def get(self, name: str):
         info, e = self._where(name)

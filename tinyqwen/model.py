@@ -287,18 +287,23 @@ class Qwen3:
         hidden = [x] if return_hidden_states else []
         router_logits: list[np.ndarray] = []
         for i, layer in enumerate(w.layers):
-            x = x + self._attention(layer, x, cos, sin, mask, cache, i)
-            h = k.rms_norm(x, layer.post_attention_norm, c.rms_norm_eps)
-            if isinstance(layer.mlp, MoEWeights):
-                m = layer.mlp
-                y, logits_i = k.moe_block(
-                    h.reshape(B * T, -1), m.router, m.gate_proj, m.up_proj, m.down_proj,
-                    c.num_experts_per_tok, c.norm_topk_prob,
-                )  # fmt: skip
-                x = x + y.reshape(B, T, -1)
-                router_logits.append(logits_i)
+            # a backend may run a decode step's whole layer as one kernel (numba); None: here it does not
+            fused = None if k.decode_layer is None else k.decode_layer(x, layer, cos, sin, mask, cache, i, c)
+            if fused is not None:
+                x = fused
             else:
-                x = x + k.swiglu(h, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
+                x = x + self._attention(layer, x, cos, sin, mask, cache, i)
+                h = k.rms_norm(x, layer.post_attention_norm, c.rms_norm_eps)
+                if isinstance(layer.mlp, MoEWeights):
+                    m = layer.mlp
+                    y, logits_i = k.moe_block(
+                        h.reshape(B * T, -1), m.router, m.gate_proj, m.up_proj, m.down_proj,
+                        c.num_experts_per_tok, c.norm_topk_prob,
+                    )  # fmt: skip
+                    x = x + y.reshape(B, T, -1)
+                    router_logits.append(logits_i)
+                else:
+                    x = x + k.swiglu(h, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
             if return_hidden_states:
                 hidden.append(x)
         if cache is not None:

@@ -15,6 +15,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
     attention.py  one query position (decode): each kv head is read once for its whole group of query heads;
                   longer queries (prefill): blocks of query rows, each block's scores over only the keys its mask
                   allows (causal: half the work) by BLAS, with a fused mask + softmax in between
+    decode_layer.py  a decode step's whole layer (norms, GEMVs, QK-Norm, RoPE, cache write, attention, SwiGLU) as
+                  one call: one trip from Python per layer instead of ~11
     moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
                   pairs, prefill groups the tokens by expert (each expert's weights read once per call)
     quant.py      GGUF's quantized weights (q8_0, q4_k, q6_k) kept in their blocks: decode's GEMVs take integer
@@ -49,7 +51,7 @@ from tinyqwen.backends.numba import settings  # noqa: F401 (first: Numba reads t
 
 # isort: on
 from tinyqwen.backends.contract import Backend, LoadOptions
-from tinyqwen.backends.numba import attention, linear, moe, norm_rope, quant  # noqa: F401
+from tinyqwen.backends.numba import attention, decode_layer, linear, moe, norm_rope, quant  # noqa: F401
 from tinyqwen.backends.numba.intrinsics import round_bf16  # noqa: F401 (re-exported)
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight, embed, prepare  # noqa: F401 (re-exported)
 
@@ -72,6 +74,7 @@ def backend(matmul_precision: str = "highest", quant_gemv: str = "int8") -> Back
         swiglu=partial(linear.swiglu, **flags),
         moe_block=partial(moe.moe_block, **flags),
         embed=embed,
+        decode_layer=partial(decode_layer.decode_layer, bf16_inputs=flags["bf16_inputs"]),
         prepare=prepare,
         to_numpy=np.asarray,
         options=options,

@@ -1,0 +1,201 @@
+"""One whole decoder layer of a decode step (one new position per row) in one call from Python.
+
+Decoding one token of Qwen3-0.6B runs 28 layers of ~11 backend calls each (norms, the q/k/v GEMV, QK-Norm, RoPE,
+the cache write, attention, o_proj, SwiGLU) and NumPy's reshapes and residual adds between them: ~300 trips from
+Python into a kernel per token, each a few microseconds of Python, plus a thread wake-up for every parallel
+kernel the threads had already fallen asleep before (see settings.py). Here the layer is one Numba call:
+
+    x ─ RMSNorm ─ [q|k|v] GEMV ─ QK-Norm ─ RoPE ─ write k, v into the cache ─ attention ─ o_proj GEMV ─ + x ─┐
+      ┌───────────────────────────────────────────────────────────────────────────────────────────────────────┘
+      └─ RMSNorm ─ gate/up GEMV, SiLU·mul ─ down GEMV ─ + ─> x
+
+The four GEMVs and attention are `prange` loops of one parallel function, so the threads go from one to the next
+while still spinning; the small steps between them (norms, RoPE, residuals: kilobytes) run on the calling thread.
+Every step calls the same serial kernels as the kernel-by-kernel path (linear.py, norm_rope.py, attention.py) in
+the same order, so the results are bit-identical to it (the tests check this).
+
+`decode_layer` returns None where it does not apply — a prompt (T > 1), a batch of rows (B > 1: linear.py's
+multi-row kernels read each weight row once for all of them), no cache or a ragged one, a float16
+cache, an MoE layer, a weight that is not bf16, matmul_precision "medium" — and the model then runs the layer
+kernel by kernel. Quantized weights would take the same shape: the same function with quant.py's row kernels in
+place of `_gemv_rows_bf16` / `_gate_up_rows_bf16` (a second jitted layer function, chosen here by weight type).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+
+from tinyqwen.backends.numba.attention import _attend_group
+from tinyqwen.backends.numba.intrinsics import _to_bf16
+from tinyqwen.backends.numba.linear import _chunks, _gate_up_rows_bf16, _gemv_rows_bf16, _starts
+from tinyqwen.backends.numba.norm_rope import _rms_norm
+from tinyqwen.backends.numba.weights import BF16Weight
+
+
+def _encode(cache, value):  # one float32 value -> what `cache` stores (compiled by the overload below)
+    raise NotImplementedError
+
+
+@numba.extending.overload(_encode)
+def _encode_overload(cache, value):
+    # a float32 cache stores the value; a bf16 cache (uint16 bit patterns) its nearest bf16, rounded as the
+    # KV cache's own float32_to_bf16 (nearest, ties to even)
+    if cache.dtype == types.uint16:
+        return lambda cache, value: _to_bf16(value)
+    if isinstance(cache.dtype, types.Float):
+        return lambda cache, value: value
+    return None
+
+
+@njit(cache=True)
+def _rope_heads(x, cos, sin, b, out):  # x [H, d] (one row's heads), cos/sin [B, d] -> out [H, d]
+    # norm_rope._rope's arithmetic, value for value (no fast-math: the same rounding)
+    H, d = x.shape
+    half = d // 2
+    for h in range(H):
+        for j in range(half):
+            a, c = x[h, j], x[h, j + half]
+            out[h, j] = a * cos[b, j] - c * sin[b, j]
+            out[h, j + half] = c * cos[b, j + half] + a * sin[b, j + half]
+
+
+@njit(cache=True)
+def _qk_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, pos, q_out, qn, kn, kr):
+    # q [M, Hq·d], k/v [M, Hkv·d] -> q_out [M, Hq, d] (normed, rotated); k (normed, rotated) and v written into
+    # the caches at `pos`. qn/kn/kr: scratch [Hq, d], [Hkv, d] x2
+    M = q.shape[0]
+    Hq, d = qn.shape
+    Hkv = kn.shape[0]
+    for m in range(M):
+        qm = q[m].reshape((Hq, d))
+        km = k[m].reshape((Hkv, d))
+        if qk_norm:
+            _rms_norm(qm, q_norm, eps, qn)
+            _rms_norm(km, k_norm, eps, kn)
+            _rope_heads(qn, cos, sin, m, q_out[m])
+            _rope_heads(kn, cos, sin, m, kr)
+        else:
+            _rope_heads(qm, cos, sin, m, q_out[m])
+            _rope_heads(km, cos, sin, m, kr)
+        for h in range(Hkv):
+            for j in range(d):
+                kc[m, h, pos, j] = _encode(kc, kr[h, j])
+                vc[m, h, pos, j] = _encode(vc, v[m, h * d + j])
+
+
+@njit(cache=True)
+def _add(x, y, out):  # [M, H] x2 -> out [M, H]: the residual, as NumPy's x + y
+    M, H = x.shape
+    for m in range(M):
+        for j in range(H):
+            out[m, j] = x[m, j] + y[m, j]
+
+
+@njit(parallel=True, cache=True)
+def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc, mask, pos,
+                eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks):  # fmt: skip
+    # x [M, H] f32 -> [M, H]: one decoder layer for M rows of one new position each (see the module docstring;
+    # decode_layer passes M = 1, the loops take any M).
+    # wqkv: (q, k, v) bf16 bits; kc, vc [M, Hkv, max_len, d] the whole cache; mask [M, pos + 1] bool
+    M, H = x.shape
+    Hkv = kc.shape[1]
+    wq, wk, wv = wqkv
+    h = np.empty_like(x)
+    _rms_norm(x, in_norm, eps, h)
+    q = np.empty((M, wq.shape[0]), np.float32)
+    k = np.empty((M, wk.shape[0]), np.float32)
+    v = np.empty((M, wv.shape[0]), np.float32)
+    total = starts_qkv[-1]
+    c1 = min(total, chunks)
+    size = (total + c1 - 1) // c1
+    for c in prange(c1):
+        _gemv_rows_bf16(h, wqkv, (q, k, v), starts_qkv, c * size, min(total, (c + 1) * size))
+    qr = np.empty((M, heads, head_dim), np.float32)
+    qn = np.empty((heads, head_dim), np.float32)
+    kn = np.empty((Hkv, head_dim), np.float32)
+    kr = np.empty((Hkv, head_dim), np.float32)
+    _qk_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, pos, qr, qn, kn, kr)
+    att = np.empty((M, heads, head_dim), np.float32)
+    for bh in prange(M * Hkv):
+        _attend_group(qr, kc, vc, mask, att, bh // Hkv, bh % Hkv, pos + 1)
+    att2 = att.reshape((M, heads * head_dim))
+    o = np.empty((M, H), np.float32)
+    c2 = min(H, chunks)
+    size2 = (H + c2 - 1) // c2
+    for c in prange(c2):
+        _gemv_rows_bf16(att2, (wo,), (o,), starts_o, c * size2, min(H, (c + 1) * size2))
+    x1 = np.empty_like(x)
+    _add(x, o, x1)
+    _rms_norm(x1, post_norm, eps, h)
+    F = wg.shape[0]
+    g = np.empty((M, F), np.float32)
+    c3 = min(F, chunks)
+    size3 = (F + c3 - 1) // c3
+    for c in prange(c3):
+        _gate_up_rows_bf16(h, wg, wu, g, c * size3, min(F, (c + 1) * size3))
+    for c in prange(c2):
+        _gemv_rows_bf16(g, (wd,), (o,), starts_d, c * size2, min(H, (c + 1) * size2))
+    out = np.empty_like(x)
+    _add(x1, o, out)
+    return out
+
+
+def decode_layer(x, layer, cos, sin, mask, cache, i: int, config, bf16_inputs: bool = False):
+    # [B, 1, H] -> [B, 1, H], or None where this fused path does not apply (the model then runs the layer
+    # kernel by kernel); the layer's k and v are written into `cache` at its length (the model advances it)
+    B, T, H = x.shape
+    # a KVCache (one length for every row), told from a ragged one (a length per row) by its fields: the backends
+    # sit below the model's layer and import none of its modules
+    if (
+        B != 1
+        or T != 1
+        or bf16_inputs
+        or cache is None
+        or hasattr(cache, "lengths")
+        or not hasattr(cache, "keys")
+    ):
+        return None
+    kc, vc = cache.keys[i], cache.values[i]
+    if (
+        not all(isinstance(a, np.ndarray) and a.flags.c_contiguous for a in (kc, vc))
+        or kc.dtype == np.float16
+    ):
+        return None
+    if not isinstance(mask, np.ndarray) or not hasattr(layer.mlp, "up_proj") or hasattr(layer.mlp, "router"):
+        return None
+    a, f = layer.attn, layer.mlp
+    weights = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj)
+    if not all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in weights):
+        return None
+    if len({w.bits.flags.writeable for w in weights[:3]}) != 1:  # one Numba type for the (q, k, v) tuple
+        return None
+    wq, wk, wv, wo, wg, wu, wd = (w.bits for w in weights)
+    f32 = np.float32
+    return _layer_bf16(
+        np.ascontiguousarray(x.reshape(B, H), f32),
+        np.asarray(layer.input_norm, f32),
+        (wq, wk, wv),
+        np.asarray(a.q_norm, f32),
+        np.asarray(a.k_norm, f32),
+        wo,
+        np.asarray(layer.post_attention_norm, f32),
+        wg,
+        wu,
+        wd,
+        np.ascontiguousarray(cos[:, 0]),
+        np.ascontiguousarray(sin[:, 0]),
+        kc,
+        vc,
+        np.ascontiguousarray(mask[:, 0]),
+        cache.length,
+        f32(config.rms_norm_eps),
+        config.qk_norm,
+        config.num_attention_heads,
+        config.head_dim,
+        _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
+        _starts((wo.shape[0],)),
+        _starts((wd.shape[0],)),
+        _chunks(),
+    ).reshape(B, 1, H)
