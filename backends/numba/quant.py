@@ -309,6 +309,107 @@ else:
     )
 
 
+# ---- one row's dot product, the dense GEMV's: the block loop with eight float lanes ----------------------------
+
+# The block dots above hand back one int32 per block, scaled and added as a scalar: a horizontal add and a scalar
+# multiply-add per block (Q8_0: 32 a row of 1024). The dense GEMV instead keeps eight float32 lanes across the row
+# (avx2.py's row intrinsics, the loop in IR): lane i gathers, per block, the integer products of values 4i..4i+3 of
+# each run of 32 (weighted by their sub-block scales), converted once and scaled by d·d_x (Q4_K: minus the mins'
+# term of sub-block i, dmin·d_x·m_i·Σx_i); the lanes are summed in order at the end. The loops below do the same
+# operations on the same lanes without fast-math, so the two give equal bits (tested); they run where the CPU has
+# no AVX2. A row's value differs from the block dots' only in float32 rounding (the order of the scaled sums).
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lanes_total(acc):  # ((0 + acc[0]) + acc[1]) + ... : the row intrinsics' ordered sum
+    t = np.float32(0.0)
+    for i in range(8):
+        t += acc[i]
+    return t
+
+
+@njit(cache=True, error_model="numpy")
+def _row_q8_0_loops(
+    b, i8, xq, xd, acc
+):  # row bytes (and as int8), x's Q8_0 codes and scales, acc [8] scratch
+    acc[:] = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 34
+        scale = _half(b, o) * xd[blk]
+        for i in range(8):
+            s = np.int32(0)
+            for j in range(4 * i, 4 * i + 4):
+                s += np.int32(i8[o + 2 + j]) * np.int32(xq[blk * 32 + j])
+            acc[i] = acc[i] + np.float32(s) * scale
+    return _lanes_total(acc)
+
+
+@njit(cache=True, error_model="numpy")
+def _row_q4_k_loops(b, xq, xd, xs, acc):  # row bytes, x's Q8_K codes, scales, sums of 32; acc [8] scratch
+    acc[:] = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 144
+        dd, dm = _half(b, o) * xd[blk], _half(b, o + 2) * xd[blk]
+        for i in range(8):
+            dots = np.int32(0)
+            for s in range(8):  # sub-block s: byte l of group s // 2, its low (s even) or high nibble
+                sc, _ = _scale_min_k4(b, o + 4, s)
+                q, y = o + 16 + 32 * (s // 2), blk * 256 + 32 * s
+                t = np.int32(0)
+                for j in range(4 * i, 4 * i + 4):
+                    code = b[q + j] & 15 if s % 2 == 0 else b[q + j] >> 4
+                    t += np.int32(code) * np.int32(xq[y + j])
+                dots += sc * t
+            _, m = _scale_min_k4(b, o + 4, i)
+            acc[i] = acc[i] + np.float32(dots) * dd
+            acc[i] = acc[i] - np.float32(m * xs[blk * 8 + i]) * dm
+    return _lanes_total(acc)
+
+
+@njit(cache=True, error_model="numpy")
+def _row_q6_k_loops(
+    b, i8, xq, xd, acc
+):  # row bytes (and as int8), x's Q8_K codes and scales; acc [8] scratch
+    acc[:] = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 210
+        dd = _half(b, o + 208) * xd[blk]
+        for i in range(8):
+            total = np.int32(0)
+            for h in range(2):
+                for run in range(4):  # run r of 32: the nibble r // 2 of ql[32·(r % 2) + l], bits 2r of qh[l]
+                    t = np.int32(0)
+                    for j in range(4 * i, 4 * i + 4):
+                        lo = np.int32(b[o + 64 * h + 32 * (run % 2) + j])
+                        nib = lo & 15 if run < 2 else lo >> 4
+                        top = (np.int32(b[o + 128 + 32 * h + j]) >> (2 * run)) & 3
+                        t += ((nib | (top << 4)) - 32) * np.int32(xq[blk * 256 + 128 * h + 32 * run + j])
+                    total += np.int32(i8[o + 192 + 8 * h + 2 * run + i // 4]) * t
+            acc[i] = acc[i] + np.float32(total) * dd
+    return _lanes_total(acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q8_0_avx2(b, i8, xq, xd, acc):
+    return avx2.q8_0_row(b, xq, xd)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q4_k_avx2(b, xq, xd, xs, acc):
+    return avx2.q4_k_row(b, xq, xd, xs)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q6_k_avx2(b, i8, xq, xd, acc):
+    return avx2.q6_k_row(b, xq, xd)
+
+
+if avx2.HAS_AVX2:
+    _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_avx2, _row_q4_k_avx2, _row_q6_k_avx2
+else:
+    _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_loops, _row_q4_k_loops, _row_q6_k_loops
+
+
 # ---- one row's dot product: "float" (codes widened in registers, x as it is) ----------------------------------
 
 
@@ -409,6 +510,26 @@ def _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, lo, hi):  # rows lo.
             )
 
 
+@njit(cache=True, error_model="numpy")
+def _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, lo, hi):  # the same, "int8": the lane-kept row dots
+    # (no fast-math here: the row dots' float order is fixed, see above)
+    x, a0q, a0d, akq, akd, aks, xs, L = acts
+    M = x.shape[0]
+    acc = np.empty(8, np.float32)  # the plain loops' lanes
+    i = 0
+    for r in range(lo, hi):
+        while r >= starts[i + 1]:
+            i += 1
+        w, w8, out, n, kind = ws[i], ws8[i], outs[i], r - starts[i], kinds[i]
+        for m in range(M):
+            if kind == Q8_0:
+                out[m, n] = _row_q8_0(w[n], w8[n], a0q[m], a0d[m], acc)
+            elif kind == Q4_K:
+                out[m, n] = _row_q4_k(w[n], akq[m], akd[m], aks[m], acc)
+            else:
+                out[m, n] = _row_q6_k(w[n], w8[n], akq[m], akd[m], acc)
+
+
 @njit(parallel=True, cache=True)
 def _gemv_many(use_int, kinds, ws, ws8, outs, starts, acts, chunks):
     # n weights' rows as one row space (starts: cumulative row counts), split into chunks over the threads: one
@@ -417,7 +538,10 @@ def _gemv_many(use_int, kinds, ws, ws8, outs, starts, acts, chunks):
     chunks = min(total, chunks)
     size = (total + chunks - 1) // chunks
     for c in prange(chunks):
-        _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+        if use_int:
+            _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+        else:
+            _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
 
 
 def activations(x2: np.ndarray, kinds, use_int: bool) -> tuple:
