@@ -279,3 +279,51 @@ def test_avx2_block_dots_equal_the_loops(qtype):
 
     loops, vector = (getattr(quant, f"_dot_{qtype}_int_{name}") for name in ("loops", "avx2"))
     assert rows(vector).tobytes() == rows(loops).tobytes()
+
+
+@pytest.mark.skipif(not quant.avx2.HAS_AVX2, reason="this CPU has no AVX2: the GEMVs use the plain loops")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx2_row_dots_equal_the_loops(qtype):
+    # the dense GEMV's row dots: eight float lanes kept across the blocks, summed in order; the loops do the same
+    # fmul/fadd on the same lanes without fast-math, so equal bits (over 3 blocks of 256: the block loop runs)
+    from numba import njit
+
+    rng = np.random.default_rng(9)
+    data = random_blocks(rng, qtype, 16, 768)
+    data8 = data.view(np.int8)
+    x = rng.standard_normal((1, 768)).astype(np.float32)
+    x[0, 7] = -30.0  # an outlier, so codes reach -127 and +127
+    a0q, a0d, akq, akd, aks = (a[0] for a in quant._quantize_acts(x, True, True))
+    acc = np.empty(8, np.float32)
+    if qtype == "q8_0":
+        args = [(data[n], data8[n], a0q, a0d, acc) for n in range(16)]
+    elif qtype == "q4_k":
+        args = [(data[n], akq, akd, aks, acc) for n in range(16)]
+    else:
+        args = [(data[n], data8[n], akq, akd, acc) for n in range(16)]
+    loops, vector = (getattr(quant, f"_row_{qtype}_{name}") for name in ("loops", "avx2"))
+    got = np.array([vector(*a) for a in args], np.float32)
+    assert got.tobytes() == np.array([loops(*a) for a in args], np.float32).tobytes()
+    # and the block dots' value up to float32 rounding of the scaled sums (their order differs)
+    if qtype == "q4_k":
+        block = njit(lambda b, q, d, s: quant._dot_q4_k_int_loops(b, q, d, s, 32))
+        old = [block(data[n], akq, akd, aks) for n in range(16)]
+    else:
+        dot = getattr(quant, f"_dot_{qtype}_int_loops")
+        block = njit(lambda b, b8, q, d: dot(b, b8, q, d, 32))
+        old = [block(data[n], data8[n], *((a0q, a0d) if qtype == "q8_0" else (akq, akd))) for n in range(16)]
+    assert np.allclose(got, old, rtol=1e-5, atol=1e-5 * np.abs(old).max())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_quant_swiglu_equals_its_parts(m):
+    # decode's one-call SwiGLU ("int8") against gate/up and down as separate int8 GEMVs: the same row dots on the
+    # same quantized activations, so equal bits (Q4_K_M's mix: gate/up q4_k, down q6_k)
+    rng = np.random.default_rng(10)
+    g, u = (quantized(rng, "q4_k", 768, 512)[0] for _ in range(2))  # [F, K]
+    d = quantized(rng, "q6_k", 512, 768)[0]  # [K, F]
+    x = rng.standard_normal((m, 512)).astype(np.float32)
+    got = linear.swiglu(x, g, u, d, quant_gemv="int8")
+    gv, uv = linear.linears(x, (g, u), quant_gemv="int8")
+    want = linear.linear(linear._silu_mul(gv, uv), d, quant_gemv="int8")
+    assert got.tobytes() == want.tobytes()

@@ -248,6 +248,10 @@ def swiglu(
         and isinstance(w_up, QuantWeight)
         and x2.shape[0] <= QUANT_GEMV_MAX_ROWS
     ):
+        if quant_gemv == "int8" and isinstance(w_down, QuantWeight):  # one call: gate/up, SiLU·mul, down
+            return quant.swiglu_int(x2, w_gate, w_up, w_down, _chunks(), _starts((w_down.shape[0],))).reshape(
+                x.shape
+            )
         g, u = linears(x2, (w_gate, w_up), bf16_inputs, quant_gemv)  # one launch for both
         return linear(_silu_mul(g, u), w_down, bf16_inputs, quant_gemv).reshape(x.shape)
     bf16 = all(isinstance(w, BF16Weight) for w in (w_gate, w_up, w_down))

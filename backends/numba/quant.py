@@ -510,11 +510,20 @@ def _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, lo, hi):  # rows lo.
             )
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _row(kind, w, w8, a0q, a0d, akq, akd, aks, acc):  # one weight row · one activation row, "int8", lane-kept
+    if kind == Q8_0:
+        return _row_q8_0(w, w8, a0q, a0d, acc)
+    if kind == Q4_K:
+        return _row_q4_k(w, akq, akd, aks, acc)
+    return _row_q6_k(w, w8, akq, akd, acc)
+
+
 @njit(cache=True, error_model="numpy")
 def _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, lo, hi):  # the same, "int8": the lane-kept row dots
     # (no fast-math here: the row dots' float order is fixed, see above)
-    x, a0q, a0d, akq, akd, aks, xs, L = acts
-    M = x.shape[0]
+    a0q, a0d, akq, akd, aks = acts
+    M = a0q.shape[0]
     acc = np.empty(8, np.float32)  # the plain loops' lanes
     i = 0
     for r in range(lo, hi):
@@ -522,26 +531,80 @@ def _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, lo, hi):  # the same, "in
             i += 1
         w, w8, out, n, kind = ws[i], ws8[i], outs[i], r - starts[i], kinds[i]
         for m in range(M):
-            if kind == Q8_0:
-                out[m, n] = _row_q8_0(w[n], w8[n], a0q[m], a0d[m], acc)
-            elif kind == Q4_K:
-                out[m, n] = _row_q4_k(w[n], akq[m], akd[m], aks[m], acc)
-            else:
-                out[m, n] = _row_q6_k(w[n], w8[n], akq[m], akd[m], acc)
+            out[m, n] = _row(kind, w[n], w8[n], a0q[m], a0d[m], akq[m], akd[m], aks[m], acc)
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_acts(x, need0, needk):  # x [M, K] -> (Q8_0 codes, scales, Q8_K codes, scales, sums), as needed
+    M, K = x.shape
+    a0q = np.empty((M, K if need0 else 0), np.int8)
+    a0d = np.empty((M, K // 32 if need0 else 0), np.float32)
+    akq = np.empty((M, K if needk else 0), np.int8)
+    akd = np.empty((M, K // 256 if needk else 0), np.float32)
+    aks = np.empty((M, K // 32 if needk else 0), np.int32)
+    if need0:
+        quantize_q8_0_rows(x, a0q, a0d)
+    if needk:
+        quantize_q8_k_rows(x, akq, akd, aks)
+    return a0q, a0d, akq, akd, aks
+
+
+@njit(parallel=True, cache=True)
+def _gemv_many_int(kinds, ws, ws8, outs, starts, x, need0, needk, chunks):
+    # "int8" in one call: x quantized once (serially, on the calling thread) for all n weights, then their rows as
+    # one row space over the threads, as _gemv_many
+    acts = _quantize_acts(x, need0, needk)
+    total = starts[-1]
+    chunks = min(total, chunks)
+    size = (total + chunks - 1) // chunks
+    for c in prange(chunks):
+        _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+
+
+@njit(cache=True, error_model="numpy")
+def _gate_up_rows_int(kg, g, g8, ku, u, u8, acts, h, lo, hi):  # hidden units lo..hi: h = silu(x·g)·(x·u)
+    a0q, a0d, akq, akd, aks = acts
+    acc = np.empty(8, np.float32)
+    for f in range(lo, hi):
+        for m in range(h.shape[0]):
+            gv = _row(kg, g[f], g8[f], a0q[m], a0d[m], akq[m], akd[m], aks[m], acc)
+            uv = _row(ku, u[f], u8[f], a0q[m], a0d[m], akq[m], akd[m], aks[m], acc)
+            h[m, f] = _silu(gv) * uv
+
+
+@njit(parallel=True, cache=True)
+def _swiglu_int(kinds, g, g8, u, u8, d, d8, x, need, h, out, starts, chunks):
+    # decode's whole quantized SwiGLU in one call (as linear.py's _swiglu_bf16): x quantized, gate and up with
+    # SiLU·mul over the threads into h [M, F], h quantized, down over the threads into out [M, K]. kinds: (gate,
+    # up, down); need: (Q8_0 for x, Q8_K for x, Q8_0 for h, Q8_K for h)
+    acts = _quantize_acts(x, need[0], need[1])
+    F = h.shape[1]
+    c1 = min(F, chunks)
+    size = (F + c1 - 1) // c1
+    for c in prange(c1):
+        _gate_up_rows_int(kinds[0], g, g8, kinds[1], u, u8, acts, h, c * size, min(F, (c + 1) * size))
+    acts_h = _quantize_acts(h, need[2], need[3])
+    total = d.shape[0]
+    c2 = min(total, chunks)
+    size2 = (total + c2 - 1) // c2
+    for c in prange(c2):
+        _gemv_rows_int(kinds[2:], (d,), (d8,), (out,), starts, acts_h, c * size2, min(total, (c + 1) * size2))
 
 
 @njit(parallel=True, cache=True)
 def _gemv_many(use_int, kinds, ws, ws8, outs, starts, acts, chunks):
     # n weights' rows as one row space (starts: cumulative row counts), split into chunks over the threads: one
-    # parallel launch for q, k and v (or gate and up) together, as the bf16 GEMV in linear.py
+    # parallel launch for q, k and v (or gate and up) together, as the bf16 GEMV in linear.py ("float"; the MoE
+    # kernels' acts)
     total = starts[-1]
     chunks = min(total, chunks)
     size = (total + chunks - 1) // chunks
     for c in prange(chunks):
-        if use_int:
-            _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
-        else:
-            _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+        _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+
+
+def _needs(kinds) -> tuple[bool, bool]:  # which int8 forms of x weights of these formats read: (Q8_0, Q8_K)
+    return Q8_0 in kinds, Q4_K in kinds or Q6_K in kinds
 
 
 def activations(x2: np.ndarray, kinds, use_int: bool) -> tuple:
@@ -570,11 +633,37 @@ def gemv(x2: np.ndarray, ws: tuple, use_int: bool, chunks: int, starts: np.ndarr
     # [M, K] f32, n quantized weights (QuantWeight) -> n x [M, N_i] f32, in one parallel launch
     kinds = np.array([w.kind for w in ws], np.int64)
     outs = tuple(np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws)
+    data, data8 = tuple(w.data for w in ws), tuple(w.data8 for w in ws)
+    if use_int:  # the activation quantized inside the call
+        _gemv_many_int(kinds, data, data8, outs, starts, x2, *_needs(set(kinds.tolist())), chunks)
+        return outs
     acts = activations(x2, set(kinds.tolist()), use_int)
-    _gemv_many(
-        use_int, kinds, tuple(w.data for w in ws), tuple(w.data8 for w in ws), outs, starts, acts, chunks
-    )
+    _gemv_many(use_int, kinds, data, data8, outs, starts, acts, chunks)
     return outs
+
+
+def swiglu_int(x2: np.ndarray, gate, up, down, chunks: int, starts: np.ndarray) -> np.ndarray:
+    # [M, K] f32, QuantWeight [F, K] x2 and [K, F] -> [M, K] f32: decode's SwiGLU, "int8", in one call
+    kinds = np.array([gate.kind, up.kind, down.kind], np.int64)
+    need = np.array([*_needs({gate.kind, up.kind}), *_needs({down.kind})])
+    h = np.empty((x2.shape[0], gate.shape[0]), np.float32)
+    out = np.empty((x2.shape[0], down.shape[0]), np.float32)
+    _swiglu_int(
+        kinds,
+        gate.data,
+        gate.data8,
+        up.data,
+        up.data8,
+        down.data,
+        down.data8,
+        x2,
+        need,
+        h,
+        out,
+        starts,
+        chunks,
+    )
+    return out
 
 
 # ---- MoE decode: every (token, expert) pair of a step in one launch ------------------------------------------
