@@ -149,7 +149,7 @@ def test_prefill_dequantizes_blocks_into_blas(qtype, monkeypatch):
     want = x @ exact.T
     assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
     # blocks of 3 rows (the scratch buffer never holds the whole weight): the same numbers
-    monkeypatch.setattr(linear, "WIDEN_BLOCK_BYTES", 3 * 4 * 256)
+    monkeypatch.setattr(linear, "QUANT_WIDEN_BLOCK_BYTES", 3 * 4 * 256)
     assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
 
 
