@@ -19,10 +19,14 @@ Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot prod
 - "int8" (the default; llama.cpp's): x is first quantized to int8 blocks itself — Q8_0 (32 values, scale
   amax/127) for q8_0 weights, Q8_K (256 values, scale max/−127, float32) for the k-quants — and the inner loops
   multiply integers, int8 × int8 (or × nibble) summed in int32, exact; the scales multiply once per block. The
-  activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. On
-  CPUs with AVX2 the block sums run on `vpmaddubsw`/`vpmaddwd` (avx2.py, 32 products an instruction); elsewhere
-  on plain loops LLVM vectorises. One thread, a [3072, 1024] weight: 4-14 G weights/s with AVX2 against the
-  loops' 2.6-4.2 (q8_0 3.4x, q4_k 1.5x, q6_k 3.1x; AMD EPYC, a busy machine, so ±50 % between runs).
+  activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. The
+  dense GEMV keeps eight float32 lanes across a row's blocks (see "the dense GEMV's row dots" below); on CPUs with
+  AVX2 the row runs in avx2.py's row intrinsics (`vpmaddubsw`/`vpmaddwd`, 32 products an instruction, the block
+  loop in IR), elsewhere in plain loops that give the same bits. x is quantized once per call, inside the parallel
+  kernel, for all the weights of the call (q, k, v; and decode's SwiGLU is one call: gate/up, SiLU·mul, h
+  quantized, down). One thread, against the earlier kernels that returned one int32 per block (a horizontal add
+  and a scalar multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x, q4_k 2.1x, q6_k 1.8-2.1x,
+  the 151936-row lm_head 1.5x; AMD EPYC, a busy machine; `benchmarks/profile_quant_step.py` times a whole step).
 - "float": the codes are widened to float32 in registers and multiplied with x as it is (only float32 rounding).
   LLVM did not vectorise these loops well here: 1.2-4x slower than "int8" in the benchmark, so "int8" is the
   default and "float" stays as the comparison (and the exact-float32 option).
@@ -254,6 +258,7 @@ def _dot_q6_k_int_loops(
     return acc
 
 
+# (The MoE kernels take these block dots; the dense GEMV, the row dots further down.)
 # The same three on AVX2 (backends/numba/avx2.py: 32 int8 products per instruction, as llama.cpp's kernels): the
 # integer sums are exact either way, so both give the same floats; the loops stay for CPUs without AVX2.
 
