@@ -95,8 +95,10 @@ def main() -> None:
     for key, t in sorted(times.items(), key=lambda kv: -kv[1]):
         n = calls[key] / args.steps
         per = t / calls[key]
-        rate = f"{nbytes[key] / per / 1e9:6.1f} {nbytes[key] / streams[key] / 1e9:7.1f} {streams[key] / per:5.2f}"
-        print(f"{t / args.steps * 1e3:8.3f} {n:5.0f} {rate if key in nbytes else ' ' * 20}  {key}")
+        rate = " " * 20
+        if streams.get(key):
+            rate = f"{nbytes[key] / per / 1e9:6.1f} {nbytes[key] / streams[key] / 1e9:7.1f} {streams[key] / per:5.2f}"
+        print(f"{t / args.steps * 1e3:8.3f} {n:5.0f} {rate}  {key}")
     print(f"{(step - sum(times.values()) / args.steps) * 1e3:8.3f}       glue (the step minus the calls)")
 
 
