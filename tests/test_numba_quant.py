@@ -293,17 +293,19 @@ def test_avx2_row_dots_equal_the_loops(qtype):
     data8 = data.view(np.int8)
     x = rng.standard_normal((1, 768)).astype(np.float32)
     x[0, 7] = -30.0  # an outlier, so codes reach -127 and +127
-    a0q, a0d, akq, akd, aks = (a[0] for a in quant._quantize_acts(x, True, True))
+    acts = quant._quantize_acts(x, True, True)
+    a0q, a0d, akq, akd, aks = acts
     acc = np.empty(8, np.float32)
     if qtype == "q8_0":
-        args = [(data[n], data8[n], a0q, a0d, acc) for n in range(16)]
+        args = [(data, data8, n, a0q, a0d, 0, acc) for n in range(16)]
     elif qtype == "q4_k":
-        args = [(data[n], akq, akd, aks, acc) for n in range(16)]
+        args = [(data, n, akq, akd, aks, 0, acc) for n in range(16)]
     else:
-        args = [(data[n], data8[n], akq, akd, acc) for n in range(16)]
+        args = [(data, data8, n, akq, akd, 0, acc) for n in range(16)]
     loops, vector = (getattr(quant, f"_row_{qtype}_{name}") for name in ("loops", "avx2"))
     got = np.array([vector(*a) for a in args], np.float32)
     assert got.tobytes() == np.array([loops(*a) for a in args], np.float32).tobytes()
+    a0q, a0d, akq, akd, aks = (a[0] for a in acts)
     # and the block dots' value up to float32 rounding of the scaled sums (their order differs)
     if qtype == "q4_k":
         block = njit(lambda b, q, d, s: quant._dot_q4_k_int_loops(b, q, d, s, 32))
@@ -316,14 +318,16 @@ def test_avx2_row_dots_equal_the_loops(qtype):
 
 
 @pytest.mark.parametrize("m", [1, 3])
-def test_fused_quant_swiglu_equals_its_parts(m):
+def test_fused_quant_swiglu_equals_its_parts(m, monkeypatch):
     # decode's one-call SwiGLU ("int8") against gate/up and down as separate int8 GEMVs: the same row dots on the
     # same quantized activations, so equal bits (Q4_K_M's mix: gate/up q4_k, down q6_k)
     rng = np.random.default_rng(10)
     g, u = (quantized(rng, "q4_k", 768, 512)[0] for _ in range(2))  # [F, K]
     d = quantized(rng, "q6_k", 512, 768)[0]  # [K, F]
     x = rng.standard_normal((m, 512)).astype(np.float32)
+    monkeypatch.setattr(linear, "FUSED_QUANT_SWIGLU", True)
     got = linear.swiglu(x, g, u, d, quant_gemv="int8")
+    monkeypatch.setattr(linear, "FUSED_QUANT_SWIGLU", False)
     gv, uv = linear.linears(x, (g, u), quant_gemv="int8")
     want = linear.linear(linear._silu_mul(gv, uv), d, quant_gemv="int8")
     assert got.tobytes() == want.tobytes()

@@ -157,17 +157,22 @@ F32 = ir.FloatType()
 V8F32 = ir.VectorType(F32, 8)
 
 
-class _Row:  # the arrays of a row kernel, as pointers, and what every row kernel needs
-    def __init__(self, context, builder, sig, args):
+class _Row:  # the arrays of a row kernel, as pointers to the rows read, and what every row kernel needs
+    # The arrays arrive whole (2-D, C-contiguous) with the index of the row read, not as row views (w[n]): a view
+    # made per row cost atomic reference-count updates on the weight's count, which the threads share, so its
+    # cache line bounced between the cores (a GEMV over views ran at 0.4x a plain loop, even on one thread)
+    def __init__(self, context, builder, sig, args, rows):  # rows: {array argument: the argument of its row}
         self.context, self.b = context, builder
         self.op = _Ops(context, builder)
-        self.arrays = [
-            context.make_array(t)(context, builder, a) for t, a in zip(sig.args, args, strict=True)
-        ]
+        self.arrays, self.base = {}, {}
+        for i, r in rows.items():  # row r of a C-contiguous 2-D array starts at element r·shape[1]
+            self.arrays[i] = context.make_array(sig.args[i])(context, builder, args[i])
+            width = cgutils.unpack_tuple(builder, self.arrays[i].shape, 2)[1]
+            self.base[i] = builder.mul(args[r], width)
         self.fadd = _fn(builder, "llvm.vector.reduce.fadd.v8f32", F32, F32, V8F32)
 
-    def ptr(self, i, offset, to):  # pointer to element `offset` of argument i, as a pointer to `to`
-        p = self.b.gep(self.arrays[i].data, [offset])
+    def ptr(self, i, offset, to):  # pointer to element `offset` of argument i's row, as a pointer to `to`
+        p = self.b.gep(self.arrays[i].data, [self.b.add(self.base[i], offset)])
         return self.b.bitcast(p, to.as_pointer())
 
     def load(self, i, offset, to, align=1):
@@ -177,8 +182,8 @@ class _Row:  # the arrays of a row kernel, as pointers, and what every row kerne
         h = self.b.bitcast(self.load(i, offset, I16), ir.HalfType())
         return self.b.fpext(h, F32)
 
-    def length(self, i):  # shape[0] of argument i (i64)
-        return cgutils.unpack_tuple(self.b, self.arrays[i].shape, 1)[0]
+    def length(self, i):  # shape[1] of argument i (i64): the blocks of a row
+        return cgutils.unpack_tuple(self.b, self.arrays[i].shape, 2)[1]
 
     def splatf(self, value):  # float -> <8 x float>
         v = self.b.insert_element(ir.Constant(V8F32, None), value, ir.Constant(I32, 0))
@@ -207,13 +212,13 @@ def _add(builder, offset, n):
 
 
 @intrinsic
-def q8_0_row(typingctx, b, xq, xd):
+def q8_0_row(typingctx, b, xq, xd, n, m):
     """One Q8_0 row (uint8 bytes, K/32 blocks of 34) · x as Q8_0 (codes xq [K] int8, scales xd [K/32] f32) ->
     float32. Per block: 32 int8 products in eight int32 lanes (vpsignb, vpmaddubsw, vpmaddwd), scaled by
     d_w·d_x into the eight float lanes."""
 
     def codegen(context, builder, sig, args):
-        r = _Row(context, builder, sig, args)
+        r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
         op, acc = r.op, r.new_acc()
         ones = ir.Constant(V16I16, [1] * 16)
         with r.loop(r.length(2)) as loop:
@@ -227,7 +232,7 @@ def q8_0_row(typingctx, b, xq, xd):
             r.scaled_add(acc, lanes, scale)
         return r.total(acc)
 
-    return types.float32(b, xq, xd), codegen
+    return types.float32(b, xq, xd, n, m), codegen
 
 
 def _splat_lane16(builder, vec, lane):  # lane `lane` of a <16 x i16> in every lane
@@ -237,7 +242,7 @@ def _splat_lane16(builder, vec, lane):  # lane `lane` of a <16 x i16> in every l
 
 
 @intrinsic
-def q4_k_row(typingctx, b, xq, xd, xs):
+def q4_k_row(typingctx, b, xq, xd, xs, n, m):
     """One Q4_K row (K/256 blocks of 144 bytes) · x as Q8_K (codes xq [K], scales xd [K/256], sums of 32 xs
     [K/32] int32) -> float32. Per block: the eight 6-bit scales and mins unpacked at once from their 12 bytes
     (three 32-bit words, a few shifts and masks: bytes 0-3 of each word are four of them), the nibble products
@@ -245,7 +250,7 @@ def q4_k_row(typingctx, b, xq, xd, xs):
     into the float lanes (d·d_x, dmin·d_x)."""
 
     def codegen(context, builder, sig, args):
-        r = _Row(context, builder, sig, args)
+        r = _Row(context, builder, sig, args, {0: 4, 1: 5, 2: 5, 3: 5})
         op, acc = r.op, r.new_acc()
         V4I32 = ir.VectorType(I32, 4)
 
@@ -295,18 +300,18 @@ def q4_k_row(typingctx, b, xq, xd, xs):
             r.scaled_add(acc, min_lanes, builder.fmul(r.half(0, _add(builder, o, 2)), xdb), sub=True)
         return r.total(acc)
 
-    return types.float32(b, xq, xd, xs), codegen
+    return types.float32(b, xq, xd, xs, n, m), codegen
 
 
 @intrinsic
-def q6_k_row(typingctx, b, xq, xd):
+def q6_k_row(typingctx, b, xq, xd, n, m):
     """One Q6_K row (K/256 blocks of 210 bytes) · x as Q8_K (codes xq [K], scales xd [K/256]) -> float32. Per
     block the 6-bit codes rebuilt from their nibbles and 2-bit parts (as `q6_k_dot256`), (q − 32)·x in int16
     pairs, weighted by the int8 scales of their 16 values in eight int32 lanes, scaled by d·d_x into the float
     lanes."""
 
     def codegen(context, builder, sig, args):
-        r = _Row(context, builder, sig, args)
+        r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
         op, acc = r.op, r.new_acc()
         with r.loop(r.length(2)) as loop:
             blk = loop.index
@@ -336,4 +341,4 @@ def q6_k_row(typingctx, b, xq, xd):
             r.scaled_add(acc, dots, builder.fmul(r.half(0, _add(builder, o, 208)), r.load(2, blk, F32, 4)))
         return r.total(acc)
 
-    return types.float32(b, xq, xd), codegen
+    return types.float32(b, xq, xd, n, m), codegen

@@ -24,7 +24,7 @@ Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot prod
   AVX2 the row runs in avx2.py's row intrinsics (`vpmaddubsw`/`vpmaddwd`, 32 products an instruction, the block
   loop in IR), elsewhere in plain loops that give the same bits. x is quantized once per call, inside the parallel
   kernel, for all the weights of the call (q, k, v; and decode's SwiGLU is one call: gate/up, SiLU·mul, h
-  quantized, down). One thread, against the earlier kernels that returned one int32 per block (a horizontal add
+  quantized, down, behind linear.FUSED_QUANT_SWIGLU, off: slower measured). One thread, against the earlier kernels that returned one int32 per block (a horizontal add
   and a scalar multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x, q4_k 2.1x, q6_k 1.8-2.1x,
   the 151936-row lm_head 1.5x; AMD EPYC, a busy machine; `benchmarks/profile_quant_step.py` times a whole step).
 - "float": the codes are widened to float32 in registers and multiplied with x as it is (only float32 rounding).
@@ -334,9 +334,9 @@ def _lanes_total(acc):  # ((0 + acc[0]) + acc[1]) + ... : the row intrinsics' or
 
 
 @njit(cache=True, error_model="numpy")
-def _row_q8_0_loops(
-    b, i8, xq, xd, acc
-):  # row bytes (and as int8), x's Q8_0 codes and scales, acc [8] scratch
+def _row_q8_0_loops(w, w8, n, a, ad, m, acc):  # row n of w [N, bytes] (and as int8) · row m of x's Q8_0 codes
+    # a [M, K] and scales ad [M, K/32]; acc [8] scratch
+    b, i8, xq, xd = w[n], w8[n], a[m], ad[m]
     acc[:] = np.float32(0.0)
     for blk in range(xd.shape[0]):
         o = blk * 34
@@ -350,7 +350,8 @@ def _row_q8_0_loops(
 
 
 @njit(cache=True, error_model="numpy")
-def _row_q4_k_loops(b, xq, xd, xs, acc):  # row bytes, x's Q8_K codes, scales, sums of 32; acc [8] scratch
+def _row_q4_k_loops(w, n, a, ad, asum, m, acc):  # row n of w · row m of x's Q8_K codes, scales, sums of 32
+    b, xq, xd, xs = w[n], a[m], ad[m], asum[m]
     acc[:] = np.float32(0.0)
     for blk in range(xd.shape[0]):
         o = blk * 144
@@ -372,9 +373,8 @@ def _row_q4_k_loops(b, xq, xd, xs, acc):  # row bytes, x's Q8_K codes, scales, s
 
 
 @njit(cache=True, error_model="numpy")
-def _row_q6_k_loops(
-    b, i8, xq, xd, acc
-):  # row bytes (and as int8), x's Q8_K codes and scales; acc [8] scratch
+def _row_q6_k_loops(w, w8, n, a, ad, m, acc):  # row n of w (and as int8) · row m of x's Q8_K codes and scales
+    b, i8, xq, xd = w[n], w8[n], a[m], ad[m]
     acc[:] = np.float32(0.0)
     for blk in range(xd.shape[0]):
         o = blk * 210
@@ -395,18 +395,18 @@ def _row_q6_k_loops(
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _row_q8_0_avx2(b, i8, xq, xd, acc):
-    return avx2.q8_0_row(b, xq, xd)
+def _row_q8_0_avx2(w, w8, n, a, ad, m, acc):
+    return avx2.q8_0_row(w, a, ad, n, m)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _row_q4_k_avx2(b, xq, xd, xs, acc):
-    return avx2.q4_k_row(b, xq, xd, xs)
+def _row_q4_k_avx2(w, n, a, ad, asum, m, acc):
+    return avx2.q4_k_row(w, a, ad, asum, n, m)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _row_q6_k_avx2(b, i8, xq, xd, acc):
-    return avx2.q6_k_row(b, xq, xd)
+def _row_q6_k_avx2(w, w8, n, a, ad, m, acc):
+    return avx2.q6_k_row(w, a, ad, n, m)
 
 
 if avx2.HAS_AVX2:
@@ -516,27 +516,29 @@ def _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, lo, hi):  # rows lo.
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _row(kind, w, w8, a0q, a0d, akq, akd, aks, acc):  # one weight row · one activation row, "int8", lane-kept
+def _row(kind, w, w8, n, acts, m, acc):  # row n of w [N, bytes] · row m of x (its int8 forms), lane-kept
+    a0q, a0d, akq, akd, aks = acts
     if kind == Q8_0:
-        return _row_q8_0(w, w8, a0q, a0d, acc)
+        return _row_q8_0(w, w8, n, a0q, a0d, m, acc)
     if kind == Q4_K:
-        return _row_q4_k(w, akq, akd, aks, acc)
-    return _row_q6_k(w, w8, akq, akd, acc)
+        return _row_q4_k(w, n, akq, akd, aks, m, acc)
+    return _row_q6_k(w, w8, n, akq, akd, m, acc)
 
 
 @njit(cache=True, error_model="numpy")
 def _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, lo, hi):  # the same, "int8": the lane-kept row dots
-    # (no fast-math here: the row dots' float order is fixed, see above)
-    a0q, a0d, akq, akd, aks = acts
-    M = a0q.shape[0]
+    # (no fast-math here: the row dots' float order is fixed, see above). Whole arrays and row numbers go to the
+    # row dots, no row views: see avx2._Row
+    M = acts[0].shape[0]
     acc = np.empty(8, np.float32)  # the plain loops' lanes
-    i = 0
-    for r in range(lo, hi):
-        while r >= starts[i + 1]:
-            i += 1
-        w, w8, out, n, kind = ws[i], ws8[i], outs[i], r - starts[i], kinds[i]
-        for m in range(M):
-            out[m, n] = _row(kind, w[n], w8[n], a0q[m], a0d[m], akq[m], akd[m], aks[m], acc)
+    for i in range(len(ws)):
+        r0, r1 = max(lo, starts[i]), min(hi, starts[i + 1])
+        if r0 >= r1:
+            continue
+        w, w8, out, kind = ws[i], ws8[i], outs[i], kinds[i]
+        for r in range(r0, r1):
+            for m in range(M):
+                out[m, r - starts[i]] = _row(kind, w, w8, r - starts[i], acts, m, acc)
 
 
 @njit(cache=True, error_model="numpy")
@@ -568,13 +570,10 @@ def _gemv_many_int(kinds, ws, ws8, outs, starts, x, need0, needk, chunks):
 
 @njit(cache=True, error_model="numpy")
 def _gate_up_rows_int(kg, g, g8, ku, u, u8, acts, h, lo, hi):  # hidden units lo..hi: h = silu(x·g)·(x·u)
-    a0q, a0d, akq, akd, aks = acts
     acc = np.empty(8, np.float32)
     for f in range(lo, hi):
         for m in range(h.shape[0]):
-            gv = _row(kg, g[f], g8[f], a0q[m], a0d[m], akq[m], akd[m], aks[m], acc)
-            uv = _row(ku, u[f], u8[f], a0q[m], a0d[m], akq[m], akd[m], aks[m], acc)
-            h[m, f] = _silu(gv) * uv
+            h[m, f] = _silu(_row(kg, g, g8, f, acts, m, acc)) * _row(ku, u, u8, f, acts, m, acc)
 
 
 @njit(parallel=True, cache=True)
