@@ -213,8 +213,8 @@ def _add(builder, offset, n):
 
 @intrinsic
 def q8_0_row(typingctx, b, xq, xd, n, m):
-    """One Q8_0 row (uint8 bytes, K/32 blocks of 34) · x as Q8_0 (codes xq [K] int8, scales xd [K/32] f32) ->
-    float32. Per block: 32 int8 products in eight int32 lanes (vpsignb, vpmaddubsw, vpmaddwd), scaled by
+    """Row n of a Q8_0 weight b [N, K/32·34] uint8 · row m of x as Q8_0 (codes xq [M, K] int8, scales xd
+    [M, K/32] f32) -> float32. Per block: 32 int8 products in eight int32 lanes (vpsignb, vpmaddubsw, vpmaddwd), scaled by
     d_w·d_x into the eight float lanes."""
 
     def codegen(context, builder, sig, args):
@@ -243,8 +243,8 @@ def _splat_lane16(builder, vec, lane):  # lane `lane` of a <16 x i16> in every l
 
 @intrinsic
 def q4_k_row(typingctx, b, xq, xd, xs, n, m):
-    """One Q4_K row (K/256 blocks of 144 bytes) · x as Q8_K (codes xq [K], scales xd [K/256], sums of 32 xs
-    [K/32] int32) -> float32. Per block: the eight 6-bit scales and mins unpacked at once from their 12 bytes
+    """Row n of a Q4_K weight b [N, K/256·144] · row m of x as Q8_K (codes xq [M, K], scales xd [M, K/256], sums
+    of 32 xs [M, K/32] int32) -> float32. Per block: the eight 6-bit scales and mins unpacked at once from their 12 bytes
     (three 32-bit words, a few shifts and masks: bytes 0-3 of each word are four of them), the nibble products
     weighted by their scale in eight int32 lanes; the mins' term m_s·Σx_s (lane s) from x's sums; both scaled
     into the float lanes (d·d_x, dmin·d_x)."""
@@ -305,7 +305,8 @@ def q4_k_row(typingctx, b, xq, xd, xs, n, m):
 
 @intrinsic
 def q6_k_row(typingctx, b, xq, xd, n, m):
-    """One Q6_K row (K/256 blocks of 210 bytes) · x as Q8_K (codes xq [K], scales xd [K/256]) -> float32. Per
+    """Row n of a Q6_K weight b [N, K/256·210] · row m of x as Q8_K (codes xq [M, K], scales xd [M, K/256]) ->
+    float32. Per
     block the 6-bit codes rebuilt from their nibbles and 2-bit parts (as `q6_k_dot256`), (q − 32)·x in int16
     pairs, weighted by the int8 scales of their 16 values in eight int32 lanes, scaled by d·d_x into the float
     lanes."""
