@@ -7,7 +7,8 @@ same random prompt ids. prefill tok/s = P / t(first token); decode tok/s = N / (
 best of R. Peak RSS is the child's (getrusage); "-base" subtracts the peak before any weight was loaded (the
 interpreter and the engine's libraries: Python + NumPy + Numba + LLVM are ~150 MB, llama-cpp-python less), and
 "/file" is that over the file's size: the weights stay in their blocks, so a process should need little beyond
-the file (+ 15 % is the bar). Timings on a shared machine swing: read the ratios.
+the file (+ 15 % is the bar). A numba child that had to compile (a cold Numba cache: LLVM's memory then dominates
+the excess) is run again from the cache, and that run is the one reported. Timings on a shared machine swing: read the ratios.
 
     python benchmarks/bench_quant.py MODEL.gguf [MODEL2.gguf ...] --peer-python PY [--prompt 128 --new 32 --repeat 2]
         [--gemv int8 float int8:unfused] [--twice]
@@ -51,8 +52,9 @@ if engine == "llama.cpp":
         return out
 else:
     import tinyqwen
-    from tinyqwen.backends.numba import backend, linear, quant  # (and Numba, LLVM)
+    from tinyqwen.backends.numba import backend, compile_clock, linear, quant  # (and Numba, LLVM)
     base = rss()
+    clock = compile_clock()
     t0 = time.perf_counter()
     model = tinyqwen.load_model(path, backend="numba")
     model.backend = backend(quant_gemv=engine.split(":")[1])
@@ -76,8 +78,9 @@ best1 = bestN = float("inf")
 for _ in range(R):
     t = time.perf_counter(); run(prompt, 1); best1 = min(best1, time.perf_counter() - t)
     t = time.perf_counter(); ids = run(prompt, 1 + N); bestN = min(bestN, time.perf_counter() - t)
+compile_s = clock.total if engine != "llama.cpp" else 0.0
 print(json.dumps({"prefill": P / best1, "decode": N / max(bestN - best1, 1e-9), "ids": ids[:6], "load_s": load_s,
-                  "peak_rss": rss(), "base_rss": base}))
+                  "peak_rss": rss(), "base_rss": base, "compile_s": compile_s}))
 """
 
 
@@ -85,10 +88,16 @@ def run_child(python: str, engine: str, path: Path, args) -> dict:
     env = {**os.environ, **{k: str(args.threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                              "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}}  # fmt: skip
     cmd = [python, "-c", CHILD, engine, str(path), str(args.prompt), str(args.new), str(args.repeat)]
-    done = subprocess.run([*cmd, str(args.threads)], capture_output=True, text=True, env=env)
-    if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    for _ in range(2):
+        done = subprocess.run([*cmd, str(args.threads)], capture_output=True, text=True, env=env)
+        if done.returncode:
+            return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        # a cold Numba cache compiles the kernels in the timed process: LLVM's compile memory (~250 MB here,
+        # +0.2 of a 0.6B q8_0 file) lands in its peak RSS. Run it again, now from the cache, as a user's runs are
+        if result.get("compile_s", 0.0) < 1.0:
+            break
+    return result
 
 
 def main() -> None:

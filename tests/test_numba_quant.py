@@ -149,7 +149,7 @@ def test_prefill_dequantizes_blocks_into_blas(qtype, monkeypatch):
     want = x @ exact.T
     assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
     # blocks of 3 rows (the scratch buffer never holds the whole weight): the same numbers
-    monkeypatch.setattr(linear, "WIDEN_BLOCK_BYTES", 3 * 4 * 256)
+    monkeypatch.setattr(linear, "QUANT_WIDEN_BLOCK_BYTES", 3 * 4 * 256)
     assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
 
 
@@ -339,3 +339,55 @@ def test_tiny_moe_gguf_logits_match_the_numpy_reference(tmp_path, target):
         errors[mode] = [float(np.abs(got - want).max() / scale) for got in (prefill, decode)]
         assert max(errors[mode]) <= bound, (mode, errors)
     assert errors["int8"][0] > 10 * errors["float"][0]  # prefill's activations really were quantized
+
+
+@pytest.mark.skipif(not quant.avx2.HAS_AVX2, reason="this CPU has no AVX2: the GEMVs use the plain loops")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx2_row_dots_equal_the_loops(qtype):
+    # the dense GEMV's row dots: eight float lanes kept across the blocks, summed in order; the loops do the same
+    # fmul/fadd on the same lanes without fast-math, so equal bits (over 3 blocks of 256: the block loop runs)
+    from numba import njit
+
+    rng = np.random.default_rng(9)
+    data = random_blocks(rng, qtype, 16, 768)
+    data8 = data.view(np.int8)
+    x = rng.standard_normal((1, 768)).astype(np.float32)
+    x[0, 7] = -30.0  # an outlier, so codes reach -127 and +127
+    acts = quant._quantize_acts(x, True, True)
+    a0q, a0d, akq, akd, aks = acts
+    acc = np.empty(8, np.float32)
+    if qtype == "q8_0":
+        args = [(data, data8, n, a0q, a0d, 0, acc) for n in range(16)]
+    elif qtype == "q4_k":
+        args = [(data, n, akq, akd, aks, 0, acc) for n in range(16)]
+    else:
+        args = [(data, data8, n, akq, akd, 0, acc) for n in range(16)]
+    loops, vector = (getattr(quant, f"_row_{qtype}_{name}") for name in ("loops", "avx2"))
+    got = np.array([vector(*a) for a in args], np.float32)
+    assert got.tobytes() == np.array([loops(*a) for a in args], np.float32).tobytes()
+    a0q, a0d, akq, akd, aks = (a[0] for a in acts)
+    # and the block dots' value up to float32 rounding of the scaled sums (their order differs)
+    if qtype == "q4_k":
+        block = njit(lambda b, q, d, s: quant._dot_q4_k_int_loops(b, q, d, s, 32))
+        old = [block(data[n], akq, akd, aks) for n in range(16)]
+    else:
+        dot = getattr(quant, f"_dot_{qtype}_int_loops")
+        block = njit(lambda b, b8, q, d: dot(b, b8, q, d, 32))
+        old = [block(data[n], data8[n], *((a0q, a0d) if qtype == "q8_0" else (akq, akd))) for n in range(16)]
+    assert np.allclose(got, old, rtol=1e-5, atol=1e-5 * np.abs(old).max())
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_fused_quant_swiglu_equals_its_parts(m, monkeypatch):
+    # decode's one-call SwiGLU ("int8") against gate/up and down as separate int8 GEMVs: the same row dots on the
+    # same quantized activations, so equal bits (Q4_K_M's mix: gate/up q4_k, down q6_k)
+    rng = np.random.default_rng(10)
+    g, u = (quantized(rng, "q4_k", 768, 512)[0] for _ in range(2))  # [F, K]
+    d = quantized(rng, "q6_k", 512, 768)[0]  # [K, F]
+    x = rng.standard_normal((m, 512)).astype(np.float32)
+    monkeypatch.setattr(linear, "FUSED_QUANT_SWIGLU", True)
+    got = linear.swiglu(x, g, u, d, quant_gemv="int8")
+    monkeypatch.setattr(linear, "FUSED_QUANT_SWIGLU", False)
+    gv, uv = linear.linears(x, (g, u), quant_gemv="int8")
+    want = linear.linear(linear._silu_mul(gv, uv), d, quant_gemv="int8")
+    assert got.tobytes() == want.tobytes()

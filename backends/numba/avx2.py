@@ -141,3 +141,205 @@ def q6_k_dot256(typingctx, b, i8, o, xq, xo):
         return builder.call(op.reduce, [acc])
 
     return types.int32(b, i8, o, xq, xo), codegen
+
+
+# ---- whole rows: the block loop itself in IR, the sums kept in vector registers ---------------------------------
+#
+# The block intrinsics above return one int32 per block, so each block paid a horizontal add (and Q8_0, a block per
+# 32 values, paid it 32 times a row of 1024) plus a scalar float multiply-add. The row intrinsics below run the loop
+# over a row's blocks in IR and keep eight float32 lanes across it: lane i of a block's integer sum holds the
+# products of values 4i..4i+3 of each run of 32 (what `vpmaddwd` leaves there), is converted to float once per
+# block, scaled by the block's d·d_x and added to lane i of the accumulator; one ordered sum of the eight lanes at
+# the end. No fast-math flags: plain fmul/fadd in a fixed order, so quant.py's plain loops (`_row_*_loops`), doing
+# the same operations on the same lanes, give the same bits.
+
+F32 = ir.FloatType()
+V8F32 = ir.VectorType(F32, 8)
+
+
+class _Row:  # the arrays of a row kernel, as pointers to the rows read, and what every row kernel needs
+    # The arrays arrive whole (2-D, C-contiguous) with the index of the row read, not as row views (w[n]): a view
+    # made per row cost atomic reference-count updates on the weight's count, which the threads share, so its
+    # cache line bounced between the cores (a GEMV over views ran at 0.4x a plain loop, even on one thread)
+    def __init__(self, context, builder, sig, args, rows):  # rows: {array argument: the argument of its row}
+        self.context, self.b = context, builder
+        self.op = _Ops(context, builder)
+        self.arrays, self.base = {}, {}
+        for i, r in rows.items():  # row r of a C-contiguous 2-D array starts at element r·shape[1]
+            self.arrays[i] = context.make_array(sig.args[i])(context, builder, args[i])
+            width = cgutils.unpack_tuple(builder, self.arrays[i].shape, 2)[1]
+            self.base[i] = builder.mul(args[r], width)
+        self.fadd = _fn(builder, "llvm.vector.reduce.fadd.v8f32", F32, F32, V8F32)
+
+    def ptr(self, i, offset, to):  # pointer to element `offset` of argument i's row, as a pointer to `to`
+        p = self.b.gep(self.arrays[i].data, [self.b.add(self.base[i], offset)])
+        return self.b.bitcast(p, to.as_pointer())
+
+    def load(self, i, offset, to, align=1):
+        return self.b.load(self.ptr(i, offset, to), align=align)
+
+    def half(self, i, offset):  # the fp16 at byte `offset` of argument i -> float
+        h = self.b.bitcast(self.load(i, offset, I16), ir.HalfType())
+        return self.b.fpext(h, F32)
+
+    def length(self, i):  # shape[1] of argument i (i64): the blocks of a row
+        return cgutils.unpack_tuple(self.b, self.arrays[i].shape, 2)[1]
+
+    def splatf(self, value):  # float -> <8 x float>
+        v = self.b.insert_element(ir.Constant(V8F32, None), value, ir.Constant(I32, 0))
+        return self.b.shuffle_vector(v, ir.Constant(V8F32, None), ir.Constant(ir.VectorType(I32, 8), [0] * 8))
+
+    def scaled_add(self, acc_ptr, lanes, scale, sub=False):  # acc = acc ± float(lanes)·scale (lane-wise)
+        b = self.b
+        term = b.fmul(b.sitofp(lanes, V8F32), self.splatf(scale))
+        acc = b.load(acc_ptr)
+        b.store(b.fsub(acc, term) if sub else b.fadd(acc, term), acc_ptr)
+
+    def loop(self, n):
+        return cgutils.for_range(self.b, n)
+
+    def new_acc(self):
+        acc = cgutils.alloca_once(self.b, V8F32)
+        self.b.store(ir.Constant(V8F32, [0.0] * 8), acc)
+        return acc
+
+    def total(self, acc_ptr):  # ((0 + lane 0) + lane 1) + ... + lane 7: ordered, as the loops do it
+        return self.b.call(self.fadd, [ir.Constant(F32, 0.0), self.b.load(acc_ptr)])
+
+
+def _add(builder, offset, n):
+    return builder.add(offset, ir.Constant(offset.type, n))
+
+
+@intrinsic
+def q8_0_row(typingctx, b, xq, xd, n, m):
+    """Row n of a Q8_0 weight b [N, K/32·34] uint8 · row m of x as Q8_0 (codes xq [M, K] int8, scales xd
+    [M, K/32] f32) -> float32. Per block: 32 int8 products in eight int32 lanes (vpsignb, vpmaddubsw, vpmaddwd), scaled by
+    d_w·d_x into the eight float lanes."""
+
+    def codegen(context, builder, sig, args):
+        r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
+        op, acc = r.op, r.new_acc()
+        ones = ir.Constant(V16I16, [1] * 16)
+        with r.loop(r.length(2)) as loop:
+            blk = loop.index
+            o = builder.mul(blk, ir.Constant(blk.type, 34))
+            w = r.load(0, _add(builder, o, 2), V32I8)
+            x = r.load(1, builder.mul(blk, ir.Constant(blk.type, 32)), V32I8)
+            pairs = builder.call(op.maddubs, [builder.call(op.sign, [w, w]), builder.call(op.sign, [x, w])])
+            lanes = builder.call(op.maddwd, [pairs, ones])
+            scale = builder.fmul(r.half(0, o), r.load(2, blk, F32, 4))
+            r.scaled_add(acc, lanes, scale)
+        return r.total(acc)
+
+    return types.float32(b, xq, xd, n, m), codegen
+
+
+def _splat_lane16(builder, vec, lane):  # lane `lane` of a <16 x i16> in every lane
+    return builder.shuffle_vector(
+        vec, ir.Constant(V16I16, None), ir.Constant(ir.VectorType(I32, 16), [lane] * 16)
+    )
+
+
+@intrinsic
+def q4_k_row(typingctx, b, xq, xd, xs, n, m):
+    """Row n of a Q4_K weight b [N, K/256·144] · row m of x as Q8_K (codes xq [M, K], scales xd [M, K/256], sums
+    of 32 xs [M, K/32] int32) -> float32. Per block: the eight 6-bit scales and mins unpacked at once from their 12 bytes
+    (three 32-bit words, a few shifts and masks: bytes 0-3 of each word are four of them), the nibble products
+    weighted by their scale in eight int32 lanes; the mins' term m_s·Σx_s (lane s) from x's sums; both scaled
+    into the float lanes (d·d_x, dmin·d_x)."""
+
+    def codegen(context, builder, sig, args):
+        r = _Row(context, builder, sig, args, {0: 4, 1: 5, 2: 5, 3: 5})
+        op, acc = r.op, r.new_acc()
+        V4I32 = ir.VectorType(I32, 4)
+
+        def c32(v):
+            return ir.Constant(I32, v)
+
+        with r.loop(r.length(2)) as loop:
+            blk = loop.index
+            o = builder.mul(blk, ir.Constant(blk.type, 144))
+            w0, w1, w2 = (r.load(0, _add(builder, o, 4 + 4 * k), I32) for k in range(3))
+            low6, low4, top2 = c32(0x3F3F3F3F), c32(0x0F0F0F0F), c32(0x03030303)
+            # scales 0-3: low 6 bits of bytes 0-3; 4-7: low nibble of bytes 8-11, top 2 bits of bytes 0-3 above it
+            sc_lo = builder.and_(w0, low6)
+            sc_hi = builder.or_(
+                builder.and_(w2, low4), builder.shl(builder.and_(builder.lshr(w0, c32(6)), top2), c32(4))
+            )
+            # mins 0-3: low 6 bits of bytes 4-7; 4-7: high nibble of bytes 8-11, top 2 bits of bytes 4-7 above it
+            mn_lo = builder.and_(w1, low6)
+            mn_hi = builder.or_(
+                builder.and_(builder.lshr(w2, c32(4)), low4),
+                builder.shl(builder.and_(builder.lshr(w1, c32(6)), top2), c32(4)),
+            )
+            words = ir.Constant(V4I32, None)
+            for k, v in enumerate((sc_lo, sc_hi, mn_lo, mn_hi)):
+                words = builder.insert_element(words, v, c32(k))
+            both = builder.zext(
+                builder.bitcast(words, ir.VectorType(I8, 16)), V16I16
+            )  # scales 0-7, mins 8-15
+            dots = ir.Constant(V8I32, [0] * 8)
+            for g in range(4):
+                codes = r.load(0, _add(builder, o, 16 + 32 * g), V32I8)
+                for half, nib in (
+                    (0, builder.and_(codes, op.const8(15))),
+                    (1, builder.lshr(codes, op.const8(4))),
+                ):
+                    xo = _add(builder, builder.mul(blk, ir.Constant(blk.type, 256)), 64 * g + 32 * half)
+                    pairs = builder.call(op.maddubs, [nib, r.load(1, xo, V32I8)])
+                    scale = _splat_lane16(builder, both, 2 * g + half)
+                    dots = builder.add(dots, builder.call(op.maddwd, [pairs, scale]))
+            mins = builder.shuffle_vector(
+                both, ir.Constant(V16I16, None), ir.Constant(ir.VectorType(I32, 8), list(range(8, 16)))
+            )
+            sums = r.load(3, builder.mul(blk, ir.Constant(blk.type, 8)), V8I32)
+            min_lanes = builder.mul(builder.zext(mins, V8I32), sums)
+            xdb = r.load(2, blk, F32, 4)
+            r.scaled_add(acc, dots, builder.fmul(r.half(0, o), xdb))
+            r.scaled_add(acc, min_lanes, builder.fmul(r.half(0, _add(builder, o, 2)), xdb), sub=True)
+        return r.total(acc)
+
+    return types.float32(b, xq, xd, xs, n, m), codegen
+
+
+@intrinsic
+def q6_k_row(typingctx, b, xq, xd, n, m):
+    """Row n of a Q6_K weight b [N, K/256·210] · row m of x as Q8_K (codes xq [M, K], scales xd [M, K/256]) ->
+    float32. Per
+    block the 6-bit codes rebuilt from their nibbles and 2-bit parts (as `q6_k_dot256`), (q − 32)·x in int16
+    pairs, weighted by the int8 scales of their 16 values in eight int32 lanes, scaled by d·d_x into the float
+    lanes."""
+
+    def codegen(context, builder, sig, args):
+        r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
+        op, acc = r.op, r.new_acc()
+        with r.loop(r.length(2)) as loop:
+            blk = loop.index
+            o = builder.mul(blk, ir.Constant(blk.type, 210))
+            x0 = builder.mul(blk, ir.Constant(blk.type, 256))
+            scales = builder.sext(r.load(0, _add(builder, o, 192), ir.VectorType(I8, 16)), V16I16)
+            dots = ir.Constant(V8I32, [0] * 8)
+            for h in range(2):
+                low = [r.load(0, _add(builder, o, 64 * h + 32 * k), V32I8) for k in range(2)]
+                high = r.load(0, _add(builder, o, 128 + 32 * h), V32I8)
+                for run in range(4):
+                    nib = low[run % 2] if run < 2 else builder.lshr(low[run % 2], op.const8(4))
+                    nib = builder.and_(nib, op.const8(15))
+                    top = builder.and_(builder.lshr(high, op.const8(2 * run)), op.const8(3))
+                    q = builder.or_(nib, builder.shl(top, op.const8(4)))  # 0..63
+                    x = r.load(1, _add(builder, x0, 128 * h + 32 * run), V32I8)
+                    pairs = builder.sub(
+                        builder.call(op.maddubs, [q, x]), builder.call(op.maddubs, [op.const8(32), x])
+                    )
+                    s = 8 * h + 2 * run  # values 0-15 take scale s, 16-31 scale s + 1
+                    sc = builder.shuffle_vector(
+                        scales,
+                        ir.Constant(V16I16, None),
+                        ir.Constant(ir.VectorType(I32, 16), [s] * 8 + [s + 1] * 8),
+                    )
+                    dots = builder.add(dots, builder.call(op.maddwd, [pairs, sc]))
+            r.scaled_add(acc, dots, builder.fmul(r.half(0, _add(builder, o, 208)), r.load(2, blk, F32, 4)))
+        return r.total(acc)
+
+    return types.float32(b, xq, xd, n, m), codegen

@@ -19,10 +19,15 @@ Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot prod
 - "int8" (the default; llama.cpp's): x is first quantized to int8 blocks itself — Q8_0 (32 values, scale
   amax/127) for q8_0 weights, Q8_K (256 values, scale max/−127, float32) for the k-quants — and the inner loops
   multiply integers, int8 × int8 (or × nibble) summed in int32, exact; the scales multiply once per block. The
-  activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. On
-  CPUs with AVX2 the block sums run on `vpmaddubsw`/`vpmaddwd` (avx2.py, 32 products an instruction); elsewhere
-  on plain loops LLVM vectorises. One thread, a [3072, 1024] weight: 4-14 G weights/s with AVX2 against the
-  loops' 2.6-4.2 (q8_0 3.4x, q4_k 1.5x, q6_k 3.1x; AMD EPYC, a busy machine, so ±50 % between runs).
+  activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. The
+  dense GEMV keeps eight float32 lanes across a row's blocks (see "the dense GEMV's row dots" below); on CPUs with
+  AVX2 the row runs in avx2.py's row intrinsics (`vpmaddubsw`/`vpmaddwd`, 32 products an instruction, the block
+  loop in IR), elsewhere in plain loops that give the same bits. x is quantized once per call, inside the parallel
+  kernel, for all the weights of the call (q, k, v; gate and up). The row dots take the whole weight and a row
+  number, never a row view (see avx2._Row). One thread, against the earlier kernels that returned one int32 per
+  block (a horizontal add and a scalar multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x,
+  q4_k 2.1x, q6_k 1.8-2.1x,
+  the 151936-row lm_head 1.5x; AMD EPYC, a busy machine; `benchmarks/profile_quant_step.py` times a whole step).
 - "float": the codes are widened to float32 in registers and multiplied with x as it is (only float32 rounding).
   LLVM did not vectorise these loops well here: 1.2-4x slower than "int8" in the benchmark, so "int8" is the
   default and "float" stays as the comparison (and the exact-float32 option).
@@ -254,6 +259,7 @@ def _dot_q6_k_int_loops(
     return acc
 
 
+# (The MoE kernels take these block dots; the dense GEMV, the row dots further down.)
 # The same three on AVX2 (backends/numba/avx2.py: 32 int8 products per instruction, as llama.cpp's kernels): the
 # integer sums are exact either way, so both give the same floats; the loops stay for CPUs without AVX2.
 
@@ -307,6 +313,107 @@ else:
         _dot_q4_k_int_loops,
         _dot_q6_k_int_loops,
     )
+
+
+# ---- one row's dot product, the dense GEMV's: the block loop with eight float lanes ----------------------------
+
+# The block dots above hand back one int32 per block, scaled and added as a scalar: a horizontal add and a scalar
+# multiply-add per block (Q8_0: 32 a row of 1024). The dense GEMV instead keeps eight float32 lanes across the row
+# (avx2.py's row intrinsics, the loop in IR): lane i gathers, per block, the integer products of values 4i..4i+3 of
+# each run of 32 (weighted by their sub-block scales), converted once and scaled by d·d_x (Q4_K: minus the mins'
+# term of sub-block i, dmin·d_x·m_i·Σx_i); the lanes are summed in order at the end. The loops below do the same
+# operations on the same lanes without fast-math, so the two give equal bits (tested); they run where the CPU has
+# no AVX2. A row's value differs from the block dots' only in float32 rounding (the order of the scaled sums).
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _lanes_total(acc):  # ((0 + acc[0]) + acc[1]) + ... : the row intrinsics' ordered sum
+    t = np.float32(0.0)
+    for i in range(8):
+        t += acc[i]
+    return t
+
+
+@njit(cache=True, error_model="numpy")
+def _row_q8_0_loops(w, w8, n, a, ad, m, acc):  # row n of w [N, bytes] (and as int8) · row m of x's Q8_0 codes
+    # a [M, K] and scales ad [M, K/32]; acc [8] scratch
+    b, i8, xq, xd = w[n], w8[n], a[m], ad[m]
+    acc[:] = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 34
+        scale = _half(b, o) * xd[blk]
+        for i in range(8):
+            s = np.int32(0)
+            for j in range(4 * i, 4 * i + 4):
+                s += np.int32(i8[o + 2 + j]) * np.int32(xq[blk * 32 + j])
+            acc[i] = acc[i] + np.float32(s) * scale
+    return _lanes_total(acc)
+
+
+@njit(cache=True, error_model="numpy")
+def _row_q4_k_loops(w, n, a, ad, asum, m, acc):  # row n of w · row m of x's Q8_K codes, scales, sums of 32
+    b, xq, xd, xs = w[n], a[m], ad[m], asum[m]
+    acc[:] = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 144
+        dd, dm = _half(b, o) * xd[blk], _half(b, o + 2) * xd[blk]
+        for i in range(8):
+            dots = np.int32(0)
+            for s in range(8):  # sub-block s: byte l of group s // 2, its low (s even) or high nibble
+                sc, _ = _scale_min_k4(b, o + 4, s)
+                q, y = o + 16 + 32 * (s // 2), blk * 256 + 32 * s
+                t = np.int32(0)
+                for j in range(4 * i, 4 * i + 4):
+                    code = b[q + j] & 15 if s % 2 == 0 else b[q + j] >> 4
+                    t += np.int32(code) * np.int32(xq[y + j])
+                dots += sc * t
+            _, m = _scale_min_k4(b, o + 4, i)
+            acc[i] = acc[i] + np.float32(dots) * dd
+            acc[i] = acc[i] - np.float32(m * xs[blk * 8 + i]) * dm
+    return _lanes_total(acc)
+
+
+@njit(cache=True, error_model="numpy")
+def _row_q6_k_loops(w, w8, n, a, ad, m, acc):  # row n of w (and as int8) · row m of x's Q8_K codes and scales
+    b, i8, xq, xd = w[n], w8[n], a[m], ad[m]
+    acc[:] = np.float32(0.0)
+    for blk in range(xd.shape[0]):
+        o = blk * 210
+        dd = _half(b, o + 208) * xd[blk]
+        for i in range(8):
+            total = np.int32(0)
+            for h in range(2):
+                for run in range(4):  # run r of 32: the nibble r // 2 of ql[32·(r % 2) + l], bits 2r of qh[l]
+                    t = np.int32(0)
+                    for j in range(4 * i, 4 * i + 4):
+                        lo = np.int32(b[o + 64 * h + 32 * (run % 2) + j])
+                        nib = lo & 15 if run < 2 else lo >> 4
+                        top = (np.int32(b[o + 128 + 32 * h + j]) >> (2 * run)) & 3
+                        t += ((nib | (top << 4)) - 32) * np.int32(xq[blk * 256 + 128 * h + 32 * run + j])
+                    total += np.int32(i8[o + 192 + 8 * h + 2 * run + i // 4]) * t
+            acc[i] = acc[i] + np.float32(total) * dd
+    return _lanes_total(acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q8_0_avx2(w, w8, n, a, ad, m, acc):
+    return avx2.q8_0_row(w, a, ad, n, m)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q4_k_avx2(w, n, a, ad, asum, m, acc):
+    return avx2.q4_k_row(w, a, ad, asum, n, m)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q6_k_avx2(w, w8, n, a, ad, m, acc):
+    return avx2.q6_k_row(w, a, ad, n, m)
+
+
+if avx2.HAS_AVX2:
+    _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_avx2, _row_q4_k_avx2, _row_q6_k_avx2
+else:
+    _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_loops, _row_q4_k_loops, _row_q6_k_loops
 
 
 # ---- one row's dot product: "float" (codes widened in registers, x as it is) ----------------------------------
@@ -409,15 +516,100 @@ def _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, lo, hi):  # rows lo.
             )
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _row(kind, w, w8, n, acts, m, acc):  # row n of w [N, bytes] · row m of x (its int8 forms), lane-kept
+    a0q, a0d, akq, akd, aks = acts
+    if kind == Q8_0:
+        return _row_q8_0(w, w8, n, a0q, a0d, m, acc)
+    if kind == Q4_K:
+        return _row_q4_k(w, n, akq, akd, aks, m, acc)
+    return _row_q6_k(w, w8, n, akq, akd, m, acc)
+
+
+@njit(cache=True, error_model="numpy")
+def _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, lo, hi):  # the same, "int8": the lane-kept row dots
+    # (no fast-math here: the row dots' float order is fixed, see above). Whole arrays and row numbers go to the
+    # row dots, no row views: see avx2._Row
+    M = acts[0].shape[0]
+    acc = np.empty(8, np.float32)  # the plain loops' lanes
+    for i in range(len(ws)):
+        r0, r1 = max(lo, starts[i]), min(hi, starts[i + 1])
+        if r0 >= r1:
+            continue
+        w, w8, out, kind = ws[i], ws8[i], outs[i], kinds[i]
+        for r in range(r0, r1):
+            for m in range(M):
+                out[m, r - starts[i]] = _row(kind, w, w8, r - starts[i], acts, m, acc)
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_acts(x, need0, needk):  # x [M, K] -> (Q8_0 codes, scales, Q8_K codes, scales, sums), as needed
+    M, K = x.shape
+    a0q = np.empty((M, K if need0 else 0), np.int8)
+    a0d = np.empty((M, K // 32 if need0 else 0), np.float32)
+    akq = np.empty((M, K if needk else 0), np.int8)
+    akd = np.empty((M, K // 256 if needk else 0), np.float32)
+    aks = np.empty((M, K // 32 if needk else 0), np.int32)
+    if need0:
+        quantize_q8_0_rows(x, a0q, a0d)
+    if needk:
+        quantize_q8_k_rows(x, akq, akd, aks)
+    return a0q, a0d, akq, akd, aks
+
+
+@njit(parallel=True, cache=True)
+def _gemv_many_int(kinds, ws, ws8, outs, starts, x, need0, needk, chunks):
+    # "int8" in one call: x quantized once (serially, on the calling thread) for all n weights, then their rows as
+    # one row space over the threads, as _gemv_many
+    acts = _quantize_acts(x, need0, needk)
+    total = starts[-1]
+    chunks = min(total, chunks)
+    size = (total + chunks - 1) // chunks
+    for c in prange(chunks):
+        _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+
+
+@njit(cache=True, error_model="numpy")
+def _gate_up_rows_int(kg, g, g8, ku, u, u8, acts, h, lo, hi):  # hidden units lo..hi: h = silu(x·g)·(x·u)
+    acc = np.empty(8, np.float32)
+    for f in range(lo, hi):
+        for m in range(h.shape[0]):
+            h[m, f] = _silu(_row(kg, g, g8, f, acts, m, acc)) * _row(ku, u, u8, f, acts, m, acc)
+
+
+@njit(parallel=True, cache=True)
+def _swiglu_int(kinds, g, g8, u, u8, d, d8, x, need, h, out, starts, chunks):
+    # decode's whole quantized SwiGLU in one call (as linear.py's _swiglu_bf16): x quantized, gate and up with
+    # SiLU·mul over the threads into h [M, F], h quantized, down over the threads into out [M, K]. kinds: (gate,
+    # up, down); need: (Q8_0 for x, Q8_K for x, Q8_0 for h, Q8_K for h)
+    acts = _quantize_acts(x, need[0], need[1])
+    F = h.shape[1]
+    c1 = min(F, chunks)
+    size = (F + c1 - 1) // c1
+    for c in prange(c1):
+        _gate_up_rows_int(kinds[0], g, g8, kinds[1], u, u8, acts, h, c * size, min(F, (c + 1) * size))
+    acts_h = _quantize_acts(h, need[2], need[3])
+    total = d.shape[0]
+    c2 = min(total, chunks)
+    size2 = (total + c2 - 1) // c2
+    for c in prange(c2):
+        _gemv_rows_int(kinds[2:], (d,), (d8,), (out,), starts, acts_h, c * size2, min(total, (c + 1) * size2))
+
+
 @njit(parallel=True, cache=True)
 def _gemv_many(use_int, kinds, ws, ws8, outs, starts, acts, chunks):
     # n weights' rows as one row space (starts: cumulative row counts), split into chunks over the threads: one
-    # parallel launch for q, k and v (or gate and up) together, as the bf16 GEMV in linear.py
+    # parallel launch for q, k and v (or gate and up) together, as the bf16 GEMV in linear.py ("float"; the MoE
+    # kernels' acts)
     total = starts[-1]
     chunks = min(total, chunks)
     size = (total + chunks - 1) // chunks
     for c in prange(chunks):
         _gemv_rows(use_int, kinds, ws, ws8, outs, starts, acts, c * size, min(total, (c + 1) * size))
+
+
+def _needs(kinds) -> tuple[bool, bool]:  # which int8 forms of x weights of these formats read: (Q8_0, Q8_K)
+    return Q8_0 in kinds, Q4_K in kinds or Q6_K in kinds
 
 
 def activations(x2: np.ndarray, kinds, use_int: bool) -> tuple:
@@ -446,11 +638,37 @@ def gemv(x2: np.ndarray, ws: tuple, use_int: bool, chunks: int, starts: np.ndarr
     # [M, K] f32, n quantized weights (QuantWeight) -> n x [M, N_i] f32, in one parallel launch
     kinds = np.array([w.kind for w in ws], np.int64)
     outs = tuple(np.empty((x2.shape[0], w.shape[0]), np.float32) for w in ws)
+    data, data8 = tuple(w.data for w in ws), tuple(w.data8 for w in ws)
+    if use_int:  # the activation quantized inside the call
+        _gemv_many_int(kinds, data, data8, outs, starts, x2, *_needs(set(kinds.tolist())), chunks)
+        return outs
     acts = activations(x2, set(kinds.tolist()), use_int)
-    _gemv_many(
-        use_int, kinds, tuple(w.data for w in ws), tuple(w.data8 for w in ws), outs, starts, acts, chunks
-    )
+    _gemv_many(use_int, kinds, data, data8, outs, starts, acts, chunks)
     return outs
+
+
+def swiglu_int(x2: np.ndarray, gate, up, down, chunks: int, starts: np.ndarray) -> np.ndarray:
+    # [M, K] f32, QuantWeight [F, K] x2 and [K, F] -> [M, K] f32: decode's SwiGLU, "int8", in one call
+    kinds = np.array([gate.kind, up.kind, down.kind], np.int64)
+    need = np.array([*_needs({gate.kind, up.kind}), *_needs({down.kind})])
+    h = np.empty((x2.shape[0], gate.shape[0]), np.float32)
+    out = np.empty((x2.shape[0], down.shape[0]), np.float32)
+    _swiglu_int(
+        kinds,
+        gate.data,
+        gate.data8,
+        up.data,
+        up.data8,
+        down.data,
+        down.data8,
+        x2,
+        need,
+        h,
+        out,
+        starts,
+        chunks,
+    )
+    return out
 
 
 # ---- MoE decode: every (token, expert) pair of a step in one launch ------------------------------------------
