@@ -74,7 +74,7 @@ def backend(matmul_precision: str = "highest", quant_gemv: str = "int8") -> Back
         swiglu=partial(linear.swiglu, **flags),
         moe_block=partial(moe.moe_block, **flags),
         embed=embed,
-        decode_layer=partial(decode_layer.decode_layer, bf16_inputs=flags["bf16_inputs"]),
+        decode_layer=partial(decode_layer.decode_layer, **flags),
         prepare=prepare,
         to_numpy=np.asarray,
         options=options,
