@@ -391,3 +391,57 @@ def test_fused_quant_swiglu_equals_its_parts(m, monkeypatch):
     gv, uv = linear.linears(x, (g, u), quant_gemv="int8")
     want = linear.linear(linear._silu_mul(gv, uv), d, quant_gemv="int8")
     assert got.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
+def test_fused_quantized_decode_layer_is_bit_identical_to_kernel_by_kernel(tiny_gguf, target):
+    # decode steps through the one-call quantized layer ("int8") and kernel by kernel: the same activation
+    # quantizations and row dots in the same order, so the logits and the cache contents are equal bit for bit.
+    # q4_k_m mixes formats within a layer (q4_k and q6_k), so the kernel's per-matrix dispatch is exercised too
+    from dataclasses import replace
+
+    import tinyqwen
+
+    fused = tinyqwen.load_model(tiny_gguf[target], backend="numba")
+    kinds = {
+        w.qtype
+        for layer in fused.weights.layers
+        for w in vars(layer.attn).values()
+        if isinstance(w, QuantWeight)
+    }
+    kinds |= {
+        w.qtype
+        for layer in fused.weights.layers
+        for w in vars(layer.mlp).values()
+        if isinstance(w, QuantWeight)
+    }
+    assert kinds == ({"q8_0"} if target == "q8_0" else {"q4_k", "q6_k"})
+    plain = replace(fused, backend=replace(fused.backend, decode_layer=None))
+    calls = []
+    layer_fn = fused.backend.decode_layer
+    fused.backend = replace(fused.backend, decode_layer=lambda *a: calls.append(layer_fn(*a)) or calls[-1])
+    ids = np.array([[3, 1, 4, 1, 5]])
+    logits, caches = {}, {}
+    for name, model in (("fused", fused), ("plain", plain)):
+        cache = model.new_cache(1, 12)
+        steps = [model.forward(ids, cache=cache, last_only=True).logits]
+        for _ in range(4):
+            nxt = steps[-1][:, -1].argmax(-1)[:, None]
+            steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
+        logits[name], caches[name] = np.stack(steps), cache
+    layers = fused.config.num_hidden_layers
+    assert sum(c is not None for c in calls) == 4 * layers  # every decode step's layers took the fused path
+    assert np.array_equal(logits["fused"], logits["plain"])
+    f, p = caches["fused"], caches["plain"]
+    for a, b in zip(f.keys + f.values, p.keys + p.values, strict=True):
+        assert np.array_equal(a, b)
+    # "float" mode: kernel by kernel (None)
+    from tinyqwen.backends.numba import backend as numba_backend
+
+    float_fn = numba_backend(quant_gemv="float").decode_layer
+    c, layer = fused.config, fused.weights.layers[0]
+    x = np.zeros((1, 1, c.hidden_size), np.float32)
+    cos = sin = np.ones((1, 1, c.head_dim), np.float32)
+    cache = fused.new_cache(1, 4)
+    assert float_fn(x, layer, cos, sin, np.ones((1, 1, 1), bool), cache, 0, c) is None
+    assert layer_fn(x, layer, cos, sin, np.ones((1, 1, 1), bool), cache, 0, c).shape == x.shape

@@ -16,7 +16,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
                   longer queries (prefill): blocks of query rows, each block's scores over only the keys its mask
                   allows (causal: half the work) by BLAS, with a fused mask + softmax in between
     decode_layer.py  a decode step's whole layer (norms, GEMVs, QK-Norm, RoPE, cache write, attention, SwiGLU) as
-                  one call: one trip from Python per layer instead of ~11
+                  one call: one trip from Python per layer instead of ~11 (bf16 weights, or quantized ones
+                  in the "int8" mode)
     moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
                   pairs, prefill groups the tokens by expert (each expert's weights read once per call)
     quant.py      GGUF's quantized weights (q8_0, q4_k, q6_k) kept in their blocks: decode's GEMVs take integer
@@ -74,7 +75,7 @@ def backend(matmul_precision: str = "highest", quant_gemv: str = "int8") -> Back
         swiglu=partial(linear.swiglu, **flags),
         moe_block=partial(moe.moe_block, **flags),
         embed=embed,
-        decode_layer=partial(decode_layer.decode_layer, bf16_inputs=flags["bf16_inputs"]),
+        decode_layer=partial(decode_layer.decode_layer, **flags),
         prepare=prepare,
         to_numpy=np.asarray,
         options=options,

@@ -16,9 +16,16 @@ the same order, so the results are bit-identical to it (the tests check this).
 
 `decode_layer` returns None where it does not apply — a prompt (T > 1), a batch of rows (B > 1: linear.py's
 multi-row kernels read each weight row once for all of them), no cache or a ragged one, a float16
-cache, an MoE layer, a weight that is not bf16, matmul_precision "medium" — and the model then runs the layer
-kernel by kernel. Quantized weights would take the same shape: the same function with quant.py's row kernels in
-place of `_gemv_rows_bf16` / `_gate_up_rows_bf16` (a second jitted layer function, chosen here by weight type).
+cache, an MoE layer, weights neither all bf16 nor all quantized, quantized weights in the "float" quant_gemv mode,
+matmul_precision "medium" — and the model then runs the layer kernel by kernel.
+
+Quantized weights (GGUF's q8_0, q4_k, q6_k; Q4_K_M mixes q4_k and q6_k within a layer) take a second layer
+function, `_layer_quant`, of the same shape for the "int8" mode: the activation quantized on the calling thread
+four times (once for q/k/v, once for o_proj, once for gate/up, once for SiLU·mul's output before down), and
+quant.py's row dots (`_gemv_rows_int`: avx2.py's row intrinsics, or their plain loops without AVX2) over the
+threads. The weights' formats arrive as a number per matrix and the row dot dispatches on it, so one compiled
+function serves every mix. It runs the kernel-by-kernel int8 path's steps — quant.gemv's quantization and row
+dots, linear.py's `_silu_mul` — in its order, so the results are bit-identical to it (tests/test_numba_quant.py).
 """
 
 from __future__ import annotations
@@ -29,9 +36,10 @@ from numba import njit, prange, types
 
 from tinyqwen.backends.numba.attention import _attend_group
 from tinyqwen.backends.numba.intrinsics import _to_bf16
-from tinyqwen.backends.numba.linear import _chunks, _gate_up_rows_bf16, _gemv_rows_bf16, _starts
+from tinyqwen.backends.numba.linear import _chunks, _gate_up_rows_bf16, _gemv_rows_bf16, _silu_mul, _starts
 from tinyqwen.backends.numba.norm_rope import _rms_norm
-from tinyqwen.backends.numba.weights import BF16Weight
+from tinyqwen.backends.numba.quant import _gemv_rows_int, _needs, _quantize_acts
+from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 
 
 def _encode(cache, value):  # one float32 value -> what `cache` stores (compiled by the overload below)
@@ -142,7 +150,117 @@ def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos
     return out
 
 
-def decode_layer(x, layer, cos, sin, mask, cache, i: int, config, bf16_inputs: bool = False):
+@njit(parallel=True, cache=True)
+def _layer_quant(x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8, wd, wd8, kinds, need,
+                 cos, sin, kc, vc, mask, pos, eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_gu,
+                 starts_d, chunks):  # fmt: skip
+    # x [M, H] f32 -> [M, H]: _layer_bf16 with quantized weights, "int8". wqkv/wqkv8: (q, k, v) as uint8 / int8
+    # block bytes [N, bytes]; wgu/wgu8: (gate, up); wo, wd: 1-tuples. kinds [7]: the block formats of q, k, v, o,
+    # gate, up, down; need [8]: (Q8_0, Q8_K) forms of the activation for q/k/v, o, gate/up, down (quant._needs)
+    M, H = x.shape
+    Hkv = kc.shape[1]
+    h = np.empty_like(x)
+    _rms_norm(x, in_norm, eps, h)
+    q = np.empty((M, wqkv[0].shape[0]), np.float32)
+    k = np.empty((M, wqkv[1].shape[0]), np.float32)
+    v = np.empty((M, wqkv[2].shape[0]), np.float32)
+    acts = _quantize_acts(h, need[0], need[1])
+    total = starts_qkv[-1]
+    c1 = min(total, chunks)
+    size = (total + c1 - 1) // c1
+    for c in prange(c1):
+        _gemv_rows_int(
+            kinds[0:3], wqkv, wqkv8, (q, k, v), starts_qkv, acts, c * size, min(total, (c + 1) * size)
+        )
+    qr = np.empty((M, heads, head_dim), np.float32)
+    qn = np.empty((heads, head_dim), np.float32)
+    kn = np.empty((Hkv, head_dim), np.float32)
+    kr = np.empty((Hkv, head_dim), np.float32)
+    _qk_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, pos, qr, qn, kn, kr)
+    att = np.empty((M, heads, head_dim), np.float32)
+    for bh in prange(M * Hkv):
+        _attend_group(qr, kc, vc, mask, att, bh // Hkv, bh % Hkv, pos + 1)
+    att2 = att.reshape((M, heads * head_dim))
+    acts_a = _quantize_acts(att2, need[2], need[3])
+    o = np.empty((M, H), np.float32)
+    c2 = min(H, chunks)
+    size2 = (H + c2 - 1) // c2
+    for c in prange(c2):
+        _gemv_rows_int(kinds[3:4], wo, wo8, (o,), starts_o, acts_a, c * size2, min(H, (c + 1) * size2))
+    x1 = np.empty_like(x)
+    _add(x, o, x1)
+    _rms_norm(x1, post_norm, eps, h)
+    F = wgu[0].shape[0]
+    g = np.empty((M, F), np.float32)
+    u = np.empty((M, F), np.float32)
+    acts_h = _quantize_acts(h, need[4], need[5])
+    total3 = starts_gu[-1]
+    c3 = min(total3, chunks)
+    size3 = (total3 + c3 - 1) // c3
+    for c in prange(c3):
+        _gemv_rows_int(
+            kinds[4:6], wgu, wgu8, (g, u), starts_gu, acts_h, c * size3, min(total3, (c + 1) * size3)
+        )
+    acts_f = _quantize_acts(_silu_mul(g, u), need[6], need[7])
+    o2 = np.empty((M, H), np.float32)
+    for c in prange(c2):
+        _gemv_rows_int(kinds[6:7], wd, wd8, (o2,), starts_d, acts_f, c * size2, min(H, (c + 1) * size2))
+    out = np.empty_like(x)
+    _add(x1, o2, out)
+    return out
+
+
+def _quant_layer(x2, layer, cos, sin, mask, kc, vc, pos, config, weights):
+    # [1, H] -> [1, H] through _layer_quant (the checks done by decode_layer)
+    a = layer.attn
+    wq, wk, wv, wo, wg, wu, wd = weights
+    kinds = np.array([w.kind for w in weights], np.int64)
+    need = np.array(
+        [
+            *_needs({wq.kind, wk.kind, wv.kind}),
+            *_needs({wo.kind}),
+            *_needs({wg.kind, wu.kind}),
+            *_needs({wd.kind}),
+        ]
+    )
+    f32 = np.float32
+    return _layer_quant(
+        x2,
+        np.asarray(layer.input_norm, f32),
+        (wq.data, wk.data, wv.data),
+        (wq.data8, wk.data8, wv.data8),
+        np.asarray(a.q_norm, f32),
+        np.asarray(a.k_norm, f32),
+        (wo.data,),
+        (wo.data8,),
+        np.asarray(layer.post_attention_norm, f32),
+        (wg.data, wu.data),
+        (wg.data8, wu.data8),
+        (wd.data,),
+        (wd.data8,),
+        kinds,
+        need,
+        cos,
+        sin,
+        kc,
+        vc,
+        mask,
+        pos,
+        f32(config.rms_norm_eps),
+        config.qk_norm,
+        config.num_attention_heads,
+        config.head_dim,
+        _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
+        _starts((wo.shape[0],)),
+        _starts((wg.shape[0], wu.shape[0])),
+        _starts((wd.shape[0],)),
+        _chunks(),
+    )
+
+
+def decode_layer(
+    x, layer, cos, sin, mask, cache, i: int, config, bf16_inputs: bool = False, quant_gemv: str = "int8"
+):
     # [B, 1, H] -> [B, 1, H], or None where this fused path does not apply (the model then runs the layer
     # kernel by kernel); the layer's k and v are written into `cache` at its length (the model advances it)
     B, T, H = x.shape
@@ -167,6 +285,22 @@ def decode_layer(x, layer, cos, sin, mask, cache, i: int, config, bf16_inputs: b
         return None
     a, f = layer.attn, layer.mlp
     weights = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, f.gate_proj, f.up_proj, f.down_proj)
+    if all(isinstance(w, QuantWeight) and w.ndim == 2 for w in weights):
+        if quant_gemv != "int8":  # "float": kernel by kernel
+            return None
+        B, H = x.shape[0], x.shape[2]
+        return _quant_layer(
+            np.ascontiguousarray(x.reshape(B, H), np.float32),
+            layer,
+            np.ascontiguousarray(cos[:, 0]),
+            np.ascontiguousarray(sin[:, 0]),
+            np.ascontiguousarray(mask[:, 0]),
+            kc,
+            vc,
+            cache.length,
+            config,
+            weights,
+        ).reshape(B, 1, H)
     if not all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in weights):
         return None
     if len({w.bits.flags.writeable for w in weights[:3]}) != 1:  # one Numba type for the (q, k, v) tuple
