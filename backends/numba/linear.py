@@ -44,6 +44,9 @@ WIDEN_BLOCK_BYTES = 16 << 20
 # file is the bar); a 16 MiB scratch was 2.5 % of a 0.6B q8_0 file on its own, and a prompt's [M, 1024] product
 # with 1024 dequantized rows still keeps BLAS busy
 QUANT_WIDEN_BLOCK_BYTES = 4 << 20
+# prefill's dequantization of a block of quantized rows over the threads (quant.dequantize_rows_parallel);
+# False: on one thread (quant.dequantize_rows) while BLAS's threads wait
+PARALLEL_QUANT_WIDEN = True
 
 
 # Every parallel kernel below only splits rows into chunks over the threads; the loops that stream the weights
@@ -309,7 +312,10 @@ def _quant_linear(x2: np.ndarray, w: QuantWeight, quant_gemv: str) -> np.ndarray
     scratch = np.empty((block, K), np.float32)
     for start in range(0, N, block):
         stop = min(N, start + block)
-        quant.dequantize_rows(w.kind, w.data, w.data8, np.arange(start, stop), scratch[: stop - start])
+        if PARALLEL_QUANT_WIDEN:
+            quant.dequantize_rows_parallel(w.kind, w.data, w.data8, start, scratch[: stop - start])
+        else:
+            quant.dequantize_rows(w.kind, w.data, w.data8, np.arange(start, stop), scratch[: stop - start])
         out[:, start:stop] = x2 @ scratch[: stop - start].T
     return out
 

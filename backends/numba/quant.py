@@ -129,6 +129,19 @@ def dequantize_rows(
         _dequantize_row(kind, b[rows[r]], i8[rows[r]], out[r])
 
 
+@njit(parallel=True, cache=True)
+def dequantize_rows_parallel(
+    kind, b, i8, start, out
+):  # rows start.. of [N, bytes] -> out [R, K] f32, threaded
+    for r in prange(out.shape[0]):  # whole arrays and row numbers in the loop: no views shared by the threads
+        _dequantize_row_at(kind, b, i8, start + r, out, r)
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _dequantize_row_at(kind, b, i8, n, out, r):  # row n of b -> row r of out (one row view each, per row)
+    _dequantize_row(kind, b[n], i8[n], out[r])
+
+
 # ---- the activation's int8 blocks (llama.cpp's quantize_row_q8_0 / quantize_row_q8_K) --------------------------
 
 
