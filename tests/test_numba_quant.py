@@ -98,6 +98,11 @@ def test_dequantize_rows_is_bit_exact(qtype):
     out = w.rows(rows)
     assert out.tobytes() == exact[rows].tobytes()
     assert np.asarray(w).tobytes() == exact.tobytes()
+    threaded = np.empty(
+        (4, 512), np.float32
+    )  # prefill's widening over the threads (rows 2..5): the same bits
+    quant.dequantize_rows_parallel(w.kind, w.data, w.data8, 2, threaded)
+    assert threaded.tobytes() == exact[2:6].tobytes()
 
 
 @pytest.mark.parametrize("qtype", QTYPES)

@@ -44,6 +44,11 @@ WIDEN_BLOCK_BYTES = 16 << 20
 # file is the bar); a 16 MiB scratch was 2.5 % of a 0.6B q8_0 file on its own, and a prompt's [M, 1024] product
 # with 1024 dequantized rows still keeps BLAS busy
 QUANT_WIDEN_BLOCK_BYTES = 4 << 20
+# prefill's dequantization of a block of quantized rows over the threads (quant.dequantize_rows_parallel);
+# False: on one thread (quant.dequantize_rows). Off: the widening is a small part of the time (0.03 s of a 6 s
+# MoE prefill) and over the threads it measured slower (Qwen3-30B-A3B's attn_output, 128 tokens: 0.33 s against
+# 0.13 s, OpenBLAS's threads spinning beside numba's; 2 cores, a busy machine)
+PARALLEL_QUANT_WIDEN = False
 
 
 # Every parallel kernel below only splits rows into chunks over the threads; the loops that stream the weights
@@ -298,7 +303,53 @@ def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contigu
     return np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
 
 
+# prefill's sgemm on dequantized blocks with this many OpenBLAS threads (None: as the process has it). Its threads
+# and numba's share the cores: between the numba kernels of a layer, OpenBLAS's threads spin-wait and the next
+# sgemm waits for numba's, so a 2-layer Qwen3-30B-A3B-shaped Q4_K_M took 6.4 s for a 128-token prompt with
+# OpenBLAS's 2 threads, 1.7 s with 1 (its attention projections 4.3 s and 0.37 s; 2 cores, a busy machine)
+QUANT_PREFILL_BLAS_THREADS: int | None = 1
+
+
+@cache
+def _openblas_threads():  # (get, set) of the OpenBLAS NumPy loaded, or None: found by name in the process's maps
+    import ctypes
+    from pathlib import Path
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for lib in sorted({line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}):
+        handle = ctypes.CDLL(lib)
+        for prefix in ("scipy_openblas_", "openblas_"):
+            for suffix in ("64_", ""):
+                setter = getattr(handle, f"{prefix}set_num_threads{suffix}", None)
+                getter = getattr(handle, f"{prefix}get_num_threads{suffix}", None)
+                if setter is not None and getter is not None:
+                    return getter, setter
+    return None
+
+
 def _quant_linear(x2: np.ndarray, w: QuantWeight, quant_gemv: str) -> np.ndarray:  # [M, K], [N, K] -> [M, N]
+    N, K = w.shape
+    if (
+        x2.shape[0] <= QUANT_GEMV_MAX_ROWS
+        or QUANT_PREFILL_BLAS_THREADS is None
+        or _openblas_threads() is None
+    ):
+        return _quant_linear_blocks(x2, w, quant_gemv)
+    get, set_ = _openblas_threads()
+    before = int(get())
+    set_(int(QUANT_PREFILL_BLAS_THREADS))
+    try:
+        return _quant_linear_blocks(x2, w, quant_gemv)
+    finally:
+        set_(before)
+
+
+def _quant_linear_blocks(
+    x2: np.ndarray, w: QuantWeight, quant_gemv: str
+) -> np.ndarray:  # [M, K], [N, K] -> [M, N]
     N, K = w.shape
     M = x2.shape[0]
     if M <= QUANT_GEMV_MAX_ROWS:  # decode: the GEMV over the blocks
@@ -309,7 +360,10 @@ def _quant_linear(x2: np.ndarray, w: QuantWeight, quant_gemv: str) -> np.ndarray
     scratch = np.empty((block, K), np.float32)
     for start in range(0, N, block):
         stop = min(N, start + block)
-        quant.dequantize_rows(w.kind, w.data, w.data8, np.arange(start, stop), scratch[: stop - start])
+        if PARALLEL_QUANT_WIDEN:
+            quant.dequantize_rows_parallel(w.kind, w.data, w.data8, start, scratch[: stop - start])
+        else:
+            quant.dequantize_rows(w.kind, w.data, w.data8, np.arange(start, stop), scratch[: stop - start])
         out[:, start:stop] = x2 @ scratch[: stop - start].T
     return out
 

@@ -77,11 +77,31 @@ def _expert(w, e: int):  # one expert's [rows, cols] weight out of the stacked [
     return BF16Weight(w.bits[e]) if isinstance(w, BF16Weight) else w[e]
 
 
+# "int8" MoE on the dense GEMV's row dots (quant.moe_*_int: whole expert stacks and row numbers, eight float lanes
+# across a row); False: the block dots on row views (quant.moe_up / moe_down / the grouped pair), as before
+MOE_ROW_DOTS = True
+
+
+def _flat(
+    w,
+) -> tuple:  # a stacked [E, N, bytes] QuantWeight's bytes as one [E·N, bytes] matrix (views, no copy)
+    return w.data.reshape(-1, w.data.shape[-1]), w.data8.reshape(-1, w.data.shape[-1])
+
+
 def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
     # x [N, d] f32, routing [N, k], stacked quantized experts -> [N, d]: two launches for all (token, expert) pairs
     x2 = _rows(x)
     N, k = experts.shape
     h = np.empty((N * k, w_gate.shape[1]), np.float32)
+    if use_int and MOE_ROW_DOTS:  # the row dots; each pair's output, then the tokens' sums as prefill's
+        acts = quant.activations(x2, {w_gate.kind, w_up.kind}, True)[1:6]
+        quant.moe_up_int(w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, experts, h, _chunks())
+        y = np.empty((N * k, x2.shape[1]), np.float32)
+        acts = quant.activations(h, {w_down.kind}, True)[1:6]
+        quant.moe_down_int(w_down.kind, *_flat(w_down), acts, experts, y, _chunks())
+        out = np.empty(x2.shape, np.float32)
+        quant.moe_combine(y, weights.astype(np.float32), out)
+        return out
     acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
     quant.moe_up(
         use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, experts, h,
@@ -137,17 +157,29 @@ def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool)
         sub_groups = groups[few].astype(np.int64)
         per = max(1, _chunks() // len(few))  # row chunks per expert: enough work items for every thread
         h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
+        rows = use_int and MOE_ROW_DOTS  # the row dots on whole stacks (see _moe_decode_quant)
         acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
-        quant.moe_up_grouped(
-            use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
-            sub_groups, sub, sub_bounds, per, h,
-        )  # fmt: skip
+        if rows:
+            quant.moe_up_grouped_int(
+                w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts[1:6], k, sub_groups, sub,
+                sub_bounds, per, h,
+            )  # fmt: skip
+        else:
+            quant.moe_up_grouped(
+                use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
+                sub_groups, sub, sub_bounds, per, h,
+            )  # fmt: skip
         if many.any():
             h[np.setdiff1d(np.arange(N * k), sub)] = 0  # (pairs of the BLAS experts: quantized, never read)
         acts = quant.activations(h, {w_down.kind}, use_int)
-        quant.moe_down_grouped(
-            use_int, w_down.kind, w_down.data, w_down.data8, acts, sub_groups, sub, sub_bounds, per, y
-        )
+        if rows:
+            quant.moe_down_grouped_int(
+                w_down.kind, *_flat(w_down), acts[1:6], sub_groups, sub, sub_bounds, per, y
+            )
+        else:
+            quant.moe_down_grouped(
+                use_int, w_down.kind, w_down.data, w_down.data8, acts, sub_groups, sub, sub_bounds, per, y
+            )
     out = np.empty(x2.shape, np.float32)
     quant.moe_combine(y, weights.astype(np.float32), out)
     return out

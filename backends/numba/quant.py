@@ -129,6 +129,19 @@ def dequantize_rows(
         _dequantize_row(kind, b[rows[r]], i8[rows[r]], out[r])
 
 
+@njit(parallel=True, cache=True)
+def dequantize_rows_parallel(
+    kind, b, i8, start, out
+):  # rows start.. of [N, bytes] -> out [R, K] f32, threaded
+    for r in prange(out.shape[0]):  # whole arrays and row numbers in the loop: no views shared by the threads
+        _dequantize_row_at(kind, b, i8, start + r, out, r)
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _dequantize_row_at(kind, b, i8, n, out, r):  # row n of b -> row r of out (one row view each, per row)
+    _dequantize_row(kind, b[n], i8[n], out[r])
+
+
 # ---- the activation's int8 blocks (llama.cpp's quantize_row_q8_0 / quantize_row_q8_K) --------------------------
 
 
@@ -719,6 +732,111 @@ def moe_down(use_int, kd, w, w8, acts, experts, weights, out, chunks):  # w [E, 
     size = (d + rows - 1) // rows
     for c in prange(rows):
         _moe_down_rows(use_int, kd, w, w8, acts, experts, weights, out, c * size, min(d, (c + 1) * size))
+
+
+# ---- MoE, "int8", on the dense GEMV's row dots --------------------------------------------------------------
+# The kernels above call the block dots on row views (g[e, f]): each view costs atomic reference-count updates on
+# the weight's count, shared by the threads (the dense GEMV ran at 0.4x a plain loop that way, see avx2._Row), and
+# the block dots reduce every block to a scalar. These take the dense GEMV's row dots instead (eight float lanes
+# across the row), on the expert stack seen as one [E·F, bytes] matrix (a reshape, no copy) and a row number
+# e·F + f. Decode and prefill call the same row dot and both sum a token's experts in `moe_combine`, so the two
+# still give equal bits. The row dots round differently from the block dots (the order of the scaled sums).
+
+
+@njit(cache=True, error_model="numpy")
+def _moe_up_rows_int(kg, ku, g, g8, u, u8, F, acts, experts, h, p, lo, hi):  # hidden units lo..hi of pair p
+    k = experts.shape[1]
+    t, e = p // k, experts[p // k, p % k]
+    acc = np.empty(8, np.float32)  # (the plain loops' lanes)
+    for f in range(lo, hi):
+        r = e * F + f
+        h[p, f] = _silu(_row(kg, g, g8, r, acts, t, acc)) * _row(ku, u, u8, r, acts, t, acc)
+
+
+@njit(parallel=True, cache=True)
+def moe_up_int(kg, ku, g, g8, u, u8, acts, experts, h, chunks):
+    # acts: x's int8 forms (Q8_0 codes, scales, Q8_K codes, scales, sums); g/u [E·F, bytes] -> h [N·k, F]
+    P = experts.shape[0] * experts.shape[1]
+    F = h.shape[1]
+    per = min(F, max(1, chunks // P + 1))
+    size = (F + per - 1) // per
+    for job in prange(P * per):
+        p, c = job // per, job % per
+        _moe_up_rows_int(kg, ku, g, g8, u, u8, F, acts, experts, h, p, c * size, min(F, (c + 1) * size))
+
+
+@njit(cache=True, error_model="numpy")
+def _moe_down_rows_int(kd, w, w8, d, acts, experts, y, lo, hi):  # output features lo..hi of every pair
+    N, k = experts.shape
+    acc = np.empty(8, np.float32)
+    for i in range(lo, hi):
+        for p in range(N * k):
+            y[p, i] = _row(kd, w, w8, experts[p // k, p % k] * d + i, acts, p, acc)
+
+
+@njit(parallel=True, cache=True)
+def moe_down_int(kd, w, w8, acts, experts, y, chunks):  # acts of h [N·k, F]; w [E·d, bytes] -> y [N·k, d]
+    d = y.shape[1]
+    rows = min(d, chunks)
+    size = (d + rows - 1) // rows
+    for c in prange(rows):
+        _moe_down_rows_int(kd, w, w8, d, acts, experts, y, c * size, min(d, (c + 1) * size))
+
+
+@njit(cache=True, error_model="numpy")
+def _moe_up_group_int(kg, ku, g, g8, u, u8, F, acts, k, e, order, b0, b1, h, lo, hi):  # rows lo..hi of e
+    acc = np.empty(8, np.float32)
+    for f in range(lo, hi):  # each row once, dotted with every token that chose e while it sits in L1
+        r = e * F + f
+        for j in range(b0, b1):
+            p = order[j]
+            t = p // k
+            h[p, f] = _silu(_row(kg, g, g8, r, acts, t, acc)) * _row(ku, u, u8, r, acts, t, acc)
+
+
+@njit(parallel=True, cache=True)
+def moe_up_grouped_int(kg, ku, g, g8, u, u8, acts, k, groups, order, bounds, per, h):
+    # moe_up_grouped on the row dots: g/u [E·F, bytes] (no slices of order either: indices into it)
+    F = h.shape[1]
+    size = (F + per - 1) // per
+    for job in prange(groups.shape[0] * per):
+        j, c = job // per, job % per
+        _moe_up_group_int(
+            kg, ku, g, g8, u, u8, F, acts, k, groups[j], order, bounds[j], bounds[j + 1], h, c * size,
+            min(F, (c + 1) * size),
+        )  # fmt: skip
+
+
+@njit(cache=True, error_model="numpy")
+def _moe_down_group_int(kd, w, w8, d, acts, e, order, b0, b1, y, lo, hi):  # output features lo..hi of e
+    acc = np.empty(8, np.float32)
+    for i in range(lo, hi):
+        r = e * d + i
+        for j in range(b0, b1):
+            p = order[j]
+            y[p, i] = _row(kd, w, w8, r, acts, p, acc)
+
+
+@njit(parallel=True, cache=True)
+def moe_down_grouped_int(kd, w, w8, acts, groups, order, bounds, per, y):  # w [E·d, bytes] -> y [N·k, d]
+    d = y.shape[1]
+    size = (d + per - 1) // per
+    for job in prange(groups.shape[0] * per):
+        j, c = job // per, job % per
+        _moe_down_group_int(
+            kd,
+            w,
+            w8,
+            d,
+            acts,
+            groups[j],
+            order,
+            bounds[j],
+            bounds[j + 1],
+            y,
+            c * size,
+            min(d, (c + 1) * size),
+        )
 
 
 # ---- MoE prefill: the (token, expert) pairs grouped by expert, each expert's rows read once for all its tokens ---
