@@ -306,8 +306,11 @@ def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contigu
 # prefill's sgemm on dequantized blocks with this many OpenBLAS threads (None: as the process has it). Its threads
 # and numba's share the cores: between the numba kernels of a layer, OpenBLAS's threads spin-wait and the next
 # sgemm waits for numba's, so a 2-layer Qwen3-30B-A3B-shaped Q4_K_M took 6.4 s for a 128-token prompt with
-# OpenBLAS's 2 threads, 1.7 s with 1 (its attention projections 4.3 s and 0.37 s; 2 cores, a busy machine)
-QUANT_PREFILL_BLAS_THREADS: int | None = 1
+# OpenBLAS's 2 threads, 1.7 s with 1 (its attention projections 4.3 s and 0.37 s; 2 cores, a busy machine). On a
+# quiet machine the opposite: a 128-token prompt of Qwen3-0.6B q8_0 ran at 86 tok/s with OpenBLAS's 2 threads and
+# 55 with 1 (Q4_K_M 88 vs 55; same process, interleaved, best of 3, AMD EPYC). So the default leaves BLAS as it
+# is; set 1 where other processes keep the cores busy
+QUANT_PREFILL_BLAS_THREADS: int | None = None
 
 
 @cache
