@@ -4,7 +4,8 @@ Every `import` statement of every module in `tinyqwen/` and `backends/` counts, 
 (a deferred import hides a cycle from Python, not from a reader). The layers, bottom to top:
 
     foundation   errors, config (and the checkpoint a config implies), the file formats (safetensors, GGUF and its
-                 quantized blocks), bf16
+                 quantized blocks), bf16,
+                 blas_threads (how many threads OpenBLAS runs)
     reference    the readable kernels (norm, rope, attention, mlp, moe), sampling, the text side (tokenizer,
                  chat template and parsing, the chat's context window, thinking)
     contract     tinyqwen.backends.contract: the Backend dataclass
@@ -36,6 +37,7 @@ LAYERS = [
             "safetensors",
             "checkpoint",
             "bf16",
+            "blas_threads",
             "hub",
             "gguf",
             "quantization",

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinyqwen.blas_threads import limit_blas_threads  # (re-exported: chapter 13's exercises import it here)
 from tinyqwen.config import Qwen3Config, load_config
 from tinyqwen.corpus import build_dataset, unigram_loss
 from tinyqwen.errors import TinyQwenError
@@ -317,33 +318,6 @@ def evaluate(c: Qwen3Config, w: Weights, val: np.ndarray, cfg: TrainConfig) -> f
         ids = sample_batch(val, cfg.batch_size, cfg.seq_len, cfg.seed + 10_000, b)
         losses.append(loss_and_grads(c, w, ids, aux_coef=0.0, forward_only=True).ce)
     return float(np.mean(losses))
-
-
-def limit_blas_threads(n: int) -> int | None:
-    """Ask the OpenBLAS that NumPy loaded to use `n` threads; returns how many it used before (None: not found).
-
-    A tiny model's matrices are ~100 × 100: a multi-threaded BLAS spends more time waking and syncing threads than
-    multiplying, and on a shared machine a thread that is descheduled stalls the others. Measured on this 2-core
-    machine: one training step of the default model took 1.0 s with OpenBLAS' default threads, 0.18 s with one.
-    (Setting OPENBLAS_NUM_THREADS only works before NumPy is imported; this works after.)
-    """
-    import ctypes
-
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for lib in sorted({line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}):
-        handle = ctypes.CDLL(lib)
-        for prefix in ("scipy_openblas_", "openblas_"):
-            for suffix in ("64_", ""):
-                setter = getattr(handle, f"{prefix}set_num_threads{suffix}", None)
-                getter = getattr(handle, f"{prefix}get_num_threads{suffix}", None)
-                if setter is not None and getter is not None:
-                    before = int(getter())
-                    setter(int(n))
-                    return before
-    return None
 
 
 def peak_memory_mib() -> float:

@@ -18,6 +18,7 @@ from tinyqwen.backends import onednn
 from tinyqwen.backends.numba import quant
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
+from tinyqwen.blas_threads import limit_blas_threads
 
 # the decode GEMV over quantized blocks, the first the default (see quant.py and benchmarks/bench_quant_gemv.py)
 QUANT_GEMV = ("int8", "float")
@@ -313,41 +314,15 @@ def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contigu
 QUANT_PREFILL_BLAS_THREADS: int | None = None
 
 
-@cache
-def _openblas_threads():  # (get, set) of the OpenBLAS NumPy loaded, or None: found by name in the process's maps
-    import ctypes
-    from pathlib import Path
-
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return None
-    for lib in sorted({line.split()[-1] for line in maps.splitlines() if "openblas" in line.lower()}):
-        handle = ctypes.CDLL(lib)
-        for prefix in ("scipy_openblas_", "openblas_"):
-            for suffix in ("64_", ""):
-                setter = getattr(handle, f"{prefix}set_num_threads{suffix}", None)
-                getter = getattr(handle, f"{prefix}get_num_threads{suffix}", None)
-                if setter is not None and getter is not None:
-                    return getter, setter
-    return None
-
-
 def _quant_linear(x2: np.ndarray, w: QuantWeight, quant_gemv: str) -> np.ndarray:  # [M, K], [N, K] -> [M, N]
-    N, K = w.shape
-    if (
-        x2.shape[0] <= QUANT_GEMV_MAX_ROWS
-        or QUANT_PREFILL_BLAS_THREADS is None
-        or _openblas_threads() is None
-    ):
+    if x2.shape[0] <= QUANT_GEMV_MAX_ROWS or QUANT_PREFILL_BLAS_THREADS is None:
         return _quant_linear_blocks(x2, w, quant_gemv)
-    get, set_ = _openblas_threads()
-    before = int(get())
-    set_(int(QUANT_PREFILL_BLAS_THREADS))
+    before = limit_blas_threads(int(QUANT_PREFILL_BLAS_THREADS))  # None: no OpenBLAS found, nothing changed
     try:
         return _quant_linear_blocks(x2, w, quant_gemv)
     finally:
-        set_(before)
+        if before is not None:
+            limit_blas_threads(before)
 
 
 def _quant_linear_blocks(
