@@ -147,15 +147,62 @@ def test_fused_gemv_over_mixed_formats():
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
-def test_prefill_dequantizes_blocks_into_blas(qtype, monkeypatch):
+@pytest.mark.parametrize("mode", ["float", "int8 off"])
+def test_prefill_dequantizes_blocks_into_blas(qtype, mode, monkeypatch):
+    # "float" (and "int8" with INT8_PREFILL off): blocks of rows widened to float32 into BLAS
+    monkeypatch.setattr(linear, "INT8_PREFILL", mode == "float")
+    gemv = mode.split()[0]
     rng = np.random.default_rng(4)
     w, exact = quantized(rng, qtype, 40, 256)
-    x = rng.standard_normal((9, 256)).astype(np.float32)  # more rows than GEMV_MAX_ROWS: the BLAS path
+    x = rng.standard_normal((9, 256)).astype(np.float32)  # more rows than QUANT_GEMV_MAX_ROWS: prefill
     want = x @ exact.T
-    assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
+    bound = float(_f32_bound(exact, x).max())
+    assert np.allclose(linear.linear(x, w, quant_gemv=gemv), want, rtol=0, atol=bound)
     # blocks of 3 rows (the scratch buffer never holds the whole weight): the same numbers
     monkeypatch.setattr(linear, "QUANT_WIDEN_BLOCK_BYTES", 3 * 4 * 256)
-    assert np.allclose(linear.linear(x, w), want, rtol=0, atol=float(_f32_bound(exact, x).max()))
+    assert np.allclose(linear.linear(x, w, quant_gemv=gemv), want, rtol=0, atol=bound)
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m", [5, 8, 71])  # a tile and one token, two tiles, 17 tiles and 3 tokens (row dots)
+def test_int8_prefill_tiles_equal_the_row_dots(qtype, m):
+    """Prefill's int8 tiles (quant_matmul.py: four tokens per decoded weight row) do each (row, token) pair's
+    float work exactly as decode's row dots, so the same bits token by token; and, as the GEMV, within float32
+    rounding of x̃ Wᵀ and within the activation quantization's bound of x Wᵀ."""
+    rng = np.random.default_rng(11)
+    w, exact = quantized(rng, qtype, 67, 768)  # 3 blocks of 256: the tiles' block loop runs
+    x = rng.standard_normal((m, 768)).astype(np.float32)
+    x[:, 5] = 40.0  # an outlier in every token's first block
+    got = linear.linear(x, w, quant_gemv="int8")
+    rows = np.concatenate([linear.linear(x[i : i + 4], w, quant_gemv="int8") for i in range(0, m, 4)])
+    assert got.tobytes() == rows.tobytes()  # decode's GEMV takes up to 4 tokens: the row dots
+    xt, err = activation_roundtrip(x, qtype)
+    want_t = xt.astype(np.float64) @ exact.T.astype(np.float64)
+    assert np.all(np.abs(got - want_t) <= _f32_bound(exact, xt))
+    want = x.astype(np.float64) @ exact.T.astype(np.float64)
+    bound = err.astype(np.float64) @ np.abs(exact).T.astype(np.float64) + _f32_bound(exact, x)
+    assert np.all(np.abs(got - want) <= bound)
+
+
+def test_tile_fp16_scales_equal_the_hardware_conversion():
+    # the tiles read fp16 scales with integer instructions (quant_matmul._half): every finite fp16 value,
+    # subnormals, zeros and signs included, against NumPy's conversion, through a Q8_0 tile with w = x = 1
+    from tinyqwen.backends.numba import quant_matmul
+
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    halves = halves[np.isfinite(halves.view(np.float16))]
+    rows = np.zeros((halves.size, 34), np.uint8)
+    rows[:, 0:2] = halves.view(np.uint8).reshape(-1, 2)
+    rows[:, 2:] = 1
+    w = QuantWeight("q8_0", rows)
+    xq = np.ones((4, 32), np.int8)
+    xd = np.ones((4, 1), np.float32)
+    got = quant_matmul.tile_values(
+        w.kind, w.data, w.data8, (xq, xd, xq[:, :0], xd[:, :0], xd[:, :0].view(np.int32))
+    )
+    want = halves.view(np.float16).astype(np.float32) * np.float32(32)
+    # equal values (bits but for −0 scales: the lanes start at +0, and +0 + −0 = +0, as in the row dots)
+    assert np.array_equal(got, np.repeat(want[:, None], 4, 1))
 
 
 def test_embedding_lookup_widens_only_the_rows_read():
@@ -270,7 +317,8 @@ def test_tiny_gguf_model_logits_match_the_numpy_reference(tiny_gguf, target):
     layer = model.weights.layers[0]
     assert isinstance(layer.attn.q_proj, QuantWeight) and isinstance(layer.mlp.down_proj, QuantWeight)
     assert isinstance(model.weights.lm_head, QuantWeight)  # the tied head stays in blocks too
-    # prefill (8 tokens: blocks dequantized into BLAS): float32 rounding only
+    # prefill (8 tokens) with "float": blocks dequantized into BLAS, float32 rounding only
+    model.backend = numba_backend(quant_gemv="float")
     assert np.abs(model(ids) - want).max() <= 1e-5 * scale
     # decode, token by token through the cache. "float": float32 rounding only. "int8": every activation entering
     # a product is rounded to 8 bits (steps of amax/127 per block); these 0.3-scale random weights amplify any
@@ -286,6 +334,11 @@ def test_tiny_gguf_model_logits_match_the_numpy_reference(tiny_gguf, target):
         errors[mode] = float(np.abs(got - want).max() / scale)
         assert errors[mode] <= bound, (mode, errors)
     assert errors["int8"] > 10 * errors["float"]  # the activations really were quantized
+    # "int8" prefill (quant_matmul's tiles): the activations rounded as decode rounds them, so the same bound
+    # (measured 0.023 / 0.034 of the largest logit here)
+    model.backend = numba_backend(quant_gemv="int8")
+    prefill = float(np.abs(model(ids) - want).max() / scale)
+    assert 10 * errors["float"] < prefill <= 0.06, (prefill, errors)
 
 
 @pytest.mark.skipif(not quant.avx2.HAS_AVX2, reason="this CPU has no AVX2: the GEMVs use the plain loops")

@@ -15,7 +15,7 @@ import numpy as np
 from numba import njit, prange
 
 from tinyqwen.backends import onednn
-from tinyqwen.backends.numba import quant
+from tinyqwen.backends.numba import quant, quant_matmul
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 from tinyqwen.blas_threads import limit_blas_threads
@@ -36,6 +36,12 @@ BATCH_TILES = True
 # off, as it measured slower than gate/up and down as two calls (Qwen3-0.6B q8_0, 2 threads, AMD EPYC, one run,
 # interleaved: 68.6 ms a decode step fused, 60.6 ms in two calls)
 FUSED_QUANT_SWIGLU = False
+
+
+# prefill ("int8", more than QUANT_GEMV_MAX_ROWS tokens) with quantized weights: the tokens quantized to int8 blocks
+# and dotted four at a time with each weight row's decoded blocks (quant_matmul.py, llama.cpp's scheme); False:
+# blocks of rows widened to float32 into BLAS, as "float" always does (see quant_matmul.py for the measurements)
+INT8_PREFILL = True
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits
@@ -332,6 +338,10 @@ def _quant_linear_blocks(
     M = x2.shape[0]
     if M <= QUANT_GEMV_MAX_ROWS:  # decode: the GEMV over the blocks
         return quant.gemv(x2, (w,), quant_gemv == "int8", _chunks(), _starts((N,)))[0]
+    if (
+        INT8_PREFILL and quant_gemv == "int8"
+    ):  # prefill on int8 tiles: each row's blocks decoded once per 4 tokens
+        return quant_matmul.matmul(x2, w, _chunks())
     # prefill: compute-bound, so BLAS on a block of rows dequantized at a time (float32 never the whole weight)
     block = max(1, min(N, QUANT_WIDEN_BLOCK_BYTES // (4 * K)))
     out = np.empty((M, N), np.float32)

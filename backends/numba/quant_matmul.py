@@ -1,0 +1,353 @@
+"""Prefill's products with quantized weights ("int8"): the prompt's rows quantized to int8 blocks once, then each
+weight row's blocks decoded once and dotted with four tokens at a time — llama.cpp's scheme for a batch.
+
+Decode's row dots (quant.py, `_row_*`) take one weight row and one token: for a prompt of T tokens they would
+decode every block of a weight T times (Q4_K: unpack eight 6-bit scales and mins, split 128 bytes into nibbles;
+Q6_K: rebuild 6-bit codes from nibbles and 2-bit parts; Q8_0: take the absolute value for `vpmaddubsw`) and
+convert each block's fp16 scale T times. A tile takes one weight row and TILE = 4 tokens: the decoded block stays
+in registers and only the integer products, the scaling and the four accumulators are per token. The float work
+of each (row, token) pair is exactly the row dot's (the same eight lanes, the same fmul/fadd in the same order;
+the integer sums are exact either way), so a tile gives the bits four row dots give (tested), and decode and
+prefill agree on a token's products.
+
+The alternative, prefill's earlier road and still "float"'s, widens blocks of rows to float32 and calls BLAS's
+sgemm: float32 products of the exact weights, but the widening writes 4 bytes per weight per call (on one thread,
+between BLAS calls) and BLAS's threads and numba's take turns on the cores. Measured on one thread (AMD EPYC, AVX2,
+a busy machine, same process, interleaved, best of 5), 128 tokens, Qwen3-0.6B's shapes: see `INT8_PREFILL` in
+linear.py and `benchmarks/bench_quant_prefill.py`.
+
+The activation's rounding is decode's: x and SwiGLU's hidden h enter as Q8_0 / Q8_K blocks (≤ half a step of
+amax/127 per value), so "int8" prefill logits differ from the float32 ones by what decode's differ
+(tests/test_numba_quant.py bounds both against the dequantized float32 reference).
+
+On CPUs without AVX2 the tiles are four calls of quant.py's plain row loops (the same bits).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from tinyqwen.backends.numba import avx2, quant
+from tinyqwen.backends.numba.avx2 import F32, I8, I16, I32, V8I32, V16I16, V32I8, _add, _Row, _splat_lane16
+
+TILE = 4  # tokens per tile: 4 float accumulators of 8 lanes, plus a decoded block, fit AVX2's 16 registers
+
+# ---- the tiles in LLVM IR: one weight row, rows m..m+3 of the activation's int8 forms ----------------------------
+
+
+def _token(builder, base, t, width):  # offset base + t·width (the same element of token m + t's row)
+    return builder.add(base, builder.mul(ir.Constant(base.type, t), width)) if t else base
+
+
+def _half(r, i, offset):  # the fp16 at byte `offset` of argument i's row -> float, in integer instructions
+    # (r.half's `fpext half` becomes vpinsrw into whatever register LLVM picks, keeping its other lanes: here one
+    # of the accumulators, so every block's scale waited for the previous block's sums and q8_0 tiles ran at 0.7x
+    # the row dots; a zeroed vector around it was optimised away.) The half's exponent and mantissa shifted into
+    # a float's place read 2¹¹² too small (the exponent biases, 127 − 15); one multiply by 2¹¹² rescales them,
+    # exactly, subnormal halves included; then the sign. Equal to vcvtph2ps for every finite half.
+    b = r.b
+    h = b.zext(r.load(i, offset, I16), I32)
+    magnitude = b.bitcast(b.shl(b.and_(h, ir.Constant(I32, 0x7FFF)), ir.Constant(I32, 13)), F32)
+    value = b.bitcast(b.fmul(magnitude, ir.Constant(F32, 2.0**112)), I32)
+    sign = b.shl(b.and_(h, ir.Constant(I32, 0x8000)), ir.Constant(I32, 16))
+    return b.bitcast(b.or_(value, sign), F32)
+
+
+def _tuple(context, builder, sig, r, accs):  # the four accumulators' ordered sums as a UniTuple(float32, 4)
+    return context.make_tuple(builder, sig.return_type, [r.total(acc) for acc in accs])
+
+
+_OUT = types.UniTuple(types.float32, TILE)
+
+
+@intrinsic
+def q8_0_tile(typingctx, b, xq, xd, n, m):
+    """Row n of a Q8_0 weight b [N, K/32·34] · rows m..m+3 of x as Q8_0 (codes xq [M, K], scales xd [M, K/32]) ->
+    4 x float32, each equal to avx2.q8_0_row's. Per block: |w| once (vpsignb), then per token its sign moved
+    onto x, vpmaddubsw, vpmaddwd into eight int32 lanes, scaled by d_w·d_x into that token's float lanes."""
+
+    def codegen(context, builder, sig, args):
+        r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
+        op = r.op
+        accs = [r.new_acc() for _ in range(TILE)]
+        ones = ir.Constant(V16I16, [1] * 16)
+        K, nb = r.length(1), r.length(2)
+        with r.loop(nb) as loop:
+            blk = loop.index
+            o = builder.mul(blk, ir.Constant(blk.type, 34))
+            w = r.load(0, _add(builder, o, 2), V32I8)
+            aw = builder.call(op.sign, [w, w])
+            dw = _half(r, 0, o)
+            x0 = builder.mul(blk, ir.Constant(blk.type, 32))
+            for t in range(TILE):
+                x = r.load(1, _token(builder, x0, t, K), V32I8)
+                pairs = builder.call(op.maddubs, [aw, builder.call(op.sign, [x, w])])
+                lanes = builder.call(op.maddwd, [pairs, ones])
+                scale = builder.fmul(dw, r.load(2, _token(builder, blk, t, nb), F32, 4))
+                r.scaled_add(accs[t], lanes, scale)
+        return _tuple(context, builder, sig, r, accs)
+
+    return _OUT(b, xq, xd, n, m), codegen
+
+
+@intrinsic
+def q4_k_tile(typingctx, b, xq, xd, xs, n, m):
+    """Row n of a Q4_K weight b [N, K/256·144] · rows m..m+3 of x as Q8_K (codes xq [M, K], scales xd [M, K/256],
+    sums of 32 xs [M, K/32] int32) -> 4 x float32, each equal to avx2.q4_k_row's. Per block the scales and mins
+    are unpacked and each group's 32 bytes split into nibbles once, then used for the four tokens."""
+
+    def codegen(context, builder, sig, args):
+        r = _Row(context, builder, sig, args, {0: 4, 1: 5, 2: 5, 3: 5})
+        op = r.op
+        accs = [r.new_acc() for _ in range(TILE)]
+        K, nb, ns = r.length(1), r.length(2), r.length(3)
+        V4I32 = ir.VectorType(I32, 4)
+
+        def c32(v):
+            return ir.Constant(I32, v)
+
+        with r.loop(nb) as loop:
+            blk = loop.index
+            o = builder.mul(blk, ir.Constant(blk.type, 144))
+            w0, w1, w2 = (r.load(0, _add(builder, o, 4 + 4 * k), I32) for k in range(3))
+            low6, low4, top2 = c32(0x3F3F3F3F), c32(0x0F0F0F0F), c32(0x03030303)
+            sc_lo = builder.and_(w0, low6)
+            sc_hi = builder.or_(
+                builder.and_(w2, low4), builder.shl(builder.and_(builder.lshr(w0, c32(6)), top2), c32(4))
+            )
+            mn_lo = builder.and_(w1, low6)
+            mn_hi = builder.or_(
+                builder.and_(builder.lshr(w2, c32(4)), low4),
+                builder.shl(builder.and_(builder.lshr(w1, c32(6)), top2), c32(4)),
+            )
+            words = ir.Constant(V4I32, None)
+            for k, v in enumerate((sc_lo, sc_hi, mn_lo, mn_hi)):
+                words = builder.insert_element(words, v, c32(k))
+            both = builder.zext(
+                builder.bitcast(words, ir.VectorType(I8, 16)), V16I16
+            )  # scales 0-7, mins 8-15
+            x0 = builder.mul(blk, ir.Constant(blk.type, 256))
+            dots = [ir.Constant(V8I32, [0] * 8)] * TILE
+            for g in range(4):
+                codes = r.load(0, _add(builder, o, 16 + 32 * g), V32I8)
+                for half, nib in (
+                    (0, builder.and_(codes, op.const8(15))),
+                    (1, builder.lshr(codes, op.const8(4))),
+                ):
+                    scale = _splat_lane16(builder, both, 2 * g + half)
+                    xo = _add(builder, x0, 64 * g + 32 * half)
+                    for t in range(TILE):
+                        pairs = builder.call(op.maddubs, [nib, r.load(1, _token(builder, xo, t, K), V32I8)])
+                        dots[t] = builder.add(dots[t], builder.call(op.maddwd, [pairs, scale]))
+            mins = builder.zext(
+                builder.shuffle_vector(
+                    both, ir.Constant(V16I16, None), ir.Constant(ir.VectorType(I32, 8), list(range(8, 16)))
+                ),
+                V8I32,
+            )
+            d, dmin = _half(r, 0, o), _half(r, 0, _add(builder, o, 2))
+            s0 = builder.mul(blk, ir.Constant(blk.type, 8))
+            for t in range(TILE):
+                min_lanes = builder.mul(mins, r.load(3, _token(builder, s0, t, ns), V8I32))
+                xdb = r.load(2, _token(builder, blk, t, nb), F32, 4)
+                r.scaled_add(accs[t], dots[t], builder.fmul(d, xdb))
+                r.scaled_add(accs[t], min_lanes, builder.fmul(dmin, xdb), sub=True)
+        return _tuple(context, builder, sig, r, accs)
+
+    return _OUT(b, xq, xd, xs, n, m), codegen
+
+
+@intrinsic
+def q6_k_tile(typingctx, b, xq, xd, n, m):
+    """Row n of a Q6_K weight b [N, K/256·210] · rows m..m+3 of x as Q8_K (codes xq [M, K], scales xd [M, K/256])
+    -> 4 x float32, each equal to avx2.q6_k_row's. Per run of 32 the 6-bit codes and the scale pair are rebuilt
+    once, then used for the four tokens."""
+
+    def codegen(context, builder, sig, args):
+        r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
+        op = r.op
+        accs = [r.new_acc() for _ in range(TILE)]
+        K, nb = r.length(1), r.length(2)
+        with r.loop(nb) as loop:
+            blk = loop.index
+            o = builder.mul(blk, ir.Constant(blk.type, 210))
+            x0 = builder.mul(blk, ir.Constant(blk.type, 256))
+            scales = builder.sext(r.load(0, _add(builder, o, 192), ir.VectorType(I8, 16)), V16I16)
+            dots = [ir.Constant(V8I32, [0] * 8)] * TILE
+            for h in range(2):
+                low = [r.load(0, _add(builder, o, 64 * h + 32 * k), V32I8) for k in range(2)]
+                high = r.load(0, _add(builder, o, 128 + 32 * h), V32I8)
+                for run in range(4):
+                    nib = low[run % 2] if run < 2 else builder.lshr(low[run % 2], op.const8(4))
+                    nib = builder.and_(nib, op.const8(15))
+                    top = builder.and_(builder.lshr(high, op.const8(2 * run)), op.const8(3))
+                    q = builder.or_(nib, builder.shl(top, op.const8(4)))  # 0..63
+                    s = 8 * h + 2 * run  # values 0-15 take scale s, 16-31 scale s + 1
+                    sc = builder.shuffle_vector(
+                        scales,
+                        ir.Constant(V16I16, None),
+                        ir.Constant(ir.VectorType(I32, 16), [s] * 8 + [s + 1] * 8),
+                    )
+                    xo = _add(builder, x0, 128 * h + 32 * run)
+                    for t in range(TILE):
+                        x = r.load(1, _token(builder, xo, t, K), V32I8)
+                        pairs = builder.sub(
+                            builder.call(op.maddubs, [q, x]), builder.call(op.maddubs, [op.const8(32), x])
+                        )
+                        dots[t] = builder.add(dots[t], builder.call(op.maddwd, [pairs, sc]))
+            d = _half(r, 0, _add(builder, o, 208))
+            for t in range(TILE):
+                r.scaled_add(
+                    accs[t], dots[t], builder.fmul(d, r.load(2, _token(builder, blk, t, nb), F32, 4))
+                )
+        return _tuple(context, builder, sig, r, accs)
+
+    return _OUT(b, xq, xd, n, m), codegen
+
+
+# ---- the same tiles as four row dots (CPUs without AVX2: quant.py's plain loops, the same bits) ----------------
+
+
+@njit(cache=True, error_model="numpy")
+def _q8_0_tile_loops(w, w8, n, a, ad, m, acc):
+    return (
+        quant._row_q8_0_loops(w, w8, n, a, ad, m, acc),
+        quant._row_q8_0_loops(w, w8, n, a, ad, m + 1, acc),
+        quant._row_q8_0_loops(w, w8, n, a, ad, m + 2, acc),
+        quant._row_q8_0_loops(w, w8, n, a, ad, m + 3, acc),
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def _q4_k_tile_loops(w, n, a, ad, asum, m, acc):
+    return (
+        quant._row_q4_k_loops(w, n, a, ad, asum, m, acc),
+        quant._row_q4_k_loops(w, n, a, ad, asum, m + 1, acc),
+        quant._row_q4_k_loops(w, n, a, ad, asum, m + 2, acc),
+        quant._row_q4_k_loops(w, n, a, ad, asum, m + 3, acc),
+    )
+
+
+@njit(cache=True, error_model="numpy")
+def _q6_k_tile_loops(w, w8, n, a, ad, m, acc):
+    return (
+        quant._row_q6_k_loops(w, w8, n, a, ad, m, acc),
+        quant._row_q6_k_loops(w, w8, n, a, ad, m + 1, acc),
+        quant._row_q6_k_loops(w, w8, n, a, ad, m + 2, acc),
+        quant._row_q6_k_loops(w, w8, n, a, ad, m + 3, acc),
+    )
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _q8_0_tile_avx2(w, w8, n, a, ad, m, acc):
+    return q8_0_tile(w, a, ad, n, m)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _q4_k_tile_avx2(w, n, a, ad, asum, m, acc):
+    return q4_k_tile(w, a, ad, asum, n, m)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _q6_k_tile_avx2(w, w8, n, a, ad, m, acc):
+    return q6_k_tile(w, a, ad, n, m)
+
+
+if avx2.HAS_AVX2:
+    _q8_0_tile, _q4_k_tile, _q6_k_tile = _q8_0_tile_avx2, _q4_k_tile_avx2, _q6_k_tile_avx2
+else:
+    _q8_0_tile, _q4_k_tile, _q6_k_tile = _q8_0_tile_loops, _q4_k_tile_loops, _q6_k_tile_loops
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _tile(kind, w, w8, n, acts, m, acc):  # row n of w · rows m..m+3 of x's int8 forms -> 4 x float32
+    a0q, a0d, akq, akd, aks = acts
+    if kind == quant.Q8_0:
+        return _q8_0_tile(w, w8, n, a0q, a0d, m, acc)
+    if kind == quant.Q4_K:
+        return _q4_k_tile(w, n, akq, akd, aks, m, acc)
+    return _q6_k_tile(w, w8, n, akq, akd, m, acc)
+
+
+# ---- the product: weight rows over the threads, tokens in tiles -------------------------------------------------
+
+TOKEN_BLOCK = (
+    64  # tokens per pass over a chunk of weight rows: their int8 rows (64 KB at K = 1024) stay in L2
+)
+
+
+@njit(cache=True, error_model="numpy")
+def _matmul_rows(kind, w, w8, acts, out, lo, hi):  # weight rows lo..hi for every token -> out[:, lo:hi]
+    M = out.shape[0]
+    acc = np.empty(8, np.float32)  # (the plain loops' lanes)
+    for m0 in range(0, M, TOKEN_BLOCK):
+        m1 = min(M, m0 + TOKEN_BLOCK)
+        for n in range(lo, hi):  # the row's blocks stay in L1 while the block's tokens pass
+            m = m0
+            while m + TILE <= m1:
+                v = _tile(kind, w, w8, n, acts, m, acc)
+                out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = v
+                m += TILE
+            while m < m1:  # the last few tokens: decode's row dot
+                out[m, n] = quant._row(kind, w, w8, n, acts, m, acc)
+                m += 1
+
+
+@njit(cache=True, error_model="numpy")
+def _quantize_rows(x, need0, needk, acts, lo, hi):  # rows lo..hi of x into its int8 forms (acts, written)
+    a0q, a0d, akq, akd, aks = acts
+    if need0:
+        quant.quantize_q8_0_rows(x[lo:hi], a0q[lo:hi], a0d[lo:hi])
+    if needk:
+        quant.quantize_q8_k_rows(x[lo:hi], akq[lo:hi], akd[lo:hi], aks[lo:hi])
+
+
+@njit(parallel=True, cache=True)
+def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> (Q8_0 codes, scales, Q8_K codes, scales, sums)
+    # as quant._quantize_acts, the rows over the threads (a prompt's are many: 128 x 3072 values for down)
+    M, K = x.shape
+    acts = (
+        np.empty((M, K if need0 else 0), np.int8),
+        np.empty((M, K // 32 if need0 else 0), np.float32),
+        np.empty((M, K if needk else 0), np.int8),
+        np.empty((M, K // 256 if needk else 0), np.float32),
+        np.empty((M, K // 32 if needk else 0), np.int32),
+    )
+    c = min(M, chunks)
+    size = (M + c - 1) // c
+    for i in prange(c):
+        _quantize_rows(x, need0, needk, acts, i * size, min(M, (i + 1) * size))
+    return acts
+
+
+@njit(parallel=True, cache=True)
+def _matmul(kind, w, w8, acts, out, chunks):
+    N = out.shape[1]
+    c = min(N, chunks)
+    size = (N + c - 1) // c
+    for i in prange(c):
+        _matmul_rows(kind, w, w8, acts, out, i * size, min(N, (i + 1) * size))
+
+
+def matmul(x2: np.ndarray, w, chunks: int) -> np.ndarray:
+    """x2 [M, K] float32 · a QuantWeight [N, K]ᵀ -> [M, N] float32: x2 quantized to int8 blocks (Q8_0 for a q8_0
+    weight, Q8_K for the k-quants), then the tiles over the threads (chunks of weight rows)."""
+    need0, needk = quant._needs({w.kind})
+    acts = quantize_acts(x2, need0, needk, chunks)
+    out = np.empty((x2.shape[0], w.shape[0]), np.float32)
+    _matmul(w.kind, w.data, w.data8, acts, out, chunks)
+    return out
+
+
+@njit(cache=True, error_model="numpy")
+def tile_values(kind, w, w8, acts):  # every row of w · tokens 0..3 through the tile alone -> [N, 4] (tests)
+    out = np.empty((w.shape[0], TILE), np.float32)
+    acc = np.empty(8, np.float32)
+    for n in range(w.shape[0]):
+        v = _tile(kind, w, w8, n, acts, 0, acc)
+        for t in range(TILE):
+            out[n, t] = v[t]
+    return out
