@@ -1,5 +1,6 @@
 """Prefill with quantized weights, two ways in one process, interleaved: the int8 tiles (backends/numba/quant_matmul.py,
-the default) against blocks widened to float32 into BLAS (linear.INT8_PREFILL = False).
+the default) against the earlier prefill — dense weights' blocks widened to float32 into BLAS, MoE experts dotted
+one token per row dot (linear.INT8_PREFILL = moe.MOE_PREFILL_TILES = False).
 
     python benchmarks/bench_quant_prefill.py MODEL.gguf [MODEL2.gguf ...] [--prompt 128] [--repeat 5]
         [--threads N] [--blas-threads N] [--kernels]
@@ -53,7 +54,7 @@ def main() -> None:
     import numba
 
     import tinyqwen
-    from tinyqwen.backends.numba import QuantWeight, backend, linear
+    from tinyqwen.backends.numba import QuantWeight, backend, linear, moe
     from tinyqwen.blas_threads import limit_blas_threads
 
     if args.threads:
@@ -61,8 +62,8 @@ def main() -> None:
     if args.blas_threads:
         limit_blas_threads(args.blas_threads)
 
-    def use(int8: bool):
-        linear.INT8_PREFILL = int8
+    def use(int8: bool):  # the tiles, or the earlier prefill (dense: BLAS; MoE experts: one token per row dot)
+        linear.INT8_PREFILL = moe.MOE_PREFILL_TILES = int8
 
     for path in args.models:
         model = tinyqwen.load_model(path, backend="numba")
@@ -94,6 +95,7 @@ def main() -> None:
         if args.only_kernels:
             continue
         ids = np.random.default_rng(0).integers(0, min(model.config.vocab_size, 151643), args.prompt)[None]
+        # (a MoE file: "BLAS" below is the earlier prefill, its experts on the row dots)
         logits = {}
 
         def prefill(int8: bool, model=model, ids=ids, logits=logits):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from tinyqwen.backends.numba import quant
+from tinyqwen.backends.numba import quant, quant_matmul
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, _to_bf16, round_bf16
 from tinyqwen.backends.numba.linear import GEMV_MAX_ROWS, QUANT_GEMV_MAX_ROWS, _chunks, _rows, linear, swiglu
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
@@ -134,6 +134,24 @@ def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) 
 BLAS_MIN_TOKENS = {"int8": 512, "float": 4}
 
 
+# prefill's "int8" experts in quant_matmul's tiles (four of an expert's tokens per decoded row; the same bits as the
+# row dots); False: quant.moe_up_grouped_int / moe_down_grouped_int, one token per row dot
+MOE_PREFILL_TILES = True
+
+
+def _experts_tiled(xs, w_gate, w_up, w_down, groups, bounds, per: int) -> np.ndarray:
+    # xs [P, d]: each pair's token row, the pairs sorted by expert (groups [G], their runs bounds [G + 1]) -> each
+    # pair's expert output [P, d], unweighted
+    chunks = _chunks()
+    acts = quant_matmul.quantize_acts(xs, *quant._needs({w_gate.kind, w_up.kind}), chunks)
+    h = np.empty((xs.shape[0], w_gate.shape[1]), np.float32)
+    quant_matmul.expert_up(w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, groups, bounds, per, h)
+    acts = quant_matmul.quantize_acts(h, *quant._needs({w_down.kind}), chunks)
+    y = np.empty(xs.shape, np.float32)
+    quant_matmul.expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, per, y)
+    return y
+
+
 def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
     # x [N, d] f32, routing [N, k], stacked quantized experts -> [N, d]: the pairs grouped by expert, each routed
     # expert's blocks read once for all its tokens: dotted with each of them (quant.moe_up_grouped /
@@ -156,30 +174,33 @@ def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool)
         sub_bounds = np.concatenate(([0], np.cumsum(counts[few]))).astype(np.int64)
         sub_groups = groups[few].astype(np.int64)
         per = max(1, _chunks() // len(few))  # row chunks per expert: enough work items for every thread
-        h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
-        rows = use_int and MOE_ROW_DOTS  # the row dots on whole stacks (see _moe_decode_quant)
-        acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
-        if rows:
-            quant.moe_up_grouped_int(
-                w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts[1:6], k, sub_groups, sub,
-                sub_bounds, per, h,
-            )  # fmt: skip
+        if use_int and MOE_PREFILL_TILES:  # the activations gathered by expert, each expert's rows in tiles
+            y[sub] = _experts_tiled(x2[sub // k], w_gate, w_up, w_down, sub_groups, sub_bounds, per)
         else:
-            quant.moe_up_grouped(
-                use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
-                sub_groups, sub, sub_bounds, per, h,
-            )  # fmt: skip
-        if many.any():
-            h[np.setdiff1d(np.arange(N * k), sub)] = 0  # (pairs of the BLAS experts: quantized, never read)
-        acts = quant.activations(h, {w_down.kind}, use_int)
-        if rows:
-            quant.moe_down_grouped_int(
-                w_down.kind, *_flat(w_down), acts[1:6], sub_groups, sub, sub_bounds, per, y
-            )
-        else:
-            quant.moe_down_grouped(
-                use_int, w_down.kind, w_down.data, w_down.data8, acts, sub_groups, sub, sub_bounds, per, y
-            )
+            h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
+            rows = use_int and MOE_ROW_DOTS  # the row dots on whole stacks (see _moe_decode_quant)
+            acts = quant.activations(x2, {w_gate.kind, w_up.kind}, use_int)
+            if rows:
+                quant.moe_up_grouped_int(
+                    w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts[1:6], k, sub_groups, sub,
+                    sub_bounds, per, h,
+                )  # fmt: skip
+            else:
+                quant.moe_up_grouped(
+                    use_int, w_gate.kind, w_up.kind, w_gate.data, w_gate.data8, w_up.data, w_up.data8, acts, k,
+                    sub_groups, sub, sub_bounds, per, h,
+                )  # fmt: skip
+            if many.any():  # (pairs of the BLAS experts: quantized, never read)
+                h[np.setdiff1d(np.arange(N * k), sub)] = 0
+            acts = quant.activations(h, {w_down.kind}, use_int)
+            if rows:
+                quant.moe_down_grouped_int(
+                    w_down.kind, *_flat(w_down), acts[1:6], sub_groups, sub, sub_bounds, per, y
+                )
+            else:
+                quant.moe_down_grouped(
+                    use_int, w_down.kind, w_down.data, w_down.data8, acts, sub_groups, sub, sub_bounds, per, y
+                )
     out = np.empty(x2.shape, np.float32)
     quant.moe_combine(y, weights.astype(np.float32), out)
     return out

@@ -32,6 +32,7 @@ from numba.extending import intrinsic
 
 from tinyqwen.backends.numba import avx2, quant
 from tinyqwen.backends.numba.avx2 import F32, I8, I16, I32, V8I32, V16I16, V32I8, _add, _Row, _splat_lane16
+from tinyqwen.backends.numba.intrinsics import _silu
 
 TILE = 4  # tokens per tile: 4 float accumulators of 8 lanes, plus a decoded block, fit AVX2's 16 registers
 
@@ -351,3 +352,68 @@ def tile_values(kind, w, w8, acts):  # every row of w · tokens 0..3 through the
         for t in range(TILE):
             out[n, t] = v[t]
     return out
+
+
+# ---- MoE prefill: each routed expert's rows · the tokens that chose it, in tiles --------------------------------
+# The (token, expert) pairs sorted by expert and the activations gathered in that order (x's row of each pair's
+# token; SwiGLU's h row of each pair), so an expert's tokens are consecutive rows and tile as a dense prompt does.
+# Each row dot is the one quant.py's grouped MoE kernels take, on the same quantized rows: the same bits.
+
+
+@njit(cache=True, error_model="numpy")
+def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # rows lo..hi of expert e
+    # gate/up [E·F, bytes]; acts: rows b0..b1 are e's tokens -> h[b0:b1, lo:hi] = silu(x·g)·(x·u)
+    acc = np.empty(8, np.float32)
+    for f in range(lo, hi):
+        r = e * F + f
+        m = b0
+        while m + TILE <= b1:
+            gv = _tile(kg, g, g8, r, acts, m, acc)
+            uv = _tile(ku, u, u8, r, acts, m, acc)
+            for t in range(TILE):
+                h[m + t, f] = _silu(gv[t]) * uv[t]
+            m += TILE
+        while m < b1:
+            h[m, f] = _silu(quant._row(kg, g, g8, r, acts, m, acc)) * quant._row(ku, u, u8, r, acts, m, acc)
+            m += 1
+
+
+@njit(parallel=True, cache=True)
+def expert_up(kg, ku, g, g8, u, u8, acts, groups, bounds, per, h):
+    # acts of the gathered x [P, d]; groups [G] the routed experts, bounds [G + 1] their runs of rows; per: row
+    # chunks per expert -> h [P, F] (written)
+    F = h.shape[1]
+    size = (F + per - 1) // per
+    for job in prange(groups.shape[0] * per):
+        j, c = job // per, job % per
+        _expert_up_rows(
+            kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, c * size,
+            min(F, (c + 1) * size),
+        )  # fmt: skip
+
+
+@njit(cache=True, error_model="numpy")
+def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output features lo..hi of expert e
+    acc = np.empty(8, np.float32)
+    for i in range(lo, hi):
+        r = e * d + i
+        m = b0
+        while m + TILE <= b1:
+            y[m, i], y[m + 1, i], y[m + 2, i], y[m + 3, i] = _tile(kd, w, w8, r, acts, m, acc)
+            m += TILE
+        while m < b1:
+            y[m, i] = quant._row(kd, w, w8, r, acts, m, acc)
+            m += 1
+
+
+@njit(parallel=True, cache=True)
+def expert_down(
+    kd, w, w8, acts, groups, bounds, per, y
+):  # acts of the gathered h [P, F]; w [E·d, bytes] -> y [P, d]
+    d = y.shape[1]
+    size = (d + per - 1) // per
+    for job in prange(groups.shape[0] * per):
+        j, c = job // per, job % per
+        _expert_down_rows(
+            kd, w, w8, d, acts, groups[j], bounds[j], bounds[j + 1], y, c * size, min(d, (c + 1) * size)
+        )
