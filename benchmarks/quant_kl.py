@@ -6,9 +6,10 @@ position of one random prompt.
 For each file, llama.cpp's logits for every position (llama-cpp-python, logits_all) against tinyqwen's numba
 backend three ways: decode with the "int8" GEMVs (one token at a time through the KV cache: every product quantizes
 its activations to int8 blocks, as llama.cpp's CPU kernels do), decode with the "float" GEMVs (the blocks widened in
-registers, float32 activations), and prefill (all positions at once: blocks dequantized into BLAS, float32). The
-int8 path makes the choices llama.cpp makes, so it should land closest to it; KL is the measure to read (random
-weights give near-tied logits, so top-1 is a weak one).
+registers, float32 activations), and prefill, all positions at once, both ways ("int8": the same activation
+rounding in quant_matmul.py's tiles; "float": blocks dequantized into BLAS, float32). The int8 paths make the
+choices llama.cpp makes, so they should land closest to it; KL is the measure to read (random weights give
+near-tied logits, so top-1 is a weak one).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ def ours(path: Path, positions: int) -> dict[str, np.ndarray]:  # name -> [T, V]
     model = tinyqwen.load_model(path, backend="numba")
     vocab = min(model.config.vocab_size, 151643)
     ids = np.random.default_rng(0).integers(0, vocab, positions)[None]  # the same ids as llama.cpp's
-    out = {"numba prefill (BLAS)": model(ids)[0]}
+    out = {}
+    for mode in ("int8", "float"):  # all positions at once: int8 tiles, or blocks widened into BLAS
+        model.backend = backend(quant_gemv=mode)
+        out[f"numba prefill {mode}"] = model(ids)[0]
     for mode in ("int8", "float"):
         model.backend = backend(quant_gemv=mode)
         cache = model.new_cache(1, positions)
