@@ -62,7 +62,9 @@ def main() -> None:
     if args.blas_threads:
         limit_blas_threads(args.blas_threads)
 
-    def use(int8: bool):  # the tiles, or the earlier prefill (dense: BLAS; MoE experts: one token per row dot)
+    def use(
+        int8: bool,
+    ):  # the tiles, or the earlier prefill (dense: BLAS; MoE experts: one token per row dot)
         linear.INT8_PREFILL = moe.MOE_PREFILL_TILES = int8
 
     for path in args.models:

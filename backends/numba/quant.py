@@ -32,7 +32,8 @@ Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot prod
   LLVM did not vectorise these loops well here: 1.2-4x slower than "int8" in the benchmark, so "int8" is the
   default and "float" stays as the comparison (and the exact-float32 option).
 
-Prefill (more rows): `dequantize_rows` widens a block of weight rows into a float32 scratch buffer, then BLAS's
+Prefill (more rows): "int8" takes quant_matmul.py's tiles (the row dots below, four tokens per decoded row, the
+same bits); "float" widens a block of weight rows into a float32 scratch buffer (`dequantize_rows`), then BLAS's
 sgemm — the same scheme as the bf16 path (`linear.py`): the float32 copy of a weight never exceeds the block.
 """
 

@@ -10,15 +10,26 @@ of each (row, token) pair is exactly the row dot's (the same eight lanes, the sa
 the integer sums are exact either way), so a tile gives the bits four row dots give (tested), and decode and
 prefill agree on a token's products.
 
-The alternative, prefill's earlier road and still "float"'s, widens blocks of rows to float32 and calls BLAS's
-sgemm: float32 products of the exact weights, but the widening writes 4 bytes per weight per call (on one thread,
-between BLAS calls) and BLAS's threads and numba's take turns on the cores. Measured on one thread (AMD EPYC, AVX2,
-a busy machine, same process, interleaved, best of 5), 128 tokens, Qwen3-0.6B's shapes: see `INT8_PREFILL` in
-linear.py and `benchmarks/bench_quant_prefill.py`.
+The alternative, prefill's earlier road and still "float"'s (and "int8"'s with linear.INT8_PREFILL off), widens
+blocks of rows to float32 and calls BLAS's sgemm: float32 products of the exact weights, but the widening runs on
+one thread between BLAS calls, and BLAS's threads and numba's take turns on the same cores (a thread that spins
+waiting holds the core the other needs). The tiles run in numba's threads alone. Measured (AMD EPYC, AVX2, 2 cores
+shared with other processes: ratios only; same process, interleaved, best of 3-5; `benchmarks/bench_quant_prefill.py`):
+
+- one thread each, CPU seconds, 128 tokens, Qwen3-0.6B's layer-0 shapes: tiles against widening + sgemm q8_0
+  0.68-0.76x, q4_k 0.93-1.08x, q6_k 0.63-0.72x; against decode's row dots one token at a time q8_0 1.0x, q4_k
+  2.8x, q6_k 2.3x. Without VNNI the int8 products cost what float32 FMAs do (vpmaddubsw + vpmaddwd per 32 values
+  and per token, against four FMAs), so a tile wins where decoding a block costs (the k-quants), not on Q8_0.
+- a whole 128-token prefill, one thread, CPU seconds: Qwen3-0.6B q8_0 0.62x (3.1 s against 1.9 s); the 2-layer
+  Qwen3-30B-A3B-shaped Q4_K_M 1.30x (its experts: a few tokens each, so the row dots re-decoded every block).
+- the same on both threads, wall clock, while other processes load the machine: q8_0 5.3x, Q4_K_M 2.4x, the
+  MoE 2.7x: BLAS's threads lose most of their time to the contention, the tiles little.
 
 The activation's rounding is decode's: x and SwiGLU's hidden h enter as Q8_0 / Q8_K blocks (≤ half a step of
 amax/127 per value), so "int8" prefill logits differ from the float32 ones by what decode's differ
-(tests/test_numba_quant.py bounds both against the dequantized float32 reference).
+(tests/test_numba_quant.py bounds both against the dequantized float32 reference). Against llama.cpp on the same
+files (`benchmarks/quant_kl.py`, 64 positions, mean KL in nats): q8_0 8.5e-5 (BLAS prefill 5.4e-5, int8 decode
+8.5e-5), Q4_K_M 1.7e-4 (1.4e-4, 1.7e-4) — where feeding the unquantized weights lands at 2.0e-4 and 1.6e-2.
 
 On CPUs without AVX2 the tiles are four calls of quant.py's plain row loops (the same bits).
 """
