@@ -184,6 +184,30 @@ def test_int8_prefill_tiles_equal_the_row_dots(qtype, m):
     assert np.all(np.abs(got - want) <= bound)
 
 
+@pytest.mark.skipif(not quant.avx2.HAS_AVX2, reason="this CPU has no AVX2: the tiles are the plain loops")
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_avx2_tiles_equal_the_loops(qtype):
+    # a CPU without AVX2 takes the tiles as four calls of the plain row loops: the same bits as the IR tiles
+    from tinyqwen.backends.numba import quant_matmul
+
+    rng = np.random.default_rng(12)
+    data = random_blocks(rng, qtype, 16, 768)
+    data8 = data.view(np.int8)
+    x = rng.standard_normal((4, 768)).astype(np.float32)
+    x[:, 7] = -30.0
+    a0q, a0d, akq, akd, aks = quant._quantize_acts(x, True, True)
+    acc = np.empty(8, np.float32)
+    if qtype == "q8_0":
+        args = [(data, data8, n, a0q, a0d, 0, acc) for n in range(16)]
+    elif qtype == "q4_k":
+        args = [(data, n, akq, akd, aks, 0, acc) for n in range(16)]
+    else:
+        args = [(data, data8, n, akq, akd, 0, acc) for n in range(16)]
+    loops, vector = (getattr(quant_matmul, f"_{qtype}_tile_{name}") for name in ("loops", "avx2"))
+    got = np.array([vector(*a) for a in args], np.float32)
+    assert got.tobytes() == np.array([loops(*a) for a in args], np.float32).tobytes()
+
+
 def test_tile_fp16_scales_equal_the_hardware_conversion():
     # the tiles read fp16 scales with integer instructions (quant_matmul._half): every finite fp16 value,
     # subnormals, zeros and signs included, against NumPy's conversion, through a Q8_0 tile with w = x = 1
