@@ -195,14 +195,14 @@ def test_avx2_tiles_equal_the_loops(qtype):
     data8 = data.view(np.int8)
     x = rng.standard_normal((4, 768)).astype(np.float32)
     x[:, 7] = -30.0
-    a0q, a0d, akq, akd, aks = quant._quantize_acts(x, True, True)
+    a0q, a0d, akq, akd, aks, akp = quant_matmul.quantize_acts(x, True, True, 2)
     acc = np.empty(8, np.float32)
     if qtype == "q8_0":
         args = [(data, data8, n, a0q, a0d, 0, acc) for n in range(16)]
     elif qtype == "q4_k":
         args = [(data, n, akq, akd, aks, 0, acc) for n in range(16)]
     else:
-        args = [(data, data8, n, akq, akd, 0, acc) for n in range(16)]
+        args = [(data, data8, n, akq, akd, akp, 0, acc) for n in range(16)]
     loops, vector = (getattr(quant_matmul, f"_{qtype}_tile_{name}") for name in ("loops", "avx2"))
     got = np.array([vector(*a) for a in args], np.float32)
     assert got.tobytes() == np.array([loops(*a) for a in args], np.float32).tobytes()
@@ -222,7 +222,10 @@ def test_tile_fp16_scales_equal_the_hardware_conversion():
     xq = np.ones((4, 32), np.int8)
     xd = np.ones((4, 1), np.float32)
     got = quant_matmul.tile_values(
-        w.kind, w.data, w.data8, (xq, xd, xq[:, :0], xd[:, :0], xd[:, :0].view(np.int32))
+        w.kind,
+        w.data,
+        w.data8,
+        (xq, xd, xq[:, :0], xd[:, :0], xd[:, :0].view(np.int32), np.empty((4, 0), np.int16)),
     )
     want = halves.view(np.float16).astype(np.float32) * np.float32(32)
     # equal values (bits but for −0 scales: the lanes start at +0, and +0 + −0 = +0, as in the row dots)

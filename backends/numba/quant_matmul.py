@@ -173,16 +173,17 @@ def q4_k_tile(typingctx, b, xq, xd, xs, n, m):
 
 
 @intrinsic
-def q6_k_tile(typingctx, b, xq, xd, n, m):
-    """Row n of a Q6_K weight b [N, K/256·210] · rows m..m+3 of x as Q8_K (codes xq [M, K], scales xd [M, K/256])
-    -> 4 x float32, each equal to avx2.q6_k_row's. Per run of 32 the 6-bit codes and the scale pair are rebuilt
-    once, then used for the four tokens."""
+def q6_k_tile(typingctx, b, xq, xd, xp, n, m):
+    """Row n of a Q6_K weight b [N, K/256·210] · rows m..m+3 of x as Q8_K (codes xq [M, K], scales xd [M, K/256],
+    32·(x₂ⱼ + x₂ⱼ₊₁) xp [M, K/2] int16) -> 4 x float32, each equal to avx2.q6_k_row's. Per run of 32 the 6-bit
+    codes and the scale pair are rebuilt once, then used for the four tokens; the −32 of the codes is taken off as
+    x's pair sums times 32 (what vpmaddubsw(32, x) gives, computed once per call instead of per row)."""
 
     def codegen(context, builder, sig, args):
-        r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
+        r = _Row(context, builder, sig, args, {0: 4, 1: 5, 2: 5, 3: 5})
         op = r.op
         accs = [r.new_acc() for _ in range(TILE)]
-        K, nb = r.length(1), r.length(2)
+        K, nb, K2 = r.length(1), r.length(2), r.length(3)
         with r.loop(nb) as loop:
             blk = loop.index
             o = builder.mul(blk, ir.Constant(blk.type, 210))
@@ -204,11 +205,11 @@ def q6_k_tile(typingctx, b, xq, xd, n, m):
                         ir.Constant(ir.VectorType(I32, 16), [s] * 8 + [s + 1] * 8),
                     )
                     xo = _add(builder, x0, 128 * h + 32 * run)
+                    half_o = builder.udiv(xo, ir.Constant(xo.type, 2))
                     for t in range(TILE):
                         x = r.load(1, _token(builder, xo, t, K), V32I8)
-                        pairs = builder.sub(
-                            builder.call(op.maddubs, [q, x]), builder.call(op.maddubs, [op.const8(32), x])
-                        )
+                        x32 = r.load(3, _token(builder, half_o, t, K2), V16I16)
+                        pairs = builder.sub(builder.call(op.maddubs, [q, x]), x32)
                         dots[t] = builder.add(dots[t], builder.call(op.maddwd, [pairs, sc]))
             d = _half(r, 0, _add(builder, o, 208))
             for t in range(TILE):
@@ -217,7 +218,7 @@ def q6_k_tile(typingctx, b, xq, xd, n, m):
                 )
         return _tuple(context, builder, sig, r, accs)
 
-    return _OUT(b, xq, xd, n, m), codegen
+    return _OUT(b, xq, xd, xp, n, m), codegen
 
 
 # ---- the same tiles as four row dots (CPUs without AVX2: quant.py's plain loops, the same bits) ----------------
@@ -244,7 +245,7 @@ def _q4_k_tile_loops(w, n, a, ad, asum, m, acc):
 
 
 @njit(cache=True, error_model="numpy")
-def _q6_k_tile_loops(w, w8, n, a, ad, m, acc):
+def _q6_k_tile_loops(w, w8, n, a, ad, ap, m, acc):
     return (
         quant._row_q6_k_loops(w, w8, n, a, ad, m, acc),
         quant._row_q6_k_loops(w, w8, n, a, ad, m + 1, acc),
@@ -264,8 +265,8 @@ def _q4_k_tile_avx2(w, n, a, ad, asum, m, acc):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _q6_k_tile_avx2(w, w8, n, a, ad, m, acc):
-    return q6_k_tile(w, a, ad, n, m)
+def _q6_k_tile_avx2(w, w8, n, a, ad, ap, m, acc):
+    return q6_k_tile(w, a, ad, ap, n, m)
 
 
 if avx2.HAS_AVX2:
@@ -275,13 +276,18 @@ else:
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _five(acts):  # the forms decode's row dots read (all but the pair sums)
+    return acts[0], acts[1], acts[2], acts[3], acts[4]
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _tile(kind, w, w8, n, acts, m, acc):  # row n of w · rows m..m+3 of x's int8 forms -> 4 x float32
-    a0q, a0d, akq, akd, aks = acts
+    a0q, a0d, akq, akd, aks, akp = acts
     if kind == quant.Q8_0:
         return _q8_0_tile(w, w8, n, a0q, a0d, m, acc)
     if kind == quant.Q4_K:
         return _q4_k_tile(w, n, akq, akd, aks, m, acc)
-    return _q6_k_tile(w, w8, n, akq, akd, m, acc)
+    return _q6_k_tile(w, w8, n, akq, akd, akp, m, acc)
 
 
 # ---- the product: weight rows over the threads, tokens in tiles -------------------------------------------------
@@ -304,21 +310,26 @@ def _matmul_rows(kind, w, w8, acts, out, lo, hi):  # weight rows lo..hi for ever
                 out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = v
                 m += TILE
             while m < m1:  # the last few tokens: decode's row dot
-                out[m, n] = quant._row(kind, w, w8, n, acts, m, acc)
+                out[m, n] = quant._row(kind, w, w8, n, _five(acts), m, acc)
                 m += 1
 
 
 @njit(cache=True, error_model="numpy")
 def _quantize_rows(x, need0, needk, acts, lo, hi):  # rows lo..hi of x into its int8 forms (acts, written)
-    a0q, a0d, akq, akd, aks = acts
+    a0q, a0d, akq, akd, aks, akp = acts
     if need0:
         quant.quantize_q8_0_rows(x[lo:hi], a0q[lo:hi], a0d[lo:hi])
     if needk:
         quant.quantize_q8_k_rows(x[lo:hi], akq[lo:hi], akd[lo:hi], aks[lo:hi])
+        for m in range(lo, hi):  # Q6_K's −32: 32·(x₂ⱼ + x₂ⱼ₊₁), as vpmaddubsw(32, x) would give it
+            for j in range(akp.shape[1]):
+                akp[m, j] = np.int16(32) * (np.int16(akq[m, 2 * j]) + np.int16(akq[m, 2 * j + 1]))
 
 
 @njit(parallel=True, cache=True)
-def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> (Q8_0 codes, scales, Q8_K codes, scales, sums)
+def quantize_acts(
+    x, need0, needk, chunks
+):  # x [M, K] -> (Q8_0 codes, scales, Q8_K codes, scales, sums, pairs)
     # as quant._quantize_acts, the rows over the threads (a prompt's are many: 128 x 3072 values for down)
     M, K = x.shape
     acts = (
@@ -327,6 +338,7 @@ def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> (Q8_0 codes, scales, 
         np.empty((M, K if needk else 0), np.int8),
         np.empty((M, K // 256 if needk else 0), np.float32),
         np.empty((M, K // 32 if needk else 0), np.int32),
+        np.empty((M, K // 2 if needk else 0), np.int16),
     )
     c = min(M, chunks)
     size = (M + c - 1) // c
@@ -385,7 +397,9 @@ def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # row
                 h[m + t, f] = _silu(gv[t]) * uv[t]
             m += TILE
         while m < b1:
-            h[m, f] = _silu(quant._row(kg, g, g8, r, acts, m, acc)) * quant._row(ku, u, u8, r, acts, m, acc)
+            h[m, f] = _silu(quant._row(kg, g, g8, r, _five(acts), m, acc)) * quant._row(
+                ku, u, u8, r, _five(acts), m, acc
+            )
             m += 1
 
 
@@ -413,7 +427,7 @@ def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output featu
             y[m, i], y[m + 1, i], y[m + 2, i], y[m + 3, i] = _tile(kd, w, w8, r, acts, m, acc)
             m += TILE
         while m < b1:
-            y[m, i] = quant._row(kd, w, w8, r, acts, m, acc)
+            y[m, i] = quant._row(kd, w, w8, r, _five(acts), m, acc)
             m += 1
 
 
