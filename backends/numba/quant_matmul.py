@@ -17,13 +17,17 @@ waiting holds the core the other needs). The tiles run in numba's threads alone.
 shared with other processes: ratios only; same process, interleaved, best of 3-5; `benchmarks/bench_quant_prefill.py`):
 
 - one thread each, CPU seconds, 128 tokens, Qwen3-0.6B's layer-0 shapes: tiles against widening + sgemm q8_0
-  0.68-0.76x, q4_k 0.93-1.08x, q6_k 0.63-0.72x; against decode's row dots one token at a time q8_0 1.0x, q4_k
-  2.8x, q6_k 2.3x. Without VNNI the int8 products cost what float32 FMAs do (vpmaddubsw + vpmaddwd per 32 values
-  and per token, against four FMAs), so a tile wins where decoding a block costs (the k-quants), not on Q8_0.
+  0.68-0.76x, q4_k 0.93-1.08x, q6_k 0.63-0.72x (before Q6_K took x's pair sums from one pass per call; after,
+  on random blocks of [1024, 3072]: q6_k 1.08x, q4_k 1.41x); against decode's row dots one token at a time q8_0
+  1.0x, q4_k 2.5-2.8x, q6_k 1.7x. Without VNNI the int8 products cost what float32 FMAs do (vpmaddubsw +
+  vpmaddwd per 32 values and per token, against four FMAs), so a tile wins where decoding a block costs (the
+  k-quants), not on Q8_0.
 - a whole 128-token prefill, one thread, CPU seconds: Qwen3-0.6B q8_0 0.62x (3.1 s against 1.9 s); the 2-layer
   Qwen3-30B-A3B-shaped Q4_K_M 1.30x (its experts: a few tokens each, so the row dots re-decoded every block).
 - the same on both threads, wall clock, while other processes load the machine: q8_0 5.3x, Q4_K_M 2.4x, the
-  MoE 2.7x: BLAS's threads lose most of their time to the contention, the tiles little.
+  MoE 2.7x: BLAS's threads lose most of their time to the contention, the tiles little. In that state
+  `benchmarks/bench_quant.py` (same run, 128 tokens) had prefill at 1.5x llama.cpp's on q8_0 and 2.4x on Q4_K_M;
+  llama.cpp's spinning threads suffer more from the load than numba's, so a quiet machine decides.
 
 The activation's rounding is decode's: x and SwiGLU's hidden h enter as Q8_0 / Q8_K blocks (≤ half a step of
 amax/127 per value), so "int8" prefill logits differ from the float32 ones by what decode's differ
