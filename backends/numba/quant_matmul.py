@@ -296,9 +296,8 @@ def _tile(kind, w, w8, n, acts, m, acc):  # row n of w · rows m..m+3 of x's int
 
 # ---- the product: weight rows over the threads, tokens in tiles -------------------------------------------------
 
-TOKEN_BLOCK = (
-    64  # tokens per pass over a chunk of weight rows: their int8 rows (64 KB at K = 1024) stay in L2
-)
+# tokens per pass over a chunk of weight rows: their int8 rows (64 KB at K = 1024) stay in L2
+TOKEN_BLOCK = 64
 
 
 @njit(cache=True, error_model="numpy")
@@ -331,10 +330,9 @@ def _quantize_rows(x, need0, needk, acts, lo, hi):  # rows lo..hi of x into its 
 
 
 @njit(parallel=True, cache=True)
-def quantize_acts(
-    x, need0, needk, chunks
-):  # x [M, K] -> (Q8_0 codes, scales, Q8_K codes, scales, sums, pairs)
-    # as quant._quantize_acts, the rows over the threads (a prompt's are many: 128 x 3072 values for down)
+def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> x's int8 forms, the rows over the threads
+    # quant._quantize_acts's (Q8_0 codes, scales; Q8_K codes, scales, sums of 32) and Q8_K's pair sums ×32 [M, K/2]
+    # int16 for the Q6_K tile; as needed (empty otherwise). A prompt's rows are many: 128 x 3072 values for down
     M, K = x.shape
     acts = (
         np.empty((M, K if need0 else 0), np.int8),
