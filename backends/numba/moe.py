@@ -137,11 +137,20 @@ BLAS_MIN_TOKENS = {"int8": 512, "float": 4}
 # prefill's "int8" experts in quant_matmul's tiles (four of an expert's tokens per decoded row; the same bits as the
 # row dots); False: quant.moe_up_grouped_int / moe_down_grouped_int, one token per row dot
 MOE_PREFILL_TILES = True
+MOE_TILE_PAD_FROM = 2  # an expert's last 2 or 3 tokens padded to a tile of 4 (4: never; see _experts_tiled)
 
 
-def _experts_tiled(xs, w_gate, w_up, w_down, groups, bounds, per: int) -> np.ndarray:
-    # xs [P, d]: each pair's token row, the pairs sorted by expert (groups [G], their runs bounds [G + 1]) -> each
-    # pair's expert output [P, d], unweighted
+def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts, per: int) -> np.ndarray:
+    # x2 [N, d]; tokens [P]: each pair's token, the pairs sorted by expert (groups [G], counts [G] pairs each) ->
+    # each pair's expert output [P, d], unweighted. An expert's run whose last tile would hold 2 or 3 tokens is
+    # padded to 4 with zero rows (their products are 0, never read): a tile of 4 costs ~1.6 row dots (a prompt's
+    # experts get ~8 tokens each, so a fifth of the pairs would otherwise take the row dots)
+    pad = np.where(counts % 4 >= MOE_TILE_PAD_FROM, -counts % 4, 0)
+    bounds = np.concatenate(([0], np.cumsum(counts + pad))).astype(np.int64)
+    rows = np.full(bounds[-1], x2.shape[0], np.int64)  # (row N: the zero row)
+    real = np.concatenate([np.arange(b, b + c) for b, c in zip(bounds[:-1], counts, strict=True)])
+    rows[real] = tokens
+    xs = np.concatenate((x2, np.zeros((1, x2.shape[1]), np.float32)))[rows]
     chunks = _chunks()
     acts = quant_matmul.quantize_acts(xs, *quant._needs({w_gate.kind, w_up.kind}), chunks)
     h = np.empty((xs.shape[0], w_gate.shape[1]), np.float32)
@@ -149,7 +158,7 @@ def _experts_tiled(xs, w_gate, w_up, w_down, groups, bounds, per: int) -> np.nda
     acts = quant_matmul.quantize_acts(h, *quant._needs({w_down.kind}), chunks)
     y = np.empty(xs.shape, np.float32)
     quant_matmul.expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, per, y)
-    return y
+    return y[real]
 
 
 def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
@@ -175,7 +184,7 @@ def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool)
         sub_groups = groups[few].astype(np.int64)
         per = max(1, _chunks() // len(few))  # row chunks per expert: enough work items for every thread
         if use_int and MOE_PREFILL_TILES:  # the activations gathered by expert, each expert's rows in tiles
-            y[sub] = _experts_tiled(x2[sub // k], w_gate, w_up, w_down, sub_groups, sub_bounds, per)
+            y[sub] = _experts_tiled(x2, sub // k, w_gate, w_up, w_down, sub_groups, counts[few], per)
         else:
             h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
             rows = use_int and MOE_ROW_DOTS  # the row dots on whole stacks (see _moe_decode_quant)
