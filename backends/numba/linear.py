@@ -40,8 +40,8 @@ FUSED_QUANT_SWIGLU = False
 # prefill ("int8", more than QUANT_GEMV_MAX_ROWS tokens) with quantized weights: the tokens quantized to int8 blocks
 # and dotted four at a time with each weight row's decoded blocks (quant_matmul.py, llama.cpp's scheme: the
 # activations rounded as decode rounds them); False: blocks of rows widened to float32 into BLAS, as "float" always
-# does. On one thread the tiles are as fast as BLAS on Q4_K, slower on Q8_0 (0.7x); on two cores that other
-# processes also load, a 128-token prefill ran 2.4x (Q4_K_M) to 5.3x (q8_0) faster (quant_matmul.py's figures)
+# does. On one thread a 128-token prefill ran 0.97x BLAS's speed (Q4_K_M), 0.71x (q8_0); on two cores that other
+# processes also load, 2.4-5.3x (quant_matmul.py's figures)
 INT8_PREFILL = True
 
 

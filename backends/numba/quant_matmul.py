@@ -22,10 +22,11 @@ shared with other processes: ratios only; same process, interleaved, best of 3-5
   1.0x, q4_k 2.5-2.8x, q6_k 1.7x. Without VNNI the int8 products cost what float32 FMAs do (vpmaddubsw +
   vpmaddwd per 32 values and per token, against four FMAs), so a tile wins where decoding a block costs (the
   k-quants), not on Q8_0.
-- a whole 128-token prefill, one thread, CPU seconds: Qwen3-0.6B q8_0 0.62x (3.1 s against 1.9 s); the 2-layer
-  Qwen3-30B-A3B-shaped Q4_K_M 1.30x (its experts: a few tokens each, so the row dots re-decoded every block).
-- the same on both threads, wall clock, while other processes load the machine: q8_0 5.3x, Q4_K_M 2.4x, the
-  MoE 2.7x: BLAS's threads lose most of their time to the contention, the tiles little. In that state
+- a whole 128-token prefill, one thread, CPU seconds: Qwen3-0.6B q8_0 0.71x (44 against 62 tok/s), Q4_K_M
+  0.97x; the 2-layer Qwen3-30B-A3B-shaped Q4_K_M 1.31x (its experts get a few tokens each, and the earlier
+  prefill dotted them one token per row dot, re-decoding every block).
+- the same on both threads, wall clock, while other processes load the machine: q8_0 4.0-5.3x, Q4_K_M 2.4-4.7x,
+  the MoE 2.7-3.3x: BLAS's threads lose most of their time to the contention, the tiles little. In that state
   `benchmarks/bench_quant.py` (same run, 128 tokens) had prefill at 1.5x llama.cpp's on q8_0 and 2.4x on Q4_K_M;
   llama.cpp's spinning threads suffer more from the load than numba's, so a quiet machine decides.
 
