@@ -38,6 +38,7 @@ from tinyqwen.backends.numba.attention import _attend_group
 from tinyqwen.backends.numba.intrinsics import _to_bf16
 from tinyqwen.backends.numba.linear import _chunks, _gate_up_rows_bf16, _gemv_rows_bf16, _silu_mul, _starts
 from tinyqwen.backends.numba.norm_rope import _rms_norm
+from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
 from tinyqwen.backends.numba.quant import _gemv_rows_int, _needs, _quantize_acts
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 
@@ -148,6 +149,105 @@ def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos
     out = np.empty_like(x)
     _add(x1, o, out)
     return out
+
+
+# ---- the layer in ONE parallel region (phases.py): each thread runs every phase, taking chunks as it goes
+#
+# The same serial kernels on the same rows as _layer_bf16 / _layer_quant, so the results are bit-identical to
+# them (only which thread computes a row changes, never how); the threads meet at the phase boundaries instead
+# of at five joins and five forks.
+ONE_REGION = True  # False: the five-`prange` layer functions above/below
+CHUNK_BYTES = 128 << 10  # weight bytes per GEMV chunk (a thread's unit of work): ~10-20 us of streaming
+
+
+def _chunk_rows(rows: int, row_bytes: int) -> tuple[int, int]:  # -> (chunks, rows per chunk)
+    size = max(1, min(rows, CHUNK_BYTES // max(1, row_bytes)))
+    return (rows + size - 1) // size, size
+
+
+@njit(cache=True)
+def _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc,
+                 vc, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn, kr, att, o,
+                 x1, g, o2, out):  # fmt: skip
+    # one thread's run through the layer's 9 phases (chunks [9], sizes [9]: rows per chunk)
+    Hkv = kc.shape[1]
+    att2 = att.reshape((att.shape[0], att.shape[1] * att.shape[2]))
+    for p in range(9):
+        if p > 0:
+            wait_finished(ctr, p - 1, chunks[p - 1])
+        while True:
+            c = claim(ctr, p)
+            if c >= chunks[p]:
+                break
+            lo = c * sizes[p]
+            if p == 0:
+                _rms_norm(x, in_norm, eps, h)
+            elif p == 1:
+                _gemv_rows_bf16(h, wqkv, (q, k, v), starts_qkv, lo, min(starts_qkv[-1], lo + sizes[p]))
+            elif p == 2:
+                _qk_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, pos, qr, qn, kn, kr)
+            elif p == 3:
+                _attend_group(qr, kc, vc, mask, att, c // Hkv, c % Hkv, pos + 1)
+            elif p == 4:
+                _gemv_rows_bf16(att2, (wo,), (o,), starts_o, lo, min(starts_o[-1], lo + sizes[p]))
+            elif p == 5:
+                _add(x, o, x1)
+                _rms_norm(x1, post_norm, eps, h)
+            elif p == 6:
+                _gate_up_rows_bf16(h, wg, wu, g, lo, min(wg.shape[0], lo + sizes[p]))
+            elif p == 7:
+                _gemv_rows_bf16(g, (wd,), (o2,), starts_d, lo, min(starts_d[-1], lo + sizes[p]))
+            else:
+                _add(x1, o2, out)
+            finish(ctr, p)
+
+
+@njit(parallel=True, cache=True)
+def _layer_bf16_region(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc, mask, pos,
+                       eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks, sizes, workers):  # fmt: skip
+    # _layer_bf16's result from one `prange` over `workers` threads (any number ≥ 1: see phases.py)
+    M, H = x.shape
+    Hkv = kc.shape[1]
+    wq, wk, wv = wqkv
+    F = wg.shape[0]
+    h = np.empty_like(x)
+    q = np.empty((M, wq.shape[0]), np.float32)
+    k = np.empty((M, wk.shape[0]), np.float32)
+    v = np.empty((M, wv.shape[0]), np.float32)
+    qr = np.empty((M, heads, head_dim), np.float32)
+    qn = np.empty((heads, head_dim), np.float32)
+    kn = np.empty((Hkv, head_dim), np.float32)
+    kr = np.empty((Hkv, head_dim), np.float32)
+    att = np.empty((M, heads, head_dim), np.float32)
+    o = np.empty((M, H), np.float32)
+    x1 = np.empty_like(x)
+    g = np.empty((M, F), np.float32)
+    o2 = np.empty((M, H), np.float32)
+    out = np.empty_like(x)
+    ctr = np.zeros(2 * 9 * LINE, np.int64)
+    for _ in prange(workers):
+        _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin,
+                     kc, vc, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn, kr,
+                     att, o, x1, g, o2, out)  # fmt: skip
+    return out
+
+
+def _bf16_plan(
+    M, H, wq, wk, wv, wo, wg, wd, Hkv
+) -> tuple[np.ndarray, np.ndarray]:  # -> chunks [9], sizes [9]
+    rows_qkv = wq.shape[0] + wk.shape[0] + wv.shape[0]
+    plan = [
+        (1, 1),  # input norm
+        _chunk_rows(rows_qkv, wq.shape[1] * 2),
+        (1, 1),  # QK-Norm, RoPE, the cache write
+        (M * Hkv, 1),  # attention: one (row, kv head) group per chunk
+        _chunk_rows(wo.shape[0], wo.shape[1] * 2),
+        (1, 1),  # residual, post-attention norm
+        _chunk_rows(wg.shape[0], wg.shape[1] * 4),  # a gate row and its up row
+        _chunk_rows(wd.shape[0], wd.shape[1] * 2),
+        (1, 1),  # residual
+    ]
+    return np.array([c for c, _ in plan], np.int64), np.array([s for _, s in plan], np.int64)
 
 
 @njit(parallel=True, cache=True)
@@ -307,6 +407,36 @@ def decode_layer(
         return None
     wq, wk, wv, wo, wg, wu, wd = (w.bits for w in weights)
     f32 = np.float32
+    if ONE_REGION:
+        chunks, sizes = _bf16_plan(B, H, wq, wk, wv, wo, wg, wd, kc.shape[1])
+        return _layer_bf16_region(
+            np.ascontiguousarray(x.reshape(B, H), f32),
+            np.asarray(layer.input_norm, f32),
+            (wq, wk, wv),
+            np.asarray(a.q_norm, f32),
+            np.asarray(a.k_norm, f32),
+            wo,
+            np.asarray(layer.post_attention_norm, f32),
+            wg,
+            wu,
+            wd,
+            np.ascontiguousarray(cos[:, 0]),
+            np.ascontiguousarray(sin[:, 0]),
+            kc,
+            vc,
+            np.ascontiguousarray(mask[:, 0]),
+            cache.length,
+            f32(config.rms_norm_eps),
+            config.qk_norm,
+            config.num_attention_heads,
+            config.head_dim,
+            _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
+            _starts((wo.shape[0],)),
+            _starts((wd.shape[0],)),
+            chunks,
+            sizes,
+            numba.get_num_threads(),
+        ).reshape(B, 1, H)
     return _layer_bf16(
         np.ascontiguousarray(x.reshape(B, H), f32),
         np.asarray(layer.input_norm, f32),
