@@ -39,7 +39,13 @@ from tinyqwen.backends.numba.intrinsics import _to_bf16
 from tinyqwen.backends.numba.linear import _chunks, _gate_up_rows_bf16, _gemv_rows_bf16, _silu_mul, _starts
 from tinyqwen.backends.numba.norm_rope import _rms_norm
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
-from tinyqwen.backends.numba.quant import _gemv_rows_int, _needs, _quantize_acts
+from tinyqwen.backends.numba.quant import (
+    _gemv_rows_int,
+    _needs,
+    _quantize_acts,
+    quantize_q8_0_rows,
+    quantize_q8_k_rows,
+)
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 
 
@@ -310,6 +316,128 @@ def _layer_quant(x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wg
     return out
 
 
+@njit(cache=True)
+def _act_buffers(
+    M, K, need0, needk
+):  # _quantize_acts's arrays, unwritten: (Q8_0 codes, scales, Q8_K codes, ...)
+    return (
+        np.empty((M, K if need0 else 0), np.int8),
+        np.empty((M, K // 32 if need0 else 0), np.float32),
+        np.empty((M, K if needk else 0), np.int8),
+        np.empty((M, K // 256 if needk else 0), np.float32),
+        np.empty((M, K // 32 if needk else 0), np.int32),
+    )
+
+
+@njit(cache=True)
+def _quantize_into(x, acts, need0, needk):  # _quantize_acts into existing arrays
+    if need0:
+        quantize_q8_0_rows(x, acts[0], acts[1])
+    if needk:
+        quantize_q8_k_rows(x, acts[2], acts[3], acts[4])
+
+
+@njit(cache=True)
+def _quant_phases(ctr, chunks, sizes, x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8, wd,
+                  wd8, kinds, need, cos, sin, kc, vc, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_gu,
+                  starts_d, h, q, k, v, qr, qn, kn, kr, att, o, x1, g, u, o2, out, acts, acts_a, acts_h, acts_f):  # fmt: skip
+    # one thread's run through _layer_quant's 11 phases (chunks [11], sizes [11]: rows per chunk)
+    Hkv = kc.shape[1]
+    att2 = att.reshape((att.shape[0], att.shape[1] * att.shape[2]))
+    for p in range(11):
+        if p > 0:
+            wait_finished(ctr, p - 1, chunks[p - 1])
+        while True:
+            c = claim(ctr, p)
+            if c >= chunks[p]:
+                break
+            lo = c * sizes[p]
+            if p == 0:
+                _rms_norm(x, in_norm, eps, h)
+                _quantize_into(h, acts, need[0], need[1])
+            elif p == 1:
+                hi = min(starts_qkv[-1], lo + sizes[p])
+                _gemv_rows_int(kinds[0:3], wqkv, wqkv8, (q, k, v), starts_qkv, acts, lo, hi)
+            elif p == 2:
+                _qk_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, pos, qr, qn, kn, kr)
+            elif p == 3:
+                _attend_group(qr, kc, vc, mask, att, c // Hkv, c % Hkv, pos + 1)
+            elif p == 4:
+                _quantize_into(att2, acts_a, need[2], need[3])
+            elif p == 5:
+                hi = min(starts_o[-1], lo + sizes[p])
+                _gemv_rows_int(kinds[3:4], wo, wo8, (o,), starts_o, acts_a, lo, hi)
+            elif p == 6:
+                _add(x, o, x1)
+                _rms_norm(x1, post_norm, eps, h)
+                _quantize_into(h, acts_h, need[4], need[5])
+            elif p == 7:
+                hi = min(starts_gu[-1], lo + sizes[p])
+                _gemv_rows_int(kinds[4:6], wgu, wgu8, (g, u), starts_gu, acts_h, lo, hi)
+            elif p == 8:
+                _quantize_into(_silu_mul(g, u), acts_f, need[6], need[7])
+            elif p == 9:
+                hi = min(starts_d[-1], lo + sizes[p])
+                _gemv_rows_int(kinds[6:7], wd, wd8, (o2,), starts_d, acts_f, lo, hi)
+            else:
+                _add(x1, o2, out)
+            finish(ctr, p)
+
+
+@njit(parallel=True, cache=True)
+def _layer_quant_region(x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8, wd, wd8, kinds,
+                        need, cos, sin, kc, vc, mask, pos, eps, qk_norm, heads, head_dim, starts_qkv, starts_o,
+                        starts_gu, starts_d, chunks, sizes, workers):  # fmt: skip
+    # _layer_quant's result from one `prange` over `workers` threads (any number ≥ 1: see phases.py)
+    M, H = x.shape
+    Hkv = kc.shape[1]
+    F = wgu[0].shape[0]
+    h = np.empty_like(x)
+    q = np.empty((M, wqkv[0].shape[0]), np.float32)
+    k = np.empty((M, wqkv[1].shape[0]), np.float32)
+    v = np.empty((M, wqkv[2].shape[0]), np.float32)
+    qr = np.empty((M, heads, head_dim), np.float32)
+    qn = np.empty((heads, head_dim), np.float32)
+    kn = np.empty((Hkv, head_dim), np.float32)
+    kr = np.empty((Hkv, head_dim), np.float32)
+    att = np.empty((M, heads, head_dim), np.float32)
+    o = np.empty((M, H), np.float32)
+    x1 = np.empty_like(x)
+    g = np.empty((M, F), np.float32)
+    u = np.empty((M, F), np.float32)
+    o2 = np.empty((M, H), np.float32)
+    out = np.empty_like(x)
+    acts = _act_buffers(M, H, need[0], need[1])
+    acts_a = _act_buffers(M, heads * head_dim, need[2], need[3])
+    acts_h = _act_buffers(M, H, need[4], need[5])
+    acts_f = _act_buffers(M, F, need[6], need[7])
+    ctr = np.zeros(2 * 11 * LINE, np.int64)
+    for _ in prange(workers):
+        _quant_phases(ctr, chunks, sizes, x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8,
+                      wd, wd8, kinds, need, cos, sin, kc, vc, mask, pos, eps, qk_norm, starts_qkv, starts_o,
+                      starts_gu, starts_d, h, q, k, v, qr, qn, kn, kr, att, o, x1, g, u, o2, out, acts, acts_a,
+                      acts_h, acts_f)  # fmt: skip
+    return out
+
+
+def _quant_plan(M, weights, Hkv) -> tuple[np.ndarray, np.ndarray]:  # -> chunks [11], sizes [11]
+    wq, wk, wv, wo, wg, wu, wd = weights
+    plan = [
+        (1, 1),  # input norm, x quantized
+        _chunk_rows(wq.shape[0] + wk.shape[0] + wv.shape[0], wq.data.shape[1]),
+        (1, 1),  # QK-Norm, RoPE, the cache write
+        (M * Hkv, 1),  # attention: one (row, kv head) group per chunk
+        (1, 1),  # attention's output quantized
+        _chunk_rows(wo.shape[0], wo.data.shape[1]),
+        (1, 1),  # residual, post-attention norm, quantized
+        _chunk_rows(wg.shape[0] + wu.shape[0], wg.data.shape[1]),
+        (1, 1),  # SiLU·mul, quantized
+        _chunk_rows(wd.shape[0], wd.data.shape[1]),
+        (1, 1),  # residual
+    ]
+    return np.array([c for c, _ in plan], np.int64), np.array([s for _, s in plan], np.int64)
+
+
 def _quant_layer(x2, layer, cos, sin, mask, kc, vc, pos, config, weights):
     # [1, H] -> [1, H] through _layer_quant (the checks done by decode_layer)
     a = layer.attn
@@ -324,7 +452,10 @@ def _quant_layer(x2, layer, cos, sin, mask, kc, vc, pos, config, weights):
         ]
     )
     f32 = np.float32
-    return _layer_quant(
+    region = ONE_REGION
+    if region:
+        chunks, sizes = _quant_plan(x2.shape[0], weights, kc.shape[1])
+    return (_layer_quant_region if region else _layer_quant)(
         x2,
         np.asarray(layer.input_norm, f32),
         (wq.data, wk.data, wv.data),
@@ -354,7 +485,7 @@ def _quant_layer(x2, layer, cos, sin, mask, kc, vc, pos, config, weights):
         _starts((wo.shape[0],)),
         _starts((wg.shape[0], wu.shape[0])),
         _starts((wd.shape[0],)),
-        _chunks(),
+        *((chunks, sizes, numba.get_num_threads()) if region else (_chunks(),)),
     )
 
 
