@@ -166,6 +166,12 @@ ONE_REGION = True  # False: the five-`prange` layer functions above/below
 CHUNK_BYTES = 128 << 10  # weight bytes per GEMV chunk (a thread's unit of work): ~10-20 us of streaming
 
 
+def _workers() -> (
+    int
+):  # iterations of the one-region `prange`: one per thread (any count works, see phases.py)
+    return numba.get_num_threads()
+
+
 def _chunk_rows(rows: int, row_bytes: int) -> tuple[int, int]:  # -> (chunks, rows per chunk)
     size = max(1, min(rows, CHUNK_BYTES // max(1, row_bytes)))
     return (rows + size - 1) // size, size
@@ -485,7 +491,7 @@ def _quant_layer(x2, layer, cos, sin, mask, kc, vc, pos, config, weights):
         _starts((wo.shape[0],)),
         _starts((wg.shape[0], wu.shape[0])),
         _starts((wd.shape[0],)),
-        *((chunks, sizes, numba.get_num_threads()) if region else (_chunks(),)),
+        *((chunks, sizes, _workers()) if region else (_chunks(),)),
     )
 
 
@@ -566,7 +572,7 @@ def decode_layer(
             _starts((wd.shape[0],)),
             chunks,
             sizes,
-            numba.get_num_threads(),
+            _workers(),
         ).reshape(B, 1, H)
     return _layer_bf16(
         np.ascontiguousarray(x.reshape(B, H), f32),
