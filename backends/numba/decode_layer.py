@@ -36,7 +36,15 @@ from numba import njit, prange, types
 
 from tinyqwen.backends.numba.attention import _attend_group
 from tinyqwen.backends.numba.intrinsics import _to_bf16
-from tinyqwen.backends.numba.linear import _chunks, _gate_up_rows_bf16, _gemv_rows_bf16, _silu_mul, _starts
+from tinyqwen.backends.numba.linear import (
+    _chunks,
+    _gate_up1_rows_bf16,
+    _gemv1_rows_bf16,
+    _silu_mul,
+    _split_pairs,
+    _split_part,
+    _starts,
+)
 from tinyqwen.backends.numba.norm_rope import _rms_norm
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
 from tinyqwen.backends.numba.quant import (
@@ -111,14 +119,18 @@ def _add(x, y, out):  # [M, H] x2 -> out [M, H]: the residual, as NumPy's x + y
 @njit(parallel=True, cache=True)
 def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc, mask, pos,
                 eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks):  # fmt: skip
-    # x [M, H] f32 -> [M, H]: one decoder layer for M rows of one new position each (see the module docstring;
-    # decode_layer passes M = 1, the loops take any M).
+    # x [1, H] f32 -> [1, H]: one decoder layer for one row of one new position (see the module docstring; the
+    # GEMVs are linear.py's one-row kernels, so H, the attention width and F are even).
     # wqkv: (q, k, v) bf16 bits; kc, vc [M, Hkv, max_len, d] the whole cache; mask [M, pos + 1] bool
     M, H = x.shape
     Hkv = kc.shape[1]
     wq, wk, wv = wqkv
+    F = wg.shape[0]
     h = np.empty_like(x)
     _rms_norm(x, in_norm, eps, h)
+    he = np.empty(H // 2, np.float32)  # each GEMV's input split into its even and odd values (linear.py)
+    ho = np.empty(H // 2, np.float32)
+    _split_pairs(h, he, ho)
     q = np.empty((M, wq.shape[0]), np.float32)
     k = np.empty((M, wk.shape[0]), np.float32)
     v = np.empty((M, wv.shape[0]), np.float32)
@@ -126,7 +138,7 @@ def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos
     c1 = min(total, chunks)
     size = (total + c1 - 1) // c1
     for c in prange(c1):
-        _gemv_rows_bf16(h, wqkv, (q, k, v), starts_qkv, c * size, min(total, (c + 1) * size))
+        _gemv1_rows_bf16(he, ho, wqkv, (q, k, v), starts_qkv, c * size, min(total, (c + 1) * size))
     qr = np.empty((M, heads, head_dim), np.float32)
     qn = np.empty((heads, head_dim), np.float32)
     kn = np.empty((Hkv, head_dim), np.float32)
@@ -136,22 +148,28 @@ def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos
     for bh in prange(M * Hkv):
         _attend_group(qr, kc, vc, mask, att, bh // Hkv, bh % Hkv, pos + 1)
     att2 = att.reshape((M, heads * head_dim))
+    ae = np.empty(heads * head_dim // 2, np.float32)
+    ao = np.empty(heads * head_dim // 2, np.float32)
+    _split_pairs(att2, ae, ao)
     o = np.empty((M, H), np.float32)
     c2 = min(H, chunks)
     size2 = (H + c2 - 1) // c2
     for c in prange(c2):
-        _gemv_rows_bf16(att2, (wo,), (o,), starts_o, c * size2, min(H, (c + 1) * size2))
+        _gemv1_rows_bf16(ae, ao, (wo,), (o,), starts_o, c * size2, min(H, (c + 1) * size2))
     x1 = np.empty_like(x)
     _add(x, o, x1)
     _rms_norm(x1, post_norm, eps, h)
-    F = wg.shape[0]
+    _split_pairs(h, he, ho)
     g = np.empty((M, F), np.float32)
     c3 = min(F, chunks)
     size3 = (F + c3 - 1) // c3
     for c in prange(c3):
-        _gate_up_rows_bf16(h, wg, wu, g, c * size3, min(F, (c + 1) * size3))
+        _gate_up1_rows_bf16(he, ho, wg, wu, g, c * size3, min(F, (c + 1) * size3))
+    ge = np.empty(F // 2, np.float32)
+    go = np.empty(F // 2, np.float32)
+    _split_pairs(g, ge, go)
     for c in prange(c2):
-        _gemv_rows_bf16(g, (wd,), (o,), starts_d, c * size2, min(H, (c + 1) * size2))
+        _gemv1_rows_bf16(ge, go, (wd,), (o,), starts_d, c * size2, min(H, (c + 1) * size2))
     out = np.empty_like(x)
     _add(x1, o, out)
     return out
@@ -180,10 +198,12 @@ def _chunk_rows(rows: int, row_bytes: int) -> tuple[int, int]:  # -> (chunks, ro
 @njit(cache=True)
 def _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc,
                  vc, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn, kr, att, o,
-                 x1, g, o2, out):  # fmt: skip
-    # one thread's run through the layer's 9 phases (chunks [9], sizes [9]: rows per chunk)
-    Hkv = kc.shape[1]
-    att2 = att.reshape((att.shape[0], att.shape[1] * att.shape[2]))
+                 x1, g, o2, out, he, ho, ae, ao, ge, go):  # fmt: skip
+    # one thread's run through the layer's 9 phases (chunks [9], sizes [9]: rows per chunk); one row (M = 1).
+    # Each GEMV's input is split into even and odd values (linear.py) by the chunks that write it
+    Hkv, d = kc.shape[1], kc.shape[3]
+    group = att.shape[1] // Hkv
+    att2 = att.reshape((1, att.shape[1] * d))
     for p in range(9):
         if p > 0:
             wait_finished(ctr, p - 1, chunks[p - 1])
@@ -194,21 +214,26 @@ def _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_
             lo = c * sizes[p]
             if p == 0:
                 _rms_norm(x, in_norm, eps, h)
+                _split_pairs(h, he, ho)
             elif p == 1:
-                _gemv_rows_bf16(h, wqkv, (q, k, v), starts_qkv, lo, min(starts_qkv[-1], lo + sizes[p]))
+                _gemv1_rows_bf16(he, ho, wqkv, (q, k, v), starts_qkv, lo, min(starts_qkv[-1], lo + sizes[p]))
             elif p == 2:
                 _qk_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, pos, qr, qn, kn, kr)
             elif p == 3:
-                _attend_group(qr, kc, vc, mask, att, c // Hkv, c % Hkv, pos + 1)
+                _attend_group(qr, kc, vc, mask, att, 0, c, pos + 1)
+                _split_part(att2, ae, ao, c * group * d, (c + 1) * group * d)  # this kv head's query heads
             elif p == 4:
-                _gemv_rows_bf16(att2, (wo,), (o,), starts_o, lo, min(starts_o[-1], lo + sizes[p]))
+                _gemv1_rows_bf16(ae, ao, (wo,), (o,), starts_o, lo, min(starts_o[-1], lo + sizes[p]))
             elif p == 5:
                 _add(x, o, x1)
                 _rms_norm(x1, post_norm, eps, h)
+                _split_pairs(h, he, ho)
             elif p == 6:
-                _gate_up_rows_bf16(h, wg, wu, g, lo, min(wg.shape[0], lo + sizes[p]))
+                hi = min(wg.shape[0], lo + sizes[p])
+                _gate_up1_rows_bf16(he, ho, wg, wu, g, lo, hi)
+                _split_part(g, ge, go, lo, hi)
             elif p == 7:
-                _gemv_rows_bf16(g, (wd,), (o2,), starts_d, lo, min(starts_d[-1], lo + sizes[p]))
+                _gemv1_rows_bf16(ge, go, (wd,), (o2,), starts_d, lo, min(starts_d[-1], lo + sizes[p]))
             else:
                 _add(x1, o2, out)
             finish(ctr, p)
@@ -236,11 +261,15 @@ def _layer_bf16_region(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, 
     g = np.empty((M, F), np.float32)
     o2 = np.empty((M, H), np.float32)
     out = np.empty_like(x)
+    he, ho = np.empty(H // 2, np.float32), np.empty(H // 2, np.float32)
+    ae = np.empty(heads * head_dim // 2, np.float32)
+    ao = np.empty(heads * head_dim // 2, np.float32)
+    ge, go = np.empty(F // 2, np.float32), np.empty(F // 2, np.float32)
     ctr = np.zeros(2 * 9 * LINE, np.int64)
     for _ in prange(workers):
         _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin,
                      kc, vc, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn, kr,
-                     att, o, x1, g, o2, out)  # fmt: skip
+                     att, o, x1, g, o2, out, he, ho, ae, ao, ge, go)  # fmt: skip
     return out
 
 
@@ -252,7 +281,7 @@ def _bf16_plan(
         (1, 1),  # input norm
         _chunk_rows(rows_qkv, wq.shape[1] * 2),
         (1, 1),  # QK-Norm, RoPE, the cache write
-        (M * Hkv, 1),  # attention: one (row, kv head) group per chunk
+        (Hkv, 1),  # attention: one kv head's group per chunk
         _chunk_rows(wo.shape[0], wo.shape[1] * 2),
         (1, 1),  # residual, post-attention norm
         _chunk_rows(wg.shape[0], wg.shape[1] * 4),  # a gate row and its up row
@@ -543,6 +572,8 @@ def decode_layer(
     if len({w.bits.flags.writeable for w in weights[:3]}) != 1:  # one Numba type for the (q, k, v) tuple
         return None
     wq, wk, wv, wo, wg, wu, wd = (w.bits for w in weights)
+    if any(w.shape[1] % 2 for w in (wq, wo, wd)):  # linear.py's one-row kernels read weight pairs
+        return None
     f32 = np.float32
     if ONE_REGION:
         chunks, sizes = _bf16_plan(B, H, wq, wk, wv, wo, wg, wd, kc.shape[1])
