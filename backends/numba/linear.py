@@ -25,6 +25,7 @@ from tinyqwen.backends.numba.intrinsics import (
     _silu,
     round_bf16,
 )
+from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 
 # the decode GEMV over quantized blocks, the first the default (see quant.py and benchmarks/bench_quant_gemv.py)
@@ -169,37 +170,68 @@ def _gate_up1_rows_bf16(
         out[0, f] = _silu(g) * u
 
 
+@njit(cache=True)
+def _claim_size(total, row_bytes, workers):  # rows per claimed chunk: ~128 KiB, at most ~64 chunks per worker
+    return max(1, (128 << 10) // row_bytes, (total + 64 * workers - 1) // (64 * workers))
+
+
+@njit(cache=True)
+def _gemv1_claimed(xe, xo, ws, outs, starts, size, ctr, p):  # one worker: claim chunks of phase p until none
+    total = starts[-1]
+    while True:
+        lo = claim(ctr, p) * size
+        if lo >= total:
+            break
+        _gemv1_rows_bf16(xe, xo, ws, outs, starts, lo, min(total, lo + size))
+        finish(ctr, p)
+
+
 @njit(parallel=True, cache=True)
-def _gemv1_many_bf16(x, ws, outs, starts, chunks):  # _gemv_many_bf16 for one row [1, K], K even
+def _gemv1_many_bf16(
+    x, ws, outs, starts, workers
+):  # _gemv_many_bf16 for one row [1, K], K even, 1 per thread
+    # the threads claim chunks as they go (phases.py) instead of fixed blocks: a thread that another process
+    # holds up leaves its rows to the other (the lm_head, 311 MB, is a quarter of a 0.6B step's bytes)
     K = x.shape[1]
     xe = np.empty(K // 2, np.float32)
     xo = np.empty(K // 2, np.float32)
     _split_pairs(x, xe, xo)
-    total = starts[-1]
-    chunks = min(total, chunks)
-    size = (total + chunks - 1) // chunks
-    for c in prange(chunks):
-        _gemv1_rows_bf16(xe, xo, ws, outs, starts, c * size, min(total, (c + 1) * size))
+    size = _claim_size(starts[-1], 2 * K, workers)
+    ctr = np.zeros(2 * LINE, np.int64)
+    for _ in prange(workers):
+        _gemv1_claimed(xe, xo, ws, outs, starts, size, ctr, 0)
+
+
+@njit(cache=True)
+def _swiglu1_phases(xe, xo, w_gate, w_up, w_down, h, he, ho, out, starts, size1, size2, ctr):
+    # one worker's run through _swiglu1_bf16's two phases: gate/up rows (h, and h split), then down rows
+    F = w_gate.shape[0]
+    while True:
+        lo = claim(ctr, 0) * size1
+        if lo >= F:
+            break
+        hi = min(F, lo + size1)
+        _gate_up1_rows_bf16(xe, xo, w_gate, w_up, h, lo, hi)
+        _split_part(h, he, ho, lo, hi)
+        finish(ctr, 0)
+    wait_finished(ctr, 0, (F + size1 - 1) // size1)
+    _gemv1_claimed(he, ho, (w_down,), (out,), starts, size2, ctr, 1)
 
 
 @njit(parallel=True, cache=True)
-def _swiglu1_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):  # _swiglu_bf16 for one row, K and F even
+def _swiglu1_bf16(x, w_gate, w_up, w_down, h, out, starts, workers):  # _swiglu_bf16, one row, K and F even
+    # in one parallel region: the threads claim gate/up chunks, meet when all are done, then claim down's
     K, F = x.shape[1], w_gate.shape[0]
     xe = np.empty(K // 2, np.float32)
     xo = np.empty(K // 2, np.float32)
     _split_pairs(x, xe, xo)
-    c1 = min(F, chunks)
-    size = (F + c1 - 1) // c1
-    for c in prange(c1):
-        _gate_up1_rows_bf16(xe, xo, w_gate, w_up, h, c * size, min(F, (c + 1) * size))
     he = np.empty(F // 2, np.float32)
     ho = np.empty(F // 2, np.float32)
-    _split_pairs(h, he, ho)
-    total = w_down.shape[0]
-    c2 = min(total, chunks)
-    size2 = (total + c2 - 1) // c2
-    for c in prange(c2):
-        _gemv1_rows_bf16(he, ho, (w_down,), (out,), starts, c * size2, min(total, (c + 1) * size2))
+    size1 = _claim_size(F, 4 * K, workers)
+    size2 = _claim_size(w_down.shape[0], 2 * F, workers)
+    ctr = np.zeros(4 * LINE, np.int64)
+    for _ in prange(workers):
+        _swiglu1_phases(xe, xo, w_gate, w_up, w_down, h, he, ho, out, starts, size1, size2, ctr)
 
 
 def _one_row_pairs(x2: np.ndarray, *bits) -> bool:  # the uint32-pair kernels apply: one row, every K even
@@ -404,6 +436,10 @@ def _chunks() -> int:  # work items for a parallel GEMV: several per thread, so 
     return 8 * numba.get_num_threads()
 
 
+def _workers() -> int:  # iterations of a one-region `prange` (phases.py): one per thread
+    return numba.get_num_threads()
+
+
 def _tiled(x2: np.ndarray) -> bool:  # a batched decode step's rows take the register tiles
     return BATCH_TILES and x2.shape[0] > 1
 
@@ -547,8 +583,9 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     # instruction, streamed faster than the float32 one until both prefetched the next row; then it was ~8% slower:
     # a 0.6B step's GEMVs took 51-56 ms against 46-50, so it went.)
     kernel = _gemm_many_bf16 if _tiled(x2) else _gemv_many_bf16  # a batched step: the register tiles
-    kernel = _gemv1_many_bf16 if _one_row_pairs(x2, *bits) else kernel  # plain decode
-    kernel(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _chunks())
+    one_row = _one_row_pairs(x2, *bits)  # plain decode: one region iteration per thread
+    kernel = _gemv1_many_bf16 if one_row else kernel
+    kernel(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _workers() if one_row else _chunks())
     return outs
 
 
@@ -572,8 +609,10 @@ def swiglu(
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
         out = np.empty(x2.shape, np.float32)
         kernel = _swiglu_gemm_bf16 if _tiled(x2) else _swiglu_bf16  # a batched step: the register tiles
-        kernel = _swiglu1_bf16 if _one_row_pairs(x2, w_gate.bits, w_up.bits, w_down.bits) else kernel
-        kernel(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)), _chunks())
+        one_row = _one_row_pairs(x2, w_gate.bits, w_up.bits, w_down.bits)  # plain decode
+        kernel = _swiglu1_bf16 if one_row else kernel
+        kernel(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)),
+               _workers() if one_row else _chunks())  # fmt: skip
         return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
