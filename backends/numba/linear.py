@@ -148,26 +148,29 @@ def _split_pairs(x, xe, xo):  # [1, K] f32 -> xe, xo [K/2]: x's even and odd pos
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def _gemv1_rows_bf16(xe, xo, ws, outs, starts, lo, hi):  # _gemv_rows_bf16 for one row (x split), K even
-    i = 0
-    for r in range(lo, hi):
-        while r >= starts[i + 1]:
-            i += 1
-        w, out, n = ws[i], outs[i], r - starts[i]
-        _prefetch_next(ws, starts, i, r, hi)
-        out[0, n] = _dot_pairs(xe, xo, w[n].view(np.uint32))
+    # each weight viewed as uint32 once (a view per row, the same bytes, ran at 21 GB/s in cache against 34:
+    # LLVM no longer vectorised the loop over it as well)
+    for i in range(len(ws)):
+        r0, r1 = max(lo, starts[i]), min(hi, starts[i + 1])
+        if r0 >= r1:
+            continue
+        w2, out = ws[i].view(np.uint32), outs[i]
+        for n in range(r0 - starts[i], r1 - starts[i]):
+            if n + 1 < r1 - starts[i]:
+                _prefetch_weight_row(w2[n + 1])
+            out[0, n] = _dot_pairs(xe, xo, w2[n])
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy")
 def _gate_up1_rows_bf16(
     xe, xo, w_gate, w_up, out, lo, hi
 ):  # _gate_up_rows_bf16 for one row (x split), K even
+    g2, u2 = w_gate.view(np.uint32), w_up.view(np.uint32)
     for f in range(lo, hi):
         if f + 1 < hi:
-            _prefetch_weight_row(w_gate[f + 1])
-            _prefetch_weight_row(w_up[f + 1])
-        g = _dot_pairs(xe, xo, w_gate[f].view(np.uint32))
-        u = _dot_pairs(xe, xo, w_up[f].view(np.uint32))
-        out[0, f] = _silu(g) * u
+            _prefetch_weight_row(g2[f + 1])
+            _prefetch_weight_row(u2[f + 1])
+        out[0, f] = _silu(_dot_pairs(xe, xo, g2[f])) * _dot_pairs(xe, xo, u2[f])
 
 
 @njit(cache=True)
