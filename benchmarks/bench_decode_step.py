@@ -236,7 +236,7 @@ def stream(threads: list[int], repeat: int) -> None:
     import numba
     from numba import njit, prange
 
-    from tinyqwen.backends.numba import linear
+    from tinyqwen.backends.numba import gemv_one_row, linear
     from tinyqwen.backends.numba.intrinsics import FAST, _bf16
 
     @njit(cache=False, fastmath=FAST, error_model="numpy")
@@ -269,7 +269,7 @@ def stream(threads: list[int], repeat: int) -> None:
             kinds = {  # the one-weight-at-a-time loop over fixed blocks; the uint32-pair kernel, claimed chunks
                 "read": (read_all, (w, sums, chunks)),
                 "GEMV loop": (linear._gemv_many_bf16, (x, (w,), (out,), starts, chunks)),
-                "GEMV pairs": (linear._gemv1_many_bf16, (x, (w,), (out,), starts, t)),
+                "GEMV pairs": (gemv_one_row._gemv1_many_bf16, (x, (w,), (out,), starts, t)),
             }
             for fn, fn_args in kinds.values():
                 fn(*fn_args)

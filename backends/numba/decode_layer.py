@@ -9,10 +9,17 @@ kernel the threads had already fallen asleep before (see settings.py). Here the 
       ┌───────────────────────────────────────────────────────────────────────────────────────────────────────┘
       └─ RMSNorm ─ gate/up GEMV, SiLU·mul ─ down GEMV ─ + ─> x
 
-The four GEMVs and attention are `prange` loops of one parallel function, so the threads go from one to the next
-while still spinning; the small steps between them (norms, RoPE, residuals: kilobytes) run on the calling thread.
-Every step calls the same serial kernels as the kernel-by-kernel path (linear.py, norm_rope.py, attention.py) in
-the same order, so the results are bit-identical to it (the tests check this).
+By default (ONE_REGION) the whole layer is ONE parallel region: a `prange` over the threads, each running the
+layer's phases (norm, q/k/v rows, RoPE and the cache write, attention, o_proj rows, residual and norm, gate/up
+rows, down rows, residual) and taking chunks of each phase through atomic counters (phases.py); the small serial
+steps (kilobytes) are one-chunk phases. One fork and one join per layer instead of five, and a thread that another
+process holds up leaves its chunks to the other. The other form, `_layer_bf16` / `_layer_quant`, runs the GEMVs
+and attention as five `prange` loops of one parallel function and the small steps on the calling thread.
+Both call the same serial kernels as the kernel-by-kernel path (gemv_one_row.py, linear.py, norm_rope.py,
+attention.py) on the same rows, so the results are bit-identical to it (the tests check this).
+
+One concept: the decode layer in one call, in its two forms for bf16 and for quantized weights; they share their
+steps and helpers line for line, and split into modules they would drift apart.
 
 `decode_layer` returns None where it does not apply — a prompt (T > 1), a batch of rows (B > 1: linear.py's
 multi-row kernels read each weight row once for all of them), no cache or a ragged one, a float16
@@ -20,8 +27,8 @@ cache, an MoE layer, weights neither all bf16 nor all quantized, quantized weigh
 matmul_precision "medium" — and the model then runs the layer kernel by kernel.
 
 Quantized weights (GGUF's q8_0, q4_k, q6_k; Q4_K_M mixes q4_k and q6_k within a layer) take a second layer
-function, `_layer_quant`, of the same shape for the "int8" mode: the activation quantized on the calling thread
-four times (once for q/k/v, once for o_proj, once for gate/up, once for SiLU·mul's output before down), and
+function, `_layer_quant` (one region: `_layer_quant_region`), of the same shape for the "int8" mode: the
+activation quantized by one thread four times (once for q/k/v, once for o_proj, once for gate/up, once for SiLU·mul's output before down), and
 quant.py's row dots (`_gemv_rows_int`: avx2.py's row intrinsics, or their plain loops without AVX2) over the
 threads. The weights' formats arrive as a number per matrix and the row dot dispatches on it, so one compiled
 function serves every mix. It runs the kernel-by-kernel int8 path's steps — quant.gemv's quantization and row
@@ -35,16 +42,14 @@ import numpy as np
 from numba import njit, prange, types
 
 from tinyqwen.backends.numba.attention import _attend_group
-from tinyqwen.backends.numba.intrinsics import _to_bf16
-from tinyqwen.backends.numba.linear import (
-    _chunks,
+from tinyqwen.backends.numba.gemv_one_row import (
     _gate_up1_rows_bf16,
     _gemv1_rows_bf16,
-    _silu_mul,
     _split_pairs,
     _split_part,
-    _starts,
 )
+from tinyqwen.backends.numba.intrinsics import _to_bf16
+from tinyqwen.backends.numba.linear import _chunks, _silu_mul, _starts
 from tinyqwen.backends.numba.norm_rope import _rms_norm
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
 from tinyqwen.backends.numba.quant import (
