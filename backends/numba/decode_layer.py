@@ -185,7 +185,11 @@ def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos
 # The same serial kernels on the same rows as _layer_bf16 / _layer_quant, so the results are bit-identical to
 # them (only which thread computes a row changes, never how); the threads meet at the phase boundaries instead
 # of at five joins and five forks.
-ONE_REGION = True  # False: the five-`prange` layer functions above/below
+# Measured (benchmarks/bench_decode_step.py fused, Qwen3-0.6B-shaped, 2 threads, AMD EPYC with 2 cores shared by
+# other processes, load average 8-9, same process, interleaved, best of 2-3): bf16 285 ms per step in one region,
+# 328 with five loops, 369 kernel by kernel (wall; CPU time 185 / 229 / 249); Q4_K_M 99 / 155 / 181 ms wall.
+# The region's gain is largest on a busy machine (no thread waits for a descheduled partner's fixed block).
+ONE_REGION = True  # False: the five-`prange` layer functions
 CHUNK_BYTES = 128 << 10  # weight bytes per GEMV chunk (a thread's unit of work): ~10-20 us of streaming
 
 
