@@ -10,11 +10,11 @@ Python = the first minus the second); "glue" is the step minus the backend kerne
 them (reshapes, residual adds, the KV cache write). It also counts parallel launches per step.
 launch: each OpenMP setting in its own process: an empty `prange` kernel back to back, and after ~50 us of Python
 (the threads have gone idle: what a decode step's launches meet), microseconds per launch.
-fused: the same decode steps with the backend's one-call layer (decode_layer) and kernel by kernel, interleaved in
-one process, median ms per step of each round, wall and CPU time (run it with NUMBA_NUM_THREADS=1 on a busy machine:
+fused: the same decode steps with the backend's one-call layer (decode_layer) as one parallel region, as five
+`prange` loops (decode_layer.ONE_REGION = False), and kernel by kernel, interleaved in one process, median ms per step of each round, wall and CPU time (run it with NUMBA_NUM_THREADS=1 on a busy machine:
 then CPU time is the work, not the waits).
 stream: one pass over a bf16 buffer the size of the lm_head (the machine's streaming ceiling for these threads)
-against the decode GEMV over that buffer, GB/s. Timings on a shared machine swing: compare within one run.
+against the decode GEMVs over that buffer (the general loop, and the one-row kernel over uint32 pairs), GB/s. Timings on a shared machine swing: compare within one run.
 """
 
 from __future__ import annotations
@@ -128,10 +128,17 @@ def _breakdown(model, prompt: int, steps: int) -> None:
 
 def fused_ab(model_path: str, prompt: int, steps: int, repeat: int) -> None:
     import tinyqwen
+    from tinyqwen.backends.numba import decode_layer
 
     model = tinyqwen.load_model(model_path, backend="numba")
     fused = model.backend
-    variants = {"one call per layer": fused, "kernel by kernel": replace(fused, decode_layer=None)}
+    # (backend, decode_layer.ONE_REGION): the layer as one parallel region, as five `prange` loops, or kernel by
+    # kernel
+    variants = {
+        "one region per layer": (fused, True),
+        "five loops per layer": (fused, False),
+        "kernel by kernel": (replace(fused, decode_layer=None), True),
+    }
     ids = np.random.default_rng(0).integers(0, 151643, prompt)
     best = dict.fromkeys(variants, float("inf"))
     best_cpu = dict(
@@ -139,8 +146,9 @@ def fused_ab(model_path: str, prompt: int, steps: int, repeat: int) -> None:
     )  # CPU seconds of the process: with one thread (NUMBA_NUM_THREADS=1) the work itself,
     # whatever the time other processes take from it on a shared machine
     for r in range(repeat + 1):  # the first round warms up (compiles)
-        for name, backend in variants.items():
+        for name, (backend, region) in variants.items():
             model.backend = backend
+            decode_layer.ONE_REGION = region
             cache = model.new_cache(1, prompt + steps + 8, "bfloat16")
             model.forward(ids[None], cache=cache, last_only=True)
             ts, cpu, tok = [], [], 0
@@ -159,9 +167,10 @@ def fused_ab(model_path: str, prompt: int, steps: int, repeat: int) -> None:
                     flush=True,
                 )
     for label, table in (("wall", best), ("CPU", best_cpu)):
-        a, b = table.values()
+        a = table["one region per layer"]
         print(
-            f"best {label}: {' / '.join(f'{k} {v * 1e3:.2f} ms' for k, v in table.items())}; ratio {b / a:.3f}"
+            f"best {label}: {' / '.join(f'{k} {v * 1e3:.2f} ms' for k, v in table.items())}; "
+            f"each / one region: {' / '.join(f'{v / a:.3f}' for v in table.values())}"
         )
 
 
@@ -227,7 +236,7 @@ def stream(threads: list[int], repeat: int) -> None:
     import numba
     from numba import njit, prange
 
-    from tinyqwen.backends.numba import linear
+    from tinyqwen.backends.numba import gemv_one_row, linear
     from tinyqwen.backends.numba.intrinsics import FAST, _bf16
 
     @njit(cache=False, fastmath=FAST, error_model="numpy")
@@ -257,23 +266,26 @@ def stream(threads: list[int], repeat: int) -> None:
             numba.set_num_threads(t)
             chunks = 8 * t
             sums = np.empty(chunks, np.float32)
-            read_all(w, sums, chunks)
-            linear._gemv_many_bf16(x, (w,), (out,), starts, chunks)
+            kinds = {  # the one-weight-at-a-time loop over fixed blocks; the uint32-pair kernel, claimed chunks
+                "read": (read_all, (w, sums, chunks)),
+                "GEMV loop": (linear._gemv_many_bf16, (x, (w,), (out,), starts, chunks)),
+                "GEMV pairs": (gemv_one_row._gemv1_many_bf16, (x, (w,), (out,), starts, t)),
+            }
+            for fn, fn_args in kinds.values():
+                fn(*fn_args)
             # enough passes for ~0.3 s per kind, interleaved
             passes = max(3, int(0.3 / max(w.nbytes / 20e9, 1e-5)))
-            best_r = best_g = float("inf")
+            best = dict.fromkeys(kinds, float("inf"))
             for _ in range(repeat):
-                t0 = time.perf_counter()
-                for _ in range(passes):
-                    read_all(w, sums, chunks)
-                best_r = min(best_r, (time.perf_counter() - t0) / passes)
-                t0 = time.perf_counter()
-                for _ in range(passes):
-                    linear._gemv_many_bf16(x, (w,), (out,), starts, chunks)
-                best_g = min(best_g, (time.perf_counter() - t0) / passes)
+                for kind, (fn, fn_args) in kinds.items():
+                    t0 = time.perf_counter()
+                    for _ in range(passes):
+                        fn(*fn_args)
+                    best[kind] = min(best[kind], (time.perf_counter() - t0) / passes)
             print(
-                f"{label:<24} {t} thread(s): read {w.nbytes / best_r / 1e9:6.1f} GB/s, GEMV "
-                f"{w.nbytes / best_g / 1e9:6.1f} GB/s ({best_g * 1e6:8.0f} us)"
+                f"{label:<24} {t} thread(s): "
+                + ", ".join(f"{k} {w.nbytes / v / 1e9:5.1f} GB/s" for k, v in best.items())
+                + f" (pairs {best['GEMV pairs'] * 1e6:.0f} us)"
             )
 
 

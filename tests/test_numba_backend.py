@@ -504,6 +504,38 @@ def test_fused_decode_layer_is_bit_identical_to_kernel_by_kernel(tmp_path, kv_dt
         assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("threads, workers", [(1, 1), (2, 2), (2, 5), (1, 3)])
+def test_one_region_decode_layer_equals_five_loops_with_any_thread_count(
+    tmp_path, monkeypatch, threads, workers
+):
+    # the layer as ONE parallel region (threads claim chunks of each phase, decode_layer.ONE_REGION) against the
+    # layer of five `prange` loops: the same serial kernels on the same rows, so equal bits; with more region
+    # iterations than threads (a thread runs two in turn: no wait may depend on the other) and with one thread
+    import numba
+
+    from tinyqwen.backends.numba import decode_layer
+
+    _write_bf16_checkpoint(tmp_path / "ckpt", num_hidden_layers=2, hidden_size=256, intermediate_size=512,
+                           vocab_size=4096, head_dim=64)  # fmt: skip
+    model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
+    logits = {}
+    try:
+        for region in (True, False):
+            monkeypatch.setattr(decode_layer, "ONE_REGION", region)
+            cache = model.new_cache(1, 12, "bfloat16")
+            steps = [model.forward(np.array([[5, 9, 2]]), cache=cache, last_only=True).logits]
+            for _ in range(4):
+                nxt = steps[-1][:, -1].argmax(-1)[:, None]
+                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
+            logits[region] = np.stack(steps)
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(logits[True], logits[False])
+
+
 def test_fused_decode_layer_declines_what_it_does_not_cover(tmp_path):
     # a prompt, a batch, a float16 cache, no cache, and medium precision: None, so the model runs kernel by kernel
     from tinyqwen.backends.numba import decode_layer

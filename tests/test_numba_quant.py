@@ -479,6 +479,35 @@ def test_fused_quant_swiglu_equals_its_parts(m, monkeypatch):
 
 
 @pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
+@pytest.mark.parametrize("threads, workers", [(2, 2), (2, 5), (1, 3)])
+def test_one_region_quantized_layer_equals_five_loops(tiny_gguf, monkeypatch, target, threads, workers):
+    # the quantized layer as ONE parallel region against its five-`prange` form: equal bits, with any number of
+    # region iterations per thread (see phases.py)
+    import numba
+
+    import tinyqwen
+    from tinyqwen.backends.numba import decode_layer
+
+    model = tinyqwen.load_model(tiny_gguf[target], backend="numba")
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
+    logits = {}
+    try:
+        for region in (True, False):
+            monkeypatch.setattr(decode_layer, "ONE_REGION", region)
+            cache = model.new_cache(1, 12)
+            steps = [model.forward(np.array([[3, 1, 4]]), cache=cache, last_only=True).logits]
+            for _ in range(4):
+                nxt = steps[-1][:, -1].argmax(-1)[:, None]
+                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
+            logits[region] = np.stack(steps)
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(logits[True], logits[False])
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
 def test_fused_quantized_decode_layer_is_bit_identical_to_kernel_by_kernel(tiny_gguf, target):
     # decode steps through the one-call quantized layer ("int8") and kernel by kernel: the same activation
     # quantizations and row dots in the same order, so the logits and the cache contents are equal bit for bit.

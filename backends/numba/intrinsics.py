@@ -33,6 +33,31 @@ def _bf16(typingctx, u):
 
 
 @intrinsic
+def _bf16_lo(typingctx, u):
+    """The first of the two bf16 numbers a uint32 holds (little-endian: its low 16 bits) -> float32: shift left 16."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.shl(args[0], ir.Constant(ir.IntType(32), 16)), ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
+def _bf16_hi(typingctx, u):
+    """The second of the two bf16 numbers a uint32 holds (its high 16 bits) -> float32: clear the low 16 bits.
+
+    With _bf16_lo, one 32-bit load gives two weights for two instructions (an AND, a shift), where _bf16 widens
+    each 16-bit weight on its own (a zero-extending load and a shift per weight).
+    """
+
+    def codegen(context, builder, signature, args):
+        mask = ir.Constant(ir.IntType(32), 0xFFFF0000)
+        return builder.bitcast(builder.and_(args[0], mask), ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+@intrinsic
 def _f16(typingctx, u):
     """uint16 IEEE half-precision bit pattern -> float32, in a register (exact: every fp16 is a float32).
 

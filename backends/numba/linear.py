@@ -16,6 +16,7 @@ from numba import njit, prange
 
 from tinyqwen.backends import onednn
 from tinyqwen.backends.numba import quant, quant_matmul
+from tinyqwen.backends.numba.gemv_one_row import _gemv1_many_bf16, _one_row_pairs, _swiglu1_bf16
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 from tinyqwen.blas_threads import limit_blas_threads
@@ -303,6 +304,10 @@ def _chunks() -> int:  # work items for a parallel GEMV: several per thread, so 
     return 8 * numba.get_num_threads()
 
 
+def _workers() -> int:  # iterations of a one-region `prange` (phases.py): one per thread
+    return numba.get_num_threads()
+
+
 def _tiled(x2: np.ndarray) -> bool:  # a batched decode step's rows take the register tiles
     return BATCH_TILES and x2.shape[0] > 1
 
@@ -424,7 +429,9 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     # instruction, streamed faster than the float32 one until both prefetched the next row; then it was ~8% slower:
     # a 0.6B step's GEMVs took 51-56 ms against 46-50, so it went.)
     kernel = _gemm_many_bf16 if _tiled(x2) else _gemv_many_bf16  # a batched step: the register tiles
-    kernel(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _chunks())
+    one_row = _one_row_pairs(x2, *bits)  # plain decode: one region iteration per thread
+    kernel = _gemv1_many_bf16 if one_row else kernel
+    kernel(round_bf16(x2)[1] if bf16_inputs else x2, bits, outs, starts, _workers() if one_row else _chunks())
     return outs
 
 
@@ -448,7 +455,10 @@ def swiglu(
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
         out = np.empty(x2.shape, np.float32)
         kernel = _swiglu_gemm_bf16 if _tiled(x2) else _swiglu_bf16  # a batched step: the register tiles
-        kernel(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)), _chunks())
+        one_row = _one_row_pairs(x2, w_gate.bits, w_up.bits, w_down.bits)  # plain decode
+        kernel = _swiglu1_bf16 if one_row else kernel
+        kernel(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)),
+               _workers() if one_row else _chunks())  # fmt: skip
         return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)

@@ -1,0 +1,146 @@
+"""Plain decode's bf16 GEMVs (one token row, K even): the weights read as uint32 pairs of bf16, in one parallel region.
+
+A row's dot product as two sums, one over its even positions and one over its odd ones: one 32-bit load brings
+two weights (intrinsics._bf16_lo, _bf16_hi: a shift, an AND), and x, split once per product into its even and
+odd values, lines up with them. On the AMD EPYC (AVX2) host, one thread, CPU time (a busy machine, interleaved,
+best of 6-8): 144 MB of [3072, 1024] weights streamed at 14.5-15.1 GB/s against 13.4-14.3 for linear.py's
+one-weight-at-a-time loop, the lm_head [151936, 1024] at 11.5 against 10.9, and a [2048, 1024] weight in cache at
+32-34 against 21 GB/s. The sums' order differs from that loop's (float32 rounding: within 2e-7 of the largest
+output here), so these are the only one-row bf16 kernels: the fused decode layer (decode_layer.py) and the
+kernel-by-kernel path (linear.py) both use them and stay equal to each other bit for bit.
+
+The threads claim chunks of rows as they go (phases.py) instead of taking fixed blocks: a thread that another
+process holds up leaves its rows to the other (the lm_head, 311 MB, is a quarter of a 0.6B step's bytes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from tinyqwen.backends.numba.intrinsics import FAST, _bf16_hi, _bf16_lo, _prefetch_weight_row, _silu
+from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
+def _dot_pairs(
+    xe, xo, row
+):  # x's even and odd values [K/2] x2, a weight row as uint32 pairs [K/2] -> float32
+    ae = np.float32(0.0)
+    ao = np.float32(0.0)
+    for j in range(row.shape[0]):
+        u = row[j]
+        ae += xe[j] * _bf16_lo(u)
+        ao += xo[j] * _bf16_hi(u)
+    return ae + ao
+
+
+@njit(cache=True)
+def _split_part(
+    x, xe, xo, lo, hi
+):  # positions lo..hi of x [1, K] f32 into xe or xo [K/2] (even, odd position)
+    for f in range(lo, hi):
+        if f % 2 == 0:
+            xe[f >> 1] = x[0, f]
+        else:
+            xo[f >> 1] = x[0, f]
+
+
+@njit(cache=True)
+def _split_pairs(x, xe, xo):  # [1, K] f32 -> xe, xo [K/2]: x's even and odd positions (written)
+    _split_part(x, xe, xo, 0, x.shape[1])
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _gemv1_rows_bf16(xe, xo, ws, outs, starts, lo, hi):  # _gemv_rows_bf16 for one row (x split), K even
+    # each weight viewed as uint32 once (a view per row, the same bytes, ran at 21 GB/s in cache against 34:
+    # LLVM no longer vectorised the loop over it as well)
+    for i in range(len(ws)):
+        r0, r1 = max(lo, starts[i]), min(hi, starts[i + 1])
+        if r0 >= r1:
+            continue
+        w2, out = ws[i].view(np.uint32), outs[i]
+        for n in range(r0 - starts[i], r1 - starts[i]):
+            if n + 1 < r1 - starts[i]:
+                _prefetch_weight_row(w2[n + 1])
+            out[0, n] = _dot_pairs(xe, xo, w2[n])
+
+
+@njit(cache=True, fastmath=FAST, error_model="numpy")
+def _gate_up1_rows_bf16(
+    xe, xo, w_gate, w_up, out, lo, hi
+):  # _gate_up_rows_bf16 for one row (x split), K even
+    g2, u2 = w_gate.view(np.uint32), w_up.view(np.uint32)
+    for f in range(lo, hi):
+        if f + 1 < hi:
+            _prefetch_weight_row(g2[f + 1])
+            _prefetch_weight_row(u2[f + 1])
+        out[0, f] = _silu(_dot_pairs(xe, xo, g2[f])) * _dot_pairs(xe, xo, u2[f])
+
+
+@njit(cache=True)
+def _claim_size(total, row_bytes, workers):  # rows per claimed chunk: ~128 KiB, at most ~64 chunks per worker
+    return max(1, (128 << 10) // row_bytes, (total + 64 * workers - 1) // (64 * workers))
+
+
+@njit(cache=True)
+def _gemv1_claimed(xe, xo, ws, outs, starts, size, ctr, p):  # one worker: claim chunks of phase p until none
+    total = starts[-1]
+    while True:
+        lo = claim(ctr, p) * size
+        if lo >= total:
+            break
+        _gemv1_rows_bf16(xe, xo, ws, outs, starts, lo, min(total, lo + size))
+        finish(ctr, p)
+
+
+@njit(parallel=True, cache=True)
+def _gemv1_many_bf16(
+    x, ws, outs, starts, workers
+):  # _gemv_many_bf16 for one row [1, K], K even, 1 per thread
+    # the threads claim chunks as they go (phases.py) instead of fixed blocks: a thread that another process
+    # holds up leaves its rows to the other (the lm_head, 311 MB, is a quarter of a 0.6B step's bytes)
+    K = x.shape[1]
+    xe = np.empty(K // 2, np.float32)
+    xo = np.empty(K // 2, np.float32)
+    _split_pairs(x, xe, xo)
+    size = _claim_size(starts[-1], 2 * K, workers)
+    ctr = np.zeros(2 * LINE, np.int64)
+    for _ in prange(workers):
+        _gemv1_claimed(xe, xo, ws, outs, starts, size, ctr, 0)
+
+
+@njit(cache=True)
+def _swiglu1_phases(xe, xo, w_gate, w_up, w_down, h, he, ho, out, starts, size1, size2, ctr):
+    # one worker's run through _swiglu1_bf16's two phases: gate/up rows (h, and h split), then down rows
+    F = w_gate.shape[0]
+    while True:
+        lo = claim(ctr, 0) * size1
+        if lo >= F:
+            break
+        hi = min(F, lo + size1)
+        _gate_up1_rows_bf16(xe, xo, w_gate, w_up, h, lo, hi)
+        _split_part(h, he, ho, lo, hi)
+        finish(ctr, 0)
+    wait_finished(ctr, 0, (F + size1 - 1) // size1)
+    _gemv1_claimed(he, ho, (w_down,), (out,), starts, size2, ctr, 1)
+
+
+@njit(parallel=True, cache=True)
+def _swiglu1_bf16(x, w_gate, w_up, w_down, h, out, starts, workers):  # _swiglu_bf16, one row, K and F even
+    # in one parallel region: the threads claim gate/up chunks, meet when all are done, then claim down's
+    K, F = x.shape[1], w_gate.shape[0]
+    xe = np.empty(K // 2, np.float32)
+    xo = np.empty(K // 2, np.float32)
+    _split_pairs(x, xe, xo)
+    he = np.empty(F // 2, np.float32)
+    ho = np.empty(F // 2, np.float32)
+    size1 = _claim_size(F, 4 * K, workers)
+    size2 = _claim_size(w_down.shape[0], 2 * F, workers)
+    ctr = np.zeros(4 * LINE, np.int64)
+    for _ in prange(workers):
+        _swiglu1_phases(xe, xo, w_gate, w_up, w_down, h, he, ho, out, starts, size1, size2, ctr)
+
+
+def _one_row_pairs(x2: np.ndarray, *bits) -> bool:  # the uint32-pair kernels apply: one row, every K even
+    return x2.shape[0] == 1 and all(b.shape[-1] % 2 == 0 and b.flags.c_contiguous for b in bits)
