@@ -11,10 +11,10 @@
    normal(0, 0.02) values by tinyqwen's quantizer, and every tensor filled with blocks picked at random among them
    (real blocks with sane scales, not random bytes). ~18 GB, under /tmp; deleted at the end unless --keep.
 2. `tinyqwen info --model FILE --context C` (C = prompt + new + 8): the predicted peak RSS of the numba backend.
-3. Runs both engines, one after the other in their own processes (bench_moe.py's timing loop: greedy from the same
-   random prompt ids, best of 1; 2 threads), each with the free memory (MemAvailable) sampled while it runs:
-   load time, prefill and decode tok/s, peak RSS, the greedy ids (equal or not) and the KL divergence of the next-token
-   distributions at 3 teacher-forced positions.
+3. Runs both engines, one after the other in their own processes (2 threads; greedy from the same random prompt
+   ids; one timed run after a short warm-up, see CHILD_ONE_RUN), each with the free memory (MemAvailable) sampled
+   while it runs: load time, prefill and decode tok/s, peak RSS, the greedy ids (equal or not) and the KL divergence
+   of the next-token distributions over the positions where both engines had the same ids before them.
 
 llama.cpp runs with `use_extra_bufts` off: by default it repacks Q4_K weights into its own interleaved layout in
 anonymous memory (its RSS on the 2-layer file is 1.57x the file), which for an 18 GB file would not fit the 24 GB of
@@ -37,6 +37,31 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_moe import CHILD, CONFIG, kl_divergence  # noqa: E402
+
+# bench_moe's child times decode as t(1 + N tokens) − t(first token) from two runs, which assumes both prefills take
+# the same time; at full size the first prefill also pages in most of 18 GB, so here one run is taken apart instead:
+# prefill = the first token's time, decode = the N steps after it (the weights they read already paged in by the
+# prefill, as in a chat). The logits of every position are saved for the KL comparison.
+CHILD_ONE_RUN = (
+    CHILD.split("def run(prompt, k):")[0]
+    + r"""
+load_s = time.perf_counter() - t0
+prompt = [int(x) for x in np.random.default_rng(0).integers(0, min(vocab, 151643), P)]
+start(prompt[:8]); step(0)  # warm-up (JIT, caches)
+t0 = time.perf_counter()
+rows = [start(prompt)]
+t1 = time.perf_counter()
+ids, steps = [int(rows[0].argmax())], []
+while len(ids) < 1 + N:
+    rows.append(step(ids[-1])); ids.append(int(rows[-1].argmax())); steps.append(time.perf_counter())
+t2 = time.perf_counter()
+np.save(logits_out, np.stack(rows).astype(np.float32))
+gaps = np.diff([t1] + steps)
+print(json.dumps({"prefill": P / (t1 - t0), "decode": N / (t2 - t1), "decode_last_half": (N // 2) / gaps[N - N // 2:].sum(),
+                  "step_s": [round(float(g), 3) for g in gaps], "ids": ids, "load_s": load_s,
+                  "peak_rss": rss(), "base_rss": base}))
+"""
+)
 
 TEMPLATE_BLOCKS = 4096
 
@@ -108,8 +133,8 @@ def run_engine(python: str, engine: str, path: Path, args, logits_out: Path) -> 
     """bench_moe's child for one engine, with the smallest MemAvailable seen while it ran."""
     env = {**os.environ, **dict.fromkeys(("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                                           "NUMBA_NUM_THREADS"), str(args.threads))}  # fmt: skip
-    child = (NO_REPACK if engine == "llama.cpp" else "") + CHILD
-    sizes = (args.prompt_tokens, args.new_tokens, 1, args.threads, 2)
+    child = (NO_REPACK if engine == "llama.cpp" else "") + CHILD_ONE_RUN
+    sizes = (args.prompt_tokens, args.new_tokens, 1, args.threads, 0)
     cmd = [python, "-c", child, engine, str(path), *map(str, sizes), str(logits_out)]
     low = [available()]
     done_flag = threading.Event()
@@ -201,14 +226,15 @@ def main() -> None:
                 if out.is_file():
                     logits[name] = np.load(out)
                 print(f"  {results[name]}", file=sys.stderr, flush=True)
-        if len(logits) == 2:
-            kl = kl_divergence(logits["llama.cpp"], logits["numba:int8"])
-            top1 = logits["llama.cpp"].argmax(-1) == logits["numba:int8"].argmax(-1)
+        a, b = results.get("numba:int8", {}), results.get("llama.cpp", {})
+        if len(logits) == 2 and "ids" in a and "ids" in b:
+            same = [x == y for x, y in zip(a["ids"], b["ids"], strict=False)]
+            n = (same.index(False) if False in same else len(same)) + 1  # positions with the same context
+            kl = kl_divergence(logits["llama.cpp"][:n], logits["numba:int8"][:n])
+            top1 = logits["llama.cpp"][:n].argmax(-1) == logits["numba:int8"][:n].argmax(-1)
             report["kl_numba_vs_llama"] = {"mean": float(kl.mean()), "max": float(kl.max()),
                                            "top1": float(top1.mean()), "positions": len(kl)}  # fmt: skip
-        a, b = results.get("numba:int8", {}), results.get("llama.cpp", {})
         if "ids" in a and "ids" in b:
-            same = [x == y for x, y in zip(a["ids"], b["ids"], strict=False)]
             report["ids_agree_prefix"] = same.index(False) if False in same else len(same)
             report["decode_numba_vs_llama"] = a["decode"] / b["decode"]
             report["prefill_numba_vs_llama"] = a["prefill"] / b["prefill"]
