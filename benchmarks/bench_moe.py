@@ -9,7 +9,9 @@ tensor at a time, the packaged tokenizer; 3.7 GB for 2 layers) and quantizes it 
 quantizer (`llama_model_quantize` of llama-cpp-python, run with PY: 1.19 GB, token_embd Q4_K, output Q6_K, the
 expert stacks Q4_K but ffn_down_exps / attn_v Q6_K in layer 1, as llama.cpp's _M mix picks), both under /tmp and
 reused after. Then llama.cpp and tinyqwen's numba backend, with its two decode GEMVs ("int8": the activations
-quantized to int8 blocks as llama.cpp does; "float": the codes widened in registers), each in its own process with
+quantized to int8 blocks as llama.cpp does; "float": the codes widened in registers; "int8:two-launch": decode's
+MoE in two launches, the pairs' gate/up rows and then their down rows, as before each pair became one job of a
+single launch, backends/numba/moe.py's MOE_PAIR_JOBS), each in its own process with
 the same thread count, greedy from the same random prompt ids: prefill tok/s = P / t(first token), decode tok/s =
 N / (t(1 + N tokens) − t(first token)), best of --repeat within a process and of --rounds processes per engine
 (the engines interleaved); peak RSS (getrusage). Random weights give near-tied logits,
@@ -184,6 +186,9 @@ else:
     t0 = time.perf_counter()
     model = tinyqwen.load_model(path, backend="numba")
     model.backend = backend(quant_gemv=engine.split(":")[1])
+    if engine.endswith(":two-launch"):  # decode's MoE as before the pair jobs: up rows, then down rows
+        from tinyqwen.backends.numba import moe
+        moe.MOE_PAIR_JOBS = False
     vocab = model.config.vocab_size
     state = {}
     def start(prompt):

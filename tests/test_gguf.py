@@ -90,6 +90,33 @@ def test_read_into_copies_the_stored_bytes_by_a_file_read(tmp_path):
             f.read_into("experts", np.empty(f.raw("experts")[2].shape, np.uint8), first=4)
 
 
+def _mapped_rss(path: Path) -> int:  # resident bytes of this process's mappings of `path` (/proc/self/smaps)
+    total, current = 0, None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            current = head[5] if len(head) > 5 else None
+        elif line.startswith("Rss:") and current == str(path):
+            total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc/self/smaps (Linux)")
+def test_parsed_header_pages_leave_the_resident_memory(tmp_path):
+    # a 4 MB header (a 200,000-token vocabulary, as a Qwen3 file's 5.7 MiB) is read through the mapping to parse
+    # it; once parsed, its pages are handed back: the open file's mapping holds (almost) nothing resident, and the
+    # tensor data still reads as written
+    path = tmp_path / "big-header.gguf"
+    tokens = [f"token-{i:06d}" for i in range(200_000)]
+    weight = np.arange(2048, dtype=np.float32)
+    write_gguf(path, {"tokenizer.ggml.tokens": (tokens, "ARRAY[STRING]")}, {"w": weight})
+    with GGUFFile(path) as f:
+        assert f.data_start > 3 << 20
+        assert _mapped_rss(path) < 64 << 10  # at most the page the data section starts in, and its neighbours
+        assert f.metadata["tokenizer.ggml.tokens"][199_999] == "token-199999"
+        assert np.array_equal(f.get("w"), weight)
+
+
 def test_doc_example_bytes(tmp_path):
     path = tmp_path / "x.gguf"
     write_gguf(path, {"a": (7, "UINT32")}, {"x": np.array([1.0, 2.0], np.float32)})

@@ -174,6 +174,32 @@ def test_cache_stores_rounded_values_and_reads_them_back(dtype):
     np.testing.assert_allclose(A.widen(values), v, rtol=2**-8 if dtype != "float32" else 0)
 
 
+def _rss() -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(next(line for line in text.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmRSS from /proc (Linux)")
+def test_host_cache_is_taken_as_written_and_given_back_whole():
+    # a 256 MiB bf16 cache (4 layers of 1 x 8 heads x 16,384 positions x 128): allocating it takes no resident
+    # memory, writing 64 positions takes about their bytes (every head's first page), and dropping it returns it
+    # all, so a second cache reuses nothing it has to keep (np.zeros from the heap after a large free: all pages
+    # zeroed by hand, resident at once, kept by the process after)
+    cache = KVCache.allocate(4, 1, 8, 16384, 128, "bfloat16")
+    assert cache.nbytes == 256 << 20 and all(not k.any() for k in cache.keys[:1])
+    before = _rss()
+    fresh = KVCache.allocate(4, 1, 8, 16384, 128, "bfloat16")
+    assert _rss() - before < 4 << 20  # nothing written yet: nothing resident
+    for layer in range(4):
+        fresh.update(layer, np.ones((1, 8, 64, 128), np.float32), np.ones((1, 8, 64, 128), np.float32))
+    grown = _rss() - before
+    assert (2 * 4 * 8 * 64 * 128 * 2) <= grown < 16 << 20  # 1 MiB written: a few MiB with page granularity
+    assert float(bf16_to_float32(fresh.keys[3][0, 7, 63, 127])) == 1.0 and not fresh.keys[3][0, 7, 64].any()
+    del fresh
+    assert _rss() - before < 4 << 20  # its mapping went back whole
+    assert not cache.keys[0].any()  # (the first cache is untouched, as zeros as np.zeros gives)
+
+
 def test_float16_cache_refuses_values_out_of_range():
     cache = KVCache.allocate(1, 1, 1, 4, 2, "float16")
     big = np.full((1, 1, 1, 2), 1e5, np.float32)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("numba")
+numba = pytest.importorskip("numba")
 
 from tinyqwen.backends import get_backend  # noqa: E402
 from tinyqwen.backends.numba import QuantWeight, linear, moe, quant  # noqa: E402
@@ -303,6 +303,31 @@ def test_moe_prefill_groups_equal_the_decode_kernel(mode, blas, monkeypatch):
             # largest output; a wrong expert or weight would be off by its whole size)
             bound = 5e-2 if mode == "int8" else 1e-5
             assert np.abs(one[0] - whole[t]).max() <= bound * np.abs(whole[t]).max()
+
+
+@pytest.mark.parametrize("down", ["q4_k", "q6_k", "q8_0"])
+def test_moe_decode_pair_jobs_equal_the_two_launches(down, monkeypatch):
+    """Decode's pairs as whole jobs of one launch (gate/up rows, h quantized, down rows on one thread) take the
+    same row dots and row quantizers as the two launches: the same bits, for one token and a few."""
+    rng = np.random.default_rng(11)
+    E, d, f, k = 6, 256, 512, 4
+    stacks = [
+        get_backend("numba").prepare(QuantizedTensor(qtype, shape, random_blocks(rng, qtype, *shape)))
+        for qtype, shape in (("q4_k", (E, f, d)), ("q8_0", (E, f, d)), (down, (E, d, f)))
+    ]
+    threads = numba.get_num_threads()
+    numba.set_num_threads(min(2, threads))  # (pair jobs need as many pairs as threads: k = 4 on any machine)
+    try:
+        for n in (1, 3):
+            x = rng.standard_normal((n, d)).astype(np.float32)
+            weights, experts = route(rng.standard_normal((n, E)).astype(np.float32), k, True)
+            monkeypatch.setattr(moe, "MOE_PAIR_JOBS", False)
+            two = moe._moe_decode_quant(x, experts, weights, *stacks, True)
+            monkeypatch.setattr(moe, "MOE_PAIR_JOBS", True)
+            one = moe._moe_decode_quant(x, experts, weights, *stacks, True)
+            assert np.array_equal(one, two) and np.abs(one).max() > 0
+    finally:
+        numba.set_num_threads(threads)
 
 
 def test_bad_block_data_is_one_clear_line():

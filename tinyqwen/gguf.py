@@ -199,6 +199,7 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: {size} bytes is too short for a GGUF header (24 bytes)")
             self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
             self._parse(size)
+            self._release_header()
         except BaseException:
             self.close()
             raise
@@ -297,6 +298,23 @@ class GGUFFile:
                     f"{self.path}: tensors {previous.name!r} and {t.name!r} overlap in the data section"
                 )
             previous = t
+
+    def _release_header(self) -> None:
+        """Hand the header's pages of the mapping back to the kernel, now that it is parsed into Python objects.
+
+        The header was read through the mapping, and a touched page of a mapping counts in the process's resident
+        memory for as long as the mapping lives (here: as long as a weight views it). A Qwen3 file's header is
+        mostly the tokenizer (151,936 token strings and 151,387 merges): 5.7 MiB of a 373 MiB Q4_K_M file that no
+        one reads again. MADV_DONTNEED on a read-only file mapping only unmaps those pages (the page cache keeps
+        them; a later read faults them back in), so this changes no byte anyone sees. Whole pages before the data
+        section only: the first tensor's bytes stay where they are.
+        """
+        end = self.data_start // mmap.PAGESIZE * mmap.PAGESIZE
+        if end and hasattr(mmap, "MADV_DONTNEED"):  # (Linux, macOS; elsewhere the pages simply stay)
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, 0, end)
+            except OSError:  # advice only: a system that refuses it loses nothing but the saving
+                pass
 
     # ----------------------------------------------------------------------------------------- access
 

@@ -5,6 +5,7 @@ per layer in their blocks ([E, rows, bytes], `QuantWeight`) and decode through `
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -88,11 +89,62 @@ def _flat(
     return w.data.reshape(-1, w.data.shape[-1]), w.data8.reshape(-1, w.data.shape[-1])
 
 
+# A decode step's (token, expert) pairs as whole jobs of one parallel launch (`_moe_pairs_int`), when there are at
+# least as many pairs as threads (top-8 routing: a single token on up to 8 threads); otherwise, or False, the two
+# launches below (every pair's gate/up rows over the threads, then every pair's down rows)
+MOE_PAIR_JOBS = True
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _moe_pairs_int(kg, ku, kd, g, g8, u, u8, dw, dw8, acts, experts, need0, needk, h, hacts, y):
+    # acts: x's int8 forms; g/u [E·F, bytes], dw [E·d, bytes] (whole stacks, row numbers e·F + f) -> h [N·k, F]
+    # (its int8 forms in hacts), y [N·k, d]: each pair's expert output before its routing weight.
+    # One job per pair, all of it on one thread: its expert's gate and up rows -> h[p] -> h[p] quantized -> its
+    # expert's down rows. A pair's down product needs only its own h row, so no pair waits for another: one launch
+    # (one wake-up of the threads) instead of two plus the quantization between them, and each thread streams one
+    # expert's three matrices front to back. The same row dots and row quantizers as moe_up_int / activations /
+    # moe_down_int, on the same values: the same bits.
+    N, k = experts.shape
+    F, d = h.shape[1], y.shape[1]
+    ha0q, ha0d, hakq, hakd, haks = hacts
+    for p in prange(N * k):
+        t, e = p // k, experts[p // k, p % k]
+        acc = np.empty(8, np.float32)  # (the plain loops' lanes)
+        for f in range(F):
+            r = e * F + f
+            h[p, f] = _silu(quant._row(kg, g, g8, r, acts, t, acc)) * quant._row(ku, u, u8, r, acts, t, acc)
+        if need0:
+            quant.quantize_q8_0_rows(h[p : p + 1], ha0q[p : p + 1], ha0d[p : p + 1])
+        if needk:
+            quant.quantize_q8_k_rows(h[p : p + 1], hakq[p : p + 1], hakd[p : p + 1], haks[p : p + 1])
+        for i in range(d):
+            y[p, i] = quant._row(kd, dw, dw8, e * d + i, hacts, p, acc)
+
+
 def _moe_decode_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
     # x [N, d] f32, routing [N, k], stacked quantized experts -> [N, d]: two launches for all (token, expert) pairs
     x2 = _rows(x)
     N, k = experts.shape
     h = np.empty((N * k, w_gate.shape[1]), np.float32)
+    if use_int and MOE_ROW_DOTS and MOE_PAIR_JOBS and N * k >= numba.get_num_threads():  # one launch
+        acts = quant.activations(x2, {w_gate.kind, w_up.kind}, True)[1:6]
+        need0, needk = quant._needs({w_down.kind})
+        F = h.shape[1]
+        hacts = (
+            np.empty((N * k, F if need0 else 0), np.int8),
+            np.empty((N * k, F // 32 if need0 else 0), np.float32),
+            np.empty((N * k, F if needk else 0), np.int8),
+            np.empty((N * k, F // 256 if needk else 0), np.float32),
+            np.empty((N * k, F // 32 if needk else 0), np.int32),
+        )  # (as quant.activations' placeholders: a form the down weights do not read is empty)
+        y = np.empty((N * k, x2.shape[1]), np.float32)
+        _moe_pairs_int(
+            w_gate.kind, w_up.kind, w_down.kind, *_flat(w_gate), *_flat(w_up), *_flat(w_down), acts, experts,
+            need0, needk, h, hacts, y,
+        )  # fmt: skip
+        out = np.empty(x2.shape, np.float32)
+        quant.moe_combine(y, weights.astype(np.float32), out)
+        return out
     if use_int and MOE_ROW_DOTS:  # the row dots; each pair's output, then the tokens' sums as prefill's
         acts = quant.activations(x2, {w_gate.kind, w_up.kind}, True)[1:6]
         quant.moe_up_int(w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, experts, h, _chunks())

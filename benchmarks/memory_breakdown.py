@@ -1,0 +1,135 @@
+"""Where a GGUF run's resident memory goes: the numba backend's process, stage by stage (Linux: /proc/self).
+
+bench_quant.py reports one number per engine, the peak RSS (and "/file": the peak less the process before any weight,
+over the file's bytes). This script takes the same run apart, in the same order as bench_quant's child: after each
+stage it reads VmRSS and VmHWM (the peak so far) from /proc/self/status and splits the resident pages by mapping
+(/proc/self/smaps): the GGUF file's mapping (the weights, in their blocks), LLVM's library (libllvmlite.so, paged in
+when Numba starts its JIT), anonymous memory (the interpreter's objects, NumPy arrays, Numba's runtime, and the KV
+cache's own mapping, tinyqwen.kv_cache.lazy_zeros) and other files (libraries).
+
+    python benchmarks/memory_breakdown.py MODEL.gguf [--prompt 128 --new 64] [--tokenizer]
+
+Stage "numba started" calls one small kernel (the RMSNorm's, from Numba's cache) before any weight is read: what the engine itself costs once
+it runs (LLVM's JIT, Numba's typing and target contexts), separately from what loading and running the model add.
+The last lines compare the peak with its floor: the file's bytes + the KV cache's bytes + Numba started. Numbers
+are MiB (2^20 bytes); "/file" as bench_quant's: (peak − the process after the imports) ÷ the file's bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+MIB = 1 << 20
+
+
+def snapshot(path: Path) -> dict[str, float]:
+    """This process's resident memory now, in MiB: total, peak, and by kind of mapping."""
+    status = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            status[key] = int(value.split()[0]) / 1024
+    by_name: dict[str, float] = {}
+    name = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):
+            name = head[5] if len(head) > 5 else "[anon]"
+        elif line.startswith("Rss:"):
+            by_name[name] = by_name.get(name, 0.0) + int(head[1]) / 1024
+    gguf = by_name.get(str(path.resolve()), 0.0)
+    llvm = sum(v for k, v in by_name.items() if "libllvmlite" in k)
+    return {
+        "rss": status["VmRSS"],
+        "peak": status["VmHWM"],
+        "anon": status["RssAnon"],
+        "gguf": gguf,
+        "llvm": llvm,
+        "other files": status["RssFile"] - gguf - llvm,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--tokenizer", action="store_true", help="also load the file's tokenizer at the end")
+    args = parser.parse_args()
+    path, P, N = args.model, args.prompt, args.new
+    rows = []
+
+    def stage(name: str) -> dict[str, float]:
+        s = snapshot(path)
+        rows.append((name, s))
+        print(
+            f"{name:<34} {s['rss']:7.1f} {s['peak']:7.1f} {s['gguf']:7.1f} {s['llvm']:6.1f} {s['anon']:6.1f} "
+            f"{s['other files']:6.1f}",
+            flush=True,
+        )
+        return s
+
+    print(f"{path.name}: {os.path.getsize(path) / MIB:.1f} MiB; prompt {P}, {N} new tokens; MiB")
+    print(f"{'stage':<34} {'VmRSS':>7} {'peak':>7} {'gguf':>7} {'llvm':>6} {'anon':>6} {'files':>6}")
+    stage("interpreter + NumPy")
+    import tinyqwen
+    from tinyqwen.backends.numba import backend, compile_clock
+
+    base = stage("+ tinyqwen, numba backend (base)")
+    from tinyqwen.backends.numba.norm_rope import rms_norm
+
+    rms_norm(
+        np.ones((1, 4), np.float32), np.ones(4, np.float32), 1e-6
+    )  # one small kernel, from Numba's cache
+    started = stage("+ Numba started (one small kernel)")
+    clock = compile_clock()
+    model = tinyqwen.load_model(path, backend="numba")
+    model.backend = backend(quant_gemv="int8")
+    stage("+ load_model (nothing read yet)")
+    vocab = min(model.config.vocab_size, 151643)
+    prompt = np.random.default_rng(0).integers(0, vocab, (1, P))
+    warm = model.new_cache(1, P + N + 8, "bfloat16")  # bench_quant's warm-up: 8 tokens and one step
+    model.forward(
+        np.asarray([[int(model.forward(prompt[:, :8], cache=warm).logits[0, -1].argmax())]]), cache=warm
+    )
+    del warm
+    stage("+ warm-up (8 tokens, 1 step)")
+    cache = model.new_cache(1, P + N + 8, "bfloat16")
+    stage(f"+ KV cache for {P + N + 8} positions")
+    ids = model.forward(prompt, cache=cache, last_only=True).logits[0, -1].argmax()
+    stage(f"+ prefill {P}")
+    for _ in range(N):
+        ids = model.forward(np.asarray([[ids]]), cache=cache, last_only=True).logits[0, -1].argmax()
+    end = stage(f"+ decode {N}")
+    if clock.total > 1.0:
+        print(f"(Numba compiled for {clock.total:.0f} s in this run: run it again for the cached figures)")
+    size = os.path.getsize(path)
+    kv = cache.nbytes / MIB
+    engine = started["rss"] - base["rss"]
+    floor = size / MIB + kv + engine  # above base: what this run cannot do without
+    print(
+        f"\npeak {end['peak']:.1f} MiB; peak − base {end['peak'] - base['rss']:.1f} MiB = "
+        f"{(end['peak'] - base['rss']) * MIB / size:.3f} × the file (bench_quant's /file)"
+    )
+    print(
+        f"floor: the file {size / MIB:.1f} + the KV cache {kv:.1f} + Numba started {engine:.1f} = {floor:.1f} MiB "
+        f"= {floor * MIB / size:.3f} × the file (the bar, + 15 %: {1.15 * size / MIB:.1f} MiB above base)"
+    )
+    if args.tokenizer:
+        from tinyqwen.tokenizer import Tokenizer
+
+        del model, cache
+        before = stage("(model and cache dropped)")
+        tok = Tokenizer.from_gguf(path)
+        after = stage("+ the file's tokenizer")
+        print(f"tokenizer: {after['rss'] - before['rss']:.1f} MiB resident ({len(tok.vocab)} tokens)")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
