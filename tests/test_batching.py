@@ -342,7 +342,7 @@ def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
     assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5
 
 
-# ---- the numba backend's batched decode products (register tiles of 4 token rows x 2 weight rows)
+# ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 weight rows)
 
 
 def _bf16_weight(rng, n: int, k: int):
@@ -352,9 +352,9 @@ def _bf16_weight(rng, n: int, k: int):
     return BF16Weight(bits), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 16, 17])  # whole tiles, leftover rows, both
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 16, 17])  # whole tiles, leftover rows, both
 def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows, monkeypatch):
-    # every row of a batched q/k/v (weights of odd row counts: a pair that would straddle two weights), o and
+    # every row of a batched q/k/v (row counts that are not multiples of 3: a triple that spans two weights), o and
     # SwiGLU product against float64 sums of the same bf16 weights: 1e-5 of the output's size, as the backend's
     # other products (tests/test_numba_backend.py); and a batch of one still takes the one-row loops, bit for bit
     pytest.importorskip("numba")
@@ -368,6 +368,9 @@ def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows,
     for out, (_, w64) in zip(outs, ws, strict=True):
         want = x.astype(np.float64) @ w64.T
         assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+    # a row's sums depend neither on the other rows of its step nor on its place in a tile
+    last_two = linear.linears(x[rows - 2 :], tuple(w for w, _ in ws))
+    assert all(np.array_equal(out[rows - 2 :], two) for out, two in zip(outs, last_two, strict=True))
     (g, g64), (u, u64), (d, d64) = (
         _bf16_weight(rng, 50, K),
         _bf16_weight(rng, 50, K),
