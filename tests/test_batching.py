@@ -42,10 +42,29 @@ def alone_logits(model, prompt: list[int], fed: list[int]) -> list[np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module", params=["numpy", "numba"])
+def cupy_standin_model(folder: Path):
+    """The cupy backend on the CPU (its kernels' NumPy twins, device arrays that refuse host arrays as CuPy's do;
+    see tests/test_cupy_backend.py): the KV pool's rows and the ragged cache in the backend's own arrays."""
+    from cuda_executor.devicearrays import OnDevice
+
+    from tinyqwen.backends import cupy as cupy_backend
+    from tinyqwen.checkpoint import Checkpoint
+    from tinyqwen.config import load_config, load_generation_config
+    from tinyqwen.model import Qwen3, load_weights
+
+    backend = cupy_backend.make_backend(OnDevice(cupy_backend.NumpyTwins()), name="cupy-standin")
+    config = load_config(folder)
+    with Checkpoint(folder) as checkpoint:
+        weights = load_weights(checkpoint, config, backend.prepare, keep_bf16=backend.options.keep_bf16)
+    return Qwen3(config, weights, backend, load_generation_config(folder), folder)
+
+
+@pytest.fixture(scope="module", params=["numpy", "numba", "cupy-standin"])
 def model(request, tiny_qwen3_dir, tiny_qwen3_model):
     if request.param == "numpy":
         return tiny_qwen3_model
+    if request.param == "cupy-standin":
+        return cupy_standin_model(tiny_qwen3_dir)
     pytest.importorskip("numba")
     import tinyqwen
 
@@ -187,6 +206,36 @@ def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, 
         assert job.output_ids == want, prompt
     assert engine.metrics.steps < sum(len(j.output_ids) for j in jobs)  # decode steps were shared
     assert engine.pool.decoding == 0 and not engine.prefilling
+
+
+def test_engine_on_the_cupy_backend_batches_and_equals_numpy_alone(tiny_qwen3_dir, tiny_qwen3_model, tok):
+    """The server's engine on the cupy backend (its stand-in on the CPU): the KV pool in device arrays, prompts
+    prefilled into their rows, batched ragged decode steps; every greedy reply equals the NumPy backend's `generate`
+    of the same prompt alone."""
+    model = cupy_standin_model(tiny_qwen3_dir)
+    rows_per_forward, forward = [], model.forward
+
+    def counted(ids, *args, **kwargs):
+        rows_per_forward.append(len(ids))
+        return forward(ids, *args, **kwargs)
+
+    model.forward = counted
+    engine = Engine(model, tok, max_batch=3, kv_budget=budget(model, 3, 256), prefill_chunk=8)
+    collector = Collector()
+    rng = np.random.default_rng(2)
+    cases = [([int(t) for t in rng.integers(0, 150000, 4 + 3 * i)], 8 + i % 3) for i in range(5)]
+    try:
+        jobs = [collector.job(tok, p, n, temperature=0.0) for p, n in cases]
+        for job in jobs:
+            engine.submit(job)
+        results = [collector.wait(job) for job in jobs]
+    finally:
+        engine.stop()
+    for (prompt, n), job, (kind, _) in zip(cases, jobs, results, strict=True):
+        assert kind == "done"
+        assert job.output_ids == generate(tiny_qwen3_model, prompt, n, eos_token_ids=EOS, temperature=0.0)
+    assert max(rows_per_forward) == 3  # steps were shared, by as many rows as the pool has
+    assert engine.pool.decoding == 0
 
 
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
