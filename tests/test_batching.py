@@ -238,6 +238,36 @@ def test_engine_on_the_cupy_backend_batches_and_equals_numpy_alone(tiny_qwen3_di
     assert engine.pool.decoding == 0
 
 
+def test_prompts_of_different_lengths_are_prefilled_in_one_forward(tiny_qwen3_model, tok, monkeypatch):
+    """Four prompts of 3, 8, 13 and 18 ids arrive together (within one step's budget): one forward prefills them
+    all (the shorter ones padded at the end), not one round per length; every reply equals `generate` alone."""
+    model = tiny_qwen3_model
+    shapes, forward = [], model.forward
+
+    def counted(ids, *args, **kwargs):
+        shapes.append(np.shape(ids))
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=96)
+    collector = Collector()
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (3, 8, 13, 18)]
+    try:
+        jobs = [collector.job(tok, p, 4, temperature=0.0) for p in prompts]
+        with engine.wake:  # (a reentrant lock) all four queued before the worker takes any
+            for job in jobs:
+                engine.submit(job)
+        results = [collector.wait(job) for job in jobs]
+    finally:
+        engine.stop()
+    monkeypatch.undo()
+    assert [kind for kind, _ in results] == ["done"] * 4
+    assert [shape for shape in shapes if shape[1] > 1] == [(4, 18)]  # one forward, padded to the longest
+    for prompt, job in zip(prompts, jobs, strict=True):
+        assert job.output_ids == generate(model, prompt, 4, eos_token_ids=EOS, temperature=0.0)
+
+
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
     engine = Engine(tiny_qwen3_model, tok, max_batch=2, kv_budget=budget(tiny_qwen3_model, 2, 256))
     collector = Collector()
