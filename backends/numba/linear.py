@@ -101,19 +101,22 @@ def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u1
 #
 # The one-row loops above, run for M rows, widen every bf16 weight M times and keep one accumulator per loop:
 # from 4 rows on the step is compute-bound and those loops were ~10x slower for 16 rows than for one. These take
-# a tile of 4 token rows x 3 weight rows: each pass over k loads three weight vectors (widened once, used for four
-# rows) and four x vectors, and feeds twelve independent accumulators. Twelve, not eight: an FMA takes 4 cycles
-# and two start per cycle, so eight chains only just keep the two FMA units busy and any stall idles them; and
-# each x vector loaded now feeds three products instead of two (the x rows of a 16-row step are 64-192 KiB, past
-# L1, so their loads come from L2). LLVM keeps the 12 accumulators, 3 weights and one x vector in AVX2's 16
-# registers (no spill; a 3 x 4 tile needs 17 and spilled, running at 60 %). Measured on one core of this AVX2 EPYC,
-# 16 token rows, Qwen3-0.6B's gate (3072 x 1024) and down (1024 x 3072) shapes, same process: 4 x 3 tiles 25 and
-# 32 GMAC/s, the 4 x 2 tiles before them 19 and 26, 6 x 2 tiles 21 and 31. "contract" lets LLVM fuse each multiply and add into one FMA
-# (one rounding instead of two), so a batched row differs from the same row alone by the float32 rounding of its
-# dot products, within the tolerance tests/test_batching.py checks; a row's sums do not depend on which other rows
-# share its step or on its place in a tile. Rows past the last multiple of 4 (or 3) repeat the last row (or weight
-# row) in the tile's spare places, computed and written twice with the same value. One row (plain decode) never
-# comes here: it keeps the kernels above, bit-identical.
+# a tile of 4 token rows x 3 weight rows: each pass over k loads three weight vectors (widened once, used for
+# four rows) and four x vectors, and feeds twelve independent accumulators. Twelve, not eight: an FMA takes 4
+# cycles and two start per cycle, so eight chains only just keep the two FMA units busy and any stall idles
+# them; and each x vector loaded feeds three products instead of two (the x rows of a 16-row step are 64-192 KiB,
+# past L1: their loads come from L2). LLVM keeps the 12 accumulators, 3 weights and one x vector in AVX2's 16
+# registers (no spill; a 3 x 4 tile needs 17 and spilled, running at 60 %). Measured on one core of this AVX2
+# EPYC, 16 token rows, Qwen3-0.6B's gate (3072 x 1024) and down (1024 x 3072) shapes, same process: 4 x 3 tiles
+# 25 and 32 GMAC/s, the 4 x 2 tiles before them 19 and 26, 6 x 2 tiles 21 and 31; a whole 16-row step's products
+# (28 layers + lm_head, one thread, CPU time, a busy machine) 378-388 ms against 415-444 with 4 x 2 tiles.
+# (Reading the weights as uint32 pairs, one AND or shift widening two bf16 values, was no faster.) "contract"
+# lets LLVM fuse each multiply and add into one FMA (one rounding instead of two), so a batched row differs from
+# the same row alone by the float32 rounding of its dot products, within the tolerance tests/test_batching.py
+# checks; a row's sums depend neither on the other rows of its step nor on its place in a tile. Rows past the last
+# multiple of 4 (weight rows past the last multiple of 3) repeat the last one in the tile's spare places, computed
+# and written twice with the same value. One row (plain decode) never comes here: it keeps the kernels above,
+# bit-identical.
 TILE_FAST = {"reassoc", "contract"}
 
 
