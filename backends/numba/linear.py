@@ -109,7 +109,8 @@ def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u1
 # registers (no spill; a 3 x 4 tile needs 17 and spilled, running at 60 %). Measured on one core of this AVX2
 # EPYC, 16 token rows, Qwen3-0.6B's gate (3072 x 1024) and down (1024 x 3072) shapes, same process: 4 x 3 tiles
 # 25 and 32 GMAC/s, the 4 x 2 tiles before them 19 and 26, 6 x 2 tiles 21 and 31; a whole 16-row step's products
-# (28 layers + lm_head, one thread, CPU time, a busy machine) 378-388 ms against 415-444 with 4 x 2 tiles.
+# (28 layers + lm_head, one thread, CPU time, a busy machine) 378-388 ms against 415-444 with 4 x 2 tiles; on
+# two threads at load < 1, 181-201 ms against 198-209 (1.04-1.10x; 64 rows 1.24x).
 # (Reading the weights as uint32 pairs, one AND or shift widening two bf16 values, was no faster.) "contract"
 # lets LLVM fuse each multiply and add into one FMA (one rounding instead of two), so a batched row differs from
 # the same row alone by the float32 rounding of its dot products, within the tolerance tests/test_batching.py
