@@ -5,7 +5,7 @@
 
 A continuous-batching server decodes B sequences per step: every weight product has B rows of input. Up to
 `GEMV_MAX_ROWS` rows the numba backend streams each bf16 weight from memory once, in register tiles of 4 token rows
-x 2 weight rows (`BATCH_TILES`: each weight widened once for four rows, eight FMA chains); beyond that it widens
+x 3 weight rows (`BATCH_TILES`: each weight widened once for four rows, twelve FMA chains); beyond that it widens
 blocks of weights to float32 and calls BLAS. This times one decoder layer's products (q/k/v fused, o, gate/up
 fused + down) x layers, and the lm_head, of Qwen3-0.6B (random bf16 weights of the real shapes) per path and batch
 size: "tiles" (the default), "rows" (the one-row loops run once per token row, `BATCH_TILES = False`, what a batch

@@ -30,9 +30,11 @@ client's turnaround idles it), so it can exceed the client count on a model whos
 Per engine, its peak RSS (VmHWM). Before the cells each server answers a few warm-up requests (not counted). The summary gives each phase's aggregate against one client, and the TTFT
 target: steady TTFT p95 against 3x the one-client TTFT plus one prefill (the one-client TTFT).
 
-`--soak SECONDS`: instead of the cells, C clients (the largest of `--clients`) send requests of the first workload
-for SECONDS, the server's RSS sampled every `--soak-every` seconds; it reports the mean RSS of the first and the
-last third and whether it stayed flat (last third within 5% + 16 MiB of the first).
+`--soak SECONDS`: instead of the cells, C clients (the largest of `--clients`) send requests of the first workload;
+once each has had its first reply (the warm-up: by then every KV row has held a whole request, see `soak`), for
+SECONDS more with the server's RSS sampled every `--soak-every` seconds; it reports the mean RSS of the first and
+the last third, whether it stayed flat (last third within 5% + 16 MiB of the first), and the shared-anonymous part
+(the KV pool's written pages) apart.
 
 Workloads (the issue's shapes): decode-heavy: 32–64-token prompts, 128 new tokens; prompt-heavy: 256-token
 prompts, 48 new tokens (`--scale` shrinks both for a quick run). At full scale on Qwen3-0.6B with 2 cores a 64-client
@@ -259,47 +261,66 @@ def summarize(results: list[dict], wall: float, window: tuple[float, float] | No
             "mean_request_s": statistics.mean(r["end"] for r in results)}  # fmt: skip
 
 
-def current_rss(pid: int) -> int:
-    """The process's resident memory now, in bytes (VmRSS)."""
+def current_rss(pid: int, field: str = "VmRSS") -> int:
+    """The process's resident memory now, in bytes (VmRSS; or another /proc status field, e.g. RssShmem)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
 
 def soak(port: int, pid: int, prompts: list[list[int]], clients: int, new_tokens: int, seconds: float,
          every: float) -> dict:  # fmt: skip
-    """`clients` clients sending requests for `seconds`; the server's RSS sampled every `every` seconds."""
-    stop = time.perf_counter() + seconds
+    """`clients` clients sending requests; once each has had one reply (the warm-up), `seconds` more of them with
+    the server's RSS sampled every `every` seconds.
+
+    The warm-up is not sampled: tinyqwen's KV pool is mapped lazily, a page resident once a position is written
+    in it, so its resident size climbs while the first requests run until every row has held a whole request,
+    then stays (rows x the longest request's positions; at full scale on a busy machine that first round took
+    minutes, and a soak sampled from the start called it growth). The shared-anonymous part of the RSS (RssShmem:
+    the pool's written pages) is reported beside the rest (RssAnon: the Python heap, NumPy's arrays, numba), so a
+    growing pool and a growing heap can be told apart.
+    """
     counts = {"requests": 0, "lost": 0, "tokens": 0}
     lock = threading.Lock()
+    warm = threading.Barrier(clients + 1)
+    stop = [float("inf")]
 
     def client(c: int) -> None:
-        i = c
-        while time.perf_counter() < stop:
+        i, first = c, True
+        while time.perf_counter() < stop[0]:
             r = stream_completion(port, prompts[i % len(prompts)], new_tokens)
             with lock:
                 counts["requests"] += 1
                 counts["lost"] += not r["complete"]
                 counts["tokens"] += r["tokens"]
             i += clients
+            if first:
+                first = False
+                warm.wait()  # (its next request goes out at once: the barrier only marks the time)
 
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    start = time.perf_counter()
+    begin = time.perf_counter()
     for t in threads:
         t.start()
+    warm.wait()
+    start = time.perf_counter()
+    stop[0] = start + seconds
     samples = []
     while any(t.is_alive() for t in threads):
-        samples.append((time.perf_counter() - start, current_rss(pid)))
+        samples.append((time.perf_counter() - start, current_rss(pid), current_rss(pid, "RssShmem")))
         time.sleep(every)
     for t in threads:
         t.join()
-    rss = [r for _, r in samples]
+    rss = [r for _, r, _ in samples]
+    shmem = [s for _, _, s in samples]
     third = max(1, len(rss) // 3)
     first, last = statistics.mean(rss[:third]), statistics.mean(rss[-third:])
-    return {**counts, "wall_s": time.perf_counter() - start, "samples": samples, "rss_first_third": first,
-            "rss_last_third": last, "rss_max": max(rss), "flat": last <= 1.05 * first + (16 << 20)}  # fmt: skip
+    return {**counts, "warm_up_s": start - begin, "wall_s": time.perf_counter() - start, "samples": samples,
+            "rss_first_third": first, "rss_last_third": last, "rss_max": max(rss),
+            "shmem_first_third": statistics.mean(shmem[:third]), "shmem_last_third": statistics.mean(shmem[-third:]),
+            "flat": last <= 1.05 * first + (16 << 20)}  # fmt: skip
 
 
 def divergences(model, results: list[dict], new_tokens: int, check: int) -> list[dict]:
@@ -389,10 +410,12 @@ def run_soak(args, port: int, pid: int, clients: list[int], workload: str) -> di
     prompts = prompts_for(workload, c, 4, args.scale, seed=7)
     result = soak(port, pid, prompts, c, new_tokens, args.soak, args.soak_every)
     mib = 2**20
-    print(f"soak: {c} clients, {workload}, {result['wall_s']:.0f} s, {result['requests']} requests "
-          f"({result['tokens']} tokens, lost {result['lost']}); RSS first third {result['rss_first_third'] / mib:.0f}"
-          f" MiB, last third {result['rss_last_third'] / mib:.0f} MiB, max {result['rss_max'] / mib:.0f} MiB: "
-          f"{'flat' if result['flat'] else 'GROWING'}", flush=True)  # fmt: skip
+    print(f"soak: {c} clients, {workload}, {result['warm_up_s']:.0f} s of warm-up (each client's first reply), then "
+          f"{result['wall_s']:.0f} s, {result['requests']} requests ({result['tokens']} tokens, lost {result['lost']});"
+          f" RSS first third {result['rss_first_third'] / mib:.0f} MiB, last third "
+          f"{result['rss_last_third'] / mib:.0f} MiB, max {result['rss_max'] / mib:.0f} MiB: "
+          f"{'flat' if result['flat'] else 'GROWING'}; of which shared anonymous (a KV pool's written pages) "
+          f"{result['shmem_first_third'] / mib:.0f} and {result['shmem_last_third'] / mib:.0f} MiB", flush=True)  # fmt: skip
     return result
 
 

@@ -479,7 +479,10 @@ print(f"B=16 costs {step[4] / step[0]:.1f}× the time of B=1 and makes {16 * ste
 # stream stalls for that long. So the scheduler prefills at most `prefill_chunk` prompt tokens per step (a long
 # prompt spreads over several steps, its KV row filling up chunk by chunk), then runs the batched decode. Short
 # prompts that fit in one step's budget together are prefilled *together*, in one forward over their rows (a
-# ragged batch again, every row at its own length), so ten short prompts cost one read of the weights, not ten:
+# ragged batch again, every row at its own length; a forward's rows all take the same number of tokens, so the
+# shorter prompts are padded at the end — their pads' keys land past their length, masked and later overwritten,
+# and each row's logits are read after its own last token), so ten short prompts cost one read of the weights,
+# not ten:
 #
 # ```
 # step   prefill (≤ prefill_chunk tokens)         decode (one forward, one row per running sequence)
@@ -535,8 +538,8 @@ print("every reply equals generate alone")
 
 # %% [markdown]
 # Four rows (`max_batch=4`): the fifth request waits until a row is free, then takes it at once. A prefill entry
-# "2×3" is one forward over two prompts' rows, 3 tokens each (the 3- and 5-token prompts fit in one step
-# together); "12 + 4" is two forwards (the 40-token prompt does not fit beside the 12-token one, so it goes alone,
+# "2×5" is one forward over two prompts' rows, 5 tokens each (the 3- and 5-token prompts fit in one step
+# together; the 3-token one padded with two copies of its last token); "12 + 4" is two forwards (the 40-token prompt does not fit beside the 12-token one, so it goes alone,
 # 16 tokens a step). The prefill chunk
 # is the knob between the two latencies a user feels: a large chunk gives new requests their first token sooner
 # (time to first token, TTFT), a small one keeps the running streams' inter-token latency (ITL) even.

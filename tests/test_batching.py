@@ -42,10 +42,29 @@ def alone_logits(model, prompt: list[int], fed: list[int]) -> list[np.ndarray]:
     return out
 
 
-@pytest.fixture(scope="module", params=["numpy", "numba"])
+def cupy_standin_model(folder: Path):
+    """The cupy backend on the CPU (its kernels' NumPy twins, device arrays that refuse host arrays as CuPy's do;
+    see tests/test_cupy_backend.py): the KV pool's rows and the ragged cache in the backend's own arrays."""
+    from cuda_executor.devicearrays import OnDevice
+
+    from tinyqwen.backends import cupy as cupy_backend
+    from tinyqwen.checkpoint import Checkpoint
+    from tinyqwen.config import load_config, load_generation_config
+    from tinyqwen.model import Qwen3, load_weights
+
+    backend = cupy_backend.make_backend(OnDevice(cupy_backend.NumpyTwins()), name="cupy-standin")
+    config = load_config(folder)
+    with Checkpoint(folder) as checkpoint:
+        weights = load_weights(checkpoint, config, backend.prepare, keep_bf16=backend.options.keep_bf16)
+    return Qwen3(config, weights, backend, load_generation_config(folder), folder)
+
+
+@pytest.fixture(scope="module", params=["numpy", "numba", "cupy-standin"])
 def model(request, tiny_qwen3_dir, tiny_qwen3_model):
     if request.param == "numpy":
         return tiny_qwen3_model
+    if request.param == "cupy-standin":
+        return cupy_standin_model(tiny_qwen3_dir)
     pytest.importorskip("numba")
     import tinyqwen
 
@@ -187,6 +206,66 @@ def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, 
         assert job.output_ids == want, prompt
     assert engine.metrics.steps < sum(len(j.output_ids) for j in jobs)  # decode steps were shared
     assert engine.pool.decoding == 0 and not engine.prefilling
+
+
+def test_engine_on_the_cupy_backend_batches_and_equals_numpy_alone(tiny_qwen3_dir, tiny_qwen3_model, tok):
+    """The server's engine on the cupy backend (its stand-in on the CPU): the KV pool in device arrays, prompts
+    prefilled into their rows, batched ragged decode steps; every greedy reply equals the NumPy backend's `generate`
+    of the same prompt alone."""
+    model = cupy_standin_model(tiny_qwen3_dir)
+    rows_per_forward, forward = [], model.forward
+
+    def counted(ids, *args, **kwargs):
+        rows_per_forward.append(len(ids))
+        return forward(ids, *args, **kwargs)
+
+    model.forward = counted
+    engine = Engine(model, tok, max_batch=3, kv_budget=budget(model, 3, 256), prefill_chunk=8)
+    collector = Collector()
+    rng = np.random.default_rng(2)
+    cases = [([int(t) for t in rng.integers(0, 150000, 4 + 3 * i)], 8 + i % 3) for i in range(5)]
+    try:
+        jobs = [collector.job(tok, p, n, temperature=0.0) for p, n in cases]
+        for job in jobs:
+            engine.submit(job)
+        results = [collector.wait(job) for job in jobs]
+    finally:
+        engine.stop()
+    for (prompt, n), job, (kind, _) in zip(cases, jobs, results, strict=True):
+        assert kind == "done"
+        assert job.output_ids == generate(tiny_qwen3_model, prompt, n, eos_token_ids=EOS, temperature=0.0)
+    assert max(rows_per_forward) == 3  # steps were shared, by as many rows as the pool has
+    assert engine.pool.decoding == 0
+
+
+def test_prompts_of_different_lengths_are_prefilled_in_one_forward(tiny_qwen3_model, tok, monkeypatch):
+    """Four prompts of 3, 8, 13 and 18 ids arrive together (within one step's budget): one forward prefills them
+    all (the shorter ones padded at the end), not one round per length; every reply equals `generate` alone."""
+    model = tiny_qwen3_model
+    shapes, forward = [], model.forward
+
+    def counted(ids, *args, **kwargs):
+        shapes.append(np.shape(ids))
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=96)
+    collector = Collector()
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (3, 8, 13, 18)]
+    try:
+        jobs = [collector.job(tok, p, 4, temperature=0.0) for p in prompts]
+        with engine.wake:  # (a reentrant lock) all four queued before the worker takes any
+            for job in jobs:
+                engine.submit(job)
+        results = [collector.wait(job) for job in jobs]
+    finally:
+        engine.stop()
+    monkeypatch.undo()
+    assert [kind for kind, _ in results] == ["done"] * 4
+    assert [shape for shape in shapes if shape[1] > 1] == [(4, 18)]  # one forward, padded to the longest
+    for prompt, job in zip(prompts, jobs, strict=True):
+        assert job.output_ids == generate(model, prompt, 4, eos_token_ids=EOS, temperature=0.0)
 
 
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
@@ -342,7 +421,7 @@ def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
     assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5
 
 
-# ---- the numba backend's batched decode products (register tiles of 4 token rows x 2 weight rows)
+# ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 weight rows)
 
 
 def _bf16_weight(rng, n: int, k: int):
@@ -352,9 +431,9 @@ def _bf16_weight(rng, n: int, k: int):
     return BF16Weight(bits), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
-@pytest.mark.parametrize("rows", [2, 3, 4, 5, 7, 16, 17])  # whole tiles, leftover rows, both
+@pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 16, 17])  # whole tiles, leftover rows, both
 def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows, monkeypatch):
-    # every row of a batched q/k/v (weights of odd row counts: a pair that would straddle two weights), o and
+    # every row of a batched q/k/v (row counts that are not multiples of 3: a triple that spans two weights), o and
     # SwiGLU product against float64 sums of the same bf16 weights: 1e-5 of the output's size, as the backend's
     # other products (tests/test_numba_backend.py); and a batch of one still takes the one-row loops, bit for bit
     pytest.importorskip("numba")
@@ -368,6 +447,9 @@ def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows,
     for out, (_, w64) in zip(outs, ws, strict=True):
         want = x.astype(np.float64) @ w64.T
         assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+    # a row's sums depend neither on the other rows of its step nor on its place in a tile
+    last_two = linear.linears(x[rows - 2 :], tuple(w for w, _ in ws))
+    assert all(np.array_equal(out[rows - 2 :], two) for out, two in zip(outs, last_two, strict=True))
     (g, g64), (u, u64), (d, d64) = (
         _bf16_weight(rng, 50, K),
         _bf16_weight(rng, 50, K),

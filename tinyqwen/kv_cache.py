@@ -185,6 +185,13 @@ class _Pool(np.ndarray):
     contiguous cache behind a view (the numba decode attention) finds exactly those rows, with no copy."""
 
 
+def cache_rows(a, lo: int, hi: int):
+    """Rows lo .. hi - 1 of a cache array, a view in the backend's own array type: a RaggedKVCache's host storage
+    (`_Pool`) as a plain ndarray, a device array (cupy) as itself (np.asarray would copy it to the host, or refuse).
+    """
+    return a[lo:hi].view(np.ndarray) if isinstance(a, _Pool) else a[lo:hi]
+
+
 @dataclass
 class RaggedKVCache:
     """`B` rows of a KVCache (from row `first`, default 0), each at its own length: a batch of unrelated sequences.
@@ -247,8 +254,7 @@ class RaggedKVCache:
         for store, x, what in ((self.base.keys, k, "keys"), (self.base.values, v, "values")):
             a = store[layer]
             a[rows, :, at] = self.base.encode(x, what, layer).transpose(0, 2, 1, 3)  # [B, T, Hkv, d]
-            window = a[lo:hi].view(np.ndarray) if isinstance(a, _Pool) else a[lo:hi]
-            out.append(window[:, :, :end])
+            out.append(cache_rows(a, lo, hi)[:, :, :end])
         return out[0], out[1]
 
     def advance(self, n: int) -> None:

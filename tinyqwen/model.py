@@ -268,6 +268,7 @@ class Qwen3:
         attention_mask: np.ndarray | None = None,  # [B, past + T]: 1 real token, 0 padding
         positions: np.ndarray | None = None,  # [B, T]
         last_only: bool = False,
+        logits_at: np.ndarray | None = None,  # [B] ints: only row b's logits at column logits_at[b]
         return_router_logits: bool = False,
         return_hidden_states: bool = False,
         on_device: bool = False,  # logits stay the backend's array (cupy: sample on the GPU, see chapter 11)
@@ -277,7 +278,10 @@ class Qwen3:
         With a `cache`, `ids` are the positions after the cached ones, and the cache grows by T. With a
         `RaggedKVCache` every row is its own sequence at its own length (a server's batch of unrelated requests):
         row b's new ids take positions lengths[b], lengths[b] + 1, ... and see only that row's keys, so each row's
-        logits are what the row alone would get (up to float32 rounding of the batched products)."""
+        logits are what the row alone would get (up to float32 rounding of the batched products). `last_only` keeps
+        the last column's logits, `logits_at` column logits_at[b] of row b (a server's prompts of different lengths
+        prefilled together, the shorter ones padded at the end: each row's logits after its own last prompt id);
+        either way [B, 1, vocab], the lm_head run on those B positions only."""
         c, w, k = self.config, self.weights, self.backend
         ids, mask, positions = self._inputs(ids, cache, attention_mask, positions)
         B, T = ids.shape
@@ -309,7 +313,9 @@ class Qwen3:
         if cache is not None:
             cache.advance(T)
 
-        if last_only:
+        if logits_at is not None:
+            x = x[np.arange(B), np.asarray(logits_at)][:, None]  # [B, 1, H]
+        elif last_only:
             x = x[:, -1:]
         logits = k.linear(k.rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head)
         return ForwardOutput(

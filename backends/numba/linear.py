@@ -1,5 +1,5 @@
 """The weight products: decode's bf16 GEMVs (streamed, each row widened in registers; a batched decode step of 2 to
-GEMV_MAX_ROWS rows in register tiles of 4 token rows x 2 weight rows), prefill's widen-a-block + BLAS (or oneDNN's
+GEMV_MAX_ROWS rows in register tiles of 4 token rows x 3 weight rows), prefill's widen-a-block + BLAS (or oneDNN's
 bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
 weights (`QuantWeight`) take two roads too: decode's GEMV over their blocks (`quant.py`; "int8": x quantized to
 int8 blocks, integer dot products, llama.cpp's way; or "float": codes widened in registers), and prefill's int8
@@ -110,130 +110,140 @@ def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u1
 #
 # The one-row loops above, run for M rows, widen every bf16 weight M times and keep one accumulator per loop:
 # from 4 rows on the step is compute-bound and those loops were ~10x slower for 16 rows than for one. These take
-# a tile of 4 token rows x 2 weight rows: each pass over k loads two weight vectors (widened once, used for four
-# rows) and four x vectors, and feeds eight independent accumulators (eight FMA chains, enough to hide the FMA's
-# latency; LLVM keeps all 14 vectors in AVX2's 16 registers, no spill). "contract" lets LLVM fuse each multiply
-# and add into one FMA (one rounding instead of two), so a batched row differs from the same row alone by the
-# float32 rounding of its dot products, within the tolerance tests/test_batching.py checks. (2 x 4 and 3 x 3
-# tiles ran as fast, 18-20 GMAC/s of one core's CPU time on this AVX2 EPYC for 16 rows; the one-row loops 9.)
-# Rows past the last multiple of 4 take 1 x 2 tiles. One row (plain decode) never comes here: it keeps the
-# kernels above, bit-identical.
+# a tile of 4 token rows x 3 weight rows: each pass over k loads three weight vectors (widened once, used for
+# four rows) and four x vectors, and feeds twelve independent accumulators. Twelve, not eight: an FMA takes 4
+# cycles and two start per cycle, so eight chains only just keep the two FMA units busy and any stall idles
+# them; and each x vector loaded feeds three products instead of two (the x rows of a 16-row step are 64-192 KiB,
+# past L1: their loads come from L2). LLVM keeps the 12 accumulators, 3 weights and one x vector in AVX2's 16
+# registers (no spill; a 3 x 4 tile needs 17 and spilled, running at 60 %). Measured on one core of this AVX2
+# EPYC, 16 token rows, Qwen3-0.6B's gate (3072 x 1024) and down (1024 x 3072) shapes, same process: 4 x 3 tiles
+# 25 and 32 GMAC/s, the 4 x 2 tiles before them 19 and 26, 6 x 2 tiles 21 and 31; a whole 16-row step's products
+# (28 layers + lm_head, one thread, CPU time, a busy machine) 378-388 ms against 415-444 with 4 x 2 tiles; on
+# two threads at load < 1, 181-201 ms against 198-209 (1.04-1.10x; 64 rows 1.24x).
+# (Reading the weights as uint32 pairs, one AND or shift widening two bf16 values, was no faster.) "contract"
+# lets LLVM fuse each multiply and add into one FMA (one rounding instead of two), so a batched row differs from
+# the same row alone by the float32 rounding of its dot products, within the tolerance tests/test_batching.py
+# checks; a row's sums depend neither on the other rows of its step nor on its place in a tile. Rows past the last
+# multiple of 4 (weight rows past the last multiple of 3) repeat the last one in the tile's spare places, computed
+# and written twice with the same value. One row (plain decode) never comes here: it keeps the kernels above,
+# bit-identical.
 TILE_FAST = {"reassoc", "contract"}
 
 
 @njit(cache=True, fastmath=TILE_FAST, error_model="numpy", inline="always")
-def _tile_4x2(x, m, w0, w1):  # x[m : m + 4] . w0, . w1 -> 8 sums (rows m.., weight 0 then 1)
+def _tile_4x3(x, m0, m1, m2, m3, w0, w1, w2):  # x[m0..m3] . w0, w1, w2 -> 12 sums, row by row
     K = x.shape[1]
-    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = np.float32(0.0)
+    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = a30 = a31 = a32 = np.float32(0.0)
     for k in range(K):
         v0 = _bf16(w0[k])
         v1 = _bf16(w1[k])
-        x0, x1, x2, x3 = x[m, k], x[m + 1, k], x[m + 2, k], x[m + 3, k]
+        v2 = _bf16(w2[k])
+        x0 = x[m0, k]
         a00 += x0 * v0
         a01 += x0 * v1
+        a02 += x0 * v2
+        x1 = x[m1, k]
         a10 += x1 * v0
         a11 += x1 * v1
+        a12 += x1 * v2
+        x2 = x[m2, k]
         a20 += x2 * v0
         a21 += x2 * v1
+        a22 += x2 * v2
+        x3 = x[m3, k]
         a30 += x3 * v0
         a31 += x3 * v1
-    return a00, a01, a10, a11, a20, a21, a30, a31
+        a32 += x3 * v2
+    return a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32
 
 
-@njit(cache=True, fastmath=TILE_FAST, error_model="numpy", inline="always")
-def _tile_1x2(x, m, w0, w1):  # x[m] . w0, . w1
-    K = x.shape[1]
-    a0 = a1 = np.float32(0.0)
-    for k in range(K):
-        a0 += x[m, k] * _bf16(w0[k])
-        a1 += x[m, k] * _bf16(w1[k])
-    return a0, a1
+@njit(cache=True, inline="always")
+def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i (r past row i's)
+    while r >= starts[i + 1]:
+        i += 1
+    return i
 
 
 @njit(cache=True, fastmath=TILE_FAST, error_model="numpy")
 def _gemm_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked row space, M >= 2 token rows
-    # two weight rows at a time (a weight with an odd row count: its last row paired with itself, written once)
+    # three stacked rows at a time (each from whichever weight holds it: a triple may span two weights)
     M = x.shape[0]
     i = 0
-    for r in range(lo, hi, 2):
-        while r >= starts[i + 1]:
-            i += 1
-        w, out, n = ws[i], outs[i], r - starts[i]
-        n1 = n + 1 if r + 1 < min(hi, starts[i + 1]) else n
-        if r + 2 < hi:
-            _prefetch_next(ws, starts, i, r + 1, hi)
-            _prefetch_next(ws, starts, i, r, hi)
-        w0, w1 = w[n], w[n1]
-        for m in range(0, M - M % 4, 4):
-            a00, a01, a10, a11, a20, a21, a30, a31 = _tile_4x2(x, m, w0, w1)
-            out[m, n], out[m + 1, n], out[m + 2, n], out[m + 3, n] = a00, a10, a20, a30
-            out[m, n1], out[m + 1, n1], out[m + 2, n1], out[m + 3, n1] = a01, a11, a21, a31
-        for m in range(M - M % 4, M):
-            a0, a1 = _tile_1x2(x, m, w0, w1)
-            out[m, n], out[m, n1] = a0, a1
-        if n1 == n and r + 1 < hi:  # an odd weight ended at r: its next row belongs to the next weight
-            while r + 1 >= starts[i + 1]:
-                i += 1
-            _gemm_row_single(x, ws[i], outs[i], r + 1 - starts[i])
-
-
-@njit(cache=True, fastmath=TILE_FAST, error_model="numpy")
-def _gemm_row_single(x, w, out, n):  # one weight row for M token rows (the odd one out)
-    for m in range(x.shape[0]):
-        out[m, n] = _tile_1x2(x, m, w[n], w[n])[0]
+    for r in range(lo, hi, 3):
+        i0 = i = _weight_of(starts, i, r)
+        i1 = _weight_of(starts, i0, min(r + 1, hi - 1))
+        i2 = _weight_of(starts, i1, min(r + 2, hi - 1))
+        n0, n1, n2 = r - starts[i0], min(r + 1, hi - 1) - starts[i1], min(r + 2, hi - 1) - starts[i2]
+        for ahead in range(r + 3, min(r + 6, hi)):  # the next triple's rows, while this one is summed
+            j = _weight_of(starts, i2, ahead)
+            _prefetch_weight_row(ws[j][ahead - starts[j]])
+        w0, w1, w2 = ws[i0][n0], ws[i1][n1], ws[i2][n2]
+        o0, o1, o2 = outs[i0], outs[i1], outs[i2]
+        for m in range(0, M, 4):
+            m1, m2, m3 = min(m + 1, M - 1), min(m + 2, M - 1), min(m + 3, M - 1)
+            t = _tile_4x3(x, m, m1, m2, m3, w0, w1, w2)
+            o0[m, n0], o1[m, n1], o2[m, n2] = t[0], t[1], t[2]
+            o0[m1, n0], o1[m1, n1], o2[m1, n2] = t[3], t[4], t[5]
+            o0[m2, n0], o1[m2, n1], o2[m2, n2] = t[6], t[7], t[8]
+            o0[m3, n0], o1[m3, n1], o2[m3, n2] = t[9], t[10], t[11]
 
 
 @njit(cache=True, fastmath=TILE_FAST, error_model="numpy")
 def _gate_up_gemm_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of the gate/up pair, M >= 2 rows
-    # the same tile, its two weight rows a gate row and its up row: the SiLU product straight from the registers
+    # three gate/up pairs (six weight rows) as two tiles, (g0, u0, g1) and (u1, g2, u2): the SiLU products
+    # straight from the registers
     M = x.shape[0]
-    for f in range(lo, hi):
-        if f + 1 < hi:
-            _prefetch_weight_row(w_gate[f + 1])
-            _prefetch_weight_row(w_up[f + 1])
-        for m in range(0, M - M % 4, 4):
-            g0, u0, g1, u1, g2, u2, g3, u3 = _tile_4x2(x, m, w_gate[f], w_up[f])
-            out[m, f] = _silu(g0) * u0
-            out[m + 1, f] = _silu(g1) * u1
-            out[m + 2, f] = _silu(g2) * u2
-            out[m + 3, f] = _silu(g3) * u3
-        for m in range(M - M % 4, M):
-            g, u = _tile_1x2(x, m, w_gate[f], w_up[f])
-            out[m, f] = _silu(g) * u
+    for f in range(lo, hi, 3):
+        f1, f2 = min(f + 1, hi - 1), min(f + 2, hi - 1)
+        for ahead in range(f + 3, min(f + 6, hi)):
+            _prefetch_weight_row(w_gate[ahead])
+            _prefetch_weight_row(w_up[ahead])
+        for m in range(0, M, 4):
+            m1, m2, m3 = min(m + 1, M - 1), min(m + 2, M - 1), min(m + 3, M - 1)
+            a = _tile_4x3(x, m, m1, m2, m3, w_gate[f], w_up[f], w_gate[f1])
+            b = _tile_4x3(x, m, m1, m2, m3, w_up[f1], w_gate[f2], w_up[f2])
+            out[m, f], out[m, f1], out[m, f2] = _silu(a[0]) * a[1], _silu(a[2]) * b[0], _silu(b[1]) * b[2]
+            out[m1, f], out[m1, f1], out[m1, f2] = _silu(a[3]) * a[4], _silu(a[5]) * b[3], _silu(b[4]) * b[5]
+            out[m2, f], out[m2, f1], out[m2, f2] = _silu(a[6]) * a[7], _silu(a[8]) * b[6], _silu(b[7]) * b[8]
+            out[m3, f], out[m3, f1], out[m3, f2] = (
+                _silu(a[9]) * a[10],
+                _silu(a[11]) * b[9],
+                _silu(b[10]) * b[11],
+            )
+
+
+@njit(cache=True, inline="always")
+def _chunk_size(total, chunks, multiple):  # rows per work item: total over chunks, rounded up to a multiple
+    size = (total + chunks - 1) // chunks
+    return size + (multiple - size % multiple) % multiple
 
 
 @njit(parallel=True, cache=True)
-def _gemm_many_bf16(x, ws, outs, starts, chunks):  # _gemv_many_bf16 for M >= 2 rows (chunks of even size)
+def _gemm_many_bf16(x, ws, outs, starts, chunks):  # _gemv_many_bf16 for M >= 2 rows (chunks of 3k rows)
     total = starts[-1]
-    chunks = min(total, chunks)
-    size = (total + chunks - 1) // chunks
-    size += size % 2
-    for c in prange(chunks):
-        _gemm_rows_bf16(x, ws, outs, starts, min(total, c * size), min(total, (c + 1) * size))
+    size = _chunk_size(total, min(total, chunks), 3)
+    for c in prange((total + size - 1) // size):
+        _gemm_rows_bf16(x, ws, outs, starts, c * size, min(total, (c + 1) * size))
 
 
 @njit(parallel=True, cache=True)
 def _gate_up_gemm_bf16(x, w_gate, w_up, out, chunks):  # _gate_up_bf16 for M >= 2 rows
     F = w_gate.shape[0]
-    chunks = min(F, chunks)
-    size = (F + chunks - 1) // chunks
-    for c in prange(chunks):
+    size = _chunk_size(F, min(F, chunks), 3)
+    for c in prange((F + size - 1) // size):
         _gate_up_gemm_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
 
 
 @njit(parallel=True, cache=True)
 def _swiglu_gemm_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):  # _swiglu_bf16 for M >= 2 rows
     F = w_gate.shape[0]
-    c1 = min(F, chunks)
-    size = (F + c1 - 1) // c1
-    for c in prange(c1):
+    size = _chunk_size(F, min(F, chunks), 3)
+    for c in prange((F + size - 1) // size):
         _gate_up_gemm_rows_bf16(x, w_gate, w_up, h, c * size, min(F, (c + 1) * size))
     total = w_down.shape[0]
-    c2 = min(total, chunks)
-    size2 = (total + c2 - 1) // c2
-    size2 += size2 % 2
-    for c in prange(c2):
-        _gemm_rows_bf16(h, (w_down,), (out,), starts, min(total, c * size2), min(total, (c + 1) * size2))
+    size2 = _chunk_size(total, min(total, chunks), 3)
+    for c in prange((total + size2 - 1) // size2):
+        _gemm_rows_bf16(h, (w_down,), (out,), starts, c * size2, min(total, (c + 1) * size2))
 
 
 @njit(cache=True)

@@ -30,7 +30,7 @@ import mmap
 
 import numpy as np
 
-from tinyqwen.kv_cache import KVCache, RaggedKVCache, kv_bytes_per_token
+from tinyqwen.kv_cache import KVCache, RaggedKVCache, cache_rows, kv_bytes_per_token
 
 
 def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
@@ -101,10 +101,8 @@ class KVPool:
     def row_cache(self, row: int) -> KVCache:
         """One row as a plain KVCache (a view: what the model writes lands in the pool) at that row's length."""
         c = self.cache
-        keys = [np.asarray(k[row : row + 1]) for k in c.keys]  # plain ndarrays (see kv_cache._Pool)
-        view = KVCache(
-            keys, [np.asarray(v[row : row + 1]) for v in c.values], int(self.lengths[row]), c.dtype
-        )
+        keys = [cache_rows(k, row, row + 1) for k in c.keys]  # (host rows as plain ndarrays: see kv_cache)
+        view = KVCache(keys, [cache_rows(v, row, row + 1) for v in c.values], int(self.lengths[row]), c.dtype)
         view.sequences = [self.owner[row]]  # who is in it (tinyqwen.testing.ScriptedModel reads this)
         return view
 
