@@ -71,7 +71,7 @@ def kv_bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: str
     return 2 * num_layers * kv_heads * head_dim * np.dtype(KV_DTYPES[kv_dtype_name(dtype)]).itemsize
 
 
-def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+def lazy_zeros(shape: tuple, dtype, shared: bool = False) -> np.ndarray:
     """np.zeros' contract (zeroed, writable, C-contiguous) from an anonymous mapping of its own, advised against
     huge pages: memory is taken 4 KiB at a time as positions are written, and handed back whole when the array goes.
 
@@ -92,7 +92,9 @@ def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
         return np.zeros(shape, dtype)
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # (anonymous: no file behind it)
+    # (anonymous: no file behind it). `shared`: the serve KV pool's mapping, so that /proc counts its written
+    # pages apart from the heap's (RssShmem: what bench_serve's soak reports as the pool)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE)
     buffer.madvise(mmap.MADV_NOHUGEPAGE)
     return np.ndarray(
         shape, dtype, buffer=buffer

@@ -26,23 +26,16 @@ its budget.
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 
+from tinyqwen import kv_cache
 from tinyqwen.kv_cache import KVCache, RaggedKVCache, cache_rows, kv_bytes_per_token
 
 
 def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
-    """np.zeros' contract (zeroed, writable, C-contiguous) from an anonymous mapping advised against huge pages:
-    memory is taken 4 KiB at a time as it is written (see the module docstring). Where the OS has no such advice,
-    plain np.zeros."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes == 0 or not hasattr(mmap, "MADV_NOHUGEPAGE"):
-        return np.zeros(shape, dtype)
-    buffer = mmap.mmap(-1, nbytes)
-    buffer.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.ndarray(shape, dtype, buffer=buffer)  # (the array keeps the mapping alive)
+    """The pool's memory: kv_cache.lazy_zeros (taken 4 KiB at a time as it is written, no huge pages; see the module
+    docstring), in a shared mapping so that /proc reports the pool's resident pages apart (RssShmem)."""
+    return kv_cache.lazy_zeros(shape, dtype, shared=True)
 
 
 def pool_shape(config, kv_budget: int, max_batch: int, dtype: str = "float32") -> tuple[int, int]:
