@@ -15,14 +15,20 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
     attention.py  one query position (decode): each kv head is read once for its whole group of query heads;
                   longer queries (prefill): blocks of query rows, each block's scores over only the keys its mask
                   allows (causal: half the work) by BLAS, with a fused mask + softmax in between
+    gemv_one_row.py  batch 1's bf16 GEMV and SwiGLU: weights read as uint32 pairs, x split into even and odd
+                  values once per product
+    phases.py     one parallel region that runs several steps in order: threads claim chunks of a phase with
+                  atomic counters and meet at its end (no fork/join per step)
     decode_layer.py  a decode step's whole layer (norms, GEMVs, QK-Norm, RoPE, cache write, attention, SwiGLU) as
-                  one call: one trip from Python per layer instead of ~11 (bf16 weights, or quantized ones
-                  in the "int8" mode)
+                  one call and one parallel region: one trip from Python per layer instead of ~11 (bf16 weights,
+                  or quantized ones in the "int8" mode)
     moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
                   pairs, prefill groups the tokens by expert (each expert's weights read once per call)
     quant.py      GGUF's quantized weights (q8_0, q4_k, q6_k) kept in their blocks: decode's GEMVs take integer
                   dot products with x quantized to int8 blocks (llama.cpp's scheme) or widen the codes in
-                  registers; prefill dequantizes a block of rows into BLAS
+                  registers (avx2.py: the whole-row int8 dots in LLVM IR)
+    quant_matmul.py  quantized prefill: each weight row's blocks decoded once for a tile of four int8 token rows
+                  (the "float" mode instead dequantizes a block of rows into BLAS)
 
 `matmul_precision` (PyTorch's name for the same choice): "highest" (the default) multiplies in float32 — equal to
 the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
