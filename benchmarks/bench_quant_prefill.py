@@ -1,6 +1,6 @@
 """Prefill with quantized weights, two ways in one process, interleaved: the int8 tiles (backends/numba/quant_matmul.py,
 the default) against the earlier prefill — dense weights' blocks widened to float32 into BLAS, MoE experts dotted
-one token per row dot (linear.INT8_PREFILL = moe.MOE_PREFILL_TILES = False).
+one token per row dot (linear.INT8_PREFILL = (), moe.MOE_PREFILL_TILES = False).
 
     python benchmarks/bench_quant_prefill.py MODEL.gguf [MODEL2.gguf ...] [--prompt 128] [--repeat 5]
         [--threads N] [--blas-threads N] [--kernels]
@@ -54,7 +54,7 @@ def main() -> None:
     import numba
 
     import tinyqwen
-    from tinyqwen.backends.numba import QuantWeight, backend, linear, moe
+    from tinyqwen.backends.numba import QuantWeight, backend, linear, moe, quant
     from tinyqwen.blas_threads import limit_blas_threads
 
     if args.threads:
@@ -65,7 +65,8 @@ def main() -> None:
     def use(
         int8: bool,
     ):  # the tiles, or the earlier prefill (dense: BLAS; MoE experts: one token per row dot)
-        linear.INT8_PREFILL = moe.MOE_PREFILL_TILES = int8
+        linear.INT8_PREFILL = tuple(quant.KINDS) if int8 else ()  # every format, or none
+        moe.MOE_PREFILL_TILES = int8
 
     for path in args.models:
         model = tinyqwen.load_model(path, backend="numba")

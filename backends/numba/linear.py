@@ -42,8 +42,11 @@ FUSED_QUANT_SWIGLU = False
 # and dotted four at a time with each weight row's decoded blocks (quant_matmul.py, llama.cpp's scheme: the
 # activations rounded as decode rounds them); False: blocks of rows widened to float32 into BLAS, as "float" always
 # does. On one thread a 128-token prefill ran 0.97x BLAS's speed (Q4_K_M), 0.71x (q8_0); on two cores that other
-# processes also load, 2.4-5.3x (quant_matmul.py's figures)
-INT8_PREFILL = True
+# processes also load, 2.4-5.3x (quant_matmul.py's figures). On a quiet machine (2 cores, AMD EPYC, AVX2, one run,
+# 128 tokens) the tiles ran 1.05x BLAS on Q4_K_M, 1.30x on the 2-layer 30B-A3B Q4_K_M, but 0.88x on q8_0: a q8_0
+# block costs nothing to widen, and without VNNI two integer multiplies per 32 values cost what float FMAs do. So
+# the formats listed take the tiles; the others (and every format when empty) the BLAS road.
+INT8_PREFILL = ("q4_k", "q6_k")
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits
@@ -355,7 +358,7 @@ def _quant_linear_blocks(
     if M <= QUANT_GEMV_MAX_ROWS:  # decode: the GEMV over the blocks
         return quant.gemv(x2, (w,), quant_gemv == "int8", _chunks(), _starts((N,)))[0]
     if (
-        INT8_PREFILL and quant_gemv == "int8"
+        w.qtype in INT8_PREFILL and quant_gemv == "int8"
     ):  # prefill on int8 tiles: each row's blocks decoded once per 4 tokens
         return quant_matmul.matmul(x2, w, _chunks())
     # prefill: compute-bound, so BLAS on a block of rows dequantized at a time (float32 never the whole weight)
