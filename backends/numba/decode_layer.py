@@ -584,37 +584,7 @@ def decode_layer(
     if any(w.shape[1] % 2 for w in (wq, wo, wd)):  # linear.py's one-row kernels read weight pairs
         return None
     f32 = np.float32
-    if ONE_REGION:
-        chunks, sizes = _bf16_plan(B, H, wq, wk, wv, wo, wg, wd, kc.shape[1])
-        return _layer_bf16_region(
-            np.ascontiguousarray(x.reshape(B, H), f32),
-            np.asarray(layer.input_norm, f32),
-            (wq, wk, wv),
-            np.asarray(a.q_norm, f32),
-            np.asarray(a.k_norm, f32),
-            wo,
-            np.asarray(layer.post_attention_norm, f32),
-            wg,
-            wu,
-            wd,
-            np.ascontiguousarray(cos[:, 0]),
-            np.ascontiguousarray(sin[:, 0]),
-            kc,
-            vc,
-            np.ascontiguousarray(mask[:, 0]),
-            cache.length,
-            f32(config.rms_norm_eps),
-            config.qk_norm,
-            config.num_attention_heads,
-            config.head_dim,
-            _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
-            _starts((wo.shape[0],)),
-            _starts((wd.shape[0],)),
-            chunks,
-            sizes,
-            _workers(),
-        ).reshape(B, 1, H)
-    return _layer_bf16(
+    args = (
         np.ascontiguousarray(x.reshape(B, H), f32),
         np.asarray(layer.input_norm, f32),
         (wq, wk, wv),
@@ -638,5 +608,8 @@ def decode_layer(
         _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
         _starts((wo.shape[0],)),
         _starts((wd.shape[0],)),
-        _chunks(),
-    ).reshape(B, 1, H)
+    )
+    if ONE_REGION:  # the same arguments, then the region's plan and thread count
+        chunks, sizes = _bf16_plan(B, H, wq, wk, wv, wo, wg, wd, kc.shape[1])
+        return _layer_bf16_region(*args, chunks, sizes, _workers()).reshape(B, 1, H)
+    return _layer_bf16(*args, _chunks()).reshape(B, 1, H)
