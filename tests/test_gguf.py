@@ -15,7 +15,7 @@ import pytest
 import tinyqwen
 from tinyqwen.bf16 import bf16_to_float32, float32_to_bf16
 from tinyqwen.errors import GGUFError, TinyQwenError
-from tinyqwen.gguf import GGUFFile, write_gguf
+from tinyqwen.gguf import GGUFFile, StringArray, write_gguf
 from tinyqwen.quantization import QuantizedTensor
 from tinyqwen.quantize import quantize_checkpoint, tensor_type, use_more_bits
 from tinyqwen.safetensors import save_file
@@ -115,6 +115,65 @@ def test_parsed_header_pages_leave_the_resident_memory(tmp_path):
         assert _mapped_rss(path) < 64 << 10  # at most the page the data section starts in, and its neighbours
         assert f.metadata["tokenizer.ggml.tokens"][199_999] == "token-199999"
         assert np.array_equal(f.get("w"), weight)
+
+
+def test_big_string_arrays_are_checked_at_open_and_read_when_used(tmp_path):
+    # a Qwen3-sized vocabulary (200,000 tokens, 100,000 merges): opening the file makes none of its ~300,000
+    # strings (eagerly they were ~20 MB of Python objects, whose freed arenas stayed in the process), and the
+    # arrays still read back exactly, by position, by value and whole
+    import tracemalloc
+
+    path = tmp_path / "vocab.gguf"
+    tokens = [f"tok-{i:06d}-é" for i in range(200_000)]
+    merges = [f"a{i} b{i}" for i in range(100_000)]
+    metadata = {
+        "tokenizer.ggml.tokens": (tokens, "ARRAY[STRING]"),
+        "tokenizer.ggml.merges": (merges, "ARRAY[STRING]"),
+    }
+    write_gguf(path, metadata, {"w": np.ones(4, np.float32)})
+    tracemalloc.start()
+    try:
+        f = GGUFFile(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak  # the strings alone: > 16 MB
+    with f:
+        t, m = f.metadata["tokenizer.ggml.tokens"], f.metadata["tokenizer.ggml.merges"]
+        assert isinstance(t, StringArray) and f.types["tokenizer.ggml.tokens"] == "ARRAY[STRING]"
+        assert len(t) == 200_000 and t._items is None
+        assert t.index("tok-123456-é") == 123_456 and "tok-199999-é" in t and "tok-200000-é" not in t
+        assert t._items is None  # (index compares bytes)
+        assert list(m) == merges and t == tokens and t[-1] == tokens[-1] and t[5:7] == tokens[5:7]
+        # written back, the array is the same bytes
+        again = tmp_path / "again.gguf"
+        write_gguf(again, {k: (f.metadata[k], f.types[k]) for k in metadata}, {"w": np.ones(4, np.float32)})
+    assert again.read_bytes() == path.read_bytes()
+
+
+def test_a_bad_string_in_a_big_array_fails_at_open_and_a_changed_file_when_read(tmp_path):
+    path = tmp_path / "v.gguf"
+    write_gguf(
+        path, {"tokenizer.ggml.tokens": (["ab", "cd", "ef"], "ARRAY[STRING]")}, {"w": np.ones(4, np.float32)}
+    )
+    raw = path.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(raw.replace(b"cd", b"c\xff"))
+    with pytest.raises(
+        GGUFError, match=r"bad.gguf: metadata 'tokenizer.ggml.tokens'\[1\] is not valid UTF-8"
+    ):
+        GGUFFile(bad)
+    f = GGUFFile(path)
+    tokens = f.metadata["tokenizer.ggml.tokens"]
+    path.write_bytes(
+        raw.replace(b"\x02\x00\x00\x00\x00\x00\x00\x00cd", b"\xff\x00\x00\x00\x00\x00\x00\x00cd")
+    )
+    with pytest.raises(GGUFError, match=r"v.gguf: metadata 'tokenizer.ggml.tokens'\[1\] runs past the array"):
+        list(tokens)
+    path.write_bytes(raw[:40])
+    with pytest.raises(GGUFError, match="v.gguf: metadata 'tokenizer.ggml.tokens' is cut short"):
+        tokens.index("ef")
+    f.close()
 
 
 def test_doc_example_bytes(tmp_path):
@@ -403,6 +462,26 @@ def test_gguf_tokenizer_matches_the_official_one(tmp_path):
         assert f.metadata["tokenizer.chat_template"] == config["chat_template"]
     # replies end where llama.cpp ends them: eos <|im_end|> and <|endoftext|>, generation_config.json's pair
     assert tinyqwen.load_model(path).generation_config == {"eos_token_id": [151645, 151643]}
+
+
+def test_loading_a_gguf_model_makes_no_token_string(tmp_path, monkeypatch):
+    # load_model reads the config, the weights and the end-of-reply ids from the metadata: the 151,936 token
+    # strings and the merges stay in the file until the tokenizer is built from it
+    from tinyqwen.tokenizer import Tokenizer
+
+    path = tmp_path / "tiny.gguf"
+    quantize_checkpoint(write_tiny_qwen3(tmp_path / "tiny"), "q8_0", path)
+
+    def made(self):
+        raise AssertionError(f"{self.what} was made into strings")
+
+    with monkeypatch.context() as m:
+        m.setattr(StringArray, "__iter__", made)
+        model = tinyqwen.load_model(path, backend="numpy")
+        assert model.generation_config == {"eos_token_id": [151645, 151643]}
+        assert model(np.array([[1, 2, 3]])).shape == (1, 3, model.config.vocab_size)
+    tok = Tokenizer.from_gguf(path)  # (the strings, now: the tokenizer is asked for)
+    assert tok.decode(tok.encode("Hello, world")) == "Hello, world"
 
 
 def test_cli_runs_a_gguf_file(tmp_path, capsys):

@@ -43,7 +43,7 @@ import numpy as np
 
 from tinyqwen.config import Qwen3Config, config_from_dict, load_config
 from tinyqwen.errors import GGUFError
-from tinyqwen.gguf import GGUFFile, GGUFTensorInfo
+from tinyqwen.gguf import GGUFFile, GGUFTensorInfo, StringArray
 from tinyqwen.quantization import QuantizedTensor
 
 ARCHITECTURES = {"qwen3": "qwen3", "qwen3moe": "qwen3_moe"}  # general.architecture -> model_type
@@ -293,8 +293,14 @@ def generation_config_from_gguf(f: GGUFFile) -> dict:
         if key in f.metadata and int(f.metadata[key]) not in eos:
             eos.append(int(f.metadata[key]))
     tokens = f.metadata.get("tokenizer.ggml.tokens")
-    if isinstance(tokens, list):
+    if isinstance(
+        tokens, (list, StringArray)
+    ):  # (a StringArray finds them by their bytes: no string is made)
         for text in ("<|im_end|>", "<|endoftext|>"):
-            if text in tokens and tokens.index(text) not in eos:
-                eos.append(tokens.index(text))
+            try:
+                i = tokens.index(text)
+            except ValueError:
+                continue
+            if i not in eos:
+                eos.append(i)
     return {"eos_token_id": eos} if eos else {}

@@ -20,7 +20,7 @@ pipeline than the one tinyqwen implements. The parsed pieces:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,6 +246,10 @@ def gguf_tokenizer_fields(metadata: dict, where: str) -> dict[str, Any]:
             "byte-level BPE ('gpt2' with 'qwen2')"
         )
     tokens, types, merges = (metadata.get(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges"))
+    if isinstance(tokens, Sequence) and not isinstance(tokens, (str, list)):
+        tokens = list(
+            tokens
+        )  # (the GGUF reader's StringArray, read now, once: the vocabulary keeps these strings)
     if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
         raise TokenizerError(f"{where}: tokenizer.ggml.tokens must be an array of strings")
     if types is None or len(types) != len(tokens):
@@ -263,7 +267,7 @@ def gguf_tokenizer_fields(metadata: dict, where: str) -> dict[str, Any]:
             raise TokenizerError(
                 f"{where}: token {i} ({token!r}) has type {kind}, not one Qwen's tokenizer uses"
             )
-    if not isinstance(merges, list):
+    if not isinstance(merges, Sequence) or isinstance(merges, str):  # (a StringArray: one string at a time)
         raise TokenizerError(f"{where}: tokenizer.ggml.merges must be an array of strings")
     pairs = []
     for rank, merge in enumerate(merges):
