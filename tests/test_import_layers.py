@@ -5,7 +5,7 @@ Every `import` statement of every module in `tinyqwen/` and `backends/` counts, 
 
     foundation   errors, config (and the checkpoint a config implies), the file formats (safetensors, GGUF and its
                  quantized blocks), bf16,
-                 blas_threads (how many threads OpenBLAS runs)
+                 blas_threads (how many threads OpenBLAS runs), heap (freed memory back to the system)
     reference    the readable kernels (norm, rope, attention, mlp, moe), sampling, the text side (tokenizer,
                  chat template and parsing, the chat's context window, thinking)
     contract     tinyqwen.backends.contract: the Backend dataclass
@@ -38,6 +38,7 @@ LAYERS = [
             "checkpoint",
             "bf16",
             "blas_threads",
+            "heap",
             "hub",
             "gguf",
             "quantization",

@@ -39,7 +39,11 @@ The reader trusts nothing in the file, like the safetensors reader: every count 
 bytes that are really left before anything is allocated, every offset and size against the data section, so a
 truncated or hostile file gives a `GGUFError` naming the file and the field — never a huge allocation or a crash.
 The data section is memory-mapped: `raw(name)` is a view of the file, and a quantized weight stays in its blocks
-(`QuantizedTensor`) until a kernel reads it.
+(`QuantizedTensor`) until a kernel reads it. The big string arrays of the header (a vocabulary, its merges) are
+checked at open and made into Python strings only when used (`StringArray`): running a model needs none of them.
+
+One concept: the GGUF byte layout, read and written. The reader (and its lazily read string arrays) and the writer
+follow the same fields in the same order, so they are read side by side.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ from tinyqwen.config import (
     load_generation_config,
 )
 from tinyqwen.errors import CheckpointError, GenerationError
+from tinyqwen.heap import release_freed_memory
 from tinyqwen.kv_cache import KVCache, RaggedKVCache
 from tinyqwen.quantization import QuantizedTensor
 from tinyqwen.rope import rope_parameters
@@ -318,6 +319,8 @@ class Qwen3:
         elif last_only:
             x = x[:, -1:]
         logits = k.linear(k.rms_norm(x, w.norm, c.rms_norm_eps), w.lm_head)
+        if T > 1:  # a prefill's per-layer temporaries, freed but kept by the C allocator: back to the system
+            release_freed_memory()
         return ForwardOutput(
             logits=logits if on_device else k.to_numpy(logits),
             router_logits=[k.to_numpy(r) for r in router_logits] if return_router_logits else [],
