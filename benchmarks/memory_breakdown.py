@@ -2,25 +2,24 @@
 
 bench_quant.py reports one number per engine, the peak RSS (and "/file": the peak less the process before any weight,
 over the file's bytes). This script takes the same run apart, in the same order as bench_quant's child (load,
-warm-up, a prefill alone, a prefill and the decode): after each
-stage it reads VmRSS and VmHWM (the peak so far) from /proc/self/status and splits the resident pages by mapping
-(/proc/self/smaps): the GGUF file's mapping (the weights, in their blocks), LLVM's library (libllvmlite.so, paged in
-when Numba starts its JIT), anonymous memory (the interpreter's objects, NumPy arrays, Numba's runtime, and the KV
-cache's own mapping, tinyqwen.kv_cache.lazy_zeros) and other files (libraries).
+warm-up, a prefill alone, a prefill and the decode): after each stage it reads VmRSS and VmHWM (the peak so far)
+from /proc/self/status and splits the resident pages by mapping (/proc/self/smaps): the GGUF file's mapping (the
+weights, in their blocks), LLVM's library (libllvmlite.so, paged in when Numba starts its JIT), anonymous memory
+(the interpreter's objects, NumPy arrays, Numba's runtime, and the KV cache's own mapping,
+tinyqwen.kv_cache.lazy_zeros) and other files (libraries).
 
     python benchmarks/memory_breakdown.py MODEL.gguf [--prompt 128 --new 64] [--numba-first] [--tokenizer]
 
-Numba starts at the warm-up's first kernel; `--numba-first` starts it before load_model with one small kernel
-(the RMSNorm's), as a process that ran kernels before loading does (then what loading frees is not reused by
-Numba's registries and shows). What Numba's start costs is counted at that first load from its cache. Numba pays it at the
-first call of any kernel, even one loaded from its cache: it compiles its runtime's helper functions (NRT) through
-LLVM's whole optimizer and code generator, which pages in ~28 MiB of libllvmlite's code, and installs its typing
-and lowering registries (~15 MiB of Python objects). Each kernel then loaded from the cache adds its LLVM module
-and machine code (anonymous memory, counted here per kernel: ~7 MiB for a Q4_K_M decode, ~5.5 of them the fused
-decode layer). The last lines compare the peak with its floor — what this engine cannot run without: the
-tensors' bytes (the data section: the header's pages are handed back after parsing) + the KV cache's bytes + Numba
-started + the kernels loaded. Numbers are MiB (2^20 bytes); "/file" as bench_quant's: (peak − the process after
-the imports) ÷ the file's bytes.
+Numba starts at the warm-up's first kernel; `--numba-first` starts it before load_model with one small kernel (the
+RMSNorm's), as a process that ran kernels before loading does (what loading frees is then not reused by Numba's
+registries, and shows). Numba pays its start at the first call of any kernel, even one loaded from its cache: it
+compiles its runtime's helper functions (NRT) through LLVM's whole optimizer and code generator, which pages in
+~28 MiB of libllvmlite's code, and installs its typing and lowering registries (~15 MiB of Python objects); it is
+counted at that first load. Each kernel then loaded from the cache adds its LLVM module and machine code (counted
+per kernel: ~8 MiB for a Q4_K_M decode, ~5 of them the fused decode layer). The last lines compare the peak with
+its floor — what this engine cannot run without: the tensors' bytes (the data section: the header's pages are
+handed back after parsing) + the KV cache's bytes + Numba started + the kernels loaded. Numbers are MiB (2^20
+bytes); "/file" as bench_quant's: (peak − the process after the imports) ÷ the file's bytes.
 """
 
 from __future__ import annotations
