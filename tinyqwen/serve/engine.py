@@ -6,6 +6,10 @@
                   3. decode: ONE forward over all running sequences, each at its own position and KV length
                   4. sample each row with its own settings and seed, send its text, check its stops
 
+With the model itself (`Qwen3` on host memory), 2 and 3 are one forward, as vLLM's chunked prefill runs them: the
+step's prefill chunk and its decode rows share every product (mixed_forward.py), so the running streams wait for
+one pass over the weights per step, not two. (A wrapper with only `forward`, as the tests' scripted models: two.)
+
 A decode step reads every weight once whatever the batch (memory-bound: the weights are the bytes), so serving 16
 streams costs little more per step than serving one. Requests wait in a FIFO queue while every KV row is taken
 (`max_batch`, `kv_budget`; see kv_pool.py); past `max_queue` waiting requests, new ones get 429 with Retry-After.
