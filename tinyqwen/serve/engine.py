@@ -359,7 +359,9 @@ class Engine:
         real = [min(take, r) for r in remaining]
         ids = np.asarray([s.prompt[s.prefilled : s.prefilled + n] + [s.prompt[s.prefilled + n - 1]] * (take - n)
                           for s, n in zip(group, real, strict=True)], dtype=np.int64)  # fmt: skip
-        if len(group) == 1:  # one prompt: exactly the lone run's prefill (a plain one-row cache)
+        # one prompt: a plain one-row cache, so that alone (no decode rows beside it) it is exactly the lone run's
+        # prefill; in a mixed step its products run over the decode rows too (the same sums, up to their rounding)
+        if len(group) == 1:
             return group, ids, real, pool.row_cache(group[0].row), None
         # each row's logits after its own last id; its pads' keys lie past its length: masked, then overwritten by
         # its next tokens (and causal: no real position attends to them)
