@@ -17,15 +17,15 @@ config's (greedy: they must).
 (NUMBA_NUM_THREADS=1, one BLAS thread): a figure of work that other processes on a shared machine disturb little,
 for comparing schedules; `--clock wall` times what a user would see, on the threads the machine gives.
 
-Measured (Qwen3-0.6B-shaped random bf16 checkpoint, numba, AMD EPYC, one thread, CPU time; a shared machine at load
-5-7): prompt-heavy, 16 clients x 256-token prompts x 48 new tokens: chunk 256 "two" 76.1 s of work (10.1 tok/s,
-ITL p95 3.6 s), 256 "mixed" 75.5 s (10.2 tok/s, ITL p95 3.7 s), 128 "mixed" 104 s (ITL p95 3.2 s; this config ran
-first after the mixed forward's kernels were compiled for new array shapes, inside the timing), 64 "mixed" 113 s
-(6.8 tok/s, ITL p50 1.4 s, p95 1.8 s). On this compute-bound CPU the decode rows do not ride along a chunk for
-free (each row still needs its own lm_head row, 26 % of a row's multiply-adds, and its own attention over its
-context), and each forward has a fixed cost (the bf16 weights widened for BLAS, ~0.12 s on one thread, and the
-weights streamed from memory): smaller chunks bought a lower ITL at a third to half of the throughput, so the
-default chunk stays 256. Sampling and bookkeeping: ~3 ms of a 16-row step (~1 %).
+Measured (Qwen3-0.6B-shaped random bf16 checkpoint, numba, AMD EPYC, one thread, CPU time, a shared machine at load
+6-10; benchmarks/results/2026-12-07-scheduler-prompt-heavy-cpu-busy.txt), prompt-heavy, 16 clients x 256-token
+prompts x 48 new tokens: chunk 256 "mixed" 81.4 s of work (ITL p95 4.1 s), 256 "two" 82.8 s (4.2 s), 128 "mixed"
+91.4 s (ITL p95 2.4 s, TTFT p95 73 s against 60); an earlier run: 256 "two" 76.1 s, 256 "mixed" 75.5 s, 64 "mixed"
+113 s (ITL p95 1.8 s). On this compute-bound CPU the decode rows do not ride along a chunk for free (each row still
+needs its own lm_head row, a quarter of a row's multiply-adds, and its own attention over its context), and every
+forward has a fixed cost (the bf16 weights widened for BLAS, ~0.12 s on one thread, and streamed from memory): the
+mixed step saves ~1-2 %, and halving the chunk bought 40 % off the ITL p95 for 11 % of the throughput, so the
+default chunk stays 256. The scheduler's own work (sampling, parsing, bookkeeping): 0.3 s of 81 (0.4 %).
 """
 
 from __future__ import annotations
