@@ -544,6 +544,12 @@ print("every reply equals generate alone")
 # is the knob between the two latencies a user feels: a large chunk gives new requests their first token sooner
 # (time to first token, TTFT), a small one keeps the running streams' inter-token latency (ITL) even.
 #
+# `Logged` only has `forward`, so here each step is two forwards: the chunk, then the decode. Given the model
+# itself, the scheduler goes one step further, as vLLM's chunked prefill and llama.cpp's server do: the chunk's
+# tokens and the decode rows are stacked into ONE forward (`tinyqwen/serve/mixed_forward.py`: every product runs on
+# all their rows, RoPE, the KV writes and attention group by group), so a step costs one pass over the weights and
+# the running streams wait only for the chunk's share of it.
+#
 # **KV memory.** Every running sequence needs its keys and values: 2 · layers · kv heads · head_dim · 4 bytes per
 # position (float32), 224 KiB per token for Qwen3-0.6B — a 40,960-token context is 8.75 GiB for *one* sequence.
 # So the server is given a **budget** (`--kv-budget`, default: room for the whole context in every row, at most a
@@ -639,7 +645,7 @@ print(f"{len(e['new_ids'])} streamed greedy ids equal transformers' generate; th
 # - Tool calls leave as OpenAI objects with JSON-string arguments; clients assemble them from pieces, run the tool,
 #   and send the result back as a `tool` message.
 # - Continuous batching: one decode step for every running sequence (the weights read once), prompts prefilled in
-#   chunks between steps, KV memory from a fixed budget of per-sequence rows freed the moment a request ends;
+#   chunks inside those steps, KV memory from a fixed budget of per-sequence rows freed the moment a request ends;
 #   each reply is still what it would be alone.
 #
 # ## Exercises

@@ -559,3 +559,72 @@ def test_the_kv_pool_is_resident_only_where_sequences_wrote(tiny_qwen3_model):
         for a in store:
             a[:, :, 0] = 1.0  # every row's first position, every head
     assert rss() - before < 64 << 20
+
+
+def test_forward_groups_gives_each_group_its_logits_alone(model):
+    """A server step's decode rows and a prefill chunk in one forward (tinyqwen/serve/mixed_forward.py): two rows
+    decoding at their own lengths and one prompt's chunk of 5 ids (its second chunk) share every product; each row's
+    logits equal the sequence run alone within tolerance, and each cache holds what the row alone would."""
+    from tinyqwen.serve.mixed_forward import forward_groups
+
+    if model.backend.zeros is not np.zeros:
+        pytest.skip("the engine mixes only on host memory (the numpy and numba backends)")
+    rng = np.random.default_rng(7)
+    prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (4, 9, 12)]
+    pool = KVPool(model, 3, 32)
+    for row, prompt in enumerate(prompts[:2]):  # two sequences prefilled, then decoding
+        pool.owner[row] = object()
+        model.forward(np.array([prompt]), cache=pool.row_cache(row), last_only=True)
+        pool.lengths[row], pool.decoding = len(prompt), row + 1
+    pool.owner[2] = object()
+    model.forward(np.array([prompts[2][:7]]), cache=pool.row_cache(2), last_only=True)  # the first chunk
+    pool.lengths[2] = 7
+    fed = [11, 22]
+    decode, chunk = forward_groups(model, [(np.array([[t] for t in fed]), pool.batch(), None),
+                                           (np.array([prompts[2][7:]]), pool.row_cache(2), None)])  # fmt: skip
+    assert decode.shape == (2, 1, model.config.vocab_size) and chunk.shape == (1, 1, model.config.vocab_size)
+    assert pool.lengths[:2].tolist() == [5, 10]  # the ragged cache advanced the decode rows
+    for got, prompt, more in ((decode[0, 0], prompts[0], [fed[0]]), (decode[1, 0], prompts[1], [fed[1]]),
+                              (chunk[0, 0], prompts[2], [])):  # fmt: skip
+        want = alone_logits(model, prompt, more)[-1]
+        assert np.abs(np.asarray(got) - want).max() <= tolerance(want)
+
+
+def test_a_prefill_chunk_rides_in_the_decode_step_s_forward(tiny_qwen3_model, tok, monkeypatch):
+    """With the model itself (not a wrapper), a newcomer's prompt is prefilled `prefill_chunk` ids per step inside
+    the running rows' decode step: one forward per step (mixed_forward.forward_groups), the running rows decode
+    every step, and every reply equals `generate` alone."""
+    import tinyqwen.serve.engine as engine_module
+
+    calls = []
+
+    def recorded(model, groups):
+        calls.append([np.shape(ids) for ids, _, _ in groups])
+        return forward_groups(model, groups)
+
+    forward_groups = engine_module.forward_groups
+    monkeypatch.setattr(engine_module, "forward_groups", recorded)
+    model = tiny_qwen3_model
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=8)
+    assert engine.mixed
+    running = [Job([5, 6, 7 + i], 12, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
+               for i in range(2)]  # fmt: skip
+    for job in running:
+        engine._admit(job)
+    while engine.pool is None or engine.pool.decoding < 2:
+        engine.step()
+    newcomer = Job(list(range(100, 123)), 3, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
+    engine._admit(newcomer)
+    while not newcomer.output_ids:
+        before = [len(j.output_ids) for j in running]
+        calls.clear()
+        engine.step()
+        assert [len(j.output_ids) for j in running] == [b + 1 for b in before]  # both decoded this step
+        assert len(calls) == 1  # ... in the same forward as the chunk
+    assert len(calls[0]) == 2 and calls[0][0] == (2, 1) and calls[0][1] == (1, 7)  # 23 = 8 + 8 + 7
+    while engine.active:
+        engine.step()
+    for job in [*running, newcomer]:
+        assert job.output_ids == generate(
+            model, job.prompt_ids, job.max_tokens, eos_token_ids=(), temperature=0.0
+        )

@@ -20,6 +20,7 @@ The package, one module per concept (read them in this order):
     reply_parser.py  the reasoning split and the tool-call parser, token by token
     kv_pool.py       KV memory: one row per running sequence, from a budget, freed the moment a sequence ends
     engine.py        the worker thread: the scheduler (chunked prefill, one batched decode step for all)
+    mixed_forward.py a step's prefill chunk and decode rows in one forward (vLLM's chunked prefill)
     metrics.py       counters and histograms for GET /metrics (Prometheus text format)
     service.py       JSON body -> Job, finished Job -> JSON reply or stream chunks (no HTTP)
     app.py           the Starlette routes and error handlers, and `serve` (uvicorn); needs the `serve` extra

@@ -6,6 +6,10 @@
                   3. decode: ONE forward over all running sequences, each at its own position and KV length
                   4. sample each row with its own settings and seed, send its text, check its stops
 
+With the model itself (`Qwen3` on host memory), 2 and 3 are one forward, as vLLM's chunked prefill runs them: the
+step's prefill chunk and its decode rows share every product (mixed_forward.py), so the running streams wait for
+one pass over the weights per step, not two. (A wrapper with only `forward`, as the tests' scripted models: two.)
+
 A decode step reads every weight once whatever the batch (memory-bound: the weights are the bytes), so serving 16
 streams costs little more per step than serving one. Requests wait in a FIFO queue while every KV row is taken
 (`max_batch`, `kv_budget`; see kv_pool.py); past `max_queue` waiting requests, new ones get 429 with Retry-After.
@@ -29,13 +33,18 @@ import numpy as np
 
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.generation import _make_rows, _resolve_eos, _resolve_sampling  # one sequence's sampling setup
+from tinyqwen.model import Qwen3
 from tinyqwen.sampling import sample
 from tinyqwen.serve.kv_pool import KVPool, pool_shape
 from tinyqwen.serve.metrics import Metrics
+from tinyqwen.serve.mixed_forward import forward_groups
 from tinyqwen.serve.protocol import APIError
 from tinyqwen.serve.reply_parser import ReplyParser
 
-PREFILL_CHUNK = 256  # prompt tokens prefilled per step (a step's extra time for the running streams)
+# prompt tokens prefilled per step (a step's extra time for the running streams). Smaller chunks keep the streams
+# flowing at a price on a compute-bound CPU: 128 cut a 16-client prompt-heavy burst's ITL p95 by 40 % for 11 % of
+# its throughput (benchmarks/bench_scheduler.py), and throughput is what a burst of long prompts lacks
+PREFILL_CHUNK = 256
 MAX_QUEUE = 256  # requests waiting for a KV row before new ones get 429
 
 
@@ -155,6 +164,9 @@ class Engine:
                                 f"{prefill_chunk}, {max_queue})")  # fmt: skip
         self.rows, self.slot_len = pool_shape(model.config, self.kv_budget, self.max_batch)
         self.prefill_chunk, self.max_queue = prefill_chunk, max_queue
+        # a prefill round and the decode rows in one forward (mixed_forward.py): the model itself, on host memory
+        # (a wrapper that only has `forward`, such as the tests' scripted models, gets two forwards per step)
+        self.mixed = isinstance(model, Qwen3) and getattr(model.backend, "zeros", np.zeros) is np.zeros
         self.pool: KVPool | None = None  # allocated by the worker on its first request
         self.inbox: deque[Job] = deque()
         self.waiting: deque[Sequence] = deque()
@@ -263,6 +275,8 @@ class Engine:
         for seq in gone:
             self.waiting.remove(seq)
             self._close(seq, time.perf_counter())
+        if self.mixed and pool.decoding and (self.prefilling or self.waiting) and self._mixed_step():
+            return
         self._prefill(self.prefill_chunk)
         if pool.decoding:
             self._decode()
@@ -289,72 +303,108 @@ class Engine:
         self.waiting.append(seq)
 
     def _prefill(self, budget: int) -> None:
-        """Queued requests, oldest first, `budget` prompt tokens in all. Prompts that fit in the budget together are
-        prefilled together, in one forward per round (rows sorted shortest first; each round feeds every row up to
-        an equal share of the budget, the rows with fewer ids left padded at the end with copies of their last one,
-        so the shortest finish, in row order); a longer prompt alone, over as many steps as it needs. A finished
-        prefill samples the sequence's first token and joins the decoding rows.
+        """Queued requests, oldest first, `budget` prompt tokens in all, in rounds of one forward each (see
+        `_plan_round`); a finished prefill samples the sequence's first token and joins the decoding rows."""
+        while budget > 0:
+            plan = self._plan_round(budget)
+            if plan is None:
+                return
+            group, ids, real, cache, at = plan
+            try:
+                out = self.model.forward(ids, cache=cache, last_only=at is None, logits_at=at)
+            except TinyQwenError as error:
+                for seq in list(group):
+                    self._finish(seq, APIError(400, " ".join(str(error).split())))
+                continue
+            budget -= ids.size
+            finished, logits = self._prefilled(group, real, np.asarray(out.logits)[:, -1])
+            if finished:
+                self._choose(finished, logits)
+
+    def _plan_round(self, budget: int):
+        """The next prefill round within `budget` prompt tokens: (group, ids [rows, take], real [rows], cache,
+        logits_at or None), or None when nothing waits. Prompts that fit in the budget together are prefilled
+        together, in one forward per round (rows sorted shortest first; each round feeds every row up to an equal
+        share of the budget, the rows with fewer ids left padded at the end with copies of their last one, so the
+        shortest finish, in row order); a longer prompt alone, over as many steps as it needs.
 
         Why pads: without them a round can only feed every row the shortest one's remaining length, and prompts of
         16 different lengths took 16 rounds, each a pass over all the weights, most with a few rows (a burst of 16
         prompts of 32-64 ids: 19 forwards; padded: 7, for 16 % more rows x positions)."""
         pool = self.pool
-        while budget > 0:
-            if not self.prefilling:
-                group, tokens = [], 0
-                while self.waiting and pool.decoding + len(group) < pool.rows:
-                    seq = self.waiting[0]
-                    if seq.job.cancelled.is_set():
-                        self.waiting.popleft()
-                        self._close(seq, time.perf_counter())
-                        continue
-                    if group and tokens + len(seq.prompt) > budget:
-                        break
-                    group.append(self.waiting.popleft())
-                    tokens += len(seq.prompt)
-                if not group:
-                    return
-                now = time.perf_counter()
-                for seq in sorted(group, key=lambda s: len(s.prompt)):
-                    seq.started = now
-                    pool.take(seq)
-                    self.prefilling.append(seq)
-            group = self.prefilling
-            remaining = [len(s.prompt) - s.prefilled for s in group]
-            per_row = budget if len(group) == 1 else budget // len(group)
-            take = min(per_row, max(remaining))  # the shorter prompts padded at the end (see below)
-            if any(s.prefilled + take > pool.slot_len for s in group):  # pads must stay inside the rows
-                take = min(per_row, min(remaining))
-            if take < 1:
-                return
-            real = [min(take, r) for r in remaining]
-            ids = np.asarray([s.prompt[s.prefilled : s.prefilled + n] + [s.prompt[s.prefilled + n - 1]] * (take - n)
-                              for s, n in zip(group, real, strict=True)], dtype=np.int64)  # fmt: skip
-            try:
-                if len(group) == 1:  # one prompt: exactly the lone run's prefill (a plain one-row cache)
-                    out = self.model.forward(ids, cache=pool.row_cache(group[0].row), last_only=True)
-                else:  # each row's logits after its own last id; its pads' keys lie past its length: masked,
-                    # then overwritten by its next tokens (and causal: no real position attends to them)
-                    out = self.model.forward(ids, cache=pool.window(pool.decoding, len(group)),
-                                             logits_at=np.asarray(real) - 1)  # fmt: skip
-            except TinyQwenError as error:
-                for seq in list(group):
-                    self._finish(seq, APIError(400, " ".join(str(error).split())))
-                continue
-            budget -= take * len(group)
-            for seq, n in zip(group, real, strict=True):
-                seq.prefilled += n
-                pool.lengths[seq.row] = seq.prefilled
-            logits = np.asarray(out.logits)[:, -1]  # [rows, vocab]
-            done = [
-                i for i, s in enumerate(group) if s.prefilled == len(s.prompt)
-            ]  # a prefix: shortest first
-            finished = [group[i] for i in done]
-            for seq in finished:
-                self.prefilling.remove(seq)
-                pool.prefilled(seq, seq.prefilled)
-            if finished:
-                self._choose(finished, logits[done])
+        if not self.prefilling:
+            group, tokens = [], 0
+            while self.waiting and pool.decoding + len(group) < pool.rows:
+                seq = self.waiting[0]
+                if seq.job.cancelled.is_set():
+                    self.waiting.popleft()
+                    self._close(seq, time.perf_counter())
+                    continue
+                if group and tokens + len(seq.prompt) > budget:
+                    break
+                group.append(self.waiting.popleft())
+                tokens += len(seq.prompt)
+            if not group:
+                return None
+            now = time.perf_counter()
+            for seq in sorted(group, key=lambda s: len(s.prompt)):
+                seq.started = now
+                pool.take(seq)
+                self.prefilling.append(seq)
+        group = list(self.prefilling)
+        remaining = [len(s.prompt) - s.prefilled for s in group]
+        per_row = budget if len(group) == 1 else budget // len(group)
+        take = min(per_row, max(remaining))  # the shorter prompts padded at the end (see below)
+        if any(s.prefilled + take > pool.slot_len for s in group):  # pads must stay inside the rows
+            take = min(per_row, min(remaining))
+        if take < 1:
+            return None
+        real = [min(take, r) for r in remaining]
+        ids = np.asarray([s.prompt[s.prefilled : s.prefilled + n] + [s.prompt[s.prefilled + n - 1]] * (take - n)
+                          for s, n in zip(group, real, strict=True)], dtype=np.int64)  # fmt: skip
+        # one prompt: a plain one-row cache, so that alone (no decode rows beside it) it is exactly the lone run's
+        # prefill; in a mixed step its products run over the decode rows too (the same sums, up to their rounding)
+        if len(group) == 1:
+            return group, ids, real, pool.row_cache(group[0].row), None
+        # each row's logits after its own last id; its pads' keys lie past its length: masked, then overwritten by
+        # its next tokens (and causal: no real position attends to them)
+        return group, ids, real, pool.window(pool.decoding, len(group)), np.asarray(real) - 1
+
+    def _prefilled(self, group: list[Sequence], real: list[int], logits: np.ndarray):
+        """After a round's forward: each row's prompt ids fed so far; the rows whose prompt is done (a prefix:
+        shortest first) join the decoding rows. -> (those sequences, their logits [n, vocab])."""
+        pool = self.pool
+        for seq, n in zip(group, real, strict=True):
+            seq.prefilled += n
+            pool.lengths[seq.row] = seq.prefilled
+        done = [i for i, s in enumerate(group) if s.prefilled == len(s.prompt)]
+        finished = [group[i] for i in done]
+        for seq in finished:
+            self.prefilling.remove(seq)
+            pool.prefilled(seq, seq.prefilled)
+        return finished, logits[done]
+
+    def _mixed_step(self) -> bool:
+        """A prefill round and the decode rows in ONE forward (mixed_forward.py): the running streams ride along
+        the chunk's pass over the weights instead of a pass of their own. False when no prefill round is due."""
+        pool = self.pool
+        plan = self._plan_round(self.prefill_chunk)
+        if plan is None:
+            return False
+        group, ids, real, cache, at = plan
+        seqs = list(pool.owner[: pool.decoding])
+        decode_ids = np.asarray([[s.pending] for s in seqs], dtype=np.int64)  # [D, 1]
+        try:
+            decode_logits, logits = forward_groups(
+                self.model, [(decode_ids, pool.batch(), None), (ids, cache, at)]
+            )
+        except TinyQwenError as error:
+            for seq in seqs + list(group):
+                self._finish(seq, APIError(400, " ".join(str(error).split())))
+            return True
+        finished, logits = self._prefilled(group, real, logits[:, -1])
+        self._choose(seqs + finished, np.concatenate([decode_logits[:, -1], logits]))
+        return True
 
     def _decode(self) -> None:
         """One forward over every decoding row, each fed its last token."""
