@@ -621,6 +621,29 @@ def test_whole_decode_step_declines_what_it_does_not_cover(tmp_path, monkeypatch
     assert step(x, w, cos, sin, mask, f32, c) is None
 
 
+def test_whole_decode_step_sees_a_weight_swapped_in_place(tmp_path):
+    # the step keeps its per-layer Lists between calls: a weight replaced in the model (a learner's own, a
+    # chapter's experiment) must reach it, as the layer-by-layer path sees it
+    from dataclasses import replace
+
+    _write_bf16_checkpoint(tmp_path / "ckpt")
+    model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    whole = model.backend
+
+    def step_logits(backend):
+        model.backend = backend
+        cache = model.new_cache(1, 4, "bfloat16")
+        model.forward(np.array([[5, 9]]), cache=cache)
+        return model.forward(np.array([[3]]), cache=cache).logits
+
+    before = step_logits(whole)
+    mlp = model.weights.layers[1].mlp
+    mlp.down_proj = BF16Weight(np.zeros_like(mlp.down_proj.bits))  # the layer's MLP now adds nothing
+    after = step_logits(whole)
+    assert not np.array_equal(before, after)
+    assert np.array_equal(after, step_logits(replace(whole, decode_step=None)))
+
+
 def test_a_bf16_gguf_and_its_safetensors_checkpoint_load_the_same_fast_layout(tmp_path):
     # the same bf16 weights from a safetensors checkpoint and from a bf16 GGUF file: the numba backend must hold
     # them alike (bf16 bits in memory, C-contiguous, one Numba type per kind, the lm_head the embedding when

@@ -195,20 +195,36 @@ _plans: dict[int, tuple] = {}
 _caches: dict[int, tuple] = {}
 
 
-def _remembered(table: dict, obj, build):
+def _parts(weights) -> list:  # every object the plan was built from, in order
+    parts = [weights.lm_head, weights.norm]
+    for ly in weights.layers:
+        a, f = ly.attn, ly.mlp
+        parts += [ly.input_norm, ly.post_attention_norm, a.q_norm, a.k_norm, a.q_proj, a.k_proj, a.v_proj]
+        parts += [a.o_proj, f, getattr(f, "gate_proj", None), getattr(f, "up_proj", None)]
+        parts.append(getattr(f, "down_proj", None))
+    return parts
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _remembered(table: dict, obj, build, parts):
+    # the value built from `obj`, rebuilt when any of its parts was replaced since (a weight swapped in place)
     key = id(obj)
     got = table.get(key)
-    if got is None or got[0]() is not obj:
-        got = table[key] = (weakref.ref(obj, lambda _, key=key: table.pop(key, None)), build(obj))
-    return got[1]
+    if got is None or got[0]() is not obj or not _same(got[1], parts):
+        got = table[key] = (weakref.ref(obj, lambda _, key=key: table.pop(key, None)), parts, build(obj))
+    return got[2]
 
 
 def _plan(weights) -> _Plan:
-    return _remembered(_plans, weights, _Plan)
+    return _remembered(_plans, weights, _Plan, _parts(weights))
 
 
 def _cache_lists(cache) -> tuple:  # (keys, values) of a KVCache as typed Lists
-    return _remembered(_caches, cache, lambda c: (_list(c.keys), _list(c.values)))
+    parts = [*cache.keys, *cache.values]
+    return _remembered(_caches, cache, lambda c: (_list(c.keys), _list(c.values)), parts)
 
 
 def decode_step(
