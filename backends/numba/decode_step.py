@@ -23,6 +23,11 @@ with a plain KV cache, weights not all bf16 of one kind, an MoE layer, "medium" 
 decode_layer.ONE_REGION off — and the model then runs the step layer by layer.
 
 Only bf16 weights take this path; a quantized model's layers keep one call each (decode_layer.py).
+
+Measured (benchmarks/bench_decode_step.py's kind of A/B: Qwen3-0.6B-shaped random bf16, 128-token prompt, 2
+threads, AMD EPYC with 2 cores shared by other processes, load average 4-10, same process, interleaved, best
+median of 6 rounds of 32 steps): 135 ms per step against 177 one call per layer (wall), 87 against 120 ms of CPU
+time; the same tokens. The gain on a quiet machine is smaller (the threads then rarely sleep between layers).
 """
 
 from __future__ import annotations
