@@ -28,6 +28,10 @@ GPU backend), except where a line says "host".
                                        one whole decoder layer of a decode step in one kernel: [B, 1, H] ->
                                        [B, 1, H], k and v written into `cache` at its length; or None where
                                        the backend's fused path does not apply   [None: kernel by kernel]
+    decode_step(x, weights, cos, sin, mask, cache, config)
+                                       a whole decode step (every layer, the final norm, the lm_head) in one
+                                       kernel: [B, 1, H] embedded -> [B, 1, V] logits, every layer's k and v
+                                       written into `cache` at its length; or None   [None: layer by layer]
 
     host functions the model builds each forward's inputs with (the reference's by default; the graded exercises
     put the learner's here, so that their mask and angles run inside the model)
@@ -144,6 +148,9 @@ class Backend:
     # decode_layer(x, layer, cos, sin, mask, cache, i, config) -> [B, 1, H] or None: a decode step's layer i as
     # one kernel, instead of ~11 calls from Python (None, or a None result: the model runs it kernel by kernel)
     decode_layer: Callable | None = None
+    # decode_step(x, weights, cos, sin, mask, cache, config) -> [B, 1, V] logits or None: a whole decode step as
+    # one kernel (every layer, the final norm, the lm_head), one trip from Python per token
+    decode_step: Callable | None = None
     # host functions for each forward's inputs: the causal mask and the rotary angles (see the docstring)
     causal_mask: Callable = _reference_causal_mask
     rope_cos_sin: Callable = _reference_rope_cos_sin

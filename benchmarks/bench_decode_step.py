@@ -10,8 +10,9 @@ Python = the first minus the second); "glue" is the step minus the backend kerne
 them (reshapes, residual adds, the KV cache write). It also counts parallel launches per step.
 launch: each OpenMP setting in its own process: an empty `prange` kernel back to back, and after ~50 us of Python
 (the threads have gone idle: what a decode step's launches meet), microseconds per launch.
-fused: the same decode steps with the backend's one-call layer (decode_layer) as one parallel region, as five
-`prange` loops (decode_layer.ONE_REGION = False), and kernel by kernel, interleaved in one process, median ms per step of each round, wall and CPU time (run it with NUMBA_NUM_THREADS=1 on a busy machine:
+fused: the same decode steps with the backend's one-call step (decode_step: every layer, the norm and the lm_head
+in one parallel region), one call per layer (decode_layer) as one parallel region, as five `prange` loops
+(decode_layer.ONE_REGION = False), and kernel by kernel, interleaved in one process, median ms per step of each round, wall and CPU time (run it with NUMBA_NUM_THREADS=1 on a busy machine:
 then CPU time is the work, not the waits).
 stream: one pass over a bf16 buffer the size of the lm_head (the machine's streaming ceiling for these threads)
 against the decode GEMVs over that buffer (the general loop, and the one-row kernel over uint32 pairs), GB/s. Timings on a shared machine swing: compare within one run.
@@ -49,8 +50,9 @@ def breakdown(model_path: str, prompt: int, steps: int) -> None:
     model = tinyqwen.load_model(model_path, backend="numba")
     fused = model.backend
     for label, backend in (
-        ("kernel by kernel", replace(fused, decode_layer=None)),
-        ("one call per layer", fused),
+        ("kernel by kernel", replace(fused, decode_step=None, decode_layer=None)),
+        ("one call per layer", replace(fused, decode_step=None)),
+        ("one call per step", fused),
     ):
         print(f"\n=== {label}")
         model.backend = backend
@@ -132,12 +134,14 @@ def fused_ab(model_path: str, prompt: int, steps: int, repeat: int) -> None:
 
     model = tinyqwen.load_model(model_path, backend="numba")
     fused = model.backend
-    # (backend, decode_layer.ONE_REGION): the layer as one parallel region, as five `prange` loops, or kernel by
-    # kernel
+    # (backend, decode_layer.ONE_REGION): the whole step as one parallel region (decode_step.py), each layer as
+    # one, as five `prange` loops, or kernel by kernel
+    per_layer = replace(fused, decode_step=None)
     variants = {
-        "one region per layer": (fused, True),
-        "five loops per layer": (fused, False),
-        "kernel by kernel": (replace(fused, decode_layer=None), True),
+        "one region per step": (fused, True),
+        "one region per layer": (per_layer, True),
+        "five loops per layer": (per_layer, False),
+        "kernel by kernel": (replace(per_layer, decode_layer=None), True),
     }
     ids = np.random.default_rng(0).integers(0, 151643, prompt)
     best = dict.fromkeys(variants, float("inf"))
@@ -167,10 +171,10 @@ def fused_ab(model_path: str, prompt: int, steps: int, repeat: int) -> None:
                     flush=True,
                 )
     for label, table in (("wall", best), ("CPU", best_cpu)):
-        a = table["one region per layer"]
+        a = table["one region per step"]
         print(
             f"best {label}: {' / '.join(f'{k} {v * 1e3:.2f} ms' for k, v in table.items())}; "
-            f"each / one region: {' / '.join(f'{v / a:.3f}' for v in table.values())}"
+            f"each / one region per step: {' / '.join(f'{v / a:.3f}' for v in table.values())}"
         )
 
 

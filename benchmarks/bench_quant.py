@@ -14,11 +14,12 @@ the excess) is run again from the cache, and that run is the one reported. Timin
         [--gemv int8 float int8:unfused] [--twice]
 
 A bf16 GGUF file runs tinyqwen's bf16 kernels (the --gemv choice does not matter there): by default a decode
-step's layer is one call (backends/numba/decode_layer.py); "int8:per-kernel" runs it kernel by kernel, as before,
+step is one call (backends/numba/decode_step.py: every layer, the final norm and the lm_head); "int8:per-layer"
+makes each layer one call (backends/numba/decode_layer.py); "int8:per-kernel" runs it kernel by kernel, as before,
 and "int8:unfused" also splits SwiGLU into two launches. A quantized dense file's decode layer is one call too in
 "int8" (its quantized twin of the same function), "int8:per-kernel" kernel by kernel; "float" is always per kernel. The bf16 comparison with llama.cpp, one run:
 
-    python benchmarks/bench_quant.py qwen3-0.6b-random-bf16.gguf --peer-python PY --gemv int8 int8:per-kernel \
+    python benchmarks/bench_quant.py qwen3-0.6b-random-bf16.gguf --peer-python PY --gemv int8 int8:per-layer \
         --prompt 128 --new 64 --repeat 3 --twice
 """
 
@@ -60,9 +61,11 @@ else:
     model = tinyqwen.load_model(path, backend="numba")
     model.backend = backend(quant_gemv=engine.split(":")[1])
     vocab_size = model.config.vocab_size
+    from dataclasses import replace
     if engine.endswith(":unfused") or engine.endswith(":per-kernel"):  # each layer kernel by kernel
-        from dataclasses import replace
-        model.backend = replace(model.backend, decode_layer=None)
+        model.backend = replace(model.backend, decode_step=None, decode_layer=None)
+    if engine.endswith(":per-layer"):  # one call per layer (bf16: the whole step is one call by default)
+        model.backend = replace(model.backend, decode_step=None)
     if engine.endswith(":unfused"):  # and decode's bf16 SwiGLU as two launches, as before the fused kernel
         linear.FUSED_SWIGLU = False
     def run(prompt, k):

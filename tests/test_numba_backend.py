@@ -481,6 +481,7 @@ def test_fused_decode_layer_is_bit_identical_to_kernel_by_kernel(tmp_path, kv_dt
                            vocab_size=4096, head_dim=64, qk_norm=qk_norm)  # fmt: skip
     fused = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
     assert fused.backend.decode_layer is not None and fused.config.qk_norm == qk_norm
+    fused.backend = replace(fused.backend, decode_step=None)  # layer by layer (the whole step: its own test)
     plain = replace(fused, backend=replace(fused.backend, decode_layer=None))
     calls = []
     layer_fn = fused.backend.decode_layer
@@ -513,11 +514,12 @@ def test_one_region_decode_layer_equals_five_loops_with_any_thread_count(
     # iterations than threads (a thread runs two in turn: no wait may depend on the other) and with one thread
     import numba
 
-    from tinyqwen.backends.numba import decode_layer
+    from tinyqwen.backends.numba import decode_layer, decode_step
 
     _write_bf16_checkpoint(tmp_path / "ckpt", num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                            vocab_size=4096, head_dim=64)  # fmt: skip
     model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    monkeypatch.setattr(decode_step, "WHOLE_STEP", False)  # layer by layer (the whole step: its own test)
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
@@ -534,6 +536,159 @@ def test_one_region_decode_layer_equals_five_loops_with_any_thread_count(
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(logits[True], logits[False])
+
+
+@pytest.mark.parametrize(
+    "kv_dtype, threads, workers", [("bfloat16", 2, 2), ("float32", 1, 1), ("bfloat16", 2, 5)]
+)
+def test_whole_decode_step_is_bit_identical_to_layer_by_layer_and_kernel_by_kernel(
+    tmp_path, monkeypatch, kv_dtype, threads, workers
+):
+    # the whole step in ONE parallel region (decode_step.py: every layer's phases, the final norm, the lm_head's
+    # rows) against one call per layer and against kernel by kernel: the same serial kernels on the same rows, so
+    # equal logits and caches, bit for bit; with one thread, and with more region iterations than threads
+    from dataclasses import replace
+
+    import numba
+
+    from tinyqwen.backends.numba import decode_layer
+
+    _write_bf16_checkpoint(tmp_path / "ckpt", num_hidden_layers=3, hidden_size=256, intermediate_size=512,
+                           vocab_size=4096, head_dim=64)  # fmt: skip
+    model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    whole = model.backend
+    calls = []
+    monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
+    step_fn = whole.decode_step
+    backends = {
+        "step": replace(whole, decode_step=lambda *a: calls.append(step_fn(*a)) or calls[-1]),
+        "layer": replace(whole, decode_step=None),
+        "kernel": replace(whole, decode_step=None, decode_layer=None),
+    }
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    logits, caches = {}, {}
+    try:
+        for name, backend in backends.items():
+            model.backend = backend
+            cache = model.new_cache(1, 12, kv_dtype)
+            steps = [model.forward(np.array([[5, 9, 2]]), cache=cache, last_only=True).logits]
+            for _ in range(4):
+                nxt = steps[-1][:, -1].argmax(-1)[:, None]
+                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
+            logits[name], caches[name] = np.stack(steps), cache
+    finally:
+        numba.set_num_threads(before)
+        model.backend = whole
+    assert [c is not None for c in calls] == [False] + [
+        True
+    ] * 4  # the prompt (T > 1) declined, every step taken
+    assert np.array_equal(logits["step"], logits["layer"]) and np.array_equal(
+        logits["step"], logits["kernel"]
+    )
+    for other in ("layer", "kernel"):
+        s, o = caches["step"], caches[other]
+        assert s.length == o.length == 7
+        for a, b in zip(s.keys + s.values, o.keys + o.values, strict=True):
+            assert np.array_equal(a, b)
+
+
+def test_whole_decode_step_declines_what_it_does_not_cover(tmp_path, monkeypatch):
+    # a prompt, a batch, a float16 cache, no cache, medium precision, the switches off: None (layer by layer)
+    from tinyqwen.backends.numba import decode_layer, decode_step
+
+    _write_bf16_checkpoint(tmp_path / "ckpt")
+    model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    c, w = model.config, model.weights
+    x = np.zeros((1, 1, c.hidden_size), np.float32)
+    cos = sin = np.ones((1, 1, c.head_dim), np.float32)
+    mask = np.ones((1, 1, 1), bool)
+    f32 = model.new_cache(1, 4, "float32")
+    step = decode_step.decode_step
+    assert step(x, w, cos, sin, mask, model.new_cache(1, 4, "float16"), c) is None
+    assert step(x, w, cos, sin, mask, None, c) is None
+    assert step(x, w, cos, sin, mask, f32, c, bf16_inputs=True) is None
+    x2 = np.zeros((1, 2, c.hidden_size), np.float32)
+    assert step(x2, w, cos, sin, np.ones((1, 2, 2), bool), f32, c) is None
+    rows = np.zeros((2, 1, c.hidden_size), np.float32)
+    assert step(rows, w, cos, sin, np.ones((2, 1, 1), bool), model.new_cache(2, 4, "float32"), c) is None
+    assert step(x, w, cos, sin, mask, f32, c).shape == (1, 1, c.vocab_size)
+    assert f32.length == 0  # the model advances the cache, not the step
+    monkeypatch.setattr(decode_step, "WHOLE_STEP", False)
+    assert step(x, w, cos, sin, mask, f32, c) is None
+    monkeypatch.setattr(decode_step, "WHOLE_STEP", True)
+    monkeypatch.setattr(decode_layer, "ONE_REGION", False)  # the A/B switch: five loops per layer
+    assert step(x, w, cos, sin, mask, f32, c) is None
+
+
+def test_whole_decode_step_sees_a_weight_swapped_in_place(tmp_path):
+    # the step keeps its per-layer Lists between calls: a weight replaced in the model (a learner's own, a
+    # chapter's experiment) must reach it, as the layer-by-layer path sees it
+    from dataclasses import replace
+
+    _write_bf16_checkpoint(tmp_path / "ckpt")
+    model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
+    whole = model.backend
+
+    def step_logits(backend):
+        model.backend = backend
+        cache = model.new_cache(1, 4, "bfloat16")
+        model.forward(np.array([[5, 9]]), cache=cache)
+        return model.forward(np.array([[3]]), cache=cache).logits
+
+    before = step_logits(whole)
+    mlp = model.weights.layers[1].mlp
+    mlp.down_proj = BF16Weight(np.zeros_like(mlp.down_proj.bits))  # the layer's MLP now adds nothing
+    after = step_logits(whole)
+    assert not np.array_equal(before, after)
+    assert np.array_equal(after, step_logits(replace(whole, decode_step=None)))
+
+
+def test_a_bf16_gguf_and_its_safetensors_checkpoint_load_the_same_fast_layout(tmp_path):
+    # the same bf16 weights from a safetensors checkpoint and from a bf16 GGUF file: the numba backend must hold
+    # them alike (bf16 bits in memory, C-contiguous, one Numba type per kind, the lm_head the embedding when
+    # tied), so both decode through the whole-step kernel; the logits are then equal bit for bit
+    from tinyqwen.backends.numba import decode_step
+    from tinyqwen.quantize import quantize_checkpoint
+
+    _write_bf16_checkpoint(tmp_path / "ckpt")
+    quantize_checkpoint(tmp_path / "ckpt", "bf16", tmp_path / "m-bf16.gguf")
+    models = {
+        "safetensors": tinyqwen.load_model(tmp_path / "ckpt", backend="numba"),
+        "gguf": tinyqwen.load_model(tmp_path / "m-bf16.gguf", backend="numba"),
+    }
+
+    def layout(model):
+        w = model.weights
+        mats = [w.embed, w.lm_head] + [
+            m
+            for ly in w.layers
+            for m in (
+                ly.attn.q_proj,
+                ly.attn.k_proj,
+                ly.attn.v_proj,
+                ly.attn.o_proj,
+                ly.mlp.gate_proj,
+                ly.mlp.up_proj,
+                ly.mlp.down_proj,
+            )  # fmt: skip
+        ]
+        assert all(isinstance(m, BF16Weight) and m.bits.flags.c_contiguous for m in mats)
+        return [(m.bits.dtype, m.bits.shape, m.bits.flags.writeable) for m in mats], w.lm_head is w.embed
+
+    assert layout(models["safetensors"]) == layout(models["gguf"])
+    assert layout(models["gguf"])[1]  # tied: one array, read once per step as the lm_head
+    logits = {}
+    for name, model in models.items():
+        assert decode_step._Plan(model.weights).ok, name  # the whole step applies to both
+        cache = model.new_cache(1, 8, "bfloat16")
+        steps = [model.forward(np.array([[3, 1, 4]]), cache=cache, last_only=True).logits]
+        for _ in range(2):
+            steps.append(
+                model.forward(steps[-1][:, -1].argmax(-1)[:, None], cache=cache, last_only=True).logits
+            )
+        logits[name] = np.stack(steps)
+    assert np.array_equal(logits["safetensors"], logits["gguf"])
 
 
 def test_fused_decode_layer_declines_what_it_does_not_cover(tmp_path):

@@ -289,6 +289,14 @@ class Qwen3:
         cos, sin = k.rope_cos_sin(positions, self.inv_freq, self.attention_factor)  # [B, T, d] x2
 
         x = k.embed(w.embed, ids)  # [B, T, H]
+        # a backend may run a whole decode step as one kernel (numba): every layer, the final norm, the lm_head
+        if k.decode_step is not None and not (
+            return_hidden_states or return_router_logits or logits_at is not None
+        ):
+            logits = k.decode_step(x, w, cos, sin, mask, cache, c)  # [B, 1, vocab], or None: not here
+            if logits is not None:
+                cache.advance(T)
+                return ForwardOutput(logits=logits if on_device else k.to_numpy(logits))
         hidden = [x] if return_hidden_states else []
         router_logits: list[np.ndarray] = []
         for i, layer in enumerate(w.layers):

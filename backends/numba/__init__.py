@@ -22,6 +22,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
     decode_layer.py  a decode step's whole layer (norms, GEMVs, QK-Norm, RoPE, cache write, attention, SwiGLU) as
                   one call and one parallel region: one trip from Python per layer instead of ~11 (bf16 weights,
                   or quantized ones in the "int8" mode)
+    decode_step.py  a bf16 decode step's every layer, final norm and lm_head in one parallel region: one trip
+                  from Python and one fork per token
     moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
                   pairs, prefill groups the tokens by expert (each expert's weights read once per call)
     quant.py      GGUF's quantized weights (q8_0, q4_k, q6_k) kept in their blocks: decode's GEMVs take integer
@@ -58,7 +60,7 @@ from tinyqwen.backends.numba import settings  # noqa: F401 (first: Numba reads t
 
 # isort: on
 from tinyqwen.backends.contract import Backend, LoadOptions
-from tinyqwen.backends.numba import attention, decode_layer, linear, moe, norm_rope, quant  # noqa: F401
+from tinyqwen.backends.numba import attention, decode_layer, decode_step, linear, moe, norm_rope, quant  # noqa: F401
 from tinyqwen.backends.numba.intrinsics import round_bf16  # noqa: F401 (re-exported)
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight, embed, prepare  # noqa: F401 (re-exported)
 
@@ -82,6 +84,7 @@ def backend(matmul_precision: str = "highest", quant_gemv: str = "int8") -> Back
         moe_block=partial(moe.moe_block, **flags),
         embed=embed,
         decode_layer=partial(decode_layer.decode_layer, **flags),
+        decode_step=partial(decode_step.decode_step, **flags),
         prepare=prepare,
         to_numpy=np.asarray,
         options=options,

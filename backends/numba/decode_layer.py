@@ -15,6 +15,8 @@ rows, down rows, residual) and taking chunks of each phase through atomic counte
 steps (kilobytes) are one-chunk phases. One fork and one join per layer instead of five, and a thread that another
 process holds up leaves its chunks to the other. The other form, `_layer_bf16` / `_layer_quant`, runs the GEMVs
 and attention as five `prange` loops of one parallel function and the small steps on the calling thread.
+For bf16 weights, decode_step.py goes one step further: every layer's `_bf16_phases`, the final norm and the
+lm_head in one region per token (the model asks for that first; this module's layer is its fallback and its A/B).
 Both call the same serial kernels as the kernel-by-kernel path (gemv_one_row.py, linear.py, norm_rope.py,
 attention.py) on the same rows, so the results are bit-identical to it (the tests check this).
 

@@ -1,0 +1,288 @@
+"""A whole bf16 decode step — every layer, the final RMSNorm and the lm_head — in ONE parallel region.
+
+decode_layer.py made each layer one call and one parallel region; a step of Qwen3-0.6B still made 30 trips from
+Python (28 layers, the norm, the lm_head), each a fork and a join: the threads fall asleep in the ~50-100 us of
+Python between two calls (settings.py's short spin) and are woken again, and each call unboxes its arrays. Here
+the step is one call: each thread runs layer after layer through decode_layer.py's nine phases (phases.py: chunks
+claimed through atomic counters, a phase started once the one before has finished all its chunks), then two more
+phases, the final norm and the lm_head's rows:
+
+    layer 0: norm ─ q/k/v ─ RoPE ─ attention ─ o ─ norm ─ gate/up ─ down ─ residual ┐
+    layer 1: ...                                                                     │ (27 times)
+    final norm ─ lm_head rows (151936 rows in claimed chunks, ~26 % of the step's bytes) ─> logits
+
+One fork and one join per token instead of 30, and no thread ever sleeps between two layers. Each layer has its
+own counters (fresh for every step), so a thread late in layer l never touches layer l + 1's; a layer's first
+phase waits for the previous layer's residual, written in place into the hidden state (no phase reads the layer's
+input after its post-attention residual, so the residual may overwrite it).
+
+The same serial kernels on the same rows as the layer-by-layer path (decode_layer.py's `_bf16_phases`, linear.py's
+lm_head GEMV through gemv_one_row.py), so the logits are bit-identical to it and to the kernel-by-kernel path (the
+tests check this). `decode_step` returns None where it does not apply — anything but one row of one new position
+with a plain KV cache, weights not all bf16 of one kind, an MoE layer, "medium" precision, `WHOLE_STEP` or
+decode_layer.ONE_REGION off — and the model then runs the step layer by layer.
+
+Only bf16 weights take this path; a quantized model's layers keep one call each (decode_layer.py).
+
+Measured (benchmarks/bench_decode_step.py's kind of A/B: Qwen3-0.6B-shaped random bf16, 128-token prompt, 2
+threads, AMD EPYC with 2 cores shared by other processes, load average 4-10, same process, interleaved, best
+median of 6 rounds of 32 steps): 135 ms per step against 177 one call per layer (wall), 87 against 120 ms of CPU
+time; the same tokens. The gain on a quiet machine is smaller (the threads then rarely sleep between layers).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+from numba import njit, prange
+from numba.typed import List
+
+from tinyqwen.backends.numba import decode_layer as _dl
+from tinyqwen.backends.numba.decode_layer import _bf16_phases, _bf16_plan
+from tinyqwen.backends.numba.gemv_one_row import _claim_size, _gemv1_rows_bf16, _split_pairs
+from tinyqwen.backends.numba.linear import _starts
+from tinyqwen.backends.numba.norm_rope import _rms_norm
+from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
+from tinyqwen.backends.numba.weights import BF16Weight
+
+WHOLE_STEP = (
+    True  # False: one call per layer (decode_layer.py), then the norm and the lm_head as their own calls
+)
+LAYER_PHASES = (
+    9  # decode_layer.py's bf16 phases; the step's counters: 9 per layer, then the norm and the lm_head
+)
+
+
+@njit(cache=True)
+def _step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus, wds, cos,
+                 sin, kcs, vcs, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn, kr,
+                 att, o, x1, g, o2, he, ho, ae, ao, ge, go, norm, lm_head, lm_starts, lm_size, logits, hn, hne,
+                 hno):  # fmt: skip
+    # one thread's run through the whole step: L layers of 9 phases (each with its own 9 counters, a slice of
+    # ctr), then the final norm (phase 9·L) and the lm_head's rows (phase 9·L + 1). x [1, H]: the hidden state,
+    # each layer's output written over its input
+    L = len(wqs)
+    per = 2 * LAYER_PHASES * LINE
+    for layer in range(L):
+        c = ctr[layer * per : (layer + 1) * per]
+        if layer > 0:  # the previous layer's residual (its last phase, one chunk) is this layer's input
+            wait_finished(ctr[(layer - 1) * per : layer * per], LAYER_PHASES - 1, 1)
+        _bf16_phases(c, chunks, sizes, x, in_norms[layer], (wqs[layer], wks[layer], wvs[layer]), q_norms[layer], k_norms[layer],
+                     wos[layer], post_norms[layer], wgs[layer], wus[layer], wds[layer], cos, sin, kcs[layer],
+                     vcs[layer], mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn,
+                     kr, att, o, x1, g, o2, x, he, ho, ae, ao, ge, go)  # fmt: skip
+    tail = ctr[L * per :]
+    wait_finished(ctr[(L - 1) * per : L * per], LAYER_PHASES - 1, 1)
+    if claim(tail, 0) == 0:  # the final norm, and its output split into even and odd values (gemv_one_row.py)
+        _rms_norm(x, norm, eps, hn)
+        _split_pairs(hn, hne, hno)
+        finish(tail, 0)
+    wait_finished(tail, 0, 1)
+    total = lm_starts[-1]
+    while True:  # the lm_head's rows, claimed in chunks as gemv_one_row._gemv1_claimed
+        lo = claim(tail, 1) * lm_size
+        if lo >= total:
+            break
+        _gemv1_rows_bf16(hne, hno, (lm_head,), (logits,), lm_starts, lo, min(total, lo + lm_size))
+        finish(tail, 1)
+
+
+@njit(parallel=True, cache=True)
+def _step_bf16_region(x_in, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus, wds, cos, sin, kcs, vcs,
+                      mask, pos, eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks, sizes, norm,
+                      lm_head, lm_starts, workers):  # fmt: skip
+    # x_in [1, H] f32 (the embedded token) -> logits [1, V]: the whole step (see the module docstring). The
+    # per-layer weights and caches come as typed Lists, one entry per layer: a tuple of 28 layers' arrays took
+    # Numba's parallel-loop lowering more than ten minutes to compile (each array one argument of the loop's
+    # function), and unboxing it cost every call; a typed List is one pointer
+    M, H = x_in.shape
+    L = len(wqs)
+    Hkv = kcs[0].shape[1]
+    wq, wk, wv = wqs[0], wks[0], wvs[0]
+    F = wgs[0].shape[0]
+    x = x_in.copy()
+    h = np.empty_like(x)
+    q = np.empty((M, wq.shape[0]), np.float32)
+    k = np.empty((M, wk.shape[0]), np.float32)
+    v = np.empty((M, wv.shape[0]), np.float32)
+    qr = np.empty((M, heads, head_dim), np.float32)
+    qn = np.empty((heads, head_dim), np.float32)
+    kn = np.empty((Hkv, head_dim), np.float32)
+    kr = np.empty((Hkv, head_dim), np.float32)
+    att = np.empty((M, heads, head_dim), np.float32)
+    o = np.empty((M, H), np.float32)
+    x1 = np.empty_like(x)
+    g = np.empty((M, F), np.float32)
+    o2 = np.empty((M, H), np.float32)
+    he, ho = np.empty(H // 2, np.float32), np.empty(H // 2, np.float32)
+    ae = np.empty(heads * head_dim // 2, np.float32)
+    ao = np.empty(heads * head_dim // 2, np.float32)
+    ge, go = np.empty(F // 2, np.float32), np.empty(F // 2, np.float32)
+    hn = np.empty_like(x)
+    hne, hno = np.empty(H // 2, np.float32), np.empty(H // 2, np.float32)
+    logits = np.empty((M, lm_head.shape[0]), np.float32)
+    lm_size = _claim_size(lm_head.shape[0], 2 * H, workers)
+    ctr = np.zeros(2 * (LAYER_PHASES * L + 2) * LINE, np.int64)
+    for _ in prange(workers):
+        _step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus, wds, cos,
+                     sin, kcs, vcs, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn,
+                     kr, att, o, x1, g, o2, he, ho, ae, ao, ge, go, norm, lm_head, lm_starts, lm_size, logits, hn,
+                     hne, hno)  # fmt: skip
+    return logits
+
+
+def _one_kind(arrays) -> bool:  # one Numba type for all: a typed List holds one
+    return len({(a.dtype, a.ndim, a.flags.c_contiguous, a.flags.writeable) for a in arrays}) == 1
+
+
+def _list(arrays) -> List:  # a typed List of arrays of one Numba type
+    out = List()
+    for a in arrays:
+        out.append(a)
+    return out
+
+
+class _Plan:
+    """A model's per-layer Lists for `_step_bf16_region`, built once per weights (they never change)."""
+
+    def __init__(self, weights):
+        f32 = np.float32
+        layers = weights.layers
+        self.ok = all(hasattr(ly.mlp, "up_proj") and not hasattr(ly.mlp, "router") for ly in layers)
+        mats = [(ly.attn.q_proj, ly.attn.k_proj, ly.attn.v_proj, ly.attn.o_proj, ly.mlp.gate_proj,
+                 ly.mlp.up_proj, ly.mlp.down_proj) for ly in layers] if self.ok else []  # fmt: skip
+        self.ok = self.ok and isinstance(weights.lm_head, BF16Weight)
+        self.ok = self.ok and all(isinstance(w, BF16Weight) for ws in mats for w in ws)
+        if not self.ok:
+            return
+        bits = [tuple(w.bits for w in ws) for ws in mats]
+        norms = [
+            tuple(
+                np.asarray(a, f32)
+                for a in (ly.input_norm, ly.post_attention_norm, ly.attn.q_norm, ly.attn.k_norm)
+            )
+            for ly in layers
+        ]
+        self.norm = np.asarray(weights.norm, f32)
+        self.lm_head = weights.lm_head.bits
+        shapes = {tuple(a.shape for a in b) for b in bits}
+        self.ok = (
+            len(shapes) == 1  # every layer the same shapes: one plan of chunks for all
+            and _one_kind([a for b in bits for a in b])
+            and _one_kind([a for n in norms for a in n])
+            and all(a.shape[1] % 2 == 0 for a in (*bits[0][:4], bits[0][6], self.lm_head))
+            and self.lm_head.flags.c_contiguous
+            and self.lm_head.shape[1] == bits[0][0].shape[1]
+        )
+        if not self.ok:
+            return
+        self.layers = len(bits)
+        self.wqs, self.wks, self.wvs, self.wos, self.wgs, self.wus, self.wds = (
+            _list(b[i] for b in bits) for i in range(7)
+        )
+        self.in_norms, self.post_norms, self.q_norms, self.k_norms = (
+            _list(n[i] for n in norms) for i in range(4)
+        )
+        wq, wk, wv, wo, wg, wu, wd = bits[0]
+        self.shapes = bits[0]
+        self.starts = (
+            _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
+            _starts((wo.shape[0],)),
+            _starts((wd.shape[0],)),
+        )
+        self.lm_starts = _starts((self.lm_head.shape[0],))
+
+
+# built once per model's weights and once per KV cache, keyed by id and dropped when that object goes (a weak
+# reference: the Lists hold the arrays, which must not outlive their model or cache)
+_plans: dict[int, tuple] = {}
+_caches: dict[int, tuple] = {}
+
+
+def _parts(weights) -> list:  # every object the plan was built from, in order
+    parts = [weights.lm_head, weights.norm]
+    for ly in weights.layers:
+        a, f = ly.attn, ly.mlp
+        parts += [ly.input_norm, ly.post_attention_norm, a.q_norm, a.k_norm, a.q_proj, a.k_proj, a.v_proj]
+        parts += [a.o_proj, f, getattr(f, "gate_proj", None), getattr(f, "up_proj", None)]
+        parts.append(getattr(f, "down_proj", None))
+    return parts
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _remembered(table: dict, obj, build, parts):
+    # the value built from `obj`, rebuilt when any of its parts was replaced since (a weight swapped in place)
+    key = id(obj)
+    got = table.get(key)
+    if got is None or got[0]() is not obj or not _same(got[1], parts):
+        got = table[key] = (weakref.ref(obj, lambda _, key=key: table.pop(key, None)), parts, build(obj))
+    return got[2]
+
+
+def _plan(weights) -> _Plan:
+    return _remembered(_plans, weights, _Plan, _parts(weights))
+
+
+def _cache_lists(cache) -> tuple:  # (keys, values) of a KVCache as typed Lists
+    parts = [*cache.keys, *cache.values]
+    return _remembered(_caches, cache, lambda c: (_list(c.keys), _list(c.values)), parts)
+
+
+def decode_step(
+    x, weights, cos, sin, mask, cache, config, bf16_inputs: bool = False, quant_gemv: str = "int8"
+):
+    """[B, 1, H] embedded token -> [B, 1, V] logits of the whole step, every layer's k and v written into `cache`
+    at its length (the model advances it); None where this path does not apply (see the module docstring)."""
+    B, T, H = x.shape
+    if not (WHOLE_STEP and _dl.ONE_REGION) or B != 1 or T != 1 or bf16_inputs:
+        return None
+    if cache is None or hasattr(cache, "lengths") or not hasattr(cache, "keys"):
+        return None  # a KVCache (one length for all rows) only, as decode_layer
+    if not isinstance(mask, np.ndarray):
+        return None
+    keys = cache.keys
+    if not keys[0].flags.c_contiguous or keys[0].dtype == np.float16 or not _one_kind(keys + cache.values):
+        return None
+    plan = _plan(weights)
+    if not plan.ok or len(keys) != plan.layers:
+        return None
+    kcs, vcs = _cache_lists(cache)
+    f32 = np.float32
+    wq, wk, wv, wo, wg, wu, wd = plan.shapes
+    chunks, sizes = _bf16_plan(B, H, wq, wk, wv, wo, wg, wd, keys[0].shape[1])
+    logits = _step_bf16_region(
+        np.ascontiguousarray(x.reshape(B, H), f32),
+        plan.in_norms,
+        plan.wqs,
+        plan.wks,
+        plan.wvs,
+        plan.q_norms,
+        plan.k_norms,
+        plan.wos,
+        plan.post_norms,
+        plan.wgs,
+        plan.wus,
+        plan.wds,
+        np.ascontiguousarray(cos[:, 0]),
+        np.ascontiguousarray(sin[:, 0]),
+        kcs,
+        vcs,
+        np.ascontiguousarray(mask[:, 0]),
+        cache.length,
+        f32(config.rms_norm_eps),
+        config.qk_norm,
+        config.num_attention_heads,
+        config.head_dim,
+        *plan.starts,
+        chunks,
+        sizes,
+        plan.norm,
+        plan.lm_head,
+        plan.lm_starts,
+        _dl._workers(),
+    )
+    return logits.reshape(B, 1, -1)
