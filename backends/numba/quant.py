@@ -28,6 +28,10 @@ Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot prod
   block (a horizontal add and a scalar multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x,
   q4_k 2.1x, q6_k 1.8-2.1x,
   the 151936-row lm_head 1.5x; AMD EPYC, a busy machine; `benchmarks/profile_quant_step.py` times a whole step).
+  The row intrinsics ask for the weight's lines 4 KB ahead (prefetch) and the GEMV picks the format once per
+  weight, not per row: one thread over weights larger than the caches, Q4_K / Q6_K 1.24x, Q8_0 1.15x, and a
+  further 1.6-2.6x per row from L2 (16-64 Q4_K rows a call, same process; `benchmarks/bench_quant_rows.py`
+  prints each format against a plain read).
 - "float": the codes are widened to float32 in registers and multiplied with x as it is (only float32 rounding).
   LLVM did not vectorise these loops well here: 1.2-4x slower than "int8" in the benchmark, so "int8" is the
   default and "float" stays as the comparison (and the exact-float32 option).
@@ -540,20 +544,37 @@ def _row(kind, w, w8, n, acts, m, acc):  # row n of w [N, bytes] · row m of x (
     return _row_q6_k(w, w8, n, akq, akd, m, acc)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _rows_int(kind, w, w8, out, first, acts, r0, r1, acc):  # rows r0..r1 of the row space: w's rows r - first
+    # One loop per format, the format chosen once per call: with `_row`'s choice inside the row loop, LLVM kept
+    # the three row dots' constants and sums in one loop body, spilled them and moved them between registers
+    # every block (one thread, 16-64 Q4_K rows from L2: 1.6-2.6x slower per row; the same bits either way)
+    a0q, a0d, akq, akd, aks = acts
+    M = out.shape[0]
+    if kind == Q8_0:
+        for r in range(r0, r1):
+            for m in range(M):
+                out[m, r - first] = _row_q8_0(w, w8, r - first, a0q, a0d, m, acc)
+    elif kind == Q4_K:
+        for r in range(r0, r1):
+            for m in range(M):
+                out[m, r - first] = _row_q4_k(w, r - first, akq, akd, aks, m, acc)
+    else:
+        for r in range(r0, r1):
+            for m in range(M):
+                out[m, r - first] = _row_q6_k(w, w8, r - first, akq, akd, m, acc)
+
+
 @njit(cache=True, error_model="numpy")
 def _gemv_rows_int(kinds, ws, ws8, outs, starts, acts, lo, hi):  # the same, "int8": the lane-kept row dots
     # (no fast-math here: the row dots' float order is fixed, see above). Whole arrays and row numbers go to the
     # row dots, no row views: see avx2._Row
-    M = acts[0].shape[0]
     acc = np.empty(8, np.float32)  # the plain loops' lanes
     for i in range(len(ws)):
         r0, r1 = max(lo, starts[i]), min(hi, starts[i + 1])
         if r0 >= r1:
             continue
-        w, w8, out, kind = ws[i], ws8[i], outs[i], kinds[i]
-        for r in range(r0, r1):
-            for m in range(M):
-                out[m, r - starts[i]] = _row(kind, w, w8, r - starts[i], acts, m, acc)
+        _rows_int(kinds[i], ws[i], ws8[i], outs[i], starts[i], acts, r0, r1, acc)
 
 
 @njit(cache=True, error_model="numpy")
