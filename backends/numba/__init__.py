@@ -31,6 +31,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
                   registers (avx2.py: the whole-row int8 dots in LLVM IR)
     quant_matmul.py  quantized prefill: each weight row's blocks decoded once for a tile of four int8 token rows
                   (the "float" mode instead dequantizes a block of rows into BLAS)
+    kernel_cache.py  Numba's saved kernels invalidated by an edit anywhere in this package (Numba alone checks only
+                  the file a kernel is written in, not the files whose functions are compiled into it)
 
 `matmul_precision` (PyTorch's name for the same choice): "highest" (the default) multiplies in float32 — equal to
 the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
@@ -57,6 +59,7 @@ import numpy as np
 
 # isort: off
 from tinyqwen.backends.numba import settings  # noqa: F401 (first: Numba reads them when it is imported)
+from tinyqwen.backends.numba import kernel_cache  # noqa: F401 (second: installs itself before any kernel exists)
 
 # isort: on
 from tinyqwen.backends.contract import Backend, LoadOptions
