@@ -454,6 +454,11 @@ for name in ("tinyqwen-numpy", "tinyqwen-numba", "llama.cpp-bf16", "transformers
 #    `parallel=True` kernel whose own body held the loops ran ~25 % slower loaded from that cache than freshly
 #    compiled (the gate/up GEMVs: 17–19 ms per step instead of 13–15; numba issue #8085). With the loops in a
 #    small serial kernel that the parallel one calls per chunk of rows, the cached code is as fast as a fresh one.
+#    The cache has a trap too: Numba checks only the file a kernel is written in. A kernel compiles the functions
+#    it calls from other files *into* its own machine code, so after an edit to a called file alone (a row dot
+#    in `avx2.py`, called by `quant.py`'s GEMV) the saved GEMV kept the old row dot, and a faster kernel seemed to
+#    change nothing. `backends/numba/kernel_cache.py` stamps every kernel of the package with a digest of all its
+#    files, so any edit there recompiles them all once.
 # 4. **A smaller KV cache** (above): bf16 instead of float32 halves what attention reads per step.
 #
 # The lesson generalises: once the arithmetic is vectorised, the remaining time of a memory-bound program hides in
