@@ -495,6 +495,19 @@ def test_ragged_decode_attention_reads_each_row_only_to_its_own_length():
         assert np.array_equal(got[b], alone[0])
 
 
+def _two_decoding_and_a_newcomer(engine, tok, new_tokens: int) -> tuple[list, Job]:
+    """Two short requests admitted and decoding, then a 23-token prompt admitted beside them (greedy, no eos)."""
+    running = [Job([5, 6, 7 + i], new_tokens, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
+               for i in range(2)]  # fmt: skip
+    for job in running:
+        engine._admit(job)
+    while engine.pool is None or engine.pool.decoding < 2:
+        engine.step()
+    newcomer = Job(list(range(100, 123)), 3, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
+    engine._admit(newcomer)
+    return running, newcomer
+
+
 def test_a_new_request_is_prefilled_at_the_next_step_in_chunks_while_the_others_keep_decoding(
     tiny_qwen3_model, tok
 ):
@@ -516,14 +529,7 @@ def test_a_new_request_is_prefilled_at_the_next_step_in_chunks_while_the_others_
 
     engine = Engine(Recording(), tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=8)
     assert engine.rows == 4
-    running = [Job([5, 6, 7 + i], 40, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
-               for i in range(2)]  # fmt: skip
-    for job in running:
-        engine._admit(job)
-    while engine.pool is None or engine.pool.decoding < 2:
-        engine.step()
-    newcomer = Job(list(range(100, 123)), 3, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
-    engine._admit(newcomer)
+    running, newcomer = _two_decoding_and_a_newcomer(engine, tok, 40)
     steps = []
     while not newcomer.output_ids:
         before = [len(j.output_ids) for j in running]
@@ -607,14 +613,7 @@ def test_a_prefill_chunk_rides_in_the_decode_step_s_forward(tiny_qwen3_model, to
     model = tiny_qwen3_model
     engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=8)
     assert engine.mixed
-    running = [Job([5, 6, 7 + i], 12, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
-               for i in range(2)]  # fmt: skip
-    for job in running:
-        engine._admit(job)
-    while engine.pool is None or engine.pool.decoding < 2:
-        engine.step()
-    newcomer = Job(list(range(100, 123)), 3, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ()))
-    engine._admit(newcomer)
+    running, newcomer = _two_decoding_and_a_newcomer(engine, tok, 12)
     while not newcomer.output_ids:
         before = [len(j.output_ids) for j in running]
         calls.clear()
