@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("numba")
@@ -109,3 +110,114 @@ def test_functions_outside_the_package_keep_numbas_own_cache(tmp_path):
     locator = outside.f._cache._impl.locator
     assert not isinstance(locator, kernel_cache.PackageStamp)
     assert type(locator).__name__ == "InTreeCacheLocator"
+
+
+# --- the lean start: saved kernels load without Numba's runtime compile or its registries ---------------------------
+
+EXTERNAL_IR = """
+declare i32 @tinyqwen_no_such_symbol(i32)
+declare extern_weak i32 @a_weak_one(i32)
+define i32 @defined_here(i32 %x) {
+  %y = call i32 @tinyqwen_no_such_symbol(i32 %x)
+  %z = call i32 @a_weak_one(i32 %y)
+  %w = call i32 @PyErr_Occurred_alias(i32 %z)
+  ret i32 %w
+}
+declare i32 @PyErr_Occurred_alias(i32)
+"""
+
+
+def _object(ir: str) -> bytes:
+    import llvmlite.binding as ll
+
+    ll.initialize_native_target()
+    ll.initialize_native_asmprinter()
+    machine = ll.Target.from_default_triple().create_target_machine()
+    obj = machine.emit_object(ll.parse_assembly(ir))
+    if obj[:6] != b"\x7fELF\x02\x01":
+        pytest.skip(
+            "this platform's objects are not ELF64 little-endian (the lean start then refreshes first)"
+        )
+    return obj
+
+
+def test_undefined_symbols_reads_an_objects_symbol_table():
+    obj = _object(EXTERNAL_IR)
+    # the defined function is not listed, the weak one may stay unresolved (it is not listed either)
+    assert sorted(kernel_cache.undefined_symbols(obj)) == ["PyErr_Occurred_alias", "tinyqwen_no_such_symbol"]
+    assert kernel_cache.undefined_symbols(b"\xcf\xfa\xed\xfe" + obj[4:]) is None  # Mach-O's magic: not read
+    assert kernel_cache.undefined_symbols(obj[:100]) is None  # truncated: no section headers
+
+
+def test_a_kernel_is_loaded_lean_only_when_every_symbol_it_needs_is_known():
+    norm_rope.rms_norm(
+        np.ones((1, 4), np.float32), np.ones(4, np.float32), 1e-6
+    )  # the runtime's C API registered
+    hooks = []
+
+    def payload(ir, kind="object"):
+        return (
+            ("lib", kind, (_object(ir), b"")),
+            None,
+            None,
+            None,
+            False,
+            (),
+            "",
+            [lambda: hooks.append(1)],
+            (),
+        )
+
+    known = "declare i8* @PyErr_Occurred()\ndeclare void @NRT_Free(i8*)\n" + (
+        "define void @f(i8* %p) {\n  %e = call i8* @PyErr_Occurred()\n  call void @NRT_Free(i8* %p)\n  ret void\n}\n"
+    )
+    assert kernel_cache._known_to_linker(payload(known))
+    assert hooks == [1]  # the kernel's reload hooks (the parallel runtime's start) ran before the check
+    assert not kernel_cache._known_to_linker(payload(EXTERNAL_IR))  # an unknown symbol: Numba's full path
+    assert not kernel_cache._known_to_linker(payload(known, kind="bitcode"))
+
+
+LEAN_SCRIPT = """
+import sys
+import numpy as np
+import numba
+from numba.core.runtime import nrt
+from tinyqwen.backends.numba.norm_rope import rms_norm
+from tinyqwen.norm import rms_norm as reference
+
+x, w = np.linspace(-2, 2, 24, dtype=np.float32).reshape(3, 8), np.linspace(0.5, 1.5, 8, dtype=np.float32)
+ok = np.allclose(rms_norm(x, w, 1e-6), reference(x, w, 1e-6), rtol=1e-6, atol=1e-6)
+print(int(ok), int(nrt.rtsys._library is None), int("numba.np.linalg" in sys.modules))
+
+@numba.njit
+def fresh(a):  # compiled in this process: its arrays need the runtime module, compiled now
+    b = a.copy()
+    return (b * 2).sum()
+
+print(int(fresh(x) == 2 * x.sum()), int(nrt.rtsys._library is not None))
+"""
+
+
+@pytest.mark.parametrize("lean", ["1", "0"])
+def test_a_saved_kernel_loads_without_starting_numbas_compiler(lean):
+    env = {**os.environ, "PYTHONPATH": str(REPO), kernel_cache.LEAN_START_ENV: lean}
+
+    def run() -> list[str]:
+        out = subprocess.run(
+            [sys.executable, "-c", LEAN_SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+
+    run()  # a cold cache compiles rms_norm here (Numba's whole start); the next process loads it
+    result, no_runtime_module, registries, fresh_ok, runtime_module = run()
+    assert (result, fresh_ok, runtime_module) == (
+        "1",
+        "1",
+        "1",
+    )  # same values, and a compile still works after
+    # (the tinyqwen.norm reference: float32 rtol 1e-6, a sum of 8 squares and one rsqrt per row)
+    if lean == "1":
+        assert (no_runtime_module, registries) == ("1", "0"), "the saved kernel started Numba's compiler"
+    else:  # switched off: Numba's own start, the runtime compiled and every registry imported at the first load
+        assert (no_runtime_module, registries) == ("0", "1")
