@@ -31,6 +31,8 @@ from dataclasses import replace
 
 import numpy as np
 
+PEER_DIR = os.environ.get("TINYQWEN_PEER_DIR")  # the peers' folder (../shared/peers/setup writes it)
+
 # ----------------------------------------------------------------------------------------------- breakdown
 
 
@@ -298,12 +300,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("what", choices=("breakdown", "fused", "launch", "stream"))
-    parser.add_argument("--model", default="/tmp/peer/qwen3-0.6b-random")
+    parser.add_argument(
+        "--model",
+        default=PEER_DIR and os.path.join(PEER_DIR, "qwen3-0.6b-random"),
+        help="checkpoint (default: $TINYQWEN_PEER_DIR/qwen3-0.6b-random)",
+    )
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
+    if args.what in ("breakdown", "fused") and not args.model:
+        parser.error("no model: pass --model or set TINYQWEN_PEER_DIR (the folder holding qwen3-0.6b-random)")
     if args.what == "breakdown":
         breakdown(args.model, args.prompt, args.steps)
     elif args.what == "fused":

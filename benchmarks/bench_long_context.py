@@ -5,7 +5,7 @@
 
 The checkpoint has Qwen3-0.6B's exact config.json (tinyqwen/data/configs/Qwen3-0.6B.json: 28 layers, hidden 1024,
 16 query / 8 kv heads, head_dim 128, ffn 3072, vocab 151,936, tied) with random BF16 weights (normal, std 0.02;
-norms 1), written to --out (default /tmp/qwen3-0.6b-random-<N>layers; never commit it) on the first run and reused.
+norms 1), written to --out (default $TINYQWEN_PEER_DIR/qwen3-0.6b-random-<N>layers; never commit it) on the first run and reused.
 `--layers N` cuts it to its first N layers: the same shapes, so the memory *per layer* (weights and KV cache) and
 the activations of one chunk are those of the full model; time scales with the layers (see the results note).
 
@@ -130,7 +130,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--out", type=Path, help="checkpoint directory (default /tmp/qwen3-0.6b-random-<N>layers)"
+        "--out",
+        type=Path,
+        help="checkpoint directory (default $TINYQWEN_PEER_DIR/qwen3-0.6b-random-<N>layers)",
     )
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[8192, 32768])
@@ -145,7 +147,12 @@ def main() -> None:
         print(json.dumps(child(path, int(tokens), kv_dtype, int(chunk), backend)))
         return
 
-    out = args.out or Path(f"/tmp/qwen3-0.6b-random-{args.layers}layers")
+    folder = os.environ.get("TINYQWEN_PEER_DIR")
+    if args.out is None and not folder:
+        parser.error(
+            "no checkpoint folder: pass --out DIR or set TINYQWEN_PEER_DIR (where it is written, outside the repo)"
+        )
+    out = args.out or Path(folder) / f"qwen3-0.6b-random-{args.layers}layers"
     if not (out / "config.json").is_file():
         print(f"writing a random {args.layers}-layer Qwen3-0.6B-shaped checkpoint to {out}", file=sys.stderr)
         write_checkpoint(out, args.layers)

@@ -1,14 +1,14 @@
 """MoE benchmark: a random, scaled-down Qwen3-30B-A3B: numpy vs numba (bf16), or numba vs llama.cpp (Q4_K_M).
 
-    python benchmarks/bench_moe.py [--out /tmp/qwen3-30b-a3b-2layers-random] [--layers 2] [--json]
+    python benchmarks/bench_moe.py [--out DIR] [--layers 2] [--json]
     python benchmarks/bench_moe.py --quant --peer-python PY [--layers 2] [--prompt-tokens 128 --new-tokens 32]
         [--repeat 2] [--rounds 2] [--gemv int8 float] [--json]
 
 --quant: the GGUF file people have. The first run writes the random model as a BF16 GGUF (tinyqwen's writer, one
 tensor at a time, the packaged tokenizer; 3.7 GB for 2 layers) and quantizes it to Q4_K_M with llama.cpp's own
 quantizer (`llama_model_quantize` of llama-cpp-python, run with PY: 1.19 GB, token_embd Q4_K, output Q6_K, the
-expert stacks Q4_K but ffn_down_exps / attn_v Q6_K in layer 1, as llama.cpp's _M mix picks), both under /tmp and
-reused after. Then llama.cpp and tinyqwen's numba backend, with its two decode GEMVs ("int8": the activations
+expert stacks Q4_K but ffn_down_exps / attn_v Q6_K in layer 1, as llama.cpp's _M mix picks), both in $TINYQWEN_PEER_DIR
+(or beside --gguf) and reused after. Then llama.cpp and tinyqwen's numba backend, with its two decode GEMVs ("int8": the activations
 quantized to int8 blocks as llama.cpp does; "float": the codes widened in registers; "int8:two-launch": decode's
 MoE in two launches, the pairs' gate/up rows and then their down rows, as before each pair became one job of a
 single launch, backends/numba/moe.py's MOE_PAIR_JOBS), each in its own process with
@@ -24,7 +24,8 @@ The checkpoint has Qwen3-30B-A3B's exact config.json (tinyqwen/data/configs/Qwen
 top-8, hidden 2048, expert ffn 768, 32 query / 4 kv heads, vocab 151,936, untied) except for the number of layers:
 2 by default, i.e. 1.87 B parameters, 3.7 GB in bf16 (the numpy backend widens them to 7.5 GB of fp32; each extra
 layer adds 0.62 B parameters, 1.25 GB of bf16). The weights are random (normal, std 0.02; norms 1), written as BF16 safetensors shards
-to --out (under /tmp: never commit it) on the first run and reused after.
+to --out (default $TINYQWEN_PEER_DIR/qwen3-30b-a3b-<N>layers-random: never commit it) on the first run and reused
+after.
 
 It then times the two tinyqwen backends with `tinyqwen.bench.run_benchmark` (the same child processes and timing
 loop as `tinyqwen bench`), with the GEMV bandwidth probe, and prints the table (or the JSON). The decode bytes per
@@ -240,13 +241,21 @@ def kl_divergence(
     return (np.exp(lp) * (lp - lq)).sum(-1)
 
 
+def scratch_dir() -> Path:
+    """Where the random models are written when no path is given: $TINYQWEN_PEER_DIR (outside the repo)."""
+    folder = os.environ.get("TINYQWEN_PEER_DIR")
+    if not folder:
+        sys.exit("bench_moe.py: no folder for the random model: pass --out / --gguf or set TINYQWEN_PEER_DIR")
+    return Path(folder)
+
+
 def bench_gguf(args) -> dict:
     """llama.cpp against tinyqwen's numba backend (int8 and float decode GEMVs) on one Q4_K_M MoE file, same run."""
     from tinyqwen.cli.info import predict_rss
 
     path = args.gguf
     if path is None:
-        path = Path(f"/tmp/qwen3-30b-a3b-{args.layers}layers-random-q4_k_m.gguf")
+        path = scratch_dir() / f"qwen3-30b-a3b-{args.layers}layers-random-q4_k_m.gguf"
         if not path.is_file():
             bf16 = path.with_name(path.name.replace("q4_k_m", "bf16"))
             if not bf16.is_file():
@@ -320,7 +329,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--out", type=Path, help="checkpoint directory (default /tmp/qwen3-30b-a3b-<N>layers-random)"
+        "--out",
+        type=Path,
+        help="checkpoint directory (default $TINYQWEN_PEER_DIR/qwen3-30b-a3b-<N>layers-random)",
     )
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=512)
@@ -330,7 +341,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the run as one JSON object")
     gguf = parser.add_argument_group("quantized GGUF (--quant): numba against llama.cpp on one Q4_K_M file")
     gguf.add_argument("--quant", action="store_true", help="run the GGUF benchmark instead of numpy vs numba")
-    gguf.add_argument("--gguf", type=Path, help="the file (default: /tmp/qwen3-30b-a3b-<N>layers-random-q4_k_m.gguf, "
+    gguf.add_argument("--gguf", type=Path, help="the file (default: $TINYQWEN_PEER_DIR/qwen3-30b-a3b-<N>layers-random-q4_k_m.gguf, "
                       "made on the first run: a random BF16 GGUF quantized by llama.cpp's quantizer)")  # fmt: skip
     gguf.add_argument("--peer-python", default="python", help="a python with llama-cpp-python")
     gguf.add_argument("--gemv", nargs="+", default=["int8", "float"], help="numba's decode GEMVs to time")
@@ -346,7 +357,7 @@ def main() -> None:
 
     from tinyqwen.bench import format_report, run_benchmark
 
-    out = args.out or Path(f"/tmp/qwen3-30b-a3b-{args.layers}layers-random")
+    out = args.out or scratch_dir() / f"qwen3-30b-a3b-{args.layers}layers-random"
     if not (out / "config.json").is_file():
         print(
             f"writing a random {args.layers}-layer Qwen3-30B-A3B-shaped checkpoint to {out}", file=sys.stderr

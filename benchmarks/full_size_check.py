@@ -4,7 +4,8 @@ transformers.
     python benchmarks/full_size_check.py [OUT_DIR] [--seq-len 32] [--batch 2] [--keep]
 
 1. Writes config.json (byte-exact copy of the official one), generation_config.json and a BF16
-   model.safetensors with random weights into OUT_DIR (default /tmp/qwen3-0.6b-random; never inside the repo).
+   model.safetensors with random weights into OUT_DIR (default $TINYQWEN_PEER_DIR/qwen3-0.6b-random; never inside
+   the repo).
 2. Checks the key set: equal to the expected official Qwen3-0.6B key set (transformers 4.51 naming, tied, so no
    lm_head.weight), and structurally equal to the official Qwen3-4B key list committed in
    tests/fixtures/official_keys/Qwen3-4B.json (same top-level names, same 11 names per layer).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -126,12 +128,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("out", nargs="?", default="/tmp/qwen3-0.6b-random", type=Path)
+    folder = os.environ.get("TINYQWEN_PEER_DIR")
+    parser.add_argument(
+        "out",
+        nargs="?",
+        default=folder and Path(folder) / "qwen3-0.6b-random",
+        type=Path,
+        help="OUT_DIR (default: $TINYQWEN_PEER_DIR/qwen3-0.6b-random)",
+    )
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep OUT_DIR (about 1.2 GB) afterwards")
     args = parser.parse_args()
+    if args.out is None:
+        parser.error("no OUT_DIR: pass one or set TINYQWEN_PEER_DIR (a folder outside the repo)")
     if args.out.resolve().is_relative_to(REPO):
         parser.error("OUT_DIR must be outside the repository (the checkpoint is 1.2 GB)")
 

@@ -1,6 +1,6 @@
 """The full-size Qwen3-30B-A3B in Q4_K_M (random weights), on this machine: tinyqwen's numba backend and llama.cpp.
 
-    python benchmarks/moe_full_size.py --peer-python PY [--out /tmp/qwen3-30b-a3b-random-q4_k_m.gguf]
+    python benchmarks/moe_full_size.py --peer-python PY [--out FILE.gguf]
         [--prompt-tokens 32 --new-tokens 16] [--keep] [--results FILE.json]
 
 1. Writes the file block by block (`write_gguf`'s LazyTensor: one tensor in memory at a time, the largest an expert
@@ -9,7 +9,8 @@
    and for attn_v / ffn_down_exps in the layers llama.cpp's _M mix picks; norms and the router F32). Quantizing 30 B
    random values would take hours in NumPy, so the blocks are drawn: 4,096 blocks of each type quantized from
    normal(0, 0.02) values by tinyqwen's quantizer, and every tensor filled with blocks picked at random among them
-   (real blocks with sane scales, not random bytes). ~18 GB, under /tmp; deleted at the end unless --keep.
+   (real blocks with sane scales, not random bytes). ~18 GB, --out (default $TINYQWEN_PEER_DIR/qwen3-30b-a3b-random-q4_k_m.gguf); deleted at the end
+   unless --keep.
 2. `tinyqwen info --model FILE --context C` (C = prompt + new + 8): the predicted peak RSS of the numba backend.
 3. Runs both engines, one after the other in their own processes (2 threads; greedy from the same random prompt
    ids; one timed run after a short warm-up, see CHILD_ONE_RUN), each with the free memory (MemAvailable) sampled
@@ -169,7 +170,13 @@ def available() -> int:  # MemAvailable, bytes
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer-python", required=True, help="a python with llama-cpp-python")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/qwen3-30b-a3b-random-q4_k_m.gguf"))
+    folder = os.environ.get("TINYQWEN_PEER_DIR")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=folder and Path(folder) / "qwen3-30b-a3b-random-q4_k_m.gguf",
+        help="the file written (default: $TINYQWEN_PEER_DIR/qwen3-30b-a3b-random-q4_k_m.gguf)",
+    )
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
@@ -179,6 +186,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the file (18 GB) after the run")
     parser.add_argument("--results", type=Path, help="also write the report as JSON here")
     args = parser.parse_args()
+    if args.out is None:
+        parser.error(
+            "no --out: pass the file to write or set TINYQWEN_PEER_DIR (a folder outside the repo, ~18 GB free)"
+        )
     report: dict = {
         "command": " ".join(sys.argv),
         "mem_total_gb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1e9,
