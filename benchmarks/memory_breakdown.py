@@ -12,11 +12,14 @@ tinyqwen.kv_cache.lazy_zeros) and other files (libraries).
 
 Numba starts at the warm-up's first kernel; `--numba-first` starts it before load_model with one small kernel (the
 RMSNorm's), as a process that ran kernels before loading does (what loading frees is then not reused by Numba's
-registries, and shows). Numba pays its start at the first call of any kernel, even one loaded from its cache: it
-compiles its runtime's helper functions (NRT) through LLVM's whole optimizer and code generator, which pages in
-~28 MiB of libllvmlite's code, and installs its typing and lowering registries (~15 MiB of Python objects); it is
-counted at that first load. Each kernel then loaded from the cache adds its LLVM module and machine code (counted
-per kernel: ~8 MiB for a Q4_K_M decode, ~5 of them the fused decode layer). The last lines compare the peak with
+registries, and shows). Numba, left to itself, pays its start at the first call of any kernel, even one loaded
+from its cache: it compiles its runtime's helper functions (NRT) through LLVM's whole optimizer and code generator,
+which pages in ~28 MiB of libllvmlite's code, and installs its typing and lowering registries (~15 MiB of Python
+objects). The package's lean start (backends/numba/kernel_cache.py, `install_lean_start`) loads saved kernels
+without either (~10 MiB: the runtime's C API registered, the loader's share of LLVM); TINYQWEN_NUMBA_LEAN_START=0
+gives Numba's own start, to compare. It is counted at that first load. Each kernel then loaded from the cache adds
+its LLVM module and machine code (counted per kernel: ~9 MiB for a Q4_K_M decode, ~5 of them the fused decode
+layer and the parallel runtime's start). The last lines compare the peak with
 its floor — what this engine cannot run without: the tensors' bytes (the data section: the header's pages are
 handed back after parsing) + the KV cache's bytes + Numba started + the kernels loaded. Numbers are MiB (2^20
 bytes); "/file" as bench_quant's: (peak − the process after the imports) ÷ the file's bytes.
@@ -179,6 +182,15 @@ def main() -> None:
     print(
         f"above the floor: {end['peak'] - base['rss'] - floor:.1f} MiB (the interpreter's objects, allocator "
         "slack, a prefill's live temporaries, libraries paged in later)"
+    )
+    from numba.core.runtime import rtsys
+
+    from tinyqwen.backends.numba.kernel_cache import LEAN_START_ENV
+
+    lean = os.environ.get(LEAN_START_ENV, "1") != "0"
+    print(
+        f"Numba's start: {'lean (kernel_cache.install_lean_start)' if lean else f'its own ({LEAN_START_ENV}=0)'}; "
+        f"its runtime module (NRT) compiled in this run: {'yes' if rtsys._init and rtsys._library else 'no'}"
     )
     if args.tokenizer:
         from tinyqwen.tokenizer import Tokenizer
