@@ -32,7 +32,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
     quant_matmul.py  quantized prefill: each weight row's blocks decoded once for a tile of four int8 token rows
                   (the "float" mode instead dequantizes a block of rows into BLAS)
     kernel_cache.py  Numba's saved kernels invalidated by an edit anywhere in this package (Numba alone checks only
-                  the file a kernel is written in, not the files whose functions are compiled into it)
+                  the file a kernel is written in, not the files whose functions are compiled into it), and loaded
+                  without starting Numba's compiler (its runtime module and registries: ~30 MiB)
 
 `matmul_precision` (PyTorch's name for the same choice): "highest" (the default) multiplies in float32 — equal to
 the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
