@@ -221,3 +221,26 @@ def test_a_saved_kernel_loads_without_starting_numbas_compiler(lean):
         assert (no_runtime_module, registries) == ("1", "0"), "the saved kernel started Numba's compiler"
     else:  # switched off: Numba's own start, the runtime compiled and every registry imported at the first load
         assert (no_runtime_module, registries) == ("0", "1")
+
+
+def test_a_saved_function_outside_the_package_loads_as_numba_loads_it(tmp_path):
+    _write(
+        tmp_path / "outside.py",
+        "from numba import njit\n\n@njit(cache=True)\ndef f(a):\n    return a.sum()\n",
+    )
+    script = (
+        "import numpy as np, tinyqwen.backends.numba, outside\nfrom numba.core.runtime import nrt\n"
+        "print(outside.f(np.arange(4.0)), int(nrt.rtsys._library is not None), sum(outside.f.stats.cache_hits.values()))"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "NUMBA_CACHE_DIR": ""}
+    runs = [
+        subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        for _ in range(2)
+    ]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    value, runtime_module, hits = runs[1].stdout.split()
+    assert (value, runtime_module) == (
+        "6.0",
+        "1",
+    )  # Numba's own start: its runtime module compiled at the load
+    assert hits == "1"  # and it did come from the cache

@@ -126,7 +126,8 @@ def install() -> bool:
 #     instead of at the first load; `rtsys.initialize` still registers the runtime's C API at once.
 #   - a saved kernel of this package is loaded without `refresh()` when every symbol its machine code leaves
 #     undefined is already known (read from the object's ELF symbol table); otherwise (an unknown symbol, a format
-#     that is not ELF, object mode) it refreshes first, as Numba does. A compile, later, refreshes as always.
+#     that is not ELF, object mode) it refreshes and compiles the runtime module first, as Numba does. A compile,
+#     later, refreshes as always; a saved function outside this package loads exactly as Numba loads it.
 # Measured on the Q4_K_M 0.6B file (benchmarks/memory_breakdown.py): Numba's start 40 MiB → 10, the whole run's
 # peak over the file 1.20 → 1.12. Set TINYQWEN_NUMBA_LEAN_START=0 for Numba's own start.
 
@@ -222,8 +223,10 @@ def _load_without_refresh() -> None:
     numba_load = caching.Cache.load_overload
 
     def load_overload(self, sig, target_context):
-        if not isinstance(getattr(self._impl, "locator", None), PackageStamp):
-            return numba_load(self, sig, target_context)  # not ours: Numba's own path
+        if not isinstance(getattr(self._impl, "locator", None), PackageStamp):  # not ours: Numba's own path,
+            nrt.rtsys.initialize(target_context)
+            nrt.rtsys.library  # noqa: B018 (its runtime module compiled first, as Numba's own start does)
+            return numba_load(self, sig, target_context)
         nrt.rtsys.initialize(target_context)  # the runtime's C API registered (its NRT module deferred)
         with self._guard_against_spurious_io_errors():  # Numba's _load_overload, with the check in the middle
             if not self._enabled:
@@ -231,8 +234,9 @@ def _load_without_refresh() -> None:
             data = self._cache_file.load(self._index_key(sig, target_context.codegen()))
             if data is None:
                 return None
-            if not _known_to_linker(data):
-                target_context.refresh()  # Numba's path: everything registered first
+            if not _known_to_linker(data):  # Numba's path: everything registered, the runtime module compiled
+                target_context.refresh()
+                nrt.rtsys.library  # noqa: B018
             return self._impl.rebuild(target_context, data)
         return None  # an I/O error the guard swallowed, as Numba
 
