@@ -379,12 +379,12 @@ def _remembered(table: dict, obj, build, parts):
     return got[2]
 
 
-def _plan(weights) -> _Plan:
-    return _remembered(_plans, weights, _Plan, _parts(weights))
+def _plan(weights, parts: list | None = None) -> _Plan:
+    return _remembered(_plans, weights, _Plan, _parts(weights) if parts is None else parts)
 
 
-def _quant_plan_of(weights) -> _QuantPlan:
-    return _remembered(_quant_plans, weights, _QuantPlan, _parts(weights))
+def _quant_plan_of(weights, parts: list | None = None) -> _QuantPlan:
+    return _remembered(_quant_plans, weights, _QuantPlan, _parts(weights) if parts is None else parts)
 
 
 def _cache_lists(cache) -> tuple:  # (keys, values) of a KVCache as typed Lists
@@ -407,10 +407,11 @@ def decode_step(
     keys = cache.keys
     if not keys[0].flags.c_contiguous or keys[0].dtype == np.float16 or not _one_kind(keys + cache.values):
         return None
-    plan = _plan(weights)
+    parts = _parts(weights)  # (~400 objects for 28 layers: gathered once per step)
+    plan = _plan(weights, parts)
     if not plan.ok:
         if quant_gemv == "int8" and QUANT_STEP:
-            return _quant_step(x, weights, cos, sin, mask, cache, config)
+            return _quant_step(x, weights, cos, sin, mask, cache, config, parts)
         return None
     if len(keys) != plan.layers:
         return None
@@ -452,10 +453,12 @@ def decode_step(
     return logits.reshape(B, 1, -1)
 
 
-def _quant_step(x, weights, cos, sin, mask, cache, config):  # decode_step for quantized weights, "int8"
+def _quant_step(
+    x, weights, cos, sin, mask, cache, config, parts
+):  # decode_step for quantized weights, "int8"
     B, _, H = x.shape
     keys = cache.keys
-    plan = _quant_plan_of(weights)
+    plan = _quant_plan_of(weights, parts)
     if not plan.ok or len(keys) != plan.layers:
         return None
     chunks, sizes = plan.chunk_plan(keys[0].shape[1])
