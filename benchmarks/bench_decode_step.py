@@ -11,7 +11,7 @@ them (reshapes, residual adds, the KV cache write). It also counts parallel laun
 launch: each OpenMP setting in its own process: an empty `prange` kernel back to back, and after ~50 us of Python
 (the threads have gone idle: what a decode step's launches meet), microseconds per launch.
 fused: the same decode steps with the backend's one-call step (decode_step: every layer, the norm and the lm_head
-in one parallel region), one call per layer (decode_layer) as one parallel region, as five `prange` loops
+in one parallel region; bf16, or a quantized GGUF file's "int8" step), one call per layer (decode_layer) as one parallel region, as five `prange` loops
 (decode_layer.ONE_REGION = False), and kernel by kernel, interleaved in one process, median ms per step of each round, wall and CPU time (run it with NUMBA_NUM_THREADS=1 on a busy machine:
 then CPU time is the work, not the waits).
 stream: one pass over a bf16 buffer the size of the lm_head (the machine's streaming ceiling for these threads)

@@ -16,8 +16,9 @@ the excess) is run again from the cache, and that run is the one reported. Timin
 A bf16 GGUF file runs tinyqwen's bf16 kernels (the --gemv choice does not matter there): by default a decode
 step is one call (backends/numba/decode_step.py: every layer, the final norm and the lm_head); "int8:per-layer"
 makes each layer one call (backends/numba/decode_layer.py); "int8:per-kernel" runs it kernel by kernel, as before,
-and "int8:unfused" also splits SwiGLU into two launches. A quantized dense file's decode layer is one call too in
-"int8" (its quantized twin of the same function), "int8:per-kernel" kernel by kernel; "float" is always per kernel. The bf16 comparison with llama.cpp, one run:
+and "int8:unfused" also splits SwiGLU into two launches. A quantized dense file's decode step is one call too in
+"int8" (its quantized twin of the same function), "int8:per-layer" one call per layer, "int8:per-kernel" kernel by
+kernel; "float" is always per kernel. The bf16 comparison with llama.cpp, one run:
 
     python benchmarks/bench_quant.py qwen3-0.6b-random-bf16.gguf --peer-python PY --gemv int8 int8:per-layer \
         --prompt 128 --new 64 --repeat 3 --twice

@@ -520,12 +520,13 @@ def test_one_region_quantized_layer_equals_five_loops(tiny_gguf, monkeypatch, ta
     import numba
 
     import tinyqwen
-    from tinyqwen.backends.numba import decode_layer
+    from tinyqwen.backends.numba import decode_layer, decode_step
 
     model = tinyqwen.load_model(tiny_gguf[target], backend="numba")
     before = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
+    monkeypatch.setattr(decode_step, "QUANT_STEP", False)  # layer by layer (the whole step: its own test)
     logits = {}
     try:
         for region in (True, False):
@@ -564,10 +565,12 @@ def test_fused_quantized_decode_layer_is_bit_identical_to_kernel_by_kernel(tiny_
         if isinstance(w, QuantWeight)
     }
     assert kinds == ({"q8_0"} if target == "q8_0" else {"q4_k", "q6_k"})
-    plain = replace(fused, backend=replace(fused.backend, decode_layer=None))
+    plain = replace(fused, backend=replace(fused.backend, decode_step=None, decode_layer=None))
     calls = []
     layer_fn = fused.backend.decode_layer
-    fused.backend = replace(fused.backend, decode_layer=lambda *a: calls.append(layer_fn(*a)) or calls[-1])
+    fused.backend = replace(  # layer by layer (the whole step: its own test)
+        fused.backend, decode_step=None, decode_layer=lambda *a: calls.append(layer_fn(*a)) or calls[-1]
+    )
     ids = np.array([[3, 1, 4, 1, 5]])
     logits, caches = {}, {}
     for name, model in (("fused", fused), ("plain", plain)):
@@ -593,3 +596,62 @@ def test_fused_quantized_decode_layer_is_bit_identical_to_kernel_by_kernel(tiny_
     cache = fused.new_cache(1, 4)
     assert float_fn(x, layer, cos, sin, np.ones((1, 1, 1), bool), cache, 0, c) is None
     assert layer_fn(x, layer, cos, sin, np.ones((1, 1, 1), bool), cache, 0, c).shape == x.shape
+
+
+@pytest.mark.parametrize("target", ["q8_0", "q4_k_m"])
+@pytest.mark.parametrize("threads, workers", [(2, 2), (1, 1), (2, 5)])
+def test_whole_quantized_decode_step_is_bit_identical_to_layer_by_layer(
+    tiny_gguf, monkeypatch, target, threads, workers
+):
+    # the quantized step in ONE parallel region (decode_step.py: every layer's 11 phases, the final norm quantized,
+    # the lm_head's rows) against one call per layer and kernel by kernel ("int8"): the same activation
+    # quantizations and row dots, so equal logits and caches bit for bit; one thread, and more region iterations
+    # than threads. q4_k_m mixes formats across layers (and its lm_head is q6_k): each layer's row of kinds
+    from dataclasses import replace
+
+    import numba
+
+    import tinyqwen
+    from tinyqwen.backends.numba import decode_layer
+
+    model = tinyqwen.load_model(tiny_gguf[target], backend="numba")
+    whole = model.backend
+    calls = []
+    monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
+    step_fn = whole.decode_step
+    backends = {
+        "step": replace(whole, decode_step=lambda *a: calls.append(step_fn(*a)) or calls[-1]),
+        "layer": replace(whole, decode_step=None),
+        "kernel": replace(whole, decode_step=None, decode_layer=None),
+    }
+    before = numba.get_num_threads()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    logits, caches = {}, {}
+    try:
+        for name, backend in backends.items():
+            model.backend = backend
+            cache = model.new_cache(1, 12)
+            steps = [model.forward(np.array([[3, 1, 4]]), cache=cache, last_only=True).logits]
+            for _ in range(4):
+                nxt = steps[-1][:, -1].argmax(-1)[:, None]
+                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
+            logits[name], caches[name] = np.stack(steps), cache
+    finally:
+        numba.set_num_threads(before)
+        model.backend = whole
+    assert [c is not None for c in calls] == [False] + [True] * 4  # the prompt declined, every step taken
+    assert np.array_equal(logits["step"], logits["layer"]) and np.array_equal(
+        logits["step"], logits["kernel"]
+    )
+    for other in ("layer", "kernel"):
+        s, o = caches["step"], caches[other]
+        for a, b in zip(s.keys + s.values, o.keys + o.values, strict=True):
+            assert np.array_equal(a, b)
+    # "float" mode: no whole step (kernel by kernel)
+    from tinyqwen.backends.numba import backend as numba_backend
+
+    c = model.config
+    x = np.zeros((1, 1, c.hidden_size), np.float32)
+    cos = sin = np.ones((1, 1, c.head_dim), np.float32)
+    float_step = numba_backend(quant_gemv="float").decode_step
+    assert float_step(x, model.weights, cos, sin, np.ones((1, 1, 1), bool), model.new_cache(1, 4), c) is None

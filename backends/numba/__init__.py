@@ -22,8 +22,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
     decode_layer.py  a decode step's whole layer (norms, GEMVs, QK-Norm, RoPE, cache write, attention, SwiGLU) as
                   one call and one parallel region: one trip from Python per layer instead of ~11 (bf16 weights,
                   or quantized ones in the "int8" mode)
-    decode_step.py  a bf16 decode step's every layer, final norm and lm_head in one parallel region: one trip
-                  from Python and one fork per token
+    decode_step.py  a decode step's every layer, final norm and lm_head in one parallel region: one trip
+                  from Python and one fork per token (bf16 weights, or quantized ones in the "int8" mode)
     moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
                   pairs, prefill groups the tokens by expert (each expert's weights read once per call)
     quant.py      GGUF's quantized weights (q8_0, q4_k, q6_k) kept in their blocks: decode's GEMVs take integer

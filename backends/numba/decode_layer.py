@@ -252,32 +252,45 @@ def _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_
             finish(ctr, p)
 
 
+@njit(cache=True)
+def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
+    # the arrays _bf16_phases writes, unwritten, for x [M, H] and q/k/v of nq/nk/nv rows, F hidden units:
+    # (h, q, k, v, qr, qn, kn, kr, att, o, x1, g, o2, he, ho, ae, ao, ge, go). One helper for the layer's region
+    # and the whole step's (decode_step.py), so the two cannot drift apart
+    M, H = x.shape
+    f32 = np.float32
+    return (
+        np.empty_like(x),  # h: a norm's output
+        np.empty((M, nq), f32),
+        np.empty((M, nk), f32),
+        np.empty((M, nv), f32),
+        np.empty((M, heads, head_dim), f32),  # qr: q normed and rotated
+        np.empty((heads, head_dim), f32),  # qn, kn, kr: QK-Norm's and RoPE's scratch
+        np.empty((Hkv, head_dim), f32),
+        np.empty((Hkv, head_dim), f32),
+        np.empty((M, heads, head_dim), f32),  # att: attention's output
+        np.empty((M, H), f32),  # o: o_proj's output
+        np.empty_like(x),  # x1: the residual after attention
+        np.empty((M, F), f32),  # g: SiLU(gate)·up
+        np.empty((M, H), f32),  # o2: down's output
+        np.empty(H // 2, f32),  # he, ho, ae, ao, ge, go: the GEMVs' inputs split into even and odd values
+        np.empty(H // 2, f32),
+        np.empty(heads * head_dim // 2, f32),
+        np.empty(heads * head_dim // 2, f32),
+        np.empty(F // 2, f32),
+        np.empty(F // 2, f32),
+    )
+
+
 @njit(parallel=True, cache=True)
 def _layer_bf16_region(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc, mask, pos,
                        eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks, sizes, workers):  # fmt: skip
     # _layer_bf16's result from one `prange` over `workers` threads (any number ≥ 1: see phases.py)
-    M, H = x.shape
-    Hkv = kc.shape[1]
     wq, wk, wv = wqkv
-    F = wg.shape[0]
-    h = np.empty_like(x)
-    q = np.empty((M, wq.shape[0]), np.float32)
-    k = np.empty((M, wk.shape[0]), np.float32)
-    v = np.empty((M, wv.shape[0]), np.float32)
-    qr = np.empty((M, heads, head_dim), np.float32)
-    qn = np.empty((heads, head_dim), np.float32)
-    kn = np.empty((Hkv, head_dim), np.float32)
-    kr = np.empty((Hkv, head_dim), np.float32)
-    att = np.empty((M, heads, head_dim), np.float32)
-    o = np.empty((M, H), np.float32)
-    x1 = np.empty_like(x)
-    g = np.empty((M, F), np.float32)
-    o2 = np.empty((M, H), np.float32)
+    h, q, k, v, qr, qn, kn, kr, att, o, x1, g, o2, he, ho, ae, ao, ge, go = _bf16_scratch(
+        x, wq.shape[0], wk.shape[0], wv.shape[0], wg.shape[0], heads, head_dim, kc.shape[1]
+    )
     out = np.empty_like(x)
-    he, ho = np.empty(H // 2, np.float32), np.empty(H // 2, np.float32)
-    ae = np.empty(heads * head_dim // 2, np.float32)
-    ao = np.empty(heads * head_dim // 2, np.float32)
-    ge, go = np.empty(F // 2, np.float32), np.empty(F // 2, np.float32)
     ctr = np.zeros(2 * 9 * LINE, np.int64)
     for _ in prange(workers):
         _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin,
@@ -432,33 +445,45 @@ def _quant_phases(ctr, chunks, sizes, x, in_norm, wqkv, wqkv8, q_norm, k_norm, w
             finish(ctr, p)
 
 
+@njit(cache=True)
+def _quant_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv, need):
+    # the arrays _quant_phases writes, unwritten, for x [M, H], q/k/v of nq/nk/nv rows, F hidden units and the
+    # activation forms `need` [8] asks for: (h, q, k, v, qr, qn, kn, kr, att, o, x1, g, u, o2, acts, acts_a,
+    # acts_h, acts_f). One helper for the layer's region and the whole quantized step's (decode_step.py)
+    M, H = x.shape
+    f32 = np.float32
+    return (
+        np.empty_like(x),  # h: a norm's output
+        np.empty((M, nq), f32),
+        np.empty((M, nk), f32),
+        np.empty((M, nv), f32),
+        np.empty((M, heads, head_dim), f32),  # qr: q normed and rotated
+        np.empty((heads, head_dim), f32),  # qn, kn, kr: QK-Norm's and RoPE's scratch
+        np.empty((Hkv, head_dim), f32),
+        np.empty((Hkv, head_dim), f32),
+        np.empty((M, heads, head_dim), f32),  # att: attention's output
+        np.empty((M, H), f32),  # o: o_proj's output
+        np.empty_like(x),  # x1: the residual after attention
+        np.empty((M, F), f32),  # g, u: gate's and up's outputs
+        np.empty((M, F), f32),
+        np.empty((M, H), f32),  # o2: down's output
+        _act_buffers(M, H, need[0], need[1]),  # the int8 forms of the four GEMVs' inputs
+        _act_buffers(M, heads * head_dim, need[2], need[3]),
+        _act_buffers(M, H, need[4], need[5]),
+        _act_buffers(M, F, need[6], need[7]),
+    )
+
+
 @njit(parallel=True, cache=True)
 def _layer_quant_region(x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8, wd, wd8, kinds,
                         need, cos, sin, kc, vc, mask, pos, eps, qk_norm, heads, head_dim, starts_qkv, starts_o,
                         starts_gu, starts_d, chunks, sizes, workers):  # fmt: skip
     # _layer_quant's result from one `prange` over `workers` threads (any number ≥ 1: see phases.py)
-    M, H = x.shape
-    Hkv = kc.shape[1]
-    F = wgu[0].shape[0]
-    h = np.empty_like(x)
-    q = np.empty((M, wqkv[0].shape[0]), np.float32)
-    k = np.empty((M, wqkv[1].shape[0]), np.float32)
-    v = np.empty((M, wqkv[2].shape[0]), np.float32)
-    qr = np.empty((M, heads, head_dim), np.float32)
-    qn = np.empty((heads, head_dim), np.float32)
-    kn = np.empty((Hkv, head_dim), np.float32)
-    kr = np.empty((Hkv, head_dim), np.float32)
-    att = np.empty((M, heads, head_dim), np.float32)
-    o = np.empty((M, H), np.float32)
-    x1 = np.empty_like(x)
-    g = np.empty((M, F), np.float32)
-    u = np.empty((M, F), np.float32)
-    o2 = np.empty((M, H), np.float32)
+    h, q, k, v, qr, qn, kn, kr, att, o, x1, g, u, o2, acts, acts_a, acts_h, acts_f = _quant_scratch(
+        x, wqkv[0].shape[0], wqkv[1].shape[0], wqkv[2].shape[0], wgu[0].shape[0], heads, head_dim, kc.shape[1],
+        need,
+    )  # fmt: skip
     out = np.empty_like(x)
-    acts = _act_buffers(M, H, need[0], need[1])
-    acts_a = _act_buffers(M, heads * head_dim, need[2], need[3])
-    acts_h = _act_buffers(M, H, need[4], need[5])
-    acts_f = _act_buffers(M, F, need[6], need[7])
     ctr = np.zeros(2 * 11 * LINE, np.int64)
     for _ in prange(workers):
         _quant_phases(ctr, chunks, sizes, x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8,

@@ -1,4 +1,4 @@
-"""A whole bf16 decode step — every layer, the final RMSNorm and the lm_head — in ONE parallel region.
+"""A whole decode step — every layer, the final RMSNorm and the lm_head — in ONE parallel region (bf16 or quantized).
 
 decode_layer.py made each layer one call and one parallel region; a step of Qwen3-0.6B still made 30 trips from
 Python (28 layers, the norm, the lm_head), each a fork and a join: the threads fall asleep in the ~50-100 us of
@@ -22,7 +22,10 @@ tests check this). `decode_step` returns None where it does not apply — anythi
 with a plain KV cache, weights not all bf16 of one kind, an MoE layer, "medium" precision, `WHOLE_STEP` or
 decode_layer.ONE_REGION off — and the model then runs the step layer by layer.
 
-Only bf16 weights take this path; a quantized model's layers keep one call each (decode_layer.py).
+Quantized weights ("int8" GEMVs; GGUF's q8_0, q4_k, q6_k, mixed as in Q4_K_M) take the same shape of step:
+decode_layer.py's 11 quantized phases per layer (`_quant_phases`), the final norm with its output quantized once
+for the lm_head, and the lm_head's rows (`_step_quant_region`); its results are bit-identical to one call per layer
+and to kernel by kernel too (tests/test_numba_quant.py). `QUANT_STEP` off: a quantized step runs layer by layer.
 
 Measured (benchmarks/bench_decode_step.py's kind of A/B: Qwen3-0.6B-shaped random bf16, 128-token prompt, 2
 threads, AMD EPYC with 2 cores shared by other processes, load average 4-10, same process, interleaved, best
@@ -39,12 +42,22 @@ from numba import njit, prange
 from numba.typed import List
 
 from tinyqwen.backends.numba import decode_layer as _dl
-from tinyqwen.backends.numba.decode_layer import _bf16_phases, _bf16_plan
+from tinyqwen.backends.numba.decode_layer import (
+    _act_buffers,
+    _bf16_phases,
+    _bf16_plan,
+    _bf16_scratch,
+    _quant_phases,
+    _quant_plan,
+    _quant_scratch,
+    _quantize_into,
+)
 from tinyqwen.backends.numba.gemv_one_row import _claim_size, _gemv1_rows_bf16, _split_pairs
 from tinyqwen.backends.numba.linear import _starts
 from tinyqwen.backends.numba.norm_rope import _rms_norm
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
-from tinyqwen.backends.numba.weights import BF16Weight
+from tinyqwen.backends.numba.quant import _gemv_rows_int, _needs
+from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 
 WHOLE_STEP = (
     True  # False: one call per layer (decode_layer.py), then the norm and the lm_head as their own calls
@@ -52,6 +65,8 @@ WHOLE_STEP = (
 LAYER_PHASES = (
     9  # decode_layer.py's bf16 phases; the step's counters: 9 per layer, then the norm and the lm_head
 )
+QUANT_STEP = True  # False: a quantized model's step layer by layer (decode_layer.py's one call per layer)
+QUANT_PHASES = 11  # decode_layer.py's quantized phases
 
 
 @njit(cache=True)
@@ -98,27 +113,17 @@ def _step_bf16_region(x_in, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post
     # function), and unboxing it cost every call; a typed List is one pointer
     M, H = x_in.shape
     L = len(wqs)
-    Hkv = kcs[0].shape[1]
-    wq, wk, wv = wqs[0], wks[0], wvs[0]
-    F = wgs[0].shape[0]
     x = x_in.copy()
-    h = np.empty_like(x)
-    q = np.empty((M, wq.shape[0]), np.float32)
-    k = np.empty((M, wk.shape[0]), np.float32)
-    v = np.empty((M, wv.shape[0]), np.float32)
-    qr = np.empty((M, heads, head_dim), np.float32)
-    qn = np.empty((heads, head_dim), np.float32)
-    kn = np.empty((Hkv, head_dim), np.float32)
-    kr = np.empty((Hkv, head_dim), np.float32)
-    att = np.empty((M, heads, head_dim), np.float32)
-    o = np.empty((M, H), np.float32)
-    x1 = np.empty_like(x)
-    g = np.empty((M, F), np.float32)
-    o2 = np.empty((M, H), np.float32)
-    he, ho = np.empty(H // 2, np.float32), np.empty(H // 2, np.float32)
-    ae = np.empty(heads * head_dim // 2, np.float32)
-    ao = np.empty(heads * head_dim // 2, np.float32)
-    ge, go = np.empty(F // 2, np.float32), np.empty(F // 2, np.float32)
+    h, q, k, v, qr, qn, kn, kr, att, o, x1, g, o2, he, ho, ae, ao, ge, go = _bf16_scratch(
+        x,
+        wqs[0].shape[0],
+        wks[0].shape[0],
+        wvs[0].shape[0],
+        wgs[0].shape[0],
+        heads,
+        head_dim,
+        kcs[0].shape[1],
+    )
     hn = np.empty_like(x)
     hne, hno = np.empty(H // 2, np.float32), np.empty(H // 2, np.float32)
     logits = np.empty((M, lm_head.shape[0]), np.float32)
@@ -129,6 +134,82 @@ def _step_bf16_region(x_in, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post
                      sin, kcs, vcs, mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn,
                      kr, att, o, x1, g, o2, he, ho, ae, ao, ge, go, norm, lm_head, lm_starts, lm_size, logits, hn,
                      hne, hno)  # fmt: skip
+    return logits
+
+
+# ---- the same for quantized weights ("int8"): decode_layer.py's 11 quantized phases per layer, then the final
+# norm (and the activation quantized for the lm_head) and the lm_head's rows. A layer's formats, the activation
+# forms they need and its chunk plan come as a row of kinds [L, 7], need [L, 8], chunks and sizes [L, 11]: Q4_K_M
+# mixes q4_k and q6_k across layers (attn_v, ffn_down), and a q6_k row is longer than a q4_k one. The activation
+# buffers are sized for every form any layer needs; each layer quantizes into the forms it needs, as its own call.
+
+
+@njit(cache=True)
+def _quant_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, wqs8, wks8, wvs8, q_norms, k_norms, wos,
+                       wos8, post_norms, wgs, wus, wgs8, wus8, wds, wds8, kinds, need, cos, sin, kcs, vcs, mask, pos,
+                       eps, qk_norm, starts_qkv, starts_o, starts_gu, starts_d, h, q, k, v, qr, qn, kn, kr, att, o,
+                       x1, g, u, o2, acts, acts_a, acts_h, acts_f, norm, lm_kind, lm_head, lm_head8, lm_starts,
+                       lm_size, lm_need, logits, hn, acts_n):  # fmt: skip
+    # one thread's run through the whole quantized step (as _step_phases): L layers of 11 phases, then the final
+    # norm quantized (phase 11·L) and the lm_head's rows (phase 11·L + 1); x [1, H] written over by each layer
+    L = len(wqs)
+    per = 2 * QUANT_PHASES * LINE
+    for layer in range(L):
+        c = ctr[layer * per : (layer + 1) * per]
+        if layer > 0:  # the previous layer's residual (its last phase, one chunk) is this layer's input
+            wait_finished(ctr[(layer - 1) * per : layer * per], QUANT_PHASES - 1, 1)
+        _quant_phases(c, chunks[layer], sizes[layer], x, in_norms[layer], (wqs[layer], wks[layer], wvs[layer]),
+                      (wqs8[layer], wks8[layer], wvs8[layer]), q_norms[layer], k_norms[layer], (wos[layer],),
+                      (wos8[layer],), post_norms[layer], (wgs[layer], wus[layer]), (wgs8[layer], wus8[layer]),
+                      (wds[layer],), (wds8[layer],), kinds[layer], need[layer], cos, sin, kcs[layer], vcs[layer],
+                      mask, pos, eps, qk_norm, starts_qkv, starts_o, starts_gu, starts_d, h, q, k, v, qr, qn, kn,
+                      kr, att, o, x1, g, u, o2, x, acts, acts_a, acts_h, acts_f)  # fmt: skip
+    tail = ctr[L * per :]
+    wait_finished(ctr[(L - 1) * per : L * per], QUANT_PHASES - 1, 1)
+    if claim(tail, 0) == 0:  # the final norm, quantized as the lm_head's GEMV quantizes its input
+        _rms_norm(x, norm, eps, hn)
+        _quantize_into(hn, acts_n, lm_need[0], lm_need[1])
+        finish(tail, 0)
+    wait_finished(tail, 0, 1)
+    total = lm_starts[-1]
+    while True:
+        lo = claim(tail, 1) * lm_size
+        if lo >= total:
+            break
+        _gemv_rows_int(
+            lm_kind, (lm_head,), (lm_head8,), (logits,), lm_starts, acts_n, lo, min(total, lo + lm_size)
+        )
+        finish(tail, 1)
+
+
+@njit(parallel=True, cache=True)
+def _step_quant_region(x_in, in_norms, wqs, wks, wvs, wqs8, wks8, wvs8, q_norms, k_norms, wos, wos8, post_norms,
+                       wgs, wus, wgs8, wus8, wds, wds8, kinds, need, need_any, cos, sin, kcs, vcs, mask, pos, eps,
+                       qk_norm, heads, head_dim, starts_qkv, starts_o, starts_gu, starts_d, chunks, sizes, norm,
+                       lm_kind, lm_head, lm_head8, lm_starts, lm_need, workers):  # fmt: skip
+    # x_in [1, H] f32 (the embedded token) -> logits [1, V]: the whole quantized step (the per-layer arrays as
+    # typed Lists, as _step_bf16_region)
+    M, H = x_in.shape
+    L = len(wqs)
+    x = x_in.copy()
+    # the scratch as arrays and flat tuples of arrays: Numba's parallel lowering unpacks a tuple handed to the
+    # `prange` loop one level deep, and a tuple of tuples failed there ("scalar type Tuple(...) given for non
+    # scalar argument")
+    h, q, k, v, qr, qn, kn, kr, att, o, x1, g, u, o2, acts, acts_a, acts_h, acts_f = _quant_scratch(
+        x, wqs[0].shape[0], wks[0].shape[0], wvs[0].shape[0], wgs[0].shape[0], heads, head_dim, kcs[0].shape[1],
+        need_any,
+    )  # fmt: skip
+    hn = np.empty_like(x)
+    acts_n = _act_buffers(M, H, lm_need[0], lm_need[1])
+    logits = np.empty((M, lm_head.shape[0]), np.float32)
+    lm_size = _claim_size(lm_head.shape[0], lm_head.shape[1], workers)
+    ctr = np.zeros(2 * (QUANT_PHASES * L + 2) * LINE, np.int64)
+    for _ in prange(workers):
+        _quant_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, wqs8, wks8, wvs8, q_norms, k_norms, wos,
+                           wos8, post_norms, wgs, wus, wgs8, wus8, wds, wds8, kinds, need, cos, sin, kcs, vcs, mask,
+                           pos, eps, qk_norm, starts_qkv, starts_o, starts_gu, starts_d, h, q, k, v, qr, qn, kn, kr,
+                           att, o, x1, g, u, o2, acts, acts_a, acts_h, acts_f, norm, lm_kind, lm_head, lm_head8,
+                           lm_starts, lm_size, lm_need, logits, hn, acts_n)  # fmt: skip
     return logits
 
 
@@ -194,9 +275,84 @@ class _Plan:
         self.lm_starts = _starts((self.lm_head.shape[0],))
 
 
+class _QuantPlan:
+    """A quantized model's per-layer Lists for `_step_quant_region` ("int8"), built once per weights."""
+
+    def __init__(self, weights):
+        f32 = np.float32
+        layers = weights.layers
+        self.chunk_plans = {}  # (kv heads, CHUNK_BYTES) -> (chunks, sizes) [L, 11] x2
+        self.ok = all(hasattr(ly.mlp, "up_proj") and not hasattr(ly.mlp, "router") for ly in layers)
+        mats = [(ly.attn.q_proj, ly.attn.k_proj, ly.attn.v_proj, ly.attn.o_proj, ly.mlp.gate_proj,
+                 ly.mlp.up_proj, ly.mlp.down_proj) for ly in layers] if self.ok else []  # fmt: skip
+        lm = weights.lm_head
+        self.ok = self.ok and isinstance(lm, QuantWeight) and lm.ndim == 2
+        self.ok = self.ok and all(isinstance(w, QuantWeight) and w.ndim == 2 for ws in mats for w in ws)
+        if not self.ok:
+            return
+        norms = [
+            tuple(
+                np.asarray(a, f32)
+                for a in (ly.input_norm, ly.post_attention_norm, ly.attn.q_norm, ly.attn.k_norm)
+            )
+            for ly in layers
+        ]
+        shapes = {tuple(w.shape for w in ws) for ws in mats}
+        datas = [w.data for ws in mats for w in ws] + [lm.data]
+        self.ok = (
+            len(shapes) == 1  # every layer the same shapes (its formats may differ)
+            and _one_kind(datas)
+            and _one_kind([w.data8 for ws in mats for w in ws] + [lm.data8])
+            and _one_kind([a for n in norms for a in n])
+            and lm.shape[1] == mats[0][0].shape[1]
+        )
+        if not self.ok:
+            return
+        self.layers = len(mats)
+        self.data = tuple(_list(ws[i].data for ws in mats) for i in range(7))  # q, k, v, o, gate, up, down
+        self.data8 = tuple(_list(ws[i].data8 for ws in mats) for i in range(7))
+        self.in_norms, self.post_norms, self.q_norms, self.k_norms = (
+            _list(n[i] for n in norms) for i in range(4)
+        )
+        self.kinds = np.array([[w.kind for w in ws] for ws in mats], np.int64)
+        self.need = np.array(
+            [
+                [
+                    *_needs({wq.kind, wk.kind, wv.kind}),
+                    *_needs({wo.kind}),
+                    *_needs({wg.kind, wu.kind}),
+                    *_needs({wd.kind}),
+                ]
+                for wq, wk, wv, wo, wg, wu, wd in mats
+            ]
+        )
+        self.need_any = self.need.any(axis=0)
+        self.mats = mats
+        wq, wk, wv, wo, wg, wu, wd = mats[0]
+        self.starts = (
+            _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
+            _starts((wo.shape[0],)),
+            _starts((wg.shape[0], wu.shape[0])),
+            _starts((wd.shape[0],)),
+        )
+        self.norm = np.asarray(weights.norm, f32)
+        self.lm_kind = np.array([lm.kind], np.int64)
+        self.lm_head, self.lm_head8 = lm.data, lm.data8
+        self.lm_starts = _starts((lm.shape[0],))
+        self.lm_need = np.array(_needs({lm.kind}))
+
+    def chunk_plan(self, Hkv: int) -> tuple[np.ndarray, np.ndarray]:  # -> chunks, sizes [L, 11]: each layer's
+        key = (Hkv, _dl.CHUNK_BYTES)
+        if key not in self.chunk_plans:
+            plans = [_quant_plan(1, ws, Hkv) for ws in self.mats]
+            self.chunk_plans[key] = np.stack([c for c, _ in plans]), np.stack([s for _, s in plans])
+        return self.chunk_plans[key]
+
+
 # built once per model's weights and once per KV cache, keyed by id and dropped when that object goes (a weak
 # reference: the Lists hold the arrays, which must not outlive their model or cache)
 _plans: dict[int, tuple] = {}
+_quant_plans: dict[int, tuple] = {}
 _caches: dict[int, tuple] = {}
 
 
@@ -223,8 +379,12 @@ def _remembered(table: dict, obj, build, parts):
     return got[2]
 
 
-def _plan(weights) -> _Plan:
-    return _remembered(_plans, weights, _Plan, _parts(weights))
+def _plan(weights, parts: list | None = None) -> _Plan:
+    return _remembered(_plans, weights, _Plan, _parts(weights) if parts is None else parts)
+
+
+def _quant_plan_of(weights, parts: list | None = None) -> _QuantPlan:
+    return _remembered(_quant_plans, weights, _QuantPlan, _parts(weights) if parts is None else parts)
 
 
 def _cache_lists(cache) -> tuple:  # (keys, values) of a KVCache as typed Lists
@@ -247,8 +407,13 @@ def decode_step(
     keys = cache.keys
     if not keys[0].flags.c_contiguous or keys[0].dtype == np.float16 or not _one_kind(keys + cache.values):
         return None
-    plan = _plan(weights)
-    if not plan.ok or len(keys) != plan.layers:
+    parts = _parts(weights)  # (~400 objects for 28 layers: gathered once per step)
+    plan = _plan(weights, parts)
+    if not plan.ok:
+        if quant_gemv == "int8" and QUANT_STEP:
+            return _quant_step(x, weights, cos, sin, mask, cache, config, parts)
+        return None
+    if len(keys) != plan.layers:
         return None
     kcs, vcs = _cache_lists(cache)
     f32 = np.float32
@@ -283,6 +448,66 @@ def decode_step(
         plan.norm,
         plan.lm_head,
         plan.lm_starts,
+        _dl._workers(),
+    )
+    return logits.reshape(B, 1, -1)
+
+
+def _quant_step(
+    x, weights, cos, sin, mask, cache, config, parts
+):  # decode_step for quantized weights, "int8"
+    B, _, H = x.shape
+    keys = cache.keys
+    plan = _quant_plan_of(weights, parts)
+    if not plan.ok or len(keys) != plan.layers:
+        return None
+    chunks, sizes = plan.chunk_plan(keys[0].shape[1])
+    kcs, vcs = _cache_lists(cache)
+    f32 = np.float32
+    wq, wk, wv, wo, wg, wu, wd = plan.data
+    wq8, wk8, wv8, wo8, wg8, wu8, wd8 = plan.data8
+    logits = _step_quant_region(
+        np.ascontiguousarray(x.reshape(B, H), f32),
+        plan.in_norms,
+        wq,
+        wk,
+        wv,
+        wq8,
+        wk8,
+        wv8,
+        plan.q_norms,
+        plan.k_norms,
+        wo,
+        wo8,
+        plan.post_norms,
+        wg,
+        wu,
+        wg8,
+        wu8,
+        wd,
+        wd8,
+        plan.kinds,
+        plan.need,
+        plan.need_any,
+        np.ascontiguousarray(cos[:, 0]),
+        np.ascontiguousarray(sin[:, 0]),
+        kcs,
+        vcs,
+        np.ascontiguousarray(mask[:, 0]),
+        cache.length,
+        f32(config.rms_norm_eps),
+        config.qk_norm,
+        config.num_attention_heads,
+        config.head_dim,
+        *plan.starts,
+        chunks,
+        sizes,
+        plan.norm,
+        plan.lm_kind,
+        plan.lm_head,
+        plan.lm_head8,
+        plan.lm_starts,
+        plan.lm_need,
         _dl._workers(),
     )
     return logits.reshape(B, 1, -1)
