@@ -23,6 +23,8 @@ and reports per phase:
     TTFT p50/p95      time from sending a request to its first streamed token
     ITL p50/p95       time between two streamed chunks of one reply (inter-token latency)
     lost              requests without a finish reason and `[DONE]` (must be 0)
+    CPU (burst)       the server's CPU seconds in its model threads and in its event loop (HTTP, SSE), and the
+                      clients' (this process, on the same cores): what the serving around the model costs
 
 The issue's throughput targets (16 clients against one: decode-heavy 4x, prompt-heavy 2x) read the burst line,
 tokens / wall time with every client starting together; the steady line's rate is that of a full server (no
