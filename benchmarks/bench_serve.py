@@ -23,6 +23,8 @@ and reports per phase:
     TTFT p50/p95      time from sending a request to its first streamed token
     ITL p50/p95       time between two streamed chunks of one reply (inter-token latency)
     lost              requests without a finish reason and `[DONE]` (must be 0)
+    CPU (burst)       the server's CPU seconds in its model threads and in its event loop (HTTP, SSE), and the
+                      clients' (this process, on the same cores): what the serving around the model costs
 
 The issue's throughput targets (16 clients against one: decode-heavy 4x, prompt-heavy 2x) read the burst line,
 tokens / wall time with every client starting together; the steady line's rate is that of a full server (no
@@ -261,6 +263,40 @@ def summarize(results: list[dict], wall: float, window: tuple[float, float] | No
             "mean_request_s": statistics.mean(r["end"] for r in results)}  # fmt: skip
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """The server's CPU seconds so far: (its main thread: the event loop, HTTP and SSE; every other thread: the
+    scheduler's worker, Numba's and BLAS's threads). (0, 0) where /proc cannot tell (not Linux, or a peer's)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = rest = 0.0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            seconds = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            if int(tid) == pid:
+                main += seconds
+            else:
+                rest += (
+                    seconds  # (a thread that ended during the phase drops out: both phases' threads live on)
+                )
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
+    return main, rest
+
+
+def cpu_share(pid: int, phase) -> tuple[object, dict]:
+    """Run `phase()` and measure who used the CPU meanwhile: the server's event loop, its model threads, and the
+    clients (this process: 16 threads reading and JSON-decoding SSE are on the same cores as the server)."""
+    main0, rest0 = cpu_seconds(pid)
+    own0, wall0 = os.times(), time.perf_counter()
+    out = phase()
+    main1, rest1 = cpu_seconds(pid)
+    own1, wall = os.times(), time.perf_counter() - wall0
+    clients = (own1.user - own0.user) + (own1.system - own0.system)
+    return out, {"cpu_loop_s": main1 - main0, "cpu_model_s": rest1 - rest0, "cpu_clients_s": clients,
+                 "cpu_wall_s": wall}  # fmt: skip
+
+
 def current_rss(pid: int, field: str = "VmRSS") -> int:
     """The process's resident memory now, in bytes (VmRSS; or another /proc status field, e.g. RssShmem)."""
     with open(f"/proc/{pid}/status") as f:
@@ -342,13 +378,14 @@ def divergences(model, results: list[dict], new_tokens: int, check: int) -> list
     return out
 
 
-def run_cells(args, port: int, engine: str, workload: str, c: int, check_model) -> list[dict]:
-    """One workload at `c` clients: the burst, then the steady phase; a line printed for each."""
+def run_cells(args, port: int, pid: int, engine: str, workload: str, c: int, check_model) -> list[dict]:
+    """One workload at `c` clients: the burst, then the steady phase; a line printed for each (and for the burst,
+    where the CPU time went: the server's event loop, its model threads, the clients in this process)."""
     new_tokens = max(2, int(WORKLOADS[workload][1] * args.scale))
-    results, wall = run_burst(port, prompts_for(workload, c, 1, args.scale, seed=c), new_tokens)
-    cells = [
-        {"engine": engine, "workload": workload, "clients": c, "phase": "burst", **summarize(results, wall)}
-    ]
+    prompts = prompts_for(workload, c, 1, args.scale, seed=c)
+    (results, wall), cpu = cpu_share(pid, lambda: run_burst(port, prompts, new_tokens))
+    cells = [{"engine": engine, "workload": workload, "clients": c, "phase": "burst", **summarize(results, wall),
+              **cpu}]  # fmt: skip
     if engine == "tinyqwen" and check_model is not None:
         cells[0]["divergences"] = divergences(check_model, results, new_tokens, args.check)
         cells[0]["checked"] = min(args.check, len(results))
@@ -370,6 +407,14 @@ def run_cells(args, port: int, engine: str, workload: str, c: int, check_model) 
               f"p50 {cell['ttft_p50']:6.2f} s p95 {cell['ttft_p95']:6.2f} s, ITL p50 {cell['itl_p50'] * 1e3:6.0f} ms "
               f"p95 {cell['itl_p95'] * 1e3:6.0f} ms, {cell['requests']} requests, lost {cell['lost']}{div}",
               flush=True)  # fmt: skip
+    burst = cells[0]
+    if burst["cpu_model_s"] > 0:
+        main, rest = (
+            ("event loop", "model threads") if engine == "tinyqwen" else ("main thread", "other threads")
+        )
+        print(f"{engine:9s} {workload:6s} {c:3d} clients burst  CPU: server {rest} {burst['cpu_model_s']:.1f} s, "
+              f"{main} {burst['cpu_loop_s']:.1f} s, clients {burst['cpu_clients_s']:.1f} s, over "
+              f"{burst['cpu_wall_s']:.1f} s of wall time ({os.cpu_count()} cores)", flush=True)  # fmt: skip
     return cells
 
 
@@ -480,7 +525,7 @@ def main() -> None:
             else:
                 for workload in workloads:
                     for c in clients:
-                        report["cells"] += run_cells(args, port, engine, workload, c, check_model)
+                        report["cells"] += run_cells(args, port, proc.pid, engine, workload, c, check_model)
             report.setdefault("peak_rss_mib", {})[engine] = peak_rss(proc.pid) / 2**20
             print(f"{engine:9s} peak RSS {report['peak_rss_mib'][engine]:.0f} MiB", flush=True)
         finally:

@@ -104,7 +104,7 @@ def _attend_group(q, k, v, mask, out, b, h, S):  # one kv head h of row b and it
             out[b, h * group + g, j] = acc[g, j]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _decode_attention_serial(
     q, k, v, mask, out
 ):  # [B, Hq, d], [B, Hkv, S, d] x2 (float32, uint16 bf16 or int16 f16 bits), [B, S] bool -> out [B, Hq, d]
@@ -113,7 +113,7 @@ def _decode_attention_serial(
         _attend_group(q, k, v, mask, out, bh // Hkv, bh % Hkv, mask.shape[1])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _decode_attention_parallel(q, k, v, mask, out):  # the same, (row, kv head) pairs spread over threads
     B, Hkv = k.shape[0], k.shape[1]
     for bh in prange(B * Hkv):

@@ -125,7 +125,7 @@ def _add(x, y, out):  # [M, H] x2 -> out [M, H]: the residual, as NumPy's x + y
             out[m, j] = x[m, j] + y[m, j]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _layer_bf16(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc, mask, pos,
                 eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks):  # fmt: skip
     # x [1, H] f32 -> [1, H]: one decoder layer for one row of one new position (see the module docstring; the
@@ -282,7 +282,7 @@ def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
     )
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _layer_bf16_region(x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc, mask, pos,
                        eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks, sizes, workers):  # fmt: skip
     # _layer_bf16's result from one `prange` over `workers` threads (any number ≥ 1: see phases.py)
@@ -317,7 +317,7 @@ def _bf16_plan(
     return np.array([c for c, _ in plan], np.int64), np.array([s for _, s in plan], np.int64)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _layer_quant(x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8, wd, wd8, kinds, need,
                  cos, sin, kc, vc, mask, pos, eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_gu,
                  starts_d, chunks):  # fmt: skip
@@ -474,7 +474,7 @@ def _quant_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv, need):
     )
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _layer_quant_region(x, in_norm, wqkv, wqkv8, q_norm, k_norm, wo, wo8, post_norm, wgu, wgu8, wd, wd8, kinds,
                         need, cos, sin, kc, vc, mask, pos, eps, qk_norm, heads, head_dim, starts_qkv, starts_o,
                         starts_gu, starts_d, chunks, sizes, workers):  # fmt: skip

@@ -103,7 +103,7 @@ def _step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, k_norm
         finish(tail, 1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _step_bf16_region(x_in, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus, wds, cos, sin, kcs, vcs,
                       mask, pos, eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks, sizes, norm,
                       lm_head, lm_starts, workers):  # fmt: skip
@@ -182,7 +182,7 @@ def _quant_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, wqs8, wks
         finish(tail, 1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _step_quant_region(x_in, in_norms, wqs, wks, wvs, wqs8, wks8, wvs8, q_norms, k_norms, wos, wos8, post_norms,
                        wgs, wus, wgs8, wus8, wds, wds8, kinds, need, need_any, cos, sin, kcs, vcs, mask, pos, eps,
                        qk_norm, heads, head_dim, starts_qkv, starts_o, starts_gu, starts_d, chunks, sizes, norm,

@@ -94,7 +94,7 @@ def _gemv1_claimed(xe, xo, ws, outs, starts, size, ctr, p):  # one worker: claim
         finish(ctr, p)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _gemv1_many_bf16(
     x, ws, outs, starts, workers
 ):  # _gemv_many_bf16 for one row [1, K], K even, 1 per thread
@@ -126,7 +126,7 @@ def _swiglu1_phases(xe, xo, w_gate, w_up, w_down, h, he, ho, out, starts, size1,
     _gemv1_claimed(he, ho, (w_down,), (out,), starts, size2, ctr, 1)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _swiglu1_bf16(x, w_gate, w_up, w_down, h, out, starts, workers):  # _swiglu_bf16, one row, K and F even
     # in one parallel region: the threads claim gate/up chunks, meet when all are done, then claim down's
     K, F = x.shape[1], w_gate.shape[0]

@@ -186,7 +186,7 @@ def _silu(
     return z / (np.float32(1.0) + _exp(-z))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _to_bf16(f):  # float32 -> bf16 bit pattern, rounded to nearest, ties to even (as torch's .to(bfloat16))
     u = _f32_bits(f)
     if f != f:  # NaN stays NaN, sign kept (rounding its bits could carry into infinity)
@@ -194,7 +194,7 @@ def _to_bf16(f):  # float32 -> bf16 bit pattern, rounded to nearest, ties to eve
     return np.uint16((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_rows_bf16(x, bits, values):  # [M, K] f32 -> bits [M, K] u16 and values [M, K] f32 (both written)
     M, K = x.shape
     for m in range(M):

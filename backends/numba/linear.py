@@ -97,7 +97,7 @@ def _gemv_rows_bf16(x, ws, outs, starts, lo, hi):  # rows lo..hi of the stacked 
             out[m, n] = acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _gemv_many_bf16(x, ws, outs, starts, chunks):  # [M, K] f32, n x [N_i, K] u16, n x [M, N_i] f32 (written)
     # every decode GEMV (n = 1: one weight; n = 3: q, k, v fused). The rows of all n weights as one row space
     # (starts: cumulative row counts), split into chunks over the threads: one parallel launch and one long stream
@@ -221,7 +221,7 @@ def _chunk_size(total, chunks, multiple):  # rows per work item: total over chun
     return size + (multiple - size % multiple) % multiple
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _gemm_many_bf16(x, ws, outs, starts, chunks):  # _gemv_many_bf16 for M >= 2 rows (chunks of 3k rows)
     total = starts[-1]
     size = _chunk_size(total, min(total, chunks), 3)
@@ -229,7 +229,7 @@ def _gemm_many_bf16(x, ws, outs, starts, chunks):  # _gemv_many_bf16 for M >= 2 
         _gemm_rows_bf16(x, ws, outs, starts, c * size, min(total, (c + 1) * size))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _gate_up_gemm_bf16(x, w_gate, w_up, out, chunks):  # _gate_up_bf16 for M >= 2 rows
     F = w_gate.shape[0]
     size = _chunk_size(F, min(F, chunks), 3)
@@ -237,7 +237,7 @@ def _gate_up_gemm_bf16(x, w_gate, w_up, out, chunks):  # _gate_up_bf16 for M >= 
         _gate_up_gemm_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _swiglu_gemm_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):  # _swiglu_bf16 for M >= 2 rows
     F = w_gate.shape[0]
     size = _chunk_size(F, min(F, chunks), 3)
@@ -249,7 +249,7 @@ def _swiglu_gemm_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):  # _swig
         _gemm_rows_bf16(h, (w_down,), (out,), starts, c * size2, min(total, (c + 1) * size2))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _widen(w, out):  # [N, K] u16 -> [N, K] f32 (out written)
     # one thread: it alternates with BLAS, whose own threads are still spinning when it starts
     N, K = w.shape
@@ -274,7 +274,7 @@ def _gate_up_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of _gate_up
             out[m, f] = _silu(g) * u
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _gate_up_bf16(
     x, w_gate, w_up, out, chunks
 ):  # [M, K] f32, [F, K] u16 x2 -> out [M, F]: silu(x Wgᵀ)·(x Wuᵀ)
@@ -285,7 +285,7 @@ def _gate_up_bf16(
         _gate_up_rows_bf16(x, w_gate, w_up, out, c * size, min(F, (c + 1) * size))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _swiglu_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):
     # [M, K] f32, [F, K] u16 x2, [K, F] u16 -> h [M, F] (scratch), out [M, K]: decode's whole SwiGLU in one call.
     # The same two parallel loops as _gate_up_bf16 then _gemv_many_bf16, the same serial kernels (bit-identical
@@ -303,7 +303,7 @@ def _swiglu_bf16(x, w_gate, w_up, w_down, h, out, starts, chunks):
         _gemv_rows_bf16(h, (w_down,), (out,), starts, c * size2, min(total, (c + 1) * size2))
 
 
-@njit(cache=True, fastmath=FAST, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
 def _silu_mul(g, u):  # [M, F] x2 -> [M, F]
     out = np.empty_like(g)
     M, F = g.shape

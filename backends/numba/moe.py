@@ -53,7 +53,7 @@ def _moe_down_rows(h, experts, weights, w_down, out, lo, hi):  # output features
             out[t, i] = total
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _moe_decode_bf16(x, experts, weights, w_gate, w_up, w_down, out, chunks, bf16_inputs):
     # x [N, d] f32, experts/weights [N, k] (routing), w_gate/w_up [E, f, d] u16, w_down [E, d, f] u16 -> out [N, d]
     # (bf16_inputs: x arrives rounded; the hidden activations are rounded here before the down projection)
@@ -95,7 +95,7 @@ def _flat(
 MOE_PAIR_JOBS = True
 
 
-@njit(parallel=True, cache=True, error_model="numpy")
+@njit(parallel=True, cache=True, nogil=True, error_model="numpy")
 def _moe_pairs_int(kg, ku, kd, g, g8, u, u8, dw, dw8, acts, experts, need0, needk, h, hacts, y):
     # acts: x's int8 forms; g/u [E·F, bytes], dw [E·d, bytes] (whole stacks, row numbers e·F + f) -> h [N·k, F]
     # (its int8 forms in hacts), y [N·k, d]: each pair's expert output before its routing weight.

@@ -13,7 +13,7 @@ from tinyqwen.backends.numba.intrinsics import FAST
 from tinyqwen.backends.numba.linear import _rows
 
 
-@njit(cache=True, fastmath=FAST, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
 def _rms_norm(x, weight, eps, out):  # [R, d], [d], scalar -> out [R, d]
     R, d = x.shape
     for r in range(R):
@@ -25,7 +25,7 @@ def _rms_norm(x, weight, eps, out):  # [R, d], [d], scalar -> out [R, d]
             out[r, j] = x[r, j] * scale * weight[j]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _rope(x, cos, sin, out):  # [B, H, T, d], [B, T, d] x2 -> out [B, H, T, d]
     B, H, T, d = x.shape
     half = d // 2

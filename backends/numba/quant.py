@@ -125,7 +125,7 @@ def _dequantize_row(kind, b, i8, out):  # one row: uint8 bytes, the same bytes a
                     )
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def dequantize_rows(
     kind, b, i8, rows, out
 ):  # [N, bytes] u8 (and its int8 view), row ids [R] -> out [R, K] f32
@@ -134,7 +134,7 @@ def dequantize_rows(
         _dequantize_row(kind, b[rows[r]], i8[rows[r]], out[r])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def dequantize_rows_parallel(
     kind, b, i8, start, out
 ):  # rows start.. of [N, bytes] -> out [R, K] f32, threaded
@@ -150,7 +150,7 @@ def _dequantize_row_at(kind, b, i8, n, out, r):  # row n of b -> row r of out (o
 # ---- the activation's int8 blocks (llama.cpp's quantize_row_q8_0 / quantize_row_q8_K) --------------------------
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_q8_0_rows(x, q, d):  # [M, K] f32 -> q [M, K] int8, d [M, K/32] f32 (written)
     # d = amax/127 rounded to fp16 as llama.cpp stores it; q = round-half-away(x·127/amax), from the unrounded d
     M, K = x.shape
@@ -167,7 +167,7 @@ def quantize_q8_0_rows(x, q, d):  # [M, K] f32 -> q [M, K] int8, d [M, K/32] f32
             d[m, blk] = _round_f16(dd)
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def quantize_q8_k_rows(x, q, d, sums):  # [M, K] f32 -> q [M, K] int8, d [M, K/256] f32, sums [M, K/32] int32
     # d = max/−127 where max is the value of largest magnitude (its sign kept), q = round-half-even(x/d) capped at
     # 127; sums: each 32 values' sum of q, for Q4_K's mins (llama.cpp keeps sums of 16, its bsums)
@@ -190,7 +190,7 @@ def quantize_q8_k_rows(x, q, d, sums):  # [M, K] f32 -> q [M, K] int8, d [M, K/2
                 sums[m, blk * 8 + s] = t
 
 
-@njit(cache=True, fastmath=FAST, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
 def block_sums(x, sums):  # [M, K] f32 -> sums [M, K/32]: each 32 values' sum (Q4_K's mins, "float" path)
     M, K = x.shape
     for m in range(M):
@@ -592,7 +592,7 @@ def _quantize_acts(x, need0, needk):  # x [M, K] -> (Q8_0 codes, scales, Q8_K co
     return a0q, a0d, akq, akd, aks
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _gemv_many_int(kinds, ws, ws8, outs, starts, x, need0, needk, chunks):
     # "int8" in one call: x quantized once (serially, on the calling thread) for all n weights, then their rows as
     # one row space over the threads, as _gemv_many
@@ -612,7 +612,7 @@ def _gate_up_rows_int(kg, g, g8, ku, u, u8, acts, h, lo, hi):  # hidden units lo
             h[m, f] = _silu(_row(kg, g, g8, f, acts, m, acc)) * _row(ku, u, u8, f, acts, m, acc)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _swiglu_int(kinds, g, g8, u, u8, d, d8, x, need, h, out, starts, chunks):
     # decode's whole quantized SwiGLU in one call (as linear.py's _swiglu_bf16): x quantized, gate and up with
     # SiLU·mul over the threads into h [M, F], h quantized, down over the threads into out [M, K]. kinds: (gate,
@@ -631,7 +631,7 @@ def _swiglu_int(kinds, g, g8, u, u8, d, d8, x, need, h, out, starts, chunks):
         _gemv_rows_int(kinds[2:], (d,), (d8,), (out,), starts, acts_h, c * size2, min(total, (c + 1) * size2))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _gemv_many(use_int, kinds, ws, ws8, outs, starts, acts, chunks):
     # n weights' rows as one row space (starts: cumulative row counts), split into chunks over the threads: one
     # parallel launch for q, k and v (or gate and up) together, as the bf16 GEMV in linear.py ("float"; the MoE
@@ -720,7 +720,7 @@ def _moe_up_rows(use_int, kg, ku, g, g8, u, u8, acts, experts, h, p, lo, hi):  #
         h[p, f] = _silu(gv) * uv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_up(use_int, kg, ku, g, g8, u, u8, acts, experts, h, chunks):
     # acts of x [N, d]; g/u [E, F, bytes] -> h [N·k, F] = silu(x Wgᵀ)·(x Wuᵀ) for each (token, slot) pair
     P = experts.shape[0] * experts.shape[1]
@@ -747,7 +747,7 @@ def _moe_down_rows(use_int, kd, w, w8, acts, experts, weights, out, lo, hi):  # 
             out[t, i] = total
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_down(use_int, kd, w, w8, acts, experts, weights, out, chunks):  # w [E, d, bytes] -> out [N, d]
     d = out.shape[1]
     rows = min(d, chunks)
@@ -775,7 +775,7 @@ def _moe_up_rows_int(kg, ku, g, g8, u, u8, F, acts, experts, h, p, lo, hi):  # h
         h[p, f] = _silu(_row(kg, g, g8, r, acts, t, acc)) * _row(ku, u, u8, r, acts, t, acc)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_up_int(kg, ku, g, g8, u, u8, acts, experts, h, chunks):
     # acts: x's int8 forms (Q8_0 codes, scales, Q8_K codes, scales, sums); g/u [E·F, bytes] -> h [N·k, F]
     P = experts.shape[0] * experts.shape[1]
@@ -796,7 +796,7 @@ def _moe_down_rows_int(kd, w, w8, d, acts, experts, y, lo, hi):  # output featur
             y[p, i] = _row(kd, w, w8, experts[p // k, p % k] * d + i, acts, p, acc)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_down_int(kd, w, w8, acts, experts, y, chunks):  # acts of h [N·k, F]; w [E·d, bytes] -> y [N·k, d]
     d = y.shape[1]
     rows = min(d, chunks)
@@ -816,7 +816,7 @@ def _moe_up_group_int(kg, ku, g, g8, u, u8, F, acts, k, e, order, b0, b1, h, lo,
             h[p, f] = _silu(_row(kg, g, g8, r, acts, t, acc)) * _row(ku, u, u8, r, acts, t, acc)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_up_grouped_int(kg, ku, g, g8, u, u8, acts, k, groups, order, bounds, per, h):
     # moe_up_grouped on the row dots: g/u [E·F, bytes] (no slices of order either: indices into it)
     F = h.shape[1]
@@ -839,7 +839,7 @@ def _moe_down_group_int(kd, w, w8, d, acts, e, order, b0, b1, y, lo, hi):  # out
             y[p, i] = _row(kd, w, w8, r, acts, p, acc)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_down_grouped_int(kd, w, w8, acts, groups, order, bounds, per, y):  # w [E·d, bytes] -> y [N·k, d]
     d = y.shape[1]
     size = (d + per - 1) // per
@@ -878,7 +878,7 @@ def _moe_up_group(use_int, kg, ku, g, g8, u, u8, acts, k, e, pairs, h, lo, hi): 
             h[p, f] = _silu(gv) * uv
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_up_grouped(use_int, kg, ku, g, g8, u, u8, acts, k, groups, order, bounds, per, h):
     # acts of x [N, d]; g/u [E, F, bytes]; groups [G] the routed experts, order [N·k] the pairs sorted by expert,
     # bounds [G + 1] each expert's run in order; per: row chunks per expert -> h [N·k, F] (written)
@@ -902,7 +902,7 @@ def _moe_down_group(use_int, kd, w, w8, acts, e, pairs, y, lo, hi):  # output fe
             )
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def moe_down_grouped(use_int, kd, w, w8, acts, groups, order, bounds, per, y):
     # acts of h [N·k, F]; w [E, d, bytes] -> y [N·k, d]: each pair's expert output, unweighted (written)
     d = y.shape[1]
@@ -913,7 +913,7 @@ def moe_down_grouped(use_int, kd, w, w8, acts, groups, order, bounds, per, y):
         _moe_down_group(use_int, kd, w, w8, acts, groups[j], pairs, y, c * size, min(d, (c + 1) * size))
 
 
-@njit(cache=True, fastmath=FAST, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=FAST, error_model="numpy")
 def moe_combine(y, weights, out):  # y [N·k, d], routing weights [N, k] -> out [N, d]: summed in slot order
     N, k = weights.shape
     for t in range(N):

@@ -330,7 +330,7 @@ def _quantize_rows(x, need0, needk, acts, lo, hi):  # rows lo..hi of x into its 
                 akp[m, j] = np.int16(32) * (np.int16(akq[m, 2 * j]) + np.int16(akq[m, 2 * j + 1]))
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> x's int8 forms, the rows over the threads
     # quant._quantize_acts's (Q8_0 codes, scales; Q8_K codes, scales, sums of 32) and Q8_K's pair sums ×32 [M, K/2]
     # int16 for the Q6_K tile; as needed (empty otherwise). A prompt's rows are many: 128 x 3072 values for down
@@ -350,7 +350,7 @@ def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> x's int8 forms, the r
     return acts
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def _matmul(kind, w, w8, acts, out, chunks):
     N = out.shape[1]
     c = min(N, chunks)
@@ -406,7 +406,7 @@ def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # row
             m += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def expert_up(kg, ku, g, g8, u, u8, acts, groups, bounds, per, h):
     # acts of the gathered x [P, d]; groups [G] the routed experts, bounds [G + 1] their runs of rows; per: row
     # chunks per expert -> h [P, F] (written)
@@ -434,7 +434,7 @@ def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output featu
             m += 1
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, nogil=True)
 def expert_down(
     kd, w, w8, acts, groups, bounds, per, y
 ):  # acts of the gathered h [P, F]; w [E·d, bytes] -> y [P, d]
