@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,51 @@ from tinyqwen.errors import GenerationError
 from tinyqwen.testing import QWEN3_VOCAB, write_tiny_qwen3
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------ parallel runs
+
+
+def _lock_numba_cache_files() -> None:
+    """Under pytest-xdist (`pytest -n 2`): saving a kernel into Numba's on-disk cache excludes every other save
+    and load of the same cache folder.
+
+    Numba writes each cache file atomically, but a save is several steps (read the function's index, pick the first
+    free data-file number, write the index, then the data): two workers that finish compiling two signatures of
+    one function in the same instant both pick `.1.nbc`, and the index then names the other signature's machine
+    code; and a load between the two writes reads an index whose data file is not written yet. An exclusive lock
+    on a file in the cache folder around each save (shared around each load) closes both windows. One process
+    (plain `pytest`) never races itself, so this is installed only in xdist's workers.
+    """
+    try:
+        import fcntl
+
+        from numba.core import caching
+    except ImportError:  # no numba (the `fast` extra), or not POSIX: nothing to guard
+        return
+    cache_file = caching.IndexDataCacheFile
+    if getattr(cache_file, "locked", False):
+        return
+
+    def locked(method, mode):
+        def call(self, *args):
+            try:
+                lock = open(Path(self._cache_path) / "tinyqwen-xdist.lock", "a")
+            except OSError:  # a folder Numba cannot write either: it saves nothing there
+                return method(self, *args)
+            with lock:
+                fcntl.flock(lock, mode)  # released when the file closes
+                return method(self, *args)
+
+        return call
+
+    cache_file.save = locked(cache_file.save, fcntl.LOCK_EX)
+    cache_file.load = locked(cache_file.load, fcntl.LOCK_SH)
+    cache_file.locked = True
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _lock_numba_cache_files()
 
 
 # ------------------------------------------------------------------------------------------ stub model
