@@ -217,10 +217,26 @@ def _one_kind(arrays) -> bool:  # one Numba type for all: a typed List holds one
     return len({(a.dtype, a.ndim, a.flags.c_contiguous, a.flags.writeable) for a in arrays}) == 1
 
 
-def _list(arrays) -> List:  # a typed List of arrays of one Numba type
+@njit(cache=True)
+def _list_start(a):  # a typed List holding `a`
     out = List()
+    out.append(a)
+    return out
+
+
+@njit(cache=True)
+def _list_append(out, a):
+    out.append(a)
+
+
+def _list(arrays) -> List:  # a typed List of arrays of one Numba type
+    # built by two saved kernels, not by List's own methods from Python: those are compiled in every process
+    # (Numba does not save them), and that compile starts LLVM's optimizer (~30 MiB resident, ~2 s) in a process
+    # whose every other kernel loads from the cache (kernel_cache.install_lean_start)
+    arrays = iter(arrays)
+    out = _list_start(next(arrays))
     for a in arrays:
-        out.append(a)
+        _list_append(out, a)
     return out
 
 
