@@ -111,6 +111,21 @@ def test_linear_bf16_blocks_cover_every_row(monkeypatch):
     assert rel_err(NB.linear(x, w), x @ w32.T) <= RTOL
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_linear_bf16_prefill_parts_cover_every_row(monkeypatch, parts):
+    # a prefill product (more than GEMV_MAX_ROWS tokens): the weight's rows split over the threads
+    # (SPLIT_PREFILL_PRODUCTS), each part widened in blocks (1 MiB in all here: 32 rows of 8192 over `parts`); an
+    # odd row count, so that parts and blocks end unevenly. Float32 BLAS against NumPy's float32 product of the
+    # same widened weight: only the summation order differs (RTOL)
+    monkeypatch.setattr(linear, "WIDEN_BLOCK_BYTES", 1 << 20)
+    monkeypatch.setattr(linear, "_split_parts", lambda N: parts)
+    rng = np.random.default_rng(7)
+    w, w32 = bf16_weight(rng, 301, 8192, scale=0.01)
+    x = rng.standard_normal((linear.GEMV_MAX_ROWS + 9, 8192)).astype(np.float32)
+    got = NB.linear(x, w)
+    assert got.shape == (linear.GEMV_MAX_ROWS + 9, 301) and rel_err(got, x @ w32.T) <= RTOL
+
+
 def test_linear_float32_weights_equal_numpy():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((40, 32)).astype(np.float32)

@@ -8,6 +8,7 @@ tiles ("int8", `quant_matmul.py`: four tokens per decoded weight row) or a block
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
 import numba
@@ -375,6 +376,68 @@ def _quant_linear_blocks(
     return out
 
 
+# prefill's products (more than GEMV_MAX_ROWS tokens, bf16 weights) over the threads as independent halves: the
+# weight's rows split into one part per thread, each part widened and multiplied by ONE thread of a pool with
+# OpenBLAS on one thread (True), instead of the whole weight widened on one thread and then multiplied by
+# OpenBLAS's own threads (False). Why: OpenBLAS's threads meet at spin barriers inside every sgemm and spin ~0.1 s
+# after it, so the numba kernels between two products (norms, RoPE, the decode rows' attention in a serving step)
+# find a core taken, a thread descheduled by another process stalls its partner at the barrier, and the widening
+# ran on one core while the other waited. Independent halves join once per product, and the widening is split too.
+# The outputs move by float32 rounding only (OpenBLAS's results already depend on its thread count: one thread and
+# two differ in the last bits; the same error against a float64 product). Measured on the 2-core AMD EPYC, a
+# 256-token prefill of Qwen3-0.6B at load ~6: 8.2 s against 15.0 (best of 3, interleaved), CPU time 5.0 s
+# against 9.7 (the spinning gone).
+SPLIT_PREFILL_PRODUCTS = True
+
+
+@cache
+def _product_pool() -> ThreadPoolExecutor:  # the threads of SPLIT_PREFILL_PRODUCTS (as many as numba may use)
+    return ThreadPoolExecutor(numba.config.NUMBA_NUM_THREADS, thread_name_prefix="tinyqwen-gemm")
+
+
+def _split_parts(N: int) -> int:  # a prefill product's parts over the threads (1: not split)
+    if not SPLIT_PREFILL_PRODUCTS:
+        return 1
+    return min(numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS, max(1, N // 64))
+
+
+def _widened_part(x2: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi: int, budget: int) -> None:
+    # out[:, lo:hi] = x2 @ widen(bits[lo:hi]).T, a block of at most `budget` bytes of float32 weight at a time
+    K = bits.shape[1]
+    block = max(1, min(hi - lo, budget // (4 * K)))
+    scratch = np.empty((block, K), np.float32)
+    for start in range(lo, hi, block):
+        stop = min(hi, start + block)
+        _widen(bits[start:stop], scratch[: stop - start])
+        out[:, start:stop] = x2 @ scratch[: stop - start].T  # BLAS sgemm on the widened block
+
+
+def _widened_matmul(x2: np.ndarray, bits: np.ndarray) -> np.ndarray:  # [M, K] f32, [N, K] u16 -> [M, N] f32
+    # prefill: compute-bound, so BLAS's sgemm on the weight widened to float32, a block of rows at a time (the
+    # float32 copy never exceeds WIDEN_BLOCK_BYTES in all; one block, one sgemm call, for every matrix of Qwen3-0.6B
+    # but the lm_head)
+    N, K = bits.shape
+    out = np.empty((x2.shape[0], N), np.float32)
+    parts = _split_parts(N)
+    if parts < 2:
+        _widened_part(x2, bits, out, 0, N, WIDEN_BLOCK_BYTES)
+        return out
+    size = -(-N // parts)
+    bounds = [(lo, min(N, lo + size)) for lo in range(0, N, size)]
+    before = limit_blas_threads(1)  # None: no OpenBLAS found (its threads as they are)
+    try:
+        # list(): wait for every part, and re-raise the first error of any
+        list(
+            _product_pool().map(
+                lambda b: _widened_part(x2, bits, out, *b, WIDEN_BLOCK_BYTES // parts), bounds
+            )
+        )
+    finally:
+        if before is not None:
+            limit_blas_threads(before)
+    return out
+
+
 def linear(
     x: np.ndarray, w, bf16_inputs: bool = False, quant_gemv: str = "int8"
 ) -> np.ndarray:  # [..., d_in], [d_out, d_in] -> [..., d_out]
@@ -392,19 +455,7 @@ def linear(
         return _gemv(x2, (bits,), bf16_inputs)[0].reshape(*x.shape[:-1], N)
     if bf16_inputs:
         x2 = round_bf16(x2)[1]  # the same products as float32 numbers: bf16 x bf16 is exact in float32
-    block = max(1, min(N, WIDEN_BLOCK_BYTES // (4 * K)))
-    if block == N:  # prefill: compute-bound, so BLAS's sgemm on the widened weight
-        scratch = np.empty((N, K), np.float32)
-        _widen(bits, scratch)
-        out = x2 @ scratch.T
-    else:  # the same, a block of rows at a time: the float32 copy never exceeds WIDEN_BLOCK_BYTES
-        out = np.empty((M, N), np.float32)
-        scratch = np.empty((block, K), np.float32)
-        for start in range(0, N, block):
-            stop = min(N, start + block)
-            _widen(bits[start:stop], scratch[: stop - start])
-            out[:, start:stop] = x2 @ scratch[: stop - start].T  # BLAS sgemm on the widened block
-    return out.reshape(*x.shape[:-1], N)
+    return _widened_matmul(x2, bits).reshape(*x.shape[:-1], N)
 
 
 def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False, quant_gemv: str = "int8") -> tuple:
