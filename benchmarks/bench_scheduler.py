@@ -4,11 +4,14 @@ prefill chunk and step kind, interleaved in one process.
     python benchmarks/bench_scheduler.py --model QWEN3_0.6B_DIR                      # prompt-heavy, 16 clients
     python benchmarks/bench_scheduler.py --model QWEN3_0.6B_DIR --prompt 0 --new 64  # decode-heavy (32-64 ids)
     python benchmarks/bench_scheduler.py --model DIR --configs 256:mixed,256:two,128:mixed --clock wall
+    python benchmarks/bench_scheduler.py --model DIR --configs 256:mixed:whole,256:mixed:split --clock wall
 
 `--clients` requests arrive together (the load benchmark's burst). Each config is `CHUNK:KIND`: the prefill chunk
 (`Engine.prefill_chunk`, prompt tokens per step) and how a step with both a prefill round and decode rows runs:
 "mixed", one forward for both (tinyqwen/serve/mixed_forward.py, the default with the model itself) or "two", the
-chunk's forward and then the decode's. Per config: the burst's time, generated tok/s, TTFT and inter-token latency
+chunk's forward and then the decode's; an optional third field, "split" (the default) or "whole", sets the numba
+backend's `linear.SPLIT_PREFILL_PRODUCTS` (prefill's products as one part per thread, or OpenBLAS's threads on the
+whole: only differs with `--clock wall`, the cpu clock runs one thread). Per config: the burst's time, generated tok/s, TTFT and inter-token latency
 (p50/p95, from the burst's start, measured at the scheduler), the steps, the time spent outside the model's
 forwards (sampling, parsing, bookkeeping: the scheduler's own cost) and whether every reply equals the first
 config's (greedy: they must).
@@ -92,7 +95,13 @@ def main() -> None:
     model.forward = timed(model.forward)
     engine_module.forward_groups = timed(engine_module.forward_groups)  # (the engine passes it two groups)
 
-    def burst(chunk: int, kind: str, prompts: list, new: int, report: bool = True) -> list:
+    def burst(
+        chunk: int, kind: str, prompts: list, new: int, report: bool = True, products: str = "split"
+    ) -> list:
+        if args.backend == "numba":
+            from tinyqwen.backends.numba import linear
+
+            linear.SPLIT_PREFILL_PRODUCTS = products == "split"
         engine = engine_module.Engine(
             model, tok, max_batch=args.clients, kv_budget=budget, prefill_chunk=chunk
         )
@@ -126,19 +135,23 @@ def main() -> None:
         tokens = sum(len(j.output_ids) for j in jobs)
         if not report:
             return []
-        print(f"chunk {chunk:4d} {kind:5s}: {total:7.1f} s  {tokens / total:6.2f} tok/s  TTFT p50 {pct(ttft, .5):6.2f} "
+        print(f"chunk {chunk:4d} {kind:5s} {products:5s}: {total:7.1f} s  {tokens / total:6.2f} tok/s  TTFT p50 {pct(ttft, .5):6.2f} "
               f"p95 {pct(ttft, .95):6.2f} s  ITL p50 {pct(itl, .5) * 1e3:5.0f} p95 {pct(itl, .95) * 1e3:5.0f} ms  "
               f"{steps} steps (up to {widest} rows), {total - inside[0]:.2f} s outside forwards", flush=True)  # fmt: skip
         return [j.output_ids for j in jobs]
 
     print(f"{args.clients} clients at once, prompts of {min(lengths)}-{max(lengths)} ids, {args.new} new tokens, "
           f"{args.backend}, clock: {args.clock}" + (" (one thread)" if args.clock == "cpu" else ""))  # fmt: skip
-    configs = [(int(a), b) for a, b in (item.split(":") for item in args.configs.split(","))]
-    for _, kind in configs:  # warm-up: every kernel compiled for both step kinds' shapes, not reported
-        burst(4, kind, [[1000 + i] * (6 + i) for i in range(3)], 3, report=False)
+    configs = [(int(a), b, *c) for a, b, *c in (item.split(":") for item in args.configs.split(","))]
+    for (
+        _,
+        kind,
+        *products,
+    ) in configs:  # warm-up: every kernel compiled for both step kinds' shapes, not reported
+        burst(4, kind, [[1000 + i] * (6 + i) for i in range(3)], 3, False, *products)
     first = None
-    for chunk, kind in configs:
-        ids = burst(chunk, kind, prompts, args.new)
+    for chunk, kind, *products in configs:
+        ids = burst(chunk, kind, prompts, args.new, True, *products)
         first = first or ids
         if ids != first:
             print("   replies differ from the first config's", flush=True)

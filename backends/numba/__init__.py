@@ -8,7 +8,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
 
     linear.py     linear: M ≤ GEMV_MAX_ROWS tokens, a parallel bf16 GEMV (each weight row widened once, used
                   for all M rows); more tokens (prefill), widen a block of weight rows into a float32 scratch
-                  buffer and call BLAS. swiglu: decode's gate and up GEMVs fused with SiLU·mul (x read once, no
+                  buffer and call BLAS, the weight's rows split over the threads (each part widened and
+                  multiplied by one thread, BLAS on one thread: no spin barriers). swiglu: decode's gate and up GEMVs fused with SiLU·mul (x read once, no
                   [ffn] temporaries), then down
     norm_rope.py  rms_norm, one pass per row (also QK-Norm: the same kernel over head_dim); apply_rope, one pass,
                   no rotate_half temporaries
