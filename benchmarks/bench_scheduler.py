@@ -29,6 +29,12 @@ needs its own lm_head row, a quarter of a row's multiply-adds, and its own atten
 forward has a fixed cost (the bf16 weights widened for BLAS, ~0.12 s on one thread, and streamed from memory): the
 mixed step saves ~1-2 %, and halving the chunk bought 40 % off the ITL p95 for 11 % of the throughput, so the
 default chunk stays 256. The scheduler's own work (sampling, parsing, bookkeeping): 0.3 s of 81 (0.4 %).
+
+On two threads (`--clock wall`, 16 new tokens, the same shared machine at load 5-9;
+benchmarks/results/2026-12-07-scheduler-prompt-heavy-split-products-wall-busy.txt) the prefill products split over
+the threads ("split", each part widened and multiplied with OpenBLAS on one thread) ran the burst in 196 and 319 s
+against 501 and 534 s for OpenBLAS's own threads on the whole widened weight ("whole"): its threads meet at spin
+barriers and spin after each product, which a busy machine punishes. Replies identical.
 """
 
 from __future__ import annotations
