@@ -253,10 +253,10 @@ def _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_
 
 
 @njit(cache=True)
-def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
-    # the arrays _bf16_phases writes, unwritten, for x [M, H] and q/k/v of nq/nk/nv rows, F hidden units:
-    # (h, q, k, v, qr, qn, kn, kr, att, o, x1, g, o2, he, ho, ae, ao, ge, go). One helper for the layer's region
-    # and the whole step's (decode_step.py), so the two cannot drift apart
+def _attention_scratch(x, nq, nk, nv, heads, head_dim, Hkv):
+    # the arrays a layer's phases write up to the residual after attention, unwritten, for x [M, H] and q/k/v of
+    # nq/nk/nv rows: (h, q, k, v, qr, qn, kn, kr, att, o, x1), the same for bf16 and quantized weights. One helper
+    # for both layers' regions and both whole steps' (decode_step.py), so they cannot drift apart
     M, H = x.shape
     f32 = np.float32
     return (
@@ -271,6 +271,16 @@ def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
         np.empty((M, heads, head_dim), f32),  # att: attention's output
         np.empty((M, H), f32),  # o: o_proj's output
         np.empty_like(x),  # x1: the residual after attention
+    )
+
+
+@njit(cache=True)
+def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
+    # the arrays _bf16_phases writes, unwritten, for F hidden units: _attention_scratch's, then
+    # (g, o2, he, ho, ae, ao, ge, go)
+    M, H = x.shape
+    f32 = np.float32
+    return _attention_scratch(x, nq, nk, nv, heads, head_dim, Hkv) + (
         np.empty((M, F), f32),  # g: SiLU(gate)·up
         np.empty((M, H), f32),  # o2: down's output
         np.empty(H // 2, f32),  # he, ho, ae, ao, ge, go: the GEMVs' inputs split into even and odd values
@@ -447,23 +457,11 @@ def _quant_phases(ctr, chunks, sizes, x, in_norm, wqkv, wqkv8, q_norm, k_norm, w
 
 @njit(cache=True)
 def _quant_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv, need):
-    # the arrays _quant_phases writes, unwritten, for x [M, H], q/k/v of nq/nk/nv rows, F hidden units and the
-    # activation forms `need` [8] asks for: (h, q, k, v, qr, qn, kn, kr, att, o, x1, g, u, o2, acts, acts_a,
-    # acts_h, acts_f). One helper for the layer's region and the whole quantized step's (decode_step.py)
+    # the arrays _quant_phases writes, unwritten, for F hidden units and the activation forms `need` [8] asks for:
+    # _attention_scratch's, then (g, u, o2, acts, acts_a, acts_h, acts_f)
     M, H = x.shape
     f32 = np.float32
-    return (
-        np.empty_like(x),  # h: a norm's output
-        np.empty((M, nq), f32),
-        np.empty((M, nk), f32),
-        np.empty((M, nv), f32),
-        np.empty((M, heads, head_dim), f32),  # qr: q normed and rotated
-        np.empty((heads, head_dim), f32),  # qn, kn, kr: QK-Norm's and RoPE's scratch
-        np.empty((Hkv, head_dim), f32),
-        np.empty((Hkv, head_dim), f32),
-        np.empty((M, heads, head_dim), f32),  # att: attention's output
-        np.empty((M, H), f32),  # o: o_proj's output
-        np.empty_like(x),  # x1: the residual after attention
+    return _attention_scratch(x, nq, nk, nv, heads, head_dim, Hkv) + (
         np.empty((M, F), f32),  # g, u: gate's and up's outputs
         np.empty((M, F), f32),
         np.empty((M, H), f32),  # o2: down's output
