@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from extras import unavailable
+from numba_decode import assert_whole_step_is_bit_identical, greedy_logits, numba_threads
 
 pytest.importorskip("numba")  # the `fast` extra (part of `course`, which CI installs)
 
@@ -527,29 +528,18 @@ def test_one_region_decode_layer_equals_five_loops_with_any_thread_count(
     # the layer as ONE parallel region (threads claim chunks of each phase, decode_layer.ONE_REGION) against the
     # layer of five `prange` loops: the same serial kernels on the same rows, so equal bits; with more region
     # iterations than threads (a thread runs two in turn: no wait may depend on the other) and with one thread
-    import numba
-
     from tinyqwen.backends.numba import decode_layer, decode_step
 
     _write_bf16_checkpoint(tmp_path / "ckpt", num_hidden_layers=2, hidden_size=256, intermediate_size=512,
                            vocab_size=4096, head_dim=64)  # fmt: skip
     model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
     monkeypatch.setattr(decode_step, "WHOLE_STEP", False)  # layer by layer (the whole step: its own test)
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
     logits = {}
-    try:
+    with numba_threads(threads):
         for region in (True, False):
             monkeypatch.setattr(decode_layer, "ONE_REGION", region)
-            cache = model.new_cache(1, 12, "bfloat16")
-            steps = [model.forward(np.array([[5, 9, 2]]), cache=cache, last_only=True).logits]
-            for _ in range(4):
-                nxt = steps[-1][:, -1].argmax(-1)[:, None]
-                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
-            logits[region] = np.stack(steps)
-    finally:
-        numba.set_num_threads(before)
+            logits[region] = greedy_logits(model, np.array([[5, 9, 2]]), model.new_cache(1, 12, "bfloat16"))
     assert np.array_equal(logits[True], logits[False])
 
 
@@ -562,50 +552,10 @@ def test_whole_decode_step_is_bit_identical_to_layer_by_layer_and_kernel_by_kern
     # the whole step in ONE parallel region (decode_step.py: every layer's phases, the final norm, the lm_head's
     # rows) against one call per layer and against kernel by kernel: the same serial kernels on the same rows, so
     # equal logits and caches, bit for bit; with one thread, and with more region iterations than threads
-    from dataclasses import replace
-
-    import numba
-
-    from tinyqwen.backends.numba import decode_layer
-
     _write_bf16_checkpoint(tmp_path / "ckpt", num_hidden_layers=3, hidden_size=256, intermediate_size=512,
                            vocab_size=4096, head_dim=64)  # fmt: skip
     model = tinyqwen.load_model(tmp_path / "ckpt", backend="numba")
-    whole = model.backend
-    calls = []
-    monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
-    step_fn = whole.decode_step
-    backends = {
-        "step": replace(whole, decode_step=lambda *a: calls.append(step_fn(*a)) or calls[-1]),
-        "layer": replace(whole, decode_step=None),
-        "kernel": replace(whole, decode_step=None, decode_layer=None),
-    }
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    logits, caches = {}, {}
-    try:
-        for name, backend in backends.items():
-            model.backend = backend
-            cache = model.new_cache(1, 12, kv_dtype)
-            steps = [model.forward(np.array([[5, 9, 2]]), cache=cache, last_only=True).logits]
-            for _ in range(4):
-                nxt = steps[-1][:, -1].argmax(-1)[:, None]
-                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
-            logits[name], caches[name] = np.stack(steps), cache
-    finally:
-        numba.set_num_threads(before)
-        model.backend = whole
-    assert [c is not None for c in calls] == [False] + [
-        True
-    ] * 4  # the prompt (T > 1) declined, every step taken
-    assert np.array_equal(logits["step"], logits["layer"]) and np.array_equal(
-        logits["step"], logits["kernel"]
-    )
-    for other in ("layer", "kernel"):
-        s, o = caches["step"], caches[other]
-        assert s.length == o.length == 7
-        for a, b in zip(s.keys + s.values, o.keys + o.values, strict=True):
-            assert np.array_equal(a, b)
+    assert_whole_step_is_bit_identical(model, np.array([[5, 9, 2]]), monkeypatch, threads, workers, kv_dtype)
 
 
 def test_whole_decode_step_declines_what_it_does_not_cover(tmp_path, monkeypatch):
@@ -696,13 +646,7 @@ def test_a_bf16_gguf_and_its_safetensors_checkpoint_load_the_same_fast_layout(tm
     logits = {}
     for name, model in models.items():
         assert decode_step._Plan(model.weights).ok, name  # the whole step applies to both
-        cache = model.new_cache(1, 8, "bfloat16")
-        steps = [model.forward(np.array([[3, 1, 4]]), cache=cache, last_only=True).logits]
-        for _ in range(2):
-            steps.append(
-                model.forward(steps[-1][:, -1].argmax(-1)[:, None], cache=cache, last_only=True).logits
-            )
-        logits[name] = np.stack(steps)
+        logits[name] = greedy_logits(model, np.array([[3, 1, 4]]), model.new_cache(1, 8, "bfloat16"), steps=2)
     assert np.array_equal(logits["safetensors"], logits["gguf"])
 
 

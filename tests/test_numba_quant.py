@@ -21,6 +21,8 @@ import pytest
 
 numba = pytest.importorskip("numba")
 
+from numba_decode import assert_whole_step_is_bit_identical, greedy_logits, numba_threads  # noqa: E402
+
 from tinyqwen.backends import get_backend  # noqa: E402
 from tinyqwen.backends.numba import QuantWeight, linear, moe, quant  # noqa: E402
 from tinyqwen.moe import route  # noqa: E402
@@ -517,28 +519,17 @@ def test_fused_quant_swiglu_equals_its_parts(m, monkeypatch):
 def test_one_region_quantized_layer_equals_five_loops(tiny_gguf, monkeypatch, target, threads, workers):
     # the quantized layer as ONE parallel region against its five-`prange` form: equal bits, with any number of
     # region iterations per thread (see phases.py)
-    import numba
-
     import tinyqwen
     from tinyqwen.backends.numba import decode_layer, decode_step
 
     model = tinyqwen.load_model(tiny_gguf[target], backend="numba")
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
     monkeypatch.setattr(decode_step, "QUANT_STEP", False)  # layer by layer (the whole step: its own test)
     logits = {}
-    try:
+    with numba_threads(threads):
         for region in (True, False):
             monkeypatch.setattr(decode_layer, "ONE_REGION", region)
-            cache = model.new_cache(1, 12)
-            steps = [model.forward(np.array([[3, 1, 4]]), cache=cache, last_only=True).logits]
-            for _ in range(4):
-                nxt = steps[-1][:, -1].argmax(-1)[:, None]
-                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
-            logits[region] = np.stack(steps)
-    finally:
-        numba.set_num_threads(before)
+            logits[region] = greedy_logits(model, np.array([[3, 1, 4]]), model.new_cache(1, 12))
     assert np.array_equal(logits[True], logits[False])
 
 
@@ -574,12 +565,8 @@ def test_fused_quantized_decode_layer_is_bit_identical_to_kernel_by_kernel(tiny_
     ids = np.array([[3, 1, 4, 1, 5]])
     logits, caches = {}, {}
     for name, model in (("fused", fused), ("plain", plain)):
-        cache = model.new_cache(1, 12)
-        steps = [model.forward(ids, cache=cache, last_only=True).logits]
-        for _ in range(4):
-            nxt = steps[-1][:, -1].argmax(-1)[:, None]
-            steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
-        logits[name], caches[name] = np.stack(steps), cache
+        caches[name] = model.new_cache(1, 12)
+        logits[name] = greedy_logits(model, ids, caches[name])
     layers = fused.config.num_hidden_layers
     assert sum(c is not None for c in calls) == 4 * layers  # every decode step's layers took the fused path
     assert np.array_equal(logits["fused"], logits["plain"])
@@ -607,46 +594,10 @@ def test_whole_quantized_decode_step_is_bit_identical_to_layer_by_layer(
     # the lm_head's rows) against one call per layer and kernel by kernel ("int8"): the same activation
     # quantizations and row dots, so equal logits and caches bit for bit; one thread, and more region iterations
     # than threads. q4_k_m mixes formats across layers (and its lm_head is q6_k): each layer's row of kinds
-    from dataclasses import replace
-
-    import numba
-
     import tinyqwen
-    from tinyqwen.backends.numba import decode_layer
 
     model = tinyqwen.load_model(tiny_gguf[target], backend="numba")
-    whole = model.backend
-    calls = []
-    monkeypatch.setattr(decode_layer, "_workers", lambda: workers)
-    step_fn = whole.decode_step
-    backends = {
-        "step": replace(whole, decode_step=lambda *a: calls.append(step_fn(*a)) or calls[-1]),
-        "layer": replace(whole, decode_step=None),
-        "kernel": replace(whole, decode_step=None, decode_layer=None),
-    }
-    before = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    logits, caches = {}, {}
-    try:
-        for name, backend in backends.items():
-            model.backend = backend
-            cache = model.new_cache(1, 12)
-            steps = [model.forward(np.array([[3, 1, 4]]), cache=cache, last_only=True).logits]
-            for _ in range(4):
-                nxt = steps[-1][:, -1].argmax(-1)[:, None]
-                steps.append(model.forward(nxt, cache=cache, last_only=True).logits)
-            logits[name], caches[name] = np.stack(steps), cache
-    finally:
-        numba.set_num_threads(before)
-        model.backend = whole
-    assert [c is not None for c in calls] == [False] + [True] * 4  # the prompt declined, every step taken
-    assert np.array_equal(logits["step"], logits["layer"]) and np.array_equal(
-        logits["step"], logits["kernel"]
-    )
-    for other in ("layer", "kernel"):
-        s, o = caches["step"], caches[other]
-        for a, b in zip(s.keys + s.values, o.keys + o.values, strict=True):
-            assert np.array_equal(a, b)
+    assert_whole_step_is_bit_identical(model, np.array([[3, 1, 4]]), monkeypatch, threads, workers)
     # "float" mode: no whole step (kernel by kernel)
     from tinyqwen.backends.numba import backend as numba_backend
 

@@ -253,10 +253,10 @@ def _bf16_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_
 
 
 @njit(cache=True)
-def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
-    # the arrays _bf16_phases writes, unwritten, for x [M, H] and q/k/v of nq/nk/nv rows, F hidden units:
-    # (h, q, k, v, qr, qn, kn, kr, att, o, x1, g, o2, he, ho, ae, ao, ge, go). One helper for the layer's region
-    # and the whole step's (decode_step.py), so the two cannot drift apart
+def _attention_scratch(x, nq, nk, nv, heads, head_dim, Hkv):
+    # the arrays a layer's phases write up to the residual after attention, unwritten, for x [M, H] and q/k/v of
+    # nq/nk/nv rows: (h, q, k, v, qr, qn, kn, kr, att, o, x1), the same for bf16 and quantized weights. One helper
+    # for both layers' regions and both whole steps' (decode_step.py), so they cannot drift apart
     M, H = x.shape
     f32 = np.float32
     return (
@@ -271,6 +271,16 @@ def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
         np.empty((M, heads, head_dim), f32),  # att: attention's output
         np.empty((M, H), f32),  # o: o_proj's output
         np.empty_like(x),  # x1: the residual after attention
+    )
+
+
+@njit(cache=True)
+def _bf16_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv):
+    # the arrays _bf16_phases writes, unwritten, for F hidden units: _attention_scratch's, then
+    # (g, o2, he, ho, ae, ao, ge, go)
+    M, H = x.shape
+    f32 = np.float32
+    return _attention_scratch(x, nq, nk, nv, heads, head_dim, Hkv) + (
         np.empty((M, F), f32),  # g: SiLU(gate)·up
         np.empty((M, H), f32),  # o2: down's output
         np.empty(H // 2, f32),  # he, ho, ae, ao, ge, go: the GEMVs' inputs split into even and odd values
@@ -447,23 +457,11 @@ def _quant_phases(ctr, chunks, sizes, x, in_norm, wqkv, wqkv8, q_norm, k_norm, w
 
 @njit(cache=True)
 def _quant_scratch(x, nq, nk, nv, F, heads, head_dim, Hkv, need):
-    # the arrays _quant_phases writes, unwritten, for x [M, H], q/k/v of nq/nk/nv rows, F hidden units and the
-    # activation forms `need` [8] asks for: (h, q, k, v, qr, qn, kn, kr, att, o, x1, g, u, o2, acts, acts_a,
-    # acts_h, acts_f). One helper for the layer's region and the whole quantized step's (decode_step.py)
+    # the arrays _quant_phases writes, unwritten, for F hidden units and the activation forms `need` [8] asks for:
+    # _attention_scratch's, then (g, u, o2, acts, acts_a, acts_h, acts_f)
     M, H = x.shape
     f32 = np.float32
-    return (
-        np.empty_like(x),  # h: a norm's output
-        np.empty((M, nq), f32),
-        np.empty((M, nk), f32),
-        np.empty((M, nv), f32),
-        np.empty((M, heads, head_dim), f32),  # qr: q normed and rotated
-        np.empty((heads, head_dim), f32),  # qn, kn, kr: QK-Norm's and RoPE's scratch
-        np.empty((Hkv, head_dim), f32),
-        np.empty((Hkv, head_dim), f32),
-        np.empty((M, heads, head_dim), f32),  # att: attention's output
-        np.empty((M, H), f32),  # o: o_proj's output
-        np.empty_like(x),  # x1: the residual after attention
+    return _attention_scratch(x, nq, nk, nv, heads, head_dim, Hkv) + (
         np.empty((M, F), f32),  # g, u: gate's and up's outputs
         np.empty((M, F), f32),
         np.empty((M, H), f32),  # o2: down's output
@@ -511,6 +509,25 @@ def _quant_plan(M, weights, Hkv) -> tuple[np.ndarray, np.ndarray]:  # -> chunks 
     return np.array([c for c, _ in plan], np.int64), np.array([s for _, s in plan], np.int64)
 
 
+def _position_args(cos, sin, kc, vc, mask, pos: int, config) -> tuple:
+    # the run of arguments every fused kernel takes between its weights and its row starts, in their order:
+    # (cos [B, d], sin [B, d], kc, vc, mask [B, pos + 1], pos, eps as float32, qk_norm, heads, head_dim), from the
+    # model's cos/sin [B, 1, d] and mask [B, 1, pos + 1]; kc, vc: one layer's cache or every layer's (typed Lists).
+    # One helper for the bf16 and quantized layers and both whole steps (decode_step.py)
+    return (
+        np.ascontiguousarray(cos[:, 0]),
+        np.ascontiguousarray(sin[:, 0]),
+        kc,
+        vc,
+        np.ascontiguousarray(mask[:, 0]),
+        pos,
+        np.float32(config.rms_norm_eps),
+        config.qk_norm,
+        config.num_attention_heads,
+        config.head_dim,
+    )
+
+
 # A quantized layer's arguments that do not change from step to step (its weights as tuples, their formats, the
 # activation forms they need, the row starts, the chunk plan, the norms as float32), built once per layer and kept
 # while the layer, its weights and the plan's inputs are the same objects and numbers: building them took ~25 us of
@@ -521,8 +538,9 @@ _QUANT_ARGS: dict[
 ] = {}  # id(layer) -> (weakref to it, what the arguments came from, the arguments)
 
 
-def _quant_layer(x2, layer, cos, sin, mask, kc, vc, pos, config, weights):
-    # [1, H] -> [1, H] through _layer_quant (the checks done by decode_layer)
+def _quant_layer(x2, layer, position, config, weights):
+    # [1, H] -> [1, H] through _layer_quant (the checks done by decode_layer); position: _position_args's tuple
+    kc = position[2]
     a = layer.attn
     objects = (*weights, layer.input_norm, a.q_norm, a.k_norm, layer.post_attention_norm, config)
     numbers = (
@@ -553,13 +571,11 @@ def _quant_layer(x2, layer, cos, sin, mask, kc, vc, pos, config, weights):
             ref = None
         if ref is not None:
             _QUANT_ARGS[key] = (ref, objects, numbers, (head, tail))
-    return (_layer_quant_region if ONE_REGION else _layer_quant)(
-        x2, *head, cos, sin, kc, vc, mask, pos, *tail
-    )
+    return (_layer_quant_region if ONE_REGION else _layer_quant)(x2, *head, *position, *tail)
 
 
 def _quant_static_args(x2, layer, kc, config, weights) -> tuple[tuple, tuple]:
-    # _quant_layer's arguments before cos and after pos (those two runs of them change only with the layer)
+    # _quant_layer's arguments before and after _position_args's (those two runs change only with the layer)
     a = layer.attn
     wq, wk, wv, wo, wg, wu, wd = weights
     kinds = np.array([w.kind for w in weights], np.int64)
@@ -592,10 +608,6 @@ def _quant_static_args(x2, layer, kc, config, weights) -> tuple[tuple, tuple]:
         need,
     )
     tail = (
-        f32(config.rms_norm_eps),
-        config.qk_norm,
-        config.num_attention_heads,
-        config.head_dim,
         _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
         _starts((wo.shape[0],)),
         _starts((wg.shape[0], wu.shape[0])),
@@ -636,18 +648,9 @@ def decode_layer(
         if quant_gemv != "int8":  # "float": kernel by kernel
             return None
         B, H = x.shape[0], x.shape[2]
-        return _quant_layer(
-            np.ascontiguousarray(x.reshape(B, H), np.float32),
-            layer,
-            np.ascontiguousarray(cos[:, 0]),
-            np.ascontiguousarray(sin[:, 0]),
-            np.ascontiguousarray(mask[:, 0]),
-            kc,
-            vc,
-            cache.length,
-            config,
-            weights,
-        ).reshape(B, 1, H)
+        position = _position_args(cos, sin, kc, vc, mask, cache.length, config)
+        x2 = np.ascontiguousarray(x.reshape(B, H), np.float32)
+        return _quant_layer(x2, layer, position, config, weights).reshape(B, 1, H)
     if not all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in weights):
         return None
     if len({w.bits.flags.writeable for w in weights[:3]}) != 1:  # one Numba type for the (q, k, v) tuple
@@ -667,16 +670,7 @@ def decode_layer(
         wg,
         wu,
         wd,
-        np.ascontiguousarray(cos[:, 0]),
-        np.ascontiguousarray(sin[:, 0]),
-        kc,
-        vc,
-        np.ascontiguousarray(mask[:, 0]),
-        cache.length,
-        f32(config.rms_norm_eps),
-        config.qk_norm,
-        config.num_attention_heads,
-        config.head_dim,
+        *_position_args(cos, sin, kc, vc, mask, cache.length, config),
         _starts((wq.shape[0], wk.shape[0], wv.shape[0])),
         _starts((wo.shape[0],)),
         _starts((wd.shape[0],)),
