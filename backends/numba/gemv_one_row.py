@@ -20,6 +20,23 @@ from numba import njit, prange
 
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16_hi, _bf16_lo, _prefetch_weight_row, _silu
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
+from tinyqwen.backends.numba.settings import host_cpu_name
+
+# Whether these kernels ask for the next weight row (2 KiB) while they sum the current one (intrinsics.py's
+# _prefetch_weight_row). It paid on Sapphire Rapids (the GEMVs of a decode step 47.4 -> 44.8 ms) and costs on AMD
+# Zen 3, whose own prefetchers keep up with a row that follows the one before: the Qwen3-0.6B bf16 GGUF's lm_head
+# (311 MB, file-mapped) streamed at 10.3 GB/s of CPU time without against 9.0 with it (1 thread; 8.8 vs 7.3 and
+# 10.2 vs 8.5 in two more runs), its 140 layer matrices of 2 KiB rows at 11.3 vs 8.4, and those plus the lm_head
+# (898 MB) on 2 threads took 0.93-0.96 of the time (a busy 2-core machine, load average 6-7, same process,
+# interleaved, best of 30-80; benchmarks/bench_decode_step.py prefetch). A constant per CPU model: Numba keys
+# its saved kernels by the CPU's name too, so a cache never holds the other choice.
+ROW_PREFETCH = not host_cpu_name().startswith("znver")
+
+
+@njit(cache=True, inline="always")
+def _prefetch_next(a):  # a weight row about to be summed, where ROW_PREFETCH says it pays
+    if ROW_PREFETCH:
+        _prefetch_weight_row(a)
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
@@ -62,7 +79,7 @@ def _gemv1_rows_bf16(xe, xo, ws, outs, starts, lo, hi):  # _gemv_rows_bf16 for o
         w2, out = ws[i].view(np.uint32), outs[i]
         for n in range(r0 - starts[i], r1 - starts[i]):
             if n + 1 < r1 - starts[i]:
-                _prefetch_weight_row(w2[n + 1])
+                _prefetch_next(w2[n + 1])
             out[0, n] = _dot_pairs(xe, xo, w2[n])
 
 
@@ -73,8 +90,8 @@ def _gate_up1_rows_bf16(
     g2, u2 = w_gate.view(np.uint32), w_up.view(np.uint32)
     for f in range(lo, hi):
         if f + 1 < hi:
-            _prefetch_weight_row(g2[f + 1])
-            _prefetch_weight_row(u2[f + 1])
+            _prefetch_next(g2[f + 1])
+            _prefetch_next(u2[f + 1])
         out[0, f] = _silu(_dot_pairs(xe, xo, g2[f])) * _dot_pairs(xe, xo, u2[f])
 
 
