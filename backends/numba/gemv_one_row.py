@@ -11,6 +11,22 @@ kernel-by-kernel path (linear.py) both use them and stay equal to each other bit
 
 The threads claim chunks of rows as they go (phases.py) instead of taking fixed blocks: a thread that another
 process holds up leaves its rows to the other (the lm_head, 311 MB, is a quarter of a 0.6B step's bytes).
+
+Where the AMD EPYC host's bf16 step lost to llama.cpp (0.87-0.89x on a quiet machine, at 85 % of the measured read
+bandwidth against its 97 %), measured on the busy 2-core machine (load average 6-8, same process, interleaved,
+best of 8-80): the GEMVs alone over the step's 1192 MB (three launches, no attention, norms or barriers) took 0.89
+of the whole step's time, so about a tenth of the step is the rest (attention, norms, RoPE, the waits at 252
+phase ends, Python around the call); and the GEMVs themselves ran slower with the next-row prefetch than without
+(ROW_PREFETCH below: 1.08x the time on 1 thread, 1.24x on 2, over the GGUF's own 2 KiB-row matrices and lm_head),
+so Zen CPUs now skip it. The loop LLVM emits (inspect_asm) is 2 loads, 2 shifts, 2 blends, 4 multiplies with x
+from memory and 4 adds per 64 bytes of weights, 4 independent sums (no FMA: only reassociation is allowed):
+far below what one core can issue, so the row dot waits on memory, not on arithmetic. Tried and not taken: two
+rows per pass sharing x's loads (1.10-1.17x the time), a prefetch per 64-byte block inside the row (~2x: LLVM no
+longer vectorises the loop well), prefetching 2-8 KiB ahead instead of the next row (0.9-1.1x, noise); huge
+pages for the weights: the file's mapping takes MADV_HUGEPAGE but stays in 4 KiB pages (ext4 page cache, and
+MADV_COLLAPSE is refused). The same weights copied into NumPy's anonymous (huge-page) memory streamed no faster
+on 2 threads (same process, interleaved), 1.2x faster on 1 thread (separate runs); not taken: the copy is a
+second copy of the weights beside the file's pages.
 """
 
 from __future__ import annotations
