@@ -44,8 +44,9 @@ from tinyqwen.backends.numba.settings import host_cpu_name
 # (311 MB, file-mapped) streamed at 10.3 GB/s of CPU time without against 9.0 with it (1 thread; 8.8 vs 7.3 and
 # 10.2 vs 8.5 in two more runs), its 140 layer matrices of 2 KiB rows at 11.3 vs 8.4, and those plus the lm_head
 # (898 MB) on 2 threads took 0.93-0.96 of the time (a busy 2-core machine, load average 6-7, same process,
-# interleaved, best of 30-80; benchmarks/bench_decode_step.py prefetch). A constant per CPU model: Numba keys
-# its saved kernels by the CPU's name too, so a cache never holds the other choice.
+# interleaved, best of 30-80; benchmarks/bench_decode_step.py prefetch: 1.08-1.15x the time with it on 1 thread,
+# 1.24-1.28x on 2). Zen 4 and 5 follow Zen 3 unmeasured. A constant per CPU model: Numba keys its saved kernels by
+# the CPU's name too, so a cache never holds the other choice.
 ROW_PREFETCH = not host_cpu_name().startswith("znver")
 
 
