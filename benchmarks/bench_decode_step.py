@@ -4,6 +4,7 @@
     python benchmarks/bench_decode_step.py fused [--model M] [--steps 16] [--repeat 3]   # one call per layer or not
     python benchmarks/bench_decode_step.py launch            # an empty parallel kernel under OpenMP settings
     python benchmarks/bench_decode_step.py stream [--threads 1 2]   # GEMV bytes/s against a plain streaming read
+    python benchmarks/bench_decode_step.py prefetch --model M.gguf [--threads 1 2] [--repeat 30]   # row prefetch A/B
 
 breakdown: the model decodes with every backend kernel and every Numba kernel timed from Python (its wrapper's
 Python = the first minus the second); "glue" is the step minus the backend kernels: the model's own NumPy between
@@ -16,6 +17,9 @@ in one parallel region; bf16, or a quantized GGUF file's "int8" step), one call 
 then CPU time is the work, not the waits).
 stream: one pass over a bf16 buffer the size of the lm_head (the machine's streaming ceiling for these threads)
 against the decode GEMVs over that buffer (the general loop, and the one-row kernel over uint32 pairs), GB/s. Timings on a shared machine swing: compare within one run.
+prefetch: the one-row bf16 GEMV (gemv_one_row.py's row dot) over a bf16 GGUF's own file-mapped weights — every
+2 KiB-row matrix of the layers, then the lm_head — with and without asking for the next row ahead
+(gemv_one_row.ROW_PREFETCH, chosen per CPU model), interleaved, best of --repeat, GB/s by wall and by CPU time.
 """
 
 from __future__ import annotations
@@ -295,11 +299,70 @@ def stream(threads: list[int], repeat: int) -> None:
             )
 
 
+def prefetch_ab(model_path: str, threads: list[int], repeat: int) -> None:
+    import numba
+    from numba import njit, prange
+
+    from tinyqwen.backends.numba import gemv_one_row
+    from tinyqwen.backends.numba.gemv_one_row import _dot_pairs
+    from tinyqwen.backends.numba.intrinsics import FAST, _prefetch_weight_row
+    from tinyqwen.gguf import GGUFFile
+
+    @njit(cache=False, fastmath=FAST, error_model="numpy")
+    def rows(xe, xo, w, out, lo, hi, ahead):  # gemv_one_row._gemv1_rows_bf16's loop, the prefetch a choice
+        w2 = w.view(np.uint32)
+        for n in range(lo, hi):
+            if ahead and n + 1 < hi:
+                _prefetch_weight_row(w2[n + 1])
+            out[0, n] = _dot_pairs(xe, xo, w2[n])
+
+    @njit(parallel=True, cache=False)
+    def gemv(
+        xe, xo, w, out, workers, ahead
+    ):  # chunks of 64 rows (128 KiB), a contiguous run of them per thread
+        n = w.shape[0]
+        chunks = (n + 63) // 64
+        per = (chunks + workers - 1) // workers
+        for t in prange(workers):
+            for c in range(t * per, min(chunks, (t + 1) * per)):
+                rows(xe, xo, w, out, c * 64, min(n, c * 64 + 64), ahead)
+
+    f = GGUFFile(model_path)
+    names = [n for n in f.tensors if n.startswith("blk.") and f.info(n).ggml_type == "BF16"]
+    ws = [f.raw(n) for n in names if len(f.info(n).shape) == 2 and f.info(n).shape[1] == 1024]
+    ws.append(f.raw("token_embd.weight"))  # the lm_head of a tied model
+    x = np.random.default_rng(0).standard_normal(1024).astype(np.float32)
+    xe, xo = x[0::2].copy(), x[1::2].copy()
+    outs = [np.empty((1, w.shape[0]), np.float32) for w in ws]
+    nbytes = sum(w.nbytes for w in ws)
+    print(
+        f"{len(ws)} matrices of 2 KiB rows, {nbytes / 1e6:.0f} MB; ROW_PREFETCH here: {gemv_one_row.ROW_PREFETCH}"
+    )
+    for t in threads:
+        numba.set_num_threads(t)
+        best = {ahead: [float("inf")] * 2 for ahead in (False, True)}
+        for ahead in best:
+            for w, o in zip(ws, outs, strict=True):
+                gemv(xe, xo, w, o, t, ahead)  # compile, warm
+        for _ in range(repeat):
+            for ahead, b in best.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                for w, o in zip(ws, outs, strict=True):
+                    gemv(xe, xo, w, o, t, ahead)
+                b[0] = min(b[0], time.perf_counter() - t0)
+                b[1] = min(b[1], time.process_time() - c0)
+        (w0, c0), (w1, c1) = best[False], best[True]
+        print(
+            f"{t} thread(s): without {nbytes / w0 / 1e9:5.1f} GB/s wall ({nbytes * t / c0 / 1e9:5.1f} of CPU time), "
+            f"with {nbytes / w1 / 1e9:5.1f} ({nbytes * t / c1 / 1e9:5.1f}); time with/without {w1 / w0:.3f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=("breakdown", "fused", "launch", "stream"))
+    parser.add_argument("what", choices=("breakdown", "fused", "launch", "stream", "prefetch"))
     parser.add_argument(
         "--model",
         default=PEER_DIR and os.path.join(PEER_DIR, "qwen3-0.6b-random"),
@@ -318,6 +381,12 @@ def main() -> None:
         fused_ab(args.model, args.prompt, args.steps, args.repeat)
     elif args.what == "launch":
         launch(max(args.threads))
+    elif args.what == "prefetch":
+        if not (args.model or "").endswith(".gguf"):
+            parser.error("prefetch: pass --model with a bf16 .gguf file (its weights as the file maps them)")
+        from tinyqwen.backends.numba import settings  # noqa: F401 (before Numba)
+
+        prefetch_ab(args.model, args.threads, args.repeat)
     else:
         from tinyqwen.backends.numba import settings  # noqa: F401 (before Numba)
 

@@ -103,6 +103,18 @@ def test_linear_bf16_equals_numpy(rows):
     assert rel_err(got, mlp.linear(x, w32)) <= RTOL
 
 
+def test_one_row_prefetch_is_chosen_per_cpu_model(monkeypatch):
+    # the next-row prefetch is a hint (it never changes a result: the one-row kernels' equality tests cover both
+    # settings on the CPUs that run them); which CPUs take it follows the CPU model Numba compiles for
+    from tinyqwen.backends.numba import gemv_one_row, settings
+
+    assert gemv_one_row.ROW_PREFETCH == (not settings.host_cpu_name().startswith("znver"))
+    monkeypatch.setenv("NUMBA_CPU_NAME", "znver3")
+    assert settings.host_cpu_name() == "znver3"
+    monkeypatch.setenv("NUMBA_CPU_NAME", "host")
+    assert settings.host_cpu_name() not in ("", "host")
+
+
 def test_linear_bf16_blocks_cover_every_row(monkeypatch):
     # more rows than one scratch block holds (1 MiB / (4 B · 8192) = 32 rows): the block edges must not drop any
     monkeypatch.setattr(linear, "WIDEN_BLOCK_BYTES", 1 << 20)

@@ -11,6 +11,22 @@ kernel-by-kernel path (linear.py) both use them and stay equal to each other bit
 
 The threads claim chunks of rows as they go (phases.py) instead of taking fixed blocks: a thread that another
 process holds up leaves its rows to the other (the lm_head, 311 MB, is a quarter of a 0.6B step's bytes).
+
+Where the AMD EPYC host's bf16 step lost to llama.cpp (0.87-0.89x on a quiet machine, at 85 % of the measured read
+bandwidth against its 97 %), measured on the busy 2-core machine (load average 6-8, same process, interleaved,
+best of 8-80): the GEMVs alone over the step's 1192 MB (three launches, no attention, norms or barriers) took 0.89
+of the whole step's time, so about a tenth of the step is the rest (attention, norms, RoPE, the waits at 252
+phase ends, Python around the call); and the GEMVs themselves ran slower with the next-row prefetch than without
+(ROW_PREFETCH below: 1.08x the time on 1 thread, 1.24x on 2, over the GGUF's own 2 KiB-row matrices and lm_head),
+so Zen CPUs now skip it. The loop LLVM emits (inspect_asm) is 2 loads, 2 shifts, 2 blends, 4 multiplies with x
+from memory and 4 adds per 64 bytes of weights, 4 independent sums (no FMA: only reassociation is allowed):
+far below what one core can issue, so the row dot waits on memory, not on arithmetic. Tried and not taken: two
+rows per pass sharing x's loads (1.10-1.17x the time), a prefetch per 64-byte block inside the row (~2x: LLVM no
+longer vectorises the loop well), prefetching 2-8 KiB ahead instead of the next row (0.9-1.1x, noise); huge
+pages for the weights: the file's mapping takes MADV_HUGEPAGE but stays in 4 KiB pages (ext4 page cache, and
+MADV_COLLAPSE is refused). The same weights copied into NumPy's anonymous (huge-page) memory streamed no faster
+on 2 threads (same process, interleaved), 1.2x faster on 1 thread (separate runs); not taken: the copy is a
+second copy of the weights beside the file's pages.
 """
 
 from __future__ import annotations
@@ -20,6 +36,24 @@ from numba import njit, prange
 
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16_hi, _bf16_lo, _prefetch_weight_row, _silu
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
+from tinyqwen.backends.numba.settings import host_cpu_name
+
+# Whether these kernels ask for the next weight row (2 KiB) while they sum the current one (intrinsics.py's
+# _prefetch_weight_row). It paid on Sapphire Rapids (the GEMVs of a decode step 47.4 -> 44.8 ms) and costs on AMD
+# Zen 3, whose own prefetchers keep up with a row that follows the one before: the Qwen3-0.6B bf16 GGUF's lm_head
+# (311 MB, file-mapped) streamed at 10.3 GB/s of CPU time without against 9.0 with it (1 thread; 8.8 vs 7.3 and
+# 10.2 vs 8.5 in two more runs), its 140 layer matrices of 2 KiB rows at 11.3 vs 8.4, and those plus the lm_head
+# (898 MB) on 2 threads took 0.93-0.96 of the time (a busy 2-core machine, load average 6-7, same process,
+# interleaved, best of 30-80; benchmarks/bench_decode_step.py prefetch: 1.08-1.15x the time with it on 1 thread,
+# 1.24-1.28x on 2). Zen 4 and 5 follow Zen 3 unmeasured. A constant per CPU model: Numba keys its saved kernels by
+# the CPU's name too, so a cache never holds the other choice.
+ROW_PREFETCH = not host_cpu_name().startswith("znver")
+
+
+@njit(cache=True, inline="always")
+def _prefetch_next(a):  # a weight row about to be summed, where ROW_PREFETCH says it pays
+    if ROW_PREFETCH:
+        _prefetch_weight_row(a)
 
 
 @njit(cache=True, fastmath=FAST, error_model="numpy", inline="always")
@@ -62,7 +96,7 @@ def _gemv1_rows_bf16(xe, xo, ws, outs, starts, lo, hi):  # _gemv_rows_bf16 for o
         w2, out = ws[i].view(np.uint32), outs[i]
         for n in range(r0 - starts[i], r1 - starts[i]):
             if n + 1 < r1 - starts[i]:
-                _prefetch_weight_row(w2[n + 1])
+                _prefetch_next(w2[n + 1])
             out[0, n] = _dot_pairs(xe, xo, w2[n])
 
 
@@ -73,8 +107,8 @@ def _gate_up1_rows_bf16(
     g2, u2 = w_gate.view(np.uint32), w_up.view(np.uint32)
     for f in range(lo, hi):
         if f + 1 < hi:
-            _prefetch_weight_row(g2[f + 1])
-            _prefetch_weight_row(u2[f + 1])
+            _prefetch_next(g2[f + 1])
+            _prefetch_next(u2[f + 1])
         out[0, f] = _silu(_dot_pairs(xe, xo, g2[f])) * _dot_pairs(xe, xo, u2[f])
 
 

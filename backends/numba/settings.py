@@ -33,6 +33,16 @@ def _prefer_512_bit_vectors() -> None:
         os.environ["NUMBA_CPU_FEATURES"] = ",".join(features) + ",-prefer-256-bit"
 
 
+def host_cpu_name() -> str:  # the CPU model Numba compiles for: LLVM's name ("znver3", "sapphirerapids", ...)
+    name = os.environ.get("NUMBA_CPU_NAME", "")
+    if name and name != "host":
+        return name
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    return llvm.get_host_cpu_name()
+
+
 def _host_features() -> list[str]:  # LLVM's names for this CPU's features: "+avx512f", "-amx-tile", ...
     import llvmlite.binding as llvm
 
