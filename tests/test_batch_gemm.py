@@ -13,6 +13,11 @@ from tinyqwen.backends.numba import batch_gemm, linear  # noqa: E402
 from tinyqwen.backends.numba.weights import BF16Weight  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def panels_on(monkeypatch):  # the panels are off by default (linear.BATCH_PANELS): these tests turn them on
+    monkeypatch.setattr(linear, "BATCH_PANELS", True)
+
+
 def _weight(rng, n: int, k: int) -> tuple[BF16Weight, np.ndarray]:
     bits = (rng.standard_normal((n, k), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
     return BF16Weight(bits), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)

@@ -34,8 +34,11 @@ FUSED_SWIGLU = (
 # 2+ token rows (a batched decode step): the register-tiled kernels; False: the one-row loops once per row
 BATCH_TILES = True
 # a batched step of PANEL_MIN_ROWS+ rows whose 16-row panels are at least PANEL_MIN_FILL full: batch_gemm.py's
-# widened blocks and 6 x 16 micro-kernel instead of the tiles (fewer rows: the tiles, which waste no padding)
-BATCH_PANELS = True
+# widened blocks and 6 x 16 micro-kernel instead of the tiles (fewer rows: the tiles, which waste no padding).
+# Off: on two threads of a quiet AMD EPYC a whole 16-row step of Qwen3-0.6B ran 0.96-1.03x the tiles' speed and
+# one layer's products x 28 0.52-0.60x (one thread, CPU time, busy machine: whole steps 1.06-1.08x); see
+# benchmarks/bench_batch_decode.py and benchmarks/results/2026-12-07-batch-panels-busy.txt
+BATCH_PANELS = False
 PANEL_MIN_ROWS = 12
 PANEL_MIN_FILL = 0.7
 PANEL_CHUNKS_PER_THREAD = 2
