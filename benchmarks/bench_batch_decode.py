@@ -1,16 +1,24 @@
-"""A batched decode step's weight products on the numba backend: register tiles vs one-row loops vs widen + BLAS.
+"""A batched decode step's weight products on the numba backend: panels vs register tiles vs one-row loops vs BLAS.
 
     python benchmarks/bench_batch_decode.py                      # Qwen3-0.6B's shapes, batch 1, 4, 16, 64
     python benchmarks/bench_batch_decode.py --batches 4,16 --repeats 5
+    python benchmarks/bench_batch_decode.py --model QWEN3_0.6B_DIR --batches 16   # whole decode steps, panels vs tiles
 
 A continuous-batching server decodes B sequences per step: every weight product has B rows of input. Up to
 `GEMV_MAX_ROWS` rows the numba backend streams each bf16 weight from memory once, in register tiles of 4 token rows
-x 3 weight rows (`BATCH_TILES`: each weight widened once for four rows, twelve FMA chains); beyond that it widens
-blocks of weights to float32 and calls BLAS. This times one decoder layer's products (q/k/v fused, o, gate/up
+x 3 weight rows (`BATCH_TILES`: each weight widened once for four rows, twelve FMA chains), or from 12 rows on
+(`BATCH_PANELS`) on panels of 16 token rows with blocks of weights widened once into L2 and a 6 x 16 micro-kernel
+(batch_gemm.py); beyond that it widens blocks of weights to float32 and calls BLAS. This times one decoder layer's products (q/k/v fused, o, gate/up
 fused + down) x layers, and the lm_head, of Qwen3-0.6B (random bf16 weights of the real shapes) per path and batch
-size: "tiles" (the default), "rows" (the one-row loops run once per token row, `BATCH_TILES = False`, what a batch
-took before the tiles) and "BLAS" (widen + sgemm, `GEMV_MAX_ROWS = 0`), interleaved, best of `--repeats`. Timings
-on a shared machine swing: the ratios within one run are what to read; "x1" is the step's cost over batch 1's.
+size: "panels" (the default where they fit), "tiles" (`BATCH_PANELS = False`), "rows" (the one-row loops run once
+per token row, `BATCH_TILES = False`, what a batch took before the tiles) and "BLAS" (widen + sgemm,
+`GEMV_MAX_ROWS = 0`), interleaved, best of `--repeats`. GMAC/s is the default path's (peak of one AVX2 core:
+2 FMA units x 8 lanes x the clock, ~40-48 GMAC/s here). Timings on a shared machine swing: the ratios within one
+run are what to read; "x1" is the step's cost over batch 1's.
+
+One layer's weights (30 MB of bf16 for 0.6B) repeated for every layer stay largely in L3, where a real step streams
+every layer's from memory: `--model DIR` times whole decode steps of a checkpoint instead (`Qwen3.forward` on a
+ragged cache of B rows at `--context` positions), panels against tiles, interleaved; `--clock cpu` for CPU time.
 """
 
 from __future__ import annotations
@@ -30,7 +38,15 @@ def main() -> None:
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--layers", type=int, default=28, help="decoder layers counted per step (0.6B: 28)")
+    parser.add_argument(
+        "--model", help="a checkpoint directory: time its whole decode steps (panels vs tiles)"
+    )
+    parser.add_argument("--context", type=int, default=128, help="--model: positions in each row's cache")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="--model: wall or CPU time")
     args = parser.parse_args()
+    if args.model:
+        whole_steps(args)
+        return
     from tinyqwen.backends.numba import linear as lin
     from tinyqwen.backends.numba.weights import BF16Weight
     from tinyqwen.config import published_configs
@@ -63,20 +79,24 @@ def main() -> None:
         return min(times)
 
     original = lin.GEMV_MAX_ROWS, lin.BATCH_TILES
-    paths = {"tiles": (1 << 30, True), "rows": (1 << 30, False), "blas": (0, True)}
+    # GEMV_MAX_ROWS, BATCH_TILES, BATCH_PANELS per path
+    paths = {"panels": (1 << 30, True, True), "tiles": (1 << 30, True, False), "rows": (1 << 30, False, False),
+             "blas": (0, True, False)}  # fmt: skip
+    panels_flag = lin.BATCH_PANELS
 
     def step(path: str, x: np.ndarray, xo: np.ndarray) -> float:  # seconds for one decode step's products
-        lin.GEMV_MAX_ROWS, lin.BATCH_TILES = paths[path]
+        lin.GEMV_MAX_ROWS, lin.BATCH_TILES, lin.BATCH_PANELS = paths[path]
         try:
             return args.layers * best(lambda: layer(x, xo)) + best(lambda: lin.linear(x, head))
         finally:
             lin.GEMV_MAX_ROWS, lin.BATCH_TILES = original
+            lin.BATCH_PANELS = panels_flag
 
     print(
         f"Qwen3-0.6B shapes, bf16 weights: one layer's products x {args.layers} + lm_head, ms per decode step"
     )
-    print(f"{'batch':>5} {'tiles':>9} {'rows':>9} {'BLAS':>9} {'rows/tiles':>11} {'BLAS/tiles':>11} "
-          f"{'tiles x1':>9} {'GMAC/s':>7}")  # fmt: skip
+    print(f"{'batch':>5} {'panels':>9} {'tiles':>9} {'rows':>9} {'BLAS':>9} {'tiles/panels':>13} {'rows/tiles':>11} "
+          f"{'BLAS/tiles':>11} {'x1':>6} {'GMAC/s':>7}")  # fmt: skip
     one = None
     macs = args.layers * (c.q_size * H + 2 * c.kv_size * H + H * c.q_size + 3 * F * H) + c.vocab_size * H
     for B in (int(b) for b in args.batches.split(",")):
@@ -86,13 +106,52 @@ def main() -> None:
         for _ in range(2):  # interleaved: each path twice, best kept
             for path in paths:
                 t[path] = min(t[path], step(path, x, xo))
-        one = one or t["tiles"] / B * (B == 1) or None
-        ratio = f"{t['tiles'] / one:9.1f}" if one else f"{'':9}"
-        print(f"{B:5d} {t['tiles'] * 1e3:9.1f} {t['rows'] * 1e3:9.1f} {t['blas'] * 1e3:9.1f} "
-              f"{t['rows'] / t['tiles']:11.2f} {t['blas'] / t['tiles']:11.2f} {ratio} "
-              f"{B * macs / t['tiles'] / 1e9:7.1f}")  # fmt: skip
+        best_path = min(t["panels"], t["tiles"]) if panels_flag else t["tiles"]  # what linear.py runs
+        one = one or best_path / B * (B == 1) or None
+        ratio = f"{best_path / one:6.1f}" if one else f"{'':6}"
+        print(f"{B:5d} {t['panels'] * 1e3:9.1f} {t['tiles'] * 1e3:9.1f} {t['rows'] * 1e3:9.1f} {t['blas'] * 1e3:9.1f} "
+              f"{t['tiles'] / t['panels']:13.2f} {t['rows'] / t['tiles']:11.2f} {t['blas'] / t['tiles']:11.2f} "
+              f"{ratio} {B * macs / best_path / 1e9:7.1f}")  # fmt: skip
     print(f"(GEMV_MAX_ROWS is {original[0]} in backends/numba/linear.py; batch 1 takes the one-row loops on every "
-          "path but BLAS)")  # fmt: skip
+          f"path but BLAS; panels from {lin.PANEL_MIN_ROWS} rows where they fit, else the tiles)")  # fmt: skip
+
+
+def whole_steps(args) -> None:
+    """Whole decode steps of a checkpoint on B rows (a ragged cache at --context positions): panels vs tiles."""
+    import tinyqwen
+    from tinyqwen.backends.numba import linear as lin
+    from tinyqwen.serve.kv_pool import KVPool
+
+    model = tinyqwen.load_model(args.model, backend="numba")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    flag = lin.BATCH_PANELS
+    print(f"{Path(args.model).name}: whole decode steps, {args.context} positions per row, ms per step "
+          f"({args.clock} time, best of {args.repeats}, interleaved)")  # fmt: skip
+    print(
+        f"{'batch':>5} {'panels':>9} {'tiles':>9} {'tiles/panels':>13} {'max |dlogit|':>13} {'same argmax':>12}"
+    )
+    for B in (int(b) for b in args.batches.split(",")):
+        pool = KVPool(model, B, args.context + 4 * args.repeats + 8)
+        pool.decoding, pool.owner = B, [object()] * B
+        ids = np.arange(1000, 1000 + B)[:, None]
+        times: dict[str, list[float]] = {"panels": [], "tiles": []}
+        logits = {}
+        try:
+            for rep in range(args.repeats + 1):  # the first round compiles / warms, not counted
+                for path in times:
+                    lin.BATCH_PANELS = path == "panels"
+                    pool.lengths[:] = args.context
+                    t = clock()
+                    out = model.forward(ids, cache=pool.batch(), last_only=True)
+                    if rep:
+                        times[path].append(clock() - t)
+                    logits[path] = np.asarray(out.logits)[:, -1]
+        finally:
+            lin.BATCH_PANELS = flag
+        p, t = min(times["panels"]), min(times["tiles"])
+        diff = np.abs(logits["panels"] - logits["tiles"]).max()
+        same = bool((logits["panels"].argmax(-1) == logits["tiles"].argmax(-1)).all())
+        print(f"{B:5d} {p * 1e3:9.1f} {t * 1e3:9.1f} {t / p:13.2f} {diff:13.2e} {str(same):>12}", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ and reports per phase:
     lost              requests without a finish reason and `[DONE]` (must be 0)
     CPU (burst)       the server's CPU seconds in its model threads and in its event loop (HTTP, SSE), and the
                       clients' (this process, on the same cores): what the serving around the model costs
+    ITL mean (burst)  tinyqwen's mean inter-token latency at its scheduler (/metrics) against the clients': what
+                      HTTP and SSE add between a token chosen and a token received
 
 The issue's throughput targets (16 clients against one: decode-heavy 4x, prompt-heavy 2x) read the burst line,
 tokens / wall time with every client starting together; the steady line's rate is that of a full server (no
@@ -260,6 +262,7 @@ def summarize(results: list[dict], wall: float, window: tuple[float, float] | No
     return {"requests": len(results), "lost": sum(not r["complete"] for r in results), "tokens": tokens,
             "wall_s": wall, "tok_per_s": rate, "ttft_p50": statistics.median(ttft),
             "ttft_p95": pct(ttft, 0.95), "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95),
+            "itl_mean": statistics.mean(itl) if itl else float("nan"),
             "mean_request_s": statistics.mean(r["end"] for r in results)}  # fmt: skip
 
 
@@ -378,14 +381,35 @@ def divergences(model, results: list[dict], new_tokens: int, check: int) -> list
     return out
 
 
+def scheduler_itl(port: int) -> tuple[float, int]:
+    """tinyqwen's inter-token latency as its scheduler measured it so far (/metrics: the histogram's sum, count).
+    Against the clients' it tells what HTTP and SSE add between the engine and a client; (0, 0) if not served."""
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        conn.close()
+    except OSError:
+        return 0.0, 0
+    values = dict(
+        line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("tinyqwen_inter_token")
+    )
+    name = "tinyqwen_inter_token_latency_seconds"
+    return float(values.get(f"{name}_sum", 0)), int(float(values.get(f"{name}_count", 0)))
+
+
 def run_cells(args, port: int, pid: int, engine: str, workload: str, c: int, check_model) -> list[dict]:
     """One workload at `c` clients: the burst, then the steady phase; a line printed for each (and for the burst,
     where the CPU time went: the server's event loop, its model threads, the clients in this process)."""
     new_tokens = max(2, int(WORKLOADS[workload][1] * args.scale))
     prompts = prompts_for(workload, c, 1, args.scale, seed=c)
+    before = scheduler_itl(port) if engine == "tinyqwen" else (0.0, 0)
     (results, wall), cpu = cpu_share(pid, lambda: run_burst(port, prompts, new_tokens))
+    after = scheduler_itl(port) if engine == "tinyqwen" else (0.0, 0)
     cells = [{"engine": engine, "workload": workload, "clients": c, "phase": "burst", **summarize(results, wall),
               **cpu}]  # fmt: skip
+    if after[1] > before[1]:  # the mean ITL at the scheduler, over the same burst
+        cells[0]["itl_mean_scheduler"] = (after[0] - before[0]) / (after[1] - before[1])
     if engine == "tinyqwen" and check_model is not None:
         cells[0]["divergences"] = divergences(check_model, results, new_tokens, args.check)
         cells[0]["checked"] = min(args.check, len(results))
@@ -408,6 +432,10 @@ def run_cells(args, port: int, pid: int, engine: str, workload: str, c: int, che
               f"p95 {cell['itl_p95'] * 1e3:6.0f} ms, {cell['requests']} requests, lost {cell['lost']}{div}",
               flush=True)  # fmt: skip
     burst = cells[0]
+    if "itl_mean_scheduler" in burst:
+        at, sent = burst["itl_mean_scheduler"], burst["itl_mean"]
+        print(f"{engine:9s} {workload:6s} {c:3d} clients burst  ITL mean at the scheduler {at * 1e3:.0f} ms, at the "
+              f"clients {sent * 1e3:.0f} ms (HTTP/SSE in between: {(sent - at) * 1e3:+.0f} ms)", flush=True)  # fmt: skip
     if burst["cpu_model_s"] > 0:
         main, rest = (
             ("event loop", "model threads") if engine == "tinyqwen" else ("main thread", "other threads")

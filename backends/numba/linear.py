@@ -1,5 +1,6 @@
 """The weight products: decode's bf16 GEMVs (streamed, each row widened in registers; a batched decode step of 2 to
-GEMV_MAX_ROWS rows in register tiles of 4 token rows x 3 weight rows), prefill's widen-a-block + BLAS (or oneDNN's
+GEMV_MAX_ROWS rows in register tiles of 4 token rows x 3 weight rows, or from PANEL_MIN_ROWS rows on token panels
+and a 6 x 16 micro-kernel, batch_gemm.py), prefill's widen-a-block + BLAS (or oneDNN's
 bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
 weights (`QuantWeight`) take two roads too: decode's GEMV over their blocks (`quant.py`; "int8": x quantized to
 int8 blocks, integer dot products, llama.cpp's way; or "float": codes widened in registers), and prefill's int8
@@ -16,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from tinyqwen.backends import onednn
-from tinyqwen.backends.numba import quant, quant_matmul
+from tinyqwen.backends.numba import batch_gemm, quant, quant_matmul
 from tinyqwen.backends.numba.gemv_one_row import _gemv1_many_bf16, _one_row_pairs, _swiglu1_bf16
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
@@ -33,6 +34,15 @@ FUSED_SWIGLU = (
 )
 # 2+ token rows (a batched decode step): the register-tiled kernels; False: the one-row loops once per row
 BATCH_TILES = True
+# a batched step of PANEL_MIN_ROWS+ rows whose 16-row panels are at least PANEL_MIN_FILL full: batch_gemm.py's
+# widened blocks and 6 x 16 micro-kernel instead of the tiles (fewer rows: the tiles, which waste no padding).
+# Off: on two threads of a quiet AMD EPYC a whole 16-row step of Qwen3-0.6B ran 0.96-1.03x the tiles' speed and
+# one layer's products x 28 0.52-0.60x (one thread, CPU time, busy machine: whole steps 1.06-1.08x); see
+# benchmarks/bench_batch_decode.py and benchmarks/results/2026-12-07-batch-panels-busy.txt
+BATCH_PANELS = False
+PANEL_MIN_ROWS = 12
+PANEL_MIN_FILL = 0.7
+PANEL_CHUNKS_PER_THREAD = 2
 # decode's SwiGLU over quantized weights in one call ("int8", quant.swiglu_int: x quantized, gate/up, h quantized, down in one call):
 # off, as it measured slower than gate/up and down as two calls (Qwen3-0.6B q8_0, 2 threads, AMD EPYC, one run,
 # interleaved: 68.6 ms a decode step fused, 60.6 ms in two calls)
@@ -318,12 +328,26 @@ def _chunks() -> int:  # work items for a parallel GEMV: several per thread, so 
     return 8 * numba.get_num_threads()
 
 
+def _panel_chunks() -> int:  # work items for batch_gemm.py's kernels: few, long ones
+    # each work item's first block of weights is read from memory unprefetched (batch_gemm.py prefetches a block
+    # during the one before it), so 16 items of a few blocks each lost up to a quarter of the gain
+    return PANEL_CHUNKS_PER_THREAD * numba.get_num_threads()
+
+
 def _workers() -> int:  # iterations of a one-region `prange` (phases.py): one per thread
     return numba.get_num_threads()
 
 
 def _tiled(x2: np.ndarray) -> bool:  # a batched decode step's rows take the register tiles
     return BATCH_TILES and x2.shape[0] > 1
+
+
+def _panelled(x2: np.ndarray, *ks: int) -> bool:  # a batched step's rows take batch_gemm.py's panels
+    # (x2's width and any other product's inner size ks: multiples of the micro-kernel's unrolling)
+    M = x2.shape[0]
+    full = M / (batch_gemm.PANEL * -(-M // batch_gemm.PANEL))
+    sizes_fit = all(k > 0 and k % batch_gemm.UNROLL == 0 for k in (x2.shape[1], *ks))
+    return BATCH_PANELS and M >= PANEL_MIN_ROWS and full >= PANEL_MIN_FILL and sizes_fit
 
 
 def _rows(x: np.ndarray) -> np.ndarray:  # [..., d] -> [M, d] float32, C-contiguous
@@ -492,6 +516,11 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
     # so these are the products of llama.cpp's bf16 path. (An AVX512-BF16 `vdpbf16ps` kernel, 32 such products per
     # instruction, streamed faster than the float32 one until both prefetched the next row; then it was ~8% slower:
     # a 0.6B step's GEMVs took 51-56 ms against 46-50, so it went.)
+    if _panelled(x2):  # a batched step of 12+ rows: widened blocks and the 6 x 16 micro-kernel
+        bufs, accs = batch_gemm.scratch(x2.shape[1])
+        xt = batch_gemm.panels(round_bf16(x2)[1] if bf16_inputs else x2)
+        batch_gemm.panel_many(xt, x2.shape[0], bits, outs, starts, _panel_chunks(), bufs, accs)
+        return outs
     kernel = _gemm_many_bf16 if _tiled(x2) else _gemv_many_bf16  # a batched step: the register tiles
     one_row = _one_row_pairs(x2, *bits)  # plain decode: one region iteration per thread
     kernel = _gemv1_many_bf16 if one_row else kernel
@@ -515,6 +544,20 @@ def swiglu(
         g, u = linears(x2, (w_gate, w_up), bf16_inputs, quant_gemv)  # one launch for both
         return linear(_silu_mul(g, u), w_down, bf16_inputs, quant_gemv).reshape(x.shape)
     bf16 = all(isinstance(w, BF16Weight) for w in (w_gate, w_up, w_down))
+    if (
+        FUSED_SWIGLU
+        and bf16
+        and not bf16_inputs
+        and x2.shape[0] <= GEMV_MAX_ROWS
+        and _panelled(x2, w_gate.shape[0])
+    ):
+        xt = batch_gemm.panels(x2)  # a batched step of 12+ rows, one call: see batch_gemm.py
+        ht = np.empty((xt.shape[0], w_gate.shape[0], batch_gemm.PANEL), np.float32)
+        out = np.empty(x2.shape, np.float32)
+        (bufs, accs), (bufs_down, _) = batch_gemm.scratch(x2.shape[1]), batch_gemm.scratch(w_gate.shape[0])
+        batch_gemm.panel_swiglu(xt, x2.shape[0], w_gate.bits, w_up.bits, w_down.bits, ht, out,
+                                _starts((w_down.shape[0],)), _panel_chunks(), bufs, bufs_down, accs)  # fmt: skip
+        return out.reshape(x.shape)
     if FUSED_SWIGLU and bf16 and not bf16_inputs and x2.shape[0] <= GEMV_MAX_ROWS:  # decode, one call
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
         out = np.empty(x2.shape, np.float32)
@@ -525,6 +568,14 @@ def swiglu(
                _workers() if one_row else _chunks())  # fmt: skip
         return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
+        if _panelled(x2):
+            xt = batch_gemm.panels(round_bf16(x2)[1] if bf16_inputs else x2)
+            ht = np.empty((xt.shape[0], w_gate.shape[0], batch_gemm.PANEL), np.float32)
+            bufs, accs = batch_gemm.scratch(x2.shape[1])
+            batch_gemm.panel_gate_up(xt, w_gate.bits, w_up.bits, ht, _panel_chunks(), bufs, accs)
+            return linear(batch_gemm.unpanel(ht, x2.shape[0]), w_down, bf16_inputs, quant_gemv).reshape(
+                x.shape
+            )
         h = np.empty((x2.shape[0], w_gate.shape[0]), np.float32)
         kernel = _gate_up_gemm_bf16 if _tiled(x2) else _gate_up_bf16
         kernel(round_bf16(x2)[1] if bf16_inputs else x2, w_gate.bits, w_up.bits, h, _chunks())
