@@ -6,18 +6,23 @@ the process's memory maps (`/proc/self/maps`, Linux) name every loaded file, and
 with ctypes. Its symbols carry the wheel's prefix and suffix (`scipy_openblas_set_num_threads64_` in NumPy 2's
 wheels, plain `openblas_set_num_threads` in a system build), so each spelling is tried.
 
-Two users: training (a tiny model's ~100 × 100 matrices run faster on one thread, `tinyqwen.train`) and the numba
-backend's quantized prefill (`QUANT_PREFILL_BLAS_THREADS`, for a machine whose cores other processes keep busy).
+Three users, each through `blas_threads` (a block with n threads, the count restored after): training (a tiny
+model's ~100 × 100 matrices run faster on one thread, `tinyqwen.train`), the numba backend's prefill products split
+over its own threads (one OpenBLAS thread each, `SPLIT_PREFILL_PRODUCTS`) and its quantized prefill
+(`QUANT_PREFILL_BLAS_THREADS`, for a machine whose cores other processes keep busy).
 
     >>> before = limit_blas_threads(1)     # None where no OpenBLAS is loaded (another BLAS, macOS, Windows)
     >>> if before is not None:
     ...     _ = limit_blas_threads(before)  # leave the process's BLAS as it was
+    >>> with blas_threads(1):              # the same, as a block
+    ...     pass
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -55,3 +60,17 @@ def limit_blas_threads(n: int) -> int | None:
     before = int(get())
     set_(int(n))
     return before
+
+
+@contextmanager
+def blas_threads(n: int | None) -> Iterator[None]:
+    """Within the block OpenBLAS uses `n` threads (None or 0: as it is); afterwards as many as before.
+
+    Not for blocks that overlap in time on different threads: the last to leave sets the count it found.
+    """
+    before = limit_blas_threads(n) if n else None  # None: nothing changed (or no OpenBLAS found)
+    try:
+        yield
+    finally:
+        if before is not None:
+            limit_blas_threads(before)  # leave the process's BLAS as we found it

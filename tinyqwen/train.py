@@ -28,7 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyqwen.blas_threads import limit_blas_threads  # (re-exported: chapter 13's exercises import it here)
+from tinyqwen.blas_threads import (
+    blas_threads,
+    limit_blas_threads,  # noqa: F401 (re-exported: chapter 13's exercises import it here)
+)
 from tinyqwen.config import Qwen3Config, load_config
 from tinyqwen.corpus import build_dataset, unigram_loss
 from tinyqwen.errors import TinyQwenError
@@ -334,12 +337,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None, stop_after: int | 
     `stop_after`: end (and save a resumable checkpoint) after this step, as an interrupted run would; the
     schedule still runs towards `cfg.steps`.
     """
-    before = limit_blas_threads(cfg.blas_threads) if cfg.blas_threads else None
-    try:
+    with blas_threads(cfg.blas_threads):  # the process's BLAS left as we found it
         return _train(cfg, resume, stop_after)
-    finally:
-        if before is not None:
-            limit_blas_threads(before)  # leave the process's BLAS as we found it
 
 
 def _train(cfg: TrainConfig, resume, stop_after) -> dict:

@@ -21,7 +21,7 @@ from tinyqwen.backends.numba import batch_gemm, quant, quant_matmul
 from tinyqwen.backends.numba.gemv_one_row import _gemv1_many_bf16, _one_row_pairs, _swiglu1_bf16
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
-from tinyqwen.blas_threads import limit_blas_threads
+from tinyqwen.blas_threads import blas_threads
 
 # the decode GEMV over quantized blocks, the first the default (see quant.py and benchmarks/bench_quant_gemv.py)
 QUANT_GEMV = ("int8", "float")
@@ -367,12 +367,8 @@ QUANT_PREFILL_BLAS_THREADS: int | None = None
 def _quant_linear(x2: np.ndarray, w: QuantWeight, quant_gemv: str) -> np.ndarray:  # [M, K], [N, K] -> [M, N]
     if x2.shape[0] <= QUANT_GEMV_MAX_ROWS or QUANT_PREFILL_BLAS_THREADS is None:
         return _quant_linear_blocks(x2, w, quant_gemv)
-    before = limit_blas_threads(int(QUANT_PREFILL_BLAS_THREADS))  # None: no OpenBLAS found, nothing changed
-    try:
+    with blas_threads(int(QUANT_PREFILL_BLAS_THREADS)):
         return _quant_linear_blocks(x2, w, quant_gemv)
-    finally:
-        if before is not None:
-            limit_blas_threads(before)
 
 
 def _quant_linear_blocks(
@@ -422,7 +418,7 @@ def _product_pool() -> ThreadPoolExecutor:  # the threads of SPLIT_PREFILL_PRODU
 def _split_parts(N: int) -> int:  # a prefill product's parts over the threads (1: not split)
     if not SPLIT_PREFILL_PRODUCTS:
         return 1
-    return min(numba.get_num_threads(), numba.config.NUMBA_NUM_THREADS, max(1, N // 64))
+    return min(numba.get_num_threads(), max(1, N // 64))  # at most NUMBA_NUM_THREADS: the pool's size
 
 
 def _widened_part(x2: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi: int, budget: int) -> None:
@@ -448,17 +444,13 @@ def _widened_matmul(x2: np.ndarray, bits: np.ndarray) -> np.ndarray:  # [M, K] f
         return out
     size = -(-N // parts)
     bounds = [(lo, min(N, lo + size)) for lo in range(0, N, size)]
-    before = limit_blas_threads(1)  # None: no OpenBLAS found (its threads as they are)
-    try:
+    with blas_threads(1):  # one OpenBLAS thread per part (no OpenBLAS found: its threads as they are)
         # list(): wait for every part, and re-raise the first error of any
         list(
             _product_pool().map(
                 lambda b: _widened_part(x2, bits, out, *b, WIDEN_BLOCK_BYTES // parts), bounds
             )
         )
-    finally:
-        if before is not None:
-            limit_blas_threads(before)
     return out
 
 
