@@ -1,0 +1,230 @@
+"""Prefill's bf16 products on AVX-512: token panels, widened weight blocks, a 12 x 32 micro-kernel in LLVM IR.
+
+    x [M, K] f32  --once per call-->  xt [P, K, 32]      P = ceil(M / 32) panels of 32 token rows, k-major
+    W [N, K] bf16 --a block of R rows at a time--> buf [R, K] f32   (widened once, stays in L2)
+    for each panel p, for 12 rows of buf:   acc[12, 32] = buf[r:r+12] · xt[p]ᵀ     24 AVX-512 accumulators
+
+Why not BLAS: the OpenBLAS that NumPy's wheel carries picks its kernels by CPU model, and on a CPU it does not know
+(this AMD EPYC, Zen 5, family 26) it falls back to its AVX2 "Haswell" kernels: 8 lanes per FMA where the CPU has
+16. Measured on its shapes ([256, 1024] x [1024, 1024 | 2048 | 3072], [256, 3072] x [3072, 1024], one thread):
+OpenBLAS as loaded 56-70 GFLOP/s; the same library forced to its AVX-512 kernels (OPENBLAS_CORETYPE=SkylakeX, which
+only the environment of a new process can set) 100-199 GFLOP/s. This kernel is batch_gemm.py's outer product (the
+decode-step panels) on 512-bit vectors: per k, two vector loads of 32 token values, twelve weights broadcast from
+the widened block, 24 FMAs into 12 x 32 sums that stay in registers over the whole of k (24 accumulators + 2 x
+vectors + 1 broadcast = 27 of AVX-512's 32 registers). LLVM's vectorisers will not build that from scalar Numba
+code, so `_mk12x32` writes it in IR. It runs only where the CPU has AVX-512 (`available()`); elsewhere prefill
+keeps BLAS, whose AVX2 kernels are as good as this one would be there.
+
+Fused products: q, k and v as one stacked row space (one launch, one split over the threads); gate and up with
+their rows interleaved in the widened block (g_f, u_f, g_f+1, ...), so each micro-kernel call gives six gate/up
+pairs and SiLU(g)·u goes straight into the panels hp [P, F, 32] that the down projection reads.
+
+Numerics: each output is one float32 FMA chain over k in order (llvm.fma: one rounding per step), so a row's result
+depends neither on the other rows nor on its panel; it differs from BLAS's blocked sums by float32 rounding only
+(tests/test_prefill_gemm.py: within 1e-5 of the output's size against float64 sums). Padding rows of the last
+panel are zeros, computed and never stored.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from tinyqwen.backends.numba.intrinsics import _bf16, _silu
+
+PANEL = 32  # token rows per panel: two AVX-512 vectors of float32
+LANES = 16
+NR = 12  # weight rows per micro-kernel call (12 x 2 accumulators)
+UNROLL = 4  # steps of k per pass of the micro-kernel's loop (K must be a multiple)
+BUF_BYTES = 256 << 10  # the widened block of weight rows: with a panel (K x 128 bytes) it stays in a 1 MiB L2
+
+
+@intrinsic
+def _mk12x32(typingctx, xt, p, buf, r0, acc):
+    """acc[i, :] = Σ_k buf[r0 + i, k] · xt[p, k, :] for i < 12: [P, K, 32] f32, [R, K] f32 -> acc [12, 32] f32.
+
+    One loop over k with 24 <16 x float> accumulators as phi nodes: per k, xt[p, k, 0:16] and [16:32] loaded, each
+    of the twelve weights broadcast and multiplied into both (llvm.fma). All arrays C-contiguous, K a multiple of
+    UNROLL, r0 + 12 <= R.
+    """
+
+    def codegen(context, builder, signature, args):
+        xa = context.make_array(signature.args[0])(context, builder, args[0])
+        ba = context.make_array(signature.args[2])(context, builder, args[2])
+        aa = context.make_array(signature.args[4])(context, builder, args[4])
+        i64, i32, f32 = ir.IntType(64), ir.IntType(32), ir.FloatType()
+        vec = ir.VectorType(f32, LANES)
+
+        def const(v):
+            return ir.Constant(i64, v)
+
+        K = builder.extract_value(xa.shape, 1)
+        row_len = builder.extract_value(ba.shape, 1)
+        x_base = builder.gep(xa.data, [builder.mul(args[1], builder.mul(K, const(PANEL)))])
+        rows = [
+            builder.gep(ba.data, [builder.mul(builder.add(args[3], const(i)), row_len)]) for i in range(NR)
+        ]
+        fma = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vec, [vec, vec, vec]), f"llvm.fma.v{LANES}f32"
+        )
+        zero = ir.Constant(vec, [0.0] * LANES)
+        undef = ir.Constant(vec, ir.Undefined)
+        splat = ir.Constant(ir.VectorType(i32, LANES), [0] * LANES)
+        before = builder.block
+        loop = builder.append_basic_block("mk12x32.loop")
+        done = builder.append_basic_block("mk12x32.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        sums = [builder.phi(vec) for _ in range(2 * NR)]
+        k.add_incoming(const(0), before)
+        for s in sums:
+            s.add_incoming(zero, before)
+        cur = list(sums)
+        for u in range(UNROLL):
+            ku = builder.add(k, const(u))
+            x_row = builder.gep(x_base, [builder.mul(ku, const(PANEL))])
+            x0 = builder.load(builder.bitcast(x_row, vec.as_pointer()), align=4)
+            x1 = builder.load(builder.bitcast(builder.gep(x_row, [const(LANES)]), vec.as_pointer()), align=4)
+            for i in range(NR):
+                w = builder.load(builder.gep(rows[i], [ku]), align=4)
+                wide = builder.shuffle_vector(
+                    builder.insert_element(undef, w, ir.Constant(i32, 0)), undef, splat
+                )
+                cur[2 * i] = builder.call(fma, [wide, x0, cur[2 * i]])
+                cur[2 * i + 1] = builder.call(fma, [wide, x1, cur[2 * i + 1]])
+        k_next = builder.add(k, const(UNROLL))
+        end = builder.block
+        k.add_incoming(k_next, end)
+        for s, n in zip(sums, cur, strict=True):
+            s.add_incoming(n, end)
+        builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
+        builder.position_at_end(done)
+        for j, n in enumerate(cur):
+            address = builder.gep(aa.data, [const(LANES * j)])
+            builder.store(n, builder.bitcast(address, vec.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(xt, p, buf, r0, acc), codegen
+
+
+@njit(cache=True, inline="always")
+def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i
+    while r >= starts[i + 1]:
+        i += 1
+    return i
+
+
+@njit(cache=True, error_model="numpy")
+def _rows_into(xt, M, ws, outs, starts, lo, hi, R):  # stacked rows lo..hi of n x [N_i, K] u16 -> outs
+    P, K = xt.shape[0], xt.shape[1]
+    buf = np.empty((R, K), np.float32)
+    acc = np.empty((NR, PANEL), np.float32)
+    for b in range(lo, hi, R):
+        n = min(hi, b + R) - b
+        i = _weight_of(starts, 0, b)
+        j = i
+        for r in range(n):  # widen the block: contiguous rows, a vectorised loop
+            j = _weight_of(starts, j, b + r)
+            w = ws[j][b + r - starts[j]]
+            for k in range(K):
+                buf[r, k] = _bf16(w[k])
+        for p in range(P):  # panel outer: its 32 x K values stay in cache while the block's rows stream by
+            m_hi = min(M, (p + 1) * PANEL)
+            for r in range(0, n, NR):
+                _mk12x32(xt, p, buf, r, acc)
+                j = i
+                for t in range(min(NR, n - r)):
+                    j = _weight_of(starts, j, b + r + t)
+                    o, col = outs[j], b + r + t - starts[j]
+                    for m in range(p * PANEL, m_hi):
+                        o[m, col] = acc[t, m - p * PANEL]
+
+
+@njit(cache=True, error_model="numpy")
+def _gate_up_into(xt, w_gate, w_up, hp, lo, hi, R):  # rows lo..hi of silu(x Wgᵀ)·(x Wuᵀ) -> hp [P, F, 32]
+    P, K = xt.shape[0], xt.shape[1]
+    buf = np.empty((R, K), np.float32)  # gate and up rows interleaved: R / 2 pairs
+    acc = np.empty((NR, PANEL), np.float32)
+    pairs = R // 2
+    for b in range(lo, hi, pairs):
+        n = min(hi, b + pairs) - b
+        for f in range(n):
+            for k in range(K):
+                buf[2 * f, k] = _bf16(w_gate[b + f, k])
+                buf[2 * f + 1, k] = _bf16(w_up[b + f, k])
+        for p in range(P):
+            for r in range(0, 2 * n, NR):
+                _mk12x32(xt, p, buf, r, acc)
+                for t in range(min(NR // 2, n - r // 2)):
+                    f = b + r // 2 + t
+                    for m in range(PANEL):
+                        hp[p, f, m] = _silu(acc[2 * t, m]) * acc[2 * t + 1, m]
+
+
+@njit(cache=True, inline="always")
+def _chunk_rows(total, chunks, multiple):  # rows per work item: total over chunks, rounded up to a multiple
+    size = (total + chunks - 1) // chunks
+    return size + (multiple - size % multiple) % multiple
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_many(xt, M, ws, outs, starts, chunks, R):
+    # [P, K, 32] f32 panels of x [M, K], n x [N_i, K] u16 -> n x [M, N_i] f32 (written): q/k/v in one launch
+    total = starts[-1]
+    size = _chunk_rows(total, min(total, chunks), NR)
+    for c in prange((total + size - 1) // size):
+        _rows_into(xt, M, ws, outs, starts, c * size, min(total, (c + 1) * size), R)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def swiglu_panels(xt, M, w_gate, w_up, w_down, hp, out, starts, chunks, R, R_down):
+    # the MLP in one launch: gate/up into the panels hp [P, F, 32], then down from them into out [M, d]
+    F = w_gate.shape[0]
+    size = _chunk_rows(F, min(F, chunks), NR // 2)
+    for c in prange((F + size - 1) // size):
+        _gate_up_into(xt, w_gate, w_up, hp, c * size, min(F, (c + 1) * size), R)
+    total = w_down.shape[0]
+    size2 = _chunk_rows(total, min(total, chunks), NR)
+    for c in prange((total + size2 - 1) // size2):
+        _rows_into(hp, M, (w_down,), (out,), starts, c * size2, min(total, (c + 1) * size2), R_down)
+
+
+@njit(cache=True, nogil=True)
+def _pack(x, xt):  # [M, K] f32 -> xt [P, K, 32] (the rows past M: zeros)
+    M, K = x.shape
+    P = xt.shape[0]
+    for p in range(P):
+        for k in range(K):
+            for t in range(PANEL):
+                m = p * PANEL + t
+                xt[p, k, t] = x[m, k] if m < M else np.float32(0.0)
+
+
+def panels(x2: np.ndarray) -> np.ndarray:  # [M, K] f32 -> [ceil(M / 32), K, 32] f32
+    M, K = x2.shape
+    xt = np.empty((-(-M // PANEL), K, PANEL), np.float32)
+    _pack(x2, xt)
+    return xt
+
+
+def block_rows(K: int) -> int:  # rows of a widened block: a multiple of NR within BUF_BYTES
+    return max(NR, BUF_BYTES // (4 * K) // NR * NR)
+
+
+@cache
+def available() -> bool:  # the CPU has AVX-512 (LLVM's host features): 32 vector registers of 16 floats
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx512f"))
+
+
+def fits(*ks: int) -> bool:  # inner sizes the micro-kernel's unrolled loop takes
+    return all(k > 0 and k % UNROLL == 0 for k in ks)
