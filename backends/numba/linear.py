@@ -432,34 +432,14 @@ def _widened_part(x2: np.ndarray, bits: np.ndarray, out: np.ndarray, lo: int, hi
         out[:, start:stop] = x2 @ scratch[: stop - start].T  # BLAS sgemm on the widened block
 
 
-# prefill's bf16 products (more than GEMV_MAX_ROWS tokens) on prefill_gemm.py's AVX-512 panels and micro-kernel
-# where the CPU has AVX-512, instead of the widened blocks into BLAS: NumPy's OpenBLAS runs its AVX2 kernels on a
-# CPU model it does not know (see prefill_gemm.py). q/k/v as one launch, the MLP as one launch (gate/up's SiLU·mul
-# into the panels down reads). Measured on the 2-core AMD EPYC (Zen 5), a 256-token prefill of Qwen3-0.6B: see
-# benchmarks/bench_prefill.py. False, or a CPU without AVX-512: the BLAS road below
+# prefill's bf16 products (more than GEMV_MAX_ROWS tokens) on prefill_gemm.py's panels and 12 x 32 micro-kernel
+# where the CPU has AVX-512, instead of widened blocks into BLAS (NumPy's OpenBLAS may run only its AVX2 kernels:
+# see prefill_gemm.py); q/k/v in one launch, the MLP in one. Figures: benchmarks/bench_prefill.py
 PREFILL_PANELS = True
-# work items per thread of a panelled prefill product (each widens its own rows)
-PREFILL_CHUNKS_PER_THREAD = 2
 
 
 def _prefill_panelled(bits: tuple, *ks: int) -> bool:  # bf16 weights [N_i, K] that the panel kernels take
-    return (
-        PREFILL_PANELS
-        and prefill_gemm.available()
-        and prefill_gemm.fits(bits[0].shape[1], *ks)
-        and all(b.flags.c_contiguous for b in bits)
-        and len({b.flags.writeable for b in bits}) == 1  # one Numba type for the tuple indexed at run time
-    )
-
-
-def _panel_matmul(x2: np.ndarray, bits: tuple) -> tuple:  # [M, K] f32, n x [N_i, K] u16 -> n x [M, N_i] f32
-    M, K = x2.shape
-    outs = tuple(np.empty((M, b.shape[0]), np.float32) for b in bits)
-    prefill_gemm.matmul_many(
-        prefill_gemm.panels(x2), M, bits, outs, _starts(tuple(b.shape[0] for b in bits)),
-        PREFILL_CHUNKS_PER_THREAD * numba.get_num_threads(), prefill_gemm.block_rows(K),
-    )  # fmt: skip
-    return outs
+    return PREFILL_PANELS and prefill_gemm.usable(bits, *ks)
 
 
 def _widened_matmul(x2: np.ndarray, bits: np.ndarray) -> np.ndarray:  # [M, K] f32, [N, K] u16 -> [M, N] f32
@@ -467,7 +447,7 @@ def _widened_matmul(x2: np.ndarray, bits: np.ndarray) -> np.ndarray:  # [M, K] f
     # float32 copy never exceeds WIDEN_BLOCK_BYTES in all; one block, one sgemm call, for every matrix of Qwen3-0.6B
     # but the lm_head)
     if _prefill_panelled((bits,)):
-        return _panel_matmul(x2, (bits,))[0]
+        return prefill_gemm.matmul(x2, (bits,))[0]
     N, K = bits.shape
     out = np.empty((x2.shape[0], N), np.float32)
     parts = _split_parts(N)
@@ -517,11 +497,10 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False, quant_gemv: str
     fused = all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in ws)
     # one Numba type for all (a tuple indexed at run time): all read-only file maps, or all writable arrays
     fused = fused and len({w.bits.flags.writeable for w in ws}) == 1
-    if x2.shape[0] > GEMV_MAX_ROWS and fused and _prefill_panelled(tuple(w.bits for w in ws)):
-        # prefill's q, k, v as one stacked product: one launch and one split of 4096 rows over the threads
-        if bf16_inputs and onednn.available():
-            return tuple(linear(x, w, bf16_inputs, quant_gemv) for w in ws)  # oneDNN's bf16 GEMM
-        outs = _panel_matmul(round_bf16(x2)[1] if bf16_inputs else x2, tuple(w.bits for w in ws))
+    prefill = x2.shape[0] > GEMV_MAX_ROWS and not (bf16_inputs and onednn.available())  # (oneDNN: per weight)
+    if prefill and fused and _prefill_panelled(tuple(w.bits for w in ws)):  # q, k, v: one launch, one split
+        xs = round_bf16(x2)[1] if bf16_inputs else x2
+        outs = prefill_gemm.matmul(xs, tuple(w.bits for w in ws))
         return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
     if x2.shape[0] > GEMV_MAX_ROWS or not fused:
         return tuple(linear(x, w, bf16_inputs, quant_gemv) for w in ws)
@@ -597,21 +576,10 @@ def swiglu(
         kernel(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)),
                _workers() if one_row else _chunks())  # fmt: skip
         return out.reshape(x.shape)
-    if (
-        bf16
-        and not bf16_inputs
-        and x2.shape[0] > GEMV_MAX_ROWS
-        and _prefill_panelled((w_gate.bits, w_up.bits), w_gate.shape[0])
-        and _prefill_panelled((w_down.bits,))
-    ):  # prefill's MLP in one launch: gate/up with SiLU·mul into the panels down reads
-        xt = prefill_gemm.panels(x2)
-        F = w_gate.shape[0]
-        hp = np.empty((xt.shape[0], F, prefill_gemm.PANEL), np.float32)
-        out = np.empty(x2.shape, np.float32)
-        prefill_gemm.swiglu_panels(xt, x2.shape[0], w_gate.bits, w_up.bits, w_down.bits, hp, out,
-                                   _starts((w_down.shape[0],)), PREFILL_CHUNKS_PER_THREAD * numba.get_num_threads(),
-                                   prefill_gemm.block_rows(x2.shape[1]), prefill_gemm.block_rows(F))  # fmt: skip
-        return out.reshape(x.shape)
+    if (bf16 and not bf16_inputs and x2.shape[0] > GEMV_MAX_ROWS and _prefill_panelled((w_down.bits,))
+            and _prefill_panelled((w_gate.bits, w_up.bits), w_gate.shape[0])):  # fmt: skip
+        # prefill's MLP in one launch: gate/up with SiLU·mul into the panels down reads
+        return prefill_gemm.swiglu(x2, w_gate.bits, w_up.bits, w_down.bits).reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         if _panelled(x2):
             xt = batch_gemm.panels(round_bf16(x2)[1] if bf16_inputs else x2)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from functools import cache
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -41,6 +42,7 @@ PANEL = 32  # token rows per panel: two AVX-512 vectors of float32
 LANES = 16
 NR = 12  # weight rows per micro-kernel call (12 x 2 accumulators)
 UNROLL = 4  # steps of k per pass of the micro-kernel's loop (K must be a multiple)
+CHUNKS_PER_THREAD = 2  # work items of a product per thread (each widens its own weight rows)
 BUF_BYTES = 256 << 10  # the widened block of weight rows: with a panel (K x 128 bytes) it stays in a 1 MiB L2
 
 
@@ -225,6 +227,35 @@ def panels(x2: np.ndarray) -> np.ndarray:  # [M, K] f32 -> [ceil(M / 32), K, 32]
     return xt
 
 
+def _starts(
+    rows: tuple,
+) -> np.ndarray:  # rows of each weight -> their cumulative starts [0, r0, r0 + r1, ...]
+    return np.cumsum((0, *rows)).astype(np.int64)
+
+
+def _chunks() -> int:
+    return CHUNKS_PER_THREAD * numba.get_num_threads()
+
+
+def matmul(x2: np.ndarray, bits: tuple) -> tuple:  # [M, K] f32, n x [N_i, K] u16 -> n x [M, N_i]
+    M, K = x2.shape
+    outs = tuple(np.empty((M, b.shape[0]), np.float32) for b in bits)
+    starts = _starts(tuple(b.shape[0] for b in bits))
+    matmul_many(panels(x2), M, bits, outs, starts, _chunks(), block_rows(K))
+    return outs
+
+
+def swiglu(x2: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
+    # [M, d] f32, [F, d] u16 x2, [d, F] u16 -> [M, d] f32: the MLP in one launch
+    xt = panels(x2)
+    F = w_gate.shape[0]
+    hp = np.empty((xt.shape[0], F, PANEL), np.float32)
+    out = np.empty(x2.shape, np.float32)
+    swiglu_panels(xt, x2.shape[0], w_gate, w_up, w_down, hp, out, _starts((w_down.shape[0],)), _chunks(),
+                  block_rows(x2.shape[1]), block_rows(F))  # fmt: skip
+    return out
+
+
 def block_rows(K: int) -> int:  # rows of a widened block: a multiple of NR within BUF_BYTES
     return max(NR, BUF_BYTES // (4 * K) // NR * NR)
 
@@ -240,3 +271,14 @@ def available() -> bool:  # the CPU has AVX-512 (LLVM's host features): 32 vecto
 
 def fits(*ks: int) -> bool:  # inner sizes the micro-kernel's unrolled loop takes
     return all(k > 0 and k % UNROLL == 0 for k in ks)
+
+
+def usable(
+    bits: tuple, *ks: int
+) -> bool:  # bf16 weights [N_i, K] (and other inner sizes ks) the kernels take
+    return (
+        available()
+        and fits(bits[0].shape[1], *ks)
+        and all(b.flags.c_contiguous for b in bits)
+        and len({b.flags.writeable for b in bits}) == 1  # one Numba type for the tuple indexed at run time
+    )
