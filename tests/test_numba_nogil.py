@@ -54,6 +54,7 @@ def _cases() -> dict:
     bits = (rng.standard_normal((N, K), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
     w, w2 = BF16Weight(bits), BF16Weight(np.ascontiguousarray(bits.reshape(K, N)))
     x16 = rng.standard_normal((16, K), dtype=np.float32)
+    x256 = rng.standard_normal((256, K), dtype=np.float32)
     scratch = np.empty((N, K), np.float32)  # 128 MiB, reused (in place) by the serial kernels' cases
     linear._widen(bits, scratch)
     B, Hq, Hkv, S, d = 16, 16, 8, 2048, 128
@@ -66,6 +67,8 @@ def _cases() -> dict:
         # (16 token rows, register tiles) and its SwiGLU
         "linear, 16 rows": lambda: linear.linear(x16, w),
         "swiglu, 16 rows": lambda: linear.swiglu(x16, w, w, w2),
+        # a prefill's product (256 token rows: prefill_gemm.py's panels where the CPU has AVX-512, else BLAS)
+        "linear, 256 rows": lambda: linear.linear(x256, w),
         # serial kernels (nogil=True): a prefill's widening of a bf16 weight for BLAS, decode attention of a short
         # batch, RMSNorm and RoPE (the last two in place)
         "widen bf16 (serial)": lambda: linear._widen(bits, scratch),
@@ -75,7 +78,7 @@ def _cases() -> dict:
     }
 
 
-NAMES = ["linear, 16 rows", "swiglu, 16 rows", "widen bf16 (serial)", "decode attention (serial)",
+NAMES = ["linear, 16 rows", "swiglu, 16 rows", "linear, 256 rows", "widen bf16 (serial)", "decode attention (serial)",
          "rms_norm (serial)", "rope (serial)"]  # fmt: skip
 
 
