@@ -91,7 +91,7 @@ def main() -> None:
             if flop is None
             else f"  {flop / best['panels'] / 1e9:5.0f} vs {flop / best['blas'] / 1e9:4.0f} GFLOP/s"
         )
-        print(f"  {label:34s} panels {best['panels'] * 1e3:8.1f} ms  blas {best['blas'] * 1e3:8.1f} ms"
+        print(f"  {label:42s} panels {best['panels'] * 1e3:8.1f} ms  blas {best['blas'] * 1e3:8.1f} ms"
               f"  ratio {best['blas'] / best['panels']:.2f}{rate}")  # fmt: skip
 
     if args.kernels:
