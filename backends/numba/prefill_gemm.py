@@ -211,13 +211,17 @@ def swiglu_panels(xt, M, w_gate, w_up, w_down, hp, out, starts, chunks, R, R_dow
 
 @njit(cache=True, nogil=True)
 def _pack(x, xt):  # [M, K] f32 -> xt [P, K, 32] (the rows past M: zeros)
+    # row by row (contiguous reads, stores 128 bytes apart): 0.14 ms for [256, 1024], against 0.21 ms reading
+    # down the columns (one thread, CPU time)
     M, K = x.shape
-    P = xt.shape[0]
-    for p in range(P):
-        for k in range(K):
-            for t in range(PANEL):
-                m = p * PANEL + t
-                xt[p, k, t] = x[m, k] if m < M else np.float32(0.0)
+    for m in range(xt.shape[0] * PANEL):
+        p, t = m // PANEL, m % PANEL
+        if m < M:
+            for k in range(K):
+                xt[p, k, t] = x[m, k]
+        else:
+            for k in range(K):
+                xt[p, k, t] = np.float32(0.0)
 
 
 def panels(x2: np.ndarray) -> np.ndarray:  # [M, K] f32 -> [ceil(M / 32), K, 32] f32
