@@ -12,8 +12,9 @@ only the environment of a new process can set) 100-199 GFLOP/s. This kernel is b
 decode-step panels) on 512-bit vectors: per k, two vector loads of 32 token values, twelve weights broadcast from
 the widened block, 24 FMAs into 12 x 32 sums that stay in registers over the whole of k (24 accumulators + 2 x
 vectors + 1 broadcast = 27 of AVX-512's 32 registers). LLVM's vectorisers will not build that from scalar Numba
-code, so `_mk12x32` writes it in IR. It runs only where the CPU has AVX-512 (`available()`); elsewhere prefill
-keeps BLAS, whose AVX2 kernels are as good as this one would be there.
+code, so `_mk12x32` writes it in IR. It runs only where Numba compiles for AVX-512 (`available()`); elsewhere
+prefill keeps BLAS. (The same panels at AVX2 width, 6 weight rows x 16 tokens on 8-lane vectors, ran 1.1-1.2x
+OpenBLAS's Haswell kernels on this CPU, one thread, CPU time; never measured on an AVX2-only CPU, so not used there.)
 
 Fused products: q, k and v as one stacked row space (one launch, one split over the threads); gate and up with
 their rows interleaved in the widened block (g_f, u_f, g_f+1, ...), so each micro-kernel call gives six gate/up
@@ -27,6 +28,7 @@ panel are zeros, computed and never stored.
 
 from __future__ import annotations
 
+import os
 from functools import cache
 
 import numba
@@ -231,9 +233,7 @@ def panels(x2: np.ndarray) -> np.ndarray:  # [M, K] f32 -> [ceil(M / 32), K, 32]
     return xt
 
 
-def _starts(
-    rows: tuple,
-) -> np.ndarray:  # rows of each weight -> their cumulative starts [0, r0, r0 + r1, ...]
+def _starts(rows: tuple) -> np.ndarray:  # rows of each weight -> cumulative starts [0, r0, r0 + r1, ...]
     return np.cumsum((0, *rows)).astype(np.int64)
 
 
@@ -265,21 +265,25 @@ def block_rows(K: int) -> int:  # rows of a widened block: a multiple of NR with
 
 
 @cache
-def available() -> bool:  # the CPU has AVX-512 (LLVM's host features): 32 vector registers of 16 floats
+def available() -> bool:  # Numba compiles for AVX-512: 32 vector registers of 16 floats
+    # (a target the user set for Numba wins over the host's features: 16-float vectors on an AVX2 target would be
+    # split in two, and the 48 halves of the accumulators spill)
+    features = os.environ.get("NUMBA_CPU_FEATURES")
+    if features is not None:
+        return "+avx512f" in features.split(",")
+    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
+        return False  # a named CPU's features are not known here: BLAS, as before
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
-    features = llvm.get_host_cpu_features()
-    return bool(features.get("avx512f"))
+    return bool(llvm.get_host_cpu_features().get("avx512f"))
 
 
 def fits(*ks: int) -> bool:  # inner sizes the micro-kernel's unrolled loop takes
     return all(k > 0 and k % UNROLL == 0 for k in ks)
 
 
-def usable(
-    bits: tuple, *ks: int
-) -> bool:  # bf16 weights [N_i, K] (and other inner sizes ks) the kernels take
+def usable(bits: tuple, *ks: int) -> bool:  # bf16 weights [N_i, K] and inner sizes ks the kernels take
     return (
         available()
         and fits(bits[0].shape[1], *ks)
