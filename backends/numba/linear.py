@@ -1,7 +1,8 @@
 """The weight products: decode's bf16 GEMVs (streamed, each row widened in registers; a batched decode step of 2 to
 GEMV_MAX_ROWS rows in register tiles of 4 token rows x 3 weight rows, or from PANEL_MIN_ROWS rows on token panels
-and a 6 x 16 micro-kernel, batch_gemm.py), prefill's widen-a-block + BLAS (or oneDNN's
-bf16 GEMM for matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
+and a 6 x 16 micro-kernel, batch_gemm.py), prefill's token panels and 12 x 32 micro-kernel where Numba compiles
+for AVX-512 (prefill_gemm.py), else widen-a-block + BLAS (or oneDNN's bf16 GEMM for matmul_precision="medium"),
+and SwiGLU with its fused gate/up GEMV. Quantized
 weights (`QuantWeight`) take two roads too: decode's GEMV over their blocks (`quant.py`; "int8": x quantized to
 int8 blocks, integer dot products, llama.cpp's way; or "float": codes widened in registers), and prefill's int8
 tiles ("int8", `quant_matmul.py`: four tokens per decoded weight row) or a block of rows dequantized + BLAS ("float").
