@@ -421,6 +421,38 @@ def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
     assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5
 
 
+def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(monkeypatch):
+    """One decoding row: `pool.batch()` is that row as a plain KVCache (the same view object every step), so the
+    numba backend runs the step as its one whole-step kernel (decode_step.py), as a lone `generate` does; the
+    logits are bit-identical to the ragged one-row window's (the same one-row kernels; one row sees all its keys),
+    and the pool's length of the row advances as with the ragged cache."""
+    pytest.importorskip("numba")
+    import tinyqwen
+    from tinyqwen.backends.numba import decode_step
+
+    # bf16 weights: the whole-step kernel runs bf16 models (the tiny float32 checkpoint decodes layer by layer)
+    model = tinyqwen.load_model(
+        Path(__file__).parent / "fixtures" / "dense-untied-bf16-sharded", backend="numba"
+    )
+    whole = []
+    region = decode_step._step_bf16_region
+    monkeypatch.setattr(decode_step, "_step_bf16_region", lambda *a: whole.append(1) or region(*a))
+    pool = KVPool(model, 3, 32)
+    seq = type("Seq", (), {"row": None})()
+    pool.take(seq)
+    model.forward(np.array([[5, 17, 300, 4, 42]]), cache=pool.row_cache(0), last_only=True)
+    pool.prefilled(seq, 5)
+    assert pool.lengths[0] == 5
+    cache = pool.batch()
+    assert not isinstance(cache, RaggedKVCache) and cache.length == 5 and cache.sequences == [seq]
+    got = model.forward(np.array([[7]]), cache=cache, last_only=True).logits[0, -1]
+    assert whole == [1] and pool.lengths[0] == 6 and pool.batch() is cache and cache.length == 6
+    pool.lengths[0] = 5  # the same step again, on the ragged window of that row (layer by layer)
+    want = model.forward(np.array([[7]]), cache=pool.window(0, 1), last_only=True).logits[0, -1]
+    assert whole == [1] and pool.lengths[0] == 6
+    np.testing.assert_array_equal(got, want)
+
+
 # ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 weight rows)
 
 
