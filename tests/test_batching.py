@@ -238,18 +238,31 @@ def test_engine_on_the_cupy_backend_batches_and_equals_numpy_alone(tiny_qwen3_di
     assert engine.pool.decoding == 0
 
 
-def test_prompts_of_different_lengths_are_prefilled_in_one_forward(tiny_qwen3_model, tok, monkeypatch):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_prompts_of_different_lengths_are_prefilled_in_one_forward(
+    tiny_qwen3_model, tok, monkeypatch, grouped
+):
     """Four prompts of 3, 8, 13 and 18 ids arrive together (within one step's budget): one forward prefills them
-    all (the shorter ones padded at the end), not one round per length; every reply equals `generate` alone."""
+    all, not one round per length; every reply equals `generate` alone. With the model itself each prompt is a
+    group of its own in that forward (no pads); in padded rounds (`Engine.grouped` off, as a wrapper model gets
+    them) the shorter ones are padded at the end to the longest."""
+    import tinyqwen.serve.engine as engine_module
+
     model = tiny_qwen3_model
-    shapes, forward = [], model.forward
+    shapes, forward, groups = [], model.forward, engine_module.forward_groups
 
     def counted(ids, *args, **kwargs):
         shapes.append(np.shape(ids))
         return forward(ids, *args, **kwargs)
 
+    def counted_groups(model, parts):
+        shapes.append([np.shape(ids) for ids, _, _ in parts])
+        return groups(model, parts)
+
     monkeypatch.setattr(model, "forward", counted)
+    monkeypatch.setattr(engine_module, "forward_groups", counted_groups)
     engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=96)
+    engine.grouped = grouped
     collector = Collector()
     rng = np.random.default_rng(5)
     prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (3, 8, 13, 18)]
@@ -263,9 +276,48 @@ def test_prompts_of_different_lengths_are_prefilled_in_one_forward(tiny_qwen3_mo
         engine.stop()
     monkeypatch.undo()
     assert [kind for kind, _ in results] == ["done"] * 4
-    assert [shape for shape in shapes if shape[1] > 1] == [(4, 18)]  # one forward, padded to the longest
+    prefills = [shape for shape in shapes if isinstance(shape, list) or shape[1] > 1]
+    if grouped:  # one forward of four groups, each a prompt's own ids
+        assert prefills == [[(1, 3), (1, 8), (1, 13), (1, 18)]]
+    else:  # one forward, padded to the longest
+        assert prefills == [(4, 18)]
     for prompt, job in zip(prompts, jobs, strict=True):
         assert job.output_ids == generate(model, prompt, 4, eos_token_ids=EOS, temperature=0.0)
+
+
+def test_a_grouped_round_fills_its_budget_and_cuts_the_last_prompt(tiny_qwen3_model, tok):
+    """Prefill chunk 20, prompts of 7, 9, 11 and 6 ids queued together: the first step prefills 7 + 9 and the first
+    4 ids of the third (20 in all), the next its other 7 and the whole fourth, while the two finished prompts
+    decode in the same forward; the rows join the decoding rows in order and every reply equals `generate`."""
+    import tinyqwen.serve.engine as engine_module
+
+    model = tiny_qwen3_model
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=20)
+    rng = np.random.default_rng(9)
+    prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (7, 9, 11, 6)]
+    jobs = [Job(p, 5, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ())) for p in prompts]
+    calls, groups = [], engine_module.forward_groups
+
+    def recorded(model, parts):
+        calls.append([np.shape(ids) for ids, _, _ in parts])
+        return groups(model, parts)
+
+    engine_module.forward_groups, saved = recorded, engine_module.forward_groups
+    try:
+        for job in jobs:
+            engine._admit(job)
+        engine.step()
+        assert calls == [[(1, 7), (1, 9), (1, 4)]] and engine.pool.decoding == 2
+        assert [len(j.output_ids) for j in jobs] == [1, 1, 0, 0]
+        engine.step()
+        assert calls[1] == [(2, 1), (1, 7), (1, 6)] and engine.pool.decoding == 4
+        assert [len(j.output_ids) for j in jobs] == [2, 2, 1, 1]
+        while engine.active:
+            engine.step()
+    finally:
+        engine_module.forward_groups = saved
+    for prompt, job in zip(prompts, jobs, strict=True):
+        assert job.output_ids == generate(model, prompt, 5, eos_token_ids=(), temperature=0.0)
 
 
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
