@@ -712,3 +712,28 @@ def test_a_prefill_chunk_rides_in_the_decode_step_s_forward(tiny_qwen3_model, to
         assert job.output_ids == generate(
             model, job.prompt_ids, job.max_tokens, eos_token_ids=(), temperature=0.0
         )
+
+
+def test_choose_takes_the_arg_max_of_plain_greedy_rows_and_sample_for_the_rest(tiny_qwen3_model, tok):
+    """`Engine._choose` on a hand-made block of logits: a plain greedy row (no penalty) is the arg-max, the lowest
+    id on a tie, as `sample`'s; a greedy row with a repetition penalty goes through `sample` (the penalty moves its
+    choice off the raw arg-max); a row with an -inf or a NaN anywhere ends its request with a 400, as before."""
+    model = tiny_qwen3_model
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 64))
+    engine.pool = KVPool(model, engine.rows, engine.slot_len)
+    kwargs = [{"temperature": 0.0}, {"temperature": 0.0, "repetition_penalty": 5.0}, {"temperature": 0.0},
+              {"temperature": 0.0}]  # fmt: skip
+    jobs = [Job([7, 3], 8, {"eos_token_ids": (), **kw}, ReplyParser(tok, ())) for kw in kwargs]
+    for job in jobs:
+        engine._admit(job)
+    seqs = list(engine.waiting)
+    V = model.config.vocab_size
+    logits = np.zeros((4, V), np.float32)
+    logits[0, [11, 5]] = 2.0  # a tie: the lower id
+    logits[1, 7], logits[1, 9] = 3.0, 1.0  # 7 is in the prompt: penalised to 0.6, below 9
+    logits[2, 4], logits[2, 100] = 1.0, -np.inf
+    logits[3, 6] = np.nan
+    engine._choose(seqs, logits)
+    assert [j.output_ids for j in jobs] == [[5], [9], [], []]
+    assert [r.completion_tokens for r in engine.records] == [0, 0]  # the two non-finite rows ended at once
+    assert engine.metrics.requests["error"] == 2
