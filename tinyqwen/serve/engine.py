@@ -9,6 +9,8 @@
 With the model itself (`Qwen3` on host memory), 2 and 3 are one forward, as vLLM's chunked prefill runs them: the
 step's prefill chunk and its decode rows share every product (mixed_forward.py), so the running streams wait for
 one pass over the weights per step, not two. (A wrapper with only `forward`, as the tests' scripted models: two.)
+There each prompt of the step's chunk is a group of its own (its ids on its own KV row, `_grouped_step`): no pads,
+and the chunk is filled whatever the prompts' lengths; a wrapper gets padded rounds (`_plan_round`).
 
 A decode step reads every weight once whatever the batch (memory-bound: the weights are the bytes), so serving 16
 streams costs little more per step than serving one. Requests wait in a FIFO queue while every KV row is taken
