@@ -8,7 +8,9 @@ prefill chunk and step kind, interleaved in one process.
 
 `--clients` requests arrive together (the load benchmark's burst). Each config is `CHUNK:KIND`: the prefill chunk
 (`Engine.prefill_chunk`, prompt tokens per step) and how a step with both a prefill round and decode rows runs:
-"mixed", one forward for both (tinyqwen/serve/mixed_forward.py, the default with the model itself) or "two", the
+"mixed", one forward for both (tinyqwen/serve/mixed_forward.py, the default with the model itself: each prompt a
+group of its own), "padded", the same forward with the prompts of a round padded to one length (`Engine.grouped`
+off, the plan a wrapper model gets), or "two", the
 chunk's forward and then the decode's; an optional third field, "split" (the default) or "whole", sets the numba
 backend's `linear.SPLIT_PREFILL_PRODUCTS` (prefill's products as one part per thread, or OpenBLAS's threads on the
 whole: only differs with `--clock wall`, the cpu clock runs one thread). Per config: the burst's time, generated tok/s, TTFT and inter-token latency
@@ -111,7 +113,8 @@ def main() -> None:
         engine = engine_module.Engine(
             model, tok, max_batch=args.clients, kv_budget=budget, prefill_chunk=chunk
         )
-        engine.mixed = engine.mixed and kind == "mixed"
+        engine.mixed = engine.mixed and kind in ("mixed", "padded")
+        engine.grouped = kind == "mixed"
         stamps: dict[str, list[float]] = {}
         choose = engine._choose
 

@@ -238,18 +238,31 @@ def test_engine_on_the_cupy_backend_batches_and_equals_numpy_alone(tiny_qwen3_di
     assert engine.pool.decoding == 0
 
 
-def test_prompts_of_different_lengths_are_prefilled_in_one_forward(tiny_qwen3_model, tok, monkeypatch):
+@pytest.mark.parametrize("grouped", [True, False])
+def test_prompts_of_different_lengths_are_prefilled_in_one_forward(
+    tiny_qwen3_model, tok, monkeypatch, grouped
+):
     """Four prompts of 3, 8, 13 and 18 ids arrive together (within one step's budget): one forward prefills them
-    all (the shorter ones padded at the end), not one round per length; every reply equals `generate` alone."""
+    all, not one round per length; every reply equals `generate` alone. With the model itself each prompt is a
+    group of its own in that forward (no pads); in padded rounds (`Engine.grouped` off, as a wrapper model gets
+    them) the shorter ones are padded at the end to the longest."""
+    import tinyqwen.serve.engine as engine_module
+
     model = tiny_qwen3_model
-    shapes, forward = [], model.forward
+    shapes, forward, groups = [], model.forward, engine_module.forward_groups
 
     def counted(ids, *args, **kwargs):
         shapes.append(np.shape(ids))
         return forward(ids, *args, **kwargs)
 
+    def counted_groups(model, parts):
+        shapes.append([np.shape(ids) for ids, _, _ in parts])
+        return groups(model, parts)
+
     monkeypatch.setattr(model, "forward", counted)
+    monkeypatch.setattr(engine_module, "forward_groups", counted_groups)
     engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=96)
+    engine.grouped = grouped
     collector = Collector()
     rng = np.random.default_rng(5)
     prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (3, 8, 13, 18)]
@@ -263,9 +276,48 @@ def test_prompts_of_different_lengths_are_prefilled_in_one_forward(tiny_qwen3_mo
         engine.stop()
     monkeypatch.undo()
     assert [kind for kind, _ in results] == ["done"] * 4
-    assert [shape for shape in shapes if shape[1] > 1] == [(4, 18)]  # one forward, padded to the longest
+    prefills = [shape for shape in shapes if isinstance(shape, list) or shape[1] > 1]
+    if grouped:  # one forward of four groups, each a prompt's own ids
+        assert prefills == [[(1, 3), (1, 8), (1, 13), (1, 18)]]
+    else:  # one forward, padded to the longest
+        assert prefills == [(4, 18)]
     for prompt, job in zip(prompts, jobs, strict=True):
         assert job.output_ids == generate(model, prompt, 4, eos_token_ids=EOS, temperature=0.0)
+
+
+def test_a_grouped_round_fills_its_budget_and_cuts_the_last_prompt(tiny_qwen3_model, tok):
+    """Prefill chunk 20, prompts of 7, 9, 11 and 6 ids queued together: the first step prefills 7 + 9 and the first
+    4 ids of the third (20 in all), the next its other 7 and the whole fourth, while the two finished prompts
+    decode in the same forward; the rows join the decoding rows in order and every reply equals `generate`."""
+    import tinyqwen.serve.engine as engine_module
+
+    model = tiny_qwen3_model
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=20)
+    rng = np.random.default_rng(9)
+    prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (7, 9, 11, 6)]
+    jobs = [Job(p, 5, {"eos_token_ids": (), "temperature": 0.0}, ReplyParser(tok, ())) for p in prompts]
+    calls, groups = [], engine_module.forward_groups
+
+    def recorded(model, parts):
+        calls.append([np.shape(ids) for ids, _, _ in parts])
+        return groups(model, parts)
+
+    engine_module.forward_groups, saved = recorded, engine_module.forward_groups
+    try:
+        for job in jobs:
+            engine._admit(job)
+        engine.step()
+        assert calls == [[(1, 7), (1, 9), (1, 4)]] and engine.pool.decoding == 2
+        assert [len(j.output_ids) for j in jobs] == [1, 1, 0, 0]
+        engine.step()
+        assert calls[1] == [(2, 1), (1, 7), (1, 6)] and engine.pool.decoding == 4
+        assert [len(j.output_ids) for j in jobs] == [2, 2, 1, 1]
+        while engine.active:
+            engine.step()
+    finally:
+        engine_module.forward_groups = saved
+    for prompt, job in zip(prompts, jobs, strict=True):
+        assert job.output_ids == generate(model, prompt, 5, eos_token_ids=(), temperature=0.0)
 
 
 def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
@@ -419,6 +471,38 @@ def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
     assert rows_hold()[:3] == [(2, 3, 3.0), (1, 2, 2.0), (4, 5, 5.0)] and pool.owner[3] is None
     window = pool.window(2, 1)
     assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5
+
+
+def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(monkeypatch):
+    """One decoding row: `pool.batch()` is that row as a plain KVCache (the same view object every step), so the
+    numba backend runs the step as its one whole-step kernel (decode_step.py), as a lone `generate` does; the
+    logits are bit-identical to the ragged one-row window's (the same one-row kernels; one row sees all its keys),
+    and the pool's length of the row advances as with the ragged cache."""
+    pytest.importorskip("numba")
+    import tinyqwen
+    from tinyqwen.backends.numba import decode_step
+
+    # bf16 weights: the whole-step kernel runs bf16 models (the tiny float32 checkpoint decodes layer by layer)
+    model = tinyqwen.load_model(
+        Path(__file__).parent / "fixtures" / "dense-untied-bf16-sharded", backend="numba"
+    )
+    whole = []
+    region = decode_step._step_bf16_region
+    monkeypatch.setattr(decode_step, "_step_bf16_region", lambda *a: whole.append(1) or region(*a))
+    pool = KVPool(model, 3, 32)
+    seq = type("Seq", (), {"row": None})()
+    pool.take(seq)
+    model.forward(np.array([[5, 17, 300, 4, 42]]), cache=pool.row_cache(0), last_only=True)
+    pool.prefilled(seq, 5)
+    assert pool.lengths[0] == 5
+    cache = pool.batch()
+    assert not isinstance(cache, RaggedKVCache) and cache.length == 5 and cache.sequences == [seq]
+    got = model.forward(np.array([[7]]), cache=cache, last_only=True).logits[0, -1]
+    assert whole == [1] and pool.lengths[0] == 6 and pool.batch() is cache and cache.length == 6
+    pool.lengths[0] = 5  # the same step again, on the ragged window of that row (layer by layer)
+    want = model.forward(np.array([[7]]), cache=pool.window(0, 1), last_only=True).logits[0, -1]
+    assert whole == [1] and pool.lengths[0] == 6
+    np.testing.assert_array_equal(got, want)
 
 
 # ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 weight rows)
@@ -628,3 +712,28 @@ def test_a_prefill_chunk_rides_in_the_decode_step_s_forward(tiny_qwen3_model, to
         assert job.output_ids == generate(
             model, job.prompt_ids, job.max_tokens, eos_token_ids=(), temperature=0.0
         )
+
+
+def test_choose_takes_the_arg_max_of_plain_greedy_rows_and_sample_for_the_rest(tiny_qwen3_model, tok):
+    """`Engine._choose` on a hand-made block of logits: a plain greedy row (no penalty) is the arg-max, the lowest
+    id on a tie, as `sample`'s; a greedy row with a repetition penalty goes through `sample` (the penalty moves its
+    choice off the raw arg-max); a row with an -inf or a NaN anywhere ends its request with a 400, as before."""
+    model = tiny_qwen3_model
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 64))
+    engine.pool = KVPool(model, engine.rows, engine.slot_len)
+    kwargs = [{"temperature": 0.0}, {"temperature": 0.0, "repetition_penalty": 5.0}, {"temperature": 0.0},
+              {"temperature": 0.0}]  # fmt: skip
+    jobs = [Job([7, 3], 8, {"eos_token_ids": (), **kw}, ReplyParser(tok, ())) for kw in kwargs]
+    for job in jobs:
+        engine._admit(job)
+    seqs = list(engine.waiting)
+    V = model.config.vocab_size
+    logits = np.zeros((4, V), np.float32)
+    logits[0, [11, 5]] = 2.0  # a tie: the lower id
+    logits[1, 7], logits[1, 9] = 3.0, 1.0  # 7 is in the prompt: penalised to 0.6, below 9
+    logits[2, 4], logits[2, 100] = 1.0, -np.inf
+    logits[3, 6] = np.nan
+    engine._choose(seqs, logits)
+    assert [j.output_ids for j in jobs] == [[5], [9], [], []]
+    assert [r.completion_tokens for r in engine.records] == [0, 0]  # the two non-finite rows ended at once
+    assert engine.metrics.requests["error"] == 2

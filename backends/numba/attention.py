@@ -23,8 +23,16 @@ MASKED = np_attention.MASKED
 ATTENTION_BLOCK = 128  # query rows per prefill block: its scores are [block, keys] floats, never [T, S]
 
 
-# short contexts on one thread (a parallel launch costs more than the work), long ones over the kv heads
-PARALLEL_ATTENTION_BYTES = 1 << 20  # of keys and values read per step
+# short contexts on one thread (a parallel launch costs more than the work), long ones over the kv heads. A
+# server's batched step reads 16 rows of a few hundred positions (Qwen3-0.6B: 8 MiB of float32 keys and values per
+# layer at 128 positions, ~0.6 ms on one thread): the threads sleep between two kernels of a layer-by-layer step,
+# and on a machine whose cores are shared (other processes, the server's event loop and clients) a woken thread
+# may wait a time slice for its core. Measured (16 rows, 64-128 positions each, 2 threads, AMD EPYC at load 5-8,
+# same process, interleaved): one kernel 0.55 ms on one thread against 0.88 ms (median 3.8 ms) over the threads;
+# a whole 16-row step's 28 attentions 23-28 ms against 55-75 ms. Splitting the pairs through an atomic counter
+# between the caller and a helper thread (so that a late thread finds the work done) measured 54-65 ms: no better.
+# So the threads only where the work is several times a wake-up even there (long contexts).
+PARALLEL_ATTENTION_BYTES = 32 << 20  # of keys and values read per step
 
 
 @intrinsic

@@ -9,6 +9,8 @@
 With the model itself (`Qwen3` on host memory), 2 and 3 are one forward, as vLLM's chunked prefill runs them: the
 step's prefill chunk and its decode rows share every product (mixed_forward.py), so the running streams wait for
 one pass over the weights per step, not two. (A wrapper with only `forward`, as the tests' scripted models: two.)
+There each prompt of the step's chunk is a group of its own (its ids on its own KV row, `_grouped_step`): no pads,
+and the chunk is filled whatever the prompts' lengths; a wrapper gets padded rounds (`_plan_round`).
 
 A decode step reads every weight once whatever the batch (memory-bound: the weights are the bytes), so serving 16
 streams costs little more per step than serving one. Requests wait in a FIFO queue while every KV row is taken
@@ -43,7 +45,10 @@ from tinyqwen.serve.reply_parser import ReplyParser
 
 # prompt tokens prefilled per step (a step's extra time for the running streams). Smaller chunks keep the streams
 # flowing at a price on a compute-bound CPU: 128 cut a 16-client prompt-heavy burst's ITL p95 by 40 % for 11 % of
-# its throughput (benchmarks/bench_scheduler.py), and throughput is what a burst of long prompts lacks
+# its throughput (benchmarks/bench_scheduler.py), and throughput is what a burst of long prompts lacks. A bigger
+# chunk buys no prefill throughput: with the grouped rounds (no pads) a prefill forward costs the same per prompt id
+# from 128 to 768 ids (16.6-17.7 ms an id, Qwen3-0.6B-shaped, 2 threads, load 5), and a decode-heavy burst's 825
+# prompt ids took 4 forwards at 256, 2 at 512: the same work, but the first prompts wait for the whole chunk
 PREFILL_CHUNK = 256
 MAX_QUEUE = 256  # requests waiting for a KV row before new ones get 429
 
@@ -125,6 +130,16 @@ class Sequence:
         return self.job.output_ids
 
 
+def _plain_greedy(params) -> bool:
+    """Greedy with no penalty: `sample` is then the arg-max of the raw logits."""
+    return (
+        params.greedy
+        and params.repetition_penalty == 1.0
+        and params.presence_penalty == 0.0
+        and params.frequency_penalty == 0.0
+    )
+
+
 def default_max_batch(model) -> int:
     """16 sequences: a decode step of 16 rows still reads each weight once (and on a 2-core CPU it is about where
     the step turns from memory-bound to compute-bound); more rows only wait longer for each token."""
@@ -167,6 +182,9 @@ class Engine:
         # a prefill round and the decode rows in one forward (mixed_forward.py): the model itself, on host memory
         # (a wrapper that only has `forward`, such as the tests' scripted models, gets two forwards per step)
         self.mixed = isinstance(model, Qwen3) and getattr(model.backend, "zeros", np.zeros) is np.zeros
+        # ... and there each prompt of a prefill round is a group of its own (no pads, see `_grouped_step`);
+        # False: the padded rounds of `_plan_round`, as a wrapper gets them (kept for the A/B in the benchmarks)
+        self.grouped = True
         self.pool: KVPool | None = None  # allocated by the worker on its first request
         self.inbox: deque[Job] = deque()
         self.waiting: deque[Sequence] = deque()
@@ -275,9 +293,13 @@ class Engine:
         for seq in gone:
             self.waiting.remove(seq)
             self._close(seq, time.perf_counter())
-        if self.mixed and pool.decoding and (self.prefilling or self.waiting) and self._mixed_step():
+        if self.mixed and self.grouped:
+            if (self.prefilling or self.waiting) and self._grouped_step():
+                return
+        elif self.mixed and pool.decoding and (self.prefilling or self.waiting) and self._mixed_step():
             return
-        self._prefill(self.prefill_chunk)
+        else:
+            self._prefill(self.prefill_chunk)
         if pool.decoding:
             self._decode()
 
@@ -406,6 +428,75 @@ class Engine:
         self._choose(seqs + finished, np.concatenate([decode_logits[:, -1], logits]))
         return True
 
+    def _plan_groups(self, budget: int) -> list[tuple[Sequence, int]]:
+        """The prompts this step prefills and how many of their ids, `budget` ids in all: the prompts being
+        prefilled first (in row order), then queued requests (oldest first) while a KV row is free, the last one
+        cut where the budget ends (its rest next step). [(sequence, ids)], in row order: so the prompts a step
+        completes are the first rows being prefilled, and join the decoding rows in order."""
+        pool, plan, now = self.pool, [], time.perf_counter()
+        for seq in self.prefilling:
+            if budget <= 0:
+                return plan
+            n = min(len(seq.prompt) - seq.prefilled, budget)
+            plan.append((seq, n))
+            budget -= n
+        while budget > 0 and self.waiting and pool.decoding + len(self.prefilling) < pool.rows:
+            seq = self.waiting.popleft()
+            if seq.job.cancelled.is_set():
+                self._close(seq, now)
+                continue
+            seq.started = now
+            pool.take(seq)
+            self.prefilling.append(seq)
+            n = min(len(seq.prompt), budget)
+            plan.append((seq, n))
+            budget -= n
+        return plan
+
+    def _grouped_step(self) -> bool:
+        """The decode rows and this step's prompt ids (`_plan_groups`) in ONE forward (mixed_forward.py), each
+        prompt a group of its own: its ids [1, n] on its own row (`pool.row_cache`), so a round wastes nothing on
+        pads and fills the whole budget whatever the prompts' lengths. False when there is nothing to prefill.
+
+        Why not padded rows (`_plan_round`): prompts of different lengths in one [rows, take] block either wait for
+        the shortest or pad the others, and a round stops at the first prompt that does not fit. A decode-heavy
+        burst (16 prompts of 32-64 ids, 825 in all, budget 256) took 9 prefill forwards of 880 rows (7 % pads);
+        grouped, 4 forwards of exactly its 825 ids (budget 512: 3 forwards with 15 % pads, against 2). A prefill
+        forward costs per id, not per forward (Qwen3-0.6B-shaped, numba, 2 threads: 16.6-17.7 ms per id from 128 to
+        768 ids at load 5), so the pads were the waste. Attention runs group by group either way. Measured
+        (benchmarks/bench_scheduler.py --prompt 0 --new 4 --configs 256:mixed,256:padded,... --clock cpu, one thread,
+        interleaved): the burst's work 8.1 and 7.6 s grouped against 8.4 and 8.4 s padded, TTFT p95 7.2-7.7 s
+        against 8.1 s."""
+        pool = self.pool
+        plan = self._plan_groups(self.prefill_chunk)
+        if not plan:
+            return False
+        seqs = list(pool.owner[: pool.decoding])
+        groups = (
+            [(np.asarray([[s.pending] for s in seqs], dtype=np.int64), pool.batch(), None)] if seqs else []
+        )
+        for seq, n in plan:
+            ids = np.asarray([seq.prompt[seq.prefilled : seq.prefilled + n]], dtype=np.int64)  # [1, n]
+            groups.append((ids, pool.row_cache(seq.row), None))
+        try:
+            outs = forward_groups(self.model, groups)
+        except TinyQwenError as error:
+            for seq in seqs + [s for s, _ in plan]:
+                self._finish(seq, APIError(400, " ".join(str(error).split())))
+            return True
+        finished, rows = [], [outs[0][:, -1]] if seqs else []
+        for (seq, n), out in zip(plan, outs[len(outs) - len(plan) :], strict=True):
+            seq.prefilled += n
+            pool.lengths[seq.row] = seq.prefilled
+            if seq.prefilled == len(seq.prompt):  # (a prefix of the plan: all but its last are whole prompts)
+                self.prefilling.remove(seq)
+                pool.prefilled(seq, seq.prefilled)
+                finished.append(seq)
+                rows.append(out[:, -1])
+        if seqs or finished:
+            self._choose(seqs + finished, np.concatenate(rows))
+        return True
+
     def _decode(self) -> None:
         """One forward over every decoding row, each fed its last token."""
         pool = self.pool
@@ -423,15 +514,24 @@ class Engine:
         """Sample each sequence's next id from its row of `logits` [B, vocab]; send its text; finish it at a stop."""
         now = time.perf_counter()
         done, chosen = [], 0
-        for seq, row in zip(seqs, logits, strict=True):
+        # one pass over the whole [B, vocab] block for the finite check, one for every greedy row's arg-max (the
+        # lowest id on ties, as `sample`'s): a plain greedy row (no penalties) needs nothing else, where `sample`
+        # widens its row to float64 first (a copy of 151,936 values per row per step)
+        finite = np.isfinite(logits).all(axis=-1)  # [B]
+        plain = [_plain_greedy(seq.params) for seq in seqs]
+        best = logits.argmax(axis=-1) if any(plain) else None  # [B]
+        for b, (seq, row) in enumerate(zip(seqs, logits, strict=True)):
             if seq.job.cancelled.is_set():
                 done.append((seq, None))
                 continue
-            if not np.isfinite(row).all():
+            if not finite[b]:
                 done.append((seq, APIError(400, f"the model's logits are not finite when choosing new token "
                                                 f"{len(seq.output) + 1}")))  # fmt: skip
                 continue
-            token = sample(row, seq.rng, seq.params, seq.prompt, seq.output)
+            if plain[b]:
+                token = int(best[b])
+            else:
+                token = sample(row, seq.rng, seq.params, seq.prompt, seq.output)
             seq.output.append(token)
             chosen += 1
             if len(seq.output) == 1:
