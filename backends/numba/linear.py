@@ -233,7 +233,12 @@ def _gate_up_gemm_rows_bf16(x, w_gate, w_up, out, lo, hi):  # rows lo..hi of the
 # on one core of the 2-core AMD EPYC (Zen 5, AVX-512; a busy machine, load 6-9, same process, interleaved, best of
 # 20, 16 token rows): Qwen3-0.6B's gate (3072 x 1024) 151-160 GFLOP/s with 4 x 3 tiles against 195 with 4 x 6, down
 # (1024 x 3072) 120-128 against 197-203 (8 x 3: 183 and 178; 4 x 4: 187 and 165; 2 x 8: 181 and 169; OpenBLAS's
-# sgemm on the same float32 weights: 66-69). A constant per host, as Numba keys its saved kernels by CPU features.
+# sgemm on the same float32 weights: 66-69). Whole 16-row decode steps of Qwen3-0.6B (128 positions per row, the
+# weights streamed from memory; benchmarks/bench_batch_decode.py --model, same process, interleaved, best of 4-5,
+# load 5-7): 1.14x on one thread and 1.13x on two by CPU time, 1.04-1.10x by wall time on two; the step's products
+# alone (one thread, CPU time) 1.14-1.19x. Every sum is the 4 x 3 tiles' bit for bit (each accumulator adds the
+# same products in the same order), so the logits do not move. A constant per host, as Numba keys its saved kernels
+# by CPU features.
 WIDE_TILES = "+avx512f" in _host_features()
 
 
