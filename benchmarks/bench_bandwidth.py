@@ -31,9 +31,12 @@ MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "
 
 @njit(cache=False)
 def _sum_part(a, lo, hi):  # the uint64 words lo..hi summed (integer adds: LLVM vectorises them, 4 per vpaddq)
+    # over a slice, indexed from 0: `a[i]` for i in range(lo, hi) may be negative as far as LLVM knows (Numba's
+    # wraparound), and that loop stayed scalar: 3.3 GB/s against 21 (AMD EPYC Zen 5, 311 MB, one thread)
+    part = a[lo:hi]
     s = np.uint64(0)
-    for i in range(lo, hi):
-        s += a[i]
+    for i in range(part.shape[0]):
+        s += part[i]
     return s
 
 

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_batch_decode.py                      # Qwen3-0.6B's shapes, batch 1, 4, 16, 64
     python benchmarks/bench_batch_decode.py --batches 4,16 --repeats 5
-    python benchmarks/bench_batch_decode.py --model QWEN3_0.6B_DIR --batches 16   # whole decode steps, panels vs tiles
+    python benchmarks/bench_batch_decode.py --model QWEN3_0.6B_DIR --batches 16   # whole steps: panels, 4x3, 4x6
 
 A continuous-batching server decodes B sequences per step: every weight product has B rows of input. Up to
 `GEMV_MAX_ROWS` rows the numba backend streams each bf16 weight from memory once, in register tiles of 4 token rows
@@ -117,29 +117,34 @@ def main() -> None:
 
 
 def whole_steps(args) -> None:
-    """Whole decode steps of a checkpoint on B rows (a ragged cache at --context positions): panels vs tiles."""
+    """Whole decode steps of a checkpoint on B rows (a ragged cache at --context positions): panels vs the 4 x 3
+    tiles vs the 4 x 6 tiles (`WIDE_TILES`, AVX-512 hosts' default)."""
     import tinyqwen
     from tinyqwen.backends.numba import linear as lin
     from tinyqwen.serve.kv_pool import KVPool
 
     model = tinyqwen.load_model(args.model, backend="numba")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    flag = lin.BATCH_PANELS
+    flags = lin.BATCH_PANELS, lin.WIDE_TILES
+    paths = {
+        "panels": (True, flags[1]),
+        "tiles4x3": (False, False),
+        "tiles4x6": (False, True),
+    }  # PANELS, WIDE
     print(f"{Path(args.model).name}: whole decode steps, {args.context} positions per row, ms per step "
-          f"({args.clock} time, best of {args.repeats}, interleaved)")  # fmt: skip
-    print(
-        f"{'batch':>5} {'panels':>9} {'tiles':>9} {'tiles/panels':>13} {'max |dlogit|':>13} {'same argmax':>12}"
-    )
+          f"({args.clock} time, best of {args.repeats}, interleaved; WIDE_TILES is {flags[1]} here)")  # fmt: skip
+    print(f"{'batch':>5} {'panels':>9} {'4x3':>9} {'4x6':>9} {'4x3/panels':>11} {'4x3/4x6':>8} "
+          f"{'max |dlogit| 4x6 vs 4x3':>24} {'same argmax':>12}")  # fmt: skip
     for B in (int(b) for b in args.batches.split(",")):
         pool = KVPool(model, B, args.context + 4 * args.repeats + 8)
         pool.decoding, pool.owner = B, [object()] * B
         ids = np.arange(1000, 1000 + B)[:, None]
-        times: dict[str, list[float]] = {"panels": [], "tiles": []}
+        times: dict[str, list[float]] = {path: [] for path in paths}
         logits = {}
         try:
             for rep in range(args.repeats + 1):  # the first round compiles / warms, not counted
-                for path in times:
-                    lin.BATCH_PANELS = path == "panels"
+                for path, (panels, wide) in paths.items():
+                    lin.BATCH_PANELS, lin.WIDE_TILES = panels, wide
                     pool.lengths[:] = args.context
                     t = clock()
                     out = model.forward(ids, cache=pool.batch(), last_only=True)
@@ -147,11 +152,12 @@ def whole_steps(args) -> None:
                         times[path].append(clock() - t)
                     logits[path] = np.asarray(out.logits)[:, -1]
         finally:
-            lin.BATCH_PANELS = flag
-        p, t = min(times["panels"]), min(times["tiles"])
-        diff = np.abs(logits["panels"] - logits["tiles"]).max()
-        same = bool((logits["panels"].argmax(-1) == logits["tiles"].argmax(-1)).all())
-        print(f"{B:5d} {p * 1e3:9.1f} {t * 1e3:9.1f} {t / p:13.2f} {diff:13.2e} {str(same):>12}", flush=True)
+            lin.BATCH_PANELS, lin.WIDE_TILES = flags
+        p, t3, t6 = (min(times[path]) for path in paths)
+        diff = np.abs(logits["tiles4x6"] - logits["tiles4x3"]).max()
+        same = bool((logits["tiles4x6"].argmax(-1) == logits["tiles4x3"].argmax(-1)).all())
+        print(f"{B:5d} {p * 1e3:9.1f} {t3 * 1e3:9.1f} {t6 * 1e3:9.1f} {t3 / p:11.2f} {t3 / t6:8.2f} "
+              f"{diff:24.2e} {str(same):>12}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

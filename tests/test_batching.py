@@ -505,7 +505,7 @@ def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(mon
     np.testing.assert_array_equal(got, want)
 
 
-# ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 weight rows)
+# ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 or 6 weight rows)
 
 
 def _bf16_weight(rng, n: int, k: int):
@@ -515,13 +515,17 @@ def _bf16_weight(rng, n: int, k: int):
     return BF16Weight(bits), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
 
 
+@pytest.mark.parametrize("wide", [False, True])  # 4 x 3 tiles, 4 x 6 (AVX-512 hosts' default)
 @pytest.mark.parametrize("rows", [2, 3, 4, 5, 6, 7, 16, 17])  # whole tiles, leftover rows, both (16: panels)
-def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows, monkeypatch):
-    # every row of a batched q/k/v (row counts that are not multiples of 3: a triple that spans two weights), o and
-    # SwiGLU product against float64 sums of the same bf16 weights: 1e-5 of the output's size, as the backend's
-    # other products (tests/test_numba_backend.py); and a batch of one still takes the one-row loops, bit for bit
+def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows, wide, monkeypatch):
+    # every row of a batched q/k/v (row counts that are not multiples of 3 or 6: a triple or six that spans two
+    # weights), o and SwiGLU product against float64 sums of the same bf16 weights: 1e-5 of the output's size, as
+    # the backend's other products (tests/test_numba_backend.py); and a batch of one still takes the one-row
+    # loops, bit for bit
     pytest.importorskip("numba")
     from tinyqwen.backends.numba import linear
+
+    monkeypatch.setattr(linear, "WIDE_TILES", wide)
 
     rng = np.random.default_rng(rows)
     K = 96

@@ -50,22 +50,27 @@ def _longest_pause(call) -> tuple[float, float]:
 
 def _cases() -> dict:
     rng = np.random.default_rng(0)
-    K, N = 2048, 16384  # a 64 MiB bf16 weight: a call takes tens to hundreds of ms
+    # a 256 MiB bf16 weight (its float32 copy 512 MiB): every call takes tens to hundreds of ms. With a 64 MiB one
+    # the serial widening took 7 ms on a 2-core Zen 5 with AVX-512, under the 10 ms this test needs to tell
+    K, N = 2048, 65536
     bits = (rng.standard_normal((N, K), dtype=np.float32).view(np.uint32) >> 16).astype(np.uint16)
     w, w2 = BF16Weight(bits), BF16Weight(np.ascontiguousarray(bits.reshape(K, N)))
     x16 = rng.standard_normal((16, K), dtype=np.float32)
     x256 = rng.standard_normal((256, K), dtype=np.float32)
-    scratch = np.empty((N, K), np.float32)  # 128 MiB, reused (in place) by the serial kernels' cases
+    # the product alone on 64 rows (the most that take the register tiles): with AVX-512's 4 x 6 tiles 16 rows
+    # took under 10 ms on a 2-core Zen 5, too short to tell
+    x64 = rng.standard_normal((64, K), dtype=np.float32)
+    scratch = np.empty((N, K), np.float32)  # 512 MiB, reused (in place) by the serial kernels' cases
     linear._widen(bits, scratch)
-    B, Hq, Hkv, S, d = 16, 16, 8, 2048, 128
+    B, Hq, Hkv, S, d = 16, 16, 8, 8192, 128
     q, kv = rng.standard_normal((B, Hq, d), dtype=np.float32), scratch.reshape(B, Hkv, S, d)
     mask, out = np.ones((B, S), bool), np.empty((B, Hq, d), np.float32)
-    ones, rows = np.ones(K, np.float32), scratch.reshape(1, 256, 1024, d)
+    ones, rows = np.ones(K, np.float32), scratch.reshape(1, 1024, 1024, d)
     cos = rng.standard_normal((1, 1024, d), dtype=np.float32)
     return {
         # parallel kernels (Numba lets the GIL go around their parallel loops): a batched decode step's products
-        # (16 token rows, register tiles) and its SwiGLU
-        "linear, 16 rows": lambda: linear.linear(x16, w),
+        # (64 and 16 token rows, register tiles) and its SwiGLU
+        "linear, 64 rows": lambda: linear.linear(x64, w),
         "swiglu, 16 rows": lambda: linear.swiglu(x16, w, w, w2),
         # a prefill's product (256 token rows: prefill_gemm.py's panels where the CPU has AVX-512, else BLAS)
         "linear, 256 rows": lambda: linear.linear(x256, w),
@@ -78,7 +83,7 @@ def _cases() -> dict:
     }
 
 
-NAMES = ["linear, 16 rows", "swiglu, 16 rows", "linear, 256 rows", "widen bf16 (serial)", "decode attention (serial)",
+NAMES = ["linear, 64 rows", "swiglu, 16 rows", "linear, 256 rows", "widen bf16 (serial)", "decode attention (serial)",
          "rms_norm (serial)", "rope (serial)"]  # fmt: skip
 
 
