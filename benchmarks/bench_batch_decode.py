@@ -120,12 +120,13 @@ def whole_steps(args) -> None:
     """Whole decode steps of a checkpoint on B rows (a ragged cache at --context positions): panels vs the 4 x 3
     tiles vs the 4 x 6 tiles (`WIDE_TILES`, AVX-512 hosts' default)."""
     import tinyqwen
+    from tinyqwen.backends.numba import decode_tiles as tiles
     from tinyqwen.backends.numba import linear as lin
     from tinyqwen.serve.kv_pool import KVPool
 
     model = tinyqwen.load_model(args.model, backend="numba")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    flags = lin.BATCH_PANELS, lin.WIDE_TILES
+    flags = lin.BATCH_PANELS, tiles.WIDE_TILES
     paths = {
         "panels": (True, flags[1]),
         "tiles4x3": (False, False),
@@ -144,7 +145,7 @@ def whole_steps(args) -> None:
         try:
             for rep in range(args.repeats + 1):  # the first round compiles / warms, not counted
                 for path, (panels, wide) in paths.items():
-                    lin.BATCH_PANELS, lin.WIDE_TILES = panels, wide
+                    lin.BATCH_PANELS, tiles.WIDE_TILES = panels, wide
                     pool.lengths[:] = args.context
                     t = clock()
                     out = model.forward(ids, cache=pool.batch(), last_only=True)
@@ -152,7 +153,7 @@ def whole_steps(args) -> None:
                         times[path].append(clock() - t)
                     logits[path] = np.asarray(out.logits)[:, -1]
         finally:
-            lin.BATCH_PANELS, lin.WIDE_TILES = flags
+            lin.BATCH_PANELS, tiles.WIDE_TILES = flags
         p, t3, t6 = (min(times[path]) for path in paths)
         diff = np.abs(logits["tiles4x6"] - logits["tiles4x3"]).max()
         same = bool((logits["tiles4x6"].argmax(-1) == logits["tiles4x3"].argmax(-1)).all())

@@ -523,9 +523,9 @@ def test_batched_products_equal_float64_per_row_and_batch_one_is_untouched(rows,
     # the backend's other products (tests/test_numba_backend.py); and a batch of one still takes the one-row
     # loops, bit for bit
     pytest.importorskip("numba")
-    from tinyqwen.backends.numba import linear
+    from tinyqwen.backends.numba import decode_tiles, linear
 
-    monkeypatch.setattr(linear, "WIDE_TILES", wide)
+    monkeypatch.setattr(decode_tiles, "WIDE_TILES", wide)
 
     rng = np.random.default_rng(rows)
     K = 96

@@ -11,6 +11,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
                   buffer and call BLAS, the weight's rows split over the threads (each part widened and
                   multiplied by one thread, BLAS on one thread: no spin barriers). swiglu: decode's gate and up GEMVs fused with SiLU·mul (x read once, no
                   [ffn] temporaries), then down
+    decode_tiles.py  a batched decode step's products (2 to GEMV_MAX_ROWS tokens: continuous batching) in register
+                  tiles of 4 token rows x 3 weight rows, x 6 where the CPU has AVX-512's 32 registers
     prefill_gemm.py  prefill's bf16 products where the CPU has AVX-512: token panels, widened weight blocks and a
                   12 x 32 micro-kernel (NumPy's OpenBLAS may run only its AVX2 kernels on a CPU model it does not
                   know); q/k/v in one launch, the MLP in one (SiLU·mul into the panels down reads)

@@ -119,7 +119,7 @@ def _mk6x16(typingctx, xt, p, buf, r0, acc, pf, line0, step):
 
 
 @njit(cache=True, inline="always")
-def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i (as linear.py's)
+def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i
     while r >= starts[i + 1]:
         i += 1
     return i
@@ -199,7 +199,7 @@ def _chunk_rows(total, chunks, multiple):  # rows per work item: total over chun
 @njit(parallel=True, cache=True, nogil=True)
 def panel_many(xt, M, ws, outs, starts, chunks, bufs, accs):
     # [P, K, 16] f32 panels of x [M, K], n x [N_i, K] u16 -> n x [M, N_i] f32 (written): q/k/v in one launch, as
-    # linear._gemm_many_bf16; bufs [threads, R, K], accs [threads, 6, 16]: each thread's scratch
+    # decode_tiles._gemm_many_bf16; bufs [threads, R, K], accs [threads, 6, 16]: each thread's scratch
     total = starts[-1]
     size = _chunk_rows(total, min(total, chunks), NR)
     for c in prange((total + size - 1) // size):

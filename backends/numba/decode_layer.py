@@ -23,7 +23,7 @@ attention.py) on the same rows, so the results are bit-identical to it (the test
 One concept: the decode layer in one call, in its two forms for bf16 and for quantized weights; they share their
 steps and helpers line for line, and split into modules they would drift apart.
 
-`decode_layer` returns None where it does not apply — a prompt (T > 1), a batch of rows (B > 1: linear.py's
+`decode_layer` returns None where it does not apply — a prompt (T > 1), a batch of rows (B > 1: decode_tiles.py's
 multi-row kernels read each weight row once for all of them), no cache or a ragged one, a float16
 cache, an MoE layer, weights neither all bf16 nor all quantized, quantized weights in the "float" quant_gemv mode,
 matmul_precision "medium" — and the model then runs the layer kernel by kernel.

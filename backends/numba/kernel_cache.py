@@ -4,7 +4,7 @@ Every kernel here is `@njit(cache=True)`: its machine code is saved beside the s
 and loaded by the next process, which saves the seconds to minutes a compile takes. Numba decides whether a saved
 kernel is still good by a stamp of ONE file, the one the function is written in. But a kernel's machine code also
 holds every function it calls from other files, compiled into it: quant.py's GEMV inlines avx2.py's row dots,
-decode_layer.py inlines phases.py's counters and linear.py's tiles. Edit avx2.py alone and quant.py's saved GEMV
+decode_layer.py inlines phases.py's counters and decode_tiles.py's tiles. Edit avx2.py alone and quant.py's saved GEMV
 still holds the old row dot; nothing recompiles it. Seen for real: a faster row dot that seemed to change nothing
 until the cache was deleted by hand. A learner who edits a kernel, or anyone who upgrades tinyqwen, would meet the
 same silent staleness, and a changed result would stay wrong, not just slow.

@@ -6,20 +6,18 @@
                   3. decode: ONE forward over all running sequences, each at its own position and KV length
                   4. sample each row with its own settings and seed, send its text, check its stops
 
-With the model itself (`Qwen3` on host memory), 2 and 3 are one forward, as vLLM's chunked prefill runs them: the
-step's prefill chunk and its decode rows share every product (mixed_forward.py), so the running streams wait for
-one pass over the weights per step, not two. (A wrapper with only `forward`, as the tests' scripted models: two.)
-There each prompt of the step's chunk is a group of its own (its ids on its own KV row, `_grouped_step`): no pads,
-and the chunk is filled whatever the prompts' lengths; a wrapper gets padded rounds (`_plan_round`).
+With the model itself, 2 and 3 are one forward (vLLM's chunked prefill): the chunk and the decode rows share every
+product (mixed_forward.py), and each prompt of the chunk is a group of its own (its KV row, `_grouped_step`): no
+pads. A wrapper with only `forward` (the tests' scripted models) gets two passes and padded rounds (`_plan_round`).
 
 A decode step reads every weight once whatever the batch (memory-bound: the weights are the bytes), so serving 16
 streams costs little more per step than serving one. Requests wait in a FIFO queue while every KV row is taken
 (`max_batch`, `kv_budget`; see kv_pool.py); past `max_queue` waiting requests, new ones get 429 with Retry-After.
 
 Each sequence computes what it would alone: its own positions and KV row (tinyqwen.kv_cache.RaggedKVCache), its own
-sampler (`tinyqwen.sampling.sample` with its own generator, seeded as `generate` seeds it). Its logits differ from a
-lone run's only by the float32 rounding of batched products, and the greedy ids are the same on the test models.
-A client that disconnects cancels its request: the worker checks every step and frees the row.
+sampler (`sample`, its own generator seeded as `generate` seeds it): its logits differ from a lone run's only by
+the float32 rounding of batched products (greedy ids the same on the test models). A client that disconnects
+cancels its request: the worker checks every step and frees the row.
 """
 
 from __future__ import annotations
