@@ -18,8 +18,9 @@ best of 8-80): the GEMVs alone over the step's 1192 MB (three launches, no atten
 of the whole step's time, so about a tenth of the step is the rest (attention, norms, RoPE, the waits at 252
 phase ends, Python around the call); and the GEMVs themselves ran slower with the next-row prefetch than without
 (ROW_PREFETCH below: 1.08x the time on 1 thread, 1.24x on 2, over the GGUF's own 2 KiB-row matrices and lm_head),
-so Zen CPUs now skip it. The loop LLVM emits (inspect_asm) is 2 loads, 2 shifts, 2 blends, 4 multiplies with x
-from memory and 4 adds per 64 bytes of weights, 4 independent sums (no FMA: only reassociation is allowed):
+so Zen 3 skips it (Zen 5 keeps it: faster there). The loop LLVM emits (inspect_asm) is 2 loads, 2 shifts, 2
+blends, 4 multiplies with x from memory and 4 adds per 64 bytes of weights, 4 independent sums (no FMA: only
+reassociation is allowed):
 far below what one core can issue, so the row dot waits on memory, not on arithmetic. Tried and not taken: two
 rows per pass sharing x's loads (1.10-1.17x the time), a prefetch per 64-byte block inside the row (~2x: LLVM no
 longer vectorises the loop well), prefetching 2-8 KiB ahead instead of the next row (0.9-1.1x, noise); huge
@@ -38,6 +39,7 @@ from tinyqwen.backends.numba.intrinsics import FAST, _bf16_hi, _bf16_lo, _prefet
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
 from tinyqwen.backends.numba.settings import host_cpu_name
 
+
 # Whether these kernels ask for the next weight row (2 KiB) while they sum the current one (intrinsics.py's
 # _prefetch_weight_row). It paid on Sapphire Rapids (the GEMVs of a decode step 47.4 -> 44.8 ms) and costs on AMD
 # Zen 3, whose own prefetchers keep up with a row that follows the one before: the Qwen3-0.6B bf16 GGUF's lm_head
@@ -45,9 +47,20 @@ from tinyqwen.backends.numba.settings import host_cpu_name
 # 10.2 vs 8.5 in two more runs), its 140 layer matrices of 2 KiB rows at 11.3 vs 8.4, and those plus the lm_head
 # (898 MB) on 2 threads took 0.93-0.96 of the time (a busy 2-core machine, load average 6-7, same process,
 # interleaved, best of 30-80; benchmarks/bench_decode_step.py prefetch: 1.08-1.15x the time with it on 1 thread,
-# 1.24-1.28x on 2). Zen 4 and 5 follow Zen 3 unmeasured. A constant per CPU model: Numba keys its saved kernels by
-# the CPU's name too, so a cache never holds the other choice.
-ROW_PREFETCH = not host_cpu_name().startswith("znver")
+# 1.24-1.28x on 2). Zen 5 is the other way again: with the prefetch 0.81x the time on 1 thread (21.9 -> 26.9
+# GB/s), 0.93x on 2 (the same benchmark, 141 matrices of 2 KiB rows, 898 MB; load 3.3, interleaved, best of 10).
+# Zen 4 follows Zen 5, unmeasured. A constant per CPU model: Numba keys its saved kernels by the CPU's name too, so
+# a cache never holds the other choice.
+def row_prefetch(cpu_name: str) -> bool:
+    """Whether the one-row GEMVs prefetch the next weight row on this LLVM CPU name: not on Zen 1-3.
+
+    >>> row_prefetch("sapphirerapids"), row_prefetch("znver3"), row_prefetch("znver5")
+    (True, False, True)
+    """
+    return cpu_name not in ("znver1", "znver2", "znver3")
+
+
+ROW_PREFETCH = row_prefetch(host_cpu_name())
 
 
 @njit(cache=True, inline="always")
