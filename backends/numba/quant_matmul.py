@@ -46,7 +46,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from tinyqwen.backends.numba import avx2, quant
+from tinyqwen.backends.numba import avx2, phases, quant
 from tinyqwen.backends.numba.avx2 import F32, I8, I16, I32, V8I32, V16I16, V32I8, _add, _Row, _splat_lane16
 from tinyqwen.backends.numba.intrinsics import _silu
 
@@ -407,17 +407,20 @@ def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # row
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def expert_up(kg, ku, g, g8, u, u8, acts, groups, bounds, per, h):
-    # acts of the gathered x [P, d]; groups [G] the routed experts, bounds [G + 1] their runs of rows; per: row
-    # chunks per expert -> h [P, F] (written)
+def expert_up(kg, ku, g, g8, u, u8, acts, groups, bounds, jobs, workers, h):
+    # acts of the gathered x [P, d]; groups [G] the routed experts, bounds [G + 1] their runs of rows; jobs [J, 3]
+    # (expert j, rows lo..hi), costliest first (expert_jobs) -> h [P, F] (written). The threads claim the jobs in
+    # turn (phases.claim) instead of prange's fixed halves: see expert_jobs
     F = h.shape[1]
-    size = (F + per - 1) // per
-    for job in prange(groups.shape[0] * per):
-        j, c = job // per, job % per
-        _expert_up_rows(
-            kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, c * size,
-            min(F, (c + 1) * size),
-        )  # fmt: skip
+    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
+    for _ in prange(workers):
+        i = phases.claim(ctr, 0)
+        while i < jobs.shape[0]:
+            j = jobs[i, 0]
+            _expert_up_rows(
+                kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, jobs[i, 1], jobs[i, 2]
+            )
+            i = phases.claim(ctr, 0)
 
 
 @njit(cache=True, error_model="numpy")
@@ -435,13 +438,40 @@ def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output featu
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def expert_down(
-    kd, w, w8, acts, groups, bounds, per, y
-):  # acts of the gathered h [P, F]; w [E·d, bytes] -> y [P, d]
+def expert_down(kd, w, w8, acts, groups, bounds, jobs, workers, y):
+    # acts of the gathered h [P, F]; w [E·d, bytes]; jobs [J, 3] as expert_up's, over output features -> y [P, d]
     d = y.shape[1]
-    size = (d + per - 1) // per
-    for job in prange(groups.shape[0] * per):
-        j, c = job // per, job % per
-        _expert_down_rows(
-            kd, w, w8, d, acts, groups[j], bounds[j], bounds[j + 1], y, c * size, min(d, (c + 1) * size)
-        )
+    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
+    for _ in prange(workers):
+        i = phases.claim(ctr, 0)
+        while i < jobs.shape[0]:
+            j = jobs[i, 0]
+            _expert_down_rows(
+                kd, w, w8, d, acts, groups[j], bounds[j], bounds[j + 1], y, jobs[i, 1], jobs[i, 2]
+            )
+            i = phases.claim(ctr, 0)
+
+
+# Work items of expert_up / expert_down per thread, on average: an expert is cut into pieces of at most about
+# 1 / (JOBS_PER_THREAD · threads) of the whole, so that claiming them costliest first leaves little tail
+JOBS_PER_THREAD = 8
+
+
+def expert_jobs(counts: np.ndarray, rows: int, threads: int) -> np.ndarray:
+    """The work items of one projection over the routed experts: counts [G] tokens (rows of acts) per expert, rows
+    the weight's rows per expert -> jobs [J, 3] int64 (expert j, rows lo..hi), costliest first.
+
+    A job's cost ~ its tokens x its rows (a tile's decoded block is shared by 4 tokens; the tokens' products are
+    the bulk). A prompt's routing gives experts 1-86 tokens (the 2-layer Qwen3-30B-A3B-shaped file, 128 tokens,
+    top-8): prange's fixed halves of the experts, each expert one item, left one thread with most of the work.
+    Here an expert is cut into pieces of about equal cost, and the threads take them in turn, costliest first."""
+    counts = np.asarray(counts, np.int64)
+    target = max(1, int(counts.sum()) * rows // (JOBS_PER_THREAD * max(1, threads)))
+    pieces = np.clip(-(-(counts * rows) // target), 1, rows)
+    size = -(-rows // pieces)
+    n = -(-rows // size)  # pieces of `size` rows (the last may be shorter)
+    j = np.repeat(np.arange(len(counts)), n)
+    lo = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) * np.repeat(size, n)
+    hi = np.minimum(rows, lo + np.repeat(size, n))
+    order = np.argsort(-(hi - lo) * counts[j], kind="stable")
+    return np.stack((j, lo, hi), axis=1)[order].astype(np.int64)
