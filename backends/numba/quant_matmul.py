@@ -41,6 +41,7 @@ On CPUs without AVX2 the tiles are four calls of quant.py's plain row loops (the
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -362,12 +363,18 @@ def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> x's int8 forms, the r
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _matmul(kind, w, w8, acts, out, chunks):
+def _matmul(kind, w, w8, acts, out, chunks, workers):
+    # chunks of weight rows, claimed in turn by the threads (phases.claim): a thread that another process holds
+    # off its core leaves its chunks to the other, where prange's fixed halves waited for it (the same bits)
     N = out.shape[1]
     c = min(N, chunks)
     size = (N + c - 1) // c
-    for i in prange(c):
-        _matmul_rows(kind, w, w8, acts, out, i * size, min(N, (i + 1) * size))
+    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
+    for _ in prange(workers):
+        i = phases.claim(ctr, 0)
+        while i < c:
+            _matmul_rows(kind, w, w8, acts, out, i * size, min(N, (i + 1) * size))
+            i = phases.claim(ctr, 0)
 
 
 def matmul(x2: np.ndarray, w, chunks: int) -> np.ndarray:
@@ -376,7 +383,7 @@ def matmul(x2: np.ndarray, w, chunks: int) -> np.ndarray:
     need0, needk = quant._needs({w.kind})
     acts = quantize_acts(x2, need0, needk, chunks)
     out = np.empty((x2.shape[0], w.shape[0]), np.float32)
-    _matmul(w.kind, w.data, w.data8, acts, out, chunks)
+    _matmul(w.kind, w.data, w.data8, acts, out, chunks, numba.get_num_threads())
     return out
 
 
