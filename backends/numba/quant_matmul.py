@@ -405,29 +405,70 @@ def quantize_acts(x, need0, needk, chunks):  # x [M, K] -> x's int8 forms, the r
     return acts
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def _matmul(kind, w, w8, acts, out, chunks, workers):
-    # chunks of weight rows, claimed in turn by the threads (phases.claim): a thread that another process holds
-    # off its core leaves its chunks to the other, where prange's fixed halves waited for it (the same bits)
-    N = out.shape[1]
-    c = min(N, chunks)
-    size = (N + c - 1) // c
-    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
-    for _ in prange(workers):
-        i = phases.claim(ctr, 0)
-        while i < c:
-            _matmul_rows(kind, w, w8, acts, out, i * size, min(N, (i + 1) * size))
-            i = phases.claim(ctr, 0)
-
-
 def matmul(x2: np.ndarray, w, chunks: int) -> np.ndarray:
     """x2 [M, K] float32 · a QuantWeight [N, K]ᵀ -> [M, N] float32: x2 quantized to int8 blocks (Q8_0 for a q8_0
     weight, Q8_K for the k-quants), then the tiles over the threads (chunks of weight rows)."""
-    need0, needk = quant._needs({w.kind})
-    acts = quantize_acts(x2, need0, needk, chunks)
-    out = np.empty((x2.shape[0], w.shape[0]), np.float32)
-    _matmul(w.kind, w.data, w.data8, acts, out, chunks, numba.get_num_threads())
-    return out
+    return matmul_many(x2, (w,), chunks)[0]
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _matmul_region(kinds, ws, ws8, x, need0, needk, acts, outs, qchunks, jobs, workers):
+    # ONE parallel region for x's quantization and then the products of several weights with it: phase 0, chunks
+    # of x's rows quantized (acts written); phase 1, once all are, jobs [J, 3] (weight k, its rows lo..hi) -> outs
+    # [k] [M, N_k]. Every chunk and job claimed in turn by the threads (phases.py): the same work, the same bits,
+    # as quantize_acts and then _matmul per weight, with one fork and join instead of two per weight
+    M = x.shape[0]
+    qsize = (M + qchunks - 1) // qchunks
+    ctr = np.zeros(4 * phases.LINE, np.int64)  # (phases.counters(2))
+    for _ in prange(workers):
+        i = phases.claim(ctr, 0)
+        while i < qchunks:
+            _quantize_rows(x, need0, needk, acts, i * qsize, min(M, (i + 1) * qsize))
+            phases.finish(ctr, 0)
+            i = phases.claim(ctr, 0)
+        phases.wait_finished(ctr, 0, qchunks)
+        i = phases.claim(ctr, 1)
+        while i < jobs.shape[0]:
+            k = jobs[i, 0]
+            _matmul_rows(kinds[k], ws[k], ws8[k], acts, outs[k], jobs[i, 1], jobs[i, 2])
+            i = phases.claim(ctr, 1)
+
+
+def _acts(M: int, K: int, need0: bool, needk: bool) -> tuple:  # quantize_acts' arrays, unwritten
+    return (
+        np.empty((M, K if need0 else 0), np.int8),
+        np.empty((M, K // 32 if need0 else 0), np.float32),
+        np.empty((M, K if needk else 0), np.int8),
+        np.empty((M, K // 256 if needk else 0), np.float32),
+        np.empty((M, K // 32 if needk else 0), np.int32),
+        np.empty((M, K // 2 if needk else 0), np.int16),
+    )
+
+
+def matmul_many(x2: np.ndarray, ws: tuple, chunks: int) -> tuple:
+    """x2 [M, K] float32 · each QuantWeight [N_k, K]ᵀ of ws -> a tuple of [M, N_k] float32: x2 quantized once (the
+    int8 forms every weight's format reads), then every weight's rows in `chunks` chunks, all in one parallel
+    region. Prefill's q/k/v and gate/up products: under load each parallel launch waits for both threads to be
+    scheduled, and a 128-token prefill of Qwen3-0.6B launched ~400 (a quantization and a product per weight)."""
+    M, K = x2.shape
+    need0, needk = quant._needs({w.kind for w in ws})
+    outs = tuple(np.empty((M, w.shape[0]), np.float32) for w in ws)
+    rows = np.array([w.shape[0] for w in ws], np.int64)
+    size = max(1, -(-int(rows.sum()) // chunks))
+    n = -(-rows // size)
+    k = np.repeat(np.arange(len(ws)), n)
+    lo = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) * size
+    jobs = np.stack((k, lo, np.minimum(rows[k], lo + size)), axis=1).astype(np.int64)
+    # one Numba type for the tuple (indexed at run time): the weights all read-only file maps, or all writable
+    if len({w.data.flags.writeable for w in ws}) != 1:
+        return tuple(matmul_many(x2, (w,), chunks)[0] for w in ws)
+    kinds = np.array([w.kind for w in ws], np.int64)
+    workers = numba.get_num_threads()
+    _matmul_region(
+        kinds, tuple(w.data for w in ws), tuple(w.data8 for w in ws), np.ascontiguousarray(x2, np.float32),
+        need0, needk, _acts(M, K, need0, needk), outs, min(M, chunks), jobs, workers,
+    )  # fmt: skip
+    return outs
 
 
 @njit(cache=True, error_model="numpy")
