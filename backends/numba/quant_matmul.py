@@ -201,53 +201,60 @@ q4_k_tile = _q4_k_tile_of(TILE)
 q4_k_tile8 = _q4_k_tile_of(2 * TILE)
 
 
-@intrinsic
-def q6_k_tile(typingctx, b, xq, xd, xp, n, m):
-    """Row n of a Q6_K weight b [N, K/256·210] · rows m..m+3 of x as Q8_K (codes xq [M, K], scales xd [M, K/256],
-    32·(x₂ⱼ + x₂ⱼ₊₁) xp [M, K/2] int16) -> 4 x float32, each equal to avx2.q6_k_row's. Per run of 32 the 6-bit
-    codes and the scale pair are rebuilt once, then used for the four tokens; the −32 of the codes is taken off as
-    x's pair sums times 32 (what vpmaddubsw(32, x) gives, computed once per call instead of per row)."""
+def _q6_k_tile_of(T: int):  # the Q6_K tile over T tokens (4: q6_k_tile; 8: q6_k_tile8)
+    @intrinsic
+    def tile(typingctx, b, xq, xd, xp, n, m):
+        """Row n of a Q6_K weight b [N, K/256·210] · rows m..m+T-1 of x as Q8_K (codes xq [M, K], scales xd [M, K/256],
+        32·(x₂ⱼ + x₂ⱼ₊₁) xp [M, K/2] int16) -> T x float32, each equal to avx2.q6_k_row's. Per run of 32 the 6-bit
+        codes and the scale pair are rebuilt once, then used for the T tokens; the −32 of the codes is taken off as
+        x's pair sums times 32 (what vpmaddubsw(32, x) gives, computed once per call instead of per row)."""
 
-    def codegen(context, builder, sig, args):
-        r = _Row(context, builder, sig, args, {0: 4, 1: 5, 2: 5, 3: 5})
-        op = r.op
-        accs = [r.new_acc() for _ in range(TILE)]
-        K, nb, K2 = r.length(1), r.length(2), r.length(3)
-        with r.loop(nb) as loop:
-            blk = loop.index
-            o = builder.mul(blk, ir.Constant(blk.type, 210))
-            x0 = builder.mul(blk, ir.Constant(blk.type, 256))
-            scales = builder.sext(r.load(0, _add(builder, o, 192), ir.VectorType(I8, 16)), V16I16)
-            dots = [ir.Constant(V8I32, [0] * 8)] * TILE
-            for h in range(2):
-                low = [r.load(0, _add(builder, o, 64 * h + 32 * k), V32I8) for k in range(2)]
-                high = r.load(0, _add(builder, o, 128 + 32 * h), V32I8)
-                for run in range(4):
-                    nib = low[run % 2] if run < 2 else builder.lshr(low[run % 2], op.const8(4))
-                    nib = builder.and_(nib, op.const8(15))
-                    top = builder.and_(builder.lshr(high, op.const8(2 * run)), op.const8(3))
-                    q = builder.or_(nib, builder.shl(top, op.const8(4)))  # 0..63
-                    s = 8 * h + 2 * run  # values 0-15 take scale s, 16-31 scale s + 1
-                    sc = builder.shuffle_vector(
-                        scales,
-                        ir.Constant(V16I16, None),
-                        ir.Constant(ir.VectorType(I32, 16), [s] * 8 + [s + 1] * 8),
+        def codegen(context, builder, sig, args):
+            r = _Row(context, builder, sig, args, {0: 4, 1: 5, 2: 5, 3: 5})
+            op = r.op
+            accs = [r.new_acc() for _ in range(T)]
+            K, nb, K2 = r.length(1), r.length(2), r.length(3)
+            with r.loop(nb) as loop:
+                blk = loop.index
+                o = builder.mul(blk, ir.Constant(blk.type, 210))
+                x0 = builder.mul(blk, ir.Constant(blk.type, 256))
+                scales = builder.sext(r.load(0, _add(builder, o, 192), ir.VectorType(I8, 16)), V16I16)
+                dots = [ir.Constant(V8I32, [0] * 8)] * T
+                for h in range(2):
+                    low = [r.load(0, _add(builder, o, 64 * h + 32 * k), V32I8) for k in range(2)]
+                    high = r.load(0, _add(builder, o, 128 + 32 * h), V32I8)
+                    for run in range(4):
+                        nib = low[run % 2] if run < 2 else builder.lshr(low[run % 2], op.const8(4))
+                        nib = builder.and_(nib, op.const8(15))
+                        top = builder.and_(builder.lshr(high, op.const8(2 * run)), op.const8(3))
+                        q = builder.or_(nib, builder.shl(top, op.const8(4)))  # 0..63
+                        s = 8 * h + 2 * run  # values 0-15 take scale s, 16-31 scale s + 1
+                        sc = builder.shuffle_vector(
+                            scales,
+                            ir.Constant(V16I16, None),
+                            ir.Constant(ir.VectorType(I32, 16), [s] * 8 + [s + 1] * 8),
+                        )
+                        xo = _add(builder, x0, 128 * h + 32 * run)
+                        half_o = builder.udiv(xo, ir.Constant(xo.type, 2))
+                        for t in range(T):
+                            x = r.load(1, _token(builder, xo, t, K), V32I8)
+                            x32 = r.load(3, _token(builder, half_o, t, K2), V16I16)
+                            pairs = builder.sub(builder.call(op.maddubs, [q, x]), x32)
+                            dots[t] = builder.add(dots[t], builder.call(op.maddwd, [pairs, sc]))
+                d = _half(r, 0, _add(builder, o, 208))
+                for t in range(T):
+                    r.scaled_add(
+                        accs[t], dots[t], builder.fmul(d, r.load(2, _token(builder, blk, t, nb), F32, 4))
                     )
-                    xo = _add(builder, x0, 128 * h + 32 * run)
-                    half_o = builder.udiv(xo, ir.Constant(xo.type, 2))
-                    for t in range(TILE):
-                        x = r.load(1, _token(builder, xo, t, K), V32I8)
-                        x32 = r.load(3, _token(builder, half_o, t, K2), V16I16)
-                        pairs = builder.sub(builder.call(op.maddubs, [q, x]), x32)
-                        dots[t] = builder.add(dots[t], builder.call(op.maddwd, [pairs, sc]))
-            d = _half(r, 0, _add(builder, o, 208))
-            for t in range(TILE):
-                r.scaled_add(
-                    accs[t], dots[t], builder.fmul(d, r.load(2, _token(builder, blk, t, nb), F32, 4))
-                )
-        return _tuple(context, builder, sig, r, accs)
+            return _tuple(context, builder, sig, r, accs)
 
-    return _OUT(b, xq, xd, xp, n, m), codegen
+        return types.UniTuple(types.float32, T)(b, xq, xd, xp, n, m), codegen
+
+    return tile
+
+
+q6_k_tile = _q6_k_tile_of(TILE)
+q6_k_tile8 = _q6_k_tile_of(2 * TILE)
 
 
 # ---- the same tiles as four row dots (CPUs without AVX2: quant.py's plain loops, the same bits) ----------------
@@ -304,23 +311,34 @@ def _q4_k_tile8_loops(w, n, a, ad, asum, m, acc):
 
 
 @njit(cache=True, error_model="numpy", inline="always")
+def _q6_k_tile8_avx2(w, w8, n, a, ad, ap, m, acc):
+    return q6_k_tile8(w, a, ad, ap, n, m)
+
+
+@njit(cache=True, error_model="numpy")
+def _q6_k_tile8_loops(w, w8, n, a, ad, ap, m, acc):
+    return _q6_k_tile_loops(w, w8, n, a, ad, ap, m, acc) + _q6_k_tile_loops(w, w8, n, a, ad, ap, m + 4, acc)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
 def _q6_k_tile_avx2(w, w8, n, a, ad, ap, m, acc):
     return q6_k_tile(w, a, ad, ap, n, m)
 
 
 if avx2.HAS_AVX2:
     _q8_0_tile, _q4_k_tile, _q6_k_tile = _q8_0_tile_avx2, _q4_k_tile_avx2, _q6_k_tile_avx2
-    _q4_k_tile8 = _q4_k_tile8_avx2
+    _q4_k_tile8, _q6_k_tile8 = _q4_k_tile8_avx2, _q6_k_tile8_avx2
 else:
     _q8_0_tile, _q4_k_tile, _q6_k_tile = _q8_0_tile_loops, _q4_k_tile_loops, _q6_k_tile_loops
-    _q4_k_tile8 = _q4_k_tile8_loops
+    _q4_k_tile8, _q6_k_tile8 = _q4_k_tile8_loops, _q6_k_tile8_loops
 
-# Q4_K rows dotted with 8 tokens at a time where 8 remain (q4_k_tile8), else 4: the block's decoding (scales and
+# Q4_K / Q6_K rows dotted with 8 tokens at a time where 8 remain (q4_k_tile8, q6_k_tile8), else 4: the block's decoding (scales and
 # mins unpacked, nibbles split, fp16 scales) shared by twice the tokens; the same float work per token, so the
 # same bits. One thread, CPU seconds (a busy machine): the MoE experts of 30B-A3B's shapes (random Q4_K stacks,
 # 128 tokens, top-8) 84, 84 ms against 94, 100 without; the 2-layer 30B-A3B-shaped Q4_K_M's whole 128-token
-# prefill 273 ms against 297, its attention products 59 against 69. False: 4 at a time everywhere
-Q4_K_TILE8 = True
+# prefill 273 ms against 297, its attention products 59 against 69 (Q4_K alone); Q6_K's expert down 33.0, 32.1 ms
+# against 35.7, 34.7. False: 4 at a time everywhere
+TILE8 = True
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -329,9 +347,13 @@ def _five(acts):  # the forms decode's row dots read (all but the pair sums)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
-def _tile8(w, n, acts, m, acc):  # row n of a Q4_K w · rows m..m+7 of x's Q8_K forms -> 8 x float32
+def _tile8(
+    kind, w, w8, n, acts, m, acc
+):  # row n of a Q4_K / Q6_K w · rows m..m+7 of x's Q8_K forms -> 8 x f32
     a0q, a0d, akq, akd, aks, akp = acts
-    return _q4_k_tile8(w, n, akq, akd, aks, m, acc)
+    if kind == quant.Q4_K:
+        return _q4_k_tile8(w, n, akq, akd, aks, m, acc)
+    return _q6_k_tile8(w, w8, n, akq, akd, akp, m, acc)
 
 
 @njit(cache=True, error_model="numpy", inline="always")
@@ -358,9 +380,9 @@ def _matmul_rows(kind, w, w8, acts, out, lo, hi):  # weight rows lo..hi for ever
         m1 = min(M, m0 + TOKEN_BLOCK)
         for n in range(lo, hi):  # the row's blocks stay in L1 while the block's tokens pass
             m = m0
-            if kind == quant.Q4_K and Q4_K_TILE8:
+            if kind != quant.Q8_0 and TILE8:
                 while m + 2 * TILE <= m1:
-                    v8 = _tile8(w, n, acts, m, acc)
+                    v8 = _tile8(kind, w, w8, n, acts, m, acc)
                     for t in range(2 * TILE):
                         out[m + t, n] = v8[t]
                     m += 2 * TILE
@@ -495,10 +517,10 @@ def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # row
     for f in range(lo, hi):
         r = e * F + f
         m = b0
-        if kg == quant.Q4_K and ku == quant.Q4_K and Q4_K_TILE8:
+        if kg != quant.Q8_0 and ku != quant.Q8_0 and TILE8:
             while m + 2 * TILE <= b1:
-                gv8 = _tile8(g, r, acts, m, acc)
-                uv8 = _tile8(u, r, acts, m, acc)
+                gv8 = _tile8(kg, g, g8, r, acts, m, acc)
+                uv8 = _tile8(ku, u, u8, r, acts, m, acc)
                 for t in range(2 * TILE):
                     h[m + t, f] = _silu(gv8[t]) * uv8[t]
                 m += 2 * TILE
@@ -538,9 +560,9 @@ def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output featu
     for i in range(lo, hi):
         r = e * d + i
         m = b0
-        if kd == quant.Q4_K and Q4_K_TILE8:
+        if kd != quant.Q8_0 and TILE8:
             while m + 2 * TILE <= b1:
-                v8 = _tile8(w, r, acts, m, acc)
+                v8 = _tile8(kd, w, w8, r, acts, m, acc)
                 for t in range(2 * TILE):
                     y[m + t, i] = v8[t]
                 m += 2 * TILE
