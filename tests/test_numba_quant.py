@@ -211,6 +211,33 @@ def test_avx2_tiles_equal_the_loops(qtype):
     assert got.tobytes() == np.array([loops(*a) for a in args], np.float32).tobytes()
 
 
+@pytest.mark.skipif(not quant.avx2.HAS_AVX2, reason="this CPU has no AVX2: the tiles are the plain loops")
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k"])
+def test_avx2_tile8_equals_the_loops(qtype):
+    # the 8-token tiles (one decoded block for 8 tokens) against 8 calls of the plain row loops: the same bits;
+    # with fp16 scales above the subnormal limit and below it (the scales of small weights are subnormal halves)
+    from tinyqwen.backends.numba import quant_matmul
+
+    rng = np.random.default_rng(13)
+    nbytes, at = {"q4_k": (144, slice(0, 4)), "q6_k": (210, slice(208, 210))}[qtype]
+    data = random_blocks(rng, qtype, 16, 768).reshape(16, 3, nbytes)
+    tiny = rng.uniform(1e-6, 6e-5, size=(8, 3, (at.stop - at.start) // 2)).astype(np.float16)
+    data[8:, :, at] = tiny.view(np.uint8)  # subnormal halves
+    data = data.reshape(16, -1)
+    data8 = data.view(np.int8)
+    x = rng.standard_normal((8, 768)).astype(np.float32)
+    x[:, 7] = -30.0
+    a0q, a0d, akq, akd, aks, akp = quant_matmul.quantize_acts(x, True, True, 2)
+    acc = np.empty(8, np.float32)
+    if qtype == "q4_k":
+        args = [(data, n, akq, akd, aks, 0, acc) for n in range(16)]
+    else:
+        args = [(data, data8, n, akq, akd, akp, 0, acc) for n in range(16)]
+    loops, vector = (getattr(quant_matmul, f"_{qtype}_tile8_{name}") for name in ("loops", "avx2"))
+    got = np.array([vector(*a) for a in args], np.float32)
+    assert got.tobytes() == np.array([loops(*a) for a in args], np.float32).tobytes()
+
+
 def test_tile_fp16_scales_equal_the_hardware_conversion():
     # the tiles read fp16 scales with integer instructions (quant_matmul._half): every finite fp16 value,
     # subnormals, zeros and signs included, against NumPy's conversion, through a Q8_0 tile with w = x = 1

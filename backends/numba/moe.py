@@ -11,8 +11,17 @@ from numba import njit, prange
 
 from tinyqwen.backends.numba import quant, quant_matmul
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, _to_bf16, round_bf16
-from tinyqwen.backends.numba.linear import GEMV_MAX_ROWS, QUANT_GEMV_MAX_ROWS, _chunks, _rows, linear, swiglu
+from tinyqwen.backends.numba.linear import (
+    GEMV_MAX_ROWS,
+    QUANT_GEMV_MAX_ROWS,
+    _chunks,
+    _rows,
+    _workers,
+    linear,
+    swiglu,
+)
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
+from tinyqwen.blas_threads import blas_threads
 from tinyqwen.moe import route
 
 
@@ -192,7 +201,7 @@ MOE_PREFILL_TILES = True
 MOE_TILE_PAD_FROM = 2  # an expert's last 2 or 3 tokens padded to a tile of 4 (4: never; see _experts_tiled)
 
 
-def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts, per: int) -> np.ndarray:
+def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarray:
     # x2 [N, d]; tokens [P]: each pair's token, the pairs sorted by expert (groups [G], counts [G] pairs each) ->
     # each pair's expert output [P, d], unweighted. An expert's run whose last tile would hold 2 or 3 tokens is
     # padded to 4 with zero rows (their products are 0, never read): a tile of 4 costs ~1.6 row dots (a prompt's
@@ -206,10 +215,15 @@ def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts, per: int) -
     chunks = _chunks()
     acts = quant_matmul.quantize_acts(xs, *quant._needs({w_gate.kind, w_up.kind}), chunks)
     h = np.empty((xs.shape[0], w_gate.shape[1]), np.float32)
-    quant_matmul.expert_up(w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, groups, bounds, per, h)
+    workers = _workers()
+    jobs = quant_matmul.expert_jobs(counts + pad, h.shape[1], workers)
+    quant_matmul.expert_up(
+        w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, groups, bounds, jobs, workers, h
+    )
     acts = quant_matmul.quantize_acts(h, *quant._needs({w_down.kind}), chunks)
     y = np.empty(xs.shape, np.float32)
-    quant_matmul.expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, per, y)
+    jobs = quant_matmul.expert_jobs(counts + pad, y.shape[1], workers)
+    quant_matmul.expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, jobs, workers, y)
     return y[real]
 
 
@@ -236,7 +250,7 @@ def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool)
         sub_groups = groups[few].astype(np.int64)
         per = max(1, _chunks() // len(few))  # row chunks per expert: enough work items for every thread
         if use_int and MOE_PREFILL_TILES:  # the activations gathered by expert, each expert's rows in tiles
-            y[sub] = _experts_tiled(x2, sub // k, w_gate, w_up, w_down, sub_groups, counts[few], per)
+            y[sub] = _experts_tiled(x2, sub // k, w_gate, w_up, w_down, sub_groups, counts[few])
         else:
             h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
             rows = use_int and MOE_ROW_DOTS  # the row dots on whole stacks (see _moe_decode_quant)
@@ -267,6 +281,15 @@ def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool)
     return out
 
 
+# OpenBLAS threads for the router's product with a float32 router weight (GGUF files keep ffn_gate_inp in F32).
+# Its product is tiny ([tokens, 2048] · [2048, 128]ᵀ), but with OpenBLAS's 2 threads its idle worker spins ~0.1 s
+# after the call, on a core the experts' numba threads, which run next, need (attention's blocks avoid BLAS's
+# threads for the same reason). A 128-token prefill of the 2-layer Qwen3-30B-A3B-shaped Q4_K_M: 151 tok/s with
+# the router on one thread against 102 with two (2 threads, load 6.5, same process, interleaved, best of 5;
+# the router logits move by float32 rounding: last logits 1.3e-6). None: as the process has it
+ROUTER_BLAS_THREADS: int | None = 1
+
+
 def moe_block(
     x,
     w_router,
@@ -278,7 +301,11 @@ def moe_block(
     bf16_inputs: bool = False,
     quant_gemv: str = "int8",
 ):  # [N, d], [E, d], [E, f, d], [E, f, d], [E, d, f] -> output [N, d], router logits [N, E]
-    router_logits = linear(x, w_router, bf16_inputs, quant_gemv)
+    if isinstance(w_router, np.ndarray):  # float32 router weight: BLAS, on one thread (ROUTER_BLAS_THREADS)
+        with blas_threads(ROUTER_BLAS_THREADS):
+            router_logits = linear(x, w_router, bf16_inputs, quant_gemv)
+    else:
+        router_logits = linear(x, w_router, bf16_inputs, quant_gemv)
     weights, experts = route(router_logits, top_k, norm_topk_prob)  # the reference's routing, ties included
     quantized = all(isinstance(w, QuantWeight) for w in (w_gate, w_up, w_down))
     if quantized and x.shape[0] <= QUANT_GEMV_MAX_ROWS:  # decode: every pair's rows over the threads together
