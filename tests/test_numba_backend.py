@@ -110,7 +110,11 @@ def test_one_row_prefetch_is_chosen_per_cpu_model(monkeypatch):
 
     assert gemv_one_row.ROW_PREFETCH == gemv_one_row.row_prefetch(settings.host_cpu_name())
     # measured: it pays on Sapphire Rapids and Zen 5, costs on Zen 3 (the comment above ROW_PREFETCH)
-    assert [gemv_one_row.row_prefetch(n) for n in ("sapphirerapids", "znver3", "znver5")] == [True, False, True]
+    assert [gemv_one_row.row_prefetch(n) for n in ("sapphirerapids", "znver3", "znver5")] == [
+        True,
+        False,
+        True,
+    ]
     monkeypatch.setenv("NUMBA_CPU_NAME", "znver3")
     assert settings.host_cpu_name() == "znver3"
     monkeypatch.setenv("NUMBA_CPU_NAME", "host")

@@ -9,7 +9,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from tinyqwen.backends.numba import quant, quant_matmul
+from tinyqwen.backends.numba import phases, quant, quant_matmul
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, _to_bf16, round_bf16
 from tinyqwen.backends.numba.linear import (
     GEMV_MAX_ROWS,
@@ -20,6 +20,7 @@ from tinyqwen.backends.numba.linear import (
     linear,
     swiglu,
 )
+from tinyqwen.backends.numba.quant_matmul import TILE, TILE8, _five, _tile, _tile8
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 from tinyqwen.blas_threads import blas_threads
 from tinyqwen.moe import route
@@ -201,6 +202,116 @@ MOE_PREFILL_TILES = True
 MOE_TILE_PAD_FROM = 2  # an expert's last 2 or 3 tokens padded to a tile of 4 (4: never; see _experts_tiled)
 
 
+# ---- MoE prefill: each routed expert's rows · the tokens that chose it, in tiles --------------------------------
+# The (token, expert) pairs sorted by expert and the activations gathered in that order (x's row of each pair's
+# token; SwiGLU's h row of each pair), so an expert's tokens are consecutive rows and tile as a dense prompt does.
+# Each row dot is the one quant.py's grouped MoE kernels take, on the same quantized rows: the same bits.
+
+
+@njit(cache=True, error_model="numpy")
+def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # rows lo..hi of expert e
+    # gate/up [E·F, bytes]; acts: rows b0..b1 are e's tokens -> h[b0:b1, lo:hi] = silu(x·g)·(x·u)
+    acc = np.empty(8, np.float32)
+    for f in range(lo, hi):
+        r = e * F + f
+        m = b0
+        if kg != quant.Q8_0 and ku != quant.Q8_0 and TILE8:
+            while m + 2 * TILE <= b1:
+                gv8 = _tile8(kg, g, g8, r, acts, m, acc)
+                uv8 = _tile8(ku, u, u8, r, acts, m, acc)
+                for t in range(2 * TILE):
+                    h[m + t, f] = _silu(gv8[t]) * uv8[t]
+                m += 2 * TILE
+        while m + TILE <= b1:
+            gv = _tile(kg, g, g8, r, acts, m, acc)
+            uv = _tile(ku, u, u8, r, acts, m, acc)
+            for t in range(TILE):
+                h[m + t, f] = _silu(gv[t]) * uv[t]
+            m += TILE
+        while m < b1:
+            h[m, f] = _silu(quant._row(kg, g, g8, r, _five(acts), m, acc)) * quant._row(
+                ku, u, u8, r, _five(acts), m, acc
+            )
+            m += 1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def expert_up(kg, ku, g, g8, u, u8, acts, groups, bounds, jobs, workers, h):
+    # acts of the gathered x [P, d]; groups [G] the routed experts, bounds [G + 1] their runs of rows; jobs [J, 3]
+    # (expert j, rows lo..hi), costliest first (expert_jobs) -> h [P, F] (written). The threads claim the jobs in
+    # turn (phases.claim) instead of prange's fixed halves: see expert_jobs
+    F = h.shape[1]
+    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
+    for _ in prange(workers):
+        i = phases.claim(ctr, 0)
+        while i < jobs.shape[0]:
+            j = jobs[i, 0]
+            _expert_up_rows(
+                kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, jobs[i, 1], jobs[i, 2]
+            )
+            i = phases.claim(ctr, 0)
+
+
+@njit(cache=True, error_model="numpy")
+def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output features lo..hi of expert e
+    acc = np.empty(8, np.float32)
+    for i in range(lo, hi):
+        r = e * d + i
+        m = b0
+        if kd != quant.Q8_0 and TILE8:
+            while m + 2 * TILE <= b1:
+                v8 = _tile8(kd, w, w8, r, acts, m, acc)
+                for t in range(2 * TILE):
+                    y[m + t, i] = v8[t]
+                m += 2 * TILE
+        while m + TILE <= b1:
+            y[m, i], y[m + 1, i], y[m + 2, i], y[m + 3, i] = _tile(kd, w, w8, r, acts, m, acc)
+            m += TILE
+        while m < b1:
+            y[m, i] = quant._row(kd, w, w8, r, _five(acts), m, acc)
+            m += 1
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def expert_down(kd, w, w8, acts, groups, bounds, jobs, workers, y):
+    # acts of the gathered h [P, F]; w [E·d, bytes]; jobs [J, 3] as expert_up's, over output features -> y [P, d]
+    d = y.shape[1]
+    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
+    for _ in prange(workers):
+        i = phases.claim(ctr, 0)
+        while i < jobs.shape[0]:
+            j = jobs[i, 0]
+            _expert_down_rows(
+                kd, w, w8, d, acts, groups[j], bounds[j], bounds[j + 1], y, jobs[i, 1], jobs[i, 2]
+            )
+            i = phases.claim(ctr, 0)
+
+
+# Work items of expert_up / expert_down per thread, on average: an expert is cut into pieces of at most about
+# 1 / (JOBS_PER_THREAD · threads) of the whole, so that claiming them costliest first leaves little tail
+JOBS_PER_THREAD = 8
+
+
+def expert_jobs(counts: np.ndarray, rows: int, threads: int) -> np.ndarray:
+    """The work items of one projection over the routed experts: counts [G] tokens (rows of acts) per expert, rows
+    the weight's rows per expert -> jobs [J, 3] int64 (expert j, rows lo..hi), costliest first.
+
+    A job's cost ~ its tokens x its rows (a tile's decoded block is shared by 4 tokens; the tokens' products are
+    the bulk). A prompt's routing gives experts 1-86 tokens (the 2-layer Qwen3-30B-A3B-shaped file, 128 tokens,
+    top-8): prange's fixed halves of the experts, each expert one item, left one thread with most of the work.
+    Here an expert is cut into pieces of about equal cost, and the threads take them in turn, costliest first."""
+    counts = np.asarray(counts, np.int64)
+    target = max(1, int(counts.sum()) * rows // (JOBS_PER_THREAD * max(1, threads)))
+    pieces = np.clip(-(-(counts * rows) // target), 1, rows)
+    size = -(-rows // pieces)
+    n = -(-rows // size)  # pieces of `size` rows (the last may be shorter)
+    j = np.repeat(np.arange(len(counts)), n)
+    lo = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) * np.repeat(size, n)
+    hi = np.minimum(rows, lo + np.repeat(size, n))
+    order = np.argsort(-(hi - lo) * counts[j], kind="stable")
+    return np.stack((j, lo, hi), axis=1)[order].astype(np.int64)
+
+
 def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarray:
     # x2 [N, d]; tokens [P]: each pair's token, the pairs sorted by expert (groups [G], counts [G] pairs each) ->
     # each pair's expert output [P, d], unweighted. An expert's run whose last tile would hold 2 or 3 tokens is
@@ -216,14 +327,12 @@ def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarr
     acts = quant_matmul.quantize_acts(xs, *quant._needs({w_gate.kind, w_up.kind}), chunks)
     h = np.empty((xs.shape[0], w_gate.shape[1]), np.float32)
     workers = _workers()
-    jobs = quant_matmul.expert_jobs(counts + pad, h.shape[1], workers)
-    quant_matmul.expert_up(
-        w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, groups, bounds, jobs, workers, h
-    )
+    jobs = expert_jobs(counts + pad, h.shape[1], workers)
+    expert_up(w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, groups, bounds, jobs, workers, h)
     acts = quant_matmul.quantize_acts(h, *quant._needs({w_down.kind}), chunks)
     y = np.empty(xs.shape, np.float32)
-    jobs = quant_matmul.expert_jobs(counts + pad, y.shape[1], workers)
-    quant_matmul.expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, jobs, workers, y)
+    jobs = expert_jobs(counts + pad, y.shape[1], workers)
+    expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, jobs, workers, y)
     return y[real]
 
 
