@@ -428,8 +428,25 @@ def _row_q6_k_avx2(w, w8, n, a, ad, m, acc):
     return avx2.q6_k_row(w, a, ad, n, m)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q8_0_vnni(w, w8, n, a, ad, m, acc):
+    return avx2.q8_0_row_vnni(w, a, ad, n, m)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q8_0_vnni512(w, w8, n, a, ad, m, acc):
+    return avx2.q8_0_row_vnni512(w, a, ad, n, m)
+
+
 if avx2.HAS_AVX2:
     _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_avx2, _row_q4_k_avx2, _row_q6_k_avx2
+    # VNNI's `vpdpbusd` (avx2.py), the same bits: one thread over Q8_0 rows of K = 1024 from L2, 1.07x on 256-bit
+    # registers and 1.17x on 512-bit ones (two blocks an instruction); from memory (60000 rows) 1.05x either way
+    # (AMD Zen 5, 2 shared cores, same process, interleaved, best of 7)
+    if avx2.HAS_VNNI_512:
+        _row_q8_0 = _row_q8_0_vnni512
+    elif avx2.HAS_VNNI:
+        _row_q8_0 = _row_q8_0_vnni
 else:
     _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_loops, _row_q4_k_loops, _row_q6_k_loops
 
