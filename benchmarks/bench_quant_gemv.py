@@ -7,9 +7,9 @@ machine even when the absolute figures do not.
 
     python benchmarks/bench_quant_gemv.py [--repeat 20]
 
---q8-rows: instead, quant.py's Q8_0 row dots (the "int8" GEMV's inner kernel) side by side on one thread over the
-same shapes, interleaved in one process: AVX2's `vpmaddubsw` + `vpmaddwd`, VNNI's `vpdpbusd` on 256-bit registers
-and on 512-bit ones (where the CPU has them; all give the same bits), as ratios to the first.
+--q8-rows: instead, quant.py's Q8_0 row dots (the "int8" GEMV's inner kernel) side by side on one thread over
+the same shapes, interleaved in one process: AVX2's `vpmaddubsw` + `vpmaddwd`, VNNI's `vpdpbusd` on 256-bit
+registers and on 512-bit ones (where the CPU has them; all give the same bits), as ratios to the first.
 
     python benchmarks/bench_quant_gemv.py --q8-rows [--repeat 20]
 """

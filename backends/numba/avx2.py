@@ -398,16 +398,15 @@ def q6_k_row(typingctx, b, xq, xd, n, m):
     return types.float32(b, xq, xd, n, m), codegen
 
 
-# ---- Q8_0 rows with VNNI: `vpdpbusd` ----------------------------------------------------------------------------
+# ---- Q8_0 rows with VNNI: `vpdpbusd` -----------------------------------------------------------------------
 #
-# Where the CPU has AVX512-VNNI with AVX512VL, or AVX-VNNI, `vpdpbusd(acc s32 x8, a u8 x32, b s8 x32)` adds to lane
-# i the four products a[4i..4i+3]·b[4i..4i+3] in one instruction: what `vpmaddwd(vpmaddubsw(a, b), 1)` leaves in
-# lane i, without the int16 step. Q8_0's pairs never saturate that step (≤ 2·128·127 < 2¹⁵), so the lanes are the
-# same integers and the row the same bits as `q8_0_row` and the loops (tested).
-# With AVX-512 the row can also take two blocks per 512-bit register (`wide`): no 512-bit `vpsignb` exists, so |w|
-# is `vpabsb` and x takes w's sign by a masked negation (w = 0 leaves x: its product is 0 either way); the two
-# blocks' eight lanes are converted and scaled at once and added to the float lanes in block order, as the loops
-# add them.
+# Where the CPU has AVX512-VNNI with AVX512VL, or AVX-VNNI, `vpdpbusd(acc s32 x8, a u8 x32, b s8 x32)` adds to
+# lane i the four products a[4i..4i+3]·b[4i..4i+3] in one instruction: what `vpmaddwd(vpmaddubsw(a, b), 1)`
+# leaves in lane i, without the int16 step. Q8_0's pairs never saturate that step (≤ 2·128·127 < 2¹⁵), so the
+# lanes are the same integers and the row the same bits as `q8_0_row` and the loops (tested). With AVX-512 the
+# row also takes two blocks per 512-bit register: no 512-bit `vpsignb` exists, so |w| is `vpabsb` and x takes
+# w's sign by a masked negation (w = 0 leaves x: its product is 0 either way); the two blocks' lanes are
+# converted and scaled at once and added to the float lanes in block order, as the loops add them.
 
 _FEATURES = set(_host_features())
 HAS_VNNI = HAS_AVX2 and ("+avxvnni" in _FEATURES or {"+avx512vnni", "+avx512vl"} <= _FEATURES)
@@ -415,7 +414,8 @@ HAS_VNNI_512 = {"+avx512vnni", "+avx512bw", "+avx512f"} <= _FEATURES
 
 
 def _dpbusd(builder, acc, a, b):  # acc (<n x i32>) + lane-wise sums of four u8(a)·s8(b) products
-    # declared with i32 vectors, the form every LLVM with VNNI reads (newer ones upgrade it to their i8 vectors)
+    # declared with i32 vectors, the form every LLVM with VNNI reads (newer ones upgrade it to their i8
+    # vectors)
     n = acc.type.count
     vec = ir.VectorType(I32, n)
     fn = _fn(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vec, vec, vec, vec)
