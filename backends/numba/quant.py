@@ -25,8 +25,8 @@ Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot prod
   loop in IR; Q8_0 with VNNI's `vpdpbusd` where the CPU has it), elsewhere in plain loops that give the same
   bits. x is quantized once per call, inside the parallel kernel, for all the weights of the call (q, k, v;
   gate and up). The row dots take the whole weight and a row number, never a row view (see avx2._Row). One
-  thread, against the earlier kernels that returned one int32 per block (a horizontal add and a scalar multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x,
-  q4_k 2.1x, q6_k 1.8-2.1x,
+  thread, against the earlier kernels that returned one int32 per block (a horizontal add and a scalar
+  multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x, q4_k 2.1x, q6_k 1.8-2.1x,
   the 151936-row lm_head 1.5x; AMD EPYC, a busy machine; `benchmarks/profile_quant_step.py` times a whole step).
   The row intrinsics ask for the weight's lines 4 KB ahead (prefetch) and the GEMV picks the format once per
   weight, not per row: one thread over weights larger than the caches, Q4_K / Q6_K 1.24x, Q8_0 1.15x, and a
