@@ -6,6 +6,12 @@ and its down shape ([1024, 3072]), random blocks; best of R timings, all in one 
 machine even when the absolute figures do not.
 
     python benchmarks/bench_quant_gemv.py [--repeat 20]
+
+--q8-rows: instead, quant.py's Q8_0 row dots (the "int8" GEMV's inner kernel) side by side on one thread over
+the same shapes, interleaved in one process: AVX2's `vpmaddubsw` + `vpmaddwd`, VNNI's `vpdpbusd` on 256-bit
+registers and on 512-bit ones (where the CPU has them; all give the same bits), as ratios to the first.
+
+    python benchmarks/bench_quant_gemv.py --q8-rows [--repeat 20]
 """
 
 from __future__ import annotations
@@ -41,10 +47,52 @@ def best(fn, repeat: int) -> float:
     return min(times)
 
 
+def q8_rows(repeat: int) -> None:  # the Q8_0 row kernels, ABCABC..., best of `repeat` each
+    from numba import njit
+
+    from tinyqwen.backends.numba import quant
+
+    def rows(row):  # every row of w · x's row 0, one thread
+        @njit
+        def run(w, w8, a, ad, out):
+            acc = np.empty(8, np.float32)
+            for n in range(w.shape[0]):
+                out[n] = row(w, w8, n, a, ad, 0, acc)
+
+        return run
+
+    kernels = {"avx2": quant._row_q8_0_avx2}
+    if quant.avx2.HAS_VNNI:
+        kernels["vnni256"] = quant._row_q8_0_vnni
+    if quant.avx2.HAS_VNNI_512:
+        kernels["vnni512"] = quant._row_q8_0_vnni512
+    runs = {name: rows(row) for name, row in kernels.items()}
+    rng = np.random.default_rng(0)
+    print(f"{'shape':<8} {'kernel':<8} {'ms':>7} {'GB/s':>6} {'vs avx2':>8}")
+    for name, (rows_, cols) in {"gate+up": (2 * 3072, 1024), "down": (1024, 3072)}.items():
+        w = random_blocks(rng, "q8_0", rows_, cols)
+        a, ad, *_ = quant._quantize_acts(rng.standard_normal((1, cols)).astype(np.float32), True, True)
+        out = np.empty(rows_, np.float32)
+        best_of = dict.fromkeys(runs, np.inf)
+        for run in runs.values():
+            run(w, w.view(np.int8), a, ad, out)  # compile / warm
+        for _ in range(repeat):
+            for kernel, run in runs.items():
+                t = time.perf_counter()
+                run(w, w.view(np.int8), a, ad, out)
+                best_of[kernel] = min(best_of[kernel], time.perf_counter() - t)
+        for kernel, t in best_of.items():
+            ratio = best_of["avx2"] / t
+            print(f"{name:<8} {kernel:<8} {t * 1e3:7.3f} {w.nbytes / t / 1e9:6.1f} {ratio:8.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--q8-rows", action="store_true", help="A/B the Q8_0 row kernels (one thread)")
     args = parser.parse_args()
+    if args.q8_rows:
+        return q8_rows(args.repeat)
     rng = np.random.default_rng(0)
     prepare = get_backend("numba").prepare
     x = rng.standard_normal((1, 1024)).astype(np.float32)

@@ -525,6 +525,29 @@ def test_avx2_row_dots_equal_the_loops(qtype):
     assert np.allclose(got, old, rtol=1e-5, atol=1e-5 * np.abs(old).max())
 
 
+@pytest.mark.skipif(not quant.avx2.HAS_VNNI, reason="this CPU has no VNNI: Q8_0 rows use vpmaddubsw")
+@pytest.mark.parametrize("wide", [False, True])
+@pytest.mark.parametrize("cols", [768, 800])  # 24 blocks, and 25: the 512-bit row's last block alone
+def test_vnni_q8_0_rows_equal_the_loops(wide, cols):
+    # vpdpbusd's four-product lanes are vpmaddwd(vpmaddubsw)'s (Q8_0's pairs never saturate int16), scaled and
+    # added in the same order: equal bits, including w = -128 (|w| = 128 as u8) and x codes at ±127
+    if wide and not quant.avx2.HAS_VNNI_512:
+        pytest.skip("this CPU has no 512-bit VNNI")
+    rng = np.random.default_rng(11)
+    data = random_blocks(rng, "q8_0", 16, cols)
+    data[3, 2:34] = 0x80  # a block of -128 codes
+    data[4, 36 + 2 : 36 + 34] = 0  # and one of zeros
+    data8 = data.view(np.int8)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    x[0, 7], x[0, 40] = -30.0, 30.0
+    a0q, a0d, *_ = quant._quantize_acts(x, True, True)
+    acc = np.empty(8, np.float32)
+    vector = quant._row_q8_0_vnni512 if wide else quant._row_q8_0_vnni
+    got = np.array([vector(data, data8, n, a0q, a0d, 0, acc) for n in range(16)], np.float32)
+    want = np.array([quant._row_q8_0_loops(data, data8, n, a0q, a0d, 0, acc) for n in range(16)], np.float32)
+    assert got.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("m", [1, 3])
 def test_fused_quant_swiglu_equals_its_parts(m, monkeypatch):
     # decode's one-call SwiGLU ("int8") against gate/up and down as separate int8 GEMVs: the same row dots on the

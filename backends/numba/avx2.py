@@ -396,3 +396,102 @@ def q6_k_row(typingctx, b, xq, xd, n, m):
         return r.total(acc)
 
     return types.float32(b, xq, xd, n, m), codegen
+
+
+# ---- Q8_0 rows with VNNI: `vpdpbusd` -----------------------------------------------------------------------
+#
+# Where the CPU has AVX512-VNNI with AVX512VL, or AVX-VNNI, `vpdpbusd(acc s32 x8, a u8 x32, b s8 x32)` adds to
+# lane i the four products a[4i..4i+3]·b[4i..4i+3] in one instruction: what `vpmaddwd(vpmaddubsw(a, b), 1)`
+# leaves in lane i, without the int16 step. Q8_0's pairs never saturate that step (≤ 2·128·127 < 2¹⁵), so the
+# lanes are the same integers and the row the same bits as `q8_0_row` and the loops (tested). With AVX-512 the
+# row also takes two blocks per 512-bit register: no 512-bit `vpsignb` exists, so |w| is `vpabsb` and x takes
+# w's sign by a masked negation (w = 0 leaves x: its product is 0 either way); the two blocks' lanes are
+# converted and scaled at once and added to the float lanes in block order, as the loops add them.
+
+_FEATURES = set(_host_features())
+HAS_VNNI = HAS_AVX2 and ("+avxvnni" in _FEATURES or {"+avx512vnni", "+avx512vl"} <= _FEATURES)
+HAS_VNNI_512 = {"+avx512vnni", "+avx512bw", "+avx512f"} <= _FEATURES
+
+
+def _dpbusd(builder, acc, a, b):  # acc (<n x i32>) + lane-wise sums of four u8(a)·s8(b) products
+    # declared with i32 vectors, the form every LLVM with VNNI reads (newer ones upgrade it to their i8
+    # vectors)
+    n = acc.type.count
+    vec = ir.VectorType(I32, n)
+    fn = _fn(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vec, vec, vec, vec)
+    return builder.call(fn, [acc, builder.bitcast(a, vec), builder.bitcast(b, vec)])
+
+
+def _q8_0_vnni_block(r, builder, acc, blk):  # one block's scaled lanes added to acc: the 256-bit step
+    op = r.op
+    o = builder.mul(blk, ir.Constant(blk.type, 34))
+    r.prefetch_block(0, o, 34)
+    w = r.load(0, _add(builder, o, 2), V32I8)
+    x = r.load(1, builder.mul(blk, ir.Constant(blk.type, 32)), V32I8)
+    zero = ir.Constant(V8I32, [0] * 8)
+    lanes = _dpbusd(builder, zero, builder.call(op.sign, [w, w]), builder.call(op.sign, [x, w]))
+    r.scaled_add(acc, lanes, builder.fmul(r.half(0, o), r.load(2, blk, F32, 4)))
+
+
+def _q8_0_row_vnni(wide: bool):
+    def q8_0_row_vnni(typingctx, b, xq, xd, n, m):
+        def codegen(context, builder, sig, args):
+            r = _Row(context, builder, sig, args, {0: 3, 1: 4, 2: 4})
+            acc = r.new_acc()
+            nblk = r.length(2)
+            if not wide:
+                with r.loop(nblk) as loop:
+                    _q8_0_vnni_block(r, builder, acc, loop.index)
+                return r.total(acc)
+            V64I8, V16I32, V16F32 = ir.VectorType(I8, 64), ir.VectorType(I32, 16), ir.VectorType(F32, 16)
+            one = ir.Constant(nblk.type, 1)
+            with r.loop(builder.lshr(nblk, one)) as loop:  # blocks 2p, 2p + 1
+                blk = builder.shl(loop.index, one)
+                o = builder.mul(blk, ir.Constant(blk.type, 34))
+                r.prefetch_block(0, o, 68)
+                wa, wb = (r.load(0, _add(builder, o, 2 + 34 * k), V32I8) for k in range(2))
+                w = builder.shuffle_vector(wa, wb, ir.Constant(ir.VectorType(I32, 64), list(range(64))))
+                x = r.load(1, builder.mul(blk, ir.Constant(blk.type, 32)), V64I8)
+                zero8 = ir.Constant(V64I8, [0] * 64)
+                neg = builder.icmp_signed("<", w, zero8)
+                absw = builder.select(neg, builder.sub(zero8, w), w)
+                signed_x = builder.select(neg, builder.sub(zero8, x), x)
+                lanes = _dpbusd(builder, ir.Constant(V16I32, [0] * 16), absw, signed_x)
+                sw = builder.fpext(
+                    builder.insert_element(
+                        builder.insert_element(
+                            ir.Constant(ir.VectorType(ir.HalfType(), 2), None),
+                            builder.bitcast(r.load(0, o, I16), ir.HalfType()),
+                            ir.Constant(I32, 0),
+                        ),
+                        builder.bitcast(r.load(0, _add(builder, o, 34), I16), ir.HalfType()),
+                        ir.Constant(I32, 1),
+                    ),
+                    ir.VectorType(F32, 2),
+                )
+                scales = builder.fmul(sw, r.load(2, blk, ir.VectorType(F32, 2), 4))  # d_w·d_x of both blocks
+                spread = builder.shuffle_vector(
+                    scales, ir.Constant(scales.type, None), ir.Constant(V16I32, [0] * 8 + [1] * 8)
+                )
+                terms = builder.fmul(builder.sitofp(lanes, V16F32), spread)
+                for k in range(2):  # block 2p's lanes, then 2p + 1's: the loops' order
+                    half = builder.shuffle_vector(
+                        terms,
+                        ir.Constant(V16F32, None),
+                        ir.Constant(ir.VectorType(I32, 8), list(range(8 * k, 8 * k + 8))),
+                    )
+                    builder.store(builder.fadd(builder.load(acc), half), acc)
+            odd = builder.icmp_unsigned("!=", builder.and_(nblk, one), ir.Constant(nblk.type, 0))
+            with builder.if_then(odd):  # a last block alone
+                _q8_0_vnni_block(r, builder, acc, builder.sub(nblk, one))
+            return r.total(acc)
+
+        return types.float32(b, xq, xd, n, m), codegen
+
+    q8_0_row_vnni.__name__ = q8_0_row_vnni.__qualname__ = "q8_0_row_vnni" + ("512" if wide else "")
+    return intrinsic(q8_0_row_vnni)
+
+
+# `q8_0_row` with `vpdpbusd` on 256-bit registers (one block an instruction) or 512-bit ones (two)
+q8_0_row_vnni = _q8_0_row_vnni(False)
+q8_0_row_vnni512 = _q8_0_row_vnni(True)

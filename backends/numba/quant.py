@@ -22,11 +22,11 @@ Decode (one to QUANT_GEMV_MAX_ROWS tokens) has two ways to take a row's dot prod
   activation's rounding (≤ half a step, step = amax/127 of its block) is the only difference from float32. The
   dense GEMV keeps eight float32 lanes across a row's blocks (see "the dense GEMV's row dots" below); on CPUs with
   AVX2 the row runs in avx2.py's row intrinsics (`vpmaddubsw`/`vpmaddwd`, 32 products an instruction, the block
-  loop in IR), elsewhere in plain loops that give the same bits. x is quantized once per call, inside the parallel
-  kernel, for all the weights of the call (q, k, v; gate and up). The row dots take the whole weight and a row
-  number, never a row view (see avx2._Row). One thread, against the earlier kernels that returned one int32 per
-  block (a horizontal add and a scalar multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x,
-  q4_k 2.1x, q6_k 1.8-2.1x,
+  loop in IR; Q8_0 with VNNI's `vpdpbusd` where the CPU has it), elsewhere in plain loops that give the same
+  bits. x is quantized once per call, inside the parallel kernel, for all the weights of the call (q, k, v;
+  gate and up). The row dots take the whole weight and a row number, never a row view (see avx2._Row). One
+  thread, against the earlier kernels that returned one int32 per block (a horizontal add and a scalar
+  multiply-add each): Qwen3-0.6B's shapes 1.5-2.2x faster (q8_0 down 1.9x, q4_k 2.1x, q6_k 1.8-2.1x,
   the 151936-row lm_head 1.5x; AMD EPYC, a busy machine; `benchmarks/profile_quant_step.py` times a whole step).
   The row intrinsics ask for the weight's lines 4 KB ahead (prefetch) and the GEMV picks the format once per
   weight, not per row: one thread over weights larger than the caches, Q4_K / Q6_K 1.24x, Q8_0 1.15x, and a
@@ -428,8 +428,25 @@ def _row_q6_k_avx2(w, w8, n, a, ad, m, acc):
     return avx2.q6_k_row(w, a, ad, n, m)
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q8_0_vnni(w, w8, n, a, ad, m, acc):
+    return avx2.q8_0_row_vnni(w, a, ad, n, m)
+
+
+@njit(cache=True, error_model="numpy", inline="always")
+def _row_q8_0_vnni512(w, w8, n, a, ad, m, acc):
+    return avx2.q8_0_row_vnni512(w, a, ad, n, m)
+
+
 if avx2.HAS_AVX2:
     _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_avx2, _row_q4_k_avx2, _row_q6_k_avx2
+    # VNNI's `vpdpbusd` (avx2.py), the same bits: one thread over Q8_0 rows of K = 1024 from L2, 1.07x on
+    # 256-bit registers and 1.17x on 512-bit ones (two blocks an instruction); from memory (60000 rows)
+    # 1.02-1.06x (AMD Zen 5, 2 shared cores, same process, interleaved, best of 7)
+    if avx2.HAS_VNNI_512:
+        _row_q8_0 = _row_q8_0_vnni512
+    elif avx2.HAS_VNNI:
+        _row_q8_0 = _row_q8_0_vnni
 else:
     _row_q8_0, _row_q4_k, _row_q6_k = _row_q8_0_loops, _row_q4_k_loops, _row_q6_k_loops
 
