@@ -1,6 +1,7 @@
 """Prefill with quantized weights, two ways in one process, interleaved: the int8 tiles (backends/numba/quant_matmul.py,
 the default) against the earlier prefill — dense weights' blocks widened to float32 into BLAS, MoE experts dotted
-one token per row dot (linear.INT8_PREFILL = (), moe.MOE_PREFILL_TILES = False).
+one token per row dot (linear.INT8_PREFILL = (), moe.MOE_PREFILL_TILES = False); where Numba compiles for AVX-512 a
+third, "panels": the dense weights' blocks dequantized into prefill_gemm.py's panels (linear.QUANT_PREFILL_PANELS).
 
     python benchmarks/bench_quant_prefill.py MODEL.gguf [MODEL2.gguf ...] [--prompt 128] [--repeat 5]
         [--threads N] [--blas-threads N] [--kernels]
@@ -54,7 +55,7 @@ def main() -> None:
     import numba
 
     import tinyqwen
-    from tinyqwen.backends.numba import QuantWeight, backend, linear, moe, quant
+    from tinyqwen.backends.numba import QuantWeight, backend, linear, moe, prefill_gemm, quant
     from tinyqwen.blas_threads import limit_blas_threads
 
     if args.threads:
@@ -62,10 +63,15 @@ def main() -> None:
     if args.blas_threads:
         limit_blas_threads(args.blas_threads)
 
+    roads = ["int8", "blas"] + (["panels"] if prefill_gemm.available() else [])
+
     def use(
-        int8: bool,
-    ):  # the tiles, or the earlier prefill (dense: BLAS; MoE experts: one token per row dot)
+        road: str,
+    ):  # the tiles, the earlier prefill (dense: BLAS; MoE experts: one token per row dot), or
+        # the dense weights' dequantized blocks through prefill_gemm.py's panels (MoE experts as "blas")
+        int8 = road == "int8"
         linear.INT8_PREFILL = tuple(quant.KINDS) if int8 else ()  # every format, or none
+        linear.QUANT_PREFILL_PANELS = road == "panels"
         moe.MOE_PREFILL_TILES = int8
 
     for path in args.models:
@@ -85,35 +91,47 @@ def main() -> None:
                 w = w if isinstance(w, QuantWeight) else getattr(layer.mlp, name)
                 x = rng.standard_normal((args.prompt, shape[1])).astype(np.float32)
 
-                def run(int8, w=w, x=x):
-                    use(int8)
+                def run(road, w=w, x=x):
+                    use(road)
                     return linear.linear(x, w)
 
-                run(True), run(False)  # compile
-                best = best_of({"int8": lambda: run(True), "blas": lambda: run(False)}, args.repeat)
-                print(
-                    f"  {name:10s} {qtype:5s} {str(shape):13s} int8 {best['int8'] * 1e3:7.2f} ms  "
-                    f"BLAS {best['blas'] * 1e3:7.2f} ms  int8/BLAS speed {best['blas'] / best['int8']:.2f}x"
+                for road in roads:
+                    run(road)  # compile
+                best = best_of({road: lambda road=road: run(road) for road in roads}, args.repeat)
+                line = f"  {name:10s} {qtype:5s} {str(shape):13s}"
+                line += "".join(f" {road} {best[road] * 1e3:7.2f} ms" for road in roads)
+                line += "".join(
+                    f"  {road}/BLAS speed {best['blas'] / best[road]:.2f}x" for road in roads[::2]
                 )
+                print(line)
         if args.only_kernels:
             continue
         ids = np.random.default_rng(0).integers(0, min(model.config.vocab_size, 151643), args.prompt)[None]
         # (a MoE file: "BLAS" below is the earlier prefill, its experts on the row dots)
         logits = {}
 
-        def prefill(int8: bool, model=model, ids=ids, logits=logits):
-            use(int8)
+        def prefill(road: str, model=model, ids=ids, logits=logits):
+            use(road)
             cache = model.new_cache(1, args.prompt + 8, "bfloat16")
-            logits[int8] = model.forward(ids, cache=cache, last_only=True).logits[0, -1]
+            logits[road] = model.forward(ids, cache=cache, last_only=True).logits[0, -1]
 
-        prefill(True), prefill(False)  # compile, warm
-        best = best_of({"int8": lambda: prefill(True), "blas": lambda: prefill(False)}, args.repeat)
-        use(True)
-        diff = float(np.abs(logits[True] - logits[False]).max() / np.abs(logits[False]).max())
+        for road in roads:
+            prefill(road)  # compile, warm
+        best = best_of({road: lambda road=road: prefill(road) for road in roads}, args.repeat)
+        use("int8")
+        linear.QUANT_PREFILL_PANELS = True  # the module's default
+        scale = np.abs(logits["blas"]).max()
         print(
-            f"  prefill: int8 {args.prompt / best['int8']:7.1f} tok/s  BLAS {args.prompt / best['blas']:7.1f} tok/s"
-            f"  int8/BLAS {best['blas'] / best['int8']:.2f}x   last logits max|Δ|/max|logit| {diff:.2e}"
+            "  prefill:"
+            + "".join(f" {road} {args.prompt / best[road]:7.1f} tok/s" for road in roads)
+            + "".join(f"  {road}/BLAS {best['blas'] / best[road]:.2f}x" for road in roads[::2])
+            + (f"  panels/int8 {best['int8'] / best['panels']:.2f}x" if "panels" in roads else "")
         )
+        for road in roads[
+            ::2
+        ]:  # int8: the activations' 8-bit rounding; panels: float32 sums in another order
+            diff = float(np.abs(logits[road] - logits["blas"]).max())
+            print(f"    last logits {road} vs BLAS: max|Δ| {diff:.2e}, /max|logit| {diff / scale:.2e}")
 
 
 if __name__ == "__main__":

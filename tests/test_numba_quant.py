@@ -150,8 +150,13 @@ def test_fused_gemv_over_mixed_formats():
 
 @pytest.mark.parametrize("qtype", QTYPES)
 @pytest.mark.parametrize("mode", ["float", "int8 off"])
-def test_prefill_dequantizes_blocks_into_blas(qtype, mode, monkeypatch):
-    # "float" (and "int8" with INT8_PREFILL off): blocks of rows widened to float32 into BLAS
+@pytest.mark.parametrize("panels", [False, True])
+def test_prefill_dequantizes_blocks_into_blas(qtype, mode, panels, monkeypatch):
+    # "float" (and "int8" with INT8_PREFILL off): blocks of rows widened to float32 into BLAS, or on AVX-512 into
+    # prefill_gemm.py's panels (QUANT_PREFILL_PANELS; tests/test_prefill_gemm.py checks them further)
+    if panels and not linear.prefill_gemm.available():
+        pytest.skip("the panels need AVX-512")
+    monkeypatch.setattr(linear, "QUANT_PREFILL_PANELS", panels)
     monkeypatch.setattr(linear, "INT8_PREFILL", tuple(quant.KINDS) if mode == "float" else ())
     gemv = mode.split()[0]
     rng = np.random.default_rng(4)

@@ -12,8 +12,10 @@ import pytest
 
 pytest.importorskip("numba")
 
+from tinyqwen.backends import get_backend  # noqa: E402
 from tinyqwen.backends.numba import linear, prefill_gemm  # noqa: E402
 from tinyqwen.backends.numba.weights import BF16Weight  # noqa: E402
+from tinyqwen.quantization import BLOCK_BYTES, BLOCK_VALUES, DEQUANTIZE, QuantizedTensor  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -95,3 +97,39 @@ def test_prefill_logits_and_greedy_equal_the_blas_road_and_numpy(monkeypatch):
     assert np.abs(panels - blas).max() <= 1e-5 * scale
     assert np.abs(panels - ref).max() <= 1e-5 * scale
     assert greedy == generate(ref_model, ids[0, :80].tolist(), max_new_tokens=8, eos_token_ids=())
+
+
+def _quantized(rng, qtype: str, n: int, k: int):  # random blocks (sane fp16 scales) -> weight, exact float64
+    values, nbytes = BLOCK_VALUES[qtype], BLOCK_BYTES[qtype]
+    blocks = rng.integers(0, 256, size=(n, k // values, nbytes), dtype=np.uint8)
+    scales = {"q8_0": slice(0, 2), "q4_k": slice(0, 4), "q6_k": slice(208, 210)}[qtype]
+    width = scales.stop - scales.start
+    blocks[..., scales] = (
+        rng.uniform(1e-3, 1e-2, (n, k // values, width // 2)).astype(np.float16).view(np.uint8)
+    )
+    data = blocks.reshape(n, -1)
+    weight = get_backend("numba").prepare(QuantizedTensor(qtype, (n, k), data))
+    return weight, DEQUANTIZE[qtype](data).astype(np.float64)
+
+
+# the quantized prefill road off the int8 tiles ("float", or a format not in INT8_PREFILL): blocks dequantized into
+# the panels' buffer. 203 rows: no multiple of 12, several blocks of 36 rows (small_blocks) over the two threads'
+# chunks; 65 / 100 tokens: a last panel with 1 / 4 rows
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k", "q6_k"])
+@pytest.mark.parametrize("rows", [65, 100])
+def test_quantized_panel_products_equal_float64_of_the_dequantized_weights(
+    qtype, rows, small_blocks, monkeypatch
+):
+    monkeypatch.setattr(linear, "INT8_PREFILL", ())
+    rng = np.random.default_rng(rows)
+    w, w64 = _quantized(rng, qtype, 203, 512)
+    x = rng.standard_normal((rows, 512)).astype(np.float32)
+    assert rows > linear.QUANT_GEMV_MAX_ROWS
+    want = x.astype(np.float64) @ w64.T
+    got = linear.linear(x, w)  # "int8", the format not on the tiles
+    assert _close(got, want)
+    assert np.array_equal(got, prefill_gemm.matmul_quant(x, w))  # the panels, not BLAS
+    assert np.array_equal(linear.linear(x, w, quant_gemv="float"), got)
+    assert np.array_equal(linear.linear(x[::-1], w)[::-1], got)  # a row's sums: not its place
+    monkeypatch.setattr(linear, "QUANT_PREFILL_PANELS", False)
+    assert _close(linear.linear(x, w), want)  # the BLAS road it replaces: the same bound

@@ -64,6 +64,12 @@ INT8_PREFILL = ("q4_k", "q6_k")
 # threads at load 5.7: 88.6 against 83.2 tok/s with a quantization and a product launched per weight, as before
 # (same process, interleaved, best of 4; the same bits)
 QUANT_PREFILL_MANY = True
+# prefill's products with quantized weights not on the int8 tiles (every format under quant_gemv="float", the
+# formats not in INT8_PREFILL under "int8") where Numba compiles for AVX-512: a block of rows dequantized into
+# prefill_gemm.py's L2-resident buffer and its 12 x 32 micro-kernel over token panels (prefill_gemm.matmul_quant),
+# instead of the block dequantized into BLAS's sgemm (OpenBLAS's AVX2 kernels on this CPU). The same math class:
+# float32 products of the exactly dequantized weights. False, or no AVX-512: BLAS
+QUANT_PREFILL_PANELS = True
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits
@@ -248,6 +254,9 @@ def _quant_linear_blocks(
         w.qtype in INT8_PREFILL and quant_gemv == "int8"
     ):  # prefill on int8 tiles: each row's blocks decoded once per 4 tokens
         return quant_matmul.matmul(x2, w, _chunks())
+    if QUANT_PREFILL_PANELS and prefill_gemm.available() and prefill_gemm.fits(K):
+        # prefill on AVX-512: the dequantized blocks through prefill_gemm.py's panels and micro-kernel
+        return prefill_gemm.matmul_quant(x2, w)
     # prefill: compute-bound, so BLAS on a block of rows dequantized at a time (float32 never the whole weight)
     block = max(1, min(N, QUANT_WIDEN_BLOCK_BYTES // (4 * K)))
     out = np.empty((M, N), np.float32)

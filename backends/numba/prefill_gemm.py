@@ -38,6 +38,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from tinyqwen.backends.numba import quant
 from tinyqwen.backends.numba.intrinsics import _bf16, _silu
 
 PANEL = 32  # token rows per panel: two AVX-512 vectors of float32
@@ -163,6 +164,27 @@ def _rows_into(xt, M, ws, outs, starts, lo, hi, R):  # stacked rows lo..hi of n 
 
 
 @njit(cache=True, error_model="numpy")
+def _quant_rows_into(xt, M, kind, b, i8, out, lo, hi, R):  # rows lo..hi of quantized [N, K] -> out [M, N]
+    # _rows_into with the block dequantized (quant.py's exact per-row kernel) instead of widened from bf16
+    P, K = xt.shape[0], xt.shape[1]
+    buf = np.empty((R, K), np.float32)
+    acc = np.empty((NR, PANEL), np.float32)
+    for s in range(lo, hi, R):
+        n = min(hi, s + R) - s
+        for r in range(n):
+            quant._dequantize_row(kind, b[s + r], i8[s + r], buf[r])
+        for p in range(P):
+            m_hi = min(M, (p + 1) * PANEL)
+            for r in range(0, n, NR):
+                _mk12x32(xt, p, buf, r, acc)
+                T = min(NR, n - r)
+                c0 = s + r
+                for m in range(p * PANEL, m_hi):
+                    for t in range(T):
+                        out[m, c0 + t] = acc[t, m - p * PANEL]
+
+
+@njit(cache=True, error_model="numpy")
 def _gate_up_into(xt, w_gate, w_up, hp, lo, hi, R):  # rows lo..hi of silu(x Wgᵀ)·(x Wuᵀ) -> hp [P, F, 32]
     P, K = xt.shape[0], xt.shape[1]
     buf = np.empty((R, K), np.float32)  # gate and up rows interleaved: R / 2 pairs
@@ -196,6 +218,15 @@ def matmul_many(xt, M, ws, outs, starts, chunks, R):
     size = _chunk_rows(total, min(total, chunks), NR)
     for c in prange((total + size - 1) // size):
         _rows_into(xt, M, ws, outs, starts, c * size, min(total, (c + 1) * size), R)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def matmul_quant_rows(xt, M, kind, b, i8, out, chunks, R):
+    # [P, K, 32] f32 panels of x [M, K], a quantized weight's rows [N, bytes] u8 (and as int8) -> out [M, N] f32
+    total = b.shape[0]
+    size = _chunk_rows(total, min(total, chunks), NR)
+    for c in prange((total + size - 1) // size):
+        _quant_rows_into(xt, M, kind, b, i8, out, c * size, min(total, (c + 1) * size), R)
 
 
 @njit(parallel=True, cache=True, nogil=True)
@@ -247,6 +278,13 @@ def matmul(x2: np.ndarray, bits: tuple) -> tuple:  # [M, K] f32, n x [N_i, K] u1
     starts = _starts(tuple(b.shape[0] for b in bits))
     matmul_many(panels(x2), M, bits, outs, starts, _chunks(), block_rows(K))
     return outs
+
+
+def matmul_quant(x2: np.ndarray, w) -> np.ndarray:  # [M, K] f32, a 2-D QuantWeight [N, K] -> [M, N] f32
+    M, K = x2.shape
+    out = np.empty((M, w.shape[0]), np.float32)
+    matmul_quant_rows(panels(x2), M, w.kind, w.data, w.data8, out, _chunks(), block_rows(K))
+    return out
 
 
 def swiglu(x2: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray) -> np.ndarray:
