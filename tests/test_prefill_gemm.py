@@ -133,3 +133,15 @@ def test_quantized_panel_products_equal_float64_of_the_dequantized_weights(
     assert np.array_equal(linear.linear(x[::-1], w)[::-1], got)  # a row's sums: not its place
     monkeypatch.setattr(linear, "QUANT_PREFILL_PANELS", False)
     assert _close(linear.linear(x, w), want)  # the BLAS road it replaces: the same bound
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_k", "q6_k"])
+def test_block_dequantization_equals_quant_py_bit_for_bit(qtype):  # (Q6_K: its own loop, scales hoisted)
+    rng = np.random.default_rng(11)
+    w, w64 = _quantized(rng, qtype, 9, 768)
+    got = np.empty((6, 768), np.float32)
+    prefill_gemm.dequantize_rows(w.kind, w.data, w.data8, 3, got)
+    assert np.array_equal(got, w64[3:9].astype(np.float32))
+    want = np.empty_like(got)
+    linear.quant.dequantize_rows(w.kind, w.data, w.data8, np.arange(3, 9), want)
+    assert np.array_equal(got, want)

@@ -163,6 +163,38 @@ def _rows_into(xt, M, ws, outs, starts, lo, hi, R):  # stacked rows lo..hi of n 
                             outs[js[t]][m, cols[t]] = acc[t, m - p * PANEL]
 
 
+@njit(cache=True, error_model="numpy", inline="always")
+def _dequantize_q6_k_row(b, i8, out):  # one Q6_K row: uint8 bytes (and as int8) -> out [K] f32
+    # quant._dequantize_row's values, bit for bit (d·sc·q: d·sc and sc·q are exact in float32, so any order rounds
+    # once, to the same number), with each 16-value group's scales hoisted out of the loop over its values: that loop
+    # vectorises. quant.py's, which picks the scale per value, dequantized [1024, 3072] in 2.03 ms against Q4_K's
+    # 0.36 ms for as many values, and the Q6_K down projection of a 128-token prefill took 4.56 ms on the panels
+    # against 2.81 ms for the same shape in bf16 (2 threads, one process, AMD EPYC Zen 5)
+    for blk in range(out.shape[0] // 256):
+        o = blk * 210
+        d = quant._half(b, o + 208)
+        for h in range(2):  # two halves of 128 values
+            ql, qh, sc, y = o + 64 * h, o + 128 + 32 * h, o + 192 + 8 * h, blk * 256 + 128 * h
+            for s in range(2):
+                d0, d1 = d * np.float32(i8[sc + s]), d * np.float32(i8[sc + s + 2])
+                d2, d3 = d * np.float32(i8[sc + s + 4]), d * np.float32(i8[sc + s + 6])
+                for l in range(16 * s, 16 * s + 16):
+                    lo, hi, top = np.int32(b[ql + l]), np.int32(b[ql + 32 + l]), np.int32(b[qh + l])
+                    out[y + l] = d0 * np.float32(((lo & 15) | ((top & 3) << 4)) - 32)
+                    out[y + 32 + l] = d1 * np.float32(((hi & 15) | (((top >> 2) & 3) << 4)) - 32)
+                    out[y + 64 + l] = d2 * np.float32(((lo >> 4) | (((top >> 4) & 3) << 4)) - 32)
+                    out[y + 96 + l] = d3 * np.float32(((hi >> 4) | (((top >> 6) & 3) << 4)) - 32)
+
+
+@njit(cache=True, error_model="numpy")
+def dequantize_rows(kind, b, i8, lo, out):  # rows lo.. of [N, bytes] u8 (and as int8) -> out [R, K] f32
+    for r in range(out.shape[0]):
+        if kind == quant.Q6_K:
+            _dequantize_q6_k_row(b[lo + r], i8[lo + r], out[r])
+        else:
+            quant._dequantize_row(kind, b[lo + r], i8[lo + r], out[r])
+
+
 @njit(cache=True, error_model="numpy")
 def _quant_rows_into(xt, M, kind, b, i8, out, lo, hi, R):  # rows lo..hi of quantized [N, K] -> out [M, N]
     # _rows_into with the block dequantized (quant.py's exact per-row kernel) instead of widened from bf16
@@ -171,8 +203,7 @@ def _quant_rows_into(xt, M, kind, b, i8, out, lo, hi, R):  # rows lo..hi of quan
     acc = np.empty((NR, PANEL), np.float32)
     for s in range(lo, hi, R):
         n = min(hi, s + R) - s
-        for r in range(n):
-            quant._dequantize_row(kind, b[s + r], i8[s + r], buf[r])
+        dequantize_rows(kind, b, i8, s, buf[:n])
         for p in range(P):
             m_hi = min(M, (p + 1) * PANEL)
             for r in range(0, n, NR):
