@@ -5,7 +5,8 @@ where Numba compiles for AVX-512 (prefill_gemm.py), else widen-a-block + BLAS (o
 matmul_precision="medium"), and SwiGLU with its fused gate/up GEMV. Quantized
 weights (`QuantWeight`) take two roads too: decode's GEMV over their blocks (`quant.py`; "int8": x quantized to
 int8 blocks, integer dot products, llama.cpp's way; or "float": codes widened in registers), and prefill's int8
-tiles ("int8", `quant_matmul.py`: four tokens per decoded weight row) or a block of rows dequantized + BLAS ("float").
+tiles ("int8", `quant_matmul.py`: four tokens per decoded weight row) or a block of rows dequantized into
+prefill_gemm.py's panels on AVX-512, + BLAS elsewhere ("float", and the formats not in INT8_PREFILL).
 """
 
 from __future__ import annotations

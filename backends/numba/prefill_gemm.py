@@ -20,6 +20,11 @@ Fused products: q, k and v as one stacked row space (one launch, one split over 
 their rows interleaved in the widened block (g_f, u_f, g_f+1, ...), so each micro-kernel call gives six gate/up
 pairs and SiLU(g)·u goes straight into the panels hp [P, F, 32] that the down projection reads.
 
+Quantized weights (q8_0, Q4_K, Q6_K; linear.QUANT_PREFILL_PANELS): the same panels and micro-kernel, the block
+dequantized into the buffer instead of widened (`matmul_quant`). 128-token prefill of Qwen3-0.6B, 2 threads, one
+process interleaved (benchmarks/bench_quant_prefill.py): q8_0 1.6-1.9x the dequantize + OpenBLAS road (246-283
+against 135-170 tok/s); Q4_K_M 1.10-1.20x the int8 tiles, short of a clear win, so Q4_K / Q6_K keep the tiles.
+
 Numerics: each output is one float32 FMA chain over k in order (llvm.fma: one rounding per step), so a row's result
 depends neither on the other rows nor on its panel; it differs from BLAS's blocked sums by float32 rounding only
 (tests/test_prefill_gemm.py: within 1e-5 of the output's size against float64 sums). Padding rows of the last
