@@ -59,18 +59,23 @@ FUSED_QUANT_SWIGLU = False
 # 128 tokens) the tiles ran 1.05x BLAS on Q4_K_M, 1.30x on the 2-layer 30B-A3B Q4_K_M, but 0.88x on q8_0: a q8_0
 # block costs nothing to widen, and without VNNI two integer multiplies per 32 values cost what float FMAs do. So
 # the formats listed take the tiles; the others (and every format when empty) the BLAS road.
-INT8_PREFILL = ("q4_k", "q6_k")
-# prefill's q/k/v and gate/up products with quantized weights (INT8_PREFILL formats) in one parallel region each
-# (quant_matmul.matmul_many: x quantized once); False: one region per weight. Qwen3-0.6B Q4_K_M, 128 tokens, 2
-# threads at load 5.7: 88.6 against 83.2 tok/s with a quantization and a product launched per weight, as before
-# (same process, interleaved, best of 4; the same bits)
-QUANT_PREFILL_MANY = True
+# Where Numba compiles for AVX-512 none does: the dequantized blocks on prefill_gemm.py's panels (QUANT_PREFILL_PANELS) beat the
+# tiles there. 128-token prefill of Qwen3-0.6B Q4_K_M, 2 threads, Zen 5, bench_quant_prefill.py (one process,
+# interleaved, best of 5, three runs): 343-355 tok/s against the tiles' 249-259 (1.36-1.40x). The outputs move by
+# the activations' 8-bit rounding the tiles had (a 128-token prompt's logits max|Δ| 2.9e-2 of max|logit|;
+# 16 greedy ids the same)
 # prefill's products with quantized weights not on the int8 tiles (every format under quant_gemv="float", the
 # formats not in INT8_PREFILL under "int8") where Numba compiles for AVX-512: a block of rows dequantized into
 # prefill_gemm.py's L2-resident buffer and its 12 x 32 micro-kernel over token panels (prefill_gemm.matmul_quant),
 # instead of the block dequantized into BLAS's sgemm (OpenBLAS's AVX2 kernels on this CPU). The same math class:
 # float32 products of the exactly dequantized weights. False, or no AVX-512: BLAS
 QUANT_PREFILL_PANELS = True
+INT8_PREFILL = () if QUANT_PREFILL_PANELS and prefill_gemm.available() else ("q4_k", "q6_k")
+# prefill's q/k/v and gate/up products with quantized weights (INT8_PREFILL formats) in one parallel region each
+# (quant_matmul.matmul_many: x quantized once); False: one region per weight. Qwen3-0.6B Q4_K_M, 128 tokens, 2
+# threads at load 5.7: 88.6 against 83.2 tok/s with a quantization and a product launched per weight, as before
+# (same process, interleaved, best of 4; the same bits)
+QUANT_PREFILL_MANY = True
 
 
 # float32 scratch for a block of weight rows in the BLAS path: every matrix of Qwen3-0.6B but the lm_head fits

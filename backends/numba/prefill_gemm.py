@@ -23,7 +23,8 @@ pairs and SiLU(g)·u goes straight into the panels hp [P, F, 32] that the down p
 Quantized weights (q8_0, Q4_K, Q6_K; linear.QUANT_PREFILL_PANELS): the same panels and micro-kernel, the block
 dequantized into the buffer instead of widened (`matmul_quant`). 128-token prefill of Qwen3-0.6B, 2 threads, one
 process interleaved (benchmarks/bench_quant_prefill.py): q8_0 1.6-1.9x the dequantize + OpenBLAS road (246-283
-against 135-170 tok/s); Q4_K_M 1.10-1.20x the int8 tiles, short of a clear win, so Q4_K / Q6_K keep the tiles.
+against 135-170 tok/s); Q4_K_M 1.36-1.40x the int8 tiles (343-355 against 249-259 tok/s), so on AVX-512 every
+format takes the panels (linear.INT8_PREFILL). The Q6_K blocks dequantize in their own loop (`_dequantize_q6_k_row`).
 
 Numerics: each output is one float32 FMA chain over k in order (llvm.fma: one rounding per step), so a row's result
 depends neither on the other rows nor on its panel; it differs from BLAS's blocked sums by float32 rounding only
