@@ -10,7 +10,10 @@ of each (row, token) pair is exactly the row dot's (the same eight lanes, the sa
 the integer sums are exact either way), so a tile gives the bits four row dots give (tested), and decode and
 prefill agree on a token's products.
 
-The alternative, prefill's earlier road and still "float"'s (and "int8"'s for the formats linear.INT8_PREFILL does not list: q8_0 by default), widens
+Where the CPU has AVX-512 none of this runs by default: every format's prefill dequantizes blocks of rows into
+prefill_gemm.py's float32 micro-kernel (linear.INT8_PREFILL is empty there; 1.34-1.40x these tiles on Q4_K_M, a
+Zen 5). Elsewhere the tiles take Q4_K and Q6_K. The alternative, prefill's earlier road and still "float"'s (and
+"int8"'s for the formats linear.INT8_PREFILL does not list: q8_0), widens
 blocks of rows to float32 and calls BLAS's sgemm: float32 products of the exact weights, but the widening runs on
 one thread between BLAS calls, and BLAS's threads and numba's take turns on the same cores (a thread that spins
 waiting holds the core the other needs). The tiles run in numba's threads alone. Measured (AMD EPYC, AVX2, 2 cores
