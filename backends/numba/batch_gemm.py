@@ -31,7 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from tinyqwen.backends.numba.intrinsics import _bf16, _silu
+from tinyqwen.backends.numba.intrinsics import _bf16, _silu, _weight_of
 
 PANEL = 16  # token rows per panel: two AVX2 vectors of float32
 NR = 6  # weight rows per micro-kernel call (6 x 2 accumulators)
@@ -116,13 +116,6 @@ def _mk6x16(typingctx, xt, p, buf, r0, acc, pf, line0, step):
         return context.get_dummy_value()
 
     return types.void(xt, p, buf, r0, acc, pf, line0, step), codegen
-
-
-@njit(cache=True, inline="always")
-def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i
-    while r >= starts[i + 1]:
-        i += 1
-    return i
 
 
 @njit(cache=True, error_model="numpy")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from tinyqwen.backends.numba.intrinsics import _bf16, _prefetch_weight_row, _silu
+from tinyqwen.backends.numba.intrinsics import _bf16, _prefetch_weight_row, _silu, _weight_of
 from tinyqwen.backends.numba.settings import _host_features
 
 # The one-row loops above, run for M rows, widen every bf16 weight M times and keep one accumulator per loop:
@@ -60,13 +60,6 @@ def _tile_4x3(x, m0, m1, m2, m3, w0, w1, w2):  # x[m0..m3] . w0, w1, w2 -> 12 su
         a31 += x3 * v1
         a32 += x3 * v2
     return a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32
-
-
-@njit(cache=True, inline="always")
-def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i (r past row i's)
-    while r >= starts[i + 1]:
-        i += 1
-    return i
 
 
 @njit(cache=True, fastmath=TILE_FAST, error_model="numpy")

@@ -1,5 +1,6 @@
 """Scalar building blocks the kernels inline: bf16 and float32 bit casts, prefetch hints, a vectorisable exp, SiLU,
-and rounding to bf16. Each compiles to a few instructions in registers (Numba has no scalar bit-cast of its own).
+rounding to bf16, and the lookup of a stacked row's weight. Each compiles to a few instructions in registers (Numba
+has no scalar bit-cast of its own).
 """
 
 from __future__ import annotations
@@ -215,3 +216,11 @@ def round_bf16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # [M, K] f32 ->
     values = np.empty(x.shape, np.float32)
     _round_rows_bf16(x, bits, values)
     return bits, values
+
+
+@njit(cache=True, inline="always")
+def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i
+    # (a launch over several weights, q/k/v or gate/up, runs over their rows stacked: starts = [0, N0, N0 + N1, ...])
+    while r >= starts[i + 1]:
+        i += 1
+    return i

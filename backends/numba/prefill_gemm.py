@@ -45,7 +45,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from tinyqwen.backends.numba import quant
-from tinyqwen.backends.numba.intrinsics import _bf16, _silu
+from tinyqwen.backends.numba.intrinsics import _bf16, _silu, _weight_of
 
 PANEL = 32  # token rows per panel: two AVX-512 vectors of float32
 LANES = 16
@@ -122,13 +122,6 @@ def _mk12x32(typingctx, xt, p, buf, r0, acc):
         return context.get_dummy_value()
 
     return types.void(xt, p, buf, r0, acc), codegen
-
-
-@njit(cache=True, inline="always")
-def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on from weight i
-    while r >= starts[i + 1]:
-        i += 1
-    return i
 
 
 @njit(cache=True, error_model="numpy")
