@@ -159,3 +159,31 @@ def test_every_engine_module_imports_cleanly_and_defines_load(kind):
     module = importlib.import_module(f"tinyqwen.bench.engines.{bench.runner.ENGINE_MODULES[kind]}")
     assert callable(module.load)
     assert callable(importlib.import_module("tinyqwen.bench.engines.driver").main)
+
+
+def test_cli_bench_takes_a_gguf_file(tmp_path):
+    """`--model X.gguf`: tinyqwen's engines load the file itself (config from its metadata), llama.cpp would run the
+    same file, and transformers says in one line that it needs a checkpoint folder."""
+    from tinyqwen.quantize import quantize_checkpoint
+    from tinyqwen.testing import write_tiny_qwen3
+
+    folder = write_tiny_qwen3(tmp_path / "dense", seed=1, with_tokenizer=False)
+    gguf = tmp_path / "m-q8_0.gguf"
+    quantize_checkpoint(folder, "q8_0", gguf)
+    run = subprocess.run(
+        [sys.executable, "-m", "tinyqwen.cli", "bench", "--model", str(gguf), "--json", "--engines",
+         "numpy,transformers", "--peer-python", sys.executable, "--prompt-tokens", "8", "--new-tokens", "2",
+         "--repeat", "1", "--no-gemv"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    by_name = {r["engine"]: r for r in report["results"]}
+    assert by_name["tinyqwen-numpy"]["status"] == "ok" and by_name["tinyqwen-numpy"]["decode_tok_s"] > 0
+    for name in ("transformers-fp32", "transformers-bf16"):
+        assert by_name[name]["status"] == "skipped"
+        assert "needs a Hugging Face checkpoint folder" in by_name[name]["reason"]
+    from tinyqwen.config import count_parameters
+
+    # the config read from the file's metadata
+    assert report["parameters"] == count_parameters(load_config(folder))

@@ -182,6 +182,8 @@ def plan_engines(
             else ""
         )
         if kind == "transformers":
+            if model.is_file():  # the first thing to fix, whatever the peer Python has
+                skip = f"transformers needs a Hugging Face checkpoint folder, not a file ({model.name})"
             engines += [Engine(f"transformers-{d}", kind, d, skip) for d in TRANSFORMERS_DTYPES]
         else:
             files = {gguf_label(Path(p), model): Path(p) for p in ggufs} if ggufs else find_ggufs(model)
@@ -308,6 +310,7 @@ def run_benchmark(
 ) -> dict:
     """Measure every engine of `kinds` on the checkpoint `model`; the whole run as one JSON-ready dict."""
     from tinyqwen.config import count_parameters, load_config
+    from tinyqwen.gguf_checkpoint import is_gguf, load_any_config
     from tinyqwen.hub import resolve_model
     from tinyqwen.verify import describe
 
@@ -315,7 +318,13 @@ def run_benchmark(
         if value < 1:
             raise TinyQwenError(f"{name} must be at least 1, got {value}")
     path = resolve_model(str(model))
-    config = load_config(path)
+    if is_gguf(path) and path.is_file():
+        # a GGUF file: tinyqwen's engines load it as it is (its config and tokenizer from the metadata) and
+        # llama.cpp runs the same file; transformers needs a Hugging Face checkpoint folder (plan_engines says so)
+        config = load_any_config(path)
+        ggufs = ggufs or [path]
+    else:
+        config = load_config(path)
     prompt = np.random.default_rng(0).integers(0, min(config.vocab_size, 151643), prompt_tokens)
     engines = plan_engines(path, kinds, peer_python, ggufs)
     say = progress or (lambda line: None)

@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="prefill / decode speed, TTFT, peak memory: tinyqwen's backends and the peers, each in its own process",
     )
-    bench.add_argument("--model", "-m", required=True, help="checkpoint directory, or a Hugging Face id")
+    bench.add_argument(
+        "--model", "-m", required=True, help="checkpoint directory, .gguf file, or a Hugging Face id"
+    )
     bench.add_argument("--prompt-tokens", type=int, default=512, help="length of the random prompt")
     bench.add_argument("--new-tokens", type=int, default=128, help="tokens decoded after it")
     bench.add_argument("--repeat", type=int, default=2, help="timed runs per engine (the best is kept)")
