@@ -495,6 +495,34 @@ def test_cli_runs_a_gguf_file(tmp_path, capsys):
     assert "Q4_K" in out and "bits per weight" in out and "resident" in out
 
 
+@pytest.mark.parametrize("fixture", ["moe-norm-topk", "dense-tied", "with-tokenizer"])
+def test_quantize_takes_a_gguf_file(tmp_path, fixture):
+    """`tinyqwen quantize X.gguf`: an F32 GGUF of a checkpoint quantizes to the very bytes the checkpoint itself
+    does (F32 holds the weights exactly), tokenizer keys copied as they are; the source is never overwritten."""
+    from tinyqwen.cli import main
+
+    folder = write_tiny_qwen3(tmp_path / "tok", seed=1) if fixture == "with-tokenizer" else FIXTURES / fixture
+    f32, direct, via = tmp_path / "m-f32.gguf", tmp_path / "direct.gguf", tmp_path / "via.gguf"
+    quantize_checkpoint(folder, "f32", f32)
+    quantize_checkpoint(folder, "q8_0", direct)
+    assert main(["quantize", str(f32), "--to", "q8_0", str(via)]) == 0
+    a, b = GGUFFile(direct), GGUFFile(via)
+    assert list(a.tensors) == list(b.tensors)
+    for name in a.tensors:
+        assert a.tensors[name].ggml_type == b.tensors[name].ggml_type
+        assert np.array_equal(np.asarray(a.raw(name)), np.asarray(b.raw(name))), name
+    tokenizer_keys = [k for k in a.metadata if k.startswith("tokenizer.")]
+    assert bool(tokenizer_keys) == (fixture == "with-tokenizer")
+    for k in tokenizer_keys:
+        assert (
+            np.array_equal(np.asarray(a.metadata[k]), np.asarray(b.metadata[k])) and a.types[k] == b.types[k]
+        )
+    before = f32.read_bytes()
+    with pytest.raises(TinyQwenError, match="would overwrite the file being read"):
+        quantize_checkpoint(f32, "q8_0", f32)
+    assert f32.read_bytes() == before
+
+
 def test_info_predicts_the_full_models_rss_from_a_truncated_file(tmp_path, capsys):
     """A 2-layer q4_k_m file predicts the weights of the same model with 4 layers byte for byte: per layer tensor
     bytes × 4, the _M mix's Q6_K layers (attn_v, ffn_down) re-chosen by use_more_bits for 4 layers."""

@@ -1,4 +1,4 @@
-"""`tinyqwen quantize`: a Hugging Face checkpoint written as a llama.cpp GGUF file, in Q8_0 or Q4_K_M.
+"""`tinyqwen quantize`: a Hugging Face checkpoint (or a GGUF file) written as a llama.cpp GGUF file, in Q8_0 or Q4_K_M.
 
 Which tensor gets which type follows llama.cpp (`llama_tensor_get_type` in its `llama-quant.cpp`), so the files
 look like the ones people download:
@@ -33,7 +33,7 @@ from tinyqwen.checkpoint import Checkpoint
 from tinyqwen.config import Qwen3Config, load_config
 from tinyqwen.errors import CheckpointError
 from tinyqwen.gguf import LazyTensor, write_gguf
-from tinyqwen.gguf_checkpoint import gguf_name
+from tinyqwen.gguf_checkpoint import GGUFCheckpoint, gguf_name, is_gguf
 from tinyqwen.quantization import QuantizedTensor
 
 TARGETS = ("q8_0", "q4_k_m", "bf16", "f32")
@@ -152,7 +152,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int, folder: Path | None) -> dict:
 
 
 def quantize_checkpoint(model: str | Path, target: str, out: str | Path, tokenizer=None, log=None) -> dict:
-    """Write checkpoint folder `model` as GGUF file `out` in `target` ("q8_0", "q4_k_m", "bf16" or "f32").
+    """Write checkpoint folder (or GGUF file) `model` as GGUF file `out` in `target` ("q8_0", "q4_k_m", "bf16", "f32").
 
     Tensors are read and quantized one at a time while the file is written (memory: one tensor, not the model).
     Returns {ggml type: tensor count}. `tokenizer`: a Tokenizer to embed (default: the folder's, else none).
@@ -160,18 +160,37 @@ def quantize_checkpoint(model: str | Path, target: str, out: str | Path, tokeniz
     if target not in TARGETS:
         raise CheckpointError(f"unknown quantization target {target!r} (choose from {', '.join(TARGETS)})")
     folder = Path(model).expanduser()
-    config = load_config(folder)
-    if tokenizer is None:
-        from tinyqwen.tokenizer import Tokenizer
+    if is_gguf(folder) and folder.is_file():
+        # a GGUF file in, e.g. a bf16 one a converter wrote: its config and tokenizer from the metadata (the
+        # tokenizer keys copied as they are, types included); quantized tensors are dequantized and quantized
+        # again, which adds the second format's error to the first's
+        if Path(out).expanduser().resolve() == folder.resolve():
+            raise CheckpointError(
+                f"{out}: the output would overwrite the file being read; choose another path"
+            )
+        checkpoint = GGUFCheckpoint(folder)
+        config = checkpoint.config
+        source = checkpoint.file
+        metadata = model_metadata(config, target, folder.stem)
+        if tokenizer is None:
+            metadata |= {
+                k: (v, source.types[k]) for k, v in source.metadata.items() if k.startswith("tokenizer.")
+            }
+        else:
+            metadata |= tokenizer_metadata(tokenizer, config.vocab_size, None)
+    else:
+        config = load_config(folder)
+        if tokenizer is None:
+            from tinyqwen.tokenizer import Tokenizer
 
-        try:
-            tokenizer = Tokenizer.from_pretrained(folder)
-        except Exception:
-            tokenizer = None
-    metadata = model_metadata(config, target, folder.name)
-    if tokenizer is not None:
-        metadata |= tokenizer_metadata(tokenizer, config.vocab_size, folder)
-    checkpoint = Checkpoint(folder)
+            try:
+                tokenizer = Tokenizer.from_pretrained(folder)
+            except Exception:
+                tokenizer = None
+        metadata = model_metadata(config, target, folder.name)
+        if tokenizer is not None:
+            metadata |= tokenizer_metadata(tokenizer, config.vocab_size, folder)
+        checkpoint = Checkpoint(folder)
     counts: dict[str, int] = {}
     tensors: dict[str, LazyTensor] = {}
 
@@ -181,6 +200,8 @@ def quantize_checkpoint(model: str | Path, target: str, out: str | Path, tokeniz
 
         def make():
             x = read()
+            if isinstance(x, QuantizedTensor):  # a GGUF source's blocks, widened to be written in `kind`
+                x = x.dequantize()
             if log:
                 log(f"{name:32s} {kind:5s} {list(shape)}")
             if kind == "F32":
@@ -212,13 +233,21 @@ def quantize_checkpoint(model: str | Path, target: str, out: str | Path, tokeniz
             names = [f"model.layers.{i}.mlp.experts.{e}.{proj}.weight" for e in range(config.num_experts)]
             shape = (config.num_experts, *checkpoint.shape(names[0]))
             tensors[f"blk.{i}.{g}.weight"] = lazy(
-                f"blk.{i}.{g}.weight", shape, lambda names=names: np.stack([checkpoint.get(n) for n in names])
+                f"blk.{i}.{g}.weight", shape, lambda names=names: _stack(checkpoint, names)
             )
     try:
         write_gguf(out, metadata, dict(sorted(tensors.items(), key=lambda kv: _gguf_order(kv[0]))))
     finally:
         checkpoint.close()
     return counts
+
+
+def _stack(checkpoint, names: list[str]):  # one layer's experts as one [E, ...] tensor
+    whole = checkpoint.stacked(names) if isinstance(checkpoint, GGUFCheckpoint) else None
+    if whole is not None:  # a GGUF source's own stack, as it is stored
+        return whole
+    parts = [checkpoint.get(n) for n in names]
+    return np.stack([p.dequantize() if isinstance(p, QuantizedTensor) else p for p in parts])
 
 
 def _order(hf: str):

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "quantize",
         help="write a checkpoint as a llama.cpp GGUF file: q8_0, q4_k_m (llama.cpp's mix), bf16 or f32",
     )
-    quant.add_argument("model", help="checkpoint directory or Hugging Face id")
+    quant.add_argument("model", help="checkpoint directory, .gguf file, or Hugging Face id")
     quant.add_argument("--to", required=True, choices=["q8_0", "q4_k_m", "bf16", "f32"], help="target type")
     quant.add_argument("out", help="the .gguf file to write")
     quant.set_defaults(func=cmd_quantize)
