@@ -493,6 +493,9 @@ def test_cli_runs_a_gguf_file(tmp_path, capsys):
     assert main(["info", "--model", str(path)]) == 0
     out = capsys.readouterr().out
     assert "Q4_K" in out and "bits per weight" in out and "resident" in out
+    # verify's reference is transformers on a checkpoint folder: a GGUF file is told so in one line
+    with pytest.raises(TinyQwenError, match="verify compares with transformers.*GGUF file"):
+        main(["verify", "--model", str(path)])
 
 
 @pytest.mark.parametrize("fixture", ["moe-norm-topk", "dense-tied", "with-tokenizer"])

@@ -15,8 +15,14 @@ from tinyqwen.errors import TinyQwenError
 
 
 def cmd_verify(args) -> int:
+    from tinyqwen.gguf_checkpoint import is_gguf
     from tinyqwen.verify import report, transformers_available, verify, verify_stored
 
+    if is_gguf(args.model) and Path(args.model).expanduser().is_file():
+        raise TinyQwenError(
+            f"{args.model}: verify compares with transformers, which reads a Hugging Face checkpoint folder; a GGUF "
+            "file is checked against llama.cpp on the same file (benchmarks/gguf_kl.py: KL and top-1 per position)"
+        )
     live = transformers_available()
     if not live and (args.tokens is not None or args.seed is not None):
         raise TinyQwenError(
