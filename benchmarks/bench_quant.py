@@ -11,7 +11,7 @@ the file (+ 15 % is the bar). A numba child that had to compile (a cold Numba ca
 the excess) is run again from the cache, and that run is the one reported. Timings on a shared machine swing: read the ratios.
 
     python benchmarks/bench_quant.py MODEL.gguf [MODEL2.gguf ...] --peer-python PY [--prompt 128 --new 32 --repeat 2]
-        [--gemv int8 float int8:unfused] [--twice]
+        [--gemv int8 float int8:unfused] [--twice] [--rounds 4]
 
 A bf16 GGUF file runs tinyqwen's bf16 kernels (the --gemv choice does not matter there): by default a decode
 step is one call (backends/numba/decode_step.py: every layer, the final norm and the lm_head); "int8:per-layer"
@@ -115,6 +115,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--twice", action="store_true", help="time llama.cpp before and after tinyqwen")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="rounds of every engine, the order reversed each round; then each engine's median and the ratio "
+        "of medians (a shared machine's bandwidth drifts by 10-20 %% between runs minutes apart)",
+    )
+    parser.add_argument(
         "--gemv", nargs="+", default=["int8", "float"], help="tinyqwen's decode GEMVs to time"
     )
     args = parser.parse_args()
@@ -122,23 +129,49 @@ def main() -> None:
     print(
         f"{'file':<28} {'engine':<20} {'prefill':>8} {'decode':>7} {'vs llama':>8} {'RSS MB':>7} {'-base':>6} {'/file':>6}"
     )
+    engines = [("llama.cpp", args.peer_python, "llama.cpp")]
+    engines += [(f"numba:{g}", sys.executable, f"numba:{g}") for g in args.gemv]
     for path in args.files:
         size = path.stat().st_size
-        rows = [("llama.cpp", run_child(args.peer_python, "llama.cpp", path, args))]
-        rows += [(f"numba:{g}", run_child(sys.executable, f"numba:{g}", path, args)) for g in args.gemv]
-        if args.twice:  # llama.cpp again at the end: how much the machine drifted during the run
-            rows.append(("llama.cpp (again)", run_child(args.peer_python, "llama.cpp", path, args)))
-        ref = rows[0][1].get("decode")
-        for name, r in rows:
-            if "error" in r:
-                print(f"{path.name:<28} {name:<20} error: {r['error']}")
-                continue
-            ratio = r["decode"] / ref if ref else float("nan")
-            print(
-                f"{path.name:<28} {name:<20} {r['prefill']:8.1f} {r['decode']:7.2f} {ratio:8.2f} "
-                f"{r['peak_rss'] / 1e6:7.0f} {(r['peak_rss'] - r['base_rss']) / 1e6:6.0f} "
-                f"{(r['peak_rss'] - r['base_rss']) / size:6.2f}  ids {r['ids']}"
-            )
+        runs: dict[str, list[dict]] = {name: [] for name, _, _ in engines}
+        for k in range(args.rounds):
+            order = engines if k % 2 == 0 else engines[::-1]  # neither engine always first after a pause
+            rows = [(name, run_child(python, engine, path, args)) for name, python, engine in order]
+            if args.twice:  # llama.cpp again at the end: how much the machine drifted during the run
+                rows.append(("llama.cpp (again)", run_child(args.peer_python, "llama.cpp", path, args)))
+            ref = dict(rows).get("llama.cpp", {}).get("decode")
+            for name, r in rows:
+                if "error" in r:
+                    print(f"{path.name:<28} {name:<20} error: {r['error']}")
+                    continue
+                runs.setdefault(name, []).append(r)
+                ratio = r["decode"] / ref if ref else float("nan")
+                print(
+                    f"{path.name:<28} {name:<20} {r['prefill']:8.1f} {r['decode']:7.2f} {ratio:8.2f} "
+                    f"{r['peak_rss'] / 1e6:7.0f} {(r['peak_rss'] - r['base_rss']) / 1e6:6.0f} "
+                    f"{(r['peak_rss'] - r['base_rss']) / size:6.2f}  ids {r['ids']}",
+                    flush=True,
+                )
+        if args.rounds > 1:
+            _medians(path.name, runs)
+
+
+def _medians(label: str, runs: dict[str, list[dict]]) -> None:  # each engine's median over the rounds
+    import statistics
+
+    peer = runs.get("llama.cpp") or []
+    if not peer:
+        return
+    ref = {k: statistics.median(r[k] for r in peer) for k in ("prefill", "decode")}
+    for name, rs in runs.items():
+        if not rs or name.startswith("llama.cpp ("):
+            continue
+        med = {k: statistics.median(r[k] for r in rs) for k in ("prefill", "decode")}
+        print(
+            f"{label:<28} {name:<20} median of {len(rs)}: prefill {med['prefill']:.1f} "
+            f"({med['prefill'] / ref['prefill']:.2f}x llama.cpp), decode {med['decode']:.2f} "
+            f"({med['decode'] / ref['decode']:.2f}x); decode each round {[round(r['decode'], 1) for r in rs]}"
+        )
 
 
 if __name__ == "__main__":
