@@ -554,6 +554,23 @@ def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(monke
     window = pools[True].window(1, 2)
     model.forward(np.array([[3], [4]]), cache=window, last_only=True)  # rows 1, 2: kernel by kernel
     assert len(regions) == 6
+    # a bf16 KV cache (uint16 bit patterns): the region rounds each new key and value as the cache's own encode
+    c = model.config
+    bases = {flag: KVCache.allocate(c.num_hidden_layers, 3, c.num_key_value_heads, 16, c.head_dim, "bfloat16")
+             for flag in (True, False)}  # fmt: skip
+    lengths = {flag: np.array([2, 5, 0]) for flag in bases}
+    for step in range(3):
+        got = {}
+        for flag, base in bases.items():
+            monkeypatch.setattr(decode_step, "BATCH_STEP", flag)
+            ids = np.array([[11 + step], [40], [7 * step]])
+            got[flag] = model.forward(ids, cache=RaggedKVCache(base, lengths[flag]), last_only=True).logits
+            assert lengths[flag].tolist() == [3 + step, 6 + step, 1 + step]  # advanced in place
+        np.testing.assert_array_equal(got[True], got[False])
+        for a, b in zip(bases[True].keys + bases[True].values, bases[False].keys + bases[False].values,
+                        strict=True):  # fmt: skip
+            assert a.dtype == np.uint16 and np.array_equal(a, b)
+    assert len(regions) == 9
 
 
 # ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 or 6 weight rows)
