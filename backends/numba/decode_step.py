@@ -538,9 +538,9 @@ def _quant_step(
 # Measured (Qwen3-0.6B-shaped random bf16, 16 rows at 160-167 positions of a written pool, 2 shared cores at load
 # 2.3-3.9, same process, interleaved, best of 5-7): 177 ms per step (177 ms CPU) against 238 (237) kernel by
 # kernel, 1.34x; with a Python thread holding the GIL ~2 ms of every 3 (a server's event loop) 284 against 391 ms.
-# Through HTTP (benchmarks/bench_serve.py, 16 clients, decode workload, runs alternated, load 3.2-3.8): ITL p50
-# 100 / 187 / 360 ms against 332 / 342 / 368, 111 / 70 / 42 tok/s against 42 / 44 / 41; the server's model
-# threads 29-31 s of CPU against 33-35 for the same tokens.
+# Through HTTP (benchmarks/bench_serve.py, 16 clients, decode workload, 4 runs each alternated, load 3.2-4.0):
+# ITL p50 100 / 187 / 317 / 360 ms against 332 / 342 / 352 / 368, 112 / 70 / 51 / 42 tok/s against
+# 44 / 42 / 41 / 40; the server's model threads 29-31 s of CPU against 31-35 for the same tokens.
 BATCH_STEP = True  # False: a batched step layer by layer, kernel by kernel
 BATCH_CHUNK_BYTES = 96 << 10  # weight bytes per product chunk: 48 rows of 1024 bf16, ~40 us of 16-row tiles
 LM_CHUNK_ROWS = 192  # lm_head rows per chunk (a multiple of 6): 792 chunks of Qwen3's 151,936
