@@ -18,7 +18,11 @@ run are what to read; "x1" is the step's cost over batch 1's.
 
 One layer's weights (30 MB of bf16 for 0.6B) repeated for every layer stay largely in L3, where a real step streams
 every layer's from memory: `--model DIR` times whole decode steps of a checkpoint instead (`Qwen3.forward` on a
-ragged cache of B rows at `--context` positions), panels against tiles, interleaved; `--clock cpu` for CPU time.
+ragged cache of B rows at `--context` positions, every row's keys and values written first), panels against tiles
+kernel by kernel and the 4 x 6 tiles' step in one region, interleaved; `--clock cpu` for CPU time; `--breakdown`
+where one step's time goes, part by part:
+
+    python benchmarks/bench_batch_decode.py --model QWEN3_0.6B_DIR --batches 16 --context 160 --breakdown
 """
 
 from __future__ import annotations
@@ -43,7 +47,13 @@ def main() -> None:
     )
     parser.add_argument("--context", type=int, default=128, help="--model: positions in each row's cache")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="--model: wall or CPU time")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="--model: where one B-row step's time goes, per part"
+    )
     args = parser.parse_args()
+    if args.model and args.breakdown:
+        breakdown(args)
+        return
     if args.model:
         whole_steps(args)
         return
@@ -118,34 +128,38 @@ def main() -> None:
 
 def whole_steps(args) -> None:
     """Whole decode steps of a checkpoint on B rows (a ragged cache at --context positions): panels vs the 4 x 3
-    tiles vs the 4 x 6 tiles (`WIDE_TILES`, AVX-512 hosts' default)."""
+    tiles vs the 4 x 6 tiles (`WIDE_TILES`, AVX-512 hosts' default), each kernel by kernel, and the 4 x 6 tiles'
+    step in one region (decode_step.py's batched step, `BATCH_STEP`: the default where it applies)."""
     import tinyqwen
+    from tinyqwen.backends.numba import decode_step
     from tinyqwen.backends.numba import decode_tiles as tiles
     from tinyqwen.backends.numba import linear as lin
     from tinyqwen.serve.kv_pool import KVPool
 
     model = tinyqwen.load_model(args.model, backend="numba")
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    flags = lin.BATCH_PANELS, tiles.WIDE_TILES
+    flags = lin.BATCH_PANELS, tiles.WIDE_TILES, decode_step.BATCH_STEP
     paths = {
-        "panels": (True, flags[1]),
-        "tiles4x3": (False, False),
-        "tiles4x6": (False, True),
-    }  # PANELS, WIDE
+        "panels": (True, flags[1], False),
+        "tiles4x3": (False, False, False),
+        "tiles4x6": (False, True, False),
+        "region": (False, True, True),
+    }  # PANELS, WIDE, BATCH_STEP
     print(f"{Path(args.model).name}: whole decode steps, {args.context} positions per row, ms per step "
           f"({args.clock} time, best of {args.repeats}, interleaved; WIDE_TILES is {flags[1]} here)")  # fmt: skip
-    print(f"{'batch':>5} {'panels':>9} {'4x3':>9} {'4x6':>9} {'4x3/panels':>11} {'4x3/4x6':>8} "
-          f"{'max |dlogit| 4x6 vs 4x3':>24} {'same argmax':>12}")  # fmt: skip
+    print(f"{'batch':>5} {'panels':>9} {'4x3':>9} {'4x6':>9} {'4x6 region':>11} {'4x3/panels':>11} {'4x3/4x6':>8} "
+          f"{'4x6/region':>11} {'max |dlogit| 4x6 vs 4x3':>24} {'same argmax':>12} {'region == 4x6':>14}")  # fmt: skip
     for B in (int(b) for b in args.batches.split(",")):
         pool = KVPool(model, B, args.context + 4 * args.repeats + 8)
         pool.decoding, pool.owner = B, [object()] * B
+        fill_pool(pool, args.context)
         ids = np.arange(1000, 1000 + B)[:, None]
         times: dict[str, list[float]] = {path: [] for path in paths}
         logits = {}
         try:
             for rep in range(args.repeats + 1):  # the first round compiles / warms, not counted
-                for path, (panels, wide) in paths.items():
-                    lin.BATCH_PANELS, tiles.WIDE_TILES = panels, wide
+                for path, (panels, wide, region) in paths.items():
+                    lin.BATCH_PANELS, tiles.WIDE_TILES, decode_step.BATCH_STEP = panels, wide, region
                     pool.lengths[:] = args.context
                     t = clock()
                     out = model.forward(ids, cache=pool.batch(), last_only=True)
@@ -153,12 +167,114 @@ def whole_steps(args) -> None:
                         times[path].append(clock() - t)
                     logits[path] = np.asarray(out.logits)[:, -1]
         finally:
-            lin.BATCH_PANELS, tiles.WIDE_TILES = flags
-        p, t3, t6 = (min(times[path]) for path in paths)
+            lin.BATCH_PANELS, tiles.WIDE_TILES, decode_step.BATCH_STEP = flags
+        p, t3, t6, r6 = (min(times[path]) for path in paths)
         diff = np.abs(logits["tiles4x6"] - logits["tiles4x3"]).max()
         same = bool((logits["tiles4x6"].argmax(-1) == logits["tiles4x3"].argmax(-1)).all())
-        print(f"{B:5d} {p * 1e3:9.1f} {t3 * 1e3:9.1f} {t6 * 1e3:9.1f} {t3 / p:11.2f} {t3 / t6:8.2f} "
-              f"{diff:24.2e} {str(same):>12}", flush=True)  # fmt: skip
+        equal = bool(np.array_equal(logits["region"], logits["tiles4x6"]))
+        print(f"{B:5d} {p * 1e3:9.1f} {t3 * 1e3:9.1f} {t6 * 1e3:9.1f} {r6 * 1e3:11.1f} {t3 / p:11.2f} "
+              f"{t3 / t6:8.2f} {t6 / r6:11.2f} {diff:24.2e} {str(same):>12} {str(equal):>14}",
+              flush=True)  # fmt: skip
+
+
+def fill_pool(pool, n: int) -> None:
+    """Write values into the first n positions of every row of a KV pool, as a server's prefills would have. The
+    pool is mapped lazily: never-written positions all read the one shared zero page, which stays in L1/L2, so a
+    step over an unwritten pool times attention at a fraction of its real cost (16 rows at 160 positions: 26 ms
+    per step over zero pages against ~60 ms over written ones, loaded machine)."""
+    rng = np.random.default_rng(1)
+    for store in (pool.cache.keys, pool.cache.values):
+        for a in store:
+            a[:, :, :n] = rng.standard_normal(a[:, :, :n].shape, dtype=np.float32).astype(a.dtype)
+
+
+def breakdown(args) -> None:
+    """Where one whole B-row decode step's time goes: each backend call of the layer-by-layer step (the products per
+    weight, the lm_head, attention, the norms, RoPE, the KV write) timed around the call, wall and CPU (this
+    process, every thread), the rest of the step (Python between the calls, reshapes, residual adds, the mask and
+    the rotary angles) as "other". The timers add ~1 us per call (~300 calls). Best step of --repeats by wall
+    time, after one warm-up step, per batch size; interleaved with the same step as one region (decode_step.py's
+    batched step, the default where it applies), whose parts are not timed apart."""
+    import dataclasses
+
+    import tinyqwen
+    from tinyqwen.backends.numba import decode_step
+    from tinyqwen.serve.kv_pool import KVPool
+
+    model = tinyqwen.load_model(args.model, backend="numba")
+    k = model.backend
+    timed_backend = None
+    spent: dict[str, list[float]] = {}
+
+    def timed(name, fn):
+        def run(*a, **kw):
+            t, c = time.perf_counter(), time.process_time()
+            out = fn(*a, **kw)
+            part = name(*a) if callable(name) else name
+            w = spent.setdefault(part, [0.0, 0.0, 0])
+            w[0] += time.perf_counter() - t
+            w[1] += time.process_time() - c
+            w[2] += 1
+            return out
+
+        return run
+
+    head, o_projs = model.weights.lm_head, {id(layer.attn.o_proj) for layer in model.weights.layers}
+
+    def linear_part(x, w, *_):
+        return "lm_head" if w is head else "o_proj" if id(w) in o_projs else "linear (other)"
+
+    def norm_part(x, *_):
+        return "rms_norm (q/k heads)" if x.ndim == 4 else "rms_norm"
+
+    timed_backend = dataclasses.replace(
+        k,
+        linear=timed(linear_part, k.linear),
+        linears=timed("q/k/v", k.linears),
+        rms_norm=timed(norm_part, k.rms_norm),
+        apply_rope=timed("rope", k.apply_rope),
+        attention=timed("attention", k.attention),
+        swiglu=timed("gate/up + down", k.swiglu),
+        embed=timed("embed", k.embed),
+    )
+    print(f"{Path(args.model).name}: one decode step's parts, {args.context} positions per row, ms "
+          f"(best step of {args.repeats} by wall time)")  # fmt: skip
+    for B in (int(b) for b in args.batches.split(",")):
+        pool = KVPool(model, B, args.context + 2 * args.repeats + 8)
+        pool.decoding, pool.owner = B, [object()] * B
+        fill_pool(pool, args.context + 8)
+        ids = np.arange(1000, 1000 + B)[:, None]
+        best_step: tuple[float, float, dict] = (float("inf"), 0.0, {})
+        region = [float("inf"), float("inf")]  # the whole step in one region (decode_step.py): wall, CPU
+        flag = decode_step.BATCH_STEP
+        for rep in range(args.repeats + 1):  # interleaved: the parts kernel by kernel, then the one region
+            for whole in (False, True):
+                pool.lengths[:] = args.context + np.arange(B) % 8  # ragged: rows a few positions apart
+                cache = pool.batch()
+                decode_step.BATCH_STEP = whole
+                model.backend = k if whole else timed_backend
+                if not whole:
+                    cache.update = timed("KV write (cache.update)", cache.update)
+                spent.clear()
+                t, c = time.perf_counter(), time.process_time()
+                model.forward(ids, cache=cache, last_only=True)
+                wall, cpu = time.perf_counter() - t, time.process_time() - c
+                decode_step.BATCH_STEP, model.backend = flag, k
+                if rep and whole:
+                    region = [min(region[0], wall), min(region[1], cpu)]
+                elif rep and wall < best_step[0]:
+                    best_step = (wall, cpu, {p: list(v) for p, v in spent.items()})
+        wall, cpu, parts = best_step
+        print(f"batch {B}: one region (decode_step.py) {region[0] * 1e3:.1f} ms wall, {region[1] * 1e3:.1f} ms CPU; "
+              f"kernel by kernel {wall * 1e3:.1f} ms wall, {cpu * 1e3:.1f} ms CPU ({cpu / wall:.2f} cores), "
+              f"{wall / region[0]:.2f}x:")  # fmt: skip
+        print(f"  {'part':<26} {'calls':>5} {'wall ms':>8} {'%':>5} {'CPU ms':>8} {'cores':>6}")
+        rows = sorted(parts.items(), key=lambda p: -p[1][0])
+        rows.append(("other (Python, adds, mask)", [wall - sum(v[0] for v in parts.values()),
+                                                    cpu - sum(v[1] for v in parts.values()), 0]))  # fmt: skip
+        for part, (w, c, n) in rows:
+            print(f"  {part:<26} {n:5d} {w * 1e3:8.2f} {100 * w / wall:5.1f} {c * 1e3:8.2f} "
+                  f"{c / w if w > 0 else 0:6.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -505,6 +505,74 @@ def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(mon
     np.testing.assert_array_equal(got, want)
 
 
+def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(monkeypatch):
+    """Several decoding rows of different lengths (a RaggedKVCache from row 0): the numba backend runs the step as
+    one region (decode_step.py's batched step: the tiles' rows, the ragged cache write, attention per (row, kv
+    head)); its logits and the keys and values it writes are bit-identical to the layer-by-layer, kernel-by-kernel
+    step's (the same serial kernels on the same rows), step after step as rows join and leave; a window that does
+    not start at row 0 declines it."""
+    pytest.importorskip("numba")
+    import tinyqwen
+    from tinyqwen.backends.numba import decode_step, decode_tiles, linear
+
+    if not decode_tiles.WIDE_TILES:
+        pytest.skip("the batched step runs on the 4 x 6 tiles (AVX-512 hosts)")
+    monkeypatch.setattr(linear, "BATCH_PANELS", False)
+    model = tinyqwen.load_model(
+        Path(__file__).parent / "fixtures" / "dense-untied-bf16-sharded", backend="numba"
+    )
+    regions = []
+    region = decode_step._batch_step_region
+    monkeypatch.setattr(decode_step, "_batch_step_region", lambda *a: regions.append(1) or region(*a))
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(0, 500, n)) for n in (5, 9, 3, 12, 7)]
+    pools = {flag: KVPool(model, 5, 32) for flag in (True, False)}
+    for pool in pools.values():
+        for i, prompt in enumerate(prompts):
+            seq = type("Seq", (), {"row": None})()
+            pool.take(seq)
+            model.forward(np.array([prompt]), cache=pool.row_cache(i), last_only=True)
+            pool.prefilled(seq, len(prompt))
+    steps = 0
+    for step in range(6):
+        got = {}
+        for flag, pool in pools.items():
+            monkeypatch.setattr(decode_step, "BATCH_STEP", flag)
+            ids = (np.arange(pool.decoding) * 31 + step * 7)[:, None] % 500
+            got[flag] = model.forward(ids, cache=pool.batch(), last_only=True).logits
+        steps += pools[True].decoding > 1
+        np.testing.assert_array_equal(got[True], got[False])
+        for a, b in zip(pools[True].cache.keys + pools[True].cache.values,
+                        pools[False].cache.keys + pools[False].cache.values, strict=True):  # fmt: skip
+            assert np.array_equal(a, b)
+        np.testing.assert_array_equal(pools[True].lengths, pools[False].lengths)
+        if step in (1, 3):  # a sequence leaves: the last row moves into its place
+            for pool in pools.values():
+                pool.release(pool.owner[1 if step == 1 else 0])
+    assert len(regions) == steps == 6
+    monkeypatch.setattr(decode_step, "BATCH_STEP", True)
+    window = pools[True].window(1, 2)
+    model.forward(np.array([[3], [4]]), cache=window, last_only=True)  # rows 1, 2: kernel by kernel
+    assert len(regions) == 6
+    # a bf16 KV cache (uint16 bit patterns): the region rounds each new key and value as the cache's own encode
+    c = model.config
+    bases = {flag: KVCache.allocate(c.num_hidden_layers, 3, c.num_key_value_heads, 16, c.head_dim, "bfloat16")
+             for flag in (True, False)}  # fmt: skip
+    lengths = {flag: np.array([2, 5, 0]) for flag in bases}
+    for step in range(3):
+        got = {}
+        for flag, base in bases.items():
+            monkeypatch.setattr(decode_step, "BATCH_STEP", flag)
+            ids = np.array([[11 + step], [40], [7 * step]])
+            got[flag] = model.forward(ids, cache=RaggedKVCache(base, lengths[flag]), last_only=True).logits
+            assert lengths[flag].tolist() == [3 + step, 6 + step, 1 + step]  # advanced in place
+        np.testing.assert_array_equal(got[True], got[False])
+        for a, b in zip(bases[True].keys + bases[True].values, bases[False].keys + bases[False].values,
+                        strict=True):  # fmt: skip
+            assert a.dtype == np.uint16 and np.array_equal(a, b)
+    assert len(regions) == 9
+
+
 # ---- the numba backend's batched decode products (register tiles of 4 token rows x 3 or 6 weight rows)
 
 

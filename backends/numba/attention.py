@@ -31,7 +31,11 @@ ATTENTION_BLOCK = 128  # query rows per prefill block: its scores are [block, ke
 # same process, interleaved): one kernel 0.55 ms on one thread against 0.88 ms (median 3.8 ms) over the threads;
 # a whole 16-row step's 28 attentions 23-28 ms against 55-75 ms. Splitting the pairs through an atomic counter
 # between the caller and a helper thread (so that a late thread finds the work done) measured 54-65 ms: no better.
-# So the threads only where the work is several times a wake-up even there (long contexts).
+# So the threads only where the work is several times a wake-up even there (long contexts). Rechecked with the
+# pool's keys and values written (an unwritten lazy pool reads the shared zero page: half the cost): 16 rows at
+# 160-168 positions (21 MB per layer), whole steps at load 2.3, interleaved: 241 ms best with these 28 kernels
+# serial against 256 over the threads. A server's batched step of bf16 weights no longer comes here: it runs
+# attention inside its one region (decode_step.py), one (row, kv head) pair per claimed chunk on both threads.
 PARALLEL_ATTENTION_BYTES = 32 << 20  # of keys and values read per step
 
 

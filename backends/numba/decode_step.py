@@ -18,9 +18,13 @@ input after its post-attention residual, so the residual may overwrite it).
 
 The same serial kernels on the same rows as the layer-by-layer path (decode_layer.py's `_bf16_phases`, linear.py's
 lm_head GEMV through gemv_one_row.py), so the logits are bit-identical to it and to the kernel-by-kernel path (the
-tests check this). `decode_step` returns None where it does not apply — anything but one row of one new position
-with a plain KV cache, weights not all bf16 of one kind, an MoE layer, "medium" precision, `WHOLE_STEP` or
-decode_layer.ONE_REGION off — and the model then runs the step layer by layer.
+tests check this). `decode_step` returns None where it does not apply — anything but one new position of one
+row with a plain KV cache (or of the batched step's rows), weights not all bf16 of one kind, an MoE layer,
+"medium" precision, `WHOLE_STEP` or decode_layer.ONE_REGION off — and the model then runs the step layer by layer.
+
+A server's batched step (a RaggedKVCache of 2 .. GEMV_MAX_ROWS rows from row 0, bf16 weights, the 4 x 6 tiles)
+takes the same shape of region on M rows (`_batch_step_region`, see the note above it); its logits are bit-identical
+to the kernel-by-kernel step's.
 
 Quantized weights ("int8" GEMVs; GGUF's q8_0, q4_k, q6_k, mixed as in Q4_K_M) take the same shape of step:
 decode_layer.py's 11 quantized phases per layer (`_quant_phases`), the final norm with its output quantized once
@@ -42,17 +46,23 @@ from numba import njit, prange
 from numba.typed import List
 
 from tinyqwen.backends.numba import decode_layer as _dl
+from tinyqwen.backends.numba.attention import _attend_group
 from tinyqwen.backends.numba.decode_layer import (
     _act_buffers,
+    _add,
+    _attention_scratch,
     _bf16_phases,
     _bf16_plan,
     _bf16_scratch,
+    _encode,
     _position_args,
     _quant_phases,
     _quant_plan,
     _quant_scratch,
     _quantize_into,
+    _rope_heads,
 )
+from tinyqwen.backends.numba.decode_tiles import _gate_up6_rows_bf16, _gemm6_rows_bf16
 from tinyqwen.backends.numba.gemv_one_row import _claim_size, _gemv1_rows_bf16, _split_pairs
 from tinyqwen.backends.numba.linear import _starts
 from tinyqwen.backends.numba.norm_rope import _rms_norm
@@ -415,9 +425,11 @@ def decode_step(
     """[B, 1, H] embedded token -> [B, 1, V] logits of the whole step, every layer's k and v written into `cache`
     at its length (the model advances it); None where this path does not apply (see the module docstring)."""
     B, T, H = x.shape
-    if not (WHOLE_STEP and _dl.ONE_REGION) or B != 1 or T != 1 or bf16_inputs:
+    if not (WHOLE_STEP and _dl.ONE_REGION) or T != 1 or bf16_inputs or cache is None:
         return None
-    if cache is None or hasattr(cache, "lengths") or not hasattr(cache, "keys"):
+    if hasattr(cache, "lengths"):  # a server's batch of rows, each at its own length
+        return _batch_step(x, weights, cos, sin, mask, cache, config)
+    if B != 1 or not hasattr(cache, "keys"):
         return None  # a KVCache (one length for all rows) only, as decode_layer
     if not isinstance(mask, np.ndarray):
         return None
@@ -507,6 +519,248 @@ def _quant_step(
         plan.lm_head8,
         plan.lm_starts,
         plan.lm_need,
+        _dl._workers(),
+    )
+    return logits.reshape(B, 1, -1)
+
+
+# ---- a server's batched step: 2 .. GEMV_MAX_ROWS rows of a RaggedKVCache (each its own length), one region
+#
+# A 16-row step of Qwen3-0.6B ran layer by layer and kernel by kernel: ~11 calls from Python per layer, five of
+# them parallel launches (q/k/v, o, the MLP's two halves; attention on one thread under 32 MiB of keys and values),
+# each a fork and a join whose prange splits its rows evenly over the threads, so that a thread another process
+# holds up holds the whole launch up. Here the step is one region as the one-row step above: each thread runs the
+# layers' 9 phases (the same as _bf16_phases, on M rows: the products on decode_tiles.py's 4 x 6 tile rows, the
+# ragged cache write at each row's own length, attention one (row, kv head) pair per chunk over both threads), then
+# the final norm and the lm_head's rows, every chunk claimed through the counters (phases.py). The same serial
+# kernels as the kernel-by-kernel path on the same rows (the tiles' sums do not depend on which chunk holds a
+# row), so the logits are bit-identical to it (tests/test_batching.py checks this).
+# Measured (Qwen3-0.6B-shaped random bf16, 16 rows at 160-167 positions of a written pool, 2 shared cores at load
+# 2.3-3.9, same process, interleaved, best of 5-7): 177 ms per step (177 ms CPU) against 238 (237) kernel by
+# kernel, 1.34x; with a Python thread holding the GIL ~2 ms of every 3 (a server's event loop) 284 against 391 ms.
+# Through HTTP (benchmarks/bench_serve.py, 16 clients, decode workload, 4 runs each alternated, load 3.2-4.0):
+# ITL p50 100 / 187 / 317 / 360 ms against 332 / 342 / 352 / 368, 112 / 70 / 51 / 42 tok/s against
+# 44 / 42 / 41 / 40; the server's model threads 29-31 s of CPU against 31-35 for the same tokens.
+BATCH_STEP = True  # False: a batched step layer by layer, kernel by kernel
+BATCH_CHUNK_BYTES = 96 << 10  # weight bytes per product chunk: 48 rows of 1024 bf16, ~40 us of 16-row tiles
+LM_CHUNK_ROWS = 192  # lm_head rows per chunk (a multiple of 6): 792 chunks of Qwen3's 151,936
+
+
+@njit(cache=True)
+def _ragged_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, lengths, q_out, qn, kn, kr):
+    # decode_layer._qk_rope_store with row m's new position at its own length: q [M, Hq·d], k/v [M, Hkv·d] ->
+    # q_out [M, Hq, d]; k (normed, rotated) and v written into rows 0 .. M - 1 of the whole caches at lengths[m]
+    M = q.shape[0]
+    Hq, d = qn.shape
+    Hkv = kn.shape[0]
+    for m in range(M):
+        qm = q[m].reshape((Hq, d))
+        km = k[m].reshape((Hkv, d))
+        if qk_norm:
+            _rms_norm(qm, q_norm, eps, qn)
+            _rms_norm(km, k_norm, eps, kn)
+            _rope_heads(qn, cos, sin, m, q_out[m])
+            _rope_heads(kn, cos, sin, m, kr)
+        else:
+            _rope_heads(qm, cos, sin, m, q_out[m])
+            _rope_heads(km, cos, sin, m, kr)
+        pos = lengths[m]
+        for h in range(Hkv):
+            for j in range(d):
+                kc[m, h, pos, j] = _encode(kc, kr[h, j])
+                vc[m, h, pos, j] = _encode(vc, v[m, h * d + j])
+
+
+@njit(cache=True)
+def _batch_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc,
+                  mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn, kr, att, o,
+                  x1, g, o2):  # fmt: skip
+    # one thread's run through one layer's 9 phases on M rows (chunks [9], sizes [9]: rows per chunk, multiples
+    # of the tiles' 6 weight rows, 3 gate/up pairs); x [M, H] is the layer's input and, after phase 8, its output
+    M = x.shape[0]
+    Hkv = kc.shape[1]
+    S = mask.shape[1]
+    att2 = att.reshape((M, att.shape[1] * att.shape[2]))
+    for p in range(9):
+        if p > 0:
+            wait_finished(ctr, p - 1, chunks[p - 1])
+        while True:
+            c = claim(ctr, p)
+            if c >= chunks[p]:
+                break
+            lo = c * sizes[p]
+            if p == 0:
+                _rms_norm(x, in_norm, eps, h)
+            elif p == 1:
+                _gemm6_rows_bf16(h, wqkv, (q, k, v), starts_qkv, lo, min(starts_qkv[-1], lo + sizes[p]))
+            elif p == 2:
+                _ragged_rope_store(
+                    q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, lengths, qr, qn, kn, kr
+                )
+            elif p == 3:
+                _attend_group(qr, kc, vc, mask, att, c // Hkv, c % Hkv, S)
+            elif p == 4:
+                _gemm6_rows_bf16(att2, (wo,), (o,), starts_o, lo, min(starts_o[-1], lo + sizes[p]))
+            elif p == 5:
+                _add(x, o, x1)
+                _rms_norm(x1, post_norm, eps, h)
+            elif p == 6:
+                _gate_up6_rows_bf16(h, wg, wu, g, lo, min(wg.shape[0], lo + sizes[p]))
+            elif p == 7:
+                _gemm6_rows_bf16(g, (wd,), (o2,), starts_d, lo, min(starts_d[-1], lo + sizes[p]))
+            else:
+                _add(x1, o2, x)
+            finish(ctr, p)
+
+
+@njit(cache=True)
+def _batch_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus,
+                       wds, cos, sin, kcs, vcs, mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k,
+                       v, qr, qn, kn, kr, att, o, x1, g, o2, norm, lm_head, lm_starts, lm_size, logits,
+                       hn):  # fmt: skip
+    # _step_phases for M rows: L layers of _batch_phases, the final norm (phase 9·L), the lm_head's rows
+    L = len(wqs)
+    per = 2 * LAYER_PHASES * LINE
+    for layer in range(L):
+        c = ctr[layer * per : (layer + 1) * per]
+        if layer > 0:
+            wait_finished(ctr[(layer - 1) * per : layer * per], LAYER_PHASES - 1, 1)
+        _batch_phases(c, chunks, sizes, x, in_norms[layer], (wqs[layer], wks[layer], wvs[layer]), q_norms[layer],
+                      k_norms[layer], wos[layer], post_norms[layer], wgs[layer], wus[layer], wds[layer], cos, sin,
+                      kcs[layer], vcs[layer], mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k,
+                      v, qr, qn, kn, kr, att, o, x1, g, o2)  # fmt: skip
+    tail = ctr[L * per :]
+    wait_finished(ctr[(L - 1) * per : L * per], LAYER_PHASES - 1, 1)
+    if claim(tail, 0) == 0:
+        _rms_norm(x, norm, eps, hn)
+        finish(tail, 0)
+    wait_finished(tail, 0, 1)
+    total = lm_starts[-1]
+    while True:
+        lo = claim(tail, 1) * lm_size
+        if lo >= total:
+            break
+        _gemm6_rows_bf16(hn, (lm_head,), (logits,), lm_starts, lo, min(total, lo + lm_size))
+        finish(tail, 1)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _batch_step_region(x_in, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus, wds, cos, sin,
+                       kcs, vcs, mask, lengths, eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks,
+                       sizes, norm, lm_head, lm_starts, lm_size, workers):  # fmt: skip
+    # x_in [M, H] f32 (the embedded tokens) -> logits [M, V]; kcs, vcs: every layer's whole cache [R ≥ M, Hkv,
+    # max_len, d] (rows 0 .. M - 1 are the step's); mask [M, S]; lengths [M]: where each row's new position goes
+    M, H = x_in.shape
+    x = x_in.copy()
+    h, q, k, v, qr, qn, kn, kr, att, o, x1 = _attention_scratch(
+        x, wqs[0].shape[0], wks[0].shape[0], wvs[0].shape[0], heads, head_dim, kcs[0].shape[1]
+    )
+    g = np.empty((M, wgs[0].shape[0]), np.float32)
+    o2 = np.empty((M, H), np.float32)
+    hn = np.empty_like(x)
+    logits = np.empty((M, lm_head.shape[0]), np.float32)
+    ctr = np.zeros(2 * (LAYER_PHASES * len(wqs) + 2) * LINE, np.int64)
+    for _ in prange(workers):
+        _batch_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs,
+                           wus, wds, cos, sin, kcs, vcs, mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d,
+                           h, q, k, v, qr, qn, kn, kr, att, o, x1, g, o2, norm, lm_head, lm_starts, lm_size, logits,
+                           hn)  # fmt: skip
+    return logits
+
+
+def _tile_rows(rows: int, row_bytes: int, multiple: int) -> tuple[int, int]:  # -> (chunks, rows per chunk)
+    size = max(1, min(rows, BATCH_CHUNK_BYTES // max(1, row_bytes)))
+    size += -size % multiple
+    return -(-rows // size), size
+
+
+def _batch_plan(
+    M: int, wq, wk, wv, wo, wg, wd, Hkv: int
+) -> tuple[np.ndarray, np.ndarray]:  # chunks, sizes [9]
+    plan = [
+        (1, 1),  # input norm
+        _tile_rows(wq.shape[0] + wk.shape[0] + wv.shape[0], wq.shape[1] * 2, 6),
+        (1, 1),  # QK-Norm, RoPE, the cache writes
+        (M * Hkv, 1),  # attention: one (row, kv head) pair per chunk
+        _tile_rows(wo.shape[0], wo.shape[1] * 2, 6),
+        (1, 1),  # residual, post-attention norm
+        _tile_rows(wg.shape[0], wg.shape[1] * 4, 3),  # three gate/up pairs per tile
+        _tile_rows(wd.shape[0], wd.shape[1] * 2, 6),
+        (1, 1),  # residual
+    ]
+    return np.array([c for c, _ in plan], np.int64), np.array([s for _, s in plan], np.int64)
+
+
+def _ragged_cache_lists(base) -> tuple:  # (keys, values) of a ragged cache's whole KVCache as typed Lists
+    # the pool's arrays are `_Pool` views (kv_cache.py): handed over as plain ndarrays of the same memory
+    parts = [*base.keys, *base.values]
+    return _remembered(
+        _caches,
+        base,
+        lambda c: tuple(_list(a.view(np.ndarray) for a in store) for store in (c.keys, c.values)),
+        parts,
+    )
+
+
+def _batch_step(x, weights, cos, sin, mask, cache, config):
+    # decode_step for a RaggedKVCache of 2 .. GEMV_MAX_ROWS rows from row 0 (a server's decoding rows), bf16
+    # weights on the 4 x 6 tiles as linear.py would run them (not its panels); None where that does not hold
+    from tinyqwen.backends.numba import decode_tiles, linear
+
+    B, _, H = x.shape
+    base = getattr(cache, "base", None)
+    if (
+        not BATCH_STEP
+        or not 2 <= B <= linear.GEMV_MAX_ROWS
+        or not (linear.BATCH_TILES and decode_tiles.WIDE_TILES)
+        or linear.BATCH_PANELS
+        or getattr(cache, "first", None) != 0
+        or base is None
+        or not hasattr(base, "keys")
+    ):
+        return None
+    keys = base.keys
+    if not isinstance(keys[0], np.ndarray) or not keys[0].flags.c_contiguous or keys[0].dtype == np.float16:
+        return None
+    if not _one_kind([a.view(np.ndarray) for a in keys + base.values]) or not isinstance(mask, np.ndarray):
+        return None
+    plan = _plan(weights)
+    if not plan.ok or len(keys) != plan.layers:
+        return None
+    kcs, vcs = _ragged_cache_lists(base)
+    wq, wk, wv, wo, wg, wu, wd = plan.shapes
+    chunks, sizes = _batch_plan(B, wq, wk, wv, wo, wg, wd, keys[0].shape[1])
+    f32 = np.float32
+    logits = _batch_step_region(
+        np.ascontiguousarray(x.reshape(B, H), f32),
+        plan.in_norms,
+        plan.wqs,
+        plan.wks,
+        plan.wvs,
+        plan.q_norms,
+        plan.k_norms,
+        plan.wos,
+        plan.post_norms,
+        plan.wgs,
+        plan.wus,
+        plan.wds,
+        np.ascontiguousarray(cos[:, 0]),
+        np.ascontiguousarray(sin[:, 0]),
+        kcs,
+        vcs,
+        np.ascontiguousarray(mask[:, 0]),
+        np.ascontiguousarray(cache.lengths, np.int64),
+        f32(config.rms_norm_eps),
+        config.qk_norm,
+        config.num_attention_heads,
+        config.head_dim,
+        *plan.starts,
+        chunks,
+        sizes,
+        plan.norm,
+        plan.lm_head,
+        plan.lm_starts,
+        LM_CHUNK_ROWS,
         _dl._workers(),
     )
     return logits.reshape(B, 1, -1)
