@@ -220,6 +220,21 @@ def _tiled(x2: np.ndarray) -> bool:  # a batched decode step's rows take the reg
     return BATCH_TILES and x2.shape[0] > 1
 
 
+# "medium" (bf16_inputs) batched decode steps where Numba's target has AVX512-BF16 (and AVX-512's 4 x 6 tiles):
+# decode_tiles.py's tiles on bf16 pairs and vdpbf16ps, the weights straight from their uint32 pairs; False: x
+# rounded, then the float32 tiles. A 16-row step of Qwen3-0.6B: see decode_tiles.py
+BATCH_DPBF16 = True
+
+
+def _tiled_dpbf16(x2: np.ndarray, *bits) -> bool:  # a batched step's rows take the vdpbf16ps tiles
+    return (
+        BATCH_DPBF16
+        and _tiled(x2)
+        and decode_tiles.dpbf16_fits(x2.shape[1], *(b.shape[1] for b in bits))
+        and all(b.flags.c_contiguous for b in bits)
+    )
+
+
 def _panelled(x2: np.ndarray, *ks: int) -> bool:  # a batched step's rows take batch_gemm.py's panels
     # (x2's width and any other product's inner size ks: multiples of the micro-kernel's unrolling)
     M = x2.shape[0]
@@ -433,6 +448,9 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
         xt = batch_gemm.panels(round_bf16(x2)[1] if bf16_inputs else x2)
         batch_gemm.panel_many(xt, x2.shape[0], bits, outs, starts, _panel_chunks(), bufs, accs)
         return outs
+    if bf16_inputs and _tiled_dpbf16(x2, *bits):  # "medium" batched step on AVX512-BF16: vdpbf16ps tiles
+        decode_tiles.gemm_dpbf16(round_bf16(x2)[0], bits, outs, starts, _chunks())
+        return outs
     tiles = decode_tiles._gemm6_many_bf16 if decode_tiles.WIDE_TILES else decode_tiles._gemm_many_bf16
     kernel = tiles if _tiled(x2) else _gemv_many_bf16  # a batched step: the register tiles
     one_row = _one_row_pairs(x2, *bits)  # plain decode: one region iteration per thread
@@ -493,6 +511,16 @@ def swiglu(
             and _prefill_panelled((w_gate.bits, w_up.bits), w_gate.shape[0])):  # fmt: skip
         # prefill's MLP in one launch: gate/up with SiLU·mul into the panels down reads
         return prefill_gemm.swiglu(x2, w_gate.bits, w_up.bits, w_down.bits).reshape(x.shape)
+    if (
+        bf16
+        and bf16_inputs
+        and x2.shape[0] <= GEMV_MAX_ROWS
+        and not _panelled(x2)
+        and _tiled_dpbf16(x2, w_gate.bits, w_up.bits, w_down.bits)
+    ):  # "medium" batched step on AVX512-BF16: gate/up, h rounded to bf16, down, in one call of vdpbf16ps tiles
+        out = decode_tiles.swiglu_dpbf16(round_bf16(x2)[0], w_gate.bits, w_up.bits, w_down.bits,
+                                         _starts((w_down.shape[0],)), _chunks())  # fmt: skip
+        return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         if _panelled(x2):
             xt = batch_gemm.panels(round_bf16(x2)[1] if bf16_inputs else x2)
