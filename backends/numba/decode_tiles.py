@@ -449,8 +449,13 @@ def _gemm6_rows_dpbf16(
 def _gate_up6_rows_dpbf16(x, w_gate, w_up, h, lo, hi):  # _gate_up6_rows_bf16 on pairs -> h [M, F] u16 (bf16)
     # SiLU(g)·u rounded to bf16 (nearest, ties to even), as "medium" rounds every input of a bf16 product: h's rows
     # are then the pairs the down projection reads
+    # The sums go to g and u first, and SiLU·mul and the rounding run after the tiles as one loop along f per row,
+    # which LLVM vectorises: per value inside the tile loop (scalar exp, division, rounding) they took a quarter of
+    # the gate/up time (16 rows, [3072, 1024] x2, one thread: 0.87 ms against 0.64 for the products alone)
     M = x.shape[0]
     acc = np.empty((4, 6), np.float32)
+    g = np.empty((M, hi - lo), np.float32)
+    u = np.empty((M, hi - lo), np.float32)
     for f in range(lo, hi, 3):
         f1, f2 = min(f + 1, hi - 1), min(f + 2, hi - 1)
         for ahead in range(f + 3, min(f + 6, hi)):
@@ -460,9 +465,12 @@ def _gate_up6_rows_dpbf16(x, w_gate, w_up, h, lo, hi):  # _gate_up6_rows_bf16 on
             _tile4x6_dpbf16(x, m, min(m + 1, M - 1), min(m + 2, M - 1), min(m + 3, M - 1),
                             w_gate[f], w_up[f], w_gate[f1], w_up[f1], w_gate[f2], w_up[f2], acc)  # fmt: skip
             for i in range(min(4, M - m)):
-                h[m + i, f] = _to_bf16(_silu(acc[i, 0]) * acc[i, 1])
-                h[m + i, f1] = _to_bf16(_silu(acc[i, 2]) * acc[i, 3])
-                h[m + i, f2] = _to_bf16(_silu(acc[i, 4]) * acc[i, 5])
+                g[m + i, f - lo], u[m + i, f - lo] = acc[i, 0], acc[i, 1]
+                g[m + i, f1 - lo], u[m + i, f1 - lo] = acc[i, 2], acc[i, 3]
+                g[m + i, f2 - lo], u[m + i, f2 - lo] = acc[i, 4], acc[i, 5]
+    for m in range(M):
+        for f in range(hi - lo):
+            h[m, lo + f] = _to_bf16(_silu(g[m, f]) * u[m, f])
 
 
 @njit(parallel=True, cache=True, nogil=True)
