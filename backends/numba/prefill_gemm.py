@@ -50,9 +50,11 @@ addition), nothing a model's activations come near. The logits of the test model
 from "highest" (the rounding of the inputs; tinyqwen.load_model documents it), and by ~4e-3 from the other
 "medium" road (the float32 panels on rounded x; the order of the sums, and an h rounded to the neighbouring bf16
 where it lies next to a rounding boundary).
-Speed (AMD EPYC Zen 5, 2 threads, one process, interleaved, best of 5; benchmarks/bench_prefill.py --medium
---kernels): layer 0 of Qwen3-0.6B at 256 tokens, q/k/v 333 against 201 GFLOP/s (1.66x), the MLP 309 against 215
-(1.44x), o_proj 1.53x; a whole 256-token prefill 1.40x (888 against 1241 ms, load 2.2).
+Speed (AMD EPYC Zen 5, a machine shared with other work, load 2-3.5; one process, interleaved, best of N): one
+thread, Qwen3-0.6B's shapes, x rounded into the float32 panels against the vdpbf16ps panels, GFLOP/s: 256 tokens
+q/k/v 201 -> 321, o_proj 192 -> 335, gate/up 207 -> 347, down 191 -> 349 (1.59-1.82x); 128 tokens 178-190 ->
+293-315 (1.56-1.76x). Two threads (benchmarks/bench_prefill.py --medium, best of 5): a whole 256-token prefill
+1.40-1.48x "highest"'s time, 128 tokens 1.69x; a serving step (16 decode rows + a 256-token chunk) 1.42-1.57x.
 """
 
 from __future__ import annotations
