@@ -344,18 +344,39 @@ DPBF16_TILES = WIDE_TILES and numba_target_has("avx512bf16")
 PAIR_LANES = 16  # pairs of k per vector: K / 2 must be a multiple
 
 
-def _reduce16(
-    builder, v
-):  # <16 x float> -> float: the 16 lanes summed as a tree (halves, then quarters, ...)
-    n = 16
-    while n > 1:
-        n //= 2
-        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
-        hi = builder.shuffle_vector(
-            v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n)))
-        )
-        v = builder.fadd(lo, hi)
-    return builder.extract_element(v, ir.Constant(ir.IntType(32), 0))
+def _sums_of(builder, vs: list) -> ir.Value:
+    """2^s <16 x float> vectors (s <= 4) -> one <16 x float> whose lanes hold their lane sums: vector i's in lanes
+    i·16/2^s .. (i+1)·16/2^s (all 16 lanes for one vector, one lane each for sixteen).
+
+    A transposing tree: each stage pairs neighbouring vectors and adds the two halves of each one's live lanes,
+    so sixteen sums cost 15 adds and 30 shuffles, where one tree per vector (halves, quarters, ...) cost 64 and
+    128, and 16 extracts and stores.
+    """
+    i32 = ir.IntType(32)
+    group = 16  # live lanes per vector's sum
+    while len(vs) > 1:
+        half = group // 2
+        lo = [lane for g in range(0, 16, group) for lane in range(g, g + half)]  # each group's first half
+        hi = [lane + half for lane in lo]
+        mask_lo = ir.Constant(ir.VectorType(i32, 16), lo + [16 + lane for lane in lo])
+        mask_hi = ir.Constant(ir.VectorType(i32, 16), hi + [16 + lane for lane in hi])
+        vs = [
+            builder.fadd(builder.shuffle_vector(a, b, mask_lo), builder.shuffle_vector(a, b, mask_hi))
+            for a, b in zip(vs[0::2], vs[1::2], strict=True)
+        ]
+        group = half
+    return vs[0]
+
+
+def _store_sums(
+    builder, vs: list, address
+) -> None:  # 8 <16 x float> vectors' lane sums -> 8 floats at address
+    v = _sums_of(builder, vs)  # vector i's sum in lanes 2i, 2i + 1: one more stage, the vector with itself
+    i32 = ir.IntType(32)
+    even = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 8), list(range(0, 16, 2))))
+    odd = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, 8), list(range(1, 16, 2))))
+    builder.store(builder.fadd(even, odd), builder.bitcast(address, ir.VectorType(ir.FloatType(), 8).as_pointer()),
+                  align=4)  # fmt: skip
 
 
 @intrinsic
@@ -406,8 +427,9 @@ def _tile4x6_dpbf16(typingctx, x, m0, m1, m2, m3, w0, w1, w2, w3, w4, w5, acc):
             s.add_incoming(n, end)
         builder.cbranch(builder.icmp_signed("<", k_next, K2), loop, done)
         builder.position_at_end(done)
-        for j, n in enumerate(cur):
-            builder.store(_reduce16(builder, n), builder.gep(aa.data, [const(j)]))
+        # acc[i, j] is accumulator 6i + j: the first sixteen summed into one vector, the last eight into half one
+        builder.store(_sums_of(builder, cur[:16]), builder.bitcast(aa.data, F32X16.as_pointer()), align=4)
+        _store_sums(builder, cur[16:], builder.gep(aa.data, [const(16)]))
         return context.get_dummy_value()
 
     sig = types.void(x, m0, m1, m2, m3, w0, w1, w2, w3, w4, w5, acc)
