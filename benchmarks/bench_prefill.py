@@ -97,7 +97,8 @@ def main() -> None:
         f"{args.model}  (numba threads {numba.get_num_threads()}, prompt {T}, load {os.getloadavg()[0]:.1f})"
     )
 
-    def ab(label: str, run, flop: float | None = None) -> None:  # run(model) -> anything, or its own seconds
+    # each road runs run(model) (which may return its own seconds); tokens > 0: also tok/s
+    def ab(label: str, run, flop: float | None = None, tokens: int = 0) -> None:
         fns = {name: lambda name=name: run(take(name)) for name in roads}
         for fn in fns.values():  # compiled and warm
             fn()
@@ -107,6 +108,8 @@ def main() -> None:
             if flop is None
             else f"  {flop / best[a_name] / 1e9:5.0f} vs {flop / best[b_name] / 1e9:4.0f} GFLOP/s"
         )
+        if tokens:
+            rate += f"  {tokens / best[a_name]:5.0f} vs {tokens / best[b_name]:4.0f} tok/s"
         print(f"  {label:42s} {a_name} {best[a_name] * 1e3:8.1f} ms  {b_name} {best[b_name] * 1e3:8.1f} ms"
               f"  ratio {best[b_name] / best[a_name]:.2f}{rate}")  # fmt: skip
 
@@ -150,8 +153,7 @@ def main() -> None:
     gap = np.abs(logits[a_name] - logits[b_name]).max() / np.abs(logits[b_name]).max()
     same = (logits[a_name].argmax(-1) == logits[b_name].argmax(-1)).all()
     print(f"  logits: max |{a_name} - {b_name}| / max |logit| = {gap:.1e}, same arg-max: {bool(same)}")
-    ab(f"prefill {T} tokens", lambda mo: mo.forward(ids, last_only=True))
-    # (tok/s: the prompt's tokens over the best seconds of each road, from the line above)
+    ab(f"prefill {T} tokens", lambda mo: mo.forward(ids, last_only=True), tokens=T)
     if args.decode_rows:
         D = args.decode_rows
         start = rng.integers(0, model.config.vocab_size, (D, 1))
