@@ -267,8 +267,10 @@ def dpbf16ps(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value) -> 
     Each 32-bit lane of a and b holds two bf16 numbers (low half first); lane i of the result is
     acc[i] + a.lo[i]·b.lo[i] + a.hi[i]·b.hi[i]. Intel's pseudocode adds the high pair's product, then the low one's,
     each addition rounded to nearest even in float32 (a product of two bf16 is exact in float32), with denormal
-    inputs read as zero and denormal results flushed to zero whatever MXCSR says. The operands go in as <32 x
-    bfloat>, the intrinsic's type since LLVM 17 (a bit cast, no instruction).
+    inputs read as zero and denormal results flushed to zero whatever MXCSR says. (AMD documents no other order or
+    rounding; the kernels' tests hold every output to the bound of K such roundings, whatever the order, and pass
+    on Zen 5.) The operands go in as <32 x bfloat>, the intrinsic's type since LLVM 17 (a bit cast, no
+    instruction).
     """
     fn = cgutils.get_or_insert_function(
         builder.module,
