@@ -50,12 +50,14 @@ def main() -> None:
     parser.add_argument(
         "--breakdown", action="store_true", help="--model: where one B-row step's time goes, per part"
     )
+    parser.add_argument("--medium", action="store_true",
+                        help='--model: matmul_precision "highest" vs "medium" (vdpbf16ps tiles, float32 tiles)')  # fmt: skip
     args = parser.parse_args()
     if args.model and args.breakdown:
         breakdown(args)
         return
     if args.model:
-        whole_steps(args)
+        (medium_steps if args.medium else whole_steps)(args)
         return
     from tinyqwen.backends.numba import linear as lin
     from tinyqwen.backends.numba.weights import BF16Weight
@@ -275,6 +277,51 @@ def breakdown(args) -> None:
         for part, (w, c, n) in rows:
             print(f"  {part:<26} {n:5d} {w * 1e3:8.2f} {100 * w / wall:5.1f} {c * 1e3:8.2f} "
                   f"{c / w if w > 0 else 0:6.2f}")  # fmt: skip
+
+
+def medium_steps(args) -> None:
+    """Whole decode steps of a checkpoint on B rows, matmul_precision "highest" (the 4 x 6 float32 tiles) against
+    "medium" on the vdpbf16ps tiles (AVX512-BF16 hosts) and on the float32 tiles (x rounded; BATCH_DPBF16 off)."""
+    import tinyqwen
+    from tinyqwen.backends.numba import decode_tiles as tiles
+    from tinyqwen.backends.numba import linear as lin
+    from tinyqwen.serve.kv_pool import KVPool
+
+    models = {
+        p: tinyqwen.load_model(args.model, backend="numba", matmul_precision=p) for p in ("highest", "medium")
+    }
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    paths = {"highest": ("highest", True), "medium": ("medium", True), "medium-f32": ("medium", False)}
+    flag = lin.BATCH_DPBF16
+    print(f"{Path(args.model).name}: whole decode steps, {args.context} positions per row, ms per step ({args.clock} "
+          f"time, best of {args.repeats}, interleaved; vdpbf16ps tiles here: {tiles.DPBF16_TILES})")  # fmt: skip
+    print(f"{'batch':>5} {'highest':>9} {'medium':>9} {'med-f32':>9} {'high/med':>9} {'medf32/med':>11} "
+          f"{'max|dlogit|/max med vs high':>28} {'same argmax':>12}")  # fmt: skip
+    for B in (int(b) for b in args.batches.split(",")):
+        pools = {p: KVPool(m, B, args.context + 4 * args.repeats + 8) for p, m in models.items()}
+        for pool in pools.values():
+            pool.decoding, pool.owner = B, [object()] * B
+        ids = np.arange(1000, 1000 + B)[:, None]
+        times: dict[str, list[float]] = {path: [] for path in paths}
+        logits = {}
+        try:
+            for rep in range(args.repeats + 1):  # the first round compiles / warms, not counted
+                for path, (precision, dpbf16) in paths.items():
+                    lin.BATCH_DPBF16 = dpbf16
+                    pool = pools[precision]
+                    pool.lengths[:] = args.context
+                    t = clock()
+                    out = models[precision].forward(ids, cache=pool.batch(), last_only=True)
+                    if rep:
+                        times[path].append(clock() - t)
+                    logits[path] = np.asarray(out.logits, np.float64)[:, -1]
+        finally:
+            lin.BATCH_DPBF16 = flag
+        h, m, mf = (min(times[path]) for path in paths)
+        diff = np.abs(logits["medium"] - logits["highest"]).max() / np.abs(logits["highest"]).max()
+        same = bool((logits["medium"].argmax(-1) == logits["highest"].argmax(-1)).all())
+        print(f"{B:5d} {h * 1e3:9.1f} {m * 1e3:9.1f} {mf * 1e3:9.1f} {h / m:9.2f} {mf / m:11.2f} {diff:28.2e} "
+              f"{str(same):>12}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ the default where the CPU has AVX-512) against the earlier road, each product's 
 into NumPy's BLAS (linear.PREFILL_PANELS = False).
 
     python benchmarks/bench_prefill.py [--model DIR] [--prompt 256] [--decode-rows 16] [--repeat 5] [--threads N]
-        [--kernels] [--only-kernels]
+        [--kernels] [--only-kernels] [--medium]
+
+--medium compares matmul_precision="medium" (on AVX512-BF16 CPUs: the panels on bf16 pairs and vdpbf16ps) against
+"highest" (the float32 panels) instead, the same three measures: ratio highest / medium.
 
 Three measures, each A B A B ..., best of --repeat, the ratio panels / BLAS (> 1: the panels faster):
   --kernels   each product of layer 0 on its own ([prompt, K] x [N, K]ᵀ; q/k/v stacked and the whole MLP as the
@@ -53,6 +56,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--kernels", action="store_true")
     ap.add_argument("--only-kernels", action="store_true", help="--kernels, and no whole prefill")
+    ap.add_argument("--medium", action="store_true", help='"medium" against "highest" (not panels vs BLAS)')
     args = ap.parse_args()
     if not args.model:
         ap.error("no model: pass --model or set TINYQWEN_PEER_DIR (the folder holding qwen3-0.6b-random)")
@@ -74,25 +78,40 @@ def main() -> None:
         linear.PREFILL_PANELS = panels
 
     model = tinyqwen.load_model(args.model, backend="numba")
-    k = model.backend
+    # the two roads A and B: (name, its model); "panels"/"blas" switch linear.PREFILL_PANELS on the one model
+    if args.medium:
+        medium = tinyqwen.load_model(args.model, backend="numba", matmul_precision="medium")
+        roads = {"medium": medium, "highest": model}
+        print(f"vdpbf16ps panels: {prefill_gemm.available_bf16()}")
+    else:
+        roads = {"panels": model, "blas": model}
+    (a_name, a_model), (b_name, b_model) = roads.items()
+
+    def take(name: str):  # the road's model, with PREFILL_PANELS as it wants
+        use(name != "blas")
+        return roads[name]
+
     rng = np.random.default_rng(0)
     T = args.prompt
     print(
         f"{args.model}  (numba threads {numba.get_num_threads()}, prompt {T}, load {os.getloadavg()[0]:.1f})"
     )
 
-    def ab(label: str, run, flop: float | None = None) -> None:
-        fns = {"panels": lambda: (use(True), run())[1], "blas": lambda: (use(False), run())[1]}
+    # each road runs run(model) (which may return its own seconds); tokens > 0: also tok/s
+    def ab(label: str, run, flop: float | None = None, tokens: int = 0) -> None:
+        fns = {name: lambda name=name: run(take(name)) for name in roads}
         for fn in fns.values():  # compiled and warm
             fn()
         best = best_of(fns, args.repeat)
         rate = (
             ""
             if flop is None
-            else f"  {flop / best['panels'] / 1e9:5.0f} vs {flop / best['blas'] / 1e9:4.0f} GFLOP/s"
+            else f"  {flop / best[a_name] / 1e9:5.0f} vs {flop / best[b_name] / 1e9:4.0f} GFLOP/s"
         )
-        print(f"  {label:42s} panels {best['panels'] * 1e3:8.1f} ms  blas {best['blas'] * 1e3:8.1f} ms"
-              f"  ratio {best['blas'] / best['panels']:.2f}{rate}")  # fmt: skip
+        if tokens:
+            rate += f"  {tokens / best[a_name]:5.0f} vs {tokens / best[b_name]:4.0f} tok/s"
+        print(f"  {label:42s} {a_name} {best[a_name] * 1e3:8.1f} ms  {b_name} {best[b_name] * 1e3:8.1f} ms"
+              f"  ratio {best[b_name] / best[a_name]:.2f}{rate}")  # fmt: skip
 
     if args.kernels:
         layer = model.weights.layers[0]
@@ -101,17 +120,17 @@ def main() -> None:
         x = rng.standard_normal((T, H)).astype(np.float32)
         h = rng.standard_normal((T, a.o_proj.shape[1])).astype(np.float32)
         qkv = (a.q_proj, a.k_proj, a.v_proj)
-        ab("q/k/v", lambda: k.linears(x, qkv), 2.0 * T * H * sum(w.shape[0] for w in qkv))
-        ab("o_proj", lambda: k.linear(h, a.o_proj), 2.0 * T * np.prod(a.o_proj.shape))
+        ab("q/k/v", lambda mo: mo.backend.linears(x, qkv), 2.0 * T * H * sum(w.shape[0] for w in qkv))
+        ab("o_proj", lambda mo: mo.backend.linear(h, a.o_proj), 2.0 * T * np.prod(a.o_proj.shape))
         F = m.gate_proj.shape[0]
         ab(
             "mlp (gate/up, silu, down)",
-            lambda: k.swiglu(x, m.gate_proj, m.up_proj, m.down_proj),
+            lambda mo: mo.backend.swiglu(x, m.gate_proj, m.up_proj, m.down_proj),
             6.0 * T * H * F,
         )
         for w in (*qkv, a.o_proj, m.gate_proj, m.down_proj):
             xs = rng.standard_normal((T, w.shape[1])).astype(np.float32)
-            ab(f"[{T},{w.shape[1]}] x [{w.shape[0]},{w.shape[1]}]", lambda xs=xs, w=w: k.linear(xs, w),
+            ab(f"[{T},{w.shape[1]}] x [{w.shape[0]},{w.shape[1]}]", lambda mo, xs=xs, w=w: mo.backend.linear(xs, w),
                2.0 * T * np.prod(w.shape))  # fmt: skip
         print("  NumPy's sgemm, float32 weights (no widening):")
         for w in (*qkv, a.o_proj, m.gate_proj, m.down_proj):
@@ -129,22 +148,23 @@ def main() -> None:
 
     ids = rng.integers(0, model.config.vocab_size, (1, T))
     logits = {}
-    for panels in (True, False):
-        use(panels)
-        logits[panels] = np.asarray(model.forward(ids, last_only=True).logits, np.float64)
-    gap = np.abs(logits[True] - logits[False]).max() / np.abs(logits[False]).max()
-    same = (logits[True].argmax(-1) == logits[False].argmax(-1)).all()
-    print(f"  logits: max |panels - blas| / max |logit| = {gap:.1e}, same arg-max: {bool(same)}")
-    ab(f"prefill {T} tokens", lambda: model.forward(ids, last_only=True))
+    for name in roads:
+        logits[name] = np.asarray(take(name).forward(ids, last_only=True).logits, np.float64)
+    gap = np.abs(logits[a_name] - logits[b_name]).max() / np.abs(logits[b_name]).max()
+    same = (logits[a_name].argmax(-1) == logits[b_name].argmax(-1)).all()
+    print(f"  logits: max |{a_name} - {b_name}| / max |logit| = {gap:.1e}, same arg-max: {bool(same)}")
+    ab(f"prefill {T} tokens", lambda mo: mo.forward(ids, last_only=True), tokens=T)
     if args.decode_rows:
         D = args.decode_rows
         start = rng.integers(0, model.config.vocab_size, (D, 1))
 
-        def step() -> float:  # a fresh chunk beside D decode rows one position in (that first step not timed)
-            dec, chunk = model.new_cache(D, 64), model.new_cache(1, T + 1)
-            model.forward(start, cache=dec, last_only=True)
+        def step(
+            mo,
+        ) -> float:  # a fresh chunk beside D decode rows one position in (that first step not timed)
+            dec, chunk = mo.new_cache(D, 64), mo.new_cache(1, T + 1)
+            mo.forward(start, cache=dec, last_only=True)
             t = time.perf_counter()
-            forward_groups(model, [(start, dec, None), (ids, chunk, None)])
+            forward_groups(mo, [(start, dec, None), (ids, chunk, None)])
             return time.perf_counter() - t
 
         ab(f"step: {D} decode rows + {T}-token chunk", step)

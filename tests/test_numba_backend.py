@@ -446,6 +446,39 @@ def test_medium_precision_model_stays_within_bf16_rounding_of_transformers():
             assert 1e-4 < err <= 3e-2, f"{name}: {err:.2e}"
 
 
+def test_medium_batched_steps_on_vdpbf16ps_stay_within_bf16_rounding_of_highest(monkeypatch):
+    # a batch of 5 rows: the 8-token prompts (40 rows) and the decode steps after them go through the batched
+    # products (2 to GEMV_MAX_ROWS rows), which "medium" runs on vdpbf16ps tiles where the CPU has AVX512-BF16
+    from tinyqwen.backends.numba import decode_tiles
+
+    if not decode_tiles.DPBF16_TILES:
+        pytest.skip("the vdpbf16ps tiles need AVX-512 and AVX512-BF16 in Numba's target (the CPU lacks them)")
+    monkeypatch.setattr(linear, "BATCH_PANELS", False)  # (off by default: the tiles)
+    path = FIXTURES / "dense-untied-bf16-sharded"  # bf16 weights, hidden 64, ffn 128: K = 64 and 128 fit
+    high = tinyqwen.load_model(path, backend="numba")
+    medium = tinyqwen.load_model(path, backend="numba", matmul_precision="medium")
+    rng = np.random.default_rng(21)
+    prompt, fed = rng.integers(0, 512, (5, 8)), rng.integers(0, 512, (3, 5, 1))
+
+    def run(model) -> np.ndarray:  # [4, 5, vocab]: the prompt's last logits, then each step's
+        cache = model.new_cache(5, 16)
+        out = [model.forward(prompt, cache=cache, last_only=True).logits[:, -1]]
+        out += [model.forward(ids, cache=cache, last_only=True).logits[:, -1] for ids in fed]
+        return np.asarray(out, np.float64)
+
+    want, got = run(high), run(medium)
+    monkeypatch.setattr(linear, "BATCH_DPBF16", False)  # medium's other road: x rounded, the float32 tiles
+    other = run(medium)
+    scale = np.abs(want).max()
+    # inputs rounded to bf16: ~1e-2 of the logits' size (the bound of the test above: 3e-2); against the other
+    # medium road: the float32 sums' order, and the h it moves to a neighbouring bf16 (measured 9.6e-3, 1.0e-3)
+    assert 1e-4 < np.abs(got - want).max() <= 3e-2 * scale
+    assert 0 < np.abs(got - other).max() <= 1e-2 * scale  # (not 0: another kernel ran)
+    top2 = np.sort(want, -1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 2 * 3e-2 * scale  # where the margin allows: the same arg-max
+    assert clear.sum() >= 5 and (got.argmax(-1) == want.argmax(-1))[clear].all()
+
+
 def test_matmul_precision_errors_are_one_clear_line():
     with pytest.raises(BackendError, match="numpy backend is the float32 reference"):
         get_backend("numpy", matmul_precision="medium")

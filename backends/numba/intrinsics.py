@@ -1,9 +1,13 @@
 """Scalar building blocks the kernels inline: bf16 and float32 bit casts, prefetch hints, a vectorisable exp, SiLU,
 rounding to bf16, and the lookup of a stacked row's weight. Each compiles to a few instructions in registers (Numba
-has no scalar bit-cast of its own).
+has no scalar bit-cast of its own). Also the IR of AVX512-BF16's dot product (`dpbf16ps`) for the kernels that
+write theirs in IR, and whether Numba's target has a CPU feature.
 """
 
 from __future__ import annotations
+
+import os
+from functools import cache
 
 import numpy as np
 from llvmlite import ir
@@ -224,3 +228,60 @@ def _weight_of(starts, i, r):  # the weight holding stacked row r, searching on 
     while r >= starts[i + 1]:
         i += 1
     return i
+
+
+@cache
+def numba_target_has(feature: str) -> bool:  # LLVM's name of a CPU feature ("avx512bf16"): Numba targets it
+    # as prefill_gemm.available() reads it: a target the user set for Numba wins over the host's features (an
+    # instruction the target lacks would not compile), a named CPU's features are not known here
+    features = os.environ.get("NUMBA_CPU_FEATURES")
+    if features is not None:
+        return f"+{feature}" in features.split(",")
+    if os.environ.get("NUMBA_CPU_NAME", "host") != "host":
+        return False
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    return bool(llvm.get_host_cpu_features().get(feature))
+
+
+class _BFloat(ir.Type):  # LLVM's `bfloat`, which llvmlite's IR builder has no class for
+    def _to_string(self) -> str:
+        return "bfloat"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _BFloat)
+
+    def __hash__(self) -> int:
+        return hash("bfloat")
+
+
+F32X16 = ir.VectorType(ir.FloatType(), 16)
+I32X16 = ir.VectorType(ir.IntType(32), 16)
+BF16X32 = ir.VectorType(_BFloat(), 32)
+
+
+def dpbf16ps(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+    """AVX512-BF16's `vdpbf16ps` on 512 bits, in IR: <16 x f32> acc, <16 x i32> a, b -> <16 x f32>.
+
+    Each 32-bit lane of a and b holds two bf16 numbers (low half first); lane i of the result is
+    acc[i] + a.lo[i]·b.lo[i] + a.hi[i]·b.hi[i]. Intel's pseudocode adds the high pair's product, then the low one's,
+    each addition rounded to nearest even in float32 (a product of two bf16 is exact in float32), with denormal
+    inputs read as zero and denormal results flushed to zero whatever MXCSR says. (AMD documents no other order or
+    rounding; the kernels' tests hold every output to the bound of K such roundings, whatever the order, and pass
+    on Zen 5.) The operands go in as <32 x bfloat>, the intrinsic's type since LLVM 17 (a bit cast, no
+    instruction).
+    """
+    fn = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(F32X16, [F32X16, BF16X32, BF16X32]),
+        "llvm.x86.avx512bf16.dpbf16ps.512",
+    )
+    return builder.call(fn, [acc, builder.bitcast(a, BF16X32), builder.bitcast(b, BF16X32)])
+
+
+def splat_i32x16(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:  # i32 -> <16 x i32>, all lanes value
+    undef = ir.Constant(I32X16, ir.Undefined)
+    i32 = ir.IntType(32)
+    first = builder.insert_element(undef, value, ir.Constant(i32, 0))
+    return builder.shuffle_vector(first, undef, ir.Constant(I32X16, [0] * 16))

@@ -220,6 +220,21 @@ def _tiled(x2: np.ndarray) -> bool:  # a batched decode step's rows take the reg
     return BATCH_TILES and x2.shape[0] > 1
 
 
+# "medium" (bf16_inputs) batched decode steps where Numba's target has AVX512-BF16 (and AVX-512's 4 x 6 tiles):
+# decode_tiles.py's tiles on bf16 pairs and vdpbf16ps, the weights straight from their uint32 pairs; False: x
+# rounded, then the float32 tiles. A 16-row step of Qwen3-0.6B: see decode_tiles.py
+BATCH_DPBF16 = True
+
+
+def _tiled_dpbf16(x2: np.ndarray, *bits) -> bool:  # a batched step's rows take the vdpbf16ps tiles
+    return (
+        BATCH_DPBF16
+        and _tiled(x2)
+        and decode_tiles.dpbf16_fits(x2.shape[1], *(b.shape[1] for b in bits))
+        and all(b.flags.c_contiguous for b in bits)
+    )
+
+
 def _panelled(x2: np.ndarray, *ks: int) -> bool:  # a batched step's rows take batch_gemm.py's panels
     # (x2's width and any other product's inner size ks: multiples of the micro-kernel's unrolling)
     M = x2.shape[0]
@@ -323,6 +338,16 @@ def _prefill_panelled(bits: tuple, *ks: int) -> bool:  # bf16 weights [N_i, K] t
     return PREFILL_PANELS and prefill_gemm.usable(bits, *ks)
 
 
+# "medium" prefill (bf16_inputs) where Numba's target has AVX512-BF16: prefill_gemm.py's panels on bf16 pairs and
+# vdpbf16ps (half the panel bytes, 32 products per instruction); False: x rounded, then the float32 panels. A
+# 128-256-token prefill of Qwen3-0.6B: see prefill_gemm.py (oneDNN, where present, keeps the products it takes)
+PREFILL_DPBF16 = True
+
+
+def _prefill_dpbf16(bits: tuple, *ks: int) -> bool:  # bf16 weights [N_i, K] that the vdpbf16ps panels take
+    return PREFILL_DPBF16 and prefill_gemm.usable_bf16(bits, *ks)
+
+
 def _widened_matmul(x2: np.ndarray, bits: np.ndarray) -> np.ndarray:  # [M, K] f32, [N, K] u16 -> [M, N] f32
     # prefill: compute-bound, so BLAS's sgemm on the weight widened to float32, a block of rows at a time (the
     # float32 copy never exceeds WIDEN_BLOCK_BYTES in all; one block, one sgemm call, for every matrix of Qwen3-0.6B
@@ -362,6 +387,8 @@ def linear(
         return onednn.gemm_bf16(round_bf16(x2)[0], bits).reshape(*x.shape[:-1], N)
     if M <= GEMV_MAX_ROWS:  # decode: stream the bf16 weight
         return _gemv(x2, (bits,), bf16_inputs)[0].reshape(*x.shape[:-1], N)
+    if bf16_inputs and _prefill_dpbf16((bits,)):  # "medium" on AVX512-BF16: vdpbf16ps on bf16 pairs
+        return prefill_gemm.matmul_bf16(x2, (bits,))[0].reshape(*x.shape[:-1], N)
     if bf16_inputs:
         x2 = round_bf16(x2)[1]  # the same products as float32 numbers: bf16 x bf16 is exact in float32
     return _widened_matmul(x2, bits).reshape(*x.shape[:-1], N)
@@ -386,6 +413,9 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False, quant_gemv: str
     # one Numba type for all (a tuple indexed at run time): all read-only file maps, or all writable arrays
     fused = fused and len({w.bits.flags.writeable for w in ws}) == 1
     prefill = x2.shape[0] > GEMV_MAX_ROWS and not (bf16_inputs and onednn.available())  # (oneDNN: per weight)
+    if prefill and fused and bf16_inputs and _prefill_dpbf16(tuple(w.bits for w in ws)):  # "medium"'s q, k, v
+        outs = prefill_gemm.matmul_bf16(x2, tuple(w.bits for w in ws))
+        return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
     if prefill and fused and _prefill_panelled(tuple(w.bits for w in ws)):  # q, k, v: one launch, one split
         xs = round_bf16(x2)[1] if bf16_inputs else x2
         outs = prefill_gemm.matmul(xs, tuple(w.bits for w in ws))
@@ -417,6 +447,9 @@ def _gemv(x2: np.ndarray, bits: tuple, bf16_inputs: bool) -> tuple:
         bufs, accs = batch_gemm.scratch(x2.shape[1])
         xt = batch_gemm.panels(round_bf16(x2)[1] if bf16_inputs else x2)
         batch_gemm.panel_many(xt, x2.shape[0], bits, outs, starts, _panel_chunks(), bufs, accs)
+        return outs
+    if bf16_inputs and _tiled_dpbf16(x2, *bits):  # "medium" batched step on AVX512-BF16: vdpbf16ps tiles
+        decode_tiles.gemm_dpbf16(round_bf16(x2)[0], bits, outs, starts, _chunks())
         return outs
     tiles = decode_tiles._gemm6_many_bf16 if decode_tiles.WIDE_TILES else decode_tiles._gemm_many_bf16
     kernel = tiles if _tiled(x2) else _gemv_many_bf16  # a batched step: the register tiles
@@ -466,10 +499,28 @@ def swiglu(
         kernel(x2, w_gate.bits, w_up.bits, w_down.bits, h, out, _starts((w_down.shape[0],)),
                _workers() if one_row else _chunks())  # fmt: skip
         return out.reshape(x.shape)
+    medium_prefill = bf16 and bf16_inputs and x2.shape[0] > GEMV_MAX_ROWS and not onednn.available()
+    if (
+        medium_prefill
+        and _prefill_dpbf16((w_down.bits,))
+        and _prefill_dpbf16((w_gate.bits, w_up.bits), w_gate.shape[0])
+    ):
+        # "medium"'s MLP in one launch on AVX512-BF16: h = SiLU(g)·u rounded to bf16 into the pairs down reads
+        return prefill_gemm.swiglu_bf16(x2, w_gate.bits, w_up.bits, w_down.bits).reshape(x.shape)
     if (bf16 and not bf16_inputs and x2.shape[0] > GEMV_MAX_ROWS and _prefill_panelled((w_down.bits,))
             and _prefill_panelled((w_gate.bits, w_up.bits), w_gate.shape[0])):  # fmt: skip
         # prefill's MLP in one launch: gate/up with SiLU·mul into the panels down reads
         return prefill_gemm.swiglu(x2, w_gate.bits, w_up.bits, w_down.bits).reshape(x.shape)
+    if (
+        bf16
+        and bf16_inputs
+        and x2.shape[0] <= GEMV_MAX_ROWS
+        and not _panelled(x2)
+        and _tiled_dpbf16(x2, w_gate.bits, w_up.bits, w_down.bits)
+    ):  # "medium" batched step on AVX512-BF16: gate/up, h rounded to bf16, down, in one call of vdpbf16ps tiles
+        out = decode_tiles.swiglu_dpbf16(round_bf16(x2)[0], w_gate.bits, w_up.bits, w_down.bits,
+                                         _starts((w_down.shape[0],)), _chunks())  # fmt: skip
+        return out.reshape(x.shape)
     if isinstance(w_gate, BF16Weight) and isinstance(w_up, BF16Weight) and x2.shape[0] <= GEMV_MAX_ROWS:
         if _panelled(x2):
             xt = batch_gemm.panels(round_bf16(x2)[1] if bf16_inputs else x2)
