@@ -487,8 +487,8 @@ def load_model(
     Hugging Face cache (or downloaded, with the optional huggingface_hub) exactly as `tinyqwen chat --model` does.
     `progress` shows a tqdm bar per layer (default: only for multi-shard checkpoints). `matmul_precision`
     "medium" (numba backend only) rounds the inputs of products with bf16 weights to bf16, as PyTorch's
-    `torch.set_float32_matmul_precision("medium")` does: a faster prefill; logits move by ~1e-2 of their size on
-    the tiny test fixtures.
+    `torch.set_float32_matmul_precision("medium")` does: a faster prefill and batched decode on bf16-capable CPUs
+    (AVX512-BF16); logits move by ~1e-2 of their size on the tiny test fixtures.
     """
     from tinyqwen.checkpoint import Checkpoint
     from tinyqwen.gguf_checkpoint import GGUFCheckpoint, generation_config_from_gguf, is_gguf

@@ -43,10 +43,13 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
 
 `matmul_precision` (PyTorch's name for the same choice): "highest" (the default) multiplies in float32 — equal to
 the reference within float32 rounding. "medium" rounds the activations entering each product with a bf16 weight to
-bf16 (nearest-even) and accumulates in float32, as llama.cpp's bf16 path and PyTorch's bf16 models do: prefill
-then runs on the CPU's bf16 matrix units through oneDNN (`backends/onednn.py`), several times the float32 rate,
-at the price of ~3 significant digits in the activations (logits moved by ~1e-2 of their size on the tiny bf16
-test fixtures; see the tests).
+bf16 (nearest-even) and accumulates in float32, as llama.cpp's bf16 path and PyTorch's bf16 models do: on
+AVX512-BF16 CPUs prefill and batched decode then multiply bf16 pairs with `vdpbf16ps` (prefill_gemm.py's panels,
+decode_tiles.py's tiles: 32 products per instruction, twice float32 FMA's; 1.4-1.5x a 256-token prefill, 1.2-1.4x
+a 16-row step), and with oneDNN (`backends/onednn.py`) where it is installed, prefill on the CPU's bf16 matrix
+units — at the price of ~3 significant digits in the activations (logits moved by ~1e-2 of their size on the tiny
+bf16 test fixtures, 2e-2 in a 0.6B 16-row step; see the tests). One-row decode reads each weight once whatever
+the precision (memory-bound) and keeps float32 products.
 
 plus `weights.py` (`BF16Weight`, the embedding lookup, `prepare`), `intrinsics.py` (bit casts, prefetch, exp, bf16
 rounding in registers) and `settings.py` (what Numba reads at its import: imported first). This module assembles

@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--matmul-precision",
         choices=("highest", "medium"),
         default="highest",
-        help="highest: float32 products; medium (numba): bf16-rounded inputs, a faster prefill on bf16-capable CPUs",
+        help="highest: float32 products; medium (numba): bf16-rounded inputs, faster prefill and batches on bf16 CPUs",
     )
 
     gen = argparse.ArgumentParser(add_help=False)
