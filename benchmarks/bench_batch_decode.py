@@ -51,7 +51,7 @@ def main() -> None:
         "--breakdown", action="store_true", help="--model: where one B-row step's time goes, per part"
     )
     parser.add_argument("--medium", action="store_true",
-                        help='--model: matmul_precision "highest" vs "medium" (vdpbf16ps tiles, float32 tiles)')  # fmt: skip
+                        help='--model: "highest" vs "medium" (vdpbf16ps region, kernel by kernel; f32 tiles)')  # fmt: skip
     args = parser.parse_args()
     if args.model and args.breakdown:
         breakdown(args)
@@ -280,9 +280,12 @@ def breakdown(args) -> None:
 
 
 def medium_steps(args) -> None:
-    """Whole decode steps of a checkpoint on B rows, matmul_precision "highest" (the 4 x 6 float32 tiles) against
-    "medium" on the vdpbf16ps tiles (AVX512-BF16 hosts) and on the float32 tiles (x rounded; BATCH_DPBF16 off)."""
+    """Whole decode steps of a checkpoint on B rows, matmul_precision "highest" (the 4 x 6 float32 tiles' step in one
+    region) against "medium" on the vdpbf16ps tiles (AVX512-BF16 hosts) in one region (decode_step.py's batched
+    step) and kernel by kernel (`BATCH_STEP` off), and on the float32 tiles (x rounded; BATCH_DPBF16 off, kernel by
+    kernel). Every row's keys and values written first (fill_pool)."""
     import tinyqwen
+    from tinyqwen.backends.numba import decode_step
     from tinyqwen.backends.numba import decode_tiles as tiles
     from tinyqwen.backends.numba import linear as lin
     from tinyqwen.serve.kv_pool import KVPool
@@ -291,23 +294,30 @@ def medium_steps(args) -> None:
         p: tinyqwen.load_model(args.model, backend="numba", matmul_precision=p) for p in ("highest", "medium")
     }
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    paths = {"highest": ("highest", True), "medium": ("medium", True), "medium-f32": ("medium", False)}
-    flag = lin.BATCH_DPBF16
+    paths = {  # precision, BATCH_DPBF16, BATCH_STEP
+        "highest": ("highest", True, True),
+        "medium": ("medium", True, True),
+        "medium-kbk": ("medium", True, False),
+        "medium-f32": ("medium", False, True),
+    }
+    flags = lin.BATCH_DPBF16, decode_step.BATCH_STEP
     print(f"{Path(args.model).name}: whole decode steps, {args.context} positions per row, ms per step ({args.clock} "
           f"time, best of {args.repeats}, interleaved; vdpbf16ps tiles here: {tiles.DPBF16_TILES})")  # fmt: skip
-    print(f"{'batch':>5} {'highest':>9} {'medium':>9} {'med-f32':>9} {'high/med':>9} {'medf32/med':>11} "
-          f"{'max|dlogit|/max med vs high':>28} {'same argmax':>12}")  # fmt: skip
+    print(f"{'batch':>5} {'highest':>9} {'medium':>9} {'med-kbk':>9} {'med-f32':>9} {'high/med':>9} "
+          f"{'kbk/med':>8} {'medf32/med':>11} {'max|dlogit|/max med vs high':>28} {'same argmax':>12} "
+          f"{'region == kbk':>14}")  # fmt: skip
     for B in (int(b) for b in args.batches.split(",")):
         pools = {p: KVPool(m, B, args.context + 4 * args.repeats + 8) for p, m in models.items()}
         for pool in pools.values():
             pool.decoding, pool.owner = B, [object()] * B
+            fill_pool(pool, args.context)
         ids = np.arange(1000, 1000 + B)[:, None]
         times: dict[str, list[float]] = {path: [] for path in paths}
         logits = {}
         try:
             for rep in range(args.repeats + 1):  # the first round compiles / warms, not counted
-                for path, (precision, dpbf16) in paths.items():
-                    lin.BATCH_DPBF16 = dpbf16
+                for path, (precision, dpbf16, region) in paths.items():
+                    lin.BATCH_DPBF16, decode_step.BATCH_STEP = dpbf16, region
                     pool = pools[precision]
                     pool.lengths[:] = args.context
                     t = clock()
@@ -316,12 +326,13 @@ def medium_steps(args) -> None:
                         times[path].append(clock() - t)
                     logits[path] = np.asarray(out.logits, np.float64)[:, -1]
         finally:
-            lin.BATCH_DPBF16 = flag
-        h, m, mf = (min(times[path]) for path in paths)
+            lin.BATCH_DPBF16, decode_step.BATCH_STEP = flags
+        h, m, mk, mf = (min(times[path]) for path in paths)
         diff = np.abs(logits["medium"] - logits["highest"]).max() / np.abs(logits["highest"]).max()
         same = bool((logits["medium"].argmax(-1) == logits["highest"].argmax(-1)).all())
-        print(f"{B:5d} {h * 1e3:9.1f} {m * 1e3:9.1f} {mf * 1e3:9.1f} {h / m:9.2f} {mf / m:11.2f} {diff:28.2e} "
-              f"{str(same):>12}", flush=True)  # fmt: skip
+        equal = bool(np.array_equal(logits["medium"], logits["medium-kbk"]))
+        print(f"{B:5d} {h * 1e3:9.1f} {m * 1e3:9.1f} {mk * 1e3:9.1f} {mf * 1e3:9.1f} {h / m:9.2f} {mk / m:8.2f} "
+              f"{mf / m:11.2f} {diff:28.2e} {str(same):>12} {str(equal):>14}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

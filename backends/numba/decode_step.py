@@ -20,11 +20,12 @@ The same serial kernels on the same rows as the layer-by-layer path (decode_laye
 lm_head GEMV through gemv_one_row.py), so the logits are bit-identical to it and to the kernel-by-kernel path (the
 tests check this). `decode_step` returns None where it does not apply — anything but one new position of one
 row with a plain KV cache (or of the batched step's rows), weights not all bf16 of one kind, an MoE layer,
-"medium" precision, `WHOLE_STEP` or decode_layer.ONE_REGION off — and the model then runs the step layer by layer.
+"medium" precision (but for the batched step's rows), `WHOLE_STEP` or decode_layer.ONE_REGION off — and the model
+then runs the step layer by layer.
 
-A server's batched step (a RaggedKVCache of 2 .. GEMV_MAX_ROWS rows from row 0, bf16 weights, the 4 x 6 tiles)
-takes the same shape of region on M rows (`_batch_step_region`, see the note above it); its logits are bit-identical
-to the kernel-by-kernel step's.
+A server's batched step (a RaggedKVCache of 2 .. GEMV_MAX_ROWS rows from row 0, bf16 weights, the 4 x 6 tiles;
+"medium": their vdpbf16ps form on bf16 inputs) takes the same shape of region on M rows (`_batch_step_region`, see
+the notes above it); its logits are bit-identical to the kernel-by-kernel step's.
 
 Quantized weights ("int8" GEMVs; GGUF's q8_0, q4_k, q6_k, mixed as in Q4_K_M) take the same shape of step:
 decode_layer.py's 11 quantized phases per layer (`_quant_phases`), the final norm with its output quantized once
@@ -62,8 +63,14 @@ from tinyqwen.backends.numba.decode_layer import (
     _quantize_into,
     _rope_heads,
 )
-from tinyqwen.backends.numba.decode_tiles import _gate_up6_rows_bf16, _gemm6_rows_bf16
+from tinyqwen.backends.numba.decode_tiles import (
+    _gate_up6_rows_bf16,
+    _gate_up6_rows_dpbf16,
+    _gemm6_rows_bf16,
+    _gemm6_rows_dpbf16,
+)
 from tinyqwen.backends.numba.gemv_one_row import _claim_size, _gemv1_rows_bf16, _split_pairs
+from tinyqwen.backends.numba.intrinsics import _to_bf16
 from tinyqwen.backends.numba.linear import _starts
 from tinyqwen.backends.numba.norm_rope import _rms_norm
 from tinyqwen.backends.numba.phases import LINE, claim, finish, wait_finished
@@ -425,11 +432,11 @@ def decode_step(
     """[B, 1, H] embedded token -> [B, 1, V] logits of the whole step, every layer's k and v written into `cache`
     at its length (the model advances it); None where this path does not apply (see the module docstring)."""
     B, T, H = x.shape
-    if not (WHOLE_STEP and _dl.ONE_REGION) or T != 1 or bf16_inputs or cache is None:
+    if not (WHOLE_STEP and _dl.ONE_REGION) or T != 1 or cache is None:
         return None
     if hasattr(cache, "lengths"):  # a server's batch of rows, each at its own length
-        return _batch_step(x, weights, cos, sin, mask, cache, config)
-    if B != 1 or not hasattr(cache, "keys"):
+        return _batch_step(x, weights, cos, sin, mask, cache, config, bf16_inputs)
+    if B != 1 or bf16_inputs or not hasattr(cache, "keys"):
         return None  # a KVCache (one length for all rows) only, as decode_layer
     if not isinstance(mask, np.ndarray):
         return None
@@ -571,16 +578,44 @@ def _ragged_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, 
                 vc[m, h, pos, j] = _encode(vc, v[m, h * d + j])
 
 
+# "medium" (bf16_inputs) takes the same region where linear.py's kernel-by-kernel step would take the vdpbf16ps
+# tiles (decode_tiles.DPBF16_TILES, linear.BATCH_DPBF16, every inner size fitting them): `rb`, three uint16
+# buffers, then holds each product's input rounded to bf16 (nearest, ties to even, as intrinsics.round_bf16) and
+# the products read them, and the weights, as uint32 pairs. The same roundings as that path: the input norm's
+# output before q/k/v, attention's output before o_proj, the post-attention norm's before gate/up, h = SiLU(g)·u
+# (rounded by the gate/up tiles themselves) before down, the final norm's before the lm_head; a serial phase rounds
+# whole rows, an attention chunk the (row, kv head) slice it wrote. So the logits are bit-identical to that path's
+# (tests/test_batching.py; a truncation in place of any one of the roundings there fails it). `rb` None
+# ("highest"): Numba prunes the `rb is None` branches by the argument's type before typing them, so the float32
+# step's code holds no vdpbf16ps (its LLVM IR: 0 calls, the medium one's 72) and an AVX-512 host without
+# AVX512-BF16 compiles it as before.
+# Measured (benchmarks/bench_batch_decode.py --medium: Qwen3-0.6B-shaped random bf16, 16 rows at 128 positions of
+# a written pool, 2 shared cores at load 3.7-4.4, same process, interleaved, best of 6, three runs): "medium" in
+# one region 194 / 187 ms per step (wall) and 131 ms (CPU) against 284 / 275 and 186 kernel by kernel (1.46 /
+# 1.47 / 1.42x), and against "highest"'s region 267 / 260 and 174 (1.38 / 1.39 / 1.33x); the same logits as
+# kernel by kernel on that model too.
+
+
+@njit(cache=True)
+def _round_into(x, bits, m0, m1, lo, hi):  # bits[m0:m1, lo:hi] = x's values there as bf16 bit patterns
+    for m in range(m0, m1):
+        for j in range(lo, hi):
+            bits[m, j] = _to_bf16(x[m, j])
+
+
 @njit(cache=True)
 def _batch_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post_norm, wg, wu, wd, cos, sin, kc, vc,
                   mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k, v, qr, qn, kn, kr, att, o,
-                  x1, g, o2):  # fmt: skip
+                  x1, g, o2, rb):  # fmt: skip
     # one thread's run through one layer's 9 phases on M rows (chunks [9], sizes [9]: rows per chunk, multiples
-    # of the tiles' 6 weight rows, 3 gate/up pairs); x [M, H] is the layer's input and, after phase 8, its output
+    # of the tiles' 6 weight rows, 3 gate/up pairs); x [M, H] is the layer's input and, after phase 8, its output.
+    # rb: None, or "medium"'s bf16 inputs (hb [M, H], ab [M, Hq·d], gb [M, F]) u16 (see the note above)
     M = x.shape[0]
     Hkv = kc.shape[1]
     S = mask.shape[1]
     att2 = att.reshape((M, att.shape[1] * att.shape[2]))
+    width = att2.shape[1] // Hkv  # one kv head's group of query heads in a row of att2
+    u32 = np.uint32
     for p in range(9):
         if p > 0:
             wait_finished(ctr, p - 1, chunks[p - 1])
@@ -591,23 +626,47 @@ def _batch_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post
             lo = c * sizes[p]
             if p == 0:
                 _rms_norm(x, in_norm, eps, h)
+                if rb is not None:
+                    _round_into(h, rb[0], 0, M, 0, h.shape[1])
             elif p == 1:
-                _gemm6_rows_bf16(h, wqkv, (q, k, v), starts_qkv, lo, min(starts_qkv[-1], lo + sizes[p]))
+                hi = min(starts_qkv[-1], lo + sizes[p])
+                if rb is None:
+                    _gemm6_rows_bf16(h, wqkv, (q, k, v), starts_qkv, lo, hi)
+                else:
+                    w32 = (wqkv[0].view(u32), wqkv[1].view(u32), wqkv[2].view(u32))
+                    _gemm6_rows_dpbf16(rb[0].view(u32), w32, (q, k, v), starts_qkv, lo, hi)
             elif p == 2:
                 _ragged_rope_store(
                     q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, lengths, qr, qn, kn, kr
                 )
             elif p == 3:
                 _attend_group(qr, kc, vc, mask, att, c // Hkv, c % Hkv, S)
+                if rb is not None:
+                    row, head = c // Hkv, c % Hkv
+                    _round_into(att2, rb[1], row, row + 1, head * width, (head + 1) * width)
             elif p == 4:
-                _gemm6_rows_bf16(att2, (wo,), (o,), starts_o, lo, min(starts_o[-1], lo + sizes[p]))
+                hi = min(starts_o[-1], lo + sizes[p])
+                if rb is None:
+                    _gemm6_rows_bf16(att2, (wo,), (o,), starts_o, lo, hi)
+                else:
+                    _gemm6_rows_dpbf16(rb[1].view(u32), (wo.view(u32),), (o,), starts_o, lo, hi)
             elif p == 5:
                 _add(x, o, x1)
                 _rms_norm(x1, post_norm, eps, h)
+                if rb is not None:
+                    _round_into(h, rb[0], 0, M, 0, h.shape[1])
             elif p == 6:
-                _gate_up6_rows_bf16(h, wg, wu, g, lo, min(wg.shape[0], lo + sizes[p]))
+                hi = min(wg.shape[0], lo + sizes[p])
+                if rb is None:
+                    _gate_up6_rows_bf16(h, wg, wu, g, lo, hi)
+                else:  # h = SiLU(g)·u rounded to bf16 into gb
+                    _gate_up6_rows_dpbf16(rb[0].view(u32), wg.view(u32), wu.view(u32), rb[2], lo, hi)
             elif p == 7:
-                _gemm6_rows_bf16(g, (wd,), (o2,), starts_d, lo, min(starts_d[-1], lo + sizes[p]))
+                hi = min(starts_d[-1], lo + sizes[p])
+                if rb is None:
+                    _gemm6_rows_bf16(g, (wd,), (o2,), starts_d, lo, hi)
+                else:
+                    _gemm6_rows_dpbf16(rb[2].view(u32), (wd.view(u32),), (o2,), starts_d, lo, hi)
             else:
                 _add(x1, o2, x)
             finish(ctr, p)
@@ -616,8 +675,8 @@ def _batch_phases(ctr, chunks, sizes, x, in_norm, wqkv, q_norm, k_norm, wo, post
 @njit(cache=True)
 def _batch_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus,
                        wds, cos, sin, kcs, vcs, mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k,
-                       v, qr, qn, kn, kr, att, o, x1, g, o2, norm, lm_head, lm_starts, lm_size, logits,
-                       hn):  # fmt: skip
+                       v, qr, qn, kn, kr, att, o, x1, g, o2, norm, lm_head, lm_starts, lm_size, logits, hn,
+                       rb):  # fmt: skip
     # _step_phases for M rows: L layers of _batch_phases, the final norm (phase 9·L), the lm_head's rows
     L = len(wqs)
     per = 2 * LAYER_PHASES * LINE
@@ -628,11 +687,13 @@ def _batch_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, 
         _batch_phases(c, chunks, sizes, x, in_norms[layer], (wqs[layer], wks[layer], wvs[layer]), q_norms[layer],
                       k_norms[layer], wos[layer], post_norms[layer], wgs[layer], wus[layer], wds[layer], cos, sin,
                       kcs[layer], vcs[layer], mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d, h, q, k,
-                      v, qr, qn, kn, kr, att, o, x1, g, o2)  # fmt: skip
+                      v, qr, qn, kn, kr, att, o, x1, g, o2, rb)  # fmt: skip
     tail = ctr[L * per :]
     wait_finished(ctr[(L - 1) * per : L * per], LAYER_PHASES - 1, 1)
     if claim(tail, 0) == 0:
         _rms_norm(x, norm, eps, hn)
+        if rb is not None:  # "medium": the lm_head's input rounded too, as linear.py's medium lm_head
+            _round_into(hn, rb[0], 0, hn.shape[0], 0, hn.shape[1])
         finish(tail, 0)
     wait_finished(tail, 0, 1)
     total = lm_starts[-1]
@@ -640,16 +701,22 @@ def _batch_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, 
         lo = claim(tail, 1) * lm_size
         if lo >= total:
             break
-        _gemm6_rows_bf16(hn, (lm_head,), (logits,), lm_starts, lo, min(total, lo + lm_size))
+        hi = min(total, lo + lm_size)
+        if rb is None:
+            _gemm6_rows_bf16(hn, (lm_head,), (logits,), lm_starts, lo, hi)
+        else:
+            u32 = np.uint32
+            _gemm6_rows_dpbf16(rb[0].view(u32), (lm_head.view(u32),), (logits,), lm_starts, lo, hi)
         finish(tail, 1)
 
 
 @njit(parallel=True, cache=True, nogil=True)
 def _batch_step_region(x_in, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs, wus, wds, cos, sin,
                        kcs, vcs, mask, lengths, eps, qk_norm, heads, head_dim, starts_qkv, starts_o, starts_d, chunks,
-                       sizes, norm, lm_head, lm_starts, lm_size, workers):  # fmt: skip
+                       sizes, norm, lm_head, lm_starts, lm_size, workers, rb):  # fmt: skip
     # x_in [M, H] f32 (the embedded tokens) -> logits [M, V]; kcs, vcs: every layer's whole cache [R ≥ M, Hkv,
-    # max_len, d] (rows 0 .. M - 1 are the step's); mask [M, S]; lengths [M]: where each row's new position goes
+    # max_len, d] (rows 0 .. M - 1 are the step's); mask [M, S]; lengths [M]: where each row's new position goes;
+    # rb: None ("highest"), or "medium"'s bf16 inputs (hb [M, H], ab [M, Hq·d], gb [M, F]) u16, scratch
     M, H = x_in.shape
     x = x_in.copy()
     h, q, k, v, qr, qn, kn, kr, att, o, x1 = _attention_scratch(
@@ -664,7 +731,7 @@ def _batch_step_region(x_in, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, pos
         _batch_step_phases(ctr, chunks, sizes, x, in_norms, wqs, wks, wvs, q_norms, k_norms, wos, post_norms, wgs,
                            wus, wds, cos, sin, kcs, vcs, mask, lengths, eps, qk_norm, starts_qkv, starts_o, starts_d,
                            h, q, k, v, qr, qn, kn, kr, att, o, x1, g, o2, norm, lm_head, lm_starts, lm_size, logits,
-                           hn)  # fmt: skip
+                           hn, rb)  # fmt: skip
     return logits
 
 
@@ -684,7 +751,9 @@ def _batch_plan(
         (M * Hkv, 1),  # attention: one (row, kv head) pair per chunk
         _tile_rows(wo.shape[0], wo.shape[1] * 2, 6),
         (1, 1),  # residual, post-attention norm
-        _tile_rows(wg.shape[0], wg.shape[1] * 4, 3),  # three gate/up pairs per tile
+        # three gate/up pairs per tile, six rows a chunk: "medium"'s h holds bf16 pairs, each uint32 then written
+        # by one chunk (as decode_tiles.swiglu_dpbf16 splits it)
+        _tile_rows(wg.shape[0], wg.shape[1] * 4, 6),
         _tile_rows(wd.shape[0], wd.shape[1] * 2, 6),
         (1, 1),  # residual
     ]
@@ -702,9 +771,10 @@ def _ragged_cache_lists(base) -> tuple:  # (keys, values) of a ragged cache's wh
     )
 
 
-def _batch_step(x, weights, cos, sin, mask, cache, config):
+def _batch_step(x, weights, cos, sin, mask, cache, config, bf16_inputs: bool = False):
     # decode_step for a RaggedKVCache of 2 .. GEMV_MAX_ROWS rows from row 0 (a server's decoding rows), bf16
-    # weights on the 4 x 6 tiles as linear.py would run them (not its panels); None where that does not hold
+    # weights on the 4 x 6 tiles as linear.py would run them (not its panels; "medium": its vdpbf16ps tiles);
+    # None where that does not hold
     from tinyqwen.backends.numba import decode_tiles, linear
 
     B, _, H = x.shape
@@ -727,8 +797,18 @@ def _batch_step(x, weights, cos, sin, mask, cache, config):
     plan = _plan(weights)
     if not plan.ok or len(keys) != plan.layers:
         return None
-    kcs, vcs = _ragged_cache_lists(base)
     wq, wk, wv, wo, wg, wu, wd = plan.shapes
+    rb = None
+    if bf16_inputs:  # "medium": where linear.py's step takes the vdpbf16ps tiles for every product
+        if not (
+            linear.BATCH_DPBF16
+            and decode_tiles.dpbf16_fits(H, wo.shape[1], wd.shape[1])
+            and all(a.flags.c_contiguous for a in plan.shapes)  # (every layer's as layer 0's: _one_kind)
+        ):
+            return None
+        u16 = np.uint16
+        rb = (np.empty((B, H), u16), np.empty((B, wo.shape[1]), u16), np.empty((B, wg.shape[0]), u16))
+    kcs, vcs = _ragged_cache_lists(base)
     chunks, sizes = _batch_plan(B, wq, wk, wv, wo, wg, wd, keys[0].shape[1])
     f32 = np.float32
     logits = _batch_step_region(
@@ -762,5 +842,6 @@ def _batch_step(x, weights, cos, sin, mask, cache, config):
         plan.lm_starts,
         LM_CHUNK_ROWS,
         _dl._workers(),
+        rb,
     )
     return logits.reshape(B, 1, -1)
