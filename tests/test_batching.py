@@ -543,7 +543,8 @@ def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(mon
     assert whole == [1, 1]
 
 
-def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])  # the server's pool in either dtype
+def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(monkeypatch, kv_dtype):
     """Several decoding rows of different lengths (a RaggedKVCache from row 0): the numba backend runs the step as
     one region (decode_step.py's batched step: the tiles' rows, the ragged cache write, attention per (row, kv
     head)); its logits and the keys and values it writes are bit-identical to the layer-by-layer, kernel-by-kernel
@@ -564,7 +565,7 @@ def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(monke
     monkeypatch.setattr(decode_step, "_batch_step_region", lambda *a: regions.append(1) or region(*a))
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(0, 500, n)) for n in (5, 9, 3, 12, 7)]
-    pools = {flag: KVPool(model, 5, 32) for flag in (True, False)}
+    pools = {flag: KVPool(model, 5, 32, kv_dtype) for flag in (True, False)}
     for pool in pools.values():
         for i, prompt in enumerate(prompts):
             seq = type("Seq", (), {"row": None})()
