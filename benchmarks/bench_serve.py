@@ -362,11 +362,14 @@ def soak(port: int, pid: int, prompts: list[list[int]], clients: int, new_tokens
             "flat": last <= 1.05 * first + (16 << 20)}  # fmt: skip
 
 
-def divergences(model, results: list[dict], new_tokens: int, check: int) -> list[dict]:
-    """The first `check` replies against `generate` alone; each difference with its logit margin."""
+def divergences(
+    model, results: list[dict], new_tokens: int, check: int, kv_dtype: str = "float32"
+) -> list[dict]:
+    """The first `check` replies against `generate` alone (its KV cache in the server's dtype); each difference
+    with its logit margin."""
     out = []
     for r in results[:check]:
-        want = tinyqwen.generate(model, r["prompt"], new_tokens, eos_token_ids=())
+        want = tinyqwen.generate(model, r["prompt"], new_tokens, eos_token_ids=(), kv_dtype=kv_dtype)
         got = r["ids"] or []
         if got == want:
             continue
@@ -411,7 +414,9 @@ def run_cells(args, port: int, pid: int, engine: str, workload: str, c: int, che
     if after[1] > before[1]:  # the mean ITL at the scheduler, over the same burst
         cells[0]["itl_mean_scheduler"] = (after[0] - before[0]) / (after[1] - before[1])
     if engine == "tinyqwen" and check_model is not None:
-        cells[0]["divergences"] = divergences(check_model, results, new_tokens, args.check)
+        cells[0]["divergences"] = divergences(
+            check_model, results, new_tokens, args.check, args.kv_dtype or "float32"
+        )
         cells[0]["checked"] = min(args.check, len(results))
     if args.requests:
         prompts = prompts_for(workload, c, args.requests, args.scale, seed=1000 + c)
@@ -512,6 +517,10 @@ def main() -> None:
     )
     parser.add_argument("--prefill-chunk", type=int, default=None, help="tinyqwen serve --prefill-chunk")
     parser.add_argument("--kv-budget", default=None, help="tinyqwen serve --kv-budget, e.g. 2GiB")
+    parser.add_argument("--kv-dtype", default=None, choices=("float32", "bfloat16"),
+                        help="tinyqwen serve --kv-dtype (the checked replies' generate uses it too)")  # fmt: skip
+    parser.add_argument("--matmul-precision", default=None, choices=("highest", "medium"),
+                        help="tinyqwen serve --matmul-precision (and the checking model's)")  # fmt: skip
     parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: the peer, in the same run")
     parser.add_argument("--gguf", help="the same weights as GGUF, for llama-server")
     parser.add_argument("--threads", type=int, default=2, help="llama-server threads")
@@ -523,11 +532,16 @@ def main() -> None:
     folder = Path(args.model) if args.model else tiny_model()
     clients = [int(c) for c in args.clients.split(",")]
     workloads = [w.strip() for w in args.workload.split(",")]
-    check_model = tinyqwen.load_model(folder, backend=args.backend) if args.check else None
+    precision = args.matmul_precision or "highest"
+    check_model = (
+        tinyqwen.load_model(folder, backend=args.backend, matmul_precision=precision) if args.check else None
+    )
     flags = (
         ("max-batch", args.max_batch),
         ("prefill-chunk", args.prefill_chunk),
         ("kv-budget", args.kv_budget),
+        ("kv-dtype", args.kv_dtype),
+        ("matmul-precision", args.matmul_precision),
     )
     extra = [f"--{k}={v}" for k, v in flags if v]
     engines = {"tinyqwen": lambda port: start_tinyqwen(folder, args.backend, port, extra)}
@@ -540,8 +554,9 @@ def main() -> None:
     elif args.llama_server or args.gguf:
         raise SystemExit("--llama-server and --gguf go together")
 
-    report = {"model": folder.name, "backend": args.backend, "cells": []}
-    print(f"{folder.name} ({args.backend}); load average {os.getloadavg()[0]:.1f} at the start (a shared machine "
+    report = {"model": folder.name, "backend": args.backend, "kv_dtype": args.kv_dtype or "float32",
+              "matmul_precision": precision, "cells": []}  # fmt: skip
+    print(f"{folder.name} ({args.backend}, KV {report['kv_dtype']}, matmul {precision}); load average {os.getloadavg()[0]:.1f} at the start (a shared machine "
           "disturbs every figure: compare engines within this run)")  # fmt: skip
     for engine, start in engines.items():
         port = free_port()

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tinyqwen.errors import TinyQwenError
 from tinyqwen.generation import generate
 from tinyqwen.kv_cache import KVCache, RaggedKVCache, kv_bytes_per_token
 from tinyqwen.sampling import SamplingParams
@@ -27,15 +28,20 @@ from tinyqwen.verify import tolerance
 EOS = (151645, 151643)
 
 
-def budget(model, rows: int, positions: int) -> int:
-    """The KV budget (bytes, float32) that buys `rows` rows of `positions` positions."""
+def budget(model, rows: int, positions: int, kv_dtype: str = "float32") -> int:
+    """The KV budget (bytes, stored as `kv_dtype`) that buys `rows` rows of `positions` positions."""
     c = model.config
-    return rows * positions * kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+    return (
+        rows
+        * positions
+        * kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, kv_dtype)
+    )
 
 
-def alone_logits(model, prompt: list[int], fed: list[int]) -> list[np.ndarray]:
-    """The last position's logits after the prompt, then after each fed id: the sequence run by itself."""
-    cache = model.new_cache(1, len(prompt) + len(fed) + 1)
+def alone_logits(model, prompt: list[int], fed: list[int], kv_dtype: str = "float32") -> list[np.ndarray]:
+    """The last position's logits after the prompt, then after each fed id: the sequence run by itself (on a KV
+    cache stored as `kv_dtype`)."""
+    cache = model.new_cache(1, len(prompt) + len(fed) + 1, kv_dtype)
     out = [model.forward(np.array([prompt]), cache=cache, last_only=True).logits[0, -1]]
     for t in fed:
         out.append(model.forward(np.array([[t]]), cache=cache, last_only=True).logits[0, -1])
@@ -71,19 +77,23 @@ def model(request, tiny_qwen3_dir, tiny_qwen3_model):
     return tinyqwen.load_model(tiny_qwen3_dir, backend="numba")
 
 
-def test_ragged_rows_decode_as_they_would_alone_while_sequences_come_and_go(model):
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_ragged_rows_decode_as_they_would_alone_while_sequences_come_and_go(model, kv_dtype):
     """A pool of 4 rows: sequences of different lengths join (prefilled into their row), decode together, leave
-    (rows move to stay packed); every row's logits at every step equal its lone run's."""
+    (rows move to stay packed); every row's logits at every step equal its lone run's (a bf16 pool: against the
+    lone run on a bf16 KVCache, within the same tolerance)."""
     rng = np.random.default_rng(0)
     specs = [(int(n), list(rng.integers(0, 5000, n)), list(rng.integers(0, 5000, s)))
              for n, s in ((7, 6), (3, 2), (12, 5), (5, 7), (9, 3))]  # fmt: skip
-    want = [alone_logits(model, prompt, fed) for _, prompt, fed in specs]
+    want = [alone_logits(model, prompt, fed, kv_dtype) for _, prompt, fed in specs]
 
     class Seq:
         def __init__(self, i):
             self.i, self.step, self.row = i, 0, None
 
-    pool = KVPool(model, 4, 32)
+    pool = KVPool(model, 4, 32, kv_dtype)
+    assert pool.cache.dtype == kv_dtype and pool.cache.keys[0].dtype == (np.uint16 if kv_dtype == "bfloat16"
+                                                                        else np.float32)  # fmt: skip
     waiting, worst = [Seq(i) for i in range(len(specs))], 0.0
     got_steps = 0
     while waiting or pool.decoding:
@@ -129,6 +139,11 @@ def test_pool_shape_divides_the_budget():
     assert pool_shape(c, 16 * 40960 * per_token, 16) == (16, 40960)  # the whole context each
     assert pool_shape(c, 1 << 30, 16) == (16, (1 << 30) // (16 * per_token))
     assert pool_shape(c, 256 * per_token * 3, 16) == (3, 256)  # a small budget: fewer rows, not tiny ones
+    assert pool_shape(c, 1 << 30, 16, "bfloat16") == (
+        16,
+        (1 << 30) // (16 * per_token // 2),
+    )  # twice the positions
+    assert pool_shape(c, 256 * per_token * 3, 16, "bfloat16") == (6, 256)  # ... or twice the rows
 
 
 # ------------------------------------------------------------------------------------------ the engine
@@ -170,13 +185,15 @@ def tok():
     return Tokenizer.qwen3()
 
 
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("chunk", [5, 64])
-def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, tok, chunk):
-    """12 requests at once into 4 rows: greedy and seeded sampled ids equal `generate` alone; no more than 4 rows
-    ever run; steps are shared. Chunk 5: prompts prefilled over several steps; chunk 64: several prompts
-    prefilled together in one forward."""
+def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, tok, chunk, kv_dtype):
+    """12 requests at once into 4 rows: greedy and seeded sampled ids equal `generate` alone (with the same KV
+    dtype); no more than 4 rows ever run; steps are shared. Chunk 5: prompts prefilled over several steps; chunk
+    64: several prompts prefilled together in one forward."""
     model = tiny_qwen3_model
-    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256), prefill_chunk=chunk)
+    engine = Engine(model, tok, max_batch=4, kv_budget=budget(model, 4, 256, kv_dtype), prefill_chunk=chunk,
+                    kv_dtype=kv_dtype)  # fmt: skip
     collector = Collector()
     rng = np.random.default_rng(1)
     cases = []
@@ -199,10 +216,10 @@ def test_engine_batches_and_every_reply_equals_generate_alone(tiny_qwen3_model, 
             results.append(collector.wait(job))
     finally:
         engine.stop()
-    assert engine.rows == 4 and peak <= 4
+    assert engine.rows == 4 and engine.slot_len == 256 and peak <= 4 and engine.pool.cache.dtype == kv_dtype
     for (prompt, n, kwargs), job, (kind, _) in zip(cases, jobs, results, strict=True):
         assert kind == "done"
-        want = generate(model, prompt, n, eos_token_ids=EOS, **{k: v for k, v in kwargs.items()})
+        want = generate(model, prompt, n, eos_token_ids=EOS, kv_dtype=kv_dtype, **kwargs)
         assert job.output_ids == want, prompt
     assert engine.metrics.steps < sum(len(j.output_ids) for j in jobs)  # decode steps were shared
     assert engine.pool.decoding == 0 and not engine.prefilling
@@ -320,8 +337,10 @@ def test_a_grouped_round_fills_its_budget_and_cuts_the_last_prompt(tiny_qwen3_mo
         assert job.output_ids == generate(model, prompt, 5, eos_token_ids=(), temperature=0.0)
 
 
-def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok):
-    engine = Engine(tiny_qwen3_model, tok, max_batch=2, kv_budget=budget(tiny_qwen3_model, 2, 256))
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model, tok, kv_dtype):
+    engine = Engine(tiny_qwen3_model, tok, max_batch=2, kv_budget=budget(tiny_qwen3_model, 2, 256, kv_dtype),
+                    kv_dtype=kv_dtype)  # fmt: skip
     collector = Collector()
     try:
         long = [collector.job(tok, [1, 2, 3 + i], 100) for i in range(2)]
@@ -339,7 +358,9 @@ def test_a_cancelled_request_frees_its_row_and_the_others_go_on(tiny_qwen3_model
         assert collector.wait(long[0])[0] == "done"
         long[1].cancelled.set()
         collector.wait(long[1])
-        assert waiter.output_ids == generate(tiny_qwen3_model, [7, 8, 9], 5, eos_token_ids=EOS)
+        assert waiter.output_ids == generate(
+            tiny_qwen3_model, [7, 8, 9], 5, eos_token_ids=EOS, kv_dtype=kv_dtype
+        )
     finally:
         engine.stop()
     assert engine.active == 0
@@ -429,9 +450,18 @@ def test_serve_flags_are_checked_and_the_batching_is_shown_at_start_up(tiny_qwen
     from tinyqwen.cli.commands import parse_bytes
 
     assert parse_bytes("1.5KiB", "--kv-budget") == 1536 and parse_bytes("2g", "--kv-budget") == 2 << 30
+    bad = serve("--kv-dtype", "float16")
+    assert bad.returncode != 0 and "argument --kv-dtype: invalid choice: 'float16'" in bad.stderr, bad.stderr
     engine = Engine(SimpleModel(), None, max_batch=3, kv_budget=3 * 300 * 512)
     assert engine.describe().startswith("continuous batching: up to 3 sequences per decode step, KV budget 0 MiB "
-                                        "(3 rows of 300 positions)")  # fmt: skip
+                                        "of float32 (3 rows of 300 positions)")  # fmt: skip
+    engine = Engine(SimpleModel(), None, max_batch=3, kv_budget=3 * 300 * 512, kv_dtype="bf16")
+    assert engine.describe().startswith("continuous batching: up to 3 sequences per decode step, KV budget 0 MiB "
+                                        "of bfloat16 (3 rows of 600 positions)")  # fmt: skip
+    help_, value = engine.gauges()["kv_budget_bytes"]
+    assert "bfloat16" in help_ and value == 3 * 600 * 256  # 2 layers x 2 (k, v) x 2 heads x 16 x 2 bytes
+    with pytest.raises(TinyQwenError, match="KV cache dtype must be float32 or bfloat16, got 'float16'"):
+        Engine(SimpleModel(), None, max_batch=3, kv_budget=3 * 300 * 512, kv_dtype="float16")
 
 
 class SimpleModel:
@@ -473,7 +503,8 @@ def test_pool_release_keeps_rows_packed_and_moves_their_keys(tiny_qwen3_model):
     assert window.first == 2 and window.sequences == [seqs[4]] and window.length == 5
 
 
-def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(monkeypatch, kv_dtype):
     """One decoding row: `pool.batch()` is that row as a plain KVCache (the same view object every step), so the
     numba backend runs the step as its one whole-step kernel (decode_step.py), as a lone `generate` does; the
     logits are bit-identical to the ragged one-row window's (the same one-row kernels; one row sees all its keys),
@@ -489,7 +520,7 @@ def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(mon
     whole = []
     region = decode_step._step_bf16_region
     monkeypatch.setattr(decode_step, "_step_bf16_region", lambda *a: whole.append(1) or region(*a))
-    pool = KVPool(model, 3, 32)
+    pool = KVPool(model, 3, 32, kv_dtype)
     seq = type("Seq", (), {"row": None})()
     pool.take(seq)
     model.forward(np.array([[5, 17, 300, 4, 42]]), cache=pool.row_cache(0), last_only=True)
@@ -503,10 +534,18 @@ def test_a_lone_decoding_row_takes_the_whole_step_kernel_and_the_same_logits(mon
     want = model.forward(np.array([[7]]), cache=pool.window(0, 1), last_only=True).logits[0, -1]
     assert whole == [1] and pool.lengths[0] == 6
     np.testing.assert_array_equal(got, want)
+    # ... and the lone `generate` step on its own KVCache of that dtype: the same kernel, the same logits
+    alone = model.new_cache(1, 32, kv_dtype)
+    model.forward(np.array([[5, 17, 300, 4, 42]]), cache=alone, last_only=True)
+    np.testing.assert_array_equal(
+        model.forward(np.array([[7]]), cache=alone, last_only=True).logits[0, -1], got
+    )
+    assert whole == [1, 1]
 
 
 @pytest.mark.parametrize("precision", ["highest", "medium"])
-def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(precision, monkeypatch):
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])  # the server's pool in either dtype
+def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(precision, kv_dtype, monkeypatch):
     """Several decoding rows of different lengths (a RaggedKVCache from row 0): the numba backend runs the step as
     one region (decode_step.py's batched step: the tiles' rows, the ragged cache write, attention per (row, kv
     head)); its logits and the keys and values it writes are bit-identical to the layer-by-layer, kernel-by-kernel
@@ -530,7 +569,7 @@ def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(preci
     monkeypatch.setattr(decode_step, "_batch_step_region", lambda *a: regions.append(1) or region(*a))
     rng = np.random.default_rng(3)
     prompts = [list(rng.integers(0, 500, n)) for n in (5, 9, 3, 12, 7)]
-    pools = {flag: KVPool(model, 5, 32) for flag in (True, False)}
+    pools = {flag: KVPool(model, 5, 32, kv_dtype) for flag in (True, False)}
     for pool in pools.values():
         for i, prompt in enumerate(prompts):
             seq = type("Seq", (), {"row": None})()
@@ -548,7 +587,7 @@ def test_a_batched_step_in_one_region_is_bit_identical_to_kernel_by_kernel(preci
         np.testing.assert_array_equal(got[True], got[False])
         if precision == "medium" and step == 0:  # the same step in "highest" (kernel by kernel) differs
             high = tinyqwen.load_model(folder, backend="numba")
-            pool = KVPool(high, 5, 32)
+            pool = KVPool(high, 5, 32, kv_dtype)
             for i, prompt in enumerate(prompts):
                 pool.take(type("Seq", (), {"row": None})())
                 high.forward(np.array([prompt]), cache=pool.row_cache(i), last_only=True)
@@ -739,7 +778,8 @@ def test_the_kv_pool_is_resident_only_where_sequences_wrote(tiny_qwen3_model):
     assert rss() - before < 64 << 20
 
 
-def test_forward_groups_gives_each_group_its_logits_alone(model):
+@pytest.mark.parametrize("kv_dtype", ["float32", "bfloat16"])
+def test_forward_groups_gives_each_group_its_logits_alone(model, kv_dtype):
     """A server step's decode rows and a prefill chunk in one forward (tinyqwen/serve/mixed_forward.py): two rows
     decoding at their own lengths and one prompt's chunk of 5 ids (its second chunk) share every product; each row's
     logits equal the sequence run alone within tolerance, and each cache holds what the row alone would."""
@@ -749,7 +789,7 @@ def test_forward_groups_gives_each_group_its_logits_alone(model):
         pytest.skip("the engine mixes only on host memory (the numpy and numba backends)")
     rng = np.random.default_rng(7)
     prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (4, 9, 12)]
-    pool = KVPool(model, 3, 32)
+    pool = KVPool(model, 3, 32, kv_dtype)
     for row, prompt in enumerate(prompts[:2]):  # two sequences prefilled, then decoding
         pool.owner[row] = object()
         model.forward(np.array([prompt]), cache=pool.row_cache(row), last_only=True)
@@ -764,7 +804,7 @@ def test_forward_groups_gives_each_group_its_logits_alone(model):
     assert pool.lengths[:2].tolist() == [5, 10]  # the ragged cache advanced the decode rows
     for got, prompt, more in ((decode[0, 0], prompts[0], [fed[0]]), (decode[1, 0], prompts[1], [fed[1]]),
                               (chunk[0, 0], prompts[2], [])):  # fmt: skip
-        want = alone_logits(model, prompt, more)[-1]
+        want = alone_logits(model, prompt, more, kv_dtype)[-1]
         assert np.abs(np.asarray(got) - want).max() <= tolerance(want)
 
 

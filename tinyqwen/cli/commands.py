@@ -62,6 +62,7 @@ def cmd_serve(args) -> int:
             )
     if args.kv_budget is not None:
         options["kv_budget"] = parse_bytes(args.kv_budget, "--kv-budget")
+    options["kv_dtype"] = args.kv_dtype
     model, tokenizer = load(args)
     name = args.served_model_name or str(args.model)
     print(f"tinyqwen serve: {name} ({args.backend}) on http://{args.host}:{args.port}/v1", file=sys.stderr)

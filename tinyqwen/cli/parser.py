@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="prompt tokens prefilled per step between decode steps (default 256)")  # fmt: skip
     served.add_argument("--max-queue", type=int, default=None,
                         help="requests that may wait for a KV row before new ones get 429 (default 256)")  # fmt: skip
+    served.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="KV pool storage: bfloat16 halves its memory (twice the positions in --kv-budget) "
+                             "and what a decode step reads (float32: exact, as the library's default)")  # fmt: skip
     served.set_defaults(func=cmd_serve)
 
     train = command(

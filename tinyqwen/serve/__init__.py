@@ -35,6 +35,8 @@ Decisions (each one what a client of vLLM would expect, unless it says otherwise
 - KV memory is a fixed budget (`--kv-budget`) of `--max-batch` rows; requests wait when every row is taken, and
   past `--max-queue` waiting requests get 429 with Retry-After. A request may use at most the row's length
   (prompt + reply; `max_tokens` is cut to fit) — vLLM's paged memory has no such per-request limit.
+  `--kv-dtype bfloat16` stores it in half the bytes (vLLM's `--kv-cache-dtype`, llama-server's `-ctk`/`-ctv`):
+  twice the positions in the budget; the default float32 is exact, as the library's default cache.
 - A client that disconnects cancels its request: the scheduler drops it at the next step and frees its row.
 - `GET /health`, and `GET /metrics` in Prometheus' text format.
 - Sampling: unset knobs take Qwen's preset for the turn's mode (thinking: the checkpoint's generation_config.json;

@@ -33,6 +33,7 @@ import numpy as np
 
 from tinyqwen.errors import TinyQwenError
 from tinyqwen.generation import _make_rows, _resolve_eos, _resolve_sampling  # one sequence's sampling setup
+from tinyqwen.kv_cache import KV_DTYPE_ALIASES
 from tinyqwen.model import Qwen3
 from tinyqwen.sampling import sample
 from tinyqwen.serve.kv_pool import KVPool, pool_shape
@@ -49,6 +50,22 @@ from tinyqwen.serve.reply_parser import ReplyParser
 # prompt ids took 4 forwards at 256, 2 at 512: the same work, but the first prompts wait for the whole chunk
 PREFILL_CHUNK = 256
 MAX_QUEUE = 256  # requests waiting for a KV row before new ones get 429
+# the KV pool's storage dtypes. float32 is the default because it is exact: a request's logits equal the library's
+# default run (`generate` with its float32 cache) up to the batched products' rounding; bfloat16 halves the bytes
+# per position (twice the positions in a --kv-budget, half the bytes a decode step's attention reads) for the
+# rounding of every key and value to 8 bits of mantissa, as llama.cpp's server (f16) and vLLM's fp8 caches trade.
+# Not float16: the library's float16 cache raises mid-step when a key leaves its range (a whole batch would fail
+# at once), and the numba backend's whole-step and batched-step kernels decline it (layer by layer: far slower).
+# A bf16 pool magnifies the batched products' float32 rounding: a key one float32 ulp off can round to the next
+# bf16. Measured (Qwen3-0.6B-shaped random bf16, numba, 4 rows decoded 4 steps against each alone on a KVCache of
+# the same dtype): max |logit diff| 3.2e-4 in bf16 against 1.6e-6 in float32 (logits up to 3.3), no arg-max
+# changed; on a near tie (bench_serve's checked reply, a margin of 0.005) greedy ids can part from `generate`'s.
+# Speed (the same model, one batched step of 16 rows, same process, alternated, best / median of 7, load 2-3):
+# 93 / 97 ms against 100 / 100 at 160-167 positions, 432 / 446 against 515 / 543 at 1,000-1,007 (attention
+# reads half the bytes; the weights, the rest of a step, are the same). Through HTTP (bench_serve, 16 clients,
+# decode burst, 5 runs each alternated, load 2.5-4.4) the gain is inside the noise: ITL p50 median 307 ms against
+# 316, 48.1 tok/s against 48.2; the server's peak RSS ~300 MiB lower (1,694-1,920 MiB against 1,997-2,362)
+KV_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -144,14 +161,14 @@ def default_max_batch(model) -> int:
     return 16
 
 
-def default_kv_budget(model, max_batch: int) -> int:
-    """Bytes of KV cache: enough for every row to hold the whole context, but at most a quarter of the memory the
-    machine has free now (read from /proc/meminfo; 4 GiB where that cannot be read)."""
+def default_kv_budget(model, max_batch: int, kv_dtype: str = "float32") -> int:
+    """Bytes of KV cache: enough for every row to hold the whole context (in `kv_dtype`), but at most a quarter of
+    the memory the machine has free now (read from /proc/meminfo; 4 GiB where that cannot be read)."""
     from tinyqwen.kv_cache import kv_bytes_per_token
 
     c = model.config
     full = max_batch * c.max_position_embeddings * kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads,
-                                                                      c.head_dim)  # fmt: skip
+                                                                      c.head_dim, kv_dtype)  # fmt: skip
     free = 16 << 30
     try:
         with open("/proc/meminfo") as f:
@@ -165,17 +182,23 @@ def default_kv_budget(model, max_batch: int) -> int:
 class Engine:
     """The scheduler and its worker thread. `records` keeps the last 10,000 finished requests; `metrics` feeds
     `/metrics`. `max_batch`: most sequences decoded together; `kv_budget`: bytes of KV cache for them;
-    `prefill_chunk`: prompt tokens prefilled per step; `max_queue`: requests that may wait."""
+    `prefill_chunk`: prompt tokens prefilled per step; `max_queue`: requests that may wait; `kv_dtype`: the KV
+    pool's storage (`KV_DTYPES`)."""
 
     def __init__(self, model, tokenizer, max_batch: int | None = None, kv_budget: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK, max_queue: int = MAX_QUEUE):  # fmt: skip
+                 prefill_chunk: int = PREFILL_CHUNK, max_queue: int = MAX_QUEUE,
+                 kv_dtype: str = "float32"):  # fmt: skip
         self.model, self.tokenizer = model, tokenizer
+        name = KV_DTYPE_ALIASES.get(str(kv_dtype).lower(), str(kv_dtype).lower())
+        if name not in KV_DTYPES:
+            raise TinyQwenError(f"the server's KV cache dtype must be float32 or bfloat16, got {kv_dtype!r}")
+        self.kv_dtype = name
         self.max_batch = max_batch or default_max_batch(model)
-        self.kv_budget = kv_budget or default_kv_budget(model, self.max_batch)
+        self.kv_budget = kv_budget or default_kv_budget(model, self.max_batch, self.kv_dtype)
         if self.max_batch < 1 or prefill_chunk < 1 or max_queue < 0:
             raise TinyQwenError(f"max_batch and prefill_chunk must be >= 1, max_queue >= 0 (got {self.max_batch}, "
                                 f"{prefill_chunk}, {max_queue})")  # fmt: skip
-        self.rows, self.slot_len = pool_shape(model.config, self.kv_budget, self.max_batch)
+        self.rows, self.slot_len = pool_shape(model.config, self.kv_budget, self.max_batch, self.kv_dtype)
         self.prefill_chunk, self.max_queue = prefill_chunk, max_queue
         # a prefill round and the decode rows in one forward (mixed_forward.py): the model itself, on host memory
         # (a wrapper that only has `forward`, such as the tests' scripted models, gets two forwards per step)
@@ -196,7 +219,8 @@ class Engine:
     def describe(self) -> str:
         """One line for start-up: the batch, the KV budget and what it buys."""
         return (f"continuous batching: up to {self.rows} sequences per decode step, KV budget "
-                f"{self.kv_budget / 2**20:,.0f} MiB ({self.rows} rows of {self.slot_len:,} positions), "
+                f"{self.kv_budget / 2**20:,.0f} MiB of {self.kv_dtype} ({self.rows} rows of {self.slot_len:,} "
+                f"positions), "
                 f"{self.prefill_chunk} prompt tokens prefilled per step, queue of {self.max_queue}")  # fmt: skip
 
     # ---- the thread
@@ -246,14 +270,14 @@ class Engine:
         return {"active_sequences": ("Sequences holding a KV row.", self.active),
                 "queue_length": ("Requests waiting for a KV row.", self.queued),
                 "max_batch": ("Most sequences per decode step.", self.rows),
-                "kv_budget_bytes": ("Bytes of KV cache for the running sequences.", self.rows * self.slot_len
-                                    * self._bytes_per_token())}  # fmt: skip
+                "kv_budget_bytes": (f"Bytes of KV cache for the running sequences (stored as {self.kv_dtype}).",
+                                    self.rows * self.slot_len * self._bytes_per_token())}  # fmt: skip
 
     def _bytes_per_token(self) -> int:
         from tinyqwen.kv_cache import kv_bytes_per_token
 
         c = self.model.config
-        return kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
+        return kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, self.kv_dtype)
 
     def _run(self) -> None:
         while True:
@@ -281,7 +305,7 @@ class Engine:
         """One scheduler step: drop cancelled sequences, prefill up to `prefill_chunk` prompt tokens, then one
         batched decode over every running sequence."""
         if self.pool is None:
-            self.pool = KVPool(self.model, self.rows, self.slot_len)
+            self.pool = KVPool(self.model, self.rows, self.slot_len, self.kv_dtype)
         pool = self.pool
         for seq in [s for s in pool.owner[: pool.decoding] if s.job.cancelled.is_set()]:
             self._finish(seq)

@@ -45,6 +45,8 @@ def pool_shape(config, kv_budget: int, max_batch: int, dtype: str = "float32") -
     >>> from tinyqwen.config import published_configs
     >>> pool_shape(published_configs()["Qwen3-0.6B"], 8 << 30, 16)  # 8 GiB of float32 KV: 16 rows of 2,340
     (16, 2340)
+    >>> pool_shape(published_configs()["Qwen3-0.6B"], 8 << 30, 16, "bfloat16")  # the same bytes in bf16: twice
+    (16, 4681)
     """
     per_token = kv_bytes_per_token(
         config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype
@@ -67,19 +69,19 @@ class _PoolRow(KVCache):
 
 
 class KVPool:
-    """`rows` slots of `slot_len` positions in one KVCache; `owner[r]` is the sequence in row r (or None)."""
+    """`rows` slots of `slot_len` positions in one KVCache stored as `dtype` ("float32", or "bfloat16": uint16 bit
+    patterns, see tinyqwen/kv_cache.py); `owner[r]` is the sequence in row r (or None)."""
 
-    def __init__(self, model, rows: int, slot_len: int):
+    def __init__(self, model, rows: int, slot_len: int, dtype: str = "float32"):
         backend = getattr(model, "backend", None)
         self.host = getattr(backend, "zeros", np.zeros) is np.zeros
         self._views: dict[int, _PoolRow] = {}  # row -> its row_cache view, made once
         if self.host:  # host memory: mapped lazily (see the docstring)
             c = model.config
-            self.cache: KVCache = KVCache.allocate(
-                c.num_hidden_layers, rows, c.num_key_value_heads, slot_len, c.head_dim, zeros=lazy_zeros
-            )
+            shape = (c.num_hidden_layers, rows, c.num_key_value_heads, slot_len, c.head_dim)
+            self.cache: KVCache = KVCache.allocate(*shape, dtype, zeros=lazy_zeros)
         else:  # the backend's own memory (a GPU's)
-            self.cache = model.new_cache(rows, slot_len)
+            self.cache = model.new_cache(rows, slot_len, dtype)
         self.lengths = np.zeros(rows, dtype=np.int64)  # positions filled in each row
         self.owner: list = [None] * rows
         self.decoding = 0  # rows [0, decoding) hold sequences past their prefill

@@ -51,7 +51,7 @@ class Service:
     """Everything between a JSON body and a Job, and between a finished Job and the JSON reply; no HTTP here.
 
     `model_name` is what clients send as `model` (vLLM: the path given to --model, or --served-model-name);
-    `engine_options` go to the Engine (max_batch, kv_budget, prefill_chunk, max_queue).
+    `engine_options` go to the Engine (max_batch, kv_budget, prefill_chunk, max_queue, kv_dtype).
     """
 
     def __init__(self, model, tokenizer, model_name: str, **engine_options):
