@@ -1,5 +1,6 @@
-"""MoE prefill's experts on prefill_gemm.py's panels (backends/numba/moe.py, _experts_mixed): an expert's tokens in
-whole panels of 32 through the float32 micro-kernel, the rest on the int8 tiles."""
+"""Quantized prefill on prefill_gemm.py's panels: MoE prefill's experts (backends/numba/moe.py, _experts_mixed: an
+expert's tokens in whole panels of 32 through the float32 micro-kernel, the rest on the int8 tiles), and the dense
+q/k/v and MLP products in one launch each (quant_matmul.panel_matmul_many / panel_swiglu)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ numba = pytest.importorskip("numba")
 from test_numba_quant import random_blocks  # noqa: E402
 
 from tinyqwen.backends import get_backend  # noqa: E402
-from tinyqwen.backends.numba import moe, prefill_gemm  # noqa: E402
+from tinyqwen.backends.numba import linear, moe, prefill_gemm, quant_matmul  # noqa: E402
 from tinyqwen.quantization import DEQUANTIZE, QuantizedTensor  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not prefill_gemm.available(), reason="the panels need AVX-512")
@@ -100,3 +101,42 @@ def test_mixed_jobs_cover_every_row_of_every_part_once():
             [np.nonzero((road == r) & (expert == e))[0][0] for r, e in jobs[:, :2]]
         ]
         assert np.all(np.diff(job_cost) <= 0)  # costliest first
+
+
+def quantized_weight(rng, qtype: str, rows: int, cols: int):
+    return get_backend("numba").prepare(
+        QuantizedTensor(qtype, (rows, cols), random_blocks(rng, qtype, rows, cols))
+    )
+
+
+@pytest.mark.parametrize("M", [5, 37, 128])  # a short last panel, one panel and a bit, four whole ones
+def test_qkv_in_one_launch_are_the_per_weight_products(M):
+    """One launch over several weights' rows (mixed formats, row counts not multiples of 12): each output is the
+    same FMA chain over the same dequantized row as matmul_quant's, one weight at a time: the same bits."""
+    rng = np.random.default_rng(13)
+    ws = (quantized_weight(rng, "q4_k", 520, 256), quantized_weight(rng, "q8_0", 100, 256),
+          quantized_weight(rng, "q6_k", 64, 256))  # fmt: skip
+    x = rng.standard_normal((M, 256)).astype(np.float32)
+    got = quant_matmul.panel_matmul_many(x, ws)
+    for g, w in zip(got, ws, strict=True):
+        assert np.array_equal(g, prefill_gemm.matmul_quant(x, w))
+
+
+@pytest.mark.parametrize("M", [5, 128])
+def test_mlp_in_one_launch_is_the_three_products(M):
+    """gate/up/down in one launch against matmul_quant three times with NumPy's SiLU·mul between: the same products;
+    SiLU's exp (Numba's against NumPy's) may differ in the last bit of h, so within float32 rounding (measured
+    1e-7 of the largest output)."""
+    rng = np.random.default_rng(14)
+    g, u = quantized_weight(rng, "q4_k", 512, 256), quantized_weight(rng, "q4_k", 512, 256)
+    dn = quantized_weight(rng, "q6_k", 256, 512)
+    x = rng.standard_normal((M, 256)).astype(np.float32)
+    got = quant_matmul.panel_swiglu(x, g, u, dn)
+    want = prefill_gemm.matmul_quant(
+        linear._silu_mul(prefill_gemm.matmul_quant(x, g), prefill_gemm.matmul_quant(x, u)), dn
+    )
+    assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max()
+    # and linear's prefill takes these launches for quantized weights
+    assert linear._quant_panels(x, (g, u, dn), "int8") == (
+        linear.QUANT_PREFILL_PANELS and not linear.INT8_PREFILL
+    )

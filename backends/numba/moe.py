@@ -345,32 +345,9 @@ def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarr
 
 
 @njit(cache=True, error_model="numpy")
-def _expert_up_panels(kg, ku, g, g8, u, u8, F, xt, e, p0, p1, hp, lo, hi, R):
-    # rows lo..hi of expert e's gate and up ([E·F, bytes]) over its panels p0..p1 of xt -> hp[p0:p1, lo:hi]: R
-    # gate rows dequantized into buf[:R], the same up rows into buf[R:] (R a multiple of NR). The buffer is
-    # allocated here, not passed in: the micro-kernel on a buffer that came in as an argument ran 1.3-1.4x slower
-    # (768 rows x 2048, one panel, one thread: 0.72 against 0.53 ms; allocated here 1.00 ms for gate and up
-    # against 1.69)
-    K = xt.shape[1]
-    buf = np.empty((2 * R, K), np.float32)
-    accg, accu = np.empty((NR, PANEL), np.float32), np.empty((NR, PANEL), np.float32)
-    for s in range(lo, hi, R):
-        n = min(hi, s + R) - s
-        prefill_gemm.dequantize_rows(kg, g, g8, e * F + s, buf[:n])
-        prefill_gemm.dequantize_rows(ku, u, u8, e * F + s, buf[R : R + n])
-        for p in range(p0, p1):
-            for r in range(0, n, NR):
-                _mk12x32(xt, p, buf, r, accg)
-                _mk12x32(xt, p, buf, R + r, accu)
-                for t in range(min(NR, n - r)):
-                    for m in range(PANEL):  # (a padding column: SiLU(0)·0 = 0)
-                        hp[p, s + r + t, m] = _silu(accg[t, m]) * accu[t, m]
-
-
-@njit(cache=True, error_model="numpy")
 def _expert_down_panels(kd, w, w8, d, hp, e, p0, p1, c, y, b0, lo, hi, R):
     # output features lo..hi of expert e's down ([E·d, bytes]) over its hidden panels p0..p1 (its c tokens) ->
-    # y[b0:b0 + c, lo:hi]; blocks of R rows (the buffer allocated here: see _expert_up_panels)
+    # y[b0:b0 + c, lo:hi]; blocks of R rows (the buffer allocated here: see quant_matmul.gate_up_panels)
     buf = np.empty((R, hp.shape[1]), np.float32)
     acc = np.empty((NR, PANEL), np.float32)
     for s in range(lo, hi, R):
@@ -401,8 +378,8 @@ def expert_up_mixed(kg, ku, g, g8, u, u8, acts, xt, groups, bounds, pstart, jobs
             if jobs[i, 0] == 0:
                 _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, lo, hi)
             else:
-                _expert_up_panels(
-                    kg, ku, g, g8, u, u8, F, xt, groups[j], pstart[j], pstart[j + 1], hp, lo, hi, R
+                quant_matmul.gate_up_panels(
+                    kg, ku, g, g8, u, u8, groups[j] * F, xt, pstart[j], pstart[j + 1], hp, lo, hi, R
                 )  # fmt: skip
             i = phases.claim(ctr, 0)
 
