@@ -52,7 +52,7 @@ from numba.extending import intrinsic
 
 from tinyqwen.backends.numba import avx2, phases, prefill_gemm, quant
 from tinyqwen.backends.numba.avx2 import F32, I8, I16, I32, V8I32, V16I16, V32I8, _add, _Row, _splat_lane16
-from tinyqwen.backends.numba.intrinsics import _silu
+from tinyqwen.backends.numba.intrinsics import FAST, _silu
 from tinyqwen.backends.numba.prefill_gemm import NR, PANEL, _mk12x32
 
 TILE = 4  # tokens per tile: 4 float accumulators of 8 lanes, plus a decoded block, fit AVX2's 16 registers
@@ -514,17 +514,19 @@ def tile_values(kind, w, w8, acts):  # every row of w · tokens 0..3 through the
 # Here, as the bf16 panels do (prefill_gemm.matmul_many / swiglu_panels): x packed once, q/k/v's rows as one list
 # of jobs in one launch; gate and up dequantized side by side, SiLU(g)·u written straight into the hidden panels,
 # and down from them in the same launch (phases.py: the down jobs start once every gate/up job has finished).
-# The same dequantized blocks and micro-kernel as matmul_quant, each output the same FMA chain over k: the same
-# bits as matmul_quant, weight by weight (tests/test_moe_panels.py).
+# The same dequantized blocks and micro-kernel as matmul_quant, each output the same FMA chain over k, the same
+# SiLU as linear._silu_mul: the same bits as matmul_quant weight by weight (tests/test_moe_panels.py).
 
 
-@njit(cache=True, error_model="numpy")
+@njit(cache=True, fastmath=FAST, error_model="numpy")
 def gate_up_panels(kg, ku, g, g8, u, u8, base, xt, p0, p1, hp, lo, hi, R):
     # rows base + lo..hi of gate and up ([rows, bytes]) over the panels p0..p1 of xt [Q, K, 32] -> hp[p0:p1, lo:hi]
     # = SiLU(x·g)·(x·u): R gate rows dequantized into buf[:R], the same up rows into buf[R:] (R a multiple of NR).
     # The buffer is allocated here, not passed in: the micro-kernel on a buffer that came in as an argument ran
     # 1.3-1.4x slower (768 rows x 2048, one panel, one thread: 0.72 against 0.53 ms; gate and up of one expert of
-    # the 2-layer Qwen3-30B-A3B shapes 1.69 against 1.00 ms)
+    # the 2-layer Qwen3-30B-A3B shapes 1.69 against 1.00 ms). fastmath as linear._silu_mul's (the inlined SiLU
+    # takes this function's flags): without it h differed in the last bit, and a 128-token prompt of Qwen3-0.6B
+    # Q4_K_M kept its greedy ids for 10 of 16 tokens; with it, the bits of the three launches
     K = xt.shape[1]
     buf = np.empty((2 * R, K), np.float32)
     accg, accu = np.empty((NR, PANEL), np.float32), np.empty((NR, PANEL), np.float32)
