@@ -1,6 +1,8 @@
 """The mixture-of-experts block: only the routed experts run — decode in one fused kernel over every (token,
 expert) pair, prefill grouped by expert (each expert's weights read once per call). Quantized experts stay stacked
 per layer in their blocks ([E, rows, bytes], `QuantWeight`) and decode through `quant.moe_up` / `quant.moe_down`.
+Quantized prefill's experts take the int8 tiles, and on AVX-512 an expert's whole panels of 32 tokens (and a
+remainder of PANEL_MIN_TOKENS or more) prefill_gemm.py's float32 panels (`_experts_mixed`).
 """
 
 from __future__ import annotations
@@ -200,7 +202,10 @@ BLAS_MIN_TOKENS = {"int8": 512, "float": 4}
 # prefill's "int8" experts in quant_matmul's tiles (four of an expert's tokens per decoded row; the same bits as the
 # row dots); False: quant.moe_up_grouped_int / moe_down_grouped_int, one token per row dot
 MOE_PREFILL_TILES = True
-MOE_TILE_PAD_FROM = 2  # an expert's last 2 or 3 tokens padded to a tile of 4 (4: never; see _experts_tiled)
+# an expert's last 2 or 3 tile tokens padded to a tile of 4 with zero rows (their products are 0, never read): a
+# tile of 4 costs ~1.6 row dots, and a prompt's experts get ~8 tokens each, so a fifth of the pairs would otherwise
+# take the row dots (4: never)
+MOE_TILE_PAD_FROM = 2
 
 
 # ---- MoE prefill: each routed expert's rows · the tokens that chose it, in tiles --------------------------------
@@ -236,23 +241,6 @@ def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # row
             m += 1
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def expert_up(kg, ku, g, g8, u, u8, acts, groups, bounds, jobs, workers, h):
-    # acts of the gathered x [P, d]; groups [G] the routed experts, bounds [G + 1] their runs of rows; jobs [J, 3]
-    # (expert j, rows lo..hi), costliest first (expert_jobs) -> h [P, F] (written). The threads claim the jobs in
-    # turn (phases.claim) instead of prange's fixed halves: see expert_jobs
-    F = h.shape[1]
-    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
-    for _ in prange(workers):
-        i = phases.claim(ctr, 0)
-        while i < jobs.shape[0]:
-            j = jobs[i, 0]
-            _expert_up_rows(
-                kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, jobs[i, 1], jobs[i, 2]
-            )
-            i = phases.claim(ctr, 0)
-
-
 @njit(cache=True, error_model="numpy")
 def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output features lo..hi of expert e
     acc = np.empty(8, np.float32)
@@ -273,68 +261,9 @@ def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output featu
             m += 1
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def expert_down(kd, w, w8, acts, groups, bounds, jobs, workers, y):
-    # acts of the gathered h [P, F]; w [E·d, bytes]; jobs [J, 3] as expert_up's, over output features -> y [P, d]
-    d = y.shape[1]
-    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
-    for _ in prange(workers):
-        i = phases.claim(ctr, 0)
-        while i < jobs.shape[0]:
-            j = jobs[i, 0]
-            _expert_down_rows(
-                kd, w, w8, d, acts, groups[j], bounds[j], bounds[j + 1], y, jobs[i, 1], jobs[i, 2]
-            )
-            i = phases.claim(ctr, 0)
-
-
-# Work items of expert_up / expert_down per thread, on average: an expert is cut into pieces of at most about
+# Work items of expert_up_mixed / expert_down_mixed per thread, on average: an expert is cut into pieces of at most about
 # 1 / (JOBS_PER_THREAD · threads) of the whole, so that claiming them costliest first leaves little tail
 JOBS_PER_THREAD = 8
-
-
-def expert_jobs(counts: np.ndarray, rows: int, threads: int) -> np.ndarray:
-    """The work items of one projection over the routed experts: counts [G] tokens (rows of acts) per expert, rows
-    the weight's rows per expert -> jobs [J, 3] int64 (expert j, rows lo..hi), costliest first.
-
-    A job's cost ~ its tokens x its rows (a tile's decoded block is shared by 4 tokens; the tokens' products are
-    the bulk). A prompt's routing gives experts 1-86 tokens (the 2-layer Qwen3-30B-A3B-shaped file, 128 tokens,
-    top-8): prange's fixed halves of the experts, each expert one item, left one thread with most of the work.
-    Here an expert is cut into pieces of about equal cost, and the threads take them in turn, costliest first."""
-    counts = np.asarray(counts, np.int64)
-    target = max(1, int(counts.sum()) * rows // (JOBS_PER_THREAD * max(1, threads)))
-    pieces = np.clip(-(-(counts * rows) // target), 1, rows)
-    size = -(-rows // pieces)
-    n = -(-rows // size)  # pieces of `size` rows (the last may be shorter)
-    j = np.repeat(np.arange(len(counts)), n)
-    lo = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) * np.repeat(size, n)
-    hi = np.minimum(rows, lo + np.repeat(size, n))
-    order = np.argsort(-(hi - lo) * counts[j], kind="stable")
-    return np.stack((j, lo, hi), axis=1)[order].astype(np.int64)
-
-
-def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarray:
-    # x2 [N, d]; tokens [P]: each pair's token, the pairs sorted by expert (groups [G], counts [G] pairs each) ->
-    # each pair's expert output [P, d], unweighted. An expert's run whose last tile would hold 2 or 3 tokens is
-    # padded to 4 with zero rows (their products are 0, never read): a tile of 4 costs ~1.6 row dots (a prompt's
-    # experts get ~8 tokens each, so a fifth of the pairs would otherwise take the row dots)
-    pad = np.where(counts % 4 >= MOE_TILE_PAD_FROM, -counts % 4, 0)
-    bounds = np.concatenate(([0], np.cumsum(counts + pad))).astype(np.int64)
-    rows = np.full(bounds[-1], x2.shape[0], np.int64)  # (row N: the zero row)
-    real = np.concatenate([np.arange(b, b + c) for b, c in zip(bounds[:-1], counts, strict=True)])
-    rows[real] = tokens
-    xs = np.concatenate((x2, np.zeros((1, x2.shape[1]), np.float32)))[rows]
-    chunks = _chunks()
-    acts = quant_matmul.quantize_acts(xs, *quant._needs({w_gate.kind, w_up.kind}), chunks)
-    h = np.empty((xs.shape[0], w_gate.shape[1]), np.float32)
-    workers = _workers()
-    jobs = expert_jobs(counts + pad, h.shape[1], workers)
-    expert_up(w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, groups, bounds, jobs, workers, h)
-    acts = quant_matmul.quantize_acts(h, *quant._needs({w_down.kind}), chunks)
-    y = np.empty(xs.shape, np.float32)
-    jobs = expert_jobs(counts + pad, y.shape[1], workers)
-    expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, jobs, workers, y)
-    return y[real]
 
 
 # ---- MoE prefill on prefill_gemm.py's panels: an expert with enough tokens -------------------------------------
@@ -368,7 +297,7 @@ def _expert_down_panels(kd, w, w8, d, hp, e, p0, p1, c, y, b0, lo, hi, R):
 def expert_up_mixed(kg, ku, g, g8, u, u8, acts, xt, groups, bounds, pstart, jobs, workers, h, hp, R):
     # jobs [J, 4] (road: 0 tiles, 1 panels; expert j; rows lo..hi), costliest first. Tiles: acts of the gathered
     # x, expert j's rows bounds[j]..bounds[j + 1] -> h. Panels: xt's panels pstart[j]..pstart[j + 1] -> hp.
-    # Both roads in one launch, the jobs claimed in turn (phases.claim): see expert_jobs
+    # Both roads in one launch, the jobs claimed in turn (phases.claim): see mixed_jobs
     F = h.shape[1]
     ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
     for _ in prange(workers):
@@ -419,8 +348,11 @@ PANEL_ROW_COST = (5.0, 21.0)
 def mixed_jobs(cost: np.ndarray, road: np.ndarray, expert: np.ndarray, rows: int, threads: int) -> np.ndarray:
     """The work items of one projection: parts [n] of the routed experts, each with its cost per weight row, its
     road (0 tiles, 1 panels) and its expert (index into groups); rows per expert -> jobs [J, 4] int64 (road,
-    expert, rows lo..hi), costliest first. As expert_jobs, with a panel part's pieces a multiple of NR rows (the
-    micro-kernel's)."""
+    expert, rows lo..hi), costliest first; a panel part's pieces a multiple of NR rows (the micro-kernel's).
+
+    A prompt's routing gives experts 1-86 tokens (the 2-layer Qwen3-30B-A3B-shaped file, 128 tokens, top-8):
+    prange's fixed halves of the experts, each expert one item, left one thread with most of the work. Here an
+    expert is cut into pieces of about equal cost, and the threads take them in turn, costliest first."""
     cost = np.asarray(cost, np.float64)
     target = max(1e-9, float(cost.sum()) * rows / (JOBS_PER_THREAD * max(1, threads)))
     pieces = np.clip(np.ceil(cost * rows / target).astype(np.int64), 1, rows)
@@ -463,7 +395,7 @@ def _quantized(x, kinds: set, chunks: int) -> tuple:  # quantize_acts, or its em
 def _experts_mixed(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarray:
     # x2 [N, d]; tokens [P]: each pair's token, the pairs sorted by expert (groups [G], counts [G] pairs each) ->
     # each pair's expert output [P, d], unweighted. Each expert's first 32·q tokens take q panels and the rest
-    # the tiles (padded as _experts_tiled pads); q = ceil(count / 32) when the remainder past whole panels has
+    # the tiles (padded, MOE_TILE_PAD_FROM); q = ceil(count / 32) when the remainder past whole panels has
     # PANEL_MIN_TOKENS or more, else floor (_panel_split)
     N, d = x2.shape
     F = w_gate.shape[1]
