@@ -78,7 +78,7 @@ def main() -> None:
         linear.INT8_PREFILL = tuple(quant.KINDS) if int8 else ()  # every format, or none
         linear.QUANT_PREFILL_PANELS = road.startswith("panels")
         linear.QUANT_PANELS_MANY = moe.MOE_PREFILL_PANELS = road == "panels"
-        moe.MOE_PREFILL_TILES = int8 or road == "panels1"
+        moe.MOE_PREFILL_TILES = road != "blas"
 
     for path in args.models:
         model = tinyqwen.load_model(path, backend="numba")
