@@ -11,7 +11,8 @@ expert stacks Q4_K but ffn_down_exps / attn_v Q6_K in layer 1, as llama.cpp's _M
 (or beside --gguf) and reused after. Then llama.cpp and tinyqwen's numba backend, with its two decode GEMVs ("int8": the activations
 quantized to int8 blocks as llama.cpp does; "float": the codes widened in registers; "int8:two-launch": decode's
 MoE in two launches, the pairs' gate/up rows and then their down rows, as before each pair became one job of a
-single launch, backends/numba/moe.py's MOE_PAIR_JOBS), each in its own process with
+single launch, backends/numba/moe.py's MOE_PAIR_JOBS; "int8:tiles": prefill's experts all on the int8 tiles and
+one panel launch per dense weight, as before moe.MOE_PREFILL_PANELS / linear.QUANT_PANELS_MANY), each in its own process with
 the same thread count, greedy from the same random prompt ids: prefill tok/s = P / t(first token), decode tok/s =
 N / (t(1 + N tokens) − t(first token)), best of --repeat within a process and of --rounds processes per engine
 (the engines interleaved); peak RSS (getrusage). Random weights give near-tied logits,
@@ -190,6 +191,9 @@ else:
     if engine.endswith(":two-launch"):  # decode's MoE as before the pair jobs: up rows, then down rows
         from tinyqwen.backends.numba import moe
         moe.MOE_PAIR_JOBS = False
+    if engine.endswith(":tiles"):  # prefill as before: every expert on the int8 tiles, a panel launch per weight
+        from tinyqwen.backends.numba import linear, moe
+        moe.MOE_PREFILL_PANELS = linear.QUANT_PANELS_MANY = False
     vocab = model.config.vocab_size
     state = {}
     def start(prompt):

@@ -1,7 +1,9 @@
 """Prefill with quantized weights, two ways in one process, interleaved: the int8 tiles (backends/numba/quant_matmul.py,
 the default) against the earlier prefill — dense weights' blocks widened to float32 into BLAS, MoE experts dotted
 one token per row dot (linear.INT8_PREFILL = (), moe.MOE_PREFILL_TILES = False); where Numba compiles for AVX-512 a
-third, "panels": the dense weights' blocks dequantized into prefill_gemm.py's panels (linear.QUANT_PREFILL_PANELS).
+third, "panels": the dense weights' blocks dequantized into prefill_gemm.py's panels (linear.QUANT_PREFILL_PANELS),
+q/k/v and the MLP in one launch each (linear.QUANT_PANELS_MANY), MoE experts with enough tokens on the panels too
+(moe.MOE_PREFILL_PANELS); and a fourth, "panels1": the panels one weight per launch, every MoE expert on the tiles.
 
     python benchmarks/bench_quant_prefill.py MODEL.gguf [MODEL2.gguf ...] [--prompt 128] [--repeat 5]
         [--threads N] [--blas-threads N] [--kernels]
@@ -66,7 +68,7 @@ def main() -> None:
     if args.blas_threads:
         limit_blas_threads(args.blas_threads)
 
-    roads = ["int8", "blas"] + (["panels"] if prefill_gemm.available() else [])
+    roads = ["int8", "blas"] + (["panels", "panels1"] if prefill_gemm.available() else [])
 
     def use(
         road: str,
@@ -74,8 +76,9 @@ def main() -> None:
         # the dense weights' dequantized blocks through prefill_gemm.py's panels (MoE experts as "blas")
         int8 = road == "int8"
         linear.INT8_PREFILL = tuple(quant.KINDS) if int8 else ()  # every format, or none
-        linear.QUANT_PREFILL_PANELS = road == "panels"
-        moe.MOE_PREFILL_TILES = int8
+        linear.QUANT_PREFILL_PANELS = road.startswith("panels")
+        linear.QUANT_PANELS_MANY = moe.MOE_PREFILL_PANELS = road == "panels"
+        moe.MOE_PREFILL_TILES = road != "blas"
 
     for path in args.models:
         model = tinyqwen.load_model(path, backend="numba")
@@ -122,14 +125,18 @@ def main() -> None:
             prefill(road)  # compile, warm
         best = best_of({road: lambda road=road: prefill(road) for road in roads}, args.repeat)
         use("int8")
-        linear.QUANT_PREFILL_PANELS = True  # the module's default
+        linear.QUANT_PREFILL_PANELS = linear.QUANT_PANELS_MANY = moe.MOE_PREFILL_PANELS = True  # the defaults
         scale = np.abs(logits["blas"]).max()
         print(
             "  prefill:"
             + "".join(f" {road} {args.prompt / best[road]:7.1f} tok/s" for road in roads)
             + "".join(f"  {road}/BLAS {best['blas'] / best[road]:.2f}x" for road in roads[::2])
             + (f"  panels/int8 {best['int8'] / best['panels']:.2f}x" if "panels" in roads else "")
+            + (f"  panels/panels1 {best['panels1'] / best['panels']:.2f}x" if "panels" in roads else "")
         )
+        if "panels" in roads:  # the MoE experts' panels: float32 x and h where the tiles had 8-bit blocks
+            diff = float(np.abs(logits["panels"] - logits["panels1"]).max())
+            print(f"    last logits panels vs panels1: max|Δ| {diff:.2e}, /max|logit| {diff / scale:.2e}")
         for road in roads[
             ::2
         ]:  # int8: the activations' 8-bit rounding; panels: float32 sums in another order

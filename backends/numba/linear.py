@@ -394,6 +394,23 @@ def linear(
     return _widened_matmul(x2, bits).reshape(*x.shape[:-1], N)
 
 
+# prefill's q/k/v and gate/up/down with quantized weights on AVX-512 in one launch each (quant_matmul.panel_*):
+# the products _quant_linear's panels take one weight at a time, the same bits; False: one launch per weight
+QUANT_PANELS_MANY = True
+
+
+def _quant_panels(x2: np.ndarray, ws: tuple, quant_gemv: str) -> bool:  # ws [n] take the fused panel launches
+    return (
+        QUANT_PANELS_MANY
+        and QUANT_PREFILL_PANELS
+        and x2.shape[0] > QUANT_GEMV_MAX_ROWS
+        and all(
+            isinstance(w, QuantWeight) and not (w.qtype in INT8_PREFILL and quant_gemv == "int8") for w in ws
+        )
+        and quant_matmul.panels_usable(ws)
+    )
+
+
 def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False, quant_gemv: str = "int8") -> tuple:
     # [..., d_in], n x [d_out_i, d_in] -> n x [..., d_out_i]: decode's q, k, v GEMVs in one kernel
     x2 = _rows(x)
@@ -408,6 +425,9 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False, quant_gemv: str
         and QUANT_PREFILL_MANY
     ):  # prefill on the int8 tiles: x quantized once, every weight's rows in one parallel region
         outs = quant_matmul.matmul_many(x2, tuple(ws), _chunks())
+        return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
+    if _quant_panels(x2, ws, quant_gemv):  # prefill on AVX-512: q, k, v in one launch of the panels
+        outs = quant_matmul.panel_matmul_many(x2, tuple(ws))
         return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
     fused = all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in ws)
     # one Numba type for all (a tuple indexed at run time): all read-only file maps, or all writable arrays
@@ -474,6 +494,8 @@ def swiglu(
             )
         g, u = linears(x2, (w_gate, w_up), bf16_inputs, quant_gemv)  # one launch for both
         return linear(_silu_mul(g, u), w_down, bf16_inputs, quant_gemv).reshape(x.shape)
+    if _quant_panels(x2, (w_gate, w_up, w_down), quant_gemv):  # prefill on AVX-512: the MLP in one launch
+        return quant_matmul.panel_swiglu(x2, w_gate, w_up, w_down).reshape(x.shape)
     bf16 = all(isinstance(w, BF16Weight) for w in (w_gate, w_up, w_down))
     if (
         FUSED_SWIGLU

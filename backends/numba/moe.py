@@ -1,6 +1,8 @@
 """The mixture-of-experts block: only the routed experts run — decode in one fused kernel over every (token,
 expert) pair, prefill grouped by expert (each expert's weights read once per call). Quantized experts stay stacked
 per layer in their blocks ([E, rows, bytes], `QuantWeight`) and decode through `quant.moe_up` / `quant.moe_down`.
+Quantized prefill's experts take the int8 tiles, and on AVX-512 an expert's whole panels of 32 tokens (and a
+remainder of PANEL_MIN_TOKENS or more) prefill_gemm.py's float32 panels (`_experts_mixed`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from tinyqwen.backends.numba import phases, quant, quant_matmul
+from tinyqwen.backends.numba import phases, prefill_gemm, quant, quant_matmul
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, _to_bf16, round_bf16
 from tinyqwen.backends.numba.linear import (
     GEMV_MAX_ROWS,
@@ -20,6 +22,7 @@ from tinyqwen.backends.numba.linear import (
     linear,
     swiglu,
 )
+from tinyqwen.backends.numba.prefill_gemm import NR, PANEL, _mk12x32
 from tinyqwen.backends.numba.quant_matmul import TILE, TILE8, _five, _tile, _tile8
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
 from tinyqwen.blas_threads import blas_threads
@@ -199,7 +202,10 @@ BLAS_MIN_TOKENS = {"int8": 512, "float": 4}
 # prefill's "int8" experts in quant_matmul's tiles (four of an expert's tokens per decoded row; the same bits as the
 # row dots); False: quant.moe_up_grouped_int / moe_down_grouped_int, one token per row dot
 MOE_PREFILL_TILES = True
-MOE_TILE_PAD_FROM = 2  # an expert's last 2 or 3 tokens padded to a tile of 4 (4: never; see _experts_tiled)
+# an expert's last 2 or 3 tile tokens padded to a tile of 4 with zero rows (their products are 0, never read): a
+# tile of 4 costs ~1.6 row dots, and a prompt's experts get ~8 tokens each, so a fifth of the pairs would otherwise
+# take the row dots (4: never)
+MOE_TILE_PAD_FROM = 2
 
 
 # ---- MoE prefill: each routed expert's rows · the tokens that chose it, in tiles --------------------------------
@@ -235,23 +241,6 @@ def _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, e, b0, b1, h, lo, hi):  # row
             m += 1
 
 
-@njit(parallel=True, cache=True, nogil=True)
-def expert_up(kg, ku, g, g8, u, u8, acts, groups, bounds, jobs, workers, h):
-    # acts of the gathered x [P, d]; groups [G] the routed experts, bounds [G + 1] their runs of rows; jobs [J, 3]
-    # (expert j, rows lo..hi), costliest first (expert_jobs) -> h [P, F] (written). The threads claim the jobs in
-    # turn (phases.claim) instead of prange's fixed halves: see expert_jobs
-    F = h.shape[1]
-    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
-    for _ in prange(workers):
-        i = phases.claim(ctr, 0)
-        while i < jobs.shape[0]:
-            j = jobs[i, 0]
-            _expert_up_rows(
-                kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, jobs[i, 1], jobs[i, 2]
-            )
-            i = phases.claim(ctr, 0)
-
-
 @njit(cache=True, error_model="numpy")
 def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output features lo..hi of expert e
     acc = np.empty(8, np.float32)
@@ -272,68 +261,191 @@ def _expert_down_rows(kd, w, w8, d, acts, e, b0, b1, y, lo, hi):  # output featu
             m += 1
 
 
+# Work items of expert_up_mixed / expert_down_mixed per thread, on average: an expert is cut into pieces of at most about
+# 1 / (JOBS_PER_THREAD · threads) of the whole, so that claiming them costliest first leaves little tail
+JOBS_PER_THREAD = 8
+
+
+# ---- MoE prefill on prefill_gemm.py's panels: an expert with enough tokens -------------------------------------
+# Its tokens packed into their own panels of 32 (xt [Q, d, 32], expert j's panels pstart[j]..pstart[j + 1], the rows
+# past its count zeros), a block of its rows dequantized into a float32 buffer, the 12 x 32 micro-kernel over its
+# panels: float32 products of the exact weights and x (the dense Q4_K_M prefill's road), where the tiles take x and
+# h as 8-bit blocks. gate/up write SiLU(g)·u straight into the hidden panels hp [Q, F, 32] the down rows read.
+
+
+@njit(cache=True, error_model="numpy")
+def _expert_down_panels(kd, w, w8, d, hp, e, p0, p1, c, y, b0, lo, hi, R):
+    # output features lo..hi of expert e's down ([E·d, bytes]) over its hidden panels p0..p1 (its c tokens) ->
+    # y[b0:b0 + c, lo:hi]; blocks of R rows (the buffer allocated here: see quant_matmul.gate_up_panels)
+    buf = np.empty((R, hp.shape[1]), np.float32)
+    acc = np.empty((NR, PANEL), np.float32)
+    for s in range(lo, hi, R):
+        n = min(hi, s + R) - s
+        prefill_gemm.dequantize_rows(kd, w, w8, e * d + s, buf[:n])
+        for p in range(p0, p1):
+            m0 = (p - p0) * PANEL
+            m1 = min(c, m0 + PANEL)
+            for r in range(0, n, NR):
+                _mk12x32(hp, p, buf, r, acc)
+                T = min(NR, n - r)
+                for m in range(m0, m1):
+                    for t in range(T):
+                        y[b0 + m, s + r + t] = acc[t, m - m0]
+
+
 @njit(parallel=True, cache=True, nogil=True)
-def expert_down(kd, w, w8, acts, groups, bounds, jobs, workers, y):
-    # acts of the gathered h [P, F]; w [E·d, bytes]; jobs [J, 3] as expert_up's, over output features -> y [P, d]
+def expert_up_mixed(kg, ku, g, g8, u, u8, acts, xt, groups, bounds, pstart, jobs, workers, h, hp, R):
+    # jobs [J, 4] (road: 0 tiles, 1 panels; expert j; rows lo..hi), costliest first. Tiles: acts of the gathered
+    # x, expert j's rows bounds[j]..bounds[j + 1] -> h. Panels: xt's panels pstart[j]..pstart[j + 1] -> hp.
+    # Both roads in one launch, the jobs claimed in turn (phases.claim): see mixed_jobs
+    F = h.shape[1]
+    ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
+    for _ in prange(workers):
+        i = phases.claim(ctr, 0)
+        while i < jobs.shape[0]:
+            j, lo, hi = jobs[i, 1], jobs[i, 2], jobs[i, 3]
+            if jobs[i, 0] == 0:
+                _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, lo, hi)
+            else:
+                quant_matmul.gate_up_panels(
+                    kg, ku, g, g8, u, u8, groups[j] * F, xt, pstart[j], pstart[j + 1], hp, lo, hi, R
+                )  # fmt: skip
+            i = phases.claim(ctr, 0)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def expert_down_mixed(kd, w, w8, acts, hp, groups, bounds, pstart, ybase, counts, jobs, workers, y, yp, R):
+    # jobs as expert_up_mixed's, over output features. Tiles: acts of the gathered h -> y rows bounds[j]..;
+    # panels: hp's panels of expert j -> yp rows ybase[j]..ybase[j] + counts[j]
     d = y.shape[1]
     ctr = np.zeros(2 * phases.LINE, np.int64)  # (phases.counters(1))
     for _ in prange(workers):
         i = phases.claim(ctr, 0)
         while i < jobs.shape[0]:
-            j = jobs[i, 0]
-            _expert_down_rows(
-                kd, w, w8, d, acts, groups[j], bounds[j], bounds[j + 1], y, jobs[i, 1], jobs[i, 2]
-            )
+            j, lo, hi = jobs[i, 1], jobs[i, 2], jobs[i, 3]
+            if jobs[i, 0] == 0:
+                _expert_down_rows(kd, w, w8, d, acts, groups[j], bounds[j], bounds[j + 1], y, lo, hi)
+            else:
+                _expert_down_panels(
+                    kd, w, w8, d, hp, groups[j], pstart[j], pstart[j + 1], counts[j], yp, ybase[j], lo, hi, R
+                )  # fmt: skip
             i = phases.claim(ctr, 0)
 
 
-# Work items of expert_up / expert_down per thread, on average: an expert is cut into pieces of at most about
-# 1 / (JOBS_PER_THREAD · threads) of the whole, so that claiming them costliest first leaves little tail
-JOBS_PER_THREAD = 8
+# From how many tokens an expert's remainder past whole panels of 32 takes a panel of its own instead of the tiles
+# (gate/up's format decides: the down rows read the hidden panels gate/up wrote). One expert of the 2-layer
+# Qwen3-30B-A3B shapes (gate/up [768, 2048], down [2048, 768]), one thread, CPU ms, tiles against one panel:
+# Q4_K 16 tokens 1.14 / 1.70, 24 1.83 / 1.79, 32 2.34 / 1.88; Q4_K with Q6_K down 24 1.90 / 1.71, 32 2.51 / 1.79;
+# Q8_0 16 2.07 / 2.54, 24 3.03 / 2.60. (A panel costs the same for 1 token or 32: the micro-kernel is 12 x 32.)
+PANEL_MIN_TOKENS = {quant.Q4_K: 24, quant.Q6_K: 24, quant.Q8_0: 20}
+MOE_PREFILL_PANELS = True  # False: every expert on the tiles
+# a part's cost per weight row, in tile token-rows: tiles its padded tokens; panels PANEL_ROW_COST[0] (the blocks'
+# dequantization) + PANEL_ROW_COST[1] per panel (from the figures above: Q4_K 0.07 ms per token on the tiles, a
+# panel ~1.5 ms and its dequantization ~0.35)
+PANEL_ROW_COST = (5.0, 21.0)
 
 
-def expert_jobs(counts: np.ndarray, rows: int, threads: int) -> np.ndarray:
-    """The work items of one projection over the routed experts: counts [G] tokens (rows of acts) per expert, rows
-    the weight's rows per expert -> jobs [J, 3] int64 (expert j, rows lo..hi), costliest first.
+def mixed_jobs(cost: np.ndarray, road: np.ndarray, expert: np.ndarray, rows: int, threads: int) -> np.ndarray:
+    """The work items of one projection: parts [n] of the routed experts, each with its cost per weight row, its
+    road (0 tiles, 1 panels) and its expert (index into groups); rows per expert -> jobs [J, 4] int64 (road,
+    expert, rows lo..hi), costliest first; a panel part's pieces a multiple of NR rows (the micro-kernel's).
 
-    A job's cost ~ its tokens x its rows (a tile's decoded block is shared by 4 tokens; the tokens' products are
-    the bulk). A prompt's routing gives experts 1-86 tokens (the 2-layer Qwen3-30B-A3B-shaped file, 128 tokens,
-    top-8): prange's fixed halves of the experts, each expert one item, left one thread with most of the work.
-    Here an expert is cut into pieces of about equal cost, and the threads take them in turn, costliest first."""
-    counts = np.asarray(counts, np.int64)
-    target = max(1, int(counts.sum()) * rows // (JOBS_PER_THREAD * max(1, threads)))
-    pieces = np.clip(-(-(counts * rows) // target), 1, rows)
+    A prompt's routing gives experts 1-86 tokens (the 2-layer Qwen3-30B-A3B-shaped file, 128 tokens, top-8):
+    prange's fixed halves of the experts, each expert one item, left one thread with most of the work. Here an
+    expert is cut into pieces of about equal cost, and the threads take them in turn, costliest first."""
+    cost = np.asarray(cost, np.float64)
+    target = max(1e-9, float(cost.sum()) * rows / (JOBS_PER_THREAD * max(1, threads)))
+    pieces = np.clip(np.ceil(cost * rows / target).astype(np.int64), 1, rows)
     size = -(-rows // pieces)
-    n = -(-rows // size)  # pieces of `size` rows (the last may be shorter)
-    j = np.repeat(np.arange(len(counts)), n)
+    size = np.where(road == 1, np.minimum(rows, -(-size // NR) * NR), size)
+    n = -(-rows // size)
+    j = np.repeat(np.arange(len(cost)), n)
     lo = (np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)) * np.repeat(size, n)
     hi = np.minimum(rows, lo + np.repeat(size, n))
-    order = np.argsort(-(hi - lo) * counts[j], kind="stable")
-    return np.stack((j, lo, hi), axis=1)[order].astype(np.int64)
+    order = np.argsort(-(hi - lo) * cost[j], kind="stable")
+    return np.stack((road[j], expert[j], lo, hi), axis=1)[order].astype(np.int64)
 
 
-def _experts_tiled(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarray:
+def _panel_split(counts: np.ndarray, threshold: int) -> tuple:
+    # counts [G] -> (panels [G], tokens left to the tiles [G]): whole panels of 32, and one more for a remainder
+    # of `threshold` or more tokens (0: no panels)
+    if threshold <= 0:
+        return np.zeros_like(counts), counts
+    q, rem = counts // PANEL, counts % PANEL
+    up = rem >= threshold
+    return q + up, np.where(up, 0, rem)
+
+
+def _ranges(
+    starts: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:  # concatenated aranges start..start + length
+    lengths = np.asarray(lengths, np.int64)
+    return np.repeat(np.asarray(starts, np.int64) - np.cumsum(lengths) + lengths, lengths) + np.arange(
+        lengths.sum()
+    )
+
+
+def _quantized(x, kinds: set, chunks: int) -> tuple:  # quantize_acts, or its empty arrays for no rows
+    needs = quant._needs(kinds)
+    if x.shape[0] == 0:
+        return quant_matmul._acts(0, x.shape[1], *needs)
+    return quant_matmul.quantize_acts(x, *needs, chunks)
+
+
+def _experts_mixed(x2, tokens, w_gate, w_up, w_down, groups, counts) -> np.ndarray:
     # x2 [N, d]; tokens [P]: each pair's token, the pairs sorted by expert (groups [G], counts [G] pairs each) ->
-    # each pair's expert output [P, d], unweighted. An expert's run whose last tile would hold 2 or 3 tokens is
-    # padded to 4 with zero rows (their products are 0, never read): a tile of 4 costs ~1.6 row dots (a prompt's
-    # experts get ~8 tokens each, so a fifth of the pairs would otherwise take the row dots)
-    pad = np.where(counts % 4 >= MOE_TILE_PAD_FROM, -counts % 4, 0)
-    bounds = np.concatenate(([0], np.cumsum(counts + pad))).astype(np.int64)
-    rows = np.full(bounds[-1], x2.shape[0], np.int64)  # (row N: the zero row)
-    real = np.concatenate([np.arange(b, b + c) for b, c in zip(bounds[:-1], counts, strict=True)])
-    rows[real] = tokens
-    xs = np.concatenate((x2, np.zeros((1, x2.shape[1]), np.float32)))[rows]
-    chunks = _chunks()
-    acts = quant_matmul.quantize_acts(xs, *quant._needs({w_gate.kind, w_up.kind}), chunks)
-    h = np.empty((xs.shape[0], w_gate.shape[1]), np.float32)
-    workers = _workers()
-    jobs = expert_jobs(counts + pad, h.shape[1], workers)
-    expert_up(w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, groups, bounds, jobs, workers, h)
-    acts = quant_matmul.quantize_acts(h, *quant._needs({w_down.kind}), chunks)
+    # each pair's expert output [P, d], unweighted. Each expert's first 32·q tokens take q panels and the rest
+    # the tiles (padded, MOE_TILE_PAD_FROM); q = ceil(count / 32) when the remainder past whole panels has
+    # PANEL_MIN_TOKENS or more, else floor (_panel_split)
+    N, d = x2.shape
+    F = w_gate.shape[1]
+    G = len(counts)
+    counts = np.asarray(counts, np.int64)
+    npan, tc = _panel_split(counts, PANEL_MIN_TOKENS[w_gate.kind] if MOE_PREFILL_PANELS else 0)
+    pc = counts - tc  # tokens in panels
+    pad = np.where(tc % 4 >= MOE_TILE_PAD_FROM, -tc % 4, 0)
+    bounds = np.concatenate(([0], np.cumsum(tc + pad))).astype(np.int64)
+    pstart = np.concatenate(([0], np.cumsum(npan))).astype(np.int64)
+    ybase = np.concatenate(([0], np.cumsum(pc))).astype(np.int64)
+    cb = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+    pan_src = _ranges(cb[:-1], pc)  # pair positions of the panel tokens (each expert's first pc)
+    pan_dst = _ranges(pstart[:-1] * PANEL, pc)  # their rows of the panels
+    tile_src = _ranges(cb[:-1] + pc, tc)  # the rest
+    tile_dst = _ranges(bounds[:-1], tc)  # their rows of the gathered x (the padding rows: row N, zeros)
+    xz = np.concatenate((x2, np.zeros((1, d), np.float32)))
+    rows = np.full(bounds[-1], N, np.int64)
+    rows[tile_dst] = tokens[tile_src]
+    xs = xz[rows]
+    prow = np.full(pstart[-1] * PANEL, N, np.int64)
+    prow[pan_dst] = tokens[pan_src]
+    xt = prefill_gemm.panels(xz[prow])
+    chunks, workers = _chunks(), _workers()
+    # the jobs: per expert, its tile part (cost per weight row: its padded tokens) and its panel part
+    a, b = PANEL_ROW_COST
+    cost = np.concatenate((tc + pad, np.where(npan > 0, a + b * npan, 0))).astype(np.float64)
+    road = np.repeat(np.arange(2), G)
+    keep = cost > 0
+    expert = np.tile(np.arange(G), 2)[keep]
+    acts = _quantized(xs, {w_gate.kind, w_up.kind}, chunks)
+    h = np.empty((xs.shape[0], F), np.float32)
+    hp = np.empty((pstart[-1], F, PANEL), np.float32)
+    jobs = mixed_jobs(cost[keep], road[keep], expert, F, workers)
+    expert_up_mixed(
+        w_gate.kind, w_up.kind, *_flat(w_gate), *_flat(w_up), acts, xt, groups, bounds, pstart, jobs, workers, h,
+        hp, prefill_gemm.block_rows(2 * d),  # (gate and up rows: one widened block's bytes together)
+    )  # fmt: skip
+    acts = _quantized(h, {w_down.kind}, chunks)
     y = np.empty(xs.shape, np.float32)
-    jobs = expert_jobs(counts + pad, y.shape[1], workers)
-    expert_down(w_down.kind, *_flat(w_down), acts, groups, bounds, jobs, workers, y)
-    return y[real]
+    yp = np.empty((ybase[-1], d), np.float32)
+    jobs = mixed_jobs(cost[keep], road[keep], expert, d, workers)
+    expert_down_mixed(
+        w_down.kind, *_flat(w_down), acts, hp, groups, bounds, pstart, ybase, pc, jobs, workers, y, yp,
+        prefill_gemm.block_rows(F),
+    )  # fmt: skip
+    out = np.empty((len(tokens), d), np.float32)
+    out[tile_src] = y[tile_dst]
+    out[pan_src] = yp
+    return out
 
 
 def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool) -> np.ndarray:
@@ -359,7 +471,7 @@ def _moe_prefill_quant(x, experts, weights, w_gate, w_up, w_down, use_int: bool)
         sub_groups = groups[few].astype(np.int64)
         per = max(1, _chunks() // len(few))  # row chunks per expert: enough work items for every thread
         if use_int and MOE_PREFILL_TILES:  # the activations gathered by expert, each expert's rows in tiles
-            y[sub] = _experts_tiled(x2, sub // k, w_gate, w_up, w_down, sub_groups, counts[few])
+            y[sub] = _experts_mixed(x2, sub // k, w_gate, w_up, w_down, sub_groups, counts[few])
         else:
             h = np.empty((N * k, w_gate.shape[1]), np.float32)  # (rows of pairs in `sub` only are written)
             rows = use_int and MOE_ROW_DOTS  # the row dots on whole stacks (see _moe_decode_quant)
