@@ -1,6 +1,6 @@
 """Quantized prefill on prefill_gemm.py's panels: MoE prefill's experts (backends/numba/moe.py, _experts_mixed: an
 expert's tokens in whole panels of 32 through the float32 micro-kernel, the rest on the int8 tiles), and the dense
-q/k/v and MLP products in one launch each (quant_matmul.panel_matmul_many / panel_swiglu)."""
+q/k/v and MLP products in one launch each (quant_panels.panel_matmul_many / panel_swiglu)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ numba = pytest.importorskip("numba")
 from test_numba_quant import random_blocks  # noqa: E402
 
 from tinyqwen.backends import get_backend  # noqa: E402
-from tinyqwen.backends.numba import linear, moe, prefill_gemm, quant_matmul  # noqa: E402
+from tinyqwen.backends.numba import linear, moe, prefill_gemm, quant_panels  # noqa: E402
 from tinyqwen.quantization import DEQUANTIZE, QuantizedTensor  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not prefill_gemm.available(), reason="the panels need AVX-512")
@@ -117,7 +117,7 @@ def test_qkv_in_one_launch_are_the_per_weight_products(M):
     ws = (quantized_weight(rng, "q4_k", 520, 256), quantized_weight(rng, "q8_0", 100, 256),
           quantized_weight(rng, "q6_k", 64, 256))  # fmt: skip
     x = rng.standard_normal((M, 256)).astype(np.float32)
-    got = quant_matmul.panel_matmul_many(x, ws)
+    got = quant_panels.panel_matmul_many(x, ws)
     for g, w in zip(got, ws, strict=True):
         assert np.array_equal(g, prefill_gemm.matmul_quant(x, w))
 
@@ -130,7 +130,7 @@ def test_mlp_in_one_launch_is_the_three_products(M):
     g, u = quantized_weight(rng, "q4_k", 512, 256), quantized_weight(rng, "q4_k", 512, 256)
     dn = quantized_weight(rng, "q6_k", 256, 512)
     x = rng.standard_normal((M, 256)).astype(np.float32)
-    got = quant_matmul.panel_swiglu(x, g, u, dn)
+    got = quant_panels.panel_swiglu(x, g, u, dn)
     want = prefill_gemm.matmul_quant(
         linear._silu_mul(prefill_gemm.matmul_quant(x, g), prefill_gemm.matmul_quant(x, u)), dn
     )

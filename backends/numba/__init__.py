@@ -29,7 +29,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
                   one call and one parallel region: one trip from Python per layer instead of ~11 (bf16 weights,
                   or quantized ones in the "int8" mode)
     decode_step.py  a decode step's every layer, final norm and lm_head in one parallel region: one trip
-                  from Python and one fork per token (bf16 weights, or quantized ones in the "int8" mode)
+                  from Python and one fork per token (bf16 weights, or quantized ones in the "int8" mode), and a
+                  server's batch of rows (each at its own length) the same way
     moe.py        moe_block: only the routed experts run; decode in one fused kernel over all (token, expert)
                   pairs, prefill groups the tokens by expert (each expert's weights read once per call)
     quant.py      GGUF's quantized weights (q8_0, q4_k, q6_k) kept in their blocks: decode's GEMVs take integer
@@ -37,6 +38,8 @@ signatures as the NumPy reference in `tinyqwen/`, which the tests compare them w
                   registers (avx2.py: the whole-row int8 dots in LLVM IR)
     quant_matmul.py  quantized prefill: each weight row's blocks decoded once for a tile of four int8 token rows
                   (the "float" mode instead dequantizes a block of rows into BLAS)
+    quant_panels.py  quantized prefill on AVX-512: q/k/v in one launch of prefill_gemm.py's panels, the MLP
+                  in one, the MoE's crowded experts' gate/up
     kernel_cache.py  Numba's saved kernels invalidated by an edit anywhere in this package (Numba alone checks only
                   the file a kernel is written in, not the files whose functions are compiled into it), and loaded
                   without starting Numba's compiler (its runtime module and registries: ~30 MiB)

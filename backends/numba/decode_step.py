@@ -36,6 +36,10 @@ Measured (benchmarks/bench_decode_step.py's kind of A/B: Qwen3-0.6B-shaped rando
 threads, AMD EPYC with 2 cores shared by other processes, load average 4-10, same process, interleaved, best
 median of 6 rounds of 32 steps): 135 ms per step against 177 one call per layer (wall), 87 against 120 ms of CPU
 time; the same tokens. The gain on a quiet machine is smaller (the threads then rarely sleep between layers).
+
+One concept: a decode step as one parallel region, in its three forms (one row of bf16 weights, one row of
+quantized ones, a server's batch of bf16 rows each at its own length); they share the plan of the weights, the
+typed Lists of the cache remembered per cache object and the phase counters, and each mirrors the one before.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit, prange
 
 from tinyqwen.backends import onednn
-from tinyqwen.backends.numba import batch_gemm, decode_tiles, prefill_gemm, quant, quant_matmul
+from tinyqwen.backends.numba import batch_gemm, decode_tiles, prefill_gemm, quant, quant_matmul, quant_panels
 from tinyqwen.backends.numba.gemv_one_row import _gemv1_many_bf16, _one_row_pairs, _swiglu1_bf16
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, round_bf16
 from tinyqwen.backends.numba.weights import BF16Weight, QuantWeight
@@ -394,7 +394,7 @@ def linear(
     return _widened_matmul(x2, bits).reshape(*x.shape[:-1], N)
 
 
-# prefill's q/k/v and gate/up/down with quantized weights on AVX-512 in one launch each (quant_matmul.panel_*):
+# prefill's q/k/v and gate/up/down with quantized weights on AVX-512 in one launch each (quant_panels.py):
 # the products _quant_linear's panels take one weight at a time, the same bits; False: one launch per weight
 QUANT_PANELS_MANY = True
 
@@ -407,7 +407,7 @@ def _quant_panels(x2: np.ndarray, ws: tuple, quant_gemv: str) -> bool:  # ws [n]
         and all(
             isinstance(w, QuantWeight) and not (w.qtype in INT8_PREFILL and quant_gemv == "int8") for w in ws
         )
-        and quant_matmul.panels_usable(ws)
+        and quant_panels.panels_usable(ws)
     )
 
 
@@ -427,7 +427,7 @@ def linears(x: np.ndarray, ws: tuple, bf16_inputs: bool = False, quant_gemv: str
         outs = quant_matmul.matmul_many(x2, tuple(ws), _chunks())
         return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
     if _quant_panels(x2, ws, quant_gemv):  # prefill on AVX-512: q, k, v in one launch of the panels
-        outs = quant_matmul.panel_matmul_many(x2, tuple(ws))
+        outs = quant_panels.panel_matmul_many(x2, tuple(ws))
         return tuple(o.reshape(*x.shape[:-1], o.shape[1]) for o in outs)
     fused = all(isinstance(w, BF16Weight) and w.bits.flags.c_contiguous for w in ws)
     # one Numba type for all (a tuple indexed at run time): all read-only file maps, or all writable arrays
@@ -495,7 +495,7 @@ def swiglu(
         g, u = linears(x2, (w_gate, w_up), bf16_inputs, quant_gemv)  # one launch for both
         return linear(_silu_mul(g, u), w_down, bf16_inputs, quant_gemv).reshape(x.shape)
     if _quant_panels(x2, (w_gate, w_up, w_down), quant_gemv):  # prefill on AVX-512: the MLP in one launch
-        return quant_matmul.panel_swiglu(x2, w_gate, w_up, w_down).reshape(x.shape)
+        return quant_panels.panel_swiglu(x2, w_gate, w_up, w_down).reshape(x.shape)
     bf16 = all(isinstance(w, BF16Weight) for w in (w_gate, w_up, w_down))
     if (
         FUSED_SWIGLU

@@ -11,7 +11,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from tinyqwen.backends.numba import phases, prefill_gemm, quant, quant_matmul
+from tinyqwen.backends.numba import phases, prefill_gemm, quant, quant_matmul, quant_panels
 from tinyqwen.backends.numba.intrinsics import FAST, _bf16, _prefetch_weight_row, _silu, _to_bf16, round_bf16
 from tinyqwen.backends.numba.linear import (
     GEMV_MAX_ROWS,
@@ -276,7 +276,7 @@ JOBS_PER_THREAD = 8
 @njit(cache=True, error_model="numpy")
 def _expert_down_panels(kd, w, w8, d, hp, e, p0, p1, c, y, b0, lo, hi, R):
     # output features lo..hi of expert e's down ([E·d, bytes]) over its hidden panels p0..p1 (its c tokens) ->
-    # y[b0:b0 + c, lo:hi]; blocks of R rows (the buffer allocated here: see quant_matmul.gate_up_panels)
+    # y[b0:b0 + c, lo:hi]; blocks of R rows (the buffer allocated here: see quant_panels.gate_up_panels)
     buf = np.empty((R, hp.shape[1]), np.float32)
     acc = np.empty((NR, PANEL), np.float32)
     for s in range(lo, hi, R):
@@ -307,7 +307,7 @@ def expert_up_mixed(kg, ku, g, g8, u, u8, acts, xt, groups, bounds, pstart, jobs
             if jobs[i, 0] == 0:
                 _expert_up_rows(kg, ku, g, g8, u, u8, F, acts, groups[j], bounds[j], bounds[j + 1], h, lo, hi)
             else:
-                quant_matmul.gate_up_panels(
+                quant_panels.gate_up_panels(
                     kg, ku, g, g8, u, u8, groups[j] * F, xt, pstart[j], pstart[j + 1], hp, lo, hi, R
                 )  # fmt: skip
             i = phases.claim(ctr, 0)

@@ -55,6 +55,10 @@ thread, Qwen3-0.6B's shapes, x rounded into the float32 panels against the vdpbf
 q/k/v 201 -> 321, o_proj 192 -> 335, gate/up 207 -> 347, down 191 -> 349 (1.59-1.82x); 128 tokens 178-190 ->
 293-315 (1.56-1.76x). Two threads (benchmarks/bench_prefill.py --medium, best of 5): a whole 256-token prefill
 1.40-1.48x "highest"'s time, 128 tokens 1.69x; a serving step (16 decode rows + a 256-token chunk) 1.42-1.57x.
+
+One concept: prefill's products on AVX-512 token panels, in the number formats the panels take (float32 x with
+widened bf16 or dequantized blocks; "medium"'s bf16 pairs on vdpbf16ps): one panel layout, one job plan over the
+threads, one micro-kernel shape in two instructions.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from tinyqwen.generation import _make_rows, _resolve_eos, _resolve_sampling  # o
 from tinyqwen.kv_cache import KV_DTYPE_ALIASES
 from tinyqwen.model import Qwen3
 from tinyqwen.sampling import sample
-from tinyqwen.serve.kv_pool import KVPool, pool_shape
+from tinyqwen.serve.kv_pool import KV_DTYPES, KVPool, default_kv_budget, default_max_batch, pool_shape
 from tinyqwen.serve.metrics import Metrics
 from tinyqwen.serve.mixed_forward import forward_groups
 from tinyqwen.serve.protocol import APIError
@@ -50,22 +50,6 @@ from tinyqwen.serve.reply_parser import ReplyParser
 # prompt ids took 4 forwards at 256, 2 at 512: the same work, but the first prompts wait for the whole chunk
 PREFILL_CHUNK = 256
 MAX_QUEUE = 256  # requests waiting for a KV row before new ones get 429
-# the KV pool's storage dtypes. float32 is the default because it is exact: a request's logits equal the library's
-# default run (`generate` with its float32 cache) up to the batched products' rounding; bfloat16 halves the bytes
-# per position (twice the positions in a --kv-budget, half the bytes a decode step's attention reads) for the
-# rounding of every key and value to 8 bits of mantissa, as llama.cpp's server (f16) and vLLM's fp8 caches trade.
-# Not float16: the library's float16 cache raises mid-step when a key leaves its range (a whole batch would fail
-# at once), and the numba backend's whole-step and batched-step kernels decline it (layer by layer: far slower).
-# A bf16 pool magnifies the batched products' float32 rounding: a key one float32 ulp off can round to the next
-# bf16. Measured (Qwen3-0.6B-shaped random bf16, numba, 4 rows decoded 4 steps against each alone on a KVCache of
-# the same dtype): max |logit diff| 3.2e-4 in bf16 against 1.6e-6 in float32 (logits up to 3.3), no arg-max
-# changed; on a near tie (bench_serve's checked reply, a margin of 0.005) greedy ids can part from `generate`'s.
-# Speed (the same model, one batched step of 16 rows, same process, alternated, best / median of 7, load 2-3):
-# 93 / 97 ms against 100 / 100 at 160-167 positions, 432 / 446 against 515 / 543 at 1,000-1,007 (attention
-# reads half the bytes; the weights, the rest of a step, are the same). Through HTTP (bench_serve, 16 clients,
-# decode burst, 5 runs each alternated, load 2.5-4.4) the gain is inside the noise: ITL p50 median 307 ms against
-# 316, 48.1 tok/s against 48.2; the server's peak RSS ~300 MiB lower (1,694-1,920 MiB against 1,997-2,362)
-KV_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -153,30 +137,6 @@ def _plain_greedy(params) -> bool:
         and params.presence_penalty == 0.0
         and params.frequency_penalty == 0.0
     )
-
-
-def default_max_batch(model) -> int:
-    """16 sequences: a decode step of 16 rows still reads each weight once (and on a 2-core CPU it is about where
-    the step turns from memory-bound to compute-bound); more rows only wait longer for each token."""
-    return 16
-
-
-def default_kv_budget(model, max_batch: int, kv_dtype: str = "float32") -> int:
-    """Bytes of KV cache: enough for every row to hold the whole context (in `kv_dtype`), but at most a quarter of
-    the memory the machine has free now (read from /proc/meminfo; 4 GiB where that cannot be read)."""
-    from tinyqwen.kv_cache import kv_bytes_per_token
-
-    c = model.config
-    full = max_batch * c.max_position_embeddings * kv_bytes_per_token(c.num_hidden_layers, c.num_key_value_heads,
-                                                                      c.head_dim, kv_dtype)  # fmt: skip
-    free = 16 << 30
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        free = int(info["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        pass
-    return int(min(full, free // 4))
 
 
 class Engine:
