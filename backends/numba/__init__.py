@@ -51,8 +51,9 @@ AVX512-BF16 CPUs prefill and batched decode then multiply bf16 pairs with `vdpbf
 decode_tiles.py's tiles: 32 products per instruction, twice float32 FMA's; 1.4-1.5x a 256-token prefill, 1.2-1.4x
 a 16-row step), and with oneDNN (`backends/onednn.py`) where it is installed, prefill on the CPU's bf16 matrix
 units — at the price of ~3 significant digits in the activations (logits moved by ~1e-2 of their size on the tiny
-bf16 test fixtures, 2e-2 in a 0.6B 16-row step; see the tests). One-row decode reads each weight once whatever
-the precision (memory-bound) and keeps float32 products.
+bf16 test fixtures, 2e-2 in a 0.6B 16-row step; see the tests). One-row decode is memory-bound and gains nothing
+from vdpbf16ps: in "medium" a lone row runs kernel by kernel on its rounded inputs, slower than "highest"'s
+one-region step (a quiet serving run: 47 against 34 ms a token).
 
 plus `weights.py` (`BF16Weight`, the embedding lookup, `prepare`), `intrinsics.py` (bit casts, prefetch, exp, bf16
 rounding in registers) and `settings.py` (what Numba reads at its import: imported first). This module assembles
