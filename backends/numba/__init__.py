@@ -52,8 +52,8 @@ decode_tiles.py's tiles: 32 products per instruction, twice float32 FMA's; 1.4-1
 a 16-row step), and with oneDNN (`backends/onednn.py`) where it is installed, prefill on the CPU's bf16 matrix
 units — at the price of ~3 significant digits in the activations (logits moved by ~1e-2 of their size on the tiny
 bf16 test fixtures, 2e-2 in a 0.6B 16-row step; see the tests). One-row decode is memory-bound and gains nothing
-from vdpbf16ps: in "medium" a lone row runs kernel by kernel on its rounded inputs, slower than "highest"'s
-one-region step (a quiet serving run: 47 against 34 ms a token).
+from bf16 products, so a lone decoding row takes the one-region step's float32 products in "medium" too, as
+PyTorch's "medium" permits (rounding its inputs sent it kernel by kernel: 47 against 34 ms a token).
 
 plus `weights.py` (`BF16Weight`, the embedding lookup, `prepare`), `intrinsics.py` (bit casts, prefetch, exp, bf16
 rounding in registers) and `settings.py` (what Numba reads at its import: imported first). This module assembles

@@ -20,8 +20,8 @@ The same serial kernels on the same rows as the layer-by-layer path (decode_laye
 lm_head GEMV through gemv_one_row.py), so the logits are bit-identical to it and to the kernel-by-kernel path (the
 tests check this). `decode_step` returns None where it does not apply — anything but one new position of one
 row with a plain KV cache (or of the batched step's rows), weights not all bf16 of one kind, an MoE layer,
-"medium" precision (but for the batched step's rows), `WHOLE_STEP` or decode_layer.ONE_REGION off — and the model
-then runs the step layer by layer.
+`WHOLE_STEP` or decode_layer.ONE_REGION off — and the model then runs the step layer by layer. In "medium"
+precision a lone row takes the float32 step (see `decode_step`); the batched step's rows round as it says.
 
 A server's batched step (a RaggedKVCache of 2 .. GEMV_MAX_ROWS rows from row 0, bf16 weights, the 4 x 6 tiles;
 "medium": their vdpbf16ps form on bf16 inputs) takes the same shape of region on M rows (`_batch_step_region`, see
@@ -440,7 +440,11 @@ def decode_step(
         return None
     if hasattr(cache, "lengths"):  # a server's batch of rows, each at its own length
         return _batch_step(x, weights, cos, sin, mask, cache, config, bf16_inputs)
-    if B != 1 or bf16_inputs or not hasattr(cache, "keys"):
+    # "medium" (bf16_inputs) on a lone row: this step's float32 products, unrounded. One row reads each weight once,
+    # so the step is memory-bound and bf16 products would buy nothing, and PyTorch's "medium" (whose name this
+    # is) permits bf16 only where it pays; rounding x instead sent the row kernel by kernel: 47 ms a token against
+    # 34 on this step (a quiet serving run, Qwen3-0.6B-shaped bf16, one client)
+    if B != 1 or not hasattr(cache, "keys"):
         return None  # a KVCache (one length for all rows) only, as decode_layer
     if not isinstance(mask, np.ndarray):
         return None
