@@ -59,13 +59,12 @@ from tinyqwen.backends.numba.decode_layer import (
     _bf16_phases,
     _bf16_plan,
     _bf16_scratch,
-    _encode,
     _position_args,
+    _qk_rope_store,
     _quant_phases,
     _quant_plan,
     _quant_scratch,
     _quantize_into,
-    _rope_heads,
 )
 from tinyqwen.backends.numba.decode_tiles import (
     _gate_up6_rows_bf16,
@@ -565,25 +564,10 @@ LM_CHUNK_ROWS = 192  # lm_head rows per chunk (a multiple of 6): 792 chunks of Q
 def _ragged_rope_store(q, k, v, q_norm, k_norm, eps, qk_norm, cos, sin, kc, vc, lengths, q_out, qn, kn, kr):
     # decode_layer._qk_rope_store with row m's new position at its own length: q [M, Hq·d], k/v [M, Hkv·d] ->
     # q_out [M, Hq, d]; k (normed, rotated) and v written into rows 0 .. M - 1 of the whole caches at lengths[m]
-    M = q.shape[0]
-    Hq, d = qn.shape
-    Hkv = kn.shape[0]
-    for m in range(M):
-        qm = q[m].reshape((Hq, d))
-        km = k[m].reshape((Hkv, d))
-        if qk_norm:
-            _rms_norm(qm, q_norm, eps, qn)
-            _rms_norm(km, k_norm, eps, kn)
-            _rope_heads(qn, cos, sin, m, q_out[m])
-            _rope_heads(kn, cos, sin, m, kr)
-        else:
-            _rope_heads(qm, cos, sin, m, q_out[m])
-            _rope_heads(km, cos, sin, m, kr)
-        pos = lengths[m]
-        for h in range(Hkv):
-            for j in range(d):
-                kc[m, h, pos, j] = _encode(kc, kr[h, j])
-                vc[m, h, pos, j] = _encode(vc, v[m, h * d + j])
+    for m in range(q.shape[0]):  # one row at a time: the same kernel, row m's slices, its own position
+        s = slice(m, m + 1)
+        _qk_rope_store(q[s], k[s], v[s], q_norm, k_norm, eps, qk_norm, cos[s], sin[s], kc[s], vc[s], lengths[m],
+                       q_out[s], qn, kn, kr)  # fmt: skip
 
 
 # "medium" (bf16_inputs) takes the same region where linear.py's kernel-by-kernel step would take the vdpbf16ps
