@@ -302,6 +302,9 @@ class _Plan:
         self.in_norms, self.post_norms, self.q_norms, self.k_norms = (
             _list(n[i] for n in norms) for i in range(4)
         )
+        # the per-layer Lists in the order both bf16 regions (one row, a batch of rows) take them
+        self.region_layers = (self.in_norms, self.wqs, self.wks, self.wvs, self.q_norms, self.k_norms, self.wos,
+                              self.post_norms, self.wgs, self.wus, self.wds)  # fmt: skip
         wq, wk, wv, wo, wg, wu, wd = bits[0]
         self.shapes = bits[0]
         self.starts = (
@@ -464,17 +467,7 @@ def decode_step(
     chunks, sizes = _bf16_plan(B, H, wq, wk, wv, wo, wg, wd, keys[0].shape[1])
     logits = _step_bf16_region(
         np.ascontiguousarray(x.reshape(B, H), f32),
-        plan.in_norms,
-        plan.wqs,
-        plan.wks,
-        plan.wvs,
-        plan.q_norms,
-        plan.k_norms,
-        plan.wos,
-        plan.post_norms,
-        plan.wgs,
-        plan.wus,
-        plan.wds,
+        *plan.region_layers,
         *_position_args(cos, sin, kcs, vcs, mask, cache.length, config),
         *plan.starts,
         chunks,
@@ -805,17 +798,7 @@ def _batch_step(x, weights, cos, sin, mask, cache, config, bf16_inputs: bool = F
     f32 = np.float32
     logits = _batch_step_region(
         np.ascontiguousarray(x.reshape(B, H), f32),
-        plan.in_norms,
-        plan.wqs,
-        plan.wks,
-        plan.wvs,
-        plan.q_norms,
-        plan.k_norms,
-        plan.wos,
-        plan.post_norms,
-        plan.wgs,
-        plan.wus,
-        plan.wds,
+        *plan.region_layers,
         np.ascontiguousarray(cos[:, 0]),
         np.ascontiguousarray(sin[:, 0]),
         kcs,
